@@ -1,0 +1,3 @@
+"""RAMster: a distributed, compressed memory service."""
+
+__version__ = "0.1.0"

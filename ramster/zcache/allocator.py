@@ -1,0 +1,68 @@
+# The contract between the zcache core and its zpage allocators (zbud, zsmalloc, raw frames).
+#
+# An allocator owns frames taken from the shared Arena and numbers its reclaimable *units* (a zbud
+# page, a zspage, a raw frame) with dense ids threaded through an LruList.  Handles are positive
+# integers below 2**56 that only the issuing allocator interprets.  The core never looks inside a
+# frame: it asks for a zpage's bytes by handle and, for reclaim and compaction, for the handles
+# living in one unit; the zpage header then names the owner key ("bottom-up" reclaim).
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from ramster.zcache.lru import LruList
+
+# Extent of a live zpage in the arena: (frame, start offset in frame, end offset in frame).
+Extent = tuple[int, int, int]
+# Called by compaction for each zpage it moves: (old handle, new handle, zpage bytes).
+MoveCallback = Callable[[int, int, bytes], None]
+
+
+class Allocator(Protocol):
+    name: str
+    lru: LruList
+    zpages: int  # live zpages held in frames
+    frames: int  # frames owned
+
+    def alloc(self, zpage: bytes, tick: int) -> int:
+        """Store `zpage`; its handle, or -1 when no frame can be had."""
+        ...
+
+    def read(self, handle: int) -> bytes:
+        """The slot's bytes: the zpage, possibly followed by padding."""
+        ...
+
+    def free(self, handle: int) -> None: ...
+
+    def touch(self, handle: int, tick: int) -> None:
+        """Mark the unit holding `handle` as used at `tick`."""
+        ...
+
+    def unit_of(self, handle: int) -> int: ...
+
+    def unit_handles(self, unit: int) -> list[int]:
+        """Handles of every live zpage in `unit` (freeing them all frees the unit's frames)."""
+        ...
+
+    def unit_frames(self, unit: int) -> int: ...
+
+    def compact(self, on_move: MoveCallback) -> int:
+        """Move zpages to free whole units; the number of frames given back."""
+        ...
+
+    def extents(self) -> Iterator[tuple[int, list[Extent]]]:
+        """(handle, extents) of every live zpage, for invariant checks."""
+        ...
+
+    def owned_frames(self) -> set[int]: ...
+
+    def metadata_bytes(self) -> int: ...
+
+
+def array_bytes(*arrays: object) -> int:
+    """Buffer bytes of array.array objects (used for metadata accounting)."""
+    total = 0
+    for a in arrays:
+        info = a.buffer_info()  # type: ignore[attr-defined]
+        total += info[1] * a.itemsize  # type: ignore[attr-defined]
+    return total

@@ -1,0 +1,73 @@
+# Engine settings and the enums of the tmem interface.
+#
+# Defaults follow zcache/zswap practice: a page is refused when LZ4 cannot shrink it to 7/8 of a
+# page (storing it would cost nearly a frame for little gain), and the pageframe budget is a
+# quarter of physical memory.  Everything is validated here, once, so the hot paths trust it.
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE
+from ramster.zcache.errors import InvalidConfig
+
+ALLOCATORS = ("zbud", "zsmalloc")
+
+
+def default_capacity_frames() -> int:
+    """A quarter of physical memory, in frames."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // PAGE_SIZE
+    except (ValueError, OSError):
+        pages = 1 << 20
+    return max(1, pages // 4)
+
+
+class PoolKind(enum.Enum):
+    PERSISTENT = "persistent"  # frontswap-like: kept until flushed
+    EPHEMERAL = "ephemeral"  # cleancache-like: may vanish; a get removes it
+
+
+class PutResult(enum.IntEnum):
+    STORED = 0
+    SAME_FILLED = 1
+    STORED_RAW = 2
+    REFUSED_POOR_COMPRESSION = 3
+    REFUSED_NO_ROOM = 4
+
+    @property
+    def refused(self) -> bool:
+        return self >= PutResult.REFUSED_POOR_COMPRESSION
+
+    @property
+    def reason(self) -> str:
+        """Label of the outcome: 'stored', ..., 'poor_compression', 'no_room'."""
+        return self.name.lower().removeprefix("refused_")
+
+
+REFUSALS = tuple(r for r in PutResult if r.refused)
+
+
+@dataclass(frozen=True)
+class ZCacheConfig:
+    capacity_frames: int = 0  # 0: default_capacity_frames()
+    compress_threshold: int = PAGE_SIZE * 7 // 8
+    store_incompressible_raw: bool = False
+    default_allocator: str = "zsmalloc"
+
+    def __post_init__(self) -> None:
+        if self.capacity_frames == 0:
+            object.__setattr__(self, "capacity_frames", default_capacity_frames())
+        if self.capacity_frames < 1:
+            raise InvalidConfig(f"capacity_frames must be positive, got {self.capacity_frames}")
+        top = PAGE_SIZE - HEADER_SIZE
+        if not 1 <= self.compress_threshold <= top:
+            raise InvalidConfig(
+                f"compress_threshold must be between 1 and {top} bytes, "
+                f"got {self.compress_threshold}"
+            )
+        if self.default_allocator not in ALLOCATORS:
+            raise InvalidConfig(
+                f"unknown allocator {self.default_allocator!r}; choose one of {ALLOCATORS}"
+            )

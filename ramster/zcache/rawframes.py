@@ -1,0 +1,87 @@
+# Raw frames: one incompressible page per frame, for the store-raw policy.
+#
+# A raw zpage is the 18-byte header plus 4096 bytes of page, which fits neither a zbud half nor a
+# zsmalloc class.  Rather than a two-frame class that wastes half of it, the page fills one frame
+# and its header lives beside it in a list; raw pages are the exception (incompressible data under
+# an opt-in policy), so a Python object per page is affordable here and nowhere else.
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+
+from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
+from ramster.zcache.arena import Arena
+from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE
+from ramster.zcache.lru import LruList
+
+
+class RawFrames:
+    name = "raw"
+
+    def __init__(self, arena: Arena) -> None:
+        self.arena = arena
+        self.lru = LruList()
+        self.frame = array("I", [0])
+        self.header: list[bytes] = [b""]
+        self._free_ids = array("I")
+        self.zpages = 0
+        self.frames = 0
+
+    def alloc(self, zpage: bytes, tick: int) -> int:
+        frame = self.arena.alloc()
+        if frame < 0:
+            return -1
+        if self._free_ids:
+            rid = self._free_ids.pop()
+            self.frame[rid] = frame
+            self.header[rid] = zpage[:HEADER_SIZE]
+        else:
+            rid = len(self.frame)
+            self.frame.append(frame)
+            self.header.append(zpage[:HEADER_SIZE])
+            self.lru.grow(rid + 1)
+        base = frame << 12
+        self.arena.view[base : base + PAGE_SIZE] = zpage[HEADER_SIZE:]
+        self.lru.push(rid, tick)
+        self.zpages += 1
+        self.frames += 1
+        return rid
+
+    def read(self, handle: int) -> bytes:
+        base = self.frame[handle] << 12
+        return self.header[handle] + self.arena.map[base : base + PAGE_SIZE]
+
+    def free(self, handle: int) -> None:
+        self.lru.remove(handle)
+        self.arena.free(self.frame[handle])
+        self.header[handle] = b""
+        self._free_ids.append(handle)
+        self.zpages -= 1
+        self.frames -= 1
+
+    def touch(self, handle: int, tick: int) -> None:
+        self.lru.touch(handle, tick)
+
+    def unit_of(self, handle: int) -> int:
+        return handle
+
+    def unit_handles(self, unit: int) -> list[int]:
+        return [unit]
+
+    def unit_frames(self, unit: int) -> int:
+        return 1
+
+    def compact(self, on_move: MoveCallback) -> int:
+        """A raw page fills its frame: nothing to compact."""
+        return 0
+
+    def extents(self) -> Iterator[tuple[int, list[Extent]]]:
+        for rid in self.lru:
+            yield rid, [(self.frame[rid], 0, PAGE_SIZE)]
+
+    def owned_frames(self) -> set[int]:
+        return {self.frame[rid] for rid in self.lru}
+
+    def metadata_bytes(self) -> int:
+        headers = self.header.__sizeof__() + sum(h.__sizeof__() for h in self.header)
+        return array_bytes(self.frame, self._free_ids) + self.lru.metadata_bytes() + headers
