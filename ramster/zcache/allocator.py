@@ -15,12 +15,13 @@ from ramster.zcache.lru import LruList
 # Extent of a live zpage in the arena: (frame, start offset in frame, end offset in frame).
 Extent = tuple[int, int, int]
 # Called by compaction for each zpage it moves: (old handle, new handle, zpage bytes).
-MoveCallback = Callable[[int, int, bytes], None]
+MoveCallback = Callable[[int, int, bytes | memoryview], None]
 
 
 class Allocator(Protocol):
     name: str
-    lru: LruList
+    lru: LruList  # a use of handle h is recorded as lru.tick[h >> unit_shift] = tick
+    unit_shift: int
     zpages: int  # live zpages held in frames
     frames: int  # frames owned
 
@@ -28,17 +29,12 @@ class Allocator(Protocol):
         """Store `zpage`; its handle, or -1 when no frame can be had."""
         ...
 
-    def read(self, handle: int) -> bytes:
-        """The slot's bytes: the zpage, possibly followed by padding."""
+    def read(self, handle: int) -> bytes | memoryview:
+        """The slot's bytes: the zpage, possibly followed by padding.  A memoryview is only valid
+        until the zpage is freed or moved."""
         ...
 
     def free(self, handle: int) -> None: ...
-
-    def touch(self, handle: int, tick: int) -> None:
-        """Mark the unit holding `handle` as used at `tick`."""
-        ...
-
-    def unit_of(self, handle: int) -> int: ...
 
     def unit_handles(self, unit: int) -> list[int]:
         """Handles of every live zpage in `unit` (freeing them all frees the unit's frames)."""

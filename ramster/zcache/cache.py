@@ -19,25 +19,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from ramster.zcache.allocator import Allocator
 from ramster.zcache.arena import Arena
-from ramster.zcache.codec import (
-    PAGE_SIZE,
-    compress,
-    make_zpage,
-    open_zpage,
-    same_filled_word,
-    zpage_key,
-)
-from ramster.zcache.config import (
-    REFUSALS,
-    PoolKind,
-    PutResult,
-    ZCacheConfig,
-)
+from ramster.zcache.codec import PAGE_SIZE, compress, make_zpage, open_zpage, zpage_key
+from ramster.zcache.config import ALLOCATORS, PoolKind, PutResult, ZCacheConfig
 from ramster.zcache.errors import (
     CorruptPage,
+    InvalidConfig,
     InvalidKey,
     InvalidPage,
     UnknownPool,
@@ -67,18 +57,22 @@ class InvariantViolation(ZCacheError):
 
 @dataclass
 class Stats:
+    """Plain counters; the node's metrics read them."""
+
     puts: int = 0
     gets: int = 0
     hits: int = 0
     misses: int = 0
-    stored: int = 0
-    same_filled: int = 0
-    stored_raw: int = 0
     duplicate_puts: int = 0
     flushes: int = 0
     corrupt: int = 0
     compacted_frames: int = 0
-    refused: dict[str, int] = field(default_factory=lambda: {r.reason: 0 for r in REFUSALS})
+    outcomes: dict[PutResult, int] = field(default_factory=lambda: dict.fromkeys(PutResult, 0))
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """Refused puts by reason."""
+        return {r.reason: n for r, n in self.outcomes.items() if r.refused}
 
 
 class Pool:
@@ -101,6 +95,19 @@ def check_key(oid: object, index: object) -> None:
         raise InvalidKey(f"object id must be an integer in [0, 2**64), got {oid!r}")
     if type(index) is not int or not 0 <= index <= MAX_INDEX:
         raise InvalidKey(f"page index must be an integer in [0, 2**32), got {index!r}")
+
+
+def check_keys(keys: list[tuple[int, int]]) -> None:
+    try:
+        for oid, index in keys:
+            if not (type(oid) is int and 0 <= oid <= MAX_OID) or not (
+                type(index) is int and 0 <= index <= MAX_INDEX
+            ):
+                check_key(oid, index)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidKey):
+            raise
+        raise InvalidKey(f"a key must be an (object id, page index) pair: {exc}") from None
 
 
 def as_page(page: object) -> bytes:
@@ -138,7 +145,7 @@ class ZCache:
         elif name == "zsmalloc":
             zalloc = Zsmalloc(self.arena)
         else:
-            raise InvalidPage(f"unknown allocator {name!r}; choose zbud or zsmalloc")
+            raise InvalidConfig(f"unknown allocator {name!r}; choose one of {ALLOCATORS}")
         pool_id = self._next_pool_id
         self._next_pool_id += 1
         self.pools[pool_id] = Pool(pool_id, PoolKind(kind), zalloc, RawFrames(self.arena))
@@ -162,60 +169,114 @@ class ZCache:
 
     # -- tmem operations --------------------------------------------------------------------
     def put(self, pool_id: int, oid: int, index: int, page: bytes) -> PutResult:
-        pool = self.pool(pool_id)
-        check_key(oid, index)
-        if type(page) is not bytes or len(page) != PAGE_SIZE:
-            page = as_page(page)
-        stats = self.stats
-        stats.puts += 1
-        old = pool.index.pop(oid, index)
-        if old:
-            self._release(pool, old)
-            stats.duplicate_puts += 1
-        word = same_filled_word(page)
-        if word is not None:
-            pool.index.set(oid, index, SAME_TAG | self.same.ref(word))
-            stats.same_filled += 1
-            return PutResult.SAME_FILLED
-        payload = compress(page)
-        alloc: Allocator
-        if len(payload) <= self._threshold:
-            alloc, tag, result = pool.zalloc, ZPAGE_TAG, PutResult.STORED
-        elif self._store_raw:
-            alloc, tag, result, payload = pool.raw, RAW_TAG, PutResult.STORED_RAW, page
-        else:
-            return self._refuse(PutResult.REFUSED_POOR_COMPRESSION)
-        self.tick += 1
-        handle = alloc.alloc(make_zpage(oid, index, payload), self.tick)
-        if handle < 0:
-            return self._refuse(PutResult.REFUSED_NO_ROOM)
-        pool.index.set(oid, index, tag | handle)
-        if tag == ZPAGE_TAG:
-            stats.stored += 1
-        else:
-            stats.stored_raw += 1
-        return result
+        """Store one page; what became of it (stored, same-filled, raw, or refused and why)."""
+        return self.put_batch(pool_id, [(oid, index)], [page])[0]
 
     def get(self, pool_id: int, oid: int, index: int, exclusive: bool = False) -> bytes | None:
         """The page under a key, or None.  Ephemeral pools and exclusive gets remove it."""
+        page = self.get_batch(pool_id, [(oid, index)], exclusive)[0]
+        if isinstance(page, CorruptPage):
+            raise page
+        return page
+
+    def put_batch(
+        self, pool_id: int, keys: list[tuple[int, int]], pages: list[bytes]
+    ) -> list[PutResult]:
+        """Store many pages of one pool; one result per page.  Input is checked before any
+        page is stored, so a bad key or page refuses the whole batch with nothing changed."""
         pool = self.pool(pool_id)
-        check_key(oid, index)
-        self.stats.gets += 1
+        if len(keys) != len(pages):
+            raise InvalidPage(f"{len(keys)} keys but {len(pages)} pages")
+        check_keys(keys)
+        pages = [p if type(p) is bytes and len(p) == PAGE_SIZE else as_page(p) for p in pages]
+        stats = self.stats
+        stats.puts += len(keys)
+        for old in pool.index.pop_many(keys):
+            if old:
+                self._release(pool, old)
+                stats.duplicate_puts += 1
+        results = []
+        handles = []
+        same = self.same
+        zalloc = pool.zalloc
+        threshold = self._threshold
+        for (oid, index), page in zip(keys, pages, strict=True):
+            word = page[:8]
+            if page == word * 512:
+                handles.append(SAME_TAG | same.ref(word))
+                results.append(PutResult.SAME_FILLED)
+                continue
+            payload = compress(page)
+            if len(payload) <= threshold:
+                self.tick += 1
+                handle = zalloc.alloc(make_zpage(oid, index, payload), self.tick)
+                if handle >= 0:
+                    handles.append(ZPAGE_TAG | handle)
+                    results.append(PutResult.STORED)
+                    continue
+                result = PutResult.REFUSED_NO_ROOM
+            elif self._store_raw:
+                self.tick += 1
+                handle = pool.raw.alloc(make_zpage(oid, index, page), self.tick)
+                if handle >= 0:
+                    handles.append(RAW_TAG | handle)
+                    results.append(PutResult.STORED_RAW)
+                    continue
+                result = PutResult.REFUSED_NO_ROOM
+            else:
+                result = PutResult.REFUSED_POOR_COMPRESSION
+            handles.append(0)
+            results.append(result)
+        for displaced in pool.index.set_many(keys, handles):
+            self._release(pool, displaced)
+        for result in results:
+            stats.outcomes[result] += 1
+        return results
+
+    def get_batch(
+        self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool = False
+    ) -> list[bytes | CorruptPage | None]:
+        """Pages under many keys of one pool: bytes on a hit, None on a miss, and a CorruptPage
+        (not raised) for a page that failed verification, so one bad page spoils no others."""
+        pool = self.pool(pool_id)
+        check_keys(keys)
         remove = exclusive or pool.ephemeral
-        handle = pool.index.pop(oid, index) if remove else pool.index.get(oid, index)
-        if not handle:
-            self.stats.misses += 1
-            return None
-        try:
-            page = self._load(pool, oid, index, handle, touch=not remove)
-        except CorruptPage:
-            self.stats.corrupt += 1
-            raise
-        finally:
+        handles = pool.index.pop_many(keys) if remove else pool.index.get_many(keys)
+        zalloc = pool.zalloc
+        zread, zticks, zshift = zalloc.read, zalloc.lru.tick, zalloc.unit_shift
+        tick = self.tick
+        out: list[bytes | CorruptPage | None] = []
+        for (oid, index), handle in zip(keys, handles, strict=True):
+            if not handle:
+                out.append(None)
+                continue
+            kind = handle >> KIND_SHIFT
+            h = handle & HANDLE_MASK
+            try:
+                if kind == ZPAGE:
+                    if not remove:
+                        tick += 1
+                        zticks[h >> zshift] = tick
+                    out.append(open_zpage(zread(h), oid, index))
+                elif kind == SAME:
+                    out.append(self.same.page(h))
+                else:
+                    tick += 1
+                    pool.raw.lru.tick[h] = tick
+                    out.append(open_zpage(pool.raw.read(h), oid, index))
+            except CorruptPage as exc:
+                out.append(exc)
             if remove:
                 self._release(pool, handle)
-        self.stats.hits += 1
-        return page
+        self.tick = tick
+        stats = self.stats
+        stats.gets += len(keys)
+        misses = handles.count(0)
+        stats.misses += misses
+        corrupt = sum(1 for page in out if isinstance(page, CorruptPage))
+        stats.corrupt += corrupt
+        stats.hits += len(keys) - misses - corrupt
+        return out
 
     def flush_page(self, pool_id: int, oid: int, index: int) -> bool:
         """Forget the page under a key; whether there was one."""
@@ -242,7 +303,7 @@ class ZCache:
         freed = 0
         for pool in self.pools.values():
 
-            def moved(old: int, new: int, zpage: bytes, pool: Pool = pool) -> None:
+            def moved(old: int, new: int, zpage: bytes | memoryview, pool: Pool = pool) -> None:
                 oid, index = zpage_key(zpage)
                 if pool.index.get(oid, index) != ZPAGE_TAG | old:
                     raise InvariantViolation(f"moved zpage {old:#x} is not filed under its key")
@@ -253,21 +314,6 @@ class ZCache:
         return freed
 
     # -- internals --------------------------------------------------------------------------
-    def _refuse(self, result: PutResult) -> PutResult:
-        self.stats.refused[result.reason] += 1
-        return result
-
-    def _load(self, pool: Pool, oid: int, index: int, handle: int, touch: bool) -> bytes:
-        kind = handle >> KIND_SHIFT
-        handle &= HANDLE_MASK
-        if kind == SAME:
-            return self.same.page(handle)
-        alloc = pool.zalloc if kind == ZPAGE else pool.raw
-        if touch:
-            self.tick += 1
-            alloc.touch(handle, self.tick)
-        return open_zpage(alloc.read(handle), oid, index)
-
     def _release(self, pool: Pool, handle: int) -> None:
         kind = handle >> KIND_SHIFT
         if kind == SAME:
@@ -322,7 +368,7 @@ class ZCache:
                     raise InvariantViolation(f"{alloc.name} counts {alloc.zpages}, holds {live}")
                 for frame, ranges in spans.items():
                     ranges.sort()
-                    for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
+                    for (_, end), (start, _) in pairwise(ranges):
                         if start < end:
                             raise InvariantViolation(f"zpages overlap in frame {frame}")
             same = sum(1 for *_, h in pool.index.items() if h >> KIND_SHIFT == SAME)

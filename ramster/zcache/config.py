@@ -46,9 +46,6 @@ class PutResult(enum.IntEnum):
         return self.name.lower().removeprefix("refused_")
 
 
-REFUSALS = tuple(r for r in PutResult if r.refused)
-
-
 @dataclass(frozen=True)
 class ZCacheConfig:
     capacity_frames: int = 0  # 0: default_capacity_frames()

@@ -30,18 +30,6 @@ class PageIndex:
             return 0
         return chunk[index & CHUNK_MASK]
 
-    def set(self, oid: int, index: int, handle: int) -> None:
-        """File `handle` under a key that holds no handle."""
-        obj = self.objects.get(oid)
-        if obj is None:
-            obj = self.objects[oid] = {}
-        chunk = obj.get(index >> CHUNK_BITS)
-        if chunk is None:
-            chunk = obj[index >> CHUNK_BITS] = array("q", _EMPTY_CHUNK)
-        chunk[index & CHUNK_MASK] = handle
-        chunk[CHUNK] += 1
-        self.count += 1
-
     def replace(self, oid: int, index: int, handle: int) -> None:
         """Change the handle of a key that holds one (compaction, write-back)."""
         self.objects[oid][index >> CHUNK_BITS][index & CHUNK_MASK] = handle
@@ -66,6 +54,51 @@ class PageIndex:
                 if not obj:
                     del self.objects[oid]
         return handle
+
+    def get_many(self, keys: list[tuple[int, int]]) -> list[int]:
+        """Handles of many keys (0 where absent), in order."""
+        objects = self.objects
+        out = []
+        for oid, index in keys:
+            obj = objects.get(oid)
+            chunk = obj.get(index >> CHUNK_BITS) if obj is not None else None
+            out.append(chunk[index & CHUNK_MASK] if chunk is not None else 0)
+        return out
+
+    def pop_many(self, keys: list[tuple[int, int]]) -> list[int]:
+        """Remove many keys; their handles (0 where absent), in order."""
+        pop = self.pop
+        return [pop(oid, index) for oid, index in keys]
+
+    def set_many(self, keys: list[tuple[int, int]], handles: list[int]) -> list[int]:
+        """File handles under keys, in order; handle 0 (a refused put) removes the key instead.
+        Returns the handles displaced, if any (a key repeated within the batch)."""
+        objects = self.objects
+        displaced = []
+        added = 0
+        for (oid, index), handle in zip(keys, handles, strict=True):
+            if not handle:
+                old = self.pop(oid, index)
+                if old:
+                    displaced.append(old)
+                continue
+            obj = objects.get(oid)
+            if obj is None:
+                obj = objects[oid] = {}
+            cno = index >> CHUNK_BITS
+            chunk = obj.get(cno)
+            if chunk is None:
+                chunk = obj[cno] = array("q", _EMPTY_CHUNK)
+            slot = index & CHUNK_MASK
+            old = chunk[slot]
+            if old:
+                displaced.append(old)
+            else:
+                chunk[CHUNK] += 1
+                added += 1
+            chunk[slot] = handle
+        self.count += added
+        return displaced
 
     def pop_object(self, oid: int) -> list[tuple[int, int]]:
         """Remove every key of an object; their (index, handle) pairs."""

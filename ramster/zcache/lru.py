@@ -1,10 +1,16 @@
 # Recency list over small integer ids, kept in arrays instead of one object per entry.
 #
 # Allocators number their reclaimable units (a zbud page, a zspage, a raw frame) with dense ids;
-# this list threads those ids through `prev`/`next` arrays with a sentinel at id 0, so touching an
-# entry is a handful of array stores and the memory cost is 16 bytes per unit.  Each entry also
-# records the tick (a counter shared by the whole zcache) of its last use, which lets the reaper
-# compare the oldest units of different allocators and pick the globally least recent one.
+# this list threads those ids through `prev`/`next` arrays with a sentinel at id 0 (16 bytes per
+# unit, no Python object).  Every use of a unit stores the zcache-wide tick in `tick[uid]`: one
+# array store on the hot path, no relinking.  The list itself is ordered by `queued[uid]`, the tick
+# at which the unit was last (re)linked at the head, and is put right lazily: `oldest()` looks at
+# the tail and, if the tail was used after it was queued, moves it back to the head and looks
+# again ("second chance" with exact timestamps).  So the unit returned is one not used since it was
+# queued, and no unit younger than it is skipped on its account: LRU order for the reaper, at the
+# cost of hot paths that never touch the links.
+#
+# Ticks also let the reaper compare the oldest units of different allocators.
 from __future__ import annotations
 
 from array import array
@@ -18,15 +24,15 @@ class LruList:
         self.prev = array("q", [0])
         self.next = array("q", [0])
         self.tick = array("Q", [0])
+        self.queued = array("Q", [0])
 
     def grow(self, size: int) -> None:
         """Make ids below `size` (id 0 is the sentinel) addressable."""
         extra = size - len(self.prev)
         if extra > 0:
-            zeros = array("q", bytes(8 * extra))
-            self.prev.extend(zeros)
-            self.next.extend(zeros)
-            self.tick.extend(array("Q", bytes(8 * extra)))
+            zeros = bytes(8 * extra)
+            for arr in (self.prev, self.next, self.tick, self.queued):
+                arr.frombytes(zeros)
 
     def push(self, uid: int, tick: int) -> None:
         """Insert `uid` as the most recent entry."""
@@ -36,7 +42,7 @@ class LruList:
         nxt[uid] = first
         self.prev[first] = uid
         nxt[0] = uid
-        self.tick[uid] = tick
+        self.tick[uid] = self.queued[uid] = tick
 
     def remove(self, uid: int) -> None:
         prv, nxt = self.prev, self.next
@@ -44,24 +50,24 @@ class LruList:
         nxt[p] = n
         prv[n] = p
 
-    def touch(self, uid: int, tick: int) -> None:
-        """Make `uid` the most recent entry."""
-        if self.next[0] != uid:
-            self.remove(uid)
-            self.push(uid, tick)
-        else:
-            self.tick[uid] = tick
-
     def oldest(self) -> int:
-        """Least recent id, or 0 when empty."""
-        return self.prev[0]
+        """Least recently used id (after requeueing tails used since queued), or 0 when empty."""
+        tick, queued = self.tick, self.queued
+        uid = self.prev[0]
+        while uid and tick[uid] != queued[uid]:
+            self.remove(uid)
+            self.push(uid, tick[uid])
+            uid = self.prev[0]
+        return uid
 
     def __iter__(self) -> Iterator[int]:
-        """Ids from least to most recent."""
+        """Ids in list order, tail (least recently queued) first."""
         uid = self.prev[0]
         while uid:
             yield uid
             uid = self.prev[uid]
 
     def metadata_bytes(self) -> int:
-        return sum(a.buffer_info()[1] * a.itemsize for a in (self.prev, self.next, self.tick))
+        return sum(
+            a.buffer_info()[1] * a.itemsize for a in (self.prev, self.next, self.tick, self.queued)
+        )

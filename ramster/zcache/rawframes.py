@@ -21,6 +21,7 @@ class RawFrames:
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
         self.lru = LruList()
+        self.unit_shift = 0  # unit id = handle >> unit_shift
         self.frame = array("I", [0])
         self.header: list[bytes] = [b""]
         self._free_ids = array("I")
@@ -58,12 +59,6 @@ class RawFrames:
         self._free_ids.append(handle)
         self.zpages -= 1
         self.frames -= 1
-
-    def touch(self, handle: int, tick: int) -> None:
-        self.lru.touch(handle, tick)
-
-    def unit_of(self, handle: int) -> int:
-        return handle
 
     def unit_handles(self, unit: int) -> list[int]:
         return [unit]

@@ -2,10 +2,10 @@
 #
 # A frame is split into 64 chunks of 64 bytes.  The first zpage is stored left-justified, the
 # second right-justified, so the free space of a half-used frame is always one contiguous run in
-# the middle.  Half-used ("unbuddied") frames sit in 65 lists indexed by their free chunks; a bitmask
-# of non-empty lists turns "the tightest frame that still fits n chunks" into two integer ops.  Full
-# ("buddied") frames are in no list.  Every frame is on an LRU list; reclaim of a frame evicts at
-# most two zpages, which is zbud's selling point against zsmalloc's density.
+# the middle.  Half-used ("unbuddied") frames sit in 65 lists indexed by their free chunks; a
+# bitmask of non-empty lists turns "the tightest frame that still fits n chunks" into two integer
+# ops.  Full ("buddied") frames are in no list.  Every frame is on an LRU list; reclaim of a frame
+# evicts at most two zpages, which is zbud's selling point against zsmalloc's density.
 #
 # Unlike the kernel, the per-frame header (chunk counts, list links) lives in arrays outside the
 # frame, so all 64 chunks hold data.  Handle = zbud id << 1 | side (0 = first, 1 = last).
@@ -30,6 +30,7 @@ class Zbud:
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
         self.lru = LruList()
+        self.unit_shift = 1  # unit id = handle >> unit_shift
         self.frame = array("I", [0])
         self.first = array("B", [0])
         self.last = array("B", [0])
@@ -87,7 +88,7 @@ class Zbud:
         chunks = (size + CHUNK_SIZE - 1) >> CHUNK_SHIFT
         zid = self._find_fit(chunks)
         if zid:
-            self.lru.touch(zid, tick)
+            self.lru.tick[zid] = tick
         else:
             frame = self.arena.alloc()
             if frame < 0:
@@ -117,10 +118,10 @@ class Zbud:
             return self.frame[zid], PAGE_SIZE - (chunks << CHUNK_SHIFT), PAGE_SIZE
         return self.frame[zid], 0, self.first[zid] << CHUNK_SHIFT
 
-    def read(self, handle: int) -> bytes:
+    def read(self, handle: int) -> memoryview:
         frame, start, end = self._extent(handle)
         base = frame << 12
-        return self.arena.map[base + start : base + end]
+        return self.arena.view[base + start : base + end]
 
     def free(self, handle: int) -> None:
         zid = handle >> 1
@@ -139,12 +140,6 @@ class Zbud:
             self.first[zid] = self.last[zid] = 0
             self._release(zid)
         self.zpages -= 1
-
-    def touch(self, handle: int, tick: int) -> None:
-        self.lru.touch(handle >> 1, tick)
-
-    def unit_of(self, handle: int) -> int:
-        return handle >> 1
 
     def unit_handles(self, unit: int) -> list[int]:
         handles = []

@@ -69,11 +69,7 @@ def _merged_classes() -> tuple[list[int], list[int], list[int]]:
 
 
 SIZES, SLOTS, _STEP_CLASS = _merged_classes()
-
-
-def size_class(size: int) -> int:
-    step = 0 if size <= MIN_SIZE else (size - MIN_SIZE + CLASS_STEP - 1) // CLASS_STEP
-    return _STEP_CLASS[step]
+_FULLEST_FIRST = tuple(reversed(range(GROUPS)))
 
 
 class Zsmalloc:
@@ -82,6 +78,7 @@ class Zsmalloc:
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
         self.lru = LruList()
+        self.unit_shift = SLOT_BITS  # unit id = handle >> unit_shift
         self.cls = array("H", [0])
         self.inuse = array("H", [0])
         self.nframes = array("B", [0])  # frames taken so far (a prefix of the zspage)
@@ -162,11 +159,16 @@ class Zsmalloc:
 
     # -- allocator interface ----------------------------------------------------------------
     def alloc(self, zpage: bytes, tick: int) -> int:
-        c = size_class(len(zpage))
-        for bucket in reversed(self.groups[c]):
+        length = len(zpage)
+        c = _STEP_CLASS[
+            0 if length <= MIN_SIZE else (length - MIN_SIZE + CLASS_STEP - 1) // CLASS_STEP
+        ]
+        groups = self.groups[c]
+        for g in _FULLEST_FIRST:
+            bucket = groups[g]
             if bucket:
                 zid = next(iter(bucket))
-                self.lru.touch(zid, tick)
+                self.lru.tick[zid] = tick
                 break
         else:
             zid = self._new_zspage(c, tick)
@@ -175,38 +177,46 @@ class Zsmalloc:
             self._release(zid)
         return handle
 
-    def _store(self, zid: int, zpage: bytes) -> int:
+    def _store(self, zid: int, zpage: bytes | memoryview) -> int:
         """Write `zpage` into the lowest free slot of zspage `zid`; -1 if no frame can be had."""
         size = SIZES[self.cls[zid]]
         used = self.used[zid]
         slot = (~used & (used + 1)).bit_length() - 1
-        if not self._reach(zid, (slot + 1) * size):
+        offset = slot * size
+        if (offset + size + PAGE_SIZE - 1) >> 12 > self.nframes[zid] and not self._reach(
+            zid, offset + size
+        ):
             return -1
         self.used[zid] = used | (1 << slot)
         inuse = self.inuse[zid] + 1
         self.inuse[zid] = inuse
         self._regroup(zid, inuse)
-        view = self.arena.view
         length = len(zpage)
-        done = 0
-        for frame, start, end in self._slot_extents(zid, slot, size):
-            n = min(end - start, length - done)
-            if n <= 0:
-                break
-            base = (frame << 12) + start
-            view[base : base + n] = zpage[done : done + n]
-            done += n
+        first = zid * MAX_FRAMES + (offset >> 12)
+        start = (self.frame[first] << 12) + (offset & (PAGE_SIZE - 1))
+        room = PAGE_SIZE - (offset & (PAGE_SIZE - 1))
+        view = self.arena.view
+        if length <= room:
+            view[start : start + length] = zpage
+        else:
+            view[start : start + room] = zpage[:room]
+            second = self.frame[first + 1] << 12
+            view[second : second + length - room] = zpage[room:]
         self.zpages += 1
         return zid << SLOT_BITS | slot
 
-    def read(self, handle: int) -> bytes:
-        zid, slot = handle >> SLOT_BITS, handle & SLOT_MASK
+    def read(self, handle: int) -> bytes | memoryview:
+        zid = handle >> SLOT_BITS
+        size = SIZES[self.cls[zid]]
+        offset = (handle & SLOT_MASK) * size
+        first = zid * MAX_FRAMES + (offset >> 12)
+        start = (self.frame[first] << 12) + (offset & (PAGE_SIZE - 1))
+        room = PAGE_SIZE - (offset & (PAGE_SIZE - 1))
+        if size <= room:
+            return self.arena.view[start : start + size]
+        second = self.frame[first + 1] << 12
         amap = self.arena.map
-        parts = [
-            amap[(frame << 12) + start : (frame << 12) + end]
-            for frame, start, end in self._slot_extents(zid, slot, SIZES[self.cls[zid]])
-        ]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return amap[start : start + room] + amap[second : second + size - room]
 
     def free(self, handle: int) -> None:
         zid, slot = handle >> SLOT_BITS, handle & SLOT_MASK
@@ -218,12 +228,6 @@ class Zsmalloc:
             self._regroup(zid, inuse)
         else:
             self._release(zid)
-
-    def touch(self, handle: int, tick: int) -> None:
-        self.lru.touch(handle >> SLOT_BITS, tick)
-
-    def unit_of(self, handle: int) -> int:
-        return handle >> SLOT_BITS
 
     def unit_handles(self, unit: int) -> list[int]:
         used = self.used[unit]

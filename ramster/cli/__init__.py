@@ -1,0 +1,1 @@
+"""The `ramster` command line."""

@@ -1,0 +1,56 @@
+# `ramster bench ...`: the benchmark commands.  Each prints a table, or one JSON object (--json).
+from __future__ import annotations
+
+import argparse
+
+from ramster.bench import engine
+from ramster.bench.corpus import CorpusError, load_corpus
+from ramster.bench.report import emit
+from ramster.cli.errors import CliError
+from ramster.zcache import ALLOCATORS
+
+
+def _corpus(path: str) -> list[bytes]:
+    try:
+        return load_corpus(path)
+    except CorpusError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _engine(args: argparse.Namespace) -> int:
+    pages = _corpus(args.corpus)
+    result = engine.run(pages, args.allocator, args.pages or len(pages), args.store_raw)
+    emit(result, args.json)
+    return 0 if result["verified"] else 1
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
+    kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    p = kinds.add_parser(
+        "engine",
+        help="density and speed of one zcache pool on a page corpus",
+        description="Put every page of a corpus into one persistent pool (cycling the corpus "
+        "when --pages is larger), read every page back and compare, and print density, "
+        "speed (against plain LZ4 on the same pages in the same run) and metadata overhead.",
+    )
+    p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="zsmalloc")
+    p.add_argument("--pages", type=_positive, help="pages to put (default: the corpus size)")
+    p.add_argument(
+        "--store-raw",
+        action="store_true",
+        help="store incompressible pages raw instead of refusing them",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_engine)

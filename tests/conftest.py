@@ -1,0 +1,34 @@
+# Shared fixtures: real page samples shipped with the tests, and the full corpora when present.
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ramster.bench.corpus import load_corpus
+
+DATA = Path(__file__).parent / "data"
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def sample_pages() -> list[bytes]:
+    """96 real pages: 48 compiler heap, 40 Python heap, 8 incompressible (xz) pages last."""
+    return load_corpus(DATA / "sample.pages")
+
+
+@pytest.fixture(scope="session")
+def compressible_pages(sample_pages: list[bytes]) -> list[bytes]:
+    return sample_pages[:88]
+
+
+@pytest.fixture(scope="session")
+def incompressible_pages(sample_pages: list[bytes]) -> list[bytes]:
+    return sample_pages[88:]
+
+
+def corpus_file(name: str) -> Path:
+    path = CORPUS / name
+    if not path.exists():
+        pytest.skip(f"shared corpus {path} is not present on this machine")
+    return path

@@ -1,0 +1,75 @@
+# Memory behaviour: RSS follows the frames in use, metadata stays compact, density on real corpora.
+from __future__ import annotations
+
+import pytest
+
+from ramster.bench import engine
+from ramster.bench.corpus import load_corpus
+from ramster.bench.report import rss_bytes
+from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
+from tests.conftest import corpus_file
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("allocator", ["zbud", "zsmalloc"])
+def test_rss_follows_pool_size(allocator: str, compressible_pages: list[bytes]) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=1 << 16))
+    pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
+    n = 30_000
+    keys = [(0, i) for i in range(n)]
+    base = rss_bytes()
+    for start in range(0, n, 1000):
+        batch = keys[start : start + 1000]
+        cache.put_batch(pool, batch, [compressible_pages[i % 88] for _, i in batch])
+    grown = rss_bytes() - base
+    held = cache.frames * PAGE_SIZE
+    assert held > 32 * MiB
+    assert grown >= 0.9 * held  # the frames really are resident
+    cache.flush_object(pool, 0)
+    assert cache.frames == 0
+    assert rss_bytes() - base < 0.1 * held  # and really given back
+    cache.close()
+
+
+@pytest.mark.parametrize("allocator", ["zbud", "zsmalloc"])
+def test_metadata_is_compact(allocator: str, compressible_pages: list[bytes]) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=1 << 17))
+    pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
+    n = 100_000
+    for start in range(0, n, 1000):
+        keys = [(start // 50_000, i) for i in range(start, start + 1000)]
+        cache.put_batch(pool, keys, [compressible_pages[i % 88] for _, i in keys])
+    assert cache.stored_pages == n
+    assert cache.metadata_bytes() / n <= 64
+    cache.close()
+
+
+TARGETS = [
+    ("gcc-cc1-8k.pages", "zsmalloc", 2.85),
+    ("gcc-cc1-8k.pages", "zbud", 1.85),
+    ("python-app-8k.pages", "zsmalloc", 2.75),
+    ("python-app-8k.pages", "zbud", 1.85),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("corpus", "allocator", "target"), TARGETS)
+def test_density_on_real_corpora(corpus: str, allocator: str, target: float) -> None:
+    pages = load_corpus(corpus_file(corpus))
+    result = engine.run(pages, allocator, len(pages))
+    assert result["verified"]
+    assert result["pages_per_frame"] >= target
+    assert result["pages_per_frame"] <= result["bound_pages_per_frame"]
+
+
+@pytest.mark.parametrize("store_raw", [False, True])
+def test_incompressible_corpus_is_refused_or_stored_raw(store_raw: bool) -> None:
+    pages = load_corpus(corpus_file("xz-archive-512.pages"))
+    result = engine.run(pages, "zsmalloc", len(pages), store_raw=store_raw)
+    assert result["verified"]
+    if store_raw:
+        assert result["stored_raw"] == len(pages)
+    else:
+        assert result["refused"]["poor_compression"] == len(pages)
+        assert result["frames"] == 0

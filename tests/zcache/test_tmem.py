@@ -1,0 +1,304 @@
+# tmem semantics of the engine, seen from its public interface: every refusal, every bad input,
+# and what a get returns after each kind of put, flush and corruption.
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ramster.zcache import (
+    PAGE_SIZE,
+    CorruptPage,
+    InvalidConfig,
+    InvalidKey,
+    InvalidPage,
+    PoolKind,
+    PutResult,
+    UnknownPool,
+    ZCache,
+    ZCacheConfig,
+)
+
+P, E = PoolKind.PERSISTENT, PoolKind.EPHEMERAL
+
+
+@pytest.fixture(params=["zbud", "zsmalloc"])
+def allocator(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def cache() -> ZCache:
+    return ZCache(ZCacheConfig(capacity_frames=512))
+
+
+def test_put_get_roundtrip_keeps_persistent_pages(
+    cache: ZCache, allocator: str, compressible_pages: list[bytes]
+) -> None:
+    pool = cache.create_pool(P, allocator)
+    for i, page in enumerate(compressible_pages):
+        assert cache.put(pool, 7, i, page) is PutResult.STORED
+    for _ in range(2):  # a persistent get does not remove
+        for i, page in enumerate(compressible_pages):
+            assert cache.get(pool, 7, i) == page
+    assert cache.stored_pages == len(compressible_pages)
+    cache.verify()
+
+
+def test_exclusive_get_removes_persistent_page(cache: ZCache, sample_pages: list[bytes]) -> None:
+    pool = cache.create_pool(P)
+    cache.put(pool, 1, 2, sample_pages[0])
+    assert cache.get(pool, 1, 2, exclusive=True) == sample_pages[0]
+    assert cache.get(pool, 1, 2) is None
+    assert cache.frames == 0
+
+
+def test_ephemeral_get_removes_page(cache: ZCache, allocator: str, sample_pages: list[bytes]) -> None:
+    pool = cache.create_pool(E, allocator)
+    cache.put(pool, 1, 2, sample_pages[3])
+    assert cache.get(pool, 1, 2) == sample_pages[3]
+    assert cache.get(pool, 1, 2) is None
+    assert cache.stats.misses == 1 and cache.stats.hits == 1
+
+
+def test_same_filled_pages_store_only_the_word(cache: ZCache) -> None:
+    pool = cache.create_pool(P)
+    zero = bytes(PAGE_SIZE)
+    pattern = b"\xde\xad\xbe\xef\x01\x02\x03\x04" * (PAGE_SIZE // 8)
+    assert cache.put(pool, 0, 0, zero) is PutResult.SAME_FILLED
+    assert cache.put(pool, 0, 1, pattern) is PutResult.SAME_FILLED
+    assert cache.put(pool, 0, 2, zero) is PutResult.SAME_FILLED
+    assert cache.frames == 0
+    assert cache.get(pool, 0, 0) == zero
+    assert cache.get(pool, 0, 1) == pattern
+    assert len(cache.same.words) == 2  # the two zero pages share one word
+
+
+def test_poorly_compressible_page_is_refused_with_reason(
+    cache: ZCache, incompressible_pages: list[bytes]
+) -> None:
+    pool = cache.create_pool(P)
+    assert cache.put(pool, 0, 0, incompressible_pages[0]) is PutResult.REFUSED_POOR_COMPRESSION
+    assert cache.stats.refused["poor_compression"] == 1
+    assert cache.get(pool, 0, 0) is None
+
+
+def test_threshold_is_configurable(compressible_pages: list[bytes]) -> None:
+    strict = ZCache(ZCacheConfig(capacity_frames=64, compress_threshold=64))
+    pool = strict.create_pool(P)
+    assert strict.put(pool, 0, 0, compressible_pages[0]) is PutResult.REFUSED_POOR_COMPRESSION
+
+
+def test_store_raw_policy_keeps_incompressible_pages(
+    allocator: str, incompressible_pages: list[bytes]
+) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=64, store_incompressible_raw=True))
+    pool = cache.create_pool(P, allocator)
+    for i, page in enumerate(incompressible_pages):
+        assert cache.put(pool, 0, i, page) is PutResult.STORED_RAW
+    assert cache.frames == len(incompressible_pages)
+    for i, page in enumerate(incompressible_pages):
+        assert cache.get(pool, 0, i) == page
+    cache.verify()
+
+
+def test_no_room_refusal(allocator: str, compressible_pages: list[bytes]) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=2))
+    pool = cache.create_pool(P, allocator)
+    results = [cache.put(pool, 0, i, p) for i, p in enumerate(compressible_pages[:20])]
+    assert PutResult.REFUSED_NO_ROOM in results
+    assert cache.stats.refused["no_room"] == results.count(PutResult.REFUSED_NO_ROOM)
+    for i, result in enumerate(results):
+        expected = None if result.refused else compressible_pages[i]
+        assert cache.get(pool, 0, i) == expected
+    cache.verify()
+
+
+def test_duplicate_put_replaces(cache: ZCache, sample_pages: list[bytes]) -> None:
+    pool = cache.create_pool(P)
+    cache.put(pool, 0, 0, sample_pages[0])
+    cache.put(pool, 0, 0, sample_pages[1])
+    assert cache.get(pool, 0, 0) == sample_pages[1]
+    assert cache.stored_pages == 1
+    assert cache.stats.duplicate_puts == 1
+    cache.verify()
+
+
+def test_rejected_duplicate_put_drops_old_page(
+    cache: ZCache, sample_pages: list[bytes], incompressible_pages: list[bytes]
+) -> None:
+    pool = cache.create_pool(P)
+    cache.put(pool, 0, 0, sample_pages[0])
+    assert cache.put(pool, 0, 0, incompressible_pages[0]).refused
+    assert cache.get(pool, 0, 0) is None  # never the stale page
+    assert cache.frames == 0
+
+
+def test_batch_with_repeated_key_keeps_last(cache: ZCache, sample_pages: list[bytes]) -> None:
+    pool = cache.create_pool(P)
+    cache.put_batch(pool, [(0, 0), (0, 0)], [sample_pages[0], sample_pages[1]])
+    assert cache.get(pool, 0, 0) == sample_pages[1]
+    assert cache.stored_pages == 1
+    cache.verify()
+
+
+def test_flush_page_and_object(cache: ZCache, allocator: str, sample_pages: list[bytes]) -> None:
+    pool = cache.create_pool(P, allocator)
+    for oid in (1, 2):
+        for i in range(10):
+            cache.put(pool, oid, i * 1000, sample_pages[i])
+    assert cache.flush_page(pool, 1, 0) is True
+    assert cache.flush_page(pool, 1, 0) is False
+    assert cache.get(pool, 1, 0) is None
+    assert cache.flush_object(pool, 1) == 9
+    assert cache.flush_object(pool, 1) == 0
+    assert all(cache.get(pool, 2, i * 1000) == sample_pages[i] for i in range(10))
+    cache.verify()
+
+
+def test_destroy_pool_frees_frames(cache: ZCache, sample_pages: list[bytes]) -> None:
+    pool = cache.create_pool(P, "zbud")
+    other = cache.create_pool(E, "zsmalloc")
+    for i, page in enumerate(sample_pages[:40]):
+        cache.put(pool, 0, i, page)
+        cache.put(other, 0, i, page)
+    assert cache.destroy_pool(pool) == 40
+    with pytest.raises(UnknownPool):
+        cache.get(pool, 0, 0)
+    cache.destroy_pool(other)
+    assert cache.frames == 0
+
+
+@pytest.mark.parametrize(
+    ("oid", "index", "what"),
+    [
+        (-1, 0, "object id"),
+        (1 << 64, 0, "object id"),
+        ("7", 0, "object id"),
+        (0, -1, "page index"),
+        (0, 1 << 32, "page index"),
+        (0, 1.0, "page index"),
+        (True, 0, "object id"),
+    ],
+)
+def test_bad_keys_are_refused(cache: ZCache, oid: object, index: object, what: str) -> None:
+    pool = cache.create_pool(P)
+    page = bytes(PAGE_SIZE)
+    for call in (
+        lambda: cache.put(pool, oid, index, page),  # type: ignore[arg-type]
+        lambda: cache.get(pool, oid, index),  # type: ignore[arg-type]
+        lambda: cache.flush_page(pool, oid, index),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidKey, match=what):
+            call()
+
+
+def test_extreme_keys_are_accepted(cache: ZCache, sample_pages: list[bytes]) -> None:
+    pool = cache.create_pool(P)
+    key = ((1 << 64) - 1, (1 << 32) - 1)
+    cache.put(pool, *key, sample_pages[5])
+    assert cache.get(pool, *key) == sample_pages[5]
+
+
+@pytest.mark.parametrize(
+    ("page", "what"),
+    [
+        (b"x" * 4095, "exactly 4096 bytes, got 4095"),
+        (b"x" * 4097, "exactly 4096 bytes, got 4097"),
+        (b"", "got 0"),
+        ("text" * 1024, "bytes-like"),
+        (None, "bytes-like"),
+    ],
+)
+def test_bad_pages_are_refused(cache: ZCache, page: object, what: str) -> None:
+    pool = cache.create_pool(P)
+    with pytest.raises(InvalidPage, match=what):
+        cache.put(pool, 0, 0, page)  # type: ignore[arg-type]
+    assert cache.stats.puts == 0
+
+
+def test_bytes_like_pages_are_accepted(cache: ZCache, sample_pages: list[bytes]) -> None:
+    pool = cache.create_pool(P)
+    cache.put(pool, 0, 0, bytearray(sample_pages[0]))  # type: ignore[arg-type]
+    cache.put(pool, 0, 1, memoryview(sample_pages[1]))  # type: ignore[arg-type]
+    assert cache.get(pool, 0, 0) == sample_pages[0]
+    assert cache.get(pool, 0, 1) == sample_pages[1]
+
+
+def test_bad_batch_changes_nothing(cache: ZCache, sample_pages: list[bytes]) -> None:
+    pool = cache.create_pool(P)
+    with pytest.raises(InvalidPage):
+        cache.put_batch(pool, [(0, 0), (0, 1)], [sample_pages[0], b"short"])
+    with pytest.raises(InvalidKey):
+        cache.put_batch(pool, [(0, 0), (0, -1)], sample_pages[:2])
+    with pytest.raises(InvalidPage, match="2 keys but 1 pages"):
+        cache.put_batch(pool, [(0, 0), (0, 1)], sample_pages[:1])
+    assert cache.stored_pages == 0
+
+
+def test_unknown_pool(cache: ZCache) -> None:
+    with pytest.raises(UnknownPool, match="no pool with id 99"):
+        cache.put(99, 0, 0, bytes(PAGE_SIZE))
+    with pytest.raises(UnknownPool):
+        cache.destroy_pool(99)
+
+
+def test_bad_config_and_allocator() -> None:
+    with pytest.raises(InvalidConfig, match="compress_threshold"):
+        ZCacheConfig(compress_threshold=PAGE_SIZE)
+    with pytest.raises(InvalidConfig, match="capacity_frames"):
+        ZCacheConfig(capacity_frames=-5)
+    with pytest.raises(InvalidConfig, match="unknown allocator"):
+        ZCacheConfig(default_allocator="slab")
+    with pytest.raises(InvalidConfig, match="unknown allocator"):
+        ZCache(ZCacheConfig(capacity_frames=8)).create_pool(P, "slab")
+
+
+def _corrupt(cache: ZCache, pool: int, oid: int, index: int, offset: int) -> None:
+    """Flip one byte of the zpage stored under a key, `offset` bytes into it."""
+    p = cache.pool(pool)
+    handle = p.index.get(oid, index)
+    alloc = p.allocator_of(handle)
+    view = alloc.read(handle & ((1 << 56) - 1))
+    assert isinstance(view, memoryview)
+    view[offset] ^= 0xFF
+
+
+@pytest.mark.parametrize("offset", [0, 4, 6, 10, 18, 100])  # sum, length, index, oid, payload
+def test_corruption_is_detected_never_returned(
+    cache: ZCache, allocator: str, sample_pages: list[bytes], offset: int
+) -> None:
+    pool = cache.create_pool(P, allocator)
+    cache.put(pool, 3, 4, sample_pages[0])
+    cache.put(pool, 3, 5, sample_pages[1])
+    _corrupt(cache, pool, 3, 4, offset)
+    with pytest.raises(CorruptPage):
+        cache.get(pool, 3, 4)
+    got = cache.get_batch(pool, [(3, 4), (3, 5)])
+    assert isinstance(got[0], CorruptPage)
+    assert got[1] == sample_pages[1]
+    assert cache.stats.corrupt == 2
+
+
+def test_compact_frees_frames_and_keeps_pages(compressible_pages: list[bytes]) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=4096))
+    pool = cache.create_pool(P, "zsmalloc")
+    keys = [(0, i) for i in range(2000)]
+    pages = [compressible_pages[i % len(compressible_pages)] for i in range(2000)]
+    cache.put_batch(pool, keys, pages)
+    for i in range(0, 2000, 3):  # leave every zspage partly empty
+        cache.flush_page(pool, 0, i)
+        cache.flush_page(pool, 0, i + 1)
+    before = cache.frames
+    freed = cache.compact()
+    assert freed > 0 and cache.frames == before - freed
+    cache.verify()
+    for i in range(2, 2000, 3):
+        assert cache.get(pool, 0, i) == pages[i]
+
+
+def test_random_pages_never_come_back_wrong(cache: ZCache, allocator: str) -> None:
+    pool = cache.create_pool(P, allocator)
+    page = os.urandom(PAGE_SIZE // 2) + bytes(PAGE_SIZE // 2)  # compresses to about half
+    assert cache.put(pool, 0, 0, page) is PutResult.STORED
+    assert cache.get(pool, 0, 0) == page
