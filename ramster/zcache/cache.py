@@ -1,18 +1,22 @@
-# ZCache: tmem semantics over the codec, the allocators and the pageframe arena.
+# ZCache: tmem semantics over the codec, the allocators, the pageframe arena and the reaper.
 #
-# The index of each pool maps a key to one 64-bit handle whose top byte says where the page is:
-#
-#     ZPAGE  in the pool's allocator (zbud or zsmalloc), compressed, with its 18-byte header
-#     RAW    in a frame of its own, uncompressed (store-raw policy for incompressible pages)
-#     SAME   only its repeated 8-byte word, in the shared same-filled table
+# The index of each pool maps a key to one 64-bit handle that says where the page is (in an
+# allocator, raw in a frame, as a same-filled word, or with the evictor: see handles.py).
 #
 # A put validates, drops any old page under the key (a rejected duplicate put never leaves stale
 # data behind), checks for a same-filled page, compresses, passes the bouncer (poor compression,
-# no room) and files the handle.  Refusals are counted per reason and returned, not raised.  A get
-# verifies the zpage's checksum and key before decompressing, so corruption surfaces as
-# CorruptPage and never as wrong bytes.  Ephemeral pools (cleancache) lose a page on get; persistent
-# pools (frontswap) keep it unless the get is exclusive.  Every put and get stamps the unit holding
-# the zpage with a global tick, which is the recency the reaper reads.
+# no room) and files the handle.  Refusals are counted per reason and returned, not raised.  When
+# an allocation hits the pool limit the reaper frees frames down to the low mark and the put is
+# retried once; only then is it refused for no room.  A get verifies the zpage's checksum and key
+# before decompressing, wherever the zpage came from (RAM, disk, a peer), so corruption surfaces
+# as CorruptPage and never as wrong bytes.  A non-exclusive get of an evicted persistent page
+# brings it back to RAM (as an LRU cache would), still compressed.  Ephemeral pools (cleancache)
+# lose a page on get; persistent pools (frontswap) keep it unless the get is exclusive.
+#
+# Batches are the core paths (single put/get wrap them): per-page Python overhead is what limits
+# an engine whose budget is a small multiple of one LZ4 call.  The index of a put batch is written
+# after its pages are stored; before any reclaim the part stored so far is filed, because the
+# reaper finds a zpage's key in its header and checks it against the index.
 #
 # The engine is synchronous and single-threaded: callers serialise access (the node does so on
 # its event loop), which keeps every structure lock-free.
@@ -23,7 +27,14 @@ from itertools import pairwise
 
 from ramster.zcache.allocator import Allocator
 from ramster.zcache.arena import Arena
-from ramster.zcache.codec import PAGE_SIZE, compress, make_zpage, open_zpage, zpage_key
+from ramster.zcache.codec import (
+    HEADER_SIZE,
+    PAGE_SIZE,
+    compress,
+    make_zpage,
+    open_zpage,
+    zpage_key,
+)
 from ramster.zcache.config import ALLOCATORS, PoolKind, PutResult, ZCacheConfig
 from ramster.zcache.errors import (
     CorruptPage,
@@ -33,22 +44,27 @@ from ramster.zcache.errors import (
     UnknownPool,
     ZCacheError,
 )
+from ramster.zcache.evictor import Evictor
+from ramster.zcache.handles import (
+    EVICTED,
+    EVICTED_TAG,
+    HANDLE_MASK,
+    KIND_SHIFT,
+    RAW_TAG,
+    SAME,
+    SAME_TAG,
+    ZPAGE,
+    ZPAGE_TAG,
+)
 from ramster.zcache.index import PageIndex
 from ramster.zcache.rawframes import RawFrames
+from ramster.zcache.reaper import Reaper
 from ramster.zcache.samefill import SameFilledWords
 from ramster.zcache.zbud import Zbud
 from ramster.zcache.zsmalloc import Zsmalloc
 
 MAX_OID = (1 << 64) - 1
 MAX_INDEX = (1 << 32) - 1
-KIND_SHIFT = 56
-HANDLE_MASK = (1 << KIND_SHIFT) - 1
-ZPAGE = 1
-RAW = 2
-SAME = 3
-ZPAGE_TAG = ZPAGE << KIND_SHIFT
-RAW_TAG = RAW << KIND_SHIFT
-SAME_TAG = SAME << KIND_SHIFT
 
 
 class InvariantViolation(ZCacheError):
@@ -66,6 +82,8 @@ class Stats:
     duplicate_puts: int = 0
     flushes: int = 0
     corrupt: int = 0
+    evicted_hits: int = 0  # gets served by the evictor (a miss in RAM)
+    promoted: int = 0  # evicted pages brought back to RAM by a get
     compacted_frames: int = 0
     outcomes: dict[PutResult, int] = field(default_factory=lambda: dict.fromkeys(PutResult, 0))
 
@@ -85,9 +103,13 @@ class Pool:
         self.zalloc = allocator
         self.raw = raw
         self.index = PageIndex()
+        self.evicted = 0  # pages of this pool held by the evictor
 
     def allocator_of(self, handle: int) -> Allocator:
         return self.zalloc if handle >> KIND_SHIFT == ZPAGE else self.raw
+
+    def tag_of(self, alloc: Allocator) -> int:
+        return ZPAGE_TAG if alloc is self.zalloc else RAW_TAG
 
 
 def check_key(oid: object, index: object) -> None:
@@ -125,9 +147,11 @@ def as_page(page: object) -> bytes:
 
 
 class ZCache:
-    def __init__(self, config: ZCacheConfig | None = None) -> None:
+    def __init__(self, config: ZCacheConfig | None = None, evictor: Evictor | None = None) -> None:
         self.config = config or ZCacheConfig()
         self.arena = Arena(self.config.capacity_frames)
+        self.evictor = evictor
+        self.reaper = Reaper(self)
         self.pools: dict[int, Pool] = {}
         self.same = SameFilledWords()
         self.stats = Stats()
@@ -135,10 +159,27 @@ class ZCache:
         self._next_pool_id = 0
         self._threshold = self.config.compress_threshold
         self._store_raw = self.config.store_incompressible_raw
+        self._low_mark = int(self.config.capacity_frames * self.config.reclaim_to)
+        if evictor is not None:
+            self._adopt(evictor)
+
+    def _adopt(self, evictor: Evictor) -> None:
+        """File the pages an evictor kept from before a restart, recreating their pools."""
+        for pool_id, allocator, oid, index, location in evictor.recovered():
+            if pool_id not in self.pools:
+                self._add_pool(pool_id, PoolKind.PERSISTENT, allocator)
+            pool = self.pools[pool_id]
+            for displaced in pool.index.set_many([(oid, index)], [EVICTED_TAG | location]):
+                self._release(pool, displaced)
+            pool.evicted += 1
 
     # -- pools ------------------------------------------------------------------------------
     def create_pool(self, kind: PoolKind, allocator: str | None = None) -> int:
-        name = allocator or self.config.default_allocator
+        pool_id = self._next_pool_id
+        self._add_pool(pool_id, PoolKind(kind), allocator or self.config.default_allocator)
+        return pool_id
+
+    def _add_pool(self, pool_id: int, kind: PoolKind, name: str) -> None:
         zalloc: Allocator
         if name == "zbud":
             zalloc = Zbud(self.arena)
@@ -146,10 +187,8 @@ class ZCache:
             zalloc = Zsmalloc(self.arena)
         else:
             raise InvalidConfig(f"unknown allocator {name!r}; choose one of {ALLOCATORS}")
-        pool_id = self._next_pool_id
-        self._next_pool_id += 1
-        self.pools[pool_id] = Pool(pool_id, PoolKind(kind), zalloc, RawFrames(self.arena))
-        return pool_id
+        self.pools[pool_id] = Pool(pool_id, kind, zalloc, RawFrames(self.arena))
+        self._next_pool_id = max(self._next_pool_id, pool_id + 1)
 
     def pool(self, pool_id: int) -> Pool:
         try:
@@ -197,10 +236,10 @@ class ZCache:
                 stats.duplicate_puts += 1
         results = []
         handles = []
+        filed = 0  # keys[:filed] are in the index already
         same = self.same
-        zalloc = pool.zalloc
         threshold = self._threshold
-        for (oid, index), page in zip(keys, pages, strict=True):
+        for i, ((oid, index), page) in enumerate(zip(keys, pages, strict=True)):
             word = page[:8]
             if page == word * 512:
                 handles.append(SAME_TAG | same.ref(word))
@@ -208,27 +247,27 @@ class ZCache:
                 continue
             payload = compress(page)
             if len(payload) <= threshold:
-                self.tick += 1
-                handle = zalloc.alloc(make_zpage(oid, index, payload), self.tick)
-                if handle >= 0:
-                    handles.append(ZPAGE_TAG | handle)
-                    results.append(PutResult.STORED)
-                    continue
-                result = PutResult.REFUSED_NO_ROOM
+                alloc, tag, result = pool.zalloc, ZPAGE_TAG, PutResult.STORED
             elif self._store_raw:
-                self.tick += 1
-                handle = pool.raw.alloc(make_zpage(oid, index, page), self.tick)
-                if handle >= 0:
-                    handles.append(RAW_TAG | handle)
-                    results.append(PutResult.STORED_RAW)
-                    continue
-                result = PutResult.REFUSED_NO_ROOM
+                alloc, tag, result, payload = pool.raw, RAW_TAG, PutResult.STORED_RAW, page
             else:
-                result = PutResult.REFUSED_POOR_COMPRESSION
-            handles.append(0)
-            results.append(result)
-        for displaced in pool.index.set_many(keys, handles):
-            self._release(pool, displaced)
+                handles.append(0)
+                results.append(PutResult.REFUSED_POOR_COMPRESSION)
+                continue
+            zpage = make_zpage(oid, index, payload)
+            self.tick += 1
+            handle = alloc.alloc(zpage, self.tick)
+            if handle < 0:
+                self._file(pool, keys[filed:i], handles[filed:i])
+                filed = i
+                handle = self._alloc_reclaiming(alloc, zpage)
+            if handle < 0:
+                handles.append(0)
+                results.append(PutResult.REFUSED_NO_ROOM)
+            else:
+                handles.append(tag | handle)
+                results.append(result)
+        self._file(pool, keys[filed:], handles[filed:])
         for result in results:
             stats.outcomes[result] += 1
         return results
@@ -241,14 +280,20 @@ class ZCache:
         pool = self.pool(pool_id)
         check_keys(keys)
         remove = exclusive or pool.ephemeral
-        handles = pool.index.pop_many(keys) if remove else pool.index.get_many(keys)
+        index = pool.index
+        handles = index.pop_many(keys) if remove else index.get_many(keys)
         zalloc = pool.zalloc
         zread, zticks, zshift = zalloc.read, zalloc.lru.tick, zalloc.unit_shift
+        promote = not remove and self.config.promote_on_get
+        refetch = False  # a promotion may have reclaimed frames behind the prefetched handles
         tick = self.tick
         out: list[bytes | CorruptPage | None] = []
-        for (oid, index), handle in zip(keys, handles, strict=True):
+        misses = corrupt = 0
+        for i, (oid, index_no) in enumerate(keys):
+            handle = index.get(oid, index_no) if refetch else handles[i]
             if not handle:
                 out.append(None)
+                misses += 1
                 continue
             kind = handle >> KIND_SHIFT
             h = handle & HANDLE_MASK
@@ -257,23 +302,31 @@ class ZCache:
                     if not remove:
                         tick += 1
                         zticks[h >> zshift] = tick
-                    out.append(open_zpage(zread(h), oid, index))
+                    out.append(open_zpage(zread(h), oid, index_no))
                 elif kind == SAME:
                     out.append(self.same.page(h))
+                elif kind == EVICTED:
+                    zpage = self._evictor().load(pool.id, h)
+                    out.append(open_zpage(zpage, oid, index_no))
+                    self.stats.evicted_hits += 1
+                    if promote:
+                        self.tick = tick
+                        self._promote(pool, oid, index_no, h, zpage)
+                        tick = self.tick
+                        refetch = True
                 else:
                     tick += 1
                     pool.raw.lru.tick[h] = tick
-                    out.append(open_zpage(pool.raw.read(h), oid, index))
+                    out.append(open_zpage(pool.raw.read(h), oid, index_no))
             except CorruptPage as exc:
                 out.append(exc)
+                corrupt += 1
             if remove:
                 self._release(pool, handle)
         self.tick = tick
         stats = self.stats
         stats.gets += len(keys)
-        misses = handles.count(0)
         stats.misses += misses
-        corrupt = sum(1 for page in out if isinstance(page, CorruptPage))
         stats.corrupt += corrupt
         stats.hits += len(keys) - misses - corrupt
         return out
@@ -314,10 +367,43 @@ class ZCache:
         return freed
 
     # -- internals --------------------------------------------------------------------------
+    def _file(self, pool: Pool, keys: list[tuple[int, int]], handles: list[int]) -> None:
+        for displaced in pool.index.set_many(keys, handles):
+            self._release(pool, displaced)
+
+    def _alloc_reclaiming(self, alloc: Allocator, zpage: bytes) -> int:
+        """Allocate after reclaiming down to the low mark; -1 if there is still no room."""
+        self.reaper.reclaim(self._low_mark)
+        self.tick += 1
+        return alloc.alloc(zpage, self.tick)
+
+    def _promote(self, pool: Pool, oid: int, index: int, location: int, zpage: bytes) -> None:
+        """Move an evicted zpage back into RAM, if room can be made; else it stays evicted."""
+        raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
+        alloc: Allocator = pool.raw if raw else pool.zalloc
+        self.tick += 1
+        handle = alloc.alloc(zpage, self.tick)
+        if handle < 0:
+            handle = self._alloc_reclaiming(alloc, zpage)
+            if handle < 0:
+                return
+        pool.index.replace(oid, index, pool.tag_of(alloc) | handle)
+        self._evictor().forget(pool.id, location)
+        pool.evicted -= 1
+        self.stats.promoted += 1
+
+    def _evictor(self) -> Evictor:
+        if self.evictor is None:
+            raise InvariantViolation("an evicted page was found but this zcache has no evictor")
+        return self.evictor
+
     def _release(self, pool: Pool, handle: int) -> None:
         kind = handle >> KIND_SHIFT
         if kind == SAME:
             self.same.unref(handle & HANDLE_MASK)
+        elif kind == EVICTED:
+            self._evictor().forget(pool.id, handle & HANDLE_MASK)
+            pool.evicted -= 1
         else:
             pool.allocator_of(handle).free(handle & HANDLE_MASK)
 
@@ -332,7 +418,12 @@ class ZCache:
 
     @property
     def stored_pages(self) -> int:
+        """Pages under a key, wherever they are (RAM, same-filled, evicted)."""
         return sum(p.index.count for p in self.pools.values())
+
+    @property
+    def evicted_pages(self) -> int:
+        return sum(p.evicted for p in self.pools.values())
 
     def pages_per_frame(self) -> float:
         return self.zpages_in_frames / self.frames if self.frames else 0.0
@@ -371,8 +462,12 @@ class ZCache:
                     for (_, end), (start, _) in pairwise(ranges):
                         if start < end:
                             raise InvariantViolation(f"zpages overlap in frame {frame}")
-            same = sum(1 for *_, h in pool.index.items() if h >> KIND_SHIFT == SAME)
-            if pool.index.count != pool.zalloc.zpages + pool.raw.zpages + same:
+            kinds = [h >> KIND_SHIFT for *_, h in pool.index.items()]
+            if kinds.count(EVICTED) != pool.evicted:
+                raise InvariantViolation(f"pool {pool.id} miscounts its evicted pages")
+            if pool.index.count != pool.zalloc.zpages + pool.raw.zpages + kinds.count(SAME) + (
+                pool.evicted
+            ):
                 raise InvariantViolation(f"pool {pool.id} index count disagrees with its zpages")
         if len(frames) != self.arena.in_use:
             raise InvariantViolation(

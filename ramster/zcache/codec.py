@@ -66,6 +66,20 @@ def zpage_key(zpage: bytes | memoryview) -> tuple[int, int]:
     return key
 
 
+def zpage_length(zpage: bytes | memoryview) -> int:
+    """Length of the intact zpage at the start of `zpage` (header included), 0 if it is not one."""
+    if len(zpage) < HEADER_SIZE:
+        return 0
+    total, length, index, oid = _unpack_header(zpage)
+    length = int(length)
+    payload = memoryview(zpage)[HEADER_SIZE : HEADER_SIZE + length]
+    if length > PAGE_SIZE or len(payload) != length:
+        return 0
+    if _xxh(payload, oid ^ index << 32) & _SUM_MASK != total:
+        return 0
+    return HEADER_SIZE + length
+
+
 def open_zpage(zpage: bytes | memoryview, oid: int, index: int) -> bytes:
     """Verify a zpage against its checksum and expected key, and return the 4096-byte page."""
     total, length, zindex, zoid = _unpack_header(zpage)

@@ -1,8 +1,10 @@
 # Engine settings and the enums of the tmem interface.
 #
 # Defaults follow zcache/zswap practice: a page is refused when LZ4 cannot shrink it to 7/8 of a
-# page (storing it would cost nearly a frame for little gain), and the pageframe budget is a
-# quarter of physical memory.  Everything is validated here, once, so the hot paths trust it.
+# page (storing it would cost nearly a frame for little gain), the pageframe budget (the pool
+# limit) is a quarter of physical memory, and reclaim that starts at the limit goes on down to
+# 90% of it (zswap's accept threshold) so a full pool is not reclaimed one frame per put.
+# Everything is validated here, once, so the hot paths trust it.
 from __future__ import annotations
 
 import enum
@@ -48,10 +50,12 @@ class PutResult(enum.IntEnum):
 
 @dataclass(frozen=True)
 class ZCacheConfig:
-    capacity_frames: int = 0  # 0: default_capacity_frames()
+    capacity_frames: int = 0  # the pool limit in frames; 0: default_capacity_frames()
     compress_threshold: int = PAGE_SIZE * 7 // 8
     store_incompressible_raw: bool = False
     default_allocator: str = "zsmalloc"
+    reclaim_to: float = 0.9  # reclaim goes down to this share of the limit
+    promote_on_get: bool = True  # a get of an evicted persistent page brings it back to RAM
 
     def __post_init__(self) -> None:
         if self.capacity_frames == 0:
@@ -64,6 +68,8 @@ class ZCacheConfig:
                 f"compress_threshold must be between 1 and {top} bytes, "
                 f"got {self.compress_threshold}"
             )
+        if not 0.0 <= self.reclaim_to < 1.0:
+            raise InvalidConfig(f"reclaim_to must be in [0, 1), got {self.reclaim_to}")
         if self.default_allocator not in ALLOCATORS:
             raise InvalidConfig(
                 f"unknown allocator {self.default_allocator!r}; choose one of {ALLOCATORS}"

@@ -1,0 +1,279 @@
+# The backing file: the node's swap disk, the last evictor in the chain.
+#
+# Persistent zpages are written back still compressed, each as one *record* starting on a
+# 512-byte block boundary:
+#
+#     +------+-----+-----+---------+-----+------+----------------------------------+
+#     | RZP1 | alc | pad | pool id | seq | hsum | zpage (its own header + payload) |
+#     |  4   |  1  |  3  |    4    |  8  |  4   |  18 + length                     |
+#     +------+-----+-----+---------+-----+------+----------------------------------+
+#
+# `hsum` covers the record header and the zpage header; the zpage's own checksum covers its key
+# and payload.  A record's location is its first block.  Free extents are kept in lists by size
+# (1..9 blocks); allocation takes an exact fit, then grows the file, then splits a larger extent,
+# so freed space is reused.  A flush overwrites the record's magic before its blocks are reused,
+# so a flushed page can never come back.
+#
+# Recovery needs no log: on open the file is scanned for records (`find` on the magic, checked on
+# block boundaries); a record counts only if both checksums hold, so a torn write (a crash in the
+# middle of a pwrite) is detected and its blocks become free space.  If a key appears twice (a
+# crash between writing a new record and killing the old one), the higher sequence number wins.
+# The superblock records whether the last stop was clean: a graceful close fsyncs and sets it, so
+# there is nothing to redo; after a crash the scan reports how many torn records it dropped.
+#
+# Trade-off: no fsync per write (a process crash loses nothing the kernel has; a power cut may lose
+# the latest write-backs, which the scan then detects), and an open costs one pass over the file.
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE, zpage_key, zpage_length
+from ramster.zcache.config import ALLOCATORS
+from ramster.zcache.errors import CorruptPage, ZCacheError
+
+BLOCK = 512
+SUPER_BLOCKS = PAGE_SIZE // BLOCK
+SUPER = struct.Struct("<16sIB")
+SUPER_MAGIC = b"RAMSTER-BACKING\n"
+VERSION = 1
+RECORD = struct.Struct("<4sB3xIQ")
+RECORD_MAGIC = b"RZP1"
+RECORD_HEAD = RECORD.size + 4  # + hsum
+MAX_BLOCKS = (RECORD_HEAD + HEADER_SIZE + PAGE_SIZE + BLOCK - 1) // BLOCK
+_xxh = xxhash.xxh3_64_intdigest
+
+
+class BackingFileError(ZCacheError):
+    """The backing file cannot be opened or is not a RAMster backing file."""
+
+
+@dataclass
+class BackingStats:
+    written_back: int = 0  # records written
+    loaded: int = 0  # records read back
+    forgotten: int = 0  # records killed (flush, overwrite, promotion)
+    refused_full: int = 0  # zpages refused because the file reached its limit
+    write_errors: int = 0  # zpages refused because the write failed (e.g. disk full)
+    recovered: int = 0  # records found on open
+    torn: int = 0  # invalid records dropped on open
+    was_clean: bool = True  # the previous stop was graceful (or the file is new)
+
+
+def _hsum(head: bytes, zpage: bytes | memoryview) -> int:
+    return _xxh(head + bytes(zpage[:HEADER_SIZE])) & 0xFFFFFFFF
+
+
+class BackingFile:
+    """Compressed persistent zpages on disk, with a block allocator and crash recovery."""
+
+    def __init__(self, path: str | os.PathLike[str], limit_bytes: int = 0) -> None:
+        self.path = Path(path)
+        self.limit_blocks = limit_bytes // BLOCK if limit_bytes else 1 << 52
+        self.stats = BackingStats()
+        self._free = [array("Q") for _ in range(MAX_BLOCKS + 1)]
+        self._sizes = bytearray()  # blocks of the live record starting at each block, else 0
+        self._seq = 0
+        self.live = 0  # live records
+        self._recovered: list[tuple[int, str, int, int, int]] = []
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise BackingFileError(
+                f"cannot open backing file {self.path}: {exc.strerror}"
+            ) from None
+        try:
+            self._open()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    # -- open and recovery ------------------------------------------------------------------
+    def _open(self) -> None:
+        size = os.fstat(self.fd).st_size
+        if size == 0:
+            self._write_super(clean=False)
+            self._bump = SUPER_BLOCKS
+            self._sizes = bytearray(SUPER_BLOCKS)
+            return
+        magic, version, clean = SUPER.unpack(os.pread(self.fd, SUPER.size, 0).ljust(SUPER.size))
+        if magic != SUPER_MAGIC:
+            raise BackingFileError(f"{self.path} is not a RAMster backing file")
+        if version != VERSION:
+            raise BackingFileError(f"{self.path} has format version {version}, not {VERSION}")
+        self.stats.was_clean = bool(clean)
+        self._scan(size)
+        self._write_super(clean=False)
+
+    def _scan(self, size: int) -> None:
+        nblocks = size // BLOCK
+        self._sizes = bytearray(nblocks)
+        if nblocks <= SUPER_BLOCKS:
+            self._bump = SUPER_BLOCKS
+            self._sizes = bytearray(SUPER_BLOCKS)
+            return
+        live: dict[tuple[int, int, int], tuple[int, int]] = {}  # key -> (seq, block)
+        found: list[tuple[int, str, int, int, int]] = []
+        with mmap.mmap(self.fd, nblocks * BLOCK, access=mmap.ACCESS_READ) as mm:
+            pos = mm.find(RECORD_MAGIC, SUPER_BLOCKS * BLOCK)
+            while pos >= 0:
+                if pos % BLOCK:
+                    pos = mm.find(RECORD_MAGIC, pos + 1)
+                    continue
+                parsed = self._parse(mm, pos)
+                if parsed is None:
+                    self.stats.torn += 1
+                    pos = mm.find(RECORD_MAGIC, pos + 1)
+                    continue
+                pool_id, alloc, seq, oid, index, blocks = parsed
+                block = pos // BLOCK
+                key = (pool_id, oid, index)
+                older = live.get(key)
+                if older is None or older[0] < seq:
+                    if older is not None:
+                        self._sizes[older[1]] = 0
+                    live[key] = (seq, block)
+                    self._sizes[block] = blocks
+                    found.append((pool_id, alloc, oid, index, block))
+                self._seq = max(self._seq, seq)
+                pos = mm.find(RECORD_MAGIC, pos + blocks * BLOCK)
+        self._recovered = [r for r in found if live[(r[0], r[2], r[3])][1] == r[4]]
+        self.stats.recovered = self.live = len(self._recovered)
+        for stale in {b for *_, b in found} - {b for _, b in live.values()}:
+            os.pwrite(self.fd, b"\0\0\0\0", stale * BLOCK)  # superseded: never resurrect it
+        self._rebuild_free([b for _, b in live.values()])
+
+    @staticmethod
+    def _parse(mm: mmap.mmap, pos: int) -> tuple[int, str, int, int, int, int] | None:
+        head = mm[pos : pos + RECORD.size]
+        if len(head) < RECORD.size:
+            return None
+        _, alloc_code, pool_id, seq = RECORD.unpack(head)
+        zpage = mm[pos + RECORD_HEAD : pos + RECORD_HEAD + HEADER_SIZE + PAGE_SIZE]
+        (hsum,) = struct.unpack_from("<I", mm, pos + RECORD.size)
+        if alloc_code >= len(ALLOCATORS) or _hsum(head, zpage) != hsum:
+            return None
+        length = zpage_length(zpage)
+        if not length:
+            return None
+        oid, index = zpage_key(zpage)
+        blocks = (RECORD_HEAD + length + BLOCK - 1) // BLOCK
+        return pool_id, ALLOCATORS[alloc_code], seq, oid, index, blocks
+
+    def _rebuild_free(self, live_blocks: list[int]) -> None:
+        """Free extents are the gaps between live records; the file ends after the last one."""
+        end = SUPER_BLOCKS
+        for block in sorted(live_blocks):
+            self._free_range(end, block)
+            end = block + self._sizes[block]
+        self._bump = end
+        del self._sizes[end:]
+        os.ftruncate(self.fd, end * BLOCK)
+
+    def _free_range(self, start: int, stop: int) -> None:
+        while start < stop:
+            n = min(MAX_BLOCKS, stop - start)
+            self._free[n].append(start)
+            start += n
+
+    def _write_super(self, clean: bool) -> None:
+        os.pwrite(self.fd, SUPER.pack(SUPER_MAGIC, VERSION, int(clean)).ljust(PAGE_SIZE, b"\0"), 0)
+        os.fsync(self.fd)
+
+    # -- block allocation -------------------------------------------------------------------
+    def _alloc(self, n: int) -> int:
+        free = self._free
+        if free[n]:
+            return free[n].pop()
+        if self._bump + n <= self.limit_blocks:
+            block = self._bump
+            self._bump += n
+            self._sizes.extend(bytes(n))
+            return block
+        for m in range(n + 1, MAX_BLOCKS + 1):
+            if free[m]:
+                block = free[m].pop()
+                free[m - n].append(block + n)
+                return block
+        return 0
+
+    def _kill(self, block: int) -> None:
+        """Overwrite a record's magic and return its blocks to the free lists."""
+        os.pwrite(self.fd, b"\0\0\0\0", block * BLOCK)
+        self._release(block, self._sizes[block])
+
+    def _release(self, block: int, blocks: int) -> None:
+        self._free_range(block, block + blocks)
+        self._sizes[block] = 0
+        self.live -= 1
+
+    # -- evictor interface ------------------------------------------------------------------
+    def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
+        code = ALLOCATORS.index(allocator)
+        out = []
+        for zpage in zpages:
+            blocks = (RECORD_HEAD + len(zpage) + BLOCK - 1) // BLOCK
+            block = self._alloc(blocks)
+            if not block:
+                self.stats.refused_full += 1
+                out.append(0)
+                continue
+            self._seq += 1
+            head = RECORD.pack(RECORD_MAGIC, code, pool_id, self._seq)
+            record = head + struct.pack("<I", _hsum(head, zpage)) + zpage
+            self._sizes[block] = blocks
+            self.live += 1
+            try:
+                written = os.pwrite(self.fd, record, block * BLOCK)
+            except OSError:
+                written = -1
+            if written != len(record):  # disk full or failing: refuse, the zpage stays in RAM
+                self._release(block, blocks)
+                self.stats.write_errors += 1
+                out.append(0)
+                continue
+            self.stats.written_back += 1
+            out.append(block)
+        return out
+
+    def load(self, pool_id: int, location: int) -> bytes:
+        blocks = self._sizes[location] if location < len(self._sizes) else 0
+        data = os.pread(self.fd, blocks * BLOCK, location * BLOCK) if blocks else b""
+        if len(data) < RECORD_HEAD + HEADER_SIZE or data[:4] != RECORD_MAGIC:
+            raise CorruptPage(f"backing file holds no record at block {location}")
+        head = data[: RECORD.size]
+        _, _, rec_pool, _ = RECORD.unpack(head)
+        zpage = data[RECORD_HEAD:]
+        if rec_pool != pool_id or _hsum(head, zpage) != struct.unpack_from("<I", data, 20)[0]:
+            raise CorruptPage(f"backing file record at block {location} is damaged")
+        self.stats.loaded += 1
+        return zpage
+
+    def forget(self, pool_id: int, location: int) -> None:
+        self._kill(location)
+        self.stats.forgotten += 1
+
+    def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
+        records, self._recovered = self._recovered, []
+        yield from records
+
+    # -- introspection and shutdown ---------------------------------------------------------
+    @property
+    def size_bytes(self) -> int:
+        return self._bump * BLOCK
+
+    def close(self) -> None:
+        """Flush everything and mark the file clean: the next open has nothing to redo."""
+        if self.fd < 0:
+            return
+        os.fsync(self.fd)
+        self._write_super(clean=True)
+        os.close(self.fd)
+        self.fd = -1
