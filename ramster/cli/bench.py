@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ramster.bench import engine
+from ramster.bench import engine, reaper
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
@@ -34,6 +34,22 @@ def _engine(args: argparse.Namespace) -> int:
     return 0 if result["verified"] else 1
 
 
+def _reaper(args: argparse.Namespace) -> int:
+    pages = _corpus(args.corpus)
+    keys = args.keys or args.limit_frames * 12
+    result = reaper.run(
+        pages,
+        args.allocator,
+        args.limit_frames,
+        keys,
+        args.ops or keys * 5,
+        args.skew,
+        seed=args.seed,
+    )
+    emit(result, args.json)
+    return 0 if result["verified"] else 1
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -54,3 +70,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_engine)
+
+    p = kinds.add_parser(
+        "reaper",
+        help="LRU reclaim and write-back under a workload larger than the pool limit",
+        description="Run a seeded Zipf workload (puts, overwrites, verified gets) over more keys "
+        "than fit under --limit-frames, with a backing file behind the pool, and compare the "
+        "in-memory hit ratio with an exact LRU cache of the same capacity in pages.",
+    )
+    p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="zsmalloc")
+    p.add_argument("--limit-frames", type=_positive, required=True, help="pool limit in frames")
+    p.add_argument("--keys", type=_positive, help="distinct keys (default: 12 x limit frames)")
+    p.add_argument("--ops", type=_positive, help="operations (default: 5 x keys)")
+    p.add_argument("--skew", type=float, default=0.9, help="Zipf exponent (default 0.9)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_reaper)

@@ -113,7 +113,7 @@ class BackingFile:
         self._write_super(clean=False)
 
     def _scan(self, size: int) -> None:
-        nblocks = size // BLOCK
+        nblocks = (size + BLOCK - 1) // BLOCK  # a torn last write may leave a partial block
         self._sizes = bytearray(nblocks)
         if nblocks <= SUPER_BLOCKS:
             self._bump = SUPER_BLOCKS
@@ -121,7 +121,7 @@ class BackingFile:
             return
         live: dict[tuple[int, int, int], tuple[int, int]] = {}  # key -> (seq, block)
         found: list[tuple[int, str, int, int, int]] = []
-        with mmap.mmap(self.fd, nblocks * BLOCK, access=mmap.ACCESS_READ) as mm:
+        with mmap.mmap(self.fd, size, access=mmap.ACCESS_READ) as mm:
             pos = mm.find(RECORD_MAGIC, SUPER_BLOCKS * BLOCK)
             while pos >= 0:
                 if pos % BLOCK:
@@ -227,7 +227,7 @@ class BackingFile:
                 continue
             self._seq += 1
             head = RECORD.pack(RECORD_MAGIC, code, pool_id, self._seq)
-            record = head + struct.pack("<I", _hsum(head, zpage)) + zpage
+            record = (head + struct.pack("<I", _hsum(head, zpage)) + zpage).ljust(blocks * BLOCK)
             self._sizes[block] = blocks
             self.live += 1
             try:

@@ -1,73 +1,77 @@
-# Recency list over small integer ids, kept in arrays instead of one object per entry.
+# Recency of reclaimable units, exact LRU with a one-store touch.
 #
-# Allocators number their reclaimable units (a zbud page, a zspage, a raw frame) with dense ids;
-# this list threads those ids through `prev`/`next` arrays with a sentinel at id 0 (16 bytes per
-# unit, no Python object).  Every use of a unit stores the zcache-wide tick in `tick[uid]`: one
-# array store on the hot path, no relinking.  The list itself is ordered by `queued[uid]`, the tick
-# at which the unit was last (re)linked at the head, and is put right lazily: `oldest()` looks at
-# the tail and, if the tail was used after it was queued, moves it back to the head and looks
-# again ("second chance" with exact timestamps).  So the unit returned is one not used since it was
-# queued, and no unit younger than it is skipped on its account: LRU order for the reaper, at the
-# cost of hot paths that never touch the links.
+# Allocators number their reclaimable units (a zbud page, a zspage, a raw frame) with dense ids.
+# Every use of a unit stores the zcache-wide tick in `tick[uid]`: one array store on the hot path,
+# no list to relink.  The reaper finds the least recently used unit with a lazy min-heap: each live
+# unit has one heap entry `queued << 32 | uid`, where `queued[uid]` <= `tick[uid]` is the tick it
+# was (re)inserted with.  `oldest()` looks at the heap top; an entry whose unit was freed or
+# re-queued since is dropped, and an entry whose unit was used since it was queued is re-queued
+# with its current tick.  The first entry that is neither is exactly the least recently used unit:
+# every other unit has queued >= its tick and tick >= queued.  So touches stay O(1) stores and all
+# ordering work is paid, O(log n) per unit, only when memory is actually reclaimed.
 #
 # Ticks also let the reaper compare the oldest units of different allocators.
 from __future__ import annotations
 
+import heapq
 from array import array
 from collections.abc import Iterator
 
+_UID_BITS = 32
+_UID_MASK = (1 << _UID_BITS) - 1
+
 
 class LruList:
-    """Doubly linked recency list: head side is most recent, tail side least recent."""
+    """Exact least-recently-used order over unit ids (id 0 is never used)."""
 
     def __init__(self) -> None:
-        self.prev = array("q", [0])
-        self.next = array("q", [0])
         self.tick = array("Q", [0])
-        self.queued = array("Q", [0])
+        self.queued = array("Q", [0])  # 0: not live
+        self._heap: list[int] = []
+        self.live = 0
 
     def grow(self, size: int) -> None:
-        """Make ids below `size` (id 0 is the sentinel) addressable."""
-        extra = size - len(self.prev)
+        """Make ids below `size` addressable."""
+        extra = size - len(self.tick)
         if extra > 0:
             zeros = bytes(8 * extra)
-            for arr in (self.prev, self.next, self.tick, self.queued):
-                arr.frombytes(zeros)
+            self.tick.frombytes(zeros)
+            self.queued.frombytes(zeros)
 
     def push(self, uid: int, tick: int) -> None:
-        """Insert `uid` as the most recent entry."""
-        nxt = self.next
-        first = nxt[0]
-        self.prev[uid] = 0
-        nxt[uid] = first
-        self.prev[first] = uid
-        nxt[0] = uid
+        """Make `uid` live, used at `tick` (ticks start at 1)."""
         self.tick[uid] = self.queued[uid] = tick
+        heapq.heappush(self._heap, tick << _UID_BITS | uid)
+        self.live += 1
 
     def remove(self, uid: int) -> None:
-        prv, nxt = self.prev, self.next
-        p, n = prv[uid], nxt[uid]
-        nxt[p] = n
-        prv[n] = p
+        """`uid` is no longer live; its heap entry goes stale."""
+        self.queued[uid] = 0
+        self.live -= 1
+        if len(self._heap) > 2 * self.live + 64:
+            self._heap = [q << _UID_BITS | i for i, q in enumerate(self.queued) if q]
+            heapq.heapify(self._heap)
 
     def oldest(self) -> int:
-        """Least recently used id (after requeueing tails used since queued), or 0 when empty."""
-        tick, queued = self.tick, self.queued
-        uid = self.prev[0]
-        while uid and tick[uid] != queued[uid]:
-            self.remove(uid)
-            self.push(uid, tick[uid])
-            uid = self.prev[0]
-        return uid
+        """The least recently used live id, or 0 when there is none."""
+        heap, tick, queued = self._heap, self.tick, self.queued
+        while heap:
+            top = heap[0]
+            uid = top & _UID_MASK
+            q = top >> _UID_BITS
+            if queued[uid] != q:
+                heapq.heappop(heap)
+            elif tick[uid] != q:
+                queued[uid] = tick[uid]
+                heapq.heapreplace(heap, tick[uid] << _UID_BITS | uid)
+            else:
+                return uid
+        return 0
 
     def __iter__(self) -> Iterator[int]:
-        """Ids in list order, tail (least recently queued) first."""
-        uid = self.prev[0]
-        while uid:
-            yield uid
-            uid = self.prev[uid]
+        """Every live id, in no particular order."""
+        return (uid for uid, q in enumerate(self.queued) if q)
 
     def metadata_bytes(self) -> int:
-        return sum(
-            a.buffer_info()[1] * a.itemsize for a in (self.prev, self.next, self.tick, self.queued)
-        )
+        heap = self._heap.__sizeof__() + sum(e.__sizeof__() for e in self._heap)
+        return heap + sum(a.buffer_info()[1] * a.itemsize for a in (self.tick, self.queued))

@@ -1,0 +1,122 @@
+# `ramster bench reaper`: the reaper under a workload larger than the pool limit.
+#
+# A seeded trace over K keys with Zipf-distributed popularity (first touch of a key is a put; then
+# mostly gets, some overwrites) runs against one persistent pool whose limit forces reclaim, with a
+# backing file behind it.  Every get is verified.  The same trace is replayed against an exact LRU
+# cache whose capacity in pages is what the zcache holds at its limit (limit frames x measured
+# pages per frame, plus same-filled pages, which take no frame); a get is a hit when the page is
+# in RAM.  Reclaim efficiency is frames freed per zpage evicted, against the ideal 1/pages-per-frame
+# of an allocator that never evicts a zpage that does not help free a frame.
+from __future__ import annotations
+
+import bisect
+import random
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from ramster.bench.report import Progress
+from ramster.zcache import PoolKind, ZCache, ZCacheConfig
+from ramster.zcache.backing import BackingFile
+
+
+def zipf_trace(keys: int, ops: int, skew: float, seed: int) -> list[int]:
+    """`ops` keys drawn with Zipf(skew) popularity; the hot ranks are scattered over key space."""
+    rng = random.Random(seed)
+    cdf = []
+    total = 0.0
+    for rank in range(1, keys + 1):
+        total += rank**-skew
+        cdf.append(total)
+    where = list(range(keys))
+    rng.shuffle(where)
+    return [where[bisect.bisect_left(cdf, rng.random() * total)] for _ in range(ops)]
+
+
+def lru_hit_ratio(trace: list[tuple[bool, int]], capacity: int) -> float:
+    """Hit ratio of gets on an exact LRU cache of `capacity` pages (a miss brings the page in)."""
+    cache: OrderedDict[int, None] = OrderedDict()
+    gets = hits = 0
+    for is_get, key in trace:
+        if is_get:
+            gets += 1
+            if key in cache:
+                hits += 1
+        cache[key] = None
+        cache.move_to_end(key)
+        if len(cache) > capacity:
+            cache.popitem(last=False)
+    return hits / gets if gets else 0.0
+
+
+def run(
+    pages: list[bytes],
+    allocator: str,
+    limit_frames: int,
+    keys: int,
+    ops: int,
+    skew: float = 0.9,
+    write_share: float = 0.1,
+    seed: int = 1,
+) -> dict[str, Any]:
+    rng = random.Random(seed + 1)
+    count = len(pages)
+    version: dict[int, int] = {}
+    trace: list[tuple[bool, int]] = []
+    for key in zipf_trace(keys, ops, skew, seed):
+        is_get = key in version and rng.random() >= write_share
+        if not is_get:
+            version[key] = version.get(key, -1) + 1
+        trace.append((is_get, key))
+    version.clear()
+    verified = True
+    with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
+        backing = BackingFile(Path(tmp) / "backing.dat")
+        cache = ZCache(ZCacheConfig(capacity_frames=limit_frames), evictor=backing)
+        pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
+        progress = Progress("ops", ops)
+        stored: dict[int, bytes] = {}
+        for n, (is_get, key) in enumerate(trace, 1):
+            if is_get:
+                expected = stored.get(key)
+                if cache.get(pool, 0, key) != expected:
+                    verified = False
+            else:
+                version[key] = version.get(key, -1) + 1
+                page = pages[(key * 7 + version[key]) % count]
+                if cache.put(pool, 0, key, page).refused:
+                    stored.pop(key, None)
+                else:
+                    stored[key] = page
+            if n % 4096 == 0:
+                progress.update(n)
+        progress.update(ops)
+        ppf = cache.pages_per_frame()
+        same_in_ram = cache.same.pages
+        reaper = cache.reaper.stats
+        evicted = reaper.evicted_persistent + reaper.evicted_ephemeral
+        gets = sum(1 for is_get, _ in trace if is_get)
+        capacity = int(limit_frames * ppf) + same_in_ram
+        result: dict[str, Any] = {
+            "allocator": allocator,
+            "limit_frames": limit_frames,
+            "keys": keys,
+            "ops": ops,
+            "gets": gets,
+            "frames_freed_per_evicted_zpage": round(reaper.frames_reclaimed / max(1, evicted), 4),
+            "ideal_frames_per_zpage": round(1 / ppf, 4) if ppf else 0.0,
+            "pages_per_frame": round(ppf, 4),
+            "hit_ratio": round(1 - cache.stats.evicted_hits / max(1, gets), 4),
+            "lru_hit_ratio": round(lru_hit_ratio(trace, capacity), 4),
+            "lru_capacity_pages": capacity,
+            "written_back": backing.stats.written_back,
+            "promoted": cache.stats.promoted,
+            "reclaim_passes": reaper.reclaim_passes,
+            "reclaim_seconds": round(reaper.reclaim_seconds, 3),
+            "refused": cache.stats.refused,
+            "verified": verified,
+        }
+        cache.close()
+        backing.close()
+    return result

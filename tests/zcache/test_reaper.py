@@ -1,0 +1,201 @@
+# The reaper: LRU whole-unit reclaim at the pool limit, the evictor contract, and RSS.
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ramster.bench import reaper as reaper_bench
+from ramster.bench.report import rss_bytes
+from ramster.zcache import PoolKind, PutResult, ZCache, ZCacheConfig
+from ramster.zcache.backing import BackingFile
+from ramster.zcache.evictor import EvictorChain
+from ramster.zcache.handles import EVICTED, KIND_SHIFT
+
+P, E = PoolKind.PERSISTENT, PoolKind.EPHEMERAL
+
+
+def evicted_keys(cache: ZCache, pool: int) -> set[tuple[int, int]]:
+    return {(o, i) for o, i, h in cache.pool(pool).index.items() if h >> KIND_SHIFT == EVICTED}
+
+
+@pytest.fixture(params=["zbud", "zsmalloc"])
+def allocator(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_limit_triggers_reclaim_to_low_mark(
+    tmp_path: Path, allocator: str, compressible_pages: list[bytes]
+) -> None:
+    backing = BackingFile(tmp_path / "b.dat")
+    cache = ZCache(ZCacheConfig(capacity_frames=100, reclaim_to=0.5), evictor=backing)
+    pool = cache.create_pool(P, allocator)
+    keys = [(0, i) for i in range(1000)]
+    pages = [compressible_pages[i % 88] for i in range(1000)]
+    results = cache.put_batch(pool, keys, pages)
+    assert PutResult.REFUSED_NO_ROOM not in results
+    stats = cache.reaper.stats
+    assert stats.reclaim_passes >= 1 and stats.frames_reclaimed > 0
+    assert stats.evicted_persistent == backing.stats.written_back == cache.evicted_pages
+    assert cache.frames <= 100
+    cache.verify()
+    assert cache.get_batch(pool, keys, exclusive=True) == pages
+    cache.verify()
+    assert backing.live == 0
+
+
+def test_reclaim_takes_least_recently_used_first(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    backing = BackingFile(tmp_path / "b.dat")
+    cache = ZCache(ZCacheConfig(capacity_frames=30, reclaim_to=0.75), evictor=backing)
+    pool = cache.create_pool(P, "zbud")
+    old = [(0, i) for i in range(40)]
+    cache.put_batch(pool, old, compressible_pages[:40])
+    hot = old[:10]
+    cache.get_batch(pool, hot)  # refreshes their frames
+    cache.put_batch(pool, [(1, i) for i in range(30)], compressible_pages[40:70])
+    gone = evicted_keys(cache, pool)
+    assert gone, "the limit must have forced reclaim"
+    assert not gone & set(hot), "recently used pages were reclaimed before cold ones"
+    assert gone <= set(old), "pages just stored were reclaimed before old ones"
+
+
+def test_ephemeral_pages_are_dropped_not_written(compressible_pages: list[bytes]) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=20))
+    pool = cache.create_pool(E, "zsmalloc")
+    keys = [(0, i) for i in range(300)]
+    results = cache.put_batch(pool, keys, [compressible_pages[i % 88] for i in range(300)])
+    assert PutResult.REFUSED_NO_ROOM not in results
+    assert cache.reaper.stats.evicted_ephemeral > 0
+    got = cache.get_batch(pool, keys)
+    assert all(g is None or g == compressible_pages[i % 88] for i, g in enumerate(got))
+    assert any(g is None for g in got)
+    cache.verify()
+
+
+def test_persistent_pages_stay_when_no_evictor(compressible_pages: list[bytes]) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=10))
+    pool = cache.create_pool(P, "zbud")
+    keys = [(0, i) for i in range(60)]
+    results = cache.put_batch(pool, keys, compressible_pages[:60])
+    assert PutResult.REFUSED_NO_ROOM in results
+    for (_, i), result, got in zip(keys, results, cache.get_batch(pool, keys), strict=True):
+        assert got == (None if result.refused else compressible_pages[i])
+    cache.verify()
+
+
+def test_ephemeral_pool_makes_room_for_persistent(compressible_pages: list[bytes]) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=10))
+    eph = cache.create_pool(E)
+    per = cache.create_pool(P)
+    cache.put_batch(eph, [(0, i) for i in range(20)], compressible_pages[:20])
+    assert cache.put(per, 0, 0, compressible_pages[30]) is PutResult.STORED
+    assert cache.reaper.stats.evicted_ephemeral > 0
+
+
+class Refusing:
+    """An evictor that takes nothing."""
+
+    def __init__(self) -> None:
+        self.offered = 0
+
+    def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
+        self.offered += len(zpages)
+        return [0] * len(zpages)
+
+    def load(self, pool_id: int, location: int) -> bytes:
+        raise AssertionError("nothing was taken")
+
+    def forget(self, pool_id: int, location: int) -> None:
+        raise AssertionError("nothing was taken")
+
+    def recovered(self):  # type: ignore[no-untyped-def]
+        return iter(())
+
+
+def test_refusing_evictor_never_loses_a_page(
+    allocator: str, compressible_pages: list[bytes]
+) -> None:
+    refusing = Refusing()
+    cache = ZCache(ZCacheConfig(capacity_frames=12), evictor=refusing)
+    pool = cache.create_pool(P, allocator)
+    keys = [(0, i) for i in range(80)]
+    results = cache.put_batch(pool, keys, compressible_pages[:80])
+    assert refusing.offered > 0
+    assert PutResult.REFUSED_NO_ROOM in results
+    assert cache.reaper.stats.evict_refused > 0
+    for (_, i), result, got in zip(keys, results, cache.get_batch(pool, keys), strict=True):
+        assert got == (None if result.refused else compressible_pages[i])
+    cache.verify()
+
+
+def test_chain_falls_through_to_backing_file(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    refusing = Refusing()
+    backing = BackingFile(tmp_path / "b.dat")
+    cache = ZCache(ZCacheConfig(capacity_frames=12), evictor=EvictorChain([refusing, backing]))
+    pool = cache.create_pool(P)
+    keys = [(0, i) for i in range(80)]
+    assert not any(r.refused for r in cache.put_batch(pool, keys, compressible_pages[:80]))
+    assert refusing.offered == backing.stats.written_back > 0
+    assert cache.get_batch(pool, keys) == compressible_pages[:80]
+    cache.verify()
+
+
+def test_full_backing_file_refuses_and_keeps_pages(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    backing = BackingFile(tmp_path / "b.dat", limit_bytes=64 * 1024)
+    cache = ZCache(ZCacheConfig(capacity_frames=12), evictor=backing)
+    pool = cache.create_pool(P)
+    keys = [(0, i) for i in range(88)]
+    results = cache.put_batch(pool, keys, compressible_pages)
+    assert backing.stats.refused_full > 0
+    assert PutResult.REFUSED_NO_ROOM in results
+    for (_, i), result, got in zip(keys, results, cache.get_batch(pool, keys), strict=True):
+        assert got == (None if result.refused else compressible_pages[i])
+    cache.verify()
+
+
+def test_get_promotes_evicted_page(tmp_path: Path, compressible_pages: list[bytes]) -> None:
+    backing = BackingFile(tmp_path / "b.dat")
+    cache = ZCache(ZCacheConfig(capacity_frames=30), evictor=backing)
+    pool = cache.create_pool(P)
+    keys = [(0, i) for i in range(88)]
+    cache.put_batch(pool, keys, compressible_pages)
+    key = sorted(evicted_keys(cache, pool))[0]
+    assert cache.get(pool, *key) == compressible_pages[key[1]]
+    assert key not in evicted_keys(cache, pool)
+    assert cache.stats.promoted == 1 and backing.stats.forgotten >= 1
+    cache.verify()
+
+
+def test_rss_goes_down_when_reclaim_frees_frames(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=20_000, reclaim_to=0.1))
+    eph = cache.create_pool(E)
+    base = rss_bytes()
+    n = 50_000  # about 17,000 frames
+    for start in range(0, n, 1000):
+        keys = [(0, i) for i in range(start, start + 1000)]
+        cache.put_batch(eph, keys, [compressible_pages[i % 88] for _, i in keys])
+    peak = rss_bytes() - base
+    assert peak > 50 << 20
+    per = cache.create_pool(P)
+    big = [(0, i) for i in range(20_000)]  # over the limit: reclaim to 10% of it
+    cache.put_batch(per, big[:12_000], [compressible_pages[i % 88] for _, i in big[:12_000]])
+    assert cache.reaper.stats.frames_reclaimed > 10_000
+    assert rss_bytes() - base < 0.7 * peak
+    cache.close()
+
+
+@pytest.mark.slow
+def test_reaper_bench_meets_targets(allocator: str, compressible_pages: list[bytes]) -> None:
+    result = reaper_bench.run(compressible_pages, allocator, 300, 3600, 20_000)
+    assert result["verified"]
+    assert result["frames_freed_per_evicted_zpage"] >= 0.9 * result["ideal_frames_per_zpage"]
+    assert result["hit_ratio"] >= 0.9 * result["lru_hit_ratio"]
+    assert result["written_back"] > 0
