@@ -40,7 +40,7 @@ def test_bench_engine_json_cycles_the_corpus() -> None:
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert FIELDS <= result.keys()
+    assert result.keys() >= FIELDS
     assert result["pages"] == 500
     assert result["verified"] is True
     assert result["refused"]["poor_compression"] > 0  # the xz pages of the sample

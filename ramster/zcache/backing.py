@@ -67,6 +67,11 @@ class BackingStats:
     was_clean: bool = True  # the previous stop was graceful (or the file is new)
 
 
+def zpage_length_field(data: bytes, at: int) -> int:
+    """Header plus payload length of the zpage whose header starts at `at` (unverified)."""
+    return HEADER_SIZE + int.from_bytes(data[at + 4 : at + 6], "little")
+
+
 def _hsum(head: bytes, zpage: bytes | memoryview) -> int:
     return _xxh(head + bytes(zpage[:HEADER_SIZE])) & 0xFFFFFFFF
 
@@ -250,8 +255,11 @@ class BackingFile:
             raise CorruptPage(f"backing file holds no record at block {location}")
         head = data[: RECORD.size]
         _, _, rec_pool, _ = RECORD.unpack(head)
-        zpage = data[RECORD_HEAD:]
-        if rec_pool != pool_id or _hsum(head, zpage) != struct.unpack_from("<I", data, 20)[0]:
+        zpage = data[RECORD_HEAD : RECORD_HEAD + zpage_length_field(data, RECORD_HEAD)]
+        if (
+            rec_pool != pool_id
+            or _hsum(head, zpage) != struct.unpack_from("<I", data, RECORD.size)[0]
+        ):
             raise CorruptPage(f"backing file record at block {location} is damaged")
         self.stats.loaded += 1
         return zpage

@@ -1,0 +1,150 @@
+# The backing file: write-back, slot reuse, restart recovery, and torn or corrupted records.
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ramster.zcache import CorruptPage, PoolKind, ZCache, ZCacheConfig
+from ramster.zcache.backing import BLOCK, BackingFile, BackingFileError
+from ramster.zcache.codec import make_zpage
+
+P = PoolKind.PERSISTENT
+
+
+def fill(path: Path, pages: list[bytes], frames: int = 12) -> tuple[ZCache, BackingFile, int]:
+    """A zcache whose limit pushes most of `pages` (keys (5, i)) into a backing file."""
+    backing = BackingFile(path)
+    cache = ZCache(ZCacheConfig(capacity_frames=frames), evictor=backing)
+    pool = cache.create_pool(P, "zbud")
+    results = cache.put_batch(pool, [(5, i) for i in range(len(pages))], pages)
+    assert not any(r.refused for r in results)
+    return cache, backing, pool
+
+
+def reopen(path: Path) -> tuple[ZCache, BackingFile]:
+    backing = BackingFile(path)
+    return ZCache(ZCacheConfig(capacity_frames=12), evictor=backing), backing
+
+
+def on_disk(cache: ZCache, pool: int) -> dict[int, bytes]:
+    """index -> page of every key the restarted zcache knows (all of them were on disk)."""
+    keys = [(5, i) for _, i, _ in cache.pool(pool).index.items()]
+    pages = cache.get_batch(pool, keys)
+    assert not any(isinstance(p, CorruptPage) for p in pages)
+    return {i: p for (_, i), p in zip(keys, pages, strict=True) if isinstance(p, bytes)}
+
+
+def test_graceful_restart_finds_written_back_pages(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    path = tmp_path / "backing.dat"
+    cache, backing, pool = fill(path, compressible_pages)
+    written = cache.evicted_pages
+    assert written > 40
+    cache.close()
+    backing.close()
+    cache2, backing2 = reopen(path)
+    assert backing2.stats.was_clean and backing2.stats.torn == 0
+    assert backing2.stats.recovered == written
+    assert pool in cache2.pools
+    found = on_disk(cache2, pool)
+    assert len(found) == written
+    assert all(page == compressible_pages[i] for i, page in found.items())
+    cache2.verify()
+
+
+def test_crash_restart_recovers_completed_writes(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    path = tmp_path / "backing.dat"
+    cache, backing, pool = fill(path, compressible_pages)
+    written = cache.evicted_pages
+    os.close(backing.fd)  # the process dies: no clean close, no fsync
+    cache2, backing2 = reopen(path)
+    assert not backing2.stats.was_clean
+    found = on_disk(cache2, pool)
+    assert len(found) == written
+    assert all(page == compressible_pages[i] for i, page in found.items())
+
+
+def test_flushed_pages_never_come_back(tmp_path: Path, compressible_pages: list[bytes]) -> None:
+    path = tmp_path / "backing.dat"
+    cache, backing, pool = fill(path, compressible_pages)
+    flushed = [i for _, i, _ in cache.pool(pool).index.items()][:20]
+    for i in flushed:
+        cache.flush_page(pool, 5, i)
+    cache.put(pool, 5, flushed[-1], compressible_pages[0])  # overwrite, lands in RAM
+    os.close(backing.fd)
+    cache2, _ = reopen(path)
+    found = on_disk(cache2, pool)
+    assert not set(found) & set(flushed)
+
+
+def test_torn_last_write_is_detected(tmp_path: Path, compressible_pages: list[bytes]) -> None:
+    path = tmp_path / "backing.dat"
+    cache, backing, pool = fill(path, compressible_pages)
+    written = cache.evicted_pages
+    os.close(backing.fd)
+    size = path.stat().st_size
+    os.truncate(path, size - BLOCK // 2)  # the last record is cut short
+    cache2, backing2 = reopen(path)
+    found = on_disk(cache2, pool)
+    assert backing2.stats.torn == 1
+    assert len(found) == written - 1
+    assert all(page == compressible_pages[i] for i, page in found.items())
+
+
+@pytest.mark.parametrize("where", [0, 8, 24, 30, 60, 300])  # magic, seq, zpage header, payload
+def test_corrupted_record_is_never_returned(
+    tmp_path: Path, compressible_pages: list[bytes], where: int
+) -> None:
+    path = tmp_path / "backing.dat"
+    cache, backing, pool = fill(path, compressible_pages)
+    written = cache.evicted_pages
+    backing.close()
+    first = 8 * BLOCK  # the first record follows the superblock
+    with open(path, "r+b") as f:
+        f.seek(first + where)
+        byte = f.read(1)
+        f.seek(first + where)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    cache2, _ = reopen(path)
+    found = on_disk(cache2, pool)
+    assert len(found) == written - 1
+    assert all(page == compressible_pages[i] for i, page in found.items())
+
+
+def test_corruption_after_open_raises(tmp_path: Path, compressible_pages: list[bytes]) -> None:
+    path = tmp_path / "backing.dat"
+    cache, backing, pool = fill(path, compressible_pages)
+    _, index, handle = next(item for item in cache.pool(pool).index.items() if item[2] >> 56 == 4)
+    location = handle & ((1 << 56) - 1)
+    os.pwrite(backing.fd, b"\xff" * 8, location * BLOCK + 40)
+    with pytest.raises(CorruptPage):
+        cache.get(pool, 5, index)
+
+
+def test_free_space_is_reused(tmp_path: Path, compressible_pages: list[bytes]) -> None:
+    backing = BackingFile(tmp_path / "b.dat")
+    pool_id = 3
+    zpages = [make_zpage(1, i, page[:2000]) for i, page in enumerate(compressible_pages[:50])]
+    locations = backing.evict(pool_id, "zsmalloc", zpages)
+    size = backing.size_bytes
+    for location in locations:
+        backing.forget(pool_id, location)
+    again = backing.evict(pool_id, "zsmalloc", zpages)
+    assert backing.size_bytes == size
+    assert sorted(again) == sorted(locations)
+    assert [backing.load(pool_id, loc) for loc in again] == zpages
+
+
+def test_not_a_backing_file(tmp_path: Path) -> None:
+    path = tmp_path / "other.dat"
+    path.write_bytes(b"hello world" * 100)
+    with pytest.raises(BackingFileError, match="not a RAMster backing file"):
+        BackingFile(path)
+    assert path.read_bytes() == b"hello world" * 100
+    with pytest.raises(BackingFileError, match="cannot open"):
+        BackingFile(tmp_path / "missing-dir" / "b.dat")
