@@ -2,10 +2,15 @@
 # dict, for both allocators and both pool kinds, while the engine's invariants hold throughout.
 #
 # Persistent pages that were accepted and not flushed must come back exactly; ephemeral pages may
-# vanish but never come back wrong.  A tiny arena makes "no room" refusals part of the story.
+# vanish but never come back wrong.  A tiny arena makes reclaim and "no room" refusals part of the
+# story; with a backing file behind it, reclaim writes persistent pages back, gets bring them
+# home, and a restart (graceful or a crash) keeps exactly the pages that were on disk.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -14,6 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from ramster.bench.corpus import load_corpus
 from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
+from ramster.zcache.backing import BackingFile
+from ramster.zcache.handles import EVICTED, KIND_SHIFT
 from tests.conftest import DATA
 
 REAL = load_corpus(DATA / "sample.pages")
@@ -28,19 +35,25 @@ INDICES = st.integers(min_value=0, max_value=300)
 PAGE_NO = st.integers(min_value=0, max_value=len(PAGES) - 1)
 
 
-def machine(allocator: str, kind: PoolKind, store_raw: bool) -> type[RuleBasedStateMachine]:
+def machine(
+    allocator: str, kind: PoolKind, store_raw: bool, backed: bool
+) -> type[RuleBasedStateMachine]:
     class TmemModel(RuleBasedStateMachine):
         @initialize(frames=st.integers(min_value=1, max_value=24))
         def start(self, frames: int) -> None:
-            self.cache = ZCache(
-                ZCacheConfig(capacity_frames=frames, store_incompressible_raw=store_raw)
-            )
+            self.config = ZCacheConfig(capacity_frames=frames, store_incompressible_raw=store_raw)
+            self.dir = Path(tempfile.mkdtemp(prefix="ramster-model-"))
+            self.backing = BackingFile(self.dir / "backing.dat") if backed else None
+            self.cache = ZCache(self.config, evictor=self.backing)
             self.pool = self.cache.create_pool(kind, allocator)
             self.model: dict[tuple[int, int], bytes] = {}
 
         def teardown(self) -> None:
             if hasattr(self, "cache"):
                 self.cache.close()
+                if self.backing is not None:
+                    self.backing.close()
+                shutil.rmtree(self.dir, ignore_errors=True)
 
         @rule(oid=OIDS, index=INDICES, page_no=PAGE_NO)
         def put(self, oid: int, index: int, page_no: int) -> None:
@@ -96,6 +109,26 @@ def machine(allocator: str, kind: PoolKind, store_raw: bool) -> type[RuleBasedSt
             self.model.clear()
             assert self.cache.frames == 0
 
+        @rule(crash=st.booleans())
+        def restart(self, crash: bool) -> None:
+            """Stop and start again on the same backing file: only pages on disk survive."""
+            if self.backing is None:
+                return
+            index = self.cache.pool(self.pool).index
+            on_disk = {(o, i) for o, i, h in index.items() if h >> KIND_SHIFT == EVICTED}
+            self.cache.close()
+            if crash:
+                os.close(self.backing.fd)
+            else:
+                self.backing.close()
+            self.backing = BackingFile(self.dir / "backing.dat")
+            self.cache = ZCache(self.config, evictor=self.backing)
+            assert self.backing.stats.was_clean is not crash
+            self.model = {k: v for k, v in self.model.items() if k in on_disk}
+            if self.pool not in self.cache.pools:  # nothing was on disk
+                assert not on_disk
+                self.pool = self.cache.create_pool(kind, allocator)
+
         @invariant()
         def consistent(self) -> None:
             if not hasattr(self, "cache"):
@@ -104,20 +137,24 @@ def machine(allocator: str, kind: PoolKind, store_raw: bool) -> type[RuleBasedSt
             if kind is PoolKind.PERSISTENT:
                 assert self.cache.stored_pages == len(self.model)
 
-    TmemModel.__name__ = f"TmemModel_{allocator}_{kind.value}"
+    TmemModel.__name__ = f"TmemModel_{allocator}_{kind.value}{'_backed' * backed}"
     return TmemModel
 
 
 CASES = [
-    (allocator, kind, raw)
+    (allocator, kind, raw, backed)
     for allocator in ("zbud", "zsmalloc")
     for kind in PoolKind
     for raw in (False, True)
+    for backed in (False, True)
+    if not (backed and kind is PoolKind.EPHEMERAL and raw)
 ]
 
 
-@pytest.mark.parametrize(("allocator", "kind", "store_raw"), CASES)
-def test_engine_matches_dict_model(allocator: str, kind: PoolKind, store_raw: bool) -> None:
-    test_case = machine(allocator, kind, store_raw).TestCase
+@pytest.mark.parametrize(("allocator", "kind", "store_raw", "backed"), CASES)
+def test_engine_matches_dict_model(
+    allocator: str, kind: PoolKind, store_raw: bool, backed: bool
+) -> None:
+    test_case = machine(allocator, kind, store_raw, backed).TestCase
     test_case.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
     test_case("runTest").runTest()

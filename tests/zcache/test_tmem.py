@@ -53,7 +53,9 @@ def test_exclusive_get_removes_persistent_page(cache: ZCache, sample_pages: list
     assert cache.frames == 0
 
 
-def test_ephemeral_get_removes_page(cache: ZCache, allocator: str, sample_pages: list[bytes]) -> None:
+def test_ephemeral_get_removes_page(
+    cache: ZCache, allocator: str, sample_pages: list[bytes]
+) -> None:
     pool = cache.create_pool(E, allocator)
     cache.put(pool, 1, 2, sample_pages[3])
     assert cache.get(pool, 1, 2) == sample_pages[3]
