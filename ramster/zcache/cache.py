@@ -241,7 +241,7 @@ class ZCache:
         threshold = self._threshold
         for i, ((oid, index), page) in enumerate(zip(keys, pages, strict=True)):
             word = page[:8]
-            if page == word * 512:
+            if page[-8:] == word and page[2048:2056] == word and page == word * 512:
                 handles.append(SAME_TAG | same.ref(word))
                 results.append(PutResult.SAME_FILLED)
                 continue
