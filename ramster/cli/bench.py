@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from ramster.bench import engine, reaper
+from ramster.bench import engine, node, reaper
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
+from ramster.client import RamsterError
 from ramster.zcache import ALLOCATORS
 
 
@@ -50,6 +51,19 @@ def _reaper(args: argparse.Namespace) -> int:
     return 0 if result["verified"] else 1
 
 
+def _node(args: argparse.Namespace) -> int:
+    pages = _corpus(args.corpus)
+    try:
+        result = node.run(
+            pages, args.target, args.pages or len(pages), args.batch, args.window, args.singles
+        )
+    except RamsterError as exc:
+        where = args.target or "the local node"
+        raise CliError(f"{where}: {exc}") from None
+    emit(result, args.json)
+    return 0 if result["verified"] else 1
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -87,3 +101,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_reaper)
+    p = kinds.add_parser(
+        "node",
+        help="put/get speed and latency of a node over gRPC, every page verified",
+        description="Put every page of a corpus into a new pool of a node through the pipelined "
+        "stream API (cycling the corpus when --pages is larger), get every page back and compare, "
+        "then time single-page gets; print pages/s, MB/s and p50/p99 latency per RPC.  Without "
+        "--target a node is started as a subprocess for the run.  Run the client on a different "
+        "process than the node, as here, for meaningful numbers.",
+    )
+    p.add_argument("--target", metavar="HOST:PORT", help="the node (default: start a local one)")
+    p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
+    p.add_argument("--pages", type=_positive, help="pages to put (default: the corpus size)")
+    p.add_argument("--batch", type=_positive, default=1024, help="pages per batch (max 4096)")
+    p.add_argument("--window", type=_positive, default=4, help="batches in flight")
+    p.add_argument("--singles", type=_positive, default=2000, help="single-page gets to time")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_node)

@@ -1,0 +1,1 @@
+"""The RAMster node daemon: one asyncio gRPC server around a zcache engine."""

@@ -1,0 +1,59 @@
+# The node's one engine: built here from the settings, driven from the event loop in chunks.
+#
+# build_engine() is the only place a ZCache is constructed (the reaper, pool limit hysteresis
+# and backing file under the data directory plug in here).  The engine is synchronous and not
+# thread-safe, so the node calls it only from the event-loop thread; a batch of up to 4096 pages
+# would hold the loop for ~80 ms, so batch calls go through ChunkedEngine, which feeds the engine
+# CHUNK_PAGES pages at a time and yields to the loop between chunks.  A chunk is a few
+# milliseconds of work: short enough that a single-page get never waits long behind a big batch,
+# long enough that the yields cost nothing measurable.  Chunks of concurrent batches may
+# interleave; each page's operation is atomic, a batch as a whole is not (keys and pages are
+# checked before the first chunk, so a malformed batch still changes nothing).
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from node.settings import Settings
+from ramster.zcache import PAGE_SIZE, CorruptPage, PutResult, ZCache, ZCacheConfig
+
+CHUNK_PAGES = 128
+T = TypeVar("T")
+
+
+def build_engine(settings: Settings) -> ZCache:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    config = ZCacheConfig(
+        capacity_frames=max(1, settings.pool_limit // PAGE_SIZE),
+        default_allocator=settings.allocator,
+    )
+    return ZCache(config)
+
+
+class ChunkedEngine:
+    """Batch operations of an engine, cut into chunks with a yield to the loop between them."""
+
+    def __init__(self, engine: ZCache, chunk: int = CHUNK_PAGES) -> None:
+        self.engine = engine
+        self.chunk = chunk
+
+    async def put_batch(
+        self, pool: int, keys: list[tuple[int, int]], pages: list[bytes]
+    ) -> list[PutResult]:
+        put = self.engine.put_batch
+        return await self._chunked(lambda part: put(pool, keys[part], pages[part]), len(keys))
+
+    async def get_batch(
+        self, pool: int, keys: list[tuple[int, int]], exclusive: bool
+    ) -> list[bytes | CorruptPage | None]:
+        get = self.engine.get_batch
+        return await self._chunked(lambda part: get(pool, keys[part], exclusive), len(keys))
+
+    async def _chunked(self, call: Callable[[slice], list[T]], count: int) -> list[T]:
+        out: list[T] = []
+        for start in range(0, count, self.chunk):
+            if start:
+                await asyncio.sleep(0)
+            out += call(slice(start, start + self.chunk))
+        return out

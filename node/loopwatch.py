@@ -1,0 +1,34 @@
+# Event-loop stall meter: a task that asks to wake every `interval` and records how late it woke.
+# Lateness is time the loop spent on something else without yielding (an engine chunk, a big
+# message's (de)serialisation), which is exactly the wait a small RPC can suffer behind it.
+# The worst value is kept for the shutdown log; each value also feeds a histogram.
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+class LoopWatch:
+    def __init__(self, observe: Callable[[float], None], interval: float = 0.01) -> None:
+        self.observe = observe
+        self.interval = interval
+        self.max_stall = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="loopwatch")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.interval)
+            stall = max(0.0, loop.time() - before - self.interval)
+            self.max_stall = max(self.max_stall, stall)
+            self.observe(stall)

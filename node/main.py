@@ -1,0 +1,57 @@
+# `ramster-node` / `python -m node`: parse settings, set up logging, run one node until signalled.
+# Bad settings are one 'ramster-node: error: ...' line and exit status 2; a node that cannot
+# start logs why and exits 1; a node stopped by SIGTERM/SIGINT exits 0.
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from node.logs import configure, log_event
+from node.server import Node, StartupError
+from node.settings import Settings, SettingsError, add_arguments, resolve
+from ramster import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ramster-node",
+        description="Run a RAMster node: a compressed page cache served over gRPC "
+        "(ramster.v1.Tmem, health and reflection), with Prometheus metrics.  Every setting "
+        "comes from its flag, else its RAMSTER_* environment variable, else the TOML file "
+        "given by --config (keys named like the flags), else its default.  Stops gracefully "
+        "on SIGTERM or SIGINT.",
+    )
+    parser.add_argument("--version", action="version", version=f"ramster-node {__version__}")
+    add_arguments(parser)
+    return parser
+
+
+async def serve(settings: Settings) -> None:
+    node = Node(settings)
+    try:
+        await node.start()
+    except BaseException:
+        await node.stop(grace=0)
+        raise
+    await node.serve_until_signal()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    config = args.pop("config", None)
+    try:
+        settings = resolve(args, config_file=config)
+    except SettingsError as exc:
+        print(f"ramster-node: error: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        log_event("startup_failed", logging.ERROR, error=str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,172 @@
+# Prometheus metrics of a node, on their own registry and HTTP port.
+#
+# Engine numbers are not pushed: EngineCollector reads one snapshot of the engine's plain counters
+# at scrape time, so the data path does no metric work per page.  gRPC metrics use the names and
+# labels of go-grpc-prometheus (grpc_server_started_total, grpc_server_handled_total,
+# grpc_server_handling_seconds) so existing dashboards work; the interceptor updates them once
+# per RPC through label children cached per method.  Every label has a bounded set of values
+# (methods, codes, outcomes, reasons); keys and peers never become labels.  The HTTP server is
+# prometheus_client's, on a daemon thread; port 0 picks a free port.
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from node.settings import HostPort
+from node.snapshot import EngineSnapshot
+
+# RPC latencies span ~100 us (one page) to seconds (a 4096-page batch on a busy node).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+)  # fmt: skip
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
+
+
+class EngineCollector(Collector):
+    """Engine gauges and counters, read from a fresh snapshot at each scrape."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot()
+        yield GaugeMetricFamily(
+            "ramster_pool_size_bytes", "Memory of page frames in use.", s.pool_size_bytes
+        )
+        yield GaugeMetricFamily(
+            "ramster_pool_limit_bytes", "Memory page frames may use.", s.pool_limit_bytes
+        )
+        yield GaugeMetricFamily(
+            "ramster_stored_pages", "Pages held, same-filled pages included.", s.stored_pages
+        )
+        yield GaugeMetricFamily(
+            "ramster_zpages", "Pages held in page frames (compressed or raw).", s.zpages
+        )
+        yield GaugeMetricFamily(
+            "ramster_pages_per_frame", "Stored zpages per page frame in use.", s.pages_per_frame
+        )
+        yield GaugeMetricFamily("ramster_pools", "Pools that exist.", len(s.pools))
+        yield CounterMetricFamily("ramster_puts", "Pages put.", s.puts)
+        outcomes = CounterMetricFamily(
+            "ramster_put_outcomes", "Pages put, by what became of them.", labels=["outcome"]
+        )
+        refused = CounterMetricFamily(
+            "ramster_puts_refused", "Pages refused, by reason.", labels=["reason"]
+        )
+        for reason, count in s.outcomes.items():
+            outcomes.add_metric([reason], count)
+            if reason in ("poor_compression", "no_room"):
+                refused.add_metric([reason], count)
+        yield outcomes
+        yield refused
+        gets = CounterMetricFamily(
+            "ramster_gets",
+            "Pages asked for, by result (corrupt: failed verification).",
+            labels=["result"],
+        )
+        gets.add_metric(["hit"], s.hits)
+        gets.add_metric(["miss"], s.misses)
+        gets.add_metric(["corrupt"], s.corrupt)
+        yield gets
+        yield CounterMetricFamily(
+            "ramster_duplicate_puts", "Puts that replaced a page under the same key.",
+            s.duplicate_puts,
+        )  # fmt: skip
+        yield CounterMetricFamily("ramster_flushes", "Pages flushed.", s.flushes)
+        yield CounterMetricFamily(
+            "ramster_compacted_frames", "Page frames freed by compaction.", s.compacted_frames
+        )
+        yield GaugeMetricFamily(
+            "ramster_written_back_pages",
+            "Persistent pages held outside RAM by the evictor (backing file, peers).",
+            s.written_back_pages,
+        )
+        yield CounterMetricFamily(
+            "ramster_reclaim_passes", "Times the reaper ran at the pool limit.", s.reclaim_passes
+        )
+        yield CounterMetricFamily(
+            "ramster_reclaim_frames", "Page frames freed by the reaper.", s.reclaimed_frames
+        )
+        evicted = CounterMetricFamily(
+            "ramster_evicted_pages",
+            "Pages the reaper took out of RAM: ephemeral ones dropped, persistent ones written "
+            "back through the evictor.",
+            labels=["pool_kind"],
+        )
+        evicted.add_metric(["ephemeral"], s.evicted_ephemeral)
+        evicted.add_metric(["persistent"], s.evicted_persistent)
+        yield evicted
+        yield CounterMetricFamily(
+            "ramster_evict_refused_pages",
+            "Persistent pages the evictor refused during reclaim (they stayed in RAM).",
+            s.evict_refused,
+        )
+
+
+class GrpcMetrics:
+    """go-grpc-prometheus server metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started_total",
+            "Total number of RPCs started on the server.",
+            labels,
+            registry=registry,
+        )
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            [*labels, "grpc_code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level "
+            "handled by the server.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+
+class NodeMetrics:
+    """The registry of one node and the HTTP server that exposes it."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], version: str, node_id: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(EngineCollector(snapshot))
+        self.grpc = GrpcMetrics(self.registry)
+        self.loop_lag = Histogram(
+            "ramster_event_loop_lag_seconds",
+            "How late the event loop ran a timer: time it spent on one piece of work.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=self.registry,
+        )
+        build = Gauge(
+            "ramster_build_info",
+            "Build of the node (always 1).",
+            ["version", "python", "node_id"],
+            registry=self.registry,
+        )
+        build.labels(version, platform.python_version(), node_id).set(1)
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    def serve(self, where: HostPort) -> int:
+        """Start the HTTP endpoint; the port it listens on."""
+        self._http = start_http_server(where.port, where.host, registry=self.registry)
+        return int(self._http[0].server_port)
+
+    def close(self) -> None:
+        if self._http:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self._http = None

@@ -1,0 +1,139 @@
+# One node's lifecycle: start (engine, gRPC server, health, reflection, metrics), serve until a
+# signal, drain, stop.
+#
+# Shutdown order (SIGTERM/SIGINT, or stop() from tests): health flips to NOT_SERVING and the
+# gate refuses new RPCs with UNAVAILABLE; the gRPC server stops taking calls and gives running
+# ones up to `grace` seconds (then cancels them); the metrics endpoint closes; the engine closes
+# last, when nothing can touch it.  Startup failures (a port in use, an unusable data directory)
+# raise StartupError with a one-line reason; main() turns it into a log line and exit status 1.
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from node.engine import build_engine
+from node.interceptor import Gate, RpcInterceptor
+from node.logs import log_event
+from node.loopwatch import LoopWatch
+from node.metrics import NodeMetrics
+from node.servicer import TmemServicer
+from node.settings import HostPort, Settings
+from node.snapshot import take_snapshot
+from ramster import __version__
+from ramster.client.wire import CHANNEL_OPTIONS
+from ramster.v1 import tmem_pb2, tmem_pb2_grpc
+from ramster.zcache import PAGE_SIZE, ZCache
+
+TMEM_SERVICE = tmem_pb2.DESCRIPTOR.services_by_name["Tmem"].full_name
+
+
+class StartupError(Exception):
+    """The node cannot start; the message says why."""
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.gate = Gate()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.engine: ZCache | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics: NodeMetrics | None = None
+        self._health = health.aio.HealthServicer()
+        self._watch: LoopWatch | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def target(self) -> str:
+        return str(HostPort(self.settings.listen.host, self.port))
+
+    async def start(self) -> None:
+        s = self.settings
+        try:
+            engine = self.engine = build_engine(s)
+        except OSError as exc:
+            raise StartupError(f"cannot use data directory {s.data_dir}: {exc}") from None
+        metrics = self._metrics = NodeMetrics(lambda: take_snapshot(engine), __version__, s.node_id)
+        server = self._server = grpc.aio.server(
+            interceptors=[RpcInterceptor(self.gate, metrics.grpc)], options=CHANNEL_OPTIONS
+        )
+        servicer = TmemServicer(engine, s.node_id)
+        tmem_pb2_grpc.add_TmemServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (TMEM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            self.port = server.add_insecure_port(str(s.listen))
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {s.listen}: {exc}") from None
+        if not self.port:
+            raise StartupError(f"cannot listen on {s.listen}: address in use or unavailable")
+        if s.metrics_listen:
+            try:
+                self.metrics_port = metrics.serve(s.metrics_listen)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {s.metrics_listen}: {exc.strerror or exc}"
+                ) from None
+        await server.start()
+        for service in ("", TMEM_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._watch = LoopWatch(metrics.loop_lag.observe)
+        self._watch.start()
+        if s.port_file:
+            write_port_file(s.port_file, self.port, self.metrics_port)
+        log_event(
+            "listening",
+            port=self.port,
+            metrics_port=self.metrics_port,
+            host=s.listen.host,
+            node_id=s.node_id,
+            pool_limit_bytes=engine.arena.capacity * PAGE_SIZE,
+            data_dir=str(s.data_dir),
+            version=__version__,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.grace if grace is None else grace
+        log_event("draining", in_flight=self.gate.in_flight, grace_s=grace)
+        self.gate.draining = True
+        await self._health.enter_graceful_shutdown()
+        if self._server:
+            await self._server.stop(grace)
+        if self._watch:
+            await self._watch.stop()
+        if self._metrics:
+            self._metrics.close()
+        if self.engine:
+            self.engine.close()
+        max_stall = self._watch.max_stall if self._watch else 0.0
+        log_event("stopped", max_loop_stall_ms=round(max_stall * 1000, 3))
+
+    async def serve_until_signal(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, signalled.set)
+        await signalled.wait()
+        await self.stop()
+
+
+def write_port_file(path: Path, port: int, metrics_port: int | None) -> None:
+    """Write the bound ports atomically, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))
+    os.replace(tmp, path)

@@ -1,0 +1,199 @@
+# ramster.v1.Tmem on a ZCache: decode, call the engine, encode.  Nothing else lives here.
+#
+# Each operation is written once as `request -> response` (raising on failure); the unary RPCs
+# run it and abort with the mapped status, and the Stream RPC runs the same operations one
+# request at a time, in order, turning a failure into that request's Error reply so the stream
+# survives it.  Batches are checked whole (size, key and page shapes) before the first engine
+# call, then run through ChunkedEngine so no RPC holds the event loop for long.
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from node.engine import ChunkedEngine
+from node.snapshot import EngineSnapshot, take_snapshot
+from node.status import RpcFailure, status_of
+from ramster import __version__
+from ramster.client.wire import batch_keys, split_pages
+from ramster.v1 import tmem_pb2 as pb
+from ramster.v1 import tmem_pb2_grpc
+from ramster.zcache import CorruptPage, PoolKind, PutResult, ZCache
+
+_OUTCOMES = {
+    PutResult.STORED: pb.PUT_OUTCOME_STORED,
+    PutResult.SAME_FILLED: pb.PUT_OUTCOME_SAME_FILLED,
+    PutResult.STORED_RAW: pb.PUT_OUTCOME_STORED_RAW,
+    PutResult.REFUSED_POOR_COMPRESSION: pb.PUT_OUTCOME_REFUSED_POOR_COMPRESSION,
+    PutResult.REFUSED_NO_ROOM: pb.PUT_OUTCOME_REFUSED_NO_ROOM,
+}
+WIRE_OUTCOME = tuple(_OUTCOMES[r] for r in PutResult)  # indexed by PutResult (a tuple is fastest)
+WIRE_KIND = {
+    PoolKind.PERSISTENT: pb.POOL_KIND_PERSISTENT,
+    PoolKind.EPHEMERAL: pb.POOL_KIND_EPHEMERAL,
+}
+ENGINE_KIND = {
+    pb.POOL_KIND_UNSPECIFIED: PoolKind.PERSISTENT,
+    pb.POOL_KIND_PERSISTENT: PoolKind.PERSISTENT,
+    pb.POOL_KIND_EPHEMERAL: PoolKind.EPHEMERAL,
+}
+HIT, MISS, CORRUPT = pb.PAGE_STATUS_HIT, pb.PAGE_STATUS_MISS, pb.PAGE_STATUS_CORRUPT
+
+Operation = Callable[[Any], Awaitable[Any]]
+
+
+def page_statuses(pages: list[bytes | CorruptPage | None]) -> list[pb.PageStatus]:
+    return [HIT if type(p) is bytes else MISS if p is None else CORRUPT for p in pages]
+
+
+class TmemServicer(tmem_pb2_grpc.TmemServicer):
+    def __init__(self, engine: ZCache, node_id: str) -> None:
+        self.engine = engine
+        self.chunked = ChunkedEngine(engine)
+        self.node_id = node_id
+        self._stream_ops: dict[str, tuple[str, Operation]] = {
+            "put": ("PutBatch", self._put_batch),
+            "get": ("GetBatch", self._get_batch),
+            "flush_page": ("FlushPage", self._flush_page),
+            "flush_object": ("FlushObject", self._flush_object),
+        }
+
+    # -- operations: request -> response ----------------------------------------------------
+    async def _create_pool(self, req: pb.CreatePoolRequest) -> pb.CreatePoolResponse:
+        if req.kind not in ENGINE_KIND:
+            raise ValueError(f"unknown pool kind {req.kind}")
+        pool = self.engine.create_pool(ENGINE_KIND[req.kind], req.allocator or None)
+        return pb.CreatePoolResponse(pool=pool)
+
+    async def _destroy_pool(self, req: pb.DestroyPoolRequest) -> pb.DestroyPoolResponse:
+        return pb.DestroyPoolResponse(pages=self.engine.destroy_pool(req.pool))
+
+    async def _list_pools(self, req: pb.ListPoolsRequest) -> pb.ListPoolsResponse:
+        return pb.ListPoolsResponse(pools=self._pool_infos(take_snapshot(self.engine)))
+
+    async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
+        result = self.engine.put(req.pool, req.oid, req.index, req.page)
+        if result is PutResult.REFUSED_NO_ROOM:
+            raise RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"pool {req.pool} refused page ({req.oid}, {req.index}): the node's pool limit "
+                "is reached",
+            )
+        return pb.PutResponse(outcome=WIRE_OUTCOME[result])
+
+    async def _get(self, req: pb.GetRequest) -> pb.GetResponse:
+        page = self.engine.get_batch(req.pool, [(req.oid, req.index)], req.exclusive)[0]
+        if type(page) is bytes:
+            return pb.GetResponse(status=HIT, page=page)
+        return pb.GetResponse(status=MISS if page is None else CORRUPT)
+
+    async def _flush_page(self, req: pb.FlushPageRequest) -> pb.FlushPageResponse:
+        return pb.FlushPageResponse(found=self.engine.flush_page(req.pool, req.oid, req.index))
+
+    async def _flush_object(self, req: pb.FlushObjectRequest) -> pb.FlushObjectResponse:
+        return pb.FlushObjectResponse(pages=self.engine.flush_object(req.pool, req.oid))
+
+    async def _put_batch(self, req: pb.PutBatchRequest) -> pb.PutBatchResponse:
+        keys = batch_keys(req.oids, req.indexes)
+        pages = split_pages(req.pages, len(keys))
+        results = await self.chunked.put_batch(req.pool, keys, pages)
+        return pb.PutBatchResponse(outcomes=[WIRE_OUTCOME[r] for r in results])
+
+    async def _get_batch(self, req: pb.GetBatchRequest) -> pb.GetBatchResponse:
+        keys = batch_keys(req.oids, req.indexes)
+        pages = await self.chunked.get_batch(req.pool, keys, req.exclusive)
+        hits = b"".join([p for p in pages if type(p) is bytes])
+        return pb.GetBatchResponse(statuses=page_statuses(pages), pages=hits)
+
+    async def _stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
+        s = take_snapshot(self.engine)
+        return pb.StatsResponse(
+            node_id=self.node_id,
+            version=__version__,
+            pool_limit_bytes=s.pool_limit_bytes,
+            pool_size_bytes=s.pool_size_bytes,
+            stored_pages=s.stored_pages,
+            zpages=s.zpages,
+            pages_per_frame=s.pages_per_frame,
+            puts=s.puts,
+            gets=s.gets,
+            hits=s.hits,
+            misses=s.misses,
+            duplicate_puts=s.duplicate_puts,
+            flushes=s.flushes,
+            corrupt=s.corrupt,
+            compacted_frames=s.compacted_frames,
+            put_outcomes=s.outcomes,
+            pools=self._pool_infos(s),
+        )
+
+    @staticmethod
+    def _pool_infos(s: EngineSnapshot) -> list[pb.PoolInfo]:
+        return [
+            pb.PoolInfo(pool=p.pool, kind=WIRE_KIND[p.kind], allocator=p.allocator, pages=p.pages)
+            for p in s.pools
+        ]
+
+    # -- RPCs --------------------------------------------------------------------------------
+    async def _unary(self, op: Operation, method: str, req: Any, context: Any) -> Any:
+        try:
+            return await op(req)
+        except Exception as exc:
+            code, message = status_of(exc, method)
+        await context.abort(code, message)
+
+    async def CreatePool(self, req: pb.CreatePoolRequest, context: Any) -> Any:
+        return await self._unary(self._create_pool, "CreatePool", req, context)
+
+    async def DestroyPool(self, req: pb.DestroyPoolRequest, context: Any) -> Any:
+        return await self._unary(self._destroy_pool, "DestroyPool", req, context)
+
+    async def ListPools(self, req: pb.ListPoolsRequest, context: Any) -> Any:
+        return await self._unary(self._list_pools, "ListPools", req, context)
+
+    async def Put(self, req: pb.PutRequest, context: Any) -> Any:
+        return await self._unary(self._put, "Put", req, context)
+
+    async def Get(self, req: pb.GetRequest, context: Any) -> Any:
+        return await self._unary(self._get, "Get", req, context)
+
+    async def FlushPage(self, req: pb.FlushPageRequest, context: Any) -> Any:
+        return await self._unary(self._flush_page, "FlushPage", req, context)
+
+    async def FlushObject(self, req: pb.FlushObjectRequest, context: Any) -> Any:
+        return await self._unary(self._flush_object, "FlushObject", req, context)
+
+    async def PutBatch(self, req: pb.PutBatchRequest, context: Any) -> Any:
+        return await self._unary(self._put_batch, "PutBatch", req, context)
+
+    async def GetBatch(self, req: pb.GetBatchRequest, context: Any) -> Any:
+        return await self._unary(self._get_batch, "GetBatch", req, context)
+
+    async def Stats(self, req: pb.StatsRequest, context: Any) -> Any:
+        return await self._unary(self._stats, "Stats", req, context)
+
+    async def Stream(
+        self, requests: AsyncIterator[pb.StreamRequest], context: Any
+    ) -> AsyncIterator[pb.StreamResponse]:
+        async for req in requests:
+            yield await self._stream_one(req)
+
+    async def _stream_one(self, req: pb.StreamRequest) -> pb.StreamResponse:
+        which = req.WhichOneof("op")
+        if which is None:
+            return pb.StreamResponse(
+                id=req.id,
+                error=pb.Error(
+                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                    message="a stream request must carry an operation (put, get, flush_page, "
+                    "flush_object)",
+                ),
+            )
+        method, op = self._stream_ops[which]
+        try:
+            reply = await op(getattr(req, which))
+        except Exception as exc:
+            code, message = status_of(exc, f"Stream.{method}")
+            return pb.StreamResponse(id=req.id, error=pb.Error(code=code.value[0], message=message))
+        return pb.StreamResponse(id=req.id, **{which: reply})

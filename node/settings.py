@@ -1,0 +1,231 @@
+# Node settings: one dataclass, filled from flags > RAMSTER_* environment > TOML file > defaults.
+#
+# Each field declares its flag help and parser in its metadata, and the argparse tree, the
+# environment names (RAMSTER_ + the field name in capitals) and the TOML keys (the field name,
+# '-' or '_') are all derived from the fields, so a new setting (peers, replicas, ...) is one
+# field.  Values from every source are text (or TOML scalars) run through the same parser, so a
+# bad value gets the same message wherever it came from, naming its source.
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ramster.zcache import ALLOCATORS, PAGE_SIZE
+from ramster.zcache.config import default_capacity_frames
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value or the config file cannot be read."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(text: str) -> HostPort:
+    host, sep, port = str(text).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT (port 0-65535), got {text!r}")
+    return HostPort(host, int(port))
+
+
+def parse_optional_hostport(text: str) -> HostPort | None:
+    return parse_hostport(text) if str(text).strip() else None
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from '512M', '2Gi', '1048576' ...: K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"expected a size like 512M, 2Gi or 1048576, got {text!r}")
+    number, unit = int(match[1]), (match[2] or "").lower()
+    scale = 1024 ** " kmgt".index(unit[0]) if unit.endswith("i") else _UNITS[unit]
+    size = number * scale
+    if size < PAGE_SIZE:
+        raise ValueError(
+            f"a pool limit must be at least one page ({PAGE_SIZE} bytes), got {text!r}"
+        )
+    return size
+
+
+def parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = str(text).lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def parse_seconds(text: str | float) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(f"expected a non-negative number of seconds, got {text!r}")
+    return value
+
+
+def parse_path(text: str) -> Path:
+    return Path(str(text)).expanduser()
+
+
+def parse_optional_path(text: str) -> Path | None:
+    return parse_path(text) if str(text) else None
+
+
+def parse_name(text: str) -> str:
+    if not str(text).strip():
+        raise ValueError("expected a non-empty name")
+    return str(text).strip()
+
+
+def meta(parse: Callable[[Any], Any], help: str, metavar: str) -> dict[str, Any]:
+    """Field metadata of a setting: how its text is parsed and how --help shows it."""
+    return {"parse": parse, "help": help, "metavar": metavar}
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: HostPort = field(
+        default=HostPort("127.0.0.1", 7070),
+        metadata=meta(
+            parse_hostport,
+            "gRPC address; port 0 picks a free port (logged, and written to --port-file)",
+            "HOST:PORT",
+        ),
+    )
+    metrics_listen: HostPort | None = field(
+        default=HostPort("127.0.0.1", 9170),
+        metadata=meta(
+            parse_optional_hostport,
+            "Prometheus metrics address; port 0 picks a free port; empty disables metrics",
+            "HOST:PORT",
+        ),
+    )
+    data_dir: Path = field(
+        default=Path("ramster-data"),
+        metadata=meta(parse_path, "directory for the node's files", "PATH"),
+    )
+    pool_limit: int = field(
+        default_factory=lambda: default_capacity_frames() * PAGE_SIZE,
+        metadata=meta(
+            parse_size,
+            "memory for compressed pages, in bytes; K/M/G are powers of 1000, Ki/Mi/Gi of 1024 "
+            "(default: a quarter of RAM)",
+            "SIZE",
+        ),
+    )
+    allocator: str = field(
+        default="zsmalloc",
+        metadata=meta(
+            parse_choice(ALLOCATORS), "allocator of pools that name none", "zbud|zsmalloc"
+        ),
+    )
+    node_id: str = field(
+        default_factory=socket.gethostname,
+        metadata=meta(parse_name, "name of this node (default: the hostname)", "NAME"),
+    )
+    log_level: str = field(
+        default="info", metadata=meta(parse_choice(LOG_LEVELS), "log level", "|".join(LOG_LEVELS))
+    )
+    grace: float = field(
+        default=10.0,
+        metadata=meta(
+            parse_seconds, "seconds that in-flight RPCs get to finish on SIGTERM/SIGINT", "SECONDS"
+        ),
+    )
+    port_file: Path | None = field(
+        default=None,
+        metadata=meta(
+            parse_optional_path,
+            'write {"port": N, "metrics_port": M} to this file once listening',
+            "PATH",
+        ),
+    )
+
+
+def env_name(name: str) -> str:
+    return "RAMSTER_" + name.upper()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; unset flags stay out of the namespace (argparse.SUPPRESS)."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as flags)")
+    for f in fields(Settings):
+        shown = "" if f.default is MISSING else f"; default {f.default or 'none'}"
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            metavar=f.metadata["metavar"],
+            help=f"{f.metadata['help']} [env {env_name(f.name)}{shown}]",
+        )
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name for f in fields(Settings)}
+    values = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SettingsError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return values
+
+
+def resolve(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Settings from explicit flags (by field name), then the environment, then a TOML file
+    (--config, else RAMSTER_CONFIG), then defaults."""
+    env = os.environ if env is None else env
+    names = [f.name for f in fields(Settings)]
+    config_file = config_file or env.get("RAMSTER_CONFIG") or None
+    layers: list[tuple[Callable[[str], str], Mapping[str, Any]]] = [
+        (lambda n: f"flag {_flag(n)}", flags),
+        (
+            lambda n: f"environment {env_name(n)}",
+            {n: env[env_name(n)] for n in names if env_name(n) in env},
+        ),
+    ]
+    if config_file:
+        layers.append((lambda n: f"config file {config_file}: {n}", _read_toml(config_file)))
+    chosen: dict[str, Any] = {}
+    for f in fields(Settings):
+        source = next(((label, values) for label, values in layers if f.name in values), None)
+        if source is None:
+            continue
+        label, values = source
+        try:
+            chosen[f.name] = f.metadata["parse"](values[f.name])
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"{label(f.name)}: {exc}") from None
+    return replace(Settings(), **chosen)

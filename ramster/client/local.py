@@ -1,0 +1,96 @@
+# LocalNode: a node in a subprocess (`python -m node`) on free loopback ports, for tests,
+# benchmarks and `ramster bench node` without --target.  It waits for the node's --port-file
+# (written only once the node listens), so callers never race the startup; its stderr log goes to
+# a file in the node's own temporary directory, readable with log().
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ramster.client.errors import Unavailable
+
+
+class LocalNode:
+    def __init__(self, *args: str, data_dir: Path | None = None, metrics: bool = True) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="ramster-node-")
+        root = Path(self._tmp.name)
+        self.data_dir = data_dir or root / "data"
+        self.port_file = root / "ports.json"
+        self.log_path = root / "node.log"
+        self.args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0" if metrics else "",
+            "--port-file",
+            str(self.port_file),
+            "--data-dir",
+            str(self.data_dir),
+            *args,
+        ]
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> LocalNode:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "node", *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while not self.port_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise Unavailable(f"the local node did not start: {self.log().strip()[-500:]}")
+            time.sleep(0.05)
+        ports = json.loads(self.port_file.read_text())
+        self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+        return self
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """The node's exit status, once it has exited (killing it after `timeout`)."""
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then the exit status."""
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> LocalNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        self._tmp.cleanup()

@@ -1,0 +1,93 @@
+# The wire conventions of ramster.v1 shared by the node and the client: limits, page packing,
+# key lists and the per-page enums.
+#
+# A batch moves its pages as one bytes blob (pages back to back) and its keys as packed integer
+# lists, so the per-page cost on either end is one slice or one join, not a protobuf message.
+# `oids` holds one object id for every page, or one per page.  Everything that checks a batch
+# lives here so the node and the client agree on what is valid, and messages say what was wrong.
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+from ramster.v1 import tmem_pb2 as pb
+from ramster.zcache.codec import PAGE_SIZE as PAGE_SIZE
+
+MAX_BATCH_PAGES = 4096
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class BatchError(ValueError):
+    """A batch is malformed: the message says how."""
+
+
+class Outcome(enum.IntEnum):
+    """What became of one put page (values are the wire's PutOutcome numbers)."""
+
+    STORED = pb.PUT_OUTCOME_STORED
+    SAME_FILLED = pb.PUT_OUTCOME_SAME_FILLED
+    STORED_RAW = pb.PUT_OUTCOME_STORED_RAW
+    REFUSED_POOR_COMPRESSION = pb.PUT_OUTCOME_REFUSED_POOR_COMPRESSION
+    REFUSED_NO_ROOM = pb.PUT_OUTCOME_REFUSED_NO_ROOM
+
+    @property
+    def refused(self) -> bool:
+        return self >= Outcome.REFUSED_POOR_COMPRESSION
+
+    @property
+    def reason(self) -> str:
+        """'stored', 'same_filled', 'stored_raw', 'poor_compression' or 'no_room'."""
+        return self.name.lower().removeprefix("refused_")
+
+
+class PageStatus(enum.IntEnum):
+    """What a get found for one key (values are the wire's PageStatus numbers)."""
+
+    HIT = pb.PAGE_STATUS_HIT
+    MISS = pb.PAGE_STATUS_MISS
+    CORRUPT = pb.PAGE_STATUS_CORRUPT
+
+
+def check_count(count: int) -> None:
+    if count > MAX_BATCH_PAGES:
+        raise BatchError(f"a batch of {count} pages exceeds the limit of {MAX_BATCH_PAGES}")
+
+
+def expand_oids(oids: Sequence[int], count: int) -> list[int] | int:
+    """The batch's object ids: one int shared by every page, or a list of one per page."""
+    if len(oids) == 1:
+        return oids[0]
+    if len(oids) != count:
+        raise BatchError(f"a batch needs 1 or {count} object ids (one per page), got {len(oids)}")
+    return list(oids)
+
+
+def batch_keys(oids: Sequence[int], indexes: Sequence[int]) -> list[tuple[int, int]]:
+    """(oid, index) keys of a batch, checked for size and shape."""
+    check_count(len(indexes))
+    shared = expand_oids(oids, len(indexes))
+    if isinstance(shared, int):
+        return [(shared, index) for index in indexes]
+    return list(zip(shared, indexes, strict=True))
+
+
+def split_pages(blob: bytes, count: int) -> list[bytes]:
+    """`count` pages out of a blob of pages back to back."""
+    if len(blob) != count * PAGE_SIZE:
+        raise BatchError(
+            f"{count} keys need {count * PAGE_SIZE} bytes of pages, got {len(blob)} bytes "
+            f"(pages are exactly {PAGE_SIZE} bytes)"
+        )
+    return [blob[i : i + PAGE_SIZE] for i in range(0, len(blob), PAGE_SIZE)]
+
+
+def join_pages(pages: Sequence[bytes]) -> bytes:
+    """Pages back to back, each checked to be exactly one page long."""
+    for n, page in enumerate(pages):
+        if len(page) != PAGE_SIZE:
+            raise BatchError(f"page {n} of the batch is {len(page)} bytes, not {PAGE_SIZE}")
+    return b"".join(pages)
