@@ -35,7 +35,7 @@ from pathlib import Path
 
 import xxhash
 
-from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE, zpage_key, zpage_length
+from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE, zpage_bytes, zpage_key, zpage_length
 from ramster.zcache.config import ALLOCATORS
 from ramster.zcache.errors import CorruptPage, ZCacheError
 
@@ -65,11 +65,6 @@ class BackingStats:
     recovered: int = 0  # records found on open
     torn: int = 0  # invalid records dropped on open
     was_clean: bool = True  # the previous stop was graceful (or the file is new)
-
-
-def zpage_length_field(data: bytes, at: int) -> int:
-    """Header plus payload length of the zpage whose header starts at `at` (unverified)."""
-    return HEADER_SIZE + int.from_bytes(data[at + 4 : at + 6], "little")
 
 
 def _hsum(head: bytes, zpage: bytes | memoryview) -> int:
@@ -255,7 +250,7 @@ class BackingFile:
             raise CorruptPage(f"backing file holds no record at block {location}")
         head = data[: RECORD.size]
         _, _, rec_pool, _ = RECORD.unpack(head)
-        zpage = data[RECORD_HEAD : RECORD_HEAD + zpage_length_field(data, RECORD_HEAD)]
+        zpage = zpage_bytes(memoryview(data)[RECORD_HEAD:])
         if (
             rec_pool != pool_id
             or _hsum(head, zpage) != struct.unpack_from("<I", data, RECORD.size)[0]

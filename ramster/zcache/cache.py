@@ -33,7 +33,9 @@ from ramster.zcache.codec import (
     compress,
     make_zpage,
     open_zpage,
+    zpage_bytes,
     zpage_key,
+    zpage_length,
 )
 from ramster.zcache.config import ALLOCATORS, PoolKind, PutResult, ZCacheConfig
 from ramster.zcache.errors import (
@@ -330,6 +332,72 @@ class ZCache:
         stats.corrupt += corrupt
         stats.hits += len(keys) - misses - corrupt
         return out
+
+    def store_zpages(self, pool_id: int, zpages: list[bytes]) -> list[PutResult]:
+        """Store zpages that are already compressed (a peer's evicted pages), each under the key
+        its own header names.  A zpage that fails its checksum refuses the whole batch."""
+        pool = self.pool(pool_id)
+        keys = []
+        for zpage in zpages:
+            if type(zpage) is not bytes or not 0 < zpage_length(zpage) == len(zpage):
+                raise InvalidPage("a zpage must be one intact zpage (header, payload, checksum)")
+            keys.append(zpage_key(zpage))
+        for old in pool.index.pop_many(keys):
+            if old:
+                self._release(pool, old)
+        results = []
+        handles: list[int] = []
+        filed = 0
+        for i, zpage in enumerate(zpages):
+            raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
+            alloc: Allocator = pool.raw if raw else pool.zalloc
+            self.tick += 1
+            handle = alloc.alloc(zpage, self.tick)
+            if handle < 0:
+                self._file(pool, keys[filed:i], handles[filed:i])
+                filed = i
+                handle = self._alloc_reclaiming(alloc, zpage)
+            handles.append(pool.tag_of(alloc) | handle if handle >= 0 else 0)
+            if handle < 0:
+                results.append(PutResult.REFUSED_NO_ROOM)
+            else:
+                results.append(PutResult.STORED_RAW if raw else PutResult.STORED)
+        self._file(pool, keys[filed:], handles[filed:])
+        for result in results:
+            self.stats.outcomes[result] += 1
+        return results
+
+    def read_zpages(
+        self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool = False
+    ) -> list[bytes | None]:
+        """The stored zpages (still compressed, unverified) under keys, None where absent;
+        an exclusive read removes them.  What a node sends to a peer or back to an owner."""
+        pool = self.pool(pool_id)
+        check_keys(keys)
+        handles = pool.index.pop_many(keys) if exclusive else pool.index.get_many(keys)
+        out: list[bytes | None] = []
+        for (oid, index), handle in zip(keys, handles, strict=True):
+            kind = handle >> KIND_SHIFT
+            h = handle & HANDLE_MASK
+            if not handle:
+                out.append(None)
+            elif kind == SAME:
+                out.append(make_zpage(oid, index, compress(self.same.page(h))))
+            elif kind == EVICTED:
+                out.append(self._evictor().load(pool.id, h))
+            else:
+                slot = pool.allocator_of(handle).read(h)
+                out.append(zpage_bytes(slot))
+            if exclusive and handle:
+                self._release(pool, handle)
+        return out
+
+    def evicted_locations(self, pool_id: int, keys: list[tuple[int, int]]) -> list[int]:
+        """Per key, the evictor's location if the page is evicted, else 0."""
+        return [
+            h & HANDLE_MASK if h >> KIND_SHIFT == EVICTED else 0
+            for h in self.pool(pool_id).index.get_many(keys)
+        ]
 
     def flush_page(self, pool_id: int, oid: int, index: int) -> bool:
         """Forget the page under a key; whether there was one."""

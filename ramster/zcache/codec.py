@@ -66,6 +66,11 @@ def zpage_key(zpage: bytes | memoryview) -> tuple[int, int]:
     return key
 
 
+def zpage_bytes(slot: bytes | memoryview) -> bytes:
+    """A copy of the zpage at the start of `slot`, without the slot's padding (unverified)."""
+    return bytes(slot[: HEADER_SIZE + int.from_bytes(slot[4:6], "little")])
+
+
 def zpage_length(zpage: bytes | memoryview) -> int:
     """Length of the intact zpage at the start of `zpage` (header included), 0 if it is not one."""
     if len(zpage) < HEADER_SIZE:

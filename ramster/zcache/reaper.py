@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ramster.zcache.codec import HEADER_SIZE, zpage_key
+from ramster.zcache.codec import zpage_bytes, zpage_key
 from ramster.zcache.errors import ZCacheError
 from ramster.zcache.handles import EVICTED_TAG
 
@@ -92,7 +92,7 @@ class Reaper:
             if pool.index.get(*key) != tag | handle:
                 raise ReaperInvariantError(f"zpage {handle:#x} in pool {pool.id} is not filed")
             keys.append(key)
-            zpages.append(bytes(slot[: HEADER_SIZE + int.from_bytes(slot[4:6], "little")]))
+            zpages.append(zpage_bytes(slot))
         stats = self.stats
         stats.units_reclaimed += 1
         if pool.ephemeral:
