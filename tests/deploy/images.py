@@ -1,19 +1,19 @@
 # Images for the deploy tests, built here because no container registry is reachable.
 #
 # 1. A base image: Debian bookworm made with `debootstrap --variant=minbase` plus python3 and
-#    python3-venv (whose ensurepip gives the image its own pip), then `docker import`.  Nothing is
-#    pulled.  The root filesystem tarball is cached (RAMSTER_TEST_CACHE, else /var/cache/ramster-test
-#    as root, else ~/.cache/ramster-test) and the image is tagged with a hash of what went into it,
-#    so a second run reuses the image, and a run after `docker image prune` re-imports the tarball in
-#    seconds instead of debootstrapping again (about a minute, plus the download).
-# 2. The project image, from deploy/Dockerfile on that base, exactly as a user would build it with a
-#    wheelhouse: a copy of the source tree (tracked and untracked-but-not-ignored files, so the
-#    shared work tree gets no build/ or egg-info litter), `pip wheel` on the host (the host's Python
-#    is 3.11 like bookworm's, so its manylinux wheels install in the image), then
+#    python3-venv (whose ensurepip gives the image its own pip), then `docker import`; nothing
+#    is pulled.  The root filesystem tarball is cached (RAMSTER_TEST_CACHE, else
+#    /var/cache/ramster-test as root, else ~/.cache/ramster-test) and the image is tagged with a
+#    hash of what went into it, so a second run reuses the image, and a run after `docker image
+#    prune` re-imports the tarball in seconds instead of debootstrapping again (about a minute).
+# 2. The project image, from deploy/Dockerfile on that base, exactly as a user would build it
+#    with a wheelhouse: a copy of the source tree (tracked and untracked-but-not-ignored files,
+#    so the shared work tree gets no build/ or egg-info litter), `pip wheel` on the host (the
+#    host's Python is 3.11 like bookworm's, so its manylinux wheels install in the image), then
 #    `docker build --build-arg BASE_IMAGE=... --build-arg WHEELS=wheelhouse`.
-# 3. A Prometheus image: the base plus Debian's own prometheus binary (dynamically linked against
-#    the same bookworm libc), with the official image's entrypoint and layout, so docker-compose.yml's
-#    prometheus service runs unchanged with PROMETHEUS_IMAGE pointing at it.
+# 3. A Prometheus image: the base plus Debian's own prometheus binary (dynamically linked
+#    against the same bookworm libc), with the official image's entrypoint and layout, so
+#    docker-compose.yml's prometheus service runs unchanged with PROMETHEUS_IMAGE set to it.
 #
 # Concurrent test runs share the cache under an flock; project images get a unique tag each.
 from __future__ import annotations
@@ -199,24 +199,38 @@ def build_project_image(base: str, workdir: Path) -> str:
         timeout=BUILD_TIMEOUT,
     )
     tag = f"ramster-test:{uuid.uuid4().hex[:10]}"
-    run(
-        [
-            "docker",
-            "build",
-            "--quiet",
-            "--file",
-            str(context / "deploy" / "Dockerfile"),
-            "--build-arg",
-            f"BASE_IMAGE={base}",
-            "--build-arg",
-            "WHEELS=wheelhouse",
-            "--tag",
-            tag,
-            str(context),
-        ],
-        timeout=BUILD_TIMEOUT,
-    )
+    # The build stage is tagged too (built first, then reused from cache by the full build), so
+    # remove_project_image() can delete it: the classic builder would leave it dangling.
+    for target, name in (["--target", "build"], build_stage_tag(tag)), ([], tag):
+        run(
+            [
+                "docker",
+                "build",
+                "--quiet",
+                *target,
+                "--file",
+                str(context / "deploy" / "Dockerfile"),
+                "--build-arg",
+                f"BASE_IMAGE={base}",
+                "--build-arg",
+                "WHEELS=wheelhouse",
+                "--tag",
+                name,
+                str(context),
+            ],
+            timeout=BUILD_TIMEOUT,
+        )
     return tag
+
+
+def build_stage_tag(tag: str) -> str:
+    return tag.replace("ramster-test:", "ramster-test-build:")
+
+
+def remove_project_image(tag: str) -> None:
+    """Delete the image and its build stage (and with them their untagged parent layers)."""
+    remove_image(tag)
+    remove_image(build_stage_tag(tag))
 
 
 PROMETHEUS_DOCKERFILE = """\

@@ -1,0 +1,126 @@
+# deploy/kubernetes/, checked without a cluster: every manifest parses, the kustomization lists
+# exactly the manifests there are, and the objects agree with one another the way Kubernetes
+# would only reveal at run time: the StatefulSet's serviceName is a headless Service that
+# publishes not-ready pods (peers must find each other while starting), every selector matches
+# the pod labels, probes are gRPC probes on the container's grpc port, the ConfigMap's peer list
+# names every StatefulSet pod through the headless Service, the data volume claim is mounted at
+# the data directory, and the pods run as the image's non-root user.
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from tests.deploy.conftest import ROOT
+
+K8S = ROOT / "deploy" / "kubernetes"
+IMAGE_UID = 10001  # USER of deploy/Dockerfile
+
+
+def manifests() -> dict[str, list[dict[str, Any]]]:
+    """Manifest file name -> its objects (the kustomization excluded)."""
+    found = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            found[path.name] = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return found
+
+
+def objects() -> dict[tuple[str, str], dict[str, Any]]:
+    by_kind_name: dict[tuple[str, str], dict[str, Any]] = {}
+    for docs in manifests().values():
+        for doc in docs:
+            assert {"apiVersion", "kind", "metadata"} <= set(doc), doc
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in by_kind_name, f"duplicate {key}"
+            by_kind_name[key] = doc
+    return by_kind_name
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(manifests())
+
+
+def test_statefulset_service_pdb_configmap_agree() -> None:
+    objs = objects()
+    (statefulset,) = [o for (kind, _), o in objs.items() if kind == "StatefulSet"]
+    spec = statefulset["spec"]
+    pod = spec["template"]
+    labels = pod["metadata"]["labels"]
+    assert matches(spec["selector"]["matchLabels"], labels)
+
+    headless = objs["Service", spec["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert matches(headless["spec"]["selector"], labels)
+    services = [o for (kind, _), o in objs.items() if kind == "Service"]
+    assert all(matches(s["spec"]["selector"], labels) for s in services)
+
+    (pdb,) = [o for (kind, _), o in objs.items() if kind == "PodDisruptionBudget"]
+    assert matches(pdb["spec"]["selector"]["matchLabels"], labels)
+    assert (
+        pdb["spec"].get("maxUnavailable", 0) >= 1
+        or pdb["spec"]["minAvailable"] < (spec["replicas"])
+    ), "the budget must let a drain proceed"
+
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert set(ports) == {"grpc", "metrics"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == ports["grpc"], probe
+    for service in services:
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports
+
+    config_names = [ref["configMapRef"]["name"] for ref in container["envFrom"]]
+    (config,) = [objs["ConfigMap", name] for name in config_names]
+    env = config["data"]
+    assert all(isinstance(value, str) for value in env.values()), "ConfigMap values are strings"
+    assert env["RAMSTER_LISTEN"].endswith(f":{ports['grpc']}")
+    assert env["RAMSTER_METRICS_LISTEN"].endswith(f":{ports['metrics']}")
+    name, service_name = statefulset["metadata"]["name"], headless["metadata"]["name"]
+    assert env["RAMSTER_PEERS"].split(",") == [
+        f"{name}-{i}.{service_name}:{ports['grpc']}" for i in range(spec["replicas"])
+    ]
+    assert 1 <= int(env["RAMSTER_REPLICAS"]) < spec["replicas"]
+    own_id = {e["name"]: e for e in container["env"]}["RAMSTER_NODE_ID"]
+    assert own_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {c["metadata"]["name"] for c in spec["volumeClaimTemplates"]}
+    assert mounts[next(iter(claims))] == env["RAMSTER_DATA_DIR"]
+    declared = {v["name"] for v in pod["spec"].get("volumes", [])}
+    assert set(mounts) <= declared | claims
+
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == IMAGE_UID and security["fsGroup"] == IMAGE_UID
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["metrics"])
+
+
+def test_memory_limit_leaves_room_above_the_pool() -> None:
+    objs = objects()
+    (statefulset,) = [o for (kind, _), o in objs.items() if kind == "StatefulSet"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    limit = parse_quantity(container["resources"]["limits"]["memory"])
+    pool = parse_quantity(objs["ConfigMap", "ramster"]["data"]["RAMSTER_POOL_LIMIT"])
+    assert pool < limit * 0.75, "the pool must leave room for the process itself"
+
+
+def parse_quantity(text: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, scale in units.items():
+        if text.endswith(suffix):
+            return int(text[: -len(suffix)]) * scale
+    return int(text)
+
+
+def test_manifests_are_plain_yaml_files() -> None:
+    for path in K8S.iterdir():
+        assert path.suffix == ".yaml", f"{path.name}: manifests end in .yaml"
