@@ -10,6 +10,8 @@ from ramster.zcache.errors import (
     InvalidConfig,
     InvalidKey,
     InvalidPage,
+    PageError,
+    PageUnavailable,
     UnknownPool,
     ZCacheError,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "InvalidConfig",
     "InvalidKey",
     "InvalidPage",
+    "PageError",
+    "PageUnavailable",
     "PoolKind",
     "PutResult",
     "UnknownPool",

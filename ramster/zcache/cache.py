@@ -43,6 +43,8 @@ from ramster.zcache.errors import (
     InvalidConfig,
     InvalidKey,
     InvalidPage,
+    PageError,
+    PageUnavailable,
     UnknownPool,
     ZCacheError,
 )
@@ -84,6 +86,7 @@ class Stats:
     duplicate_puts: int = 0
     flushes: int = 0
     corrupt: int = 0
+    unavailable: int = 0  # gets of pages whose every copy was out of reach
     evicted_hits: int = 0  # gets served by the evictor (a miss in RAM)
     promoted: int = 0  # evicted pages brought back to RAM by a get
     compacted_frames: int = 0
@@ -216,7 +219,7 @@ class ZCache:
     def get(self, pool_id: int, oid: int, index: int, exclusive: bool = False) -> bytes | None:
         """The page under a key, or None.  Ephemeral pools and exclusive gets remove it."""
         page = self.get_batch(pool_id, [(oid, index)], exclusive)[0]
-        if isinstance(page, CorruptPage):
+        if isinstance(page, PageError):
             raise page
         return page
 
@@ -276,9 +279,10 @@ class ZCache:
 
     def get_batch(
         self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool = False
-    ) -> list[bytes | CorruptPage | None]:
-        """Pages under many keys of one pool: bytes on a hit, None on a miss, and a CorruptPage
-        (not raised) for a page that failed verification, so one bad page spoils no others."""
+    ) -> list[bytes | PageError | None]:
+        """Pages under many keys of one pool: bytes on a hit, None on a miss, and a PageError
+        (CorruptPage or PageUnavailable, not raised) for a page that cannot be returned, so one
+        bad page spoils no others."""
         pool = self.pool(pool_id)
         check_keys(keys)
         remove = exclusive or pool.ephemeral
@@ -289,8 +293,8 @@ class ZCache:
         promote = not remove and self.config.promote_on_get
         refetch = False  # a promotion may have reclaimed frames behind the prefetched handles
         tick = self.tick
-        out: list[bytes | CorruptPage | None] = []
-        misses = corrupt = 0
+        out: list[bytes | PageError | None] = []
+        misses = corrupt = unavailable = 0
         for i, (oid, index_no) in enumerate(keys):
             handle = index.get(oid, index_no) if refetch else handles[i]
             if not handle:
@@ -323,6 +327,12 @@ class ZCache:
             except CorruptPage as exc:
                 out.append(exc)
                 corrupt += 1
+            except PageUnavailable as exc:
+                out.append(exc)
+                unavailable += 1
+                if remove:  # it may be reachable later: keep it filed
+                    index.set_many([(oid, index_no)], [handle])
+                    continue
             if remove:
                 self._release(pool, handle)
         self.tick = tick
@@ -330,7 +340,8 @@ class ZCache:
         stats.gets += len(keys)
         stats.misses += misses
         stats.corrupt += corrupt
-        stats.hits += len(keys) - misses - corrupt
+        stats.unavailable += unavailable
+        stats.hits += len(keys) - misses - corrupt - unavailable
         return out
 
     def store_zpages(self, pool_id: int, zpages: list[bytes]) -> list[PutResult]:

@@ -27,5 +27,13 @@ class UnknownPool(ZCacheError, LookupError):
     """The pool id names no pool (never created, or destroyed)."""
 
 
-class CorruptPage(ZCacheError):
+class PageError(ZCacheError):
+    """A stored page cannot be returned; a batch get reports it per page instead of raising."""
+
+
+class CorruptPage(PageError):
     """A stored zpage failed its checksum or does not belong to the key it is filed under."""
+
+
+class PageUnavailable(PageError):
+    """The page exists but no copy of it can be reached now (its holders are unreachable)."""

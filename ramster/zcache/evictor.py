@@ -61,6 +61,12 @@ class EvictorChain:
             pending = left
         return out
 
+    def link_location(self, location: int, link: Evictor) -> int:
+        """`location` as `link` knows it, or 0 if another link holds it."""
+        if self.links[location >> LINK_SHIFT] is link:
+            return location & LINK_MASK
+        return 0
+
     def load(self, pool_id: int, location: int) -> bytes:
         return self.links[location >> LINK_SHIFT].load(pool_id, location & LINK_MASK)
 

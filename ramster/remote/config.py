@@ -1,0 +1,29 @@
+# Settings of the ramster layer, validated once.
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RemoteConfigError(ValueError):
+    """A ramster-layer setting is out of range."""
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    replicas: int = 2  # copies of each remotified persistent zpage (peers, or peers + disk)
+    heartbeat_interval: float = 0.5  # seconds between liveness/capacity exchanges
+    down_after: float = 3.0  # seconds of silence before a peer is marked down
+    outbox_limit: int = 8192  # evicted zpages waiting to be sent; beyond it evict() refuses
+    send_batch: int = 256  # zpages per PutZpages message
+    remotify_ephemeral: bool = False  # send ephemeral zpages to peers instead of dropping them
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.replicas <= 8:
+            raise RemoteConfigError(f"replicas must be between 1 and 8, got {self.replicas}")
+        if not 0 < self.heartbeat_interval < self.down_after:
+            raise RemoteConfigError(
+                "heartbeat_interval must be positive and shorter than down_after, got "
+                f"{self.heartbeat_interval} and {self.down_after}"
+            )
+        if self.outbox_limit < 1 or self.send_batch < 1:
+            raise RemoteConfigError("outbox_limit and send_batch must be positive")

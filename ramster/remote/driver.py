@@ -1,0 +1,182 @@
+# The driver: runs the ramster layer's plans through a transport, with asyncio.
+#
+# The layer decides; the driver only moves bytes and reports back.  It talks to peers through a
+# `Transport` (node/ implements it with gRPC; tests with an in-memory network), so this loop is
+# the same code in production and in the policy tests.  One background task does, every
+# heartbeat interval: a heartbeat to every peer (concurrently, each with its own deadline), then
+# marks silent peers down, then pumps what the layer queued: drops for peers that came back,
+# sends of evicted zpages, flushes, and repairs (fetch a surviving copy, place it again).  Gets
+# of remote pages call `prefetch()` first: the copies are fetched from live holders, verified
+# against their checksum and key, and staged for zcache's synchronous load; a holder that times
+# out, fails or returns damaged bytes is skipped for the next one.
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ramster.remote.layer import FetchSource, RamsterLayer, SendPlan
+from ramster.zcache import ZCache
+from ramster.zcache.codec import zpage_key, zpage_length
+
+log = logging.getLogger("ramster.remote")
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    node_id: str
+    incarnation: str
+    free_bytes: int
+    leaving: bool
+
+
+class Transport(Protocol):
+    async def heartbeat(self, address: str) -> PeerInfo: ...
+
+    async def put(
+        self, address: str, epoch: int, pool_id: int, zpages: list[bytes]
+    ) -> list[bool]: ...
+
+    async def get(
+        self, address: str, epoch: int, pool_id: int, keys: list[tuple[int, int]]
+    ) -> list[bytes | None]: ...
+
+    async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None: ...
+
+    async def drop_before(self, address: str, epoch: int) -> None: ...
+
+
+class RemoteDriver:
+    def __init__(
+        self,
+        layer: RamsterLayer,
+        cache: ZCache,
+        transport: Transport,
+        locate: Callable[[int], int] = lambda location: location,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.layer = layer
+        self.cache = cache
+        self.transport = transport
+        self.locate = locate  # zcache's location -> the layer's (0: another evictor's)
+        self.clock = clock
+        self.rounds = 0
+
+    async def run(self) -> None:
+        """Heartbeat and pump forever (cancel to stop)."""
+        interval = self.layer.config.heartbeat_interval
+        while True:
+            started = self.clock()
+            await self.round()
+            await asyncio.sleep(max(0.0, interval - (self.clock() - started)))
+
+    async def round(self) -> None:
+        await self.heartbeat()
+        for address in self.layer.expire(self.clock()):
+            log.warning("peer down", extra={"peer": address})
+        while await self.pump():
+            pass
+        self.rounds += 1
+
+    async def heartbeat(self) -> None:
+        addresses = list(self.layer.membership.peers)
+        replies = await asyncio.gather(
+            *(self.transport.heartbeat(a) for a in addresses), return_exceptions=True
+        )
+        now = self.clock()
+        for address, reply in zip(addresses, replies, strict=True):
+            if isinstance(reply, PeerInfo):
+                events = self.layer.heard(
+                    address, reply.node_id, reply.incarnation, reply.free_bytes, reply.leaving, now
+                )
+                for event in events:
+                    log.info("peer %s", event.value, extra={"peer": address})
+
+    async def pump(self) -> bool:
+        """One pass over everything the layer queued; whether there was anything."""
+        layer = self.layer
+        work: list[asyncio.Future[object]] = []
+        for address, epoch in layer.take_drops().items():
+            work.append(asyncio.ensure_future(self._drop(address, epoch)))
+        for plan in layer.take_sends():
+            work.append(asyncio.ensure_future(self._send(plan)))
+        for address, items in layer.take_flushes().items():
+            work.append(asyncio.ensure_future(self._flush(address, items)))
+        for location, sources in layer.take_repairs():
+            work.append(asyncio.ensure_future(self._repair(location, sources)))
+        if work:
+            await asyncio.gather(*work)
+        return bool(work)
+
+    async def _drop(self, address: str, epoch: int) -> None:
+        try:
+            await self.transport.drop_before(address, epoch)
+        except Exception:
+            self.layer.drop_failed(address, epoch)
+
+    async def _send(self, plan: SendPlan) -> None:
+        try:
+            stored = await self._put_plan(plan)
+        except Exception as exc:
+            log.info("send to %s failed: %s", plan.address, exc)
+            stored = [False] * len(plan.items)
+        self.layer.sent(plan, stored)
+
+    async def _put_plan(self, plan: SendPlan) -> list[bool]:
+        """Put a plan's zpages, one call per pool they belong to."""
+        by_pool: dict[int, list[int]] = {}
+        for i, (_, pool_id, _) in enumerate(plan.items):
+            by_pool.setdefault(pool_id, []).append(i)
+        stored = [False] * len(plan.items)
+        for pool_id, idx in by_pool.items():
+            got = await self.transport.put(
+                plan.address, plan.epoch, pool_id, [plan.items[i][2] for i in idx]
+            )
+            for i, ok in zip(idx, got, strict=True):
+                stored[i] = ok
+        return stored
+
+    async def _flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None:
+        try:
+            await self.transport.flush(address, items)
+        except Exception:
+            self.layer.flushed(address, items, ok=False)
+        else:
+            self.layer.flushed(address, items, ok=True)
+
+    async def _repair(self, location: int, sources: list[FetchSource]) -> None:
+        self.layer.repaired(location, await self._fetch(sources))
+
+    async def _fetch(self, sources: list[FetchSource]) -> bytes | None:
+        """The first intact copy among `sources`, or None."""
+        for source in sources:
+            try:
+                (zpage,) = await self.transport.get(
+                    source.address, source.epoch, source.pool_id, [(source.oid, source.index)]
+                )
+            except Exception as exc:
+                log.info("fetch from %s failed: %s", source.address, exc)
+                continue
+            if zpage is not None and _intact(zpage, source.oid, source.index):
+                return zpage
+            log.warning("peer %s returned a damaged copy", source.address)
+        return None
+
+    async def prefetch(self, pool_id: int, keys: list[tuple[int, int]]) -> None:
+        """Fetch and stage the remote copies a get of `keys` is about to load."""
+        layer = self.layer
+        mine = [self.locate(loc) for loc in self.cache.evicted_locations(pool_id, keys) if loc]
+        wanted = [(loc, src) for loc in mine if loc for src in [layer.fetch_sources(loc)] if src]
+        if not wanted:
+            return
+        copies = await asyncio.gather(*(self._fetch(src) for _, src in wanted))
+        for (location, _), zpage in zip(wanted, copies, strict=True):
+            if zpage is not None:
+                layer.stage(location, zpage)
+
+
+def _intact(zpage: bytes, oid: int, index: int) -> bool:
+    return 0 < zpage_length(zpage) == len(zpage) and zpage_key(zpage) == (oid, index)

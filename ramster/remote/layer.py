@@ -1,0 +1,397 @@
+# The ramster layer on the owner's side: an evictor that parks zpages in peers' RAM.
+#
+# zcache's reaper calls `evict()` synchronously; the zpages are accepted into an outbox (bounded;
+# beyond it, or with no peer up, evict refuses and the next evictor, the backing file, takes
+# them) and get a *location*, an id in this layer's table.  The node drains the outbox
+# asynchronously: `take_sends()` says which zpages go to which peer, and `sent()` reports per
+# zpage whether the peer stored it.  Each zpage wants `replicas` copies: on distinct peers when
+# enough have room, else on the peers there are plus the local backing file.  Until it has them
+# the zpage stays in the entry, so a get is served locally and nothing is ever lost to a refusal
+# or a dead peer: it is placed again elsewhere, and failing every peer it goes to disk.
+#
+# A get of a remote page needs I/O, so the node asks `fetch_sources()` for the holders (live ones
+# first), fetches and verifies the zpage, `stage()`s it, and then zcache's `load()` finds it
+# here; with no holder reachable the disk copy serves, if any.  `forget()` (flush, overwrite,
+# promotion home) queues flushes for every holder, sent by the node with `take_flushes()` and
+# retried while the holder is up; a holder that went down and comes back is told to drop all it
+# kept from earlier epochs instead.  When a peer goes down, restarts or announces it is leaving,
+# every zpage it held is queued for repair: the node fetches a surviving copy (`take_repairs()`,
+# `repaired()`) and it is placed again like a new one.
+#
+# Trade-off: the table keeps one small object per remote page on the owner (the page's bytes
+# live elsewhere); compact arrays as in zcache's index would be the next step at very large scale.
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ramster.remote.config import RemoteConfig
+from ramster.remote.membership import Membership, PeerEvent
+from ramster.zcache.codec import zpage_key
+from ramster.zcache.errors import PageUnavailable
+from ramster.zcache.evictor import Evictor
+
+
+class Entry:
+    """One remotified zpage: where its copies are, and its bytes while it has too few."""
+
+    __slots__ = (
+        "allocator",
+        "disk",
+        "holders",
+        "index",
+        "oid",
+        "pool_id",
+        "sending",
+        "tried",
+        "zpage",
+    )
+
+    def __init__(self, pool_id: int, allocator: str, zpage: bytes) -> None:
+        self.pool_id = pool_id
+        self.allocator = allocator
+        self.oid, self.index = zpage_key(zpage)
+        self.zpage: bytes | None = zpage
+        self.holders: dict[str, int] = {}  # peer address -> epoch the copy was placed in
+        self.sending: set[str] = set()
+        self.tried: set[str] = set()
+        self.disk = 0  # location in the local backing file, 0 if none
+
+
+@dataclass(frozen=True)
+class SendPlan:
+    """zpages for one peer: (location, pool id, zpage) each, all in the same epoch."""
+
+    address: str
+    epoch: int
+    items: list[tuple[int, int, bytes]]
+
+
+@dataclass(frozen=True)
+class FetchSource:
+    """Where a remote copy can be fetched: the peer and the foreign pool it was placed in."""
+
+    address: str
+    epoch: int
+    pool_id: int
+    oid: int
+    index: int
+
+
+@dataclass
+class LayerStats:
+    remote_puts: int = 0  # zpages stored by peers
+    remote_refused: int = 0  # zpages a peer refused or failed to take
+    remote_gets: int = 0  # zpages fetched from peers for gets
+    remote_flushes: int = 0  # flushes delivered to peers
+    disk_copies: int = 0  # copies written to the local backing file by this layer
+    rereplicated: int = 0  # zpages placed again after a holder went
+    lost: int = 0  # zpages with no copy left anywhere (should stay 0)
+    outbox_refused: int = 0  # zpages evict() refused (outbox full or no peer up)
+    repairs_pending: int = field(default=0)
+
+
+class RamsterLayer:
+    def __init__(
+        self,
+        node_id: str,
+        peers: list[str],
+        config: RemoteConfig | None = None,
+        local: Evictor | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config or RemoteConfig()
+        self.membership = Membership(node_id, peers, self.config.down_after, seed)
+        self.local = local
+        self.stats = LayerStats()
+        self.entries: dict[int, Entry] = {}
+        self.by_peer: dict[str, set[int]] = {}
+        self._next = 1
+        self._pending: deque[int] = deque()  # locations that need a copy placed
+        self._repairs: deque[int] = deque()  # locations whose bytes must be fetched back first
+        self._flushes: dict[str, list[tuple[int, int, int, int]]] = {}  # epoch, pool, oid, index
+        self._drops: dict[str, int] = {}  # peer -> drop everything of ours before this epoch
+        self._staged: dict[int, bytes] = {}
+        self.outbox = 0  # entries holding their bytes
+
+    # -- membership -------------------------------------------------------------------------
+    def heard(
+        self, address: str, node_id: str, incarnation: str, free: int, leaving: bool, now: float
+    ) -> list[PeerEvent]:
+        events = self.membership.heard(address, node_id, incarnation, free, leaving, now)
+        for event in events:
+            if event is PeerEvent.RESTARTED:
+                self._lose(address)
+            elif event is PeerEvent.LEAVING:
+                self._queue_repairs(self.by_peer.get(address, set()))
+        return events
+
+    def expire(self, now: float) -> list[str]:
+        """Mark silent peers down and queue repairs of what they held; their addresses."""
+        down = self.membership.expire(now)
+        for address in down:
+            self._lose(address)
+            self._drops[address] = self.membership.peers[address].epoch
+        return down
+
+    def _lose(self, address: str) -> None:
+        self._flushes.pop(address, None)
+        held = self.by_peer.pop(address, set())
+        for location in held:
+            self.entries[location].holders.pop(address, None)
+        self._queue_repairs(held)
+
+    def _queue_repairs(self, locations: set[int]) -> None:
+        for location in locations:
+            entry = self.entries[location]
+            if self._needed(entry) > 0:
+                if entry.zpage is not None:
+                    self._pending.append(location)
+                else:
+                    self._repairs.append(location)
+        self.stats.repairs_pending = len(self._repairs)
+
+    def _needed(self, entry: Entry) -> int:
+        peers = self.membership.peers
+        good = sum(1 for a in entry.holders if a in peers and peers[a].up and not peers[a].leaving)
+        return self.config.replicas - good - (1 if entry.disk else 0) - len(entry.sending)
+
+    # -- evictor interface ------------------------------------------------------------------
+    def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
+        room = self.config.outbox_limit - self.outbox
+        if room <= 0 or self.membership.choose(set()) is None:
+            self.stats.outbox_refused += len(zpages)
+            return [0] * len(zpages)
+        out = []
+        for zpage in zpages:
+            if room <= 0:
+                out.append(0)
+                self.stats.outbox_refused += 1
+                continue
+            location = self._next
+            self._next += 1
+            self.entries[location] = Entry(pool_id, allocator, zpage)
+            self._pending.append(location)
+            self.outbox += 1
+            room -= 1
+            out.append(location)
+        return out
+
+    def load(self, pool_id: int, location: int) -> bytes:
+        entry = self.entries.get(location)
+        if entry is None:
+            raise PageUnavailable(f"remote location {location} is unknown")
+        if entry.zpage is not None:
+            return entry.zpage
+        staged = self._staged.pop(location, None)
+        if staged is not None:
+            return staged
+        if entry.disk and self.local is not None:
+            return self.local.load(pool_id, entry.disk)
+        raise PageUnavailable(f"no copy of remote location {location} could be reached")
+
+    def forget(self, pool_id: int, location: int) -> None:
+        entry = self.entries.pop(location, None)
+        if entry is None:
+            return
+        self._staged.pop(location, None)
+        for address, epoch in entry.holders.items():
+            self.by_peer.get(address, set()).discard(location)
+            self._flushes.setdefault(address, []).append(
+                (epoch, entry.pool_id, entry.oid, entry.index)
+            )
+        if entry.disk and self.local is not None:
+            self.local.forget(pool_id, entry.disk)
+        if entry.zpage is not None:
+            self.outbox -= 1
+
+    def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
+        """Remote copies belong to this process's life: nothing survives a restart."""
+        return iter(())
+
+    # -- sending ----------------------------------------------------------------------------
+    def take_sends(self, limit: int | None = None) -> list[SendPlan]:
+        """Assign pending zpages to peers (at most `limit` zpages); one plan per peer."""
+        budget = limit or self.config.send_batch * 4
+        plans: dict[str, list[tuple[int, int, bytes]]] = {}
+        defer = []
+        while self._pending and budget > 0:
+            location = self._pending.popleft()
+            entry = self.entries.get(location)
+            if entry is None or entry.zpage is None:
+                continue
+            need = self._needed(entry)
+            exclude = set(entry.holders) | entry.sending | entry.tried
+            while need > 0:
+                peer = self.membership.choose(exclude)
+                if peer is None:
+                    break
+                exclude.add(peer.address)
+                entry.sending.add(peer.address)
+                self.membership.debit(peer.address, len(entry.zpage))
+                plans.setdefault(peer.address, []).append((location, entry.pool_id, entry.zpage))
+                budget -= 1
+                need -= 1
+            if need > 0 and not entry.sending:
+                if not self._settle_without_peers(location, entry):
+                    defer.append(location)
+            elif not entry.sending:
+                self._settle(entry)
+        self._pending.extend(defer)
+        peers = self.membership.peers
+        return [SendPlan(a, peers[a].epoch, items) for a, items in plans.items()]
+
+    def _settle_without_peers(self, location: int, entry: Entry) -> bool:
+        """No (more) peer can take a copy: add a disk copy; settle if a copy exists anywhere."""
+        assert entry.zpage is not None
+        if not entry.disk and self.local is not None:
+            (disk,) = self.local.evict(entry.pool_id, entry.allocator, [entry.zpage])
+            if disk:
+                entry.disk = disk
+                self.stats.disk_copies += 1
+        if entry.disk or entry.holders:
+            self._settle(entry)
+            return True
+        entry.tried.clear()  # nothing took it: keep the bytes and try every peer again later
+        return False
+
+    def _settle(self, entry: Entry) -> None:
+        if entry.zpage is not None:
+            entry.zpage = None
+            self.outbox -= 1
+        entry.tried.clear()
+
+    def sent(self, plan: SendPlan, stored: list[bool]) -> None:
+        """What the peer did with each zpage of `plan` (all False if the call failed)."""
+        for (location, pool_id, zpage), ok in zip(plan.items, stored, strict=True):
+            entry = self.entries.get(location)
+            if entry is None:  # forgotten while in flight: take back what the peer stored
+                if ok:
+                    oid, index = zpage_key(zpage)
+                    self._flushes.setdefault(plan.address, []).append(
+                        (plan.epoch, pool_id, oid, index)
+                    )
+                continue
+            entry.sending.discard(plan.address)
+            peer = self.membership.peers.get(plan.address)
+            if ok and peer is not None and peer.epoch == plan.epoch:
+                entry.holders[plan.address] = plan.epoch
+                self.by_peer.setdefault(plan.address, set()).add(location)
+                self.stats.remote_puts += 1
+            else:
+                entry.tried.add(plan.address)
+                self.stats.remote_refused += 1
+            self._pending.append(location)  # take_sends settles it or places more copies
+
+    # -- gets -------------------------------------------------------------------------------
+    def fetch_sources(self, location: int) -> list[FetchSource]:
+        """Peers to fetch a remote copy from, live ones only; empty when no fetch is needed."""
+        entry = self.entries.get(location)
+        if entry is None or entry.zpage is not None or location in self._staged:
+            return []
+        peers = self.membership.peers
+        return [
+            FetchSource(a, epoch, entry.pool_id, entry.oid, entry.index)
+            for a, epoch in entry.holders.items()
+            if a in peers and peers[a].up
+        ]
+
+    def stage(self, location: int, zpage: bytes) -> None:
+        """A fetched, verified copy for the get that is about to load `location`."""
+        if location in self.entries:
+            self._staged[location] = zpage
+            self.stats.remote_gets += 1
+
+    def unstage(self, location: int) -> None:
+        self._staged.pop(location, None)
+
+    # -- flushes ----------------------------------------------------------------------------
+    def take_flushes(self) -> dict[str, list[tuple[int, int, int, int]]]:
+        """Flushes owed to live peers: address -> [(epoch, pool id, oid, index)]."""
+        peers = self.membership.peers
+        out = {a: f for a, f in self._flushes.items() if a in peers and peers[a].up}
+        for address in out:
+            del self._flushes[address]
+        return out
+
+    def flushed(self, address: str, items: list[tuple[int, int, int, int]], ok: bool) -> None:
+        if ok:
+            self.stats.remote_flushes += len(items)
+        else:
+            self._flushes.setdefault(address, []).extend(items)  # retried while the peer is up
+
+    def take_drops(self) -> dict[str, int]:
+        """Peers back up that must drop everything of ours placed before an epoch."""
+        peers = self.membership.peers
+        out = {a: e for a, e in self._drops.items() if a in peers and peers[a].up}
+        for address in out:
+            del self._drops[address]
+        return out
+
+    def drop_failed(self, address: str, epoch: int) -> None:
+        self._drops[address] = max(epoch, self._drops.get(address, 0))
+
+    # -- repairs ----------------------------------------------------------------------------
+    def take_repairs(self, limit: int = 256) -> list[tuple[int, list[FetchSource]]]:
+        """Zpages below their replica count whose bytes must be fetched back: (location,
+        sources).  Repairs served from the local disk copy are done here and not returned."""
+        out: list[tuple[int, list[FetchSource]]] = []
+        while self._repairs and len(out) < limit:
+            location = self._repairs.popleft()
+            entry = self.entries.get(location)
+            if entry is None or entry.zpage is not None or self._needed(entry) <= 0:
+                continue
+            if entry.disk and self.local is not None:
+                self.repaired(location, self.local.load(entry.pool_id, entry.disk))
+                continue
+            sources = self.fetch_sources(location)
+            if sources:
+                out.append((location, sources))
+            else:
+                self.stats.lost += 1
+        self.stats.repairs_pending = len(self._repairs)
+        return out
+
+    def repaired(self, location: int, zpage: bytes | None) -> None:
+        """The fetched bytes of a zpage under repair (None: every source failed)."""
+        entry = self.entries.get(location)
+        if entry is None:
+            return
+        if zpage is None:
+            if not self.fetch_sources(location):
+                self.stats.lost += 1
+            else:
+                self._repairs.append(location)
+            return
+        entry.zpage = zpage
+        self.outbox += 1
+        self.stats.rereplicated += 1
+        # copies on leaving peers stop counting once the zpage is placed again
+        for address in [a for a in entry.holders if self._leaving(a)]:
+            epoch = entry.holders.pop(address)
+            self.by_peer.get(address, set()).discard(location)
+            self._flushes.setdefault(address, []).append(
+                (epoch, entry.pool_id, entry.oid, entry.index)
+            )
+        self._pending.append(location)
+
+    def _leaving(self, address: str) -> bool:
+        peer = self.membership.peers.get(address)
+        return peer is None or peer.leaving
+
+    # -- introspection ----------------------------------------------------------------------
+    @property
+    def remote_pages(self) -> int:
+        return len(self.entries)
+
+    def replica_histogram(self) -> dict[int, int]:
+        """How many zpages have n live copies (peers + disk)."""
+        hist: dict[int, int] = {}
+        peers = self.membership.peers
+        for entry in self.entries.values():
+            n = sum(1 for a in entry.holders if a in peers and peers[a].up) + (
+                1 if entry.disk else 0
+            )
+            hist[n] = hist.get(n, 0) + 1
+        return hist

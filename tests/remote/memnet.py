@@ -1,0 +1,120 @@
+# An in-memory network of nodes for the ramster layer's policy tests: each node has the real
+# zcache, backing file, layer, foreign store and driver; only the transport is a function call.
+# Nodes can be killed (unreachable, memory gone), frozen (calls hang until the deadline),
+# restarted (new incarnation, empty), made to corrupt what they return, or start leaving.
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+from ramster.remote import ForeignStore, OwnerTag, RamsterLayer, RemoteConfig
+from ramster.remote.driver import PeerInfo, RemoteDriver
+from ramster.zcache import PoolKind, ZCache, ZCacheConfig
+from ramster.zcache.backing import BackingFile
+from ramster.zcache.evictor import EvictorChain
+
+DEADLINE = 0.2
+
+
+class MemNode:
+    def __init__(
+        self, net: MemNetwork, name: str, limit_frames: int, foreign_frames: int, tmp: Path
+    ) -> None:
+        self.net = net
+        self.name = name
+        self.incarnation = uuid.uuid4().hex
+        self.up = True
+        self.frozen = False
+        self.corrupt = False
+        self.leaving = False
+        self.backing = BackingFile(tmp / f"{name}.dat")
+        self.layer = RamsterLayer(name, net.addresses, net.config, local=self.backing, seed=7)
+        self.chain = EvictorChain([self.layer, self.backing])
+        self.cache = ZCache(ZCacheConfig(capacity_frames=limit_frames), evictor=self.chain)
+        self.foreign = ForeignStore(foreign_frames)
+        self.driver = RemoteDriver(
+            self.layer,
+            self.cache,
+            MemTransport(net, self),
+            locate=lambda loc: self.chain.link_location(loc, self.layer),
+            clock=lambda: net.now,
+        )
+
+    @property
+    def owner(self) -> OwnerTag:
+        return OwnerTag(self.name, self.incarnation)
+
+    def restart_empty(self) -> None:
+        """A new process on the same address: new incarnation, nothing held."""
+        self.incarnation = uuid.uuid4().hex
+        self.foreign.close()
+        self.foreign = ForeignStore(self.foreign.capacity_frames)
+
+
+class MemTransport:
+    def __init__(self, net: MemNetwork, me: MemNode) -> None:
+        self.net = net
+        self.me = me
+
+    async def _reach(self, address: str) -> MemNode:
+        node = self.net.nodes[address]
+        if not node.up:
+            raise ConnectionError(f"{address} is unreachable")
+        if node.frozen:
+            await asyncio.sleep(DEADLINE)
+            raise TimeoutError(f"{address} did not answer in time")
+        return node
+
+    async def heartbeat(self, address: str) -> PeerInfo:
+        node = await self._reach(address)
+        free = node.foreign.free_bytes_for(self.me.name)
+        return PeerInfo(node.name, node.incarnation, free, node.leaving)
+
+    async def put(self, address: str, epoch: int, pool_id: int, zpages: list[bytes]) -> list[bool]:
+        node = await self._reach(address)
+        return node.foreign.put(self.me.owner, epoch, pool_id, zpages)
+
+    async def get(
+        self, address: str, epoch: int, pool_id: int, keys: list[tuple[int, int]]
+    ) -> list[bytes | None]:
+        node = await self._reach(address)
+        got = node.foreign.get(self.me.owner, epoch, pool_id, keys)
+        if node.corrupt:
+            got = [z[:-1] + bytes([z[-1] ^ 1]) if z else z for z in got]
+        return got
+
+    async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None:
+        node = await self._reach(address)
+        for epoch, pool_id, oid, index in items:
+            node.foreign.flush(self.me.owner, epoch, pool_id, [(oid, index)])
+
+    async def drop_before(self, address: str, epoch: int) -> None:
+        node = await self._reach(address)
+        node.foreign.drop_before(self.me.owner, epoch)
+
+
+class MemNetwork:
+    def __init__(
+        self,
+        tmp: Path,
+        names: list[str],
+        limit_frames: int = 40,
+        foreign_frames: int = 4000,
+        config: RemoteConfig | None = None,
+    ) -> None:
+        self.addresses = names
+        self.config = config or RemoteConfig(heartbeat_interval=1.0, down_after=3.0)
+        self.now = 0.0
+        self.nodes = {n: MemNode(self, n, limit_frames, foreign_frames, tmp) for n in names}
+
+    async def settle(self, rounds: int = 3, advance: float = 1.0) -> None:
+        for _ in range(rounds):
+            self.now += advance
+            for node in list(self.nodes.values()):
+                if node.up and not node.frozen:
+                    await node.driver.round()
+
+    def live_pool(self, name: str) -> tuple[MemNode, int]:
+        node = self.nodes[name]
+        return node, node.cache.create_pool(PoolKind.PERSISTENT)

@@ -1,0 +1,154 @@
+# The ramster layer's policy on an in-memory network: spill to peers with replicas, every page
+# back after a peer dies, restarts, freezes, corrupts or leaves, and flushes that reach holders.
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ramster.remote import RemoteConfig
+from ramster.zcache import PageUnavailable
+from tests.remote.memnet import MemNetwork, MemNode
+
+N = 1500
+
+
+async def spill(net: MemNetwork, pages: list[bytes]) -> tuple[MemNode, int, list[tuple[int, int]]]:
+    """Node a stores N pages with a limit that sends most of them to peers."""
+    await net.settle(1)
+    a, pool = net.live_pool("a")
+    keys = [(1, i) for i in range(N)]
+    for start in range(0, N, 100):
+        batch = keys[start : start + 100]
+        results = a.cache.put_batch(pool, batch, [pages[i % len(pages)] for _, i in batch])
+        assert not any(r.refused for r in results)
+        await net.settle(1)
+    await net.settle(2)
+    return a, pool, keys
+
+
+async def read_all(net: MemNetwork, a: MemNode, pool: int, keys: list[tuple[int, int]]) -> list:
+    out = []
+    for start in range(0, len(keys), 100):
+        batch = keys[start : start + 100]
+        await a.driver.prefetch(pool, batch)
+        out.extend(a.cache.get_batch(pool, batch))
+    return out
+
+
+def expected(pages: list[bytes], keys: list[tuple[int, int]]) -> list[bytes]:
+    return [pages[i % len(pages)] for _, i in keys]
+
+
+async def test_spill_places_two_replicas_and_reads_back(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, keys = await spill(net, compressible_pages)
+    assert a.layer.remote_pages > N // 2
+    assert a.layer.replica_histogram() == {2: a.layer.remote_pages}
+    assert net.nodes["b"].foreign.pages > 0 and net.nodes["c"].foreign.pages > 0
+    assert a.layer.outbox == 0
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+    a.cache.verify()
+
+
+async def test_dead_peer_loses_nothing_and_replicas_come_back(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c", "d"])
+    a, pool, keys = await spill(net, compressible_pages)
+    held_by_b = len(a.layer.by_peer.get("b", ()))
+    assert held_by_b > 0
+    net.nodes["b"].up = False
+    await net.settle(6)
+    assert a.layer.stats.rereplicated >= held_by_b
+    assert a.layer.replica_histogram() == {2: a.layer.remote_pages}
+    assert "b" not in a.layer.by_peer
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+    assert a.layer.stats.lost == 0
+
+
+async def test_restarted_peer_is_treated_as_empty(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, keys = await spill(net, compressible_pages)
+    net.nodes["b"].restart_empty()
+    await net.settle(4)
+    assert a.layer.stats.rereplicated > 0
+    hist = a.layer.replica_histogram()
+    assert set(hist) == {2}  # c plus b again, or one of them plus the disk
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+
+
+async def test_only_one_peer_means_peer_plus_disk(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    net = MemNetwork(tmp_path, ["a", "b"])
+    a, pool, keys = await spill(net, compressible_pages)
+    assert a.layer.stats.disk_copies == a.layer.remote_pages > 0
+    net.nodes["b"].up = False
+    await net.settle(5)
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+
+
+async def test_frozen_and_corrupting_holders_fall_back_to_replicas(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, keys = await spill(net, compressible_pages)
+    net.nodes["b"].frozen = True
+    net.nodes["c"].corrupt = True
+    got = await read_all(net, a, pool, keys[:200])
+    # b hangs and c lies: pages only they hold cannot be served, but none comes back wrong
+    want = expected(compressible_pages, keys[:200])
+    assert all(g == e or isinstance(g, PageUnavailable) for g, e in zip(got, want, strict=True))
+    net.nodes["c"].corrupt = False
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+
+
+async def test_flushes_reach_every_holder(tmp_path: Path, compressible_pages: list[bytes]) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, _ = await spill(net, compressible_pages)
+    assert a.cache.flush_object(pool, 1) == N
+    await net.settle(2)
+    assert net.nodes["b"].foreign.pages == net.nodes["c"].foreign.pages == 0
+    assert a.layer.remote_pages == 0
+
+
+async def test_returning_peer_drops_what_it_should_no_longer_hold(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c", "d"])
+    a, pool, keys = await spill(net, compressible_pages)
+    b = net.nodes["b"]
+    before = b.foreign.pages_by_owner().get("a", 0)
+    assert before > 0
+    b.up = False  # partitioned, same process
+    await net.settle(6)
+    b.up = True
+    await net.settle(3)
+    assert b.foreign.pages_by_owner().get("a", 0) == len(a.layer.by_peer.get("b", ()))
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+
+
+async def test_leaving_peer_is_drained(tmp_path: Path, compressible_pages: list[bytes]) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c", "d"])
+    a, pool, keys = await spill(net, compressible_pages)
+    b = net.nodes["b"]
+    b.leaving = True
+    await net.settle(4)
+    assert b.foreign.pages_by_owner().get("a", 0) == 0
+    b.up = False
+    await net.settle(5)
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+    await net.settle(2)  # reads brought pages home and pushed others out: let them settle
+    assert a.layer.replica_histogram() == {2: a.layer.remote_pages}
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="replicas"):
+        RemoteConfig(replicas=0)
+    with pytest.raises(ValueError, match="heartbeat_interval"):
+        RemoteConfig(heartbeat_interval=5, down_after=1)
