@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from node.settings import Settings
-from ramster.zcache import PAGE_SIZE, CorruptPage, PutResult, ZCache, ZCacheConfig
+from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheConfig
 
 CHUNK_PAGES = 128
 T = TypeVar("T")
@@ -46,7 +46,7 @@ class ChunkedEngine:
 
     async def get_batch(
         self, pool: int, keys: list[tuple[int, int]], exclusive: bool
-    ) -> list[bytes | CorruptPage | None]:
+    ) -> list[bytes | PageError | None]:
         get = self.engine.get_batch
         return await self._chunked(lambda part: get(pool, keys[part], exclusive), len(keys))
 

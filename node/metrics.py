@@ -67,13 +67,19 @@ class EngineCollector(Collector):
         yield refused
         gets = CounterMetricFamily(
             "ramster_gets",
-            "Pages asked for, by result (corrupt: failed verification).",
+            "Pages asked for, by result (corrupt: failed verification; unavailable: out of reach).",
             labels=["result"],
         )
         gets.add_metric(["hit"], s.hits)
         gets.add_metric(["miss"], s.misses)
         gets.add_metric(["corrupt"], s.corrupt)
+        gets.add_metric(["unavailable"], s.unavailable)
         yield gets
+        yield CounterMetricFamily(
+            "ramster_evictor_hits",
+            "Pages served from the evictor (backing file, peers) rather than RAM.",
+            s.evictor_hits,
+        )
         yield CounterMetricFamily(
             "ramster_duplicate_puts", "Puts that replaced a page under the same key.",
             s.duplicate_puts,

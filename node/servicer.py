@@ -19,7 +19,7 @@ from ramster import __version__
 from ramster.client.wire import batch_keys, split_pages
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
-from ramster.zcache import CorruptPage, PoolKind, PutResult, ZCache
+from ramster.zcache import CorruptPage, PageError, PoolKind, PutResult, ZCache
 
 _OUTCOMES = {
     PutResult.STORED: pb.PUT_OUTCOME_STORED,
@@ -38,13 +38,21 @@ ENGINE_KIND = {
     pb.POOL_KIND_PERSISTENT: PoolKind.PERSISTENT,
     pb.POOL_KIND_EPHEMERAL: PoolKind.EPHEMERAL,
 }
-HIT, MISS, CORRUPT = pb.PAGE_STATUS_HIT, pb.PAGE_STATUS_MISS, pb.PAGE_STATUS_CORRUPT
+HIT, MISS = pb.PAGE_STATUS_HIT, pb.PAGE_STATUS_MISS
 
 Operation = Callable[[Any], Awaitable[Any]]
 
 
-def page_statuses(pages: list[bytes | CorruptPage | None]) -> list[pb.PageStatus]:
-    return [HIT if type(p) is bytes else MISS if p is None else CORRUPT for p in pages]
+def page_status(page: bytes | PageError | None) -> pb.PageStatus:
+    if type(page) is bytes:
+        return HIT
+    if page is None:
+        return MISS
+    return pb.PAGE_STATUS_CORRUPT if isinstance(page, CorruptPage) else pb.PAGE_STATUS_UNAVAILABLE
+
+
+def page_statuses(pages: list[bytes | PageError | None]) -> list[pb.PageStatus]:
+    return [HIT if type(p) is bytes else page_status(p) for p in pages]
 
 
 class TmemServicer(tmem_pb2_grpc.TmemServicer):
@@ -86,7 +94,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         page = self.engine.get_batch(req.pool, [(req.oid, req.index)], req.exclusive)[0]
         if type(page) is bytes:
             return pb.GetResponse(status=HIT, page=page)
-        return pb.GetResponse(status=MISS if page is None else CORRUPT)
+        return pb.GetResponse(status=page_status(page))
 
     async def _flush_page(self, req: pb.FlushPageRequest) -> pb.FlushPageResponse:
         return pb.FlushPageResponse(found=self.engine.flush_page(req.pool, req.oid, req.index))
@@ -126,6 +134,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
             compacted_frames=s.compacted_frames,
             put_outcomes=s.outcomes,
             pools=self._pool_infos(s),
+            unavailable=s.unavailable,
+            written_back_pages=s.written_back_pages,
         )
 
     @staticmethod

@@ -30,6 +30,8 @@ class EngineSnapshot:
     hits: int
     misses: int
     corrupt: int
+    unavailable: int
+    evictor_hits: int  # gets served from the evictor (backing file, peers)
     duplicate_puts: int
     flushes: int
     compacted_frames: int
@@ -63,6 +65,8 @@ def take_snapshot(engine: ZCache) -> EngineSnapshot:
         hits=stats.hits,
         misses=stats.misses,
         corrupt=stats.corrupt,
+        unavailable=stats.unavailable,
+        evictor_hits=stats.evicted_hits,
         duplicate_puts=stats.duplicate_puts,
         flushes=stats.flushes,
         compacted_frames=stats.compacted_frames,

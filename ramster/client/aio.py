@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ramster.client.errors import (
     CorruptPage,
+    PageUnavailable,
     RamsterError,
     Unavailable,
     from_code_number,
@@ -127,11 +128,14 @@ class AsyncClient:
         exclusive: bool = False,
         timeout: float | None = None,
     ) -> bytes | None:
-        """The page, or None.  Raises CorruptPage if the node's copy failed verification."""
+        """The page, or None.  Raises CorruptPage if the node's copy failed verification and
+        PageUnavailable if no copy can be reached now."""
         request = pb.GetRequest(pool=pool, oid=oid, index=index, exclusive=exclusive)
         reply = await self._call("Get", request, timeout)
         if reply.status == pb.PAGE_STATUS_CORRUPT:
             raise CorruptPage(f"pool {pool} page ({oid}, {index}) failed verification")
+        if reply.status == pb.PAGE_STATUS_UNAVAILABLE:
+            raise PageUnavailable(f"pool {pool} page ({oid}, {index}) has no reachable copy")
         return reply.page if reply.status == pb.PAGE_STATUS_HIT else None
 
     async def flush_page(

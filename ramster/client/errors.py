@@ -46,6 +46,10 @@ class CorruptPage(RamsterError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class PageUnavailable(Unavailable):
+    """The node knows the page but can reach no copy of it now (its holders are down)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[RamsterError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, ResourceExhausted, Unavailable, DeadlineExceeded)

@@ -50,6 +50,7 @@ class PageStatus(enum.IntEnum):
     HIT = pb.PAGE_STATUS_HIT
     MISS = pb.PAGE_STATUS_MISS
     CORRUPT = pb.PAGE_STATUS_CORRUPT
+    UNAVAILABLE = pb.PAGE_STATUS_UNAVAILABLE
 
 
 def check_count(count: int) -> None:

@@ -28,6 +28,7 @@ class PageStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PAGE_STATUS_HIT: _ClassVar[PageStatus]
     PAGE_STATUS_MISS: _ClassVar[PageStatus]
     PAGE_STATUS_CORRUPT: _ClassVar[PageStatus]
+    PAGE_STATUS_UNAVAILABLE: _ClassVar[PageStatus]
 POOL_KIND_UNSPECIFIED: PoolKind
 POOL_KIND_PERSISTENT: PoolKind
 POOL_KIND_EPHEMERAL: PoolKind
@@ -41,6 +42,7 @@ PAGE_STATUS_UNSPECIFIED: PageStatus
 PAGE_STATUS_HIT: PageStatus
 PAGE_STATUS_MISS: PageStatus
 PAGE_STATUS_CORRUPT: PageStatus
+PAGE_STATUS_UNAVAILABLE: PageStatus
 
 class CreatePoolRequest(_message.Message):
     __slots__ = ("kind", "allocator")
@@ -239,7 +241,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("node_id", "version", "pool_limit_bytes", "pool_size_bytes", "stored_pages", "zpages", "pages_per_frame", "puts", "gets", "hits", "misses", "duplicate_puts", "flushes", "corrupt", "compacted_frames", "put_outcomes", "pools")
+    __slots__ = ("node_id", "version", "pool_limit_bytes", "pool_size_bytes", "stored_pages", "zpages", "pages_per_frame", "puts", "gets", "hits", "misses", "duplicate_puts", "flushes", "corrupt", "compacted_frames", "put_outcomes", "pools", "unavailable", "written_back_pages")
     class PutOutcomesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +266,8 @@ class StatsResponse(_message.Message):
     COMPACTED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     PUT_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_BACK_PAGES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     version: str
     pool_limit_bytes: int
@@ -281,4 +285,6 @@ class StatsResponse(_message.Message):
     compacted_frames: int
     put_outcomes: _containers.ScalarMap[str, int]
     pools: _containers.RepeatedCompositeFieldContainer[PoolInfo]
-    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., pool_limit_bytes: _Optional[int] = ..., pool_size_bytes: _Optional[int] = ..., stored_pages: _Optional[int] = ..., zpages: _Optional[int] = ..., pages_per_frame: _Optional[float] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., duplicate_puts: _Optional[int] = ..., flushes: _Optional[int] = ..., corrupt: _Optional[int] = ..., compacted_frames: _Optional[int] = ..., put_outcomes: _Optional[_Mapping[str, int]] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ...) -> None: ...
+    unavailable: int
+    written_back_pages: int
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., pool_limit_bytes: _Optional[int] = ..., pool_size_bytes: _Optional[int] = ..., stored_pages: _Optional[int] = ..., zpages: _Optional[int] = ..., pages_per_frame: _Optional[float] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., duplicate_puts: _Optional[int] = ..., flushes: _Optional[int] = ..., corrupt: _Optional[int] = ..., compacted_frames: _Optional[int] = ..., put_outcomes: _Optional[_Mapping[str, int]] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ..., unavailable: _Optional[int] = ..., written_back_pages: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,59 @@
+# `ramster pools [list|create|destroy]`: the pools of a node.  With no action it lists them.
+from __future__ import annotations
+
+import argparse
+
+from ramster.cli.table import print_table
+from ramster.cli.target import add_target, connect, nonnegative
+from ramster.client.aio import KINDS
+from ramster.zcache import ALLOCATORS
+
+
+def _list(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        pools = client.list_pools()
+    if not pools:
+        print("no pools")
+        return 0
+    print_table(
+        ["pool", "kind", "allocator", "pages"],
+        [[p.pool, p.kind, p.allocator, p.pages] for p in pools],
+    )
+    return 0
+
+
+def _create(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        pool = client.create_pool(args.kind, args.allocator)
+    print(pool)
+    return 0
+
+
+def _destroy(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        pages = client.destroy_pool(args.pool)
+    print(f"destroyed pool {args.pool} ({pages} pages dropped)")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pools = commands.add_parser(
+        "pools",
+        help="list, create or destroy a node's pools",
+        description="List a node's pools (the default), create one (its id is printed) or "
+        "destroy one with every page in it.",
+    )
+    add_target(pools)
+    pools.set_defaults(func=_list)
+    actions = pools.add_subparsers(dest="action", metavar="ACTION")
+    p = actions.add_parser("list", help="list the pools (the default)")
+    p.set_defaults(func=_list)
+    p = actions.add_parser("create", help="create a pool and print its id")
+    p.add_argument("--kind", choices=tuple(KINDS), default="persistent")
+    p.add_argument("--allocator", choices=ALLOCATORS, help="default: the node's")
+    p.set_defaults(func=_create)
+    p = actions.add_parser("destroy", help="destroy a pool and every page in it")
+    p.add_argument("pool", type=nonnegative, metavar="POOL")
+    p.set_defaults(func=_destroy)
+    for action in actions.choices.values():
+        add_target(action, again=True)

@@ -1,0 +1,73 @@
+# What every node command shares: the --target/--timeout flags and a client whose failures become
+# one-line CliErrors that name the node ("127.0.0.1:7070: UNAVAILABLE: failed to connect ...").
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+
+from ramster.cli.errors import CliError
+from ramster.client import Client, RamsterError
+
+DEFAULT_TARGET = "127.0.0.1:7070"
+
+
+def hostport(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def add_target(parser: argparse.ArgumentParser, timeout: float = 10.0, again: bool = False) -> None:
+    """--target and --timeout.  `again` is for a sub-action of a command that has them already:
+    there they default to nothing, so the command-level values stand unless given."""
+    parser.add_argument(
+        "--target",
+        type=hostport,
+        default=argparse.SUPPRESS if again else DEFAULT_TARGET,
+        metavar="HOST:PORT",
+        help=f"the node's gRPC address (default {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=seconds,
+        default=argparse.SUPPRESS if again else timeout,
+        metavar="S",
+        help=f"deadline of each call in seconds (default {timeout:g})",
+    )
+
+
+def add_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pool", type=nonnegative, required=True, help="pool id")
+    parser.add_argument("--oid", type=nonnegative, required=True, help="object id")
+
+
+@contextlib.contextmanager
+def connect(args: argparse.Namespace) -> Iterator[Client]:
+    """A client of --target; any RamsterError inside becomes a CliError naming the target."""
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            yield client
+    except RamsterError as exc:
+        raise CliError(f"{args.target}: {exc}") from None
