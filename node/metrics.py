@@ -14,7 +14,14 @@ import threading
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -146,6 +153,7 @@ class NodeMetrics:
     """The registry of one node and the HTTP server that exposes it."""
 
     def __init__(self, snapshot: Callable[[], EngineSnapshot], version: str, node_id: str) -> None:
+        disable_created_metrics()  # no *_created series: go-grpc-prometheus has none either
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(snapshot))
         self.grpc = GrpcMetrics(self.registry)

@@ -1,0 +1,97 @@
+# The Prometheus endpoint: values that follow what clients do, go-grpc-prometheus names, and a
+# clean bill from promtool (installed by .ci/run; skipped where it is missing).
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.server import Node
+from ramster.client import AsyncClient, KeyRange, NotFound
+
+
+def scrape(node: Node) -> str:
+    url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return str(reply.read().decode())
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_engine_metrics_follow_puts_and_gets(
+    node: Node, client: AsyncClient, sample_pages: list[bytes]
+) -> None:
+    before = scrape(node)
+    assert value(before, "ramster_stored_pages") == 0
+    assert value(before, "ramster_pool_limit_bytes") == 64 * 1024 * 1024
+    pool = await client.create_pool()
+    await client.put_batch(pool, KeyRange(1, 0, 96), sample_pages)
+    await client.get_batch(pool, KeyRange(1, 0, 100))
+    after = scrape(node)
+    assert value(after, "ramster_stored_pages") == 88
+    assert value(after, "ramster_puts_total") == 96
+    assert value(after, "ramster_puts_refused_total", reason="poor_compression") == 8
+    assert value(after, "ramster_puts_refused_total", reason="no_room") == 0
+    assert value(after, "ramster_put_outcomes_total", outcome="stored") == 88
+    assert value(after, "ramster_gets_total", result="hit") == 88
+    assert value(after, "ramster_gets_total", result="miss") == 12
+    assert value(after, "ramster_pool_size_bytes") > 0
+    assert value(after, "ramster_pages_per_frame") > 1
+    assert value(after, "ramster_pools") == 1
+    await client.flush_object(pool, 1)
+    assert value(scrape(node), "ramster_flushes_total") == 88
+    info = [s for s in samples(after) if s[0] == "ramster_build_info"]
+    assert info and ("version", "0.1.0") in info[0][1]
+
+
+async def test_grpc_metrics(node: Node, client: AsyncClient) -> None:
+    await client.create_pool()
+    with pytest.raises(NotFound):
+        await client.destroy_pool(99)
+    text = scrape(node)
+    unary = {"grpc_type": "unary", "grpc_service": "ramster.v1.Tmem"}
+    assert value(text, "grpc_server_started_total", grpc_method="CreatePool", **unary) == 1
+    assert (
+        value(text, "grpc_server_handled_total", grpc_method="CreatePool", grpc_code="OK", **unary)
+        == 1
+    )
+    assert (
+        value(
+            text,
+            "grpc_server_handled_total",
+            grpc_method="DestroyPool",
+            grpc_code="NotFound",
+            **unary,
+        )
+        == 1
+    )
+    assert value(text, "grpc_server_handling_seconds_count", grpc_method="CreatePool", **unary) == 1
+
+
+async def test_promtool_accepts_the_metrics(
+    node: Node, client: AsyncClient, sample_pages: list[bytes]
+) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus; .ci/run installs it)")
+    pool = await client.create_pool()
+    await client.put_batch(pool, KeyRange(1, 0, 96), sample_pages)
+    async with client.stream() as stream:
+        await (await stream.get_batch(pool, KeyRange(1, 0, 96)))
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=scrape(node), capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
