@@ -8,7 +8,8 @@
 # milliseconds of work: short enough that a single-page get never waits long behind a big batch,
 # long enough that the yields cost nothing measurable.  Chunks of concurrent batches may
 # interleave; each page's operation is atomic, a batch as a whole is not (keys and pages are
-# checked before the first chunk, so a malformed batch still changes nothing).
+# checked before the first chunk, so a malformed batch still changes nothing).  Destroying a
+# big pool is cut up too: its objects are flushed a few at a time, then the empty pool goes.
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +20,7 @@ from node.settings import Settings
 from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheConfig
 
 CHUNK_PAGES = 128
+FLUSHES_PER_PUT = 8  # a flush costs about an eighth of a put
 T = TypeVar("T")
 
 
@@ -49,6 +51,21 @@ class ChunkedEngine:
     ) -> list[bytes | PageError | None]:
         get = self.engine.get_batch
         return await self._chunked(lambda part: get(pool, keys[part], exclusive), len(keys))
+
+    async def destroy_pool(self, pool: int) -> int:
+        """Drop a pool, first flushing its objects with a yield after every ~chunk of pages:
+        the engine's destroy_pool is one call of ~4 ms per 1000 pages.  (One object is flushed
+        in one call.)  Its pages count as flushes."""
+        flush, step = self.engine.flush_object, self.chunk * FLUSHES_PER_PUT
+        dropped = since_yield = 0
+        for oid in list(self.engine.pool(pool).index.objects):
+            if since_yield >= step:
+                await asyncio.sleep(0)
+                since_yield = 0
+            flushed = flush(pool, oid)
+            dropped += flushed
+            since_yield += flushed
+        return dropped + self.engine.destroy_pool(pool)
 
     async def _chunked(self, call: Callable[[slice], list[T]], count: int) -> list[T]:
         out: list[T] = []

@@ -12,6 +12,7 @@ from node.logs import configure, log_event
 from node.server import Node, StartupError
 from node.settings import Settings, SettingsError, add_arguments, resolve
 from ramster import __version__
+from ramster.client.buffers import keep_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ramster-node: error: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_level)
+    keep_freed_memory()
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:

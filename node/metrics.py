@@ -153,7 +153,7 @@ class NodeMetrics:
     """The registry of one node and the HTTP server that exposes it."""
 
     def __init__(self, snapshot: Callable[[], EngineSnapshot], version: str, node_id: str) -> None:
-        disable_created_metrics()  # no *_created series: go-grpc-prometheus has none either
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # go-grpc-prometheus has none
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(snapshot))
         self.grpc = GrpcMetrics(self.registry)

@@ -75,7 +75,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.CreatePoolResponse(pool=pool)
 
     async def _destroy_pool(self, req: pb.DestroyPoolRequest) -> pb.DestroyPoolResponse:
-        return pb.DestroyPoolResponse(pages=self.engine.destroy_pool(req.pool))
+        return pb.DestroyPoolResponse(pages=await self.chunked.destroy_pool(req.pool))
 
     async def _list_pools(self, req: pb.ListPoolsRequest) -> pb.ListPoolsResponse:
         return pb.ListPoolsResponse(pools=self._pool_infos(take_snapshot(self.engine)))

@@ -19,6 +19,7 @@ from typing import Any
 from ramster.bench.report import Progress
 from ramster.client import AsyncClient, GetResult, KeyRange, Outcome, PageStatus
 from ramster.client.aio import Stream
+from ramster.client.buffers import keep_freed_memory
 from ramster.client.local import LocalNode
 from ramster.zcache import PAGE_SIZE
 
@@ -32,6 +33,7 @@ def run(
     singles: int = 2000,
 ) -> dict[str, Any]:
     """Measure the node at `target` (or a fresh local node) with `count` pages of the corpus."""
+    keep_freed_memory()
     if target:
         return asyncio.run(_run(pages, target, count, batch, window, singles))
     with LocalNode() as node:

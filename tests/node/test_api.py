@@ -101,6 +101,7 @@ async def test_many_splits_into_batches(client: AsyncClient, sample_pages: list[
     assert len(outcomes) == len(pages) and not any(o.refused for o in outcomes)
     result = await client.get_many(pool, 8, 5, len(pages))
     assert result.pages == pages
+    assert await client.destroy_pool(pool) == len(pages)  # flushed in chunks, then dropped
 
 
 async def test_stream_pipelines_and_survives_errors(
