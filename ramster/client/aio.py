@@ -217,6 +217,7 @@ class Stream:
         self._pending: deque[tuple[int, asyncio.Future[Any], Callable[[Any], Any]]] = deque()
         self._next_id = 0
         self._failure: RamsterError | None = None
+        self._cancelled = False  # by us, on leaving the block with an exception
 
     async def __aenter__(self) -> Stream:
         self._call = self._stub.Stream(timeout=self._timeout)
@@ -230,6 +231,7 @@ class Stream:
             with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                 await self._call.done_writing()  # on failure, the reader says how it ended
         else:
+            self._cancelled = True
             self._call.cancel()
         if self._reader:
             await self._reader
@@ -302,6 +304,10 @@ class Stream:
         except RamsterError as exc:
             self._fail(exc)
             self._call.cancel()
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise
+            self._fail(RamsterError("the stream was cancelled", grpc.StatusCode.CANCELLED))
         if self._pending:
             self._fail(Unavailable("the stream ended with requests unanswered"))
 

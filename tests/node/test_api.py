@@ -285,3 +285,15 @@ async def test_draining_refuses_new_calls_and_finishes_running_ones(
         later = await stream.get_batch(pool, KeyRange(1, 0, 8))
         assert (await later).pages == sample_pages[:8]  # the running stream is still served
     await asyncio.wait_for(stopping, timeout=60)
+
+
+async def test_stream_block_error_surfaces_and_cancels_pending(client: AsyncClient) -> None:
+    pool = await client.create_pool()
+    with pytest.raises(ValueError, match="caller's own"):
+        async with client.stream() as stream:
+            pending = await stream.put_batch(pool, KeyRange(1, 0, 1), [bytes(4096)])
+            raise ValueError("the caller's own error")
+    assert pending.done()
+    async with client.stream() as stream:  # the client goes on working
+        again = await stream.put_batch(pool, KeyRange(1, 0, 1), [bytes(4096)])
+    assert await again == [Outcome.SAME_FILLED]
