@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -45,7 +45,6 @@ class Gate:
 
     draining: bool = False
     in_flight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def admits(self, service: str) -> bool:
         return not self.draining or service == HEALTH_SERVICE
@@ -62,7 +61,6 @@ class _Call:
 
     def __enter__(self) -> _Call:
         self.gate.in_flight += 1
-        self.gate.idle.clear()
         self.start = time.perf_counter()
         return self
 
@@ -80,8 +78,6 @@ class _Call:
             code = grpc.StatusCode.UNKNOWN
         self.handled(go_code_name(code)).inc()
         self.gate.in_flight -= 1
-        if not self.gate.in_flight:
-            self.gate.idle.set()
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -63,7 +63,8 @@ class Node:
             raise StartupError(f"cannot use data directory {s.data_dir}: {exc}") from None
         metrics = self._metrics = NodeMetrics(lambda: take_snapshot(engine), __version__, s.node_id)
         server = self._server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.gate, metrics.grpc)], options=CHANNEL_OPTIONS
+            interceptors=[RpcInterceptor(self.gate, metrics.grpc)],
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],  # a second node on a port fails
         )
         servicer = TmemServicer(engine, s.node_id)
         tmem_pb2_grpc.add_TmemServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

@@ -171,7 +171,11 @@ def _flag(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; unset flags stay out of the namespace (argparse.SUPPRESS)."""
-    parser.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as flags)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of settings, keys named like the flags [env RAMSTER_CONFIG]",
+    )
     for f in fields(Settings):
         shown = "" if f.default is MISSING else f"; default {f.default or 'none'}"
         parser.add_argument(

@@ -62,7 +62,7 @@ class LocalNode:
         self.port, self.metrics_port = ports["port"], ports["metrics_port"]
         return self
 
-    def signal(self, sig: int = signal.SIGTERM) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(sig)
 
@@ -77,7 +77,7 @@ class LocalNode:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, then the exit status."""
-        self.signal(signal.SIGTERM)
+        self.send_signal(signal.SIGTERM)
         return self.wait(timeout)
 
     def kill(self) -> None:

@@ -85,6 +85,14 @@ def test_port_in_use_fails_cleanly(tmp_path: Path) -> None:
     assert failed and "cannot listen" in str(failed[0]["error"])
 
 
+def test_two_nodes_cannot_share_a_port(tmp_path: Path) -> None:
+    with LocalNode() as first:
+        out = node_cli(
+            "--listen", first.target, "--metrics-listen", "", "--data-dir", str(tmp_path)
+        )
+    assert out.returncode == 1 and "cannot listen" in out.stderr
+
+
 def test_listening_event_and_clean_stop() -> None:
     with LocalNode("--node-id", "n1", "--pool-limit", "8Mi") as node:
         assert node.port and node.metrics_port
@@ -118,7 +126,7 @@ async def test_sigterm_mid_traffic_finishes_running_rpcs(sample_pages: list[byte
                 assert set(await first) == {Outcome.STORED}
                 workers = [asyncio.create_task(hammer(oid)) for oid in (10, 11)]
                 await asyncio.sleep(0.3)
-                node.signal(signal.SIGTERM)
+                node.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(asyncio.gather(*workers), timeout=120)
                 # the stream was running when the signal came: it is still served
                 later = await stream.get_batch(pool, KeyRange(1, 0, 88))
