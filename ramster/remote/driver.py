@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ramster.remote.layer import FetchSource, RamsterLayer, SendPlan
+from ramster.remote.membership import PeerEvent
 from ramster.zcache import ZCache
 from ramster.zcache.codec import zpage_key, zpage_length
 
@@ -76,7 +77,7 @@ class RemoteDriver:
     async def round(self) -> None:
         await self.heartbeat()
         for address in self.layer.expire(self.clock()):
-            log.warning("peer down", extra={"peer": address})
+            log.warning("peer %s down", address)
         while await self.pump():
             pass
         self.rounds += 1
@@ -93,7 +94,8 @@ class RemoteDriver:
                     address, reply.node_id, reply.incarnation, reply.free_bytes, reply.leaving, now
                 )
                 for event in events:
-                    log.info("peer %s", event.value, extra={"peer": address})
+                    level = logging.ERROR if event is PeerEvent.CONFLICT else logging.INFO
+                    log.log(level, "peer %s %s", address, event.value)
 
     async def pump(self) -> bool:
         """One pass over everything the layer queued; whether there was anything."""

@@ -96,13 +96,14 @@ class RamsterLayer:
     def __init__(
         self,
         node_id: str,
+        incarnation: str,
         peers: list[str],
         config: RemoteConfig | None = None,
         local: Evictor | None = None,
         seed: int | None = None,
     ) -> None:
         self.config = config or RemoteConfig()
-        self.membership = Membership(node_id, peers, self.config.down_after, seed)
+        self.membership = Membership(node_id, incarnation, peers, self.config.down_after, seed)
         self.local = local
         self.stats = LayerStats()
         self.entries: dict[int, Entry] = {}

@@ -1,12 +1,14 @@
 # Membership view: which peers are up, how much room each reported, and placement among them.
 #
-# Every node heartbeats every configured peer address (the same list on every node works: a node
-# that answers with our own node id is us, and is dropped).  A reply carries the peer's node id,
-# its incarnation (random per process start), its free room for foreign pages and whether it is
-# leaving.  Silence for `down_after` seconds marks a peer down; a reply with a new incarnation
-# means the peer restarted and lost what it held, which the layer treats as down-then-up.  Each
-# down bumps the peer's *epoch*: pages are placed on a peer tagged with the epoch they were sent
-# in, so when a peer comes back the owner can tell it to drop everything from older epochs.
+# Every node heartbeats every configured peer address (the same list on every node works: an
+# address that answers with our own incarnation is us, and is dropped; one that answers with our
+# node id but another incarnation is a misconfigured twin, and is never used).  A reply carries
+# the peer's node id, its incarnation (random per process start), its free room for foreign pages
+# and whether it is leaving.  Silence for `down_after` seconds marks a peer down; a reply with a
+# new incarnation means the peer restarted and lost what it held, which the layer treats as
+# down-then-up.  Each down bumps the peer's *epoch*: pages are placed on a peer tagged with the
+# epoch they were sent in, so when a peer comes back the owner can tell it to drop everything
+# from older epochs.
 #
 # Placement is "the better of two random choices" by reported free room, as in load balancing:
 # nearly as good as always picking the emptiest peer, without herding every node onto it.  Free
@@ -23,6 +25,7 @@ class PeerEvent(Enum):
     DOWN = "down"
     RESTARTED = "restarted"  # came back as a new process: everything it held is gone
     LEAVING = "leaving"  # graceful stop announced: copy what it holds elsewhere
+    CONFLICT = "conflict"  # another live node uses our node id: ignored
 
 
 @dataclass
@@ -43,9 +46,15 @@ class Peer:
 
 class Membership:
     def __init__(
-        self, node_id: str, addresses: list[str], down_after: float, seed: int | None = None
+        self,
+        node_id: str,
+        incarnation: str,
+        addresses: list[str],
+        down_after: float,
+        seed: int | None = None,
     ) -> None:
         self.node_id = node_id
+        self.incarnation = incarnation
         self.down_after = down_after
         self.peers: dict[str, Peer] = {a: Peer(a) for a in dict.fromkeys(addresses)}
         self._rng = random.Random(seed)
@@ -63,9 +72,12 @@ class Membership:
         peer = self.peers.get(address)
         if peer is None:
             return []
-        if node_id == self.node_id:  # our own address in the shared list
+        if incarnation == self.incarnation:  # our own address in the shared list
             del self.peers[address]
             return []
+        if node_id == self.node_id:
+            del self.peers[address]
+            return [PeerEvent.CONFLICT]
         events = []
         if peer.incarnation and incarnation != peer.incarnation:
             events.append(PeerEvent.RESTARTED)

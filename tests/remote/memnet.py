@@ -29,7 +29,9 @@ class MemNode:
         self.corrupt = False
         self.leaving = False
         self.backing = BackingFile(tmp / f"{name}.dat")
-        self.layer = RamsterLayer(name, net.addresses, net.config, local=self.backing, seed=7)
+        self.layer = RamsterLayer(
+            name, self.incarnation, net.addresses, net.config, local=self.backing, seed=7
+        )
         self.chain = EvictorChain([self.layer, self.backing])
         self.cache = ZCache(ZCacheConfig(capacity_frames=limit_frames), evictor=self.chain)
         self.foreign = ForeignStore(foreign_frames)

@@ -152,3 +152,13 @@ def test_config_is_validated() -> None:
         RemoteConfig(replicas=0)
     with pytest.raises(ValueError, match="heartbeat_interval"):
         RemoteConfig(heartbeat_interval=5, down_after=1)
+
+
+async def test_own_address_and_twins_are_not_peers(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    net.nodes["c"].name = "a"  # c is misconfigured with a's node id
+    await net.settle(1)
+    peers = net.nodes["a"].layer.membership.peers
+    assert set(peers) == {"b"}  # itself dropped, the twin ignored
