@@ -201,13 +201,14 @@ def build_project_image(base: str, workdir: Path) -> str:
     tag = f"ramster-test:{uuid.uuid4().hex[:10]}"
     # The build stage is tagged too (built first, then reused from cache by the full build), so
     # remove_project_image() can delete it: the classic builder would leave it dangling.
-    for target, name in (["--target", "build"], build_stage_tag(tag)), ([], tag):
+    stages: list[tuple[list[str], str]] = [(["--target", "build"], build_stage_tag(tag)), ([], tag)]
+    for stage, name in stages:
         run(
             [
                 "docker",
                 "build",
                 "--quiet",
-                *target,
+                *stage,
                 "--file",
                 str(context / "deploy" / "Dockerfile"),
                 "--build-arg",
