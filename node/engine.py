@@ -13,32 +13,47 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from node.settings import Settings
 from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheConfig
+from ramster.zcache.backing import BackingFile
+from ramster.zcache.evictor import Evictor
 
+BACKING_FILE = "backing.dat"
 CHUNK_PAGES = 128
 FLUSHES_PER_PUT = 8  # a flush costs about an eighth of a put
 T = TypeVar("T")
+Prefetch = Callable[[int, list[tuple[int, int]]], Awaitable[None]]
 
 
-def build_engine(settings: Settings) -> ZCache:
+def build_engine(settings: Settings, evictor: Evictor | None = None) -> ZCache:
+    """The engine under the pool limit, with `evictor` as its backdoor exit (the backing file,
+    or the chain [ramster layer, backing file]); it adopts what the evictor kept from before."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     config = ZCacheConfig(
         capacity_frames=max(1, settings.pool_limit // PAGE_SIZE),
         default_allocator=settings.allocator,
     )
-    return ZCache(config)
+    return ZCache(config, evictor=evictor)
+
+
+def open_backing(settings: Settings) -> BackingFile:
+    """The node's swap disk: data_dir/backing.dat, found again across restarts."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return BackingFile(settings.data_dir / BACKING_FILE, limit_bytes=settings.backing_limit)
 
 
 class ChunkedEngine:
     """Batch operations of an engine, cut into chunks with a yield to the loop between them."""
 
-    def __init__(self, engine: ZCache, chunk: int = CHUNK_PAGES) -> None:
+    def __init__(
+        self, engine: ZCache, chunk: int = CHUNK_PAGES, prefetch: Prefetch | None = None
+    ) -> None:
         self.engine = engine
         self.chunk = chunk
+        self.prefetch = prefetch  # fetches remote copies a get is about to read
 
     async def put_batch(
         self, pool: int, keys: list[tuple[int, int]], pages: list[bytes]
@@ -50,7 +65,16 @@ class ChunkedEngine:
         self, pool: int, keys: list[tuple[int, int]], exclusive: bool
     ) -> list[bytes | PageError | None]:
         get = self.engine.get_batch
-        return await self._chunked(lambda part: get(pool, keys[part], exclusive), len(keys))
+        if self.prefetch is None:
+            return await self._chunked(lambda part: get(pool, keys[part], exclusive), len(keys))
+        out: list[bytes | PageError | None] = []
+        for start in range(0, len(keys), self.chunk):
+            if start:
+                await asyncio.sleep(0)
+            part = keys[start : start + self.chunk]
+            await self.prefetch(pool, part)
+            out += get(pool, part, exclusive)
+        return out
 
     async def destroy_pool(self, pool: int) -> int:
         """Drop a pool, first flushing its objects with a yield after every ~chunk of pages:

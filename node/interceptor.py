@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -41,13 +41,22 @@ def go_code_name(code: grpc.StatusCode) -> str:
 
 @dataclass
 class Gate:
-    """Whether the node takes new RPCs, and how many are running."""
+    """Whether the node takes new RPCs, and how many are running.  While draining, only the
+    services in `always` are admitted (health; with peers, the peer service, which owners need
+    to take back what a leaving node holds)."""
 
     draining: bool = False
     in_flight: int = 0
+    always: set[str] = field(default_factory=lambda: {HEALTH_SERVICE})
 
     def admits(self, service: str) -> bool:
-        return not self.draining or service == HEALTH_SERVICE
+        return not self.draining or service in self.always
+
+    async def idle(self, timeout: float) -> None:
+        """Wait until no RPC is running, or `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
 
 class _Call:

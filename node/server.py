@@ -1,10 +1,17 @@
 # One node's lifecycle: start (engine, gRPC server, health, reflection, metrics), serve until a
 # signal, drain, stop.
 #
+# With peers configured the node also serves ramster.v1.Peer, and its engine's evictor is the
+# chain [ramster layer, backing file]; without, the backing file alone (data_dir/backing.dat,
+# whose written-back pages a restart finds again).
+#
 # Shutdown order (SIGTERM/SIGINT, or stop() from tests): health flips to NOT_SERVING and the
-# gate refuses new RPCs with UNAVAILABLE; the gRPC server stops taking calls and gives running
-# ones up to `grace` seconds (then cancels them); the metrics endpoint closes; the engine closes
-# last, when nothing can touch it.  Startup failures (a port in use, an unusable data directory)
+# gate refuses new client RPCs with UNAVAILABLE; with peers, the node announces it is leaving and
+# keeps serving peers until its owners have copied what it holds elsewhere (up to `grace`); the
+# gRPC server stops taking calls and gives running ones up to `grace` seconds (then cancels
+# them); the metrics endpoint closes; the engine and then the backing file close last, when
+# nothing can touch them (the backing file is marked clean: nothing to redo on restart).
+# Startup failures (a port in use, an unusable data directory)
 # raise StartupError with a one-line reason; main() turns it into a log line and exit status 1.
 from __future__ import annotations
 
@@ -12,24 +19,28 @@ import asyncio
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from node.engine import build_engine
+from node.cluster import RemoteSide
+from node.engine import build_engine, open_backing
 from node.interceptor import Gate, RpcInterceptor
 from node.logs import log_event
 from node.loopwatch import LoopWatch
 from node.metrics import NodeMetrics
+from node.peering import PEER_SERVICE
 from node.servicer import TmemServicer
 from node.settings import HostPort, Settings
 from node.snapshot import take_snapshot
 from ramster import __version__
 from ramster.client.wire import CHANNEL_OPTIONS
-from ramster.v1 import tmem_pb2, tmem_pb2_grpc
+from ramster.v1 import peer_pb2_grpc, tmem_pb2, tmem_pb2_grpc
 from ramster.zcache import PAGE_SIZE, ZCache
+from ramster.zcache.backing import BackingFile, BackingFileError
 
 TMEM_SERVICE = tmem_pb2.DESCRIPTOR.services_by_name["Tmem"].full_name
 
@@ -45,6 +56,8 @@ class Node:
         self.port = 0
         self.metrics_port: int | None = None
         self.engine: ZCache | None = None
+        self.backing: BackingFile | None = None
+        self.remote: RemoteSide | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics: NodeMetrics | None = None
         self._health = health.aio.HealthServicer()
@@ -58,20 +71,40 @@ class Node:
     async def start(self) -> None:
         s = self.settings
         try:
-            engine = self.engine = build_engine(s)
-        except OSError as exc:
+            backing = self.backing = open_backing(s)
+            remote = self.remote = RemoteSide(s, backing) if s.peers else None
+            engine = self.engine = build_engine(s, remote.chain if remote else backing)
+        except (OSError, BackingFileError) as exc:
             raise StartupError(f"cannot use data directory {s.data_dir}: {exc}") from None
+        except ValueError as exc:  # peer settings that do not fit together
+            raise StartupError(str(exc)) from None
+        if backing.stats.recovered or not backing.stats.was_clean:
+            log_event(
+                "backing_file_recovered",
+                pages=backing.stats.recovered,
+                torn_records=backing.stats.torn,
+                clean_stop=backing.stats.was_clean,
+            )
         metrics = self._metrics = NodeMetrics(lambda: take_snapshot(engine), __version__, s.node_id)
         server = self._server = grpc.aio.server(
             interceptors=[RpcInterceptor(self.gate, metrics.grpc)],
             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],  # a second node on a port fails
         )
-        servicer = TmemServicer(engine, s.node_id)
+        servicer = TmemServicer(
+            engine,
+            s.node_id,
+            prefetch=remote.prefetch if remote else None,
+            remote_stats=remote.stats if remote else None,
+        )
         tmem_pb2_grpc.add_TmemServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (TMEM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        services = [TMEM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if remote:
+            self.gate.always.add(PEER_SERVICE)
+            peer_pb2_grpc.add_PeerServicer_to_server(remote.servicer, server)  # type: ignore[no-untyped-call]
+            metrics.registry.register(remote)
+            services.append(PEER_SERVICE)
+        reflection.enable_server_reflection(services, server)
         try:
             self.port = server.add_insecure_port(str(s.listen))
         except RuntimeError as exc:
@@ -86,8 +119,10 @@ class Node:
                     f"cannot serve metrics on {s.metrics_listen}: {exc.strerror or exc}"
                 ) from None
         await server.start()
-        for service in ("", TMEM_SERVICE):
+        for service in ("", TMEM_SERVICE, *([PEER_SERVICE] if remote else [])):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if remote:
+            remote.start(engine)
         self._watch = LoopWatch(metrics.loop_lag.observe)
         self._watch.start()
         if s.port_file:
@@ -109,17 +144,25 @@ class Node:
             return
         self._stopped.set()
         grace = self.settings.grace if grace is None else grace
+        deadline = time.monotonic() + grace
         log_event("draining", in_flight=self.gate.in_flight, grace_s=grace)
         self.gate.draining = True
         await self._health.enter_graceful_shutdown()
+        if self.remote:  # owners copy what we hold elsewhere while we still serve it
+            await self.remote.leave(timeout=grace)
+        # new calls meet the gate (UNAVAILABLE) until the running ones are done; only then does
+        # the server stop, which would cancel late arrivals instead
+        await self.gate.idle(max(0.0, deadline - time.monotonic()))
         if self._server:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self._watch:
             await self._watch.stop()
         if self._metrics:
             self._metrics.close()
         if self.engine:
             self.engine.close()
+        if self.backing:
+            self.backing.close()
         max_stall = self._watch.max_stall if self._watch else 0.0
         log_event("stopped", max_loop_stall_ms=round(max_stall * 1000, 3))
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from node.engine import ChunkedEngine
+from node.engine import ChunkedEngine, Prefetch
 from node.snapshot import EngineSnapshot, take_snapshot
 from node.status import RpcFailure, status_of
 from ramster import __version__
@@ -56,10 +56,17 @@ def page_statuses(pages: list[bytes | PageError | None]) -> list[pb.PageStatus]:
 
 
 class TmemServicer(tmem_pb2_grpc.TmemServicer):
-    def __init__(self, engine: ZCache, node_id: str) -> None:
+    def __init__(
+        self,
+        engine: ZCache,
+        node_id: str,
+        prefetch: Prefetch | None = None,
+        remote_stats: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         self.engine = engine
-        self.chunked = ChunkedEngine(engine)
+        self.chunked = ChunkedEngine(engine, prefetch=prefetch)
         self.node_id = node_id
+        self.remote_stats = remote_stats  # the ramster layer's counters, with peers
         self._stream_ops: dict[str, tuple[str, Operation]] = {
             "put": ("PutBatch", self._put_batch),
             "get": ("GetBatch", self._get_batch),
@@ -91,7 +98,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.PutResponse(outcome=WIRE_OUTCOME[result])
 
     async def _get(self, req: pb.GetRequest) -> pb.GetResponse:
-        page = self.engine.get_batch(req.pool, [(req.oid, req.index)], req.exclusive)[0]
+        (page,) = await self.chunked.get_batch(req.pool, [(req.oid, req.index)], req.exclusive)
         if type(page) is bytes:
             return pb.GetResponse(status=HIT, page=page)
         return pb.GetResponse(status=page_status(page))
@@ -136,6 +143,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
             pools=self._pool_infos(s),
             unavailable=s.unavailable,
             written_back_pages=s.written_back_pages,
+            **(self.remote_stats() if self.remote_stats else {}),
         )
 
     @staticmethod

@@ -82,6 +82,30 @@ def parse_seconds(text: str | float) -> float:
     return value
 
 
+def parse_peers(text: str | list[str]) -> tuple[HostPort, ...]:
+    """Peer addresses from 'h1:p1,h2:p2' (or a TOML list); empty: no peers."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    return tuple(parse_hostport(item.strip()) for item in items if str(item).strip())
+
+
+def parse_replicas(text: str | int) -> int:
+    value = int(text)
+    if not 1 <= value <= 8:
+        raise ValueError(f"expected 1 to 8 replicas, got {text!r}")
+    return value
+
+
+def parse_positive_seconds(text: str | float) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def parse_optional_size(text: str | int) -> int:
+    return 0 if str(text).strip() in ("", "0") else parse_size(text)
+
+
 def parse_path(text: str) -> Path:
     return Path(str(text)).expanduser()
 
@@ -149,6 +173,53 @@ class Settings:
         default=10.0,
         metadata=meta(
             parse_seconds, "seconds that in-flight RPCs get to finish on SIGTERM/SIGINT", "SECONDS"
+        ),
+    )
+    peers: tuple[HostPort, ...] = field(
+        default=(),
+        metadata=meta(
+            parse_peers,
+            "peer nodes, comma-separated; the same list on every node works (a node skips "
+            "itself); empty: a single node",
+            "HOST:PORT,...",
+        ),
+    )
+    replicas: int = field(
+        default=2,
+        metadata=meta(
+            parse_replicas,
+            "copies of each page parked on peers (on peers, or on peers plus the backing file)",
+            "N",
+        ),
+    )
+    foreign_limit: int = field(
+        default_factory=lambda: default_capacity_frames() * PAGE_SIZE,
+        metadata=meta(
+            parse_size,
+            "memory for pages held for peers, apart from the pool (default: a quarter of RAM)",
+            "SIZE",
+        ),
+    )
+    backing_limit: int = field(
+        default=0,
+        metadata=meta(parse_optional_size, "largest size of the backing file; 0: no limit", "SIZE"),
+    )
+    heartbeat_interval: float = field(
+        default=0.5,
+        metadata=meta(parse_positive_seconds, "seconds between heartbeats to peers", "SECONDS"),
+    )
+    down_after: float = field(
+        default=3.0,
+        metadata=meta(
+            parse_positive_seconds, "seconds of silence before a peer is marked down", "SECONDS"
+        ),
+    )
+    peer_timeout: float = field(
+        default=1.0,
+        metadata=meta(
+            parse_positive_seconds,
+            "deadline of a call to a peer (a frozen peer costs this, then the next copy is used)",
+            "SECONDS",
         ),
     )
     port_file: Path | None = field(

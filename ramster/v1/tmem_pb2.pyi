@@ -241,7 +241,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("node_id", "version", "pool_limit_bytes", "pool_size_bytes", "stored_pages", "zpages", "pages_per_frame", "puts", "gets", "hits", "misses", "duplicate_puts", "flushes", "corrupt", "compacted_frames", "put_outcomes", "pools", "unavailable", "written_back_pages")
+    __slots__ = ("node_id", "version", "pool_limit_bytes", "pool_size_bytes", "stored_pages", "zpages", "pages_per_frame", "puts", "gets", "hits", "misses", "duplicate_puts", "flushes", "corrupt", "compacted_frames", "put_outcomes", "pools", "unavailable", "written_back_pages", "remote_pages", "remote_outbox", "foreign_pages", "peers_up", "peers", "rereplicated_pages", "remote_lost_pages")
     class PutOutcomesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,13 @@ class StatsResponse(_message.Message):
     POOLS_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_BACK_PAGES_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_OUTBOX_FIELD_NUMBER: _ClassVar[int]
+    FOREIGN_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PEERS_UP_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    REREPLICATED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_LOST_PAGES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     version: str
     pool_limit_bytes: int
@@ -287,4 +294,11 @@ class StatsResponse(_message.Message):
     pools: _containers.RepeatedCompositeFieldContainer[PoolInfo]
     unavailable: int
     written_back_pages: int
-    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., pool_limit_bytes: _Optional[int] = ..., pool_size_bytes: _Optional[int] = ..., stored_pages: _Optional[int] = ..., zpages: _Optional[int] = ..., pages_per_frame: _Optional[float] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., duplicate_puts: _Optional[int] = ..., flushes: _Optional[int] = ..., corrupt: _Optional[int] = ..., compacted_frames: _Optional[int] = ..., put_outcomes: _Optional[_Mapping[str, int]] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ..., unavailable: _Optional[int] = ..., written_back_pages: _Optional[int] = ...) -> None: ...
+    remote_pages: int
+    remote_outbox: int
+    foreign_pages: int
+    peers_up: int
+    peers: int
+    rereplicated_pages: int
+    remote_lost_pages: int
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., pool_limit_bytes: _Optional[int] = ..., pool_size_bytes: _Optional[int] = ..., stored_pages: _Optional[int] = ..., zpages: _Optional[int] = ..., pages_per_frame: _Optional[float] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., duplicate_puts: _Optional[int] = ..., flushes: _Optional[int] = ..., corrupt: _Optional[int] = ..., compacted_frames: _Optional[int] = ..., put_outcomes: _Optional[_Mapping[str, int]] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ..., unavailable: _Optional[int] = ..., written_back_pages: _Optional[int] = ..., remote_pages: _Optional[int] = ..., remote_outbox: _Optional[int] = ..., foreign_pages: _Optional[int] = ..., peers_up: _Optional[int] = ..., peers: _Optional[int] = ..., rereplicated_pages: _Optional[int] = ..., remote_lost_pages: _Optional[int] = ...) -> None: ...

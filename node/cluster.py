@@ -1,0 +1,152 @@
+# The node's side of the ramster layer: identity, foreign store, layer, gRPC transport, driver.
+#
+# Built only when peers are configured; a node without peers runs exactly as before (its evictor
+# is the backing file alone).  With peers, the engine's evictor is the chain [layer, backing
+# file]: the reaper's persistent zpages go to peers while any has room, else to disk.  The driver
+# task heartbeats and pumps in the background; gets call `prefetch()` so remote copies are
+# fetched before the synchronous engine reads them.
+#
+# Graceful stop (`leave()`): the node answers heartbeats with leaving=true and takes no new
+# foreign pages, so every owner copies what this node holds elsewhere and flushes it here; the
+# node waits until it holds no foreign page or the time runs out, then stops its driver.
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from node.logs import log_event
+from node.peering import GrpcTransport, Identity, PeerServicer
+from node.settings import Settings
+from ramster.remote import ForeignStore, RamsterLayer, RemoteConfig
+from ramster.remote.driver import RemoteDriver
+from ramster.zcache import PAGE_SIZE, ZCache
+from ramster.zcache.backing import BackingFile
+from ramster.zcache.evictor import EvictorChain
+
+
+class RemoteSide:
+    def __init__(self, settings: Settings, backing: BackingFile) -> None:
+        self.identity = Identity(settings.node_id, uuid.uuid4().hex)
+        self.config = RemoteConfig(
+            replicas=settings.replicas,
+            heartbeat_interval=settings.heartbeat_interval,
+            down_after=settings.down_after,
+        )
+        self.foreign = ForeignStore(max(1, settings.foreign_limit // PAGE_SIZE))
+        self.layer = RamsterLayer(
+            self.identity.node_id,
+            self.identity.incarnation,
+            [str(p) for p in settings.peers],
+            self.config,
+            local=backing,
+        )
+        self.chain = EvictorChain([self.layer, backing])
+        self.transport = GrpcTransport(self.identity, timeout=settings.peer_timeout)
+        self.servicer = PeerServicer(self.foreign, self.identity)
+        self.driver: RemoteDriver | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, engine: ZCache) -> None:
+        self.driver = RemoteDriver(
+            self.layer,
+            engine,
+            self.transport,
+            locate=lambda location: self.chain.link_location(location, self.layer),
+        )
+        self._task = asyncio.create_task(self.driver.run())
+
+    async def prefetch(self, pool: int, keys: list[tuple[int, int]]) -> None:
+        if self.driver is not None:
+            await self.driver.prefetch(pool, keys)
+
+    async def leave(self, timeout: float) -> None:
+        """Announce the stop, wait for owners to take back what we hold, stop the driver."""
+        self.identity.leaving = True
+        held = self.foreign.pages
+        deadline = time.monotonic() + timeout
+        while self.foreign.pages and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        log_event("left", foreign_pages_before=held, foreign_pages_left=self.foreign.pages)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.transport.close()
+        self.foreign.close()
+
+    def stats(self) -> dict[str, int]:
+        """The layer's numbers for the Stats RPC (field names of ramster.v1.StatsResponse)."""
+        layer, peers = self.layer, self.layer.membership.peers
+        return {
+            "remote_pages": layer.remote_pages,
+            "remote_outbox": layer.outbox,
+            "foreign_pages": self.foreign.pages,
+            "peers_up": sum(p.up for p in peers.values()),
+            "peers": len(peers),
+            "rereplicated_pages": layer.stats.rereplicated,
+            "remote_lost_pages": layer.stats.lost,
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        """Metrics of the ramster layer, read at scrape time."""
+        layer, stats, peers = self.layer, self.layer.stats, self.layer.membership.peers
+        yield GaugeMetricFamily(
+            "ramster_peers_up", "Peers answering heartbeats.", sum(p.up for p in peers.values())
+        )
+        yield GaugeMetricFamily("ramster_peers", "Peers configured (self excluded).", len(peers))
+        yield GaugeMetricFamily(
+            "ramster_remote_pages",
+            "This node's pages held by peers (or queued for them).",
+            layer.remote_pages,
+        )
+        yield GaugeMetricFamily(
+            "ramster_remote_outbox_pages",
+            "Evicted pages waiting to be placed on peers.",
+            layer.outbox,
+        )
+        replicas = GaugeMetricFamily(
+            "ramster_remote_replicas_pages",
+            "Remote pages by the number of live copies they have (peers plus disk).",
+            labels=["copies"],
+        )
+        for copies, count in sorted(layer.replica_histogram().items()):
+            replicas.add_metric([str(min(copies, 9))], count)
+        yield replicas
+        for name, value, text in (
+            ("remote_puts", stats.remote_puts, "Pages stored on peers."),
+            ("remote_put_refusals", stats.remote_refused, "Pages a peer refused or failed."),
+            ("remote_gets", stats.remote_gets, "Pages fetched from peers for gets."),
+            ("remote_flushes", stats.remote_flushes, "Flushes delivered to peers."),
+            ("remote_disk_copies", stats.disk_copies, "Copies written to disk by the layer."),
+            ("rereplicated_pages", stats.rereplicated, "Pages placed again after a holder went."),
+            ("remote_lost_pages", stats.lost, "Pages with no copy left anywhere."),
+        ):
+            yield CounterMetricFamily(f"ramster_{name}", text, value)
+        yield GaugeMetricFamily(
+            "ramster_rereplication_pending_pages",
+            "Pages waiting to be re-replicated.",
+            stats.repairs_pending,
+        )
+        yield GaugeMetricFamily(
+            "ramster_foreign_pages", "Pages this node holds for peers.", self.foreign.pages
+        )
+        yield GaugeMetricFamily(
+            "ramster_foreign_pool_size_bytes",
+            "Memory holding peers' pages.",
+            self.foreign.cache.frames * PAGE_SIZE,
+        )
+        yield GaugeMetricFamily(
+            "ramster_foreign_pool_limit_bytes",
+            "Limit of memory for peers' pages.",
+            self.foreign.capacity_frames * PAGE_SIZE,
+        )
+        yield CounterMetricFamily(
+            "ramster_foreign_refused",
+            "Peers' pages refused (no room, quota, damaged).",
+            self.foreign.refused,
+        )

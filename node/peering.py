@@ -1,0 +1,209 @@
+# The ramster layer over gRPC: what a holder serves to owners (PeerServicer, ramster.v1.Peer)
+# and what an owner's driver calls (GrpcTransport, one channel per peer address).
+#
+# Both are thin: the servicer decodes a request, calls the ForeignStore, encodes the reply; the
+# transport is the reverse, with a deadline on every call so a frozen or partitioned peer costs a
+# timeout, never a hang.  zpages travel as one blob plus a packed list of sizes.  A malformed
+# request (sizes that do not add up, mismatched key lists) is INVALID_ARGUMENT; damaged zpages
+# inside a well-formed request are simply not stored, and the owner places them elsewhere.
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from ramster.client.wire import CHANNEL_OPTIONS
+from ramster.remote import ForeignStore, OwnerTag
+from ramster.remote.driver import PeerInfo
+from ramster.v1 import peer_pb2 as pb
+from ramster.v1 import peer_pb2_grpc
+
+T = TypeVar("T")
+PEER_SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
+
+
+@dataclass
+class Identity:
+    """Who this node is to its peers, and whether it is on its way out."""
+
+    node_id: str
+    incarnation: str
+    leaving: bool = False
+
+
+def split_zpages(blob: bytes, sizes: list[int]) -> list[bytes]:
+    if sum(sizes) != len(blob):
+        raise ValueError(f"zpage sizes add up to {sum(sizes)} bytes, the blob has {len(blob)}")
+    out = []
+    at = 0
+    for size in sizes:
+        out.append(blob[at : at + size])
+        at += size
+    return out
+
+
+def _owner(message: pb.Owner) -> OwnerTag:
+    if not message.node_id or not message.incarnation:
+        raise ValueError("a peer request must name its owner's node id and incarnation")
+    return OwnerTag(message.node_id, message.incarnation)
+
+
+class PeerServicer(peer_pb2_grpc.PeerServicer):
+    def __init__(self, foreign: ForeignStore, identity: Identity) -> None:
+        self.foreign = foreign
+        self.identity = identity
+
+    async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # abort() raises; this only tells the type checker
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        me = self.identity
+        return pb.HeartbeatResponse(
+            node_id=me.node_id,
+            incarnation=me.incarnation,
+            free_bytes=self.foreign.free_bytes_for(request.sender.node_id),
+            leaving=me.leaving,
+        )
+
+    async def PutZpages(
+        self, request: pb.PutZpagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutZpagesResponse:
+        def put() -> pb.PutZpagesResponse:
+            zpages = split_zpages(request.zpages, list(request.sizes))
+            if self.identity.leaving:  # take nothing new on the way out
+                return pb.PutZpagesResponse(stored=[False] * len(zpages))
+            owner = _owner(request.owner)
+            stored = self.foreign.put(owner, request.epoch, request.pool_id, zpages)
+            return pb.PutZpagesResponse(stored=stored)
+
+        return await self._run(context, put)
+
+    async def GetZpages(
+        self, request: pb.GetZpagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetZpagesResponse:
+        def get() -> pb.GetZpagesResponse:
+            if len(request.oids) != len(request.indices):
+                raise ValueError("oids and indices must have the same length")
+            keys = list(zip(request.oids, request.indices, strict=True))
+            got = self.foreign.get(_owner(request.owner), request.epoch, request.pool_id, keys)
+            found = [z or b"" for z in got]
+            return pb.GetZpagesResponse(zpages=b"".join(found), sizes=[len(z) for z in found])
+
+        return await self._run(context, get)
+
+    async def FlushZpages(
+        self, request: pb.FlushZpagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FlushZpagesResponse:
+        def flush() -> pb.FlushZpagesResponse:
+            n = len(request.oids)
+            if not len(request.epochs) == len(request.pool_ids) == len(request.indices) == n:
+                raise ValueError("epochs, pool_ids, oids and indices must have the same length")
+            owner = _owner(request.owner)
+            flushed = 0
+            for epoch, pool_id, oid, index in zip(
+                request.epochs, request.pool_ids, request.oids, request.indices, strict=True
+            ):
+                flushed += self.foreign.flush(owner, epoch, pool_id, [(oid, index)])
+            return pb.FlushZpagesResponse(flushed=flushed)
+
+        return await self._run(context, flush)
+
+    async def DropBefore(
+        self, request: pb.DropBeforeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DropBeforeResponse:
+        def drop() -> pb.DropBeforeResponse:
+            return pb.DropBeforeResponse(
+                dropped=self.foreign.drop_before(_owner(request.owner), request.epoch)
+            )
+
+        return await self._run(context, drop)
+
+
+class GrpcTransport:
+    """The driver's Transport over ramster.v1.Peer, with a deadline on every call."""
+
+    def __init__(self, identity: Identity, timeout: float = 1.0) -> None:
+        self.identity = identity
+        self.timeout = timeout
+        self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def _stub(self, address: str) -> peer_pb2_grpc.PeerStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels.append(channel)
+            stub = self._stubs[address] = peer_pb2_grpc.PeerStub(channel)  # type: ignore[no-untyped-call]
+        return stub
+
+    @property
+    def _me(self) -> pb.Owner:
+        return pb.Owner(node_id=self.identity.node_id, incarnation=self.identity.incarnation)
+
+    async def heartbeat(self, address: str) -> PeerInfo:
+        reply = await self._stub(address).Heartbeat(
+            pb.HeartbeatRequest(sender=self._me), timeout=self.timeout
+        )
+        return PeerInfo(reply.node_id, reply.incarnation, reply.free_bytes, reply.leaving)
+
+    async def put(self, address: str, epoch: int, pool_id: int, zpages: list[bytes]) -> list[bool]:
+        reply = await self._stub(address).PutZpages(
+            pb.PutZpagesRequest(
+                owner=self._me,
+                epoch=epoch,
+                pool_id=pool_id,
+                zpages=b"".join(zpages),
+                sizes=[len(z) for z in zpages],
+            ),
+            timeout=self.timeout * 4,
+        )
+        if len(reply.stored) != len(zpages):
+            raise ValueError(f"peer {address} answered for {len(reply.stored)} of {len(zpages)}")
+        return list(reply.stored)
+
+    async def get(
+        self, address: str, epoch: int, pool_id: int, keys: list[tuple[int, int]]
+    ) -> list[bytes | None]:
+        reply = await self._stub(address).GetZpages(
+            pb.GetZpagesRequest(
+                owner=self._me,
+                epoch=epoch,
+                pool_id=pool_id,
+                oids=[k[0] for k in keys],
+                indices=[k[1] for k in keys],
+            ),
+            timeout=self.timeout,
+        )
+        zpages = split_zpages(reply.zpages, list(reply.sizes))
+        if len(zpages) != len(keys):
+            raise ValueError(f"peer {address} answered for {len(zpages)} of {len(keys)} keys")
+        return [z or None for z in zpages]
+
+    async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None:
+        await self._stub(address).FlushZpages(
+            pb.FlushZpagesRequest(
+                owner=self._me,
+                epochs=[i[0] for i in items],
+                pool_ids=[i[1] for i in items],
+                oids=[i[2] for i in items],
+                indices=[i[3] for i in items],
+            ),
+            timeout=self.timeout * 4,
+        )
+
+    async def drop_before(self, address: str, epoch: int) -> None:
+        await self._stub(address).DropBefore(
+            pb.DropBeforeRequest(owner=self._me, epoch=epoch), timeout=self.timeout
+        )
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
