@@ -107,8 +107,9 @@ class RemoteDriver:
             work.append(asyncio.ensure_future(self._send(plan)))
         for address, items in layer.take_flushes().items():
             work.append(asyncio.ensure_future(self._flush(address, items)))
-        for location, sources in layer.take_repairs():
-            work.append(asyncio.ensure_future(self._repair(location, sources)))
+        repairs = layer.take_repairs()
+        if repairs:
+            work.append(asyncio.ensure_future(self._repairs(repairs)))
         if work:
             await asyncio.gather(*work)
         return bool(work)
@@ -149,34 +150,57 @@ class RemoteDriver:
         else:
             self.layer.flushed(address, items, ok=True)
 
-    async def _repair(self, location: int, sources: list[FetchSource]) -> None:
-        self.layer.repaired(location, await self._fetch(sources))
+    async def _repairs(self, repairs: list[tuple[int, list[FetchSource]]]) -> None:
+        copies = await self._fetch_many(repairs)
+        for location, _ in repairs:
+            self.layer.repaired(location, copies.get(location))
 
-    async def _fetch(self, sources: list[FetchSource]) -> bytes | None:
-        """The first intact copy among `sources`, or None."""
-        for source in sources:
-            try:
-                (zpage,) = await self.transport.get(
-                    source.address, source.epoch, source.pool_id, [(source.oid, source.index)]
+    async def _fetch_many(self, wanted: list[tuple[int, list[FetchSource]]]) -> dict[int, bytes]:
+        """The first intact copy of each location among its sources, one call per source
+        batch: every location asks its first source, those that failed ask their next."""
+        found: dict[int, bytes] = {}
+        pending = [(loc, list(sources)) for loc, sources in wanted if sources]
+        while pending:
+            groups: dict[tuple[str, int, int], list[tuple[int, FetchSource]]] = {}
+            for location, sources in pending:
+                first = sources[0]
+                groups.setdefault((first.address, first.epoch, first.pool_id), []).append(
+                    (location, first)
                 )
-            except Exception as exc:
-                log.info("fetch from %s failed: %s", source.address, exc)
-                continue
-            if zpage is not None and _intact(zpage, source.oid, source.index):
-                return zpage
-            log.warning("peer %s returned a damaged copy", source.address)
-        return None
+            replies = await asyncio.gather(
+                *(self._get_group(group, items) for group, items in groups.items())
+            )
+            for reply in replies:
+                found.update(reply)
+            pending = [(loc, sources[1:]) for loc, sources in pending if loc not in found]
+            pending = [(loc, sources) for loc, sources in pending if sources]
+        return found
+
+    async def _get_group(
+        self, group: tuple[str, int, int], items: list[tuple[int, FetchSource]]
+    ) -> dict[int, bytes]:
+        address, epoch, pool_id = group
+        keys = [(src.oid, src.index) for _, src in items]
+        try:
+            zpages = await self.transport.get(address, epoch, pool_id, keys)
+        except Exception as exc:
+            log.info("fetch of %d zpages from %s failed: %s", len(keys), address, exc)
+            return {}
+        out = {}
+        for (location, src), zpage in zip(items, zpages, strict=True):
+            if zpage is not None and _intact(zpage, src.oid, src.index):
+                out[location] = zpage
+            elif zpage is not None:
+                log.warning("peer %s returned a damaged copy", address)
+        return out
 
     async def prefetch(self, pool_id: int, keys: list[tuple[int, int]]) -> None:
         """Fetch and stage the remote copies a get of `keys` is about to load."""
         layer = self.layer
         mine = [self.locate(loc) for loc in self.cache.evicted_locations(pool_id, keys) if loc]
         wanted = [(loc, src) for loc in mine if loc for src in [layer.fetch_sources(loc)] if src]
-        if not wanted:
-            return
-        copies = await asyncio.gather(*(self._fetch(src) for _, src in wanted))
-        for (location, _), zpage in zip(wanted, copies, strict=True):
-            if zpage is not None:
+        if wanted:
+            for location, zpage in (await self._fetch_many(wanted)).items():
                 layer.stage(location, zpage)
 
 
