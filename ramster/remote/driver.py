@@ -89,7 +89,9 @@ class RemoteDriver:
         )
         now = self.clock()
         for address, reply in zip(addresses, replies, strict=True):
-            if isinstance(reply, PeerInfo):
+            if not isinstance(reply, PeerInfo):
+                self.layer.membership.failed(address)
+            else:
                 events = self.layer.heard(
                     address, reply.node_id, reply.incarnation, reply.free_bytes, reply.leaving, now
                 )
@@ -185,6 +187,7 @@ class RemoteDriver:
             zpages = await self.transport.get(address, epoch, pool_id, keys)
         except Exception as exc:
             log.info("fetch of %d zpages from %s failed: %s", len(keys), address, exc)
+            self.layer.membership.failed(address)
             return {}
         out = {}
         for (location, src), zpage in zip(items, zpages, strict=True):

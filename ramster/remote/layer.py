@@ -287,16 +287,15 @@ class RamsterLayer:
 
     # -- gets -------------------------------------------------------------------------------
     def fetch_sources(self, location: int) -> list[FetchSource]:
-        """Peers to fetch a remote copy from, live ones only; empty when no fetch is needed."""
+        """Peers to fetch a remote copy from: live ones, suspects last; empty when no fetch is
+        needed."""
         entry = self.entries.get(location)
         if entry is None or entry.zpage is not None or location in self._staged:
             return []
         peers = self.membership.peers
-        return [
-            FetchSource(a, epoch, entry.pool_id, entry.oid, entry.index)
-            for a, epoch in entry.holders.items()
-            if a in peers and peers[a].up
-        ]
+        live = [(a, epoch) for a, epoch in entry.holders.items() if a in peers and peers[a].up]
+        live.sort(key=lambda holder: peers[holder[0]].suspect)
+        return [FetchSource(a, epoch, entry.pool_id, entry.oid, entry.index) for a, epoch in live]
 
     def stage(self, location: int, zpage: bytes) -> None:
         """A fetched, verified copy for the get that is about to load `location`."""

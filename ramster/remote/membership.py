@@ -38,10 +38,11 @@ class Peer:
     last_heard: float = 0.0
     free_bytes: int = 0  # room for foreign pages, as reported, minus what we sent since
     epoch: int = 1
+    suspect: bool = False  # a call to it failed since it last answered: try it last
 
     @property
     def placeable(self) -> bool:
-        return self.up and not self.leaving and self.free_bytes > 0
+        return self.up and not self.leaving and not self.suspect and self.free_bytes > 0
 
 
 class Membership:
@@ -89,7 +90,15 @@ class Membership:
         peer.node_id, peer.incarnation = node_id, incarnation
         peer.up, peer.leaving, peer.last_heard = True, leaving, now
         peer.free_bytes = free_bytes
+        peer.suspect = False
         return events
+
+    def failed(self, address: str) -> None:
+        """A call to `address` failed or timed out: until it answers a heartbeat again, copies
+        elsewhere are tried first, so a frozen peer costs one timeout, not one per get."""
+        peer = self.peers.get(address)
+        if peer is not None:
+            peer.suspect = True
 
     def expire(self, now: float) -> list[str]:
         """Mark peers silent for too long as down; their addresses."""

@@ -1,0 +1,218 @@
+# Cluster failure tests with real node processes on loopback: a peer killed, stopped gracefully,
+# frozen or lying must never cost a persistent page, and a get never returns wrong bytes.
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.peering import Identity, PeerServicer
+from ramster.bench.corpus import load_corpus
+from ramster.client import AsyncClient, Client
+from ramster.client.cluster import LocalCluster, free_ports
+from ramster.client.local import LocalNode
+from ramster.client.wire import PageStatus
+from ramster.remote import ForeignStore
+from ramster.v1 import peer_pb2, peer_pb2_grpc
+from ramster.zcache.codec import compress
+from tests.conftest import corpus_file
+
+# quick failure detection, with room for a loaded 2-core machine to answer in time
+FAST = ["--heartbeat-interval", "0.25", "--down-after", "3", "--peer-timeout", "1.5"]
+PAGES = 20_000
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[bytes]:
+    return load_corpus(corpus_file("gcc-cc1-8k.pages"))
+
+
+def workload(corpus: list[bytes], n: int = PAGES) -> list[bytes]:
+    """n pages that each compress (refused pages would make "0 lost" trivially true)."""
+    good = [p for p in corpus if p != p[:8] * 512 and len(compress(p)) < 3000][:4000]
+    return [good[i % len(good)] for i in range(n)]
+
+
+def settle(client: Client, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.stats().remote_outbox and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def replica_counts(node: LocalNode) -> dict[str, float]:
+    """Remote pages of a node by live copies, from its metrics endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics").read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "ramster_remote_replicas_pages":
+            for sample in family.samples:
+                out[sample.labels["copies"]] = sample.value
+    return out
+
+
+def verify(client: Client, pool: int, pages: list[bytes]) -> None:
+    got = client.get_many(pool, 7, 0, len(pages))
+    bad = [i for i, (s, p) in enumerate(zip(got.statuses, got.pages, strict=True)) if p != pages[i]]
+    assert not bad, f"{len(bad)} pages lost or wrong, first {bad[:5]}: {got.statuses[bad[0]]}"
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(3, common=FAST, per_node=[["--pool-limit", "4Mi"]]) as c:
+        yield c
+
+
+def fill(cluster: LocalCluster, pages: list[bytes]) -> tuple[Client, int]:
+    client = Client(cluster.targets[0], timeout=60)
+    pool = client.create_pool()
+    outcomes = client.put_many(pool, 7, 0, pages)
+    assert not any(o.refused for o in outcomes)
+    settle(client)
+    stats = client.stats()
+    assert stats.remote_pages > len(pages) // 3, "the limit must push many pages to peers"
+    return client, pool
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_peer_loses_nothing_and_replicas_recover(
+    cluster: LocalCluster, corpus: list[bytes]
+) -> None:
+    pages = workload(corpus)
+    client, pool = fill(cluster, pages)
+    assert set(replica_counts(cluster.nodes[0])) == {"2"}
+    cluster.nodes[2].kill()
+    deadline = time.monotonic() + 30
+    while client.stats().peers_up > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.stats().peers_up == 1
+    verify(client, pool, pages)
+    deadline = time.monotonic() + 60
+    while set(replica_counts(cluster.nodes[0])) != {"2"} and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert set(replica_counts(cluster.nodes[0])) == {"2"}  # the survivor plus the backing file
+    assert client.stats().rereplicated_pages > 0
+    assert client.stats().remote_lost_pages == 0
+    verify(client, pool, pages)
+    client.close()
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_peer_during_traffic_loses_nothing(
+    cluster: LocalCluster, corpus: list[bytes]
+) -> None:
+    pages = workload(corpus)
+    client, pool = fill(cluster, pages[: PAGES // 2])
+    cluster.nodes[1].send_signal(signal.SIGTERM)
+    more = client.put_many(pool, 7, PAGES // 2, pages[PAGES // 2 :])  # traffic while it leaves
+    assert not any(o.refused for o in more)
+    assert cluster.nodes[1].wait(timeout=60) == 0
+    settle(client)
+    verify(client, pool, pages)
+    log = cluster.nodes[1].log()
+    assert '"event": "left"' in log
+    client.close()
+
+
+@pytest.mark.slow
+def test_frozen_peer_does_not_hang_gets(cluster: LocalCluster, corpus: list[bytes]) -> None:
+    pages = workload(corpus, 6000)
+    client, pool = fill(cluster, pages)
+    frozen = cluster.nodes[1]
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        verify(client, pool, pages)  # every page has a copy on the other peer
+        assert time.monotonic() - started < 30
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    client.close()
+
+
+@pytest.mark.slow
+def test_ephemeral_pages_may_go_but_never_come_back_wrong(
+    cluster: LocalCluster, corpus: list[bytes]
+) -> None:
+    pages = workload(corpus, 6000)
+    client = Client(cluster.targets[0], timeout=60)
+    pool = client.create_pool(kind="ephemeral")
+    client.put_many(pool, 7, 0, pages)
+    cluster.nodes[2].kill()
+    got = client.get_many(pool, 7, 0, len(pages))
+    assert all(p is None or p == pages[i] for i, p in enumerate(got.pages))
+    assert any(p is None for p in got.pages)  # the limit dropped some
+    client.close()
+
+
+class LyingPeer(PeerServicer):
+    """A holder that flips one byte of every zpage it returns."""
+
+    async def GetZpages(self, request, context):  # type: ignore[no-untyped-def]
+        reply = await super().GetZpages(request, context)
+        blob = bytearray(reply.zpages)
+        at = 0
+        for size in reply.sizes:
+            if size:
+                blob[at + size - 1] ^= 0x01
+            at += size
+        return peer_pb2.GetZpagesResponse(zpages=bytes(blob), sizes=reply.sizes)
+
+
+@pytest.mark.slow
+async def test_corrupting_peer_is_detected_and_another_replica_serves(
+    corpus: list[bytes],
+) -> None:
+    liar_port, good_port, owner_port = free_ports(3)
+    peers = f"127.0.0.1:{liar_port},127.0.0.1:{good_port},127.0.0.1:{owner_port}"
+    server = grpc.aio.server()
+    liar = LyingPeer(ForeignStore(1 << 16), Identity("liar", uuid.uuid4().hex))
+    peer_pb2_grpc.add_PeerServicer_to_server(liar, server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"127.0.0.1:{liar_port}")
+    await server.start()
+    good = LocalNode(
+        "--listen", f"127.0.0.1:{good_port}", "--node-id", "good", "--peers", peers, *FAST
+    )
+    owner = LocalNode(
+        "--listen",
+        f"127.0.0.1:{owner_port}",
+        "--node-id",
+        "owner",
+        "--peers",
+        peers,
+        "--pool-limit",
+        "4Mi",
+        *FAST,
+    )
+    pages = workload(corpus, 4000)
+    try:
+        await _lying_peer_scenario(liar, good, owner, pages)
+    finally:
+        await server.stop(0)
+
+
+async def _lying_peer_scenario(
+    liar: LyingPeer, good: LocalNode, owner: LocalNode, pages: list[bytes]
+) -> None:
+    with good, owner:
+        async with AsyncClient(owner.target, timeout=60) as client:
+            for _ in range(100):
+                if (await client.stats()).peers_up == 2:
+                    break
+                await asyncio.sleep(0.1)
+            pool = await client.create_pool()
+            await client.put_many(pool, 7, 0, pages)
+            for _ in range(300):
+                if not (await client.stats()).remote_outbox:
+                    break
+                await asyncio.sleep(0.1)
+            assert liar.foreign.pages > 0
+            got = await client.get_many(pool, 7, 0, len(pages))
+            assert all(s is PageStatus.HIT for s in got.statuses)
+            assert got.pages == pages
+        assert "damaged copy" in owner.log()
