@@ -37,11 +37,13 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(level: str) -> None:
+    """Log the node's events and the ramster layer's ("ramster.remote") the same way."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if sys.stderr.isatty() else JsonFormatter())
-    LOGGER.handlers[:] = [handler]
-    LOGGER.setLevel(level.upper())
-    LOGGER.propagate = False
+    parent = logging.getLogger("ramster")
+    parent.handlers[:] = [handler]
+    parent.setLevel(level.upper())
+    parent.propagate = False
 
 
 def log_event(

@@ -24,6 +24,7 @@ from ramster.zcache import ZCache
 from ramster.zcache.codec import zpage_key, zpage_length
 
 log = logging.getLogger("ramster.remote")
+PREFETCH_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -100,21 +101,43 @@ class RemoteDriver:
                     log.log(level, "peer %s %s", address, event.value)
 
     async def pump(self) -> bool:
-        """One pass over everything the layer queued; whether there was anything."""
+        """One pass over everything the layer queued; whether there was anything.
+
+        Each peer's work runs in order: drop, then flushes, then puts.  A flush of a key must
+        reach a holder before a newer copy of the same key does, or it would delete that copy;
+        so if the flushes fail, that peer's puts are reported failed and placed elsewhere."""
         layer = self.layer
-        work: list[asyncio.Future[object]] = []
-        for address, epoch in layer.take_drops().items():
-            work.append(asyncio.ensure_future(self._drop(address, epoch)))
+        drops = layer.take_drops()
+        flushes = layer.take_flushes()
+        sends: dict[str, list[SendPlan]] = {}
         for plan in layer.take_sends():
-            work.append(asyncio.ensure_future(self._send(plan)))
-        for address, items in layer.take_flushes().items():
-            work.append(asyncio.ensure_future(self._flush(address, items)))
+            sends.setdefault(plan.address, []).append(plan)
+        work = [
+            self._peer_work(a, drops.get(a), flushes.get(a, []), sends.get(a, []))
+            for a in {*drops, *flushes, *sends}
+        ]
         repairs = layer.take_repairs()
         if repairs:
-            work.append(asyncio.ensure_future(self._repairs(repairs)))
+            work.append(self._repairs(repairs))
         if work:
             await asyncio.gather(*work)
         return bool(work)
+
+    async def _peer_work(
+        self,
+        address: str,
+        drop: int | None,
+        flushes: list[tuple[int, int, int, int]],
+        plans: list[SendPlan],
+    ) -> None:
+        if drop is not None:
+            await self._drop(address, drop)
+        if flushes and not await self._flush(address, flushes):
+            for plan in plans:
+                self.layer.sent(plan, [False] * len(plan.items))
+            return
+        for plan in plans:
+            await self._send(plan)
 
     async def _drop(self, address: str, epoch: int) -> None:
         try:
@@ -144,13 +167,14 @@ class RemoteDriver:
                 stored[i] = ok
         return stored
 
-    async def _flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None:
+    async def _flush(self, address: str, items: list[tuple[int, int, int, int]]) -> bool:
         try:
             await self.transport.flush(address, items)
         except Exception:
             self.layer.flushed(address, items, ok=False)
-        else:
-            self.layer.flushed(address, items, ok=True)
+            return False
+        self.layer.flushed(address, items, ok=True)
+        return True
 
     async def _repairs(self, repairs: list[tuple[int, list[FetchSource]]]) -> None:
         copies = await self._fetch_many(repairs)
@@ -198,11 +222,25 @@ class RemoteDriver:
         return out
 
     async def prefetch(self, pool_id: int, keys: list[tuple[int, int]]) -> None:
-        """Fetch and stage the remote copies a get of `keys` is about to load."""
+        """Fetch and stage the remote copies a get of `keys` is about to load.
+
+        While this awaits, the pump may settle a zpage that was still in the outbox (its bytes
+        are then only on peers), so the keys are looked at again after each fetch, a few times,
+        until every remote copy they need is local."""
         layer = self.layer
-        mine = [self.locate(loc) for loc in self.cache.evicted_locations(pool_id, keys) if loc]
-        wanted = [(loc, src) for loc in mine if loc for src in [layer.fetch_sources(loc)] if src]
-        if wanted:
+        tried: set[int] = set()
+        for _ in range(PREFETCH_ROUNDS):
+            mine = [self.locate(loc) for loc in self.cache.evicted_locations(pool_id, keys) if loc]
+            wanted = [
+                (loc, src)
+                for loc in mine
+                if loc and loc not in tried
+                for src in [layer.fetch_sources(loc)]
+                if src
+            ]
+            if not wanted:
+                return
+            tried.update(loc for loc, _ in wanted)
             for location, zpage in (await self._fetch_many(wanted)).items():
                 layer.stage(location, zpage)
 
