@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ramster.bench import cluster as bench_cluster
 from ramster.bench import engine, node, reaper
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
@@ -64,6 +65,29 @@ def _node(args: argparse.Namespace) -> int:
     return 0 if result["verified"] else 1
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    pages = _corpus(args.corpus)
+    try:
+        cluster = bench_cluster.start_cluster(args.nodes, args.limit)
+    except RamsterError as exc:
+        raise CliError(f"the cluster did not start: {exc}") from None
+    try:
+        result = bench_cluster.run(cluster, pages, args.pages or len(pages) * 3)
+    finally:
+        cluster.__exit__()
+    nodes = result.pop("nodes")
+    if not args.json:
+        result["nodes"] = {
+            row["node"]: f"ram={row['pages_in_ram']} peers={row['pages_remote']} "
+            f"disk={row['pages_on_disk']} held={row['held_for_peers']}"
+            for row in nodes
+        }
+    else:
+        result["nodes"] = nodes
+    emit(result, args.json)
+    return 0 if result["verified"] and not result["lost"] else 1
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -101,6 +125,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_reaper)
+
+    p = kinds.add_parser(
+        "cluster",
+        help="puts and gets through a node whose pool is full, so pages go to peers",
+        description="Start a local cluster (real node processes on 127.0.0.1) with a small pool "
+        "on node 1, put --pages pages of a corpus through it, then time gets of pages still in "
+        "its RAM (local hits) and of pages parked on peers (remote hits), as batches and as "
+        "single-page gets, and verify every page.",
+    )
+    p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
+    p.add_argument("--pages", type=_positive, help="pages to put (default: 3 x the corpus)")
+    p.add_argument("--nodes", type=int, default=3, choices=range(2, 10), metavar="N")
+    p.add_argument("--limit", default="16Mi", help="node 1's pool limit (default 16Mi)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cluster)
     p = kinds.add_parser(
         "node",
         help="put/get speed and latency of a node over gRPC, every page verified",
