@@ -123,7 +123,7 @@ class RemoteSide:
             ("remote_gets", stats.remote_gets, "Pages fetched from peers for gets."),
             ("remote_flushes", stats.remote_flushes, "Flushes delivered to peers."),
             ("remote_disk_copies", stats.disk_copies, "Copies written to disk by the layer."),
-            ("rereplicated_pages", stats.rereplicated, "Pages placed again after a holder went."),
+            ("rereplication_pages", stats.rereplicated, "Pages placed again after a holder went."),
             ("remote_lost_pages", stats.lost, "Pages with no copy left anywhere."),
         ):
             yield CounterMetricFamily(f"ramster_{name}", text, value)
