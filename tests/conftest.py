@@ -1,6 +1,8 @@
 # Shared fixtures: real page samples shipped with the tests, and the full corpora when present.
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,13 @@ def corpus_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared corpus {path} is not present on this machine")
     return path
+
+
+def ramster(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the `ramster` command as a user would: a subprocess, its output and exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", "ramster.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

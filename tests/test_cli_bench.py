@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import DATA
+from tests.conftest import DATA, ramster
 
 FIELDS = {
     "pages",
@@ -23,15 +21,6 @@ FIELDS = {
     "metadata_bytes_per_page",
     "verified",
 }
-
-
-def ramster(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ramster.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_bench_engine_json_cycles_the_corpus() -> None:

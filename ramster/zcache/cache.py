@@ -244,7 +244,7 @@ class ZCache:
         filed = 0  # keys[:filed] are in the index already
         same = self.same
         threshold = self._threshold
-        for i, ((oid, index), page) in enumerate(zip(keys, pages, strict=True)):
+        for (oid, index), page in zip(keys, pages, strict=True):
             word = page[:8]
             if page[-8:] == word and page[2048:2056] == word and page == word * 512:
                 handles.append(SAME_TAG | same.ref(word))
@@ -259,13 +259,9 @@ class ZCache:
                 handles.append(0)
                 results.append(PutResult.REFUSED_POOR_COMPRESSION)
                 continue
-            zpage = make_zpage(oid, index, payload)
-            self.tick += 1
-            handle = alloc.alloc(zpage, self.tick)
-            if handle < 0:
-                self._file(pool, keys[filed:i], handles[filed:i])
-                filed = i
-                handle = self._alloc_reclaiming(alloc, zpage)
+            handle, filed = self._alloc(
+                pool, alloc, make_zpage(oid, index, payload), keys, handles, filed
+            )
             if handle < 0:
                 handles.append(0)
                 results.append(PutResult.REFUSED_NO_ROOM)
@@ -359,15 +355,10 @@ class ZCache:
         results = []
         handles: list[int] = []
         filed = 0
-        for i, zpage in enumerate(zpages):
+        for zpage in zpages:
             raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
             alloc: Allocator = pool.raw if raw else pool.zalloc
-            self.tick += 1
-            handle = alloc.alloc(zpage, self.tick)
-            if handle < 0:
-                self._file(pool, keys[filed:i], handles[filed:i])
-                filed = i
-                handle = self._alloc_reclaiming(alloc, zpage)
+            handle, filed = self._alloc(pool, alloc, zpage, keys, handles, filed)
             handles.append(pool.tag_of(alloc) | handle if handle >= 0 else 0)
             if handle < 0:
                 results.append(PutResult.REFUSED_NO_ROOM)
@@ -449,6 +440,27 @@ class ZCache:
     def _file(self, pool: Pool, keys: list[tuple[int, int]], handles: list[int]) -> None:
         for displaced in pool.index.set_many(keys, handles):
             self._release(pool, displaced)
+
+    def _alloc(
+        self,
+        pool: Pool,
+        alloc: Allocator,
+        zpage: bytes,
+        keys: list[tuple[int, int]],
+        handles: list[int],
+        filed: int,
+    ) -> tuple[int, int]:
+        """Allocate the next zpage of a batch whose keys[:filed] are in the index and whose
+        handles so far are `handles`.  At the limit, the stored part is filed first (the reaper
+        checks every zpage it evicts against the index) and frames are reclaimed.  Returns the
+        handle (-1: no room) and how much of the batch is now filed."""
+        self.tick += 1
+        handle = alloc.alloc(zpage, self.tick)
+        if handle >= 0:
+            return handle, filed
+        done = len(handles)
+        self._file(pool, keys[filed:done], handles[filed:done])
+        return self._alloc_reclaiming(alloc, zpage), done
 
     def _alloc_reclaiming(self, alloc: Allocator, zpage: bytes) -> int:
         """Allocate after reclaiming down to the low mark; -1 if there is still no room."""

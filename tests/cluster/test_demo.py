@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import DATA
-
-
-def ramster(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ramster.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from tests.conftest import DATA, ramster
 
 
 @pytest.mark.slow
