@@ -31,12 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(settings: Settings) -> None:
     node = Node(settings)
+    stop = node.catch_signals()  # before start: a SIGTERM during startup still stops gracefully
     try:
         await node.start()
     except BaseException:
         await node.stop(grace=0)
         raise
-    await node.serve_until_signal()
+    await stop.wait()
+    await node.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

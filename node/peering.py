@@ -116,16 +116,6 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
 
         return await self._run(context, flush)
 
-    async def DropBefore(
-        self, request: pb.DropBeforeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DropBeforeResponse:
-        def drop() -> pb.DropBeforeResponse:
-            return pb.DropBeforeResponse(
-                dropped=self.foreign.drop_before(_owner(request.owner), request.epoch)
-            )
-
-        return await self._run(context, drop)
-
 
 class GrpcTransport:
     """The driver's Transport over ramster.v1.Peer, with a deadline on every call."""
@@ -197,11 +187,6 @@ class GrpcTransport:
                 indices=[i[3] for i in items],
             ),
             timeout=self.timeout * 4,
-        )
-
-    async def drop_before(self, address: str, epoch: int) -> None:
-        await self._stub(address).DropBefore(
-            pb.DropBeforeRequest(owner=self._me, epoch=epoch), timeout=self.timeout
         )
 
     async def close(self) -> None:

@@ -166,14 +166,13 @@ class Node:
         max_stall = self._watch.max_stall if self._watch else 0.0
         log_event("stopped", max_loop_stall_ms=round(max_stall * 1000, 3))
 
-    async def serve_until_signal(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully."""
+    def catch_signals(self) -> asyncio.Event:
+        """An event set by SIGTERM or SIGINT (instead of their default of killing the process)."""
         loop = asyncio.get_running_loop()
         signalled = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, signalled.set)
-        await signalled.wait()
-        await self.stop()
+        return signalled
 
 
 def write_port_file(path: Path, port: int, metrics_port: int | None) -> None:

@@ -15,7 +15,6 @@ class RemoteConfig:
     down_after: float = 3.0  # seconds of silence before a peer is marked down
     outbox_limit: int = 8192  # evicted zpages waiting to be sent; beyond it evict() refuses
     send_batch: int = 256  # zpages per PutZpages message
-    remotify_ephemeral: bool = False  # send ephemeral zpages to peers instead of dropping them
 
     def __post_init__(self) -> None:
         if not 1 <= self.replicas <= 8:

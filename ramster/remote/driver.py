@@ -4,8 +4,8 @@
 # `Transport` (node/ implements it with gRPC; tests with an in-memory network), so this loop is
 # the same code in production and in the policy tests.  One background task does, every
 # heartbeat interval: a heartbeat to every peer (concurrently, each with its own deadline), then
-# marks silent peers down, then pumps what the layer queued: drops for peers that came back,
-# sends of evicted zpages, flushes, and repairs (fetch a surviving copy, place it again).  Gets
+# marks silent peers down, then pumps what the layer queued: flushes and sends of evicted zpages
+# (per peer, in that order), and repairs (fetch a surviving copy, place it again).  Gets
 # of remote pages call `prefetch()` first: the copies are fetched from live holders, verified
 # against their checksum and key, and staged for zcache's synchronous load; a holder that times
 # out, fails or returns damaged bytes is skipped for the next one.
@@ -47,8 +47,6 @@ class Transport(Protocol):
     ) -> list[bytes | None]: ...
 
     async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None: ...
-
-    async def drop_before(self, address: str, epoch: int) -> None: ...
 
 
 class RemoteDriver:
@@ -103,18 +101,16 @@ class RemoteDriver:
     async def pump(self) -> bool:
         """One pass over everything the layer queued; whether there was anything.
 
-        Each peer's work runs in order: drop, then flushes, then puts.  A flush of a key must
+        Each peer's work runs in order: flushes, then puts.  A flush of a key must
         reach a holder before a newer copy of the same key does, or it would delete that copy;
         so if the flushes fail, that peer's puts are reported failed and placed elsewhere."""
         layer = self.layer
-        drops = layer.take_drops()
         flushes = layer.take_flushes()
         sends: dict[str, list[SendPlan]] = {}
         for plan in layer.take_sends():
             sends.setdefault(plan.address, []).append(plan)
         work = [
-            self._peer_work(a, drops.get(a), flushes.get(a, []), sends.get(a, []))
-            for a in {*drops, *flushes, *sends}
+            self._peer_work(a, flushes.get(a, []), sends.get(a, [])) for a in {*flushes, *sends}
         ]
         repairs = layer.take_repairs()
         if repairs:
@@ -124,26 +120,14 @@ class RemoteDriver:
         return bool(work)
 
     async def _peer_work(
-        self,
-        address: str,
-        drop: int | None,
-        flushes: list[tuple[int, int, int, int]],
-        plans: list[SendPlan],
+        self, address: str, flushes: list[tuple[int, int, int, int]], plans: list[SendPlan]
     ) -> None:
-        if drop is not None:
-            await self._drop(address, drop)
         if flushes and not await self._flush(address, flushes):
             for plan in plans:
                 self.layer.sent(plan, [False] * len(plan.items))
             return
         for plan in plans:
             await self._send(plan)
-
-    async def _drop(self, address: str, epoch: int) -> None:
-        try:
-            await self.transport.drop_before(address, epoch)
-        except Exception:
-            self.layer.drop_failed(address, epoch)
 
     async def _send(self, plan: SendPlan) -> None:
         try:

@@ -6,8 +6,7 @@
 # limited again to a share of that limit, so one noisy peer cannot take all of it.  Pages are kept
 # in one zcache pool per (owner node, owner incarnation, epoch, owner pool), under the key their
 # own header names, so they travel back byte for byte and the owner verifies them.  A new owner
-# incarnation (the owner restarted and lost its table) drops the old one's pools, and an owner can
-# drop all it placed before an epoch (it marked us down meanwhile and placed copies elsewhere).
+# incarnation (the owner restarted and lost its table) drops the old one's pools.
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -84,14 +83,6 @@ class ForeignStore:
         if not self.cache.pools[pool].index.count:
             self.cache.destroy_pool(self.pools.pop(tag))
         return gone
-
-    def drop_before(self, owner: OwnerTag, epoch: int) -> int:
-        """Drop every page `owner` placed here in an epoch before `epoch`; how many."""
-        self._forget_incarnations(owner)
-        dropped = 0
-        for tag in [t for t in self.pools if t[0] == owner.node_id and t[2] < epoch]:
-            dropped += self.cache.destroy_pool(self.pools.pop(tag))
-        return dropped
 
     @property
     def pages(self) -> int:

@@ -13,10 +13,12 @@
 # first), fetches and verifies the zpage, `stage()`s it, and then zcache's `load()` finds it
 # here; with no holder reachable the disk copy serves, if any.  `forget()` (flush, overwrite,
 # promotion home) queues flushes for every holder, sent by the node with `take_flushes()` and
-# retried while the holder is up; a holder that went down and comes back is told to drop all it
-# kept from earlier epochs instead.  When a peer goes down, restarts or announces it is leaving,
-# every zpage it held is queued for repair: the node fetches a surviving copy (`take_repairs()`,
-# `repaired()`) and it is placed again like a new one.
+# retried until the holder takes them.  When a peer goes down, restarts or announces it is
+# leaving, every zpage it held is queued for repair: the node fetches a surviving copy
+# (`take_repairs()`, `repaired()`) and it is placed again like a new one.  A peer marked down is
+# not forgotten: if it was only slow or cut off, it comes back with its copies, which then count
+# again (extra ones are flushed), and a page whose only reachable copy is on it waits for it
+# instead of being declared lost.  Only a restart (a new incarnation) loses what a peer held.
 #
 # Trade-off: the table keeps one small object per remote page on the owner (the page's bytes
 # live elsewhere); compact arrays as in zcache's index would be the next step at very large scale.
@@ -112,7 +114,6 @@ class RamsterLayer:
         self._pending: deque[int] = deque()  # locations that need a copy placed
         self._repairs: deque[int] = deque()  # locations whose bytes must be fetched back first
         self._flushes: dict[str, list[tuple[int, int, int, int]]] = {}  # epoch, pool, oid, index
-        self._drops: dict[str, int] = {}  # peer -> drop everything of ours before this epoch
         self._staged: dict[int, bytes] = {}
         self.outbox = 0  # entries holding their bytes
 
@@ -126,15 +127,33 @@ class RamsterLayer:
                 self._lose(address)
             elif event is PeerEvent.LEAVING:
                 self._queue_repairs(self.by_peer.get(address, set()))
+            elif event is PeerEvent.UP:
+                self._rejoined(address)
         return events
 
     def expire(self, now: float) -> list[str]:
-        """Mark silent peers down and queue repairs of what they held; their addresses."""
+        """Mark silent peers down and queue repairs of what they held; their addresses.
+        Their copies are not forgotten: a peer that was only slow or cut off comes back with
+        them, and until then they are the last resort of a page whose other copies are gone."""
         down = self.membership.expire(now)
         for address in down:
-            self._lose(address)
-            self._drops[address] = self.membership.peers[address].epoch
+            self._queue_repairs(self.by_peer.get(address, set()))
         return down
+
+    def _rejoined(self, address: str) -> None:
+        """A peer answers again, same process: its copies count again.  Where that makes more
+        copies than wanted, its copy is flushed; where copies are still missing, repair."""
+        for location in list(self.by_peer.get(address, ())):
+            entry = self.entries[location]
+            need = self._needed(entry)
+            if need < 0:
+                epoch = entry.holders.pop(address)
+                self.by_peer[address].discard(location)
+                self._flushes.setdefault(address, []).append(
+                    (epoch, entry.pool_id, entry.oid, entry.index)
+                )
+            elif need > 0:
+                self._queue_repairs({location})
 
     def _lose(self, address: str) -> None:
         self._flushes.pop(address, None)
@@ -321,17 +340,6 @@ class RamsterLayer:
         else:
             self._flushes.setdefault(address, []).extend(items)  # retried while the peer is up
 
-    def take_drops(self) -> dict[str, int]:
-        """Peers back up that must drop everything of ours placed before an epoch."""
-        peers = self.membership.peers
-        out = {a: e for a, e in self._drops.items() if a in peers and peers[a].up}
-        for address in out:
-            del self._drops[address]
-        return out
-
-    def drop_failed(self, address: str, epoch: int) -> None:
-        self._drops[address] = max(epoch, self._drops.get(address, 0))
-
     # -- repairs ----------------------------------------------------------------------------
     def take_repairs(self, limit: int = 256) -> list[tuple[int, list[FetchSource]]]:
         """Zpages below their replica count whose bytes must be fetched back: (location,
@@ -349,7 +357,7 @@ class RamsterLayer:
             if sources:
                 out.append((location, sources))
             else:
-                self.stats.lost += 1
+                self._unreachable(entry)
         self.stats.repairs_pending = len(self._repairs)
         return out
 
@@ -359,10 +367,10 @@ class RamsterLayer:
         if entry is None:
             return
         if zpage is None:
-            if not self.fetch_sources(location):
-                self.stats.lost += 1
-            else:
+            if self.fetch_sources(location):
                 self._repairs.append(location)
+            else:
+                self._unreachable(entry)
             return
         entry.zpage = zpage
         self.outbox += 1
@@ -375,6 +383,12 @@ class RamsterLayer:
                 (epoch, entry.pool_id, entry.oid, entry.index)
             )
         self._pending.append(location)
+
+    def _unreachable(self, entry: Entry) -> None:
+        """No live holder has a copy.  If a down holder may still come back with one, the
+        repair waits for it (`_rejoined`); with no holder left at all, the page is lost."""
+        if not entry.holders:
+            self.stats.lost += 1
 
     def _leaving(self, address: str) -> bool:
         peer = self.membership.peers.get(address)

@@ -6,9 +6,8 @@
 # the peer's node id, its incarnation (random per process start), its free room for foreign pages
 # and whether it is leaving.  Silence for `down_after` seconds marks a peer down; a reply with a
 # new incarnation means the peer restarted and lost what it held, which the layer treats as
-# down-then-up.  Each down bumps the peer's *epoch*: pages are placed on a peer tagged with the
-# epoch they were sent in, so when a peer comes back the owner can tell it to drop everything
-# from older epochs.
+# down-then-up.  A restart also bumps the peer's *epoch*, which tags every page placed on it, so
+# nothing placed before the restart is ever confused with what is placed after.
 #
 # Placement is "the better of two random choices" by reported free room, as in load balancing:
 # nearly as good as always picking the emptiest peer, without herding every node onto it.  Free
@@ -106,7 +105,6 @@ class Membership:
         for peer in self.peers.values():
             if peer.up and now - peer.last_heard > self.down_after:
                 peer.up = False
-                peer.epoch += 1
                 down.append(peer.address)
         return down
 

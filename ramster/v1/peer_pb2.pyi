@@ -93,17 +93,3 @@ class FlushZpagesResponse(_message.Message):
     FLUSHED_FIELD_NUMBER: _ClassVar[int]
     flushed: int
     def __init__(self, flushed: _Optional[int] = ...) -> None: ...
-
-class DropBeforeRequest(_message.Message):
-    __slots__ = ("owner", "epoch")
-    OWNER_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
-    owner: Owner
-    epoch: int
-    def __init__(self, owner: _Optional[_Union[Owner, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
-
-class DropBeforeResponse(_message.Message):
-    __slots__ = ("dropped",)
-    DROPPED_FIELD_NUMBER: _ClassVar[int]
-    dropped: int
-    def __init__(self, dropped: _Optional[int] = ...) -> None: ...

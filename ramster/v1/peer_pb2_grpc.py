@@ -54,11 +54,6 @@ class PeerStub:
                 request_serializer=ramster_dot_v1_dot_peer__pb2.FlushZpagesRequest.SerializeToString,
                 response_deserializer=ramster_dot_v1_dot_peer__pb2.FlushZpagesResponse.FromString,
                 _registered_method=True)
-        self.DropBefore = channel.unary_unary(
-                '/ramster.v1.Peer/DropBefore',
-                request_serializer=ramster_dot_v1_dot_peer__pb2.DropBeforeRequest.SerializeToString,
-                response_deserializer=ramster_dot_v1_dot_peer__pb2.DropBeforeResponse.FromString,
-                _registered_method=True)
 
 
 class PeerServicer:
@@ -89,12 +84,6 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def DropBefore(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,11 +106,6 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.FlushZpages,
                     request_deserializer=ramster_dot_v1_dot_peer__pb2.FlushZpagesRequest.FromString,
                     response_serializer=ramster_dot_v1_dot_peer__pb2.FlushZpagesResponse.SerializeToString,
-            ),
-            'DropBefore': grpc.unary_unary_rpc_method_handler(
-                    servicer.DropBefore,
-                    request_deserializer=ramster_dot_v1_dot_peer__pb2.DropBeforeRequest.FromString,
-                    response_serializer=ramster_dot_v1_dot_peer__pb2.DropBeforeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,33 +216,6 @@ class Peer:
             '/ramster.v1.Peer/FlushZpages',
             ramster_dot_v1_dot_peer__pb2.FlushZpagesRequest.SerializeToString,
             ramster_dot_v1_dot_peer__pb2.FlushZpagesResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DropBefore(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ramster.v1.Peer/DropBefore',
-            ramster_dot_v1_dot_peer__pb2.DropBeforeRequest.SerializeToString,
-            ramster_dot_v1_dot_peer__pb2.DropBeforeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,10 +91,6 @@ class MemTransport:
         for epoch, pool_id, oid, index in items:
             node.foreign.flush(self.me.owner, epoch, pool_id, [(oid, index)])
 
-    async def drop_before(self, address: str, epoch: int) -> None:
-        node = await self._reach(address)
-        node.foreign.drop_before(self.me.owner, epoch)
-
 
 class MemNetwork:
     def __init__(

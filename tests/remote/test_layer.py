@@ -64,7 +64,7 @@ async def test_dead_peer_loses_nothing_and_replicas_come_back(
     await net.settle(6)
     assert a.layer.stats.rereplicated >= held_by_b
     assert a.layer.replica_histogram() == {2: a.layer.remote_pages}
-    assert "b" not in a.layer.by_peer
+    assert all(net.nodes[h].up for e in a.layer.entries.values() for h in e.holders if h != "b")
     assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
     assert a.layer.stats.lost == 0
 
@@ -129,7 +129,27 @@ async def test_returning_peer_drops_what_it_should_no_longer_hold(
     await net.settle(6)
     b.up = True
     await net.settle(3)
+    # its copies count again; those made redundant meanwhile were flushed
     assert b.foreign.pages_by_owner().get("a", 0) == len(a.layer.by_peer.get("b", ()))
+    assert a.layer.replica_histogram() == {2: a.layer.remote_pages}
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+
+
+async def test_copy_on_a_peer_that_was_down_is_not_given_up(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    """Two failures at once: c dies while b is cut off.  Pages whose copies were on b and c
+    wait for b instead of being declared lost, and are all there when b answers again."""
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, keys = await spill(net, compressible_pages)
+    b = net.nodes["b"]
+    b.up = False
+    net.nodes["c"].up = False
+    await net.settle(6)
+    assert a.layer.stats.lost == 0
+    b.up = True
+    await net.settle(4)
+    assert a.layer.stats.lost == 0
     assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
 
 
