@@ -8,36 +8,35 @@ from ramster.bench import engine, node, reaper
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
+from ramster.cli.target import positive
 from ramster.client import RamsterError
+from ramster.client.cluster import LocalCluster
 from ramster.zcache import ALLOCATORS
 
 
-def _corpus(path: str) -> list[bytes]:
+def corpus_pages(path: str) -> list[bytes]:
     try:
         return load_corpus(path)
     except CorpusError as exc:
         raise CliError(str(exc)) from None
 
 
-def _positive(text: str) -> int:
+def start_cluster(nodes: int, limit: str) -> LocalCluster:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+        return bench_cluster.start_cluster(nodes, limit)
+    except RamsterError as exc:
+        raise CliError(f"the cluster did not start: {exc}") from None
 
 
 def _engine(args: argparse.Namespace) -> int:
-    pages = _corpus(args.corpus)
+    pages = corpus_pages(args.corpus)
     result = engine.run(pages, args.allocator, args.pages or len(pages), args.store_raw)
     emit(result, args.json)
     return 0 if result["verified"] else 1
 
 
 def _reaper(args: argparse.Namespace) -> int:
-    pages = _corpus(args.corpus)
+    pages = corpus_pages(args.corpus)
     keys = args.keys or args.limit_frames * 12
     result = reaper.run(
         pages,
@@ -53,7 +52,7 @@ def _reaper(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    pages = _corpus(args.corpus)
+    pages = corpus_pages(args.corpus)
     try:
         result = node.run(
             pages, args.target, args.pages or len(pages), args.batch, args.window, args.singles
@@ -66,11 +65,8 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    pages = _corpus(args.corpus)
-    try:
-        cluster = bench_cluster.start_cluster(args.nodes, args.limit)
-    except RamsterError as exc:
-        raise CliError(f"the cluster did not start: {exc}") from None
+    pages = corpus_pages(args.corpus)
+    cluster = start_cluster(args.nodes, args.limit)
     try:
         result = bench_cluster.run(cluster, pages, args.pages or len(pages) * 3)
     finally:
@@ -100,7 +96,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
     p.add_argument("--allocator", choices=ALLOCATORS, default="zsmalloc")
-    p.add_argument("--pages", type=_positive, help="pages to put (default: the corpus size)")
+    p.add_argument("--pages", type=positive, help="pages to put (default: the corpus size)")
     p.add_argument(
         "--store-raw",
         action="store_true",
@@ -118,9 +114,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
     p.add_argument("--allocator", choices=ALLOCATORS, default="zsmalloc")
-    p.add_argument("--limit-frames", type=_positive, required=True, help="pool limit in frames")
-    p.add_argument("--keys", type=_positive, help="distinct keys (default: 12 x limit frames)")
-    p.add_argument("--ops", type=_positive, help="operations (default: 5 x keys)")
+    p.add_argument("--limit-frames", type=positive, required=True, help="pool limit in frames")
+    p.add_argument("--keys", type=positive, help="distinct keys (default: 12 x limit frames)")
+    p.add_argument("--ops", type=positive, help="operations (default: 5 x keys)")
     p.add_argument("--skew", type=float, default=0.9, help="Zipf exponent (default 0.9)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -135,7 +131,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "single-page gets, and verify every page.",
     )
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
-    p.add_argument("--pages", type=_positive, help="pages to put (default: 3 x the corpus)")
+    p.add_argument("--pages", type=positive, help="pages to put (default: 3 x the corpus)")
     p.add_argument("--nodes", type=int, default=3, choices=range(2, 10), metavar="N")
     p.add_argument("--limit", default="16Mi", help="node 1's pool limit (default 16Mi)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -151,9 +147,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--target", metavar="HOST:PORT", help="the node (default: start a local one)")
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
-    p.add_argument("--pages", type=_positive, help="pages to put (default: the corpus size)")
-    p.add_argument("--batch", type=_positive, default=1024, help="pages per batch (max 4096)")
-    p.add_argument("--window", type=_positive, default=4, help="batches in flight")
-    p.add_argument("--singles", type=_positive, default=2000, help="single-page gets to time")
+    p.add_argument("--pages", type=positive, help="pages to put (default: the corpus size)")
+    p.add_argument("--batch", type=positive, default=1024, help="pages per batch (max 4096)")
+    p.add_argument("--window", type=positive, default=4, help="batches in flight")
+    p.add_argument("--singles", type=positive, default=2000, help="single-page gets to time")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_node)

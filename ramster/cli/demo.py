@@ -13,10 +13,9 @@ import sys
 import time
 
 from ramster.bench import cluster as bench_cluster
-from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.selfpages import own_memory_pages
+from ramster.cli.bench import corpus_pages, start_cluster
 from ramster.cli.errors import CliError
-from ramster.client.errors import RamsterError
 
 COLUMNS = (
     ("node", "node"),
@@ -32,10 +31,7 @@ COLUMNS = (
 
 def _pages(args: argparse.Namespace) -> tuple[list[bytes], str]:
     if args.corpus:
-        try:
-            return load_corpus(args.corpus), args.corpus
-        except CorpusError as exc:
-            raise CliError(str(exc)) from None
+        return corpus_pages(args.corpus), args.corpus
     pages = own_memory_pages(args.pages)
     if not pages:
         raise CliError("no resident memory pages could be read from /proc/self; use --corpus")
@@ -55,10 +51,7 @@ def _table(rows: list[dict[str, object]]) -> str:
 def _demo(args: argparse.Namespace) -> int:
     pages, source = _pages(args)
     print(f"starting {args.nodes} nodes on 127.0.0.1 (node1 pool limit {args.limit}) ...")
-    try:
-        cluster = bench_cluster.start_cluster(args.nodes, args.limit)
-    except RamsterError as exc:
-        raise CliError(f"the cluster did not start: {exc}") from None
+    cluster = start_cluster(args.nodes, args.limit)
     try:
         print(f"putting {args.pages:,} pages ({source}) through {cluster.targets[0]} ...")
         result = bench_cluster.run(cluster, pages, args.pages)

@@ -322,9 +322,6 @@ class RamsterLayer:
             self._staged[location] = zpage
             self.stats.remote_gets += 1
 
-    def unstage(self, location: int) -> None:
-        self._staged.pop(location, None)
-
     # -- flushes ----------------------------------------------------------------------------
     def take_flushes(self) -> dict[str, list[tuple[int, int, int, int]]]:
         """Flushes owed to live peers: address -> [(epoch, pool id, oid, index)]."""
