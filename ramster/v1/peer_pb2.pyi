@@ -93,3 +93,21 @@ class FlushZpagesResponse(_message.Message):
     FLUSHED_FIELD_NUMBER: _ClassVar[int]
     flushed: int
     def __init__(self, flushed: _Optional[int] = ...) -> None: ...
+
+class ReclaimRequest(_message.Message):
+    __slots__ = ("owner", "epoch")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    owner: Owner
+    epoch: int
+    def __init__(self, owner: _Optional[_Union[Owner, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ReclaimChunk(_message.Message):
+    __slots__ = ("pool_ids", "oids", "indices")
+    POOL_IDS_FIELD_NUMBER: _ClassVar[int]
+    OIDS_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    pool_ids: _containers.RepeatedScalarFieldContainer[int]
+    oids: _containers.RepeatedScalarFieldContainer[int]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pool_ids: _Optional[_Iterable[int]] = ..., oids: _Optional[_Iterable[int]] = ..., indices: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -54,6 +54,11 @@ class PeerStub:
                 request_serializer=ramster_dot_v1_dot_peer__pb2.FlushZpagesRequest.SerializeToString,
                 response_deserializer=ramster_dot_v1_dot_peer__pb2.FlushZpagesResponse.FromString,
                 _registered_method=True)
+        self.Reclaim = channel.unary_stream(
+                '/ramster.v1.Peer/Reclaim',
+                request_serializer=ramster_dot_v1_dot_peer__pb2.ReclaimRequest.SerializeToString,
+                response_deserializer=ramster_dot_v1_dot_peer__pb2.ReclaimChunk.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -84,6 +89,16 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reclaim(self, request, context):
+        """An owner back from a restart (same node id, new incarnation) asks what the holder keeps for
+        it: the holder moves every page it holds for that node id, whatever incarnation placed it,
+        under the caller's incarnation and `epoch`, and streams their keys.  The owner then flushes
+        what it no longer knows, so no orphan outlives its recovery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +121,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.FlushZpages,
                     request_deserializer=ramster_dot_v1_dot_peer__pb2.FlushZpagesRequest.FromString,
                     response_serializer=ramster_dot_v1_dot_peer__pb2.FlushZpagesResponse.SerializeToString,
+            ),
+            'Reclaim': grpc.unary_stream_rpc_method_handler(
+                    servicer.Reclaim,
+                    request_deserializer=ramster_dot_v1_dot_peer__pb2.ReclaimRequest.FromString,
+                    response_serializer=ramster_dot_v1_dot_peer__pb2.ReclaimChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +236,33 @@ class Peer:
             '/ramster.v1.Peer/FlushZpages',
             ramster_dot_v1_dot_peer__pb2.FlushZpagesRequest.SerializeToString,
             ramster_dot_v1_dot_peer__pb2.FlushZpagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reclaim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ramster.v1.Peer/Reclaim',
+            ramster_dot_v1_dot_peer__pb2.ReclaimRequest.SerializeToString,
+            ramster_dot_v1_dot_peer__pb2.ReclaimChunk.FromString,
             options,
             channel_credentials,
             insecure,
