@@ -8,7 +8,7 @@
 # inside a well-formed request are simply not stored, and the owner places them elsewhere.
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,6 +21,7 @@ from ramster.v1 import peer_pb2 as pb
 from ramster.v1 import peer_pb2_grpc
 
 T = TypeVar("T")
+RECLAIM_CHUNK = 65536  # keys per ReclaimChunk: about 1 MiB
 PEER_SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 
 
@@ -98,6 +99,20 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             return pb.GetZpagesResponse(zpages=b"".join(found), sizes=[len(z) for z in found])
 
         return await self._run(context, get)
+
+    async def Reclaim(
+        self, request: pb.ReclaimRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ReclaimChunk]:
+        keys = await self._run(
+            context, lambda: self.foreign.reclaim(_owner(request.owner), request.epoch)
+        )
+        for start in range(0, len(keys), RECLAIM_CHUNK):
+            part = keys[start : start + RECLAIM_CHUNK]
+            yield pb.ReclaimChunk(
+                pool_ids=[k[0] for k in part],
+                oids=[k[1] for k in part],
+                indices=[k[2] for k in part],
+            )
 
     async def FlushZpages(
         self, request: pb.FlushZpagesRequest, context: grpc.aio.ServicerContext
@@ -188,6 +203,17 @@ class GrpcTransport:
             ),
             timeout=self.timeout * 4,
         )
+
+    async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int, int]]:
+        keys: set[tuple[int, int, int]] = set()
+        call = self._stub(address).Reclaim(
+            pb.ReclaimRequest(owner=self._me, epoch=epoch), timeout=self.timeout * 30
+        )
+        async for chunk in call:
+            if not len(chunk.pool_ids) == len(chunk.oids) == len(chunk.indices):
+                raise ValueError(f"peer {address} sent a reclaim chunk of mismatched lists")
+            keys.update(zip(chunk.pool_ids, chunk.oids, chunk.indices, strict=True))
+        return keys
 
     async def close(self) -> None:
         for channel in self._channels:

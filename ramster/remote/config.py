@@ -14,6 +14,7 @@ class RemoteConfig:
     heartbeat_interval: float = 0.5  # seconds between liveness/capacity exchanges
     down_after: float = 3.0  # seconds of silence before a peer is marked down
     outbox_limit: int = 8192  # evicted zpages waiting to be sent; beyond it evict() refuses
+    outbox_limit_bytes: int = 16 << 20  # and their bytes (kept in RAM beyond the pool limit)
     send_batch: int = 256  # zpages per PutZpages message
 
     def __post_init__(self) -> None:
@@ -24,5 +25,7 @@ class RemoteConfig:
                 "heartbeat_interval must be positive and shorter than down_after, got "
                 f"{self.heartbeat_interval} and {self.down_after}"
             )
-        if self.outbox_limit < 1 or self.send_batch < 1:
-            raise RemoteConfigError("outbox_limit and send_batch must be positive")
+        if self.outbox_limit < 1 or self.send_batch < 1 or self.outbox_limit_bytes < 1:
+            raise RemoteConfigError(
+                "outbox_limit, outbox_limit_bytes and send_batch must be positive"
+            )

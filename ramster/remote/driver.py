@@ -2,16 +2,25 @@
 #
 # The layer decides; the driver only moves bytes and reports back.  It talks to peers through a
 # `Transport` (node/ implements it with gRPC; tests with an in-memory network), so this loop is
-# the same code in production and in the policy tests.  One background task does, every
-# heartbeat interval: a heartbeat to every peer (concurrently, each with its own deadline), then
-# marks silent peers down, then pumps what the layer queued: flushes and sends of evicted zpages
-# (per peer, in that order), and repairs (fetch a surviving copy, place it again).  Gets
-# of remote pages call `prefetch()` first: the copies are fetched from live holders, verified
-# against their checksum and key, and staged for zcache's synchronous load; a holder that times
-# out, fails or returns damaged bytes is skipped for the next one.
+# the same code in production and in the policy tests.  Two background tasks that never wait for
+# each other:
+#
+# - the heartbeat task, every heartbeat interval whatever else is queued: a heartbeat to every
+#   peer (concurrently, each with its own deadline), then marks silent peers down, then asks
+#   each peer that answers for the first time since our start what it still holds (`Reclaim`);
+# - the pump task: flushes and sends of evicted zpages (per peer, in that order) and repairs
+#   (fetch a surviving copy, place it again), pass after pass while calls succeed; when a pass
+#   gets nothing through it sleeps until the layer queues new work or a heartbeat interval
+#   passes.  A peer whose call failed is a suspect, and the layer gives it no flush, send or
+#   repair until it answers a heartbeat again: retries are paced by heartbeats, never a spin.
+#
+# Gets of remote pages call `prefetch()` first: the copies are fetched from live holders,
+# verified against their checksum and key, and staged for zcache's synchronous load; a holder
+# that times out, fails or returns damaged bytes is skipped for the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -48,6 +57,8 @@ class Transport(Protocol):
 
     async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None: ...
 
+    async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int, int]]: ...
+
 
 class RemoteDriver:
     def __init__(
@@ -64,22 +75,53 @@ class RemoteDriver:
         self.locate = locate  # zcache's location -> the layer's (0: another evictor's)
         self.clock = clock
         self.rounds = 0
+        self._work = asyncio.Event()
+        self._reclaiming: set[str] = set()
+        layer.wake = self._work.set
 
     async def run(self) -> None:
-        """Heartbeat and pump forever (cancel to stop)."""
+        """Heartbeat and pump forever, as two tasks (cancel to stop)."""
+        await asyncio.gather(self._heartbeats(), self._pumping())
+
+    async def _heartbeats(self) -> None:
         interval = self.layer.config.heartbeat_interval
+        reclaims: set[asyncio.Task[None]] = set()
         while True:
             started = self.clock()
-            await self.round()
+            await self.heartbeat()
+            self._expire()
+            for address in self._unsynced():
+                if address not in self._reclaiming:
+                    task = asyncio.create_task(self.reclaim(address))
+                    reclaims.add(task)
+                    task.add_done_callback(reclaims.discard)
             await asyncio.sleep(max(0.0, interval - (self.clock() - started)))
 
+    async def _pumping(self) -> None:
+        interval = self.layer.config.heartbeat_interval
+        while True:
+            self._work.clear()
+            if not await self.pump():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), interval)
+
     async def round(self) -> None:
+        """One heartbeat round, the reclaims it calls for, then pump passes while they get
+        anything through (the in-memory policy tests step the cluster with this)."""
         await self.heartbeat()
-        for address in self.layer.expire(self.clock()):
-            log.warning("peer %s down", address)
+        self._expire()
+        for address in self._unsynced():
+            await self.reclaim(address)
         while await self.pump():
             pass
         self.rounds += 1
+
+    def _expire(self) -> None:
+        for address in self.layer.expire(self.clock()):
+            log.warning("peer %s down", address)
+
+    def _unsynced(self) -> list[str]:
+        return [p.address for p in self.layer.membership.peers.values() if p.up and not p.synced]
 
     async def heartbeat(self) -> None:
         addresses = list(self.layer.membership.peers)
@@ -98,8 +140,31 @@ class RemoteDriver:
                     level = logging.ERROR if event is PeerEvent.CONFLICT else logging.INFO
                     log.log(level, "peer %s %s", address, event.value)
 
+    async def reclaim(self, address: str) -> None:
+        """Ask `address` what it still holds for us and let the layer match it."""
+        peer = self.layer.membership.peers.get(address)
+        if peer is None:
+            return
+        self._reclaiming.add(address)
+        try:
+            keys = await self.transport.reclaim(address, peer.epoch)
+        except Exception as exc:
+            log.info("reclaim from %s failed: %s", address, exc)
+            self.layer.membership.failed(address)
+            return
+        finally:
+            self._reclaiming.discard(address)
+        before = self.layer.stats.orphans_flushed
+        self.layer.reclaimed(address, keys)
+        log.info(
+            "peer %s holds %d of our pages; %d unknown ones flushed",
+            address,
+            len(keys),
+            self.layer.stats.orphans_flushed - before,
+        )
+
     async def pump(self) -> bool:
-        """One pass over everything the layer queued; whether there was anything.
+        """One pass over everything the layer queued; whether any call got through.
 
         Each peer's work runs in order: flushes, then puts.  A flush of a key must
         reach a holder before a newer copy of the same key does, or it would delete that copy;
@@ -115,27 +180,30 @@ class RemoteDriver:
         repairs = layer.take_repairs()
         if repairs:
             work.append(self._repairs(repairs))
-        if work:
-            await asyncio.gather(*work)
-        return bool(work)
+        return any(await asyncio.gather(*work))
 
     async def _peer_work(
         self, address: str, flushes: list[tuple[int, int, int, int]], plans: list[SendPlan]
-    ) -> None:
+    ) -> bool:
         if flushes and not await self._flush(address, flushes):
             for plan in plans:
                 self.layer.sent(plan, [False] * len(plan.items))
-            return
+            return False
+        ok = bool(flushes)
         for plan in plans:
-            await self._send(plan)
+            ok = await self._send(plan) or ok
+        return ok
 
-    async def _send(self, plan: SendPlan) -> None:
+    async def _send(self, plan: SendPlan) -> bool:
         try:
             stored = await self._put_plan(plan)
         except Exception as exc:
             log.info("send to %s failed: %s", plan.address, exc)
-            stored = [False] * len(plan.items)
+            self.layer.membership.failed(plan.address)
+            self.layer.sent(plan, [False] * len(plan.items))
+            return False
         self.layer.sent(plan, stored)
+        return True
 
     async def _put_plan(self, plan: SendPlan) -> list[bool]:
         """Put a plan's zpages, one call per pool they belong to."""
@@ -160,10 +228,11 @@ class RemoteDriver:
         self.layer.flushed(address, items, ok=True)
         return True
 
-    async def _repairs(self, repairs: list[tuple[int, list[FetchSource]]]) -> None:
+    async def _repairs(self, repairs: list[tuple[int, list[FetchSource]]]) -> bool:
         copies = await self._fetch_many(repairs)
         for location, _ in repairs:
             self.layer.repaired(location, copies.get(location))
+        return bool(copies)
 
     async def _fetch_many(self, wanted: list[tuple[int, list[FetchSource]]]) -> dict[int, bytes]:
         """The first intact copy of each location among its sources, one call per source
@@ -203,6 +272,7 @@ class RemoteDriver:
                 out[location] = zpage
             elif zpage is not None:
                 log.warning("peer %s returned a damaged copy", address)
+                self.layer.damaged(location, address)
         return out
 
     async def prefetch(self, pool_id: int, keys: list[tuple[int, int]]) -> None:

@@ -5,8 +5,10 @@
 # on; when full it refuses and the owner places the page elsewhere.  Each owner's pages are
 # limited again to a share of that limit, so one noisy peer cannot take all of it.  Pages are kept
 # in one zcache pool per (owner node, owner incarnation, epoch, owner pool), under the key their
-# own header names, so they travel back byte for byte and the owner verifies them.  A new owner
-# incarnation (the owner restarted and lost its table) drops the old one's pools.
+# own header names, so they travel back byte for byte and the owner verifies them.  An owner back
+# from a restart asks for its pages (`reclaim`): they move under its new incarnation and the epoch
+# it names, and it learns their keys.  A new incarnation that puts without having asked (an owner
+# that lost its data directory) drops the old one's pools.
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,6 +67,29 @@ class ForeignStore:
                 stored[i] = not result.refused
         self.refused += stored.count(False)
         return stored
+
+    def reclaim(self, owner: OwnerTag, epoch: int) -> list[tuple[int, int, int]]:
+        """Move every page held for `owner.node_id` under its current incarnation and `epoch`;
+        their (pool id, oid, index) keys."""
+        for tag in [t for t in self.pools if t[0] == owner.node_id]:
+            target = (owner.node_id, owner.incarnation, epoch, tag[3])
+            if tag == target:
+                continue
+            source = self.pools.pop(tag)
+            into = self.pools.get(target)
+            if into is None:
+                self.pools[target] = source
+                continue
+            keys = [(oid, index) for oid, index, _ in self.cache.pools[source].index.items()]
+            zpages = [z for z in self.cache.read_zpages(source, keys) if z is not None]
+            self.cache.store_zpages(into, zpages)
+            self.cache.destroy_pool(source)
+        return [
+            (tag[3], oid, index)
+            for tag, pool in self.pools.items()
+            if tag[0] == owner.node_id
+            for oid, index, _ in self.cache.pools[pool].index.items()
+        ]
 
     def get(
         self, owner: OwnerTag, epoch: int, pool_id: int, keys: list[tuple[int, int]]

@@ -20,19 +20,42 @@
 # again (extra ones are flushed), and a page whose only reachable copy is on it waits for it
 # instead of being declared lost.  Only a restart (a new incarnation) loses what a peer held.
 #
+# Durability: with a `Journal`, every copy that comes to exist (a peer's stored reply, a disk
+# write) and every location forgotten is recorded in the data directory, so a restarted owner
+# rebuilds its table and zcache adopts the pages under their old keys (`recovered()`).  A peer
+# is used again only once *synced*: the owner has asked it (`Reclaim`) what it still keeps and
+# `reclaimed()` has matched that with the table, dropping copies it lost and flushing what the
+# table does not know, so no orphan outlives the owner's recovery.  `close()` (graceful stop)
+# writes what is still in the outbox to disk and compacts the journal.
+#
+# Bounds: the outbox (zpages whose bytes wait here for copies) is limited in pages and bytes;
+# beyond it evict() refuses and the backing file takes the zpages, and repairs are fetched only
+# while the outbox has room for them.  `wake` (set by the driver) is called whenever work is
+# queued, so nothing waits for a timer.
+#
 # Trade-off: the table keeps one small object per remote page on the owner (the page's bytes
 # live elsewhere); compact arrays as in zcache's index would be the next step at very large scale.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ramster.remote.config import RemoteConfig
+from ramster.remote.journal import Journal, Recovered
 from ramster.remote.membership import Membership, PeerEvent
 from ramster.zcache.codec import zpage_key
-from ramster.zcache.errors import PageUnavailable
+from ramster.zcache.errors import CorruptPage, PageUnavailable
 from ramster.zcache.evictor import Evictor
+
+
+class LocalDisk(Evictor, Protocol):
+    """The local backing file, as the layer uses it for its own disk copies."""
+
+    def claim(self, pool_id: int, location: int, oid: int, index: int) -> bool:
+        """Take a record found on open as the layer's own (zcache must not adopt it)."""
+        ...
 
 
 class Entry:
@@ -40,9 +63,11 @@ class Entry:
 
     __slots__ = (
         "allocator",
+        "damaged",
         "disk",
         "holders",
         "index",
+        "journaled",
         "oid",
         "pool_id",
         "sending",
@@ -50,15 +75,19 @@ class Entry:
         "zpage",
     )
 
-    def __init__(self, pool_id: int, allocator: str, zpage: bytes) -> None:
+    def __init__(
+        self, pool_id: int, allocator: str, oid: int, index: int, zpage: bytes | None
+    ) -> None:
         self.pool_id = pool_id
         self.allocator = allocator
-        self.oid, self.index = zpage_key(zpage)
-        self.zpage: bytes | None = zpage
+        self.oid, self.index = oid, index
+        self.zpage = zpage
         self.holders: dict[str, int] = {}  # peer address -> epoch the copy was placed in
         self.sending: set[str] = set()
         self.tried: set[str] = set()
+        self.damaged: set[str] = set()  # holders whose copy failed verification
         self.disk = 0  # location in the local backing file, 0 if none
+        self.journaled = False  # its key is in the journal
 
 
 @dataclass(frozen=True)
@@ -90,8 +119,12 @@ class LayerStats:
     disk_copies: int = 0  # copies written to the local backing file by this layer
     rereplicated: int = 0  # zpages placed again after a holder went
     lost: int = 0  # zpages with no copy left anywhere (should stay 0)
+    damaged: int = 0  # copies a holder returned that failed verification
     outbox_refused: int = 0  # zpages evict() refused (outbox full or no peer up)
     repairs_pending: int = field(default=0)
+    recovered: int = 0  # locations found again in the journal at start
+    reclaimed: int = 0  # copies peers still held for us when asked after a restart
+    orphans_flushed: int = 0  # copies peers held that the table did not know
 
 
 class RamsterLayer:
@@ -101,12 +134,14 @@ class RamsterLayer:
         incarnation: str,
         peers: list[str],
         config: RemoteConfig | None = None,
-        local: Evictor | None = None,
+        local: LocalDisk | None = None,
         seed: int | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.config = config or RemoteConfig()
         self.membership = Membership(node_id, incarnation, peers, self.config.down_after, seed)
         self.local = local
+        self.journal = journal
         self.stats = LayerStats()
         self.entries: dict[int, Entry] = {}
         self.by_peer: dict[str, set[int]] = {}
@@ -116,6 +151,74 @@ class RamsterLayer:
         self._flushes: dict[str, list[tuple[int, int, int, int]]] = {}  # epoch, pool, oid, index
         self._staged: dict[int, bytes] = {}
         self.outbox = 0  # entries holding their bytes
+        self.outbox_bytes = 0
+        self.closing = False  # set at a graceful stop: evict() refuses, the disk takes all
+        self.wake: Callable[[], None] = lambda: None  # the driver's: work was queued
+        if journal is not None:  # ask every peer what it holds for us before using it
+            for peer in self.membership.peers.values():
+                peer.synced = False
+            self._recover(journal)
+
+    # -- recovery -----------------------------------------------------------------------------
+    def _recover(self, journal: Journal) -> None:
+        """Rebuild the table from the journal: copies on configured peers, disk copies the
+        backing file still has.  A location left with neither is lost (its other copy was in
+        RAM); peers are asked what they still hold once they answer (`reclaimed`)."""
+        peers = self.membership.peers
+        for location, rec in journal.recovered.items():
+            disk = rec.disk
+            if disk and not (
+                self.local and self.local.claim(rec.pool_id, disk, rec.oid, rec.index)
+            ):
+                disk = 0
+            holders = {a: peers[a].epoch for a in rec.holders if a in peers}
+            if not holders and not disk:
+                self.stats.lost += 1
+                continue
+            entry = Entry(rec.pool_id, rec.allocator, rec.oid, rec.index, None)
+            entry.holders, entry.disk, entry.journaled = holders, disk, True
+            self.entries[location] = entry
+            for address in holders:
+                self.by_peer.setdefault(address, set()).add(location)
+            self._next = max(self._next, location + 1)
+        self.stats.recovered = len(self.entries)
+        self._compact_journal()
+
+    def _compact_journal(self) -> None:
+        if self.journal is None:
+            return
+        self.journal.rewrite(
+            {
+                loc: Recovered(e.pool_id, e.allocator, e.oid, e.index, set(e.holders), e.disk)
+                for loc, e in self.entries.items()
+                if e.journaled
+            }
+        )
+
+    def reclaimed(self, address: str, keys: set[tuple[int, int, int]]) -> None:
+        """What `address` still holds for us, asked once after our start: copies the table
+        expects there but the peer lost are dropped (and repaired); copies the table does not
+        know are flushed.  From now on the peer is used."""
+        peer = self.membership.peers.get(address)
+        if peer is None:
+            return
+        lost = set()
+        for location in self.by_peer.get(address, set()):
+            entry = self.entries[location]
+            key = (entry.pool_id, entry.oid, entry.index)
+            if key in keys:
+                keys.discard(key)
+                self.stats.reclaimed += 1
+            else:
+                lost.add(location)
+        for location in lost:
+            self._drop_holder(location, address, flush=False)
+        for pool_id, oid, index in keys:
+            self._flushes.setdefault(address, []).append((peer.epoch, pool_id, oid, index))
+        self.stats.orphans_flushed += len(keys)
+        self._commit()
+        peer.synced = True
+        self._queue_repairs(lost)
 
     # -- membership -------------------------------------------------------------------------
     def heard(
@@ -147,20 +250,30 @@ class RamsterLayer:
             entry = self.entries[location]
             need = self._needed(entry)
             if need < 0:
-                epoch = entry.holders.pop(address)
-                self.by_peer[address].discard(location)
-                self._flushes.setdefault(address, []).append(
-                    (epoch, entry.pool_id, entry.oid, entry.index)
-                )
+                self._drop_holder(location, address, flush=True)
             elif need > 0:
                 self._queue_repairs({location})
+        self._commit()
 
     def _lose(self, address: str) -> None:
+        """`address` restarted: what it held is gone."""
         self._flushes.pop(address, None)
-        held = self.by_peer.pop(address, set())
+        held = self.by_peer.get(address, set()).copy()
         for location in held:
-            self.entries[location].holders.pop(address, None)
+            self._drop_holder(location, address, flush=False)
+        self._commit()
         self._queue_repairs(held)
+
+    def _drop_holder(self, location: int, address: str, flush: bool) -> None:
+        entry = self.entries[location]
+        epoch = entry.holders.pop(address, None)
+        self.by_peer.get(address, set()).discard(location)
+        if epoch is not None and flush:
+            self._flushes.setdefault(address, []).append(
+                (epoch, entry.pool_id, entry.oid, entry.index)
+            )
+        if self.journal is not None and entry.journaled:
+            self.journal.drop(location, address)
 
     def _queue_repairs(self, locations: set[int]) -> None:
         for location in locations:
@@ -171,6 +284,8 @@ class RamsterLayer:
                 else:
                     self._repairs.append(location)
         self.stats.repairs_pending = len(self._repairs)
+        if locations:
+            self.wake()
 
     def _needed(self, entry: Entry) -> int:
         peers = self.membership.peers
@@ -178,9 +293,14 @@ class RamsterLayer:
         return self.config.replicas - good - (1 if entry.disk else 0) - len(entry.sending)
 
     # -- evictor interface ------------------------------------------------------------------
+    def _outbox_room(self) -> int:
+        if self.outbox_bytes >= self.config.outbox_limit_bytes:
+            return 0
+        return self.config.outbox_limit - self.outbox
+
     def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
-        room = self.config.outbox_limit - self.outbox
-        if room <= 0 or self.membership.choose(set()) is None:
+        room = self._outbox_room()
+        if self.closing or room <= 0 or self.membership.choose(set()) is None:
             self.stats.outbox_refused += len(zpages)
             return [0] * len(zpages)
         out = []
@@ -191,11 +311,13 @@ class RamsterLayer:
                 continue
             location = self._next
             self._next += 1
-            self.entries[location] = Entry(pool_id, allocator, zpage)
+            self.entries[location] = Entry(pool_id, allocator, *zpage_key(zpage), zpage)
             self._pending.append(location)
             self.outbox += 1
+            self.outbox_bytes += len(zpage)
             room -= 1
             out.append(location)
+        self.wake()
         return out
 
     def load(self, pool_id: int, location: int) -> bytes:
@@ -209,6 +331,8 @@ class RamsterLayer:
             return staged
         if entry.disk and self.local is not None:
             return self.local.load(pool_id, entry.disk)
+        if entry.damaged and entry.damaged >= set(entry.holders):
+            raise CorruptPage(f"every copy of remote location {location} failed verification")
         raise PageUnavailable(f"no copy of remote location {location} could be reached")
 
     def forget(self, pool_id: int, location: int) -> None:
@@ -224,11 +348,34 @@ class RamsterLayer:
         if entry.disk and self.local is not None:
             self.local.forget(pool_id, entry.disk)
         if entry.zpage is not None:
-            self.outbox -= 1
+            self._unbox(entry)
+        if self.journal is not None and entry.journaled:
+            self.journal.forget(location)
+            self._commit()  # before the caller answers: a flushed page never comes back
+        if entry.holders:
+            self.wake()
 
     def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
-        """Remote copies belong to this process's life: nothing survives a restart."""
-        return iter(())
+        """The locations found again in the journal, for zcache to file under their keys."""
+        for location, e in self.entries.items():
+            yield e.pool_id, e.allocator, e.oid, e.index, location
+
+    def _unbox(self, entry: Entry) -> None:
+        assert entry.zpage is not None
+        self.outbox -= 1
+        self.outbox_bytes -= len(entry.zpage)
+        entry.zpage = None
+
+    def _commit(self) -> None:
+        if self.journal is not None:
+            self.journal.commit()
+            if self.journal.wants_rewrite(3 * len(self.entries)):
+                self._compact_journal()
+
+    def _journal_key(self, location: int, entry: Entry) -> None:
+        if self.journal is not None and not entry.journaled:
+            self.journal.key(location, entry.pool_id, entry.allocator, entry.oid, entry.index)
+            entry.journaled = True
 
     # -- sending ----------------------------------------------------------------------------
     def take_sends(self, limit: int | None = None) -> list[SendPlan]:
@@ -259,27 +406,34 @@ class RamsterLayer:
             elif not entry.sending:
                 self._settle(entry)
         self._pending.extend(defer)
+        self._commit()
         peers = self.membership.peers
         return [SendPlan(a, peers[a].epoch, items) for a, items in plans.items()]
 
     def _settle_without_peers(self, location: int, entry: Entry) -> bool:
         """No (more) peer can take a copy: add a disk copy; settle if a copy exists anywhere."""
-        assert entry.zpage is not None
-        if not entry.disk and self.local is not None:
-            (disk,) = self.local.evict(entry.pool_id, entry.allocator, [entry.zpage])
-            if disk:
-                entry.disk = disk
-                self.stats.disk_copies += 1
+        self._disk_copy(location, entry)
         if entry.disk or entry.holders:
             self._settle(entry)
             return True
         entry.tried.clear()  # nothing took it: keep the bytes and try every peer again later
         return False
 
+    def _disk_copy(self, location: int, entry: Entry) -> None:
+        assert entry.zpage is not None
+        if entry.disk or self.local is None:
+            return
+        (disk,) = self.local.evict(entry.pool_id, entry.allocator, [entry.zpage])
+        if disk:
+            entry.disk = disk
+            self.stats.disk_copies += 1
+            self._journal_key(location, entry)
+            if self.journal is not None:
+                self.journal.disk(location, disk)
+
     def _settle(self, entry: Entry) -> None:
         if entry.zpage is not None:
-            entry.zpage = None
-            self.outbox -= 1
+            self._unbox(entry)
         entry.tried.clear()
 
     def sent(self, plan: SendPlan, stored: list[bool]) -> None:
@@ -297,22 +451,31 @@ class RamsterLayer:
             peer = self.membership.peers.get(plan.address)
             if ok and peer is not None and peer.epoch == plan.epoch:
                 entry.holders[plan.address] = plan.epoch
+                entry.damaged.discard(plan.address)
                 self.by_peer.setdefault(plan.address, set()).add(location)
                 self.stats.remote_puts += 1
+                self._journal_key(location, entry)
+                if self.journal is not None:
+                    self.journal.holder(location, plan.address)
             else:
                 entry.tried.add(plan.address)
                 self.stats.remote_refused += 1
             self._pending.append(location)  # take_sends settles it or places more copies
+        self._commit()
 
     # -- gets -------------------------------------------------------------------------------
     def fetch_sources(self, location: int) -> list[FetchSource]:
-        """Peers to fetch a remote copy from: live ones, suspects last; empty when no fetch is
-        needed."""
+        """Peers to fetch a remote copy from: live, synced ones, suspects last; empty when no
+        fetch is needed."""
         entry = self.entries.get(location)
         if entry is None or entry.zpage is not None or location in self._staged:
             return []
         peers = self.membership.peers
-        live = [(a, epoch) for a, epoch in entry.holders.items() if a in peers and peers[a].up]
+        live = [
+            (a, epoch)
+            for a, epoch in entry.holders.items()
+            if a in peers and peers[a].up and peers[a].synced
+        ]
         live.sort(key=lambda holder: peers[holder[0]].suspect)
         return [FetchSource(a, epoch, entry.pool_id, entry.oid, entry.index) for a, epoch in live]
 
@@ -322,11 +485,23 @@ class RamsterLayer:
             self._staged[location] = zpage
             self.stats.remote_gets += 1
 
+    def damaged(self, location: int, address: str) -> None:
+        """`address` returned a copy of `location` that failed verification."""
+        entry = self.entries.get(location)
+        self.stats.damaged += 1
+        if entry is not None and address in entry.holders:
+            entry.damaged.add(address)
+
     # -- flushes ----------------------------------------------------------------------------
     def take_flushes(self) -> dict[str, list[tuple[int, int, int, int]]]:
-        """Flushes owed to live peers: address -> [(epoch, pool id, oid, index)]."""
+        """Flushes owed to reachable peers: address -> [(epoch, pool id, oid, index)].  Those
+        owed to a peer that is down or failed a call since it last answered wait for it."""
         peers = self.membership.peers
-        out = {a: f for a, f in self._flushes.items() if a in peers and peers[a].up}
+        out = {
+            a: f
+            for a, f in self._flushes.items()
+            if a in peers and peers[a].up and peers[a].synced and not peers[a].suspect
+        }
         for address in out:
             del self._flushes[address]
         return out
@@ -335,13 +510,22 @@ class RamsterLayer:
         if ok:
             self.stats.remote_flushes += len(items)
         else:
-            self._flushes.setdefault(address, []).extend(items)  # retried while the peer is up
+            self.membership.failed(address)  # retried once it answers a heartbeat again
+            self._flushes.setdefault(address, []).extend(items)
+
+    @property
+    def flushes_pending(self) -> int:
+        return sum(len(f) for f in self._flushes.values())
 
     # -- repairs ----------------------------------------------------------------------------
     def take_repairs(self, limit: int = 256) -> list[tuple[int, list[FetchSource]]]:
         """Zpages below their replica count whose bytes must be fetched back: (location,
-        sources).  Repairs served from the local disk copy are done here and not returned."""
+        sources), no more than the outbox has room for.  Repairs served from the local disk
+        copy are done here and not returned."""
         out: list[tuple[int, list[FetchSource]]] = []
+        peers = self.membership.peers
+        later = []  # every source failed a call lately: wait for one to answer a heartbeat
+        limit = min(limit, self._outbox_room())
         while self._repairs and len(out) < limit:
             location = self._repairs.popleft()
             entry = self.entries.get(location)
@@ -349,12 +533,16 @@ class RamsterLayer:
                 continue
             if entry.disk and self.local is not None:
                 self.repaired(location, self.local.load(entry.pool_id, entry.disk))
+                limit -= 1
                 continue
             sources = self.fetch_sources(location)
-            if sources:
+            if any(not peers[s.address].suspect for s in sources):
                 out.append((location, sources))
+            elif sources:
+                later.append(location)
             else:
                 self._unreachable(entry)
+        self._repairs.extend(later)
         self.stats.repairs_pending = len(self._repairs)
         return out
 
@@ -365,20 +553,17 @@ class RamsterLayer:
             return
         if zpage is None:
             if self.fetch_sources(location):
-                self._repairs.append(location)
+                self._repairs.append(location)  # retried on a later pass
             else:
                 self._unreachable(entry)
             return
         entry.zpage = zpage
         self.outbox += 1
+        self.outbox_bytes += len(zpage)
         self.stats.rereplicated += 1
         # copies on leaving peers stop counting once the zpage is placed again
         for address in [a for a in entry.holders if self._leaving(a)]:
-            epoch = entry.holders.pop(address)
-            self.by_peer.get(address, set()).discard(location)
-            self._flushes.setdefault(address, []).append(
-                (epoch, entry.pool_id, entry.oid, entry.index)
-            )
+            self._drop_holder(location, address, flush=True)
         self._pending.append(location)
 
     def _unreachable(self, entry: Entry) -> None:
@@ -391,10 +576,34 @@ class RamsterLayer:
         peer = self.membership.peers.get(address)
         return peer is None or peer.leaving
 
+    # -- stop -------------------------------------------------------------------------------
+    def close(self) -> int:
+        """Graceful stop: refuse new zpages, give what waits in the outbox a disk copy, and
+        leave a compact journal.  The number of outbox zpages that found no room on disk (they
+        are lost with the process)."""
+        self.closing = True
+        stranded = 0
+        for location, entry in self.entries.items():
+            if entry.zpage is not None:
+                self._disk_copy(location, entry)
+                if entry.disk or entry.holders:
+                    self._settle(entry)
+                else:
+                    stranded += 1
+        if self.journal is not None:
+            self._compact_journal()
+            self.journal.close()
+        return stranded
+
     # -- introspection ----------------------------------------------------------------------
     @property
     def remote_pages(self) -> int:
         return len(self.entries)
+
+    @property
+    def peer_copies(self) -> int:
+        """Copies of our zpages that peers hold, as far as the table knows."""
+        return sum(len(held) for held in self.by_peer.values())
 
     def replica_histogram(self) -> dict[int, int]:
         """How many zpages have n live copies (peers + disk)."""

@@ -38,10 +38,17 @@ class Peer:
     free_bytes: int = 0  # room for foreign pages, as reported, minus what we sent since
     epoch: int = 1
     suspect: bool = False  # a call to it failed since it last answered: try it last
+    synced: bool = True  # False until an owner back from a restart has asked what it holds
 
     @property
     def placeable(self) -> bool:
-        return self.up and not self.leaving and not self.suspect and self.free_bytes > 0
+        return (
+            self.up
+            and self.synced
+            and not self.leaving
+            and not self.suspect
+            and self.free_bytes > 0
+        )
 
 
 class Membership:
@@ -82,6 +89,7 @@ class Membership:
         if peer.incarnation and incarnation != peer.incarnation:
             events.append(PeerEvent.RESTARTED)
             peer.epoch += 1
+            peer.synced = True  # a new process holds nothing from before to ask about
         elif not peer.up:
             events.append(PeerEvent.UP)
         if leaving and not peer.leaving:

@@ -82,7 +82,7 @@ class BackingFile:
         self._sizes = bytearray()  # blocks of the live record starting at each block, else 0
         self._seq = 0
         self.live = 0  # live records
-        self._recovered: list[tuple[int, str, int, int, int]] = []
+        self._recovered: dict[int, tuple[int, str, int, int, int]] = {}  # by block
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -144,7 +144,7 @@ class BackingFile:
                     found.append((pool_id, alloc, oid, index, block))
                 self._seq = max(self._seq, seq)
                 pos = mm.find(RECORD_MAGIC, pos + blocks * BLOCK)
-        self._recovered = [r for r in found if live[(r[0], r[2], r[3])][1] == r[4]]
+        self._recovered = {r[4]: r for r in found if live[(r[0], r[2], r[3])][1] == r[4]}
         self.stats.recovered = self.live = len(self._recovered)
         for stale in {b for *_, b in found} - {b for _, b in live.values()}:
             os.pwrite(self.fd, b"\0\0\0\0", stale * BLOCK)  # superseded: never resurrect it
@@ -264,8 +264,18 @@ class BackingFile:
         self.stats.forgotten += 1
 
     def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
-        records, self._recovered = self._recovered, []
-        yield from records
+        records, self._recovered = self._recovered, {}
+        yield from records.values()
+
+    def claim(self, pool_id: int, location: int, oid: int, index: int) -> bool:
+        """Take the record found on open at `location` as another evictor's (the ramster
+        layer's disk copy of a remote zpage): `recovered()` will not announce it.  False if
+        no such record of that key survived."""
+        record = self._recovered.get(location)
+        if record is None or (record[0], record[2], record[3]) != (pool_id, oid, index):
+            return False
+        del self._recovered[location]
+        return True
 
     # -- introspection and shutdown ---------------------------------------------------------
     @property

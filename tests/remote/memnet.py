@@ -91,6 +91,10 @@ class MemTransport:
         for epoch, pool_id, oid, index in items:
             node.foreign.flush(self.me.owner, epoch, pool_id, [(oid, index)])
 
+    async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int, int]]:
+        node = await self._reach(address)
+        return set(node.foreign.reclaim(self.me.owner, epoch))
+
 
 class MemNetwork:
     def __init__(

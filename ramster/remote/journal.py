@@ -1,0 +1,177 @@
+# The remote index journal: where this owner's remotified zpages have copies, kept on disk so a
+# restarted owner finds them again.
+#
+# The layer's table lives in RAM; this is its durable shadow, an append-only file of fixed
+# 32-byte records in the data directory:
+#
+#     op  u8 | alloc u8 | slot u16 | index u32 | pool u32 | pad u32 | location u64 | value u64
+#
+#   KEY     location now stands for (pool, oid=value, index), allocator `alloc`
+#   HOLDER  location has a copy on the peer in `slot` (the peer stored it and said so)
+#   DROP    location no longer has a copy on the peer in `slot`
+#   DISK    location has a copy in the local backing file at block `value` (0: none any more)
+#   FORGET  location is gone (flushed, overwritten, brought home)
+#
+# A record is written only once what it says is true (after the peer's reply, after the disk
+# write), with one write() per batch and no fsync: a killed process loses nothing the kernel has
+# (a power cut may lose the newest records, which costs at most those copies).  Peer addresses are
+# numbered in a small side file (`remote-peers.json`, rewritten atomically when a peer is first
+# seen), so a record names a peer in two bytes.
+#
+# Replay folds the records into one (pool, oid, index, allocator, holders, disk) per live location;
+# a torn last record is ignored.  The file is rewritten compactly (temporary file, rename) at open
+# and at a clean close, and whenever it grows past four times its live content, so it stays
+# proportional to what is remote.  Entries with no copy anywhere (still in the outbox at a crash)
+# are not recovered: their only copy was in RAM.
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ramster.zcache.config import ALLOCATORS
+
+RECORD = struct.Struct("<BBHIIxxxxQQ")
+KEY, HOLDER, DROP, DISK, FORGET = range(1, 6)
+JOURNAL_FILE = "remote.journal"
+PEERS_FILE = "remote-peers.json"
+MAX_SLOTS = 1 << 16
+
+
+class JournalError(Exception):
+    """The journal cannot be read or written; the message says why."""
+
+
+@dataclass
+class Recovered:
+    """One live location as the journal last knew it."""
+
+    pool_id: int
+    allocator: str
+    oid: int
+    index: int
+    holders: set[str] = field(default_factory=set)
+    disk: int = 0
+
+
+class Journal:
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / JOURNAL_FILE
+        self.peers_path = data_dir / PEERS_FILE
+        self.slots: dict[str, int] = {}
+        self._buffer = bytearray()
+        self._records = 0
+        self._fd = -1
+        self.torn = 0
+        try:
+            if self.peers_path.exists():
+                self.slots = {str(a): int(s) for a, s in json.loads(self.peers_path.read_text())}
+        except (OSError, ValueError, TypeError) as exc:
+            raise JournalError(f"cannot read {self.peers_path}: {exc}") from None
+        self.recovered = self._replay()
+        self.rewrite(self.recovered)
+
+    # -- replay and compaction --------------------------------------------------------------
+    def _replay(self) -> dict[int, Recovered]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise JournalError(f"cannot read {self.path}: {exc.strerror}") from None
+        names = {s: a for a, s in self.slots.items()}
+        live: dict[int, Recovered] = {}
+        whole = len(data) - len(data) % RECORD.size
+        self.torn = int(whole != len(data))
+        for op, alloc, slot, index, pool, location, value in RECORD.iter_unpack(data[:whole]):
+            if op == KEY and alloc < len(ALLOCATORS):
+                live[location] = Recovered(pool, ALLOCATORS[alloc], value, index)
+                continue
+            entry = live.get(location)
+            if entry is None:
+                continue
+            if op == HOLDER and slot in names:
+                entry.holders.add(names[slot])
+            elif op == DROP and slot in names:
+                entry.holders.discard(names[slot])
+            elif op == DISK:
+                entry.disk = value
+            elif op == FORGET:
+                del live[location]
+            else:
+                self.torn += 1
+        return {loc: e for loc, e in live.items() if e.holders or e.disk}
+
+    def rewrite(self, entries: dict[int, Recovered]) -> None:
+        """Replace the file by the records of `entries` alone."""
+        out = bytearray()
+        for location, e in entries.items():
+            out += self._key(location, e.pool_id, e.allocator, e.oid, e.index)
+            for address in e.holders:
+                out += RECORD.pack(HOLDER, 0, self.slot(address), 0, 0, location, 0)
+            if e.disk:
+                out += RECORD.pack(DISK, 0, 0, 0, 0, location, e.disk)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(out)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise JournalError(f"cannot write {self.path}: {exc.strerror}") from None
+        self._records = len(out) // RECORD.size
+        self._live_at_rewrite = max(1, self._records)
+
+    # -- records ----------------------------------------------------------------------------
+    def slot(self, address: str) -> int:
+        slot = self.slots.get(address)
+        if slot is None:
+            if len(self.slots) >= MAX_SLOTS:
+                raise JournalError(f"more than {MAX_SLOTS} peer addresses in the journal")
+            slot = self.slots[address] = len(self.slots)
+            tmp = self.peers_path.with_name(self.peers_path.name + ".tmp")
+            tmp.write_text(json.dumps(sorted(self.slots.items(), key=lambda kv: kv[1])))
+            os.replace(tmp, self.peers_path)
+        return slot
+
+    @staticmethod
+    def _key(location: int, pool_id: int, allocator: str, oid: int, index: int) -> bytes:
+        return RECORD.pack(KEY, ALLOCATORS.index(allocator), 0, index, pool_id, location, oid)
+
+    def key(self, location: int, pool_id: int, allocator: str, oid: int, index: int) -> None:
+        self._buffer += self._key(location, pool_id, allocator, oid, index)
+
+    def holder(self, location: int, address: str) -> None:
+        self._buffer += RECORD.pack(HOLDER, 0, self.slot(address), 0, 0, location, 0)
+
+    def drop(self, location: int, address: str) -> None:
+        self._buffer += RECORD.pack(DROP, 0, self.slot(address), 0, 0, location, 0)
+
+    def disk(self, location: int, block: int) -> None:
+        self._buffer += RECORD.pack(DISK, 0, 0, 0, 0, location, block)
+
+    def forget(self, location: int) -> None:
+        self._buffer += RECORD.pack(FORGET, 0, 0, 0, 0, location, 0)
+
+    def commit(self) -> None:
+        """Write the buffered records (one write)."""
+        if self._buffer and self._fd >= 0:
+            os.write(self._fd, self._buffer)
+            self._records += len(self._buffer) // RECORD.size
+            self._buffer.clear()
+
+    def wants_rewrite(self, live_records: int) -> bool:
+        return self._records > 4 * max(live_records, self._live_at_rewrite, 1024)
+
+    def close(self) -> None:
+        self.commit()
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
