@@ -1,0 +1,49 @@
+# ramster.nbd: the NBD protocol (network block device, as Linux's nbd driver, qemu, libnbd and
+# nbdkit speak it), sans-IO.  ServerConnection turns a client's bytes into typed events and
+# encodes the replies; ExportLister is the small client side that lists a server's exports.
+# Neither does I/O: node/nbd.py drives the server over asyncio, `ramster nbd list` the lister
+# over a blocking socket.  See server.py for what is spoken and what is refused.
+from ramster.nbd.client import ExportInfo, ExportLister, NbdError
+from ramster.nbd.events import (
+    NEED_DATA,
+    Closed,
+    Event,
+    Export,
+    Flush,
+    Negotiated,
+    Read,
+    Rejected,
+    Reply,
+    Request,
+    Trim,
+    Write,
+    WriteZeroes,
+)
+from ramster.nbd.server import MAX_PAYLOAD, PREFERRED_BLOCK, ProtocolMisuse, ServerConnection
+from ramster.nbd.wire import CommandFlag, Error, TransmissionFlag
+
+__all__ = [
+    "MAX_PAYLOAD",
+    "NEED_DATA",
+    "PREFERRED_BLOCK",
+    "Closed",
+    "CommandFlag",
+    "Error",
+    "Event",
+    "Export",
+    "ExportInfo",
+    "ExportLister",
+    "Flush",
+    "NbdError",
+    "Negotiated",
+    "ProtocolMisuse",
+    "Read",
+    "Rejected",
+    "Reply",
+    "Request",
+    "ServerConnection",
+    "TransmissionFlag",
+    "Trim",
+    "Write",
+    "WriteZeroes",
+]

@@ -1,0 +1,104 @@
+# What the NBD server machine tells its I/O shell, and what the shell hands back to it.
+#
+# Events out (ServerConnection.next_event): Negotiated when a client has chosen an export and
+# transmission begins; one Request subclass per command the shell must carry out (Read, Write,
+# Flush, Trim, WriteZeroes), each already checked against the export (range, length, flags), so
+# a shell never sees a request it may not execute; Rejected for a request the machine answered
+# with an error itself (the shell only counts it); Closed when the connection is over, cleanly
+# or not.  Back in (ServerConnection.send): one Reply per Request.  Requests compare by identity
+# (eq=False): two requests may carry the same handle, yet each is answered exactly once.
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ramster.nbd.wire import Command, CommandFlag, Error
+
+
+@dataclass(frozen=True)
+class Export:
+    """One export as clients see it: a name and a size in bytes."""
+
+    name: str
+    size: int
+    description: str = ""
+
+
+class Event:
+    """Base of everything next_event() returns."""
+
+
+@dataclass(frozen=True, eq=False)
+class Negotiated(Event):
+    export: Export
+
+
+@dataclass(frozen=True, eq=False)
+class Request(Event):
+    handle: int
+    offset: int
+    length: int
+    flags: CommandFlag
+    command: ClassVar[Command]
+
+
+@dataclass(frozen=True, eq=False)
+class Read(Request):
+    command = Command.READ
+
+
+@dataclass(frozen=True, eq=False)
+class Write(Request):
+    data: bytes = b""
+    command = Command.WRITE
+
+
+@dataclass(frozen=True, eq=False)
+class Flush(Request):
+    command = Command.FLUSH
+
+
+@dataclass(frozen=True, eq=False)
+class Trim(Request):
+    command = Command.TRIM
+
+
+@dataclass(frozen=True, eq=False)
+class WriteZeroes(Request):
+    command = Command.WRITE_ZEROES
+
+
+@dataclass(frozen=True, eq=False)
+class Rejected(Event):
+    """A request answered with `error` by the machine itself; `reason` is for logs."""
+
+    handle: int
+    command: int
+    error: Error
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class Closed(Event):
+    """The connection is over: the shell sends what data_to_send() holds, then closes.
+    `violation` is set when the client broke the protocol or hung up mid-message."""
+
+    reason: str
+    violation: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Reply:
+    """The answer to one Request: an error, or success (with the data of a Read)."""
+
+    request: Request
+    error: Error = Error.OK
+    data: bytes = b""
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()  # next_event(): nothing more until receive_data()

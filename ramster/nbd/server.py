@@ -1,0 +1,410 @@
+# The server side of an NBD connection as a sans-IO state machine: bytes in, events out, replies
+# encoded by it (h11's shape).  The I/O shell (node/nbd.py) feeds receive_data(), takes events
+# from next_event() until NEED_DATA, carries out each Request and hands back a Reply through
+# send(), and writes whatever data_to_send() returns.  Nothing here blocks, reads a clock or
+# touches a socket, so every hostile byte sequence can be tested in memory.
+#
+# Phases (State): the greeting is queued at construction (fixed newstyle, NO_ZEROES offered);
+# CLIENT_FLAGS takes the client's 32 bits (unknown bits: hard disconnect, as the spec demands);
+# OPTION_HEADER/OPTION_DATA haggle: LIST, INFO, GO, ABORT and the old EXPORT_NAME are answered
+# here; STARTTLS gets ERR_POLICY (no TLS on this port yet), every other option ERR_UNSUP, so
+# clients fall back to simple replies and no metadata contexts.  GO or EXPORT_NAME moves to
+# REQUEST_HEADER/WRITE_DATA (transmission).  DISCARD swallows a payload the machine will not keep
+# (an oversized option or write) without buffering it, then sends the error it earned.  Anything
+# that cannot be resynchronised (a wrong magic) closes the connection: there is no way to find the
+# next message boundary.
+#
+# Requests are checked here, before the shell sees them: flags against the command, offset and
+# length against the export size, READ/WRITE length against the advertised maximum (32 MiB, the
+# portable limit).  A failing request is answered by the machine and surfaces as Rejected.  Block
+# sizes advertised: minimum 1 (the shell does unaligned writes by read-modify-write), preferred
+# 4096, maximum 32 MiB.  TRIM and WRITE_ZEROES carry no payload, so they may span any part of
+# the export.  Replies may go out in any order (NBD matches them by handle); each Request must be
+# answered exactly once, and a successful Read carries exactly its length in data.
+#
+# Trade-off: write payloads are buffered whole (up to 32 MiB per request) so the shell gets one
+# bytes object per write; a streaming interface would save that copy but complicate every caller.
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Sequence
+
+from ramster.nbd.events import (
+    NEED_DATA,
+    Closed,
+    Event,
+    Export,
+    Flush,
+    Negotiated,
+    Read,
+    Rejected,
+    Reply,
+    Request,
+    Trim,
+    Write,
+    WriteZeroes,
+    _NeedData,
+)
+from ramster.nbd.wire import (
+    CLIENT_FLAG_NO_ZEROES,
+    CLIENT_FLAGS,
+    EXPORT_NAME_PAD,
+    EXPORT_NAME_REPLY,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    GREETING,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    KNOWN_CLIENT_FLAGS,
+    MAX_STRING,
+    NBDMAGIC,
+    OPTION_HEADER,
+    REQUEST_HEADER,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_HEADER,
+    SIMPLE_REPLY_MAGIC,
+    U16,
+    U32,
+    Command,
+    CommandFlag,
+    Error,
+    Info,
+    Option,
+    OptionReply,
+    TransmissionFlag,
+    option_reply,
+)
+
+MIN_BLOCK = 1
+PREFERRED_BLOCK = 4096
+MAX_PAYLOAD = 32 * 1024 * 1024  # largest READ/WRITE: the spec's portable limit, 2**25
+MAX_OPTION_DATA = 4 + MAX_STRING + 2 + 2 * 64  # GO with the longest name and 64 info requests
+TRANSMISSION_FLAGS = (
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.SEND_FUA
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+    | TransmissionFlag.SEND_FAST_ZERO
+    | TransmissionFlag.CAN_MULTI_CONN  # no cache per connection: every reply is in the engine
+)
+# Flags each command may carry (FUA is valid on all once SEND_FUA is advertised).
+ALLOWED_FLAGS = {
+    Command.READ: CommandFlag.FUA,
+    Command.WRITE: CommandFlag.FUA,
+    Command.DISC: CommandFlag.FUA,
+    Command.FLUSH: CommandFlag.FUA,
+    Command.TRIM: CommandFlag.FUA,
+    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+}
+REQUEST_TYPES: dict[Command, type[Request]] = {
+    Command.READ: Read,
+    Command.FLUSH: Flush,
+    Command.TRIM: Trim,
+    Command.WRITE_ZEROES: WriteZeroes,
+}
+assert MAX_PAYLOAD % PREFERRED_BLOCK == 0 and PREFERRED_BLOCK & (PREFERRED_BLOCK - 1) == 0
+assert set(REQUEST_TYPES) | {Command.WRITE, Command.DISC} == set(ALLOWED_FLAGS)
+
+
+class State(enum.Enum):
+    CLIENT_FLAGS = enum.auto()
+    OPTION_HEADER = enum.auto()
+    OPTION_DATA = enum.auto()
+    REQUEST_HEADER = enum.auto()
+    WRITE_DATA = enum.auto()
+    DISCARD = enum.auto()
+    CLOSED = enum.auto()
+
+
+class ProtocolMisuse(Exception):
+    """The shell broke the contract (a second reply to a request, a read of the wrong size)."""
+
+
+class ServerConnection:
+    """One client connection; see the header for the phases."""
+
+    def __init__(self, exports: Sequence[Export]) -> None:
+        self.exports = {e.name: e for e in exports}
+        self.default = exports[0] if exports else None  # what the empty name selects
+        self.export: Export | None = None  # chosen by GO / EXPORT_NAME
+        self.state = State.CLIENT_FLAGS
+        self.no_zeroes = False
+        self._want = CLIENT_FLAGS.size  # bytes the current state needs
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._out = bytearray(
+            GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        )
+        self._events: deque[Event] = deque()
+        self._option = 0  # the option whose data is being read
+        self._request: tuple[int, int, int, int] = (0, 0, 0, 0)  # flags, handle, offset, length
+        self._after_discard: Event | None = None
+        self._outstanding: set[Request] = set()
+
+    # -- the shell's interface ----------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the client; b"" means the client closed its side."""
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | _NeedData:
+        """The next event, or NEED_DATA when the buffered bytes hold no complete message."""
+        while not self._events:
+            if self.state is State.CLOSED:
+                return NEED_DATA
+            if self.state is State.DISCARD:
+                self._discard()
+                if self._want:
+                    if self._eof:
+                        self._close("client closed the connection in the middle of a message", True)
+                        continue
+                    return NEED_DATA
+                self.state = State.REQUEST_HEADER if self.export else State.OPTION_HEADER
+                self._want = REQUEST_HEADER.size if self.export else OPTION_HEADER.size
+                if self._after_discard is not None:
+                    self._events.append(self._after_discard)
+                continue
+            if len(self._buf) - self._pos < self._want:
+                if self._eof:
+                    self._hung_up()
+                    continue
+                return NEED_DATA
+            self._step(self._take(self._want))
+        return self._events.popleft()
+
+    def data_to_send(self) -> bytes:
+        """Bytes the machine produced itself (greeting, option replies, rejections)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def send(self, reply: Reply) -> list[bytes]:
+        """Encode the reply to a request next_event() returned (header, then any read data)."""
+        request = reply.request
+        if request not in self._outstanding:
+            raise ProtocolMisuse(f"no request awaits a reply: {request!r}")
+        wants_data = isinstance(request, Read) and reply.error is Error.OK
+        if len(reply.data) != (request.length if wants_data else 0):
+            raise ProtocolMisuse(f"reply carries {len(reply.data)} bytes for {request!r}")
+        self._outstanding.discard(request)
+        header = SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, reply.error, request.handle)
+        return [header, reply.data] if reply.data else [header]
+
+    # -- buffer -----------------------------------------------------------------------------------
+    def _take(self, n: int) -> bytes:
+        chunk = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += n
+        if self._pos > 65536 or self._pos == len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        return chunk
+
+    def _discard(self) -> None:
+        drop = min(self._want, len(self._buf) - self._pos)
+        self._pos += drop
+        self._want -= drop
+        del self._buf[: self._pos]
+        self._pos = 0
+
+    def _close(self, reason: str, violation: bool = False) -> None:
+        self.state = State.CLOSED
+        self._want = 0
+        self._events.append(Closed(reason, violation))
+
+    def _hung_up(self) -> None:
+        between = self._pos == len(self._buf) and self.state in (
+            State.OPTION_HEADER,
+            State.REQUEST_HEADER,
+        )
+        if between:
+            self._close("client closed the connection")
+        else:
+            self._close("client closed the connection in the middle of a message", True)
+
+    def _expect(self, state: State, size: int) -> None:
+        self.state, self._want = state, size
+
+    def _discard_then(self, size: int, event: Event | None) -> None:
+        self._expect(State.DISCARD, size)
+        self._after_discard = event
+
+    # -- steps: each consumes exactly the bytes its state wanted ---------------------------------
+    def _step(self, chunk: bytes) -> None:
+        if self.state is State.CLIENT_FLAGS:
+            self._on_client_flags(chunk)
+        elif self.state is State.OPTION_HEADER:
+            self._on_option_header(chunk)
+        elif self.state is State.OPTION_DATA:
+            self._on_option(self._option, chunk)
+        elif self.state is State.REQUEST_HEADER:
+            self._on_request_header(chunk)
+        else:
+            flags, handle, offset, _ = self._request
+            self._expect(State.REQUEST_HEADER, REQUEST_HEADER.size)
+            self._emit(Write(handle, offset, len(chunk), CommandFlag(flags), chunk))
+
+    def _on_client_flags(self, chunk: bytes) -> None:
+        (flags,) = CLIENT_FLAGS.unpack(chunk)
+        if flags & ~KNOWN_CLIENT_FLAGS:
+            self._close(f"client sent unknown handshake flags {flags:#x}", True)
+            return
+        self.no_zeroes = bool(flags & CLIENT_FLAG_NO_ZEROES)
+        self._expect(State.OPTION_HEADER, OPTION_HEADER.size)
+
+    def _on_option_header(self, chunk: bytes) -> None:
+        magic, option, length = OPTION_HEADER.unpack(chunk)
+        if magic != IHAVEOPT:
+            self._close(f"bad option magic {magic:#x}", True)
+        elif length > MAX_OPTION_DATA:
+            if option == Option.EXPORT_NAME:  # cannot be answered with an error
+                self._close(f"export name of {length} bytes", True)
+                return
+            self._out += option_reply(option, OptionReply.ERR_TOO_BIG, b"option data too long")
+            self._discard_then(length, None)
+        elif length:
+            self._option = option
+            self._expect(State.OPTION_DATA, length)
+        else:
+            self._on_option(option, b"")
+
+    def _on_option(self, option: int, data: bytes) -> None:
+        self._expect(State.OPTION_HEADER, OPTION_HEADER.size)
+        if option == Option.ABORT:
+            self._out += option_reply(option, OptionReply.ACK)
+            self._close("client aborted the negotiation")
+        elif option == Option.LIST:
+            self._on_list(data)
+        elif option in (Option.INFO, Option.GO):
+            self._on_info(option, data)
+        elif option == Option.EXPORT_NAME:
+            self._on_export_name(data)
+        elif option == Option.STARTTLS:
+            self._out += option_reply(option, OptionReply.ERR_POLICY, b"TLS is not configured")
+        else:
+            self._out += option_reply(option, OptionReply.ERR_UNSUP, b"option not supported")
+
+    def _on_list(self, data: bytes) -> None:
+        if data:
+            self._out += option_reply(Option.LIST, OptionReply.ERR_INVALID, b"LIST takes no data")
+            return
+        for export in self.exports.values():
+            name = export.name.encode()
+            entry = U32.pack(len(name)) + name + export.description.encode()
+            self._out += option_reply(Option.LIST, OptionReply.SERVER, entry)
+        self._out += option_reply(Option.LIST, OptionReply.ACK)
+
+    def _on_info(self, option: int, data: bytes) -> None:
+        parsed = parse_info_request(data)
+        if parsed is None:
+            self._out += option_reply(option, OptionReply.ERR_INVALID, b"malformed INFO/GO request")
+            return
+        name, infos = parsed
+        export = self._lookup(name)
+        if export is None:
+            self._out += option_reply(option, OptionReply.ERR_UNKNOWN, b"no such export")
+            return
+        reply = [INFO_EXPORT.pack(Info.EXPORT, export.size, TRANSMISSION_FLAGS)]
+        if Info.NAME in infos or name != export.name:
+            reply.append(U16.pack(Info.NAME) + export.name.encode())
+        if Info.DESCRIPTION in infos and export.description:
+            reply.append(U16.pack(Info.DESCRIPTION) + export.description.encode())
+        reply.append(INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD))
+        for info in reply:
+            self._out += option_reply(option, OptionReply.INFO, info)
+        self._out += option_reply(option, OptionReply.ACK)
+        if option == Option.GO:
+            self._begin(export)
+
+    def _on_export_name(self, data: bytes) -> None:
+        try:
+            export = self._lookup(data.decode())
+        except UnicodeDecodeError:
+            export = None
+        if export is None:  # EXPORT_NAME has no error reply: the spec says hang up
+            self._close("client asked for an unknown export", True)
+            return
+        self._out += EXPORT_NAME_REPLY.pack(export.size, TRANSMISSION_FLAGS)
+        if not self.no_zeroes:
+            self._out += bytes(EXPORT_NAME_PAD)
+        self._begin(export)
+
+    def _lookup(self, name: str) -> Export | None:
+        return self.exports.get(name) if name else self.default
+
+    def _begin(self, export: Export) -> None:
+        self.export = export
+        self._expect(State.REQUEST_HEADER, REQUEST_HEADER.size)
+        self._events.append(Negotiated(export))
+
+    def _on_request_header(self, chunk: bytes) -> None:
+        magic, flags, kind, handle, offset, length = REQUEST_HEADER.unpack(chunk)
+        if magic != REQUEST_MAGIC:
+            self._close(f"bad request magic {magic:#x}", True)
+            return
+        if kind == Command.DISC:
+            self._close("client disconnected")
+            return
+        problem = self._check(kind, flags, offset, length)
+        if kind == Command.WRITE:
+            if problem is not None:
+                error, reason = problem
+                self._discard_then(length, Rejected(handle, kind, error, reason))
+                self._out += SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, handle)
+            elif length:
+                self._request = (flags, handle, offset, length)
+                self._expect(State.WRITE_DATA, length)
+            else:
+                self._emit(Write(handle, offset, 0, CommandFlag(flags)))
+        elif problem is not None:
+            error, reason = problem
+            self._out += SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, handle)
+            self._events.append(Rejected(handle, kind, error, reason))
+        else:
+            self._emit(REQUEST_TYPES[Command(kind)](handle, offset, length, CommandFlag(flags)))
+
+    def _check(self, kind: int, flags: int, offset: int, length: int) -> tuple[Error, str] | None:
+        """Why a request may not run (error and reason), or None."""
+        assert self.export is not None
+        if kind not in ALLOWED_FLAGS:
+            return Error.EINVAL, f"unsupported command {kind}"
+        command = Command(kind)
+        if flags & ~ALLOWED_FLAGS[command]:
+            return Error.EINVAL, f"flags {flags:#x} not valid for {command.name}"
+        if command is Command.FLUSH:
+            return (Error.EINVAL, "FLUSH with an offset or length") if offset or length else None
+        if command in (Command.READ, Command.WRITE) and length > MAX_PAYLOAD:
+            return Error.EINVAL, f"{command.name} of {length} bytes, over {MAX_PAYLOAD}"
+        if offset + length > self.export.size:
+            error = (
+                Error.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Error.EINVAL
+            )
+            return error, f"{command.name} beyond the end of the export"
+        return None
+
+    def _emit(self, request: Request) -> None:
+        self._outstanding.add(request)
+        self._events.append(request)
+
+
+def parse_info_request(data: bytes) -> tuple[str, set[int]] | None:
+    """Export name and information types of NBD_OPT_INFO/GO data; None if malformed."""
+    if len(data) < 6:
+        return None
+    (size,) = U32.unpack_from(data)
+    if size > min(len(data) - 6, MAX_STRING):
+        return None
+    (count,) = U16.unpack_from(data, 4 + size)
+    if len(data) != 6 + size + 2 * count:
+        return None
+    try:
+        name = data[4 : 4 + size].decode()
+    except UnicodeDecodeError:
+        return None
+    infos = {U16.unpack_from(data, 6 + size + 2 * i)[0] for i in range(count)}
+    return name, infos
