@@ -149,6 +149,41 @@ class GrpcMetrics:
         )
 
 
+class NbdMetrics:
+    """NBD exports: requests by command and result, bytes moved, latency, connections.  The
+    export label's values are the configured exports, so it stays bounded."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "ramster_nbd_requests_total",
+            "NBD requests served, by export, command and result (ok, or the NBD error).",
+            ["export", "command", "result"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "ramster_nbd_rejected_total",
+            "NBD requests refused before running (out of range, too long, bad flags), by error.",
+            ["export", "error"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "ramster_nbd_bytes_total",
+            "Bytes read from and written to NBD exports.",
+            ["export", "direction"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "ramster_nbd_request_seconds",
+            "Time the node took to serve an NBD request.",
+            ["export", "command"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.connections = Gauge(
+            "ramster_nbd_connections", "Open NBD client connections.", registry=registry
+        )
+
+
 class NodeMetrics:
     """The registry of one node and the HTTP server that exposes it."""
 

@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ramster.nbd import Export
 from ramster.zcache import ALLOCATORS, PAGE_SIZE
 from ramster.zcache.config import default_capacity_frames
 
@@ -120,9 +121,28 @@ def parse_name(text: str) -> str:
     return str(text).strip()
 
 
-def meta(parse: Callable[[Any], Any], help: str, metavar: str) -> dict[str, Any]:
-    """Field metadata of a setting: how its text is parsed and how --help shows it."""
-    return {"parse": parse, "help": help, "metavar": metavar}
+def parse_nbd_exports(text: str | list[str]) -> tuple[Export, ...]:
+    """NBD exports from NAME:SIZE items (repeated flags, a TOML list, or comma-separated)."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    exports = []
+    for item in (str(i).strip() for i in items if str(i).strip()):
+        name, sep, size = item.rpartition(":")
+        if not sep or not name or "\0" in name or len(name.encode()) > 256:
+            raise ValueError(f"expected NAME:SIZE (a name of 1 to 256 bytes), got {item!r}")
+        if parse_size(size) % PAGE_SIZE:
+            raise ValueError(f"the size of export {name!r} must be a multiple of {PAGE_SIZE}")
+        exports.append(Export(name, parse_size(size)))
+    if len({e.name for e in exports}) < len(exports):
+        raise ValueError("two NBD exports have the same name")
+    return tuple(exports)
+
+
+def meta(
+    parse: Callable[[Any], Any], help: str, metavar: str, repeat: bool = False
+) -> dict[str, Any]:
+    """Field metadata of a setting: how its text is parsed and how --help shows it; a
+    `repeat` flag may be given more than once (its parser gets the list)."""
+    return {"parse": parse, "help": help, "metavar": metavar, "repeat": repeat}
 
 
 @dataclass(frozen=True)
@@ -230,6 +250,25 @@ class Settings:
             "PATH",
         ),
     )
+    nbd_listen: HostPort | None = field(
+        default=None,
+        metadata=meta(
+            parse_optional_hostport,
+            "NBD (block device) address, loopback only until the node has TLS; port 0 picks a "
+            "free port (logged); empty: no NBD",
+            "HOST:PORT",
+        ),
+    )
+    nbd_export: tuple[Export, ...] = field(
+        default=(),
+        metadata=meta(
+            parse_nbd_exports,
+            "an NBD export of SIZE bytes backed by a persistent pool; repeat the flag for more "
+            "(comma-separated in the environment)",
+            "NAME:SIZE",
+            repeat=True,
+        ),
+    )
 
 
 def env_name(name: str) -> str:
@@ -253,6 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             _flag(f.name),
             dest=f.name,
             default=argparse.SUPPRESS,
+            action="append" if f.metadata["repeat"] else "store",
             metavar=f.metadata["metavar"],
             help=f"{f.metadata['help']} [env {env_name(f.name)}{shown}]",
         )
