@@ -1,0 +1,106 @@
+# NBD servers for the tests, and the real clients that talk to them.
+#
+# `nbd_server` runs node/nbd.py's NbdServer in a thread with its own event loop, over a real
+# ZCache whose pools store incompressible pages raw (as an export's pool does), on 127.0.0.1
+# port 0: the clients under test (nbdinfo, nbdcopy, qemu-io, qemu-img, nbdsh) are subprocesses
+# that block, so the server must not share the test's thread.  Tests that need a whole node
+# process (settings, restart, metrics, peers) use LocalNode instead; see test_node.py.
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from node.engine import ChunkedEngine
+from node.metrics import NbdMetrics
+from node.nbd import NbdServer
+from node.settings import HostPort
+from ramster.nbd import Export
+from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
+
+T = TypeVar("T")
+TOOLS = ("nbdinfo", "nbdcopy", "nbdsh", "qemu-io", "qemu-img", "mke2fs", "e2fsck", "nbdkit")
+MiB = 1024 * 1024
+
+
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (Debian packages; .ci/run installs them)")
+
+
+def run(*cmd: str, input: bytes | None = None, timeout: float = 120) -> bytes:
+    """Run a client; its stdout, or a failure that shows its stderr."""
+    done = subprocess.run(cmd, input=input, capture_output=True, timeout=timeout, check=False)
+    if done.returncode:
+        pytest.fail(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.decode()[-2000:]}")
+    return done.stdout
+
+
+class ServerThread:
+    def __init__(self, exports: list[Export], pool_limit: int = 64 * MiB) -> None:
+        self.exports = exports
+        self.pool_limit = pool_limit
+        self.port = 0
+        self.registry = CollectorRegistry()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: NbdServer | None = None
+        self.engine: ZCache | None = None
+
+    def uri(self, export: str) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the server's loop (the engine is not thread-safe); its result."""
+        done: Future[T] = Future()
+
+        def run_it() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run_it)
+        return done.result(timeout=30)
+
+    async def _start(self) -> None:
+        config = ZCacheConfig(
+            capacity_frames=self.pool_limit // PAGE_SIZE, store_incompressible_raw=True
+        )
+        engine = self.engine = ZCache(config)
+        self.server = NbdServer(
+            HostPort("127.0.0.1", 0),
+            self.exports,
+            engine,
+            ChunkedEngine(engine),
+            lambda owner: engine.create_pool(PoolKind.PERSISTENT),
+            NbdMetrics(self.registry),
+        )
+        self.port = await self.server.start()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=30)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self.server is not None
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=5), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+        self.loop.close()
+
+
+@pytest.fixture
+def nbd_server() -> Iterator[ServerThread]:
+    exports = [Export("disk", 64 * MiB), Export("small", 1 * MiB)]
+    with ServerThread(exports) as server:
+        yield server

@@ -1,0 +1,262 @@
+# The NBD server machine in memory: the lister client against it, then hostile byte sequences
+# fed directly (wrong magic, unknown flags, oversized options and requests, ranges past the end,
+# a client gone mid-write), each of which must end in a clean NBD error or a close.
+from __future__ import annotations
+
+import pytest
+
+from ramster.nbd import (
+    NEED_DATA,
+    Closed,
+    Error,
+    Event,
+    Export,
+    ExportLister,
+    Negotiated,
+    ProtocolMisuse,
+    Read,
+    Rejected,
+    Reply,
+    ServerConnection,
+    Write,
+    WriteZeroes,
+)
+from ramster.nbd.wire import (
+    CLIENT_FLAG_FIXED_NEWSTYLE,
+    CLIENT_FLAGS,
+    EXPORT_NAME_PAD,
+    GREETING,
+    OPTION_REPLY_HEADER,
+    REQUEST_HEADER,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_HEADER,
+    Command,
+    CommandFlag,
+    Info,
+    Option,
+    OptionReply,
+    info_request,
+    option_request,
+)
+
+EXPORTS = [Export("disk", 1 << 20, "a test disk"), Export("other", 8192)]
+
+
+def events(conn: ServerConnection) -> list[Event]:
+    out = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        assert isinstance(event, Event)
+        out.append(event)
+    return out
+
+
+def option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(option, reply type, payload) of each option reply in data."""
+    out = []
+    while data:
+        _, option, reply, length = OPTION_REPLY_HEADER.unpack_from(data)
+        end = OPTION_REPLY_HEADER.size + length
+        out.append((option, reply, data[OPTION_REPLY_HEADER.size : end]))
+        data = data[end:]
+    return out
+
+
+def go(conn: ServerConnection) -> None:
+    conn.receive_data(option_request(Option.GO, info_request("disk", (Info.BLOCK_SIZE,))))
+    assert [type(e) for e in events(conn)] == [Negotiated]
+    conn.data_to_send()
+
+
+def handshake(conn: ServerConnection) -> None:
+    """Client flags and GO: the connection is in transmission, nothing left to send."""
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    go(conn)
+
+
+def request(
+    command: int, offset: int = 0, length: int = 0, handle: int = 7, flags: int = 0
+) -> bytes:
+    return REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
+
+
+def simple_reply(data: bytes) -> tuple[int, int]:
+    _, error, handle = SIMPLE_REPLY_HEADER.unpack_from(data)
+    return error, handle
+
+
+def test_lister_reads_names_sizes_and_block_sizes() -> None:
+    conn, lister = ServerConnection(EXPORTS), ExportLister()
+    seen: list[Event] = []
+    while not lister.done:
+        lister.receive_data(conn.data_to_send())
+        conn.receive_data(lister.data_to_send())
+        seen += events(conn)
+    assert len(seen) == 1 and isinstance(seen[0], Closed) and not seen[0].violation
+    got = [(e.name, e.size, e.description, e.block_sizes, e.error) for e in lister.exports]
+    assert got == [
+        ("disk", 1 << 20, "a test disk", (1, 4096, 32 << 20), ""),
+        ("other", 8192, "", (1, 4096, 32 << 20), ""),
+    ]
+
+
+def test_go_to_an_unknown_export_is_an_error_reply_and_haggling_goes_on() -> None:
+    conn = ServerConnection(EXPORTS)
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    conn.receive_data(option_request(Option.GO, info_request("nope", ())))
+    assert events(conn) == []
+    replies = option_replies(conn.data_to_send()[GREETING.size :])
+    assert [(o, r) for o, r, _ in replies] == [(Option.GO, OptionReply.ERR_UNKNOWN)]
+    conn.receive_data(option_request(Option.GO, info_request("", ())))  # the default export
+    (negotiated,) = events(conn)
+    assert isinstance(negotiated, Negotiated) and negotiated.export.name == "disk"
+
+
+@pytest.mark.parametrize(
+    ("option", "data", "expected"),
+    [
+        (Option.STARTTLS, b"", OptionReply.ERR_POLICY),
+        (Option.STRUCTURED_REPLY, b"", OptionReply.ERR_UNSUP),
+        (Option.LIST, b"junk", OptionReply.ERR_INVALID),
+        (Option.INFO, b"\x00\x00\x00\x09ab", OptionReply.ERR_INVALID),  # name longer than data
+        (Option.INFO, info_request("disk", ()) + b"x", OptionReply.ERR_INVALID),
+        (Option.INFO, b"\x00\x00\x00\x02\xff\xfe\x00\x00", OptionReply.ERR_INVALID),  # not UTF-8
+        (Option.GO, bytes(9000), OptionReply.ERR_TOO_BIG),
+        (1234, b"whatever", OptionReply.ERR_UNSUP),
+    ],
+)
+def test_bad_options_get_error_replies(option: int, data: bytes, expected: OptionReply) -> None:
+    conn = ServerConnection(EXPORTS)
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    conn.receive_data(option_request(option, data))  # type: ignore[arg-type]
+    assert events(conn) == []
+    assert [r for _, r, _ in option_replies(conn.data_to_send()[GREETING.size :])] == [expected]
+    go(conn)  # and the connection still works
+
+
+@pytest.mark.parametrize(
+    "bytes_in",
+    [
+        CLIENT_FLAGS.pack(0x80),  # an unknown client flag
+        CLIENT_FLAGS.pack(1) + b"IHAVEOPX" + bytes(8),  # wrong option magic
+        CLIENT_FLAGS.pack(1) + option_request(Option.EXPORT_NAME, b"nope"),  # unknown, no error
+        CLIENT_FLAGS.pack(1) + option_request(Option.EXPORT_NAME, bytes(70000)),
+    ],
+)
+def test_unrecoverable_handshakes_close_the_connection(bytes_in: bytes) -> None:
+    conn = ServerConnection(EXPORTS)
+    conn.receive_data(bytes_in)
+    (closed,) = events(conn)
+    assert isinstance(closed, Closed) and closed.violation
+
+
+def test_export_name_answers_with_size_and_flags_and_padding() -> None:
+    conn = ServerConnection(EXPORTS)
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    conn.receive_data(option_request(Option.EXPORT_NAME, b"other"))
+    (negotiated,) = events(conn)
+    assert isinstance(negotiated, Negotiated)
+    reply = conn.data_to_send()[GREETING.size :]
+    assert reply[:8] == (8192).to_bytes(8, "big") and len(reply) == 10 + EXPORT_NAME_PAD
+
+
+def test_requests_become_events_and_replies_are_encoded() -> None:
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    payload = bytes(range(256)) * 20
+    conn.receive_data(request(Command.WRITE, 10, len(payload), handle=1) + payload[:1000])
+    assert events(conn) == []  # a write waits for its whole payload
+    conn.receive_data(payload[1000:] + request(Command.READ, 10, 5120, handle=2))
+    write, read = events(conn)
+    assert isinstance(write, Write) and write.data == payload and write.offset == 10
+    assert isinstance(read, Read) and read.handle == 2
+    assert conn.send(Reply(write)) == [SIMPLE_REPLY_HEADER.pack(0x67446698, 0, 1)]
+    header, data = conn.send(Reply(read, data=payload))
+    assert simple_reply(header) == (0, 2) and data == payload
+    with pytest.raises(ProtocolMisuse):
+        conn.send(Reply(read, data=payload))  # answered already
+
+
+def test_a_read_reply_must_carry_exactly_the_length_asked() -> None:
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    conn.receive_data(request(Command.READ, 0, 4096))
+    (read,) = events(conn)
+    assert isinstance(read, Read)
+    with pytest.raises(ProtocolMisuse):
+        conn.send(Reply(read, data=bytes(4095)))
+    assert len(conn.send(Reply(read, Error.EIO))) == 1  # an error carries no data
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [
+        (request(Command.READ, (1 << 20) - 10, 11), Error.EINVAL),  # past the end
+        (request(Command.READ, 0, (32 << 20) + 1), Error.EINVAL),  # over the maximum
+        (request(Command.READ, 1 << 63, 1), Error.EINVAL),
+        (request(Command.TRIM, 4096, 1 << 20), Error.EINVAL),
+        (request(Command.WRITE_ZEROES, 4096, 1 << 20), Error.ENOSPC),
+        (request(Command.FLUSH, 0, 4096), Error.EINVAL),
+        (request(Command.READ, 0, 4096, flags=CommandFlag.NO_HOLE), Error.EINVAL),
+        (request(Command.CACHE, 0, 4096), Error.EINVAL),
+        (request(Command.BLOCK_STATUS, 0, 4096), Error.EINVAL),
+        (request(99, 0, 0), Error.EINVAL),
+    ],
+)
+def test_bad_requests_are_rejected_by_the_machine(header: bytes, error: Error) -> None:
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    conn.receive_data(header + request(Command.READ, 0, 4096, handle=8))
+    rejected, read = events(conn)
+    assert isinstance(rejected, Rejected) and rejected.error is error
+    assert simple_reply(conn.data_to_send()) == (error, 7)
+    assert isinstance(read, Read) and read.handle == 8  # the connection goes on
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "error"),
+    [((1 << 20) - 100, 200, Error.ENOSPC), (0, (32 << 20) + 4096, Error.EINVAL)],
+)
+def test_a_bad_write_swallows_its_payload_then_fails(
+    offset: int, length: int, error: Error
+) -> None:
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    conn.receive_data(request(Command.WRITE, offset, length))
+    for sent in range(0, length, 1 << 20):  # the payload arrives in pieces and is not kept
+        assert events(conn) == []
+        conn.receive_data(bytes(min(1 << 20, length - sent)))
+        assert len(conn._buf) <= 1 << 20
+    conn.receive_data(request(Command.FLUSH, handle=9))
+    got = events(conn)
+    assert [type(e).__name__ for e in got] == ["Rejected", "Flush"]
+    assert simple_reply(conn.data_to_send()) == (error, 7)
+
+
+def test_write_zeroes_takes_its_flags() -> None:
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    flags = CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO | CommandFlag.FUA
+    conn.receive_data(request(Command.WRITE_ZEROES, 0, 1 << 20, flags=flags))
+    (zero,) = events(conn)
+    assert isinstance(zero, WriteZeroes) and zero.flags == flags
+
+
+@pytest.mark.parametrize(
+    ("tail", "violation"),
+    [
+        (request(Command.DISC), False),
+        (b"", False),  # hung up between requests
+        (request(Command.WRITE, 0, 4096) + bytes(100), True),  # hung up mid-write
+        (request(Command.READ)[:10], True),
+        (b"\x00" * 28, True),  # wrong request magic
+    ],
+)
+def test_ends_of_a_connection(tail: bytes, violation: bool) -> None:
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    conn.receive_data(tail)
+    conn.receive_data(b"")
+    (closed,) = events(conn)
+    assert isinstance(closed, Closed) and closed.violation is violation
+    conn.receive_data(request(Command.READ))
+    assert events(conn) == []  # nothing after the end
