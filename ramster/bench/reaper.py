@@ -7,11 +7,17 @@
 # pages per frame, plus same-filled pages, which take no frame); a get is a hit when the page is
 # in RAM.  Reclaim efficiency is frames freed per zpage evicted, against the ideal 1/pages-per-frame
 # of an allocator that never evicts a zpage that does not help free a frame.
+#
+# With --empty-pools N it also times a reclaim-bound put stream (a full persistent pool with a
+# backing file, every batch forcing reclaim) twice in the same run, alone and beside N empty pools
+# of both kinds, best of three each, interleaved: victim selection must not depend on the number
+# of pools, so the ratio should be near 1.
 from __future__ import annotations
 
 import bisect
 import random
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,8 @@ from typing import Any
 from ramster.bench.report import Progress
 from ramster.zcache import PoolKind, ZCache, ZCacheConfig
 from ramster.zcache.backing import BackingFile
+
+BATCH = 256  # pages per put_batch in the reclaim-bound stream
 
 
 def zipf_trace(keys: int, ops: int, skew: float, seed: int) -> list[int]:
@@ -120,3 +128,44 @@ def run(
         cache.close()
         backing.close()
     return result
+
+
+def reclaim_put_rate(
+    pages: list[bytes], allocator: str, limit_frames: int, empty_pools: int
+) -> float:
+    """Pages/s of put batches into a full persistent pool (every batch reclaims), with
+    `empty_pools` empty pools beside it."""
+    count = len(pages)
+    with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
+        backing = BackingFile(Path(tmp) / "backing.dat")
+        cache = ZCache(ZCacheConfig(capacity_frames=limit_frames), evictor=backing)
+        for i in range(empty_pools):
+            cache.create_pool(PoolKind.EPHEMERAL if i % 2 else PoolKind.PERSISTENT, allocator)
+        pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
+        n = 0
+        while not cache.reaper.stats.reclaim_passes:  # fill up to the limit, untimed
+            cache.put_batch(pool, [(0, n + i) for i in range(BATCH)], pages[:BATCH])
+            n += BATCH
+        total = 8 * limit_frames  # about three times the limit, in pages
+        start = time.perf_counter()
+        for first in range(n, n + total, BATCH):
+            keys = [(0, i) for i in range(first, first + BATCH)]
+            cache.put_batch(pool, keys, [pages[i % count] for _, i in keys])
+        elapsed = time.perf_counter() - start
+        cache.close()
+        backing.close()
+    return total / elapsed
+
+
+def empty_pools_report(
+    pages: list[bytes], allocator: str, limit_frames: int, empty_pools: int
+) -> dict[str, Any]:
+    alone = crowded = 0.0
+    for _ in range(3):
+        alone = max(alone, reclaim_put_rate(pages, allocator, limit_frames, 0))
+        crowded = max(crowded, reclaim_put_rate(pages, allocator, limit_frames, empty_pools))
+    return {
+        "reclaim_put_pages_per_s_1_pool": round(alone),
+        f"reclaim_put_pages_per_s_{empty_pools}_empty_pools": round(crowded),
+        "empty_pools_put_ratio": round(crowded / alone, 3),
+    }

@@ -47,6 +47,10 @@ def _reaper(args: argparse.Namespace) -> int:
         args.skew,
         seed=args.seed,
     )
+    if args.empty_pools:
+        result |= reaper.empty_pools_report(
+            pages, args.allocator, args.limit_frames, args.empty_pools
+        )
     emit(result, args.json)
     return 0 if result["verified"] else 1
 
@@ -119,6 +123,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--ops", type=positive, help="operations (default: 5 x keys)")
     p.add_argument("--skew", type=float, default=0.9, help="Zipf exponent (default 0.9)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--empty-pools",
+        type=positive,
+        help="also time reclaim-bound puts alone and beside this many empty pools",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_reaper)
 

@@ -192,7 +192,8 @@ class ZCache:
             zalloc = Zsmalloc(self.arena)
         else:
             raise InvalidConfig(f"unknown allocator {name!r}; choose one of {ALLOCATORS}")
-        self.pools[pool_id] = Pool(pool_id, kind, zalloc, RawFrames(self.arena))
+        pool = self.pools[pool_id] = Pool(pool_id, kind, zalloc, RawFrames(self.arena))
+        self.reaper.watch(pool)
         self._next_pool_id = max(self._next_pool_id, pool_id + 1)
 
     def pool(self, pool_id: int) -> Pool:
@@ -208,6 +209,7 @@ class ZCache:
         for _, _, handle in list(pool.index.items()):
             self._release(pool, handle)
             count += 1
+        self.reaper.unwatch(pool)
         del self.pools[pool_id]
         return count
 

@@ -10,15 +10,27 @@
 # every other unit has queued >= its tick and tick >= queued.  So touches stay O(1) stores and all
 # ordering work is paid, O(log n) per unit, only when memory is actually reclaimed.
 #
-# Ticks also let the reaper compare the oldest units of different allocators.
+# Ticks also order units across allocators.  LruHeap finds the least recently used unit over many
+# lists (every allocator of every pool) with the same lazy trick one level up: one heap entry
+# `key << 34 | list number` per non-empty list, where `key` is at most the tick of the list's
+# oldest unit.  That bound stays valid while the list lives, because a list's oldest tick never
+# goes down: units are only touched forward, and a new unit gets the newest tick.  A list that
+# turns non-empty wakes the heap (`LruList.wake`), so empty lists cost nothing at all: finding the
+# victim is O(log lists + log units) however many pools exist.  An entry whose key is stale is
+# re-keyed; one whose list emptied or was dropped is removed.
 from __future__ import annotations
 
 import heapq
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 _UID_BITS = 32
 _UID_MASK = (1 << _UID_BITS) - 1
+_NO_BITS = 34  # list numbers: pool id (< 2**32) << 1 | which allocator
+_NO_MASK = (1 << _NO_BITS) - 1
+
+Owner = TypeVar("Owner")
 
 
 class LruList:
@@ -29,6 +41,7 @@ class LruList:
         self.queued = array("Q", [0])  # 0: not live
         self._heap: list[int] = []
         self.live = 0
+        self.wake: Callable[[int], None] | None = None  # called with the tick when it fills
 
     def grow(self, size: int) -> None:
         """Make ids below `size` addressable."""
@@ -40,6 +53,8 @@ class LruList:
 
     def push(self, uid: int, tick: int) -> None:
         """Make `uid` live, used at `tick` (ticks start at 1)."""
+        if not self.live and self.wake is not None:
+            self.wake(tick)
         self.tick[uid] = self.queued[uid] = tick
         heapq.heappush(self._heap, tick << _UID_BITS | uid)
         self.live += 1
@@ -75,3 +90,56 @@ class LruList:
     def metadata_bytes(self) -> int:
         heap = self._heap.__sizeof__() + sum(e.__sizeof__() for e in self._heap)
         return heap + sum(a.buffer_info()[1] * a.itemsize for a in (self.tick, self.queued))
+
+
+class LruHeap(Generic[Owner]):
+    """The least recently used unit over many LruLists, each numbered and with an owner."""
+
+    def __init__(self) -> None:
+        self._heap: list[int] = []
+        self._lists: dict[int, tuple[LruList, Owner]] = {}
+        self._queued: set[int] = set()  # numbers with an entry in the heap
+        self.inspected = 0  # lists looked at while finding victims (the work done)
+
+    def add(self, no: int, lru: LruList, owner: Owner) -> None:
+        """Track list `no` (0 <= no < 2**34); a number may be reused after `discard`."""
+        if not 0 <= no <= _NO_MASK:
+            raise ValueError(f"list number {no} is out of range")
+        self._lists[no] = (lru, owner)
+        lru.wake = lambda tick: self._wake(no, tick)
+        uid = lru.oldest()
+        if uid:
+            self._wake(no, lru.tick[uid])
+
+    def discard(self, no: int) -> None:
+        """Stop tracking list `no`; its heap entry is dropped when it comes up."""
+        entry = self._lists.pop(no, None)
+        if entry is not None:
+            entry[0].wake = None
+
+    def _wake(self, no: int, tick: int) -> None:
+        # An entry still queued for `no` has a key below `tick`: it stays a valid bound.
+        if no not in self._queued:
+            self._queued.add(no)
+            heapq.heappush(self._heap, tick << _NO_BITS | no)
+
+    def oldest(self) -> tuple[int, Owner, int] | None:
+        """(tick, owner, unit id) of the least recently used unit of every list, or None."""
+        heap, lists = self._heap, self._lists
+        while heap:
+            top = heap[0]
+            no = top & _NO_MASK
+            self.inspected += 1
+            entry = lists.get(no)
+            uid = entry[0].oldest() if entry is not None else 0
+            if entry is None or not uid:
+                heapq.heappop(heap)
+                self._queued.discard(no)
+                continue
+            lru, owner = entry
+            tick = lru.tick[uid]
+            if tick != top >> _NO_BITS:
+                heapq.heapreplace(heap, tick << _NO_BITS | no)
+            else:
+                return tick, owner, uid
+        return None

@@ -2,14 +2,16 @@
 #
 # Reclaim works on *units*, the smallest thing whose eviction frees frames: a zbud page (one frame,
 # at most two zpages), a zspage (up to eight frames, all its zpages) or a raw frame.  Each
-# allocator keeps its units on an LRU list stamped with zcache-wide ticks, so the reaper compares
-# the oldest unit of every allocator of every pool and takes the globally least recent one, evicts
-# every zpage in it and so frees all its frames: it never evicts a zpage that does not help free
-# a frame.  Ephemeral zpages are dropped.  Persistent zpages are handed, still compressed, to the
-# evictor, and only those it takes leave; if it refuses any, the unit stays (with what was
-# refused) and no persistent unit is tried again in this pass, so a persistent page is never
-# dropped.  Reclaim runs from the allocation that hit the limit and goes on down to the low mark
-# (zswap's accept-threshold hysteresis), so a full pool is not reclaimed one frame per put.
+# allocator keeps its units on an LRU list stamped with zcache-wide ticks, and the reaper keeps
+# those lists in two LruHeaps (ephemeral pools, persistent pools) that give the globally least
+# recent unit in O(log n) however many pools exist: empty pools are never looked at.  It evicts
+# every zpage of that unit and so frees all its frames: it never evicts a zpage that does not
+# help free a frame.  Ephemeral zpages are dropped.  Persistent zpages are handed, still
+# compressed, to the evictor, and only those it takes leave; if it refuses any, the unit stays
+# (with what was refused) and no persistent unit is tried again in this pass, so a persistent
+# page is never dropped.  Reclaim runs from the allocation that hit the limit and goes on down to
+# the low mark (zswap's accept-threshold hysteresis), so a full pool is not reclaimed one frame
+# per put.
 from __future__ import annotations
 
 import time
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 from ramster.zcache.codec import zpage_bytes, zpage_key
 from ramster.zcache.errors import ZCacheError
 from ramster.zcache.handles import EVICTED_TAG
+from ramster.zcache.lru import LruHeap
 
 if TYPE_CHECKING:
     from ramster.zcache.allocator import Allocator
@@ -40,10 +43,32 @@ class ReaperStats:
     reclaim_seconds: float = 0.0
 
 
+Victim = tuple["Pool", "Allocator"]
+
+
 class Reaper:
     def __init__(self, cache: ZCache) -> None:
         self.cache = cache
         self.stats = ReaperStats()
+        self._ephemeral: LruHeap[Victim] = LruHeap()
+        self._persistent: LruHeap[Victim] = LruHeap()
+
+    def watch(self, pool: Pool) -> None:
+        """Make the units of a new pool candidates for reclaim."""
+        heap = self._ephemeral if pool.ephemeral else self._persistent
+        heap.add(pool.id << 1, pool.zalloc.lru, (pool, pool.zalloc))
+        heap.add(pool.id << 1 | 1, pool.raw.lru, (pool, pool.raw))
+
+    def unwatch(self, pool: Pool) -> None:
+        """Forget a pool that is being destroyed."""
+        heap = self._ephemeral if pool.ephemeral else self._persistent
+        heap.discard(pool.id << 1)
+        heap.discard(pool.id << 1 | 1)
+
+    @property
+    def lists_inspected(self) -> int:
+        """LRU lists looked at to find victims so far: the work of victim selection."""
+        return self._ephemeral.inspected + self._persistent.inspected
 
     def reclaim(self, target_frames: int) -> int:
         """Free units, oldest first, until at most `target_frames` are in use; frames freed."""
@@ -67,17 +92,15 @@ class Reaper:
         return freed
 
     def _oldest(self, persistent_ok: bool) -> tuple[Pool, Allocator, int] | None:
-        best: tuple[Pool, Allocator, int] | None = None
-        best_tick = 0
-        for pool in self.cache.pools.values():
-            if not (pool.ephemeral or persistent_ok):
-                continue
-            alloc: Allocator
-            for alloc in (pool.zalloc, pool.raw):
-                unit = alloc.lru.oldest()
-                if unit and (best is None or alloc.lru.tick[unit] < best_tick):
-                    best, best_tick = (pool, alloc, unit), alloc.lru.tick[unit]
-        return best
+        best = self._ephemeral.oldest()
+        if persistent_ok:
+            other = self._persistent.oldest()
+            if other is not None and (best is None or other[0] < best[0]):
+                best = other
+        if best is None:
+            return None
+        _, (pool, alloc), unit = best
+        return pool, alloc, unit
 
     def _evict_unit(self, pool: Pool, alloc: Allocator, unit: int) -> bool:
         """Evict every zpage of a unit; False if the evictor refused any (they stay)."""

@@ -199,3 +199,46 @@ def test_reaper_bench_meets_targets(allocator: str, compressible_pages: list[byt
     assert result["frames_freed_per_evicted_zpage"] >= 0.9 * result["ideal_frames_per_zpage"]
     assert result["hit_ratio"] >= 0.9 * result["lru_hit_ratio"]
     assert result["written_back"] > 0
+
+
+def test_reclaim_takes_least_recently_used_across_pools(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    backing = BackingFile(tmp_path / "b.dat")
+    cache = ZCache(ZCacheConfig(capacity_frames=30, reclaim_to=0.75), evictor=backing)
+    cold, warm, eph, new = (cache.create_pool(k, "zbud") for k in (P, P, E, P))
+    cache.put_batch(cold, [(0, i) for i in range(12)], compressible_pages[:12])
+    cache.put_batch(eph, [(0, i) for i in range(12)], compressible_pages[12:24])
+    cache.put_batch(warm, [(0, i) for i in range(12)], compressible_pages[24:36])
+    cache.get_batch(cold, [(0, i) for i in range(12)])  # cold is now the most recent
+    cache.put_batch(new, [(0, i) for i in range(30)], compressible_pages[40:70])
+    assert cache.reaper.stats.evicted_ephemeral == 12, "the oldest pool goes first"
+    assert evicted_keys(cache, warm) and not evicted_keys(cache, cold)
+    assert not evicted_keys(cache, new)
+    cache.verify()
+
+
+def reclaim_work(empty_pools: int, tmp_path: Path, pages: list[bytes]) -> tuple[int, int]:
+    """(LRU lists inspected, units reclaimed) for one reclaim-bound workload."""
+    backing = BackingFile(tmp_path / f"b{empty_pools}.dat")
+    cache = ZCache(ZCacheConfig(capacity_frames=40), evictor=backing)
+    for i in range(empty_pools):
+        cache.create_pool(E if i % 2 else P, "zbud" if i % 3 else "zsmalloc")
+    per = cache.create_pool(P, "zsmalloc")
+    eph = cache.create_pool(E, "zbud")
+    for start in range(0, 600, 50):
+        keys = [(0, i) for i in range(start, start + 50)]
+        cache.put_batch(per, keys, [pages[i % 88] for _, i in keys])
+        cache.put_batch(eph, keys[:10], [pages[i % 88] for _, i in keys[:10]])
+    cache.verify()
+    return cache.reaper.lists_inspected, cache.reaper.stats.units_reclaimed
+
+
+def test_victim_selection_work_does_not_grow_with_empty_pools(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    alone = reclaim_work(0, tmp_path, compressible_pages)
+    crowded = reclaim_work(5000, tmp_path, compressible_pages)
+    assert alone[1] > 20, "the workload must reclaim"
+    assert crowded == alone
+    assert alone[0] <= 4 * alone[1]
