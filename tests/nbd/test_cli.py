@@ -1,0 +1,54 @@
+# `ramster nbd list` as a user runs it: against the node's NBD server, against nbdkit (an NBD
+# server nobody here wrote), and against nothing.
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from tests.conftest import ramster
+from tests.nbd.conftest import MiB, ServerThread, need
+
+
+def test_lists_exports_with_sizes(nbd_server: ServerThread) -> None:
+    done = ramster("nbd", "list", "--target", f"127.0.0.1:{nbd_server.port}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:3] == ["export", "bytes", "size"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["disk"][1:4] == [str(64 * MiB), "64.0", "MiB"]
+    assert rows["small"][1] == str(MiB) and "trim,zero,flush" in rows["small"][5]
+    as_json = json.loads(ramster("nbd", "list", "--json", "--target",
+                                 f"127.0.0.1:{nbd_server.port}").stdout)  # fmt: skip
+    assert [(e["name"], e["size"], e["block_sizes"]) for e in as_json] == [
+        ("disk", 64 * MiB, [1, 4096, 32 * MiB]),
+        ("small", MiB, [1, 4096, 32 * MiB]),
+    ]
+
+
+def test_lists_the_exports_of_nbdkit() -> None:
+    need("nbdkit")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    lister = f"{sys.executable} -m ramster.cli.main nbd list --json --target 127.0.0.1:{port}"
+    done = subprocess.run(  # --run: nbdkit runs the command once it listens, then exits
+        ["nbdkit", "-i", "127.0.0.1", "-p", str(port), "memory", "size=3M", "--run", lister],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [(e["name"], e["size"]) for e in json.loads(done.stdout)] == [("", 3 * MiB)]
+
+
+def test_nothing_listening_is_one_error_line() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = ramster("nbd", "list", "--target", f"127.0.0.1:{port}")
+    assert done.returncode == 2
+    assert (
+        done.stderr.startswith(f"ramster: error: 127.0.0.1:{port}: ") and "refused" in done.stderr
+    )
