@@ -2,7 +2,7 @@
 #
 # Pure library: no sockets, no asyncio, no gRPC, no metrics.  The ramster layer and the node
 # daemon extend it only through its public interface (and, from the reaper on, evictors).
-from ramster.zcache.cache import ZCache
+from ramster.zcache.cache import PoolSpec, ZCache
 from ramster.zcache.codec import PAGE_SIZE
 from ramster.zcache.config import ALLOCATORS, PoolKind, PutResult, ZCacheConfig
 from ramster.zcache.errors import (
@@ -26,6 +26,7 @@ __all__ = [
     "PageError",
     "PageUnavailable",
     "PoolKind",
+    "PoolSpec",
     "PutResult",
     "UnknownPool",
     "ZCache",

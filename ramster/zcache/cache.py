@@ -18,10 +18,15 @@
 # after its pages are stored; before any reclaim the part stored so far is filed, because the
 # reaper finds a zpage's key in its header and checks it against the index.
 #
+# Pools can be created under a given id (a node restoring its pool registry, before the evictor's
+# recovered pages are filed), and each pool may override the engine's store-raw policy (a block
+# device's pool must never refuse a page for poor compression).
+#
 # The engine is synchronous and single-threaded: callers serialise access (the node does so on
 # its event loop), which keeps every structure lock-free.
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -69,6 +74,9 @@ from ramster.zcache.zsmalloc import Zsmalloc
 
 MAX_OID = (1 << 64) - 1
 MAX_INDEX = (1 << 32) - 1
+MAX_POOL_ID = (1 << 32) - 1  # the backing file records pool ids in 32 bits
+# A pool to recreate at start: (pool id, kind, allocator, store_raw or None for the default).
+PoolSpec = tuple[int, PoolKind, str, bool | None]
 
 
 class InvariantViolation(ZCacheError):
@@ -101,10 +109,14 @@ class Stats:
 class Pool:
     """One tmem pool: its kind, its zpage allocator, its raw frames and its index."""
 
-    def __init__(self, pool_id: int, kind: PoolKind, allocator: Allocator, raw: RawFrames) -> None:
+    def __init__(
+        self, pool_id: int, kind: PoolKind, allocator: Allocator, raw: RawFrames, store_raw: bool
+    ) -> None:
         self.id = pool_id
         self.kind = kind
         self.ephemeral = kind is PoolKind.EPHEMERAL
+        self.store_raw = store_raw  # incompressible pages are stored raw, not refused
+        self.allocator = allocator.name
         self.zalloc = allocator
         self.raw = raw
         self.index = PageIndex()
@@ -152,7 +164,14 @@ def as_page(page: object) -> bytes:
 
 
 class ZCache:
-    def __init__(self, config: ZCacheConfig | None = None, evictor: Evictor | None = None) -> None:
+    def __init__(
+        self,
+        config: ZCacheConfig | None = None,
+        evictor: Evictor | None = None,
+        pools: Iterable[PoolSpec] = (),
+    ) -> None:
+        """An engine whose `pools` are recreated under their ids, and which then files the pages
+        `evictor` recovered from before a restart (in a pool of its own if `pools` lacks it)."""
         self.config = config or ZCacheConfig()
         self.arena = Arena(self.config.capacity_frames)
         self.evictor = evictor
@@ -163,8 +182,9 @@ class ZCache:
         self.tick = 0
         self._next_pool_id = 0
         self._threshold = self.config.compress_threshold
-        self._store_raw = self.config.store_incompressible_raw
         self._low_mark = int(self.config.capacity_frames * self.config.reclaim_to)
+        for pool_id, kind, allocator, store_raw in pools:
+            self.create_pool(kind, allocator, pool_id=pool_id, store_raw=store_raw)
         if evictor is not None:
             self._adopt(evictor)
 
@@ -172,29 +192,48 @@ class ZCache:
         """File the pages an evictor kept from before a restart, recreating their pools."""
         for pool_id, allocator, oid, index, location in evictor.recovered():
             if pool_id not in self.pools:
-                self._add_pool(pool_id, PoolKind.PERSISTENT, allocator)
+                self.create_pool(PoolKind.PERSISTENT, allocator, pool_id=pool_id)
             pool = self.pools[pool_id]
             for displaced in pool.index.set_many([(oid, index)], [EVICTED_TAG | location]):
                 self._release(pool, displaced)
             pool.evicted += 1
 
     # -- pools ------------------------------------------------------------------------------
-    def create_pool(self, kind: PoolKind, allocator: str | None = None) -> int:
-        pool_id = self._next_pool_id
-        self._add_pool(pool_id, PoolKind(kind), allocator or self.config.default_allocator)
-        return pool_id
-
-    def _add_pool(self, pool_id: int, kind: PoolKind, name: str) -> None:
-        zalloc: Allocator
-        if name == "zbud":
-            zalloc = Zbud(self.arena)
-        elif name == "zsmalloc":
-            zalloc = Zsmalloc(self.arena)
-        else:
+    def create_pool(
+        self,
+        kind: PoolKind,
+        allocator: str | None = None,
+        *,
+        pool_id: int | None = None,
+        store_raw: bool | None = None,
+    ) -> int:
+        """A new empty pool; its id.  `pool_id` restores a pool under a known id (it must be
+        free); `store_raw` overrides the engine's store_incompressible_raw for this pool."""
+        kind = PoolKind(kind)
+        name = allocator or self.config.default_allocator
+        if name not in ALLOCATORS:
             raise InvalidConfig(f"unknown allocator {name!r}; choose one of {ALLOCATORS}")
-        pool = self.pools[pool_id] = Pool(pool_id, kind, zalloc, RawFrames(self.arena))
+        if pool_id is None:
+            pool_id = self._next_pool_id
+        if type(pool_id) is not int or not 0 <= pool_id <= MAX_POOL_ID:
+            raise InvalidConfig(f"a pool id must be an integer in [0, 2**32), got {pool_id!r}")
+        if pool_id in self.pools:
+            taken = self.pools[pool_id].kind.value
+            raise InvalidConfig(f"pool id {pool_id} is taken (by a {taken} pool)")
+        if store_raw is None:
+            store_raw = self.config.store_incompressible_raw
+        elif type(store_raw) is not bool:
+            raise InvalidConfig(f"store_raw must be True, False or None, got {store_raw!r}")
+        zalloc: Allocator = Zbud(self.arena) if name == "zbud" else Zsmalloc(self.arena)
+        pool = self.pools[pool_id] = Pool(pool_id, kind, zalloc, RawFrames(self.arena), store_raw)
         self.reaper.watch(pool)
         self._next_pool_id = max(self._next_pool_id, pool_id + 1)
+        return pool_id
+
+    @property
+    def next_pool_id(self) -> int:
+        """The id the next create_pool without `pool_id` will use (above every id ever used)."""
+        return self._next_pool_id
 
     def pool(self, pool_id: int) -> Pool:
         try:
@@ -255,7 +294,7 @@ class ZCache:
             payload = compress(page)
             if len(payload) <= threshold:
                 alloc, tag, result = pool.zalloc, ZPAGE_TAG, PutResult.STORED
-            elif self._store_raw:
+            elif pool.store_raw:
                 alloc, tag, result, payload = pool.raw, RAW_TAG, PutResult.STORED_RAW, page
             else:
                 handles.append(0)

@@ -148,3 +148,29 @@ def test_not_a_backing_file(tmp_path: Path) -> None:
     assert path.read_bytes() == b"hello world" * 100
     with pytest.raises(BackingFileError, match="cannot open"):
         BackingFile(tmp_path / "missing-dir" / "b.dat")
+
+
+def test_restart_files_recovered_pages_in_the_pools_given(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    path = tmp_path / "backing.dat"
+    cache, backing, pool = fill(path, compressible_pages)
+    other = cache.create_pool(P, "zbud")
+    cache.put_batch(other, [(5, i) for i in range(88)], compressible_pages)
+    written = {p: cache.pool(p).evicted for p in (pool, other)}
+    assert all(written.values())
+    cache.close()
+    backing.close()
+    backing2 = BackingFile(path)
+    specs = [(pool, P, "zsmalloc", True), (9, PoolKind.EPHEMERAL, "zbud", None)]
+    cache2 = ZCache(ZCacheConfig(capacity_frames=12), evictor=backing2, pools=specs)
+    restored = cache2.pool(pool)
+    assert (restored.allocator, restored.store_raw) == ("zsmalloc", True), "not reinvented"
+    invented = cache2.pool(other)  # not in `pools`: recreated from what the evictor knows
+    assert (invented.kind, invented.allocator) == (P, "zbud")
+    assert cache2.pool(9).index.count == 0
+    assert {p: cache2.pool(p).evicted for p in (pool, other)} == written
+    assert len(on_disk(cache2, pool)) == written[pool]
+    assert all(page == compressible_pages[i] for i, page in on_disk(cache2, other).items())
+    assert cache2.next_pool_id == 10
+    cache2.verify()

@@ -242,3 +242,16 @@ def test_victim_selection_work_does_not_grow_with_empty_pools(
     assert alone[1] > 20, "the workload must reclaim"
     assert crowded == alone
     assert alone[0] <= 4 * alone[1]
+
+
+def test_destroyed_and_recreated_pools_stay_in_lru_order(compressible_pages: list[bytes]) -> None:
+    cache = ZCache(ZCacheConfig(capacity_frames=16))
+    first = cache.create_pool(E, "zbud")
+    cache.put_batch(first, [(0, i) for i in range(10)], compressible_pages[:10])
+    cache.destroy_pool(first)
+    again = cache.create_pool(E, "zbud", pool_id=first)
+    other = cache.create_pool(E, "zbud")
+    cache.put_batch(again, [(0, i) for i in range(10)], compressible_pages[:10])
+    cache.put_batch(other, [(0, i) for i in range(40)], compressible_pages[10:50])
+    assert cache.get_batch(again, [(0, i) for i in range(10)]) == [None] * 10
+    cache.verify()

@@ -304,3 +304,45 @@ def test_random_pages_never_come_back_wrong(cache: ZCache, allocator: str) -> No
     page = os.urandom(PAGE_SIZE // 2) + bytes(PAGE_SIZE // 2)  # compresses to about half
     assert cache.put(pool, 0, 0, page) is PutResult.STORED
     assert cache.get(pool, 0, 0) == page
+
+
+def test_pools_are_created_under_given_ids(cache: ZCache) -> None:
+    assert cache.next_pool_id == 0
+    assert cache.create_pool(P, "zbud", pool_id=7) == 7
+    assert cache.next_pool_id == 8
+    assert cache.create_pool(E) == 8
+    assert cache.create_pool(P, pool_id=3) == 3
+    assert cache.create_pool(P) == 9, "auto ids continue above the highest id ever used"
+    cache.destroy_pool(9)
+    assert cache.next_pool_id == 10
+    with pytest.raises(InvalidConfig, match="pool id 7 is taken"):
+        cache.create_pool(E, pool_id=7)
+    for bad in (-1, 1 << 32, "4", 2.0, True):
+        with pytest.raises(InvalidConfig, match="pool id must be"):
+            cache.create_pool(P, pool_id=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfig, match="store_raw"):
+        cache.create_pool(P, store_raw="yes")  # type: ignore[arg-type]
+    pool = cache.pool(7)
+    assert (pool.id, pool.kind, pool.allocator, pool.store_raw) == (7, P, "zbud", False)
+    assert sorted(cache.pools) == [3, 7, 8]
+
+
+def test_store_raw_is_a_per_pool_choice(incompressible_pages: list[bytes]) -> None:
+    page = incompressible_pages[0]
+    for default in (False, True):
+        cache = ZCache(ZCacheConfig(capacity_frames=16, store_incompressible_raw=default))
+        inherit, raw, strict = (cache.create_pool(P, store_raw=s) for s in (None, True, False))
+        assert cache.pool(inherit).store_raw is default
+        assert cache.put(raw, 0, 0, page) is PutResult.STORED_RAW
+        assert cache.put(strict, 0, 0, page) is PutResult.REFUSED_POOR_COMPRESSION
+        assert cache.put(inherit, 0, 0, page).refused is not default
+        assert cache.get(raw, 0, 0) == page
+        cache.verify()
+
+
+def test_pools_given_at_start_are_recreated() -> None:
+    specs = [(4, E, "zbud", None), (11, P, "zsmalloc", True)]
+    started = ZCache(ZCacheConfig(capacity_frames=8), pools=specs)
+    got = [(p.id, p.kind, p.allocator, p.store_raw) for p in started.pools.values()]
+    assert got == [(4, E, "zbud", False), (11, P, "zsmalloc", True)]
+    assert started.next_pool_id == 12
