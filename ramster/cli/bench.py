@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ramster.bench import cluster as bench_cluster
-from ramster.bench import engine, node, reaper
+from ramster.bench import engine, nbd, node, reaper
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
@@ -88,6 +88,16 @@ def _cluster(args: argparse.Namespace) -> int:
     return 0 if result["verified"] and not result["lost"] else 1
 
 
+def _nbd(args: argparse.Namespace) -> int:
+    pages = corpus_pages(args.corpus)
+    try:
+        result = nbd.run(pages, args.mib * 2**20, args.ops)
+    except nbd.BenchError as exc:
+        raise CliError(str(exc)) from None
+    emit(result, args.json)
+    return 0 if result["verified"] else 1
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -162,3 +172,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--singles", type=positive, default=2000, help="single-page gets to time")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_node)
+    p = kinds.add_parser(
+        "nbd",
+        help="a node's NBD export against nbdkit memory: throughput and data per GiB of RSS",
+        description="Start a local node with one NBD export and `nbdkit memory` of the same "
+        "size; on each, write --mib MiB of a corpus sequentially with nbdcopy, read it back, "
+        "then do --ops random 4 KiB writes and reads with libnbd; print MB/s, the server's RSS "
+        "and data held per GiB of RSS side by side, and verify every byte.  Needs nbdkit, "
+        "libnbd-bin and python3-libnbd.",
+    )
+    p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
+    p.add_argument("--mib", type=positive, default=256, help="MiB written sequentially")
+    p.add_argument("--ops", type=positive, default=20000, help="random 4 KiB writes and reads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_nbd)

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ramster
 from tests.nbd.conftest import MiB, ServerThread, need
@@ -19,8 +20,9 @@ def test_lists_exports_with_sizes(nbd_server: ServerThread) -> None:
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert rows["disk"][1:4] == [str(64 * MiB), "64.0", "MiB"]
     assert rows["small"][1] == str(MiB) and "trim,zero,flush" in rows["small"][5]
-    as_json = json.loads(ramster("nbd", "list", "--json", "--target",
-                                 f"127.0.0.1:{nbd_server.port}").stdout)  # fmt: skip
+    as_json = json.loads(
+        ramster("nbd", "list", "--json", "--target", f"127.0.0.1:{nbd_server.port}").stdout
+    )
     assert [(e["name"], e["size"], e["block_sizes"]) for e in as_json] == [
         ("disk", 64 * MiB, [1, 4096, 32 * MiB]),
         ("small", MiB, [1, 4096, 32 * MiB]),
@@ -52,3 +54,20 @@ def test_nothing_listening_is_one_error_line() -> None:
     assert (
         done.stderr.startswith(f"ramster: error: 127.0.0.1:{port}: ") and "refused" in done.stderr
     )
+
+
+def test_bench_nbd_runs_both_servers_and_verifies() -> None:
+    need("nbdkit", "nbdcopy")
+    sample = Path(__file__).parents[1] / "data" / "sample.pages"
+    done = ramster("bench", "nbd", "--corpus", str(sample), "--mib", "8", "--ops", "300", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["verified"] is True and result["random_ops"] == 300
+    for server in ("ramster", "nbdkit"):
+        assert result[f"{server}_seq_write_MBps"] > 0 and result[f"{server}_rss_MiB"] > 0
+    assert set(result["throughput_vs_nbdkit"]) == {
+        "seq_write",
+        "seq_read",
+        "rand4k_write",
+        "rand4k_read",
+    }
