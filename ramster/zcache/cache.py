@@ -477,6 +477,13 @@ class ZCache:
         self.stats.compacted_frames += freed
         return freed
 
+    def write_back_all(self) -> tuple[int, int]:
+        """Hand every persistent page in RAM (zpages, raw frames, same-filled pages) to the
+        evictor, as a node stopping gracefully does; (pages handed over, pages refused).
+        Refused pages stay in RAM; ephemeral pages are left alone.  Without an evictor every
+        persistent page in RAM counts as refused."""
+        return self.reaper.write_back_all()
+
     # -- internals --------------------------------------------------------------------------
     def _file(self, pool: Pool, keys: list[tuple[int, int]], handles: list[int]) -> None:
         for displaced in pool.index.set_many(keys, handles):

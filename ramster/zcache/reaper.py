@@ -12,15 +12,19 @@
 # page is never dropped.  Reclaim runs from the allocation that hit the limit and goes on down to
 # the low mark (zswap's accept-threshold hysteresis), so a full pool is not reclaimed one frame
 # per put.
+#
+# At a graceful stop, write_back_all() offers the evictor every persistent page still in RAM
+# (same-filled pages too, made into zpages), through the same hand-over as reclaim, so a node's
+# disk and peers then hold all of its persistent pages; what is refused stays in RAM.
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ramster.zcache.codec import zpage_bytes, zpage_key
+from ramster.zcache.codec import compress, make_zpage, zpage_bytes, zpage_key
 from ramster.zcache.errors import ZCacheError
-from ramster.zcache.handles import EVICTED_TAG
+from ramster.zcache.handles import EVICTED_TAG, HANDLE_MASK, KIND_SHIFT, SAME
 from ramster.zcache.lru import LruHeap
 
 if TYPE_CHECKING:
@@ -44,6 +48,7 @@ class ReaperStats:
 
 
 Victim = tuple["Pool", "Allocator"]
+WRITE_BACK_BATCH = 256  # zpages per evictor call in write_back_all
 
 
 class Reaper:
@@ -104,9 +109,64 @@ class Reaper:
 
     def _evict_unit(self, pool: Pool, alloc: Allocator, unit: int) -> bool:
         """Evict every zpage of a unit; False if the evictor refused any (they stay)."""
-        cache = self.cache
-        tag = pool.tag_of(alloc)
         handles = alloc.unit_handles(unit)
+        keys, zpages = self._zpages(pool, alloc, handles)
+        stats = self.stats
+        stats.units_reclaimed += 1
+        if pool.ephemeral:
+            for handle, key in zip(handles, keys, strict=True):
+                pool.index.pop(*key)
+                alloc.free(handle)
+            stats.evicted_ephemeral += len(handles)
+            return True
+        locations = self._hand_over(pool, keys, zpages)
+        for handle, location in zip(handles, locations, strict=True):
+            if location:
+                alloc.free(handle)
+        return all(locations)
+
+    def write_back_all(self) -> tuple[int, int]:
+        """Offer every persistent page in RAM to the evictor; (pages taken, pages refused)."""
+        cache = self.cache
+        if cache.evictor is None:
+            left = sum(p.index.count - p.evicted for p in cache.pools.values() if not p.ephemeral)
+            return 0, left
+        before = self.stats.evicted_persistent, self.stats.evict_refused
+        same = cache.same
+        for pool in list(cache.pools.values()):
+            if pool.ephemeral:
+                continue
+            alloc: Allocator
+            for alloc in (pool.zalloc, pool.raw):
+                handles = [h for unit in list(alloc.lru) for h in alloc.unit_handles(unit)]
+                for start in range(0, len(handles), WRITE_BACK_BATCH):
+                    chunk = handles[start : start + WRITE_BACK_BATCH]
+                    keys, zpages = self._zpages(pool, alloc, chunk)
+                    for handle, location in zip(
+                        chunk, self._hand_over(pool, keys, zpages), strict=True
+                    ):
+                        if location:
+                            alloc.free(handle)
+            words = [
+                (o, i, h & HANDLE_MASK) for o, i, h in pool.index.items() if h >> KIND_SHIFT == SAME
+            ]
+            for start in range(0, len(words), WRITE_BACK_BATCH):
+                chunk_words = words[start : start + WRITE_BACK_BATCH]
+                keys = [(oid, index) for oid, index, _ in chunk_words]
+                zpages = [make_zpage(o, i, compress(same.page(slot))) for o, i, slot in chunk_words]
+                for (*_, slot), location in zip(
+                    chunk_words, self._hand_over(pool, keys, zpages), strict=True
+                ):
+                    if location:
+                        same.unref(slot)
+        stats = self.stats
+        return stats.evicted_persistent - before[0], stats.evict_refused - before[1]
+
+    def _zpages(
+        self, pool: Pool, alloc: Allocator, handles: list[int]
+    ) -> tuple[list[tuple[int, int]], list[bytes]]:
+        """Keys and bytes of zpages in an allocator, each checked to be filed under its key."""
+        tag = pool.tag_of(alloc)
         keys = []
         zpages = []
         for handle in handles:
@@ -116,24 +176,20 @@ class Reaper:
                 raise ReaperInvariantError(f"zpage {handle:#x} in pool {pool.id} is not filed")
             keys.append(key)
             zpages.append(zpage_bytes(slot))
-        stats = self.stats
-        stats.units_reclaimed += 1
-        if pool.ephemeral:
-            for handle, key in zip(handles, keys, strict=True):
-                pool.index.pop(*key)
-                alloc.free(handle)
-            stats.evicted_ephemeral += len(handles)
-            return True
-        assert cache.evictor is not None
-        locations = cache.evictor.evict(pool.id, pool.zalloc.name, zpages)
-        refused = 0
-        for handle, key, location in zip(handles, keys, locations, strict=True):
+        return keys, zpages
+
+    def _hand_over(self, pool: Pool, keys: list[tuple[int, int]], zpages: list[bytes]) -> list[int]:
+        """Offer a persistent pool's zpages to the evictor and file each one it takes as
+        evicted; per zpage its location, 0 where refused.  The caller frees what was taken."""
+        evictor = self.cache.evictor
+        assert evictor is not None
+        locations = evictor.evict(pool.id, pool.zalloc.name, zpages)
+        taken = 0
+        for key, location in zip(keys, locations, strict=True):
             if location:
                 pool.index.replace(*key, EVICTED_TAG | location)
-                alloc.free(handle)
-            else:
-                refused += 1
-        pool.evicted += len(handles) - refused
-        stats.evicted_persistent += len(handles) - refused
-        stats.evict_refused += refused
-        return not refused
+                taken += 1
+        pool.evicted += taken
+        self.stats.evicted_persistent += taken
+        self.stats.evict_refused += len(zpages) - taken
+        return locations

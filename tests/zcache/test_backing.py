@@ -174,3 +174,68 @@ def test_restart_files_recovered_pages_in_the_pools_given(
     assert all(page == compressible_pages[i] for i, page in on_disk(cache2, other).items())
     assert cache2.next_pool_id == 10
     cache2.verify()
+
+
+def mixed_pages(sample_pages: list[bytes]) -> list[bytes]:
+    """Compressible, incompressible and same-filled pages."""
+    return [*sample_pages, bytes(4096), b"\x07" * 4096, *sample_pages[::7]]
+
+
+def test_write_back_all_keeps_every_persistent_page_across_a_restart(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    path = tmp_path / "backing.dat"
+    backing = BackingFile(path)
+    cache = ZCache(ZCacheConfig(capacity_frames=80), evictor=backing)
+    raw = cache.create_pool(P, "zsmalloc", store_raw=True)
+    plain = cache.create_pool(P, "zbud")
+    eph = cache.create_pool(PoolKind.EPHEMERAL, "zbud")
+    pages = mixed_pages(sample_pages)
+    keys = [(3, i) for i in range(len(pages))]
+    kept = {}
+    for pool in (plain, raw):  # reclaim writes some of plain back already
+        results = cache.put_batch(pool, keys, pages)
+        kept[pool] = {k: p for k, p, r in zip(keys, pages, results, strict=True) if not r.refused}
+    cache.put_batch(eph, keys[:20], pages[:20])
+    eph_frames = cache.pool(eph).zalloc.frames
+    in_ram = sum(cache.pool(p).index.count - cache.pool(p).evicted for p in (raw, plain))
+    assert cache.same.pages and cache.pool(raw).raw.zpages and cache.pool(plain).evicted
+    assert cache.write_back_all() == (in_ram, 0)
+    assert cache.evicted_pages == backing.live == sum(len(k) for k in kept.values())
+    assert cache.frames == eph_frames and cache.pool(eph).index.count
+    assert cache.same.pages == 0
+    cache.verify()
+    assert cache.write_back_all() == (0, 0)
+    cache.close()
+    backing.close()
+    backing2 = BackingFile(path)
+    specs = [
+        (raw, P, "zsmalloc", True),
+        (plain, P, "zbud", None),
+        (eph, PoolKind.EPHEMERAL, "zbud", None),
+    ]
+    cache2 = ZCache(ZCacheConfig(capacity_frames=80), evictor=backing2, pools=specs)
+    for pool, expected in kept.items():
+        assert cache2.pool(pool).index.count == len(expected)
+        got = cache2.get_batch(pool, list(expected))
+        assert got == list(expected.values())
+    assert cache2.pool(eph).index.count == 0
+    cache2.verify()
+
+
+def test_write_back_all_keeps_refused_pages_in_ram(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    backing = BackingFile(tmp_path / "b.dat", limit_bytes=32 * 1024)
+    cache = ZCache(ZCacheConfig(capacity_frames=256), evictor=backing)
+    pool = cache.create_pool(P, store_raw=True)
+    pages = mixed_pages(sample_pages)
+    keys = [(0, i) for i in range(len(pages))]
+    assert not any(r.refused for r in cache.put_batch(pool, keys, pages))
+    taken, refused = cache.write_back_all()
+    assert taken == backing.live > 0 and refused > 0
+    assert taken + refused == len(pages)
+    assert cache.evicted_pages == taken
+    assert cache.get_batch(pool, keys) == pages
+    cache.verify()
+    assert ZCache(ZCacheConfig(capacity_frames=8)).write_back_all() == (0, 0)
