@@ -4,7 +4,11 @@
 # run it and abort with the mapped status, and the Stream RPC runs the same operations one
 # request at a time, in order, turning a failure into that request's Error reply so the stream
 # survives it.  Batches are checked whole (size, key and page shapes) before the first engine
-# call, then run through ChunkedEngine so no RPC holds the event loop for long.
+# call, then run through ChunkedEngine so no RPC holds the event loop for long.  Pool ids and page
+# indexes travel as uint64 and are range-checked here (ramster.client.wire) before the engine
+# sees them, so an id of 2**32 or more is INVALID_ARGUMENT, never another pool or page.  A page
+# whose every copy failed verification is PAGE_STATUS_CORRUPT in a batch; a unary Get of it
+# fails with DATA_LOSS, the status gRPC has for unrecoverable data.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +20,7 @@ from node.engine import ChunkedEngine, Prefetch
 from node.snapshot import EngineSnapshot, take_snapshot
 from node.status import RpcFailure, status_of
 from ramster import __version__
-from ramster.client.wire import batch_keys, split_pages
+from ramster.client.wire import batch_keys, check_index, check_pool, split_pages
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
 from ramster.zcache import CorruptPage, PageError, PoolKind, PutResult, ZCache
@@ -82,13 +86,13 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.CreatePoolResponse(pool=pool)
 
     async def _destroy_pool(self, req: pb.DestroyPoolRequest) -> pb.DestroyPoolResponse:
-        return pb.DestroyPoolResponse(pages=await self.chunked.destroy_pool(req.pool))
+        return pb.DestroyPoolResponse(pages=await self.chunked.destroy_pool(check_pool(req.pool)))
 
     async def _list_pools(self, req: pb.ListPoolsRequest) -> pb.ListPoolsResponse:
         return pb.ListPoolsResponse(pools=self._pool_infos(take_snapshot(self.engine)))
 
     async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
-        result = self.engine.put(req.pool, req.oid, req.index, req.page)
+        result = self.engine.put(check_pool(req.pool), req.oid, check_index(req.index), req.page)
         if result is PutResult.REFUSED_NO_ROOM:
             raise RpcFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -98,26 +102,34 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.PutResponse(outcome=WIRE_OUTCOME[result])
 
     async def _get(self, req: pb.GetRequest) -> pb.GetResponse:
-        (page,) = await self.chunked.get_batch(req.pool, [(req.oid, req.index)], req.exclusive)
+        pool, key = check_pool(req.pool), (req.oid, check_index(req.index))
+        (page,) = await self.chunked.get_batch(pool, [key], req.exclusive)
         if type(page) is bytes:
             return pb.GetResponse(status=HIT, page=page)
+        if isinstance(page, CorruptPage):
+            raise RpcFailure(
+                grpc.StatusCode.DATA_LOSS,
+                f"pool {pool} page ({req.oid}, {req.index}) is lost: every copy of it failed "
+                f"verification ({page})",
+            )
         return pb.GetResponse(status=page_status(page))
 
     async def _flush_page(self, req: pb.FlushPageRequest) -> pb.FlushPageResponse:
-        return pb.FlushPageResponse(found=self.engine.flush_page(req.pool, req.oid, req.index))
+        found = self.engine.flush_page(check_pool(req.pool), req.oid, check_index(req.index))
+        return pb.FlushPageResponse(found=found)
 
     async def _flush_object(self, req: pb.FlushObjectRequest) -> pb.FlushObjectResponse:
-        return pb.FlushObjectResponse(pages=self.engine.flush_object(req.pool, req.oid))
+        return pb.FlushObjectResponse(pages=self.engine.flush_object(check_pool(req.pool), req.oid))
 
     async def _put_batch(self, req: pb.PutBatchRequest) -> pb.PutBatchResponse:
-        keys = batch_keys(req.oids, req.indexes)
+        pool, keys = check_pool(req.pool), batch_keys(req.oids, req.indexes)
         pages = split_pages(req.pages, len(keys))
-        results = await self.chunked.put_batch(req.pool, keys, pages)
+        results = await self.chunked.put_batch(pool, keys, pages)
         return pb.PutBatchResponse(outcomes=[WIRE_OUTCOME[r] for r in results])
 
     async def _get_batch(self, req: pb.GetBatchRequest) -> pb.GetBatchResponse:
-        keys = batch_keys(req.oids, req.indexes)
-        pages = await self.chunked.get_batch(req.pool, keys, req.exclusive)
+        pool, keys = check_pool(req.pool), batch_keys(req.oids, req.indexes)
+        pages = await self.chunked.get_batch(pool, keys, req.exclusive)
         hits = b"".join([p for p in pages if type(p) is bytes])
         return pb.GetBatchResponse(statuses=page_statuses(pages), pages=hits)
 

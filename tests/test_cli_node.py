@@ -70,7 +70,11 @@ def test_put_get_flush_a_file(node: LocalNode, tmp_path: Path, sample_pages: lis
     rest = ramster("flush", *t, "--pool", pool, "--oid", "7")
     assert rest.returncode == 0 and "flushed 3 pages" in rest.stdout
     gone = ramster("get", *t, "--pool", pool, "--oid", "7", "--pages", "1", str(dst))
-    assert gone.returncode == 2 and "cannot be read" in gone.stderr and "(miss)" in gone.stderr
+    assert (
+        gone.returncode == 2
+        and "cannot be read" in gone.stderr
+        and "(miss: the node has no such page)" in gone.stderr
+    )
 
 
 def test_put_reports_refused_pages(
@@ -116,6 +120,15 @@ def test_unreachable_target_and_bad_args() -> None:
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
     missing = ramster("put", "--pool", "0", "--oid", "1", "/nonexistent/file")
     assert missing.returncode == 2 and "cannot read /nonexistent/file" in missing.stderr
+    wide = ramster("flush", "--pool", "0", "--oid", "1", "--index", str(2**32 + 5))
+    assert wide.returncode == 2 and f"expected a page index in [0, 2**32), got {2**32 + 5}" in (
+        wide.stderr
+    )
+    wide = ramster("pools", "destroy", str(2**32))
+    assert wide.returncode == 2 and "expected a pool id in [0, 2**32)" in wide.stderr
+    across = ramster("get", "--target", "127.0.0.1:1", "--pool", "0", "--oid", "1",
+                     "--start", str(2**32 - 1), "--pages", "2", "-")  # fmt: skip
+    assert across.returncode == 2 and f"indexes holds {2**32}" in across.stderr
 
 
 def test_health_of_a_stopping_node() -> None:

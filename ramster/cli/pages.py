@@ -3,7 +3,8 @@
 # put splits a file into 4096-byte pages (the last zero-padded) stored at indexes start, start+1,
 # ... and reports the file's length, which get needs (--length) to trim the padding again.  A
 # page the node refuses (poor compression, no room) makes put exit 1; a page get cannot return
-# (missing, corrupt) is an error, since the file could not be rebuilt.
+# (missing, corrupt: its data is lost, or unavailable: no copy in reach now) is a one-line error
+# and nothing is written, since the file could not be rebuilt.
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 from ramster.cli.errors import CliError
-from ramster.cli.target import add_key, add_target, connect, nonnegative
+from ramster.cli.target import add_key, add_target, connect, nonnegative, page_index
 from ramster.client import PAGE_SIZE, PageStatus
+
+WHY_NOT = {
+    PageStatus.MISS: "miss: the node has no such page",
+    PageStatus.CORRUPT: "corrupt: its data is lost, every copy failed verification",
+    PageStatus.UNAVAILABLE: "unavailable: no copy of it can be reached now",
+}
 
 
 def read_input(path: str) -> bytes:
@@ -60,7 +67,7 @@ def _get(args: argparse.Namespace) -> int:
         n, status = bad[0]
         raise CliError(
             f"{len(bad)} of {args.pages} pages cannot be read; the first is page "
-            f"{args.start + n} of object {args.oid} in pool {args.pool} ({status.name.lower()})"
+            f"{args.start + n} of object {args.oid} in pool {args.pool} ({WHY_NOT[status]})"
         )
     data = b"".join(p for p in result.pages if p is not None)
     if args.length is not None:
@@ -101,7 +108,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add_target(p)
     add_key(p)
-    p.add_argument("--start", type=nonnegative, default=0, help="index of the first page")
+    p.add_argument("--start", type=page_index, default=0, help="index of the first page")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=_put)
 
@@ -109,14 +116,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "get",
         help="read the pages of one object back into a file",
         description="Read pages --start .. --start+N-1 of object --oid in pool --pool and write "
-        "them to OUT ('-' for stdout), cut to --length bytes if given.  Fails if any page is "
-        "missing or corrupt.",
+        "them to OUT ('-' for stdout), cut to --length bytes if given.  Fails, writing nothing, "
+        "if any page is missing, corrupt (its data is lost) or unavailable (no copy in reach).",
     )
     add_target(p)
     add_key(p)
     p.add_argument("--pages", type=nonnegative, required=True, metavar="N", help="pages to read")
     p.add_argument("--length", type=nonnegative, metavar="L", help="bytes to keep (file length)")
-    p.add_argument("--start", type=nonnegative, default=0, help="index of the first page")
+    p.add_argument("--start", type=page_index, default=0, help="index of the first page")
     p.add_argument(
         "--exclusive", action="store_true", help="remove the pages from the node as they are read"
     )
@@ -131,5 +138,5 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add_target(p)
     add_key(p)
-    p.add_argument("--index", type=nonnegative, help="one page to drop (default: all)")
+    p.add_argument("--index", type=page_index, help="one page to drop (default: all)")
     p.set_defaults(func=_flush)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ramster.cli.table import print_table
-from ramster.cli.target import add_target, connect, nonnegative
+from ramster.cli.target import add_target, connect, pool_id
 from ramster.client.aio import KINDS
 from ramster.zcache import ALLOCATORS
 
@@ -53,7 +53,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--allocator", choices=ALLOCATORS, help="default: the node's")
     p.set_defaults(func=_create)
     p = actions.add_parser("destroy", help="destroy a pool and every page in it")
-    p.add_argument("pool", type=nonnegative, metavar="POOL")
+    p.add_argument("pool", type=pool_id, metavar="POOL")
     p.set_defaults(func=_destroy)
     for action in actions.choices.values():
         add_target(action, again=True)

@@ -1,5 +1,6 @@
-# What every node command shares: the --target/--timeout flags and a client whose failures become
-# one-line CliErrors that name the node ("127.0.0.1:7070: UNAVAILABLE: failed to connect ...").
+# What every node command shares: the --target/--timeout flags, the key flags (checked against
+# the ranges a node serves, so a key out of range is a usage error before any call), and a client
+# whose failures become one-line CliErrors that name the node ("127.0.0.1:7070: UNAVAILABLE: ...").
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 from ramster.cli.errors import CliError
 from ramster.client import Client, RamsterError
+from ramster.client.wire import INDEX_LIMIT, OID_LIMIT, POOL_LIMIT
 
 DEFAULT_TARGET = "127.0.0.1:7070"
 
@@ -19,13 +21,13 @@ def hostport(text: str) -> str:
     return text
 
 
-def _whole_number(minimum: int, what: str) -> Callable[[str], int]:
+def _whole_number(minimum: int, what: str, below: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
+        if value < minimum or (below is not None and value >= below):
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
 
@@ -34,6 +36,9 @@ def _whole_number(minimum: int, what: str) -> Callable[[str], int]:
 
 nonnegative = _whole_number(0, "a number >= 0")
 positive = _whole_number(1, "a positive number")
+pool_id = _whole_number(0, "a pool id in [0, 2**32)", POOL_LIMIT)
+page_index = _whole_number(0, "a page index in [0, 2**32)", INDEX_LIMIT)
+object_id = _whole_number(0, "an object id in [0, 2**64)", OID_LIMIT)
 
 
 def seconds(text: str) -> float:
@@ -66,8 +71,8 @@ def add_target(parser: argparse.ArgumentParser, timeout: float = 10.0, again: bo
 
 
 def add_key(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pool", type=nonnegative, required=True, help="pool id")
-    parser.add_argument("--oid", type=nonnegative, required=True, help="object id")
+    parser.add_argument("--pool", type=pool_id, required=True, help="pool id")
+    parser.add_argument("--oid", type=object_id, required=True, help="object id")
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@
 # code.  Every call has a deadline and raises RamsterError subclasses named for the gRPC status.
 from ramster.client.aio import AsyncClient, PoolInfo, Stream
 from ramster.client.errors import (
-    CorruptPage,
+    DataLoss,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -28,7 +28,7 @@ __all__ = [
     "PAGE_SIZE",
     "AsyncClient",
     "Client",
-    "CorruptPage",
+    "DataLoss",
     "DeadlineExceeded",
     "GetResult",
     "InvalidArgument",

@@ -23,7 +23,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ramster.client.errors import (
-    CorruptPage,
     PageUnavailable,
     RamsterError,
     Unavailable,
@@ -37,6 +36,7 @@ from ramster.client.messages import (
     decode_get,
     decode_put,
     get_batch_request,
+    key,
     put_batch_request,
 )
 from ramster.client.wire import CHANNEL_OPTIONS, Outcome
@@ -104,7 +104,7 @@ class AsyncClient:
 
     async def destroy_pool(self, pool: int, timeout: float | None = None) -> int:
         """Drop a pool; how many pages it held."""
-        reply = await self._call("DestroyPool", pb.DestroyPoolRequest(pool=pool), timeout)
+        reply = await self._call("DestroyPool", pb.DestroyPoolRequest(**key(pool)), timeout)
         return int(reply.pages)
 
     async def list_pools(self, timeout: float | None = None) -> list[PoolInfo]:
@@ -116,7 +116,7 @@ class AsyncClient:
         self, pool: int, oid: int, index: int, page: bytes, timeout: float | None = None
     ) -> Outcome:
         """Store one page.  Raises ResourceExhausted when the node has no room for it."""
-        request = pb.PutRequest(pool=pool, oid=oid, index=index, page=page)
+        request = pb.PutRequest(**key(pool, oid, index), page=page)
         reply = await self._call("Put", request, timeout)
         return Outcome(reply.outcome)
 
@@ -128,12 +128,10 @@ class AsyncClient:
         exclusive: bool = False,
         timeout: float | None = None,
     ) -> bytes | None:
-        """The page, or None.  Raises CorruptPage if the node's copy failed verification and
-        PageUnavailable if no copy can be reached now."""
-        request = pb.GetRequest(pool=pool, oid=oid, index=index, exclusive=exclusive)
+        """The page, or None.  Raises DataLoss if every copy of it failed verification (its data
+        is lost) and PageUnavailable if no copy can be reached now."""
+        request = pb.GetRequest(**key(pool, oid, index), exclusive=exclusive)
         reply = await self._call("Get", request, timeout)
-        if reply.status == pb.PAGE_STATUS_CORRUPT:
-            raise CorruptPage(f"pool {pool} page ({oid}, {index}) failed verification")
         if reply.status == pb.PAGE_STATUS_UNAVAILABLE:
             raise PageUnavailable(f"pool {pool} page ({oid}, {index}) has no reachable copy")
         return reply.page if reply.status == pb.PAGE_STATUS_HIT else None
@@ -141,11 +139,11 @@ class AsyncClient:
     async def flush_page(
         self, pool: int, oid: int, index: int, timeout: float | None = None
     ) -> bool:
-        request = pb.FlushPageRequest(pool=pool, oid=oid, index=index)
+        request = pb.FlushPageRequest(**key(pool, oid, index))
         return bool((await self._call("FlushPage", request, timeout)).found)
 
     async def flush_object(self, pool: int, oid: int, timeout: float | None = None) -> int:
-        request = pb.FlushObjectRequest(pool=pool, oid=oid)
+        request = pb.FlushObjectRequest(**key(pool, oid))
         return int((await self._call("FlushObject", request, timeout)).pages)
 
     # -- batches -----------------------------------------------------------------------------
@@ -257,7 +255,7 @@ class Stream:
         return await self._send(request, lambda reply: decode_get(reply.get))
 
     async def flush_object(self, pool: int, oid: int) -> asyncio.Future[int]:
-        request = pb.StreamRequest(flush_object=pb.FlushObjectRequest(pool=pool, oid=oid))
+        request = pb.StreamRequest(flush_object=pb.FlushObjectRequest(**key(pool, oid)))
         return await self._send(request, lambda reply: int(reply.flush_object.pages))
 
     async def _send(

@@ -1,6 +1,9 @@
 # Client exceptions: one class per gRPC status a caller may want to handle, each carrying `.code`
 # (a grpc.StatusCode) and the server's message, so callers never inspect grpc.RpcError.
 # Stream replies carry a status number instead of raising; from_status() maps both the same way.
+# InvalidArgument is also a ValueError: the client raises it itself, before sending, for a request
+# the node would refuse (a key out of range, pages that do not match their keys), so a caller
+# sees one exception for a bad argument whichever end caught it.
 from __future__ import annotations
 
 import grpc
@@ -20,7 +23,7 @@ class RamsterError(Exception):
         return f"{self.code.name}: {self.args[0]}"
 
 
-class InvalidArgument(RamsterError):
+class InvalidArgument(RamsterError, ValueError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -40,8 +43,8 @@ class DeadlineExceeded(RamsterError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class CorruptPage(RamsterError):
-    """The node holds the page but its copy failed verification (no bytes were returned)."""
+class DataLoss(RamsterError):
+    """The page's data is lost: every copy of it failed verification, so no bytes came back."""
 
     code = grpc.StatusCode.DATA_LOSS
 
@@ -52,7 +55,14 @@ class PageUnavailable(Unavailable):
 
 _BY_CODE: dict[grpc.StatusCode, type[RamsterError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, NotFound, ResourceExhausted, Unavailable, DeadlineExceeded)
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        DataLoss,
+    )
 }
 
 

@@ -4,8 +4,13 @@
 # Keys are given either as (oid, index) pairs or, for the common case of consecutive pages of
 # one object, as a KeyRange, which goes on the wire as one oid and a range of indexes with no
 # per-page tuple built on either end.
+#
+# Every request is checked here as the node would check it (ramster.client.wire), so a key out of
+# range or pages that do not match their keys raise InvalidArgument (a ValueError) before
+# anything is sent, instead of reaching the node, or worse, being cut to fit a field.
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -13,11 +18,16 @@ import grpc
 
 from ramster.client.errors import InvalidArgument, RamsterError
 from ramster.client.wire import (
+    INDEX_LIMIT,
     MAX_BATCH_PAGES,
+    OID_LIMIT,
     PAGE_SIZE,
-    BatchError,
     Outcome,
     PageStatus,
+    all_in_range,
+    check_index,
+    check_pool,
+    in_range,
     join_pages,
     split_pages,
 )
@@ -60,26 +70,53 @@ class GetResult:
         return [n for n, s in enumerate(self.statuses) if s is PageStatus.CORRUPT]
 
 
+@contextlib.contextmanager
+def refused_here() -> Iterator[None]:
+    """A ValueError of the checks inside becomes InvalidArgument: what the node would say."""
+    try:
+        yield
+    except InvalidArgument:
+        raise
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def key(pool: int, oid: int | None = None, index: int | None = None) -> dict[str, int]:
+    """The checked key fields of a request naming a pool, an object or one page."""
+    with refused_here():
+        fields = {"pool": check_pool(pool)}
+        if oid is not None:
+            fields["oid"] = in_range("oid", oid, OID_LIMIT)
+        if index is not None:
+            fields["index"] = check_index(index)
+    return fields
+
+
 def key_fields(keys: Keys) -> tuple[list[int], Sequence[int]]:
+    """A batch's oids and indexes, checked for range."""
+    indexes: Sequence[int]
     if isinstance(keys, KeyRange):
-        return [keys.oid], range(keys.start, keys.start + keys.count)
-    return [k[0] for k in keys], [k[1] for k in keys]
+        oids, indexes = [keys.oid], range(keys.start, keys.start + keys.count)
+    else:
+        oids, indexes = [k[0] for k in keys], [k[1] for k in keys]
+    with refused_here():
+        all_in_range("oids", oids, OID_LIMIT)
+        all_in_range("indexes", indexes, INDEX_LIMIT)
+    return oids, indexes
 
 
 def put_batch_request(pool: int, keys: Keys, pages: Sequence[bytes]) -> pb.PutBatchRequest:
     oids, indexes = key_fields(keys)
     if len(indexes) != len(pages):
         raise InvalidArgument(f"{len(indexes)} keys but {len(pages)} pages")
-    try:
+    with refused_here():
         blob = join_pages(pages)
-    except BatchError as exc:
-        raise InvalidArgument(str(exc)) from None
-    return pb.PutBatchRequest(pool=pool, oids=oids, indexes=indexes, pages=blob)
+    return pb.PutBatchRequest(**key(pool), oids=oids, indexes=indexes, pages=blob)
 
 
 def get_batch_request(pool: int, keys: Keys, exclusive: bool) -> pb.GetBatchRequest:
     oids, indexes = key_fields(keys)
-    return pb.GetBatchRequest(pool=pool, oids=oids, indexes=indexes, exclusive=exclusive)
+    return pb.GetBatchRequest(**key(pool), oids=oids, indexes=indexes, exclusive=exclusive)
 
 
 def decode_put(reply: pb.PutBatchResponse) -> list[Outcome]:

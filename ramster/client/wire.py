@@ -5,14 +5,25 @@
 # lists, so the per-page cost on either end is one slice or one join, not a protobuf message.
 # `oids` holds one object id for every page, or one per page.  Everything that checks a batch
 # lives here so the node and the client agree on what is valid, and messages say what was wrong.
+#
+# Keys: pool ids and page indexes are uint64 on the wire (so a value from a 64-bit caller is
+# never silently cut to its low 32 bits, which would name another page) but the engine serves
+# only [0, 2**32) of each, so the node checks the full value and refuses the rest by field name
+# and value (KeyOutOfRange, a ValueError: INVALID_ARGUMENT); the client runs the same checks
+# before it sends.  A batch's indexes are checked with one min() and one max() (C loops), which
+# costs microseconds against a batch's milliseconds.
 from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
 
 from ramster.v1 import tmem_pb2 as pb
+from ramster.zcache.cache import MAX_INDEX
 from ramster.zcache.codec import PAGE_SIZE as PAGE_SIZE
 
+POOL_LIMIT = 1 << 32  # pool ids a node serves: [0, POOL_LIMIT) (the backing file keeps 32 bits)
+INDEX_LIMIT = MAX_INDEX + 1  # page indexes: [0, INDEX_LIMIT), the engine's range
+OID_LIMIT = 1 << 64  # object ids: the whole uint64
 MAX_BATCH_PAGES = 4096
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -23,6 +34,37 @@ CHANNEL_OPTIONS = [
 
 class BatchError(ValueError):
     """A batch is malformed: the message says how."""
+
+
+class KeyOutOfRange(ValueError):
+    """A pool id, object id or page index outside what a node serves: the message names the
+    field and the value."""
+
+
+def _limit_text(limit: int) -> str:
+    return f"[0, 2**{limit.bit_length() - 1})"
+
+
+def in_range(field: str, value: int, limit: int) -> int:
+    """`value` if it is in [0, limit), else KeyOutOfRange naming `field`."""
+    if not 0 <= value < limit:
+        raise KeyOutOfRange(f"{field} {value} is out of range {_limit_text(limit)}")
+    return value
+
+
+def all_in_range(field: str, values: Sequence[int], limit: int) -> None:
+    """KeyOutOfRange naming `field` and the first value of `values` outside [0, limit)."""
+    if values and not (min(values) >= 0 and max(values) < limit):
+        bad = next(v for v in values if not 0 <= v < limit)
+        raise KeyOutOfRange(f"{field} holds {bad}, out of range {_limit_text(limit)}")
+
+
+def check_pool(pool: int) -> int:
+    return in_range("pool", pool, POOL_LIMIT)
+
+
+def check_index(index: int) -> int:
+    return in_range("index", index, INDEX_LIMIT)
 
 
 class Outcome(enum.IntEnum):
@@ -68,8 +110,9 @@ def expand_oids(oids: Sequence[int], count: int) -> list[int] | int:
 
 
 def batch_keys(oids: Sequence[int], indexes: Sequence[int]) -> list[tuple[int, int]]:
-    """(oid, index) keys of a batch, checked for size and shape."""
+    """(oid, index) keys of a batch, checked for size, shape and range."""
     check_count(len(indexes))
+    all_in_range("indexes", indexes, INDEX_LIMIT)
     shared = expand_oids(oids, len(indexes))
     if isinstance(shared, int):
         return [(shared, index) for index in indexes]

@@ -121,7 +121,9 @@ class TmemServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A page whose every copy failed verification fails with DATA_LOSS (its data is lost); one
+        that exists but has no copy in reach answers PAGE_STATUS_UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from node.server import Node
 from ramster.client import (
     AsyncClient,
-    CorruptPage,
+    DataLoss,
     DeadlineExceeded,
     InvalidArgument,
     KeyRange,
@@ -221,8 +221,9 @@ async def test_corrupt_and_unreachable_pages_are_statuses(
     result = await client.get_batch(pool, KeyRange(1, 0, 3))
     assert result.statuses == [PageStatus.HIT, PageStatus.CORRUPT, PageStatus.UNAVAILABLE]
     assert result.pages == [sample_pages[0], None, None] and result.corrupt == [1]
-    with pytest.raises(CorruptPage):
+    with pytest.raises(DataLoss, match=rf"pool {pool} page \(1, 1\) is lost.*bad checksum") as info:
         await client.get(pool, 1, 1)
+    assert info.value.code is grpc.StatusCode.DATA_LOSS
     with pytest.raises(PageUnavailable):
         await client.get(pool, 1, 2)
 
