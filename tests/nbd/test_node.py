@@ -1,0 +1,140 @@
+# NBD as part of a node process: flags, the loopback-only rule, metrics, a restart on the same
+# data directory, and a 3-node cluster whose export outgrows node 1's pool.
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ramster.client.cluster import LocalCluster
+from ramster.client.local import LocalNode
+from tests.nbd.conftest import MiB, need, run
+
+
+def nbd_port(node: LocalNode) -> int:
+    """The NBD port a node logged (the last start's, after a restart)."""
+    lines = [json.loads(line) for line in node.log().splitlines() if '"nbd_listening"' in line]
+    return int(lines[-1]["port"])
+
+
+def nbd_node(*args: str, data_dir: Path | None = None) -> LocalNode:
+    return LocalNode("--nbd-listen", "127.0.0.1:0", *args, data_dir=data_dir)
+
+
+def copy_in_and_out(uri: str, data: bytes, tmp_path: Path) -> bytes:
+    src, dst = tmp_path / "in.img", tmp_path / "out.img"
+    src.write_bytes(data)
+    run("nbdcopy", str(src), uri)
+    run("nbdcopy", uri, str(dst))
+    return dst.read_bytes()[: len(data)]
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--nbd-listen", "0.0.0.0:0", "--nbd-export", "a:1Mi"], "loopback addresses only"),
+        (["--nbd-listen", "192.0.2.1:10809", "--nbd-export", "a:1Mi"], "until the node has TLS"),
+        (["--nbd-export", "a:1Mi"], "--nbd-export needs --nbd-listen"),
+        (["--nbd-listen", "127.0.0.1:0"], "needs at least one --nbd-export"),
+    ],
+)
+def test_nbd_settings_that_cannot_work_stop_the_node(
+    args: list[str], error: str, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "",
+            "--data-dir",
+            str(tmp_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert '"event": "startup_failed"' in done.stderr and error in done.stderr
+
+
+def test_bad_export_flags_are_usage_errors(tmp_path: Path) -> None:
+    for value in ("nosize", "odd:4097", "x:1Mi,x:2Mi"):
+        env = {**os.environ, "RAMSTER_NBD_EXPORT": value}
+        done = subprocess.run(
+            [sys.executable, "-m", "node", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert done.returncode == 2 and "RAMSTER_NBD_EXPORT" in done.stderr
+
+
+def test_node_serves_exports_and_counts_them(tmp_path: Path) -> None:
+    need("nbdcopy", "nbdinfo")
+    with nbd_node("--nbd-export", "swap:64Mi", "--nbd-export", "disk:8Mi") as node:
+        port = nbd_port(node)
+        listed = json.loads(run("nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{port}"))
+        sizes = {e["export-name"]: e["export-size"] for e in listed["exports"]}
+        assert sizes == {"swap": 64 * MiB, "disk": 8 * MiB}
+        data = os.urandom(4 * MiB) + bytes(4 * MiB)
+        assert copy_in_and_out(f"nbd://127.0.0.1:{port}/disk", data, tmp_path) == data
+        url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+        metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    disk = ("export", "disk")
+    assert samples["ramster_nbd_bytes_total", (("direction", "written"), disk)] == 4 * MiB
+    assert samples["ramster_nbd_bytes_total", (("direction", "read"), disk)] >= 8 * MiB
+    assert samples["ramster_nbd_requests_total", (("command", "write"), disk, ("result", "ok"))]
+    assert samples["ramster_nbd_request_seconds_count", (("command", "read"), disk)]
+    assert samples["ramster_nbd_connections", ()] == 0
+
+
+def test_an_export_keeps_its_data_across_a_graceful_restart(tmp_path: Path) -> None:
+    need("nbdcopy")
+    data_dir, data = tmp_path / "data", os.urandom(2 * MiB) + b"page" * (512 * 1024)
+    args = ("--pool-limit", "4Mi", "--nbd-export", "disk:16Mi")
+    with nbd_node(*args, data_dir=data_dir) as node:
+        uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+        assert copy_in_and_out(uri, data, tmp_path) == data
+        assert node.stop() == 0
+    with nbd_node(*args, data_dir=data_dir) as node:
+        back = tmp_path / "back.img"
+        run("nbdcopy", f"nbd://127.0.0.1:{nbd_port(node)}/disk", str(back))
+        assert back.read_bytes()[: len(data)] == data
+
+
+@pytest.mark.slow
+def test_an_export_larger_than_the_pool_spills_to_peers_and_survives_a_killed_peer(
+    tmp_path: Path,
+) -> None:
+    need("nbdcopy")
+    node1 = ["--pool-limit", "8Mi", "--nbd-listen", "127.0.0.1:0", "--nbd-export", "disk:48Mi"]
+    common = ["--pool-limit", "64Mi", "--heartbeat-interval", "0.2", "--down-after", "1"]
+    data = os.urandom(32 * MiB)  # raw pages: four times node 1's pool
+    with LocalCluster(3, common=common, per_node=[node1]) as cluster:
+        uri = f"nbd://127.0.0.1:{nbd_port(cluster.nodes[0])}/disk"
+        src = tmp_path / "in.img"
+        src.write_bytes(data)
+        run("nbdcopy", str(src), uri)
+        cluster.nodes[2].send_signal(signal.SIGKILL)
+        cluster.nodes[2].wait()
+        back = tmp_path / "back.img"
+        run("nbdcopy", uri, str(back))
+        assert back.read_bytes()[: len(data)] == data
