@@ -4,7 +4,10 @@
 # Persistent pages that were accepted and not flushed must come back exactly; ephemeral pages may
 # vanish but never come back wrong.  A tiny arena makes reclaim and "no room" refusals part of the
 # story; with a backing file behind it, reclaim writes persistent pages back, gets bring them
-# home, and a restart (graceful or a crash) keeps exactly the pages that were on disk.
+# home, and a restart (graceful or a crash) keeps exactly the pages that were on disk.  The second
+# machine runs a persistent and an ephemeral pool side by side (allocators and store-raw drawn),
+# so reclaim, compaction and write_back_all choose between pools, and checks that the backing
+# file holds exactly one live record per evicted page.
 from __future__ import annotations
 
 import os
@@ -18,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from ramster.bench.corpus import load_corpus
-from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
+from ramster.zcache import ALLOCATORS, PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
 from ramster.zcache.backing import BackingFile
 from ramster.zcache.handles import EVICTED, KIND_SHIFT
 from tests.conftest import DATA
@@ -157,4 +160,121 @@ def test_engine_matches_dict_model(
 ) -> None:
     test_case = machine(allocator, kind, store_raw, backed).TestCase
     test_case.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+    test_case("runTest").runTest()
+
+
+KEYS = st.tuples(OIDS, INDICES)
+POOL = st.sampled_from([PoolKind.PERSISTENT, PoolKind.EPHEMERAL])
+STORE_RAW = st.sampled_from([None, False, True])
+
+
+class TwoPoolModel(RuleBasedStateMachine):
+    @initialize(
+        frames=st.integers(min_value=2, max_value=16),
+        allocators=st.tuples(st.sampled_from(ALLOCATORS), st.sampled_from(ALLOCATORS)),
+        store_raw=st.tuples(STORE_RAW, STORE_RAW),
+        raw_default=st.booleans(),
+    )
+    def start(
+        self,
+        frames: int,
+        allocators: tuple[str, str],
+        store_raw: tuple[bool | None, bool | None],
+        raw_default: bool,
+    ) -> None:
+        config = ZCacheConfig(capacity_frames=frames, store_incompressible_raw=raw_default)
+        self.dir = Path(tempfile.mkdtemp(prefix="ramster-model-"))
+        self.backing = BackingFile(self.dir / "backing.dat")
+        self.cache = ZCache(config, evictor=self.backing)
+        self.pools = {
+            kind: self.cache.create_pool(kind, allocator, store_raw=raw)
+            for kind, allocator, raw in zip(PoolKind, allocators, store_raw, strict=True)
+        }
+        self.model: dict[PoolKind, dict[tuple[int, int], bytes]] = {k: {} for k in PoolKind}
+
+    def teardown(self) -> None:
+        if hasattr(self, "cache"):
+            self.cache.close()
+            self.backing.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def check_got(self, kind: PoolKind, key: tuple[int, int], got: object, remove: bool) -> None:
+        expected = self.model[kind].get(key)
+        if kind is PoolKind.PERSISTENT:
+            assert got == expected, f"persistent page {key} came back wrong or was lost"
+        else:
+            assert got is None or got == expected, f"ephemeral page {key} came back wrong"
+        if remove or kind is PoolKind.EPHEMERAL:
+            self.model[kind].pop(key, None)
+
+    @rule(kind=POOL, key=KEYS, page_no=PAGE_NO)
+    def put(self, kind: PoolKind, key: tuple[int, int], page_no: int) -> None:
+        self.put_batch(kind, key[0], key[1], [page_no])
+
+    @rule(kind=POOL, oid=OIDS, start=INDICES, page_nos=st.lists(PAGE_NO, min_size=1, max_size=12))
+    def put_batch(self, kind: PoolKind, oid: int, start: int, page_nos: list[int]) -> None:
+        keys = [(oid, start + i // 2) for i in range(len(page_nos))]  # with repeats
+        pages = [PAGES[n] for n in page_nos]
+        results = self.cache.put_batch(self.pools[kind], keys, pages)
+        model = self.model[kind]
+        for key, page, result in zip(keys, pages, results, strict=True):
+            if result.refused:
+                model.pop(key, None)
+            else:
+                model[key] = page
+
+    @rule(kind=POOL, key=KEYS, exclusive=st.booleans())
+    def get(self, kind: PoolKind, key: tuple[int, int], exclusive: bool) -> None:
+        got = self.cache.get(self.pools[kind], *key, exclusive=exclusive)
+        self.check_got(kind, key, got, exclusive)
+
+    @rule(kind=POOL, keys=st.lists(KEYS, min_size=1, max_size=12), exclusive=st.booleans())
+    def get_batch(self, kind: PoolKind, keys: list[tuple[int, int]], exclusive: bool) -> None:
+        known = list(self.model[kind])[:6]  # mostly keys that hold pages
+        keys = [*keys[: len(keys) // 2], *known]
+        got = self.cache.get_batch(self.pools[kind], keys, exclusive=exclusive)
+        for key, page in zip(keys, got, strict=True):
+            self.check_got(kind, key, page, exclusive)
+
+    @rule(kind=POOL, key=KEYS)
+    def flush_page(self, kind: PoolKind, key: tuple[int, int]) -> None:
+        had = self.cache.flush_page(self.pools[kind], *key)
+        assert had == (key in self.model[kind]) or kind is PoolKind.EPHEMERAL
+        self.model[kind].pop(key, None)
+
+    @rule(kind=POOL, oid=OIDS)
+    def flush_object(self, kind: PoolKind, oid: int) -> None:
+        self.cache.flush_object(self.pools[kind], oid)
+        model = self.model[kind]
+        for key in [k for k in model if k[0] == oid]:
+            del model[key]
+
+    @rule()
+    def write_back_all(self) -> None:
+        persistent = self.cache.pool(self.pools[PoolKind.PERSISTENT])
+        in_ram = persistent.index.count - persistent.evicted
+        eph = self.cache.pool(self.pools[PoolKind.EPHEMERAL]).index.count
+        assert self.cache.write_back_all() == (in_ram, 0)
+        assert persistent.evicted == persistent.index.count
+        assert self.cache.pool(self.pools[PoolKind.EPHEMERAL]).index.count == eph
+
+    @rule()
+    def compact(self) -> None:
+        before = self.cache.frames
+        freed = self.cache.compact()
+        assert freed >= 0 and self.cache.frames == before - freed
+
+    @invariant()
+    def consistent(self) -> None:
+        if not hasattr(self, "cache"):
+            return
+        self.cache.verify()
+        persistent = self.cache.pool(self.pools[PoolKind.PERSISTENT])
+        assert persistent.index.count == len(self.model[PoolKind.PERSISTENT])
+        assert self.backing.live == sum(p.evicted for p in self.cache.pools.values())
+
+
+def test_two_pools_of_both_kinds_match_dict_models() -> None:
+    test_case = TwoPoolModel.TestCase
+    test_case.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
     test_case("runTest").runTest()
