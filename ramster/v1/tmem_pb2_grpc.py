@@ -155,7 +155,8 @@ class TmemServicer:
 
     def Stream(self, request_iterator, context):
         """Pipelined batches: requests are served in order, one response per request with the same id.
-        An error in one request is reported in its response and the stream goes on.
+        An error in one request is reported in its response and the stream goes on; a request whose
+        bytes do not parse (it has no id to answer) ends the stream with INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
