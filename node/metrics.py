@@ -192,6 +192,7 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(snapshot))
         self.grpc = GrpcMetrics(self.registry)
+        self.nbd = NbdMetrics(self.registry)  # declared even without NBD, as dashboards expect
         self.loop_lag = Histogram(
             "ramster_event_loop_lag_seconds",
             "How late the event loop ran a timer: time it spent on one piece of work.",

@@ -38,8 +38,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
-
 from node.engine import ChunkedEngine, Prefetch
 from node.logs import log_event
 from node.metrics import NbdMetrics
@@ -340,7 +338,7 @@ async def serve_nbd(
     engine: ZCache,
     pools: Pools,
     prefetch: Prefetch | None,
-    registry: CollectorRegistry,
+    metrics: NbdMetrics,
 ) -> NbdServer | None:
     """The NBD server the settings ask for, listening; None without --nbd-listen."""
     if settings.nbd_listen is None:
@@ -353,7 +351,7 @@ async def serve_nbd(
         engine,
         ChunkedEngine(engine, prefetch=prefetch),
         lambda owner: pools.ensure(owner, store_raw=True),
-        NbdMetrics(registry),
+        metrics,
     )
     await server.start()
     return server

@@ -26,7 +26,6 @@ from ramster.nbd import Export
 from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
 
 T = TypeVar("T")
-TOOLS = ("nbdinfo", "nbdcopy", "nbdsh", "qemu-io", "qemu-img", "mke2fs", "e2fsck", "nbdkit")
 MiB = 1024 * 1024
 
 

@@ -150,7 +150,7 @@ def test_qemu_io_patterns_including_unaligned(nbd_server: ServerThread) -> None:
 def test_qemu_img_convert_of_an_ext4_image_and_back(
     nbd_server: ServerThread, tmp_path: Path
 ) -> None:
-    need("qemu-img", "mke2fs", "e2fsck")
+    need("qemu-img", "mke2fs", "e2fsck", "debugfs")
     files = tmp_path / "files"
     (files / "sub").mkdir(parents=True)
     contents = {"random.bin": os.urandom(3 * MiB + 123), "sub/text.txt": b"block device\n" * 9000}
