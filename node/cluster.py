@@ -6,13 +6,20 @@
 # task heartbeats and pumps in the background; gets call `prefetch()` so remote copies are
 # fetched before the synchronous engine reads them.
 #
-# Graceful stop (`leave()`): the node answers heartbeats with leaving=true and takes no new
-# foreign pages, so every owner copies what this node holds elsewhere and flushes it here; the
-# node waits until it holds no foreign page or the time runs out, then stops its driver.
+# Start: the layer rebuilds its table from the journal in the data directory (before the engine
+# adopts pages), and `start()` waits, up to `down_after`, until every peer that answers has told
+# what it still holds for us, so gets of pages parked before a restart find them.
+#
+# Graceful stop: `leave()` answers heartbeats with leaving=true and takes no new foreign pages,
+# so every owner copies what this node holds elsewhere and flushes it here; the node waits until
+# it holds no foreign page or the time runs out.  `close()` then stops the driver and closes the
+# layer: it refuses new zpages (so the engine's write-back goes to disk), gives what is still in
+# its outbox a disk copy and compacts the journal.
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +31,7 @@ from node.peering import GrpcTransport, Identity, PeerServicer
 from node.settings import Settings
 from ramster.remote import ForeignStore, RamsterLayer, RemoteConfig
 from ramster.remote.driver import RemoteDriver
+from ramster.remote.journal import Journal
 from ramster.zcache import PAGE_SIZE, ZCache
 from ramster.zcache.backing import BackingFile
 from ramster.zcache.evictor import EvictorChain
@@ -44,6 +52,7 @@ class RemoteSide:
             [str(p) for p in settings.peers],
             self.config,
             local=backing,
+            journal=Journal(settings.data_dir),
         )
         self.chain = EvictorChain([self.layer, backing])
         self.transport = GrpcTransport(self.identity, timeout=settings.peer_timeout)
@@ -51,7 +60,9 @@ class RemoteSide:
         self.driver: RemoteDriver | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, engine: ZCache) -> None:
+    async def start(self, engine: ZCache) -> None:
+        """Run the driver; return once every peer that answered the first heartbeat has said
+        what it holds for us, or after down_after."""
         self.driver = RemoteDriver(
             self.layer,
             engine,
@@ -59,24 +70,49 @@ class RemoteSide:
             locate=lambda location: self.chain.link_location(location, self.layer),
         )
         self._task = asyncio.create_task(self.driver.run())
+        peers = self.layer.membership.peers
+        deadline = time.monotonic() + self.config.down_after
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self.config.heartbeat_interval / 5)
+            if self.driver.heartbeats and all(p.synced for p in peers.values() if p.up):
+                break
+        stats = self.layer.stats
+        log_event(
+            "remote_index_recovered",
+            remote_pages=stats.recovered,
+            peers_synced=sum(p.synced for p in peers.values()),
+            copies_reclaimed=stats.reclaimed,
+            orphans_flushed=stats.orphans_flushed,
+            lost=stats.lost,
+        )
 
     async def prefetch(self, pool: int, keys: list[tuple[int, int]]) -> None:
         if self.driver is not None:
             await self.driver.prefetch(pool, keys)
 
     async def leave(self, timeout: float) -> None:
-        """Announce the stop, wait for owners to take back what we hold, stop the driver."""
+        """Announce the stop and wait for owners to take back what we hold."""
         self.identity.leaving = True
         held = self.foreign.pages
         deadline = time.monotonic() + timeout
         while self.foreign.pages and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         log_event("left", foreign_pages_before=held, foreign_pages_left=self.foreign.pages)
+
+    async def stop_driver(self) -> None:
+        """No more calls to peers; the layer refuses new zpages from now on."""
+        self.layer.closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.transport.close()
+
+    def close(self) -> None:
+        """After the engine's write-back: the outbox to disk, the journal compacted."""
+        stranded = self.layer.close()
+        if stranded:
+            log_event("outbox_not_saved", logging.ERROR, pages=stranded)
         self.foreign.close()
 
     def stats(self) -> dict[str, int]:
@@ -104,11 +140,13 @@ class RemoteSide:
             "This node's pages held by peers (or queued for them).",
             layer.remote_pages,
         )
-        yield GaugeMetricFamily(
-            "ramster_remote_outbox_pages",
-            "Evicted pages waiting to be placed on peers.",
-            layer.outbox,
-        )
+        for name, text, value in (
+            ("remote_outbox_pages", "Evicted pages waiting to be placed on peers.", layer.outbox),
+            ("remote_outbox_bytes", "Bytes of the pages in the outbox.", layer.outbox_bytes),
+            ("remote_flushes_pending", "Flushes owed to peers.", layer.flushes_pending),
+            ("remote_peer_copies", "Copies of this node's pages held by peers.", layer.peer_copies),
+        ):
+            yield GaugeMetricFamily(f"ramster_{name}", text, value)
         replicas = GaugeMetricFamily(
             "ramster_remote_replicas_pages",
             "Remote pages by the number of live copies they have (peers plus disk).",
@@ -125,6 +163,10 @@ class RemoteSide:
             ("remote_disk_copies", stats.disk_copies, "Copies written to disk by the layer."),
             ("rereplication_pages", stats.rereplicated, "Pages placed again after a holder went."),
             ("remote_lost_pages", stats.lost, "Pages with no copy left anywhere."),
+            ("remote_damaged_copies", stats.damaged, "Copies from peers that failed checks."),
+            ("remote_recovered_pages", stats.recovered, "Remote pages found in the journal."),
+            ("remote_reclaimed_copies", stats.reclaimed, "Copies peers still held at start."),
+            ("remote_orphans_flushed", stats.orphans_flushed, "Unknown copies flushed at start."),
         ):
             yield CounterMetricFamily(f"ramster_{name}", text, value)
         yield GaugeMetricFamily(

@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TypeVar
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from node.settings import Settings
-from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheConfig
+from ramster.zcache import PAGE_SIZE, PageError, PoolKind, PutResult, ZCache, ZCacheConfig
 from ramster.zcache.backing import BackingFile
 from ramster.zcache.evictor import Evictor
 
@@ -28,15 +30,20 @@ T = TypeVar("T")
 Prefetch = Callable[[int, list[tuple[int, int]]], Awaitable[None]]
 
 
-def build_engine(settings: Settings, evictor: Evictor | None = None) -> ZCache:
+def build_engine(
+    settings: Settings,
+    evictor: Evictor | None = None,
+    pools: Iterable[tuple[int, PoolKind, str, bool | None]] = (),
+) -> ZCache:
     """The engine under the pool limit, with `evictor` as its backdoor exit (the backing file,
-    or the chain [ramster layer, backing file]); it adopts what the evictor kept from before."""
+    or the chain [ramster layer, backing file]); it recreates `pools` (the registry's) and
+    then adopts what the evictor kept from before."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     config = ZCacheConfig(
         capacity_frames=max(1, settings.pool_limit // PAGE_SIZE),
         default_allocator=settings.allocator,
     )
-    return ZCache(config, evictor=evictor)
+    return ZCache(config, evictor=evictor, pools=pools)
 
 
 def open_backing(settings: Settings) -> BackingFile:
@@ -98,3 +105,27 @@ class ChunkedEngine:
                 await asyncio.sleep(0)
             out += call(slice(start, start + self.chunk))
         return out
+
+
+class BackingCollector:
+    """The backing file's counters as metrics: write-back, errors, damage found."""
+
+    def __init__(self, backing: BackingFile) -> None:
+        self.backing = backing
+
+    def collect(self) -> Iterator[Metric]:
+        b = self.backing.stats
+        for name, value, text in (
+            ("written_back", b.written_back, "Records written to the backing file."),
+            ("loaded", b.loaded, "Records read back from the backing file."),
+            ("write_errors", b.write_errors, "Write-backs that failed (e.g. disk full)."),
+            ("refused_full", b.refused_full, "Write-backs refused at the backing file limit."),
+            ("corrupt_records", b.corrupt, "Records that failed verification when read."),
+            ("torn_records", b.torn, "Records with a damaged header dropped on open."),
+            ("damaged_records", b.damaged, "Records kept on open whose data is damaged."),
+            ("recovered_records", b.recovered, "Records found when the file was opened."),
+        ):
+            yield CounterMetricFamily(f"ramster_backing_{name}", text, value)
+        yield GaugeMetricFamily(
+            "ramster_backing_size_bytes", "Size of the backing file.", self.backing.size_bytes
+        )

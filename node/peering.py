@@ -14,7 +14,13 @@ from typing import TypeVar
 
 import grpc
 
-from ramster.client.wire import CHANNEL_OPTIONS
+from ramster.client.wire import (
+    CHANNEL_OPTIONS,
+    INDEX_LIMIT,
+    POOL_LIMIT,
+    all_in_range,
+    in_range,
+)
 from ramster.remote import ForeignStore, OwnerTag
 from ramster.remote.driver import PeerInfo
 from ramster.v1 import peer_pb2 as pb
@@ -78,6 +84,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self, request: pb.PutZpagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutZpagesResponse:
         def put() -> pb.PutZpagesResponse:
+            in_range("pool_id", request.pool_id, POOL_LIMIT)
             zpages = split_zpages(request.zpages, list(request.sizes))
             if self.identity.leaving:  # take nothing new on the way out
                 return pb.PutZpagesResponse(stored=[False] * len(zpages))
@@ -93,6 +100,8 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         def get() -> pb.GetZpagesResponse:
             if len(request.oids) != len(request.indices):
                 raise ValueError("oids and indices must have the same length")
+            in_range("pool_id", request.pool_id, POOL_LIMIT)
+            all_in_range("indices", request.indices, INDEX_LIMIT)
             keys = list(zip(request.oids, request.indices, strict=True))
             got = self.foreign.get(_owner(request.owner), request.epoch, request.pool_id, keys)
             found = [z or b"" for z in got]
@@ -121,6 +130,8 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             n = len(request.oids)
             if not len(request.epochs) == len(request.pool_ids) == len(request.indices) == n:
                 raise ValueError("epochs, pool_ids, oids and indices must have the same length")
+            all_in_range("pool_ids", request.pool_ids, POOL_LIMIT)
+            all_in_range("indices", request.indices, INDEX_LIMIT)
             owner = _owner(request.owner)
             flushed = 0
             for epoch, pool_id, oid, index in zip(

@@ -3,20 +3,31 @@
 #
 # With peers configured the node also serves ramster.v1.Peer, and its engine's evictor is the
 # chain [ramster layer, backing file]; without, the backing file alone (data_dir/backing.dat,
-# whose written-back pages a restart finds again).
+# whose written-back pages a restart finds again).  With --nbd-listen it serves NBD exports
+# (node/nbd.py) from the same engine: started after the engine, stopped first.
+#
+# The data directory holds the node's identity (identity.json: the node id it belongs to, so a
+# second node cannot adopt another's pages), its pools (pools.log), its backing file and, with
+# peers, the journal of what is parked where.  Start: pools are recreated under their ids, then
+# the engine adopts the pages the backing file and the journal know; with peers, health turns
+# SERVING once the peers that answer have said what they still hold (RemoteSide.start).
 #
 # Shutdown order (SIGTERM/SIGINT, or stop() from tests): health flips to NOT_SERVING and the
 # gate refuses new client RPCs with UNAVAILABLE; with peers, the node announces it is leaving and
 # keeps serving peers until its owners have copied what it holds elsewhere (up to `grace`); the
 # gRPC server stops taking calls and gives running ones up to `grace` seconds (then cancels
-# them); the metrics endpoint closes; the engine and then the backing file close last, when
-# nothing can touch them (the backing file is marked clean: nothing to redo on restart).
+# them); the metrics endpoint closes; the driver stops; every persistent page still in RAM is
+# written back to the backing file (the ramster layer refuses from now on) and the layer saves
+# its outbox and journal; the engine and then the backing file close last (marked clean:
+# nothing to redo on restart).  Persistent pages therefore survive a graceful restart; after a
+# crash, those that were on disk or on peers do, and only pages in RAM alone are lost.
 # Startup failures (a port in use, an unusable data directory)
 # raise StartupError with a one-line reason; main() turns it into a log line and exit status 1.
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import time
@@ -27,21 +38,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from node.cluster import RemoteSide
-from node.engine import build_engine, open_backing
+from node.engine import BackingCollector, build_engine, open_backing
 from node.interceptor import Gate, RpcInterceptor
 from node.logs import log_event
 from node.loopwatch import LoopWatch
 from node.metrics import NodeMetrics
+from node.nbd import NbdServer, serve_nbd
 from node.peering import PEER_SERVICE
+from node.pools import PoolRegistry, PoolRegistryError, Pools
 from node.servicer import TmemServicer
 from node.settings import HostPort, Settings
 from node.snapshot import take_snapshot
 from ramster import __version__
 from ramster.client.wire import CHANNEL_OPTIONS
+from ramster.remote.journal import JournalError
 from ramster.v1 import peer_pb2_grpc, tmem_pb2, tmem_pb2_grpc
 from ramster.zcache import PAGE_SIZE, ZCache
 from ramster.zcache.backing import BackingFile, BackingFileError
 
+IDENTITY_FILE = "identity.json"
 TMEM_SERVICE = tmem_pb2.DESCRIPTOR.services_by_name["Tmem"].full_name
 
 
@@ -58,6 +73,9 @@ class Node:
         self.engine: ZCache | None = None
         self.backing: BackingFile | None = None
         self.remote: RemoteSide | None = None
+        self.registry: PoolRegistry | None = None
+        self.pools: Pools | None = None
+        self._nbd: NbdServer | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics: NodeMetrics | None = None
         self._health = health.aio.HealthServicer()
@@ -70,14 +88,20 @@ class Node:
 
     async def start(self) -> None:
         s = self.settings
+        started = time.monotonic()
         try:
+            claim_data_dir(s.data_dir, s.node_id)
+            registry = self.registry = PoolRegistry(s.data_dir)
             backing = self.backing = open_backing(s)
             remote = self.remote = RemoteSide(s, backing) if s.peers else None
-            engine = self.engine = build_engine(s, remote.chain if remote else backing)
-        except (OSError, BackingFileError) as exc:
+            engine = self.engine = build_engine(
+                s, remote.chain if remote else backing, registry.engine_pools()
+            )
+        except (OSError, BackingFileError, PoolRegistryError, JournalError) as exc:
             raise StartupError(f"cannot use data directory {s.data_dir}: {exc}") from None
         except ValueError as exc:  # peer settings that do not fit together
             raise StartupError(str(exc)) from None
+        self.pools = Pools(engine, registry)
         if backing.stats.recovered or not backing.stats.was_clean:
             log_event(
                 "backing_file_recovered",
@@ -86,12 +110,14 @@ class Node:
                 clean_stop=backing.stats.was_clean,
             )
         metrics = self._metrics = NodeMetrics(lambda: take_snapshot(engine), __version__, s.node_id)
+        metrics.registry.register(BackingCollector(backing))
         server = self._server = grpc.aio.server(
             interceptors=[RpcInterceptor(self.gate, metrics.grpc)],
             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],  # a second node on a port fails
         )
         servicer = TmemServicer(
             engine,
+            self.pools,
             s.node_id,
             prefetch=remote.prefetch if remote else None,
             remote_stats=remote.stats if remote else None,
@@ -119,10 +145,15 @@ class Node:
                     f"cannot serve metrics on {s.metrics_listen}: {exc.strerror or exc}"
                 ) from None
         await server.start()
+        if remote:
+            await remote.start(engine)
+        prefetch = remote.prefetch if remote else None
+        try:
+            self._nbd = await serve_nbd(s, engine, self.pools, prefetch, metrics.nbd)
+        except (OSError, ValueError) as exc:
+            raise StartupError(str(exc)) from None
         for service in ("", TMEM_SERVICE, *([PEER_SERVICE] if remote else [])):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        if remote:
-            remote.start(engine)
         self._watch = LoopWatch(metrics.loop_lag.observe)
         self._watch.start()
         if s.port_file:
@@ -136,6 +167,9 @@ class Node:
             pool_limit_bytes=engine.arena.capacity * PAGE_SIZE,
             data_dir=str(s.data_dir),
             version=__version__,
+            pools=len(engine.pools),
+            pages_recovered=engine.stored_pages,
+            start_seconds=round(time.monotonic() - started, 3),
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -146,6 +180,8 @@ class Node:
         grace = self.settings.grace if grace is None else grace
         deadline = time.monotonic() + grace
         log_event("draining", in_flight=self.gate.in_flight, grace_s=grace)
+        if self._nbd:  # block devices first: their acknowledged writes land before the engine goes
+            await self._nbd.stop(grace)
         self.gate.draining = True
         await self._health.enter_graceful_shutdown()
         if self.remote:  # owners copy what we hold elsewhere while we still serve it
@@ -159,10 +195,20 @@ class Node:
             await self._watch.stop()
         if self._metrics:
             self._metrics.close()
+        if self.remote:
+            await self.remote.stop_driver()
+        if self.engine:
+            written, refused = self.engine.write_back_all()
+            level = logging.ERROR if refused else logging.INFO
+            log_event("written_back", level, pages=written, refused=refused)
+        if self.remote:
+            self.remote.close()
         if self.engine:
             self.engine.close()
         if self.backing:
             self.backing.close()
+        if self.registry:
+            self.registry.close()
         max_stall = self._watch.max_stall if self._watch else 0.0
         log_event("stopped", max_loop_stall_ms=round(max_stall * 1000, 3))
 
@@ -173,6 +219,26 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, signalled.set)
         return signalled
+
+
+def claim_data_dir(data_dir: Path, node_id: str) -> None:
+    """Make `data_dir` this node's, or refuse one that belongs to another node id."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / IDENTITY_FILE
+    try:
+        owner = json.loads(path.read_text())["node_id"]
+    except FileNotFoundError:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"node_id": node_id}))
+        os.replace(tmp, path)
+        return
+    except (ValueError, KeyError, TypeError):
+        raise StartupError(f"{path} is damaged: it must name the node id") from None
+    if owner != node_id:
+        raise StartupError(
+            f"data directory {data_dir} belongs to node {owner!r}, not {node_id!r}: start with "
+            f"--node-id {owner} or use another --data-dir"
+        )
 
 
 def write_port_file(path: Path, port: int, metrics_port: int | None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from node.engine import ChunkedEngine, Prefetch
+from node.pools import Pools
 from node.snapshot import EngineSnapshot, take_snapshot
 from node.status import RpcFailure, status_of
 from ramster import __version__
@@ -63,11 +64,13 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
     def __init__(
         self,
         engine: ZCache,
+        pools: Pools,
         node_id: str,
         prefetch: Prefetch | None = None,
         remote_stats: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.engine = engine
+        self.pools = pools  # creates and destroys pools in the engine and the registry
         self.chunked = ChunkedEngine(engine, prefetch=prefetch)
         self.node_id = node_id
         self.remote_stats = remote_stats  # the ramster layer's counters, with peers
@@ -82,11 +85,14 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
     async def _create_pool(self, req: pb.CreatePoolRequest) -> pb.CreatePoolResponse:
         if req.kind not in ENGINE_KIND:
             raise ValueError(f"unknown pool kind {req.kind}")
-        pool = self.engine.create_pool(ENGINE_KIND[req.kind], req.allocator or None)
+        pool = self.pools.create(ENGINE_KIND[req.kind], req.allocator or None)
         return pb.CreatePoolResponse(pool=pool)
 
     async def _destroy_pool(self, req: pb.DestroyPoolRequest) -> pb.DestroyPoolResponse:
-        return pb.DestroyPoolResponse(pages=await self.chunked.destroy_pool(check_pool(req.pool)))
+        pool = check_pool(req.pool)
+        pages = await self.chunked.destroy_pool(pool)
+        self.pools.forget(pool)
+        return pb.DestroyPoolResponse(pages=pages)
 
     async def _list_pools(self, req: pb.ListPoolsRequest) -> pb.ListPoolsResponse:
         return pb.ListPoolsResponse(pools=self._pool_infos(take_snapshot(self.engine)))

@@ -43,8 +43,10 @@ class LocalNode:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> LocalNode:
+        """Start the node (again, after a stop or kill: same arguments, same data directory)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "wb") as log:
+        self.port_file.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "node", *self.args],
                 stdin=subprocess.DEVNULL,

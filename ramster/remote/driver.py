@@ -75,6 +75,7 @@ class RemoteDriver:
         self.locate = locate  # zcache's location -> the layer's (0: another evictor's)
         self.clock = clock
         self.rounds = 0
+        self.heartbeats = 0  # heartbeat rounds done
         self._work = asyncio.Event()
         self._reclaiming: set[str] = set()
         layer.wake = self._work.set
@@ -139,6 +140,7 @@ class RemoteDriver:
                 for event in events:
                     level = logging.ERROR if event is PeerEvent.CONFLICT else logging.INFO
                     log.log(level, "peer %s %s", address, event.value)
+        self.heartbeats += 1
 
     async def reclaim(self, address: str) -> None:
         """Ask `address` what it still holds for us and let the layer match it."""

@@ -171,9 +171,11 @@ class RamsterLayer:
                 self.local and self.local.claim(rec.pool_id, disk, rec.oid, rec.index)
             ):
                 disk = 0
+                journal.disk(location, 0)
             holders = {a: peers[a].epoch for a in rec.holders if a in peers}
             if not holders and not disk:
                 self.stats.lost += 1
+                journal.forget(location)
                 continue
             entry = Entry(rec.pool_id, rec.allocator, rec.oid, rec.index, None)
             entry.holders, entry.disk, entry.journaled = holders, disk, True
@@ -181,8 +183,8 @@ class RamsterLayer:
             for address in holders:
                 self.by_peer.setdefault(address, set()).add(location)
             self._next = max(self._next, location + 1)
+        journal.commit()
         self.stats.recovered = len(self.entries)
-        self._compact_journal()
 
     def _compact_journal(self) -> None:
         if self.journal is None:
@@ -330,7 +332,16 @@ class RamsterLayer:
         if staged is not None:
             return staged
         if entry.disk and self.local is not None:
-            return self.local.load(pool_id, entry.disk)
+            try:
+                return self.local.load(pool_id, entry.disk)
+            except CorruptPage:
+                if not entry.holders:
+                    raise
+                self._drop_disk(location, entry)  # the next get fetches a peer's copy
+                self._queue_repairs({location})
+                raise PageUnavailable(
+                    f"the disk copy of remote location {location} is damaged"
+                ) from None
         if entry.damaged and entry.damaged >= set(entry.holders):
             raise CorruptPage(f"every copy of remote location {location} failed verification")
         raise PageUnavailable(f"no copy of remote location {location} could be reached")
@@ -431,6 +442,13 @@ class RamsterLayer:
             if self.journal is not None:
                 self.journal.disk(location, disk)
 
+    def _drop_disk(self, location: int, entry: Entry) -> None:
+        if self.local is not None:
+            self.local.forget(entry.pool_id, entry.disk)
+        entry.disk = 0
+        if self.journal is not None and entry.journaled:
+            self.journal.disk(location, 0)
+
     def _settle(self, entry: Entry) -> None:
         if entry.zpage is not None:
             self._unbox(entry)
@@ -466,10 +484,10 @@ class RamsterLayer:
     # -- gets -------------------------------------------------------------------------------
     def fetch_sources(self, location: int) -> list[FetchSource]:
         """Peers to fetch a remote copy from: live, synced ones, suspects last; empty when no
-        fetch is needed."""
+        fetch is needed (a local disk copy is read instead: faster than any peer)."""
         entry = self.entries.get(location)
-        if entry is None or entry.zpage is not None or location in self._staged:
-            return []
+        if entry is None or entry.zpage is not None or entry.disk or location in self._staged:
+            return []  # no fetch needed: the bytes are here, or on the local disk
         peers = self.membership.peers
         live = [
             (a, epoch)
@@ -532,9 +550,14 @@ class RamsterLayer:
             if entry is None or entry.zpage is not None or self._needed(entry) <= 0:
                 continue
             if entry.disk and self.local is not None:
-                self.repaired(location, self.local.load(entry.pool_id, entry.disk))
-                limit -= 1
-                continue
+                try:
+                    zpage = self.local.load(entry.pool_id, entry.disk)
+                except CorruptPage:  # a damaged disk copy does not count: fetch another
+                    self._drop_disk(location, entry)
+                else:
+                    self.repaired(location, zpage)
+                    limit -= 1
+                    continue
             sources = self.fetch_sources(location)
             if any(not peers[s.address].suspect for s in sources):
                 out.append((location, sources))

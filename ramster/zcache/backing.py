@@ -15,8 +15,11 @@
 # so a flushed page can never come back.
 #
 # Recovery needs no log: on open the file is scanned for records (`find` on the magic, checked on
-# block boundaries); a record counts only if both checksums hold, so a torn write (a crash in the
-# middle of a pwrite) is detected and its blocks become free space.  If a key appears twice (a
+# block boundaries).  A record whose header checksum fails is torn (a crash in the middle of a
+# pwrite, or damage to its header): its key cannot be trusted, so it is dropped, counted, and its
+# blocks become free space.  A record whose header holds but whose payload fails the zpage
+# checksum is kept: its key is known, so a get of it reports the damage (CorruptPage, DATA_LOSS to
+# a client) instead of a silent miss.  If a key appears twice (a
 # crash between writing a new record and killing the old one), the higher sequence number wins.
 # The superblock records whether the last stop was clean: a graceful close fsyncs and sets it, so
 # there is nothing to redo; after a crash the scan reports how many torn records it dropped.
@@ -62,8 +65,10 @@ class BackingStats:
     forgotten: int = 0  # records killed (flush, overwrite, promotion)
     refused_full: int = 0  # zpages refused because the file reached its limit
     write_errors: int = 0  # zpages refused because the write failed (e.g. disk full)
+    corrupt: int = 0  # records that failed verification when loaded
     recovered: int = 0  # records found on open
     torn: int = 0  # invalid records dropped on open
+    damaged: int = 0  # records kept on open whose payload fails its checksum (reported on get)
     was_clean: bool = True  # the previous stop was graceful (or the file is new)
 
 
@@ -132,7 +137,8 @@ class BackingFile:
                     self.stats.torn += 1
                     pos = mm.find(RECORD_MAGIC, pos + 1)
                     continue
-                pool_id, alloc, seq, oid, index, blocks = parsed
+                pool_id, alloc, seq, oid, index, blocks, intact = parsed
+                self.stats.damaged += not intact
                 block = pos // BLOCK
                 key = (pool_id, oid, index)
                 older = live.get(key)
@@ -151,7 +157,7 @@ class BackingFile:
         self._rebuild_free([b for _, b in live.values()])
 
     @staticmethod
-    def _parse(mm: mmap.mmap, pos: int) -> tuple[int, str, int, int, int, int] | None:
+    def _parse(mm: mmap.mmap, pos: int) -> tuple[int, str, int, int, int, int, bool] | None:
         head = mm[pos : pos + RECORD.size]
         if len(head) < RECORD.size:
             return None
@@ -160,12 +166,15 @@ class BackingFile:
         (hsum,) = struct.unpack_from("<I", mm, pos + RECORD.size)
         if alloc_code >= len(ALLOCATORS) or _hsum(head, zpage) != hsum:
             return None
-        length = zpage_length(zpage)
-        if not length:
+        # a payload that fails its checksum is kept (its key is known) unless the file ends
+        # inside it: that is a write the crash cut short
+        intact = zpage_length(zpage)
+        length = intact or HEADER_SIZE + int.from_bytes(zpage[4:6], "little")
+        if length > min(len(zpage), HEADER_SIZE + PAGE_SIZE):
             return None
         oid, index = zpage_key(zpage)
         blocks = (RECORD_HEAD + length + BLOCK - 1) // BLOCK
-        return pool_id, ALLOCATORS[alloc_code], seq, oid, index, blocks
+        return pool_id, ALLOCATORS[alloc_code], seq, oid, index, blocks, bool(intact)
 
     def _rebuild_free(self, live_blocks: list[int]) -> None:
         """Free extents are the gaps between live records; the file ends after the last one."""
@@ -247,6 +256,7 @@ class BackingFile:
         blocks = self._sizes[location] if location < len(self._sizes) else 0
         data = os.pread(self.fd, blocks * BLOCK, location * BLOCK) if blocks else b""
         if len(data) < RECORD_HEAD + HEADER_SIZE or data[:4] != RECORD_MAGIC:
+            self.stats.corrupt += 1
             raise CorruptPage(f"backing file holds no record at block {location}")
         head = data[: RECORD.size]
         _, _, rec_pool, _ = RECORD.unpack(head)
@@ -255,6 +265,7 @@ class BackingFile:
             rec_pool != pool_id
             or _hsum(head, zpage) != struct.unpack_from("<I", data, RECORD.size)[0]
         ):
+            self.stats.corrupt += 1
             raise CorruptPage(f"backing file record at block {location} is damaged")
         self.stats.loaded += 1
         return zpage

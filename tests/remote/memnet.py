@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from pathlib import Path
 
 from ramster.remote import ForeignStore, OwnerTag, RamsterLayer, RemoteConfig
 from ramster.remote.driver import PeerInfo, RemoteDriver
+from ramster.remote.journal import Journal
 from ramster.zcache import PoolKind, ZCache, ZCacheConfig
 from ramster.zcache.backing import BackingFile
 from ramster.zcache.evictor import EvictorChain
@@ -23,25 +25,56 @@ class MemNode:
     ) -> None:
         self.net = net
         self.name = name
-        self.incarnation = uuid.uuid4().hex
+        self.tmp = tmp / name
+        self.tmp.mkdir(exist_ok=True)
+        self.limit_frames = limit_frames
         self.up = True
         self.frozen = False
         self.corrupt = False
         self.leaving = False
-        self.backing = BackingFile(tmp / f"{name}.dat")
+        self.foreign = ForeignStore(foreign_frames)
+        self._boot(pools=())
+
+    def _boot(self, pools: list[tuple[int, PoolKind, str, bool | None]] | tuple[()]) -> None:
+        """Start the owner's side on its data directory (a journal, a backing file)."""
+        self.incarnation = uuid.uuid4().hex
+        self.backing = BackingFile(self.tmp / "backing.dat")
         self.layer = RamsterLayer(
-            name, self.incarnation, net.addresses, net.config, local=self.backing, seed=7
+            self.name,
+            self.incarnation,
+            self.net.addresses,
+            self.net.config,
+            local=self.backing,
+            seed=7,
+            journal=Journal(self.tmp),
         )
         self.chain = EvictorChain([self.layer, self.backing])
-        self.cache = ZCache(ZCacheConfig(capacity_frames=limit_frames), evictor=self.chain)
-        self.foreign = ForeignStore(foreign_frames)
+        self.cache = ZCache(
+            ZCacheConfig(capacity_frames=self.limit_frames), evictor=self.chain, pools=pools
+        )
         self.driver = RemoteDriver(
             self.layer,
             self.cache,
-            MemTransport(net, self),
+            MemTransport(self.net, self),
             locate=lambda loc: self.chain.link_location(loc, self.layer),
-            clock=lambda: net.now,
+            clock=lambda: self.net.now,
         )
+
+    def restart_owner(self, graceful: bool) -> None:
+        """The owner's process ends (gracefully: pages in RAM written back, journal saved; or
+        killed: RAM and outbox gone) and starts again on the same data directory; what it
+        holds for others is gone either way."""
+        pools = [(p.id, p.kind, p.zalloc.name, p.store_raw) for p in self.cache.pools.values()]
+        if graceful:
+            self.layer.closing = True
+            self.cache.write_back_all()
+            self.layer.close()
+            self.backing.close()
+        else:
+            self.layer.journal.close()  # type: ignore[union-attr]  # the kernel keeps what was written
+            os.close(self.backing.fd)
+        self.foreign = ForeignStore(self.foreign.capacity_frames)
+        self._boot(pools)
 
     @property
     def owner(self) -> OwnerTag:

@@ -1,0 +1,48 @@
+# The remote index journal: what it replays after a crash (torn tail included), what it drops,
+# and that compaction keeps it proportional to what is live.
+from __future__ import annotations
+
+from pathlib import Path
+
+from ramster.remote.journal import RECORD, Journal, Recovered
+
+
+def test_replay_folds_records_into_live_locations(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.key(1, 0, "zsmalloc", 7, 0)
+    j.holder(1, "h1:1")
+    j.holder(1, "h2:1")
+    j.drop(1, "h1:1")
+    j.key(2, 0, "zbud", 7, 1)
+    j.disk(2, 42)
+    j.key(3, 5, "zsmalloc", 9, 3)
+    j.holder(3, "h1:1")
+    j.forget(3)
+    j.key(4, 0, "zsmalloc", 7, 2)  # never got a copy: its only copy was in RAM
+    j.commit()
+    with open(j.path, "ab") as f:
+        f.write(RECORD.pack(2, 0, 0, 0, 0, 2, 0)[:20])  # a record torn by a crash
+    again = Journal(tmp_path)
+    assert again.recovered == {
+        1: Recovered(0, "zsmalloc", 7, 0, {"h2:1"}),
+        2: Recovered(0, "zbud", 7, 1, set(), 42),
+    }
+    assert again.torn == 1
+
+
+def test_rewrite_keeps_the_journal_proportional_to_what_is_live(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    for round_ in range(50):
+        for loc in range(1, 101):
+            location = round_ * 100 + loc
+            j.key(location, 0, "zsmalloc", 1, loc)
+            j.holder(location, "h1:1")
+            if round_ < 49:
+                j.forget(location)
+        j.commit()
+    live = Journal(tmp_path).recovered
+    assert len(live) == 100
+    j.rewrite(live)
+    j.close()
+    assert j.path.stat().st_size == 100 * 2 * RECORD.size
+    assert Journal(tmp_path).recovered == live
