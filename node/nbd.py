@@ -37,6 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from node.engine import ChunkedEngine, Prefetch
 from node.logs import log_event
@@ -59,12 +60,15 @@ from ramster.nbd import (
     Write,
     WriteZeroes,
 )
+from ramster.nbd.wire import Command
 from ramster.zcache import PAGE_SIZE, PageError, ZCache, ZCacheError
 
 OID_BITS = 20
 INDEX_MASK = (1 << OID_BITS) - 1
 ZERO_PAGE = bytes(PAGE_SIZE)
 READ_SIZE = 256 * 1024
+HOLD_BYTES = 1024 * 1024  # replies are sent together once the buffered input is served, or
+# once this much read data waits (so a burst of small replies costs one send, not one each)
 FLUSHES_PER_YIELD = 1024
 Key = tuple[int, int]
 
@@ -118,6 +122,7 @@ class NbdServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: set[asyncio.Task[None]] = set()  # waiting for their client, not working
+        self._children: dict[tuple[str, Command, Error], tuple[Any, Any, Any]] = {}
 
     async def start(self) -> int:
         """Listen; the port (the chosen one, with port 0)."""
@@ -183,10 +188,13 @@ class NbdServer:
         peer: str,
     ) -> None:
         served: ServedExport | None = None
+        out: list[bytes] = []  # replies not yet handed to the transport
+        held = 0
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                writer.write(conn.data_to_send())
+                writer.writelines([*out, conn.data_to_send()])
+                out, held = [], 0
                 if self.draining:
                     return
                 await writer.drain()
@@ -198,8 +206,13 @@ class NbdServer:
                 assert served is not None
                 started = time.perf_counter()
                 reply = await self._execute(served, event)
-                writer.write(conn.data_to_send())
-                writer.writelines(conn.send(reply))
+                out.append(conn.data_to_send())
+                out += conn.send(reply)
+                held += len(reply.data)
+                if held >= HOLD_BYTES:
+                    writer.writelines(out)
+                    out, held = [], 0
+                    await writer.drain()
                 self._count(served, event, reply.error, time.perf_counter() - started)
             elif isinstance(event, Negotiated):
                 served = self.exports[event.export.name]
@@ -212,19 +225,30 @@ class NbdServer:
                 )
                 self.metrics.rejected.labels(name, event.error.name).inc()
             elif isinstance(event, Closed):
-                writer.write(conn.data_to_send())
+                writer.writelines([*out, conn.data_to_send()])
                 level = logging.WARNING if event.violation else logging.INFO
                 log_event("nbd_disconnected", level, peer=peer, reason=event.reason)
                 return
 
     def _count(self, served: ServedExport, request: Request, error: Error, seconds: float) -> None:
-        name, command = served.export.name, request.command.name.lower()
-        m = self.metrics
-        m.requests.labels(name, command, "ok" if error is Error.OK else error.name).inc()
-        m.seconds.labels(name, command).observe(seconds)
-        if error is Error.OK and isinstance(request, Read | Write):
-            direction = "read" if isinstance(request, Read) else "written"
-            m.bytes.labels(name, direction).inc(request.length)
+        key = (served.export.name, request.command, error)
+        children = self._children.get(key)
+        if children is None:  # labels() costs more than the increments: resolve it once
+            name, command = served.export.name, request.command.name.lower()
+            m = self.metrics
+            moved = isinstance(request, Read | Write) and error is Error.OK
+            children = self._children[key] = (
+                m.requests.labels(name, command, "ok" if error is Error.OK else error.name),
+                m.seconds.labels(name, command),
+                m.bytes.labels(name, "read" if isinstance(request, Read) else "written")
+                if moved
+                else None,
+            )
+        requests, latency, moved_bytes = children
+        requests.inc()
+        latency.observe(seconds)
+        if moved_bytes is not None:
+            moved_bytes.inc(request.length)
 
     # -- requests ---------------------------------------------------------------------------------
     async def _execute(self, served: ServedExport, request: Request) -> Reply:
@@ -276,7 +300,11 @@ class NbdServer:
         partial = sorted(
             b for b in {first, stop - 1} if b * PAGE_SIZE < offset or (b + 1) * PAGE_SIZE > end
         )
-        old = await self.chunked.get_batch(pool, [block_keys(b, b + 1)[0] for b in partial], False)
+        old = (
+            await self.chunked.get_batch(pool, [block_keys(b, b + 1)[0] for b in partial], False)
+            if partial
+            else []
+        )
         if any(isinstance(p, PageError) for p in old):
             return Error.EIO
         before = dict(zip(partial, old, strict=True))
