@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ramster.client import Client
 from ramster.client.cluster import LocalCluster
 from ramster.client.local import LocalNode
 from tests.nbd.conftest import MiB, need, run
@@ -133,6 +134,8 @@ def test_an_export_larger_than_the_pool_spills_to_peers_and_survives_a_killed_pe
         src = tmp_path / "in.img"
         src.write_bytes(data)
         run("nbdcopy", str(src), uri)
+        with Client(cluster.nodes[0].target, timeout=30) as client:
+            assert client.stats().remote_pages > 4 * MiB // 4096  # most of it lives on peers
         cluster.nodes[2].send_signal(signal.SIGKILL)
         cluster.nodes[2].wait()
         back = tmp_path / "back.img"
