@@ -24,6 +24,8 @@ class Allocator(Protocol):
     unit_shift: int
     zpages: int  # live zpages held in frames
     frames: int  # frames owned
+    compactable: int  # non-zero when compact() would free frames
+    on_compactable: Callable[[], None] | None  # called when `compactable` leaves zero
 
     def alloc(self, zpage: bytes, tick: int) -> int:
         """Store `zpage`; its handle, or -1 when no frame can be had."""

@@ -463,19 +463,10 @@ class ZCache:
         return len(found)
 
     def compact(self) -> int:
-        """Move zpages to give back whole frames; the number of frames freed."""
-        freed = 0
-        for pool in self.pools.values():
-
-            def moved(old: int, new: int, zpage: bytes | memoryview, pool: Pool = pool) -> None:
-                oid, index = zpage_key(zpage)
-                if pool.index.get(oid, index) != ZPAGE_TAG | old:
-                    raise InvariantViolation(f"moved zpage {old:#x} is not filed under its key")
-                pool.index.replace(oid, index, ZPAGE_TAG | new)
-
-            freed += pool.zalloc.compact(moved)
-        self.stats.compacted_frames += freed
-        return freed
+        """Move zpages to give back whole frames; the number of frames freed.  Only pools whose
+        allocator wastes at least a zspage's worth of slots in some size class are touched (the
+        reaper also does this, before it evicts anything)."""
+        return self.reaper.compact()
 
     def write_back_all(self) -> tuple[int, int]:
         """Hand every persistent page in RAM (zpages, raw frames, same-filled pages) to the

@@ -11,7 +11,10 @@
 # (with what was refused) and no persistent unit is tried again in this pass, so a persistent
 # page is never dropped.  Reclaim runs from the allocation that hit the limit and goes on down to
 # the low mark (zswap's accept-threshold hysteresis), so a full pool is not reclaimed one frame
-# per put.
+# per put.  Before it evicts anything it compacts the pools whose allocator can give frames back
+# by moving zpages (zsmalloc's `compactable`, which each allocator announces when it leaves zero,
+# so finding them costs nothing per pool either): flush and overwrite churn leaves holes that
+# compaction closes without sending a single zpage out.
 #
 # At a graceful stop, write_back_all() offers the evictor every persistent page still in RAM
 # (same-filled pages too, made into zpages), through the same hand-over as reclaim, so a node's
@@ -20,11 +23,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ramster.zcache.codec import compress, make_zpage, zpage_bytes, zpage_key
 from ramster.zcache.errors import ZCacheError
-from ramster.zcache.handles import EVICTED_TAG, HANDLE_MASK, KIND_SHIFT, SAME
+from ramster.zcache.handles import EVICTED_TAG, HANDLE_MASK, KIND_SHIFT, SAME, ZPAGE_TAG
 from ramster.zcache.lru import LruHeap
 
 if TYPE_CHECKING:
@@ -33,13 +37,13 @@ if TYPE_CHECKING:
 
 
 class ReaperInvariantError(ZCacheError):
-    """A zpage in a unit being reclaimed is not filed under its key (a bug, never user error)."""
+    """A zpage being evicted or moved is not filed under its key (a bug, never user error)."""
 
 
 @dataclass
 class ReaperStats:
     reclaim_passes: int = 0
-    frames_reclaimed: int = 0
+    frames_reclaimed: int = 0  # by eviction (compaction counts in the zcache's compacted_frames)
     units_reclaimed: int = 0
     evicted_ephemeral: int = 0  # dropped
     evicted_persistent: int = 0  # taken by the evictor
@@ -57,18 +61,42 @@ class Reaper:
         self.stats = ReaperStats()
         self._ephemeral: LruHeap[Victim] = LruHeap()
         self._persistent: LruHeap[Victim] = LruHeap()
+        self._compactable: dict[int, Pool] = {}  # holds every pool whose zalloc is compactable
 
     def watch(self, pool: Pool) -> None:
-        """Make the units of a new pool candidates for reclaim."""
+        """Make the units of a new pool candidates for reclaim and compaction."""
         heap = self._ephemeral if pool.ephemeral else self._persistent
         heap.add(pool.id << 1, pool.zalloc.lru, (pool, pool.zalloc))
         heap.add(pool.id << 1 | 1, pool.raw.lru, (pool, pool.raw))
+        pool.zalloc.on_compactable = partial(self._compactable.__setitem__, pool.id, pool)
 
     def unwatch(self, pool: Pool) -> None:
         """Forget a pool that is being destroyed."""
         heap = self._ephemeral if pool.ephemeral else self._persistent
         heap.discard(pool.id << 1)
         heap.discard(pool.id << 1 | 1)
+        pool.zalloc.on_compactable = None
+        self._compactable.pop(pool.id, None)
+
+    def compact(self, target_frames: int = -1) -> int:
+        """Compact the pools that can give frames back, while more than `target_frames` are in
+        use; the frames freed."""
+        arena = self.cache.arena
+        before = arena.in_use
+        while self._compactable and arena.in_use > target_frames:
+            _, pool = self._compactable.popitem()
+            if pool.zalloc.compactable:
+                pool.zalloc.compact(partial(self._moved, pool))
+        freed = before - arena.in_use
+        self.cache.stats.compacted_frames += freed
+        return freed
+
+    @staticmethod
+    def _moved(pool: Pool, old: int, new: int, zpage: bytes | memoryview) -> None:
+        oid, index = zpage_key(zpage)
+        if pool.index.get(oid, index) != ZPAGE_TAG | old:
+            raise ReaperInvariantError(f"moved zpage {old:#x} is not filed under its key")
+        pool.index.replace(oid, index, ZPAGE_TAG | new)
 
     @property
     def lists_inspected(self) -> int:
@@ -81,6 +109,7 @@ class Reaper:
         arena = cache.arena
         start = time.perf_counter()
         before = arena.in_use
+        compacted = self.compact(target_frames)
         persistent_ok = cache.evictor is not None
         while arena.in_use > target_frames:
             victim = self._oldest(persistent_ok)
@@ -92,7 +121,7 @@ class Reaper:
         freed = before - arena.in_use
         stats = self.stats
         stats.reclaim_passes += 1
-        stats.frames_reclaimed += freed
+        stats.frames_reclaimed += freed - compacted
         stats.reclaim_seconds += time.perf_counter() - start
         return freed
 

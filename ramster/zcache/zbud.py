@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
 from ramster.zcache.arena import Arena
@@ -26,6 +26,8 @@ NCHUNKS = PAGE_SIZE // CHUNK_SIZE
 
 class Zbud:
     name = "zbud"
+    compactable = 0  # never: see compact()
+    on_compactable: Callable[[], None] | None = None
 
     def __init__(self, arena: Arena) -> None:
         self.arena = arena

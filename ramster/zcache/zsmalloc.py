@@ -11,17 +11,29 @@
 # partly filled zspage wastes less than a frame, instead of up to a whole zspage.  That is what
 # makes eight-frame zspages (about 1% tail waste) pay off on small pools as well as large ones.
 #
-# Each zspage records its used slots as a bitmap and sits in one of four fullness groups of its
-# class; allocation takes the fullest non-full zspage so sparse ones drain, and `compact()` moves
-# zpages from the emptiest zspages into the fullest to free whole zspages.  Zspages are the
-# reclaimable unit: they carry the LRU position, and reclaim evicts every zpage of the least recent
-# zspage to give back all its frames.  Handle = zspage id << 8 | slot.
+# Each zspage records its used slots as a bitmap.  One with a free slot in the frames it owns sits
+# in one of four fullness groups of its class; one whose owned frames are full but which can take
+# another frame sits in a fifth, "growable" group.  Allocation takes the fullest zspage with room
+# in its own frames, so sparse ones drain, and only when the class has no such room anywhere does
+# it grow a zspage or start one: a put never asks the arena for a frame (and never wakes the
+# reaper) while its class owns a free slot.
+#
+# Compaction moves zpages from the emptiest zspages of a class into free slots of the fullest,
+# only into frames those already own, so it never takes a frame.  Like the kernel's
+# zs_can_compact, a class is skipped unless its wasted slots (free slots in owned frames) add up
+# to a whole zspage: then the emptiest zspage always fits in the others' room, so every
+# compaction that runs frees frames, and afterwards the class wastes less than a zspage.  Classes
+# over that mark are counted in `compactable`, and `on_compactable` tells the reaper when the
+# count leaves zero, so the reaper finds what to compact without looking at every pool.
+#
+# Zspages are the reclaimable unit: they carry the LRU position, and reclaim evicts every zpage
+# of the least recent zspage to give back all its frames.  Handle = zspage id << 8 | slot.
 #
 # Trade-off against zbud: near-perfect density, but reclaiming one zspage evicts many zpages.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
 from ramster.zcache.arena import Arena
@@ -33,7 +45,8 @@ MIN_SIZE = 32
 MAX_FRAMES = 8  # frames per zspage at most
 SLOT_BITS = 8
 SLOT_MASK = (1 << SLOT_BITS) - 1
-GROUPS = 4  # fullness groups of non-full zspages: by quarter of slots in use
+GROUPS = 4  # fullness groups of zspages with room in their frames: by quarter of slots in use
+GROWABLE = GROUPS  # the group of zspages whose owned frames are full but that can take more
 
 
 def class_layout(size: int) -> tuple[int, int]:
@@ -69,7 +82,12 @@ def _merged_classes() -> tuple[list[int], list[int], list[int]]:
 
 
 SIZES, SLOTS, _STEP_CLASS = _merged_classes()
-_FULLEST_FIRST = tuple(reversed(range(GROUPS)))
+# Slots lying wholly in the first n frames of a zspage of each class, n = 0..MAX_FRAMES.
+OWNED = [
+    [min(slots, n * PAGE_SIZE // size) for n in range(MAX_FRAMES + 1)]
+    for size, slots in zip(SIZES, SLOTS, strict=True)
+]
+_ALLOC_ORDER = (*reversed(range(GROUPS)), GROWABLE)  # room in owned frames, fullest first
 
 
 class Zsmalloc:
@@ -82,26 +100,49 @@ class Zsmalloc:
         self.cls = array("H", [0])
         self.inuse = array("H", [0])
         self.nframes = array("B", [0])  # frames taken so far (a prefix of the zspage)
-        self.group = array("b", [-1])  # fullness group, -1 when full
+        self.group = array("b", [-1])  # fullness group or GROWABLE, -1 when full
         self.used: list[int] = [0]  # slot bitmap per zspage
         self.frame = array("I", bytes(4 * MAX_FRAMES))  # MAX_FRAMES entries per zspage
         self._free_ids = array("I")
-        self.groups: list[list[dict[int, None]]] = [[{} for _ in range(GROUPS)] for _ in SIZES]
+        # Fullness groups by class, made on a class's first use: an empty pool costs no dicts.
+        self.groups: dict[int, list[dict[int, None]]] = {}
+        self.waste = array("I", bytes(4 * len(SIZES)))  # free slots in owned frames, per class
+        self.compactable = 0  # classes whose waste is at least one zspage of slots
+        self.on_compactable: Callable[[], None] | None = None  # compactable left zero
         self.zpages = 0
         self.frames = 0
 
     # -- fullness groups --------------------------------------------------------------------
     def _regroup(self, zid: int, inuse: int) -> None:
-        slots = SLOTS[self.cls[zid]]
+        c = self.cls[zid]
+        slots = SLOTS[c]
         old = self.group[zid]
-        new = inuse * GROUPS // slots if inuse < slots else -1
+        if inuse >= slots:
+            new = -1
+        elif inuse < OWNED[c][self.nframes[zid]]:
+            new = inuse * GROUPS // slots
+        else:
+            new = GROWABLE
         if new != old:
-            groups = self.groups[self.cls[zid]]
+            groups = self.groups[c]
             if old >= 0:
                 del groups[old][zid]
             if new >= 0:
                 groups[new][zid] = None
             self.group[zid] = new
+
+    def _waste(self, c: int, delta: int) -> None:
+        """Add `delta` free slots in owned frames to class `c`, tracking `compactable`."""
+        old = self.waste[c]
+        new = self.waste[c] = old + delta
+        slots = SLOTS[c]
+        if (old >= slots) is not (new >= slots):
+            if new < slots:
+                self.compactable -= 1
+            else:
+                self.compactable += 1
+                if self.compactable == 1 and self.on_compactable is not None:
+                    self.on_compactable()
 
     # -- zspages ----------------------------------------------------------------------------
     def _new_zspage(self, c: int, tick: int) -> int:
@@ -126,9 +167,12 @@ class Zsmalloc:
             del self.groups[self.cls[zid]][group][zid]
             self.group[zid] = -1
         base = zid * MAX_FRAMES
-        for i in range(self.nframes[zid]):
+        nframes = self.nframes[zid]
+        for i in range(nframes):
             self.arena.free(self.frame[base + i])
-        self.frames -= self.nframes[zid]
+        self.frames -= nframes
+        if nframes:
+            self._waste(self.cls[zid], -OWNED[self.cls[zid]][nframes])
         self.nframes[zid] = 0
         self.used[zid] = 0
         self.lru.remove(zid)
@@ -138,6 +182,7 @@ class Zsmalloc:
         """Give zspage `zid` frames up to byte offset `end`; False when the arena is full."""
         need = (end + PAGE_SIZE - 1) >> 12
         have = self.nframes[zid]
+        owned = OWNED[self.cls[zid]]
         while have < need:
             frame = self.arena.alloc()
             if frame < 0:
@@ -146,6 +191,7 @@ class Zsmalloc:
             have += 1
             self.nframes[zid] = have
             self.frames += 1
+            self._waste(self.cls[zid], owned[have] - owned[have - 1])
         return True
 
     def _slot_extents(self, zid: int, slot: int, size: int) -> list[Extent]:
@@ -163,8 +209,8 @@ class Zsmalloc:
         c = _STEP_CLASS[
             0 if length <= MIN_SIZE else (length - MIN_SIZE + CLASS_STEP - 1) // CLASS_STEP
         ]
-        groups = self.groups[c]
-        for g in _FULLEST_FIRST:
+        groups = self.groups.get(c) or self.groups.setdefault(c, [{} for _ in range(GROUPS + 1)])
+        for g in _ALLOC_ORDER:
             bucket = groups[g]
             if bucket:
                 zid = next(iter(bucket))
@@ -191,6 +237,7 @@ class Zsmalloc:
         inuse = self.inuse[zid] + 1
         self.inuse[zid] = inuse
         self._regroup(zid, inuse)
+        self._waste(self.cls[zid], -1)
         length = len(zpage)
         first = zid * MAX_FRAMES + (offset >> 12)
         start = (self.frame[first] << 12) + (offset & (PAGE_SIZE - 1))
@@ -224,6 +271,7 @@ class Zsmalloc:
         inuse = self.inuse[zid] - 1
         self.inuse[zid] = inuse
         self.zpages -= 1
+        self._waste(self.cls[zid], 1)
         if inuse:
             self._regroup(zid, inuse)
         else:
@@ -237,27 +285,31 @@ class Zsmalloc:
         return self.nframes[unit]
 
     def compact(self, on_move: MoveCallback) -> int:
-        """Per class, move zpages from the emptiest zspages into the fullest until they meet."""
+        """Compact every class that wastes at least a zspage of slots; the frames freed."""
         before = self.frames
-        for groups in self.groups:
-            partial = sorted((zid for g in groups for zid in g), key=self.inuse.__getitem__)
-            lo, hi = 0, len(partial) - 1
-            while lo < hi:
-                src, dst = partial[lo], partial[hi]
-                for handle in self.unit_handles(src):
-                    zpage = self.read(handle)
-                    new = self._store(dst, zpage)
-                    if new < 0:
-                        return before - self.frames  # arena full: stop where we are
-                    on_move(handle, new, zpage)
-                    self.free(handle)
-                    if self.group[dst] < 0:
-                        break
-                if self.group[dst] < 0:
-                    hi -= 1
-                if not self.inuse[src]:
-                    lo += 1
+        if self.compactable:
+            for c, slots in enumerate(SLOTS):
+                if self.waste[c] >= slots:
+                    self._compact_class(c, on_move)
         return before - self.frames
+
+    def _compact_class(self, c: int, on_move: MoveCallback) -> None:
+        """Move zpages from the emptiest zspages into room the fullest own, until they meet."""
+        partial = sorted((zid for g in self.groups[c] for zid in g), key=self.inuse.__getitem__)
+        lo, hi = 0, len(partial) - 1
+        while lo < hi:
+            src, dst = partial[lo], partial[hi]
+            if not 0 <= self.group[dst] < GROUPS:  # no free slot in its frames
+                hi -= 1
+                continue
+            used = self.used[src]
+            handle = src << SLOT_BITS | (used.bit_length() - 1)
+            zpage = self.read(handle)
+            new = self._store(dst, zpage)  # into a frame dst owns: it has room
+            on_move(handle, new, zpage)
+            self.free(handle)
+            if not self.inuse[src]:
+                lo += 1
 
     def extents(self) -> Iterator[tuple[int, list[Extent]]]:
         for zid in self.lru:
@@ -272,7 +324,7 @@ class Zsmalloc:
 
     def metadata_bytes(self) -> int:
         bitmaps = sum(b.__sizeof__() for b in self.used) + self.used.__sizeof__()
-        lists = sum(len(g) for groups in self.groups for g in groups) * 24
+        lists = sum(len(g) for groups in self.groups.values() for g in groups) * 24
         return (
             array_bytes(self.cls, self.inuse, self.nframes, self.group, self.frame, self._free_ids)
             + self.lru.metadata_bytes()

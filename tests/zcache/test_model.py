@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -164,13 +165,20 @@ def test_engine_matches_dict_model(
 
 
 KEYS = st.tuples(OIDS, INDICES)
+# Half of the pages drawn are the corpus pages (spread thinly over many size classes), half fill
+# two classes of one-frame zspages, so holes add up to a whole zspage and compaction has work.
+MIXED = [
+    *PAGES,
+    *(random.Random(i).randbytes(n) + bytes(PAGE_SIZE - n) for n in (620, 960) for i in range(8)),
+]
+MIXED_NO = st.one_of(PAGE_NO, st.integers(min_value=len(PAGES), max_value=len(MIXED) - 1))
 POOL = st.sampled_from([PoolKind.PERSISTENT, PoolKind.EPHEMERAL])
 STORE_RAW = st.sampled_from([None, False, True])
 
 
 class TwoPoolModel(RuleBasedStateMachine):
     @initialize(
-        frames=st.integers(min_value=2, max_value=16),
+        frames=st.integers(min_value=2, max_value=20),
         allocators=st.tuples(st.sampled_from(ALLOCATORS), st.sampled_from(ALLOCATORS)),
         store_raw=st.tuples(STORE_RAW, STORE_RAW),
         raw_default=st.booleans(),
@@ -207,14 +215,14 @@ class TwoPoolModel(RuleBasedStateMachine):
         if remove or kind is PoolKind.EPHEMERAL:
             self.model[kind].pop(key, None)
 
-    @rule(kind=POOL, key=KEYS, page_no=PAGE_NO)
+    @rule(kind=POOL, key=KEYS, page_no=MIXED_NO)
     def put(self, kind: PoolKind, key: tuple[int, int], page_no: int) -> None:
         self.put_batch(kind, key[0], key[1], [page_no])
 
-    @rule(kind=POOL, oid=OIDS, start=INDICES, page_nos=st.lists(PAGE_NO, min_size=1, max_size=12))
+    @rule(kind=POOL, oid=OIDS, start=INDICES, page_nos=st.lists(MIXED_NO, min_size=1, max_size=40))
     def put_batch(self, kind: PoolKind, oid: int, start: int, page_nos: list[int]) -> None:
         keys = [(oid, start + i // 2) for i in range(len(page_nos))]  # with repeats
-        pages = [PAGES[n] for n in page_nos]
+        pages = [MIXED[n] for n in page_nos]
         results = self.cache.put_batch(self.pools[kind], keys, pages)
         model = self.model[kind]
         for key, page, result in zip(keys, pages, results, strict=True):
@@ -248,6 +256,15 @@ class TwoPoolModel(RuleBasedStateMachine):
         model = self.model[kind]
         for key in [k for k in model if k[0] == oid]:
             del model[key]
+
+    @rule(kind=POOL, keep=st.integers(min_value=2, max_value=4))
+    def punch_holes(self, kind: PoolKind, keep: int) -> None:
+        """Flush all but every `keep`-th page: holes in every zspage, for compaction."""
+        model = self.model[kind]
+        for n, key in enumerate(list(model)):
+            if n % keep:
+                assert self.cache.flush_page(self.pools[kind], *key) or kind is PoolKind.EPHEMERAL
+                del model[key]
 
     @rule()
     def write_back_all(self) -> None:
