@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -59,6 +60,8 @@ class RemoteSide:
         self.servicer = PeerServicer(self.foreign, self.identity)
         self.driver: RemoteDriver | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last: list[Metric] = []
 
     async def start(self, engine: ZCache) -> None:
         """Run the driver; return once every peer that answered the first heartbeat has said
@@ -70,6 +73,7 @@ class RemoteSide:
             locate=lambda location: self.chain.link_location(location, self.layer),
         )
         self._task = asyncio.create_task(self.driver.run())
+        self._loop = asyncio.get_running_loop()
         peers = self.layer.membership.peers
         deadline = time.monotonic() + self.config.down_after
         while time.monotonic() < deadline:
@@ -129,7 +133,28 @@ class RemoteSide:
         }
 
     def collect(self) -> Iterator[Metric]:
-        """Metrics of the ramster layer, read at scrape time."""
+        """Metrics of the ramster layer.  The scrape runs on the metrics server's thread while
+        the event loop changes the layer's tables, so the families are built on the loop and
+        handed over; if the loop does not answer within 2 s, the last ones are served."""
+        loop = self._loop
+        if loop is None:
+            return iter(self._last)
+        built: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
+
+        def build() -> None:
+            try:
+                built.set_result(list(self._families()))
+            except Exception as exc:
+                built.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(build)
+            self._last = built.result(timeout=2)
+        except (RuntimeError, TimeoutError):  # the loop is closed, or stalled
+            pass
+        return iter(self._last)
+
+    def _families(self) -> Iterator[Metric]:
         layer, stats, peers = self.layer, self.layer.stats, self.layer.membership.peers
         yield GaugeMetricFamily(
             "ramster_peers_up", "Peers answering heartbeats.", sum(p.up for p in peers.values())

@@ -68,11 +68,15 @@ class LocalCluster:
         for node in running:
             with Client(node.target, timeout=5) as client:
                 while True:
-                    stats = client.stats()
-                    if stats.peers_up >= len(running) - 1 and stats.peers >= len(running) - 1:
-                        break
+                    try:  # a node just restarted may be refused for a moment (channel backoff)
+                        stats = client.stats()
+                        seen = f"{stats.peers_up} peers up"
+                        if stats.peers_up >= len(running) - 1 and stats.peers >= len(running) - 1:
+                            break
+                    except Unavailable as exc:
+                        seen = str(exc)
                     if time.monotonic() > deadline:
-                        raise Unavailable(f"{node.target} sees {stats.peers_up} peers up")
+                        raise Unavailable(f"{node.target}: {seen}")
                     time.sleep(0.1)
 
     def stop(self) -> None:

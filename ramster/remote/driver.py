@@ -156,12 +156,12 @@ class RemoteDriver:
             return
         finally:
             self._reclaiming.discard(address)
-        before = self.layer.stats.orphans_flushed
+        held, before = len(keys), self.layer.stats.orphans_flushed
         self.layer.reclaimed(address, keys)
         log.info(
             "peer %s holds %d of our pages; %d unknown ones flushed",
             address,
-            len(keys),
+            held,
             self.layer.stats.orphans_flushed - before,
         )
 

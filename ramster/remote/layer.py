@@ -150,6 +150,8 @@ class RamsterLayer:
         self._repairs: deque[int] = deque()  # locations whose bytes must be fetched back first
         self._flushes: dict[str, list[tuple[int, int, int, int]]] = {}  # epoch, pool, oid, index
         self._staged: dict[int, bytes] = {}
+        self._short: set[int] = set()  # settled with fewer copies than wanted
+        self._short_tried = 0.0
         self.outbox = 0  # entries holding their bytes
         self.outbox_bytes = 0
         self.closing = False  # set at a graceful stop: evict() refuses, the disk takes all
@@ -220,7 +222,11 @@ class RamsterLayer:
         self.stats.orphans_flushed += len(keys)
         self._commit()
         peer.synced = True
-        self._queue_repairs(lost)
+        # what it holds and what has no peer copy at all (saved to disk at our stop) may be
+        # short of copies: now there is a peer to place them on
+        alone = {loc for loc, e in self.entries.items() if not e.holders}
+        self._queue_repairs(lost | alone | self.by_peer.get(address, set()))
+        self._retry_short()
 
     # -- membership -------------------------------------------------------------------------
     def heard(
@@ -234,7 +240,14 @@ class RamsterLayer:
                 self._queue_repairs(self.by_peer.get(address, set()))
             elif event is PeerEvent.UP:
                 self._rejoined(address)
+            if event in (PeerEvent.RESTARTED, PeerEvent.UP):
+                self._retry_short()
         return events
+
+    def _retry_short(self) -> None:
+        """A peer (re)appeared: zpages settled short of copies may get them now."""
+        short, self._short = self._short, set()
+        self._queue_repairs({loc for loc in short if loc in self.entries})
 
     def expire(self, now: float) -> list[str]:
         """Mark silent peers down and queue repairs of what they held; their addresses.
@@ -243,6 +256,9 @@ class RamsterLayer:
         down = self.membership.expire(now)
         for address in down:
             self._queue_repairs(self.by_peer.get(address, set()))
+        if self._short and now - self._short_tried > self.config.down_after:
+            self._short_tried = now  # a slow retry, in case a peer got room since
+            self._retry_short()
         return down
 
     def _rejoined(self, address: str) -> None:
@@ -351,6 +367,7 @@ class RamsterLayer:
         if entry is None:
             return
         self._staged.pop(location, None)
+        self._short.discard(location)
         for address, epoch in entry.holders.items():
             self.by_peer.get(address, set()).discard(location)
             self._flushes.setdefault(address, []).append(
@@ -426,6 +443,8 @@ class RamsterLayer:
         self._disk_copy(location, entry)
         if entry.disk or entry.holders:
             self._settle(entry)
+            if self._needed(entry) > 0:  # placed again when a peer (re)appears
+                self._short.add(location)
             return True
         entry.tried.clear()  # nothing took it: keep the bytes and try every peer again later
         return False

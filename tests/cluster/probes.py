@@ -38,9 +38,14 @@ def replica_counts(node: LocalNode) -> dict[int, float]:
     }
 
 
-def fully_replicated(node: LocalNode, copies: int = 2) -> bool:
-    counts = replica_counts(node)
-    return all(n >= copies for n, pages in counts.items() if pages)
+def wait_replicated(node: LocalNode, timeout: float = 60, copies: int = 2) -> None:
+    """Until every remote page of `node` has `copies` live copies (fails showing the counts)."""
+    wait_for(
+        f"every remote page of {node.target} to have {copies} copies",
+        lambda: replica_counts(node),
+        lambda counts: all(n >= copies for n, pages in counts.items() if pages),
+        timeout,
+    )
 
 
 def distinct_pages(base: list[bytes], oid: int, count: int, start: int = 0) -> list[bytes]:
