@@ -246,9 +246,9 @@ async def test_deadline(node: Node, client: AsyncClient, monkeypatch: pytest.Mon
     assert node.engine is not None
     real = node.engine.create_pool
 
-    def slow(*args: object) -> int:
+    def slow(*args: object, **kwargs: object) -> int:
         time.sleep(1)  # holds the loop, so the client's 50 ms deadline passes first
-        return real(*args)  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(node.engine, "create_pool", slow)
     with pytest.raises(DeadlineExceeded) as info:

@@ -105,7 +105,7 @@ async def test_keys_out_of_range_are_invalid_on_every_tmem_rpc(
     assert [p.pages for p in await client.list_pools()] == [1]
 
 
-async def test_peer_keys_out_of_range_reach_the_engine_check(peer_node: Node) -> None:
+async def test_peer_keys_out_of_range_are_refused(peer_node: Node) -> None:
     owner = peer_pb2.Owner(node_id="owner", incarnation="one")
     zpage = make_zpage(1, 5, compress(PAGE))
     async with grpc.aio.insecure_channel(peer_node.target) as channel:
@@ -115,22 +115,44 @@ async def test_peer_keys_out_of_range_reach_the_engine_check(peer_node: Node) ->
         )
         assert list((await stub.PutZpages(put)).stored) == [True]
         refused = [
-            stub.GetZpages(
-                peer_pb2.GetZpagesRequest(owner=owner, epoch=1, pool_id=0, oids=[1], indices=[BIG])
+            (
+                stub.GetZpages(
+                    peer_pb2.GetZpagesRequest(
+                        owner=owner, epoch=1, pool_id=0, oids=[1], indices=[BIG]
+                    )
+                ),
+                f"indices holds {BIG}",
             ),
-            stub.FlushZpages(
-                peer_pb2.FlushZpagesRequest(
-                    owner=owner, epochs=[1], pool_ids=[0], oids=[1], indices=[BIG]
-                )
+            (
+                stub.FlushZpages(
+                    peer_pb2.FlushZpagesRequest(
+                        owner=owner, epochs=[1], pool_ids=[0], oids=[1], indices=[BIG]
+                    )
+                ),
+                f"indices holds {BIG}",
+            ),
+            (
+                stub.PutZpages(
+                    peer_pb2.PutZpagesRequest(
+                        owner=owner, epoch=1, pool_id=BIG, zpages=zpage, sizes=[len(zpage)]
+                    )
+                ),
+                f"pool_id {BIG}",
+            ),
+            (
+                stub.GetZpages(  # refused even where no page of that owner was ever held
+                    peer_pb2.GetZpagesRequest(
+                        owner=owner, epoch=9, pool_id=BIG, oids=[1], indices=[5]
+                    )
+                ),
+                f"pool_id {BIG}",
             ),
         ]
-        for call in refused:
+        for call, message in refused:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             assert err.value.code() is INVALID
-            assert f"page index must be an integer in [0, 2**32), got {BIG}" in (
-                err.value.details() or ""
-            )
+            assert message in (err.value.details() or "")
         get = peer_pb2.GetZpagesRequest(owner=owner, epoch=1, pool_id=0, oids=[1], indices=[5])
         assert (await stub.GetZpages(get)).zpages == zpage  # the page at index 5 is untouched
 

@@ -133,5 +133,5 @@ async def test_sigterm_mid_traffic_finishes_running_rpcs(sample_pages: list[byte
                 assert (await later).pages == sample_pages[:88]
         assert node.wait(timeout=120) == 0
         names = [e["event"] for e in events(node.log())]
-        assert names[-2:] == ["draining", "stopped"]
+        assert names[-3:] == ["draining", "written_back", "stopped"]
     assert unary_results.count("unavailable") == 2 and "ok" in unary_results
