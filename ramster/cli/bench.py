@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ramster.bench import cluster as bench_cluster
-from ramster.bench import engine, nbd, node, reaper
+from ramster.bench import engine, nbd, node, reaper, soak
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
@@ -98,6 +98,22 @@ def _nbd(args: argparse.Namespace) -> int:
     return 0 if result["verified"] else 1
 
 
+def _soak(args: argparse.Namespace) -> int:
+    pages = corpus_pages(args.corpus)
+    cluster = None if args.target else start_cluster(3, args.limit)
+    try:
+        result = soak.run(
+            pages, args.seconds, args.keys, args.batch, args.seed, args.target, cluster
+        )
+    except (RamsterError, ValueError) as exc:
+        raise CliError(f"{args.target or 'the local cluster'}: {exc}") from None
+    finally:
+        if cluster is not None:
+            cluster.__exit__()
+    emit(result, args.json)
+    return 0 if not (result["wrong"] or result["lost"] or result["transient"]) else 1
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -186,3 +202,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--ops", type=positive, default=20000, help="random 4 KiB writes and reads")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_nbd)
+    p = kinds.add_parser(
+        "soak",
+        help="a long mixed workload judged against a model: wrong, lost and transient answers",
+        description="Overwrite, read and flush a fixed set of keys of one persistent pool at "
+        "random, in batches, for --seconds, with a model of what every key holds; report "
+        "operations, wrong answers, lost pages, transient misses (a page that exists not served "
+        "until a retry), batch latency and the RSS of every node over time.  Without --target, a "
+        "local 3-node cluster is started whose node 1 has a --limit pool, so pages keep moving "
+        "to peers and back.  Exit status 1 if anything was wrong, lost or transient.",
+    )
+    p.add_argument(
+        "--target", metavar="HOST:PORT", help="a running node (default: a local cluster)"
+    )
+    p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
+    p.add_argument("--seconds", type=positive, default=60, help="how long (default 60)")
+    p.add_argument("--keys", type=positive, default=30_000, help="distinct keys (default 30000)")
+    p.add_argument("--batch", type=positive, default=64, help="keys per batch (default 64)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--limit", default="8Mi", help="node 1's pool limit (default 8Mi)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_soak)

@@ -281,22 +281,17 @@ class RemoteDriver:
         """Fetch and stage the remote copies a get of `keys` is about to load.
 
         While this awaits, the pump may settle a zpage that was still in the outbox (its bytes
-        are then only on peers), so the keys are looked at again after each fetch, a few times,
-        until every remote copy they need is local."""
+        are then only on peers), and a holder may time out on a loaded machine, so the keys are
+        looked at again after each fetch, a few times, until every remote copy they need is
+        local: a page answers UNAVAILABLE only when every holder failed every round."""
         layer = self.layer
-        tried: set[int] = set()
         for _ in range(PREFETCH_ROUNDS):
             mine = [self.locate(loc) for loc in self.cache.evicted_locations(pool_id, keys) if loc]
             wanted = [
-                (loc, src)
-                for loc in mine
-                if loc and loc not in tried
-                for src in [layer.fetch_sources(loc)]
-                if src
+                (loc, src) for loc in mine if loc for src in [layer.fetch_sources(loc)] if src
             ]
             if not wanted:
                 return
-            tried.update(loc for loc, _ in wanted)
             for location, zpage in (await self._fetch_many(wanted)).items():
                 layer.stage(location, zpage)
 

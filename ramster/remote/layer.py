@@ -49,6 +49,8 @@ from ramster.zcache.codec import zpage_key
 from ramster.zcache.errors import CorruptPage, PageUnavailable
 from ramster.zcache.evictor import Evictor
 
+STAGED_LIMIT = 4096  # fetched copies kept for gets (about 6 MiB at a 3x ratio)
+
 
 class LocalDisk(Evictor, Protocol):
     """The local backing file, as the layer uses it for its own disk copies."""
@@ -344,7 +346,7 @@ class RamsterLayer:
             raise PageUnavailable(f"remote location {location} is unknown")
         if entry.zpage is not None:
             return entry.zpage
-        staged = self._staged.pop(location, None)
+        staged = self._staged.get(location)
         if staged is not None:
             return staged
         if entry.disk and self.local is not None:
@@ -517,9 +519,14 @@ class RamsterLayer:
         return [FetchSource(a, epoch, entry.pool_id, entry.oid, entry.index) for a, epoch in live]
 
     def stage(self, location: int, zpage: bytes) -> None:
-        """A fetched, verified copy for the get that is about to load `location`."""
+        """A fetched, verified copy for the get that is about to load `location`.  It stays
+        (bounded, oldest out first) until the location is forgotten, so a get that runs
+        concurrently with another of the same page, or one that could not bring it home,
+        finds it too."""
         if location in self.entries:
             self._staged[location] = zpage
+            while len(self._staged) > STAGED_LIMIT:  # the oldest copies go first
+                del self._staged[next(iter(self._staged))]
             self.stats.remote_gets += 1
 
     def damaged(self, location: int, address: str) -> None:

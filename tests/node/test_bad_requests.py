@@ -4,6 +4,7 @@
 # method of both services (INVALID_ARGUMENT, counted as such).
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -190,9 +191,14 @@ async def test_unparsable_requests_are_invalid_argument(
         labels["grpc_type"] = "bidi_stream"
     elif method.server_streaming:
         labels["grpc_type"] = "server_stream"
-    counted = value(
-        scrape(peer_node), "grpc_server_handled_total", grpc_code="InvalidArgument", **labels
-    )
+    # scraped from another thread: the node's event loop (this one) must run while it answers,
+    # and the call is counted just after its status went out
+    for _ in range(100):
+        text = await asyncio.to_thread(scrape, peer_node)
+        counted = value(text, "grpc_server_handled_total", grpc_code="InvalidArgument", **labels)
+        if counted:
+            break
+        await asyncio.sleep(0.05)
     assert counted == 1
 
 
