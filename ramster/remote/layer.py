@@ -49,6 +49,7 @@ from ramster.zcache.codec import zpage_key
 from ramster.zcache.errors import CorruptPage, PageUnavailable
 from ramster.zcache.evictor import Evictor
 
+NOBODY: frozenset[str] = frozenset()
 STAGED_LIMIT = 4096  # fetched copies kept for gets (about 6 MiB at a 3x ratio)
 
 
@@ -85,9 +86,9 @@ class Entry:
         self.oid, self.index = oid, index
         self.zpage = zpage
         self.holders: dict[str, int] = {}  # peer address -> epoch the copy was placed in
-        self.sending: set[str] = set()
-        self.tried: set[str] = set()
-        self.damaged: set[str] = set()  # holders whose copy failed verification
+        # peers a copy is in flight to, that refused one, whose copy failed verification: empty
+        # for nearly every entry, so they share one empty frozenset until they are not
+        self.sending = self.tried = self.damaged = NOBODY
         self.disk = 0  # location in the local backing file, 0 if none
         self.journaled = False  # its key is in the journal
 
@@ -425,7 +426,7 @@ class RamsterLayer:
                 if peer is None:
                     break
                 exclude.add(peer.address)
-                entry.sending.add(peer.address)
+                entry.sending |= {peer.address}
                 self.membership.debit(peer.address, len(entry.zpage))
                 plans.setdefault(peer.address, []).append((location, entry.pool_id, entry.zpage))
                 budget -= 1
@@ -448,7 +449,7 @@ class RamsterLayer:
             if self._needed(entry) > 0:  # placed again when a peer (re)appears
                 self._short.add(location)
             return True
-        entry.tried.clear()  # nothing took it: keep the bytes and try every peer again later
+        entry.tried = NOBODY  # nothing took it: keep the bytes and try every peer again later
         return False
 
     def _disk_copy(self, location: int, entry: Entry) -> None:
@@ -473,7 +474,7 @@ class RamsterLayer:
     def _settle(self, entry: Entry) -> None:
         if entry.zpage is not None:
             self._unbox(entry)
-        entry.tried.clear()
+        entry.tried = NOBODY
 
     def sent(self, plan: SendPlan, stored: list[bool]) -> None:
         """What the peer did with each zpage of `plan` (all False if the call failed)."""
@@ -486,18 +487,18 @@ class RamsterLayer:
                         (plan.epoch, pool_id, oid, index)
                     )
                 continue
-            entry.sending.discard(plan.address)
+            entry.sending = entry.sending - {plan.address} or NOBODY
             peer = self.membership.peers.get(plan.address)
             if ok and peer is not None and peer.epoch == plan.epoch:
                 entry.holders[plan.address] = plan.epoch
-                entry.damaged.discard(plan.address)
+                entry.damaged = entry.damaged - {plan.address} or NOBODY
                 self.by_peer.setdefault(plan.address, set()).add(location)
                 self.stats.remote_puts += 1
                 self._journal_key(location, entry)
                 if self.journal is not None:
                     self.journal.holder(location, plan.address)
             else:
-                entry.tried.add(plan.address)
+                entry.tried |= {plan.address}
                 self.stats.remote_refused += 1
             self._pending.append(location)  # take_sends settles it or places more copies
         self._commit()
@@ -534,7 +535,7 @@ class RamsterLayer:
         entry = self.entries.get(location)
         self.stats.damaged += 1
         if entry is not None and address in entry.holders:
-            entry.damaged.add(address)
+            entry.damaged |= {address}
 
     # -- flushes ----------------------------------------------------------------------------
     def take_flushes(self) -> dict[str, list[tuple[int, int, int, int]]]:
