@@ -66,7 +66,7 @@ from ramster.zcache.handles import (
     ZPAGE_TAG,
 )
 from ramster.zcache.index import PageIndex
-from ramster.zcache.rawframes import RawFrames
+from ramster.zcache.rawframes import RAW_ZPAGE, RawFrames
 from ramster.zcache.reaper import Reaper
 from ramster.zcache.samefill import SameFilledWords
 from ramster.zcache.zbud import Zbud
@@ -383,12 +383,18 @@ class ZCache:
 
     def store_zpages(self, pool_id: int, zpages: list[bytes]) -> list[PutResult]:
         """Store zpages that are already compressed (a peer's evicted pages), each under the key
-        its own header names.  A zpage that fails its checksum refuses the whole batch."""
+        its own header names.  A zpage that fails its checksum, or fits no frame (longer than a
+        frame and not a raw page), refuses the whole batch before anything changes."""
         pool = self.pool(pool_id)
         keys = []
         for zpage in zpages:
             if type(zpage) is not bytes or not 0 < zpage_length(zpage) == len(zpage):
                 raise InvalidPage("a zpage must be one intact zpage (header, payload, checksum)")
+            if PAGE_SIZE < len(zpage) != RAW_ZPAGE:
+                raise InvalidPage(
+                    f"a zpage of {len(zpage)} bytes fits no frame: at most {PAGE_SIZE} bytes, or "
+                    f"{RAW_ZPAGE} for a raw page"
+                )
             keys.append(zpage_key(zpage))
         for old in pool.index.pop_many(keys):
             if old:
@@ -397,7 +403,7 @@ class ZCache:
         handles: list[int] = []
         filed = 0
         for zpage in zpages:
-            raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
+            raw = len(zpage) == RAW_ZPAGE
             alloc: Allocator = pool.raw if raw else pool.zalloc
             handle, filed = self._alloc(pool, alloc, zpage, keys, handles, filed)
             handles.append(pool.tag_of(alloc) | handle if handle >= 0 else 0)

@@ -3,7 +3,9 @@
 # A raw zpage is the 18-byte header plus 4096 bytes of page, which fits neither a zbud half nor a
 # zsmalloc class.  Rather than a two-frame class that wastes half of it, the page fills one frame
 # and its header lives beside it in a list; raw pages are the exception (incompressible data under
-# an opt-in policy), so a Python object per page is affordable here and nowhere else.
+# an opt-in policy), so a Python object per page is affordable here and nowhere else.  alloc()
+# takes exactly that shape (RAW_ZPAGE bytes) and refuses any other with InvalidPage before it
+# takes a frame.
 from __future__ import annotations
 
 from array import array
@@ -12,7 +14,10 @@ from collections.abc import Callable, Iterator
 from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE
+from ramster.zcache.errors import InvalidPage
 from ramster.zcache.lru import LruList
+
+RAW_ZPAGE = HEADER_SIZE + PAGE_SIZE
 
 
 class RawFrames:
@@ -31,6 +36,8 @@ class RawFrames:
         self.frames = 0
 
     def alloc(self, zpage: bytes, tick: int) -> int:
+        if len(zpage) != RAW_ZPAGE:
+            raise InvalidPage(f"a raw zpage is {RAW_ZPAGE} bytes, got {len(zpage)}")
         frame = self.arena.alloc()
         if frame < 0:
             return -1

@@ -9,6 +9,9 @@
 #
 # Unlike the kernel, the per-frame header (chunk counts, list links) lives in arrays outside the
 # frame, so all 64 chunks hold data.  Handle = zbud id << 1 | side (0 = first, 1 = last).
+# As zbud_alloc refuses an object larger than a frame with -ENOSPC, alloc() refuses a zpage that
+# is empty or longer than a frame with InvalidPage before it touches any list or frame: written
+# as-is it would run into the neighbouring frame.
 from __future__ import annotations
 
 from array import array
@@ -17,6 +20,7 @@ from collections.abc import Callable, Iterator
 from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import PAGE_SIZE
+from ramster.zcache.errors import InvalidPage
 from ramster.zcache.lru import LruList
 
 CHUNK_SHIFT = 6
@@ -87,6 +91,8 @@ class Zbud:
     # -- allocator interface ----------------------------------------------------------------
     def alloc(self, zpage: bytes, tick: int) -> int:
         size = len(zpage)
+        if not 0 < size <= PAGE_SIZE:
+            raise InvalidPage(f"zbud stores zpages of 1 to {PAGE_SIZE} bytes, got {size}")
         chunks = (size + CHUNK_SIZE - 1) >> CHUNK_SHIFT
         zid = self._find_fit(chunks)
         if zid:

@@ -29,6 +29,9 @@
 # Zspages are the reclaimable unit: they carry the LRU position, and reclaim evicts every zpage
 # of the least recent zspage to give back all its frames.  Handle = zspage id << 8 | slot.
 #
+# alloc() refuses a zpage that is empty or longer than a frame (the largest class) with
+# InvalidPage before it takes a zspage: there is no class to put it in.
+#
 # Trade-off against zbud: near-perfect density, but reclaiming one zspage evicts many zpages.
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from collections.abc import Callable, Iterator
 from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import PAGE_SIZE
+from ramster.zcache.errors import InvalidPage
 from ramster.zcache.lru import LruList
 
 CLASS_STEP = 16
@@ -206,6 +210,8 @@ class Zsmalloc:
     # -- allocator interface ----------------------------------------------------------------
     def alloc(self, zpage: bytes, tick: int) -> int:
         length = len(zpage)
+        if not 0 < length <= PAGE_SIZE:
+            raise InvalidPage(f"zsmalloc stores zpages of 1 to {PAGE_SIZE} bytes, got {length}")
         c = _STEP_CLASS[
             0 if length <= MIN_SIZE else (length - MIN_SIZE + CLASS_STEP - 1) // CLASS_STEP
         ]
