@@ -26,13 +26,13 @@
 # one running a request finishes it, answers requests it had already received with ESHUTDOWN and
 # closes; whatever is still running after `grace` seconds is cancelled.
 #
-# No TLS yet: a non-loopback --nbd-listen is refused at start, since block devices in clear text
-# on a network would hand every page to anyone on the path.
+# NBD has no TLS: protected mode (node/tls.py) refuses a non-loopback --nbd-listen at start
+# unless --insecure, since block devices in clear text would hand every page to anyone on the
+# path.
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -78,20 +78,6 @@ def block_keys(first: int, stop: int) -> list[Key]:
     return [(b >> OID_BITS, b & INDEX_MASK) for b in range(first, stop)]
 
 
-def check_listen(where: HostPort) -> None:
-    """Refuse an address other hosts could reach: there is no TLS on the NBD port yet."""
-    host = where.host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(
-            f"--nbd-listen {where}: NBD is served on loopback addresses only (127.0.0.1, ::1) "
-            "until the node has TLS; pages would cross the network in clear text"
-        )
-
-
 @dataclass
 class ServedExport:
     export: Export
@@ -109,7 +95,6 @@ class NbdServer:
         ensure_pool: Callable[[str], int],
         metrics: NbdMetrics,
     ) -> None:
-        check_listen(listen)
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
         self.listen = listen

@@ -6,14 +6,23 @@
 # timeout, never a hang.  zpages travel as one blob plus a packed list of sizes.  A malformed
 # request (sizes that do not add up, mismatched key lists) is INVALID_ARGUMENT; damaged zpages
 # inside a well-formed request are simply not stored, and the owner places them elsewhere.
+#
+# Identity (with TLS): the peer listener is mTLS, and PeerAuthInterceptor, the innermost
+# interceptor of that listener, admits a call only if the caller's CA-signed certificate names a
+# node (ramster/certs.py: spiffe://ramster/node/<id>; a client certificate is refused) and that
+# node is the one the request claims (its owner or sender), else PERMISSION_DENIED before any
+# handler runs: a node cannot speak for another.  It wraps every method of the service, so a
+# method added later is covered too, and a request that names no node is refused.  The
+# transport dials with the node's own certificate when `credentials` is set.
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
+from ramster.certs import NODE, member_of_pem
 from ramster.client.wire import (
     CHANNEL_OPTIONS,
     INDEX_LIMIT,
@@ -143,19 +152,79 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         return await self._run(context, flush)
 
 
+def claimed_node(request: Any) -> str | None:
+    """The node id a peer request speaks for: its `owner` or `sender`."""
+    for name in ("owner", "sender"):
+        if name in request.DESCRIPTOR.fields_by_name:
+            return str(getattr(request, name).node_id)
+    return None
+
+
+class PeerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """On the mTLS peer listener: a call is admitted only from the node it claims to be."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:  # Peer has no request streams
+            return handler
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                await admit(request, context)
+                async for reply in inner_stream(request, context):
+                    yield reply
+
+            return handler._replace(unary_stream=stream)
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: Any) -> Any:
+            await admit(request, context)
+            return await inner(request, context)
+
+        return handler._replace(unary_unary=unary)
+
+
+async def admit(request: Any, context: grpc.aio.ServicerContext) -> None:
+    """PERMISSION_DENIED unless the caller's certificate names the node the request claims."""
+    pems = context.auth_context().get("x509_pem_cert") or [b""]
+    member = member_of_pem(bytes(next(iter(pems))))
+    if member is None or member.role != NODE:
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "the peer API admits node certificates of this cluster only",
+        )
+        raise AssertionError  # abort() raises; this only tells the type checker
+    claimed = claimed_node(request)
+    if claimed != member.name:
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"the certificate of node {member.name!r} cannot speak for node {claimed!r}",
+        )
+
+
 class GrpcTransport:
     """The driver's Transport over ramster.v1.Peer, with a deadline on every call."""
 
     def __init__(self, identity: Identity, timeout: float = 1.0) -> None:
         self.identity = identity
         self.timeout = timeout
+        self.credentials: grpc.ChannelCredentials | None = None  # mTLS: set before the start
         self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def _stub(self, address: str) -> peer_pb2_grpc.PeerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = (
+                grpc.aio.secure_channel(address, self.credentials, options=CHANNEL_OPTIONS)
+                if self.credentials
+                else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            )
             self._channels.append(channel)
             stub = self._stubs[address] = peer_pb2_grpc.PeerStub(channel)  # type: ignore[no-untyped-call]
         return stub

@@ -1,8 +1,15 @@
-# One node's lifecycle: start (engine, gRPC server, health, reflection, metrics), serve until a
+# One node's lifecycle: start (engine, gRPC servers, health, reflection, metrics), serve until a
 # signal, drain, stop.
 #
-# With peers configured the node also serves ramster.v1.Peer, and its engine's evictor is the
-# chain [ramster layer, backing file]; without, the backing file alone (data_dir/backing.dat,
+# Two gRPC listeners, as etcd has: the client API on --listen (ramster.v1.Tmem, health, and
+# reflection listing only those), and, with peers configured, the peer API on --peer-listen
+# (ramster.v1.Peer and health; node/settings.py's peer_address() gives the default), each a
+# grpc.aio server of its own, so no client ever reaches a peer method and the peer port can sit
+# on another network.  With --tls-* (node/tls.py) the client listener serves TLS and the peer
+# listener mTLS, whose calls PeerAuthInterceptor checks against the caller's node certificate;
+# the node dials its peers with that same certificate.  Protected mode is checked before
+# anything is opened.  With peers the engine's evictor is the chain [ramster layer, backing
+# file]; without, the backing file alone (data_dir/backing.dat,
 # whose written-back pages a restart finds again).  With --nbd-listen it serves NBD exports
 # (node/nbd.py) from the same engine: started after the engine, stopped first.
 #
@@ -44,11 +51,12 @@ from node.logs import log_event
 from node.loopwatch import LoopWatch
 from node.metrics import NodeMetrics
 from node.nbd import NbdServer, serve_nbd
-from node.peering import PEER_SERVICE
+from node.peering import PEER_SERVICE, PeerAuthInterceptor
 from node.pools import PoolRegistry, PoolRegistryError, Pools
 from node.servicer import TmemServicer
-from node.settings import HostPort, Settings
+from node.settings import HostPort, Settings, peer_address
 from node.snapshot import take_snapshot
+from node.tls import NodeTls, check_protected, load_tls
 from ramster import __version__
 from ramster.client.wire import CHANNEL_OPTIONS
 from ramster.remote.journal import JournalError
@@ -69,6 +77,7 @@ class Node:
         self.settings = settings
         self.gate = Gate()
         self.port = 0
+        self.peer_port: int | None = None
         self.metrics_port: int | None = None
         self.engine: ZCache | None = None
         self.backing: BackingFile | None = None
@@ -76,9 +85,10 @@ class Node:
         self.registry: PoolRegistry | None = None
         self.pools: Pools | None = None
         self._nbd: NbdServer | None = None
-        self._server: grpc.aio.Server | None = None
+        self._servers: list[grpc.aio.Server] = []
         self._metrics: NodeMetrics | None = None
         self._health = health.aio.HealthServicer()
+        self._peer_health = health.aio.HealthServicer()
         self._watch: LoopWatch | None = None
         self._stopped = asyncio.Event()
 
@@ -86,9 +96,49 @@ class Node:
     def target(self) -> str:
         return str(HostPort(self.settings.listen.host, self.port))
 
+    @property
+    def peer_target(self) -> str:
+        return str(HostPort(peer_address(self.settings).host, self.peer_port or 0))
+
+    def _grpc_server(self, *interceptors: grpc.aio.ServerInterceptor) -> grpc.aio.Server:
+        assert self._metrics is not None
+        server = grpc.aio.server(
+            # one RpcInterceptor per server: it caches handlers by method name, and both
+            # servers have grpc.health.v1.Health/Check
+            interceptors=[RpcInterceptor(self.gate, self._metrics.grpc), *interceptors],
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],  # a second node on a port fails
+        )
+        self._servers.append(server)
+        return server
+
+    @staticmethod
+    def _bind(
+        server: grpc.aio.Server,
+        flag: str,
+        where: HostPort,
+        credentials: grpc.ServerCredentials | None,
+    ) -> int:
+        try:
+            port = (
+                server.add_secure_port(str(where), credentials)
+                if credentials
+                else server.add_insecure_port(str(where))
+            )
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {flag} {where}: {exc}") from None
+        if not port:
+            raise StartupError(f"cannot listen on {flag} {where}: address in use or unavailable")
+        return int(port)
+
     async def start(self) -> None:
         s = self.settings
         started = time.monotonic()
+        try:
+            tls = load_tls(s)
+            peer_at = peer_address(s) if s.peers else None
+            check_protected(s, tls, peer_at)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         try:
             claim_data_dir(s.data_dir, s.node_id)
             registry = self.registry = PoolRegistry(s.data_dir)
@@ -111,10 +161,7 @@ class Node:
             )
         metrics = self._metrics = NodeMetrics(lambda: take_snapshot(engine), __version__, s.node_id)
         metrics.registry.register(BackingCollector(backing))
-        server = self._server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.gate, metrics.grpc)],
-            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],  # a second node on a port fails
-        )
+        server = self._grpc_server()
         servicer = TmemServicer(
             engine,
             self.pools,
@@ -125,18 +172,11 @@ class Node:
         tmem_pb2_grpc.add_TmemServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = [TMEM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        if remote:
-            self.gate.always.add(PEER_SERVICE)
-            peer_pb2_grpc.add_PeerServicer_to_server(remote.servicer, server)  # type: ignore[no-untyped-call]
-            metrics.registry.register(remote)
-            services.append(PEER_SERVICE)
         reflection.enable_server_reflection(services, server)
-        try:
-            self.port = server.add_insecure_port(str(s.listen))
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {s.listen}: {exc}") from None
-        if not self.port:
-            raise StartupError(f"cannot listen on {s.listen}: address in use or unavailable")
+        client_credentials = tls.server_credentials(tls.client_auth) if tls else None
+        self.port = self._bind(server, "--listen", s.listen, client_credentials)
+        if remote and peer_at:
+            self._serve_peers(remote, peer_at, tls)
         if s.metrics_listen:
             try:
                 self.metrics_port = metrics.serve(s.metrics_listen)
@@ -144,7 +184,8 @@ class Node:
                 raise StartupError(
                     f"cannot serve metrics on {s.metrics_listen}: {exc.strerror or exc}"
                 ) from None
-        await server.start()
+        for grpc_server in self._servers:
+            await grpc_server.start()
         if remote:
             await remote.start(engine)
         prefetch = remote.prefetch if remote else None
@@ -152,16 +193,20 @@ class Node:
             self._nbd = await serve_nbd(s, engine, self.pools, prefetch, metrics.nbd)
         except (OSError, ValueError) as exc:
             raise StartupError(str(exc)) from None
-        for service in ("", TMEM_SERVICE, *([PEER_SERVICE] if remote else [])):
+        for service in ("", TMEM_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        for service in ("", PEER_SERVICE):
+            await self._peer_health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._watch = LoopWatch(metrics.loop_lag.observe)
         self._watch.start()
         if s.port_file:
-            write_port_file(s.port_file, self.port, self.metrics_port)
+            write_port_file(s.port_file, self.port, self.peer_port, self.metrics_port)
         log_event(
             "listening",
             port=self.port,
+            peer_port=self.peer_port,
             metrics_port=self.metrics_port,
+            tls=tls is not None,
             host=s.listen.host,
             node_id=s.node_id,
             pool_limit_bytes=engine.arena.capacity * PAGE_SIZE,
@@ -171,6 +216,20 @@ class Node:
             pages_recovered=engine.stored_pages,
             start_seconds=round(time.monotonic() - started, 3),
         )
+
+    def _serve_peers(self, remote: RemoteSide, where: HostPort, tls: NodeTls | None) -> None:
+        """The peer listener: ramster.v1.Peer and health, mTLS with an identity check per call
+        when TLS is configured; the transport then dials peers with this node's certificate."""
+        server = self._grpc_server(*([PeerAuthInterceptor()] if tls else []))
+        self.gate.always.add(PEER_SERVICE)
+        peer_pb2_grpc.add_PeerServicer_to_server(remote.servicer, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self._peer_health, server)
+        assert self._metrics is not None
+        self._metrics.registry.register(remote)
+        credentials = tls.server_credentials(require_client_cert=True) if tls else None
+        self.peer_port = self._bind(server, "--peer-listen", where, credentials)
+        if tls:
+            remote.transport.credentials = tls.channel_credentials()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; safe to call more than once."""
@@ -184,13 +243,15 @@ class Node:
             await self._nbd.stop(grace)
         self.gate.draining = True
         await self._health.enter_graceful_shutdown()
+        await self._peer_health.enter_graceful_shutdown()
         if self.remote:  # owners copy what we hold elsewhere while we still serve it
             await self.remote.leave(timeout=grace)
         # new calls meet the gate (UNAVAILABLE) until the running ones are done; only then does
         # the server stop, which would cancel late arrivals instead
         await self.gate.idle(max(0.0, deadline - time.monotonic()))
-        if self._server:
-            await self._server.stop(max(0.0, deadline - time.monotonic()))
+        await asyncio.gather(
+            *(server.stop(max(0.0, deadline - time.monotonic())) for server in self._servers)
+        )
         if self._watch:
             await self._watch.stop()
         if self._metrics:
@@ -241,8 +302,9 @@ def claim_data_dir(data_dir: Path, node_id: str) -> None:
         )
 
 
-def write_port_file(path: Path, port: int, metrics_port: int | None) -> None:
+def write_port_file(path: Path, port: int, peer_port: int | None, metrics_port: int | None) -> None:
     """Write the bound ports atomically, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))
+    ports = {"port": port, "peer_port": peer_port, "metrics_port": metrics_port}
+    tmp.write_text(json.dumps(ports))
     os.replace(tmp, path)

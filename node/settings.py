@@ -115,6 +115,13 @@ def parse_optional_path(text: str) -> Path | None:
     return parse_path(text) if str(text) else None
 
 
+def parse_switch(text: str | bool) -> bool:
+    value = str(text).strip().lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value in ("1", "true", "yes", "on")
+
+
 def parse_name(text: str) -> str:
     if not str(text).strip():
         raise ValueError("expected a non-empty name")
@@ -138,11 +145,16 @@ def parse_nbd_exports(text: str | list[str]) -> tuple[Export, ...]:
 
 
 def meta(
-    parse: Callable[[Any], Any], help: str, metavar: str, repeat: bool = False
+    parse: Callable[[Any], Any],
+    help: str,
+    metavar: str,
+    repeat: bool = False,
+    switch: bool = False,
 ) -> dict[str, Any]:
     """Field metadata of a setting: how its text is parsed and how --help shows it; a
-    `repeat` flag may be given more than once (its parser gets the list)."""
-    return {"parse": parse, "help": help, "metavar": metavar, "repeat": repeat}
+    `repeat` flag may be given more than once (its parser gets the list); a `switch` flag
+    takes no value (its presence means "true"; the environment and TOML say true or false)."""
+    return {"parse": parse, "help": help, "metavar": metavar, "repeat": repeat, "switch": switch}
 
 
 @dataclass(frozen=True)
@@ -195,12 +207,21 @@ class Settings:
             parse_seconds, "seconds that in-flight RPCs get to finish on SIGTERM/SIGINT", "SECONDS"
         ),
     )
+    peer_listen: HostPort | None = field(
+        default=None,
+        metadata=meta(
+            parse_optional_hostport,
+            "address of the peer API (ramster.v1.Peer), served only with --peers; default: the "
+            "--listen host and its port + 1000 (7070: 8070; port 0: a free port)",
+            "HOST:PORT",
+        ),
+    )
     peers: tuple[HostPort, ...] = field(
         default=(),
         metadata=meta(
             parse_peers,
-            "peer nodes, comma-separated; the same list on every node works (a node skips "
-            "itself); empty: a single node",
+            "peer nodes' --peer-listen addresses, comma-separated; the same list on every node "
+            "works (a node skips itself); empty: a single node",
             "HOST:PORT,...",
         ),
     )
@@ -246,7 +267,7 @@ class Settings:
         default=None,
         metadata=meta(
             parse_optional_path,
-            'write {"port": N, "metrics_port": M} to this file once listening',
+            'write {"port": N, "peer_port": P, "metrics_port": M} to this file once listening',
             "PATH",
         ),
     )
@@ -254,9 +275,49 @@ class Settings:
         default=None,
         metadata=meta(
             parse_optional_hostport,
-            "NBD (block device) address, loopback only until the node has TLS; port 0 picks a "
-            "free port (logged); empty: no NBD",
+            "NBD (block device) address; NBD has no TLS, so only loopback unless --insecure; "
+            "port 0 picks a free port (logged); empty: no NBD",
             "HOST:PORT",
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=meta(
+            parse_optional_path,
+            "this node's certificate (PEM; `ramster certs` makes one): TLS on the client "
+            "listener, mTLS on the peer listener, and what the node shows its peers",
+            "PATH",
+        ),
+    )
+    tls_key: Path | None = field(
+        default=None,
+        metadata=meta(parse_optional_path, "the private key of --tls-cert (PEM)", "PATH"),
+    )
+    tls_ca: Path | None = field(
+        default=None,
+        metadata=meta(
+            parse_optional_path,
+            "the cluster CA (PEM): peers (and, with --tls-client-auth, clients) must show a "
+            "certificate it signed",
+            "PATH",
+        ),
+    )
+    tls_client_auth: bool = field(
+        default=False,
+        metadata=meta(
+            parse_switch,
+            "clients too must show a certificate signed by --tls-ca",
+            "",
+            switch=True,
+        ),
+    )
+    insecure: bool = field(
+        default=False,
+        metadata=meta(
+            parse_switch,
+            "allow listening on non-loopback addresses without TLS (protected mode is off)",
+            "",
+            switch=True,
         ),
     )
     nbd_export: tuple[Export, ...] = field(
@@ -269,6 +330,17 @@ class Settings:
             repeat=True,
         ),
     )
+
+
+def peer_address(settings: Settings) -> HostPort:
+    """Where the peer API listens: --peer-listen, else the --listen host at port + 1000."""
+    if settings.peer_listen is not None:
+        return settings.peer_listen
+    listen = settings.listen
+    port = listen.port + 1000 if listen.port else 0
+    if port > 65535:
+        raise ValueError(f"--listen {listen} leaves no default peer port: set --peer-listen")
+    return HostPort(listen.host, port)
 
 
 def env_name(name: str) -> str:
@@ -288,6 +360,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for f in fields(Settings):
         shown = "" if f.default is MISSING else f"; default {f.default or 'none'}"
+        if f.metadata["switch"]:
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                action="store_const",
+                const="true",
+                help=f"{f.metadata['help']} [env {env_name(f.name)}=true]",
+            )
+            continue
         parser.add_argument(
             _flag(f.name),
             dest=f.name,

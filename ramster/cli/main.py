@@ -7,10 +7,10 @@ import sys
 from collections.abc import Callable
 
 from ramster import __version__
-from ramster.cli import bench, demo, nbd, pages, pools, status
+from ramster.cli import bench, certs, demo, nbd, pages, pools, status
 from ramster.cli.errors import CliError
 
-COMMANDS = [demo, pages, pools, status, nbd, bench]
+COMMANDS = [demo, pages, pools, status, nbd, certs, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

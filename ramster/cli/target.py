@@ -1,4 +1,5 @@
-# What every node command shares: the --target/--timeout flags, the key flags (checked against
+# What every node command shares: the --target/--timeout flags, the TLS flags (--tls-ca, and
+# --tls-cert/--tls-key for a node that wants client certificates), the key flags (checked against
 # the ranges a node serves, so a key out of range is a usage error before any call), and a client
 # whose failures become one-line CliErrors that name the node ("127.0.0.1:7070: UNAVAILABLE: ...").
 from __future__ import annotations
@@ -51,9 +52,26 @@ def seconds(text: str) -> float:
     return value
 
 
+def add_tls(parser: argparse.ArgumentParser, again: bool = False) -> None:
+    """--tls-ca, --tls-cert and --tls-key (see add_target for `again`)."""
+    for flag, help in (
+        ("--tls-ca", "the cluster CA (PEM): talk TLS and trust nodes it signed"),
+        ("--tls-cert", "client certificate (PEM), for a node run with --tls-client-auth"),
+        ("--tls-key", "the key of --tls-cert (PEM)"),
+    ):
+        default = argparse.SUPPRESS if again else None
+        parser.add_argument(flag, default=default, metavar="PATH", help=help)
+
+
+def tls_of(args: argparse.Namespace) -> dict[str, str | None]:
+    """The TLS keyword arguments of Client/AsyncClient from the flags."""
+    return {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+
+
 def add_target(parser: argparse.ArgumentParser, timeout: float = 10.0, again: bool = False) -> None:
-    """--target and --timeout.  `again` is for a sub-action of a command that has them already:
-    there they default to nothing, so the command-level values stand unless given."""
+    """--target, --timeout and the TLS flags.  `again` is for a sub-action of a command that has
+    them already: there they default to nothing, so the command-level values stand unless
+    given."""
     parser.add_argument(
         "--target",
         type=hostport,
@@ -68,6 +86,7 @@ def add_target(parser: argparse.ArgumentParser, timeout: float = 10.0, again: bo
         metavar="S",
         help=f"deadline of each call in seconds (default {timeout:g})",
     )
+    add_tls(parser, again)
 
 
 def add_key(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +98,7 @@ def add_key(parser: argparse.ArgumentParser) -> None:
 def connect(args: argparse.Namespace) -> Iterator[Client]:
     """A client of --target; any RamsterError inside becomes a CliError naming the target."""
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, **tls_of(args)) as client:
             yield client
     except RamsterError as exc:
         raise CliError(f"{args.target}: {exc}") from None

@@ -1,8 +1,9 @@
 # AsyncClient: the asyncio client of one node (grpc.aio), and Stream, its pipelined batch session.
 #
-# Every unary call carries a deadline (the client's `timeout` unless the call gives one) and
-# raises RamsterError subclasses, never grpc.RpcError.  Batches take keys as (oid, index) pairs
-# or a KeyRange; put_many/get_many cut any number of consecutive pages into maximal batches.
+# Over TLS when given the cluster CA (ramster/client/tls.py).  Every unary call carries a
+# deadline (the client's `timeout` unless the call gives one) and raises RamsterError
+# subclasses, never grpc.RpcError.  Batches take keys as (oid, index) pairs or a KeyRange;
+# put_many/get_many cut any number of consecutive pages into maximal batches.
 #
 # A Stream keeps one bidirectional RPC open: put_batch()/get_batch() send a request and return a
 # future of its reply at once, so a caller keeps several batches in flight and the node never
@@ -39,7 +40,8 @@ from ramster.client.messages import (
     key,
     put_batch_request,
 )
-from ramster.client.wire import CHANNEL_OPTIONS, Outcome
+from ramster.client.tls import PathLike, open_channel
+from ramster.client.wire import Outcome
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
 
@@ -71,10 +73,20 @@ async def _rpc(call: Awaitable[T]) -> T:
 
 
 class AsyncClient:
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+    ) -> None:
+        """A client of the node at `target`; with `tls_ca` (the cluster CA) over TLS, with
+        `tls_cert`/`tls_key` showing a client certificate too."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(target, tls_ca, tls_cert, tls_key)
         self._tmem = tmem_pb2_grpc.TmemStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

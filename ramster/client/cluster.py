@@ -1,15 +1,20 @@
 # LocalCluster: several nodes as subprocesses on loopback that know each other, for the demo,
 # cluster tests and `ramster bench cluster`.  Ports are picked free up front (peers must be
-# named before anyone starts); each node gets its own node id, data directory and log.
+# named before anyone starts): a client port and a peer port per node, the peer list naming the
+# peer ports; each node gets its own node id, data directory and log.  With tls=True a fresh
+# CA and node certificates (ramster/certs.py) go to a temporary directory: peers speak mTLS,
+# clients TLS (LocalNode.client() knows the CA), exactly as a deployed cluster would.
 from __future__ import annotations
 
 import socket
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+from ramster.certs import make_bundle
 from ramster.client.errors import Unavailable
 from ramster.client.local import LocalNode
-from ramster.client.sync import Client
 
 
 def free_ports(count: int) -> list[int]:
@@ -33,23 +38,37 @@ class LocalCluster:
         common: Sequence[str] = (),
         per_node: Sequence[Sequence[str]] = (),
         metrics: bool = True,
+        tls: bool = False,
     ) -> None:
-        self.ports = free_ports(size)
-        peers = ",".join(f"127.0.0.1:{p}" for p in self.ports)
-        self.nodes = [
-            LocalNode(
+        ports = free_ports(2 * size)
+        self.ports, self.peer_ports = ports[:size], ports[size:]
+        peers = ",".join(f"127.0.0.1:{p}" for p in self.peer_ports)
+        names = [f"node{i + 1}" for i in range(size)]
+        self._certs = tempfile.TemporaryDirectory(prefix="ramster-certs-") if tls else None
+        bundle = make_bundle(Path(self._certs.name), names) if self._certs else None
+        self.nodes = []
+        for i, name in enumerate(names):
+            tls_args = []
+            if bundle:
+                cert, key = bundle.nodes[name]
+                tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+                tls_args += ["--tls-ca", str(bundle.ca)]
+            node = LocalNode(
                 "--listen",
-                f"127.0.0.1:{port}",
+                f"127.0.0.1:{self.ports[i]}",
+                "--peer-listen",
+                f"127.0.0.1:{self.peer_ports[i]}",
                 "--node-id",
-                f"node{i + 1}",
+                name,
                 "--peers",
                 peers,
+                *tls_args,
                 *common,
                 *(per_node[i] if i < len(per_node) else ()),
                 metrics=metrics,
+                tls_ca=bundle.ca if bundle else None,
             )
-            for i, port in enumerate(self.ports)
-        ]
+            self.nodes.append(node)
 
     @property
     def targets(self) -> list[str]:
@@ -66,7 +85,7 @@ class LocalCluster:
         running = [n for n in (nodes or self.nodes) if n.process and n.process.poll() is None]
         deadline = time.monotonic() + timeout
         for node in running:
-            with Client(node.target, timeout=5) as client:
+            with node.client(timeout=5) as client:
                 while True:
                     try:  # a node just restarted may be refused for a moment (channel backoff)
                         stats = client.stats()
@@ -89,3 +108,5 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         for node in self.nodes:
             node.__exit__()
+        if self._certs:
+            self._certs.cleanup()

@@ -1,7 +1,9 @@
 # LocalNode: a node in a subprocess (`python -m node`) on free loopback ports, for tests,
 # benchmarks and `ramster bench node` without --target.  It waits for the node's --port-file
 # (written only once the node listens), so callers never race the startup; its stderr log goes to
-# a file in the node's own temporary directory, readable with log().
+# a file in the node's own temporary directory, readable with log().  `tls_ca` is the CA its
+# clients need when the node serves TLS (client() uses it); the port file also names the peer
+# port when the node has peers.
 from __future__ import annotations
 
 import json
@@ -14,10 +16,17 @@ import time
 from pathlib import Path
 
 from ramster.client.errors import Unavailable
+from ramster.client.sync import Client
 
 
 class LocalNode:
-    def __init__(self, *args: str, data_dir: Path | None = None, metrics: bool = True) -> None:
+    def __init__(
+        self,
+        *args: str,
+        data_dir: Path | None = None,
+        metrics: bool = True,
+        tls_ca: Path | None = None,
+    ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="ramster-node-")
         root = Path(self._tmp.name)
         self.data_dir = data_dir or root / "data"
@@ -34,13 +43,19 @@ class LocalNode:
             str(self.data_dir),
             *args,
         ]
+        self.tls_ca = tls_ca
         self.port = 0
+        self.peer_port: int | None = None
         self.metrics_port: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def client(self, timeout: float = 30.0) -> Client:
+        """A blocking client of the node (over TLS when the node serves it)."""
+        return Client(self.target, timeout=timeout, tls_ca=self.tls_ca)
 
     def start(self, timeout: float = 60.0) -> LocalNode:
         """Start the node (again, after a stop or kill: same arguments, same data directory)."""
@@ -62,6 +77,7 @@ class LocalNode:
             time.sleep(0.05)
         ports = json.loads(self.port_file.read_text())
         self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+        self.peer_port = ports["peer_port"]
         return self
 
     def send_signal(self, sig: int) -> None:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from ramster.client.aio import DEFAULT_TIMEOUT, AsyncClient, PoolInfo
 from ramster.client.messages import GetResult, Keys
+from ramster.client.tls import PathLike
 from ramster.client.wire import Outcome
 from ramster.v1 import tmem_pb2 as pb
 
@@ -17,13 +18,26 @@ T = TypeVar("T")
 
 
 class Client:
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
-        self._aio = self._run(self._open(target, timeout))
+        tls = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+        try:
+            self._aio = self._run(self._open(target, timeout, tls))
+        except BaseException:
+            self._loop.close()
+            raise
 
     @staticmethod
-    async def _open(target: str, timeout: float) -> AsyncClient:
-        return AsyncClient(target, timeout=timeout)  # the channel binds to the running loop
+    async def _open(target: str, timeout: float, tls: dict[str, PathLike | None]) -> AsyncClient:
+        return AsyncClient(target, timeout=timeout, **tls)  # the channel binds to the running loop
 
     def _run(self, call: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(call)

@@ -184,10 +184,10 @@ async def test_corrupting_peer_is_detected_and_another_replica_serves(
     server.add_insecure_port(f"127.0.0.1:{liar_port}")
     await server.start()
     good = LocalNode(
-        "--listen", f"127.0.0.1:{good_port}", "--node-id", "good", "--peers", peers, *FAST
+        "--peer-listen", f"127.0.0.1:{good_port}", "--node-id", "good", "--peers", peers, *FAST
     )
     owner = LocalNode(
-        "--listen",
+        "--peer-listen",
         f"127.0.0.1:{owner_port}",
         "--node-id",
         "owner",

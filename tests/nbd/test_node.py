@@ -41,7 +41,7 @@ def copy_in_and_out(uri: str, data: bytes, tmp_path: Path) -> bytes:
     ("args", "error"),
     [
         (["--nbd-listen", "0.0.0.0:0", "--nbd-export", "a:1Mi"], "loopback addresses only"),
-        (["--nbd-listen", "192.0.2.1:10809", "--nbd-export", "a:1Mi"], "until the node has TLS"),
+        (["--nbd-listen", "192.0.2.1:10809", "--nbd-export", "a:1Mi"], "unless --insecure"),
         (["--nbd-export", "a:1Mi"], "--nbd-export needs --nbd-listen"),
         (["--nbd-listen", "127.0.0.1:0"], "needs at least one --nbd-export"),
     ],

@@ -109,7 +109,7 @@ async def test_keys_out_of_range_are_invalid_on_every_tmem_rpc(
 async def test_peer_keys_out_of_range_are_refused(peer_node: Node) -> None:
     owner = peer_pb2.Owner(node_id="owner", incarnation="one")
     zpage = make_zpage(1, 5, compress(PAGE))
-    async with grpc.aio.insecure_channel(peer_node.target) as channel:
+    async with grpc.aio.insecure_channel(peer_node.peer_target) as channel:
         stub = peer_pb2_grpc.PeerStub(channel)  # type: ignore[no-untyped-call]
         put = peer_pb2.PutZpagesRequest(
             owner=owner, epoch=1, pool_id=0, zpages=zpage, sizes=[len(zpage)]
@@ -174,7 +174,8 @@ GARBAGE = b"\xff\xff\xff\xff\xff\xff"  # a field tag whose varint never ends
 async def test_unparsable_requests_are_invalid_argument(
     peer_node: Node, path: str, method: Any
 ) -> None:
-    async with grpc.aio.insecure_channel(peer_node.target) as channel:
+    target = peer_node.peer_target if path.startswith("/ramster.v1.Peer/") else peer_node.target
+    async with grpc.aio.insecure_channel(target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             if method.client_streaming:
                 call = channel.stream_stream(path)(iter([GARBAGE]))
