@@ -1,0 +1,164 @@
+# A state machine for the ramster layer on the in-memory network: owner "a" spills to holders
+# b, c, d with two replicas, while holders die, come back, freeze, thaw, restart empty and start
+# leaving, one fault at a time (the second waits until the first is repaired, as an operator
+# would), and the owner itself is killed or stopped and restarted on its data directory.  Between
+# faults the client puts, reads and flushes.  After every step: no get returns wrong bytes, no
+# persistent page is lost while a copy of it exists, the layer's tables agree with each other;
+# after a repair, every page is back at its replica count.
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from ramster.bench.corpus import load_corpus
+from ramster.remote import RemoteConfig
+from ramster.zcache import PageError, PageUnavailable
+from ramster.zcache.codec import compress
+from tests.conftest import DATA
+from tests.remote.memnet import MemNetwork
+
+PAGES = [p for p in load_corpus(DATA / "sample.pages") if len(compress(p)) < 3000]
+HOLDERS = ["b", "c", "d"]
+KEYS = 240
+
+
+class LayerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.tmp = tempfile.TemporaryDirectory(prefix="layer-model-")
+        config = RemoteConfig(heartbeat_interval=1.0, down_after=3.0, send_batch=32)
+        self.net = MemNetwork(Path(self.tmp.name), ["a", *HOLDERS], 12, 2000, config)
+        self.run(self.net.settle(2))
+        self.pool = self.net.live_pool("a")[1]
+        self.model: dict[int, bytes] = {}
+        self.version = 0
+        self.fault: str | None = None  # the holder currently failed, if any
+
+    def run(self, coro: object) -> object:
+        return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
+
+    def teardown(self) -> None:
+        self.loop.close()
+        self.tmp.cleanup()
+
+    @property
+    def a(self):  # type: ignore[no-untyped-def]
+        return self.net.nodes["a"]
+
+    # -- client operations ------------------------------------------------------------------
+    @rule(start=st.integers(0, KEYS - 1), count=st.integers(1, 40))
+    def put(self, start: int, count: int) -> None:
+        indexes = [(start + i) % KEYS for i in range(count)]
+        pages = []
+        for i in indexes:
+            self.version += 1
+            base = PAGES[(i + self.version) % len(PAGES)]
+            pages.append(self.version.to_bytes(8, "little") + base[8:])
+        results = self.a.cache.put_batch(self.pool, [(1, i) for i in indexes], pages)
+        for i, page, result in zip(indexes, pages, results, strict=True):
+            assert not result.refused
+            self.model[i] = page
+        self.run(self.net.settle(1))
+
+    @rule(start=st.integers(0, KEYS - 1), count=st.integers(1, 60))
+    def get(self, start: int, count: int) -> None:
+        keys = [(1, (start + i) % KEYS) for i in range(count)]
+        self.run(self.a.driver.prefetch(self.pool, keys))
+        got = self.a.cache.get_batch(self.pool, keys)
+        for (_, i), page in zip(keys, got, strict=True):
+            if isinstance(page, PageUnavailable):
+                assert self.fault is not None, f"page {i} unavailable with every peer healthy"
+            elif isinstance(page, PageError):
+                raise AssertionError(f"page {i}: {page!r}")
+            else:
+                assert page == self.model.get(i), f"page {i} came back wrong"
+
+    @rule(start=st.integers(0, KEYS - 1), count=st.integers(1, 20))
+    def flush(self, start: int, count: int) -> None:
+        for i in range(count):
+            index = (start + i) % KEYS
+            self.a.cache.flush_page(self.pool, 1, index)
+            self.model.pop(index, None)
+        self.run(self.net.settle(1))
+
+    # -- faults -----------------------------------------------------------------------------
+    @precondition(lambda self: self.fault is None)
+    @rule(
+        holder=st.sampled_from(HOLDERS),
+        how=st.sampled_from(["kill", "freeze", "restart", "leave"]),
+    )
+    def fail(self, holder: str, how: str) -> None:
+        node = self.net.nodes[holder]
+        if how == "kill":
+            node.up = False
+        elif how == "freeze":
+            node.frozen = True
+        elif how == "restart":
+            node.restart_empty()
+        else:
+            node.leaving = True
+        self.fault = holder
+        self.run(self.net.settle(1))
+
+    @precondition(lambda self: self.fault is not None)
+    @rule()
+    def heal(self) -> None:
+        """The failed holder is repaired around (or comes back), and every page gets its
+        copies again."""
+        assert self.fault is not None
+        self.run(self.net.settle(6))  # silent long enough to be marked down, then repairs
+        node = self.net.nodes[self.fault]
+        if node.leaving:
+            node.restart_empty()
+            node.leaving = False
+        node.up, node.frozen = True, False
+        self.fault = None
+        self.run(self.net.settle(4))
+        hist = self.a.layer.replica_histogram()
+        assert not hist or min(hist) >= 2, f"replicas not restored: {hist}"
+
+    @precondition(lambda self: self.fault is None)
+    @rule(graceful=st.booleans())
+    def restart_owner(self, graceful: bool) -> None:
+        self.a.restart_owner(graceful)
+        self.run(self.net.settle(3))
+        if not graceful:  # pages in RAM alone are gone; what was remote or on disk is not
+            keys = [(1, i) for i in sorted(self.model)]
+            self.run(self.a.driver.prefetch(self.pool, keys))
+            got = self.a.cache.get_batch(self.pool, keys)
+            for (_, i), page in zip(keys, got, strict=True):
+                assert page is None or page == self.model[i], f"page {i} came back wrong"
+                if page is None:
+                    del self.model[i]
+
+    # -- invariants -------------------------------------------------------------------------
+    @invariant()
+    def tables_agree(self) -> None:
+        layer = self.a.layer
+        assert layer.stats.lost == 0
+        for address, held in layer.by_peer.items():
+            for location in held:
+                assert address in layer.entries[location].holders
+        for location, entry in layer.entries.items():
+            for address in entry.holders:
+                assert location in layer.by_peer[address]
+        assert layer.outbox == sum(e.zpage is not None for e in layer.entries.values())
+        self.a.cache.verify()
+
+
+@pytest.mark.slow
+def test_layer_state_machine() -> None:
+    LayerMachine.TestCase.settings = settings(
+        max_examples=10,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    LayerMachine.TestCase().runTest()
