@@ -16,7 +16,8 @@
 # A bundle directory: ca.crt and ca.key, nodes/<id>.crt|.key, clients/<name>.crt|.key.  An
 # existing CA in the directory is reused, so running the command again with more names adds
 # members to the same cluster; leaf certificates are issued anew each time.  The CA key is kept
-# beside the rest for that reason: move it somewhere else once the cluster is complete.
+# for that reason: in `ca_dir` when given (a place no node can read, as the compose init
+# service does), else beside the rest (move it away once the cluster is complete).
 from __future__ import annotations
 
 import datetime
@@ -241,15 +242,19 @@ def make_bundle(
     clients: Iterable[str] = (),
     hosts: Sequence[str] = (),
     days: int = 365,
+    ca_dir: Path | None = None,
 ) -> Bundle:
-    """Write (or extend) a bundle in `out`: the CA (reused if there), then each leaf."""
+    """Write (or extend) a bundle in `out`: the CA (reused if there, kept in `ca_dir` if
+    given, with a copy of ca.crt in `out`), then each leaf."""
     nodes, clients = [check_name(n) for n in nodes], [check_name(c) for c in clients]
     for host in hosts:
         _san(host.replace("{node}", "node"))  # refuse a bad host before writing anything
-    ca = _load_ca(out)
+    ca_dir = ca_dir or out
+    ca = _load_ca(ca_dir)
     if ca is None:
         ca = make_ca()
-        _save(*ca, out / "ca.crt", out / "ca.key")
+        _save(*ca, ca_dir / "ca.crt", ca_dir / "ca.key")
+    _write(out / "ca.crt", ca[1].public_bytes(serialization.Encoding.PEM), 0o644)
     issued: dict[str, dict[str, tuple[Path, Path]]] = {NODE: {}, CLIENT: {}}
     for role, names in ((NODE, nodes), (CLIENT, clients)):
         for name in names:

@@ -18,10 +18,11 @@ def _certs(args: argparse.Namespace) -> int:
     if not args.nodes:
         raise CliError("--nodes names no node")
     try:
-        bundle = make_bundle(args.out, args.nodes, args.clients, args.hosts, args.days)
+        bundle = make_bundle(args.out, args.nodes, args.clients, args.hosts, args.days, args.ca_dir)
     except (CertError, OSError) as exc:
         raise CliError(str(exc)) from None
-    print(f"CA          {bundle.ca} (key {bundle.ca.with_suffix('.key')}: keep it away from nodes)")
+    ca_key = (args.ca_dir or args.out) / "ca.key"
+    print(f"CA          {bundle.ca} (key {ca_key}: keep it away from nodes)")
     for role, issued in (("node", bundle.nodes), ("client", bundle.clients)):
         for name, (cert, key) in issued.items():
             print(f"{role:<6} {name:<12} {cert}  {key}")
@@ -59,4 +60,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "{node} stands for the node id (e.g. {node}.ramster-peers)",
     )
     p.add_argument("--days", type=positive, default=365, help="validity of leaf certificates")
+    p.add_argument(
+        "--ca-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the CA (ca.crt, ca.key) here instead of --out, where nodes cannot read its "
+        "key; ca.crt is copied to --out",
+    )
     p.set_defaults(func=_certs)

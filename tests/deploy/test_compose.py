@@ -1,15 +1,21 @@
 # docker-compose.yml, checked two ways.
 #
 # 1. Statically, through `compose config` (compose's own parser and interpolation): three nodes
-#    with one shared peer list naming all of them, distinct node ids and data volumes, memory
-#    limits, short health checks through `ramster health`, ports published on 127.0.0.1 only,
+#    with one shared peer list naming all of them on the peer port, distinct node ids and data
+#    volumes, each node's own certificate from the one-shot `certs` service (whose CA key volume
+#    no node mounts), memory limits, short health checks through `ramster health` over TLS,
+#    ports published on 127.0.0.1 only,
 #    Prometheus scraping exactly the node services on their metrics port, Grafana under the
 #    monitoring profile with the provisioning and dashboard folders mounted where the
 #    provisioning files look.
 # 2. For real: the project image (built from deploy/Dockerfile on the debootstrapped base) and a
 #    Prometheus image (same base, Debian's binary) run the compose file unchanged, under a unique
 #    project name with ephemeral host ports, torn down with `down -v` whatever happens.  The test
-#    waits for the health checks; through node1's published port it runs `ramster bench node`,
+#    waits for the health checks, takes the cluster CA out of a container, and checks that
+#    node1's published port refuses plaintext and a client trusting a foreign CA, and that inside
+#    the compose network the peer port refuses a caller without a certificate and node1's
+#    certificate claiming to be node2.  Through node1's published port (with the CA) it runs
+#    `ramster bench node`,
 #    stores a file with `ramster put` and puts 64 MiB of real pages into a 16 MiB pool (so the
 #    node reclaims) with the gRPC API.  It lints every node's /metrics with `promtool check
 #    metrics`, checks that Prometheus scrapes all three nodes and finds the dashboard's metric
@@ -35,6 +41,7 @@ import pytest
 import yaml
 
 from ramster.bench.corpus import load_corpus
+from ramster.certs import make_bundle
 from tests.deploy.conftest import ROOT, data_file
 from tests.deploy.test_monitoring import dashboard_metric_names, exported_names
 
@@ -48,6 +55,26 @@ POOL_LIMIT = "16Mi"
 # A name here may already be exported; a dashboard name that is neither exported by a node nor
 # listed here fails the test (a typo, or a renamed metric).
 NOT_YET_EXPORTED: set[str] = set()  # every name the dashboard queries is exported now
+CERTS = "/etc/ramster/tls"
+# Run inside node1's container with its own Python: calls node3's peer port as an attacker would.
+PEER_ATTACKS = """
+import grpc
+from ramster.v1 import peer_pb2 as pb, peer_pb2_grpc
+ca = open("/etc/ramster/tls/ca.crt", "rb").read()
+cert = open("/etc/ramster/tls/nodes/node1.crt", "rb").read()
+key = open("/etc/ramster/tls/nodes/node1.key", "rb").read()
+claim = pb.HeartbeatRequest(sender=pb.Owner(node_id="node2", incarnation="x"))
+for name, creds in [
+    ("no certificate", grpc.ssl_channel_credentials(ca)),
+    ("node1 as node2", grpc.ssl_channel_credentials(ca, key, cert)),
+]:
+    with grpc.secure_channel("node3:8070", creds) as channel:
+        try:
+            peer_pb2_grpc.PeerStub(channel).Heartbeat(claim, timeout=10)
+            print(name, "OK")
+        except grpc.RpcError as exc:
+            print(name, exc.code().name)
+"""
 
 
 def compose_config(compose: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -105,7 +132,13 @@ def test_compose_file_is_consistent(compose: list[str]) -> None:
     assert set(NODES) | {"prometheus", "grafana"} <= set(services)
     peers = {env_of(services[name])["RAMSTER_PEERS"] for name in NODES}
     assert len(peers) == 1, "every node must get the same peer list"
-    assert sorted(peers.pop().split(",")) == [f"{name}:7070" for name in NODES]
+    assert sorted(peers.pop().split(",")) == [f"{name}:8070" for name in NODES]
+    certs = services["certs"]
+    assert "ramster certs --out /etc/ramster/tls --ca-dir /var/lib/ramster-ca" in str(
+        certs["command"]
+    )
+    assert "--nodes node1,node2,node3" in str(certs["command"])
+    assert {target for _, target in mounts(certs)} == {CERTS, "/var/lib/ramster-ca"}
     assert {env_of(services[name])["RAMSTER_NODE_ID"] for name in NODES} == set(NODES)
     volumes = set()
     for name in NODES:
@@ -115,17 +148,28 @@ def test_compose_file_is_consistent(compose: list[str]) -> None:
         assert node["build"]["dockerfile"] == "deploy/Dockerfile"
         assert "BASE_IMAGE" in node["build"]["args"]
         assert env["RAMSTER_LISTEN"].endswith(":7070")
+        assert env["RAMSTER_PEER_LISTEN"].endswith(":8070")
+        assert env["RAMSTER_TLS_CERT"] == f"{CERTS}/nodes/{name}.crt"
+        assert env["RAMSTER_TLS_KEY"] == f"{CERTS}/nodes/{name}.key"
+        assert env["RAMSTER_TLS_CA"] == f"{CERTS}/ca.crt"
+        assert node["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+        assert "/var/lib/ramster-ca" not in {t for _, t in mounts(node)}, "no node has the CA key"
+        assert ("certs", CERTS) in mounts(node), "each node mounts the certificates"
         assert env["RAMSTER_METRICS_LISTEN"].endswith(":9170")
         assert int(env["RAMSTER_REPLICAS"]) >= 1
         assert node["mem_limit"], "each node needs a memory limit"
         health = node["healthcheck"]
-        assert health["test"] == ["CMD", "ramster", "health", "--target", "127.0.0.1:7070"]
+        assert health["test"] == [
+            *["CMD", "ramster", "health", "--target", "127.0.0.1:7070"],
+            *["--tls-ca", f"{CERTS}/ca.crt"],
+        ]
         assert float(str(health["interval"]).rstrip("s")) <= 5
         data = [source for source, target in mounts(node) if target == env["RAMSTER_DATA_DIR"]]
         assert len(data) == 1 and not data[0].startswith("/"), "data must be a named volume"
         volumes.add(data[0])
         ports = published(node)
         assert ports[9170][0] == "127.0.0.1", f"{name} metrics must be published on loopback"
+        assert 8070 not in ports, "the peer port stays inside the compose network"
     assert len(volumes) == 3, "each node needs its own data volume"
     assert published(services["node1"])[7070] == ("127.0.0.1", "7070")
 
@@ -151,7 +195,7 @@ def test_compose_file_is_consistent(compose: list[str]) -> None:
         "/etc/grafana/provisioning",
     ) in grafana_mounts
     # Only Grafana waits for the profile: a plain `up` starts the nodes and Prometheus.
-    assert all("profiles" not in services[name] for name in (*NODES, "prometheus"))
+    assert all("profiles" not in services[name] for name in (*NODES, "prometheus", "certs"))
 
 
 class Cluster:
@@ -291,11 +335,30 @@ def test_compose_cluster_survives_a_killed_node(
 
     cluster.wait_healthy(NODES)
     target = cluster.address("node1", 7070)
+    ca = tmp_path / "ca.crt"
+    subprocess.run(
+        ["docker", "cp", f"{cluster.container('node1')}:{CERTS}/ca.crt", str(ca)],
+        capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    tls = ("--tls-ca", str(ca))
+
+    # Plaintext and a foreign CA are refused at node1's published port; the peer port (inside
+    # the compose network) refuses a caller without a certificate and a node speaking for another.
+    foreign = make_bundle(tmp_path / "foreign", NODES)
+    for attempt in [(), ("--tls-ca", str(foreign.ca))]:
+        refused = ramster_cli("health", "--target", target, "--timeout", "5", *attempt)
+        assert refused.returncode == 1 and "UNREACHABLE" in refused.stdout, refused.stdout
+    assert ramster_cli("health", "--target", target, *tls).returncode == 0
+    attacks = cluster.run("exec", "-T", "node1", "python", "-c", PEER_ATTACKS)
+    assert attacks.split("\n")[:2] == [
+        "no certificate UNAVAILABLE",
+        "node1 as node2 PERMISSION_DENIED",
+    ]
 
     # What a user would run against the published port: the node benchmark (verifies every
     # page), then a file stored with `ramster put`, then the bulk workload that overflows the pool.
     bench = ramster_cli(
-        "bench", "node", "--target", target, "--corpus", str(data_file("sample.pages")),
+        "bench", "node", "--target", target, *tls, "--corpus", str(data_file("sample.pages")),
         "--pages", "2048", "--json",
     )  # fmt: skip
     assert bench.returncode == 0, bench.stderr
@@ -303,22 +366,24 @@ def test_compose_cluster_survives_a_killed_node(
     pages = load_corpus(data_file("sample.pages"))
     stored_file = tmp_path / "stored.bin"
     stored_file.write_bytes(b"".join(pages[:40]) + pages[40][:1000])  # compressible, padded
-    pool = ramster_cli("pools", "create", "--target", target)
+    pool = ramster_cli("pools", "create", "--target", target, *tls)
     assert pool.returncode == 0, pool.stderr
     pool_id = pool.stdout.strip()
-    put = ramster_cli("put", "--target", target, "--pool", pool_id, "--oid", "1", str(stored_file))
+    put = ramster_cli(
+        "put", "--target", target, *tls, "--pool", pool_id, "--oid", "1", str(stored_file)
+    )
     assert put.returncode == 0, put.stdout + put.stderr
 
     def file_reads_back() -> bool:
         out = tmp_path / "read.bin"
         get = ramster_cli(
-            "get", "--target", target, "--pool", pool_id, "--oid", "1", "--pages", "41",
+            "get", "--target", target, *tls, "--pool", pool_id, "--oid", "1", "--pages", "41",
             "--length", str(stored_file.stat().st_size), str(out),
         )  # fmt: skip
         assert get.returncode == 0, get.stdout + get.stderr
         return out.read_bytes() == stored_file.read_bytes()
 
-    workload = Workload(target, pages, WORKLOAD_PAGES)
+    workload = Workload(target, pages, WORKLOAD_PAGES, ca.read_bytes())
     workload.put()
     print(f"workload outcomes: {workload.outcomes}")
     assert workload.accepted, f"node1 accepted no page: {workload.outcomes}"

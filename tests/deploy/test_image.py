@@ -1,7 +1,8 @@
 # The project image as built from deploy/Dockerfile on the debootstrapped base: what `docker
 # image inspect` says about it (non-root user, volume, health check, entrypoint, ports) and what
-# running it shows (the CLI works, the data directory is writable by the node's user and the
-# installed code is not).
+# running it shows (the CLI works, the data directory and the certificate directory are writable
+# by the node's user and the installed code is not, and the node on all interfaces without TLS
+# refuses to start: protected mode).
 from __future__ import annotations
 
 import json
@@ -38,14 +39,10 @@ def test_image_metadata(project_image: str) -> None:
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["ramster-node"]
     assert "/var/lib/ramster" in config["Volumes"]
-    assert set(config["ExposedPorts"]) == {"7070/tcp", "9170/tcp"}
-    assert config["Healthcheck"]["Test"] == [
-        "CMD",
-        "ramster",
-        "health",
-        "--target",
-        "127.0.0.1:7070",
-    ]
+    assert set(config["ExposedPorts"]) == {"7070/tcp", "8070/tcp", "9170/tcp"}
+    probe = config["Healthcheck"]["Test"]
+    assert probe[:3] == ["CMD", "sh", "-c"]
+    assert "ramster health --target 127.0.0.1:7070 ${RAMSTER_TLS_CA:+--tls-ca" in probe[3]
     env = dict(item.split("=", 1) for item in config["Env"])
     assert env["RAMSTER_LISTEN"] == "0.0.0.0:7070"
     assert env["RAMSTER_METRICS_LISTEN"] == "0.0.0.0:9170"
@@ -64,7 +61,8 @@ def test_image_runs_cli_as_non_root(project_image: str) -> None:
         project_image,
         "sh",
         "-c",
-        "touch /var/lib/ramster/probe && ! touch /opt/ramster/probe 2>/dev/null && echo ok",
+        "touch /var/lib/ramster/probe /etc/ramster/tls/probe && "
+        "! touch /opt/ramster/probe 2>/dev/null && echo ok",
     )
     assert probe.stdout.strip() == "ok", probe.stderr
 
@@ -75,3 +73,5 @@ def test_image_has_the_node_daemon(project_image: str) -> None:
     node = run_in(project_image, "ramster-node", "--version")
     assert node.returncode == 0, node.stderr
     assert node.stdout.startswith("ramster-node ")
+    bare = run_in(project_image, "ramster-node")
+    assert bare.returncode == 1 and "protected mode: --listen 0.0.0.0:7070" in bare.stderr

@@ -1,5 +1,5 @@
 # A client workload for the compose test, spoken straight to the ramster.v1.Tmem API (the node's
-# published contract) from the host through a published port.
+# published contract) from the host through a published port, over TLS with the cluster CA.
 #
 # Every page is a real page from tests/data/sample.pages (cycled) with its own key stamped into
 # its first 16 bytes, so no two stored pages are equal and a reply with the wrong page cannot
@@ -35,16 +35,21 @@ class Workload:
     target: str
     pages: list[bytes]
     count: int
+    ca: bytes
     oid: int = 7
     pool: int = -1
     accepted: list[int] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
 
+    def channel(self) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(self.ca)
+        return grpc.secure_channel(self.target, credentials, options=CHANNEL_OPTIONS)
+
     def page(self, index: int) -> bytes:
         return stamped(self.pages[index % len(self.pages)], index)
 
     def put(self) -> None:
-        with grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
+        with self.channel() as channel:
             stub = pb_grpc.TmemStub(channel)
             reply = stub.CreatePool(
                 pb.CreatePoolRequest(kind=pb.POOL_KIND_PERSISTENT), timeout=RPC_TIMEOUT
@@ -69,7 +74,7 @@ class Workload:
     def verify(self) -> list[str]:
         """Read back every accepted page; the list of what was wrong (empty when all match)."""
         problems: list[str] = []
-        with grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
+        with self.channel() as channel:
             stub = pb_grpc.TmemStub(channel)
             for start in range(0, len(self.accepted), BATCH):
                 indexes = self.accepted[start : start + BATCH]
