@@ -2,9 +2,11 @@
 # exactly the manifests there are, and the objects agree with one another the way Kubernetes
 # would only reveal at run time: the StatefulSet's serviceName is a headless Service that
 # publishes not-ready pods (peers must find each other while starting), every selector matches
-# the pod labels, probes are gRPC probes on the container's grpc port, the ConfigMap's peer list
-# names every StatefulSet pod through the headless Service, the data volume claim is mounted at
-# the data directory, and the pods run as the image's non-root user.
+# the pod labels, probes run `ramster health` over TLS on the container's grpc port, the
+# ConfigMap's peer list names every StatefulSet pod's peer port through the headless Service,
+# each pod gets its own node certificate (cert-manager/ issues one per pod, for the names the
+# peers dial), the data volume claim is mounted at the data directory, and the pods run as the
+# image's non-root user.
 from __future__ import annotations
 
 from typing import Any
@@ -70,9 +72,12 @@ def test_statefulset_service_pdb_configmap_agree() -> None:
 
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert set(ports) == {"grpc", "metrics"}
+    assert set(ports) == {"grpc", "peer", "metrics"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == ports["grpc"], probe
+        command = container[probe]["exec"]["command"]
+        assert command[:4] == ["ramster", "health", "--target", f"127.0.0.1:{ports['grpc']}"]
+        assert command[4:] == ["--tls-ca", "/etc/ramster/tls/ca.crt"], probe
+        assert container[probe]["timeoutSeconds"] >= 2, "a Python probe needs more than 1 s"
     for service in services:
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports
@@ -84,9 +89,40 @@ def test_statefulset_service_pdb_configmap_agree() -> None:
     assert env["RAMSTER_LISTEN"].endswith(f":{ports['grpc']}")
     assert env["RAMSTER_METRICS_LISTEN"].endswith(f":{ports['metrics']}")
     name, service_name = statefulset["metadata"]["name"], headless["metadata"]["name"]
+    assert env["RAMSTER_PEER_LISTEN"].endswith(f":{ports['peer']}")
     assert env["RAMSTER_PEERS"].split(",") == [
-        f"{name}-{i}.{service_name}:{ports['grpc']}" for i in range(spec["replicas"])
+        f"{name}-{i}.{service_name}:{ports['peer']}" for i in range(spec["replicas"])
     ]
+    client_service = objs["Service", "ramster"]
+    assert "peer" not in {p["targetPort"] for p in client_service["spec"]["ports"]}
+
+    # TLS: the init container copies the pod's own Secret into the volume the node reads
+    mounts_by_path = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    tls_dir = env["RAMSTER_TLS_CA"].rsplit("/", 1)[0]
+    assert {env[k] for k in ("RAMSTER_TLS_CERT", "RAMSTER_TLS_KEY", "RAMSTER_TLS_CA")} == {
+        f"{tls_dir}/{f}" for f in ("tls.crt", "tls.key", "ca.crt")
+    }
+    (init,) = pod["spec"]["initContainers"]
+    assert {m["name"] for m in init["volumeMounts"]} == {mounts_by_path[tls_dir], "node-secrets"}
+    assert "node-secrets" not in mounts_by_path.values(), "a node sees only its own key"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    sources = volumes["node-secrets"]["projected"]["sources"]
+    pods = [f"{name}-{i}" for i in range(spec["replicas"])]
+    assert [s["secret"]["name"] for s in sources] == [f"ramster-tls-{p}" for p in pods]
+    for source, pod_name in zip(sources, pods, strict=True):
+        paths = {item["path"] for item in source["secret"]["items"]}
+        assert paths == {f"{pod_name}/{f}" for f in ("tls.crt", "tls.key", "ca.crt")}
+    issued = {
+        doc["spec"]["secretName"]: doc["spec"]
+        for doc in yaml.safe_load_all((K8S / "cert-manager" / "certificates.yaml").read_text())
+        if doc["kind"] == "Certificate" and not doc["spec"].get("isCA")
+    }
+    assert set(issued) == {f"ramster-tls-{p}" for p in pods}
+    for pod_name in pods:
+        cert = issued[f"ramster-tls-{pod_name}"]
+        assert cert["uris"] == [f"spiffe://ramster/node/{pod_name}"]
+        assert f"{pod_name}.{service_name}" in cert["dnsNames"]
+        assert {"server auth", "client auth"} <= set(cert["usages"])
     assert 1 <= int(env["RAMSTER_REPLICAS"]) < spec["replicas"]
     own_id = {e["name"]: e for e in container["env"]}["RAMSTER_NODE_ID"]
     assert own_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -123,4 +159,7 @@ def parse_quantity(text: str) -> int:
 
 def test_manifests_are_plain_yaml_files() -> None:
     for path in K8S.iterdir():
+        if path.is_dir():  # examples applied on their own, e.g. cert-manager/
+            assert all(p.suffix == ".yaml" for p in path.iterdir()), path.name
+            continue
         assert path.suffix == ".yaml", f"{path.name}: manifests end in .yaml"
