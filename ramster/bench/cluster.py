@@ -5,8 +5,9 @@
 # batches (per-RPC latency recorded), waits until every evicted page is placed, reads the node
 # table, then times gets of pages still in node 1's RAM (the newest, "local hits") and of pages
 # parked on peers (the oldest, "remote hits"), as batches and as single-page gets, and finally
-# reads every page back and compares.  Local gets come first: a remote hit brings its page home
-# and pushes others out, which is the system working, not noise.
+# reads every page back and compares (clients speak TLS when the cluster does).  Local gets come
+# first: a remote hit brings its page home and pushes others out, which is the system working,
+# not noise.
 from __future__ import annotations
 
 import time
@@ -37,7 +38,7 @@ def _timed(calls: Sequence[Callable[[], Any]]) -> tuple[float, list[float]]:
 def node_table(cluster: LocalCluster) -> list[dict[str, Any]]:
     rows = []
     for node in cluster.nodes:
-        with Client(node.target, timeout=30) as client:
+        with node.client(timeout=30) as client:
             s = client.stats()
         rows.append(
             {
@@ -66,7 +67,7 @@ def run(
 ) -> dict[str, Any]:
     """Drive a started cluster through its first node; the measurements and node table."""
     data = [pages[i % len(pages)] for i in range(count)]
-    with Client(cluster.targets[0], timeout=120) as client:
+    with cluster.nodes[0].client(timeout=120) as client:
         pool = client.create_pool()
         progress = Progress("put", count)
         refused = 0
@@ -130,7 +131,9 @@ def run(
     }
 
 
-def start_cluster(nodes: int, limit: str, grace: float = 10.0) -> LocalCluster:
-    """Nodes on free loopback ports; node 1's pool limited to `limit`."""
+def start_cluster(nodes: int, limit: str, grace: float = 10.0, tls: bool = False) -> LocalCluster:
+    """Nodes on free loopback ports; node 1's pool limited to `limit`; with `tls`, mTLS between
+    the nodes and TLS for clients."""
     common = [*FAST_PEERS, "--grace", str(grace)]
-    return LocalCluster(nodes, common=common, per_node=[["--pool-limit", limit]]).start()
+    per_node = [["--pool-limit", limit]]
+    return LocalCluster(nodes, common=common, per_node=per_node, tls=tls).start()

@@ -13,7 +13,7 @@ import asyncio
 import statistics
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ramster.bench.report import Progress
@@ -21,6 +21,7 @@ from ramster.client import AsyncClient, GetResult, KeyRange, Outcome, PageStatus
 from ramster.client.aio import Stream
 from ramster.client.buffers import keep_freed_memory
 from ramster.client.local import LocalNode
+from ramster.client.tls import PathLike
 from ramster.zcache import PAGE_SIZE
 
 
@@ -31,13 +32,15 @@ def run(
     batch: int = 1024,
     window: int = 4,
     singles: int = 2000,
+    tls: Mapping[str, PathLike | None] | None = None,
 ) -> dict[str, Any]:
-    """Measure the node at `target` (or a fresh local node) with `count` pages of the corpus."""
+    """Measure the node at `target` (or a fresh local node) with `count` pages of the corpus;
+    `tls` holds the client's TLS arguments (tls_ca, tls_cert, tls_key) for a node serving TLS."""
     keep_freed_memory()
     if target:
-        return asyncio.run(_run(pages, target, count, batch, window, singles))
+        return asyncio.run(_run(pages, target, count, batch, window, singles, tls or {}))
     with LocalNode() as node:
-        return asyncio.run(_run(pages, node.target, count, batch, window, singles))
+        return asyncio.run(_run(pages, node.target, count, batch, window, singles, {}))
 
 
 def page_at(pages: list[bytes], n: int) -> bytes:
@@ -93,7 +96,13 @@ async def _pipeline(
 
 
 async def _run(
-    pages: list[bytes], target: str, count: int, batch: int, window: int, singles: int
+    pages: list[bytes],
+    target: str,
+    count: int,
+    batch: int,
+    window: int,
+    singles: int,
+    tls: Mapping[str, PathLike | None],
 ) -> dict[str, Any]:
     ranges = batches(count, batch)
     outcomes: dict[int, list[Outcome]] = {}
@@ -119,7 +128,7 @@ async def _run(
             else:
                 mismatches += status is PageStatus.CORRUPT or not refused
 
-    async with AsyncClient(target, timeout=120) as client:
+    async with AsyncClient(target, timeout=120, **tls) as client:
         pool = await client.create_pool("persistent")
         try:
             async with client.stream() as stream:

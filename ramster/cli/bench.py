@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
+from typing import Any
 
 from ramster.bench import cluster as bench_cluster
-from ramster.bench import engine, nbd, node, reaper, soak
+from ramster.bench import engine, nbd, node, reaper, soak, tls
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
-from ramster.cli.target import positive
+from ramster.cli.target import add_tls, positive, tls_of
 from ramster.client import RamsterError
 from ramster.client.cluster import LocalCluster
 from ramster.zcache import ALLOCATORS
@@ -21,9 +23,9 @@ def corpus_pages(path: str) -> list[bytes]:
         raise CliError(str(exc)) from None
 
 
-def start_cluster(nodes: int, limit: str) -> LocalCluster:
+def start_cluster(nodes: int, limit: str, secured: bool = False) -> LocalCluster:
     try:
-        return bench_cluster.start_cluster(nodes, limit)
+        return bench_cluster.start_cluster(nodes, limit, tls=secured)
     except RamsterError as exc:
         raise CliError(f"the cluster did not start: {exc}") from None
 
@@ -57,10 +59,15 @@ def _reaper(args: argparse.Namespace) -> int:
 
 def _node(args: argparse.Namespace) -> int:
     pages = corpus_pages(args.corpus)
+    if args.tls and args.target:
+        raise CliError("--tls compares local nodes; against --target give --tls-ca instead")
+    count, batch, window = args.pages or len(pages), args.batch, args.window
+    run = partial(node.run, pages, count=count, batch=batch, window=window, singles=args.singles)
     try:
-        result = node.run(
-            pages, args.target, args.pages or len(pages), args.batch, args.window, args.singles
-        )
+        if args.tls:
+            result = tls.compare(partial(tls.node_run, run), tls.NODE_RATES)
+        else:
+            result = run(target=args.target, tls=tls_of(args))
     except RamsterError as exc:
         where = args.target or "the local node"
         raise CliError(f"{where}: {exc}") from None
@@ -68,13 +75,22 @@ def _node(args: argparse.Namespace) -> int:
     return 0 if result["verified"] else 1
 
 
-def _cluster(args: argparse.Namespace) -> int:
-    pages = corpus_pages(args.corpus)
-    cluster = start_cluster(args.nodes, args.limit)
+def _cluster_run(args: argparse.Namespace, pages: list[bytes], secured: bool) -> dict[str, Any]:
+    cluster = start_cluster(args.nodes, args.limit, secured)
     try:
-        result = bench_cluster.run(cluster, pages, args.pages or len(pages) * 3)
+        return bench_cluster.run(cluster, pages, args.pages or len(pages) * 3)
     finally:
         cluster.__exit__()
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    pages = corpus_pages(args.corpus)
+    if args.tls:
+        result = tls.compare(partial(_cluster_run, args, pages), tls.CLUSTER_RATES)
+        emit(result, args.json)
+        lost = result["plaintext"]["lost"] + result["tls"]["lost"]
+        return 0 if result["verified"] and not lost else 1
+    result = _cluster_run(args, pages, False)
     nodes = result.pop("nodes")
     if not args.json:
         result["nodes"] = {
@@ -169,6 +185,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--pages", type=positive, help="pages to put (default: 3 x the corpus)")
     p.add_argument("--nodes", type=int, default=3, choices=range(2, 10), metavar="N")
     p.add_argument("--limit", default="16Mi", help="node 1's pool limit (default 16Mi)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="run twice, plaintext then TLS to clients and mTLS between nodes, and print "
+        "TLS/plaintext of each rate",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cluster)
     p = kinds.add_parser(
@@ -181,6 +203,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "process than the node, as here, for meaningful numbers.",
     )
     p.add_argument("--target", metavar="HOST:PORT", help="the node (default: start a local one)")
+    add_tls(p)
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="no --target: run twice on fresh local nodes, plaintext then TLS, and print "
+        "TLS/plaintext of each rate",
+    )
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
     p.add_argument("--pages", type=positive, help="pages to put (default: the corpus size)")
     p.add_argument("--batch", type=positive, default=1024, help="pages per batch (max 4096)")

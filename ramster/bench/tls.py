@@ -1,0 +1,42 @@
+# `ramster bench node --tls` and `ramster bench cluster --tls`: what TLS costs, measured as the
+# same benchmark run twice in one process, first against plaintext, then with TLS (for a
+# cluster: TLS for the client and mTLS between the nodes), on fresh nodes each time so neither
+# run inherits the other's warm pools.  The result holds both runs and, for each throughput
+# figure, TLS divided by plaintext (1.0: free; the goal is >= 0.8).  Runs in sequence on the
+# same machine, so background noise is shared, not cancelled: repeat for a firm number.
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ramster.certs import make_bundle
+from ramster.client.local import LocalNode
+
+NODE_RATES = ("put_pages_per_s", "get_pages_per_s")
+CLUSTER_RATES = ("put_pages_per_s", "local_get_pages_per_s", "remote_get_pages_per_s")
+
+
+def compare(measure: Callable[[bool], dict[str, Any]], rates: Sequence[str]) -> dict[str, Any]:
+    """measure(tls=False), then measure(tls=True), and TLS/plaintext of each rate."""
+    plain, secured = measure(False), measure(True)
+    return {
+        **{f"tls_vs_plaintext_{r}": round(secured[r] / plain[r], 3) for r in rates},
+        "verified": bool(plain["verified"] and secured["verified"]),
+        "plaintext": plain,
+        "tls": secured,
+    }
+
+
+def node_run(run: Callable[..., dict[str, Any]], tls: bool) -> dict[str, Any]:
+    """run(target=..., tls=...) against a fresh local node, serving TLS if `tls`."""
+    if not tls:
+        with LocalNode() as node:
+            return run(target=node.target, tls={})
+    with tempfile.TemporaryDirectory(prefix="ramster-bench-certs-") as tmp:
+        bundle = make_bundle(Path(tmp), ["bench"])
+        cert, key = bundle.nodes["bench"]
+        flags = ["--node-id", "bench", "--tls-cert", str(cert), "--tls-key", str(key)]
+        with LocalNode(*flags, "--tls-ca", str(bundle.ca), tls_ca=bundle.ca) as node:
+            return run(target=node.target, tls={"tls_ca": bundle.ca})
