@@ -33,8 +33,9 @@
 # while the outbox has room for them.  `wake` (set by the driver) is called whenever work is
 # queued, so nothing waits for a timer.
 #
-# Trade-off: the table keeps one small object per remote page on the owner (the page's bytes
-# live elsewhere); compact arrays as in zcache's index would be the next step at very large scale.
+# The table of where each zpage's copies are is a RemoteTable (arrays, ~26 bytes per remote
+# page); only zpages in flight (bytes in the outbox, sends in progress, refusals, damaged copies,
+# fetched copies staged for gets) have entries in small dicts beside it.
 from __future__ import annotations
 
 from collections import deque
@@ -45,6 +46,7 @@ from typing import Protocol
 from ramster.remote.config import RemoteConfig
 from ramster.remote.journal import Journal, Recovered
 from ramster.remote.membership import Membership, PeerEvent
+from ramster.remote.table import RemoteTable
 from ramster.zcache.codec import zpage_key
 from ramster.zcache.errors import CorruptPage, PageUnavailable
 from ramster.zcache.evictor import Evictor
@@ -59,38 +61,6 @@ class LocalDisk(Evictor, Protocol):
     def claim(self, pool_id: int, location: int, oid: int, index: int) -> bool:
         """Take a record found on open as the layer's own (zcache must not adopt it)."""
         ...
-
-
-class Entry:
-    """One remotified zpage: where its copies are, and its bytes while it has too few."""
-
-    __slots__ = (
-        "allocator",
-        "damaged",
-        "disk",
-        "holders",
-        "index",
-        "journaled",
-        "oid",
-        "pool_id",
-        "sending",
-        "tried",
-        "zpage",
-    )
-
-    def __init__(
-        self, pool_id: int, allocator: str, oid: int, index: int, zpage: bytes | None
-    ) -> None:
-        self.pool_id = pool_id
-        self.allocator = allocator
-        self.oid, self.index = oid, index
-        self.zpage = zpage
-        self.holders: dict[str, int] = {}  # peer address -> epoch the copy was placed in
-        # peers a copy is in flight to, that refused one, whose copy failed verification: empty
-        # for nearly every entry, so they share one empty frozenset until they are not
-        self.sending = self.tried = self.damaged = NOBODY
-        self.disk = 0  # location in the local backing file, 0 if none
-        self.journaled = False  # its key is in the journal
 
 
 @dataclass(frozen=True)
@@ -146,16 +116,17 @@ class RamsterLayer:
         self.local = local
         self.journal = journal
         self.stats = LayerStats()
-        self.entries: dict[int, Entry] = {}
-        self.by_peer: dict[str, set[int]] = {}
-        self._next = 1
+        self.table = RemoteTable()
+        self._bytes: dict[int, bytes] = {}  # the outbox: zpages waiting for their copies
+        self._sending: dict[int, frozenset[str]] = {}  # copies in flight, by location
+        self._tried: dict[int, frozenset[str]] = {}  # peers that refused a copy lately
+        self._damaged: dict[int, frozenset[str]] = {}  # holders whose copy failed its check
         self._pending: deque[int] = deque()  # locations that need a copy placed
         self._repairs: deque[int] = deque()  # locations whose bytes must be fetched back first
         self._flushes: dict[str, list[tuple[int, int, int, int]]] = {}  # epoch, pool, oid, index
         self._staged: dict[int, bytes] = {}
         self._short: set[int] = set()  # settled with fewer copies than wanted
         self._short_tried = 0.0
-        self.outbox = 0  # entries holding their bytes
         self.outbox_bytes = 0
         self.closing = False  # set at a graceful stop: evict() refuses, the disk takes all
         self.wake: Callable[[], None] = lambda: None  # the driver's: work was queued
@@ -169,7 +140,7 @@ class RamsterLayer:
         """Rebuild the table from the journal: copies on configured peers, disk copies the
         backing file still has.  A location left with neither is lost (its other copy was in
         RAM); peers are asked what they still hold once they answer (`reclaimed`)."""
-        peers = self.membership.peers
+        peers, table = self.membership.peers, self.table
         for location, rec in journal.recovered.items():
             disk = rec.disk
             if disk and not (
@@ -177,30 +148,35 @@ class RamsterLayer:
             ):
                 disk = 0
                 journal.disk(location, 0)
-            holders = {a: peers[a].epoch for a in rec.holders if a in peers}
+            holders = [a for a in rec.holders if a in peers]
             if not holders and not disk:
                 self.stats.lost += 1
                 journal.forget(location)
                 continue
-            entry = Entry(rec.pool_id, rec.allocator, rec.oid, rec.index, None)
-            entry.holders, entry.disk, entry.journaled = holders, disk, True
-            self.entries[location] = entry
+            table.restore(location, rec.pool_id, rec.allocator, rec.oid, rec.index)
+            table.set_disk(location, disk)
             for address in holders:
-                self.by_peer.setdefault(address, set()).add(location)
-            self._next = max(self._next, location + 1)
+                table.add_holder(location, address)
+        table.compact_free_list()
         journal.commit()
-        self.stats.recovered = len(self.entries)
+        self.stats.recovered = table.count
 
     def _compact_journal(self) -> None:
         if self.journal is None:
             return
+        table = self.table
         self.journal.rewrite(
             {
-                loc: Recovered(e.pool_id, e.allocator, e.oid, e.index, set(e.holders), e.disk)
-                for loc, e in self.entries.items()
-                if e.journaled
+                loc: Recovered(
+                    *self._key_alloc(loc), set(table.holders_of(loc)), table.disk_of(loc)
+                )
+                for loc in table
             }
         )
+
+    def _key_alloc(self, location: int) -> tuple[int, str, int, int]:
+        pool_id, oid, index = self.table.key(location)
+        return pool_id, self.table.allocator(location), oid, index
 
     def reclaimed(self, address: str, keys: set[tuple[int, int, int]]) -> None:
         """What `address` still holds for us, asked once after our start: copies the table
@@ -209,10 +185,10 @@ class RamsterLayer:
         peer = self.membership.peers.get(address)
         if peer is None:
             return
+        held = self.table.held_by(address)
         lost = set()
-        for location in self.by_peer.get(address, set()):
-            entry = self.entries[location]
-            key = (entry.pool_id, entry.oid, entry.index)
+        for location in held:
+            key = self.table.key(location)
             if key in keys:
                 keys.discard(key)
                 self.stats.reclaimed += 1
@@ -227,8 +203,7 @@ class RamsterLayer:
         peer.synced = True
         # what it holds and what has no peer copy at all (saved to disk at our stop) may be
         # short of copies: now there is a peer to place them on
-        alone = {loc for loc, e in self.entries.items() if not e.holders}
-        self._queue_repairs(lost | alone | self.by_peer.get(address, set()))
+        self._queue_repairs({*held, *self.table.without_holders()})
         self._retry_short()
 
     # -- membership -------------------------------------------------------------------------
@@ -240,7 +215,7 @@ class RamsterLayer:
             if event is PeerEvent.RESTARTED:
                 self._lose(address)
             elif event is PeerEvent.LEAVING:
-                self._queue_repairs(self.by_peer.get(address, set()))
+                self._queue_repairs(set(self.table.held_by(address)))
             elif event is PeerEvent.UP:
                 self._rejoined(address)
             if event in (PeerEvent.RESTARTED, PeerEvent.UP):
@@ -250,7 +225,7 @@ class RamsterLayer:
     def _retry_short(self) -> None:
         """A peer (re)appeared: zpages settled short of copies may get them now."""
         short, self._short = self._short, set()
-        self._queue_repairs({loc for loc in short if loc in self.entries})
+        self._queue_repairs({loc for loc in short if loc in self.table})
 
     def expire(self, now: float) -> list[str]:
         """Mark silent peers down and queue repairs of what they held; their addresses.
@@ -258,7 +233,7 @@ class RamsterLayer:
         them, and until then they are the last resort of a page whose other copies are gone."""
         down = self.membership.expire(now)
         for address in down:
-            self._queue_repairs(self.by_peer.get(address, set()))
+            self._queue_repairs(set(self.table.held_by(address)))
         if self._short and now - self._short_tried > self.config.down_after:
             self._short_tried = now  # a slow retry, in case a peer got room since
             self._retry_short()
@@ -267,9 +242,8 @@ class RamsterLayer:
     def _rejoined(self, address: str) -> None:
         """A peer answers again, same process: its copies count again.  Where that makes more
         copies than wanted, its copy is flushed; where copies are still missing, repair."""
-        for location in list(self.by_peer.get(address, ())):
-            entry = self.entries[location]
-            need = self._needed(entry)
+        for location in self.table.held_by(address):
+            need = self._needed(location)
             if need < 0:
                 self._drop_holder(location, address, flush=True)
             elif need > 0:
@@ -279,28 +253,29 @@ class RamsterLayer:
     def _lose(self, address: str) -> None:
         """`address` restarted: what it held is gone."""
         self._flushes.pop(address, None)
-        held = self.by_peer.get(address, set()).copy()
+        held = self.table.held_by(address)
         for location in held:
             self._drop_holder(location, address, flush=False)
         self._commit()
-        self._queue_repairs(held)
+        self._queue_repairs(set(held))
 
     def _drop_holder(self, location: int, address: str, flush: bool) -> None:
-        entry = self.entries[location]
-        epoch = entry.holders.pop(address, None)
-        self.by_peer.get(address, set()).discard(location)
-        if epoch is not None and flush:
-            self._flushes.setdefault(address, []).append(
-                (epoch, entry.pool_id, entry.oid, entry.index)
-            )
-        if self.journal is not None and entry.journaled:
+        if not self.table.drop_holder(location, address):
+            return
+        if flush:
+            self._flush_copy(address, location)
+        if self.journal is not None:
             self.journal.drop(location, address)
+
+    def _flush_copy(self, address: str, location: int) -> None:
+        peer = self.membership.peers.get(address)
+        if peer is not None:
+            self._flushes.setdefault(address, []).append((peer.epoch, *self.table.key(location)))
 
     def _queue_repairs(self, locations: set[int]) -> None:
         for location in locations:
-            entry = self.entries[location]
-            if self._needed(entry) > 0:
-                if entry.zpage is not None:
+            if self._needed(location) > 0:
+                if location in self._bytes:
                     self._pending.append(location)
                 else:
                     self._repairs.append(location)
@@ -308,16 +283,20 @@ class RamsterLayer:
         if locations:
             self.wake()
 
-    def _needed(self, entry: Entry) -> int:
+    def _needed(self, location: int) -> int:
         peers = self.membership.peers
-        good = sum(1 for a in entry.holders if a in peers and peers[a].up and not peers[a].leaving)
-        return self.config.replicas - good - (1 if entry.disk else 0) - len(entry.sending)
+        good = 0
+        for address in self.table.holders_of(location):
+            peer = peers.get(address)
+            good += peer is not None and peer.up and not peer.leaving
+        disk = 1 if self.table.disk_of(location) else 0
+        return self.config.replicas - good - disk - len(self._sending.get(location, NOBODY))
 
     # -- evictor interface ------------------------------------------------------------------
     def _outbox_room(self) -> int:
         if self.outbox_bytes >= self.config.outbox_limit_bytes:
             return 0
-        return self.config.outbox_limit - self.outbox
+        return self.config.outbox_limit - len(self._bytes)
 
     def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
         room = self._outbox_room()
@@ -330,11 +309,12 @@ class RamsterLayer:
                 out.append(0)
                 self.stats.outbox_refused += 1
                 continue
-            location = self._next
-            self._next += 1
-            self.entries[location] = Entry(pool_id, allocator, *zpage_key(zpage), zpage)
+            oid, index = zpage_key(zpage)
+            location = self.table.new(pool_id, allocator, oid, index)
+            if self.journal is not None:
+                self.journal.key(location, pool_id, allocator, oid, index)
+            self._bytes[location] = zpage
             self._pending.append(location)
-            self.outbox += 1
             self.outbox_bytes += len(zpage)
             room -= 1
             out.append(location)
@@ -342,71 +322,64 @@ class RamsterLayer:
         return out
 
     def load(self, pool_id: int, location: int) -> bytes:
-        entry = self.entries.get(location)
-        if entry is None:
+        if location not in self.table:
             raise PageUnavailable(f"remote location {location} is unknown")
-        if entry.zpage is not None:
-            return entry.zpage
-        staged = self._staged.get(location)
-        if staged is not None:
-            return staged
-        if entry.disk and self.local is not None:
+        zpage = self._bytes.get(location) or self._staged.get(location)
+        if zpage is not None:
+            return zpage
+        disk = self.table.disk_of(location)
+        holders = self.table.holders_of(location)
+        if disk and self.local is not None:
             try:
-                return self.local.load(pool_id, entry.disk)
+                return self.local.load(pool_id, disk)
             except CorruptPage:
-                if not entry.holders:
+                if not holders:
                     raise
-                self._drop_disk(location, entry)  # the next get fetches a peer's copy
+                self._drop_disk(location)  # the next get fetches a peer's copy
                 self._queue_repairs({location})
                 raise PageUnavailable(
                     f"the disk copy of remote location {location} is damaged"
                 ) from None
-        if entry.damaged and entry.damaged >= set(entry.holders):
+        damaged = self._damaged.get(location, NOBODY)
+        if damaged and damaged >= set(holders):
             raise CorruptPage(f"every copy of remote location {location} failed verification")
         raise PageUnavailable(f"no copy of remote location {location} could be reached")
 
     def forget(self, pool_id: int, location: int) -> None:
-        entry = self.entries.pop(location, None)
-        if entry is None:
+        if location not in self.table:
             return
         self._staged.pop(location, None)
         self._short.discard(location)
-        for address, epoch in entry.holders.items():
-            self.by_peer.get(address, set()).discard(location)
-            self._flushes.setdefault(address, []).append(
-                (epoch, entry.pool_id, entry.oid, entry.index)
-            )
-        if entry.disk and self.local is not None:
-            self.local.forget(pool_id, entry.disk)
-        if entry.zpage is not None:
-            self._unbox(entry)
-        if self.journal is not None and entry.journaled:
+        self._sending.pop(location, None)
+        self._tried.pop(location, None)
+        self._damaged.pop(location, None)
+        holders = self.table.holders_of(location)
+        for address in holders:
+            self._flush_copy(address, location)
+        disk = self.table.disk_of(location)
+        if disk and self.local is not None:
+            self.local.forget(pool_id, disk)
+        zpage = self._bytes.pop(location, None)
+        if zpage is not None:
+            self.outbox_bytes -= len(zpage)
+        self.table.free(location)
+        if self.journal is not None:
             self.journal.forget(location)
             self._commit()  # before the caller answers: a flushed page never comes back
-        if entry.holders:
+        if holders:
             self.wake()
 
     def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
         """The locations found again in the journal, for zcache to file under their keys."""
-        for location, e in self.entries.items():
-            yield e.pool_id, e.allocator, e.oid, e.index, location
-
-    def _unbox(self, entry: Entry) -> None:
-        assert entry.zpage is not None
-        self.outbox -= 1
-        self.outbox_bytes -= len(entry.zpage)
-        entry.zpage = None
+        for location in self.table:
+            pool_id, allocator, oid, index = self._key_alloc(location)
+            yield pool_id, allocator, oid, index, location
 
     def _commit(self) -> None:
         if self.journal is not None:
             self.journal.commit()
-            if self.journal.wants_rewrite(3 * len(self.entries)):
+            if self.journal.wants_rewrite(3 * self.table.count):
                 self._compact_journal()
-
-    def _journal_key(self, location: int, entry: Entry) -> None:
-        if self.journal is not None and not entry.journaled:
-            self.journal.key(location, entry.pool_id, entry.allocator, entry.oid, entry.index)
-            entry.journaled = True
 
     # -- sending ----------------------------------------------------------------------------
     def take_sends(self, limit: int | None = None) -> list[SendPlan]:
@@ -414,117 +387,138 @@ class RamsterLayer:
         budget = limit or self.config.send_batch * 4
         plans: dict[str, list[tuple[int, int, bytes]]] = {}
         defer = []
+        table = self.table
         while self._pending and budget > 0:
             location = self._pending.popleft()
-            entry = self.entries.get(location)
-            if entry is None or entry.zpage is None:
+            zpage = self._bytes.get(location)
+            if zpage is None:
                 continue
-            need = self._needed(entry)
-            exclude = set(entry.holders) | entry.sending | entry.tried
+            need = self._needed(location)
+            sending = self._sending.get(location, NOBODY)
+            exclude = {*table.holders_of(location), *sending, *self._tried.get(location, ())}
+            pool_id = table.key(location)[0]
             while need > 0:
                 peer = self.membership.choose(exclude)
-                if peer is None:
+                if peer is None or not table.can_hold(peer.address):
                     break
                 exclude.add(peer.address)
-                entry.sending |= {peer.address}
-                self.membership.debit(peer.address, len(entry.zpage))
-                plans.setdefault(peer.address, []).append((location, entry.pool_id, entry.zpage))
+                sending = sending | {peer.address}
+                self.membership.debit(peer.address, len(zpage))
+                plans.setdefault(peer.address, []).append((location, pool_id, zpage))
                 budget -= 1
                 need -= 1
-            if need > 0 and not entry.sending:
-                if not self._settle_without_peers(location, entry):
+            if sending:
+                self._sending[location] = sending
+            if need > 0 and not sending:
+                if not self._settle_without_peers(location):
                     defer.append(location)
-            elif not entry.sending:
-                self._settle(entry)
+            elif not sending:
+                self._settle(location)
         self._pending.extend(defer)
         self._commit()
         peers = self.membership.peers
         return [SendPlan(a, peers[a].epoch, items) for a, items in plans.items()]
 
-    def _settle_without_peers(self, location: int, entry: Entry) -> bool:
+    def _settle_without_peers(self, location: int) -> bool:
         """No (more) peer can take a copy: add a disk copy; settle if a copy exists anywhere."""
-        self._disk_copy(location, entry)
-        if entry.disk or entry.holders:
-            self._settle(entry)
-            if self._needed(entry) > 0:  # placed again when a peer (re)appears
+        self._disk_copy(location)
+        if self.table.disk_of(location) or self.table.holders_of(location):
+            self._settle(location)
+            if self._needed(location) > 0:  # placed again when a peer (re)appears
                 self._short.add(location)
             return True
-        entry.tried = NOBODY  # nothing took it: keep the bytes and try every peer again later
+        self._tried.pop(location, None)  # nothing took it: keep the bytes, try every peer later
         return False
 
-    def _disk_copy(self, location: int, entry: Entry) -> None:
-        assert entry.zpage is not None
-        if entry.disk or self.local is None:
+    def _disk_copy(self, location: int) -> None:
+        zpage = self._bytes.get(location)
+        if zpage is None or self.table.disk_of(location) or self.local is None:
             return
-        (disk,) = self.local.evict(entry.pool_id, entry.allocator, [entry.zpage])
+        pool_id, allocator, _, _ = self._key_alloc(location)
+        (disk,) = self.local.evict(pool_id, allocator, [zpage])
         if disk:
-            entry.disk = disk
+            self.table.set_disk(location, disk)
             self.stats.disk_copies += 1
-            self._journal_key(location, entry)
             if self.journal is not None:
                 self.journal.disk(location, disk)
 
-    def _drop_disk(self, location: int, entry: Entry) -> None:
+    def _drop_disk(self, location: int) -> None:
+        disk = self.table.disk_of(location)
         if self.local is not None:
-            self.local.forget(entry.pool_id, entry.disk)
-        entry.disk = 0
-        if self.journal is not None and entry.journaled:
+            self.local.forget(self.table.key(location)[0], disk)
+        self.table.set_disk(location, 0)
+        if self.journal is not None:
             self.journal.disk(location, 0)
 
-    def _settle(self, entry: Entry) -> None:
-        if entry.zpage is not None:
-            self._unbox(entry)
-        entry.tried = NOBODY
+    def _settle(self, location: int) -> None:
+        zpage = self._bytes.pop(location, None)
+        if zpage is not None:
+            self.outbox_bytes -= len(zpage)
+        self._tried.pop(location, None)
 
     def sent(self, plan: SendPlan, stored: list[bool]) -> None:
         """What the peer did with each zpage of `plan` (all False if the call failed)."""
+        peer = self.membership.peers.get(plan.address)
+        current = peer is not None and peer.epoch == plan.epoch
         for (location, pool_id, zpage), ok in zip(plan.items, stored, strict=True):
-            entry = self.entries.get(location)
-            if entry is None:  # forgotten while in flight: take back what the peer stored
+            if location not in self.table:  # forgotten while in flight: take back its copy
                 if ok:
                     oid, index = zpage_key(zpage)
                     self._flushes.setdefault(plan.address, []).append(
                         (plan.epoch, pool_id, oid, index)
                     )
                 continue
-            entry.sending = entry.sending - {plan.address} or NOBODY
-            peer = self.membership.peers.get(plan.address)
-            if ok and peer is not None and peer.epoch == plan.epoch:
-                entry.holders[plan.address] = plan.epoch
-                entry.damaged = entry.damaged - {plan.address} or NOBODY
-                self.by_peer.setdefault(plan.address, set()).add(location)
+            left = self._sending.get(location, NOBODY) - {plan.address}
+            if left:
+                self._sending[location] = left
+            else:
+                self._sending.pop(location, None)
+            if ok and current:
+                self.table.add_holder(location, plan.address)
+                self._forget_damage(location, plan.address)
                 self.stats.remote_puts += 1
-                self._journal_key(location, entry)
                 if self.journal is not None:
                     self.journal.holder(location, plan.address)
             else:
-                entry.tried |= {plan.address}
+                self._tried[location] = self._tried.get(location, NOBODY) | {plan.address}
                 self.stats.remote_refused += 1
             self._pending.append(location)  # take_sends settles it or places more copies
         self._commit()
+
+    def _forget_damage(self, location: int, address: str) -> None:
+        damaged = self._damaged.get(location, NOBODY) - {address}
+        if damaged:
+            self._damaged[location] = damaged
+        else:
+            self._damaged.pop(location, None)
 
     # -- gets -------------------------------------------------------------------------------
     def fetch_sources(self, location: int) -> list[FetchSource]:
         """Peers to fetch a remote copy from: live, synced ones, suspects last; empty when no
         fetch is needed (a local disk copy is read instead: faster than any peer)."""
-        entry = self.entries.get(location)
-        if entry is None or entry.zpage is not None or entry.disk or location in self._staged:
-            return []  # no fetch needed: the bytes are here, or on the local disk
+        if (
+            location not in self.table
+            or location in self._bytes
+            or location in self._staged
+            or self.table.disk_of(location)
+        ):
+            return []
         peers = self.membership.peers
         live = [
-            (a, epoch)
-            for a, epoch in entry.holders.items()
+            peers[a]
+            for a in self.table.holders_of(location)
             if a in peers and peers[a].up and peers[a].synced
         ]
-        live.sort(key=lambda holder: peers[holder[0]].suspect)
-        return [FetchSource(a, epoch, entry.pool_id, entry.oid, entry.index) for a, epoch in live]
+        live.sort(key=lambda peer: peer.suspect)
+        pool_id, oid, index = self.table.key(location)
+        return [FetchSource(p.address, p.epoch, pool_id, oid, index) for p in live]
 
     def stage(self, location: int, zpage: bytes) -> None:
         """A fetched, verified copy for the get that is about to load `location`.  It stays
         (bounded, oldest out first) until the location is forgotten, so a get that runs
         concurrently with another of the same page, or one that could not bring it home,
         finds it too."""
-        if location in self.entries:
+        if location in self.table:
             self._staged[location] = zpage
             while len(self._staged) > STAGED_LIMIT:  # the oldest copies go first
                 del self._staged[next(iter(self._staged))]
@@ -532,10 +526,9 @@ class RamsterLayer:
 
     def damaged(self, location: int, address: str) -> None:
         """`address` returned a copy of `location` that failed verification."""
-        entry = self.entries.get(location)
         self.stats.damaged += 1
-        if entry is not None and address in entry.holders:
-            entry.damaged |= {address}
+        if location in self.table and self.table.holds(location, address):
+            self._damaged[location] = self._damaged.get(location, NOBODY) | {address}
 
     # -- flushes ----------------------------------------------------------------------------
     def take_flushes(self) -> dict[str, list[tuple[int, int, int, int]]]:
@@ -573,14 +566,14 @@ class RamsterLayer:
         limit = min(limit, self._outbox_room())
         while self._repairs and len(out) < limit:
             location = self._repairs.popleft()
-            entry = self.entries.get(location)
-            if entry is None or entry.zpage is not None or self._needed(entry) <= 0:
+            if location not in self.table or location in self._bytes or self._needed(location) <= 0:
                 continue
-            if entry.disk and self.local is not None:
+            disk = self.table.disk_of(location)
+            if disk and self.local is not None:
                 try:
-                    zpage = self.local.load(entry.pool_id, entry.disk)
+                    zpage = self.local.load(self.table.key(location)[0], disk)
                 except CorruptPage:  # a damaged disk copy does not count: fetch another
-                    self._drop_disk(location, entry)
+                    self._drop_disk(location)
                 else:
                     self.repaired(location, zpage)
                     limit -= 1
@@ -591,35 +584,35 @@ class RamsterLayer:
             elif sources:
                 later.append(location)
             else:
-                self._unreachable(entry)
+                self._unreachable(location)
         self._repairs.extend(later)
         self.stats.repairs_pending = len(self._repairs)
         return out
 
     def repaired(self, location: int, zpage: bytes | None) -> None:
         """The fetched bytes of a zpage under repair (None: every source failed)."""
-        entry = self.entries.get(location)
-        if entry is None:
+        if location not in self.table:
             return
         if zpage is None:
             if self.fetch_sources(location):
                 self._repairs.append(location)  # retried on a later pass
             else:
-                self._unreachable(entry)
+                self._unreachable(location)
             return
-        entry.zpage = zpage
-        self.outbox += 1
-        self.outbox_bytes += len(zpage)
+        if location not in self._bytes:
+            self._bytes[location] = zpage
+            self.outbox_bytes += len(zpage)
         self.stats.rereplicated += 1
         # copies on leaving peers stop counting once the zpage is placed again
-        for address in [a for a in entry.holders if self._leaving(a)]:
-            self._drop_holder(location, address, flush=True)
+        for address in self.table.holders_of(location):
+            if self._leaving(address):
+                self._drop_holder(location, address, flush=True)
         self._pending.append(location)
 
-    def _unreachable(self, entry: Entry) -> None:
+    def _unreachable(self, location: int) -> None:
         """No live holder has a copy.  If a down holder may still come back with one, the
         repair waits for it (`_rejoined`); with no holder left at all, the page is lost."""
-        if not entry.holders:
+        if not self.table.holders_of(location):
             self.stats.lost += 1
 
     def _leaving(self, address: str) -> bool:
@@ -633,13 +626,12 @@ class RamsterLayer:
         are lost with the process)."""
         self.closing = True
         stranded = 0
-        for location, entry in self.entries.items():
-            if entry.zpage is not None:
-                self._disk_copy(location, entry)
-                if entry.disk or entry.holders:
-                    self._settle(entry)
-                else:
-                    stranded += 1
+        for location in list(self._bytes):
+            self._disk_copy(location)
+            if self.table.disk_of(location) or self.table.holders_of(location):
+                self._settle(location)
+            else:
+                stranded += 1
         if self.journal is not None:
             self._compact_journal()
             self.journal.close()
@@ -647,21 +639,26 @@ class RamsterLayer:
 
     # -- introspection ----------------------------------------------------------------------
     @property
+    def outbox(self) -> int:
+        """Zpages whose bytes wait here for their copies."""
+        return len(self._bytes)
+
+    @property
     def remote_pages(self) -> int:
-        return len(self.entries)
+        return self.table.count
 
     @property
     def peer_copies(self) -> int:
         """Copies of our zpages that peers hold, as far as the table knows."""
-        return sum(len(held) for held in self.by_peer.values())
+        return sum(self.table.copies.values())
 
     def replica_histogram(self) -> dict[int, int]:
         """How many zpages have n live copies (peers + disk)."""
         hist: dict[int, int] = {}
         peers = self.membership.peers
-        for entry in self.entries.values():
-            n = sum(1 for a in entry.holders if a in peers and peers[a].up) + (
-                1 if entry.disk else 0
-            )
+        table = self.table
+        for location in table:
+            n = sum(1 for a in table.holders_of(location) if a in peers and peers[a].up)
+            n += 1 if table.disk_of(location) else 0
             hist[n] = hist.get(n, 0) + 1
         return hist

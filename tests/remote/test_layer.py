@@ -58,13 +58,14 @@ async def test_dead_peer_loses_nothing_and_replicas_come_back(
 ) -> None:
     net = MemNetwork(tmp_path, ["a", "b", "c", "d"])
     a, pool, keys = await spill(net, compressible_pages)
-    held_by_b = len(a.layer.by_peer.get("b", ()))
+    held_by_b = len(a.layer.table.held_by("b"))
     assert held_by_b > 0
     net.nodes["b"].up = False
     await net.settle(6)
     assert a.layer.stats.rereplicated >= held_by_b
     assert a.layer.replica_histogram() == {2: a.layer.remote_pages}
-    assert all(net.nodes[h].up for e in a.layer.entries.values() for h in e.holders if h != "b")
+    table = a.layer.table
+    assert all(net.nodes[h].up for loc in table for h in table.holders_of(loc) if h != "b")
     assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
     assert a.layer.stats.lost == 0
 
@@ -130,7 +131,7 @@ async def test_returning_peer_drops_what_it_should_no_longer_hold(
     b.up = True
     await net.settle(3)
     # its copies count again; those made redundant meanwhile were flushed
-    assert b.foreign.pages_by_owner().get("a", 0) == len(a.layer.by_peer.get("b", ()))
+    assert b.foreign.pages_by_owner().get("a", 0) == len(a.layer.table.held_by("b"))
     assert a.layer.replica_histogram() == {2: a.layer.remote_pages}
     assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
 

@@ -143,13 +143,14 @@ class LayerMachine(RuleBasedStateMachine):
     def tables_agree(self) -> None:
         layer = self.a.layer
         assert layer.stats.lost == 0
-        for address, held in layer.by_peer.items():
-            for location in held:
-                assert address in layer.entries[location].holders
-        for location, entry in layer.entries.items():
-            for address in entry.holders:
-                assert location in layer.by_peer[address]
-        assert layer.outbox == sum(e.zpage is not None for e in layer.entries.values())
+        table = layer.table
+        live = list(table)
+        assert len(live) == table.count
+        for address, copies in table.copies.items():
+            assert copies == len(table.held_by(address))
+            assert all(address in table.holders_of(loc) for loc in table.held_by(address))
+        assert all(location in table for location in layer._bytes)
+        assert layer.outbox_bytes == sum(len(z) for z in layer._bytes.values())
         self.a.cache.verify()
 
 

@@ -1,0 +1,185 @@
+# The owner's remote table: per remotified zpage, its key, its holders and its disk copy, in
+# arrays rather than objects, so parking a page on a peer costs the owner a few dozen bytes.
+#
+# A location is `generation << 32 | slot`.  Slots index six arrays (26 bytes per live page):
+#
+#     gen u16 | pool u32 | oid u64 | index u32 | disk u32 (backing-file block, 0: none)
+#     holders u32: a bitmask over peer bits (address -> bit, at most 32 peers hold our pages)
+#
+# Freed slots are reused (a free list), with their generation bumped, so a location is never
+# handed out twice for different versions of a page (the owner seals copies with it, and the
+# journal names it).  Which peer holds what is found by scanning the holders array: O(pages),
+# but only on rare events (a peer down, restarted, leaving, or asked after our restart); the
+# copies each peer holds are counted as they change, for metrics.  Copies carry no epoch of
+# their own: a copy is valid in the epoch its peer is in now, because a peer's restart (a new
+# epoch) drops every copy it held.  Zpage bytes waiting in the outbox and other in-flight state
+# live in small dicts in the layer, not here.
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+
+from ramster.zcache.config import ALLOCATORS
+
+FREE = 0xFFFFFFFF  # pool id of an unused slot
+SLOT_BITS = 32
+SLOT_MASK = (1 << SLOT_BITS) - 1
+MAX_GEN = 0xFFFF
+MAX_HOLDER_PEERS = 32
+
+
+class TableFull(Exception):
+    """More than 32 peers would hold copies at once."""
+
+
+class RemoteTable:
+    def __init__(self) -> None:
+        # slot 0 is never used: location 0 means "refused" to zcache
+        self.gen = array("H", [0])
+        self.pool = array("I", [FREE])
+        self.oid = array("Q", [0])
+        self.index = array("I", [0])
+        self.disk = array("I", [0])
+        self.holders = array("I", [0])
+        self._free = array("I")
+        self.count = 0
+        self.allocators: dict[int, str] = {}  # pool id -> allocator of its zpages
+        self.bits: dict[str, int] = {}  # peer address -> bit
+        self.copies: dict[str, int] = {}  # peer address -> copies it holds
+
+    # -- locations --------------------------------------------------------------------------
+    def new(self, pool_id: int, allocator: str, oid: int, index: int) -> int:
+        if self._free:
+            slot = self._free.pop()
+            self.gen[slot] = gen = (self.gen[slot] + 1) & MAX_GEN
+        else:
+            slot, gen = len(self.pool), 0
+            for column in (self.gen, self.pool, self.index, self.disk, self.holders):
+                column.append(0)
+            self.oid.append(0)
+        self.pool[slot], self.oid[slot], self.index[slot] = pool_id, oid, index
+        self.disk[slot] = self.holders[slot] = 0
+        self.allocators.setdefault(pool_id, allocator)
+        self.count += 1
+        return gen << SLOT_BITS | slot
+
+    def restore(self, location: int, pool_id: int, allocator: str, oid: int, index: int) -> None:
+        """Put back a location recovered from the journal, under its old number."""
+        slot = location & SLOT_MASK
+        while len(self.pool) <= slot:
+            self._free.append(len(self.pool))
+            for column in (self.gen, self.index, self.disk, self.holders):
+                column.append(0)
+            self.pool.append(FREE)
+            self.oid.append(0)
+        self.gen[slot] = location >> SLOT_BITS
+        self.pool[slot], self.oid[slot], self.index[slot] = pool_id, oid, index
+        self.allocators.setdefault(pool_id, allocator)
+        self.count += 1
+
+    def compact_free_list(self) -> None:
+        """After restores: the free list holds exactly the unused slots."""
+        self._free = array("I", (s for s in range(1, len(self.pool)) if self.pool[s] == FREE))
+
+    def __contains__(self, location: int) -> bool:
+        slot = location & SLOT_MASK
+        return (
+            slot < len(self.pool)
+            and self.pool[slot] != FREE
+            and self.gen[slot] == location >> SLOT_BITS
+        )
+
+    def free(self, location: int) -> None:
+        slot = location & SLOT_MASK
+        for address in self.holders_of(location):
+            self.copies[address] -= 1
+        self.pool[slot], self.holders[slot], self.disk[slot] = FREE, 0, 0
+        self._free.append(slot)
+        self.count -= 1
+
+    def key(self, location: int) -> tuple[int, int, int]:
+        slot = location & SLOT_MASK
+        return self.pool[slot], self.oid[slot], self.index[slot]
+
+    def allocator(self, location: int) -> str:
+        return self.allocators.get(self.pool[location & SLOT_MASK], ALLOCATORS[-1])
+
+    def __iter__(self) -> Iterator[int]:
+        """Every live location."""
+        gen, pool = self.gen, self.pool
+        return (gen[s] << SLOT_BITS | s for s in range(len(pool)) if pool[s] != FREE)
+
+    # -- disk copies ------------------------------------------------------------------------
+    def disk_of(self, location: int) -> int:
+        return self.disk[location & SLOT_MASK]
+
+    def set_disk(self, location: int, block: int) -> None:
+        self.disk[location & SLOT_MASK] = block
+
+    # -- holders ----------------------------------------------------------------------------
+    def _bit(self, address: str) -> int:
+        bit = self.bits.get(address)
+        if bit is None:
+            used = set(self.bits.values())
+            free = next((b for b in range(MAX_HOLDER_PEERS) if b not in used), None)
+            if free is None:  # reuse the bit of a peer that holds nothing any more
+                idle = next((a for a, n in self.copies.items() if not n), None)
+                if idle is None:
+                    raise TableFull(f"more than {MAX_HOLDER_PEERS} peers hold copies")
+                free = self.bits.pop(idle)
+                del self.copies[idle]
+            bit = self.bits[address] = free
+            self.copies[address] = 0
+        return bit
+
+    def can_hold(self, address: str) -> bool:
+        """Whether a copy can be recorded on `address` (it has a bit, or one is free)."""
+        return (
+            address in self.bits
+            or len(self.bits) < MAX_HOLDER_PEERS
+            or any(not n for n in self.copies.values())
+        )
+
+    def add_holder(self, location: int, address: str) -> None:
+        slot, mask = location & SLOT_MASK, 1 << self._bit(address)
+        if not self.holders[slot] & mask:
+            self.holders[slot] |= mask
+            self.copies[address] += 1
+
+    def drop_holder(self, location: int, address: str) -> bool:
+        """Remove `address` from the holders of `location`; whether it was one."""
+        bit = self.bits.get(address)
+        slot = location & SLOT_MASK
+        if bit is None or not self.holders[slot] >> bit & 1:
+            return False
+        self.holders[slot] &= ~(1 << bit) & 0xFFFFFFFF
+        self.copies[address] -= 1
+        return True
+
+    def holds(self, location: int, address: str) -> bool:
+        bit = self.bits.get(address)
+        return bit is not None and bool(self.holders[location & SLOT_MASK] >> bit & 1)
+
+    def holders_of(self, location: int) -> list[str]:
+        mask = self.holders[location & SLOT_MASK]
+        if not mask:
+            return []
+        return [a for a, bit in self.bits.items() if mask >> bit & 1]
+
+    def held_by(self, address: str) -> list[int]:
+        """Every location with a copy on `address` (a scan; for rare events)."""
+        bit = self.bits.get(address)
+        if bit is None or not self.copies.get(address):
+            return []
+        gen, holders = self.gen, self.holders
+        return [gen[s] << SLOT_BITS | s for s in range(len(holders)) if holders[s] >> bit & 1]
+
+    def without_holders(self) -> list[int]:
+        gen, pool, holders = self.gen, self.pool, self.holders
+        return [
+            gen[s] << SLOT_BITS | s for s in range(len(pool)) if pool[s] != FREE and not holders[s]
+        ]
+
+    def metadata_bytes(self) -> int:
+        columns = (self.gen, self.pool, self.oid, self.index, self.disk, self.holders, self._free)
+        return sum(c.buffer_info()[1] * c.itemsize for c in columns)
