@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from node.logs import log_event
 from node.peering import GrpcTransport, Identity, PeerServicer
+from node.sealing import Sealer, load_sealing_key
 from node.settings import Settings
 from ramster.remote import ForeignStore, RamsterLayer, RemoteConfig
 from ramster.remote.driver import RemoteDriver
@@ -46,7 +47,9 @@ class RemoteSide:
             heartbeat_interval=settings.heartbeat_interval,
             down_after=settings.down_after,
         )
-        self.foreign = ForeignStore(max(1, settings.foreign_limit // PAGE_SIZE))
+        self.foreign = ForeignStore(
+            max(1, settings.foreign_limit // PAGE_SIZE), max_owners=max(1, len(settings.peers))
+        )
         self.layer = RamsterLayer(
             self.identity.node_id,
             self.identity.incarnation,
@@ -56,7 +59,8 @@ class RemoteSide:
             journal=Journal(settings.data_dir),
         )
         self.chain = EvictorChain([self.layer, backing])
-        self.transport = GrpcTransport(self.identity, timeout=settings.peer_timeout)
+        sealer = Sealer(load_sealing_key(settings.data_dir), settings.node_id)
+        self.transport = GrpcTransport(self.identity, sealer, timeout=settings.peer_timeout)
         self.servicer = PeerServicer(self.foreign, self.identity)
         self.driver: RemoteDriver | None = None
         self._task: asyncio.Task[None] | None = None

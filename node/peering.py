@@ -3,9 +3,20 @@
 #
 # Both are thin: the servicer decodes a request, calls the ForeignStore, encodes the reply; the
 # transport is the reverse, with a deadline on every call so a frozen or partitioned peer costs a
-# timeout, never a hang.  zpages travel as one blob plus a packed list of sizes.  A malformed
-# request (sizes that do not add up, mismatched key lists) is INVALID_ARGUMENT; damaged zpages
-# inside a well-formed request are simply not stored, and the owner places them elsewhere.
+# timeout, never a hang.  zpages travel as one blob plus a packed list of sizes and their keys.
+#
+# The servicer trusts nothing a caller sends: every field of every request is checked before the
+# store sees it (owner names, key ranges and list lengths, at most MAX_BATCH_PAGES keys as in the
+# client API, each blob's size against what a frame holds, sizes adding up to the blob, no key
+# twice in a put), and a request that fails any check is INVALID_ARGUMENT with nothing changed.
+#
+# Sealing happens here, in the transport, so the ramster layer keeps handling plain zpages: put
+# seals each zpage under the owner's key (node/sealing.py) bound to its pool, key and location
+# (the version), and sends its key beside it, since the holder cannot read the header; get opens
+# what comes back, and a blob that does not open comes back as b"" (a damaged copy: the driver
+# counts it and tries the next holder).  A zpage whose sealed blob fits no holder frame (a raw,
+# incompressible page) is refused without a call, so the owner keeps it on its disk.  Calls are
+# cut into batches of MAX_BATCH_PAGES keys, the limit the servicer enforces.
 #
 # Identity (with TLS): the peer listener is mTLS, and PeerAuthInterceptor, the innermost
 # interceptor of that listener, admits a call only if the caller's CA-signed certificate names a
@@ -22,21 +33,28 @@ from typing import Any, TypeVar
 
 import grpc
 
+from node.sealing import Sealer
 from ramster.certs import NODE, member_of_pem
 from ramster.client.wire import (
     CHANNEL_OPTIONS,
     INDEX_LIMIT,
+    MAX_BATCH_PAGES,
     POOL_LIMIT,
     all_in_range,
+    check_count,
     in_range,
 )
 from ramster.remote import ForeignStore, OwnerTag
 from ramster.remote.driver import PeerInfo
+from ramster.remote.foreign import MAX_BLOB, blob_fits
 from ramster.v1 import peer_pb2 as pb
 from ramster.v1 import peer_pb2_grpc
+from ramster.zcache.codec import PAGE_SIZE, zpage_key
 
 T = TypeVar("T")
 RECLAIM_CHUNK = 65536  # keys per ReclaimChunk: about 1 MiB
+MAX_NODE_ID = 256  # bytes of an owner's node id
+MAX_INCARNATION = 64  # characters of an owner's incarnation (ours are 32 hex digits)
 PEER_SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 
 
@@ -63,7 +81,40 @@ def split_zpages(blob: bytes, sizes: list[int]) -> list[bytes]:
 def _owner(message: pb.Owner) -> OwnerTag:
     if not message.node_id or not message.incarnation:
         raise ValueError("a peer request must name its owner's node id and incarnation")
+    if len(message.node_id.encode()) > MAX_NODE_ID or len(message.incarnation) > MAX_INCARNATION:
+        raise ValueError(
+            f"an owner's node id has at most {MAX_NODE_ID} bytes and its incarnation at most "
+            f"{MAX_INCARNATION} characters"
+        )
     return OwnerTag(message.node_id, message.incarnation)
+
+
+def _keys(field: str, oids: list[int], indices: list[int]) -> list[tuple[int, int]]:
+    """(oid, index) keys of a request: at most MAX_BATCH_PAGES, one oid per index, indexes
+    in the engine's range."""
+    check_count(len(indices))
+    if len(oids) != len(indices):
+        raise ValueError(
+            f"{field} needs one oid per index: {len(oids)} oids, {len(indices)} indices"
+        )
+    all_in_range("indices", indices, INDEX_LIMIT)
+    return list(zip(oids, indices, strict=True))
+
+
+def _put_items(request: pb.PutZpagesRequest) -> tuple[list[tuple[int, int]], list[bytes]]:
+    """The keys and blobs of a put, every field checked."""
+    sizes = list(request.sizes)
+    keys = _keys("a put", list(request.oids), list(request.indices))
+    if len(sizes) != len(keys):
+        raise ValueError(f"a put needs one size per key: {len(sizes)} sizes, {len(keys)} keys")
+    bad = next((size for size in sizes if not blob_fits(size)), None)
+    if bad is not None:
+        raise ValueError(
+            f"a zpage of {bad} bytes fits no frame: 1 to {MAX_BLOB} bytes, or {PAGE_SIZE}"
+        )
+    if len(set(keys)) != len(keys):
+        raise ValueError("a put names the same key twice")
+    return keys, split_zpages(request.zpages, sizes)
 
 
 class PeerServicer(peer_pb2_grpc.PeerServicer):
@@ -81,24 +132,27 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
-        me = self.identity
-        return pb.HeartbeatResponse(
-            node_id=me.node_id,
-            incarnation=me.incarnation,
-            free_bytes=self.foreign.free_bytes_for(request.sender.node_id),
-            leaving=me.leaving,
-        )
+        def beat() -> pb.HeartbeatResponse:
+            me = self.identity
+            return pb.HeartbeatResponse(
+                node_id=me.node_id,
+                incarnation=me.incarnation,
+                free_bytes=self.foreign.free_bytes_for(_owner(request.sender).node_id),
+                leaving=me.leaving,
+            )
+
+        return await self._run(context, beat)
 
     async def PutZpages(
         self, request: pb.PutZpagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutZpagesResponse:
         def put() -> pb.PutZpagesResponse:
-            in_range("pool_id", request.pool_id, POOL_LIMIT)
-            zpages = split_zpages(request.zpages, list(request.sizes))
-            if self.identity.leaving:  # take nothing new on the way out
-                return pb.PutZpagesResponse(stored=[False] * len(zpages))
             owner = _owner(request.owner)
-            stored = self.foreign.put(owner, request.epoch, request.pool_id, zpages)
+            in_range("pool_id", request.pool_id, POOL_LIMIT)
+            keys, blobs = _put_items(request)
+            if self.identity.leaving:  # take nothing new on the way out
+                return pb.PutZpagesResponse(stored=[False] * len(blobs))
+            stored = self.foreign.put(owner, request.epoch, request.pool_id, keys, blobs)
             return pb.PutZpagesResponse(stored=stored)
 
         return await self._run(context, put)
@@ -107,12 +161,10 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self, request: pb.GetZpagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetZpagesResponse:
         def get() -> pb.GetZpagesResponse:
-            if len(request.oids) != len(request.indices):
-                raise ValueError("oids and indices must have the same length")
+            owner = _owner(request.owner)
             in_range("pool_id", request.pool_id, POOL_LIMIT)
-            all_in_range("indices", request.indices, INDEX_LIMIT)
-            keys = list(zip(request.oids, request.indices, strict=True))
-            got = self.foreign.get(_owner(request.owner), request.epoch, request.pool_id, keys)
+            keys = _keys("a get", list(request.oids), list(request.indices))
+            got = self.foreign.get(owner, request.epoch, request.pool_id, keys)
             found = [z or b"" for z in got]
             return pb.GetZpagesResponse(zpages=b"".join(found), sizes=[len(z) for z in found])
 
@@ -136,12 +188,12 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self, request: pb.FlushZpagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.FlushZpagesResponse:
         def flush() -> pb.FlushZpagesResponse:
+            owner = _owner(request.owner)
+            _keys("a flush", list(request.oids), list(request.indices))
             n = len(request.oids)
-            if not len(request.epochs) == len(request.pool_ids) == len(request.indices) == n:
+            if not len(request.epochs) == len(request.pool_ids) == n:
                 raise ValueError("epochs, pool_ids, oids and indices must have the same length")
             all_in_range("pool_ids", request.pool_ids, POOL_LIMIT)
-            all_in_range("indices", request.indices, INDEX_LIMIT)
-            owner = _owner(request.owner)
             flushed = 0
             for epoch, pool_id, oid, index in zip(
                 request.epochs, request.pool_ids, request.oids, request.indices, strict=True
@@ -210,8 +262,9 @@ async def admit(request: Any, context: grpc.aio.ServicerContext) -> None:
 class GrpcTransport:
     """The driver's Transport over ramster.v1.Peer, with a deadline on every call."""
 
-    def __init__(self, identity: Identity, timeout: float = 1.0) -> None:
+    def __init__(self, identity: Identity, sealer: Sealer, timeout: float = 1.0) -> None:
         self.identity = identity
+        self.sealer = sealer
         self.timeout = timeout
         self.credentials: grpc.ChannelCredentials | None = None  # mTLS: set before the start
         self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
@@ -239,50 +292,87 @@ class GrpcTransport:
         )
         return PeerInfo(reply.node_id, reply.incarnation, reply.free_bytes, reply.leaving)
 
-    async def put(self, address: str, epoch: int, pool_id: int, zpages: list[bytes]) -> list[bool]:
-        reply = await self._stub(address).PutZpages(
-            pb.PutZpagesRequest(
-                owner=self._me,
-                epoch=epoch,
-                pool_id=pool_id,
-                zpages=b"".join(zpages),
-                sizes=[len(z) for z in zpages],
-            ),
-            timeout=self.timeout * 4,
-        )
-        if len(reply.stored) != len(zpages):
-            raise ValueError(f"peer {address} answered for {len(reply.stored)} of {len(zpages)}")
-        return list(reply.stored)
+    async def put(
+        self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
+    ) -> list[bool]:
+        """Seal and place zpages; per zpage whether the peer stored it (False without a call
+        for one whose sealed blob fits no holder frame)."""
+        keys = [zpage_key(z) for z in zpages]
+        seal = self.sealer.seal
+        blobs = [
+            seal(pool_id, oid, index, location, zpage)
+            for (oid, index), location, zpage in zip(keys, locations, zpages, strict=True)
+        ]
+        sendable = [i for i, blob in enumerate(blobs) if blob_fits(len(blob))]
+        stored = [False] * len(zpages)
+        for start in range(0, len(sendable), MAX_BATCH_PAGES):
+            part = sendable[start : start + MAX_BATCH_PAGES]
+            reply = await self._stub(address).PutZpages(
+                pb.PutZpagesRequest(
+                    owner=self._me,
+                    epoch=epoch,
+                    pool_id=pool_id,
+                    zpages=b"".join([blobs[i] for i in part]),
+                    sizes=[len(blobs[i]) for i in part],
+                    oids=[keys[i][0] for i in part],
+                    indices=[keys[i][1] for i in part],
+                ),
+                timeout=self.timeout * 4,
+            )
+            if len(reply.stored) != len(part):
+                raise ValueError(f"peer {address} answered for {len(reply.stored)} of {len(part)}")
+            for i, ok in zip(part, reply.stored, strict=True):
+                stored[i] = ok
+        return stored
 
     async def get(
-        self, address: str, epoch: int, pool_id: int, keys: list[tuple[int, int]]
+        self,
+        address: str,
+        epoch: int,
+        pool_id: int,
+        keys: list[tuple[int, int]],
+        locations: list[int],
     ) -> list[bytes | None]:
-        reply = await self._stub(address).GetZpages(
-            pb.GetZpagesRequest(
-                owner=self._me,
-                epoch=epoch,
-                pool_id=pool_id,
-                oids=[k[0] for k in keys],
-                indices=[k[1] for k in keys],
-            ),
-            timeout=self.timeout,
-        )
-        zpages = split_zpages(reply.zpages, list(reply.sizes))
-        if len(zpages) != len(keys):
-            raise ValueError(f"peer {address} answered for {len(zpages)} of {len(keys)} keys")
-        return [z or None for z in zpages]
+        """The zpages a peer holds under `keys`, opened: None where it holds none, b"" where
+        what it holds is not our seal of that version (damaged)."""
+        out: list[bytes | None] = []
+        for start in range(0, len(keys), MAX_BATCH_PAGES):
+            part = keys[start : start + MAX_BATCH_PAGES]
+            reply = await self._stub(address).GetZpages(
+                pb.GetZpagesRequest(
+                    owner=self._me,
+                    epoch=epoch,
+                    pool_id=pool_id,
+                    oids=[k[0] for k in part],
+                    indices=[k[1] for k in part],
+                ),
+                timeout=self.timeout,
+            )
+            blobs = split_zpages(reply.zpages, list(reply.sizes))
+            if len(blobs) != len(part):
+                raise ValueError(f"peer {address} answered for {len(blobs)} of {len(part)} keys")
+            for (oid, index), location, blob in zip(
+                part, locations[start : start + MAX_BATCH_PAGES], blobs, strict=True
+            ):
+                if not blob:
+                    out.append(None)  # not held
+                else:  # not our seal of that version: b"", a damaged copy
+                    out.append(self.sealer.open(pool_id, oid, index, location, blob) or b"")
+        return out
 
     async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None:
-        await self._stub(address).FlushZpages(
-            pb.FlushZpagesRequest(
-                owner=self._me,
-                epochs=[i[0] for i in items],
-                pool_ids=[i[1] for i in items],
-                oids=[i[2] for i in items],
-                indices=[i[3] for i in items],
-            ),
-            timeout=self.timeout * 4,
-        )
+        for start in range(0, len(items), MAX_BATCH_PAGES):
+            part = items[start : start + MAX_BATCH_PAGES]
+            await self._stub(address).FlushZpages(
+                pb.FlushZpagesRequest(
+                    owner=self._me,
+                    epochs=[i[0] for i in part],
+                    pool_ids=[i[1] for i in part],
+                    oids=[i[2] for i in part],
+                    indices=[i[3] for i in part],
+                ),
+                timeout=self.timeout * 4,
+            )
 
     async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int, int]]:
         keys: set[tuple[int, int, int]] = set()

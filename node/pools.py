@@ -9,21 +9,34 @@
 # `{"remove": id}`, each written with one write() and fsync'd before the RPC that caused it
 # answers; a torn last line (a crash mid-write) is ignored.  On open the log is replayed and
 # rewritten compactly (to a temporary file, then renamed), so it stays proportional to the live
-# pools however many were created and destroyed.  It also records the highest id ever used, so
-# an id is never handed out twice, even after its pool is destroyed.
+# pools however many were created and destroyed.
+#
+# Pool ids are unique across the cluster and across restarts, so a client that reaches another
+# node, or this one restarted, with an old id gets NOT_FOUND, never another pool's pages: an id
+# is a 16-bit tag drawn at random for this node (kept in the log) above a 16-bit counter that
+# only goes up (kept too), so ids stay below 2**32 (the engine's and the backing file's range)
+# and are never handed out twice, even after their pool is destroyed.  When the counter runs
+# out, a new tag is drawn, never one this node used before.  Two nodes share a tag with
+# probability about n**2 / 2**17 for n nodes; even then ownership (node/tenants.py) keeps each
+# tenant's pools its own.  Registries of older versions (ids from 0) keep their ids: their
+# tags count as used.
 #
 # Trade-off: an fsync per create/destroy (pools are created rarely; pages never touch this file).
 from __future__ import annotations
 
 import json
 import os
+import secrets
+from collections.abc import Container
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ramster.zcache import PoolKind, ZCache
+from ramster.zcache import PoolKind, UnknownPool, ZCache
 
 POOLS_FILE = "pools.log"
+TAG_BITS = 16
+TAGS = 1 << TAG_BITS  # tag 0 is the ids of registries from before tags
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,9 @@ class PoolRegistry:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / POOLS_FILE
         self.pools: dict[int, PoolRecord] = {}
-        self.next_id = 0
+        self.tag = 0  # this node's current id tag (0: none drawn yet)
+        self.counter = 0  # the next id is tag << TAG_BITS | counter
+        self.used_tags: set[int] = {0}
         self.torn = 0  # unreadable lines dropped on open
         self._fd = -1
         self._replay()
@@ -77,16 +92,29 @@ class PoolRegistry:
                 if "add" in entry:
                     record = PoolRecord.from_json(entry["add"])
                     self.pools[record.pool_id] = record
-                    self.next_id = max(self.next_id, record.pool_id + 1)
+                    self._used(record.pool_id + 1)
                 elif "remove" in entry:
                     self.pools.pop(int(entry["remove"]), None)
-                elif "next_id" in entry:
-                    self.next_id = max(self.next_id, int(entry["next_id"]))
+                elif "tag" in entry:
+                    self.tag, self.counter = int(entry["tag"]), int(entry.get("counter", 0))
+                    self.used_tags.update([self.tag, *map(int, entry.get("used", ()))])
+                elif "next_id" in entry:  # a registry from before tags
+                    self._used(int(entry["next_id"]))
             except (ValueError, KeyError, TypeError):
                 self.torn += 1
 
+    def _used(self, next_id: int) -> None:
+        """Ids below `next_id` were handed out: the counter passes them (under the current
+        tag), and the tags of older ids count as used."""
+        tag = (next_id - 1) >> TAG_BITS
+        if self.tag and tag == self.tag:
+            self.counter = max(self.counter, next_id & (TAGS - 1) or TAGS)
+        else:
+            self.used_tags.update(range(tag + 1) if not self.tag else [tag])
+
     def _compact(self) -> None:
-        lines = [{"next_id": self.next_id}] + [{"add": r.to_json()} for r in self.pools.values()]
+        state = {"tag": self.tag, "counter": self.counter, "used": sorted(self.used_tags)}
+        lines = [state] + [{"add": r.to_json()} for r in self.pools.values()]
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             with open(tmp, "wb") as f:
@@ -105,7 +133,25 @@ class PoolRegistry:
     def add(self, record: PoolRecord) -> None:
         self._append({"add": record.to_json()})
         self.pools[record.pool_id] = record
-        self.next_id = max(self.next_id, record.pool_id + 1)
+        self._used(record.pool_id + 1)
+
+    def new_id(self, taken: Container[int]) -> int:
+        """An id never handed out by this node, nor in `taken`: tag << 16 | counter."""
+        while True:
+            if not self.tag or self.counter >= TAGS:
+                self._draw_tag()
+            pool_id = self.tag << TAG_BITS | self.counter
+            self.counter += 1
+            if pool_id not in taken and pool_id not in self.pools:
+                return pool_id
+
+    def _draw_tag(self) -> None:
+        if len(self.used_tags) >= TAGS:
+            raise PoolRegistryError("this node has used every pool id there is")
+        tag = next(t for t in iter(lambda: secrets.randbelow(TAGS), -1) if t not in self.used_tags)
+        self._append({"tag": tag, "counter": 0})
+        self.tag, self.counter = tag, 0
+        self.used_tags.add(tag)
 
     def remove(self, pool_id: int) -> None:
         if self.pools.pop(pool_id, None) is not None:
@@ -139,7 +185,7 @@ class Pools:
         owner: str = "",
     ) -> int:
         """A new pool, recorded before its id is handed out."""
-        pool_id = max(self.engine.next_pool_id, self.registry.next_id)
+        pool_id = self.registry.new_id(self.engine.pools)
         allocator = allocator or self.engine.config.default_allocator
         self.engine.create_pool(kind, allocator, pool_id=pool_id, store_raw=store_raw)
         try:
@@ -165,3 +211,20 @@ class Pools:
     def forget(self, pool_id: int) -> None:
         """The engine dropped `pool_id`: drop its record too."""
         self.registry.remove(pool_id)
+
+    def owner_of(self, pool_id: int) -> str | None:
+        """Who owns a pool of the engine (a pool the registry lacks, adopted from the backing
+        file, is the open tenant's); None for no such pool."""
+        if pool_id not in self.engine.pools:
+            return None
+        record = self.registry.pools.get(pool_id)
+        return record.owner if record else ""
+
+    def owned(self, pool_id: int, owner: str) -> int:
+        """`pool_id` if `owner` owns it, else UnknownPool, as if it did not exist."""
+        if self.owner_of(pool_id) != owner:
+            raise UnknownPool(f"no pool with id {pool_id!r}")
+        return pool_id
+
+    def owned_by(self, owner: str) -> list[int]:
+        return [p for p in self.engine.pools if self.owner_of(p) == owner]

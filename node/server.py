@@ -56,6 +56,7 @@ from node.pools import PoolRegistry, PoolRegistryError, Pools
 from node.servicer import TmemServicer
 from node.settings import HostPort, Settings, peer_address
 from node.snapshot import take_snapshot
+from node.tenants import load_tenants
 from node.tls import NodeTls, check_protected, load_tls
 from ramster import __version__
 from ramster.client.wire import CHANNEL_OPTIONS
@@ -84,6 +85,7 @@ class Node:
         self.remote: RemoteSide | None = None
         self.registry: PoolRegistry | None = None
         self.pools: Pools | None = None
+        self.tenants = load_tenants(None, settings.max_pools)  # --tokens is read by start()
         self._nbd: NbdServer | None = None
         self._servers: list[grpc.aio.Server] = []
         self._metrics: NodeMetrics | None = None
@@ -105,7 +107,10 @@ class Node:
         server = grpc.aio.server(
             # one RpcInterceptor per server: it caches handlers by method name, and both
             # servers have grpc.health.v1.Health/Check
-            interceptors=[RpcInterceptor(self.gate, self._metrics.grpc), *interceptors],
+            interceptors=[
+                RpcInterceptor(self.gate, self._metrics.grpc, self.tenants),
+                *interceptors,
+            ],
             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],  # a second node on a port fails
         )
         self._servers.append(server)
@@ -135,6 +140,7 @@ class Node:
         started = time.monotonic()
         try:
             tls = load_tls(s)
+            self.tenants = load_tenants(s.tokens, s.max_pools)
             peer_at = peer_address(s) if s.peers else None
             check_protected(s, tls, peer_at)
         except ValueError as exc:

@@ -9,6 +9,12 @@
 # sees them, so an id of 2**32 or more is INVALID_ARGUMENT, never another pool or page.  A page
 # whose every copy failed verification is PAGE_STATUS_CORRUPT in a batch; a unary Get of it
 # fails with DATA_LOSS, the status gRPC has for unrecoverable data.
+#
+# Every pool belongs to a tenant (node/tenants.py; the interceptor puts the caller's in CALLER):
+# an operation on a pool first checks that the caller owns it, and answers NOT_FOUND, word for
+# word as for a pool that does not exist, when it does not; ListPools and Stats show the caller's
+# pools only.  Quotas (pools, stored pages) are checked before the engine is called and answer
+# RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +26,7 @@ from node.engine import ChunkedEngine, Prefetch
 from node.pools import Pools
 from node.snapshot import EngineSnapshot, take_snapshot
 from node.status import RpcFailure, status_of
+from node.tenants import CALLER
 from ramster import __version__
 from ramster.client.wire import batch_keys, check_index, check_pool, split_pages
 from ramster.v1 import tmem_pb2 as pb
@@ -81,15 +88,41 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
             "flush_object": ("FlushObject", self._flush_object),
         }
 
+    # -- tenants ------------------------------------------------------------------------------
+    def _pool(self, pool: int) -> int:
+        """A pool id from a request, in range and owned by the caller (else NOT_FOUND)."""
+        return self.pools.owned(check_pool(pool), CALLER.get().owner)
+
+    def _room_for(self, pool: int, pages: int) -> int:
+        """The caller's pool `pool`, if `pages` more pages keep it within its page quota."""
+        pool = self._pool(pool)
+        tenant = CALLER.get()
+        if tenant.max_pages:
+            engine_pools = self.engine.pools
+            used = sum(engine_pools[p].index.count for p in self.pools.owned_by(tenant.owner))
+            if used + pages > tenant.max_pages:
+                raise RpcFailure(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{pages} more pages would pass this tenant's quota of {tenant.max_pages} "
+                    f"stored pages ({used} stored)",
+                )
+        return pool
+
     # -- operations: request -> response ----------------------------------------------------
     async def _create_pool(self, req: pb.CreatePoolRequest) -> pb.CreatePoolResponse:
         if req.kind not in ENGINE_KIND:
             raise ValueError(f"unknown pool kind {req.kind}")
-        pool = self.pools.create(ENGINE_KIND[req.kind], req.allocator or None)
+        tenant = CALLER.get()
+        if len(self.pools.owned_by(tenant.owner)) >= tenant.max_pools:
+            raise RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this tenant has its quota of {tenant.max_pools} pools: destroy one first",
+            )
+        pool = self.pools.create(ENGINE_KIND[req.kind], req.allocator or None, owner=tenant.owner)
         return pb.CreatePoolResponse(pool=pool)
 
     async def _destroy_pool(self, req: pb.DestroyPoolRequest) -> pb.DestroyPoolResponse:
-        pool = check_pool(req.pool)
+        pool = self._pool(req.pool)
         pages = await self.chunked.destroy_pool(pool)
         self.pools.forget(pool)
         return pb.DestroyPoolResponse(pages=pages)
@@ -98,7 +131,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.ListPoolsResponse(pools=self._pool_infos(take_snapshot(self.engine)))
 
     async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
-        result = self.engine.put(check_pool(req.pool), req.oid, check_index(req.index), req.page)
+        index = check_index(req.index)
+        result = self.engine.put(self._room_for(req.pool, 1), req.oid, index, req.page)
         if result is PutResult.REFUSED_NO_ROOM:
             raise RpcFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -108,7 +142,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.PutResponse(outcome=WIRE_OUTCOME[result])
 
     async def _get(self, req: pb.GetRequest) -> pb.GetResponse:
-        pool, key = check_pool(req.pool), (req.oid, check_index(req.index))
+        key = (req.oid, check_index(req.index))
+        pool = self._pool(req.pool)
         (page,) = await self.chunked.get_batch(pool, [key], req.exclusive)
         if type(page) is bytes:
             return pb.GetResponse(status=HIT, page=page)
@@ -121,21 +156,23 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.GetResponse(status=page_status(page))
 
     async def _flush_page(self, req: pb.FlushPageRequest) -> pb.FlushPageResponse:
-        found = self.engine.flush_page(check_pool(req.pool), req.oid, check_index(req.index))
+        index = check_index(req.index)
+        found = self.engine.flush_page(self._pool(req.pool), req.oid, index)
         return pb.FlushPageResponse(found=found)
 
     async def _flush_object(self, req: pb.FlushObjectRequest) -> pb.FlushObjectResponse:
-        return pb.FlushObjectResponse(pages=self.engine.flush_object(check_pool(req.pool), req.oid))
+        return pb.FlushObjectResponse(pages=self.engine.flush_object(self._pool(req.pool), req.oid))
 
     async def _put_batch(self, req: pb.PutBatchRequest) -> pb.PutBatchResponse:
-        pool, keys = check_pool(req.pool), batch_keys(req.oids, req.indexes)
+        keys = batch_keys(req.oids, req.indexes)
+        pool = self._room_for(req.pool, len(keys))
         pages = split_pages(req.pages, len(keys))
         results = await self.chunked.put_batch(pool, keys, pages)
         return pb.PutBatchResponse(outcomes=[WIRE_OUTCOME[r] for r in results])
 
     async def _get_batch(self, req: pb.GetBatchRequest) -> pb.GetBatchResponse:
-        pool, keys = check_pool(req.pool), batch_keys(req.oids, req.indexes)
-        pages = await self.chunked.get_batch(pool, keys, req.exclusive)
+        keys = batch_keys(req.oids, req.indexes)
+        pages = await self.chunked.get_batch(self._pool(req.pool), keys, req.exclusive)
         hits = b"".join([p for p in pages if type(p) is bytes])
         return pb.GetBatchResponse(statuses=page_statuses(pages), pages=hits)
 
@@ -164,11 +201,13 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
             **(self.remote_stats() if self.remote_stats else {}),
         )
 
-    @staticmethod
-    def _pool_infos(s: EngineSnapshot) -> list[pb.PoolInfo]:
+    def _pool_infos(self, s: EngineSnapshot) -> list[pb.PoolInfo]:
+        """The caller's pools (another tenant's are not even listed)."""
+        mine = set(self.pools.owned_by(CALLER.get().owner))
         return [
             pb.PoolInfo(pool=p.pool, kind=WIRE_KIND[p.kind], allocator=p.allocator, pages=p.pages)
             for p in s.pools
+            if p.pool in mine
         ]
 
     # -- RPCs --------------------------------------------------------------------------------

@@ -96,6 +96,13 @@ def parse_replicas(text: str | int) -> int:
     return value
 
 
+def parse_pool_count(text: str | int) -> int:
+    value = int(text)
+    if not 1 <= value <= 1 << 16:
+        raise ValueError(f"expected 1 to 65536 pools, got {text!r}")
+    return value
+
+
 def parse_positive_seconds(text: str | float) -> float:
     value = float(text)
     if value <= 0:
@@ -328,6 +335,26 @@ class Settings:
             "(comma-separated in the environment)",
             "NAME:SIZE",
             repeat=True,
+        ),
+    )
+    tokens: Path | None = field(
+        default=None,
+        metadata=meta(
+            parse_optional_path,
+            "tenants and their bearer tokens (TOML, or JSON by a .json suffix: [tenants.NAME] "
+            "tokens = [...], pools = N, pages = N); client calls without a valid "
+            "'authorization: Bearer TOKEN' get UNAUTHENTICATED, and a pool is seen by its "
+            "tenant only; none: every client is one tenant",
+            "FILE",
+        ),
+    )
+    max_pools: int = field(
+        default=1024,
+        metadata=meta(
+            parse_pool_count,
+            "pools one tenant may have (every client, without --tokens); a tenant's 'pools' "
+            "in the tokens file overrides it; past it CreatePool is RESOURCE_EXHAUSTED",
+            "N",
         ),
     )
 

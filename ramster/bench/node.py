@@ -128,7 +128,13 @@ async def _run(
             else:
                 mismatches += status is PageStatus.CORRUPT or not refused
 
-    async with AsyncClient(target, timeout=120, **tls) as client:
+    async with AsyncClient(
+        target,
+        timeout=120,
+        tls_ca=tls.get("tls_ca"),
+        tls_cert=tls.get("tls_cert"),
+        tls_key=tls.get("tls_key"),
+    ) as client:
         pool = await client.create_pool("persistent")
         try:
             async with client.stream() as stream:

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 
 from ramster.cli.table import print_table
-from ramster.cli.target import add_target, connect, tls_of
+from ramster.cli.target import add_target, connect, tls_of, token_of
 from ramster.client import Client, RamsterError
 
 
@@ -47,7 +47,9 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     try:
-        with Client(args.target, timeout=args.timeout, **tls_of(args)) as client:
+        with Client(
+            args.target, timeout=args.timeout, token=token_of(args), **tls_of(args)
+        ) as client:
             status = client.health(args.service)
     except RamsterError as exc:
         print(f"UNREACHABLE {args.target}: {exc}")

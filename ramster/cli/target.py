@@ -1,11 +1,14 @@
 # What every node command shares: the --target/--timeout flags, the TLS flags (--tls-ca, and
-# --tls-cert/--tls-key for a node that wants client certificates), the key flags (checked against
+# --tls-cert/--tls-key for a node that wants client certificates), --token (else RAMSTER_TOKEN:
+# the bearer token of a node run with --tokens; the environment keeps it out of `ps` and shell
+# history, and it is never printed), the key flags (checked against
 # the ranges a node serves, so a key out of range is a usage error before any call), and a client
 # whose failures become one-line CliErrors that name the node ("127.0.0.1:7070: UNAVAILABLE: ...").
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 
 from ramster.cli.errors import CliError
@@ -87,6 +90,17 @@ def add_target(parser: argparse.ArgumentParser, timeout: float = 10.0, again: bo
         help=f"deadline of each call in seconds (default {timeout:g})",
     )
     add_tls(parser, again)
+    parser.add_argument(
+        "--token",
+        default=argparse.SUPPRESS if again else None,
+        metavar="TOKEN",
+        help="bearer token for a node run with --tokens (default: $RAMSTER_TOKEN)",
+    )
+
+
+def token_of(args: argparse.Namespace) -> str | None:
+    """--token, else RAMSTER_TOKEN, else none."""
+    return args.token or os.environ.get("RAMSTER_TOKEN") or None
 
 
 def add_key(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +112,9 @@ def add_key(parser: argparse.ArgumentParser) -> None:
 def connect(args: argparse.Namespace) -> Iterator[Client]:
     """A client of --target; any RamsterError inside becomes a CliError naming the target."""
     try:
-        with Client(args.target, timeout=args.timeout, **tls_of(args)) as client:
+        with Client(
+            args.target, timeout=args.timeout, token=token_of(args), **tls_of(args)
+        ) as client:
             yield client
     except RamsterError as exc:
         raise CliError(f"{args.target}: {exc}") from None

@@ -1,9 +1,10 @@
 # AsyncClient: the asyncio client of one node (grpc.aio), and Stream, its pipelined batch session.
 #
-# Over TLS when given the cluster CA (ramster/client/tls.py).  Every unary call carries a
-# deadline (the client's `timeout` unless the call gives one) and raises RamsterError
-# subclasses, never grpc.RpcError.  Batches take keys as (oid, index) pairs or a KeyRange;
-# put_many/get_many cut any number of consecutive pages into maximal batches.
+# Over TLS when given the cluster CA (ramster/client/tls.py); with a token, every Tmem call (and
+# the stream) carries `authorization: Bearer <token>` (health checks need none).  Every unary
+# call carries a deadline (the client's `timeout` unless the call gives one) and raises
+# RamsterError subclasses, never grpc.RpcError.  Batches take keys as (oid, index) pairs or a
+# KeyRange; put_many/get_many cut any number of consecutive pages into maximal batches.
 #
 # A Stream keeps one bidirectional RPC open: put_batch()/get_batch() send a request and return a
 # future of its reply at once, so a caller keeps several batches in flight and the node never
@@ -81,11 +82,14 @@ class AsyncClient:
         tls_ca: PathLike | None = None,
         tls_cert: PathLike | None = None,
         tls_key: PathLike | None = None,
+        token: str | None = None,
     ) -> None:
         """A client of the node at `target`; with `tls_ca` (the cluster CA) over TLS, with
-        `tls_cert`/`tls_key` showing a client certificate too."""
+        `tls_cert`/`tls_key` showing a client certificate too; with `token`, every call carries
+        it as `authorization: Bearer <token>` (a node run with --tokens needs one)."""
         self.target = target
         self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = open_channel(target, tls_ca, tls_cert, tls_key)
         self._tmem = tmem_pb2_grpc.TmemStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -101,7 +105,8 @@ class AsyncClient:
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Awaitable[Any]:
         rpc = getattr(self._tmem, method)
-        return _rpc(rpc(request, timeout=self.timeout if timeout is None else timeout))
+        timeout = self.timeout if timeout is None else timeout
+        return _rpc(rpc(request, timeout=timeout, metadata=self._metadata))
 
     # -- pools -------------------------------------------------------------------------------
     async def create_pool(
@@ -215,13 +220,16 @@ class AsyncClient:
 
     def stream(self, timeout: float | None = None) -> Stream:
         """A pipelined batch session: `async with client.stream() as s: ...`."""
-        return Stream(self._tmem, timeout)
+        return Stream(self._tmem, timeout, self._metadata)
 
 
 class Stream:
-    def __init__(self, stub: Any, timeout: float | None) -> None:
+    def __init__(
+        self, stub: Any, timeout: float | None, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self._stub = stub
         self._timeout = timeout
+        self._metadata = metadata
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: deque[tuple[int, asyncio.Future[Any], Callable[[Any], Any]]] = deque()
@@ -230,7 +238,7 @@ class Stream:
         self._cancelled = False  # by us, on leaving the block with an exception
 
     async def __aenter__(self) -> Stream:
-        self._call = self._stub.Stream(timeout=self._timeout)
+        self._call = self._stub.Stream(timeout=self._timeout, metadata=self._metadata)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return self
 

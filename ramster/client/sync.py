@@ -26,18 +26,22 @@ class Client:
         tls_ca: PathLike | None = None,
         tls_cert: PathLike | None = None,
         tls_key: PathLike | None = None,
+        token: str | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         tls = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
         try:
-            self._aio = self._run(self._open(target, timeout, tls))
+            self._aio = self._run(self._open(target, timeout, tls, token))
         except BaseException:
             self._loop.close()
             raise
 
     @staticmethod
-    async def _open(target: str, timeout: float, tls: dict[str, PathLike | None]) -> AsyncClient:
-        return AsyncClient(target, timeout=timeout, **tls)  # the channel binds to the running loop
+    async def _open(
+        target: str, timeout: float, tls: dict[str, PathLike | None], token: str | None
+    ) -> AsyncClient:
+        # the channel binds to the running loop
+        return AsyncClient(target, timeout=timeout, token=token, **tls)
 
     def _run(self, call: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(call)

@@ -48,12 +48,23 @@ class Transport(Protocol):
     async def heartbeat(self, address: str) -> PeerInfo: ...
 
     async def put(
-        self, address: str, epoch: int, pool_id: int, zpages: list[bytes]
-    ) -> list[bool]: ...
+        self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
+    ) -> list[bool]:
+        """Place zpages (each the version of its page that `locations` numbers) on a peer;
+        per zpage whether it was stored."""
+        ...
 
     async def get(
-        self, address: str, epoch: int, pool_id: int, keys: list[tuple[int, int]]
-    ) -> list[bytes | None]: ...
+        self,
+        address: str,
+        epoch: int,
+        pool_id: int,
+        keys: list[tuple[int, int]],
+        locations: list[int],
+    ) -> list[bytes | None]:
+        """The copies a peer holds of the versions `locations` number, None where it has none
+        (a copy that is not that version may come back damaged: the caller verifies)."""
+        ...
 
     async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None: ...
 
@@ -215,7 +226,11 @@ class RemoteDriver:
         stored = [False] * len(plan.items)
         for pool_id, idx in by_pool.items():
             got = await self.transport.put(
-                plan.address, plan.epoch, pool_id, [plan.items[i][2] for i in idx]
+                plan.address,
+                plan.epoch,
+                pool_id,
+                [plan.items[i][2] for i in idx],
+                [plan.items[i][0] for i in idx],
             )
             for i, ok in zip(idx, got, strict=True):
                 stored[i] = ok
@@ -263,7 +278,9 @@ class RemoteDriver:
         address, epoch, pool_id = group
         keys = [(src.oid, src.index) for _, src in items]
         try:
-            zpages = await self.transport.get(address, epoch, pool_id, keys)
+            zpages = await self.transport.get(
+                address, epoch, pool_id, keys, [location for location, _ in items]
+            )
         except Exception as exc:
             log.info("fetch of %d zpages from %s failed: %s", len(keys), address, exc)
             self.layer.membership.failed(address)

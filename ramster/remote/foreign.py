@@ -2,21 +2,49 @@
 #
 # They live in a zcache of their own, apart from the node's own pages, with its own limit (the
 # foreign pool limit) and no evictor: a holder never writes a peer's page to its disk or passes it
-# on; when full it refuses and the owner places the page elsewhere.  Each owner's pages are
-# limited again to a share of that limit, so one noisy peer cannot take all of it.  Pages are kept
-# in one zcache pool per (owner node, owner incarnation, epoch, owner pool), under the key their
-# own header names, so they travel back byte for byte and the owner verifies them.  An owner back
-# from a restart asks for its pages (`reclaim`): they move under its new incarnation and the epoch
-# it names, and it learns their keys.  A new incarnation that puts without having asked (an owner
-# that lost its data directory) drops the old one's pools.
+# on; when full it refuses and the owner places the page elsewhere.  Pages are kept in one zcache
+# pool per (owner node, owner incarnation, epoch, owner pool).  An owner back from a restart asks
+# for its pages (`reclaim`): they move under its new incarnation and the epoch it names, and it
+# learns their keys (it flushes those it no longer knows).
+#
+# What a holder stores is opaque: owners seal their zpages (node/sealing.py), so a holder cannot
+# read their headers and every blob comes with its (oid, index) key.  A blob is wrapped in a zpage
+# header of its own (make_zpage(oid, index, blob)), which gives the engine its key and a checksum
+# against bit rot in this node's RAM, and is unwrapped on the way out.  A blob must fit a frame
+# once wrapped: at most PAGE_SIZE - HEADER_SIZE bytes (a zbud/zsmalloc slot), or exactly
+# PAGE_SIZE (a raw frame); anything else is refused, never truncated.
+#
+# Limits, so that no caller can take the store from the others (the owner id is whatever the
+# request claims until the peer listener authenticates it with mTLS; then it is the certificate's):
+# - each owner gets a share of the capacity (`owner_share`), and each of its foreign pools costs
+#   it POOL_FRAMES of that share (a pool's metadata is not free), so many tiny pools cannot exhaust
+#   the node's memory outside the frames;
+# - at most `max_owners` distinct owners hold pages at once (the cluster's size): inventing owner
+#   ids cannot multiply the shares;
+# - a put that stores nothing leaves nothing behind (no empty pool is kept).
+# A put with a new incarnation does not drop the old incarnation's pages: only the owner's
+# `reclaim` (after a restart) or its flushes do, so a stray or forged "restarted" put costs
+# nobody their pages.
+#
+# Trade-off: the wrapping header costs 18 bytes per page, for pages the holder can check and
+# evict by key like its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ramster.zcache import PoolKind, ZCache, ZCacheConfig
-from ramster.zcache.codec import PAGE_SIZE, zpage_length
+from ramster.zcache.cache import check_keys
+from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE, make_zpage
 
 PoolTag = tuple[str, str, int, int]  # owner node id, owner incarnation, epoch, owner pool id
+MAX_BLOB = PAGE_SIZE - HEADER_SIZE  # the longest blob that fits a slot once wrapped
+POOL_FRAMES = 2  # quota charged per foreign pool: its index and allocator metadata (~6 KiB)
+DEFAULT_MAX_OWNERS = 64
+
+
+def blob_fits(size: int) -> bool:
+    """Whether a blob of `size` bytes can be held: it fits a slot, or fills a raw frame."""
+    return 0 < size <= MAX_BLOB or size == PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -26,47 +54,79 @@ class OwnerTag:
 
 
 class ForeignStore:
-    def __init__(self, capacity_frames: int, owner_share: float = 0.5) -> None:
+    def __init__(
+        self,
+        capacity_frames: int,
+        owner_share: float = 0.5,
+        max_owners: int = DEFAULT_MAX_OWNERS,
+    ) -> None:
         if not 0 < owner_share <= 1:
             raise ValueError(f"owner_share must be in (0, 1], got {owner_share}")
+        if max_owners < 1:
+            raise ValueError(f"max_owners must be at least 1, got {max_owners}")
         self.capacity_frames = capacity_frames
         self.owner_quota = max(1, int(capacity_frames * owner_share))
+        self.max_owners = max_owners
         self.cache = ZCache(ZCacheConfig(capacity_frames=capacity_frames))
         self.pools: dict[PoolTag, int] = {}
         self.refused = 0
 
     def _owner_frames(self, node_id: str) -> int:
+        """What `node_id` uses of its quota: its frames, plus POOL_FRAMES per pool."""
         return sum(
-            self.cache.pools[p].zalloc.frames + self.cache.pools[p].raw.frames
+            self.cache.pools[p].zalloc.frames + self.cache.pools[p].raw.frames + POOL_FRAMES
             for tag, p in self.pools.items()
             if tag[0] == node_id
         )
 
-    def _forget_incarnations(self, owner: OwnerTag) -> None:
-        for tag in [t for t in self.pools if t[0] == owner.node_id and t[1] != owner.incarnation]:
-            self.cache.destroy_pool(self.pools.pop(tag))
+    def owners(self) -> set[str]:
+        return {tag[0] for tag in self.pools}
 
-    def put(self, owner: OwnerTag, epoch: int, pool_id: int, zpages: list[bytes]) -> list[bool]:
-        """Store an owner's zpages; per zpage whether it was taken."""
-        self._forget_incarnations(owner)
+    def put(
+        self,
+        owner: OwnerTag,
+        epoch: int,
+        pool_id: int,
+        keys: list[tuple[int, int]],
+        blobs: list[bytes],
+    ) -> list[bool]:
+        """Store an owner's blobs under their keys; per blob whether it was taken.  A blob that
+        does not fit, or finds no room in the owner's share, is refused (the owner places it
+        elsewhere)."""
+        if len(keys) != len(blobs):
+            raise ValueError(f"{len(keys)} keys for {len(blobs)} blobs")
+        check_keys(keys)
+        stored = [False] * len(blobs)
         tag = (owner.node_id, owner.incarnation, epoch, pool_id)
-        intact = [type(z) is bytes and 0 < zpage_length(z) == len(z) for z in zpages]
-        stored = [False] * len(zpages)
-        room = (self.owner_quota - self._owner_frames(owner.node_id)) * PAGE_SIZE
+        pool = self.pools.get(tag)
         batch = []
-        for i, (zpage, ok) in enumerate(zip(zpages, intact, strict=True)):
-            if ok and room > 0:
-                batch.append(i)
-                room -= len(zpage)
+        if pool is not None or self._admits(owner.node_id):
+            room = self.owner_quota - self._owner_frames(owner.node_id)
+            room = (room - (POOL_FRAMES if pool is None else 0)) * PAGE_SIZE
+            for i, blob in enumerate(blobs):
+                if room > 0 and type(blob) is bytes and blob_fits(len(blob)):
+                    batch.append(i)
+                    room -= len(blob) + HEADER_SIZE
         if batch:
-            pool = self.pools.get(tag)
             if pool is None:
                 pool = self.pools[tag] = self.cache.create_pool(PoolKind.PERSISTENT)
-            results = self.cache.store_zpages(pool, [zpages[i] for i in batch])
-            for i, result in zip(batch, results, strict=True):
+            wrapped = [make_zpage(*keys[i], blobs[i]) for i in batch]
+            for i, result in zip(batch, self.cache.store_zpages(pool, wrapped), strict=True):
                 stored[i] = not result.refused
+            self._drop_if_empty(tag)
         self.refused += stored.count(False)
         return stored
+
+    def _admits(self, node_id: str) -> bool:
+        """Whether `node_id` may start a pool: it holds pages already, or there is room for
+        one more owner."""
+        owners = self.owners()
+        return node_id in owners or len(owners) < self.max_owners
+
+    def _drop_if_empty(self, tag: PoolTag) -> None:
+        pool = self.pools.get(tag)
+        if pool is not None and not self.cache.pools[pool].index.count:
+            self.cache.destroy_pool(self.pools.pop(tag))
 
     def reclaim(self, owner: OwnerTag, epoch: int) -> list[tuple[int, int, int]]:
         """Move every page held for `owner.node_id` under its current incarnation and `epoch`;
@@ -94,19 +154,21 @@ class ForeignStore:
     def get(
         self, owner: OwnerTag, epoch: int, pool_id: int, keys: list[tuple[int, int]]
     ) -> list[bytes | None]:
+        """The blobs held under `keys`, None where nothing is held."""
+        check_keys(keys)
         pool = self.pools.get((owner.node_id, owner.incarnation, epoch, pool_id))
         if pool is None:
             return [None] * len(keys)
-        return self.cache.read_zpages(pool, keys)
+        return [z[HEADER_SIZE:] if z else None for z in self.cache.read_zpages(pool, keys)]
 
     def flush(self, owner: OwnerTag, epoch: int, pool_id: int, keys: list[tuple[int, int]]) -> int:
+        check_keys(keys)
         tag = (owner.node_id, owner.incarnation, epoch, pool_id)
         pool = self.pools.get(tag)
         if pool is None:
             return 0
         gone = sum(self.cache.flush_page(pool, oid, index) for oid, index in keys)
-        if not self.cache.pools[pool].index.count:
-            self.cache.destroy_pool(self.pools.pop(tag))
+        self._drop_if_empty(tag)
         return gone
 
     @property
@@ -120,7 +182,10 @@ class ForeignStore:
         return out
 
     def free_bytes_for(self, node_id: str) -> int:
-        """Room left for one owner: the store's free room, capped by that owner's quota."""
+        """Room left for one owner: the store's free room, capped by that owner's quota (none
+        for a new owner once `max_owners` hold pages)."""
+        if not self._admits(node_id):
+            return 0
         free = self.capacity_frames - self.cache.frames
         quota = self.owner_quota - self._owner_frames(node_id)
         return max(0, min(free, quota)) * PAGE_SIZE

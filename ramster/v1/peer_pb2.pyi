@@ -33,18 +33,22 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., free_bytes: _Optional[int] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class PutZpagesRequest(_message.Message):
-    __slots__ = ("owner", "epoch", "pool_id", "zpages", "sizes")
+    __slots__ = ("owner", "epoch", "pool_id", "zpages", "sizes", "oids", "indices")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     ZPAGES_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
+    OIDS_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     owner: Owner
     epoch: int
     pool_id: int
     zpages: bytes
     sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, owner: _Optional[_Union[Owner, _Mapping]] = ..., epoch: _Optional[int] = ..., pool_id: _Optional[int] = ..., zpages: _Optional[bytes] = ..., sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    oids: _containers.RepeatedScalarFieldContainer[int]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, owner: _Optional[_Union[Owner, _Mapping]] = ..., epoch: _Optional[int] = ..., pool_id: _Optional[int] = ..., zpages: _Optional[bytes] = ..., sizes: _Optional[_Iterable[int]] = ..., oids: _Optional[_Iterable[int]] = ..., indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PutZpagesResponse(_message.Message):
     __slots__ = ("stored",)

@@ -112,7 +112,13 @@ async def test_peer_keys_out_of_range_are_refused(peer_node: Node) -> None:
     async with grpc.aio.insecure_channel(peer_node.peer_target) as channel:
         stub = peer_pb2_grpc.PeerStub(channel)  # type: ignore[no-untyped-call]
         put = peer_pb2.PutZpagesRequest(
-            owner=owner, epoch=1, pool_id=0, zpages=zpage, sizes=[len(zpage)]
+            owner=owner,
+            epoch=1,
+            pool_id=0,
+            zpages=zpage,
+            sizes=[len(zpage)],
+            oids=[1],
+            indices=[5],
         )
         assert list((await stub.PutZpages(put)).stored) == [True]
         refused = [
@@ -135,7 +141,13 @@ async def test_peer_keys_out_of_range_are_refused(peer_node: Node) -> None:
             (
                 stub.PutZpages(
                     peer_pb2.PutZpagesRequest(
-                        owner=owner, epoch=1, pool_id=BIG, zpages=zpage, sizes=[len(zpage)]
+                        owner=owner,
+                        epoch=1,
+                        pool_id=BIG,
+                        zpages=zpage,
+                        sizes=[len(zpage)],
+                        oids=[1],
+                        indices=[5],
                     )
                 ),
                 f"pool_id {BIG}",

@@ -14,6 +14,7 @@ from ramster.remote.driver import PeerInfo, RemoteDriver
 from ramster.remote.journal import Journal
 from ramster.zcache import PoolKind, ZCache, ZCacheConfig
 from ramster.zcache.backing import BackingFile
+from ramster.zcache.codec import zpage_key
 from ramster.zcache.evictor import EvictorChain
 
 DEADLINE = 0.2
@@ -106,12 +107,20 @@ class MemTransport:
         free = node.foreign.free_bytes_for(self.me.name)
         return PeerInfo(node.name, node.incarnation, free, node.leaving)
 
-    async def put(self, address: str, epoch: int, pool_id: int, zpages: list[bytes]) -> list[bool]:
+    async def put(
+        self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
+    ) -> list[bool]:
         node = await self._reach(address)
-        return node.foreign.put(self.me.owner, epoch, pool_id, zpages)
+        keys = [zpage_key(z) for z in zpages]
+        return node.foreign.put(self.me.owner, epoch, pool_id, keys, zpages)
 
     async def get(
-        self, address: str, epoch: int, pool_id: int, keys: list[tuple[int, int]]
+        self,
+        address: str,
+        epoch: int,
+        pool_id: int,
+        keys: list[tuple[int, int]],
+        locations: list[int],
     ) -> list[bytes | None]:
         node = await self._reach(address)
         got = node.foreign.get(self.me.owner, epoch, pool_id, keys)

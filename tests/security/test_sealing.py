@@ -1,0 +1,120 @@
+# Sealed remote pages: what a holder keeps is unreadable, and a copy it flips, forges or replays
+# (an older version of the same key) does not open, so the owner counts it damaged and the next
+# copy serves.  The transport and the peer service run for real over gRPC on loopback.
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from node.sealing import (
+    OVERHEAD,
+    SEALING_KEY_FILE,
+    Sealer,
+    SealingKeyError,
+    load_sealing_key,
+)
+from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE, compress, make_zpage, open_zpage
+from tests.security.conftest import KEY, Pair
+
+
+def zpages_of(pages: list[bytes]) -> list[bytes]:
+    return [make_zpage(5, i, compress(p)) for i, p in enumerate(pages)]
+
+
+def test_a_seal_opens_only_for_its_owner_pool_key_and_version() -> None:
+    sealer = Sealer(KEY, "n1")
+    zpage = make_zpage(5, 9, b"payload" * 50)
+    blob = sealer.seal(3, 5, 9, 77, zpage)
+    assert len(blob) == len(zpage) + OVERHEAD
+    assert b"payload" not in blob
+    assert sealer.open(3, 5, 9, 77, blob) == zpage
+    for where in [(4, 5, 9, 77), (3, 6, 9, 77), (3, 5, 8, 77), (3, 5, 9, 76), (3, 5, 9, 78)]:
+        assert sealer.open(*where, blob) is None
+    assert Sealer(KEY, "n2").open(3, 5, 9, 77, blob) is None  # another owner's seal
+    assert Sealer(bytes(32), "n1").open(3, 5, 9, 77, blob) is None  # another key
+    for at in (0, 12, len(blob) - 1):
+        flipped = bytearray(blob)
+        flipped[at] ^= 0x40
+        assert sealer.open(3, 5, 9, 77, bytes(flipped)) is None
+    assert sealer.open(3, 5, 9, 77, blob[: OVERHEAD - 1]) is None
+    assert sealer.seal(3, 5, 9, 77, zpage)[:12] != blob[:12]  # never the same nonce twice
+
+
+def test_the_sealing_key_is_made_once_private_and_checked(tmp_path: Path) -> None:
+    key = load_sealing_key(tmp_path)
+    path = tmp_path / SEALING_KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_sealing_key(tmp_path) == key and len(key) == 32
+    os.chmod(path, 0o644)
+    with pytest.raises(SealingKeyError, match="readable by others"):
+        load_sealing_key(tmp_path)
+    os.chmod(path, 0o600)
+    path.write_bytes(key[:16])
+    with pytest.raises(SealingKeyError, match="damaged"):
+        load_sealing_key(tmp_path)
+
+
+async def test_holder_keeps_only_sealed_blobs_and_owner_reads_them_back(
+    pair: Pair, compressible_pages: list[bytes]
+) -> None:
+    zpages = zpages_of(compressible_pages[:20])
+    keys = [(5, i) for i in range(20)]
+    locations = list(range(100, 120))
+    assert await pair.transport.put(pair.address, 1, 3, zpages, locations) == [True] * 20
+    held = pair.holder.get(pair.owner, 1, 3, keys)
+    for zpage, blob in zip(zpages, held, strict=True):
+        assert blob is not None and len(blob) == len(zpage) + OVERHEAD
+        assert zpage[HEADER_SIZE:][:64] not in blob  # no plaintext stretch of the payload
+    assert await pair.transport.get(pair.address, 1, 3, keys, locations) == zpages
+    got = await pair.transport.get(pair.address, 1, 3, [(5, 99)], [1])
+    assert got == [None]  # not held
+
+
+async def test_flipped_forged_and_replayed_copies_do_not_open(
+    pair: Pair, compressible_pages: list[bytes]
+) -> None:
+    (old,) = zpages_of(compressible_pages[:1])  # version 1 of key (5, 0), location 10
+    new = make_zpage(5, 0, compress(compressible_pages[1]))  # version 2, location 11
+    other = make_zpage(5, 1, compress(compressible_pages[2]))
+    assert await pair.transport.put(pair.address, 1, 3, [old], [10]) == [True]
+    (replay,) = pair.holder.get(pair.owner, 1, 3, [(5, 0)])
+    assert await pair.transport.put(pair.address, 1, 3, [new, other], [11, 12]) == [True, True]
+    assert replay is not None
+    (current,) = pair.holder.get(pair.owner, 1, 3, [(5, 0)])
+    assert current is not None
+    flipped = bytearray(current)
+    flipped[len(flipped) // 2] ^= 1
+    (moved,) = pair.holder.get(pair.owner, 1, 3, [(5, 1)])
+    assert moved is not None
+    forged = make_zpage(5, 0, compress(b"forged" * 682 + b"!!!!"))
+    attacks = {
+        "replay of version 1": replay,
+        "flipped bit": bytes(flipped),
+        "another key's blob": moved,
+        "plain zpage": forged,
+        "plain zpage with a seal's length": forged + bytes(OVERHEAD),
+    }
+    for name, blob in attacks.items():
+        assert pair.holder.put(pair.owner, 1, 3, [(5, 0)], [blob]) == [True], name
+        got = await pair.transport.get(pair.address, 1, 3, [(5, 0)], [11])
+        assert got == [b""], name  # damaged: the driver tries the next holder
+    pair.holder.put(pair.owner, 1, 3, [(5, 0)], [current])
+    assert await pair.transport.get(pair.address, 1, 3, [(5, 0)], [11]) == [new]
+    assert open_zpage(new, 5, 0) == compressible_pages[1]
+
+
+async def test_a_raw_zpage_is_refused_without_a_call(
+    pair: Pair, incompressible_pages: list[bytes], compressible_pages: list[bytes]
+) -> None:
+    raw = make_zpage(5, 0, incompressible_pages[0])
+    assert len(raw) == HEADER_SIZE + PAGE_SIZE
+    small = make_zpage(5, 1, compress(compressible_pages[0]))
+    assert await pair.transport.put(pair.address, 1, 3, [raw, small], [1, 2]) == [False, True]
+    assert pair.holder.pages == 1
+    # the largest zpage whose seal still fits a holder's raw frame travels
+    edge = make_zpage(5, 2, os.urandom(PAGE_SIZE - HEADER_SIZE - OVERHEAD))
+    assert await pair.transport.put(pair.address, 1, 3, [edge], [3]) == [True]
+    assert await pair.transport.get(pair.address, 1, 3, [(5, 2)], [3]) == [edge]
