@@ -18,12 +18,21 @@
 # after its pages are stored; before any reclaim the part stored so far is filed, because the
 # reaper finds a zpage's key in its header and checks it against the index.
 #
+# Each batch path is also offered in halves, so a caller can run the costly half elsewhere: a put
+# batch is encoded (same-filled check, LZ4, zpage framing: PageEncoder, pure) and then filed
+# (file_encoded); a get batch is read out (read_sealed: index, LRU, copies of the zpages) and then
+# opened (SealedPages.open: verify, decompress, pure).  The pure halves read only their own
+# inputs, so they may run in worker threads while the engine keeps serving; put_batch and
+# get_batch are the two halves run back to back.  The price is a copy of each zpage a get reads
+# (the frame may be reused before the copy is opened) and one more list per batch.
+#
 # Pools can be created under a given id (a node restoring its pool registry, before the evictor's
 # recovered pages are filed), and each pool may override the engine's store-raw policy (a block
 # device's pool must never refuse a page for poor compression).
 #
 # The engine is synchronous and single-threaded: callers serialise access (the node does so on
-# its event loop), which keeps every structure lock-free.
+# its event loop), which keeps every structure lock-free; only the pure halves above may run on
+# other threads.
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -35,6 +44,7 @@ from ramster.zcache.arena import Arena
 from ramster.zcache.codec import (
     HEADER_SIZE,
     PAGE_SIZE,
+    WORD,
     compress,
     make_zpage,
     open_zpage,
@@ -163,6 +173,68 @@ def as_page(page: object) -> bytes:
     return page
 
 
+def check_put_batch(keys: list[tuple[int, int]], pages: list[bytes]) -> list[bytes]:
+    """The pages of a put batch as bytes, once every key and page has been checked."""
+    if len(keys) != len(pages):
+        raise InvalidPage(f"{len(keys)} keys but {len(pages)} pages")
+    check_keys(keys)
+    return [p if type(p) is bytes and len(p) == PAGE_SIZE else as_page(p) for p in pages]
+
+
+@dataclass(frozen=True, slots=True)
+class PageEncoder:
+    """The part of a put that needs no engine state: same-filled check, LZ4, zpage framing.
+    It reads nothing but its arguments and this copy of a pool's policy, so encode() may run
+    on any thread (LZ4 releases the GIL) while the engine serves other calls."""
+
+    threshold: int  # largest payload stored compressed
+    store_raw: bool  # a page that compresses worse is stored raw (else refused)
+
+    def encode(self, keys: list[tuple[int, int]], pages: list[bytes]) -> list[bytes | None]:
+        """Per checked page: its word if it is same-filled (WORD bytes), its zpage (compressed,
+        or raw under store_raw), or None (refused for poor compression)."""
+        threshold, store_raw = self.threshold, self.store_raw
+        out: list[bytes | None] = []
+        for (oid, index), page in zip(keys, pages, strict=True):
+            word = page[:WORD]
+            if page[-WORD:] == word and page[2048:2056] == word and page == word * 512:
+                out.append(word)
+                continue
+            payload = compress(page)
+            if len(payload) <= threshold:
+                out.append(make_zpage(oid, index, payload))
+            else:
+                out.append(make_zpage(oid, index, page) if store_raw else None)
+        return out
+
+
+@dataclass(slots=True)
+class SealedPages:
+    """A get batch read out of the engine (ZCache.read_sealed): `pages` holds each key's answer
+    except at the positions `at`, whose zpage copies wait for open() to verify and decompress
+    them.  open() touches nothing but this object, so it may run on any thread."""
+
+    keys: list[tuple[int, int]]
+    pages: list[bytes | PageError | None]
+    at: list[int] = field(default_factory=list)
+    zpages: list[bytes] = field(default_factory=list)
+    opened: int = 0
+    corrupt: int = 0
+
+    def open(self) -> SealedPages:
+        keys, pages = self.keys, self.pages
+        for i, zpage in zip(self.at, self.zpages, strict=True):
+            oid, index = keys[i]
+            try:
+                pages[i] = open_zpage(zpage, oid, index)
+            except CorruptPage as exc:
+                pages[i] = exc
+                self.corrupt += 1
+        self.opened += len(self.at)
+        self.at, self.zpages = [], []
+        return self
+
+
 class ZCache:
     def __init__(
         self,
@@ -269,11 +341,24 @@ class ZCache:
     ) -> list[PutResult]:
         """Store many pages of one pool; one result per page.  Input is checked before any
         page is stored, so a bad key or page refuses the whole batch with nothing changed."""
+        encoder = self.encoder(pool_id)
+        pages = check_put_batch(keys, pages)
+        return self.file_encoded(pool_id, keys, encoder.encode(keys, pages))
+
+    def encoder(self, pool_id: int) -> PageEncoder:
+        """What encodes pages for a pool, apart from the engine: its encode() may run on any
+        thread while the engine goes on (the pool's policy is copied)."""
+        return PageEncoder(self._threshold, self.pool(pool_id).store_raw)
+
+    def file_encoded(
+        self, pool_id: int, keys: list[tuple[int, int]], encoded: list[bytes | None]
+    ) -> list[PutResult]:
+        """Store a put batch that an encoder() of the pool encoded (pages checked first with
+        check_put_batch): each key's old page goes, its new one is stored or refused."""
         pool = self.pool(pool_id)
-        if len(keys) != len(pages):
-            raise InvalidPage(f"{len(keys)} keys but {len(pages)} pages")
+        if len(keys) != len(encoded):
+            raise InvalidPage(f"{len(keys)} keys but {len(encoded)} encoded pages")
         check_keys(keys)
-        pages = [p if type(p) is bytes and len(p) == PAGE_SIZE else as_page(p) for p in pages]
         stats = self.stats
         stats.puts += len(keys)
         for old in pool.index.pop_many(keys):
@@ -284,25 +369,21 @@ class ZCache:
         handles = []
         filed = 0  # keys[:filed] are in the index already
         same = self.same
-        threshold = self._threshold
-        for (oid, index), page in zip(keys, pages, strict=True):
-            word = page[:8]
-            if page[-8:] == word and page[2048:2056] == word and page == word * 512:
-                handles.append(SAME_TAG | same.ref(word))
-                results.append(PutResult.SAME_FILLED)
-                continue
-            payload = compress(page)
-            if len(payload) <= threshold:
-                alloc, tag, result = pool.zalloc, ZPAGE_TAG, PutResult.STORED
-            elif pool.store_raw:
-                alloc, tag, result, payload = pool.raw, RAW_TAG, PutResult.STORED_RAW, page
-            else:
+        alloc: Allocator
+        for item in encoded:
+            if item is None:
                 handles.append(0)
                 results.append(PutResult.REFUSED_POOR_COMPRESSION)
                 continue
-            handle, filed = self._alloc(
-                pool, alloc, make_zpage(oid, index, payload), keys, handles, filed
-            )
+            if len(item) == WORD:
+                handles.append(SAME_TAG | same.ref(item))
+                results.append(PutResult.SAME_FILLED)
+                continue
+            if len(item) == RAW_ZPAGE:
+                alloc, tag, result = pool.raw, RAW_TAG, PutResult.STORED_RAW
+            else:
+                alloc, tag, result = pool.zalloc, ZPAGE_TAG, PutResult.STORED
+            handle, filed = self._alloc(pool, alloc, item, keys, handles, filed)
             if handle < 0:
                 handles.append(0)
                 results.append(PutResult.REFUSED_NO_ROOM)
@@ -320,6 +401,15 @@ class ZCache:
         """Pages under many keys of one pool: bytes on a hit, None on a miss, and a PageError
         (CorruptPage or PageUnavailable, not raised) for a page that cannot be returned, so one
         bad page spoils no others."""
+        return self.opened(self.read_sealed(pool_id, keys, exclusive).open())
+
+    def read_sealed(
+        self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool = False
+    ) -> SealedPages:
+        """The engine's half of get_batch: every key looked up (and, for an exclusive get or an
+        ephemeral pool, removed) at once, with copies of the zpages in frames left to open()
+        (which may run on any thread) and then to opened().  Evicted pages are opened here, as
+        a promotion must not bring back a zpage that fails verification."""
         pool = self.pool(pool_id)
         check_keys(keys)
         remove = exclusive or pool.ephemeral
@@ -330,12 +420,12 @@ class ZCache:
         promote = not remove and self.config.promote_on_get
         refetch = False  # a promotion may have reclaimed frames behind the prefetched handles
         tick = self.tick
-        out: list[bytes | PageError | None] = []
+        sealed = SealedPages(keys, [None] * len(keys))
+        out, at, zpages = sealed.pages, sealed.at, sealed.zpages
         misses = corrupt = unavailable = 0
         for i, (oid, index_no) in enumerate(keys):
             handle = index.get(oid, index_no) if refetch else handles[i]
             if not handle:
-                out.append(None)
                 misses += 1
                 continue
             kind = handle >> KIND_SHIFT
@@ -345,12 +435,13 @@ class ZCache:
                     if not remove:
                         tick += 1
                         zticks[h >> zshift] = tick
-                    out.append(open_zpage(zread(h), oid, index_no))
+                    at.append(i)
+                    zpages.append(zpage_bytes(zread(h)))
                 elif kind == SAME:
-                    out.append(self.same.page(h))
+                    out[i] = self.same.page(h)
                 elif kind == EVICTED:
                     zpage = self._evictor().load(pool.id, h)
-                    out.append(open_zpage(zpage, oid, index_no))
+                    out[i] = open_zpage(zpage, oid, index_no)
                     self.stats.evicted_hits += 1
                     if promote:
                         self.tick = tick
@@ -360,12 +451,13 @@ class ZCache:
                 else:
                     tick += 1
                     pool.raw.lru.tick[h] = tick
-                    out.append(open_zpage(pool.raw.read(h), oid, index_no))
+                    at.append(i)
+                    zpages.append(pool.raw.read(h))
             except CorruptPage as exc:
-                out.append(exc)
+                out[i] = exc
                 corrupt += 1
             except PageUnavailable as exc:
-                out.append(exc)
+                out[i] = exc
                 unavailable += 1
                 if remove:  # it may be reachable later: keep it filed
                     index.set_many([(oid, index_no)], [handle])
@@ -378,8 +470,14 @@ class ZCache:
         stats.misses += misses
         stats.corrupt += corrupt
         stats.unavailable += unavailable
-        stats.hits += len(keys) - misses - corrupt - unavailable
-        return out
+        stats.hits += len(keys) - misses - corrupt - unavailable - len(at)
+        return sealed
+
+    def opened(self, sealed: SealedPages) -> list[bytes | PageError | None]:
+        """The pages of an opened read_sealed(), its hits and corrupt pages counted."""
+        self.stats.hits += sealed.opened - sealed.corrupt
+        self.stats.corrupt += sealed.corrupt
+        return sealed.pages
 
     def store_zpages(self, pool_id: int, zpages: list[bytes]) -> list[PutResult]:
         """Store zpages that are already compressed (a peer's evicted pages), each under the key
