@@ -1,33 +1,60 @@
-# The node's one engine: built here from the settings, driven from the event loop in chunks.
+# The node's one engine: built here from the settings, driven from the event loop in chunks, with
+# the codec work of big batches in worker threads.
 #
 # build_engine() is the only place a ZCache is constructed (the reaper, pool limit hysteresis
-# and backing file under the data directory plug in here).  The engine is synchronous and not
-# thread-safe, so the node calls it only from the event-loop thread; a batch of up to 4096 pages
-# would hold the loop for ~80 ms, so batch calls go through ChunkedEngine, which feeds the engine
-# CHUNK_PAGES pages at a time and yields to the loop between chunks.  A chunk is a few
-# milliseconds of work: short enough that a single-page get never waits long behind a big batch,
-# long enough that the yields cost nothing measurable.  Chunks of concurrent batches may
-# interleave; each page's operation is atomic, a batch as a whole is not (keys and pages are
-# checked before the first chunk, so a malformed batch still changes nothing).  Destroying a
-# big pool is cut up too: its objects are flushed a few at a time, then the empty pool goes.
+# and backing file under the data directory plug in here), and it gives the engine its codec
+# workers: a pool of `worker_threads` threads, one per engine, shared by every front door that
+# drives it (gRPC, NBD).  The engine is synchronous and not thread-safe, so every change to its
+# state runs on the event-loop thread; only the pure halves of its batch paths (ZCache: encode a
+# put, open a get) run in the workers.  LZ4 releases the GIL, so the loop keeps serving while
+# pages are compressed, and a node uses more than one core.
+#
+# ChunkedEngine runs a batch as chunks of CHUNK_PAGES pages through a short pipeline: a put
+# chunk is encoded in a worker and then filed on the loop; a get chunk is read out on the loop
+# (after its remote copies are prefetched), opened in a worker, then counted on the loop.  Up to
+# DEPTH chunks of one batch are with the workers at once, so the loop files chunk n while chunk
+# n+1 compresses, and the loop yields between chunks, so what a small call can wait behind is one
+# chunk's loop half (~0.2 ms), not a batch.  Batches of up to INLINE_PAGES pages (single gets,
+# NBD's 4 KiB requests) skip the workers: a thread hop costs more than their codec work.
+#
+# Fairness: the workers take chunks first come, first served, and a batch never has more than
+# DEPTH chunks queued, so a batch that arrives waits behind at most DEPTH chunks of each batch
+# already running, whoever sent them: chunks of concurrent batches interleave round-robin without
+# a scheduler.  A Stream RPC runs its requests one at a time, so one client's stream is one
+# batch at a time, however deep its client pipelines.
+#
+# Chunks of concurrent batches interleave; each page's operation is atomic, a batch as a whole is
+# not (keys and pages are checked before the first chunk, so a malformed batch still changes
+# nothing).  A get's zpages are copied out of their frames before a worker opens them, since
+# the loop may free and reuse a frame meanwhile.  Destroying a big pool is cut up too: its
+# objects are flushed a few at a time, then the empty pool goes.
 from __future__ import annotations
 
 import asyncio
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from node.settings import Settings
+from node.settings import Settings, default_worker_threads
 from ramster.zcache import PAGE_SIZE, PageError, PoolKind, PutResult, ZCache, ZCacheConfig
 from ramster.zcache.backing import BackingFile
+from ramster.zcache.cache import SealedPages, check_keys, check_put_batch
 from ramster.zcache.evictor import Evictor
 
 BACKING_FILE = "backing.dat"
-CHUNK_PAGES = 128
+CHUNK_PAGES = 64
+DEPTH = 2  # chunks of one batch with the workers at once
+INLINE_PAGES = 8  # batches this small run on the loop, codec included
 FLUSHES_PER_PUT = 8  # a flush costs about an eighth of a put
+X = TypeVar("X")
+Y = TypeVar("Y")
 T = TypeVar("T")
 Prefetch = Callable[[int, list[tuple[int, int]]], Awaitable[None]]
+_WORKERS: weakref.WeakKeyDictionary[ZCache, Executor] = weakref.WeakKeyDictionary()
 
 
 def build_engine(
@@ -37,13 +64,29 @@ def build_engine(
 ) -> ZCache:
     """The engine under the pool limit, with `evictor` as its backdoor exit (the backing file,
     or the chain [ramster layer, backing file]); it recreates `pools` (the registry's) and
-    then adopts what the evictor kept from before."""
+    then adopts what the evictor kept from before.  Its codec workers are made here too."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     config = ZCacheConfig(
         capacity_frames=max(1, settings.pool_limit // PAGE_SIZE),
         default_allocator=settings.allocator,
     )
-    return ZCache(config, evictor=evictor, pools=pools)
+    engine = ZCache(config, evictor=evictor, pools=pools)
+    _WORKERS[engine] = _codec_pool(settings.worker_threads)
+    return engine
+
+
+def codec_workers(engine: ZCache) -> Executor:
+    """The threads that encode and open big batches of `engine` (those build_engine made, or a
+    pool of the default size for an engine built elsewhere).  The pool lives as long as the
+    engine; its idle threads exit when both are gone."""
+    workers = _WORKERS.get(engine)
+    if workers is None:
+        workers = _WORKERS[engine] = _codec_pool(default_worker_threads())
+    return workers
+
+
+def _codec_pool(threads: int) -> Executor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="ramster-codec")
 
 
 def open_backing(settings: Settings) -> BackingFile:
@@ -53,35 +96,56 @@ def open_backing(settings: Settings) -> BackingFile:
 
 
 class ChunkedEngine:
-    """Batch operations of an engine, cut into chunks with a yield to the loop between them."""
+    """Batch operations of an engine: chunks whose codec work runs in the engine's workers and
+    whose state changes run on the loop, with a yield to the loop between chunks."""
 
     def __init__(
-        self, engine: ZCache, chunk: int = CHUNK_PAGES, prefetch: Prefetch | None = None
+        self,
+        engine: ZCache,
+        chunk: int = CHUNK_PAGES,
+        prefetch: Prefetch | None = None,
+        workers: Executor | None = None,
     ) -> None:
         self.engine = engine
         self.chunk = chunk
         self.prefetch = prefetch  # fetches remote copies a get is about to read
+        self.workers = workers or codec_workers(engine)
 
     async def put_batch(
         self, pool: int, keys: list[tuple[int, int]], pages: list[bytes]
     ) -> list[PutResult]:
-        put = self.engine.put_batch
-        return await self._chunked(lambda part: put(pool, keys[part], pages[part]), len(keys))
+        engine = self.engine
+        if len(keys) <= INLINE_PAGES:
+            return engine.put_batch(pool, keys, pages)
+        encode = engine.encoder(pool).encode
+        pages = check_put_batch(keys, pages)  # the whole batch, before any chunk is filed
+
+        def file(part: slice, encoded: list[bytes | None]) -> list[PutResult]:
+            return engine.file_encoded(pool, keys[part], encoded)
+
+        return await self._pipelined(
+            len(keys), _as_is, lambda part: encode(keys[part], pages[part]), file
+        )
 
     async def get_batch(
         self, pool: int, keys: list[tuple[int, int]], exclusive: bool
     ) -> list[bytes | PageError | None]:
-        get = self.engine.get_batch
-        if self.prefetch is None:
-            return await self._chunked(lambda part: get(pool, keys[part], exclusive), len(keys))
-        out: list[bytes | PageError | None] = []
-        for start in range(0, len(keys), self.chunk):
-            if start:
-                await asyncio.sleep(0)
-            part = keys[start : start + self.chunk]
-            await self.prefetch(pool, part)
-            out += get(pool, part, exclusive)
-        return out
+        engine, prefetch = self.engine, self.prefetch
+        if len(keys) <= INLINE_PAGES:
+            if prefetch is not None:
+                await prefetch(pool, keys)
+            return engine.get_batch(pool, keys, exclusive)
+        check_keys(keys)  # the whole batch, before any chunk is read (an exclusive get removes)
+
+        async def read(part: slice) -> SealedPages:
+            if prefetch is not None:
+                await prefetch(pool, keys[part])
+            return engine.read_sealed(pool, keys[part], exclusive)
+
+        def count(part: slice, sealed: SealedPages) -> list[bytes | PageError | None]:
+            return engine.opened(sealed)
+
+        return await self._pipelined(len(keys), read, SealedPages.open, count)
 
     async def destroy_pool(self, pool: int) -> int:
         """Drop a pool, first flushing its objects with a yield after every ~chunk of pages:
@@ -98,13 +162,41 @@ class ChunkedEngine:
             since_yield += flushed
         return dropped + self.engine.destroy_pool(pool)
 
-    async def _chunked(self, call: Callable[[slice], list[T]], count: int) -> list[T]:
+    async def _pipelined(
+        self,
+        count: int,
+        start: Callable[[slice], Awaitable[X]],
+        work: Callable[[X], Y],
+        finish: Callable[[slice, Y], list[T]],
+    ) -> list[T]:
+        """Per chunk of `count` items, in order: `start` on the loop, `work` in a worker,
+        `finish` on the loop; up to DEPTH chunks in the workers at once.  On an error or a
+        cancellation the chunks still with the workers are dropped unfinished."""
+        loop = asyncio.get_running_loop()
         out: list[T] = []
-        for start in range(0, count, self.chunk):
-            if start:
-                await asyncio.sleep(0)
-            out += call(slice(start, start + self.chunk))
+        running: deque[tuple[slice, asyncio.Future[Y]]] = deque()
+
+        async def finish_oldest() -> None:
+            part, done = running.popleft()
+            out.extend(finish(part, await done))
+            await asyncio.sleep(0)  # `done` may have been ready already: yield all the same
+
+        try:
+            for first in range(0, count, self.chunk):
+                part = slice(first, first + self.chunk)
+                running.append((part, loop.run_in_executor(self.workers, work, await start(part))))
+                if len(running) == DEPTH:
+                    await finish_oldest()
+            while running:
+                await finish_oldest()
+        finally:
+            for _, left in running:
+                left.cancel()
         return out
+
+
+async def _as_is(part: slice) -> slice:
+    return part
 
 
 class BackingCollector:

@@ -18,9 +18,10 @@
 # pages cost nothing anyway) and zeroes partial edges by read-modify-write.  FLUSH and FUA have
 # nothing to wait for: every acknowledged write is already in the engine, which is shared by all
 # connections (hence CAN_MULTI_CONN); an export is exactly as durable as the node's persistent
-# pool.  Batches go through ChunkedEngine (128 pages, then a yield), so a 32 MiB request never
-# holds the event loop for long.  Requests of one connection run one after another (that is
-# what reads the next request), several connections run concurrently.
+# pool.  Batches go through ChunkedEngine (chunks whose codec work runs in worker threads, a yield
+# between chunks), so a 32 MiB request never holds the event loop for long.  Requests of one
+# connection run one after another (that is what reads the next request), several connections
+# run concurrently.
 #
 # Shutdown (stop()): the listener closes; a connection waiting for its client closes at once,
 # one running a request finishes it, answers requests it had already received with ESHUTDOWN and

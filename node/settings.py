@@ -96,6 +96,18 @@ def parse_replicas(text: str | int) -> int:
     return value
 
 
+def parse_threads(text: str | int) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise ValueError(f"expected 1 to 64 threads, got {text!r}")
+    return value
+
+
+def default_worker_threads() -> int:
+    """One codec thread per core, up to 4 (the event loop's own work caps what more would do)."""
+    return min(4, os.cpu_count() or 1)
+
+
 def parse_pool_count(text: str | int) -> int:
     value = int(text)
     if not 1 <= value <= 1 << 16:
@@ -260,6 +272,15 @@ class Settings:
         default=3.0,
         metadata=meta(
             parse_positive_seconds, "seconds of silence before a peer is marked down", "SECONDS"
+        ),
+    )
+    worker_threads: int = field(
+        default_factory=default_worker_threads,
+        metadata=meta(
+            parse_threads,
+            "threads that compress and decompress big batches off the event loop (default: one "
+            "per core, up to 4)",
+            "N",
         ),
     )
     peer_timeout: float = field(

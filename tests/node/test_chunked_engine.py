@@ -1,0 +1,206 @@
+# ChunkedEngine: big batches give the same answers as the engine's own batch calls, their codec
+# work runs in the workers and every state change on the loop's thread, small calls are served
+# while a big batch runs, a batch that arrives late is not queued behind a running one, and a
+# cancelled batch leaves the engine consistent.
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.engine import (
+    CHUNK_PAGES,
+    DEPTH,
+    INLINE_PAGES,
+    ChunkedEngine,
+    build_engine,
+    codec_workers,
+)
+from ramster.zcache import PAGE_SIZE, InvalidPage, PoolKind, ZCache, ZCacheConfig
+from tests.node.conftest import node_settings
+
+P = PoolKind.PERSISTENT
+
+
+def big_batch(
+    pages: list[bytes], oid: int, count: int
+) -> tuple[list[tuple[int, int]], list[bytes]]:
+    """`count` keys of one object over the sample pages, with same-filled pages among them."""
+    chosen = [pages[i % len(pages)] if i % 10 else bytes(PAGE_SIZE) for i in range(count)]
+    return [(oid, i) for i in range(count)], chosen
+
+
+class Recording(Executor):
+    """A one-thread executor that records which work ran, in order, and can hold the first
+    piece of work until released."""
+
+    def __init__(self, hold_first: bool = False) -> None:
+        self.inner = ThreadPoolExecutor(1)
+        self.ran: list[str] = []
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.label = ""  # what the next submitted work is recorded as
+        self.submitted: list[str] = []
+        self.threads: set[int] = set()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        label = self.label
+        self.submitted.append(label)
+
+        def run() -> Any:
+            self.release.wait()
+            self.threads.add(threading.get_ident())
+            self.ran.append(label)
+            return fn(*args, **kwargs)
+
+        return self.inner.submit(run)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.inner.shutdown(wait, cancel_futures=cancel_futures)
+
+
+@pytest.fixture
+def engine() -> Iterator[ZCache]:
+    cache = ZCache(ZCacheConfig(capacity_frames=8192))
+    yield cache
+    cache.close()
+
+
+async def test_big_batches_match_the_engine(engine: ZCache, sample_pages: list[bytes]) -> None:
+    chunked = ChunkedEngine(engine)
+    reference = ZCache(ZCacheConfig(capacity_frames=8192))
+    for cache in (engine, reference):
+        cache.create_pool(P, store_raw=True)
+        cache.create_pool(P)
+    for pool in (0, 1):
+        keys, pages = big_batch(sample_pages, 5, 3 * CHUNK_PAGES + 7)
+        keys[CHUNK_PAGES - 1] = keys[3]  # a key twice in a chunk: the later page wins
+        expected = reference.put_batch(pool, keys, pages)
+        assert await chunked.put_batch(pool, keys, pages) == expected
+        asked = [*keys, (5, 10**6), (6, 0)]  # and misses
+        assert await chunked.get_batch(pool, asked, False) == reference.get_batch(pool, asked)
+        taken = await chunked.get_batch(pool, asked, True)
+        assert taken == reference.get_batch(pool, asked, True)
+    assert engine.stats == reference.stats
+    engine.verify()
+
+
+async def test_codec_in_workers_state_on_the_loop(
+    engine: ZCache, sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workers = Recording()
+    chunked = ChunkedEngine(engine, workers=workers)
+    pool = engine.create_pool(P, store_raw=True)
+    loop_thread = threading.get_ident()
+    seen: set[int] = set()
+    for name in ("file_encoded", "read_sealed", "opened"):
+        method = getattr(engine, name)
+
+        def spy(*args: Any, _method: Any = method) -> Any:
+            seen.add(threading.get_ident())
+            return _method(*args)
+
+        monkeypatch.setattr(engine, name, spy)
+    keys, pages = big_batch(sample_pages, 1, 4 * CHUNK_PAGES)
+    await chunked.put_batch(pool, keys, pages)
+    assert await chunked.get_batch(pool, keys, False) == pages
+    assert seen == {loop_thread}
+    assert len(workers.ran) == 8 and loop_thread not in workers.threads
+    workers.shutdown()
+
+
+async def test_small_calls_are_served_while_a_big_batch_runs(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    chunked = ChunkedEngine(engine)
+    pool = engine.create_pool(P)
+    await chunked.put_batch(pool, [(9, 0)], sample_pages[:1])
+    keys, pages = big_batch(sample_pages, 1, 4096)
+    bulk = asyncio.create_task(chunked.put_batch(pool, keys, pages))
+    gaps = []  # pages the big batch filed between two small calls
+    last = engine.stats.puts
+    while not bulk.done():
+        assert await chunked.get_batch(pool, [(9, 0)], False) == sample_pages[:1]
+        gaps.append(engine.stats.puts - last)
+        last = engine.stats.puts
+        await asyncio.sleep(0)
+    await bulk
+    assert sum(gaps) == 4096
+    assert max(gaps) <= 2 * CHUNK_PAGES  # a chunk per loop turn, before or after ours
+
+
+async def test_a_late_batch_is_not_queued_behind_a_running_one(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    workers = Recording(hold_first=True)
+    chunked = ChunkedEngine(engine, workers=workers)
+    pool = engine.create_pool(P)
+    workers.label = "big"
+    keys, pages = big_batch(sample_pages, 1, 16 * CHUNK_PAGES)
+    big = asyncio.create_task(chunked.put_batch(pool, keys, pages))
+    while len(workers.submitted) < DEPTH:  # the big batch has its fill with the workers
+        await asyncio.sleep(0)
+    workers.label = "late"
+    small_keys, small_pages = big_batch(sample_pages, 2, INLINE_PAGES + 1)
+    late = asyncio.create_task(chunked.put_batch(pool, small_keys, small_pages))
+    while "late" not in workers.submitted:
+        await asyncio.sleep(0)
+    workers.label = "big"
+    workers.release.set()
+    await asyncio.gather(big, late)
+    assert workers.ran.index("late") == DEPTH  # behind the DEPTH chunks queued before it only
+    assert len(workers.ran) == 17
+    workers.shutdown()
+
+
+async def test_a_malformed_big_batch_changes_nothing(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    chunked = ChunkedEngine(engine)
+    pool = engine.create_pool(P)
+    keys, pages = big_batch(sample_pages, 1, 3 * CHUNK_PAGES)
+    pages[-1] = pages[-1][:100]
+    with pytest.raises(InvalidPage):
+        await chunked.put_batch(pool, keys, pages)
+    assert engine.stored_pages == 0 and engine.stats.puts == 0
+
+
+async def test_a_cancelled_batch_leaves_the_engine_consistent(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    workers = Recording()
+    chunked = ChunkedEngine(engine, workers=workers)
+    pool = engine.create_pool(P)
+    keys, pages = big_batch(sample_pages, 1, 4096)
+    bulk = asyncio.create_task(chunked.put_batch(pool, keys, pages))
+    while engine.stats.puts < 2 * CHUNK_PAGES:
+        await asyncio.sleep(0)
+    bulk.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await bulk
+    filed, stored = engine.stats.puts, engine.stored_pages
+    assert 0 < filed < 4096
+    await asyncio.wrap_future(workers.inner.submit(int))  # the chunks it left have run
+    assert len(workers.ran) > filed // CHUNK_PAGES  # one was left with the workers at least
+    assert (engine.stats.puts, engine.stored_pages) == (filed, stored)  # and changed nothing
+    engine.verify()
+    workers.shutdown()
+
+
+def test_one_worker_pool_per_engine(engine: ZCache) -> None:
+    assert codec_workers(engine) is codec_workers(engine)
+    assert ChunkedEngine(engine).workers is ChunkedEngine(engine).workers
+    assert codec_workers(ZCache()) is not codec_workers(engine)
+
+
+def test_the_engine_gets_the_workers_its_settings_ask_for(tmp_path: Path) -> None:
+    engine = build_engine(node_settings(tmp_path, worker_threads=3))
+    workers = codec_workers(engine)
+    assert isinstance(workers, ThreadPoolExecutor) and workers._max_workers == 3
+    engine.close()
