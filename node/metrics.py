@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import threading
+import time
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
@@ -32,7 +33,10 @@ from node.snapshot import EngineSnapshot
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 )  # fmt: skip
-LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
+LOOP_LAG_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 3,
+)  # fmt: skip
+STALL_WINDOW = 10.0  # seconds the worst-stall gauge looks back (at least; at most twice that)
 
 
 class EngineCollector(Collector):
@@ -184,6 +188,39 @@ class NbdMetrics:
         )
 
 
+class LoopStallMetrics:
+    """Event-loop stalls (node/loopwatch.py samples them): every sample in a histogram, whose
+    rate of samples over 1-2 ms is the share of time a small call waits; and the worst sample of
+    the last STALL_WINDOW to 2 x STALL_WINDOW seconds as a gauge, which a scrape every 15 s still
+    catches after the histogram's rate has averaged a lone long stall away.  The window is two
+    halves that take turns (no per-sample list); observe() runs on the loop, and the gauge and
+    histogram lock for the scrape thread themselves."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.histogram = Histogram(
+            "ramster_event_loop_lag_seconds",
+            "How long a callback posted to the event loop waited to run: what a small call "
+            "waits behind work that does not yield.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
+        self.worst = Gauge(
+            "ramster_event_loop_stall_max_seconds",
+            f"Longest event-loop stall in the last {STALL_WINDOW:g} to {2 * STALL_WINDOW:g} s.",
+            registry=registry,
+        )
+        self._turn = time.monotonic()
+        self._before = self._now = 0.0  # worst of the previous window, of this one
+
+    def observe(self, stall: float) -> None:
+        self.histogram.observe(stall)
+        if time.monotonic() - self._turn >= STALL_WINDOW:
+            self._turn = time.monotonic()
+            self._before, self._now = self._now, 0.0
+        self._now = max(self._now, stall)
+        self.worst.set(max(self._before, self._now))
+
+
 class NodeMetrics:
     """The registry of one node and the HTTP server that exposes it."""
 
@@ -193,12 +230,7 @@ class NodeMetrics:
         self.registry.register(EngineCollector(snapshot))
         self.grpc = GrpcMetrics(self.registry)
         self.nbd = NbdMetrics(self.registry)  # declared even without NBD, as dashboards expect
-        self.loop_lag = Histogram(
-            "ramster_event_loop_lag_seconds",
-            "How late the event loop ran a timer: time it spent on one piece of work.",
-            buckets=LOOP_LAG_BUCKETS,
-            registry=self.registry,
-        )
+        self.loop_lag = LoopStallMetrics(self.registry)
         build = Gauge(
             "ramster_build_info",
             "Build of the node (always 1).",
