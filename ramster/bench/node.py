@@ -59,7 +59,7 @@ def percentile_ms(latencies: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
 
 
-async def _pipeline(
+async def pipeline(
     stream: Stream,
     ranges: list[KeyRange],
     send: Callable[[Stream, KeyRange], Any],
@@ -138,10 +138,10 @@ async def _run(
         pool = await client.create_pool("persistent")
         try:
             async with client.stream() as stream:
-                put_s, put_lat = await _pipeline(
+                put_s, put_lat = await pipeline(
                     stream, ranges, put, accept_put, window, Progress("put", count)
                 )
-                get_s, get_lat = await _pipeline(
+                get_s, get_lat = await pipeline(
                     stream, ranges, get, accept_get, window, Progress("get", count)
                 )
             single_lat, single_bad = await _single_gets(

@@ -6,7 +6,7 @@ from functools import partial
 from typing import Any
 
 from ramster.bench import cluster as bench_cluster
-from ramster.bench import engine, nbd, node, reaper, soak, tls
+from ramster.bench import engine, latency, nbd, node, reaper, soak, tls
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
@@ -73,6 +73,27 @@ def _node(args: argparse.Namespace) -> int:
         raise CliError(f"{where}: {exc}") from None
     emit(result, args.json)
     return 0 if result["verified"] else 1
+
+
+def _latency(args: argparse.Namespace) -> int:
+    corpus_pages(args.corpus)  # a bad corpus is refused here, before any process starts
+    try:
+        result = latency.run(
+            args.corpus,
+            args.target,
+            args.metrics,
+            singles=args.singles,
+            batch=args.batch,
+            window=args.window,
+            pages=args.pages,
+            clients=args.clients,
+            cluster=args.cluster,
+            pool_limit=args.limit,
+        )
+    except RamsterError as exc:
+        raise CliError(f"{args.target or 'the local node'}: {exc}") from None
+    emit(result, args.json)
+    return 0 if result["verified"] and not result.get("peer_polls_seeing_a_node_down") else 1
 
 
 def _cluster_run(args: argparse.Namespace, pages: list[bytes], secured: bool) -> dict[str, Any]:
@@ -217,6 +238,34 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--singles", type=positive, default=2000, help="single-page gets to time")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_node)
+    p = kinds.add_parser(
+        "latency",
+        help="single-get latency on an idle node and under bulk load; throughput vs clients",
+        description="On one node (started for the run unless --target is given): time "
+        "single-page gets alone, then while another process streams put and get batches, and "
+        "print p50/p99/max of both and their ratio; then put and get --pages pages with 1, 2 "
+        "and 4 client processes and print the aggregate pages/s.  With the node's metrics "
+        "(always for a node started here) the node's own event-loop lag is printed too.  "
+        "--cluster runs the node as node 1 of a local 3-node cluster with fast heartbeats and "
+        "checks its peers never see it down while it is loaded.  Every page read is verified.",
+    )
+    p.add_argument("--target", metavar="HOST:PORT", help="the node (default: start a local one)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="the --target node's metrics address")
+    p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
+    p.add_argument("--singles", type=positive, default=2000, help="single-page gets per phase")
+    p.add_argument("--pages", type=positive, default=65536, help="pages per bulk round")
+    p.add_argument("--batch", type=positive, default=1024, help="pages per bulk batch (max 4096)")
+    p.add_argument("--window", type=positive, default=4, help="bulk batches in flight")
+    p.add_argument(
+        "--clients",
+        type=lambda text: [positive(n) for n in text.split(",")],
+        default=[1, 2, 4],
+        help="client process counts for the throughput phase (default 1,2,4)",
+    )
+    p.add_argument("--cluster", action="store_true", help="measure node 1 of a local cluster")
+    p.add_argument("--limit", default="2Gi", help="pool limit of a node started here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_latency)
     p = kinds.add_parser(
         "nbd",
         help="a node's NBD export against nbdkit memory: throughput and data per GiB of RSS",
