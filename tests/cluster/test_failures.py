@@ -22,7 +22,8 @@ from ramster.client.wire import PageStatus
 from ramster.remote import ForeignStore
 from ramster.v1 import peer_pb2, peer_pb2_grpc
 from ramster.zcache.codec import compress
-from tests.conftest import corpus_file
+from tests.cluster.probes import distinct_pages
+from tests.conftest import DATA
 
 # quick failure detection, with room for a loaded 2-core machine to answer in time
 FAST = ["--heartbeat-interval", "0.25", "--down-after", "5", "--peer-timeout", "1.5"]
@@ -31,13 +32,15 @@ PAGES = 20_000
 
 @pytest.fixture(scope="module")
 def corpus() -> list[bytes]:
-    return load_corpus(corpus_file("gcc-cc1-8k.pages"))
+    """The project's own real pages (tests/data), so these tests run from any clone."""
+    return load_corpus(DATA / "sample.pages")
 
 
 def workload(corpus: list[bytes], n: int = PAGES) -> list[bytes]:
-    """n pages that each compress (refused pages would make "0 lost" trivially true)."""
-    good = [p for p in corpus if p != p[:8] * 512 and len(compress(p)) < 3000][:4000]
-    return [good[i % len(good)] for i in range(n)]
+    """n real pages that each compress (refused pages would make "0 lost" trivially true),
+    each stamped with its index so a page served under another key is caught."""
+    good = [p for p in corpus if p != p[:8] * 512 and len(compress(p)) < 3000]
+    return distinct_pages(good, 7, n)
 
 
 def settle(client: Client, timeout: float = 60) -> None:
