@@ -436,7 +436,7 @@ class ZCache:
                         tick += 1
                         zticks[h >> zshift] = tick
                     at.append(i)
-                    zpages.append(zpage_bytes(zread(h)))
+                    zpages.append(bytes(zread(h)))  # the slot, padding and all: one copy
                 elif kind == SAME:
                     out[i] = self.same.page(h)
                 elif kind == EVICTED:

@@ -17,6 +17,7 @@ from ramster.zcache import (
     ZCacheConfig,
 )
 from ramster.zcache.cache import check_put_batch
+from ramster.zcache.codec import HEADER_SIZE
 
 P, E = PoolKind.PERSISTENT, PoolKind.EPHEMERAL
 ZERO = bytes(PAGE_SIZE)
@@ -99,7 +100,8 @@ def test_opened_counts_hits_and_corruption_when_they_are_known(sample_pages: lis
     sealed = cache.read_sealed(pool, keys)
     assert (cache.stats.gets, cache.stats.misses, cache.stats.hits) == (3, 1, 0)
     zpage = sealed.zpages[1]
-    sealed.zpages[1] = zpage[:-1] + bytes([zpage[-1] ^ 0xFF])  # damaged after it was read out
+    damaged = HEADER_SIZE + 1  # a payload byte
+    sealed.zpages[1] = zpage[:damaged] + bytes([zpage[damaged] ^ 0xFF]) + zpage[damaged + 1 :]
     pages = cache.opened(sealed.open())
     assert pages[0] == sample_pages[0] and pages[2] is None
     assert isinstance(pages[1], CorruptPage)
