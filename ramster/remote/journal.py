@@ -11,6 +11,9 @@
 #   DROP    location no longer has a copy on the peer in `slot`
 #   DISK    location has a copy in the local backing file at block `value` (0: none any more)
 #   FORGET  location is gone (flushed, overwritten, brought home)
+#   HIGH    the highest location generation handed out so far is `value` (written first by a
+#           rewrite, so with the KEY records after it replay knows every generation ever used,
+#           and a restarted owner never names a new version with an old location)
 #
 # A record is written only once what it says is true (after the peer's reply, after the disk
 # write), with one write() per batch and no fsync: a killed process loses nothing the kernel has
@@ -34,7 +37,8 @@ from pathlib import Path
 from ramster.zcache.config import ALLOCATORS
 
 RECORD = struct.Struct("<BBHIIxxxxQQ")
-KEY, HOLDER, DROP, DISK, FORGET = range(1, 6)
+KEY, HOLDER, DROP, DISK, FORGET, HIGH = range(1, 7)
+GEN_SHIFT = 32  # a location is generation << 32 | slot (see table.py)
 JOURNAL_FILE = "remote.journal"
 PEERS_FILE = "remote-peers.json"
 MAX_SLOTS = 1 << 16
@@ -65,6 +69,7 @@ class Journal:
         self._records = 0
         self._fd = -1
         self.torn = 0
+        self.high_gen = 0  # the highest location generation ever handed out
         try:
             if self.peers_path.exists():
                 self.slots = {str(a): int(s) for a, s in json.loads(self.peers_path.read_text())}
@@ -88,6 +93,10 @@ class Journal:
         for op, alloc, slot, index, pool, location, value in RECORD.iter_unpack(data[:whole]):
             if op == KEY and alloc < len(ALLOCATORS):
                 live[location] = Recovered(pool, ALLOCATORS[alloc], value, index)
+                self.high_gen = max(self.high_gen, location >> GEN_SHIFT)
+                continue
+            if op == HIGH:
+                self.high_gen = max(self.high_gen, value)
                 continue
             entry = live.get(location)
             if entry is None:
@@ -104,9 +113,10 @@ class Journal:
                 self.torn += 1
         return {loc: e for loc, e in live.items() if e.holders or e.disk}
 
-    def rewrite(self, entries: dict[int, Recovered]) -> None:
-        """Replace the file by the records of `entries` alone."""
-        out = bytearray()
+    def rewrite(self, entries: dict[int, Recovered], high_gen: int | None = None) -> None:
+        """Replace the file by the records of `entries` alone (and the generation mark)."""
+        self.high_gen = max(self.high_gen, high_gen or 0)
+        out = bytearray(RECORD.pack(HIGH, 0, 0, 0, 0, 0, self.high_gen))
         for location, e in entries.items():
             out += self._key(location, e.pool_id, e.allocator, e.oid, e.index)
             for address in e.holders:

@@ -158,6 +158,7 @@ class RamsterLayer:
             for address in holders:
                 table.add_holder(location, address)
         table.compact_free_list()
+        table.floor = table.high = journal.high_gen + 1
         journal.commit()
         self.stats.recovered = table.count
 
@@ -171,7 +172,8 @@ class RamsterLayer:
                     *self._key_alloc(loc), set(table.holders_of(loc)), table.disk_of(loc)
                 )
                 for loc in table
-            }
+            },
+            table.high,
         )
 
     def _key_alloc(self, location: int) -> tuple[int, str, int, int]:

@@ -6,9 +6,10 @@
 #     gen u16 | pool u32 | oid u64 | index u32 | disk u32 (backing-file block, 0: none)
 #     holders u32: a bitmask over peer bits (address -> bit, at most 32 peers hold our pages)
 #
-# Freed slots are reused (a free list), with their generation bumped, so a location is never
-# handed out twice for different versions of a page (the owner seals copies with it, and the
-# journal names it).  Which peer holds what is found by scanning the holders array: O(pages),
+# Freed slots are reused (a free list), with their generation bumped (and, after a restart,
+# started above every generation the journal saw), so a location is never handed out twice for
+# different versions of a page (the owner seals copies with it, and the journal names it).
+# Which peer holds what is found by scanning the holders array: O(pages),
 # but only on rare events (a peer down, restarted, leaving, or asked after our restart); the
 # copies each peer holds are counted as they change, for metrics.  Copies carry no epoch of
 # their own: a copy is valid in the epoch its peer is in now, because a peer's restart (a new
@@ -43,6 +44,10 @@ class RemoteTable:
         self.holders = array("I", [0])
         self._free = array("I")
         self.count = 0
+        # generations start above every one used before a restart (the journal's mark), so a
+        # location never names two versions, not even across restarts (until 16 bits wrap)
+        self.floor = 0
+        self.high = 0
         self.allocators: dict[int, str] = {}  # pool id -> allocator of its zpages
         self.bits: dict[str, int] = {}  # peer address -> bit
         self.copies: dict[str, int] = {}  # peer address -> copies it holds
@@ -51,12 +56,14 @@ class RemoteTable:
     def new(self, pool_id: int, allocator: str, oid: int, index: int) -> int:
         if self._free:
             slot = self._free.pop()
-            self.gen[slot] = gen = (self.gen[slot] + 1) & MAX_GEN
+            gen = max(self.gen[slot] + 1, self.floor) & MAX_GEN
         else:
-            slot, gen = len(self.pool), 0
+            slot, gen = len(self.pool), self.floor & MAX_GEN
             for column in (self.gen, self.pool, self.index, self.disk, self.holders):
                 column.append(0)
             self.oid.append(0)
+        self.gen[slot] = gen
+        self.high = max(self.high, gen)
         self.pool[slot], self.oid[slot], self.index[slot] = pool_id, oid, index
         self.disk[slot] = self.holders[slot] = 0
         self.allocators.setdefault(pool_id, allocator)

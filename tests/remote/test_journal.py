@@ -44,5 +44,27 @@ def test_rewrite_keeps_the_journal_proportional_to_what_is_live(tmp_path: Path) 
     assert len(live) == 100
     j.rewrite(live)
     j.close()
-    assert j.path.stat().st_size == 100 * 2 * RECORD.size
+    assert j.path.stat().st_size == (100 * 2 + 1) * RECORD.size  # + the generation mark
     assert Journal(tmp_path).recovered == live
+
+
+def test_a_restarted_owner_never_reuses_a_location(tmp_path: Path) -> None:
+    """Locations name versions of pages (copies are sealed with them): generations handed out
+    after a restart start above every one the journal saw, compacted or not."""
+    from ramster.remote import RamsterLayer
+    from ramster.zcache.codec import compress, make_zpage
+
+    zpage = make_zpage(1, 0, compress(bytes(4096)))
+    used = set()
+    for _ in range(3):
+        layer = RamsterLayer("a", "inc", ["b:1"], journal=Journal(tmp_path))
+        layer.heard("b:1", "b", "x", 1 << 30, False, 0.0)
+        layer.membership.peers["b:1"].synced = True
+        for _ in range(5):  # the same slot again and again
+            (location,) = layer.evict(0, "zsmalloc", [zpage])
+            assert location not in used
+            used.add(location)
+            layer.forget(0, location)
+        assert layer.journal is not None
+        layer.journal.close()  # a crash: no compaction
+    assert len(used) == 15
