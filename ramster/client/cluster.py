@@ -39,6 +39,7 @@ class LocalCluster:
         per_node: Sequence[Sequence[str]] = (),
         metrics: bool = True,
         tls: bool = False,
+        token: str | None = None,
     ) -> None:
         ports = free_ports(2 * size)
         self.ports, self.peer_ports = ports[:size], ports[size:]
@@ -67,6 +68,7 @@ class LocalCluster:
                 *(per_node[i] if i < len(per_node) else ()),
                 metrics=metrics,
                 tls_ca=bundle.ca if bundle else None,
+                token=token,
             )
             self.nodes.append(node)
 

@@ -26,6 +26,7 @@ class LocalNode:
         data_dir: Path | None = None,
         metrics: bool = True,
         tls_ca: Path | None = None,
+        token: str | None = None,
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="ramster-node-")
         root = Path(self._tmp.name)
@@ -44,6 +45,7 @@ class LocalNode:
             *args,
         ]
         self.tls_ca = tls_ca
+        self.token = token  # for client(), when the node is started with --tokens
         self.port = 0
         self.peer_port: int | None = None
         self.metrics_port: int | None = None
@@ -54,8 +56,8 @@ class LocalNode:
         return f"127.0.0.1:{self.port}"
 
     def client(self, timeout: float = 30.0) -> Client:
-        """A blocking client of the node (over TLS when the node serves it)."""
-        return Client(self.target, timeout=timeout, tls_ca=self.tls_ca)
+        """A blocking client of the node (over TLS when the node serves it, with its token)."""
+        return Client(self.target, timeout=timeout, tls_ca=self.tls_ca, token=self.token)
 
     def start(self, timeout: float = 60.0) -> LocalNode:
         """Start the node (again, after a stop or kill: same arguments, same data directory)."""
