@@ -11,14 +11,18 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from ramster.bench.node import percentile_ms
-from ramster.bench.report import Progress
+from ramster.bench.report import Progress, rss_bytes
 from ramster.client import Client, PageStatus
 from ramster.client.cluster import LocalCluster
+from ramster.client.local import LocalNode
 
 OID = 1
 BATCH = 256
@@ -82,8 +86,10 @@ def run(
 
             return call
 
+        before = memory(cluster)
         put_s, put_lat = _timed([put(s) for s in range(0, count, BATCH)])
         wait_placed(client)
+        after = memory(cluster)
         table = node_table(cluster)
         local_n = min(count // 10, 2048)
         newest = list(range(count - local_n, count))
@@ -123,12 +129,62 @@ def run(
         "remote_get_p50_ms": round(percentile_ms(remote_lat, 0.5), 2),
         "remote_get_p99_ms": round(percentile_ms(remote_lat, 0.99), 2),
         "remote_single_get_p50_ms": round(percentile_ms(remote_single, 0.5), 3),
+        "remote_get_vs_local": round(remote_s and local_s / (2 * remote_s), 3),
+        "remote_single_get_p50_vs_local": round(
+            percentile_ms(remote_single, 0.5) / max(percentile_ms(local_single, 0.5), 1e-9), 2
+        ),
+        **memory_report(before, after, table),
         "batch_pages": BATCH,
         "refused": refused,
         "lost": final.remote_lost_pages,
         "verified": verified,
         "nodes": table,
     }
+
+
+def memory(cluster: LocalCluster) -> list[dict[str, int]]:
+    """Per node: its RSS, pool bytes, and foreign pool bytes (from its metrics)."""
+    rows = []
+    for node in cluster.nodes:
+        with node.client(timeout=30) as client:
+            s = client.stats()
+        foreign = metric_value(node, "ramster_foreign_pool_size_bytes")
+        pid = node.process.pid if node.process else 0
+        rows.append({"rss": rss_bytes(pid), "pool": s.pool_size_bytes, "foreign": int(foreign)})
+    return rows
+
+
+def memory_report(
+    before: list[dict[str, int]], after: list[dict[str, int]], table: list[dict[str, Any]]
+) -> dict[str, float]:
+    """What remotifying costs in RAM: the owner's growth beyond its pool per remote page, and
+    each holder's growth per copy against the compressed bytes of a copy."""
+    owner_growth = (after[0]["rss"] - before[0]["rss"]) - (after[0]["pool"] - before[0]["pool"])
+    remote = table[0]["pages_remote"]
+    held = sum(row["held_for_peers"] for row in table[1:])
+    holder_growth = sum(a["rss"] - b["rss"] for a, b in zip(after[1:], before[1:], strict=True))
+    foreign = sum(a["foreign"] for a in after[1:])
+    evicted = table[0]["pages_remote"] + table[0]["pages_on_disk"]
+    return {
+        "owner_bytes_per_remote_page": round(owner_growth / remote, 1) if remote else 0.0,
+        "holder_bytes_per_copy": round(holder_growth / held, 1) if held else 0.0,
+        "holder_compressed_bytes_per_copy": round(foreign / held, 1) if held else 0.0,
+        "evicted_to_peers_fraction": round(remote / evicted, 4) if evicted else 0.0,
+    }
+
+
+def metric_value(node: LocalNode, name: str) -> float:
+    if not node.metrics_port:
+        return 0.0
+    url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
 
 
 def start_cluster(nodes: int, limit: str, grace: float = 10.0, tls: bool = False) -> LocalCluster:

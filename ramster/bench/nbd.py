@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ramster.bench.report import rss_bytes
 from ramster.client.errors import Unavailable
 from ramster.client.local import LocalNode
 
@@ -89,13 +90,6 @@ def check_tools() -> None:
             f"needs {', '.join(missing) or 'python3-libnbd'}: apt-get install nbdkit libnbd-bin "
             "python3-libnbd"
         )
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise BenchError(f"no VmRSS for process {pid}")
 
 
 def _tool(*cmd: str) -> float:

@@ -43,7 +43,10 @@ class Progress:
             print(f"\r{self.label} {done:,}/{self.total:,}", end=end, file=sys.stderr, flush=True)
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process (this one by default); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except OSError:
+        return 0

@@ -20,11 +20,10 @@ import random
 import struct
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ramster.bench.node import percentile_ms
-from ramster.bench.report import Progress
+from ramster.bench.report import Progress, rss_bytes
 from ramster.client import Client, PageStatus
 from ramster.client.cluster import LocalCluster
 from ramster.zcache.codec import compress
@@ -36,13 +35,6 @@ STAMP = struct.Struct("<QQI")  # oid, index, version
 def stamped(base: list[bytes], index: int, version: int) -> bytes:
     page = base[(index * 7 + version) % len(base)]
     return STAMP.pack(OID, index, version) + page[STAMP.size :]
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 @dataclass
