@@ -1,33 +1,40 @@
-# The node's one engine: built here from the settings, driven from the event loop in chunks, with
-# the codec work of big batches in worker threads.
+# The node's one engine: built here from the settings, driven from the event loop in slices,
+# with the codec work of big batches optionally in worker threads.
 #
 # build_engine() is the only place a ZCache is constructed (the reaper, pool limit hysteresis
 # and backing file under the data directory plug in here), and it gives the engine its codec
-# workers: a pool of `worker_threads` threads, one per engine, shared by every front door that
-# drives it (gRPC, NBD).  The engine is synchronous and not thread-safe, so every change to its
-# state runs on the event-loop thread; only the pure halves of its batch paths (ZCache: encode a
-# put, open a get) run in the workers.  LZ4 releases the GIL, so the loop keeps serving while
-# pages are compressed, and a node uses more than one core.
+# workers: with `worker_threads` > 0, a pool of that many threads, one per engine, shared by
+# every front door that drives it (gRPC, NBD).  The engine is synchronous and not thread-safe,
+# so every change to its state runs on the event-loop thread; only the pure halves of its batch
+# paths (ZCache: encode a put, open a get) may run in the workers.
 #
-# ChunkedEngine runs a batch as chunks of CHUNK_PAGES pages through a short pipeline: a put
-# chunk is encoded in a worker and then filed on the loop; a get chunk is read out on the loop
-# (after its remote copies are prefetched), opened in a worker, then counted on the loop.  Up to
-# DEPTH chunks of one batch are with the workers at once, so the loop files chunk n while chunk
-# n+1 compresses, and the loop yields between chunks, so what a small call can wait behind is one
-# chunk's loop half (~0.2 ms), not a batch.  Batches of up to INLINE_PAGES pages (single gets,
-# NBD's 4 KiB requests) skip the workers: a thread hop costs more than their codec work.
+# ChunkedEngine runs a batch as chunks of CHUNK_PAGES pages and yields to the loop after each,
+# so what a small call can wait behind is one chunk (32 pages: ~0.7 ms of puts, ~0.5 ms of
+# gets), not a batch of up to 4096 pages (~80 ms).  Without workers a chunk runs whole on the
+# loop.  With workers it runs as a short pipeline: a put chunk is encoded in a worker and then
+# filed on the loop; a get chunk is read out on the loop (after its remote copies are
+# prefetched), opened in a worker, then counted on the loop; up to DEPTH chunks of a batch are
+# with the workers at once, so the loop files chunk n while chunk n+1 compresses.  Batches of up
+# to INLINE_PAGES pages (single gets, NBD's 4 KiB requests) always run at once on the loop.
 #
-# Fairness: the workers take chunks first come, first served, and a batch never has more than
-# DEPTH chunks queued, so a batch that arrives waits behind at most DEPTH chunks of each batch
-# already running, whoever sent them: chunks of concurrent batches interleave round-robin without
-# a scheduler.  A Stream RPC runs its requests one at a time, so one client's stream is one
-# batch at a time, however deep its client pipelines.
+# Why no workers by default: LZ4 releases the GIL, but every page it compresses in a worker is a
+# GIL hand-over with the loop thread, which is busy with the allocator, the index and protobuf
+# for as long as LZ4 takes; measured on 2 cores, 2 workers cost 20-40% more CPU per page than
+# slices on the loop and moved fewer pages per second, for no better loop stalls.  Workers pay
+# where the loop has time to spare and cores are free; `--worker-threads` turns them on.
 #
-# Chunks of concurrent batches interleave; each page's operation is atomic, a batch as a whole is
-# not (keys and pages are checked before the first chunk, so a malformed batch still changes
-# nothing).  A get's zpages are copied out of their frames before a worker opens them, since
-# the loop may free and reuse a frame meanwhile.  Destroying a big pool is cut up too: its
-# objects are flushed a few at a time, then the empty pool goes.
+# Fairness: the loop runs ready tasks in turn, one step each, and a batch's step is one chunk,
+# so concurrent batches advance chunk by chunk, round-robin, whoever sent them.  With workers,
+# which take chunks first come first served, a batch never has more than DEPTH chunks queued,
+# so a batch that arrives waits behind at most DEPTH chunks of each batch already running.  A
+# Stream RPC runs its requests one at a time, so one client's stream is one batch at a time,
+# however deep its client pipelines.
+#
+# Each page's operation is atomic, a batch as a whole is not (keys and pages are checked before
+# the first chunk, so a malformed batch still changes nothing).  A get's zpages are copied out
+# of their frames before a worker opens them, since the loop may free and reuse a frame
+# meanwhile.  Destroying a big pool is cut up too: its objects are flushed a few at a time, then
+# the empty pool goes.
 from __future__ import annotations
 
 import asyncio
@@ -39,14 +46,14 @@ from typing import TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from node.settings import Settings, default_worker_threads
+from node.settings import Settings
 from ramster.zcache import PAGE_SIZE, PageError, PoolKind, PutResult, ZCache, ZCacheConfig
 from ramster.zcache.backing import BackingFile
 from ramster.zcache.cache import SealedPages, check_keys, check_put_batch
 from ramster.zcache.evictor import Evictor
 
 BACKING_FILE = "backing.dat"
-CHUNK_PAGES = 64
+CHUNK_PAGES = 32
 DEPTH = 2  # chunks of one batch with the workers at once
 INLINE_PAGES = 8  # batches this small run on the loop, codec included
 FLUSHES_PER_PUT = 8  # a flush costs about an eighth of a put
@@ -64,29 +71,24 @@ def build_engine(
 ) -> ZCache:
     """The engine under the pool limit, with `evictor` as its backdoor exit (the backing file,
     or the chain [ramster layer, backing file]); it recreates `pools` (the registry's) and
-    then adopts what the evictor kept from before.  Its codec workers are made here too."""
+    then adopts what the evictor kept from before.  Its codec workers, if any, are made here."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     config = ZCacheConfig(
         capacity_frames=max(1, settings.pool_limit // PAGE_SIZE),
         default_allocator=settings.allocator,
     )
     engine = ZCache(config, evictor=evictor, pools=pools)
-    _WORKERS[engine] = _codec_pool(settings.worker_threads)
+    if settings.worker_threads:
+        _WORKERS[engine] = ThreadPoolExecutor(
+            settings.worker_threads, thread_name_prefix="ramster-codec"
+        )
     return engine
 
 
-def codec_workers(engine: ZCache) -> Executor:
-    """The threads that encode and open big batches of `engine` (those build_engine made, or a
-    pool of the default size for an engine built elsewhere).  The pool lives as long as the
-    engine; its idle threads exit when both are gone."""
-    workers = _WORKERS.get(engine)
-    if workers is None:
-        workers = _WORKERS[engine] = _codec_pool(default_worker_threads())
-    return workers
-
-
-def _codec_pool(threads: int) -> Executor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="ramster-codec")
+def codec_workers(engine: ZCache) -> Executor | None:
+    """The threads that encode and open big batches of `engine`, if build_engine gave it any
+    (they live as long as the engine; idle, they exit when both are gone)."""
+    return _WORKERS.get(engine)
 
 
 def open_backing(settings: Settings) -> BackingFile:
@@ -96,8 +98,9 @@ def open_backing(settings: Settings) -> BackingFile:
 
 
 class ChunkedEngine:
-    """Batch operations of an engine: chunks whose codec work runs in the engine's workers and
-    whose state changes run on the loop, with a yield to the loop between chunks."""
+    """Batch operations of an engine in chunks, with a yield to the loop after each; their codec
+    work runs in `workers` (by default the engine's, if it has any), their state changes on the
+    loop."""
 
     def __init__(
         self,
@@ -169,10 +172,11 @@ class ChunkedEngine:
         work: Callable[[X], Y],
         finish: Callable[[slice, Y], list[T]],
     ) -> list[T]:
-        """Per chunk of `count` items, in order: `start` on the loop, `work` in a worker,
-        `finish` on the loop; up to DEPTH chunks in the workers at once.  On an error or a
-        cancellation the chunks still with the workers are dropped unfinished."""
-        loop = asyncio.get_running_loop()
+        """Per chunk of `count` items, in order: `start` on the loop, `work` in a worker (on the
+        loop without workers), `finish` on the loop, then a yield; up to DEPTH chunks in the
+        workers at once.  On an error or a cancellation, chunks still with the workers are
+        dropped unfinished."""
+        loop, workers = asyncio.get_running_loop(), self.workers
         out: list[T] = []
         running: deque[tuple[slice, asyncio.Future[Y]]] = deque()
 
@@ -184,7 +188,12 @@ class ChunkedEngine:
         try:
             for first in range(0, count, self.chunk):
                 part = slice(first, first + self.chunk)
-                running.append((part, loop.run_in_executor(self.workers, work, await start(part))))
+                item = await start(part)
+                if workers is None:
+                    out.extend(finish(part, work(item)))
+                    await asyncio.sleep(0)
+                    continue
+                running.append((part, loop.run_in_executor(workers, work, item)))
                 if len(running) == DEPTH:
                     await finish_oldest()
             while running:

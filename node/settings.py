@@ -98,14 +98,9 @@ def parse_replicas(text: str | int) -> int:
 
 def parse_threads(text: str | int) -> int:
     value = int(text)
-    if not 1 <= value <= 64:
-        raise ValueError(f"expected 1 to 64 threads, got {text!r}")
+    if not 0 <= value <= 64:
+        raise ValueError(f"expected 0 to 64 threads, got {text!r}")
     return value
-
-
-def default_worker_threads() -> int:
-    """One codec thread per core, up to 4 (the event loop's own work caps what more would do)."""
-    return min(4, os.cpu_count() or 1)
 
 
 def parse_pool_count(text: str | int) -> int:
@@ -275,11 +270,12 @@ class Settings:
         ),
     )
     worker_threads: int = field(
-        default_factory=default_worker_threads,
+        default=0,
         metadata=meta(
             parse_threads,
-            "threads that compress and decompress big batches off the event loop (default: one "
-            "per core, up to 4)",
+            "threads that compress and decompress big batches beside the event loop; 0: on the "
+            "loop, in slices (faster where the GIL hand-over per page costs more than the LZ4 "
+            "it moves, as on 2 cores)",
             "N",
         ),
     )

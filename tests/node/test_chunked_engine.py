@@ -1,7 +1,7 @@
-# ChunkedEngine: big batches give the same answers as the engine's own batch calls, their codec
-# work runs in the workers and every state change on the loop's thread, small calls are served
-# while a big batch runs, a batch that arrives late is not queued behind a running one, and a
-# cancelled batch leaves the engine consistent.
+# ChunkedEngine, with and without codec workers: big batches give the same answers as the engine's
+# own batch calls, codec work runs in the workers and every state change on the loop's thread,
+# small calls are served while a big batch runs, a batch that arrives late is not queued behind a
+# running one, and a cancelled batch leaves the engine consistent.
 from __future__ import annotations
 
 import asyncio
@@ -36,25 +36,27 @@ def big_batch(
 
 
 class Recording(Executor):
-    """A one-thread executor that records which work ran, in order, and can hold the first
-    piece of work until released."""
+    """A one-thread executor that records which work ran, in order; the work submitted `hold`-th
+    (from 0) waits, once running, until `release` is set."""
 
-    def __init__(self, hold_first: bool = False) -> None:
+    def __init__(self, hold: int | None = None) -> None:
         self.inner = ThreadPoolExecutor(1)
         self.ran: list[str] = []
+        self.hold = hold
+        self.holding = threading.Event()
         self.release = threading.Event()
-        if not hold_first:
-            self.release.set()
         self.label = ""  # what the next submitted work is recorded as
         self.submitted: list[str] = []
         self.threads: set[int] = set()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        label = self.label
+        label, number = self.label, len(self.submitted)
         self.submitted.append(label)
 
         def run() -> Any:
-            self.release.wait()
+            if number == self.hold:
+                self.holding.set()
+                self.release.wait()
             self.threads.add(threading.get_ident())
             self.ran.append(label)
             return fn(*args, **kwargs)
@@ -72,8 +74,12 @@ def engine() -> Iterator[ZCache]:
     cache.close()
 
 
-async def test_big_batches_match_the_engine(engine: ZCache, sample_pages: list[bytes]) -> None:
-    chunked = ChunkedEngine(engine)
+@pytest.mark.parametrize("threads", [0, 2])
+async def test_big_batches_match_the_engine(
+    engine: ZCache, sample_pages: list[bytes], threads: int
+) -> None:
+    workers = ThreadPoolExecutor(threads) if threads else None
+    chunked = ChunkedEngine(engine, workers=workers)
     reference = ZCache(ZCacheConfig(capacity_frames=8192))
     for cache in (engine, reference):
         cache.create_pool(P, store_raw=True)
@@ -89,6 +95,8 @@ async def test_big_batches_match_the_engine(engine: ZCache, sample_pages: list[b
         assert taken == reference.get_batch(pool, asked, True)
     assert engine.stats == reference.stats
     engine.verify()
+    if workers:
+        workers.shutdown()
 
 
 async def test_codec_in_workers_state_on_the_loop(
@@ -115,10 +123,11 @@ async def test_codec_in_workers_state_on_the_loop(
     workers.shutdown()
 
 
+@pytest.mark.parametrize("threads", [0, 2])
 async def test_small_calls_are_served_while_a_big_batch_runs(
-    engine: ZCache, sample_pages: list[bytes]
+    engine: ZCache, sample_pages: list[bytes], threads: int
 ) -> None:
-    chunked = ChunkedEngine(engine)
+    chunked = ChunkedEngine(engine, workers=ThreadPoolExecutor(threads) if threads else None)
     pool = engine.create_pool(P)
     await chunked.put_batch(pool, [(9, 0)], sample_pages[:1])
     keys, pages = big_batch(sample_pages, 1, 4096)
@@ -138,7 +147,7 @@ async def test_small_calls_are_served_while_a_big_batch_runs(
 async def test_a_late_batch_is_not_queued_behind_a_running_one(
     engine: ZCache, sample_pages: list[bytes]
 ) -> None:
-    workers = Recording(hold_first=True)
+    workers = Recording(hold=0)
     chunked = ChunkedEngine(engine, workers=workers)
     pool = engine.create_pool(P)
     workers.label = "big"
@@ -174,33 +183,31 @@ async def test_a_malformed_big_batch_changes_nothing(
 async def test_a_cancelled_batch_leaves_the_engine_consistent(
     engine: ZCache, sample_pages: list[bytes]
 ) -> None:
-    workers = Recording()
+    workers = Recording(hold=DEPTH)  # the first chunk sent while others are filed
     chunked = ChunkedEngine(engine, workers=workers)
     pool = engine.create_pool(P)
     keys, pages = big_batch(sample_pages, 1, 4096)
     bulk = asyncio.create_task(chunked.put_batch(pool, keys, pages))
-    while engine.stats.puts < 2 * CHUNK_PAGES:
-        await asyncio.sleep(0)
+    await asyncio.to_thread(workers.holding.wait)
     bulk.cancel()
     with pytest.raises(asyncio.CancelledError):
         await bulk
     filed, stored = engine.stats.puts, engine.stored_pages
     assert 0 < filed < 4096
-    await asyncio.wrap_future(workers.inner.submit(int))  # the chunks it left have run
-    assert len(workers.ran) > filed // CHUNK_PAGES  # one was left with the workers at least
+    workers.release.set()
+    await asyncio.wrap_future(workers.inner.submit(int))  # the held chunk has run in the worker
+    assert len(workers.ran) == DEPTH + 1
     assert (engine.stats.puts, engine.stored_pages) == (filed, stored)  # and changed nothing
     engine.verify()
     workers.shutdown()
 
 
-def test_one_worker_pool_per_engine(engine: ZCache) -> None:
-    assert codec_workers(engine) is codec_workers(engine)
-    assert ChunkedEngine(engine).workers is ChunkedEngine(engine).workers
-    assert codec_workers(ZCache()) is not codec_workers(engine)
-
-
-def test_the_engine_gets_the_workers_its_settings_ask_for(tmp_path: Path) -> None:
-    engine = build_engine(node_settings(tmp_path, worker_threads=3))
+def test_an_engine_has_the_workers_its_settings_ask_for(tmp_path: Path) -> None:
+    engine = build_engine(node_settings(tmp_path / "a", worker_threads=3))
     workers = codec_workers(engine)
     assert isinstance(workers, ThreadPoolExecutor) and workers._max_workers == 3
-    engine.close()
+    assert ChunkedEngine(engine).workers is ChunkedEngine(engine).workers is workers
+    alone = build_engine(node_settings(tmp_path / "b"))  # 0: slices on the loop
+    assert codec_workers(alone) is None and ChunkedEngine(alone).workers is None
+    for built in (engine, alone):
+        built.close()
