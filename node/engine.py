@@ -8,10 +8,10 @@
 # so every change to its state runs on the event-loop thread; only the pure halves of its batch
 # paths (ZCache: encode a put, open a get) may run in the workers.
 #
-# ChunkedEngine runs a batch as chunks of CHUNK_PAGES pages and yields to the loop after each,
-# so what a small call can wait behind is one chunk (32 pages: ~0.7 ms of puts, ~0.5 ms of
-# gets), not a batch of up to 4096 pages (~80 ms).  Without workers a chunk runs whole on the
-# loop.  With workers it runs as a short pipeline: a put chunk is encoded in a worker and then
+# ChunkedEngine runs a batch as chunks and yields to the loop after each, so what a small call
+# can wait behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk
+# is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts).  With workers it is
+# WORKER_CHUNK_PAGES pages through a short pipeline: a put chunk is encoded in a worker and then
 # filed on the loop; a get chunk is read out on the loop (after its remote copies are
 # prefetched), opened in a worker, then counted on the loop; up to DEPTH chunks of a batch are
 # with the workers at once, so the loop files chunk n while chunk n+1 compresses.  Batches of up
@@ -20,8 +20,10 @@
 # Why no workers by default: LZ4 releases the GIL, but every page it compresses in a worker is a
 # GIL hand-over with the loop thread, which is busy with the allocator, the index and protobuf
 # for as long as LZ4 takes; measured on 2 cores, 2 workers cost 20-40% more CPU per page than
-# slices on the loop and moved fewer pages per second, for no better loop stalls.  Workers pay
-# where the loop has time to spare and cores are free; `--worker-threads` turns them on.
+# slices on the loop and moved up to 25% fewer pages per second, and single-get latency under
+# bulk load came out the same either way (the loop's share of a 1024-page message outside the
+# engine, protobuf and page slicing, is several ms in one piece).  Workers pay where the loop has
+# time to spare and cores are free; `--worker-threads` turns them on.
 #
 # Fairness: the loop runs ready tasks in turn, one step each, and a batch's step is one chunk,
 # so concurrent batches advance chunk by chunk, round-robin, whoever sent them.  With workers,
@@ -53,7 +55,8 @@ from ramster.zcache.cache import SealedPages, check_keys, check_put_batch
 from ramster.zcache.evictor import Evictor
 
 BACKING_FILE = "backing.dat"
-CHUNK_PAGES = 32
+CHUNK_PAGES = 8  # a slice on the loop: ~0.2 ms of puts
+WORKER_CHUNK_PAGES = 32  # with workers: a thread hop (~40 us of the loop's time) per chunk
 DEPTH = 2  # chunks of one batch with the workers at once
 INLINE_PAGES = 8  # batches this small run on the loop, codec included
 FLUSHES_PER_PUT = 8  # a flush costs about an eighth of a put
@@ -105,14 +108,14 @@ class ChunkedEngine:
     def __init__(
         self,
         engine: ZCache,
-        chunk: int = CHUNK_PAGES,
+        chunk: int | None = None,
         prefetch: Prefetch | None = None,
         workers: Executor | None = None,
     ) -> None:
         self.engine = engine
-        self.chunk = chunk
         self.prefetch = prefetch  # fetches remote copies a get is about to read
         self.workers = workers or codec_workers(engine)
+        self.chunk = chunk or (WORKER_CHUNK_PAGES if self.workers else CHUNK_PAGES)
 
     async def put_batch(
         self, pool: int, keys: list[tuple[int, int]], pages: list[bytes]

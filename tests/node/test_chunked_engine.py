@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from node.engine import (
-    CHUNK_PAGES,
     DEPTH,
     INLINE_PAGES,
     ChunkedEngine,
@@ -85,8 +84,8 @@ async def test_big_batches_match_the_engine(
         cache.create_pool(P, store_raw=True)
         cache.create_pool(P)
     for pool in (0, 1):
-        keys, pages = big_batch(sample_pages, 5, 3 * CHUNK_PAGES + 7)
-        keys[CHUNK_PAGES - 1] = keys[3]  # a key twice in a chunk: the later page wins
+        keys, pages = big_batch(sample_pages, 5, 3 * chunked.chunk + 7)
+        keys[chunked.chunk - 1] = keys[3]  # a key twice in a chunk: the later page wins
         expected = reference.put_batch(pool, keys, pages)
         assert await chunked.put_batch(pool, keys, pages) == expected
         asked = [*keys, (5, 10**6), (6, 0)]  # and misses
@@ -115,7 +114,7 @@ async def test_codec_in_workers_state_on_the_loop(
             return _method(*args)
 
         monkeypatch.setattr(engine, name, spy)
-    keys, pages = big_batch(sample_pages, 1, 4 * CHUNK_PAGES)
+    keys, pages = big_batch(sample_pages, 1, 4 * chunked.chunk)
     await chunked.put_batch(pool, keys, pages)
     assert await chunked.get_batch(pool, keys, False) == pages
     assert seen == {loop_thread}
@@ -141,7 +140,7 @@ async def test_small_calls_are_served_while_a_big_batch_runs(
         await asyncio.sleep(0)
     await bulk
     assert sum(gaps) == 4096
-    assert max(gaps) <= 2 * CHUNK_PAGES  # a chunk per loop turn, before or after ours
+    assert max(gaps) <= 2 * chunked.chunk  # a chunk per loop turn, before or after ours
 
 
 async def test_a_late_batch_is_not_queued_behind_a_running_one(
@@ -151,7 +150,7 @@ async def test_a_late_batch_is_not_queued_behind_a_running_one(
     chunked = ChunkedEngine(engine, workers=workers)
     pool = engine.create_pool(P)
     workers.label = "big"
-    keys, pages = big_batch(sample_pages, 1, 16 * CHUNK_PAGES)
+    keys, pages = big_batch(sample_pages, 1, 16 * chunked.chunk)
     big = asyncio.create_task(chunked.put_batch(pool, keys, pages))
     while len(workers.submitted) < DEPTH:  # the big batch has its fill with the workers
         await asyncio.sleep(0)
@@ -173,7 +172,7 @@ async def test_a_malformed_big_batch_changes_nothing(
 ) -> None:
     chunked = ChunkedEngine(engine)
     pool = engine.create_pool(P)
-    keys, pages = big_batch(sample_pages, 1, 3 * CHUNK_PAGES)
+    keys, pages = big_batch(sample_pages, 1, 3 * chunked.chunk)
     pages[-1] = pages[-1][:100]
     with pytest.raises(InvalidPage):
         await chunked.put_batch(pool, keys, pages)
