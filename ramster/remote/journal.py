@@ -15,8 +15,9 @@
 #           rewrite, so with the KEY records after it replay knows every generation ever used,
 #           and a restarted owner never names a new version with an old location)
 #
-# A record is written only once what it says is true (after the peer's reply, after the disk
-# write), with one write() per batch and no fsync: a killed process loses nothing the kernel has
+# KEY is written when the zpage is evicted (replay ignores a key that never got a copy); every
+# other record only once what it says is true (after the peer's reply, after the disk write),
+# with one write() per batch and no fsync: a killed process loses nothing the kernel has
 # (a power cut may lose the newest records, which costs at most those copies).  Peer addresses are
 # numbered in a small side file (`remote-peers.json`, rewritten atomically when a peer is first
 # seen), so a record names a peer in two bytes.
