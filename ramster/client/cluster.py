@@ -1,11 +1,13 @@
 # LocalCluster: several nodes as subprocesses on loopback that know each other, for the demo,
 # cluster tests and `ramster bench cluster`.  Ports are picked free up front (peers must be
-# named before anyone starts): a client port and a peer port per node, the peer list naming the
+# named before anyone starts), below the ephemeral range so no outgoing connection takes one
+# first: a client port and a peer port per node, the peer list naming the
 # peer ports; each node gets its own node id, data directory and log.  With tls=True a fresh
 # CA and node certificates (ramster/certs.py) go to a temporary directory: peers speak mTLS,
 # clients TLS (LocalNode.client() knows the CA), exactly as a deployed cluster would.
 from __future__ import annotations
 
+import random
 import socket
 import tempfile
 import time
@@ -18,17 +20,33 @@ from ramster.client.local import LocalNode
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel says are free on 127.0.0.1 (held open together so they differ)."""
-    socks = []
+    """Ports free on 127.0.0.1, held open together so they differ, and picked below the
+    kernel's ephemeral range: a port from that range may become the source port of some
+    outgoing connection (the first nodes' heartbeats, say) before its node gets to bind it."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    socks: list[socket.socket] = []
     try:
-        for _ in range(count):
+        while len(socks) < count:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", rng.randrange(max(1024, low - 12000), low)))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 class LocalCluster:
