@@ -496,8 +496,9 @@ class RamsterLayer:
 
     # -- gets -------------------------------------------------------------------------------
     def fetch_sources(self, location: int) -> list[FetchSource]:
-        """Peers to fetch a remote copy from: live, synced ones, suspects last; empty when no
-        fetch is needed (a local disk copy is read instead: faster than any peer)."""
+        """Peers to fetch a remote copy from: live, synced ones, suspects last, the first one
+        rotating with the location so gets spread over the replicas; empty when no fetch is
+        needed (a local disk copy is read instead: faster than any peer)."""
         if (
             location not in self.table
             or location in self._bytes
@@ -511,6 +512,9 @@ class RamsterLayer:
             for a in self.table.holders_of(location)
             if a in peers and peers[a].up and peers[a].synced
         ]
+        if len(live) > 1:  # spread gets over the replicas: each location starts elsewhere
+            turn = location % len(live)
+            live = live[turn:] + live[:turn]
         live.sort(key=lambda peer: peer.suspect)
         pool_id, oid, index = self.table.key(location)
         return [FetchSource(p.address, p.epoch, pool_id, oid, index) for p in live]
