@@ -19,6 +19,12 @@
 # servicer runs: with a tokens file, a call without a valid bearer token fails UNAUTHENTICATED
 # (the message never repeats what was sent); the caller's tenant is put in node.tenants.CALLER
 # for the servicer.  Health, reflection and the peer API are not client calls.
+#
+# Open streams are limited per client (--max-streams): per tenant with a tokens file, else per
+# client address, counted from the moment a client stream is admitted until it ends; one more
+# fails at once with RESOURCE_EXHAUSTED, so a client that opens streams without end holds at
+# most that many of the node's stream states, and other clients' calls go on.  Unary calls are
+# not counted: each holds the node for one request only.
 from __future__ import annotations
 
 import asyncio
@@ -75,6 +81,32 @@ class Gate:
             await asyncio.sleep(0.02)
 
 
+class StreamLimit:
+    """Client streams open per client (tenant, or address without tokens), at most `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def client_of(self, context: Any, tenants: Tenants) -> str:
+        if tenants.required:
+            return "tenant:" + CALLER.get().name
+        peer = str(context.peer() or "")  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
+        return "address:" + peer.rpartition(":")[0] if peer.startswith("ipv") else "local"
+
+    def enter(self, client: str) -> bool:
+        count = self.open.get(client, 0)
+        if count >= self.limit:
+            return False
+        self.open[client] = count + 1
+        return True
+
+    def leave(self, client: str) -> None:
+        count = self.open.pop(client) - 1
+        if count:
+            self.open[client] = count
+
+
 class _Call:
     """Accounting of one RPC: in-flight count, then handled code and latency on exit."""
 
@@ -106,10 +138,13 @@ class _Call:
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, gate: Gate, metrics: GrpcMetrics, tenants: Tenants) -> None:
+    def __init__(
+        self, gate: Gate, metrics: GrpcMetrics, tenants: Tenants, streams: StreamLimit
+    ) -> None:
         self.gate = gate
         self.metrics = metrics
         self.tenants = tenants
+        self.streams = streams
         self._wrapped: dict[str, Any] = {}
 
     async def intercept_service(
@@ -176,6 +211,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await parsed(request, context)
 
         tenants = self.tenants if service == CLIENT_SERVICE else None
+        streams = self.streams
 
         async def admit(context: Any) -> _Call:
             started.inc()
@@ -200,8 +236,22 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
                 with await admit(context):
-                    async for response in behavior(await take(request, context), context):
-                        yield response
+                    if tenants is None:
+                        async for response in behavior(await take(request, context), context):
+                            yield response
+                        return
+                    client = streams.client_of(context, tenants)
+                    if not streams.enter(client):
+                        await context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"this client has {streams.limit} streams open already, the most "
+                            "the node allows (--max-streams): end one first",
+                        )
+                    try:
+                        async for response in behavior(await take(request, context), context):
+                            yield response
+                    finally:
+                        streams.leave(client)
 
             new_behavior = stream_behavior
         else:

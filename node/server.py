@@ -46,7 +46,7 @@ from grpc_reflection.v1alpha import reflection
 
 from node.cluster import RemoteSide
 from node.engine import BackingCollector, build_engine, open_backing
-from node.interceptor import Gate, RpcInterceptor
+from node.interceptor import Gate, RpcInterceptor, StreamLimit
 from node.logs import log_event
 from node.loopwatch import LoopWatch
 from node.metrics import NodeMetrics
@@ -86,6 +86,7 @@ class Node:
         self.registry: PoolRegistry | None = None
         self.pools: Pools | None = None
         self.tenants = load_tenants(None, settings.max_pools)  # --tokens is read by start()
+        self.streams = StreamLimit(settings.max_streams)
         self._nbd: NbdServer | None = None
         self._servers: list[grpc.aio.Server] = []
         self._metrics: NodeMetrics | None = None
@@ -108,7 +109,7 @@ class Node:
             # one RpcInterceptor per server: it caches handlers by method name, and both
             # servers have grpc.health.v1.Health/Check
             interceptors=[
-                RpcInterceptor(self.gate, self._metrics.grpc, self.tenants),
+                RpcInterceptor(self.gate, self._metrics.grpc, self.tenants, self.streams),
                 *interceptors,
             ],
             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],  # a second node on a port fails
@@ -142,7 +143,7 @@ class Node:
             tls = load_tls(s)
             self.tenants = load_tenants(s.tokens, s.max_pools)
             peer_at = peer_address(s) if s.peers else None
-            check_protected(s, tls, peer_at)
+            check_protected(s, tls, self.tenants.required, peer_at)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:

@@ -13,8 +13,9 @@
 # Every pool belongs to a tenant (node/tenants.py; the interceptor puts the caller's in CALLER):
 # an operation on a pool first checks that the caller owns it, and answers NOT_FOUND, word for
 # word as for a pool that does not exist, when it does not; ListPools and Stats show the caller's
-# pools only.  Quotas (pools, stored pages) are checked before the engine is called and answer
-# RESOURCE_EXHAUSTED.
+# pools only, and Stats shows the node-wide counters to operator tenants only (others see their
+# pools' pages and how many peers are up).  Quotas (pools,
+# stored pages) are checked before the engine is called and answer RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,6 +52,7 @@ ENGINE_KIND = {
     pb.POOL_KIND_EPHEMERAL: PoolKind.EPHEMERAL,
 }
 HIT, MISS = pb.PAGE_STATUS_HIT, pb.PAGE_STATUS_MISS
+CLUSTER_HEALTH = ("peers", "peers_up")  # of the remote stats, what every tenant may see
 
 Operation = Callable[[Any], Awaitable[Any]]
 
@@ -178,6 +180,16 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
 
     async def _stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
         s = take_snapshot(self.engine)
+        remote = self.remote_stats() if self.remote_stats else {}
+        if not CALLER.get().operator:  # its own pools only: the totals tell of other tenants
+            pools = self._pool_infos(s)
+            return pb.StatsResponse(
+                node_id=self.node_id,
+                version=__version__,
+                stored_pages=sum(p.pages for p in pools),
+                pools=pools,
+                **{k: v for k, v in remote.items() if k in CLUSTER_HEALTH},
+            )
         return pb.StatsResponse(
             node_id=self.node_id,
             version=__version__,
@@ -198,7 +210,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
             pools=self._pool_infos(s),
             unavailable=s.unavailable,
             written_back_pages=s.written_back_pages,
-            **(self.remote_stats() if self.remote_stats else {}),
+            **remote,
         )
 
     def _pool_infos(self, s: EngineSnapshot) -> list[pb.PoolInfo]:

@@ -110,6 +110,13 @@ def parse_pool_count(text: str | int) -> int:
     return value
 
 
+def parse_stream_count(text: str | int) -> int:
+    value = int(text)
+    if not 1 <= value <= 1 << 16:
+        raise ValueError(f"expected 1 to 65536 streams, got {text!r}")
+    return value
+
+
 def parse_positive_seconds(text: str | float) -> float:
     value = float(text)
     if value <= 0:
@@ -371,6 +378,16 @@ class Settings:
             parse_pool_count,
             "pools one tenant may have (every client, without --tokens); a tenant's 'pools' "
             "in the tokens file overrides it; past it CreatePool is RESOURCE_EXHAUSTED",
+            "N",
+        ),
+    )
+
+    max_streams: int = field(
+        default=64,
+        metadata=meta(
+            parse_stream_count,
+            "client streams one client may have open at once (a tenant with --tokens, a client "
+            "address without); past it a new stream is RESOURCE_EXHAUSTED",
             "N",
         ),
     )

@@ -18,7 +18,11 @@
 #     tokens = ["a-long-random-token-of-16+-characters"]
 #     pools = 16        # optional: default --max-pools
 #     pages = 1000000   # optional: default 0, no limit
+#     operator = true   # optional: Stats shows it the node-wide counters
 #
+# Stats answers a tenant with its own pools and the pages they hold; the node-wide counters
+# (pool size, puts, gets, hits, outcomes, remote traffic), which tell one tenant about the others'
+# activity, only go to operator tenants (and to every caller without a tokens file).
 # Tokens are never kept in clear: the table is keyed by their SHA-256, so lookups compare
 # digests (no timing oracle on the token) and a token never reaches a log line, an error message
 # or a metric.  Trade-off: tokens are static (rotating one means editing the file and restarting).
@@ -42,6 +46,7 @@ class Tenant:
     name: str  # "" is the open tenant (no tokens configured)
     max_pools: int
     max_pages: int = 0  # 0: no limit
+    operator: bool = False  # sees the node-wide counters of Stats, not only its own pools
 
     @property
     def owner(self) -> str:
@@ -85,9 +90,15 @@ def _count(value: Any, what: str) -> int:
     return value
 
 
+def _switch(value: Any, what: str) -> bool:
+    if type(value) is not bool:
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
 def load_tenants(path: Path | None, max_pools: int) -> Tenants:
     """The tenants of a tokens file (see the header), or only the open tenant without one."""
-    open_tenant = Tenant("", max_pools)
+    open_tenant = Tenant("", max_pools, operator=True)
     if path is None:
         return Tenants(open_tenant, {})
     try:
@@ -105,13 +116,14 @@ def load_tenants(path: Path | None, max_pools: int) -> Tenants:
         where = f"tokens file {path}: tenant {name!r}"
         if not isinstance(table, dict) or not name:
             raise ValueError(f"{where} must be a non-empty name with a table")
-        unknown = set(table) - {"tokens", "pools", "pages"}
+        unknown = set(table) - {"tokens", "pools", "pages", "operator"}
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         tenant = Tenant(
             name,
             _count(table.get("pools", max_pools), f"{where}: pools"),
             _count(table.get("pages", 0), f"{where}: pages"),
+            _switch(table.get("operator", False), f"{where}: operator"),
         )
         tokens = table.get("tokens")
         if not isinstance(tokens, list) or not tokens:

@@ -11,7 +11,9 @@
 #
 # Protected mode, as Redis 7: a listener on an address other hosts can reach (anything but
 # 127.0.0.0/8, ::1 and "localhost") is refused at start unless it is protected, or --insecure
-# says the operator knows.  gRPC listeners are protected by TLS; NBD has no TLS, so a reachable
+# says the operator knows.  The client port is protected by TLS *and* tokens (--tokens: without
+# them anyone who can reach it could read and write every pool); the peer port by TLS, which
+# there always means mTLS with the cluster's node certificates; NBD has no TLS, so a reachable
 # NBD port always needs --insecure.  Loopback needs nothing, so a bare node and `ramster demo`
 # stay zero-configuration.
 from __future__ import annotations
@@ -83,18 +85,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_protected(settings: Settings, tls: NodeTls | None, peer: HostPort | None) -> None:
+def check_protected(
+    settings: Settings, tls: NodeTls | None, tokens: bool, peer: HostPort | None
+) -> None:
     """Refuse (ValueError) a reachable listener that nothing protects, unless --insecure."""
     if settings.insecure:
         return
-    exposed = [
-        (flag, where, why)
-        for flag, where, why in (
-            ("--listen", settings.listen, "clients' pages"),
-            ("--peer-listen", peer, "peers' pages and the peer API"),
-        )
-        if where is not None and not is_loopback(where.host) and tls is None
-    ]
     nbd = settings.nbd_listen
     if nbd is not None and not is_loopback(nbd.host):
         raise ValueError(
@@ -102,11 +98,25 @@ def check_protected(settings: Settings, tls: NodeTls | None, peer: HostPort | No
             "addresses only (127.0.0.1, ::1) unless --insecure; block devices would cross the "
             "network in clear text (reach it through an SSH tunnel instead)"
         )
-    if exposed:
-        flag, where, why = exposed[0]
-        raise ValueError(
-            f"protected mode: {flag} {where} is reachable from other hosts without TLS, so "
-            f"{why} would cross the network in clear text, to anyone: set --tls-cert, "
-            "--tls-key and --tls-ca (`ramster certs` makes them), listen on 127.0.0.1, or "
-            "pass --insecure if the network is trusted"
-        )
+    advice = (
+        "(`ramster certs` makes the TLS files, `ramster tokens` a tokens file), listen on "
+        "127.0.0.1, or pass --insecure if the network is trusted"
+    )
+    for flag, where, why in (
+        ("--listen", settings.listen, "clients' pages"),
+        ("--peer-listen", peer, "peers' pages and the peer API"),
+    ):
+        if where is None or is_loopback(where.host):
+            continue
+        if tls is None:
+            raise ValueError(
+                f"protected mode: {flag} {where} is reachable from other hosts without TLS, so "
+                f"{why} would cross the network in clear text, to anyone: set --tls-cert, "
+                f"--tls-key and --tls-ca {advice}"
+            )
+        if flag == "--listen" and not tokens:
+            raise ValueError(
+                f"protected mode: {flag} {where} is reachable from other hosts without --tokens, "
+                "so any client that can reach it could read, overwrite and destroy every pool: "
+                f"set --tokens {advice}"
+            )

@@ -33,14 +33,16 @@ def run(
     window: int = 4,
     singles: int = 2000,
     tls: Mapping[str, PathLike | None] | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Measure the node at `target` (or a fresh local node) with `count` pages of the corpus;
-    `tls` holds the client's TLS arguments (tls_ca, tls_cert, tls_key) for a node serving TLS."""
+    `tls` holds the client's TLS arguments (tls_ca, tls_cert, tls_key) for a node serving TLS,
+    `token` the bearer token for a node run with --tokens."""
     keep_freed_memory()
     if target:
-        return asyncio.run(_run(pages, target, count, batch, window, singles, tls or {}))
+        return asyncio.run(_run(pages, target, count, batch, window, singles, tls or {}, token))
     with LocalNode() as node:
-        return asyncio.run(_run(pages, node.target, count, batch, window, singles, {}))
+        return asyncio.run(_run(pages, node.target, count, batch, window, singles, {}, None))
 
 
 def page_at(pages: list[bytes], n: int) -> bytes:
@@ -103,6 +105,7 @@ async def _run(
     window: int,
     singles: int,
     tls: Mapping[str, PathLike | None],
+    token: str | None,
 ) -> dict[str, Any]:
     ranges = batches(count, batch)
     outcomes: dict[int, list[Outcome]] = {}
@@ -134,6 +137,7 @@ async def _run(
         tls_ca=tls.get("tls_ca"),
         tls_cert=tls.get("tls_cert"),
         tls_key=tls.get("tls_key"),
+        token=token,
     ) as client:
         pool = await client.create_pool("persistent")
         try:

@@ -1,11 +1,13 @@
 # `ramster bench node --tls` and `ramster bench cluster --tls`: what TLS costs, measured as the
 # same benchmark run twice in one process, first against plaintext, then with TLS (for a
-# cluster: TLS for the client and mTLS between the nodes), on fresh nodes each time so neither
+# node: TLS and a bearer token for the client; for a cluster: TLS for the client and mTLS and
+# sealed pages between the nodes), on fresh nodes each time so neither
 # run inherits the other's warm pools.  The result holds both runs and, for each throughput
 # figure, TLS divided by plaintext (1.0: free; the goal is >= 0.8).  Runs in sequence on the
 # same machine, so background noise is shared, not cancelled: repeat for a firm number.
 from __future__ import annotations
 
+import secrets
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +39,10 @@ def node_run(run: Callable[..., dict[str, Any]], tls: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ramster-bench-certs-") as tmp:
         bundle = make_bundle(Path(tmp), ["bench"])
         cert, key = bundle.nodes["bench"]
+        token = secrets.token_urlsafe(32)
+        tokens = Path(tmp) / "tokens.toml"
+        tokens.write_text(f'[tenants.bench]\ntokens = ["{token}"]\n')
         flags = ["--node-id", "bench", "--tls-cert", str(cert), "--tls-key", str(key)]
-        with LocalNode(*flags, "--tls-ca", str(bundle.ca), tls_ca=bundle.ca) as node:
-            return run(target=node.target, tls={"tls_ca": bundle.ca})
+        flags += ["--tls-ca", str(bundle.ca), "--tokens", str(tokens)]
+        with LocalNode(*flags, tls_ca=bundle.ca, token=token) as node:
+            return run(target=node.target, tls={"tls_ca": bundle.ca}, token=token)

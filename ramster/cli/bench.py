@@ -10,7 +10,7 @@ from ramster.bench import engine, latency, nbd, node, reaper, soak, tls
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
-from ramster.cli.target import add_tls, positive, tls_of
+from ramster.cli.target import add_tls, add_token, positive, tls_of, token_of
 from ramster.client import RamsterError
 from ramster.client.cluster import LocalCluster
 from ramster.zcache import ALLOCATORS
@@ -67,7 +67,7 @@ def _node(args: argparse.Namespace) -> int:
         if args.tls:
             result = tls.compare(partial(tls.node_run, run), tls.NODE_RATES)
         else:
-            result = run(target=args.target, tls=tls_of(args))
+            result = run(target=args.target, tls=tls_of(args), token=token_of(args))
     except RamsterError as exc:
         where = args.target or "the local node"
         raise CliError(f"{where}: {exc}") from None
@@ -225,6 +225,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--target", metavar="HOST:PORT", help="the node (default: start a local one)")
     add_tls(p)
+    add_token(p)
     p.add_argument(
         "--tls",
         action="store_true",

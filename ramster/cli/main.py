@@ -7,10 +7,10 @@ import sys
 from collections.abc import Callable
 
 from ramster import __version__
-from ramster.cli import bench, certs, demo, nbd, pages, pools, status
+from ramster.cli import bench, certs, demo, nbd, pages, pools, status, tokens
 from ramster.cli.errors import CliError
 
-COMMANDS = [demo, pages, pools, status, nbd, certs, bench]
+COMMANDS = [demo, pages, pools, status, nbd, certs, tokens, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
 # What every node command shares: the --target/--timeout flags, the TLS flags (--tls-ca, and
-# --tls-cert/--tls-key for a node that wants client certificates), --token (else RAMSTER_TOKEN:
-# the bearer token of a node run with --tokens; the environment keeps it out of `ps` and shell
-# history, and it is never printed), the key flags (checked against
-# the ranges a node serves, so a key out of range is a usage error before any call), and a client
+# --tls-cert/--tls-key for a node that wants client certificates), --token or --token-file (else
+# RAMSTER_TOKEN or RAMSTER_TOKEN_FILE: the bearer token of a node run with --tokens; a file or the
+# environment keeps it out of `ps` and shell history, and it is never printed), the key flags
+# (checked against the ranges a node serves, so a key out of range is a usage error before any
+# call), and a client
 # whose failures become one-line CliErrors that name the node ("127.0.0.1:7070: UNAVAILABLE: ...").
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from ramster.cli.errors import CliError
 from ramster.client import Client, RamsterError
@@ -90,17 +92,43 @@ def add_target(parser: argparse.ArgumentParser, timeout: float = 10.0, again: bo
         help=f"deadline of each call in seconds (default {timeout:g})",
     )
     add_tls(parser, again)
+    add_token(parser, again)
+
+
+def add_token(parser: argparse.ArgumentParser, again: bool = False) -> None:
     parser.add_argument(
         "--token",
         default=argparse.SUPPRESS if again else None,
         metavar="TOKEN",
         help="bearer token for a node run with --tokens (default: $RAMSTER_TOKEN)",
     )
+    parser.add_argument(
+        "--token-file",
+        default=argparse.SUPPRESS if again else None,
+        metavar="FILE",
+        help="read the bearer token from FILE, as `ramster tokens` writes it "
+        "(default: $RAMSTER_TOKEN_FILE)",
+    )
 
 
 def token_of(args: argparse.Namespace) -> str | None:
-    """--token, else RAMSTER_TOKEN, else none."""
-    return args.token or os.environ.get("RAMSTER_TOKEN") or None
+    """--token, else --token-file, else RAMSTER_TOKEN, else RAMSTER_TOKEN_FILE, else none."""
+    token = getattr(args, "token", None)
+    path = getattr(args, "token_file", None)
+    if not token and not path:
+        token = os.environ.get("RAMSTER_TOKEN")
+        path = None if token else os.environ.get("RAMSTER_TOKEN_FILE")
+    if token:
+        return str(token)
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise CliError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise CliError(f"the token file {path} is empty")
+    return token
 
 
 def add_key(parser: argparse.ArgumentParser) -> None:

@@ -4,8 +4,12 @@
 # and tokens show up in no log line, error message or metric.
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import sys
 import urllib.request
+from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from tests.node.conftest import node_settings
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef"
+OPS = "ops-token-0123456789abcdef"
 TOKENS = f"""
 [tenants.alice]
 tokens = ["{ALICE}"]
@@ -30,6 +35,10 @@ pages = 40
 
 [tenants.bob]
 tokens = ["{BOB}"]
+
+[tenants.ops]
+tokens = ["{OPS}"]
+operator = true
 """
 
 
@@ -37,7 +46,7 @@ tokens = ["{BOB}"]
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(TOKENS)
-    started = Node(node_settings(tmp_path, tokens=tokens))
+    started = Node(node_settings(tmp_path, tokens=tokens, max_streams=2))
     await started.start()
     yield started
     await started.stop(grace=1)
@@ -207,3 +216,81 @@ def test_a_json_tokens_file(tmp_path: Path) -> None:
     assert alice is not None and (alice.name, alice.max_pools, alice.max_pages) == ("a", 8, 5)
     assert tenants.authenticate([("authorization", ALICE)]) is None  # no Bearer scheme
     assert tenants.authenticate([]) is None
+
+
+async def test_stats_show_a_tenant_its_own_pages_and_an_operator_the_node(
+    node: Node, compressible_pages: list[bytes]
+) -> None:
+    async with (
+        AsyncClient(node.target, timeout=10, token=ALICE) as alice,
+        AsyncClient(node.target, timeout=10, token=BOB) as bob,
+        AsyncClient(node.target, timeout=10, token=OPS) as ops,
+    ):
+        await alice.put_many(await alice.create_pool(), 1, 0, compressible_pages[:30])
+        bobs = await bob.create_pool()
+        await bob.put_many(bobs, 1, 0, compressible_pages[30:35])
+        await bob.get_many(bobs, 1, 0, 5)
+        seen = await bob.stats()
+        assert (seen.stored_pages, seen.puts, seen.gets, seen.pool_size_bytes) == (5, 0, 0, 0)
+        assert [(p.pool, p.pages) for p in seen.pools] == [(bobs, 5)]
+        everything = await ops.stats()
+        assert everything.stored_pages == 35 and everything.puts >= 35
+        assert everything.pool_size_bytes > 0 and everything.pools == []
+
+
+async def test_open_streams_are_limited_per_tenant(
+    node: Node, compressible_pages: list[bytes]
+) -> None:
+    async with (
+        AsyncClient(node.target, timeout=10, token=ALICE) as alice,
+        AsyncClient(node.target, timeout=10, token=BOB) as bob,
+    ):
+        pool = await alice.create_pool()
+        async with alice.stream() as first, alice.stream() as second:
+            for stream in (first, second):
+                await (await stream.put_batch(pool, KeyRange(1, 0, 1), compressible_pages[:1]))
+            with pytest.raises(ResourceExhausted, match="--max-streams"):
+                async with alice.stream() as third:
+                    await (await third.get_batch(pool, KeyRange(1, 0, 1)))
+            async with bob.stream() as other:  # another tenant is not held back
+                await (
+                    await other.put_batch(
+                        await bob.create_pool(), KeyRange(1, 0, 1), compressible_pages[:1]
+                    )
+                )
+        async with alice.stream() as again:  # closed streams count no more
+            assert (
+                await (await again.get_batch(pool, KeyRange(1, 0, 1)))
+            ).pages == compressible_pages[:1]
+
+
+async def test_the_cli_reads_its_token_from_a_file_or_the_environment(
+    node: Node, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "alice.token"
+    token_file.write_text(ALICE + "\n")
+    async with AsyncClient(node.target, timeout=10, token=ALICE) as alice:
+        pool = await alice.create_pool()
+
+    async def cli(*args: str, **env: str) -> tuple[int, str]:
+        command = [sys.executable, "-m", "ramster.cli.main", "pools", "list"]
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            "--target",
+            node.target,
+            *args,
+            env={**os.environ, **env},
+            stdout=PIPE,
+            stderr=STDOUT,
+        )
+        out, _ = await proc.communicate()
+        return await proc.wait(), out.decode()
+
+    code, out = await cli("--token-file", str(token_file))
+    assert code == 0 and str(pool) in out
+    code, out = await cli(RAMSTER_TOKEN_FILE=str(token_file))
+    assert code == 0 and str(pool) in out
+    code, out = await cli("--token-file", str(tmp_path / "missing"))
+    assert code == 2 and "cannot read the token file" in out and "Traceback" not in out
+    code, out = await cli()
+    assert code != 0 and "UNAUTHENTICATED" in out and ALICE not in out

@@ -22,7 +22,8 @@ def test_with_everything_on_a_killed_holder_loses_nothing(
     tmp_path: Path, compressible_pages: list[bytes]
 ) -> None:
     tokens = tmp_path / "tokens.toml"
-    tokens.write_text(f'[tenants.alice]\ntokens = ["{ALICE}"]\n[tenants.bob]\ntokens = ["{BOB}"]\n')
+    alice = f'[tenants.alice]\ntokens = ["{ALICE}"]\noperator = true\n'  # reads node-wide stats
+    tokens.write_text(f'{alice}[tenants.bob]\ntokens = ["{BOB}"]\n')
     pages = distinct_pages(compressible_pages, 7, 6000)
     common = [*FAST, "--tokens", str(tokens)]
     with LocalCluster(

@@ -1,6 +1,7 @@
-# Protected mode, the TLS settings and `ramster certs`, with real nodes in this process: a node
-# reachable from other hosts without TLS refuses to start and says why (client, peer or NBD
-# port), unless --insecure; loopback needs nothing; TLS settings come from flags, RAMSTER_* and
+# Protected mode, the TLS settings, `ramster certs` and `ramster tokens`, with real nodes in this
+# process: a node reachable from other hosts without TLS (and, on the client port, tokens)
+# refuses to start and says why (client, peer or NBD port), unless --insecure; loopback needs
+# nothing; TLS settings come from flags, RAMSTER_* and
 # TOML alike, go all three together, and the certificate must name this node.
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from cryptography import x509
 
 from node.server import Node, StartupError
 from node.settings import HostPort, Settings, peer_address, resolve
+from node.tenants import load_tenants
 from ramster.certs import Bundle, member_of
 from ramster.cli.main import main
 from ramster.nbd import Export
@@ -53,10 +55,26 @@ async def test_a_reachable_port_without_tls_refuses_to_start(
     assert not (tmp_path / "data").exists(), "nothing is touched before the check"
 
 
-async def test_insecure_or_tls_lets_it_start(tmp_path: Path, bundle: Bundle) -> None:
+async def test_a_reachable_client_port_needs_tokens_as_well_as_tls(
+    tmp_path: Path, bundle: Bundle
+) -> None:
+    settings = replace(tls_settings(bundle, node_settings(tmp_path)), listen=ANY)
+    message = await start_fails(settings)
+    assert message.startswith("protected mode: --listen 0.0.0.0:0 is reachable from other hosts")
+    assert "without --tokens" in message and "--insecure" in message
+    peers = (HostPort("127.0.0.1", 1),)
+    peer_only = replace(settings, listen=HostPort("127.0.0.1", 0), peers=peers, peer_listen=ANY)
+    node = Node(peer_only)  # the peer port is protected by mTLS alone
+    await node.start()
+    await node.stop(grace=0)
+
+
+async def test_insecure_or_tls_and_tokens_let_it_start(tmp_path: Path, bundle: Bundle) -> None:
+    tokens = tmp_path / "tokens.toml"
+    assert main(["tokens", "--out", str(tokens), "--tenants", "alice"]) == 0
     for settings in (
         replace(node_settings(tmp_path / "a"), listen=ANY, insecure=True),
-        replace(tls_settings(bundle, node_settings(tmp_path / "b")), listen=ANY),
+        replace(tls_settings(bundle, node_settings(tmp_path / "b")), listen=ANY, tokens=tokens),
     ):
         node = Node(settings)
         await node.start()
@@ -105,4 +123,23 @@ def test_certs_command_writes_private_keys_and_reuses_its_ca(
     ops = x509.load_pem_x509_certificate((out / "clients" / "ops.crt").read_bytes())
     assert member_of(ops) is not None and member_of(ops).role == "client"  # type: ignore[union-attr]
     assert main(["certs", "--out", str(out), "--nodes", "../evil"]) == 2
+    assert "not a usable name" in capsys.readouterr().err
+
+
+def test_tokens_command_writes_private_files_a_node_and_the_cli_accept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tls" / "tokens.toml"
+    assert main(["tokens", "--out", str(out), "--tenants", "alice,bob", "--pools", "3"]) == 0
+    printed = capsys.readouterr().out
+    alice = (tmp_path / "tls" / "tenants" / "alice.token").read_text().strip()
+    assert len(alice) >= 40 and alice not in printed, "tokens are never printed"
+    for path in (out, *out.parent.glob("tenants/*.token")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    tenants = load_tenants(out, max_pools=64)
+    caller = tenants.authenticate([("authorization", f"Bearer {alice}")])
+    assert caller is not None and (caller.name, caller.max_pools) == ("alice", 3)
+    assert main(["tokens", "--out", str(out), "--tenants", "carol"]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    assert main(["tokens", "--out", str(tmp_path / "x"), "--tenants", "a/b"]) == 2
     assert "not a usable name" in capsys.readouterr().err
