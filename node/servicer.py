@@ -52,7 +52,6 @@ ENGINE_KIND = {
     pb.POOL_KIND_EPHEMERAL: PoolKind.EPHEMERAL,
 }
 HIT, MISS = pb.PAGE_STATUS_HIT, pb.PAGE_STATUS_MISS
-CLUSTER_HEALTH = ("peers", "peers_up")  # of the remote stats, what every tenant may see
 
 Operation = Callable[[Any], Awaitable[Any]]
 
@@ -188,7 +187,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
                 version=__version__,
                 stored_pages=sum(p.pages for p in pools),
                 pools=pools,
-                **{k: v for k, v in remote.items() if k in CLUSTER_HEALTH},
+                peers=remote.get("peers", 0),
+                peers_up=remote.get("peers_up", 0),
             )
         return pb.StatsResponse(
             node_id=self.node_id,
