@@ -37,6 +37,9 @@ def _tokens(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if len(set(tenants)) != len(tenants):
         raise CliError("--tenants names a tenant twice")
+    strangers = set(args.operators) - set(tenants)
+    if strangers:
+        raise CliError(f"--operators names {', '.join(sorted(strangers))}, not in --tenants")
     tokens = {name: secrets.token_urlsafe(32) for name in tenants}
     limits = "".join(
         f"{key} = {value}\n"
@@ -44,7 +47,10 @@ def _tokens(args: argparse.Namespace) -> int:
         if value is not None
     )
     table = "".join(
-        f'[tenants.{name}]\ntokens = ["{token}"]\n{limits}\n' for name, token in tokens.items()
+        f'[tenants.{name}]\ntokens = ["{token}"]\n{limits}'
+        + ("operator = true\n" if name in args.operators else "")
+        + "\n"
+        for name, token in tokens.items()
     )
     try:
         token_dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +86,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=Path,
         metavar="DIR",
         help="where each tenant's token file goes (default: tenants/ beside FILE)",
+    )
+    p.add_argument(
+        "--operators",
+        type=names,
+        default=[],
+        metavar="NAME,...",
+        help="tenants of --tenants that see the node-wide counters in Stats (operator = true)",
     )
     p.add_argument(
         "--pools", type=nonnegative, metavar="N", help="pools per tenant (default: --max-pools)"

@@ -14,7 +14,8 @@
 #    waits for the health checks, takes the cluster CA out of a container, and checks that
 #    node1's published port refuses plaintext and a client trusting a foreign CA, and that inside
 #    the compose network the peer port refuses a caller without a certificate and node1's
-#    certificate claiming to be node2.  Through node1's published port (with the CA) it runs
+#    certificate claiming to be node2, and that a client call without a token is refused.
+#    Through node1's published port (with the CA and tenant app's token) it runs
 #    `ramster bench node`,
 #    stores a file with `ramster put` and puts 64 MiB of real pages into a 16 MiB pool (so the
 #    node reclaims) with the gRPC API.  It lints every node's /metrics with `promtool check
@@ -138,6 +139,7 @@ def test_compose_file_is_consistent(compose: list[str]) -> None:
         certs["command"]
     )
     assert "--nodes node1,node2,node3" in str(certs["command"])
+    assert "ramster tokens --out /etc/ramster/tls/tokens.toml" in str(certs["command"])
     assert {target for _, target in mounts(certs)} == {CERTS, "/var/lib/ramster-ca"}
     assert {env_of(services[name])["RAMSTER_NODE_ID"] for name in NODES} == set(NODES)
     volumes = set()
@@ -152,6 +154,7 @@ def test_compose_file_is_consistent(compose: list[str]) -> None:
         assert env["RAMSTER_TLS_CERT"] == f"{CERTS}/nodes/{name}.crt"
         assert env["RAMSTER_TLS_KEY"] == f"{CERTS}/nodes/{name}.key"
         assert env["RAMSTER_TLS_CA"] == f"{CERTS}/ca.crt"
+        assert env["RAMSTER_TOKENS"] == f"{CERTS}/tokens.toml", "a reachable port needs tokens"
         assert node["depends_on"]["certs"]["condition"] == "service_completed_successfully"
         assert "/var/lib/ramster-ca" not in {t for _, t in mounts(node)}, "no node has the CA key"
         assert ("certs", CERTS) in mounts(node), "each node mounts the certificates"
@@ -340,7 +343,12 @@ def test_compose_cluster_survives_a_killed_node(
         ["docker", "cp", f"{cluster.container('node1')}:{CERTS}/ca.crt", str(ca)],
         capture_output=True, timeout=60, check=True,
     )  # fmt: skip
-    tls = ("--tls-ca", str(ca))
+    token = tmp_path / "app.token"
+    subprocess.run(
+        ["docker", "cp", f"{cluster.container('node1')}:{CERTS}/tenants/app.token", str(token)],
+        capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    tls = ("--tls-ca", str(ca), "--token-file", str(token))
 
     # Plaintext and a foreign CA are refused at node1's published port; the peer port (inside
     # the compose network) refuses a caller without a certificate and a node speaking for another.
@@ -349,6 +357,8 @@ def test_compose_cluster_survives_a_killed_node(
         refused = ramster_cli("health", "--target", target, "--timeout", "5", *attempt)
         assert refused.returncode == 1 and "UNREACHABLE" in refused.stdout, refused.stdout
     assert ramster_cli("health", "--target", target, *tls).returncode == 0
+    anonymous = ramster_cli("pools", "list", "--target", target, "--tls-ca", str(ca))
+    assert anonymous.returncode == 2 and "UNAUTHENTICATED" in anonymous.stderr, anonymous.stderr
     attacks = cluster.run("exec", "-T", "node1", "python", "-c", PEER_ATTACKS)
     assert attacks.split("\n")[:2] == [
         "no certificate UNAVAILABLE",
@@ -383,7 +393,7 @@ def test_compose_cluster_survives_a_killed_node(
         assert get.returncode == 0, get.stdout + get.stderr
         return out.read_bytes() == stored_file.read_bytes()
 
-    workload = Workload(target, pages, WORKLOAD_PAGES, ca.read_bytes())
+    workload = Workload(target, pages, WORKLOAD_PAGES, ca.read_bytes(), token.read_text().strip())
     workload.put()
     print(f"workload outcomes: {workload.outcomes}")
     assert workload.accepted, f"node1 accepted no page: {workload.outcomes}"

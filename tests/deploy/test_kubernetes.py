@@ -123,6 +123,10 @@ def test_statefulset_service_pdb_configmap_agree() -> None:
         assert cert["uris"] == [f"spiffe://ramster/node/{pod_name}"]
         assert f"{pod_name}.{service_name}" in cert["dnsNames"]
         assert {"server auth", "client auth"} <= set(cert["usages"])
+    tokens_dir, tokens_file = env["RAMSTER_TOKENS"].rsplit("/", 1)
+    tokens = volumes[mounts_by_path[tokens_dir]]["secret"]
+    assert tokens["secretName"] == "ramster-tokens", "a reachable client port needs tokens"
+    assert tokens["items"] == [{"key": tokens_file, "path": tokens_file}]
     assert 1 <= int(env["RAMSTER_REPLICAS"]) < spec["replicas"]
     own_id = {e["name"]: e for e in container["env"]}["RAMSTER_NODE_ID"]
     assert own_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"

@@ -1,5 +1,6 @@
 # A client workload for the compose test, spoken straight to the ramster.v1.Tmem API (the node's
-# published contract) from the host through a published port, over TLS with the cluster CA.
+# published contract) from the host through a published port, over TLS with the cluster CA and
+# a tenant's bearer token.
 #
 # Every page is a real page from tests/data/sample.pages (cycled) with its own key stamped into
 # its first 16 bytes, so no two stored pages are equal and a reply with the wrong page cannot
@@ -36,13 +37,16 @@ class Workload:
     pages: list[bytes]
     count: int
     ca: bytes
+    token: str
     oid: int = 7
     pool: int = -1
     accepted: list[int] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
 
     def channel(self) -> grpc.Channel:
-        credentials = grpc.ssl_channel_credentials(self.ca)
+        credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(self.ca), grpc.access_token_call_credentials(self.token)
+        )
         return grpc.secure_channel(self.target, credentials, options=CHANNEL_OPTIONS)
 
     def page(self, index: int) -> bytes:

@@ -130,7 +130,8 @@ def test_tokens_command_writes_private_files_a_node_and_the_cli_accept(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "tls" / "tokens.toml"
-    assert main(["tokens", "--out", str(out), "--tenants", "alice,bob", "--pools", "3"]) == 0
+    made = ["tokens", "--out", str(out), "--tenants", "alice,bob", "--operators", "bob"]
+    assert main([*made, "--pools", "3"]) == 0
     printed = capsys.readouterr().out
     alice = (tmp_path / "tls" / "tenants" / "alice.token").read_text().strip()
     assert len(alice) >= 40 and alice not in printed, "tokens are never printed"
@@ -138,7 +139,13 @@ def test_tokens_command_writes_private_files_a_node_and_the_cli_accept(
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
     tenants = load_tenants(out, max_pools=64)
     caller = tenants.authenticate([("authorization", f"Bearer {alice}")])
-    assert caller is not None and (caller.name, caller.max_pools) == ("alice", 3)
+    assert caller is not None and (caller.name, caller.max_pools, caller.operator) == (
+        "alice",
+        3,
+        False,
+    )
+    bob = (tmp_path / "tls" / "tenants" / "bob.token").read_text().strip()
+    assert tenants.authenticate([("authorization", f"Bearer {bob}")]).operator  # type: ignore[union-attr]
     assert main(["tokens", "--out", str(out), "--tenants", "carol"]) == 2
     assert "never overwritten" in capsys.readouterr().err
     assert main(["tokens", "--out", str(tmp_path / "x"), "--tenants", "a/b"]) == 2
