@@ -24,7 +24,13 @@
 # node is the one the request claims (its owner or sender), else PERMISSION_DENIED before any
 # handler runs: a node cannot speak for another.  It wraps every method of the service, so a
 # method added later is covered too, and a request that names no node is refused.  The
-# transport dials with the node's own certificate when `credentials` is set.
+# transport dials with the node's own certificate when `credentials` is set.  The other way
+# round, an owner believes the node id a peer's heartbeat claims only once that peer has shown
+# a certificate for it: on a new claim the transport redials the address with the claimed id as
+# the TLS server name (node certificates carry their id as a DNS name) and heartbeats again, so
+# a holder with another node's claim fails the handshake and never becomes a peer; every later
+# call goes over that verified channel.  A failed heartbeat forgets the name, so a node replaced
+# at an address is learnt afresh.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,6 +62,11 @@ RECLAIM_CHUNK = 65536  # keys per ReclaimChunk: about 1 MiB
 MAX_NODE_ID = 256  # bytes of an owner's node id
 MAX_INCARNATION = 64  # characters of an owner's incarnation (ours are 32 hex digits)
 PEER_SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
+TARGET_NAME = "grpc.ssl_target_name_override"  # the name the peer's certificate must carry
+
+
+class PeerIdentityError(Exception):
+    """A peer's answers disagree about who it is."""
 
 
 @dataclass
@@ -268,28 +279,54 @@ class GrpcTransport:
         self.timeout = timeout
         self.credentials: grpc.ChannelCredentials | None = None  # mTLS: set before the start
         self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._names: dict[str, str] = {}  # address -> the node id its certificate must name
+        self._retired: list[grpc.aio.Channel] = []
 
     def _stub(self, address: str) -> peer_pb2_grpc.PeerStub:
         stub = self._stubs.get(address)
         if stub is None:
+            name = self._names.get(address)
+            options = [*CHANNEL_OPTIONS, *([(TARGET_NAME, name)] if name else [])]
             channel = (
-                grpc.aio.secure_channel(address, self.credentials, options=CHANNEL_OPTIONS)
+                grpc.aio.secure_channel(address, self.credentials, options=options)
                 if self.credentials
-                else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                else grpc.aio.insecure_channel(address, options=options)
             )
-            self._channels.append(channel)
+            self._channels[address] = channel
             stub = self._stubs[address] = peer_pb2_grpc.PeerStub(channel)  # type: ignore[no-untyped-call]
         return stub
+
+    def _redial(self, address: str, name: str | None) -> None:
+        """Drop the channel to `address`; the next call dials it expecting `name`."""
+        self._stubs.pop(address, None)
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            self._retired.append(channel)  # closed with the transport: calls on it may run
+        if name is None:
+            self._names.pop(address, None)
+        else:
+            self._names[address] = name
 
     @property
     def _me(self) -> pb.Owner:
         return pb.Owner(node_id=self.identity.node_id, incarnation=self.identity.incarnation)
 
     async def heartbeat(self, address: str) -> PeerInfo:
-        reply = await self._stub(address).Heartbeat(
-            pb.HeartbeatRequest(sender=self._me), timeout=self.timeout
-        )
+        """Who answers at `address`; with TLS, only once its certificate names that node."""
+        request = pb.HeartbeatRequest(sender=self._me)
+        try:
+            reply = await self._stub(address).Heartbeat(request, timeout=self.timeout)
+            if self.credentials and self._names.get(address) != reply.node_id:
+                self._redial(address, reply.node_id)
+                claimed = reply.node_id
+                reply = await self._stub(address).Heartbeat(request, timeout=self.timeout)
+                if reply.node_id != claimed:
+                    raise PeerIdentityError(f"peer {address} changed its node id mid-check")
+        except (grpc.aio.AioRpcError, PeerIdentityError):
+            if address in self._names:  # learn again: the node there may have been replaced
+                self._redial(address, None)
+            raise
         return PeerInfo(reply.node_id, reply.incarnation, reply.free_bytes, reply.leaving)
 
     async def put(
@@ -386,5 +423,5 @@ class GrpcTransport:
         return keys
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in [*self._channels.values(), *self._retired]:
             await channel.close()

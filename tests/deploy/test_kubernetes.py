@@ -122,6 +122,7 @@ def test_statefulset_service_pdb_configmap_agree() -> None:
         cert = issued[f"ramster-tls-{pod_name}"]
         assert cert["uris"] == [f"spiffe://ramster/node/{pod_name}"]
         assert f"{pod_name}.{service_name}" in cert["dnsNames"]
+        assert pod_name in cert["dnsNames"], "owners check a holder's node id as a DNS name"
         assert {"server auth", "client auth"} <= set(cert["usages"])
     tokens_dir, tokens_file = env["RAMSTER_TOKENS"].rsplit("/", 1)
     tokens = volumes[mounts_by_path[tokens_dir]]["secret"]

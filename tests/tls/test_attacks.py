@@ -3,7 +3,8 @@
 # never gets an answer; on the peer listener, no certificate, a certificate of a foreign CA with
 # the right name, a client certificate of the cluster's own CA, and a node certificate claiming
 # another node's id are all turned away before any handler runs, while the node's rightful
-# peers are served.  The owner and sender fields of every Peer request are checked.
+# peers are served.  The owner and sender fields of every Peer request are checked.  The other
+# way round, an owner does not believe a holder's claimed node id without its certificate.
 from __future__ import annotations
 
 from dataclasses import replace
@@ -12,13 +13,15 @@ from pathlib import Path
 import grpc
 import pytest
 
+from node.peering import GrpcTransport, Identity
+from node.sealing import Sealer
 from node.server import Node
 from ramster.certs import Bundle
 from ramster.client import AsyncClient, RamsterError, Unavailable
 from ramster.v1 import peer_pb2 as pb
 from ramster.v1 import peer_pb2_grpc
 from tests.node.conftest import node_settings
-from tests.tls.conftest import channel, tls_settings
+from tests.tls.conftest import channel, credentials, tls_settings
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
@@ -150,3 +153,37 @@ async def test_client_certificates_when_the_node_requires_them(
             assert await alice.health() == "SERVING"
     finally:
         await node.stop(grace=0)
+
+
+class Impostor(peer_pb2_grpc.PeerServicer):  # type: ignore[misc]
+    """A holder with a valid node certificate (n3's) whose heartbeat claims to be n1."""
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: object
+    ) -> pb.HeartbeatResponse:
+        return pb.HeartbeatResponse(node_id="n1", incarnation="i" * 32, free_bytes=1 << 30)
+
+
+async def test_an_owner_believes_a_holders_node_id_only_from_its_certificate(
+    tls_node: Node, bundle: Bundle
+) -> None:
+    cert, key = bundle.nodes["n3"]
+    server = grpc.aio.server()
+    peer_pb2_grpc.add_PeerServicer_to_server(Impostor(), server)  # type: ignore[no-untyped-call]
+    creds = grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())], bundle.ca.read_bytes(), True
+    )
+    impostor = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', creds)}"
+    await server.start()
+    transport = GrpcTransport(Identity("n2", "i" * 32), Sealer(bytes(32), "n2"), timeout=5)
+    transport.credentials = credentials(bundle, "n2")
+    try:
+        for _ in range(2):  # and again over the verified channel
+            assert (await transport.heartbeat(tls_node.peer_target)).node_id == "n1"
+        for _ in range(2):  # a failed check is not remembered as a success
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await transport.heartbeat(impostor)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await transport.close()
+        await server.stop(0)
