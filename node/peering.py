@@ -297,6 +297,12 @@ class GrpcTransport:
             stub = self._stubs[address] = peer_pb2_grpc.PeerStub(channel)  # type: ignore[no-untyped-call]
         return stub
 
+    def use_credentials(self, credentials: grpc.ChannelCredentials) -> None:
+        """Dial every peer again with new credentials (a rotated certificate)."""
+        self.credentials = credentials
+        for address in list(self._channels):
+            self._redial(address, self._names.get(address))
+
     def _redial(self, address: str, name: str | None) -> None:
         """Drop the channel to `address`; the next call dials it expecting `name`."""
         self._stubs.pop(address, None)

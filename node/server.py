@@ -57,7 +57,7 @@ from node.servicer import TmemServicer
 from node.settings import HostPort, Settings, peer_address
 from node.snapshot import take_snapshot
 from node.tenants import load_tenants
-from node.tls import NodeTls, check_protected, load_tls
+from node.tls import ROTATION_CHECK, NodeTls, Rotation, check_protected, load_tls
 from ramster import __version__
 from ramster.client.wire import CHANNEL_OPTIONS
 from ramster.remote.journal import JournalError
@@ -93,6 +93,8 @@ class Node:
         self._health = health.aio.HealthServicer()
         self._peer_health = health.aio.HealthServicer()
         self._watch: LoopWatch | None = None
+        self.rotation: Rotation | None = None
+        self._rotating: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -144,6 +146,7 @@ class Node:
             self.tenants = load_tenants(s.tokens, s.max_pools)
             peer_at = peer_address(s) if s.peers else None
             check_protected(s, tls, self.tenants.required, peer_at)
+            self.rotation = Rotation(s, tls) if tls else None
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:
@@ -180,10 +183,13 @@ class Node:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = [TMEM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(services, server)
-        client_credentials = tls.server_credentials(tls.client_auth) if tls else None
+        rotation = self.rotation
+        client_credentials = (
+            rotation.server_credentials(rotation.current.client_auth) if rotation else None
+        )
         self.port = self._bind(server, "--listen", s.listen, client_credentials)
         if remote and peer_at:
-            self._serve_peers(remote, peer_at, tls)
+            self._serve_peers(remote, peer_at, rotation)
         if s.metrics_listen:
             try:
                 self.metrics_port = metrics.serve(s.metrics_listen)
@@ -206,6 +212,8 @@ class Node:
             await self._peer_health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._watch = LoopWatch(metrics.loop_lag.observe)
         self._watch.start()
+        if self.rotation:
+            self._rotating = asyncio.create_task(self._watch_tls(self.rotation))
         if s.port_file:
             write_port_file(s.port_file, self.port, self.peer_port, self.metrics_port)
         log_event(
@@ -224,7 +232,7 @@ class Node:
             start_seconds=round(time.monotonic() - started, 3),
         )
 
-    def _serve_peers(self, remote: RemoteSide, where: HostPort, tls: NodeTls | None) -> None:
+    def _serve_peers(self, remote: RemoteSide, where: HostPort, tls: Rotation | None) -> None:
         """The peer listener: ramster.v1.Peer and health, mTLS with an identity check per call
         when TLS is configured; the transport then dials peers with this node's certificate."""
         server = self._grpc_server(*([PeerAuthInterceptor()] if tls else []))
@@ -236,7 +244,13 @@ class Node:
         credentials = tls.server_credentials(require_client_cert=True) if tls else None
         self.peer_port = self._bind(server, "--peer-listen", where, credentials)
         if tls:
-            remote.transport.credentials = tls.channel_credentials()
+            transport, loop = remote.transport, asyncio.get_running_loop()
+            transport.credentials = tls.current.channel_credentials()
+
+            def redial(new: NodeTls) -> None:
+                loop.call_soon_threadsafe(transport.use_credentials, new.channel_credentials())
+
+            tls.on_change.append(redial)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; safe to call more than once."""
@@ -261,6 +275,8 @@ class Node:
         )
         if self._watch:
             await self._watch.stop()
+        if self._rotating:
+            self._rotating.cancel()
         if self._metrics:
             self._metrics.close()
         if self.remote:
@@ -281,12 +297,20 @@ class Node:
         log_event("stopped", max_loop_stall_ms=round(max_stall * 1000, 3))
 
     def catch_signals(self) -> asyncio.Event:
-        """An event set by SIGTERM or SIGINT (instead of their default of killing the process)."""
+        """An event set by SIGTERM or SIGINT (instead of their default of killing the process);
+        SIGHUP re-reads the TLS files at once (node/tls.py)."""
         loop = asyncio.get_running_loop()
         signalled = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, signalled.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.rotation and self.rotation.check())
         return signalled
+
+    @staticmethod
+    async def _watch_tls(rotation: Rotation) -> None:
+        while True:
+            await asyncio.sleep(ROTATION_CHECK)
+            rotation.check()
 
 
 def claim_data_dir(data_dir: Path, node_id: str) -> None:

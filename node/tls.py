@@ -6,8 +6,15 @@
 # checked at start, since peers would refuse it on every call otherwise.  With TLS the client
 # listener serves TLS (client certificates required only with --tls-client-auth) and the peer
 # listener always requires a client certificate signed by the CA; what the certificate names
-# is then checked per call by node/peering.py's PeerAuthInterceptor.  The files are read once
-# at start: rotating certificates means restarting the node (one at a time, as for upgrades).
+# is then checked per call by node/peering.py's PeerAuthInterceptor.
+#
+# Rotation without a restart (Rotation): both listeners serve dynamic credentials whose fetcher
+# gRPC calls before each new handshake; it re-reads the three files when their stat (mtime, size,
+# inode) changed, and serves the new material only if it passes the same checks as at start
+# (names this node, key matches certificate), else logs why and keeps the old.  The node also
+# checks every ROTATION_CHECK seconds and on SIGHUP, and then redials its peers with the new
+# certificate.  Connections already open keep the session they have.  Trade-off: a stat of three
+# files per handshake (handshakes are rare: channels are long-lived).
 #
 # Protected mode, as Redis 7: a listener on an address other hosts can reach (anything but
 # 127.0.0.0/8, ::1 and "localhost") is refused at start unless it is protected, or --insecure
@@ -19,12 +26,21 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from node.logs import log_event
 from node.settings import HostPort, Settings
 from ramster.certs import NODE, member_of_pem
+
+ROTATION_CHECK = 30.0  # seconds between checks of the TLS files for a rotation
 
 
 @dataclass(frozen=True)
@@ -33,13 +49,6 @@ class NodeTls:
     key: bytes
     ca: bytes
     client_auth: bool
-
-    def server_credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(self.key, self.cert)],
-            root_certificates=self.ca,
-            require_client_auth=require_client_cert,
-        )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """What the node dials its peers with: the CA, and its own certificate as identity."""
@@ -64,6 +73,10 @@ def load_tls(settings: Settings) -> NodeTls | None:
             data[flag] = path.read_bytes() if path else b""
         except OSError as exc:
             raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if not key_matches(data["--tls-cert"], data["--tls-key"]):
+        raise ValueError(
+            f"--tls-key {settings.tls_key} is not the key of --tls-cert {settings.tls_cert}"
+        )
     member = member_of_pem(data["--tls-cert"])
     if member is None or member.role != NODE or member.name != settings.node_id:
         named = f"{member.role} {member.name!r}" if member else "no RAMster member"
@@ -74,6 +87,84 @@ def load_tls(settings: Settings) -> NodeTls | None:
     return NodeTls(
         data["--tls-cert"], data["--tls-key"], data["--tls-ca"], settings.tls_client_auth
     )
+
+
+def key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    """Whether the PEM key is the private key of the PEM certificate (False if either is not
+    PEM of its kind)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return False
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return bool(
+        cert.public_key().public_bytes(der, public) == key.public_key().public_bytes(der, public)
+    )
+
+
+def _stamp(settings: Settings) -> tuple[tuple[int, int, int] | None, ...]:
+    stamps: list[tuple[int, int, int] | None] = []
+    for path in (settings.tls_cert, settings.tls_key, settings.tls_ca):
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        stamps.append((st.st_mtime_ns, st.st_size, st.st_ino) if st else None)
+    return tuple(stamps)
+
+
+class Rotation:
+    """The node's TLS material, re-read when its files change (see the header)."""
+
+    def __init__(self, settings: Settings, tls: NodeTls) -> None:
+        self.settings = settings
+        self.current = tls
+        self.version = 0  # bumped by each accepted change
+        self.on_change: list[Callable[[NodeTls], None]] = []
+        self._stamp = _stamp(settings)
+        self._lock = threading.Lock()  # the fetchers run on gRPC's threads
+
+    def check(self) -> bool:
+        """Re-read the files if they changed; True when new material was taken."""
+        with self._lock:
+            stamp = _stamp(self.settings)
+            if stamp == self._stamp:
+                return False
+            self._stamp = stamp
+            try:
+                tls = load_tls(self.settings)
+            except ValueError as exc:
+                log_event("tls_reload_refused", logging.WARNING, reason=str(exc))
+                return False
+            if tls is None:
+                return False
+            self.current = tls
+            self.version += 1
+        log_event("tls_reloaded", version=self.version)
+        for changed in self.on_change:
+            changed(tls)
+        return True
+
+    def server_credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
+        served = self.version
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            nonlocal served
+            self.check()
+            if self.version == served:
+                return None
+            served = self.version
+            return _configuration(self.current)
+
+        return grpc.dynamic_ssl_server_credentials(
+            _configuration(self.current), fetch, require_client_cert
+        )
+
+
+def _configuration(tls: NodeTls) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(tls.key, tls.cert)], tls.ca)
 
 
 def is_loopback(host: str) -> bool:
