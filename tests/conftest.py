@@ -1,4 +1,5 @@
-# Shared fixtures: real page samples shipped with the tests, and the full corpora when present.
+# Shared fixtures: real page samples shipped with the tests (tests/data), so every test runs
+# from a fresh clone; CORPUS is where the larger shared corpora live when a machine has them.
 from __future__ import annotations
 
 import subprocess
@@ -27,13 +28,6 @@ def compressible_pages(sample_pages: list[bytes]) -> list[bytes]:
 @pytest.fixture(scope="session")
 def incompressible_pages(sample_pages: list[bytes]) -> list[bytes]:
     return sample_pages[88:]
-
-
-def corpus_file(name: str) -> Path:
-    path = CORPUS / name
-    if not path.exists():
-        pytest.skip(f"shared corpus {path} is not present on this machine")
-    return path
 
 
 def ramster(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ import sys
 import time
 
 from ramster.bench import cluster as bench_cluster
-from ramster.bench.selfpages import own_memory_pages
+from ramster.bench.procpages import own_memory_pages
 from ramster.cli.bench import corpus_pages, start_cluster
 from ramster.cli.errors import CliError
 

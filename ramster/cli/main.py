@@ -7,10 +7,10 @@ import sys
 from collections.abc import Callable
 
 from ramster import __version__
-from ramster.cli import bench, certs, demo, nbd, pages, pools, status, tokens
+from ramster.cli import bench, certs, corpus, demo, nbd, pages, pools, status, tokens
 from ramster.cli.errors import CliError
 
-COMMANDS = [demo, pages, pools, status, nbd, certs, tokens, bench]
+COMMANDS = [demo, pages, pools, status, nbd, certs, tokens, corpus, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
