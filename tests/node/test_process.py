@@ -125,7 +125,12 @@ async def test_sigterm_mid_traffic_finishes_running_rpcs(sample_pages: list[byte
                 first = await stream.put_batch(pool, KeyRange(1, 0, 88), sample_pages[:88])
                 assert set(await first) == {Outcome.STORED}
                 workers = [asyncio.create_task(hammer(oid)) for oid in (10, 11)]
-                await asyncio.sleep(0.3)
+                for _ in range(6000):  # until both hammers have had a batch stored
+                    if unary_results.count("ok") >= 2:
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError(f"no unary batch was stored in 60 s: {unary_results}")
                 node.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(asyncio.gather(*workers), timeout=120)
                 # the stream was running when the signal came: it is still served

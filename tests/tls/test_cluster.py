@@ -3,10 +3,9 @@
 # client; the peers hold the copies (so the peer listeners really served the owner's certificate).
 from __future__ import annotations
 
-import time
-
 from ramster.client import PageStatus
 from ramster.client.cluster import LocalCluster
+from tests.cluster.probes import wait_for
 
 PAGES = 6000
 
@@ -27,9 +26,9 @@ def test_tls_cluster_spills_to_peers_and_reads_every_page_back(
             pool = client.create_pool()
             outcomes = client.put_many(pool, 1, 0, pages)
             assert not [o for o in outcomes if o.refused]
-            deadline = time.monotonic() + 60
-            while client.stats().remote_outbox and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_for(
+                "the outbox to drain", lambda: client.stats().remote_outbox, lambda n: n == 0, 60
+            )
             stats = client.stats()
             assert stats.remote_pages > PAGES // 2, "the small pool must push pages to peers"
             held = 0
