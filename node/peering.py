@@ -43,9 +43,9 @@ from node.sealing import Sealer
 from ramster.certs import NODE, member_of_pem
 from ramster.client.wire import (
     CHANNEL_OPTIONS,
+    ENGINE_POOL_LIMIT,
     INDEX_LIMIT,
     MAX_BATCH_PAGES,
-    POOL_LIMIT,
     all_in_range,
     check_count,
     in_range,
@@ -159,7 +159,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     ) -> pb.PutZpagesResponse:
         def put() -> pb.PutZpagesResponse:
             owner = _owner(request.owner)
-            in_range("pool_id", request.pool_id, POOL_LIMIT)
+            in_range("pool_id", request.pool_id, ENGINE_POOL_LIMIT)
             keys, blobs = _put_items(request)
             if self.identity.leaving:  # take nothing new on the way out
                 return pb.PutZpagesResponse(stored=[False] * len(blobs))
@@ -173,7 +173,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     ) -> pb.GetZpagesResponse:
         def get() -> pb.GetZpagesResponse:
             owner = _owner(request.owner)
-            in_range("pool_id", request.pool_id, POOL_LIMIT)
+            in_range("pool_id", request.pool_id, ENGINE_POOL_LIMIT)
             keys = _keys("a get", list(request.oids), list(request.indices))
             got = self.foreign.get(owner, request.epoch, request.pool_id, keys)
             found = [z or b"" for z in got]
@@ -204,7 +204,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             n = len(request.oids)
             if not len(request.epochs) == len(request.pool_ids) == n:
                 raise ValueError("epochs, pool_ids, oids and indices must have the same length")
-            all_in_range("pool_ids", request.pool_ids, POOL_LIMIT)
+            all_in_range("pool_ids", request.pool_ids, ENGINE_POOL_LIMIT)
             flushed = 0
             for epoch, pool_id, oid, index in zip(
                 request.epochs, request.pool_ids, request.oids, request.indices, strict=True

@@ -12,14 +12,16 @@
 # pools however many were created and destroyed.
 #
 # Pool ids are unique across the cluster and across restarts, so a client that reaches another
-# node, or this one restarted, with an old id gets NOT_FOUND, never another pool's pages: an id
-# is a 16-bit tag drawn at random for this node (kept in the log) above a 16-bit counter that
-# only goes up (kept too), so ids stay below 2**32 (the engine's and the backing file's range)
-# and are never handed out twice, even after their pool is destroyed.  When the counter runs
-# out, a new tag is drawn, never one this node used before.  Two nodes share a tag with
-# probability about n**2 / 2**17 for n nodes; even then ownership (node/tenants.py) keeps each
-# tenant's pools its own.  Registries of older versions (ids from 0) keep their ids: their
-# tags count as used.
+# node, or this one restarted, with an old id gets NOT_FOUND, never another pool's pages.  An
+# engine id (what the engine, the backing file and peers know, below 2**32) is a 16-bit tag
+# drawn at random for this node (kept in the log) above a 16-bit counter that only goes up
+# (kept too), so ids are never handed out twice by a node, even after their pool is destroyed;
+# when the counter runs out, a new tag is drawn, never one this node used before.  Clients see
+# the public id: a 31-bit salt drawn once per data directory (kept in the log) above the engine
+# id, 63 bits in all.  Two nodes hand out the same public id only if they drew the same salt
+# and the same tag and counter: about n**2 / 2**48 for n nodes, and even then ownership
+# (node/tenants.py) keeps each tenant's pools its own.  Registries of older versions keep their
+# ids (salt 0, and their tags count as used).
 #
 # Trade-off: an fsync per create/destroy (pools are created rarely; pages never touch this file).
 from __future__ import annotations
@@ -37,6 +39,8 @@ from ramster.zcache import PoolKind, UnknownPool, ZCache
 POOLS_FILE = "pools.log"
 TAG_BITS = 16
 TAGS = 1 << TAG_BITS  # tag 0 is the ids of registries from before tags
+ENGINE_BITS = 32  # engine ids are below 2**32; the salt sits above them in public ids
+SALTS = 1 << 31  # public ids stay below 2**63, safe for every client's integer type
 
 
 @dataclass(frozen=True)
@@ -74,16 +78,20 @@ class PoolRegistry:
         self.tag = 0  # this node's current id tag (0: none drawn yet)
         self.counter = 0  # the next id is tag << TAG_BITS | counter
         self.used_tags: set[int] = {0}
+        self.salt: int | None = None  # above the engine id in public ids (None: not drawn yet)
         self.torn = 0  # unreadable lines dropped on open
         self._fd = -1
-        self._replay()
+        fresh = self._replay()
+        if self.salt is None:  # a new registry draws one; an older one keeps its ids (salt 0)
+            self.salt = 1 + secrets.randbelow(SALTS - 1) if fresh else 0
         self._compact()
 
-    def _replay(self) -> None:
+    def _replay(self) -> bool:
+        """Read the log; True if there was none (a new registry)."""
         try:
             lines = self.path.read_bytes().splitlines()
         except FileNotFoundError:
-            return
+            return True
         except OSError as exc:
             raise PoolRegistryError(f"cannot read {self.path}: {exc.strerror}") from None
         for line in lines:
@@ -98,10 +106,13 @@ class PoolRegistry:
                 elif "tag" in entry:
                     self.tag, self.counter = int(entry["tag"]), int(entry.get("counter", 0))
                     self.used_tags.update([self.tag, *map(int, entry.get("used", ()))])
+                    if "salt" in entry:
+                        self.salt = int(entry["salt"]) % SALTS
                 elif "next_id" in entry:  # a registry from before tags
                     self._used(int(entry["next_id"]))
             except (ValueError, KeyError, TypeError):
                 self.torn += 1
+        return False
 
     def _used(self, next_id: int) -> None:
         """Ids below `next_id` were handed out: the counter passes them (under the current
@@ -114,6 +125,7 @@ class PoolRegistry:
 
     def _compact(self) -> None:
         state = {"tag": self.tag, "counter": self.counter, "used": sorted(self.used_tags)}
+        state["salt"] = self.salt
         lines = [state] + [{"add": r.to_json()} for r in self.pools.values()]
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
@@ -149,7 +161,7 @@ class PoolRegistry:
         if len(self.used_tags) >= TAGS:
             raise PoolRegistryError("this node has used every pool id there is")
         tag = next(t for t in iter(lambda: secrets.randbelow(TAGS), -1) if t not in self.used_tags)
-        self._append({"tag": tag, "counter": 0})
+        self._append({"tag": tag, "counter": 0, "salt": self.salt})
         self.tag, self.counter = tag, 0
         self.used_tags.add(tag)
 
@@ -220,10 +232,16 @@ class Pools:
         record = self.registry.pools.get(pool_id)
         return record.owner if record else ""
 
-    def owned(self, pool_id: int, owner: str) -> int:
-        """`pool_id` if `owner` owns it, else UnknownPool, as if it did not exist."""
-        if self.owner_of(pool_id) != owner:
-            raise UnknownPool(f"no pool with id {pool_id!r}")
+    def public(self, pool_id: int) -> int:
+        """The id clients know the engine's pool `pool_id` by (see the header)."""
+        return (self.registry.salt or 0) << ENGINE_BITS | pool_id
+
+    def owned(self, public_id: int, owner: str) -> int:
+        """The engine id of the pool clients call `public_id`, if `owner` owns it; else
+        UnknownPool, word for word as if it did not exist (another node's id included)."""
+        pool_id = public_id & ((1 << ENGINE_BITS) - 1)
+        if public_id >> ENGINE_BITS != (self.registry.salt or 0) or self.owner_of(pool_id) != owner:
+            raise UnknownPool(f"no pool with id {public_id!r}")
         return pool_id
 
     def owned_by(self, owner: str) -> list[int]:

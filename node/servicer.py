@@ -5,8 +5,10 @@
 # request at a time, in order, turning a failure into that request's Error reply so the stream
 # survives it.  Batches are checked whole (size, key and page shapes) before the first engine
 # call, then run through ChunkedEngine so no RPC holds the event loop for long.  Pool ids and page
-# indexes travel as uint64 and are range-checked here (ramster.client.wire) before the engine
-# sees them, so an id of 2**32 or more is INVALID_ARGUMENT, never another pool or page.  A page
+# indexes travel as uint64: a pool id is the public one (node/pools.py: this node's salt above
+# the engine id), mapped back here, and one of another node or cut to 32 bits is NOT_FOUND;
+# an index is range-checked (ramster.client.wire), so one of 2**32 or more is INVALID_ARGUMENT,
+# never another page.  A page
 # whose every copy failed verification is PAGE_STATUS_CORRUPT in a batch; a unary Get of it
 # fails with DATA_LOSS, the status gRPC has for unrecoverable data.
 #
@@ -29,7 +31,7 @@ from node.snapshot import EngineSnapshot, take_snapshot
 from node.status import RpcFailure, status_of
 from node.tenants import CALLER
 from ramster import __version__
-from ramster.client.wire import batch_keys, check_index, check_pool, split_pages
+from ramster.client.wire import batch_keys, check_index, split_pages
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
 from ramster.zcache import CorruptPage, PageError, PoolKind, PutResult, ZCache
@@ -91,8 +93,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
 
     # -- tenants ------------------------------------------------------------------------------
     def _pool(self, pool: int) -> int:
-        """A pool id from a request, in range and owned by the caller (else NOT_FOUND)."""
-        return self.pools.owned(check_pool(pool), CALLER.get().owner)
+        """The engine id of a pool id from a request, owned by the caller (else NOT_FOUND)."""
+        return self.pools.owned(pool, CALLER.get().owner)
 
     def _room_for(self, pool: int, pages: int) -> int:
         """The caller's pool `pool`, if `pages` more pages keep it within its page quota."""
@@ -120,7 +122,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
                 f"this tenant has its quota of {tenant.max_pools} pools: destroy one first",
             )
         pool = self.pools.create(ENGINE_KIND[req.kind], req.allocator or None, owner=tenant.owner)
-        return pb.CreatePoolResponse(pool=pool)
+        return pb.CreatePoolResponse(pool=self.pools.public(pool))
 
     async def _destroy_pool(self, req: pb.DestroyPoolRequest) -> pb.DestroyPoolResponse:
         pool = self._pool(req.pool)
@@ -151,7 +153,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         if isinstance(page, CorruptPage):
             raise RpcFailure(
                 grpc.StatusCode.DATA_LOSS,
-                f"pool {pool} page ({req.oid}, {req.index}) is lost: every copy of it failed "
+                f"pool {req.pool} page ({req.oid}, {req.index}) is lost: every copy of it failed "
                 f"verification ({page})",
             )
         return pb.GetResponse(status=page_status(page))
@@ -217,7 +219,12 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         """The caller's pools (another tenant's are not even listed)."""
         mine = set(self.pools.owned_by(CALLER.get().owner))
         return [
-            pb.PoolInfo(pool=p.pool, kind=WIRE_KIND[p.kind], allocator=p.allocator, pages=p.pages)
+            pb.PoolInfo(
+                pool=self.pools.public(p.pool),
+                kind=WIRE_KIND[p.kind],
+                allocator=p.allocator,
+                pages=p.pages,
+            )
             for p in s.pools
             if p.pool in mine
         ]

@@ -124,8 +124,8 @@ def test_unreachable_target_and_bad_args() -> None:
     assert wide.returncode == 2 and f"expected a page index in [0, 2**32), got {2**32 + 5}" in (
         wide.stderr
     )
-    wide = ramster("pools", "destroy", str(2**32))
-    assert wide.returncode == 2 and "expected a pool id in [0, 2**32)" in wide.stderr
+    wide = ramster("pools", "destroy", str(2**64))
+    assert wide.returncode == 2 and "expected a pool id in [0, 2**64)" in wide.stderr
     across = ramster("get", "--target", "127.0.0.1:1", "--pool", "0", "--oid", "1",
                      "--start", str(2**32 - 1), "--pages", "2", "-")  # fmt: skip
     assert across.returncode == 2 and f"indexes holds {2**32}" in across.stderr

@@ -21,7 +21,8 @@ from ramster.v1 import tmem_pb2 as pb
 from ramster.zcache.cache import MAX_INDEX
 from ramster.zcache.codec import PAGE_SIZE as PAGE_SIZE
 
-POOL_LIMIT = 1 << 32  # pool ids a node serves: [0, POOL_LIMIT) (the backing file keeps 32 bits)
+POOL_LIMIT = 1 << 64  # pool ids clients use: uint64 (a node's salt above its engine id)
+ENGINE_POOL_LIMIT = 1 << 32  # pool ids of the engine and the peer API (backing file: 32 bits)
 INDEX_LIMIT = MAX_INDEX + 1  # page indexes: [0, INDEX_LIMIT), the engine's range
 OID_LIMIT = 1 << 64  # object ids: the whole uint64
 MAX_BATCH_PAGES = 4096
