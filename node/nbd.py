@@ -1,4 +1,4 @@
-# The node's NBD front end: an asyncio TCP server that drives ramster.nbd's sans-IO machine and
+# The node's NBD front end: an asyncio server that drives ramster.nbd's sans-IO machine and
 # serves each export straight from the node's engine (no gRPC hop), so a kernel (nbd-client),
 # qemu or libnbd can use the cluster as a block device.
 #
@@ -18,25 +18,38 @@
 # pages cost nothing anyway) and zeroes partial edges by read-modify-write.  FLUSH and FUA have
 # nothing to wait for: every acknowledged write is already in the engine, which is shared by all
 # connections (hence CAN_MULTI_CONN); an export is exactly as durable as the node's persistent
-# pool.  Batches go through ChunkedEngine (chunks whose codec work runs in worker threads, a yield
-# between chunks), so a 32 MiB request never holds the event loop for long.  Requests of one
-# connection run one after another (that is what reads the next request), several connections
-# run concurrently.
+# pool.
+#
+# The data path, built for clients that keep many requests in flight (nbdcopy: 64 per connection,
+# the kernel: one per queue slot).  Each connection is an asyncio.Protocol: bytes go into the
+# machine as they arrive, even while the connection's task is inside the engine, so reading the
+# socket overlaps the work.  The task takes every request the buffer holds (up to BATCH_REQUESTS)
+# and runs each run of consecutive READs, and of consecutive block-aligned WRITEs, as one engine
+# batch (up to GROUP_PAGES pages, no block twice), so a queue of 4 KiB requests costs one engine
+# call, not one each; the group's replies go out in one write before the next group runs.  Other
+# requests run one by one, in order, so a connection's requests take effect in the order sent.
+# Engine batches run in chunks of CHUNK_PAGES with a yield to the loop between them (gRPC calls
+# wait behind one chunk, ~0.3 ms).  Flow control both ways: reading pauses while more than
+# INPUT_HIGH bytes (or the write payload the machine waits for) sit unserved, and the task waits
+# while the transport's write buffer is over its high-water mark.  Metrics are counted per group.
+#
+# TLS: with --tls-* the NBD port is in the protocol's FORCEDTLS mode: a client must send STARTTLS
+# before anything else (the machine answers every other option with NBD_REP_ERR_TLS_REQD), then
+# the connection is upgraded in place (loop.start_tls, right after the ACK is written and before
+# anything else is read, so no clear-text byte is taken for TLS), with the node's certificate and
+# key; client certificates are checked against --tls-ca, and required with --tls-client-auth.
+# Without TLS, protected mode (node/tls.py) keeps the port on loopback unless --insecure.
 #
 # Shutdown (stop()): the listener closes; a connection waiting for its client closes at once,
-# one running a request finishes it, answers requests it had already received with ESHUTDOWN and
-# closes; whatever is still running after `grace` seconds is cancelled.
-#
-# NBD has no TLS: protected mode (node/tls.py) refuses a non-loopback --nbd-listen at start
-# unless --insecure, since block devices in clear text would hand every page to anyone on the
-# path.
+# one running requests finishes the group in hand, answers requests it had already received with
+# ESHUTDOWN and closes; whatever is still running after `grace` seconds is cancelled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +70,7 @@ from ramster.nbd import (
     Reply,
     Request,
     ServerConnection,
+    StartTls,
     Trim,
     Write,
     WriteZeroes,
@@ -67,9 +81,11 @@ from ramster.zcache import PAGE_SIZE, PageError, ZCache, ZCacheError
 OID_BITS = 20
 INDEX_MASK = (1 << OID_BITS) - 1
 ZERO_PAGE = bytes(PAGE_SIZE)
-READ_SIZE = 256 * 1024
-HOLD_BYTES = 1024 * 1024  # replies are sent together once the buffered input is served, or
-# once this much read data waits (so a burst of small replies costs one send, not one each)
+CHUNK_PAGES = 32  # engine pages between two yields to the loop
+BATCH_REQUESTS = 64  # requests taken from the input at once
+GROUP_PAGES = 256  # pages of one engine batch (1 MiB)
+INPUT_HIGH = 4 * 1024 * 1024  # unserved input beyond which reading pauses
+TLS_HANDSHAKE_SECONDS = 30.0
 FLUSHES_PER_YIELD = 1024
 Key = tuple[int, int]
 
@@ -77,6 +93,59 @@ Key = tuple[int, int]
 def block_keys(first: int, stop: int) -> list[Key]:
     """Engine keys of blocks first..stop-1."""
     return [(b >> OID_BITS, b & INDEX_MASK) for b in range(first, stop)]
+
+
+def span(request: Request) -> tuple[int, int]:
+    """The blocks a READ or WRITE touches: first, stop."""
+    return request.offset // PAGE_SIZE, -(-(request.offset + request.length) // PAGE_SIZE)
+
+
+def aligned(request: Request) -> bool:
+    return not (request.offset | request.length) % PAGE_SIZE
+
+
+def groups(requests: list[Request]) -> Iterator[list[Request]]:
+    """The batch in order, cut into runs the engine can take in one call: consecutive READs, or
+    consecutive aligned WRITEs, of at most GROUP_PAGES pages with no block twice (a batch with a
+    key twice would file one of its pages blind); every other request alone."""
+    group: list[Request] = []
+    blocks: set[int] = set()
+    for request in requests:
+        kind = type(request)
+        batchable = kind is Read or (kind is Write and aligned(request) and request.length > 0)
+        first, stop = span(request) if batchable else (0, 0)
+        joins = (
+            batchable
+            and group
+            and type(group[0]) is kind
+            and len(blocks) + stop - first <= GROUP_PAGES
+            and blocks.isdisjoint(range(first, stop))
+        )
+        if group and not joins:
+            yield group
+            group, blocks = [], set()
+        group.append(request)
+        if batchable:
+            blocks.update(range(first, stop))
+        else:
+            yield group
+            group, blocks = [], set()
+    if group:
+        yield group
+
+
+def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The NBD port's TLS: the node's certificate and key, clients checked against the CA (and
+    required to show a certificate with --tls-client-auth); None without --tls-*.  node/tls.py
+    has checked the files already."""
+    if settings.tls_cert is None or settings.tls_key is None or settings.tls_ca is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2  # the NBD spec's floor
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    context.load_verify_locations(settings.tls_ca)
+    context.verify_mode = ssl.CERT_REQUIRED if settings.tls_client_auth else ssl.CERT_OPTIONAL
+    return context
 
 
 @dataclass
@@ -95,6 +164,7 @@ class NbdServer:
         chunked: ChunkedEngine,
         ensure_pool: Callable[[str], int],
         metrics: NbdMetrics,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
@@ -102,19 +172,20 @@ class NbdServer:
         self.engine = engine
         self.chunked = chunked
         self.metrics = metrics
+        self.tls = tls
         self.exports = {e.name: ServedExport(e, ensure_pool(f"nbd:{e.name}")) for e in exports}
         self.port = 0
         self.draining = False
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._idle: set[asyncio.Task[None]] = set()  # waiting for their client, not working
+        self.connections: set[NbdConnection] = set()
         self._children: dict[tuple[str, Command, Error], tuple[Any, Any, Any]] = {}
 
     async def start(self) -> int:
         """Listen; the port (the chosen one, with port 0)."""
+        loop = asyncio.get_running_loop()
         try:
-            self._server = await asyncio.start_server(
-                self._connection, self.listen.host, self.listen.port
+            self._server = await loop.create_server(
+                lambda: NbdConnection(self), self.listen.host, self.listen.port
             )
         except OSError as exc:
             raise OSError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
@@ -123,6 +194,7 @@ class NbdServer:
             "nbd_listening",
             port=self.port,
             host=self.listen.host,
+            tls=self.tls is not None,
             exports={name: s.export.size for name, s in self.exports.items()},
             pools={name: s.pool for name, s in self.exports.items()},
         )
@@ -133,142 +205,111 @@ class NbdServer:
         self.draining = True
         if self._server:
             self._server.close()
-        for task in self._idle:
-            task.cancel()
-        if self._tasks:
-            _, late = await asyncio.wait(self._tasks, timeout=grace)
+        tasks = [c.task for c in self.connections if c.task is not None]
+        for connection in self.connections:
+            connection.wake()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=grace)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         if self._server:
             await self._server.wait_closed()
 
-    # -- one connection ---------------------------------------------------------------------------
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.metrics.connections.inc()
-        peer = str(writer.get_extra_info("peername"))
-        try:
-            conn = ServerConnection([s.export for s in self.exports.values()])
-            await self._converse(conn, reader, writer, task, peer)
-        except (ConnectionError, asyncio.CancelledError):
-            log_event("nbd_connection_lost", peer=peer)
-        except Exception as exc:  # one client's failure must not take the node down
-            log_event("nbd_connection_failed", logging.ERROR, exc_info=exc, peer=peer)
-        finally:
-            self._tasks.discard(task)
-            self._idle.discard(task)
-            self.metrics.connections.dec()
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
-
-    async def _converse(
-        self,
-        conn: ServerConnection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        task: asyncio.Task[None],
-        peer: str,
+    def count(
+        self, served: ServedExport, group: list[Request], replies: list[Reply], seconds: float
     ) -> None:
-        served: ServedExport | None = None
-        out: list[bytes] = []  # replies not yet handed to the transport
-        held = 0
-        while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                writer.writelines([*out, conn.data_to_send()])
-                out, held = [], 0
-                if self.draining:
-                    return
-                await writer.drain()
-                self._idle.add(task)
-                data = await reader.read(READ_SIZE)
-                self._idle.discard(task)
-                conn.receive_data(data)
-            elif isinstance(event, Request):
-                assert served is not None
-                started = time.perf_counter()
-                reply = await self._execute(served, event)
-                out.append(conn.data_to_send())
-                out += conn.send(reply)
-                held += len(reply.data)
-                if held >= HOLD_BYTES:
-                    writer.writelines(out)
-                    out, held = [], 0
-                    await writer.drain()
-                self._count(served, event, reply.error, time.perf_counter() - started)
-            elif isinstance(event, Negotiated):
-                served = self.exports[event.export.name]
-                log_event("nbd_connected", peer=peer, export=event.export.name)
-            elif isinstance(event, Rejected):
-                assert served is not None
-                name = served.export.name
-                log_event(
-                    "nbd_request_rejected", logging.DEBUG, peer=peer, export=name, why=event.reason
+        """Metrics of one group: requests by result and bytes moved (added up per group, as
+        each increment takes a lock), and each request's latency (the group's)."""
+        name = served.export.name
+        tally: dict[tuple[Command, Error], list[int]] = {}
+        for request, reply in zip(group, replies, strict=True):
+            counts = tally.setdefault((request.command, reply.error), [0, 0])
+            counts[0] += 1
+            counts[1] += request.length
+        for (command, error), (n, moved) in tally.items():
+            key = (name, command, error)
+            children = self._children.get(key)
+            if children is None:  # labels() costs more than the increments: resolve it once
+                m, label = self.metrics, command.name.lower()
+                counted = command in (Command.READ, Command.WRITE) and error is Error.OK
+                children = self._children[key] = (
+                    m.requests.labels(name, label, error.name if error else "ok"),
+                    m.seconds.labels(name, label),
+                    m.bytes.labels(name, "read" if command is Command.READ else "written")
+                    if counted
+                    else None,
                 )
-                self.metrics.rejected.labels(name, event.error.name).inc()
-            elif isinstance(event, Closed):
-                writer.writelines([*out, conn.data_to_send()])
-                level = logging.WARNING if event.violation else logging.INFO
-                log_event("nbd_disconnected", level, peer=peer, reason=event.reason)
-                return
-
-    def _count(self, served: ServedExport, request: Request, error: Error, seconds: float) -> None:
-        key = (served.export.name, request.command, error)
-        children = self._children.get(key)
-        if children is None:  # labels() costs more than the increments: resolve it once
-            name, command = served.export.name, request.command.name.lower()
-            m = self.metrics
-            moved = isinstance(request, Read | Write) and error is Error.OK
-            children = self._children[key] = (
-                m.requests.labels(name, command, "ok" if error is Error.OK else error.name),
-                m.seconds.labels(name, command),
-                m.bytes.labels(name, "read" if isinstance(request, Read) else "written")
-                if moved
-                else None,
-            )
-        requests, latency, moved_bytes = children
-        requests.inc()
-        latency.observe(seconds)
-        if moved_bytes is not None:
-            moved_bytes.inc(request.length)
+            requests, latency, moved_bytes = children
+            requests.inc(n)
+            for _ in range(n):
+                latency.observe(seconds)
+            if moved_bytes is not None:
+                moved_bytes.inc(moved)
 
     # -- requests ---------------------------------------------------------------------------------
-    async def _execute(self, served: ServedExport, request: Request) -> Reply:
+    async def execute(self, served: ServedExport, group: list[Request]) -> list[Reply]:
+        """The replies to one group of groups()."""
         if self.draining:
-            return Reply(request, Error.ESHUTDOWN)
+            return [Reply(request, Error.ESHUTDOWN) for request in group]
         try:
-            if isinstance(request, Read):
-                data = await self._read(served.pool, request.offset, request.length)
-                if isinstance(data, Error):
-                    return Reply(request, data)
-                return Reply(request, data=data)
-            if isinstance(request, Write):
-                return Reply(request, await self._write(served, request.offset, request.data))
-            if isinstance(request, Trim):
-                await self._flush_blocks(served.pool, request.offset, request.length)
-                return Reply(request)
-            if isinstance(request, WriteZeroes):
-                return Reply(request, await self._zero(served, request.offset, request.length))
-            assert isinstance(request, Flush)
-            return Reply(request)  # nothing is cached in front of the engine (see the header)
+            first = group[0]
+            if isinstance(first, Read):
+                return await self._reads(served.pool, group)
+            if isinstance(first, Write) and len(group) > 1:
+                return await self._writes(served.pool, group)
+            return [await self._execute(served, first)]
         except ZCacheError as exc:  # e.g. the pool was destroyed under the export
             log_event("nbd_engine_error", logging.ERROR, export=served.export.name, error=str(exc))
-            return Reply(request, Error.EIO)
+            return [Reply(request, Error.EIO) for request in group]
 
-    async def _read(self, pool: int, offset: int, length: int) -> bytes | Error:
-        if not length:
-            return b""
-        first, stop = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
-        pages = await self.chunked.get_batch(pool, block_keys(first, stop), exclusive=False)
-        if any(isinstance(p, PageError) for p in pages):
-            return Error.EIO
-        data = b"".join([self._page(p) for p in pages])
-        skip = offset - first * PAGE_SIZE
-        return data if skip == 0 and len(data) == length else data[skip : skip + length]
+    async def _execute(self, served: ServedExport, request: Request) -> Reply:
+        if isinstance(request, Write):
+            return Reply(request, await self._write(served, request.offset, request.data))
+        if isinstance(request, Trim):
+            await self._flush_blocks(served.pool, request.offset, request.length)
+            return Reply(request)
+        if isinstance(request, WriteZeroes):
+            return Reply(request, await self._zero(served, request.offset, request.length))
+        assert isinstance(request, Flush)
+        return Reply(request)  # nothing is cached in front of the engine (see the header)
+
+    async def _reads(self, pool: int, group: list[Request]) -> list[Reply]:
+        """Consecutive READs as one engine batch."""
+        spans = [span(r) for r in group]
+        keys = [key for first, stop in spans for key in block_keys(first, stop)]
+        pages = await self.chunked.get_batch(pool, keys, exclusive=False)
+        replies, at = [], 0
+        for request, (first, stop) in zip(group, spans, strict=True):
+            mine, at = pages[at : at + stop - first], at + stop - first
+            if any(isinstance(p, PageError) for p in mine):
+                replies.append(Reply(request, Error.EIO))
+                continue
+            data = b"".join([self._page(p) for p in mine])
+            skip = request.offset - first * PAGE_SIZE
+            if skip or len(data) != request.length:
+                data = data[skip : skip + request.length]
+            replies.append(Reply(request, data=data))
+        return replies
+
+    async def _writes(self, pool: int, group: list[Request]) -> list[Reply]:
+        """Consecutive aligned WRITEs of distinct blocks as one engine batch."""
+        keys: list[Key] = []
+        pages: list[bytes] = []
+        for request in group:
+            assert isinstance(request, Write)
+            first, stop = span(request)
+            keys += block_keys(first, stop)
+            data = request.data
+            pages += [data[i : i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
+        results = await self.chunked.put_batch(pool, keys, pages)
+        replies, at = [], 0
+        for request in group:
+            n = request.length // PAGE_SIZE
+            refused = any(r.refused for r in results[at : at + n])
+            replies.append(Reply(request, Error.ENOSPC if refused else Error.OK))
+            at += n
+        return replies
 
     async def _write(self, served: ServedExport, offset: int, data: bytes) -> Error:
         if not data:
@@ -347,6 +388,178 @@ class NbdServer:
                 await asyncio.sleep(0)
 
 
+class NbdConnection(asyncio.Protocol):
+    """One client: the transport's callbacks feed the machine and wake the connection's task
+    (serve()), which answers; see the header for the flow of data."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.conn = ServerConnection(
+            [s.export for s in server.exports.values()], tls_required=server.tls is not None
+        )
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.peer = ""
+        self.served: ServedExport | None = None
+        self.lost = False
+        self._plain = True  # not upgraded to TLS (yet)
+        self._reading_paused = False
+        self._writing_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- transport callbacks ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = str(transport.get_extra_info("peername"))
+        self.server.connections.add(self)
+        self.server.metrics.connections.inc()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.receive_data(data)
+        if conn.buffered >= max(INPUT_HIGH, conn.wanted) and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self.wake()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self.wake()
+        return self._plain  # keep a plain socket open to answer what came before (TLS cannot)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.wake()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self.wake()
+
+    def wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+        self._waiter = None
+
+    # -- the task ---------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            await self._serve()
+        except asyncio.CancelledError:
+            log_event("nbd_connection_cancelled", peer=self.peer)
+        except Exception as exc:  # one client's failure must not take the node down
+            log_event("nbd_connection_failed", logging.ERROR, exc_info=exc, peer=self.peer)
+        finally:
+            self.server.connections.discard(self)
+            self.server.metrics.connections.dec()
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _serve(self) -> None:
+        conn, server = self.conn, self.server
+        while not self.lost:
+            requests, last = self._take()
+            if requests:
+                assert self.served is not None
+                served = self.served
+                for group in groups(requests):
+                    started = time.perf_counter()
+                    replies = await server.execute(served, group)
+                    self._send(replies)
+                    server.count(served, group, replies, time.perf_counter() - started)
+                    while self._writing_paused and not self.lost:
+                        await self._wait()
+            self._write(conn.data_to_send())
+            if isinstance(last, Closed):
+                level = logging.WARNING if last.violation else logging.INFO
+                log_event("nbd_disconnected", level, peer=self.peer, reason=last.reason)
+                return
+            if isinstance(last, StartTls):
+                if not await self._start_tls():
+                    return
+                continue
+            if server.draining:
+                return
+            if not requests:
+                if self._reading_paused and self.transport is not None:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                await self._wait()
+
+    def _take(self) -> tuple[list[Request], Closed | StartTls | None]:
+        """The requests the input holds (up to BATCH_REQUESTS), and the event that ended the
+        haul if it must be handled after them (Closed, StartTls)."""
+        conn = self.conn
+        requests: list[Request] = []
+        while len(requests) < BATCH_REQUESTS:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Request):
+                requests.append(event)
+            elif isinstance(event, Closed | StartTls):
+                return requests, event
+            elif isinstance(event, Negotiated):
+                self.served = self.server.exports[event.export.name]
+                log_event("nbd_connected", peer=self.peer, export=event.export.name)
+            elif isinstance(event, Rejected):
+                assert self.served is not None
+                name = self.served.export.name
+                log_event(
+                    "nbd_request_rejected",
+                    logging.DEBUG,
+                    peer=self.peer,
+                    export=name,
+                    why=event.reason,
+                )
+                self.server.metrics.rejected.labels(name, event.error.name).inc()
+        return requests, None
+
+    def _send(self, replies: list[Reply]) -> None:
+        conn, out = self.conn, [self.conn.data_to_send()]
+        for reply in replies:
+            out += conn.send(reply)
+        if not self.lost and self.transport is not None:
+            self.transport.writelines(out)
+
+    def _write(self, data: bytes) -> None:
+        if data and not self.lost and self.transport is not None:
+            self.transport.write(data)
+
+    async def _start_tls(self) -> bool:
+        """Upgrade to TLS right after the ACK went out (nothing is read in between); False if
+        the handshake failed, which ends the connection."""
+        assert self.transport is not None and self.server.tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport,
+                self,
+                self.server.tls,
+                server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS,
+            )
+        except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout
+            log_event("nbd_tls_failed", logging.WARNING, peer=self.peer, error=str(exc))
+            self.lost = True
+            return False
+        if transport is None:  # the connection closed during the handshake
+            self.lost = True
+            return False
+        self.transport, self._plain, self._reading_paused = transport, False, False
+        self.conn.tls_started()
+        log_event("nbd_tls_started", logging.DEBUG, peer=self.peer)
+        return True
+
+
 async def serve_nbd(
     settings: Settings,
     engine: ZCache,
@@ -363,9 +576,10 @@ async def serve_nbd(
         settings.nbd_listen,
         settings.nbd_export,
         engine,
-        ChunkedEngine(engine, prefetch=prefetch),
+        ChunkedEngine(engine, chunk=CHUNK_PAGES, prefetch=prefetch),
         lambda owner: pools.ensure(owner, store_raw=True),
         metrics,
+        server_tls_context(settings),
     )
     await server.start()
     return server

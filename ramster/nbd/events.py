@@ -1,12 +1,15 @@
 # What the NBD server machine tells its I/O shell, and what the shell hands back to it.
 #
-# Events out (ServerConnection.next_event): Negotiated when a client has chosen an export and
+# Events out (ServerConnection.next_event): StartTls when the shell must upgrade the transport to
+# TLS (server side) and then call tls_started(); Negotiated when a client has chosen an export and
 # transmission begins; one Request subclass per command the shell must carry out (Read, Write,
 # Flush, Trim, WriteZeroes), each already checked against the export (range, length, flags), so
 # a shell never sees a request it may not execute; Rejected for a request the machine answered
 # with an error itself (the shell only counts it); Closed when the connection is over, cleanly
 # or not.  Back in (ServerConnection.send): one Reply per Request.  Requests compare by identity
 # (eq=False): two requests may carry the same handle, yet each is answered exactly once.
+# Requests are plain slotted dataclasses, not frozen ones: one is made per request, and a frozen
+# dataclass pays object.__setattr__ per field (treat them as read-only all the same).
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,13 +30,21 @@ class Export:
 class Event:
     """Base of everything next_event() returns."""
 
+    __slots__ = ()
+
+
+@dataclass(frozen=True, eq=False)
+class StartTls(Event):
+    """STARTTLS was acknowledged (the ACK is in data_to_send()): send it, then run the TLS
+    handshake as the server, then call tls_started().  A failed handshake ends the connection."""
+
 
 @dataclass(frozen=True, eq=False)
 class Negotiated(Event):
     export: Export
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Request(Event):
     handle: int
     offset: int
@@ -42,28 +53,28 @@ class Request(Event):
     command: ClassVar[Command]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Read(Request):
     command = Command.READ
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Write(Request):
     data: bytes = b""
     command = Command.WRITE
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Flush(Request):
     command = Command.FLUSH
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Trim(Request):
     command = Command.TRIM
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class WriteZeroes(Request):
     command = Command.WRITE_ZEROES
 

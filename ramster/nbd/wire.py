@@ -3,10 +3,10 @@
 # protocol document of the reference implementation (NetworkBlockDevice/nbd, doc/proto.md)
 # defines them.  Every integer is big-endian ("network byte order").
 #
-# Only what this server speaks is here: fixed newstyle negotiation, NBD_OPT_INFO/GO and simple
-# replies.  Structured replies, metadata contexts, extended headers and STARTTLS are answered
-# with errors by the server machine (see server.py), so their codes appear only as far as needed
-# to name them.  Structures are struct.Struct objects whose sizes are checked right here (the
+# Only what this server speaks is here: fixed newstyle negotiation, NBD_OPT_INFO/GO, STARTTLS and
+# simple replies.  Structured replies, metadata contexts and extended headers are answered with
+# errors by the server machine (see server.py), so their codes appear only as far as needed to
+# name them.  Structures are struct.Struct objects whose sizes are checked right here (the
 # BUILD_BUG_ON of this module): a typo in a format would otherwise only show up on the wire.
 from __future__ import annotations
 
