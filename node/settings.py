@@ -306,8 +306,9 @@ class Settings:
         default=None,
         metadata=meta(
             parse_optional_hostport,
-            "NBD (block device) address; NBD has no TLS, so only loopback unless --insecure; "
-            "port 0 picks a free port (logged); empty: no NBD",
+            "NBD (block device) address; with --tls-* clients must use TLS (STARTTLS, nbds://), "
+            "without it only loopback unless --insecure; port 0 picks a free port (logged); "
+            "empty: no NBD",
             "HOST:PORT",
         ),
     )
@@ -316,7 +317,7 @@ class Settings:
         metadata=meta(
             parse_optional_path,
             "this node's certificate (PEM; `ramster certs` makes one): TLS on the client "
-            "listener, mTLS on the peer listener, and what the node shows its peers",
+            "and NBD listeners, mTLS on the peer listener, and what the node shows its peers",
             "PATH",
         ),
     )
@@ -337,7 +338,7 @@ class Settings:
         default=False,
         metadata=meta(
             parse_switch,
-            "clients too must show a certificate signed by --tls-ca",
+            "clients (gRPC and NBD) too must show a certificate signed by --tls-ca",
             "",
             switch=True,
         ),

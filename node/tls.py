@@ -20,9 +20,10 @@
 # 127.0.0.0/8, ::1 and "localhost") is refused at start unless it is protected, or --insecure
 # says the operator knows.  The client port is protected by TLS *and* tokens (--tokens: without
 # them anyone who can reach it could read and write every pool); the peer port by TLS, which
-# there always means mTLS with the cluster's node certificates; NBD has no TLS, so a reachable
-# NBD port always needs --insecure.  Loopback needs nothing, so a bare node and `ramster demo`
-# stay zero-configuration.
+# there always means mTLS with the cluster's node certificates; the NBD port by TLS with client
+# certificates (--tls-client-auth: NBD has no tokens, so the certificate is what tells a client
+# of the cluster from anyone; with TLS the port requires STARTTLS, node/nbd.py).  Loopback needs
+# nothing, so a bare node and `ramster demo` stay zero-configuration.
 from __future__ import annotations
 
 import ipaddress
@@ -183,11 +184,20 @@ def check_protected(
     if settings.insecure:
         return
     nbd = settings.nbd_listen
-    if nbd is not None and not is_loopback(nbd.host):
+    if nbd is not None and not is_loopback(nbd.host) and tls is None:
         raise ValueError(
-            f"protected mode: --nbd-listen {nbd}: NBD has no TLS, so it is served on loopback "
+            f"protected mode: --nbd-listen {nbd}: without TLS, NBD is served on loopback "
             "addresses only (127.0.0.1, ::1) unless --insecure; block devices would cross the "
-            "network in clear text (reach it through an SSH tunnel instead)"
+            "network in clear text: set --tls-cert, --tls-key, --tls-ca and --tls-client-auth "
+            "(NBD then requires STARTTLS, nbds:// URIs), or reach it through an SSH tunnel"
+        )
+    if nbd is not None and not is_loopback(nbd.host) and tls and not tls.client_auth:
+        raise ValueError(
+            f"protected mode: --nbd-listen {nbd} is reachable from other hosts without "
+            "--tls-client-auth: NBD has no tokens, so only a client certificate signed by "
+            "--tls-ca keeps anyone who can reach the port from reading and overwriting every "
+            "export; set --tls-client-auth, listen on 127.0.0.1, or pass --insecure if the "
+            "network is trusted"
         )
     advice = (
         "(`ramster certs` makes the TLS files, `ramster tokens` a tokens file), listen on "

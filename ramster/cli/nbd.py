@@ -2,16 +2,19 @@
 #
 # It speaks NBD itself (ramster.nbd's ExportLister over a blocking socket: LIST, then INFO per
 # export, then ABORT) rather than asking the node over gRPC, so what it prints is exactly what
-# nbd-client, qemu or nbdinfo will be offered - and it works against any NBD server.
+# nbd-client, qemu or nbdinfo will be offered - and it works against any NBD server.  With
+# --tls-ca it starts with STARTTLS, as a node with TLS demands, and checks the server's
+# certificate against that CA (and shows --tls-cert to a node run with --tls-client-auth).
 from __future__ import annotations
 
 import argparse
 import json
 import socket
+import ssl
 
 from ramster.cli.errors import CliError
 from ramster.cli.table import print_table
-from ramster.cli.target import hostport, seconds
+from ramster.cli.target import add_tls, hostport, seconds
 from ramster.nbd import ExportInfo, ExportLister, NbdError, TransmissionFlag
 
 DEFAULT_NBD_TARGET = "127.0.0.1:10809"  # the IANA port of NBD
@@ -25,15 +28,42 @@ FEATURES = {
 }
 
 
-def list_exports(target: str, timeout: float) -> list[ExportInfo]:
-    """The exports an NBD server at HOST:PORT offers."""
-    host, _, port = target.rpartition(":")
-    lister = ExportLister()
+def client_tls(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """TLS towards the server: its certificate checked against `ca`, ours shown if given."""
+    if ca is None:
+        if cert or key:
+            raise CliError("--tls-cert and --tls-key need --tls-ca")
+        return None
+    if bool(cert) != bool(key):
+        raise CliError("--tls-cert and --tls-key go together")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+        context = ssl.create_default_context(cafile=ca)
+        if cert and key:
+            context.load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError too
+        raise CliError(f"cannot use the TLS files: {exc}") from None
+    return context
+
+
+def list_exports(
+    target: str, timeout: float, tls: ssl.SSLContext | None = None
+) -> list[ExportInfo]:
+    """The exports an NBD server at HOST:PORT offers (asked over TLS with `tls`)."""
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    lister = ExportLister(tls=tls is not None)
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+        try:
             while not lister.done:
                 lister.receive_data(sock.recv(65536))
+                if lister.upgrade:
+                    assert tls is not None
+                    sock = tls.wrap_socket(sock, server_hostname=host)
+                    lister.tls_started()
                 sock.sendall(lister.data_to_send())
+        finally:
+            sock.close()
     except (OSError, NbdError) as exc:
         raise CliError(f"{target}: {exc}") from None
     return lister.exports
@@ -46,7 +76,8 @@ def human(size: int) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    exports = list_exports(args.target, args.timeout)
+    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    exports = list_exports(args.target, args.timeout, tls)
     if args.json:
         print(json.dumps([vars(e) for e in exports], indent=2))
         return 0
@@ -75,7 +106,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "list",
         help="list the exports of an NBD port",
         description="Connect to an NBD port (a node's --nbd-listen, or any NBD server), list "
-        "its exports with their sizes, block sizes and features, and disconnect.",
+        "its exports with their sizes, block sizes and features, and disconnect.  With --tls-ca, "
+        "over TLS (STARTTLS), as a node run with --tls-* requires.",
     )
     p.add_argument(
         "--target",
@@ -85,5 +117,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help=f"the NBD address (default {DEFAULT_NBD_TARGET})",
     )
     p.add_argument("--timeout", type=seconds, default=10.0, metavar="S", help="socket timeout")
+    add_tls(p)
     p.add_argument("--json", action="store_true", help="print the exports as JSON")
     p.set_defaults(func=_list)

@@ -2,7 +2,9 @@
 # like the server machine (bytes in, bytes out), for `ramster nbd list` and for tests that talk
 # to the server machine in memory.
 #
-# Sequence: read the greeting, send client flags (fixed newstyle, no zeroes) and NBD_OPT_LIST;
+# Sequence: read the greeting, send client flags (fixed newstyle, no zeroes); with tls, send
+# NBD_OPT_STARTTLS and, once the server acknowledges it, set `upgrade`: the shell then wraps its
+# socket in TLS and calls tls_started() (the lister never sees the TLS bytes); then NBD_OPT_LIST;
 # collect the NBD_REP_SERVER names; send NBD_OPT_INFO for each name asking for its description
 # and block sizes; then NBD_OPT_ABORT, and `done` once the server acknowledges it (or hangs up,
 # which the spec allows after ABORT).  A server that breaks the protocol raises NbdError naming
@@ -49,9 +51,11 @@ class ExportInfo:
 
 
 class ExportLister:
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.exports: list[ExportInfo] = []
         self.done = False
+        self.tls = tls
+        self.upgrade = False  # STARTTLS was acknowledged: the shell must start TLS now
         self._buf = bytearray()
         self._out = bytearray()
         self._greeted = False
@@ -76,7 +80,7 @@ class ExportLister:
                 return
             self._on_greeting(bytes(self._buf[: GREETING.size]))
             del self._buf[: GREETING.size]
-        while len(self._buf) >= OPTION_REPLY_HEADER.size and not self.done:
+        while len(self._buf) >= OPTION_REPLY_HEADER.size and not self.done and not self.upgrade:
             magic, option, reply, length = OPTION_REPLY_HEADER.unpack_from(self._buf)
             if magic != OPTION_REPLY_MAGIC:
                 raise NbdError(f"bad option reply magic {magic:#x}")
@@ -95,12 +99,21 @@ class ExportLister:
             raise NbdError("the server does not speak fixed newstyle negotiation")
         self._greeted = True
         self._out += CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES)
+        self._out += option_request(Option.STARTTLS if self.tls else Option.LIST)
+
+    def tls_started(self) -> None:
+        """The shell's socket speaks TLS now: the listing begins."""
+        self.upgrade = False
         self._out += option_request(Option.LIST)
 
     def _on_reply(self, option: int, reply: int, payload: bytes) -> None:
         text = payload.decode(errors="replace")
         if self._aborting:
             self.done = True
+        elif option == Option.STARTTLS:
+            if reply != OptionReply.ACK:
+                raise NbdError(f"the server refused TLS: {text or hex(reply)}")
+            self.upgrade = True
         elif self._asking < 0:
             if reply == OptionReply.SERVER:
                 (size,) = U32.unpack_from(payload)
@@ -108,6 +121,8 @@ class ExportLister:
                 self.exports.append(ExportInfo(name.decode(errors="replace"), description.decode()))
             elif reply == OptionReply.ACK:
                 self._next()
+            elif reply == OptionReply.ERR_TLS_REQD:
+                raise NbdError("the server requires TLS (give the cluster CA: --tls-ca)")
             else:
                 raise NbdError(f"the server refused to list its exports: {text or reply}")
         elif reply == OptionReply.INFO:

@@ -5,14 +5,21 @@
 # port 0: the clients under test (nbdinfo, nbdcopy, qemu-io, qemu-img, nbdsh) are subprocesses
 # that block, so the server must not share the test's thread.  Tests that need a whole node
 # process (settings, restart, metrics, peers) use LocalNode instead; see test_node.py.
+#
+# `certs` is a bundle made by `ramster certs`' code (a CA, node n1, client c1) plus a foreign
+# bundle (another CA, same names), each also laid out as libnbd's tls-certificates directory
+# (ca-cert.pem, client-cert.pem, client-key.pem), the way nbdinfo/nbdcopy/nbdsh find them.
 from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -20,8 +27,9 @@ from prometheus_client import CollectorRegistry
 
 from node.engine import ChunkedEngine
 from node.metrics import NbdMetrics
-from node.nbd import NbdServer
-from node.settings import HostPort
+from node.nbd import NbdServer, server_tls_context
+from node.settings import HostPort, Settings
+from ramster.certs import make_bundle
 from ramster.nbd import Export
 from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
 
@@ -43,10 +51,49 @@ def run(*cmd: str, input: bytes | None = None, timeout: float = 120) -> bytes:
     return done.stdout
 
 
+@dataclass(frozen=True)
+class Certs:
+    node: Settings  # the TLS settings of node n1 (certificate, key, CA)
+    client_dir: Path  # libnbd's tls-certificates directory: our CA, client c1
+    foreign_dir: Path  # the same from a foreign CA
+
+    def tls(self, client_auth: bool = False) -> ssl.SSLContext:
+        context = server_tls_context(replace(self.node, tls_client_auth=client_auth))
+        assert context is not None
+        return context
+
+
+def libnbd_dir(bundle_dir: Path, client: str, out: Path) -> Path:
+    out.mkdir()
+    (out / "ca-cert.pem").write_bytes((bundle_dir / "ca.crt").read_bytes())
+    (out / "client-cert.pem").write_bytes((bundle_dir / "clients" / f"{client}.crt").read_bytes())
+    key = out / "client-key.pem"
+    key.write_bytes((bundle_dir / "clients" / f"{client}.key").read_bytes())
+    key.chmod(0o600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    ours, foreign = tmp_path_factory.mktemp("certs"), tmp_path_factory.mktemp("foreign")
+    bundle = make_bundle(ours, ["n1"], ["c1"])
+    make_bundle(foreign, ["n1"], ["c1"])
+    cert, key = bundle.nodes["n1"]
+    node = Settings(node_id="n1", tls_cert=cert, tls_key=key, tls_ca=bundle.ca)
+    return Certs(
+        node,
+        libnbd_dir(ours, "c1", ours / "libnbd"),
+        libnbd_dir(foreign, "c1", foreign / "libnbd"),
+    )
+
+
 class ServerThread:
-    def __init__(self, exports: list[Export], pool_limit: int = 64 * MiB) -> None:
+    def __init__(
+        self, exports: list[Export], pool_limit: int = 64 * MiB, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.exports = exports
         self.pool_limit = pool_limit
+        self.tls = tls
         self.port = 0
         self.registry = CollectorRegistry()
         self.loop = asyncio.new_event_loop()
@@ -54,8 +101,11 @@ class ServerThread:
         self.server: NbdServer | None = None
         self.engine: ZCache | None = None
 
-    def uri(self, export: str) -> str:
-        return f"nbd://127.0.0.1:{self.port}/{export}"
+    def uri(self, export: str, certificates: Path | None = None) -> str:
+        """The export's URI; nbds:// with libnbd's certificates directory for TLS."""
+        if certificates is None:
+            return f"nbd://127.0.0.1:{self.port}/{export}"
+        return f"nbds://127.0.0.1:{self.port}/{export}?tls-certificates={certificates}"
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the server's loop (the engine is not thread-safe); its result."""
@@ -82,6 +132,7 @@ class ServerThread:
             ChunkedEngine(engine),
             lambda owner: engine.create_pool(PoolKind.PERSISTENT),
             NbdMetrics(self.registry),
+            self.tls,
         )
         self.port = await self.server.start()
 

@@ -8,15 +8,18 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from node.settings import HostPort, Settings
+from node.tls import check_protected, load_tls
 from ramster.client import Client
 from ramster.client.cluster import LocalCluster
 from ramster.client.local import LocalNode
-from tests.nbd.conftest import MiB, need, run
+from tests.nbd.conftest import Certs, MiB, need, run
 
 
 def nbd_port(node: LocalNode) -> int:
@@ -26,7 +29,8 @@ def nbd_port(node: LocalNode) -> int:
 
 
 def nbd_node(*args: str, data_dir: Path | None = None) -> LocalNode:
-    return LocalNode("--nbd-listen", "127.0.0.1:0", *args, data_dir=data_dir)
+    tls_ca = Path(args[args.index("--tls-ca") + 1]) if "--tls-ca" in args else None
+    return LocalNode("--nbd-listen", "127.0.0.1:0", *args, data_dir=data_dir, tls_ca=tls_ca)
 
 
 def copy_in_and_out(uri: str, data: bytes, tmp_path: Path) -> bytes:
@@ -68,6 +72,32 @@ def test_nbd_settings_that_cannot_work_stop_the_node(
     )
     assert done.returncode == 1
     assert '"event": "startup_failed"' in done.stderr and error in done.stderr
+
+
+def test_protected_mode_takes_a_reachable_nbd_port_with_tls(certs: Certs) -> None:
+    reachable = HostPort("192.0.2.1", 10809)  # checked only: nothing listens there
+    with_tls = replace(certs.node, nbd_listen=reachable)
+    check_protected(with_tls, load_tls(with_tls), None)
+    without = Settings(nbd_listen=reachable)
+    with pytest.raises(ValueError, match="without TLS, NBD is served on loopback"):
+        check_protected(without, load_tls(without), None)
+
+
+def test_a_node_with_tls_serves_nbd_over_tls_only(certs: Certs, tmp_path: Path) -> None:
+    need("nbdcopy", "nbdinfo")
+    s = certs.node
+    assert s.tls_cert and s.tls_key and s.tls_ca
+    tls = ("--node-id", "n1", "--tls-cert", str(s.tls_cert), "--tls-key", str(s.tls_key))
+    with nbd_node(*tls, "--tls-ca", str(s.tls_ca), "--nbd-export", "disk:8Mi") as node:
+        port = nbd_port(node)
+        uri = f"nbds://127.0.0.1:{port}/disk?tls-certificates={certs.client_dir}"
+        data = os.urandom(3 * MiB)
+        assert copy_in_and_out(uri, data, tmp_path) == data
+        plain = subprocess.run(
+            ["nbdinfo", f"nbd://127.0.0.1:{port}/disk"], capture_output=True, timeout=60
+        )
+        assert plain.returncode != 0
+        assert node.process is not None and node.process.poll() is None
 
 
 def test_bad_export_flags_are_usage_errors(tmp_path: Path) -> None:

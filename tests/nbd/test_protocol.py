@@ -12,12 +12,14 @@ from ramster.nbd import (
     Event,
     Export,
     ExportLister,
+    NbdError,
     Negotiated,
     ProtocolMisuse,
     Read,
     Rejected,
     Reply,
     ServerConnection,
+    StartTls,
     Write,
     WriteZeroes,
 )
@@ -260,3 +262,115 @@ def test_ends_of_a_connection(tail: bytes, violation: bool) -> None:
     assert isinstance(closed, Closed) and closed.violation is violation
     conn.receive_data(request(Command.READ))
     assert events(conn) == []  # nothing after the end
+
+
+# -- TLS (FORCEDTLS): the machine's side of STARTTLS ------------------------------------------
+def tls_conn() -> ServerConnection:
+    conn = ServerConnection(EXPORTS, tls_required=True)
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    conn.data_to_send()  # the greeting
+    return conn
+
+
+def start_tls(conn: ServerConnection) -> None:
+    conn.receive_data(option_request(Option.STARTTLS))
+    assert [type(e) for e in events(conn)] == [StartTls]
+    assert [r for _, r, _ in option_replies(conn.data_to_send())] == [OptionReply.ACK]
+    conn.tls_started()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [Option.LIST, Option.INFO, Option.GO, Option.STRUCTURED_REPLY, 1234],
+)
+def test_before_starttls_every_option_but_abort_needs_tls(option: int) -> None:
+    conn = tls_conn()
+    data = info_request("disk", ()) if option in (Option.INFO, Option.GO) else b""
+    conn.receive_data(option_request(option, data))  # type: ignore[arg-type]
+    assert events(conn) == []
+    assert [r for _, r, _ in option_replies(conn.data_to_send())] == [OptionReply.ERR_TLS_REQD]
+    start_tls(conn)  # and the client may still upgrade
+    go(conn)
+
+
+def test_starttls_then_haggling_starts_over_inside_tls() -> None:
+    conn = tls_conn()
+    start_tls(conn)
+    conn.receive_data(option_request(Option.STARTTLS))  # once is enough
+    assert events(conn) == []
+    assert [r for _, r, _ in option_replies(conn.data_to_send())] == [OptionReply.ERR_INVALID]
+    go(conn)
+    conn.receive_data(request(Command.READ, 0, 4096))
+    assert [type(e) for e in events(conn)] == [Read]
+
+
+def test_without_tls_configured_starttls_is_refused_by_policy() -> None:
+    conn = ServerConnection(EXPORTS)
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    conn.receive_data(option_request(Option.STARTTLS))
+    assert events(conn) == []
+    replies = option_replies(conn.data_to_send()[GREETING.size :])
+    assert [r for _, r, _ in replies] == [OptionReply.ERR_POLICY]
+    with pytest.raises(ProtocolMisuse):
+        conn.tls_started()
+
+
+def test_starttls_with_data_is_invalid() -> None:
+    conn = tls_conn()
+    conn.receive_data(option_request(Option.STARTTLS, b"x"))
+    assert events(conn) == []
+    assert [r for _, r, _ in option_replies(conn.data_to_send())] == [OptionReply.ERR_INVALID]
+
+
+@pytest.mark.parametrize(
+    "bytes_in",
+    [
+        option_request(Option.EXPORT_NAME, b"disk"),  # no error reply exists: hang up
+        option_request(Option.STARTTLS) + option_request(Option.LIST),  # clear text behind it
+    ],
+)
+def test_what_cannot_be_answered_before_tls_closes_the_connection(bytes_in: bytes) -> None:
+    conn = tls_conn()
+    conn.receive_data(bytes_in)
+    (closed,) = events(conn)
+    assert isinstance(closed, Closed) and closed.violation
+    assert b"disk" not in conn.data_to_send()  # nothing about the exports went out
+
+
+def test_tls_needs_fixed_newstyle() -> None:
+    conn = ServerConnection(EXPORTS, tls_required=True)
+    conn.receive_data(CLIENT_FLAGS.pack(0))
+    (closed,) = events(conn)
+    assert isinstance(closed, Closed) and closed.violation
+
+
+def test_abort_before_tls_is_acknowledged() -> None:
+    conn = tls_conn()
+    conn.receive_data(option_request(Option.ABORT))
+    (closed,) = events(conn)
+    assert isinstance(closed, Closed) and not closed.violation
+    assert [r for _, r, _ in option_replies(conn.data_to_send())] == [OptionReply.ACK]
+
+
+def test_lister_with_tls_upgrades_then_lists() -> None:
+    conn, lister = ServerConnection(EXPORTS, tls_required=True), ExportLister(tls=True)
+    upgrades, seen = 0, list[Event]()
+    while not lister.done:
+        lister.receive_data(conn.data_to_send())
+        if lister.upgrade:  # what the shells do with their sockets, here in memory
+            assert isinstance(seen[-1], StartTls)
+            conn.tls_started()
+            lister.tls_started()
+            upgrades += 1
+        conn.receive_data(lister.data_to_send())
+        seen += events(conn)
+    assert upgrades == 1 and [e.name for e in lister.exports] == ["disk", "other"]
+
+
+def test_lister_without_tls_is_told_that_tls_is_required() -> None:
+    conn, lister = ServerConnection(EXPORTS, tls_required=True), ExportLister()
+    lister.receive_data(conn.data_to_send())
+    conn.receive_data(lister.data_to_send())
+    assert events(conn) == []
+    with pytest.raises(NbdError, match="requires TLS"):
+        lister.receive_data(conn.data_to_send())
