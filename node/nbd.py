@@ -106,30 +106,34 @@ def aligned(request: Request) -> bool:
 
 def groups(requests: list[Request]) -> Iterator[list[Request]]:
     """The batch in order, cut into runs the engine can take in one call: consecutive READs, or
-    consecutive aligned WRITEs, of at most GROUP_PAGES pages with no block twice (a batch with a
-    key twice would file one of its pages blind); every other request alone."""
+    consecutive aligned WRITEs with no block twice (a put batch with a key twice would file one
+    of its pages blind; a get batch may repeat a key), of at most GROUP_PAGES pages; every other
+    request alone."""
     group: list[Request] = []
-    blocks: set[int] = set()
+    kind: type[Request] | None = None  # of the open group, if it may grow
+    pages = 0
+    written: set[int] = set()
     for request in requests:
-        kind = type(request)
-        batchable = kind is Read or (kind is Write and aligned(request) and request.length > 0)
-        first, stop = span(request) if batchable else (0, 0)
-        joins = (
-            batchable
-            and group
-            and type(group[0]) is kind
-            and len(blocks) + stop - first <= GROUP_PAGES
-            and blocks.isdisjoint(range(first, stop))
-        )
-        if group and not joins:
-            yield group
-            group, blocks = [], set()
-        group.append(request)
-        if batchable:
-            blocks.update(range(first, stop))
+        this = type(request)
+        if this is Read or (this is Write and request.length and aligned(request)):
+            first, stop = span(request)
+            fits = this is kind and pages + stop - first <= GROUP_PAGES
+            if fits and this is Write:
+                fits = written.isdisjoint(range(first, stop))
+            if not fits:
+                if group:
+                    yield group
+                group, kind, pages = [], this, 0
+                written.clear()
+            group.append(request)
+            pages += stop - first
+            if this is Write:
+                written.update(range(first, stop))
         else:
-            yield group
-            group, blocks = [], set()
+            if group:
+                yield group
+            yield [request]
+            group, kind = [], None
     if group:
         yield group
 

@@ -1,0 +1,113 @@
+# The NBD shell's batching: queued requests cut into engine batches (node/nbd.py's groups), and
+# a burst of pipelined requests on a real socket - overlapping writes, reads between them,
+# unaligned ones - taking effect in the order sent.
+from __future__ import annotations
+
+import random
+import socket
+
+from node.nbd import GROUP_PAGES, groups
+from ramster.nbd import CommandFlag, Export, Flush, Read, Request, Trim, Write
+from ramster.nbd.wire import (
+    CLIENT_FLAG_FIXED_NEWSTYLE,
+    CLIENT_FLAGS,
+    GREETING,
+    OPTION_REPLY_HEADER,
+    REQUEST_HEADER,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_HEADER,
+    Command,
+    Info,
+    Option,
+    info_request,
+    option_request,
+)
+from tests.nbd.conftest import MiB, ServerThread
+from tests.nbd.test_clients import recv_exactly
+
+NONE = CommandFlag(0)
+
+
+def read(block: int, blocks: int = 1) -> Read:
+    return Read(0, block * 4096, blocks * 4096, NONE)
+
+
+def write(block: int, blocks: int = 1, offset: int = 0) -> Write:
+    data = bytes(blocks * 4096)
+    return Write(0, block * 4096 + offset, len(data), NONE, data)
+
+
+def shape(requests: list[Request]) -> list[list[str]]:
+    return [[type(r).__name__[0] + str(r.offset // 4096) for r in g] for g in groups(requests)]
+
+
+def test_runs_of_reads_and_aligned_writes_become_one_batch_each() -> None:
+    batch: list[Request] = [read(1), read(2), read(1), write(3), write(4), read(5)]
+    assert shape(batch) == [["R1", "R2", "R1"], ["W3", "W4"], ["R5"]]
+
+
+def test_a_block_written_twice_starts_a_new_batch() -> None:
+    assert shape([write(1), write(2), write(1), write(3)]) == [["W1", "W2"], ["W1", "W3"]]
+    assert shape([write(1, 4), write(3)]) == [["W1"], ["W3"]]
+
+
+def test_other_requests_run_alone_and_in_order() -> None:
+    batch: list[Request] = [
+        write(1),
+        write(2, offset=100),  # unaligned: read-modify-write, alone
+        Trim(0, 0, 4096, NONE),
+        write(3),
+        Flush(0, 0, 0, NONE),
+        read(1),
+    ]
+    assert shape(batch) == [["W1"], ["W2"], ["T0"], ["W3"], ["F0"], ["R1"]]
+
+
+def test_a_batch_holds_at_most_group_pages() -> None:
+    sizes = [len(g) for g in groups([read(i * 64, 64) for i in range(10)])]
+    assert sizes == [GROUP_PAGES // 64] * (10 // (GROUP_PAGES // 64)) + [10 % (GROUP_PAGES // 64)]
+
+
+def test_a_burst_of_pipelined_requests_takes_effect_in_order() -> None:
+    rng = random.Random(7)
+    size = 64 * 4096
+    model = bytearray(size)
+    burst, expected = [], {}
+    for handle in range(1, 401):  # writes and reads over 64 blocks, many to the same block
+        block = rng.randrange(64)
+        if rng.random() < 0.6:
+            offset = block * 4096 + (rng.randrange(4096) if rng.random() < 0.2 else 0)
+            length = min(size - offset, rng.choice([4096, 8192, 300]))
+            data = rng.randbytes(length)
+            model[offset : offset + length] = data
+            burst.append(
+                REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, handle, offset, length)
+            )
+            burst.append(data)
+            expected[handle] = b""
+        else:
+            burst.append(
+                REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, handle, block * 4096, 4096)
+            )
+            expected[handle] = bytes(model[block * 4096 : (block + 1) * 4096])
+    with (
+        ServerThread([Export("disk", MiB)]) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock,
+    ):
+        recv_exactly(sock, GREETING.size)
+        sock.sendall(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+        sock.sendall(option_request(Option.GO, info_request("disk", (Info.BLOCK_SIZE,))))
+        while True:
+            _, _, reply, length = OPTION_REPLY_HEADER.unpack(
+                recv_exactly(sock, OPTION_REPLY_HEADER.size)
+            )
+            recv_exactly(sock, length)
+            if reply == 1:  # ACK: transmission
+                break
+        sock.sendall(b"".join(burst))  # all at once: the server sees them queued
+        got = {}
+        for _ in expected:
+            _, error, handle = SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))
+            assert error == 0
+            got[handle] = recv_exactly(sock, len(expected[handle]))
+    assert got == expected
