@@ -43,7 +43,7 @@ async def start_fails(settings: Settings) -> str:
         ),
         (
             {"nbd_listen": ANY, "nbd_export": (Export("a", 1 << 20),)},
-            "--nbd-listen 0.0.0.0:0: NBD has no TLS",
+            "--nbd-listen 0.0.0.0:0: without TLS",
         ),
     ],
 )
