@@ -1,18 +1,19 @@
 # `ramster bench nbd`: a node's NBD export against `nbdkit memory` (the reference C RAM disk),
 # with the same clients, the same data and the same steps, in one run.
 #
-# Per server: a sequential write of `size` bytes of a page corpus (cycled) with nbdcopy from a
-# file, the resident memory of the server process once the data is in, a sequential read with
-# nbdcopy to null:, then `ops` random 4 KiB writes and as many random 4 KiB reads through libnbd
-# (queue depth 32; Debian's binding runs under the system Python, so that client is a
-# subprocess too).  Every byte is verified after the timed steps (a copy back to a file for the
-# sequential data; the random reads are compared with what was written as they complete).
-# "Data per GiB of RSS" is the bytes written over the server's RSS after the sequential write:
-# nbdkit keeps pages as they are, the node compresses them, so the ratio shows what a GiB of a
-# host's RAM holds on each.  The node's RSS includes the interpreter (~100 MB), which large
-# sizes amortise; the idle RSS is reported too.
-# The node is started here (a LocalNode subprocess) with a pool limit of twice `size`, so
-# nothing leaves RAM during the run.
+# Steps: a sequential write of `size` bytes of a page corpus (cycled) with nbdcopy from a file,
+# the resident memory of each server once the data is in, a sequential read with nbdcopy to
+# null:, then `ops` random 4 KiB writes and as many random 4 KiB reads through libnbd (queue
+# depth 32; Debian's binding runs under the system Python, so that client is a subprocess too).
+# Both servers run side by side and every step alternates between them, `repeat` times, keeping
+# each server's best time: on a machine shared with other work the load drifts, and a ratio of
+# two numbers taken minutes apart would measure the drift.  Every byte is verified (a copy back to
+# a file for the sequential data; the random reads are compared with what was written as they
+# complete).  Rates are MiB/s.  "Data per GiB of RSS" is the bytes written over the server's RSS
+# after the sequential writes: nbdkit keeps pages as they are, the node compresses them, so the
+# ratio shows what a GiB of a host's RAM holds on each.  The node's RSS includes the interpreter
+# (~55 MiB), which large sizes amortise; the idle RSS is reported too.  The node is started here
+# (a LocalNode subprocess) with a pool limit of twice `size`, so nothing leaves RAM during the run.
 from __future__ import annotations
 
 import contextlib
@@ -101,17 +102,9 @@ def _tool(*cmd: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(uri: str, pid: int, source: Path, ops: int, seed: int) -> dict[str, Any]:
-    """The steps of the header against one server."""
+def _random_io(uri: str, source: Path, ops: int, seed: int) -> tuple[float, float]:
+    """Seconds of `ops` random 4 KiB writes, then of as many reads (each one verified)."""
     size = source.stat().st_size
-    idle = rss_bytes(pid)
-    write_s = _tool("nbdcopy", str(source), uri)
-    rss = rss_bytes(pid)
-    read_s = _tool("nbdcopy", uri, "null:")
-    with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
-        back = Path(tmp) / "back.img"
-        _tool("nbdcopy", uri, str(back))
-        verified = _same_file(source, back)
     done = subprocess.run(
         [SYSTEM_PYTHON, "-c", RANDOM_IO, uri, str(source), str(size), str(ops), str(seed)],
         capture_output=True,
@@ -121,17 +114,50 @@ def measure(uri: str, pid: int, source: Path, ops: int, seed: int) -> dict[str, 
     if done.returncode:
         raise BenchError(f"random 4 KiB I/O failed: {done.stderr.strip()[-500:]}")
     rand = json.loads(done.stdout)
-    mb = 1e6
-    return {
-        "seq_write_MBps": size / write_s / mb,
-        "seq_read_MBps": size / read_s / mb,
-        "rand4k_write_MBps": rand["ops"] * 4096 / rand["write_s"] / mb,
-        "rand4k_read_MBps": rand["ops"] * 4096 / rand["read_s"] / mb,
-        "rss_idle_MiB": idle / 2**20,
-        "rss_MiB": rss / 2**20,
-        "data_per_GiB_rss_GiB": size / rss,
-        "verified": verified and not rand["errors"] and not rand["bad_reads"],
-    }
+    if rand["errors"] or rand["bad_reads"]:
+        raise BenchError(
+            f"{uri}: {rand['errors']} failed and {rand['bad_reads']} wrong random I/Os"
+        )
+    return rand["write_s"], rand["read_s"]
+
+
+def measure(
+    servers: dict[str, tuple[str, int]], source: Path, ops: int, seed: int, repeat: int
+) -> dict[str, dict[str, Any]]:
+    """The steps of the header against each server (name: URI and pid), interleaved."""
+    size, mib = source.stat().st_size, 2**20
+    best: dict[str, dict[str, float]] = {name: {} for name in servers}
+
+    def keep(name: str, step: str, seconds: float) -> None:
+        best[name][step] = min(seconds, best[name].get(step, seconds))
+
+    out = {name: {"rss_idle_MiB": rss_bytes(pid) / mib} for name, (_, pid) in servers.items()}
+    for _ in range(repeat):
+        for name, (uri, _) in servers.items():
+            keep(name, "seq_write", _tool("nbdcopy", str(source), uri))
+    for name, (_, pid) in servers.items():
+        out[name]["rss_MiB"] = rss_bytes(pid) / mib
+        out[name]["data_per_GiB_rss_GiB"] = size / rss_bytes(pid)
+    for _ in range(repeat):
+        for name, (uri, _) in servers.items():
+            keep(name, "seq_read", _tool("nbdcopy", uri, "null:"))
+    with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
+        for name, (uri, _) in servers.items():
+            back = Path(tmp) / f"{name}.img"
+            _tool("nbdcopy", uri, str(back))
+            out[name]["verified"] = _same_file(source, back)
+            back.unlink()
+    for _ in range(repeat):
+        for name, (uri, _) in servers.items():
+            write_s, read_s = _random_io(uri, source, ops, seed)
+            keep(name, "rand4k_write", write_s)
+            keep(name, "rand4k_read", read_s)
+    ops = min(ops, size // 4096)
+    for name, steps in best.items():
+        for step, seconds in steps.items():
+            moved = ops * 4096 if step.startswith("rand") else size
+            out[name][f"{step}_MiBps"] = moved / seconds / mib
+    return out
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -214,25 +240,27 @@ def corpus_image(pages: list[bytes], size: int, directory: str) -> Path:
     return path
 
 
-def run(pages: list[bytes], size: int, ops: int, seed: int = 1) -> dict[str, Any]:
+def run(pages: list[bytes], size: int, ops: int, repeat: int = 3, seed: int = 1) -> dict[str, Any]:
     """Both servers, side by side, with the same data."""
     check_tools()
-    with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp,
+        nbdkit_memory(size) as kit,
+        ramster_node(size) as ours,
+    ):
         source = corpus_image(pages, size, tmp)
-        with nbdkit_memory(size) as (uri, pid):
-            kit = measure(uri, pid, source, ops, seed)
-        with ramster_node(size) as (uri, pid):
-            ours = measure(uri, pid, source, ops, seed)
-    result: dict[str, Any] = {"size_MiB": size / 2**20, "random_ops": ops}
-    for key in kit:
+        got = measure({"ramster": ours, "nbdkit": kit}, source, ops, seed, repeat)
+    result: dict[str, Any] = {"size_MiB": size / 2**20, "random_ops": ops, "repeat": repeat}
+    for key in got["nbdkit"]:
         if key != "verified":
-            result[f"ramster_{key}"] = ours[key]
-            result[f"nbdkit_{key}"] = kit[key]
+            result[f"ramster_{key}"] = got["ramster"][key]
+            result[f"nbdkit_{key}"] = got["nbdkit"][key]
     result["throughput_vs_nbdkit"] = {
-        key.removesuffix("_MBps"): round(ours[key] / kit[key], 2)
-        for key in kit
-        if key.endswith("MBps")
+        key.removesuffix("_MiBps"): round(got["ramster"][key] / got["nbdkit"][key], 2)
+        for key in got["nbdkit"]
+        if key.endswith("MiBps")
     }
-    result["density_vs_nbdkit"] = ours["data_per_GiB_rss_GiB"] / kit["data_per_GiB_rss_GiB"]
-    result["verified"] = bool(ours["verified"] and kit["verified"])
+    density = got["ramster"]["data_per_GiB_rss_GiB"] / got["nbdkit"]["data_per_GiB_rss_GiB"]
+    result["density_vs_nbdkit"] = density
+    result["verified"] = bool(got["ramster"]["verified"] and got["nbdkit"]["verified"])
     return result

@@ -128,7 +128,7 @@ def _cluster(args: argparse.Namespace) -> int:
 def _nbd(args: argparse.Namespace) -> int:
     pages = corpus_pages(args.corpus)
     try:
-        result = nbd.run(pages, args.mib * 2**20, args.ops)
+        result = nbd.run(pages, args.mib * 2**20, args.ops, args.repeat)
     except nbd.BenchError as exc:
         raise CliError(str(exc)) from None
     emit(result, args.json)
@@ -272,13 +272,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="a node's NBD export against nbdkit memory: throughput and data per GiB of RSS",
         description="Start a local node with one NBD export and `nbdkit memory` of the same "
         "size; on each, write --mib MiB of a corpus sequentially with nbdcopy, read it back, "
-        "then do --ops random 4 KiB writes and reads with libnbd; print MB/s, the server's RSS "
-        "and data held per GiB of RSS side by side, and verify every byte.  Needs nbdkit, "
-        "libnbd-bin and python3-libnbd.",
+        "then do --ops random 4 KiB writes and reads with libnbd, each step alternating between "
+        "the servers --repeat times (best time kept); print MiB/s, the server's RSS and data "
+        "held per GiB of RSS side by side, and verify every byte.  Needs nbdkit, libnbd-bin and "
+        "python3-libnbd.",
     )
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
     p.add_argument("--mib", type=positive, default=256, help="MiB written sequentially")
     p.add_argument("--ops", type=positive, default=20000, help="random 4 KiB writes and reads")
+    p.add_argument(
+        "--repeat", type=positive, default=3, help="runs of each step per server (best kept)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_nbd)
     p = kinds.add_parser(

@@ -59,12 +59,13 @@ def test_nothing_listening_is_one_error_line() -> None:
 def test_bench_nbd_runs_both_servers_and_verifies() -> None:
     need("nbdkit", "nbdcopy")
     sample = Path(__file__).parents[1] / "data" / "sample.pages"
-    done = ramster("bench", "nbd", "--corpus", str(sample), "--mib", "8", "--ops", "300", "--json")
+    args = ("--corpus", str(sample), "--mib", "8", "--ops", "300", "--repeat", "2", "--json")
+    done = ramster("bench", "nbd", *args)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["verified"] is True and result["random_ops"] == 300
+    assert result["verified"] is True and result["random_ops"] == 300 and result["repeat"] == 2
     for server in ("ramster", "nbdkit"):
-        assert result[f"{server}_seq_write_MBps"] > 0 and result[f"{server}_rss_MiB"] > 0
+        assert result[f"{server}_seq_write_MiBps"] > 0 and result[f"{server}_rss_MiB"] > 0
     assert set(result["throughput_vs_nbdkit"]) == {
         "seq_write",
         "seq_read",
