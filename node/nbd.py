@@ -31,7 +31,7 @@
 # Engine batches run in chunks of CHUNK_PAGES with a yield to the loop between them (gRPC calls
 # wait behind one chunk, ~0.3 ms).  Flow control both ways: reading pauses while more than
 # INPUT_HIGH bytes (or the write payload the machine waits for) sit unserved, and the task waits
-# while the transport's write buffer is over its high-water mark.  Metrics are counted per group.
+# while more than OUTPUT_HIGH bytes of replies wait in the transport.  Metrics are counted per group.
 #
 # TLS: with --tls-* the NBD port is in the protocol's FORCEDTLS mode: a client must send STARTTLS
 # before anything else (the machine answers every other option with NBD_REP_ERR_TLS_REQD), then
@@ -85,6 +85,8 @@ CHUNK_PAGES = 32  # engine pages between two yields to the loop
 BATCH_REQUESTS = 64  # requests taken from the input at once
 GROUP_PAGES = 256  # pages of one engine batch (1 MiB)
 INPUT_HIGH = 4 * 1024 * 1024  # unserved input beyond which reading pauses
+OUTPUT_HIGH = 4 * 1024 * 1024  # unsent replies beyond which the task waits (it resumes at 1/4):
+# far above asyncio's 64 KiB, so the next group is computed while the socket sends this one
 TLS_HANDSHAKE_SECONDS = 30.0
 FLUSHES_PER_YIELD = 1024
 Key = tuple[int, int]
@@ -415,6 +417,7 @@ class NbdConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(OUTPUT_HIGH)
         self.peer = str(transport.get_extra_info("peername"))
         self.server.connections.add(self)
         self.server.metrics.connections.inc()
@@ -497,6 +500,7 @@ class NbdConnection(asyncio.Protocol):
                     self._reading_paused = False
                     self.transport.resume_reading()
                 await self._wait()
+        log_event("nbd_connection_lost", peer=self.peer)
 
     def _take(self) -> tuple[list[Request], Closed | StartTls | None]:
         """The requests the input holds (up to BATCH_REQUESTS), and the event that ended the
@@ -558,6 +562,7 @@ class NbdConnection(asyncio.Protocol):
         if transport is None:  # the connection closed during the handshake
             self.lost = True
             return False
+        transport.set_write_buffer_limits(OUTPUT_HIGH)
         self.transport, self._plain, self._reading_paused = transport, False, False
         self.conn.tls_started()
         log_event("nbd_tls_started", logging.DEBUG, peer=self.peer)

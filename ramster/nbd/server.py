@@ -212,6 +212,9 @@ class ServerConnection:
         """The shell upgraded the transport after StartTls: haggling goes on inside TLS."""
         if self.state is not State.TLS_HANDSHAKE:
             raise ProtocolMisuse("tls_started() without a StartTls event")
+        if self.buffered:  # bytes that came in clear text, not through the TLS session
+            self._close("client sent clear text after STARTTLS", True)
+            return
         self.tls = True
         self._expect(State.OPTION_HEADER, OPTION_HEADER.size)
 
