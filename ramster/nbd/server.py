@@ -209,12 +209,11 @@ class ServerConnection:
         return self._events.popleft()
 
     def tls_started(self) -> None:
-        """The shell upgraded the transport after StartTls: haggling goes on inside TLS."""
+        """The shell upgraded the transport after StartTls: haggling goes on inside TLS.  Bytes
+        received since StartTls must have come through the TLS session (the shell upgrades before
+        it reads again; the session may deliver the client's first option before this call)."""
         if self.state is not State.TLS_HANDSHAKE:
             raise ProtocolMisuse("tls_started() without a StartTls event")
-        if self.buffered:  # bytes that came in clear text, not through the TLS session
-            self._close("client sent clear text after STARTTLS", True)
-            return
         self.tls = True
         self._expect(State.OPTION_HEADER, OPTION_HEADER.size)
 

@@ -374,13 +374,3 @@ def test_lister_without_tls_is_told_that_tls_is_required() -> None:
     assert events(conn) == []
     with pytest.raises(NbdError, match="requires TLS"):
         lister.receive_data(conn.data_to_send())
-
-
-def test_clear_text_that_arrives_before_the_upgrade_closes_the_connection() -> None:
-    conn = tls_conn()
-    conn.receive_data(option_request(Option.STARTTLS))
-    assert [type(e) for e in events(conn)] == [StartTls]
-    conn.receive_data(option_request(Option.LIST))  # not through TLS: the shell upgrades later
-    conn.tls_started()
-    (closed,) = events(conn)
-    assert isinstance(closed, Closed) and closed.violation
