@@ -7,32 +7,41 @@
 # depth 32; Debian's binding runs under the system Python, so that client is a subprocess too).
 # Both servers run side by side and every step alternates between them, `repeat` times, keeping
 # each server's best time: on a machine shared with other work the load drifts, and a ratio of
-# two numbers taken minutes apart would measure the drift.  Every byte is verified (a copy back to
-# a file for the sequential data; the random reads are compared with what was written as they
-# complete).  Rates are MiB/s.  "Data per GiB of RSS" is the bytes written over the server's RSS
-# after the sequential writes: nbdkit keeps pages as they are, the node compresses them, so the
-# ratio shows what a GiB of a host's RAM holds on each.  The node's RSS includes the interpreter
-# (~55 MiB), which large sizes amortise; the idle RSS is reported too.  The node is started here
-# (a LocalNode subprocess) with a pool limit of twice `size`, so nothing leaves RAM during the run.
+# two numbers taken minutes apart would measure the drift.  Each server's CPU time in its best
+# run is reported as MiB per CPU-second (cpu_efficiency_vs_nbdkit), which load elsewhere on the
+# machine hardly moves (the random step's covers its writes and reads together).  Every byte is
+# verified: a copy back to a file for the sequential data; the random reads are compared with
+# what was written as they complete.  Rates are MiB/s.  "Data per GiB of RSS" is the bytes
+# written over the server's RSS after the sequential writes: nbdkit keeps pages as they are, the
+# node compresses them, so the ratio shows what a GiB of a host's RAM holds on each.  The node's
+# RSS includes the interpreter (~55 MiB), which large sizes amortise; the idle RSS is reported
+# too.  The node is started here (a LocalNode subprocess) with a pool limit of twice `size`, so
+# nothing leaves RAM during the run.  With tls, both servers require TLS (certificates from
+# `ramster certs`' code, the node's serving nbdkit too) and every client uses nbds:// URIs, so
+# the ratios include each side's TLS cost.
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ramster.bench.report import rss_bytes
+from ramster.certs import make_bundle
 from ramster.client.errors import Unavailable
 from ramster.client.local import LocalNode
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # where Debian's python3-libnbd lives
 EXPORT = "bench"
+NODE_ID = "bench"
 TOOLS = ("nbdcopy", "nbdkit")
 
 # Runs under the system Python: argv = uri, corpus file, region bytes, ops, seed.
@@ -45,6 +54,7 @@ pages = [data[i : i + 4096] for i in range(0, len(data) - 4095, 4096)]
 rng = random.Random(seed)
 blocks = rng.sample(range(region // 4096), min(ops, region // 4096))
 h = nbd.NBD()
+h.set_uri_allow_local_file(True)  # nbds:// URIs name a certificates directory
 h.connect_uri(uri)
 errors = []
 def done(err):
@@ -102,6 +112,9 @@ def _tool(*cmd: str) -> float:
     return time.perf_counter() - start
 
 
+RANDOM_STEPS = ("rand4k_write", "rand4k_read")
+
+
 def _random_io(uri: str, source: Path, ops: int, seed: int) -> tuple[float, float]:
     """Seconds of `ops` random 4 KiB writes, then of as many reads (each one verified)."""
     size = source.stat().st_size
@@ -121,26 +134,45 @@ def _random_io(uri: str, source: Path, ops: int, seed: int) -> tuple[float, floa
     return rand["write_s"], rand["read_s"]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     servers: dict[str, tuple[str, int]], source: Path, ops: int, seed: int, repeat: int
 ) -> dict[str, dict[str, Any]]:
-    """The steps of the header against each server (name: URI and pid), interleaved."""
+    """The steps of the header against each server (name: URI and pid), interleaved; per step
+    the best time, and the server's CPU time in that run."""
     size, mib = source.stat().st_size, 2**20
-    best: dict[str, dict[str, float]] = {name: {} for name in servers}
+    ops = min(ops, size // 4096)
+    best: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in servers}
 
-    def keep(name: str, step: str, seconds: float) -> None:
-        best[name][step] = min(seconds, best[name].get(step, seconds))
+    def step(name: str, labels: tuple[str, ...], run: Callable[..., Any], *args: Any) -> None:
+        """One run of a step against one server: `run(*args)` gives the seconds of each label."""
+        pid = servers[name][1]
+        cpu = cpu_seconds(pid)
+        took = run(*args)
+        cpu = cpu_seconds(pid) - cpu
+        for label, seconds in zip(labels, took if len(labels) > 1 else (took,), strict=True):
+            if label not in best[name] or seconds < best[name][label][0]:
+                best[name][label] = (seconds, cpu)
 
     out = {name: {"rss_idle_MiB": rss_bytes(pid) / mib} for name, (_, pid) in servers.items()}
     for _ in range(repeat):
         for name, (uri, _) in servers.items():
-            keep(name, "seq_write", _tool("nbdcopy", str(source), uri))
+            step(name, ("seq_write",), _tool, "nbdcopy", str(source), uri)
     for name, (_, pid) in servers.items():
         out[name]["rss_MiB"] = rss_bytes(pid) / mib
         out[name]["data_per_GiB_rss_GiB"] = size / rss_bytes(pid)
     for _ in range(repeat):
         for name, (uri, _) in servers.items():
-            keep(name, "seq_read", _tool("nbdcopy", uri, "null:"))
+            step(name, ("seq_read",), _tool, "nbdcopy", uri, "null:")
     with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
         for name, (uri, _) in servers.items():
             back = Path(tmp) / f"{name}.img"
@@ -149,14 +181,15 @@ def measure(
             back.unlink()
     for _ in range(repeat):
         for name, (uri, _) in servers.items():
-            write_s, read_s = _random_io(uri, source, ops, seed)
-            keep(name, "rand4k_write", write_s)
-            keep(name, "rand4k_read", read_s)
-    ops = min(ops, size // 4096)
+            step(name, RANDOM_STEPS, _random_io, uri, source, ops, seed)
     for name, steps in best.items():
-        for step, seconds in steps.items():
-            moved = ops * 4096 if step.startswith("rand") else size
-            out[name][f"{step}_MiBps"] = moved / seconds / mib
+        for label, (seconds, _) in steps.items():
+            moved = ops * 4096 if label.startswith("rand") else size
+            out[name][f"{label}_MiBps"] = moved / seconds / mib
+        for label in ("seq_write", "seq_read"):
+            out[name][f"{label}_MiB_per_cpu_s"] = size / mib / max(steps[label][1], 1e-3)
+        cpu = steps[RANDOM_STEPS[0]][1]  # one run did both: its CPU covers both directions
+        out[name]["rand4k_MiB_per_cpu_s"] = 2 * ops * 4096 / mib / max(cpu, 1e-3)
     return out
 
 
@@ -176,10 +209,43 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class BenchTls:
+    """Certificates for both servers and the clients (`ramster certs`' code): the node's
+    certificate serves nbdkit too; `client_dir` is libnbd's tls-certificates directory."""
+
+    node_cert: Path
+    node_key: Path
+    ca: Path
+    server_dir: Path  # nbdkit's --tls-certificates: ca-cert.pem, server-cert.pem, server-key.pem
+    client_dir: Path  # ca-cert.pem, client-cert.pem, client-key.pem
+
+    @staticmethod
+    def make(directory: Path) -> BenchTls:
+        bundle = make_bundle(directory, [NODE_ID], [NODE_ID])
+        cert, key = bundle.nodes[NODE_ID]
+        client_cert, client_key = bundle.clients[NODE_ID]
+        dirs = {}
+        for name, files in (
+            ("server", {"server-cert.pem": cert, "server-key.pem": key}),
+            ("client", {"client-cert.pem": client_cert, "client-key.pem": client_key}),
+        ):
+            path = dirs[name] = directory / name
+            path.mkdir()
+            for target, source in {"ca-cert.pem": bundle.ca, **files}.items():
+                shutil.copyfile(source, path / target)
+                (path / target).chmod(0o600)
+        return BenchTls(cert, key, bundle.ca, dirs["server"], dirs["client"])
+
+    def uri(self, port: int, export: str = "") -> str:
+        return f"nbds://127.0.0.1:{port}/{export}?tls-certificates={self.client_dir}"
+
+
 @contextlib.contextmanager
-def nbdkit_memory(size: int) -> Iterator[tuple[str, int]]:
-    """`nbdkit memory` on a free loopback port: its URI and pid."""
+def nbdkit_memory(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str, int]]:
+    """`nbdkit memory` on a free loopback port (TLS required with `tls`): its URI and pid."""
     port = free_port()
+    tls_args = ["--tls=require", f"--tls-certificates={tls.server_dir}"] if tls else []
     with tempfile.TemporaryDirectory(prefix="ramster-nbdkit-") as tmp:
         pidfile = Path(tmp) / "pid"  # nbdkit writes it once it accepts connections
         proc = subprocess.Popen(
@@ -193,6 +259,7 @@ def nbdkit_memory(size: int) -> Iterator[tuple[str, int]]:
                 str(port),
                 "-P",
                 str(pidfile),
+                *tls_args,
                 "memory",
                 f"size={size}",
             ],
@@ -203,16 +270,20 @@ def nbdkit_memory(size: int) -> Iterator[tuple[str, int]]:
                 if proc.poll() is not None:
                     raise BenchError("nbdkit did not start")
                 time.sleep(0.02)
-            yield f"nbd://127.0.0.1:{port}", proc.pid
+            yield tls.uri(port) if tls else f"nbd://127.0.0.1:{port}", proc.pid
         finally:
             proc.kill()
             proc.wait()
 
 
 @contextlib.contextmanager
-def ramster_node(size: int) -> Iterator[tuple[str, int]]:
-    """A local node with one export of `size` bytes: its URI and pid."""
+def ramster_node(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str, int]]:
+    """A local node with one export of `size` bytes (TLS with `tls`): its URI and pid."""
     port = free_port()
+    tls_args = []
+    if tls:
+        tls_args = ["--node-id", NODE_ID, "--tls-ca", str(tls.ca)]
+        tls_args += ["--tls-cert", str(tls.node_cert), "--tls-key", str(tls.node_key)]
     node = LocalNode(
         "--pool-limit",
         str(2 * size),
@@ -220,12 +291,15 @@ def ramster_node(size: int) -> Iterator[tuple[str, int]]:
         f"127.0.0.1:{port}",
         "--nbd-export",
         f"{EXPORT}:{size}",
+        *tls_args,
         metrics=False,
+        tls_ca=tls.ca if tls else None,
     )
     try:
         with node:
             assert node.process is not None
-            yield f"nbd://127.0.0.1:{port}/{EXPORT}", node.process.pid
+            uri = tls.uri(port, EXPORT) if tls else f"nbd://127.0.0.1:{port}/{EXPORT}"
+            yield uri, node.process.pid
     except Unavailable as exc:
         raise BenchError(str(exc)) from None
 
@@ -240,26 +314,32 @@ def corpus_image(pages: list[bytes], size: int, directory: str) -> Path:
     return path
 
 
-def run(pages: list[bytes], size: int, ops: int, repeat: int = 3, seed: int = 1) -> dict[str, Any]:
-    """Both servers, side by side, with the same data."""
+def run(
+    pages: list[bytes], size: int, ops: int, repeat: int = 3, tls: bool = False, seed: int = 1
+) -> dict[str, Any]:
+    """Both servers, side by side, with the same data (both over TLS with `tls`)."""
     check_tools()
-    with (
-        tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp,
-        nbdkit_memory(size) as kit,
-        ramster_node(size) as ours,
-    ):
-        source = corpus_image(pages, size, tmp)
-        got = measure({"ramster": ours, "nbdkit": kit}, source, ops, seed, repeat)
-    result: dict[str, Any] = {"size_MiB": size / 2**20, "random_ops": ops, "repeat": repeat}
+    with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
+        certs = BenchTls.make(Path(tmp) / "tls") if tls else None
+        with nbdkit_memory(size, certs) as kit, ramster_node(size, certs) as ours:
+            source = corpus_image(pages, size, tmp)
+            got = measure({"ramster": ours, "nbdkit": kit}, source, ops, seed, repeat)
+    result: dict[str, Any] = {
+        "size_MiB": size / 2**20,
+        "random_ops": ops,
+        "repeat": repeat,
+        "tls": tls,
+    }
     for key in got["nbdkit"]:
         if key != "verified":
             result[f"ramster_{key}"] = got["ramster"][key]
             result[f"nbdkit_{key}"] = got["nbdkit"][key]
-    result["throughput_vs_nbdkit"] = {
-        key.removesuffix("_MiBps"): round(got["ramster"][key] / got["nbdkit"][key], 2)
-        for key in got["nbdkit"]
-        if key.endswith("MiBps")
-    }
+    for ratio, suffix in (("throughput", "_MiBps"), ("cpu_efficiency", "_MiB_per_cpu_s")):
+        result[f"{ratio}_vs_nbdkit"] = {
+            key.removesuffix(suffix): round(got["ramster"][key] / got["nbdkit"][key], 2)
+            for key in got["nbdkit"]
+            if key.endswith(suffix)
+        }
     density = got["ramster"]["data_per_GiB_rss_GiB"] / got["nbdkit"]["data_per_GiB_rss_GiB"]
     result["density_vs_nbdkit"] = density
     result["verified"] = bool(got["ramster"]["verified"] and got["nbdkit"]["verified"])

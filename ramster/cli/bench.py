@@ -128,7 +128,7 @@ def _cluster(args: argparse.Namespace) -> int:
 def _nbd(args: argparse.Namespace) -> int:
     pages = corpus_pages(args.corpus)
     try:
-        result = nbd.run(pages, args.mib * 2**20, args.ops, args.repeat)
+        result = nbd.run(pages, args.mib * 2**20, args.ops, args.repeat, args.tls)
     except nbd.BenchError as exc:
         raise CliError(str(exc)) from None
     emit(result, args.json)
@@ -283,6 +283,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--repeat", type=positive, default=3, help="runs of each step per server (best kept)"
     )
+    p.add_argument("--tls", action="store_true", help="both servers require TLS (nbds://)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_nbd)
     p = kinds.add_parser(

@@ -72,3 +72,15 @@ def test_bench_nbd_runs_both_servers_and_verifies() -> None:
         "rand4k_write",
         "rand4k_read",
     }
+    assert set(result["cpu_efficiency_vs_nbdkit"]) == {"seq_write", "seq_read", "rand4k"}
+
+
+def test_bench_nbd_over_tls() -> None:
+    need("nbdkit", "nbdcopy")
+    sample = Path(__file__).parents[1] / "data" / "sample.pages"
+    args = ("--corpus", str(sample), "--mib", "4", "--ops", "100", "--repeat", "1", "--tls")
+    done = ramster("bench", "nbd", *args, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["verified"] is True and result["tls"] is True
+    assert result["ramster_seq_read_MiBps"] > 0 and result["nbdkit_seq_read_MiBps"] > 0
