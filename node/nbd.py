@@ -31,13 +31,15 @@
 # Engine batches run in chunks of CHUNK_PAGES with a yield to the loop between them (gRPC calls
 # wait behind one chunk, ~0.3 ms).  Flow control both ways: reading pauses while more than
 # INPUT_HIGH bytes (or the write payload the machine waits for) sit unserved, and the task waits
-# while more than OUTPUT_HIGH bytes of replies wait in the transport.  Metrics are counted per group.
+# while more than OUTPUT_HIGH bytes of replies wait in the transport.  Metrics are counted per
+# group.
 #
 # TLS: with --tls-* the NBD port is in the protocol's FORCEDTLS mode: a client must send STARTTLS
 # before anything else (the machine answers every other option with NBD_REP_ERR_TLS_REQD), then
 # the connection is upgraded in place (loop.start_tls, right after the ACK is written and before
 # anything else is read, so no clear-text byte is taken for TLS), with the node's certificate and
 # key; client certificates are checked against --tls-ca, and required with --tls-client-auth.
+# Certificates rotate as the gRPC listeners' do (NbdTls: checked before each handshake).
 # Without TLS, protected mode (node/tls.py) keeps the port on loopback unless --insecure.
 #
 # Shutdown (stop()): the listener closes; a connection waiting for its client closes at once,
@@ -58,6 +60,7 @@ from node.logs import log_event
 from node.metrics import NbdMetrics
 from node.pools import Pools
 from node.settings import HostPort, Settings
+from node.tls import NodeTls, Rotation
 from ramster.nbd import (
     NEED_DATA,
     Closed,
@@ -140,18 +143,40 @@ def groups(requests: list[Request]) -> Iterator[list[Request]]:
         yield group
 
 
-def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
+def server_tls_context(settings: Settings) -> ssl.SSLContext:
     """The NBD port's TLS: the node's certificate and key, clients checked against the CA (and
-    required to show a certificate with --tls-client-auth); None without --tls-*.  node/tls.py
-    has checked the files already."""
-    if settings.tls_cert is None or settings.tls_key is None or settings.tls_ca is None:
-        return None
+    required to show a certificate with --tls-client-auth).  node/tls.py checks the files."""
+    assert settings.tls_cert and settings.tls_key and settings.tls_ca
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # the NBD spec's floor
     context.load_cert_chain(settings.tls_cert, settings.tls_key)
     context.load_verify_locations(settings.tls_ca)
     context.verify_mode = ssl.CERT_REQUIRED if settings.tls_client_auth else ssl.CERT_OPTIONAL
     return context
+
+
+class NbdTls:
+    """The NBD port's SSL context, made anew when the node's TLS files rotate: before each
+    handshake the rotation checks the files (a stat of three, as gRPC's listeners do), and a
+    change it accepts rebuilds the context; connections already open keep their session."""
+
+    def __init__(self, settings: Settings, rotation: Rotation | None = None) -> None:
+        self.settings = settings
+        self.rotation = rotation
+        self.context = server_tls_context(settings)
+        if rotation is not None:
+            rotation.on_change.append(self._reload)
+
+    def for_handshake(self) -> ssl.SSLContext:
+        if self.rotation is not None:
+            self.rotation.check()
+        return self.context
+
+    def _reload(self, _: NodeTls) -> None:
+        try:
+            self.context = server_tls_context(self.settings)
+        except OSError as exc:  # ssl.SSLError too: the files changed again under us
+            log_event("nbd_tls_reload_failed", logging.WARNING, error=str(exc))
 
 
 @dataclass
@@ -170,7 +195,7 @@ class NbdServer:
         chunked: ChunkedEngine,
         ensure_pool: Callable[[str], int],
         metrics: NbdMetrics,
-        tls: ssl.SSLContext | None = None,
+        tls: NbdTls | None = None,
     ) -> None:
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
@@ -551,7 +576,7 @@ class NbdConnection(asyncio.Protocol):
             transport = await loop.start_tls(
                 self.transport,
                 self,
-                self.server.tls,
+                self.server.tls.for_handshake(),
                 server_side=True,
                 ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS,
             )
@@ -575,8 +600,10 @@ async def serve_nbd(
     pools: Pools,
     prefetch: Prefetch | None,
     metrics: NbdMetrics,
+    rotation: Rotation | None = None,
 ) -> NbdServer | None:
-    """The NBD server the settings ask for, listening; None without --nbd-listen."""
+    """The NBD server the settings ask for, listening; None without --nbd-listen.  With TLS
+    (`rotation`: the node's TLS material) it requires STARTTLS."""
     if settings.nbd_listen is None:
         if settings.nbd_export:
             raise ValueError("--nbd-export needs --nbd-listen HOST:PORT")
@@ -588,7 +615,7 @@ async def serve_nbd(
         ChunkedEngine(engine, chunk=CHUNK_PAGES, prefetch=prefetch),
         lambda owner: pools.ensure(owner, store_raw=True),
         metrics,
-        server_tls_context(settings),
+        NbdTls(settings, rotation) if rotation else None,
     )
     await server.start()
     return server

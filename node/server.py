@@ -203,7 +203,7 @@ class Node:
             await remote.start(engine)
         prefetch = remote.prefetch if remote else None
         try:
-            self._nbd = await serve_nbd(s, engine, self.pools, prefetch, metrics.nbd)
+            self._nbd = await serve_nbd(s, engine, self.pools, prefetch, metrics.nbd, self.rotation)
         except (OSError, ValueError) as exc:
             raise StartupError(str(exc)) from None
         for service in ("", TMEM_SERVICE):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import ssl
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from node.engine import ChunkedEngine
 from node.metrics import NbdMetrics
-from node.nbd import NbdServer, server_tls_context
+from node.nbd import NbdServer, NbdTls
 from node.settings import HostPort, Settings
 from ramster.certs import make_bundle
 from ramster.nbd import Export
@@ -57,10 +56,8 @@ class Certs:
     client_dir: Path  # libnbd's tls-certificates directory: our CA, client c1
     foreign_dir: Path  # the same from a foreign CA
 
-    def tls(self, client_auth: bool = False) -> ssl.SSLContext:
-        context = server_tls_context(replace(self.node, tls_client_auth=client_auth))
-        assert context is not None
-        return context
+    def tls(self, client_auth: bool = False) -> NbdTls:
+        return NbdTls(replace(self.node, tls_client_auth=client_auth))
 
 
 def libnbd_dir(bundle_dir: Path, client: str, out: Path) -> Path:
@@ -89,7 +86,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 class ServerThread:
     def __init__(
-        self, exports: list[Export], pool_limit: int = 64 * MiB, tls: ssl.SSLContext | None = None
+        self, exports: list[Export], pool_limit: int = 64 * MiB, tls: NbdTls | None = None
     ) -> None:
         self.exports = exports
         self.pool_limit = pool_limit

@@ -74,13 +74,18 @@ def test_nbd_settings_that_cannot_work_stop_the_node(
     assert '"event": "startup_failed"' in done.stderr and error in done.stderr
 
 
-def test_protected_mode_takes_a_reachable_nbd_port_with_tls(certs: Certs) -> None:
+def test_protected_mode_takes_a_reachable_nbd_port_with_tls_and_client_auth(
+    certs: Certs,
+) -> None:
     reachable = HostPort("192.0.2.1", 10809)  # checked only: nothing listens there
-    with_tls = replace(certs.node, nbd_listen=reachable)
-    check_protected(with_tls, load_tls(with_tls), None)
-    without = Settings(nbd_listen=reachable)
-    with pytest.raises(ValueError, match="without TLS, NBD is served on loopback"):
-        check_protected(without, load_tls(without), None)
+    with_auth = replace(certs.node, nbd_listen=reachable, tls_client_auth=True)
+    check_protected(with_auth, load_tls(with_auth), False, None)
+    for settings, error in (
+        (replace(with_auth, tls_client_auth=False), "without --tls-client-auth"),
+        (Settings(nbd_listen=reachable), "without TLS, NBD is served on loopback"),
+    ):
+        with pytest.raises(ValueError, match=error):
+            check_protected(settings, load_tls(settings), False, None)
 
 
 def test_a_node_with_tls_serves_nbd_over_tls_only(certs: Certs, tmp_path: Path) -> None:

@@ -8,13 +8,17 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from node.nbd import NbdTls
+from node.tls import Rotation, load_tls
 from ramster.nbd import Export
 from ramster.nbd.wire import (
     CLIENT_FLAG_FIXED_NEWSTYLE,
@@ -140,6 +144,12 @@ def test_with_client_auth_only_certificates_of_the_cluster_get_in(
         fails("nbdinfo", server.uri("disk", foreign_client))
         fails("nbdinfo", server.uri("disk", anonymous))
         assert json.loads(run("nbdinfo", "--json", server.uri("disk", certs.client_dir)))["TLS"]
+        lister = ["nbd", "list", "--target", f"127.0.0.1:{server.port}", "--json", "--tls-ca"]
+        lister.append(str(certs.client_dir / "ca-cert.pem"))
+        assert ramster(*lister).returncode == 2  # no certificate to show
+        mine = [str(certs.client_dir / f) for f in ("client-cert.pem", "client-key.pem")]
+        done = ramster(*lister, "--tls-cert", mine[0], "--tls-key", mine[1])
+        assert done.returncode == 0 and json.loads(done.stdout)[0]["name"] == "disk"
     with ServerThread([Export("disk", MiB)], tls=certs.tls(client_auth=False)) as server:
         assert json.loads(run("nbdinfo", "--json", server.uri("disk", anonymous)))["TLS"]
 
@@ -170,3 +180,34 @@ def test_qemu_io_over_tls(tls_server: ServerThread, certs: Certs, tmp_path: Path
     assert "fail" not in out.lower() and out.count("read 5000/5000") == 1
     out = run(*args, "-c", "read -P 9 8192 4096", "-c", "read -P 0 0 1000").decode()
     assert "fail" not in out.lower() and out.count("read ") == 2
+
+
+def test_certificates_rotate_without_a_restart(certs: Certs, tmp_path: Path) -> None:
+    need("nbdinfo")
+    live = tmp_path / "live"  # the files the node was started with, replaced in place below
+    live.mkdir()
+    node = certs.node
+    assert node.tls_cert and node.tls_key and node.tls_ca
+    for path in (node.tls_cert, node.tls_key, node.tls_ca):
+        shutil.copyfile(path, live / path.name)
+    settings = replace(
+        node,
+        tls_cert=live / node.tls_cert.name,
+        tls_key=live / node.tls_key.name,
+        tls_ca=live / node.tls_ca.name,
+    )
+    tls = load_tls(settings)
+    assert tls is not None
+    with ServerThread([Export("disk", MiB)], tls=NbdTls(settings, Rotation(settings, tls))) as s:
+        assert json.loads(run("nbdinfo", "--json", s.uri("disk", certs.client_dir)))["TLS"]
+        foreign = certs.foreign_dir.parent  # the foreign bundle: another CA, node n1 as well
+        for name, source in (
+            (node.tls_cert.name, foreign / "nodes" / "n1.crt"),
+            (node.tls_key.name, foreign / "nodes" / "n1.key"),
+            (node.tls_ca.name, foreign / "ca.crt"),
+        ):
+            shutil.copyfile(source, live / f"{name}.new")
+            os.replace(live / f"{name}.new", live / name)
+        # the next handshake serves the new certificate: only the new CA's clients trust it
+        assert json.loads(run("nbdinfo", "--json", s.uri("disk", certs.foreign_dir)))["TLS"]
+        fails("nbdinfo", s.uri("disk", certs.client_dir))
