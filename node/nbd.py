@@ -518,9 +518,9 @@ class NbdConnection(asyncio.Protocol):
                 if not await self._start_tls():
                     return
                 continue
-            if server.draining:
-                return
             if not requests:
+                if server.draining:  # every request received has had its answer
+                    return
                 if self._reading_paused and self.transport is not None:
                     self._reading_paused = False
                     self.transport.resume_reading()
