@@ -1,13 +1,15 @@
 # The NBD shell's batching: queued requests cut into engine batches (node/nbd.py's groups), and
 # a burst of pipelined requests on a real socket - overlapping writes, reads between them,
-# unaligned ones - taking effect in the order sent.
+# unaligned ones - taking effect in the order sent, and every received request answered when the
+# server stops.
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 
 from node.nbd import GROUP_PAGES, groups
-from ramster.nbd import CommandFlag, Export, Flush, Read, Request, Trim, Write
+from ramster.nbd import CommandFlag, Error, Export, Flush, Read, Request, Trim, Write
 from ramster.nbd.wire import (
     CLIENT_FLAG_FIXED_NEWSTYLE,
     CLIENT_FLAGS,
@@ -68,6 +70,21 @@ def test_a_batch_holds_at_most_group_pages() -> None:
     assert sizes == [GROUP_PAGES // 64] * (10 // (GROUP_PAGES // 64)) + [10 % (GROUP_PAGES // 64)]
 
 
+def negotiate(server: ServerThread) -> socket.socket:
+    """A raw connection in transmission on export "disk"."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    recv_exactly(sock, GREETING.size)
+    sock.sendall(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    sock.sendall(option_request(Option.GO, info_request("disk", (Info.BLOCK_SIZE,))))
+    while True:
+        _, _, reply, length = OPTION_REPLY_HEADER.unpack(
+            recv_exactly(sock, OPTION_REPLY_HEADER.size)
+        )
+        recv_exactly(sock, length)
+        if reply == 1:  # ACK: transmission
+            return sock
+
+
 def test_a_burst_of_pipelined_requests_takes_effect_in_order() -> None:
     rng = random.Random(7)
     size = 64 * 4096
@@ -90,20 +107,7 @@ def test_a_burst_of_pipelined_requests_takes_effect_in_order() -> None:
                 REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, handle, block * 4096, 4096)
             )
             expected[handle] = bytes(model[block * 4096 : (block + 1) * 4096])
-    with (
-        ServerThread([Export("disk", MiB)]) as server,
-        socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock,
-    ):
-        recv_exactly(sock, GREETING.size)
-        sock.sendall(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
-        sock.sendall(option_request(Option.GO, info_request("disk", (Info.BLOCK_SIZE,))))
-        while True:
-            _, _, reply, length = OPTION_REPLY_HEADER.unpack(
-                recv_exactly(sock, OPTION_REPLY_HEADER.size)
-            )
-            recv_exactly(sock, length)
-            if reply == 1:  # ACK: transmission
-                break
+    with ServerThread([Export("disk", MiB)]) as server, negotiate(server) as sock:
         sock.sendall(b"".join(burst))  # all at once: the server sees them queued
         got = {}
         for _ in expected:
@@ -111,3 +115,27 @@ def test_a_burst_of_pipelined_requests_takes_effect_in_order() -> None:
             assert error == 0
             got[handle] = recv_exactly(sock, len(expected[handle]))
     assert got == expected
+
+
+def test_a_stopping_server_answers_every_request_it_received() -> None:
+    with ServerThread([Export("disk", MiB)]) as server:
+        sock = negotiate(server)
+        burst = [
+            REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, h, h % 256 * 4096, 4096)
+            for h in range(1, 301)
+        ]
+        sock.sendall(b"".join(burst))  # 8 KiB: one segment on loopback, received at once
+        header = recv_exactly(sock, 16)  # the server is at it: stop it now
+        assert server.server is not None
+        stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace=30), server.loop)
+        answered = set()
+        while header:  # until the server closes
+            _, error, handle = SIMPLE_REPLY_HEADER.unpack(header)
+            assert error in (0, Error.ESHUTDOWN)
+            if error == 0:
+                assert len(recv_exactly(sock, 4096)) == 4096
+            answered.add(handle)
+            header = recv_exactly(sock, 16)
+        stopping.result(timeout=30)
+        sock.close()
+    assert answered == set(range(1, 301))
