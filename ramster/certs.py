@@ -58,6 +58,23 @@ class Bundle:
     clients: dict[str, tuple[Path, Path]]
 
 
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates; a leaf signs handshakes.  Leaves also carry key encipherment:
+    meaningless for an EC key, but GnuTLS users such as qemu refuse a leaf whose critical key
+    usage lacks it."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=not ca,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def member_uri(role: str, name: str) -> str:
     return f"{URI_PREFIX}{role}/{name}"
 
@@ -139,20 +156,7 @@ def make_ca(days: int = 3650) -> tuple[Key, x509.Certificate]:
     cert = (
         _builder(name, name, key, days)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .sign(key, hashes.SHA256())
     )
     return key, cert
@@ -177,20 +181,7 @@ def issue(
     cert = (
         _builder(_name(name, role), ca_cert.subject, key, days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(

@@ -167,19 +167,17 @@ def test_ramster_nbd_list_over_tls(tls_server: ServerThread, certs: Certs) -> No
     assert done.returncode == 2 and "certificate verify failed" in done.stderr
 
 
-def test_qemu_io_over_tls(tls_server: ServerThread, certs: Certs, tmp_path: Path) -> None:
+def test_qemu_io_over_tls_with_a_client_certificate(certs: Certs) -> None:
     need("qemu-io")
-    ca_only = tmp_path / "qemu-tls"  # qemu shows no client certificate when the directory has none
-    ca_only.mkdir()
-    (ca_only / "ca-cert.pem").write_bytes((certs.client_dir / "ca-cert.pem").read_bytes())
-    creds = f"tls-creds-x509,id=tls0,dir={ca_only},endpoint=client"
-    image = f"driver=nbd,host=127.0.0.1,port={tls_server.port},export=small,tls-creds=tls0"
-    commands = ["write -P 7 1000 5000", "write -P 9 8192 4096", "read -P 7 1000 5000"]
-    args = ["qemu-io", "--object", creds, "--image-opts", image]
-    out = run(*args, *[x for c in commands for x in ("-c", c)]).decode()
-    assert "fail" not in out.lower() and out.count("read 5000/5000") == 1
-    out = run(*args, "-c", "read -P 9 8192 4096", "-c", "read -P 0 0 1000").decode()
-    assert "fail" not in out.lower() and out.count("read ") == 2
+    creds = f"tls-creds-x509,id=tls0,dir={certs.client_dir},endpoint=client"  # CA, c1's cert
+    with ServerThread([Export("small", MiB)], tls=certs.tls(client_auth=True)) as server:
+        image = f"driver=nbd,host=127.0.0.1,port={server.port},export=small,tls-creds=tls0"
+        commands = ["write -P 7 1000 5000", "write -P 9 8192 4096", "read -P 7 1000 5000"]
+        args = ["qemu-io", "--object", creds, "--image-opts", image]
+        out = run(*args, *[x for c in commands for x in ("-c", c)]).decode()
+        assert "fail" not in out.lower() and out.count("read 5000/5000") == 1
+        out = run(*args, "-c", "read -P 9 8192 4096", "-c", "read -P 0 0 1000").decode()
+        assert "fail" not in out.lower() and out.count("read ") == 2
 
 
 def test_certificates_rotate_without_a_restart(certs: Certs, tmp_path: Path) -> None:
