@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import time
@@ -64,8 +63,6 @@ class RemoteSide:
         self.servicer = PeerServicer(self.foreign, self.identity)
         self.driver: RemoteDriver | None = None
         self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._last: list[Metric] = []
 
     async def start(self, engine: ZCache) -> None:
         """Run the driver; return once every peer that answered the first heartbeat has said
@@ -77,7 +74,6 @@ class RemoteSide:
             locate=lambda location: self.chain.link_location(location, self.layer),
         )
         self._task = asyncio.create_task(self.driver.run())
-        self._loop = asyncio.get_running_loop()
         peers = self.layer.membership.peers
         deadline = time.monotonic() + self.config.down_after
         while time.monotonic() < deadline:
@@ -136,27 +132,10 @@ class RemoteSide:
             "remote_lost_pages": layer.stats.lost,
         }
 
-    def collect(self) -> Iterator[Metric]:
-        """Metrics of the ramster layer.  The scrape runs on the metrics server's thread while
-        the event loop changes the layer's tables, so the families are built on the loop and
-        handed over; if the loop does not answer within 2 s, the last ones are served."""
-        loop = self._loop
-        if loop is None:
-            return iter(self._last)
-        built: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
-
-        def build() -> None:
-            try:
-                built.set_result(list(self._families()))
-            except Exception as exc:
-                built.set_exception(exc)
-
-        try:
-            loop.call_soon_threadsafe(build)
-            self._last = built.result(timeout=2)
-        except (RuntimeError, TimeoutError):  # the loop is closed, or stalled
-            pass
-        return iter(self._last)
+    def metric_families(self) -> list[Metric]:
+        """Metrics of the ramster layer, read from its live tables: call on the event loop
+        (node/metrics.py's LoopCollector does, for the scrape thread)."""
+        return list(self._families())
 
     def _families(self) -> Iterator[Metric]:
         layer, stats, peers = self.layer, self.layer.stats, self.layer.membership.peers

@@ -42,16 +42,23 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
 from node.settings import Settings
-from ramster.zcache import PAGE_SIZE, PageError, PoolKind, PutResult, ZCache, ZCacheConfig
+from ramster.zcache import (
+    PAGE_SIZE,
+    PageError,
+    PoolKind,
+    PutResult,
+    SealedPages,
+    ZCache,
+    ZCacheConfig,
+    check_keys,
+    check_put_batch,
+)
 from ramster.zcache.backing import BackingFile
-from ramster.zcache.cache import SealedPages, check_keys, check_put_batch
 from ramster.zcache.evictor import Evictor
 
 BACKING_FILE = "backing.dat"
@@ -159,7 +166,7 @@ class ChunkedEngine:
         in one call.)  Its pages count as flushes."""
         flush, step = self.engine.flush_object, self.chunk * FLUSHES_PER_PUT
         dropped = since_yield = 0
-        for oid in list(self.engine.pool(pool).index.objects):
+        for oid in self.engine.object_ids(pool):
             if since_yield >= step:
                 await asyncio.sleep(0)
                 since_yield = 0
@@ -209,27 +216,3 @@ class ChunkedEngine:
 
 async def _as_is(part: slice) -> slice:
     return part
-
-
-class BackingCollector:
-    """The backing file's counters as metrics: write-back, errors, damage found."""
-
-    def __init__(self, backing: BackingFile) -> None:
-        self.backing = backing
-
-    def collect(self) -> Iterator[Metric]:
-        b = self.backing.stats
-        for name, value, text in (
-            ("written_back", b.written_back, "Records written to the backing file."),
-            ("loaded", b.loaded, "Records read back from the backing file."),
-            ("write_errors", b.write_errors, "Write-backs that failed (e.g. disk full)."),
-            ("refused_full", b.refused_full, "Write-backs refused at the backing file limit."),
-            ("corrupt_records", b.corrupt, "Records that failed verification when read."),
-            ("torn_records", b.torn, "Records with a damaged header dropped on open."),
-            ("damaged_records", b.damaged, "Records kept on open whose data is damaged."),
-            ("recovered_records", b.recovered, "Records found when the file was opened."),
-        ):
-            yield CounterMetricFamily(f"ramster_backing_{name}", text, value)
-        yield GaugeMetricFamily(
-            "ramster_backing_size_bytes", "Size of the backing file.", self.backing.size_bytes
-        )

@@ -1,18 +1,37 @@
 # Prometheus metrics of a node, on their own registry and HTTP port.
 #
-# Engine numbers are not pushed: EngineCollector reads one snapshot of the engine's plain counters
-# at scrape time, so the data path does no metric work per page.  gRPC metrics use the names and
-# labels of go-grpc-prometheus (grpc_server_started_total, grpc_server_handled_total,
-# grpc_server_handling_seconds) so existing dashboards work; the interceptor updates them once
-# per RPC through label children cached per method.  Every label has a bounded set of values
-# (methods, codes, outcomes, reasons); keys and peers never become labels.  The HTTP server is
-# prometheus_client's, on a daemon thread; port 0 picks a free port.
+# Engine numbers are not pushed: the data path does no metric work per page, and a scrape reads
+# what it needs when it comes.  The engine, the backing file and the ramster layer are changed
+# by the event loop and are not thread-safe, while prometheus_client scrapes on its HTTP
+# server's thread, so a scrape never reads them itself: a LoopCollector posts a read to the
+# loop (call_soon_threadsafe) and waits for its result, a value the loop will not touch again
+# (the engine's frozen Snapshot, a copy of the backing file's counters, the layer's families
+# built there), then renders the families on the scrape thread.  Asked for at scrape time rather
+# than published by the loop on a timer: the loop spends nothing while nobody scrapes (one read
+# of a few microseconds per pool when someone does, not one every period), the numbers are as
+# fresh as the scrape, and no task or timer has to be kept alive.  The price is that a scrape
+# waits for the loop's next turn; if the loop is stalled for SCRAPE_TIMEOUT (or closed), the
+# last value read is served again, so a scrape is never an error and never blocks for long.
+# Every value read is one consistent state (each is made in one step of the loop): puts equal
+# the sum of outcomes, pages per frame are those pages over those frames.
+#
+# gRPC metrics use the names and labels of go-grpc-prometheus (grpc_server_started_total,
+# grpc_server_handled_total, grpc_server_handling_seconds) so existing dashboards work; the
+# interceptor updates them once per RPC through label children cached per method (prometheus
+# client metrics lock for themselves).  Every label has a bounded set of values (methods, codes,
+# outcomes, reasons); keys and peers never become labels.  The HTTP server is prometheus_client's,
+# on a daemon thread; port 0 picks a free port.
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -27,7 +46,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from node.settings import HostPort
-from node.snapshot import EngineSnapshot
+from ramster.zcache import Snapshot
+from ramster.zcache.backing import BackingFile, BackingStats
 
 # RPC latencies span ~100 us (one page) to seconds (a 4096-page batch on a busy node).
 LATENCY_BUCKETS = (
@@ -37,93 +57,161 @@ LOOP_LAG_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 3,
 )  # fmt: skip
 STALL_WINDOW = 10.0  # seconds the worst-stall gauge looks back (at least; at most twice that)
+SCRAPE_TIMEOUT = 2.0  # seconds a scrape waits for the loop before serving the last value
+T = TypeVar("T")
 
 
-class EngineCollector(Collector):
-    """Engine gauges and counters, read from a fresh snapshot at each scrape."""
+class LoopCollector(Collector, Generic[T]):
+    """Families of state only the event loop may touch: `read` runs on the loop and returns a
+    value the loop will not change afterwards, `render` makes the families from it on the
+    scraping thread.  A stalled or closed loop gets the last value rendered again."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
-        self.snapshot = snapshot
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        read: Callable[[], T],
+        render: Callable[[T], Iterable[Metric]],
+        timeout: float = SCRAPE_TIMEOUT,
+    ) -> None:
+        self.loop, self.read, self.render, self.timeout = loop, read, render, timeout
+        self._last: T | None = None
 
     def collect(self) -> Iterator[Metric]:
-        s = self.snapshot()
-        yield GaugeMetricFamily(
-            "ramster_pool_size_bytes", "Memory of page frames in use.", s.pool_size_bytes
-        )
-        yield GaugeMetricFamily(
-            "ramster_pool_limit_bytes", "Memory page frames may use.", s.pool_limit_bytes
-        )
-        yield GaugeMetricFamily(
-            "ramster_stored_pages", "Pages held, same-filled pages included.", s.stored_pages
-        )
-        yield GaugeMetricFamily(
-            "ramster_zpages", "Pages held in page frames (compressed or raw).", s.zpages
-        )
-        yield GaugeMetricFamily(
-            "ramster_pages_per_frame", "Stored zpages per page frame in use.", s.pages_per_frame
-        )
-        yield GaugeMetricFamily("ramster_pools", "Pools that exist.", len(s.pools))
-        yield CounterMetricFamily("ramster_puts", "Pages put.", s.puts)
-        outcomes = CounterMetricFamily(
-            "ramster_put_outcomes", "Pages put, by what became of them.", labels=["outcome"]
-        )
-        refused = CounterMetricFamily(
-            "ramster_puts_refused", "Pages refused, by reason.", labels=["reason"]
-        )
-        for reason, count in s.outcomes.items():
-            outcomes.add_metric([reason], count)
-            if reason in ("poor_compression", "no_room"):
-                refused.add_metric([reason], count)
-        yield outcomes
-        yield refused
-        gets = CounterMetricFamily(
-            "ramster_gets",
-            "Pages asked for, by result (corrupt: failed verification; unavailable: out of reach).",
-            labels=["result"],
-        )
-        gets.add_metric(["hit"], s.hits)
-        gets.add_metric(["miss"], s.misses)
-        gets.add_metric(["corrupt"], s.corrupt)
-        gets.add_metric(["unavailable"], s.unavailable)
-        yield gets
-        yield CounterMetricFamily(
-            "ramster_evictor_hits",
-            "Pages served from the evictor (backing file, peers) rather than RAM.",
-            s.evictor_hits,
-        )
-        yield CounterMetricFamily(
-            "ramster_duplicate_puts", "Puts that replaced a page under the same key.",
-            s.duplicate_puts,
-        )  # fmt: skip
-        yield CounterMetricFamily("ramster_flushes", "Pages flushed.", s.flushes)
-        yield CounterMetricFamily(
-            "ramster_compacted_frames", "Page frames freed by compaction.", s.compacted_frames
-        )
-        yield GaugeMetricFamily(
-            "ramster_written_back_pages",
-            "Persistent pages held outside RAM by the evictor (backing file, peers).",
-            s.written_back_pages,
-        )
-        yield CounterMetricFamily(
-            "ramster_reclaim_passes", "Times the reaper ran at the pool limit.", s.reclaim_passes
-        )
-        yield CounterMetricFamily(
-            "ramster_reclaim_frames", "Page frames freed by the reaper.", s.reclaimed_frames
-        )
-        evicted = CounterMetricFamily(
-            "ramster_evicted_pages",
-            "Pages the reaper took out of RAM: ephemeral ones dropped, persistent ones written "
-            "back through the evictor.",
-            labels=["pool_kind"],
-        )
-        evicted.add_metric(["ephemeral"], s.evicted_ephemeral)
-        evicted.add_metric(["persistent"], s.evicted_persistent)
-        yield evicted
-        yield CounterMetricFamily(
-            "ramster_evict_refused_pages",
-            "Persistent pages the evictor refused during reclaim (they stayed in RAM).",
-            s.evict_refused,
-        )
+        with contextlib.suppress(RuntimeError, TimeoutError):  # the loop is closed, or stalled
+            self._last = self._read_on_loop()
+        return iter(() if self._last is None else list(self.render(self._last)))
+
+    def _read_on_loop(self) -> T:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:  # collected on the loop itself: no one to wait for
+            return self.read()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def read() -> None:
+            if not done.set_running_or_notify_cancel():  # the scrape gave up waiting
+                return
+            try:
+                done.set_result(self.read())
+            except Exception as exc:
+                done.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(read)
+        try:
+            return done.result(timeout=self.timeout)
+        finally:
+            done.cancel()  # a read still queued is skipped
+
+
+def engine_families(s: Snapshot) -> Iterator[Metric]:
+    """Engine gauges and counters, from one snapshot."""
+    yield GaugeMetricFamily(
+        "ramster_pool_size_bytes", "Memory of page frames in use.", s.size_bytes
+    )
+    yield GaugeMetricFamily(
+        "ramster_pool_limit_bytes", "Memory page frames may use.", s.limit_bytes
+    )
+    yield GaugeMetricFamily(
+        "ramster_stored_pages", "Pages held, same-filled pages included.", s.stored_pages
+    )
+    yield GaugeMetricFamily(
+        "ramster_zpages", "Pages held in page frames (compressed or raw).", s.zpages
+    )
+    yield GaugeMetricFamily(
+        "ramster_pages_per_frame", "Stored zpages per page frame in use.", s.pages_per_frame
+    )
+    yield GaugeMetricFamily("ramster_pools", "Pools that exist.", len(s.pools))
+    yield CounterMetricFamily("ramster_puts", "Pages put.", s.puts)
+    outcomes = CounterMetricFamily(
+        "ramster_put_outcomes", "Pages put, by what became of them.", labels=["outcome"]
+    )
+    refused = CounterMetricFamily(
+        "ramster_puts_refused", "Pages refused, by reason.", labels=["reason"]
+    )
+    for reason, count in s.outcome_counts().items():
+        outcomes.add_metric([reason], count)
+        if reason in ("poor_compression", "no_room"):
+            refused.add_metric([reason], count)
+    yield outcomes
+    yield refused
+    gets = CounterMetricFamily(
+        "ramster_gets",
+        "Pages asked for, by result (corrupt: failed verification; unavailable: out of reach).",
+        labels=["result"],
+    )
+    gets.add_metric(["hit"], s.hits)
+    gets.add_metric(["miss"], s.misses)
+    gets.add_metric(["corrupt"], s.corrupt)
+    gets.add_metric(["unavailable"], s.unavailable)
+    yield gets
+    yield CounterMetricFamily(
+        "ramster_evictor_hits",
+        "Pages served from the evictor (backing file, peers) rather than RAM.",
+        s.evictor_hits,
+    )
+    yield CounterMetricFamily(
+        "ramster_duplicate_puts", "Puts that replaced a page under the same key.",
+        s.duplicate_puts,
+    )  # fmt: skip
+    yield CounterMetricFamily("ramster_flushes", "Pages flushed.", s.flushes)
+    yield CounterMetricFamily(
+        "ramster_compacted_frames", "Page frames freed by compaction.", s.compacted_frames
+    )
+    yield GaugeMetricFamily(
+        "ramster_written_back_pages",
+        "Persistent pages held outside RAM by the evictor (backing file, peers).",
+        s.evicted_pages,
+    )
+    yield CounterMetricFamily(
+        "ramster_reclaim_passes", "Times the reaper ran at the pool limit.", s.reclaim_passes
+    )
+    yield CounterMetricFamily(
+        "ramster_reclaim_frames", "Page frames freed by the reaper.", s.reclaimed_frames
+    )
+    evicted = CounterMetricFamily(
+        "ramster_evicted_pages",
+        "Pages the reaper took out of RAM: ephemeral ones dropped, persistent ones written "
+        "back through the evictor.",
+        labels=["pool_kind"],
+    )
+    evicted.add_metric(["ephemeral"], s.evicted_ephemeral)
+    evicted.add_metric(["persistent"], s.evicted_persistent)
+    yield evicted
+    yield CounterMetricFamily(
+        "ramster_evict_refused_pages",
+        "Persistent pages the evictor refused during reclaim (they stayed in RAM).",
+        s.evict_refused,
+    )
+
+
+@dataclass(frozen=True)
+class BackingReading:
+    stats: BackingStats  # a copy, which the loop does not change
+    size_bytes: int
+
+
+def read_backing(backing: BackingFile) -> BackingReading:
+    """The backing file's counters, copied (on the loop)."""
+    return BackingReading(replace(backing.stats), backing.size_bytes)
+
+
+def backing_families(r: BackingReading) -> Iterator[Metric]:
+    """The backing file's counters as metrics: write-back, errors, damage found."""
+    b = r.stats
+    for name, value, text in (
+        ("written_back", b.written_back, "Records written to the backing file."),
+        ("loaded", b.loaded, "Records read back from the backing file."),
+        ("write_errors", b.write_errors, "Write-backs that failed (e.g. disk full)."),
+        ("refused_full", b.refused_full, "Write-backs refused at the backing file limit."),
+        ("corrupt_records", b.corrupt, "Records that failed verification when read."),
+        ("torn_records", b.torn, "Records with a damaged header dropped on open."),
+        ("damaged_records", b.damaged, "Records kept on open whose data is damaged."),
+        ("recovered_records", b.recovered, "Records found when the file was opened."),
+    ):
+        yield CounterMetricFamily(f"ramster_backing_{name}", text, value)
+    yield GaugeMetricFamily("ramster_backing_size_bytes", "Size of the backing file.", r.size_bytes)
 
 
 class GrpcMetrics:
@@ -222,12 +310,15 @@ class LoopStallMetrics:
 
 
 class NodeMetrics:
-    """The registry of one node and the HTTP server that exposes it."""
+    """The registry of one node and the HTTP server that exposes it.  Made on the event loop,
+    whose state the LoopCollectors read: the engine's snapshot from the start, and whatever
+    on_loop() adds (the backing file, the ramster layer)."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], version: str, node_id: str) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], version: str, node_id: str) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # go-grpc-prometheus has none
+        self.loop = asyncio.get_running_loop()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(EngineCollector(snapshot))
+        self.on_loop(snapshot, engine_families)
         self.grpc = GrpcMetrics(self.registry)
         self.nbd = NbdMetrics(self.registry)  # declared even without NBD, as dashboards expect
         self.loop_lag = LoopStallMetrics(self.registry)
@@ -239,6 +330,10 @@ class NodeMetrics:
         )
         build.labels(version, platform.python_version(), node_id).set(1)
         self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    def on_loop(self, read: Callable[[], T], render: Callable[[T], Iterable[Metric]]) -> None:
+        """Serve the families `render` makes of what `read` returns on the loop."""
+        self.registry.register(LoopCollector(self.loop, read, render))
 
     def serve(self, where: HostPort) -> int:
         """Start the HTTP endpoint; the port it listens on."""

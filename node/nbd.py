@@ -405,13 +405,11 @@ class NbdServer:
         first, stop = -(-offset // PAGE_SIZE), (offset + length) // PAGE_SIZE
         if stop <= first:
             return
-        index = self.engine.pool(pool).index
-        if stop - first <= index.count:
+        engine = self.engine
+        if stop - first <= engine.pool_pages(pool):
             keys = block_keys(first, stop)
         else:
-            keys = [
-                (oid, i) for oid, i, _ in index.items() if first <= (oid << OID_BITS | i) < stop
-            ]
+            keys = [(o, i) for o, i in engine.keys(pool) if first <= (o << OID_BITS | i) < stop]
         flush = self.engine.flush_page
         for n, (oid, i) in enumerate(keys, 1):
             flush(pool, oid, i)

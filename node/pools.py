@@ -197,7 +197,7 @@ class Pools:
         owner: str = "",
     ) -> int:
         """A new pool, recorded before its id is handed out."""
-        pool_id = self.registry.new_id(self.engine.pools)
+        pool_id = self.registry.new_id(self.engine.pool_ids())
         allocator = allocator or self.engine.config.default_allocator
         self.engine.create_pool(kind, allocator, pool_id=pool_id, store_raw=store_raw)
         try:
@@ -227,7 +227,7 @@ class Pools:
     def owner_of(self, pool_id: int) -> str | None:
         """Who owns a pool of the engine (a pool the registry lacks, adopted from the backing
         file, is the open tenant's); None for no such pool."""
-        if pool_id not in self.engine.pools:
+        if not self.engine.has_pool(pool_id):
             return None
         record = self.registry.pools.get(pool_id)
         return record.owner if record else ""
@@ -245,4 +245,4 @@ class Pools:
         return pool_id
 
     def owned_by(self, owner: str) -> list[int]:
-        return [p for p in self.engine.pools if self.owner_of(p) == owner]
+        return [p for p in self.engine.pool_ids() if self.owner_of(p) == owner]

@@ -45,24 +45,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from node.cluster import RemoteSide
-from node.engine import BackingCollector, build_engine, open_backing
+from node.engine import build_engine, open_backing
 from node.interceptor import Gate, RpcInterceptor, StreamLimit
 from node.logs import log_event
 from node.loopwatch import LoopWatch
-from node.metrics import NodeMetrics
+from node.metrics import NodeMetrics, backing_families, read_backing
 from node.nbd import NbdServer, serve_nbd
 from node.peering import PEER_SERVICE, PeerAuthInterceptor
 from node.pools import PoolRegistry, PoolRegistryError, Pools
 from node.servicer import TmemServicer
 from node.settings import HostPort, Settings, peer_address
-from node.snapshot import take_snapshot
 from node.tenants import load_tenants
 from node.tls import ROTATION_CHECK, NodeTls, Rotation, check_protected, load_tls
 from ramster import __version__
 from ramster.client.wire import CHANNEL_OPTIONS
 from ramster.remote.journal import JournalError
 from ramster.v1 import peer_pb2_grpc, tmem_pb2, tmem_pb2_grpc
-from ramster.zcache import PAGE_SIZE, ZCache
+from ramster.zcache import ZCache
 from ramster.zcache.backing import BackingFile, BackingFileError
 
 IDENTITY_FILE = "identity.json"
@@ -169,8 +168,8 @@ class Node:
                 torn_records=backing.stats.torn,
                 clean_stop=backing.stats.was_clean,
             )
-        metrics = self._metrics = NodeMetrics(lambda: take_snapshot(engine), __version__, s.node_id)
-        metrics.registry.register(BackingCollector(backing))
+        metrics = self._metrics = NodeMetrics(engine.snapshot, __version__, s.node_id)
+        metrics.on_loop(lambda: read_backing(backing), backing_families)
         server = self._grpc_server()
         servicer = TmemServicer(
             engine,
@@ -216,6 +215,7 @@ class Node:
             self._rotating = asyncio.create_task(self._watch_tls(self.rotation))
         if s.port_file:
             write_port_file(s.port_file, self.port, self.peer_port, self.metrics_port)
+        started_with = engine.snapshot()
         log_event(
             "listening",
             port=self.port,
@@ -224,11 +224,11 @@ class Node:
             tls=tls is not None,
             host=s.listen.host,
             node_id=s.node_id,
-            pool_limit_bytes=engine.arena.capacity * PAGE_SIZE,
+            pool_limit_bytes=started_with.limit_bytes,
             data_dir=str(s.data_dir),
             version=__version__,
-            pools=len(engine.pools),
-            pages_recovered=engine.stored_pages,
+            pools=len(started_with.pools),
+            pages_recovered=started_with.stored_pages,
             start_seconds=round(time.monotonic() - started, 3),
         )
 
@@ -240,7 +240,7 @@ class Node:
         peer_pb2_grpc.add_PeerServicer_to_server(remote.servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._peer_health, server)
         assert self._metrics is not None
-        self._metrics.registry.register(remote)
+        self._metrics.on_loop(remote.metric_families, lambda families: families)
         credentials = tls.server_credentials(require_client_cert=True) if tls else None
         self.peer_port = self._bind(server, "--peer-listen", where, credentials)
         if tls:

@@ -27,14 +27,13 @@ import grpc
 
 from node.engine import ChunkedEngine, Prefetch
 from node.pools import Pools
-from node.snapshot import EngineSnapshot, take_snapshot
 from node.status import RpcFailure, status_of
 from node.tenants import CALLER
 from ramster import __version__
 from ramster.client.wire import batch_keys, check_index, split_pages
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
-from ramster.zcache import CorruptPage, PageError, PoolKind, PutResult, ZCache
+from ramster.zcache import CorruptPage, PageError, PoolKind, PutResult, Snapshot, ZCache
 
 _OUTCOMES = {
     PutResult.STORED: pb.PUT_OUTCOME_STORED,
@@ -101,8 +100,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         pool = self._pool(pool)
         tenant = CALLER.get()
         if tenant.max_pages:
-            engine_pools = self.engine.pools
-            used = sum(engine_pools[p].index.count for p in self.pools.owned_by(tenant.owner))
+            held = self.engine.pool_pages
+            used = sum(held(p) for p in self.pools.owned_by(tenant.owner))
             if used + pages > tenant.max_pages:
                 raise RpcFailure(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -131,7 +130,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.DestroyPoolResponse(pages=pages)
 
     async def _list_pools(self, req: pb.ListPoolsRequest) -> pb.ListPoolsResponse:
-        return pb.ListPoolsResponse(pools=self._pool_infos(take_snapshot(self.engine)))
+        return pb.ListPoolsResponse(pools=self._pool_infos(self.engine.snapshot()))
 
     async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
         index = check_index(req.index)
@@ -180,7 +179,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.GetBatchResponse(statuses=page_statuses(pages), pages=hits)
 
     async def _stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
-        s = take_snapshot(self.engine)
+        s = self.engine.snapshot()
         remote = self.remote_stats() if self.remote_stats else {}
         if not CALLER.get().operator:  # its own pools only: the totals tell of other tenants
             pools = self._pool_infos(s)
@@ -195,8 +194,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.StatsResponse(
             node_id=self.node_id,
             version=__version__,
-            pool_limit_bytes=s.pool_limit_bytes,
-            pool_size_bytes=s.pool_size_bytes,
+            pool_limit_bytes=s.limit_bytes,
+            pool_size_bytes=s.size_bytes,
             stored_pages=s.stored_pages,
             zpages=s.zpages,
             pages_per_frame=s.pages_per_frame,
@@ -208,25 +207,25 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
             flushes=s.flushes,
             corrupt=s.corrupt,
             compacted_frames=s.compacted_frames,
-            put_outcomes=s.outcomes,
+            put_outcomes=s.outcome_counts(),
             pools=self._pool_infos(s),
             unavailable=s.unavailable,
-            written_back_pages=s.written_back_pages,
+            written_back_pages=s.evicted_pages,
             **remote,
         )
 
-    def _pool_infos(self, s: EngineSnapshot) -> list[pb.PoolInfo]:
+    def _pool_infos(self, s: Snapshot) -> list[pb.PoolInfo]:
         """The caller's pools (another tenant's are not even listed)."""
         mine = set(self.pools.owned_by(CALLER.get().owner))
         return [
             pb.PoolInfo(
-                pool=self.pools.public(p.pool),
+                pool=self.pools.public(p.id),
                 kind=WIRE_KIND[p.kind],
                 allocator=p.allocator,
                 pages=p.pages,
             )
             for p in s.pools
-            if p.pool in mine
+            if p.id in mine
         ]
 
     # -- RPCs --------------------------------------------------------------------------------

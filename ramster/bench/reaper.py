@@ -101,30 +101,29 @@ def run(
             if n % 4096 == 0:
                 progress.update(n)
         progress.update(ops)
-        ppf = cache.pages_per_frame()
-        same_in_ram = cache.same.pages
-        reaper = cache.reaper.stats
-        evicted = reaper.evicted_persistent + reaper.evicted_ephemeral
+        s = cache.snapshot()
+        ppf = s.pages_per_frame
+        evicted = s.evicted_persistent + s.evicted_ephemeral
         gets = sum(1 for is_get, _ in trace if is_get)
-        capacity = int(limit_frames * ppf) + same_in_ram
+        capacity = int(limit_frames * ppf) + s.same_filled_pages
         result: dict[str, Any] = {
             "allocator": allocator,
             "limit_frames": limit_frames,
             "keys": keys,
             "ops": ops,
             "gets": gets,
-            "frames_freed_per_evicted_zpage": round(reaper.frames_reclaimed / max(1, evicted), 4),
+            "frames_freed_per_evicted_zpage": round(s.reclaimed_frames / max(1, evicted), 4),
             "ideal_frames_per_zpage": round(1 / ppf, 4) if ppf else 0.0,
             "pages_per_frame": round(ppf, 4),
-            "hit_ratio": round(1 - cache.stats.evicted_hits / max(1, gets), 4),
+            "hit_ratio": round(1 - s.evictor_hits / max(1, gets), 4),
             "lru_hit_ratio": round(lru_hit_ratio(trace, capacity), 4),
             "lru_capacity_pages": capacity,
             "written_back": backing.stats.written_back,
-            "promoted": cache.stats.promoted,
-            "reclaim_passes": reaper.reclaim_passes,
-            "compacted_frames": cache.stats.compacted_frames,
-            "reclaim_seconds": round(reaper.reclaim_seconds, 3),
-            "refused": cache.stats.refused,
+            "promoted": s.promoted,
+            "reclaim_passes": s.reclaim_passes,
+            "compacted_frames": s.compacted_frames,
+            "reclaim_seconds": round(s.reclaim_seconds, 3),
+            "refused": s.refused(),
             "verified": verified,
         }
         cache.close()
@@ -145,7 +144,7 @@ def reclaim_put_rate(
             cache.create_pool(PoolKind.EPHEMERAL if i % 2 else PoolKind.PERSISTENT, allocator)
         pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
         n = 0
-        while not cache.reaper.stats.reclaim_passes:  # fill up to the limit, untimed
+        while not cache.snapshot().reclaim_passes:  # fill up to the limit, untimed
             cache.put_batch(pool, [(0, n + i) for i in range(BATCH)], pages[:BATCH])
             n += BATCH
         total = 8 * limit_frames  # about three times the limit, in pages

@@ -18,8 +18,8 @@ import enum
 from collections.abc import Sequence
 
 from ramster.v1 import tmem_pb2 as pb
-from ramster.zcache.cache import MAX_INDEX
 from ramster.zcache.codec import PAGE_SIZE as PAGE_SIZE
+from ramster.zcache.validate import MAX_INDEX
 
 POOL_LIMIT = 1 << 64  # pool ids clients use: uint64 (a node's salt above its engine id)
 ENGINE_POOL_LIMIT = 1 << 32  # pool ids of the engine and the peer API (backing file: 32 bits)

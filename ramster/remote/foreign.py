@@ -32,8 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ramster.zcache import PoolKind, ZCache, ZCacheConfig
-from ramster.zcache.cache import check_keys
+from ramster.zcache import PoolKind, ZCache, ZCacheConfig, check_keys
 from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE, make_zpage
 
 PoolTag = tuple[str, str, int, int]  # owner node id, owner incarnation, epoch, owner pool id
@@ -74,7 +73,7 @@ class ForeignStore:
     def _owner_frames(self, node_id: str) -> int:
         """What `node_id` uses of its quota: its frames, plus POOL_FRAMES per pool."""
         return sum(
-            self.cache.pools[p].zalloc.frames + self.cache.pools[p].raw.frames + POOL_FRAMES
+            self.cache.pool_frames(p) + POOL_FRAMES
             for tag, p in self.pools.items()
             if tag[0] == node_id
         )
@@ -125,7 +124,7 @@ class ForeignStore:
 
     def _drop_if_empty(self, tag: PoolTag) -> None:
         pool = self.pools.get(tag)
-        if pool is not None and not self.cache.pools[pool].index.count:
+        if pool is not None and not self.cache.pool_pages(pool):
             self.cache.destroy_pool(self.pools.pop(tag))
 
     def reclaim(self, owner: OwnerTag, epoch: int) -> list[tuple[int, int, int]]:
@@ -140,7 +139,7 @@ class ForeignStore:
             if into is None:
                 self.pools[target] = source
                 continue
-            keys = [(oid, index) for oid, index, _ in self.cache.pools[source].index.items()]
+            keys = self.cache.keys(source)
             zpages = [z for z in self.cache.read_zpages(source, keys) if z is not None]
             self.cache.store_zpages(into, zpages)
             self.cache.destroy_pool(source)
@@ -148,7 +147,7 @@ class ForeignStore:
             (tag[3], oid, index)
             for tag, pool in self.pools.items()
             if tag[0] == owner.node_id
-            for oid, index, _ in self.cache.pools[pool].index.items()
+            for oid, index in self.cache.keys(pool)
         ]
 
     def get(
@@ -178,7 +177,7 @@ class ForeignStore:
     def pages_by_owner(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for tag, pool in self.pools.items():
-            out[tag[0]] = out.get(tag[0], 0) + self.cache.pools[pool].index.count
+            out[tag[0]] = out.get(tag[0], 0) + self.cache.pool_pages(pool)
         return out
 
     def free_bytes_for(self, node_id: str) -> int:

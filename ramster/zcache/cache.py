@@ -18,26 +18,24 @@
 # after its pages are stored; before any reclaim the part stored so far is filed, because the
 # reaper finds a zpage's key in its header and checks it against the index.
 #
-# Each batch path is also offered in halves, so a caller can run the costly half elsewhere: a put
-# batch is encoded (same-filled check, LZ4, zpage framing: PageEncoder, pure) and then filed
-# (file_encoded); a get batch is read out (read_sealed: index, LRU, copies of the zpages) and then
-# opened (SealedPages.open: verify, decompress, pure).  The pure halves read only their own
-# inputs, so they may run in worker threads while the engine keeps serving; put_batch and
-# get_batch are the two halves run back to back.  The price is a copy of each zpage a get reads
-# (the frame may be reused before the copy is opened) and one more list per batch.
+# Each batch path is also offered in halves (halves.py): encode, then file_encoded, for a put;
+# read_sealed, then open, for a get; the pure halves may run on other threads.
 #
 # Pools can be created under a given id (a node restoring its pool registry, before the evictor's
 # recovered pages are filed), and each pool may override the engine's store-raw policy (a block
 # device's pool must never refuse a page for poor compression).
 #
+# Outsiders read the engine through its face: snapshot() (a frozen copy of every count,
+# snapshot.py) and narrow methods (pool_ids, has_pool, pool_pages, object_ids, keys), never its
+# pools, indexes, allocators or reaper.  Input checks live in validate.py, the slow structural
+# check in verify.py.
+#
 # The engine is synchronous and single-threaded: callers serialise access (the node does so on
-# its event loop), which keeps every structure lock-free; only the pure halves above may run on
-# other threads.
+# its event loop), which keeps every structure lock-free; only the pure halves may run on other
+# threads, and a snapshot, once taken, may be read anywhere.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from itertools import pairwise
 
 from ramster.zcache.allocator import Allocator
 from ramster.zcache.arena import Arena
@@ -49,21 +47,19 @@ from ramster.zcache.codec import (
     make_zpage,
     open_zpage,
     zpage_bytes,
-    zpage_key,
-    zpage_length,
 )
 from ramster.zcache.config import ALLOCATORS, PoolKind, PutResult, ZCacheConfig
 from ramster.zcache.errors import (
     CorruptPage,
     InvalidConfig,
-    InvalidKey,
     InvalidPage,
+    InvariantViolation,
     PageError,
     PageUnavailable,
     UnknownPool,
-    ZCacheError,
 )
 from ramster.zcache.evictor import Evictor
+from ramster.zcache.halves import PageEncoder, SealedPages
 from ramster.zcache.handles import (
     EVICTED,
     EVICTED_TAG,
@@ -75,164 +71,22 @@ from ramster.zcache.handles import (
     ZPAGE,
     ZPAGE_TAG,
 )
-from ramster.zcache.index import PageIndex
+from ramster.zcache.pool import Pool, PoolSpec
 from ramster.zcache.rawframes import RAW_ZPAGE, RawFrames
 from ramster.zcache.reaper import Reaper
 from ramster.zcache.samefill import SameFilledWords
+from ramster.zcache.snapshot import Snapshot, take
+from ramster.zcache.stats import Stats
+from ramster.zcache.validate import (
+    check_key,
+    check_keys,
+    check_pool_id,
+    check_put_batch,
+    check_zpages,
+)
+from ramster.zcache.verify import verify
 from ramster.zcache.zbud import Zbud
 from ramster.zcache.zsmalloc import Zsmalloc
-
-MAX_OID = (1 << 64) - 1
-MAX_INDEX = (1 << 32) - 1
-MAX_POOL_ID = (1 << 32) - 1  # the backing file records pool ids in 32 bits
-# A pool to recreate at start: (pool id, kind, allocator, store_raw or None for the default).
-PoolSpec = tuple[int, PoolKind, str, bool | None]
-
-
-class InvariantViolation(ZCacheError):
-    """verify() found the engine's structures inconsistent (a bug, never user error)."""
-
-
-@dataclass
-class Stats:
-    """Plain counters; the node's metrics read them."""
-
-    puts: int = 0
-    gets: int = 0
-    hits: int = 0
-    misses: int = 0
-    duplicate_puts: int = 0
-    flushes: int = 0
-    corrupt: int = 0
-    unavailable: int = 0  # gets of pages whose every copy was out of reach
-    evicted_hits: int = 0  # gets served by the evictor (a miss in RAM)
-    promoted: int = 0  # evicted pages brought back to RAM by a get
-    compacted_frames: int = 0
-    outcomes: dict[PutResult, int] = field(default_factory=lambda: dict.fromkeys(PutResult, 0))
-
-    @property
-    def refused(self) -> dict[str, int]:
-        """Refused puts by reason."""
-        return {r.reason: n for r, n in self.outcomes.items() if r.refused}
-
-
-class Pool:
-    """One tmem pool: its kind, its zpage allocator, its raw frames and its index."""
-
-    def __init__(
-        self, pool_id: int, kind: PoolKind, allocator: Allocator, raw: RawFrames, store_raw: bool
-    ) -> None:
-        self.id = pool_id
-        self.kind = kind
-        self.ephemeral = kind is PoolKind.EPHEMERAL
-        self.store_raw = store_raw  # incompressible pages are stored raw, not refused
-        self.allocator = allocator.name
-        self.zalloc = allocator
-        self.raw = raw
-        self.index = PageIndex()
-        self.evicted = 0  # pages of this pool held by the evictor
-
-    def allocator_of(self, handle: int) -> Allocator:
-        return self.zalloc if handle >> KIND_SHIFT == ZPAGE else self.raw
-
-    def tag_of(self, alloc: Allocator) -> int:
-        return ZPAGE_TAG if alloc is self.zalloc else RAW_TAG
-
-
-def check_key(oid: object, index: object) -> None:
-    if type(oid) is not int or not 0 <= oid <= MAX_OID:
-        raise InvalidKey(f"object id must be an integer in [0, 2**64), got {oid!r}")
-    if type(index) is not int or not 0 <= index <= MAX_INDEX:
-        raise InvalidKey(f"page index must be an integer in [0, 2**32), got {index!r}")
-
-
-def check_keys(keys: list[tuple[int, int]]) -> None:
-    try:
-        for oid, index in keys:
-            if not (type(oid) is int and 0 <= oid <= MAX_OID) or not (
-                type(index) is int and 0 <= index <= MAX_INDEX
-            ):
-                check_key(oid, index)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, InvalidKey):
-            raise
-        raise InvalidKey(f"a key must be an (object id, page index) pair: {exc}") from None
-
-
-def as_page(page: object) -> bytes:
-    """`page` as bytes, if it is a bytes-like object of exactly PAGE_SIZE bytes."""
-    if type(page) is not bytes:
-        try:
-            page = bytes(memoryview(page))  # type: ignore[arg-type]
-        except TypeError:
-            raise InvalidPage(
-                f"a page must be a bytes-like object, got {type(page).__name__}"
-            ) from None
-    if len(page) != PAGE_SIZE:
-        raise InvalidPage(f"a page must be exactly {PAGE_SIZE} bytes, got {len(page)}")
-    return page
-
-
-def check_put_batch(keys: list[tuple[int, int]], pages: list[bytes]) -> list[bytes]:
-    """The pages of a put batch as bytes, once every key and page has been checked."""
-    if len(keys) != len(pages):
-        raise InvalidPage(f"{len(keys)} keys but {len(pages)} pages")
-    check_keys(keys)
-    return [p if type(p) is bytes and len(p) == PAGE_SIZE else as_page(p) for p in pages]
-
-
-@dataclass(frozen=True, slots=True)
-class PageEncoder:
-    """The part of a put that needs no engine state: same-filled check, LZ4, zpage framing.
-    It reads nothing but its arguments and this copy of a pool's policy, so encode() may run
-    on any thread (LZ4 releases the GIL) while the engine serves other calls."""
-
-    threshold: int  # largest payload stored compressed
-    store_raw: bool  # a page that compresses worse is stored raw (else refused)
-
-    def encode(self, keys: list[tuple[int, int]], pages: list[bytes]) -> list[bytes | None]:
-        """Per checked page: its word if it is same-filled (WORD bytes), its zpage (compressed,
-        or raw under store_raw), or None (refused for poor compression)."""
-        threshold, store_raw = self.threshold, self.store_raw
-        out: list[bytes | None] = []
-        for (oid, index), page in zip(keys, pages, strict=True):
-            word = page[:WORD]
-            if page[-WORD:] == word and page[2048:2056] == word and page == word * 512:
-                out.append(word)
-                continue
-            payload = compress(page)
-            if len(payload) <= threshold:
-                out.append(make_zpage(oid, index, payload))
-            else:
-                out.append(make_zpage(oid, index, page) if store_raw else None)
-        return out
-
-
-@dataclass(slots=True)
-class SealedPages:
-    """A get batch read out of the engine (ZCache.read_sealed): `pages` holds each key's answer
-    except at the positions `at`, whose zpage copies wait for open() to verify and decompress
-    them.  open() touches nothing but this object, so it may run on any thread."""
-
-    keys: list[tuple[int, int]]
-    pages: list[bytes | PageError | None]
-    at: list[int] = field(default_factory=list)
-    zpages: list[bytes] = field(default_factory=list)
-    opened: int = 0
-    corrupt: int = 0
-
-    def open(self) -> SealedPages:
-        keys, pages = self.keys, self.pages
-        for i, zpage in zip(self.at, self.zpages, strict=True):
-            oid, index = keys[i]
-            try:
-                pages[i] = open_zpage(zpage, oid, index)
-            except CorruptPage as exc:
-                pages[i] = exc
-                self.corrupt += 1
-        self.opened += len(self.at)
-        self.at, self.zpages = [], []
-        return self
 
 
 class ZCache:
@@ -287,8 +141,7 @@ class ZCache:
             raise InvalidConfig(f"unknown allocator {name!r}; choose one of {ALLOCATORS}")
         if pool_id is None:
             pool_id = self._next_pool_id
-        if type(pool_id) is not int or not 0 <= pool_id <= MAX_POOL_ID:
-            raise InvalidConfig(f"a pool id must be an integer in [0, 2**32), got {pool_id!r}")
+        pool_id = check_pool_id(pool_id)
         if pool_id in self.pools:
             taken = self.pools[pool_id].kind.value
             raise InvalidConfig(f"pool id {pool_id} is taken (by a {taken} pool)")
@@ -484,16 +337,7 @@ class ZCache:
         its own header names.  A zpage that fails its checksum, or fits no frame (longer than a
         frame and not a raw page), refuses the whole batch before anything changes."""
         pool = self.pool(pool_id)
-        keys = []
-        for zpage in zpages:
-            if type(zpage) is not bytes or not 0 < zpage_length(zpage) == len(zpage):
-                raise InvalidPage("a zpage must be one intact zpage (header, payload, checksum)")
-            if PAGE_SIZE < len(zpage) != RAW_ZPAGE:
-                raise InvalidPage(
-                    f"a zpage of {len(zpage)} bytes fits no frame: at most {PAGE_SIZE} bytes, or "
-                    f"{RAW_ZPAGE} for a raw page"
-                )
-            keys.append(zpage_key(zpage))
+        keys = check_zpages(zpages)
         for old in pool.index.pop_many(keys):
             if old:
                 self._release(pool, old)
@@ -641,14 +485,41 @@ class ZCache:
         else:
             pool.allocator_of(handle).free(handle & HANDLE_MASK)
 
-    # -- introspection ----------------------------------------------------------------------
+    # -- the read-only face ------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """A frozen copy of the engine's counts, per pool and in total, that agree with each
+        other; it may be read on any thread once taken (take it on the engine's)."""
+        return take(self)
+
+    def pool_ids(self) -> tuple[int, ...]:
+        return tuple(self.pools)
+
+    def has_pool(self, pool_id: int) -> bool:
+        return pool_id in self.pools
+
+    def pool_pages(self, pool_id: int) -> int:
+        """Pages a pool holds, wherever they are (RAM, same-filled, evicted)."""
+        return self.pool(pool_id).index.count
+
+    def pool_frames(self, pool_id: int) -> int:
+        """Frames a pool's allocators own."""
+        return self.pool(pool_id).frames
+
+    def object_ids(self, pool_id: int) -> list[int]:
+        """The objects of a pool that hold at least one page."""
+        return list(self.pool(pool_id).index.objects)
+
+    def keys(self, pool_id: int) -> list[tuple[int, int]]:
+        """Every key of a pool that holds a page."""
+        return [(oid, index) for oid, index, _ in self.pool(pool_id).index.items()]
+
     @property
     def frames(self) -> int:
         return self.arena.in_use
 
     @property
     def zpages_in_frames(self) -> int:
-        return sum(p.zalloc.zpages + p.raw.zpages for p in self.pools.values())
+        return sum(p.zpages for p in self.pools.values())
 
     @property
     def stored_pages(self) -> int:
@@ -670,43 +541,9 @@ class ZCache:
         return total
 
     def verify(self) -> None:
-        """Check every structural invariant; raise InvariantViolation on the first broken one."""
-        frames: set[int] = set()
-        for pool in self.pools.values():
-            for tag, alloc in ((ZPAGE_TAG, pool.zalloc), (RAW_TAG, pool.raw)):
-                owned = alloc.owned_frames()
-                if len(owned) != alloc.frames or owned & frames:
-                    raise InvariantViolation(f"{alloc.name} frame accounting is inconsistent")
-                frames |= owned
-                spans: dict[int, list[tuple[int, int]]] = {}
-                live = 0
-                for handle, extents in alloc.extents():
-                    live += 1
-                    for frame, start, end in extents:
-                        if frame not in owned or not 0 <= start < end <= PAGE_SIZE:
-                            raise InvariantViolation(f"zpage {handle:#x} lies outside its frames")
-                        spans.setdefault(frame, []).append((start, end))
-                    oid, index = zpage_key(alloc.read(handle))
-                    if pool.index.get(oid, index) != tag | handle:
-                        raise InvariantViolation(f"zpage {handle:#x} is not filed under its key")
-                if live != alloc.zpages:
-                    raise InvariantViolation(f"{alloc.name} counts {alloc.zpages}, holds {live}")
-                for frame, ranges in spans.items():
-                    ranges.sort()
-                    for (_, end), (start, _) in pairwise(ranges):
-                        if start < end:
-                            raise InvariantViolation(f"zpages overlap in frame {frame}")
-            kinds = [h >> KIND_SHIFT for *_, h in pool.index.items()]
-            if kinds.count(EVICTED) != pool.evicted:
-                raise InvariantViolation(f"pool {pool.id} miscounts its evicted pages")
-            if pool.index.count != pool.zalloc.zpages + pool.raw.zpages + kinds.count(SAME) + (
-                pool.evicted
-            ):
-                raise InvariantViolation(f"pool {pool.id} index count disagrees with its zpages")
-        if len(frames) != self.arena.in_use:
-            raise InvariantViolation(
-                f"arena has {self.arena.in_use} frames in use, allocators own {len(frames)}"
-            )
+        """Check every structural invariant; raise InvariantViolation on the first broken one
+        (a full scan: for tests)."""
+        verify(self)
 
     def close(self) -> None:
         self.pools.clear()

@@ -37,3 +37,7 @@ class CorruptPage(PageError):
 
 class PageUnavailable(PageError):
     """The page exists but no copy of it can be reached now (its holders are unreachable)."""
+
+
+class InvariantViolation(ZCacheError):
+    """The engine's structures are inconsistent (a bug, never user error)."""

@@ -27,17 +27,14 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ramster.zcache.codec import compress, make_zpage, zpage_bytes, zpage_key
-from ramster.zcache.errors import ZCacheError
+from ramster.zcache.errors import InvariantViolation
 from ramster.zcache.handles import EVICTED_TAG, HANDLE_MASK, KIND_SHIFT, SAME, ZPAGE_TAG
 from ramster.zcache.lru import LruHeap
 
 if TYPE_CHECKING:
     from ramster.zcache.allocator import Allocator
-    from ramster.zcache.cache import Pool, ZCache
-
-
-class ReaperInvariantError(ZCacheError):
-    """A zpage being evicted or moved is not filed under its key (a bug, never user error)."""
+    from ramster.zcache.cache import ZCache
+    from ramster.zcache.pool import Pool
 
 
 @dataclass
@@ -95,7 +92,7 @@ class Reaper:
     def _moved(pool: Pool, old: int, new: int, zpage: bytes | memoryview) -> None:
         oid, index = zpage_key(zpage)
         if pool.index.get(oid, index) != ZPAGE_TAG | old:
-            raise ReaperInvariantError(f"moved zpage {old:#x} is not filed under its key")
+            raise InvariantViolation(f"moved zpage {old:#x} is not filed under its key")
         pool.index.replace(oid, index, ZPAGE_TAG | new)
 
     @property
@@ -202,7 +199,7 @@ class Reaper:
             slot = alloc.read(handle)
             key = zpage_key(slot)
             if pool.index.get(*key) != tag | handle:
-                raise ReaperInvariantError(f"zpage {handle:#x} in pool {pool.id} is not filed")
+                raise InvariantViolation(f"zpage {handle:#x} in pool {pool.id} is not filed")
             keys.append(key)
             zpages.append(zpage_bytes(slot))
         return keys, zpages

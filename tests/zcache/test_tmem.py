@@ -81,7 +81,7 @@ def test_poorly_compressible_page_is_refused_with_reason(
 ) -> None:
     pool = cache.create_pool(P)
     assert cache.put(pool, 0, 0, incompressible_pages[0]) is PutResult.REFUSED_POOR_COMPRESSION
-    assert cache.stats.refused["poor_compression"] == 1
+    assert cache.snapshot().refused()["poor_compression"] == 1
     assert cache.get(pool, 0, 0) is None
 
 
@@ -109,7 +109,7 @@ def test_no_room_refusal(allocator: str, compressible_pages: list[bytes]) -> Non
     pool = cache.create_pool(P, allocator)
     results = [cache.put(pool, 0, i, p) for i, p in enumerate(compressible_pages[:20])]
     assert PutResult.REFUSED_NO_ROOM in results
-    assert cache.stats.refused["no_room"] == results.count(PutResult.REFUSED_NO_ROOM)
+    assert cache.snapshot().refused()["no_room"] == results.count(PutResult.REFUSED_NO_ROOM)
     for i, result in enumerate(results):
         expected = None if result.refused else compressible_pages[i]
         assert cache.get(pool, 0, i) == expected

@@ -1,0 +1,69 @@
+# The pure halves of the engine's batch paths: encoding a put batch, opening a get batch.
+#
+# A put batch is encoded here (same-filled check, LZ4, zpage framing) and then filed by
+# ZCache.file_encoded; a get batch is read out by ZCache.read_sealed (index, LRU, copies of the
+# zpages) and then opened here (verify, decompress).  These halves read nothing but their own
+# inputs and a copy of a pool's policy, so they may run in worker threads (LZ4 releases the GIL)
+# while the engine keeps serving on its own thread; ZCache.put_batch and get_batch run the two
+# halves back to back.  The price is a copy of each zpage a get reads (the frame may be reused
+# before the copy is opened) and one more list per batch.
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ramster.zcache.codec import WORD, compress, make_zpage, open_zpage
+from ramster.zcache.errors import CorruptPage, PageError
+
+
+@dataclass(frozen=True, slots=True)
+class PageEncoder:
+    """The part of a put that needs no engine state: same-filled check, LZ4, zpage framing.
+    It reads nothing but its arguments and this copy of a pool's policy, so encode() may run
+    on any thread (LZ4 releases the GIL) while the engine serves other calls."""
+
+    threshold: int  # largest payload stored compressed
+    store_raw: bool  # a page that compresses worse is stored raw (else refused)
+
+    def encode(self, keys: list[tuple[int, int]], pages: list[bytes]) -> list[bytes | None]:
+        """Per checked page: its word if it is same-filled (WORD bytes), its zpage (compressed,
+        or raw under store_raw), or None (refused for poor compression)."""
+        threshold, store_raw = self.threshold, self.store_raw
+        out: list[bytes | None] = []
+        for (oid, index), page in zip(keys, pages, strict=True):
+            word = page[:WORD]
+            if page[-WORD:] == word and page[2048:2056] == word and page == word * 512:
+                out.append(word)
+                continue
+            payload = compress(page)
+            if len(payload) <= threshold:
+                out.append(make_zpage(oid, index, payload))
+            else:
+                out.append(make_zpage(oid, index, page) if store_raw else None)
+        return out
+
+
+@dataclass(slots=True)
+class SealedPages:
+    """A get batch read out of the engine (ZCache.read_sealed): `pages` holds each key's answer
+    except at the positions `at`, whose zpage copies wait for open() to verify and decompress
+    them.  open() touches nothing but this object, so it may run on any thread."""
+
+    keys: list[tuple[int, int]]
+    pages: list[bytes | PageError | None]
+    at: list[int] = field(default_factory=list)
+    zpages: list[bytes] = field(default_factory=list)
+    opened: int = 0
+    corrupt: int = 0
+
+    def open(self) -> SealedPages:
+        keys, pages = self.keys, self.pages
+        for i, zpage in zip(self.at, self.zpages, strict=True):
+            oid, index = keys[i]
+            try:
+                pages[i] = open_zpage(zpage, oid, index)
+            except CorruptPage as exc:
+                pages[i] = exc
+                self.corrupt += 1
+        self.opened += len(self.at)
+        self.at, self.zpages = [], []
+        return self
