@@ -56,6 +56,7 @@ class ZCacheConfig:
     default_allocator: str = "zsmalloc"
     reclaim_to: float = 0.9  # reclaim goes down to this share of the limit
     promote_on_get: bool = True  # a get of an evicted persistent page brings it back to RAM
+    compact_before_evict: bool = True  # off only to measure what compaction saves
 
     def __post_init__(self) -> None:
         if self.capacity_frames == 0:

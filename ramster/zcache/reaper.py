@@ -106,7 +106,7 @@ class Reaper:
         arena = cache.arena
         start = time.perf_counter()
         before = arena.in_use
-        compacted = self.compact(target_frames)
+        compacted = self.compact(target_frames) if cache.config.compact_before_evict else 0
         persistent_ok = cache.evictor is not None
         while arena.in_use > target_frames:
             victim = self._oldest(persistent_ok)

@@ -19,12 +19,16 @@
 # reaper) while its class owns a free slot.
 #
 # Compaction moves zpages from the emptiest zspages of a class into free slots of the fullest,
-# only into frames those already own, so it never takes a frame.  Like the kernel's
-# zs_can_compact, a class is skipped unless its wasted slots (free slots in owned frames) add up
-# to a whole zspage: then the emptiest zspage always fits in the others' room, so every
-# compaction that runs frees frames, and afterwards the class wastes less than a zspage.  Classes
-# over that mark are counted in `compactable`, and `on_compactable` tells the reaper when the
-# count leaves zero, so the reaper finds what to compact without looking at every pool.
+# only into frames those already own, so it never takes a frame.  It plans before it moves: the
+# emptiest m zspages whose zpages fit whole in the others' free owned slots are emptied, the
+# largest such m, so every zpage moved helps free a zspage (a class where nothing fits is left
+# alone).  Like the kernel's zs_can_compact, a class whose wasted slots (free slots in owned
+# frames) add up to a whole zspage is worth compacting: then the emptiest zspage always fits, and
+# afterwards the class wastes less than a zspage.  Classes over that mark are counted in
+# `compactable`, and `on_compactable` tells the reaper when the count leaves zero, so the reaper
+# finds what to compact without looking at every pool; once it compacts a pool, every class that
+# can give a zspage back does, over the mark or not (a shifting mix of sizes leaves many classes
+# just under it).
 #
 # Zspages are the reclaimable unit: they carry the LRU position, and reclaim evicts every zpage
 # of the least recent zspage to give back all its frames.  Handle = zspage id << 8 | slot.
@@ -291,31 +295,38 @@ class Zsmalloc:
         return self.nframes[unit]
 
     def compact(self, on_move: MoveCallback) -> int:
-        """Compact every class that wastes at least a zspage of slots; the frames freed."""
+        """Compact every class in which moving zpages frees zspages; the frames freed."""
         before = self.frames
-        if self.compactable:
-            for c, slots in enumerate(SLOTS):
-                if self.waste[c] >= slots:
-                    self._compact_class(c, on_move)
+        for c in list(self.groups):
+            self._compact_class(c, on_move)
         return before - self.frames
 
     def _compact_class(self, c: int, on_move: MoveCallback) -> None:
-        """Move zpages from the emptiest zspages into room the fullest own, until they meet."""
-        partial = sorted((zid for g in self.groups[c] for zid in g), key=self.inuse.__getitem__)
-        lo, hi = 0, len(partial) - 1
-        while lo < hi:
-            src, dst = partial[lo], partial[hi]
-            if not 0 <= self.group[dst] < GROUPS:  # no free slot in its frames
-                hi -= 1
-                continue
-            used = self.used[src]
-            handle = src << SLOT_BITS | (used.bit_length() - 1)
-            zpage = self.read(handle)
-            new = self._store(dst, zpage)  # into a frame dst owns: it has room
-            on_move(handle, new, zpage)
-            self.free(handle)
-            if not self.inuse[src]:
-                lo += 1
+        """Empty the emptiest zspages of a class into free slots the fullest own, as many as fit
+        whole: the first m (by zpages in use) such that their zpages fit in the free owned slots
+        of the others.  That m is found before anything moves, so every zpage moved helps free
+        a zspage, and none is moved for nothing."""
+        inuse, nframes, owned = self.inuse, self.nframes, OWNED[c]
+        partial = sorted((zid for g in self.groups[c] for zid in g), key=inuse.__getitem__)
+        room = sum(owned[nframes[zid]] - inuse[zid] for zid in partial)
+        moving = m = 0
+        for zid in partial:  # room: the free owned slots of partial[m:]
+            free = owned[nframes[zid]] - inuse[zid]
+            if moving + inuse[zid] > room - free:
+                break
+            moving += inuse[zid]
+            room -= free
+            m += 1
+        targets = partial[: m - 1 : -1] if m else []  # fullest first
+        t = 0
+        for src in partial[:m]:
+            for handle in self.unit_handles(src):
+                while not 0 <= self.group[targets[t]] < GROUPS:  # no free slot in its frames
+                    t += 1
+                zpage = self.read(handle)
+                new = self._store(targets[t], zpage)  # into a frame the target owns
+                on_move(handle, new, zpage)
+                self.free(handle)
 
     def extents(self) -> Iterator[tuple[int, list[Extent]]]:
         for zid in self.lru:

@@ -19,7 +19,7 @@ from ramster.client import AsyncClient
 from ramster.v1 import peer_pb2, peer_pb2_grpc, tmem_pb2, tmem_pb2_grpc
 from ramster.zcache.codec import compress, make_zpage
 from tests.node.conftest import node_settings
-from tests.node.test_metrics import scrape, value
+from tests.node.test_metrics import fetch_metrics, value
 
 BIG = 2**32 + 5  # cut to 32 bits this would be 5: another page, silently
 PAGE = bytes(range(256)) * 16
@@ -222,7 +222,7 @@ async def test_unparsable_requests_are_invalid_argument(
     # scraped from another thread: the node's event loop (this one) must run while it answers,
     # and the call is counted just after its status went out
     for _ in range(100):
-        text = await asyncio.to_thread(scrape, peer_node)
+        text = await asyncio.to_thread(fetch_metrics, peer_node)
         counted = value(text, "grpc_server_handled_total", grpc_code="InvalidArgument", **labels)
         if counted:
             break

@@ -70,8 +70,8 @@ def test_the_worst_stall_gauge_forgets_old_stalls(monkeypatch: pytest.MonkeyPatc
 
 
 async def test_a_node_exports_its_stalls(node: Node) -> None:
-    text = scrape(node)
+    text = await scrape(node)
     while not value(text, "ramster_event_loop_lag_seconds_count"):
         await asyncio.sleep(0.01)
-        text = scrape(node)
+        text = await scrape(node)
     assert value(text, "ramster_event_loop_stall_max_seconds") > 0

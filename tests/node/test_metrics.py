@@ -2,6 +2,7 @@
 # clean bill from promtool (installed by .ci/run; skipped where it is missing).
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import urllib.request
@@ -13,7 +14,13 @@ from node.server import Node
 from ramster.client import AsyncClient, KeyRange, NotFound
 
 
-def scrape(node: Node) -> str:
+async def scrape(node: Node) -> str:
+    """The node's metrics, fetched from another thread: the node's loop (the test's) must be
+    free to answer the scrape."""
+    return await asyncio.to_thread(fetch_metrics, node)
+
+
+def fetch_metrics(node: Node) -> str:
     url = f"http://127.0.0.1:{node.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=30) as reply:
         return str(reply.read().decode())
@@ -34,13 +41,13 @@ def value(text: str, name: str, **labels: str) -> float:
 async def test_engine_metrics_follow_puts_and_gets(
     node: Node, client: AsyncClient, sample_pages: list[bytes]
 ) -> None:
-    before = scrape(node)
+    before = await scrape(node)
     assert value(before, "ramster_stored_pages") == 0
     assert value(before, "ramster_pool_limit_bytes") == 64 * 1024 * 1024
     pool = await client.create_pool()
     await client.put_batch(pool, KeyRange(1, 0, 96), sample_pages)
     await client.get_batch(pool, KeyRange(1, 0, 100))
-    after = scrape(node)
+    after = await scrape(node)
     assert value(after, "ramster_stored_pages") == 88
     assert value(after, "ramster_puts_total") == 96
     assert value(after, "ramster_puts_refused_total", reason="poor_compression") == 8
@@ -52,7 +59,7 @@ async def test_engine_metrics_follow_puts_and_gets(
     assert value(after, "ramster_pages_per_frame") > 1
     assert value(after, "ramster_pools") == 1
     await client.flush_object(pool, 1)
-    assert value(scrape(node), "ramster_flushes_total") == 88
+    assert value(await scrape(node), "ramster_flushes_total") == 88
     info = [s for s in samples(after) if s[0] == "ramster_build_info"]
     assert info and ("version", "0.1.0") in info[0][1]
 
@@ -61,7 +68,7 @@ async def test_grpc_metrics(node: Node, client: AsyncClient) -> None:
     await client.create_pool()
     with pytest.raises(NotFound):
         await client.destroy_pool(99)
-    text = scrape(node)
+    text = await scrape(node)
     unary = {"grpc_type": "unary", "grpc_service": "ramster.v1.Tmem"}
     assert value(text, "grpc_server_started_total", grpc_method="CreatePool", **unary) == 1
     assert (
@@ -92,6 +99,6 @@ async def test_promtool_accepts_the_metrics(
     async with client.stream() as stream:
         await (await stream.get_batch(pool, KeyRange(1, 0, 96)))
     check = subprocess.run(
-        [promtool, "check", "metrics"], input=scrape(node), capture_output=True, text=True
+        [promtool, "check", "metrics"], input=await scrape(node), capture_output=True, text=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
