@@ -3,17 +3,20 @@
 # Engine numbers are not pushed: the data path does no metric work per page, and a scrape reads
 # what it needs when it comes.  The engine, the backing file and the ramster layer are changed
 # by the event loop and are not thread-safe, while prometheus_client scrapes on its HTTP
-# server's thread, so a scrape never reads them itself: a LoopCollector posts a read to the
-# loop (call_soon_threadsafe) and waits for its result, a value the loop will not touch again
-# (the engine's frozen Snapshot, a copy of the backing file's counters, the layer's families
-# built there), then renders the families on the scrape thread.  Asked for at scrape time rather
-# than published by the loop on a timer: the loop spends nothing while nobody scrapes (one read
-# of a few microseconds per pool when someone does, not one every period), the numbers are as
-# fresh as the scrape, and no task or timer has to be kept alive.  The price is that a scrape
-# waits for the loop's next turn; if the loop is stalled for SCRAPE_TIMEOUT (or closed), the
-# last value read is served again, so a scrape is never an error and never blocks for long.
-# Every value read is one consistent state (each is made in one step of the loop): puts equal
-# the sum of outcomes, pages per frame are those pages over those frames.
+# server's thread, so a scrape never reads them itself: the node's LoopCollector posts one read
+# of every source to the loop (call_soon_threadsafe) and waits for it, values the loop will not
+# touch again (the engine's frozen Snapshot, a copy of the backing file's counters, the layer's
+# families built there), then renders the families on the scrape thread.
+#
+# Asked for at scrape time rather than published by the loop on a timer: the loop spends nothing
+# while nobody scrapes (one read of a few microseconds per pool when someone does, not one every
+# period), the numbers are as fresh as the scrape, and no task or timer has to be kept alive.
+# The price is that a scrape waits for the loop's next turn; if the loop is stalled for
+# SCRAPE_TIMEOUT (or closed), the last values read are served again, so a scrape is never an
+# error and never blocks for long.  What one scrape reads is one consistent state (it is read in
+# one turn of the loop): puts equal the sum of outcomes, pages per frame are those pages over
+# those frames.  (Code on the loop must not scrape its own node synchronously: it would wait on
+# itself, and get the last values.)
 #
 # gRPC metrics use the names and labels of go-grpc-prometheus (grpc_server_started_total,
 # grpc_server_handled_total, grpc_server_handling_seconds) so existing dashboards work; the
@@ -31,7 +34,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from functools import partial
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -61,40 +65,47 @@ SCRAPE_TIMEOUT = 2.0  # seconds a scrape waits for the loop before serving the l
 T = TypeVar("T")
 
 
-class LoopCollector(Collector, Generic[T]):
-    """Families of state only the event loop may touch: `read` runs on the loop and returns a
-    value the loop will not change afterwards, `render` makes the families from it on the
-    scraping thread.  A stalled or closed loop gets the last value rendered again."""
+Rendering = Callable[[], Iterable[Metric]]  # families made off the loop from values read on it
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        read: Callable[[], T],
-        render: Callable[[T], Iterable[Metric]],
-        timeout: float = SCRAPE_TIMEOUT,
-    ) -> None:
-        self.loop, self.read, self.render, self.timeout = loop, read, render, timeout
-        self._last: T | None = None
+
+class LoopCollector(Collector):
+    """Families of state only the event loop may touch.  Each source runs on the loop and
+    returns a rendering: a callable that makes families from values the loop will not change
+    afterwards (a frozen snapshot, a copy), run on the scraping thread.  All sources are read in
+    one turn of the loop, so they agree with each other; a stalled or closed loop gets the last
+    renderings run again."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float = SCRAPE_TIMEOUT) -> None:
+        self.loop, self.timeout = loop, timeout
+        self.sources: list[Callable[[], Rendering]] = []
+        self._last: list[Rendering] = []
+
+    def add(self, read: Callable[[], T], render: Callable[[T], Iterable[Metric]]) -> None:
+        """Serve the families `render` makes of what `read` returns on the loop."""
+        self.sources.append(lambda: partial(render, read()))
 
     def collect(self) -> Iterator[Metric]:
         with contextlib.suppress(RuntimeError, TimeoutError):  # the loop is closed, or stalled
             self._last = self._read_on_loop()
-        return iter(() if self._last is None else list(self.render(self._last)))
+        return iter([family for rendering in self._last for family in rendering()])
 
-    def _read_on_loop(self) -> T:
+    def _read_all(self) -> list[Rendering]:
+        return [source() for source in self.sources]
+
+    def _read_on_loop(self) -> list[Rendering]:
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is self.loop:  # collected on the loop itself: no one to wait for
-            return self.read()
-        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+            return self._read_all()
+        done: concurrent.futures.Future[list[Rendering]] = concurrent.futures.Future()
 
         def read() -> None:
             if not done.set_running_or_notify_cancel():  # the scrape gave up waiting
                 return
             try:
-                done.set_result(self.read())
+                done.set_result(self._read_all())
             except Exception as exc:
                 done.set_exception(exc)
 
@@ -311,14 +322,15 @@ class LoopStallMetrics:
 
 class NodeMetrics:
     """The registry of one node and the HTTP server that exposes it.  Made on the event loop,
-    whose state the LoopCollectors read: the engine's snapshot from the start, and whatever
-    on_loop() adds (the backing file, the ramster layer)."""
+    whose state `on_loop` reads for each scrape: the engine's snapshot from the start, and
+    whatever on_loop.add() adds (the backing file, the ramster layer)."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], version: str, node_id: str) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # go-grpc-prometheus has none
-        self.loop = asyncio.get_running_loop()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.on_loop(snapshot, engine_families)
+        self.on_loop = LoopCollector(asyncio.get_running_loop())
+        self.on_loop.add(snapshot, engine_families)
+        self.registry.register(self.on_loop)
         self.grpc = GrpcMetrics(self.registry)
         self.nbd = NbdMetrics(self.registry)  # declared even without NBD, as dashboards expect
         self.loop_lag = LoopStallMetrics(self.registry)
@@ -330,10 +342,6 @@ class NodeMetrics:
         )
         build.labels(version, platform.python_version(), node_id).set(1)
         self._http: tuple[WSGIServer, threading.Thread] | None = None
-
-    def on_loop(self, read: Callable[[], T], render: Callable[[T], Iterable[Metric]]) -> None:
-        """Serve the families `render` makes of what `read` returns on the loop."""
-        self.registry.register(LoopCollector(self.loop, read, render))
 
     def serve(self, where: HostPort) -> int:
         """Start the HTTP endpoint; the port it listens on."""

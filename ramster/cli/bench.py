@@ -6,7 +6,7 @@ from functools import partial
 from typing import Any
 
 from ramster.bench import cluster as bench_cluster
-from ramster.bench import engine, latency, nbd, node, reaper, soak, tls
+from ramster.bench import engine, fragmentation, latency, nbd, node, reaper, soak, tls
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
@@ -35,6 +35,13 @@ def _engine(args: argparse.Namespace) -> int:
     result = engine.run(pages, args.allocator, args.pages or len(pages), args.store_raw)
     emit(result, args.json)
     return 0 if result["verified"] else 1
+
+
+def _fragmentation(args: argparse.Namespace) -> int:
+    pages = corpus_pages(args.corpus)
+    result = fragmentation.run(pages, args.allocator, args.pages or len(pages), args.seed)
+    emit(result, args.json)
+    return 0
 
 
 def _reaper(args: argparse.Namespace) -> int:
@@ -171,6 +178,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_engine)
+
+    p = kinds.add_parser(
+        "fragmentation",
+        help="flush and overwrite churn in one pool: compaction against perfect packing, and "
+        "pages evicted with compaction on and off",
+        description="Fill a pool, flush a random half and overwrite a quarter with pages of "
+        "other size classes; print frames before and after compaction against the frames "
+        "perfect packing needs for what is left, and the pages the reaper evicts over rounds "
+        "of such churn under a limit the live data fits in, with compaction on and off.",
+    )
+    p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="zsmalloc")
+    p.add_argument("--pages", type=positive, help="pages in the pool (default: the corpus size)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_fragmentation)
 
     p = kinds.add_parser(
         "reaper",
