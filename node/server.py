@@ -169,7 +169,7 @@ class Node:
                 clean_stop=backing.stats.was_clean,
             )
         metrics = self._metrics = NodeMetrics(engine.snapshot, __version__, s.node_id)
-        metrics.on_loop(lambda: read_backing(backing), backing_families)
+        metrics.on_loop.add(lambda: read_backing(backing), backing_families)
         server = self._grpc_server()
         servicer = TmemServicer(
             engine,
@@ -240,7 +240,7 @@ class Node:
         peer_pb2_grpc.add_PeerServicer_to_server(remote.servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._peer_health, server)
         assert self._metrics is not None
-        self._metrics.on_loop(remote.metric_families, lambda families: families)
+        self._metrics.on_loop.add(remote.metric_families, lambda families: families)
         credentials = tls.server_credentials(require_client_cert=True) if tls else None
         self.peer_port = self._bind(server, "--peer-listen", where, credentials)
         if tls:
