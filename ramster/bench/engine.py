@@ -54,7 +54,8 @@ def run(pages: list[bytes], allocator: str, n: int, store_raw: bool = False) -> 
                 packed_sizes += min(len(c), PAGE_SIZE)
                 packed_pages += 1
         progress.update(stop)
-    metadata = (rss_bytes() - rss0 - cache.frames * PAGE_SIZE) / max(1, cache.stored_pages)
+    filled = cache.snapshot()
+    metadata = (rss_bytes() - rss0 - filled.size_bytes) / max(1, filled.stored_pages)
     verified = True
     progress = Progress("get", n)
     for start in range(0, n, BATCH):
@@ -82,8 +83,8 @@ def run(pages: list[bytes], allocator: str, n: int, store_raw: bool = False) -> 
         "refused": {r.reason: outcomes[r] for r in PutResult if r.refused},
         "stored": outcomes[PutResult.STORED] + outcomes[PutResult.STORED_RAW],
         "stored_raw": outcomes[PutResult.STORED_RAW],
-        "frames": cache.frames,
-        "pages_per_frame": round(cache.pages_per_frame(), 4),
+        "frames": filled.frames,
+        "pages_per_frame": round(filled.pages_per_frame, 4),
         "bound_pages_per_frame": round(packed_pages * PAGE_SIZE / max(1, packed_sizes), 4),
         "put_pages_per_s": round(n / put_time),
         "get_pages_per_s": round(n / get_time),
@@ -93,7 +94,7 @@ def run(pages: list[bytes], allocator: str, n: int, store_raw: bool = False) -> 
         "get_vs_lz4_decompress": round(lz4_get / get_time, 3),
         "metadata_bytes_per_page": round(metadata, 1),
         "metadata_accounted_bytes_per_page": round(
-            cache.metadata_bytes() / max(1, cache.stored_pages), 1
+            cache.metadata_bytes() / max(1, filled.stored_pages), 1
         ),
         "verified": verified,
     }

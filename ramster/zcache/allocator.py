@@ -31,9 +31,9 @@ class Allocator(Protocol):
         """Store `zpage`; its handle, or -1 when no frame can be had."""
         ...
 
-    def read(self, handle: int) -> bytes | memoryview:
-        """The slot's bytes: the zpage, possibly followed by padding.  A memoryview is only valid
-        until the zpage is freed or moved."""
+    def read(self, handle: int) -> bytes:
+        """A copy of the slot's bytes: the zpage, possibly followed by padding (one slice of
+        the arena's mmap: cheaper than a memoryview, which would need a copy anyway)."""
         ...
 
     def free(self, handle: int) -> None: ...

@@ -35,6 +35,7 @@
 # threads, and a snapshot, once taken, may be read anywhere.
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from ramster.zcache.allocator import Allocator
@@ -222,21 +223,31 @@ class ZCache:
         handles = []
         filed = 0  # keys[:filed] are in the index already
         same = self.same
+        zalloc = pool.zalloc.alloc
+        stored = PutResult.STORED
         alloc: Allocator
         for item in encoded:
             if item is None:
                 handles.append(0)
                 results.append(PutResult.REFUSED_POOR_COMPRESSION)
                 continue
-            if len(item) == WORD:
+            size = len(item)
+            if size == WORD:
                 handles.append(SAME_TAG | same.ref(item))
                 results.append(PutResult.SAME_FILLED)
                 continue
-            if len(item) == RAW_ZPAGE:
-                alloc, tag, result = pool.raw, RAW_TAG, PutResult.STORED_RAW
+            if size != RAW_ZPAGE:  # the common case first: a zpage with room for it
+                self.tick += 1
+                handle = zalloc(item, self.tick)
+                if handle >= 0:
+                    handles.append(ZPAGE_TAG | handle)
+                    results.append(stored)
+                    continue
+                alloc, tag, result = pool.zalloc, ZPAGE_TAG, stored
+                handle, filed = self._alloc_at_limit(pool, alloc, item, keys, handles, filed)
             else:
-                alloc, tag, result = pool.zalloc, ZPAGE_TAG, PutResult.STORED
-            handle, filed = self._alloc(pool, alloc, item, keys, handles, filed)
+                alloc, tag, result = pool.raw, RAW_TAG, PutResult.STORED_RAW
+                handle, filed = self._alloc(pool, alloc, item, keys, handles, filed)
             if handle < 0:
                 handles.append(0)
                 results.append(PutResult.REFUSED_NO_ROOM)
@@ -244,8 +255,9 @@ class ZCache:
                 handles.append(tag | handle)
                 results.append(result)
         self._file(pool, keys[filed:], handles[filed:])
-        for result in results:
-            stats.outcomes[result] += 1
+        outcomes = stats.outcomes
+        for result, count in Counter(results).items():
+            outcomes[result] += count
         return results
 
     def get_batch(
@@ -254,7 +266,7 @@ class ZCache:
         """Pages under many keys of one pool: bytes on a hit, None on a miss, and a PageError
         (CorruptPage or PageUnavailable, not raised) for a page that cannot be returned, so one
         bad page spoils no others."""
-        return self.opened(self.read_sealed(pool_id, keys, exclusive).open())
+        return self._read(pool_id, keys, exclusive, copy=False).pages
 
     def read_sealed(
         self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool = False
@@ -263,6 +275,13 @@ class ZCache:
         ephemeral pool, removed) at once, with copies of the zpages in frames left to open()
         (which may run on any thread) and then to opened().  Evicted pages are opened here, as
         a promotion must not bring back a zpage that fails verification."""
+        return self._read(pool_id, keys, exclusive, copy=True)
+
+    def _read(
+        self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool, copy: bool
+    ) -> SealedPages:
+        """read_sealed() when `copy`; else get_batch(), whose zpages in frames are opened in
+        place as they are read (no copy: nothing runs between the read and the open)."""
         pool = self.pool(pool_id)
         check_keys(keys)
         remove = exclusive or pool.ephemeral
@@ -288,8 +307,11 @@ class ZCache:
                     if not remove:
                         tick += 1
                         zticks[h >> zshift] = tick
-                    at.append(i)
-                    zpages.append(bytes(zread(h)))  # the slot, padding and all: one copy
+                    if copy:
+                        at.append(i)
+                        zpages.append(zread(h))  # a copy of the slot, padding and all
+                    else:
+                        out[i] = open_zpage(zread(h), oid, index_no)
                 elif kind == SAME:
                     out[i] = self.same.page(h)
                 elif kind == EVICTED:
@@ -304,8 +326,11 @@ class ZCache:
                 else:
                     tick += 1
                     pool.raw.lru.tick[h] = tick
-                    at.append(i)
-                    zpages.append(pool.raw.read(h))
+                    if copy:
+                        at.append(i)
+                        zpages.append(pool.raw.read(h))
+                    else:
+                        out[i] = open_zpage(pool.raw.read(h), oid, index_no)
             except CorruptPage as exc:
                 out[i] = exc
                 corrupt += 1
@@ -445,6 +470,18 @@ class ZCache:
         handle = alloc.alloc(zpage, self.tick)
         if handle >= 0:
             return handle, filed
+        return self._alloc_at_limit(pool, alloc, zpage, keys, handles, filed)
+
+    def _alloc_at_limit(
+        self,
+        pool: Pool,
+        alloc: Allocator,
+        zpage: bytes,
+        keys: list[tuple[int, int]],
+        handles: list[int],
+        filed: int,
+    ) -> tuple[int, int]:
+        """_alloc() once the allocator has refused: file, reclaim, try again."""
         done = len(handles)
         self._file(pool, keys[filed:done], handles[filed:done])
         return self._alloc_reclaiming(alloc, zpage), done

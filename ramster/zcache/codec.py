@@ -98,7 +98,7 @@ def open_zpage(zpage: bytes | memoryview, oid: int, index: int) -> bytes:
     if length == PAGE_SIZE:
         return bytes(payload)
     try:
-        page: bytes = _decompress(payload, uncompressed_size=PAGE_SIZE)
+        page: bytes = _decompress(payload, PAGE_SIZE)  # uncompressed_size
     except lz4.block.LZ4BlockError as exc:
         raise CorruptPage(f"zpage for oid={oid} index={index} does not decompress") from exc
     if len(page) != PAGE_SIZE:

@@ -36,24 +36,7 @@ class PageIndex:
 
     def pop(self, oid: int, index: int) -> int:
         """Remove and return the handle of a key, 0 if it held none."""
-        obj = self.objects.get(oid)
-        if obj is None:
-            return 0
-        cno = index >> CHUNK_BITS
-        chunk = obj.get(cno)
-        if chunk is None:
-            return 0
-        slot = index & CHUNK_MASK
-        handle = chunk[slot]
-        if handle:
-            chunk[slot] = 0
-            self.count -= 1
-            chunk[CHUNK] -= 1
-            if not chunk[CHUNK]:
-                del obj[cno]
-                if not obj:
-                    del self.objects[oid]
-        return handle
+        return self.pop_many([(oid, index)])[0]
 
     def get_many(self, keys: list[tuple[int, int]]) -> list[int]:
         """Handles of many keys (0 where absent), in order."""
@@ -67,8 +50,25 @@ class PageIndex:
 
     def pop_many(self, keys: list[tuple[int, int]]) -> list[int]:
         """Remove many keys; their handles (0 where absent), in order."""
-        pop = self.pop
-        return [pop(oid, index) for oid, index in keys]
+        objects = self.objects
+        out = []
+        for oid, index in keys:
+            obj = objects.get(oid)
+            if obj is None or (chunk := obj.get(index >> CHUNK_BITS)) is None:
+                out.append(0)
+                continue
+            slot = index & CHUNK_MASK
+            handle = chunk[slot]
+            out.append(handle)
+            if handle:
+                chunk[slot] = 0
+                self.count -= 1
+                chunk[CHUNK] -= 1
+                if not chunk[CHUNK]:
+                    del obj[index >> CHUNK_BITS]
+                    if not obj:
+                        del objects[oid]
+        return out
 
     def set_many(self, keys: list[tuple[int, int]], handles: list[int]) -> list[int]:
         """File handles under keys, in order; handle 0 (a refused put) removes the key instead.

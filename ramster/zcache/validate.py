@@ -25,6 +25,14 @@ def check_key(oid: object, index: object) -> None:
 
 
 def check_keys(keys: list[tuple[int, int]]) -> None:
+    """Every key of a batch is an (object id, page index) pair of ints in range.  The common
+    case is checked in C loops (zip, map, min, max: ~0.1 us per key); a batch that fails it is
+    walked key by key for the message."""
+    try:
+        if len(keys[0]) == 2 and _all_in_range(*zip(*keys, strict=True)):
+            return
+    except (IndexError, TypeError, ValueError):  # empty, not pairs, or not comparable
+        pass
     try:
         for oid, index in keys:
             if not (type(oid) is int and 0 <= oid <= MAX_OID) or not (
@@ -35,6 +43,19 @@ def check_keys(keys: list[tuple[int, int]]) -> None:
         if isinstance(exc, InvalidKey):
             raise
         raise InvalidKey(f"a key must be an (object id, page index) pair: {exc}") from None
+
+
+def _all_in_range(oids: tuple[int, ...], indexes: tuple[int, ...]) -> bool:
+    """Whether every object id and page index is an int in range (or TypeError from min/max
+    for values that do not compare; the caller then looks at each key)."""
+    return (
+        set(map(type, oids)) == _INT == set(map(type, indexes))
+        and 0 <= min(oids) <= max(oids) <= MAX_OID
+        and 0 <= min(indexes) <= max(indexes) <= MAX_INDEX
+    )
+
+
+_INT = {int}
 
 
 def as_page(page: object) -> bytes:

@@ -126,10 +126,10 @@ class Zbud:
             return self.frame[zid], PAGE_SIZE - (chunks << CHUNK_SHIFT), PAGE_SIZE
         return self.frame[zid], 0, self.first[zid] << CHUNK_SHIFT
 
-    def read(self, handle: int) -> memoryview:
+    def read(self, handle: int) -> bytes:
         frame, start, end = self._extent(handle)
         base = frame << 12
-        return self.arena.view[base + start : base + end]
+        return self.arena.map[base + start : base + end]
 
     def free(self, handle: int) -> None:
         zid = handle >> 1

@@ -90,6 +90,11 @@ def _merged_classes() -> tuple[list[int], list[int], list[int]]:
 
 
 SIZES, SLOTS, _STEP_CLASS = _merged_classes()
+# The class of a zpage of each length (index 0 unused): one lookup on the alloc path.
+_LENGTH_CLASS = [
+    _STEP_CLASS[0 if n <= MIN_SIZE else (n - MIN_SIZE + CLASS_STEP - 1) // CLASS_STEP]
+    for n in range(PAGE_SIZE + 1)
+]
 # Slots lying wholly in the first n frames of a zspage of each class, n = 0..MAX_FRAMES.
 OWNED = [
     [min(slots, n * PAGE_SIZE // size) for n in range(MAX_FRAMES + 1)]
@@ -216,9 +221,7 @@ class Zsmalloc:
         length = len(zpage)
         if not 0 < length <= PAGE_SIZE:
             raise InvalidPage(f"zsmalloc stores zpages of 1 to {PAGE_SIZE} bytes, got {length}")
-        c = _STEP_CLASS[
-            0 if length <= MIN_SIZE else (length - MIN_SIZE + CLASS_STEP - 1) // CLASS_STEP
-        ]
+        c = _LENGTH_CLASS[length]
         groups = self.groups.get(c) or self.groups.setdefault(c, [{} for _ in range(GROUPS + 1)])
         for g in _ALLOC_ORDER:
             bucket = groups[g]
@@ -262,17 +265,17 @@ class Zsmalloc:
         self.zpages += 1
         return zid << SLOT_BITS | slot
 
-    def read(self, handle: int) -> bytes | memoryview:
+    def read(self, handle: int) -> bytes:
         zid = handle >> SLOT_BITS
         size = SIZES[self.cls[zid]]
         offset = (handle & SLOT_MASK) * size
         first = zid * MAX_FRAMES + (offset >> 12)
         start = (self.frame[first] << 12) + (offset & (PAGE_SIZE - 1))
         room = PAGE_SIZE - (offset & (PAGE_SIZE - 1))
-        if size <= room:
-            return self.arena.view[start : start + size]
-        second = self.frame[first + 1] << 12
         amap = self.arena.map
+        if size <= room:
+            return amap[start : start + size]
+        second = self.frame[first + 1] << 12
         return amap[start : start + room] + amap[second : second + size - room]
 
     def free(self, handle: int) -> None:
