@@ -4,7 +4,10 @@
 # timed on the very same batches, interleaved with the engine's (compress a batch, put it; later
 # decompress a batch into a list of pages, get it), so the put/get speed is judged as a ratio to
 # the codec alone under the same machine noise.  The buffers LZ4 decompresses are compressed
-# before the run, so they are as cold in the CPU caches as the zcache's frames.  Metadata per page
+# before the run, so they are as cold in the CPU caches as the zcache's frames.  Both are timed in
+# CPU time of this process (time.process_time), not wall time: on a small shared machine the
+# process is descheduled in the middle of a batch often enough to swamp a ratio measured in
+# wall time (0.3 to 0.9 from one run to the next), and neither side waits on anything.  Metadata per page
 # is measured, not estimated: the growth of resident memory during the put phase minus the frames
 # the arena holds (meaningful at large N: small runs only see allocator noise).
 from __future__ import annotations
@@ -39,11 +42,11 @@ def run(pages: list[bytes], allocator: str, n: int, store_raw: bool = False) -> 
         stop = min(n, start + BATCH)
         batch = [pages[i % count] for i in range(start, stop)]
         keys = [(0, i) for i in range(start, stop)]
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         packed = [compress(page, store_size=False) for page in batch]
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         results = cache.put_batch(pool, keys, batch)
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         lz4_put += t1 - t0
         put_time += t2 - t1
         outcomes.update(results)
@@ -62,13 +65,13 @@ def run(pages: list[bytes], allocator: str, n: int, store_raw: bool = False) -> 
         stop = min(n, start + BATCH)
         packed = [packed_corpus[i % count] for i in range(start, stop)]
         keys = [(0, i) for i in range(start, stop)]
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         plain = [decompress(c, uncompressed_size=PAGE_SIZE) for c in packed]
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         del plain
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         got = cache.get_batch(pool, keys)
-        t3 = time.perf_counter()
+        t3 = time.process_time()
         lz4_get += t1 - t0
         get_time += t3 - t2
         for i, got_page in zip(range(start, stop), got, strict=True):
