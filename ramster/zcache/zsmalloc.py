@@ -238,30 +238,34 @@ class Zsmalloc:
 
     def _store(self, zid: int, zpage: bytes | memoryview) -> int:
         """Write `zpage` into the lowest free slot of zspage `zid`; -1 if no frame can be had."""
-        size = SIZES[self.cls[zid]]
+        c = self.cls[zid]
+        size = SIZES[c]
         used = self.used[zid]
         slot = (~used & (used + 1)).bit_length() - 1
         offset = slot * size
-        if (offset + size + PAGE_SIZE - 1) >> 12 > self.nframes[zid] and not self._reach(
-            zid, offset + size
-        ):
+        end = offset + size
+        if end > self.nframes[zid] << 12 and not self._reach(zid, end):
             return -1
         self.used[zid] = used | (1 << slot)
         inuse = self.inuse[zid] + 1
         self.inuse[zid] = inuse
         self._regroup(zid, inuse)
-        self._waste(self.cls[zid], -1)
+        waste = self.waste[c]  # _waste(c, -1), inlined on the hot path
+        self.waste[c] = waste - 1
+        if waste == SLOTS[c]:
+            self.compactable -= 1
         length = len(zpage)
         first = zid * MAX_FRAMES + (offset >> 12)
-        start = (self.frame[first] << 12) + (offset & (PAGE_SIZE - 1))
-        room = PAGE_SIZE - (offset & (PAGE_SIZE - 1))
-        view = self.arena.view
-        if length <= room:
-            view[start : start + length] = zpage
+        within = offset & (PAGE_SIZE - 1)
+        start = (self.frame[first] << 12) + within
+        amap = self.arena.map
+        if within + length <= PAGE_SIZE:
+            amap[start : start + length] = zpage
         else:
-            view[start : start + room] = zpage[:room]
+            room = PAGE_SIZE - within
+            amap[start : start + room] = zpage[:room]
             second = self.frame[first + 1] << 12
-            view[second : second + length - room] = zpage[room:]
+            amap[second : second + length - room] = zpage[room:]
         self.zpages += 1
         return zid << SLOT_BITS | slot
 
