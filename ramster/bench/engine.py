@@ -7,9 +7,10 @@
 # before the run, so they are as cold in the CPU caches as the zcache's frames.  Both are timed in
 # CPU time of this process (time.process_time), not wall time: on a small shared machine the
 # process is descheduled in the middle of a batch often enough to swamp a ratio measured in
-# wall time (0.3 to 0.9 from one run to the next), and neither side waits on anything.  Metadata per page
-# is measured, not estimated: the growth of resident memory during the put phase minus the frames
-# the arena holds (meaningful at large N: small runs only see allocator noise).
+# wall time (0.3 to 0.9 from one run to the next), and neither side waits on anything.
+# Metadata per page is measured, not estimated: the growth of resident memory during the put
+# phase minus the frames the arena holds (meaningful at large N: small runs only see allocator
+# noise).
 from __future__ import annotations
 
 import time
