@@ -8,7 +8,6 @@ import asyncio
 import logging
 import os
 import sys
-import urllib.request
 from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from ramster.client import AsyncClient, KeyRange, PageStatus
 from ramster.client.errors import NotFound, RamsterError, ResourceExhausted
 from ramster.zcache import PoolKind
 from tests.node.conftest import node_settings
+from tests.node.test_metrics import fetch_metrics
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef"
@@ -73,8 +73,7 @@ async def test_calls_need_a_valid_token_and_health_does_not(
         await alice.put(pool, 1, 0, compressible_pages[0])
         with pytest.raises(RamsterError):
             await alice.put(pool, 1, 1 << 33, compressible_pages[0])
-    url = f"http://127.0.0.1:{node.metrics_port}/metrics"
-    metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+    metrics = await asyncio.to_thread(fetch_metrics, node)  # the node's loop must answer it
     assert 'grpc_code="Unauthenticated"' in metrics
     for secret in (ALICE, BOB, ALICE[:12]):
         assert secret not in metrics

@@ -15,8 +15,8 @@ from ramster.zcache import (
     PutResult,
     ZCache,
     ZCacheConfig,
+    check_put_batch,
 )
-from ramster.zcache.cache import check_put_batch
 from ramster.zcache.codec import HEADER_SIZE
 
 P, E = PoolKind.PERSISTENT, PoolKind.EPHEMERAL
