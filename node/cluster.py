@@ -4,7 +4,8 @@
 # is the backing file alone).  With peers, the engine's evictor is the chain [layer, backing
 # file]: the reaper's persistent zpages go to peers while any has room, else to disk.  The driver
 # task heartbeats and pumps in the background; gets call `prefetch()` so remote copies are
-# fetched before the synchronous engine reads them.
+# fetched before the synchronous engine reads them.  Beside it a HeapTrimmer (node/heap.py)
+# gives the heap back to the OS once a burst of zpage traffic is over.
 #
 # Start: the layer rebuilds its table from the journal in the data directory (before the engine
 # adopts pages), and `start()` waits, up to `down_after`, until every peer that answers has told
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from node.heap import HeapTrimmer
 from node.logs import log_event
 from node.peering import GrpcTransport, Identity, PeerServicer
 from node.sealing import Sealer, load_sealing_key
@@ -62,6 +64,7 @@ class RemoteSide:
         self.transport = GrpcTransport(self.identity, sealer, timeout=settings.peer_timeout)
         self.servicer = PeerServicer(self.foreign, self.identity)
         self.driver: RemoteDriver | None = None
+        self.trimmer = HeapTrimmer(self._moved, settings.heartbeat_interval * 2)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, engine: ZCache) -> None:
@@ -73,7 +76,7 @@ class RemoteSide:
             self.transport,
             locate=lambda location: self.chain.link_location(location, self.layer),
         )
-        self._task = asyncio.create_task(self.driver.run())
+        self._task = asyncio.create_task(self._run(self.driver))
         peers = self.layer.membership.peers
         deadline = time.monotonic() + self.config.down_after
         while time.monotonic() < deadline:
@@ -89,6 +92,14 @@ class RemoteSide:
             orphans_flushed=stats.orphans_flushed,
             lost=stats.lost,
         )
+
+    async def _run(self, driver: RemoteDriver) -> None:
+        await asyncio.gather(driver.run(), self.trimmer.run())
+
+    def _moved(self) -> int:
+        """Zpages that went through this node's layer so far: sent, fetched, held."""
+        stats = self.layer.stats
+        return stats.remote_puts + stats.remote_gets + stats.rereplicated + self.foreign.moved
 
     async def prefetch(self, pool: int, keys: list[tuple[int, int]]) -> None:
         if self.driver is not None:
@@ -175,8 +186,13 @@ class RemoteSide:
             ("remote_recovered_pages", stats.recovered, "Remote pages found in the journal."),
             ("remote_reclaimed_copies", stats.reclaimed, "Copies peers still held at start."),
             ("remote_orphans_flushed", stats.orphans_flushed, "Unknown copies flushed at start."),
+            ("remote_outbox_refused", stats.outbox_refused, "Evicted pages left to the disk."),
+            ("heap_trims", self.trimmer.trims, "Heap trims after bursts of zpage traffic."),
         ):
             yield CounterMetricFamily(f"ramster_{name}", text, value)
+        yield CounterMetricFamily(
+            "ramster_heap_trim_seconds", "Time spent trimming the heap.", self.trimmer.seconds
+        )
         yield GaugeMetricFamily(
             "ramster_rereplication_pending_pages",
             "Pages waiting to be re-replicated.",

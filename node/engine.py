@@ -12,8 +12,9 @@
 # can wait behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk
 # is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts).  With workers it is
 # WORKER_CHUNK_PAGES pages through a short pipeline: a put chunk is encoded in a worker and then
-# filed on the loop; a get chunk is read out on the loop (after its remote copies are
-# prefetched), opened in a worker, then counted on the loop; up to DEPTH chunks of a batch are
+# filed on the loop; a get chunk is read out on the loop (the batch's remote copies are
+# fetched once, before the first chunk; a chunk fetches again only what went missing
+# meanwhile), opened in a worker, then counted on the loop; up to DEPTH chunks of a batch are
 # with the workers at once, so the loop files chunk n while chunk n+1 compresses.  Batches of up
 # to INLINE_PAGES pages (single gets, NBD's 4 KiB requests) always run at once on the loop.
 #
@@ -149,6 +150,8 @@ class ChunkedEngine:
                 await prefetch(pool, keys)
             return engine.get_batch(pool, keys, exclusive)
         check_keys(keys)  # the whole batch, before any chunk is read (an exclusive get removes)
+        if prefetch is not None:  # the batch's remote copies in one go; chunks find them staged
+            await prefetch(pool, keys)
 
         async def read(part: slice) -> SealedPages:
             if prefetch is not None:

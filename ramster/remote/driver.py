@@ -34,6 +34,7 @@ from ramster.zcache.codec import zpage_key, zpage_length
 
 log = logging.getLogger("ramster.remote")
 PREFETCH_ROUNDS = 3
+FETCH_BATCH = 128  # keys per GetZpages call; a batch's calls run concurrently
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,10 @@ class RemoteDriver:
         reach a holder before a newer copy of the same key does, or it would delete that copy;
         so if the flushes fail, that peer's puts are reported failed and placed elsewhere."""
         layer = self.layer
-        flushes = layer.take_flushes()
         sends: dict[str, list[SendPlan]] = {}
         for plan in layer.take_sends():
             sends.setdefault(plan.address, []).append(plan)
+        flushes = layer.take_flushes(self.clock(), with_sends=sends)
         work = [
             self._peer_work(a, flushes.get(a, []), sends.get(a, [])) for a in {*flushes, *sends}
         ]
@@ -252,8 +253,9 @@ class RemoteDriver:
         return bool(copies)
 
     async def _fetch_many(self, wanted: list[tuple[int, list[FetchSource]]]) -> dict[int, bytes]:
-        """The first intact copy of each location among its sources, one call per source
-        batch: every location asks its first source, those that failed ask their next."""
+        """The first intact copy of each location among its sources: every location asks its
+        first source, those that failed ask their next.  A round's keys are grouped by holder
+        and cut into calls of FETCH_BATCH keys, all in flight at once."""
         found: dict[int, bytes] = {}
         pending = [(loc, list(sources)) for loc, sources in wanted if sources]
         while pending:
@@ -263,9 +265,12 @@ class RemoteDriver:
                 groups.setdefault((first.address, first.epoch, first.pool_id), []).append(
                     (location, first)
                 )
-            replies = await asyncio.gather(
-                *(self._get_group(group, items) for group, items in groups.items())
-            )
+            calls = [
+                self._get_group(group, items[start : start + FETCH_BATCH])
+                for group, items in groups.items()
+                for start in range(0, len(items), FETCH_BATCH)
+            ]  # one call (a single get) is awaited as it is: no task to schedule
+            replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
             for reply in replies:
                 found.update(reply)
             pending = [(loc, sources[1:]) for loc, sources in pending if loc not in found]

@@ -69,6 +69,7 @@ class ForeignStore:
         self.cache = ZCache(ZCacheConfig(capacity_frames=capacity_frames))
         self.pools: dict[PoolTag, int] = {}
         self.refused = 0
+        self.moved = 0  # zpages stored and served (the node trims its heap after many)
 
     def _owner_frames(self, node_id: str) -> int:
         """What `node_id` uses of its quota: its frames, plus POOL_FRAMES per pool."""
@@ -114,6 +115,7 @@ class ForeignStore:
                 stored[i] = not result.refused
             self._drop_if_empty(tag)
         self.refused += stored.count(False)
+        self.moved += len(batch)
         return stored
 
     def _admits(self, node_id: str) -> bool:
@@ -158,6 +160,7 @@ class ForeignStore:
         pool = self.pools.get((owner.node_id, owner.incarnation, epoch, pool_id))
         if pool is None:
             return [None] * len(keys)
+        self.moved += len(keys)
         return [z[HEADER_SIZE:] if z else None for z in self.cache.read_zpages(pool, keys)]
 
     def flush(self, owner: OwnerTag, epoch: int, pool_id: int, keys: list[tuple[int, int]]) -> int:

@@ -39,7 +39,7 @@
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +53,8 @@ from ramster.zcache.evictor import Evictor
 
 NOBODY: frozenset[str] = frozenset()
 STAGED_LIMIT = 4096  # fetched copies kept for gets (about 6 MiB at a 3x ratio)
+FLUSH_BATCH = 256  # flushes owed to one peer that are sent without waiting for more
+FlushPlans = dict[str, list[tuple[int, int, int, int]]]  # address -> (epoch, pool, oid, index)
 
 
 class LocalDisk(Evictor, Protocol):
@@ -123,7 +125,8 @@ class RamsterLayer:
         self._damaged: dict[int, frozenset[str]] = {}  # holders whose copy failed its check
         self._pending: deque[int] = deque()  # locations that need a copy placed
         self._repairs: deque[int] = deque()  # locations whose bytes must be fetched back first
-        self._flushes: dict[str, list[tuple[int, int, int, int]]] = {}  # epoch, pool, oid, index
+        self._flushes: FlushPlans = {}  # owed to each peer: (epoch, pool, oid, index)
+        self._flush_since: dict[str, float] = {}  # when take_flushes first saw them waiting
         self._staged: dict[int, bytes] = {}
         self._short: set[int] = set()  # settled with fewer copies than wanted
         self._short_tried = 0.0
@@ -199,7 +202,7 @@ class RamsterLayer:
         for location in lost:
             self._drop_holder(location, address, flush=False)
         for pool_id, oid, index in keys:
-            self._flushes.setdefault(address, []).append((peer.epoch, pool_id, oid, index))
+            self._owe_flush(address, (peer.epoch, pool_id, oid, index))
         self.stats.orphans_flushed += len(keys)
         self._commit()
         peer.synced = True
@@ -255,6 +258,7 @@ class RamsterLayer:
     def _lose(self, address: str) -> None:
         """`address` restarted: what it held is gone."""
         self._flushes.pop(address, None)
+        self._flush_since.pop(address, None)
         held = self.table.held_by(address)
         for location in held:
             self._drop_holder(location, address, flush=False)
@@ -272,7 +276,13 @@ class RamsterLayer:
     def _flush_copy(self, address: str, location: int) -> None:
         peer = self.membership.peers.get(address)
         if peer is not None:
-            self._flushes.setdefault(address, []).append((peer.epoch, *self.table.key(location)))
+            self._owe_flush(address, (peer.epoch, *self.table.key(location)))
+
+    def _owe_flush(self, address: str, item: tuple[int, int, int, int]) -> None:
+        owed = self._flushes.setdefault(address, [])
+        owed.append(item)
+        if len(owed) == FLUSH_BATCH:
+            self.wake()
 
     def _queue_repairs(self, locations: set[int]) -> None:
         for location in locations:
@@ -368,8 +378,6 @@ class RamsterLayer:
         if self.journal is not None:
             self.journal.forget(location)
             self._commit()  # before the caller answers: a flushed page never comes back
-        if holders:
-            self.wake()
 
     def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
         """The locations found again in the journal, for zcache to file under their keys."""
@@ -465,10 +473,7 @@ class RamsterLayer:
         for (location, pool_id, zpage), ok in zip(plan.items, stored, strict=True):
             if location not in self.table:  # forgotten while in flight: take back its copy
                 if ok:
-                    oid, index = zpage_key(zpage)
-                    self._flushes.setdefault(plan.address, []).append(
-                        (plan.epoch, pool_id, oid, index)
-                    )
+                    self._owe_flush(plan.address, (plan.epoch, pool_id, *zpage_key(zpage)))
                 continue
             left = self._sending.get(location, NOBODY) - {plan.address}
             if left:
@@ -537,17 +542,26 @@ class RamsterLayer:
             self._damaged[location] = self._damaged.get(location, NOBODY) | {address}
 
     # -- flushes ----------------------------------------------------------------------------
-    def take_flushes(self) -> dict[str, list[tuple[int, int, int, int]]]:
-        """Flushes owed to reachable peers: address -> [(epoch, pool id, oid, index)].  Those
-        owed to a peer that is down or failed a call since it last answered wait for it."""
-        peers = self.membership.peers
-        out = {
-            a: f
-            for a, f in self._flushes.items()
-            if a in peers and peers[a].up and peers[a].synced and not peers[a].suspect
-        }
+    def take_flushes(self, now: float, with_sends: Collection[str] = ()) -> FlushPlans:
+        """Flushes owed to reachable peers that are due: address -> [(epoch, pool id, oid,
+        index)].  A peer's flushes are due once FLUSH_BATCH of them wait, once the oldest has
+        waited a heartbeat interval, or when puts go to it in the same pass (they must go
+        first); until then they gather, so a stream of gets that bring pages home costs one
+        flush call per batch, not one per page.  Those owed to a peer that is down or failed a
+        call since it last answered wait for it."""
+        peers, since = self.membership.peers, self._flush_since
+        delay = self.config.heartbeat_interval
+        out: FlushPlans = {}
+        for address, owed in self._flushes.items():
+            peer = peers.get(address)
+            if peer is None or not peer.up or not peer.synced or peer.suspect:
+                continue
+            first = since.setdefault(address, now)
+            if len(owed) >= FLUSH_BATCH or now - first >= delay or address in with_sends:
+                out[address] = owed
         for address in out:
             del self._flushes[address]
+            since.pop(address, None)
         return out
 
     def flushed(self, address: str, items: list[tuple[int, int, int, int]], ok: bool) -> None:
@@ -556,6 +570,7 @@ class RamsterLayer:
         else:
             self.membership.failed(address)  # retried once it answers a heartbeat again
             self._flushes.setdefault(address, []).extend(items)
+            self._flush_since.setdefault(address, 0.0)  # due again as soon as it answers
 
     @property
     def flushes_pending(self) -> int:
