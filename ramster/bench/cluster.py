@@ -8,11 +8,18 @@
 # reads every page back and compares (clients speak TLS when the cluster does).  Local gets come
 # first: a remote hit brings its page home and pushes others out, which is the system working,
 # not noise.
+#
+# In the same run, a `baseline` node (same pool limit, no peers: its evictions go to its backing
+# file) takes the same puts, for spill_put_vs_baseline.  Last, with `repair`, the last node (a
+# holder) is SIGKILLed and node 1's re-replication is timed until no page is short of its
+# copies: repair_pages_per_s counts from the first page placed again (detecting the death takes
+# --down-after) and repair_seconds from the kill.
 from __future__ import annotations
 
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -27,6 +34,7 @@ from ramster.client.local import LocalNode
 OID = 1
 BATCH = 256
 FAST_PEERS = ["--heartbeat-interval", "0.25", "--down-after", "3"]
+TRIMS = "ramster_heap_trims_total"
 
 
 def _timed(calls: Sequence[Callable[[], Any]]) -> tuple[float, list[float]]:
@@ -60,35 +68,110 @@ def node_table(cluster: LocalCluster) -> list[dict[str, Any]]:
     return rows
 
 
+def wait_trimmed(cluster: LocalCluster, trims: list[float], timeout: float = 10) -> None:
+    """Until every node has trimmed its heap since `trims` were read (node/heap.py: once the
+    traffic pauses), so RSS is measured at rest."""
+    deadline = time.monotonic() + timeout
+    for node, before in zip(cluster.nodes, trims, strict=True):
+        while metric_value(node, TRIMS) <= before and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 def wait_placed(client: Client, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while client.stats().remote_outbox and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
+@dataclass
+class Puts:
+    pool: int
+    seconds: float
+    latencies: list[float]  # per batch
+    refused: int  # pages the node refused (poor compression, no room)
+
+
+def put_all(client: Client, data: list[bytes], label: str) -> Puts:
+    """Put `data` into a new pool in batches of BATCH pages."""
+    pool = client.create_pool()
+    progress = Progress(label, len(data))
+    refused = 0
+
+    def put(start: int) -> Callable[[], None]:
+        def call() -> None:
+            nonlocal refused
+            chunk = data[start : start + BATCH]
+            refused += sum(1 for o in client.put_many(pool, OID, start, chunk) if o.refused)
+            progress.update(start + len(chunk))
+
+        return call
+
+    seconds, latencies = _timed([put(s) for s in range(0, len(data), BATCH)])
+    return Puts(pool, seconds, latencies, refused)
+
+
+def baseline_puts(node: LocalNode, data: list[bytes]) -> dict[str, float]:
+    """The same puts through a node without peers (it spills to its backing file)."""
+    with node.client(timeout=120) as client:
+        puts = put_all(client, data, "put (no peers)")
+    return {
+        "baseline_put_pages_per_s": round(len(data) / puts.seconds),
+        "baseline_put_p50_ms": round(percentile_ms(puts.latencies, 0.5), 2),
+    }
+
+
+def repair_after_kill(cluster: LocalCluster, timeout: float = 600) -> dict[str, float]:
+    """SIGKILL the last node and time node 1's re-replication of what it held."""
+    owner = cluster.nodes[0]
+    before = metric_value(owner, "ramster_rereplication_pages_total")
+    killed = time.monotonic()
+    cluster.nodes[-1].kill()
+    first = done = 0.0
+    deadline = killed + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        moved = metric_value(owner, "ramster_rereplication_pages_total") - before
+        if moved and not first:
+            first = time.monotonic()
+        if first and not short_of_copies(owner):
+            done = time.monotonic()
+            break
+    repaired = metric_value(owner, "ramster_rereplication_pages_total") - before
+    return {
+        "repair_pages": int(repaired),
+        "repair_pages_per_s": round(repaired / (done - first)) if done > first else 0.0,
+        "repair_seconds": round(done - killed, 2) if done else -1.0,
+    }
+
+
+def short_of_copies(node: LocalNode, replicas: int = 2) -> int:
+    """Pages of `node` with fewer live copies than `replicas`, or still waiting to be placed."""
+    short = metric_samples(node, "ramster_remote_replicas_pages")
+    waiting = metric_value(node, "ramster_rereplication_pending_pages")
+    waiting += metric_value(node, "ramster_remote_outbox_pages")
+    return int(
+        waiting + sum(v for labels, v in short if int(labels.get("copies", replicas)) < replicas)
+    )
+
+
 def run(
-    cluster: LocalCluster, pages: list[bytes], count: int, singles: int = 200
+    cluster: LocalCluster,
+    pages: list[bytes],
+    count: int,
+    singles: int = 200,
+    baseline: LocalNode | None = None,
+    repair: bool = False,
 ) -> dict[str, Any]:
     """Drive a started cluster through its first node; the measurements and node table."""
     data = [pages[i % len(pages)] for i in range(count)]
+    extra: dict[str, Any] = baseline_puts(baseline, data) if baseline else {}
     with cluster.nodes[0].client(timeout=120) as client:
-        pool = client.create_pool()
-        progress = Progress("put", count)
-        refused = 0
-
-        def put(start: int) -> Callable[[], None]:
-            def call() -> None:
-                nonlocal refused
-                chunk = data[start : start + BATCH]
-                outcomes = client.put_many(pool, OID, start, chunk)
-                refused += sum(1 for o in outcomes if o.refused)
-                progress.update(start + len(chunk))
-
-            return call
-
         before = memory(cluster)
-        put_s, put_lat = _timed([put(s) for s in range(0, count, BATCH)])
+        trims = [metric_value(node, TRIMS) for node in cluster.nodes]
+        puts = put_all(client, data, "put")
+        pool, put_s, put_lat, refused = puts.pool, puts.seconds, puts.latencies, puts.refused
         wait_placed(client)
+        wait_trimmed(cluster, trims)
         after = memory(cluster)
         table = node_table(cluster)
         local_n = min(count // 10, 2048)
@@ -115,7 +198,12 @@ def run(
             (s is PageStatus.HIT and p == data[i]) or (s is PageStatus.MISS and refused)
             for i, (s, p) in enumerate(zip(got.statuses, got.pages, strict=True))
         )
+        outbox_refused = metric_value(cluster.nodes[0], "ramster_remote_outbox_refused_total")
+        if repair:
+            extra |= repair_after_kill(cluster)
         final = client.stats()
+    if baseline:
+        extra["spill_put_vs_baseline"] = round(count / put_s / extra["baseline_put_pages_per_s"], 3)
     return {
         "pages": count,
         "put_pages_per_s": round(count / put_s),
@@ -134,6 +222,8 @@ def run(
             percentile_ms(remote_single, 0.5) / max(percentile_ms(local_single, 0.5), 1e-9), 2
         ),
         **memory_report(before, after, table),
+        "outbox_refused": int(outbox_refused),
+        **extra,
         "batch_pages": BATCH,
         "refused": refused,
         "lost": final.remote_lost_pages,
@@ -174,17 +264,22 @@ def memory_report(
 
 
 def metric_value(node: LocalNode, name: str) -> float:
+    return sum(value for _, value in metric_samples(node, name))
+
+
+def metric_samples(node: LocalNode, name: str) -> list[tuple[dict[str, str], float]]:
+    """The (labels, value) samples of metric `name` that `node` serves."""
     if not node.metrics_port:
-        return 0.0
+        return []
     url = f"http://127.0.0.1:{node.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=30) as reply:
         text = reply.read().decode()
-    return sum(
-        sample.value
+    return [
+        (sample.labels, sample.value)
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name == name
-    )
+    ]
 
 
 def start_cluster(nodes: int, limit: str, grace: float = 10.0, tls: bool = False) -> LocalCluster:

@@ -13,6 +13,7 @@ from ramster.cli.errors import CliError
 from ramster.cli.target import add_tls, add_token, positive, tls_of, token_of
 from ramster.client import RamsterError
 from ramster.client.cluster import LocalCluster
+from ramster.client.local import LocalNode
 from ramster.zcache import ALLOCATORS
 
 
@@ -104,9 +105,15 @@ def _latency(args: argparse.Namespace) -> int:
 
 
 def _cluster_run(args: argparse.Namespace, pages: list[bytes], secured: bool) -> dict[str, Any]:
+    count = args.pages or len(pages) * 3
     cluster = start_cluster(args.nodes, args.limit, secured)
     try:
-        return bench_cluster.run(cluster, pages, args.pages or len(pages) * 3)
+        if secured or args.tls:  # the TLS comparison times the cluster alone
+            return bench_cluster.run(cluster, pages, count)
+        with LocalNode("--pool-limit", args.limit) as baseline:
+            return bench_cluster.run(cluster, pages, count, baseline=baseline, repair=True)
+    except RamsterError as exc:
+        raise CliError(f"the local cluster: {exc}") from None
     finally:
         cluster.__exit__()
 
@@ -223,7 +230,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="Start a local cluster (real node processes on 127.0.0.1) with a small pool "
         "on node 1, put --pages pages of a corpus through it, then time gets of pages still in "
         "its RAM (local hits) and of pages parked on peers (remote hits), as batches and as "
-        "single-page gets, and verify every page.",
+        "single-page gets, and verify every page.  In the same run a node without peers (same "
+        "limit) takes the same puts (spill_put_vs_baseline), and at the end the last node is "
+        "SIGKILLed and node 1's re-replication of what it held is timed (repair_pages_per_s).",
     )
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
     p.add_argument("--pages", type=positive, help="pages to put (default: 3 x the corpus)")
