@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from ramster.remote import ForeignStore, OwnerTag, RamsterLayer, RemoteConfig
@@ -92,8 +93,10 @@ class MemTransport:
     def __init__(self, net: MemNetwork, me: MemNode) -> None:
         self.net = net
         self.me = me
+        self.calls: Counter[tuple[str, str]] = Counter()  # (method, address) -> calls made
 
-    async def _reach(self, address: str) -> MemNode:
+    async def _reach(self, address: str, method: str) -> MemNode:
+        self.calls[method, address] += 1
         node = self.net.nodes[address]
         if not node.up:
             raise ConnectionError(f"{address} is unreachable")
@@ -103,14 +106,14 @@ class MemTransport:
         return node
 
     async def heartbeat(self, address: str) -> PeerInfo:
-        node = await self._reach(address)
+        node = await self._reach(address, "heartbeat")
         free = node.foreign.free_bytes_for(self.me.name)
         return PeerInfo(node.name, node.incarnation, free, node.leaving)
 
     async def put(
         self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
     ) -> list[bool]:
-        node = await self._reach(address)
+        node = await self._reach(address, "put")
         keys = [zpage_key(z) for z in zpages]
         return node.foreign.put(self.me.owner, epoch, pool_id, keys, zpages)
 
@@ -122,19 +125,19 @@ class MemTransport:
         keys: list[tuple[int, int]],
         locations: list[int],
     ) -> list[bytes | None]:
-        node = await self._reach(address)
+        node = await self._reach(address, "get")
         got = node.foreign.get(self.me.owner, epoch, pool_id, keys)
         if node.corrupt:
             got = [z[:-1] + bytes([z[-1] ^ 1]) if z else z for z in got]
         return got
 
     async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None:
-        node = await self._reach(address)
+        node = await self._reach(address, "flush")
         for epoch, pool_id, oid, index in items:
             node.foreign.flush(self.me.owner, epoch, pool_id, [(oid, index)])
 
     async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int, int]]:
-        node = await self._reach(address)
+        node = await self._reach(address, "reclaim")
         return set(node.foreign.reclaim(self.me.owner, epoch))
 
 

@@ -1,14 +1,18 @@
 # The ramster layer's policy on an in-memory network: spill to peers with replicas, every page
-# back after a peer dies, restarts, freezes, corrupts or leaves, and flushes that reach holders.
+# back after a peer dies, restarts, freezes, corrupts or leaves, flushes that reach holders in
+# few calls, and a batch get that asks each holder once.
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
+from node.engine import ChunkedEngine
 from ramster.remote import RemoteConfig
+from ramster.remote.driver import FETCH_BATCH
+from ramster.remote.layer import FLUSH_BATCH
 from ramster.zcache import PageUnavailable
-from tests.remote.memnet import MemNetwork, MemNode
+from tests.remote.memnet import MemNetwork, MemNode, MemTransport
 
 N = 1500
 
@@ -116,6 +120,44 @@ async def test_flushes_reach_every_holder(tmp_path: Path, compressible_pages: li
     await net.settle(2)
     assert net.nodes["b"].foreign.pages == net.nodes["c"].foreign.pages == 0
     assert a.layer.remote_pages == 0
+
+
+async def test_flushes_gather_into_few_calls_and_all_arrive(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, keys = await spill(net, compressible_pages)
+    transport = a.driver.transport
+    assert isinstance(transport, MemTransport)
+    flushed = 3 * FLUSH_BATCH // 2
+    for oid, index in keys[:flushed]:  # each flush wakes the pump, as on a node
+        assert a.cache.flush_page(pool, oid, index)
+        await a.driver.pump()
+    calls = {peer: transport.calls["flush", peer] for peer in ("b", "c")}
+    assert calls == {"b": 1, "c": 1}  # one batch each; the rest waits for more or for time
+    await net.settle(2)  # a heartbeat interval later the rest is due
+    for peer in ("b", "c"):
+        assert transport.calls["flush", peer] == 2
+        held = net.nodes[peer].foreign.pages_by_owner().get("a", 0)
+        assert held == len(a.layer.table.held_by(peer))
+    assert a.layer.flushes_pending == 0
+
+
+async def test_a_batch_get_fetches_once_per_holder_not_per_chunk(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, keys = await spill(net, compressible_pages)
+    transport = a.driver.transport
+    assert isinstance(transport, MemTransport)
+    batch = keys[:FETCH_BATCH]
+    remote = sum(1 for loc in a.cache.evicted_locations(pool, batch) if loc)
+    assert remote > FETCH_BATCH // 2
+    before = sum(n for (method, _), n in transport.calls.items() if method == "get")
+    got = await ChunkedEngine(a.cache, prefetch=a.driver.prefetch).get_batch(pool, batch, False)
+    assert got == expected(compressible_pages, batch)
+    gets = sum(n for (method, _), n in transport.calls.items() if method == "get") - before
+    assert gets <= 2  # one call per holder (the engine reads it in 8-page chunks)
 
 
 async def test_returning_peer_drops_what_it_should_no_longer_hold(
