@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ GEN_SHIFT = 32  # a location is generation << 32 | slot (see table.py)
 JOURNAL_FILE = "remote.journal"
 PEERS_FILE = "remote-peers.json"
 MAX_SLOTS = 1 << 16
+REWRITE_CHUNK = 1 << 20  # bytes a rewrite buffers before writing them
 
 
 class JournalError(Exception):
@@ -114,20 +116,30 @@ class Journal:
                 self.torn += 1
         return {loc: e for loc, e in live.items() if e.holders or e.disk}
 
-    def rewrite(self, entries: dict[int, Recovered], high_gen: int | None = None) -> None:
-        """Replace the file by the records of `entries` alone (and the generation mark)."""
-        self.high_gen = max(self.high_gen, high_gen or 0)
-        out = bytearray(RECORD.pack(HIGH, 0, 0, 0, 0, 0, self.high_gen))
-        for location, e in entries.items():
-            out += self._key(location, e.pool_id, e.allocator, e.oid, e.index)
-            for address in e.holders:
-                out += RECORD.pack(HOLDER, 0, self.slot(address), 0, 0, location, 0)
-            if e.disk:
-                out += RECORD.pack(DISK, 0, 0, 0, 0, location, e.disk)
+    def rewrite(
+        self, entries: Mapping[int, Recovered] | Iterable[tuple[int, Recovered]], high_gen: int = 0
+    ) -> None:
+        """Replace the file by the records of `entries` alone (and the generation mark).  They
+        may come one at a time (an iterable of (location, entry)): the records go to the file
+        in pieces of REWRITE_CHUNK bytes, so compacting the journal of a million remote pages
+        builds no million objects at once."""
+        self.high_gen = max(self.high_gen, high_gen)
+        items = entries.items() if isinstance(entries, Mapping) else entries
         tmp = self.path.with_name(self.path.name + ".tmp")
+        written = 0
         try:
             with open(tmp, "wb") as f:
-                f.write(out)
+                out = bytearray(RECORD.pack(HIGH, 0, 0, 0, 0, 0, self.high_gen))
+                for location, e in items:
+                    out += self._key(location, e.pool_id, e.allocator, e.oid, e.index)
+                    for address in e.holders:
+                        out += RECORD.pack(HOLDER, 0, self.slot(address), 0, 0, location, 0)
+                    if e.disk:
+                        out += RECORD.pack(DISK, 0, 0, 0, 0, location, e.disk)
+                    if len(out) >= REWRITE_CHUNK:
+                        written += f.write(out)
+                        out.clear()
+                written += f.write(out)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -136,7 +148,7 @@ class Journal:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
             raise JournalError(f"cannot write {self.path}: {exc.strerror}") from None
-        self._records = len(out) // RECORD.size
+        self._records = written // RECORD.size
         self._live_at_rewrite = max(1, self._records)
 
     # -- records ----------------------------------------------------------------------------

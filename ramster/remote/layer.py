@@ -166,16 +166,20 @@ class RamsterLayer:
         self.stats.recovered = table.count
 
     def _compact_journal(self) -> None:
+        """Rewrite the journal from the table, one location at a time (journal.rewrite)."""
         if self.journal is None:
             return
         table = self.table
         self.journal.rewrite(
-            {
-                loc: Recovered(
-                    *self._key_alloc(loc), set(table.holders_of(loc)), table.disk_of(loc)
+            (
+                (
+                    loc,
+                    Recovered(
+                        *self._key_alloc(loc), set(table.holders_of(loc)), table.disk_of(loc)
+                    ),
                 )
                 for loc in table
-            },
+            ),
             table.high,
         )
 
@@ -358,23 +362,26 @@ class RamsterLayer:
         raise PageUnavailable(f"no copy of remote location {location} could be reached")
 
     def forget(self, pool_id: int, location: int) -> None:
-        if location not in self.table:
+        table = self.table
+        if location not in table:
             return
-        self._staged.pop(location, None)
+        for in_flight in (self._staged, self._sending, self._tried, self._damaged):
+            in_flight.pop(location, None)
         self._short.discard(location)
-        self._sending.pop(location, None)
-        self._tried.pop(location, None)
-        self._damaged.pop(location, None)
-        holders = self.table.holders_of(location)
-        for address in holders:
-            self._flush_copy(address, location)
-        disk = self.table.disk_of(location)
+        holders = table.holders_of(location)
+        if holders:
+            key, peers = table.key(location), self.membership.peers
+            for address in holders:
+                peer = peers.get(address)
+                if peer is not None:
+                    self._owe_flush(address, (peer.epoch, *key))
+        disk = table.disk_of(location)
         if disk and self.local is not None:
             self.local.forget(pool_id, disk)
         zpage = self._bytes.pop(location, None)
         if zpage is not None:
             self.outbox_bytes -= len(zpage)
-        self.table.free(location)
+        table.free(location, holders)
         if self.journal is not None:
             self.journal.forget(location)
             self._commit()  # before the caller answers: a flushed page never comes back

@@ -96,9 +96,10 @@ class RemoteTable:
             and self.gen[slot] == location >> SLOT_BITS
         )
 
-    def free(self, location: int) -> None:
+    def free(self, location: int, holders: list[str] | None = None) -> None:
+        """Release a location; `holders`, if the caller has them already, are its holders."""
         slot = location & SLOT_MASK
-        for address in self.holders_of(location):
+        for address in self.holders_of(location) if holders is None else holders:
             self.copies[address] -= 1
         self.pool[slot], self.holders[slot], self.disk[slot] = FREE, 0, 0
         self._free.append(slot)

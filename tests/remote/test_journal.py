@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ramster.remote.journal import RECORD, Journal, Recovered
+from ramster.remote.journal import RECORD, REWRITE_CHUNK, Journal, Recovered
 
 
 def test_replay_folds_records_into_live_locations(tmp_path: Path) -> None:
@@ -68,3 +68,14 @@ def test_a_restarted_owner_never_reuses_a_location(tmp_path: Path) -> None:
         assert layer.journal is not None
         layer.journal.close()  # a crash: no compaction
     assert len(used) == 15
+
+
+def test_a_rewrite_streams_its_entries_in_pieces(tmp_path: Path) -> None:
+    count = 3 * REWRITE_CHUNK // (2 * RECORD.size)  # three pieces of KEY + HOLDER records
+    entries = {loc: Recovered(0, "zsmalloc", 1, loc, {"h1:1"}) for loc in range(1, count + 1)}
+    j = Journal(tmp_path)
+    j.rewrite(iter(entries.items()), high_gen=5)
+    j.close()
+    assert j.path.stat().st_size == (2 * count + 1) * RECORD.size
+    again = Journal(tmp_path)
+    assert again.recovered == entries and again.high_gen == 5 and not again.torn
