@@ -46,7 +46,7 @@ from typing import Protocol
 from ramster.remote.config import RemoteConfig
 from ramster.remote.journal import Journal, Recovered
 from ramster.remote.membership import Membership, PeerEvent
-from ramster.remote.table import FREE, RemoteTable
+from ramster.remote.table import FREE, SLOT_MASK, RemoteTable
 from ramster.zcache.codec import zpage_key
 from ramster.zcache.errors import CorruptPage, PageUnavailable
 from ramster.zcache.evictor import Evictor
@@ -404,7 +404,8 @@ class RamsterLayer:
         budget = limit or self.config.send_batch * 4
         plans: dict[str, list[tuple[int, int, bytes]]] = {}
         defer = []
-        table = self.table
+        table, membership = self.table, self.membership
+        among = [p for p in membership.placeable() if table.can_hold(p.address)]
         while self._pending and budget > 0:
             location = self._pending.popleft()
             zpage = self._bytes.get(location)
@@ -413,14 +414,14 @@ class RamsterLayer:
             need = self._needed(location)
             sending = self._sending.get(location, NOBODY)
             exclude = {*table.holders_of(location), *sending, *self._tried.get(location, ())}
-            pool_id = table.key(location)[0]
+            pool_id = table.pool[location & SLOT_MASK]
             while need > 0:
-                peer = self.membership.choose(exclude)
-                if peer is None or not table.can_hold(peer.address):
+                peer = membership.choose(exclude, among)
+                if peer is None:
                     break
                 exclude.add(peer.address)
                 sending = sending | {peer.address}
-                self.membership.debit(peer.address, len(zpage))
+                peer.free_bytes -= len(zpage)
                 plans.setdefault(peer.address, []).append((location, pool_id, zpage))
                 budget -= 1
                 need -= 1
@@ -500,7 +501,9 @@ class RamsterLayer:
         self._commit()
 
     def _forget_damage(self, location: int, address: str) -> None:
-        damaged = self._damaged.get(location, NOBODY) - {address}
+        if location not in self._damaged:
+            return
+        damaged = self._damaged[location] - {address}
         if damaged:
             self._damaged[location] = damaged
         else:

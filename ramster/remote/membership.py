@@ -119,17 +119,18 @@ class Membership:
     def live(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.up]
 
-    def choose(self, exclude: set[str]) -> Peer | None:
-        """A placeable peer not in `exclude`: the roomier of two random candidates."""
-        candidates = [p for p in self.peers.values() if p.placeable and p.address not in exclude]
+    def placeable(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.placeable]
+
+    def choose(self, exclude: set[str], among: list[Peer] | None = None) -> Peer | None:
+        """A placeable peer not in `exclude` (from `among`, a `placeable()` list taken since
+        nothing changed, if given): the roomier of two random candidates."""
+        if among is None:
+            among = self.placeable()
+        candidates = [p for p in among if p.address not in exclude and p.free_bytes > 0]
         if not candidates:
             return None
         if len(candidates) == 1:
             return candidates[0]
         a, b = self._rng.sample(candidates, 2)
         return a if a.free_bytes >= b.free_bytes else b
-
-    def debit(self, address: str, nbytes: int) -> None:
-        peer = self.peers.get(address)
-        if peer is not None:
-            peer.free_bytes -= nbytes
