@@ -14,9 +14,11 @@
 #   passes.  A peer whose call failed is a suspect, and the layer gives it no flush, send or
 #   repair until it answers a heartbeat again: retries are paced by heartbeats, never a spin.
 #
-# Gets of remote pages call `prefetch()` first: the copies are fetched from live holders,
-# verified against their checksum and key, and staged for zcache's synchronous load; a holder
-# that times out, fails or returns damaged bytes is skipped for the next one.
+# Gets of remote pages call `prefetch()` first (the node's chunked engine once per batch): the
+# copies are fetched from live holders, grouped by holder in calls of FETCH_BATCH keys that are
+# all in flight together, verified against their checksum and key, and staged for zcache's
+# synchronous load; a holder that times out, fails or returns damaged bytes is skipped for the
+# next one.
 from __future__ import annotations
 
 import asyncio

@@ -13,7 +13,9 @@
 # first), fetches and verifies the zpage, `stage()`s it, and then zcache's `load()` finds it
 # here; with no holder reachable the disk copy serves, if any.  `forget()` (flush, overwrite,
 # promotion home) queues flushes for every holder, sent by the node with `take_flushes()` and
-# retried until the holder takes them.  When a peer goes down, restarts or announces it is
+# retried until the holder takes them; they gather per peer (FLUSH_BATCH of them, a heartbeat
+# interval, or puts going to that peer, which they must precede), so gets that bring pages home
+# do not cost a call per page.  When a peer goes down, restarts or announces it is
 # leaving, every zpage it held is queued for repair: the node fetches a surviving copy
 # (`take_repairs()`, `repaired()`) and it is placed again like a new one.  A peer marked down is
 # not forgotten: if it was only slow or cut off, it comes back with its copies, which then count
