@@ -189,9 +189,12 @@ def run(
             return [partial(client.get, pool, OID, i) for i in indexes[::step][:singles]]
 
         local_s, local_lat = _timed(get_batch(newest))
-        _, local_single = _timed(singles_of(newest))
-        # disjoint halves: a remote hit brings its page home, so each page is measured once
-        _, remote_single = _timed(singles_of(oldest[local_n // 2 :]))
+        # local and remote single gets take turns, so a change of load on the machine weighs
+        # on both alike; disjoint halves of the oldest pages: a remote hit brings its page
+        # home, so each page is measured once
+        pairs = zip(singles_of(newest), singles_of(oldest[local_n // 2 :]), strict=False)
+        _, both = _timed([call for pair in pairs for call in pair])
+        local_single, remote_single = both[0::2], both[1::2]
         remote_s, remote_lat = _timed(get_batch(oldest[: local_n // 2]))
         got = client.get_many(pool, OID, 0, count)
         verified = all(
