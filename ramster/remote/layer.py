@@ -499,7 +499,10 @@ class RamsterLayer:
             else:
                 self._tried[location] = self._tried.get(location, NOBODY) | {plan.address}
                 self.stats.remote_refused += 1
-            self._pending.append(location)  # take_sends settles it or places more copies
+            if left or self._needed(location) > 0:
+                self._pending.append(location)  # take_sends places more copies, or settles
+            else:
+                self._settle(location)  # every copy it wants is placed: its bytes go
         self._commit()
 
     def _forget_damage(self, location: int, address: str) -> None:
