@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -85,7 +85,7 @@ def build_engine(
     then adopts what the evictor kept from before.  Its codec workers, if any, are made here."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     config = ZCacheConfig(
-        capacity_frames=max(1, settings.pool_limit // PAGE_SIZE),
+        pool_limit_frames=max(1, settings.pool_limit // PAGE_SIZE),
         default_allocator=settings.allocator,
     )
     engine = ZCache(config, evictor=evictor, pools=pools)
@@ -98,8 +98,16 @@ def build_engine(
 
 def codec_workers(engine: ZCache) -> Executor | None:
     """The threads that encode and open big batches of `engine`, if build_engine gave it any
-    (they live as long as the engine; idle, they exit when both are gone)."""
+    (they live until stop_codec_workers, which the node calls on its way down)."""
     return _WORKERS.get(engine)
+
+
+def stop_codec_workers(engine: ZCache) -> None:
+    """Shut `engine`'s codec threads down and wait for them (work not started is dropped: the
+    front doors are closed by then)."""
+    workers = _WORKERS.pop(engine, None)
+    if workers is not None:
+        workers.shutdown(wait=True, cancel_futures=True)
 
 
 def open_backing(settings: Settings) -> BackingFile:
@@ -126,20 +134,22 @@ class ChunkedEngine:
         self.chunk = chunk or (WORKER_CHUNK_PAGES if self.workers else CHUNK_PAGES)
 
     async def put_batch(
-        self, pool: int, keys: list[tuple[int, int]], pages: list[bytes]
+        self, pool: int, keys: list[tuple[int, int]], pages: Sequence[bytes | memoryview]
     ) -> list[PutResult]:
         engine = self.engine
         if len(keys) <= INLINE_PAGES:
-            return engine.put_batch(pool, keys, pages)
+            return engine.put_batch(pool, keys, [bytes(p) for p in pages])
         encode = engine.encoder(pool).encode
-        pages = check_put_batch(keys, pages)  # the whole batch, before any chunk is filed
+        check_put_batch(keys, [_page_shaped(p) for p in pages])  # all, before a chunk is filed
+
+        def encode_part(part: slice) -> list[bytes | None]:
+            # a page that is a view (of a request's bytes) is copied here, a chunk at a time
+            return encode(keys[part], [bytes(p) for p in pages[part]])
 
         def file(part: slice, encoded: list[bytes | None]) -> list[PutResult]:
             return engine.file_encoded(pool, keys[part], encoded)
 
-        return await self._pipelined(
-            len(keys), _as_is, lambda part: encode(keys[part], pages[part]), file
-        )
+        return await self._pipelined(len(keys), _as_is, encode_part, file)
 
     async def get_batch(
         self, pool: int, keys: list[tuple[int, int]], exclusive: bool
@@ -219,3 +229,14 @@ class ChunkedEngine:
 
 async def _as_is(part: slice) -> slice:
     return part
+
+
+_SHAPE = bytes(PAGE_SIZE)
+
+
+def _page_shaped(page: bytes | memoryview) -> bytes:
+    """What the whole-batch check sees of `page` without copying it: itself if it is bytes, a
+    blank page if it is a view of one page of bytes, else its bytes (which the check refuses)."""
+    if isinstance(page, bytes):
+        return page
+    return _SHAPE if page.nbytes == PAGE_SIZE else bytes(page)

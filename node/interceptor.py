@@ -13,7 +13,8 @@
 # itself (each message of a request stream too), so bytes that protobuf cannot parse fail the
 # call with INVALID_ARGUMENT ("the request could not be parsed"), and are counted as such, on
 # every method of every service.  Left to gRPC, the DecodeError would escape as UNKNOWN before
-# any of our code (or metrics) ran.  Parsing costs the same either way: the same FromString.
+# any of our code (or metrics) ran.  Parsing costs the same either way: the handler's own reader
+# (FromString, or for the bulk RPCs ramster.bulkwire's, which raise DecodeError too).
 #
 # Client calls (ramster.v1.Tmem) are authenticated here, before the request is parsed or the
 # servicer runs: with a tokens file, a call without a valid bearer token fails UNAUTHENTICATED

@@ -41,7 +41,12 @@ import grpc
 
 from node.sealing import Sealer
 from ramster.certs import NODE, member_of_pem
-from ramster.client.wire import (
+from ramster.remote import ForeignStore, OwnerTag
+from ramster.remote.driver import PeerInfo
+from ramster.remote.foreign import MAX_BLOB, blob_fits
+from ramster.v1 import peer_pb2 as pb
+from ramster.v1 import peer_pb2_grpc
+from ramster.wire import (
     CHANNEL_OPTIONS,
     ENGINE_POOL_LIMIT,
     INDEX_LIMIT,
@@ -50,11 +55,6 @@ from ramster.client.wire import (
     check_count,
     in_range,
 )
-from ramster.remote import ForeignStore, OwnerTag
-from ramster.remote.driver import PeerInfo
-from ramster.remote.foreign import MAX_BLOB, blob_fits
-from ramster.v1 import peer_pb2 as pb
-from ramster.v1 import peer_pb2_grpc
 from ramster.zcache.codec import PAGE_SIZE, zpage_key
 
 T = TypeVar("T")
@@ -294,7 +294,7 @@ class GrpcTransport:
                 else grpc.aio.insecure_channel(address, options=options)
             )
             self._channels[address] = channel
-            stub = self._stubs[address] = peer_pb2_grpc.PeerStub(channel)  # type: ignore[no-untyped-call]
+            stub = self._stubs[address] = peer_pb2_grpc.PeerStub(channel)
         return stub
 
     def use_credentials(self, credentials: grpc.ChannelCredentials) -> None:

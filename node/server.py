@@ -45,7 +45,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from node.cluster import RemoteSide
-from node.engine import build_engine, open_backing
+from node.engine import build_engine, open_backing, stop_codec_workers
 from node.interceptor import Gate, RpcInterceptor, StreamLimit
 from node.logs import log_event
 from node.loopwatch import LoopWatch
@@ -53,14 +53,14 @@ from node.metrics import NodeMetrics, backing_families, read_backing
 from node.nbd import NbdServer, serve_nbd
 from node.peering import PEER_SERVICE, PeerAuthInterceptor
 from node.pools import PoolRegistry, PoolRegistryError, Pools
-from node.servicer import TmemServicer
+from node.servicer import TmemServicer, add_tmem_to_server
 from node.settings import HostPort, Settings, peer_address
 from node.tenants import load_tenants
 from node.tls import ROTATION_CHECK, NodeTls, Rotation, check_protected, load_tls
 from ramster import __version__
-from ramster.client.wire import CHANNEL_OPTIONS
 from ramster.remote.journal import JournalError
-from ramster.v1 import peer_pb2_grpc, tmem_pb2, tmem_pb2_grpc
+from ramster.v1 import peer_pb2_grpc, tmem_pb2
+from ramster.wire import CHANNEL_OPTIONS
 from ramster.zcache import ZCache
 from ramster.zcache.backing import BackingFile, BackingFileError
 
@@ -178,7 +178,7 @@ class Node:
             prefetch=remote.prefetch if remote else None,
             remote_stats=remote.stats if remote else None,
         )
-        tmem_pb2_grpc.add_TmemServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        add_tmem_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = [TMEM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(services, server)
@@ -237,7 +237,7 @@ class Node:
         when TLS is configured; the transport then dials peers with this node's certificate."""
         server = self._grpc_server(*([PeerAuthInterceptor()] if tls else []))
         self.gate.always.add(PEER_SERVICE)
-        peer_pb2_grpc.add_PeerServicer_to_server(remote.servicer, server)  # type: ignore[no-untyped-call]
+        peer_pb2_grpc.add_PeerServicer_to_server(remote.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._peer_health, server)
         assert self._metrics is not None
         self._metrics.on_loop.add(remote.metric_families, lambda families: families)
@@ -282,6 +282,7 @@ class Node:
         if self.remote:
             await self.remote.stop_driver()
         if self.engine:
+            stop_codec_workers(self.engine)  # the front doors are closed: no batch needs them
             written, refused = self.engine.write_back_all()
             level = logging.ERROR if refused else logging.INFO
             log_event("written_back", level, pages=written, refused=refused)

@@ -7,8 +7,8 @@
 # call, then run through ChunkedEngine so no RPC holds the event loop for long.  Pool ids and page
 # indexes travel as uint64: a pool id is the public one (node/pools.py: this node's salt above
 # the engine id), mapped back here, and one of another node or cut to 32 bits is NOT_FOUND;
-# an index is range-checked (ramster.client.wire), so one of 2**32 or more is INVALID_ARGUMENT,
-# never another page.  A page
+# an index is range-checked (ramster.wire), so one of 2**32 or more is INVALID_ARGUMENT, never
+# another page.  A page
 # whose every copy failed verification is PAGE_STATUS_CORRUPT in a batch; a unary Get of it
 # fails with DATA_LOSS, the status gRPC has for unrecoverable data.
 #
@@ -16,33 +16,45 @@
 # an operation on a pool first checks that the caller owns it, and answers NOT_FOUND, word for
 # word as for a pool that does not exist, when it does not; ListPools and Stats show the caller's
 # pools only, and Stats shows the node-wide counters to operator tenants only (others see their
-# pools' pages and how many peers are up).  Quotas (pools,
-# stored pages) are checked before the engine is called and answer RESOURCE_EXHAUSTED.
+# pools' pages and how many peers are up).  Quotas (pools, stored pages) are checked before the
+# engine is called and answer RESOURCE_EXHAUSTED.
+#
+# The bulk RPCs (PutBatch, GetBatch, Stream) are served raw (add_tmem_to_server): their requests
+# arrive as (keys, a view of the pages in the received bytes) and their replies leave as bytes
+# built by ramster.bulkwire, so a 4 MiB batch is never copied through protobuf objects; a reply
+# that big is joined in a thread (the join releases the GIL), so the loop serves other calls
+# meanwhile.  The rest of the Tmem RPCs are the generated, typed servicer methods.
+#
+# Fairness: a connection (its peer address) runs at most PEER_BATCHES batches in the engine at
+# once (node/fairness.py); small calls (single pages, stats) never queue.
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from node.engine import ChunkedEngine, Prefetch
+from node.fairness import PeerTurns
 from node.pools import Pools
 from node.status import RpcFailure, status_of
 from node.tenants import CALLER
 from ramster import __version__
-from ramster.client.wire import batch_keys, check_index, split_pages
+from ramster.bulkwire import (
+    Parts,
+    get_batch_reply,
+    in_stream,
+    put_batch_reply,
+    read_put_batch,
+    read_stream_request,
+)
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
-from ramster.zcache import CorruptPage, PageError, PoolKind, PutResult, Snapshot, ZCache
+from ramster.wire import Outcome, PageStatus, batch_keys, check_index, page_views
+from ramster.zcache import CorruptPage, PageError, PoolKind, Snapshot, ZCache
 
-_OUTCOMES = {
-    PutResult.STORED: pb.PUT_OUTCOME_STORED,
-    PutResult.SAME_FILLED: pb.PUT_OUTCOME_SAME_FILLED,
-    PutResult.STORED_RAW: pb.PUT_OUTCOME_STORED_RAW,
-    PutResult.REFUSED_POOR_COMPRESSION: pb.PUT_OUTCOME_REFUSED_POOR_COMPRESSION,
-    PutResult.REFUSED_NO_ROOM: pb.PUT_OUTCOME_REFUSED_NO_ROOM,
-}
-WIRE_OUTCOME = tuple(_OUTCOMES[r] for r in PutResult)  # indexed by PutResult (a tuple is fastest)
 WIRE_KIND = {
     PoolKind.PERSISTENT: pb.POOL_KIND_PERSISTENT,
     PoolKind.EPHEMERAL: pb.POOL_KIND_EPHEMERAL,
@@ -52,21 +64,38 @@ ENGINE_KIND = {
     pb.POOL_KIND_PERSISTENT: PoolKind.PERSISTENT,
     pb.POOL_KIND_EPHEMERAL: PoolKind.EPHEMERAL,
 }
-HIT, MISS = pb.PAGE_STATUS_HIT, pb.PAGE_STATUS_MISS
+HIT, MISS = PageStatus.HIT, PageStatus.MISS
+PEER_BATCHES = 2  # batches one connection runs in the engine at once
+JOIN_IN_THREAD = 1 << 20  # replies this big are joined off the loop
+BULK = ("PutBatch", "GetBatch", "Stream")
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+_REPLY_FIELD = {f.name: f.number for f in pb.StreamResponse.DESCRIPTOR.fields}
+STREAM_METHODS = {
+    "put": "PutBatch",
+    "get": "GetBatch",
+    "flush_page": "FlushPage",
+    "flush_object": "FlushObject",
+}
 
-Operation = Callable[[Any], Awaitable[Any]]
 
-
-def page_status(page: bytes | PageError | None) -> pb.PageStatus:
+def page_status(page: bytes | PageError | None) -> PageStatus:
     if type(page) is bytes:
         return HIT
     if page is None:
         return MISS
-    return pb.PAGE_STATUS_CORRUPT if isinstance(page, CorruptPage) else pb.PAGE_STATUS_UNAVAILABLE
+    return PageStatus.CORRUPT if isinstance(page, CorruptPage) else PageStatus.UNAVAILABLE
 
 
-def page_statuses(pages: list[bytes | PageError | None]) -> list[pb.PageStatus]:
+def page_statuses(pages: list[bytes | PageError | None]) -> list[PageStatus]:
     return [HIT if type(p) is bytes else page_status(p) for p in pages]
+
+
+async def joined(parts: Parts) -> bytes:
+    """A reply's parts as one bytes object; a big one is joined in a thread."""
+    if parts.size < JOIN_IN_THREAD:
+        return parts.join()
+    return await asyncio.to_thread(parts.join)
 
 
 class TmemServicer(tmem_pb2_grpc.TmemServicer):
@@ -83,12 +112,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         self.chunked = ChunkedEngine(engine, prefetch=prefetch)
         self.node_id = node_id
         self.remote_stats = remote_stats  # the ramster layer's counters, with peers
-        self._stream_ops: dict[str, tuple[str, Operation]] = {
-            "put": ("PutBatch", self._put_batch),
-            "get": ("GetBatch", self._get_batch),
-            "flush_page": ("FlushPage", self._flush_page),
-            "flush_object": ("FlushObject", self._flush_object),
-        }
+        self.turns = PeerTurns(PEER_BATCHES)
 
     # -- tenants ------------------------------------------------------------------------------
     def _pool(self, pool: int) -> int:
@@ -135,27 +159,27 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
     async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
         index = check_index(req.index)
         result = self.engine.put(self._room_for(req.pool, 1), req.oid, index, req.page)
-        if result is PutResult.REFUSED_NO_ROOM:
+        if result is Outcome.REFUSED_NO_ROOM:
             raise RpcFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"pool {req.pool} refused page ({req.oid}, {req.index}): the node's pool limit "
                 "is reached",
             )
-        return pb.PutResponse(outcome=WIRE_OUTCOME[result])
+        return pb.PutResponse(outcome=pb.PutOutcome.ValueType(result))
 
     async def _get(self, req: pb.GetRequest) -> pb.GetResponse:
         key = (req.oid, check_index(req.index))
         pool = self._pool(req.pool)
         (page,) = await self.chunked.get_batch(pool, [key], req.exclusive)
         if type(page) is bytes:
-            return pb.GetResponse(status=HIT, page=page)
+            return pb.GetResponse(status=pb.PAGE_STATUS_HIT, page=page)
         if isinstance(page, CorruptPage):
             raise RpcFailure(
                 grpc.StatusCode.DATA_LOSS,
                 f"pool {req.pool} page ({req.oid}, {req.index}) is lost: every copy of it failed "
                 f"verification ({page})",
             )
-        return pb.GetResponse(status=page_status(page))
+        return pb.GetResponse(status=pb.PageStatus.ValueType(page_status(page)))
 
     async def _flush_page(self, req: pb.FlushPageRequest) -> pb.FlushPageResponse:
         index = check_index(req.index)
@@ -165,18 +189,19 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
     async def _flush_object(self, req: pb.FlushObjectRequest) -> pb.FlushObjectResponse:
         return pb.FlushObjectResponse(pages=self.engine.flush_object(self._pool(req.pool), req.oid))
 
-    async def _put_batch(self, req: pb.PutBatchRequest) -> pb.PutBatchResponse:
+    async def _put_batch(self, req: pb.PutBatchRequest, blob: memoryview) -> Parts:
+        """A PutBatchResponse's parts."""
         keys = batch_keys(req.oids, req.indexes)
         pool = self._room_for(req.pool, len(keys))
-        pages = split_pages(req.pages, len(keys))
-        results = await self.chunked.put_batch(pool, keys, pages)
-        return pb.PutBatchResponse(outcomes=[WIRE_OUTCOME[r] for r in results])
+        pages = page_views(blob, len(keys))
+        return put_batch_reply(await self.chunked.put_batch(pool, keys, pages))
 
-    async def _get_batch(self, req: pb.GetBatchRequest) -> pb.GetBatchResponse:
+    async def _get_batch(self, req: pb.GetBatchRequest) -> Parts:
+        """A GetBatchResponse's parts: the statuses, then the hits' pages as the engine gave
+        them (joined once, with the reply)."""
         keys = batch_keys(req.oids, req.indexes)
         pages = await self.chunked.get_batch(self._pool(req.pool), keys, req.exclusive)
-        hits = b"".join([p for p in pages if type(p) is bytes])
-        return pb.GetBatchResponse(statuses=page_statuses(pages), pages=hits)
+        return get_batch_reply(page_statuses(pages), [p for p in pages if type(p) is bytes])
 
     async def _stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
         s = self.engine.snapshot()
@@ -229,64 +254,146 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         ]
 
     # -- RPCs --------------------------------------------------------------------------------
-    async def _unary(self, op: Operation, method: str, req: Any, context: Any) -> Any:
+    async def _unary(
+        self, op: Callable[[Req], Awaitable[Resp]], req: Req, context: grpc.aio.ServicerContext
+    ) -> Resp:
         try:
             return await op(req)
         except Exception as exc:
+            code, message = status_of(exc, type(req).__name__.removesuffix("Request"))
+        await context.abort(code, message)
+        raise AssertionError("abort returned")  # context.abort always raises
+
+    async def CreatePool(
+        self, request: pb.CreatePoolRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreatePoolResponse:
+        return await self._unary(self._create_pool, request, context)
+
+    async def DestroyPool(
+        self, request: pb.DestroyPoolRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DestroyPoolResponse:
+        return await self._unary(self._destroy_pool, request, context)
+
+    async def ListPools(
+        self, request: pb.ListPoolsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPoolsResponse:
+        return await self._unary(self._list_pools, request, context)
+
+    async def Put(
+        self, request: pb.PutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutResponse:
+        return await self._unary(self._put, request, context)
+
+    async def Get(
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetResponse:
+        return await self._unary(self._get, request, context)
+
+    async def FlushPage(
+        self, request: pb.FlushPageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FlushPageResponse:
+        return await self._unary(self._flush_page, request, context)
+
+    async def FlushObject(
+        self, request: pb.FlushObjectRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FlushObjectResponse:
+        return await self._unary(self._flush_object, request, context)
+
+    async def Stats(
+        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatsResponse:
+        return await self._unary(self._stats, request, context)
+
+    # -- bulk RPCs, served raw -----------------------------------------------------------------
+    # Their signatures differ from the generated ones by design (raw requests and replies), so
+    # each overrides its generated method with a type: ignore[override].
+    async def PutBatch(  # type: ignore[override]
+        self, request: tuple[pb.PutBatchRequest, memoryview], context: grpc.aio.ServicerContext
+    ) -> bytes:
+        """PutBatch: the request read by ramster.bulkwire, the reply's bytes."""
+        req, blob = request
+        return await self._bulk_unary("PutBatch", lambda: self._put_batch(req, blob), context)
+
+    async def GetBatch(  # type: ignore[override]
+        self, request: pb.GetBatchRequest, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        """GetBatch: the reply's bytes."""
+        return await self._bulk_unary("GetBatch", lambda: self._get_batch(request), context)
+
+    async def _bulk_unary(
+        self, method: str, op: Callable[[], Awaitable[Parts]], context: grpc.aio.ServicerContext
+    ) -> bytes:
+        try:
+            async with self.turns.turn(context.peer()):
+                return await joined(await op())
+        except Exception as exc:
             code, message = status_of(exc, method)
         await context.abort(code, message)
+        raise AssertionError("abort returned")  # context.abort always raises
 
-    async def CreatePool(self, req: pb.CreatePoolRequest, context: Any) -> Any:
-        return await self._unary(self._create_pool, "CreatePool", req, context)
+    async def Stream(  # type: ignore[override]
+        self,
+        requests: AsyncIterator[tuple[pb.StreamRequest, memoryview]],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
+        """Stream: each request read by ramster.bulkwire, each reply's bytes, in order."""
+        peer = context.peer()
+        async for req, blob in requests:
+            yield await joined(await self._stream_one(req, blob, peer))
 
-    async def DestroyPool(self, req: pb.DestroyPoolRequest, context: Any) -> Any:
-        return await self._unary(self._destroy_pool, "DestroyPool", req, context)
-
-    async def ListPools(self, req: pb.ListPoolsRequest, context: Any) -> Any:
-        return await self._unary(self._list_pools, "ListPools", req, context)
-
-    async def Put(self, req: pb.PutRequest, context: Any) -> Any:
-        return await self._unary(self._put, "Put", req, context)
-
-    async def Get(self, req: pb.GetRequest, context: Any) -> Any:
-        return await self._unary(self._get, "Get", req, context)
-
-    async def FlushPage(self, req: pb.FlushPageRequest, context: Any) -> Any:
-        return await self._unary(self._flush_page, "FlushPage", req, context)
-
-    async def FlushObject(self, req: pb.FlushObjectRequest, context: Any) -> Any:
-        return await self._unary(self._flush_object, "FlushObject", req, context)
-
-    async def PutBatch(self, req: pb.PutBatchRequest, context: Any) -> Any:
-        return await self._unary(self._put_batch, "PutBatch", req, context)
-
-    async def GetBatch(self, req: pb.GetBatchRequest, context: Any) -> Any:
-        return await self._unary(self._get_batch, "GetBatch", req, context)
-
-    async def Stats(self, req: pb.StatsRequest, context: Any) -> Any:
-        return await self._unary(self._stats, "Stats", req, context)
-
-    async def Stream(
-        self, requests: AsyncIterator[pb.StreamRequest], context: Any
-    ) -> AsyncIterator[pb.StreamResponse]:
-        async for req in requests:
-            yield await self._stream_one(req)
-
-    async def _stream_one(self, req: pb.StreamRequest) -> pb.StreamResponse:
+    async def _stream_one(self, req: pb.StreamRequest, blob: memoryview, peer: str) -> Parts:
         which = req.WhichOneof("op")
-        if which is None:
-            return pb.StreamResponse(
-                id=req.id,
-                error=pb.Error(
-                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                    message="a stream request must carry an operation (put, get, flush_page, "
-                    "flush_object)",
-                ),
-            )
-        method, op = self._stream_ops[which]
         try:
-            reply = await op(getattr(req, which))
+            if which == "put":
+                async with self.turns.turn(peer):
+                    body = await self._put_batch(req.put, blob)
+            elif which == "get":
+                async with self.turns.turn(peer):
+                    body = await self._get_batch(req.get)
+            elif which == "flush_page":
+                body = Parts.of((await self._flush_page(req.flush_page)).SerializeToString())
+            elif which == "flush_object":
+                body = Parts.of((await self._flush_object(req.flush_object)).SerializeToString())
+            else:
+                raise ValueError(
+                    "a stream request must carry an operation (put, get, flush_page, flush_object)"
+                )
         except Exception as exc:
+            method = STREAM_METHODS.get(which or "", "Stream")
             code, message = status_of(exc, f"Stream.{method}")
-            return pb.StreamResponse(id=req.id, error=pb.Error(code=code.value[0], message=message))
-        return pb.StreamResponse(id=req.id, **{which: reply})
+            error = pb.Error(code=code.value[0], message=message)
+            return in_stream(req.id, _REPLY_FIELD["error"], Parts.of(error.SerializeToString()))
+        return in_stream(req.id, _REPLY_FIELD[which], body)
+
+
+def _raw(reply: bytes) -> bytes:
+    return reply
+
+
+def add_tmem_to_server(servicer: TmemServicer, server: grpc.aio.Server) -> None:
+    """Serve ramster.v1.Tmem: the generated handlers of the small RPCs, and the bulk RPCs with
+    ramster.bulkwire's readers and bytes replies."""
+    service = pb.DESCRIPTOR.services_by_name["Tmem"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+        if method.name not in BULK
+    }
+    handlers["PutBatch"] = grpc.unary_unary_rpc_method_handler(
+        servicer.PutBatch, request_deserializer=read_put_batch, response_serializer=_raw
+    )
+    handlers["GetBatch"] = grpc.unary_unary_rpc_method_handler(
+        servicer.GetBatch,
+        request_deserializer=pb.GetBatchRequest.FromString,
+        response_serializer=_raw,
+    )
+    handlers["Stream"] = grpc.stream_stream_rpc_method_handler(
+        servicer.Stream, request_deserializer=read_stream_request, response_serializer=_raw
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )

@@ -19,7 +19,7 @@ from typing import Any
 
 from ramster.nbd import Export
 from ramster.zcache import ALLOCATORS, PAGE_SIZE
-from ramster.zcache.config import default_capacity_frames
+from ramster.zcache.config import default_pool_limit_frames
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
@@ -201,7 +201,7 @@ class Settings:
         metadata=meta(parse_path, "directory for the node's files", "PATH"),
     )
     pool_limit: int = field(
-        default_factory=lambda: default_capacity_frames() * PAGE_SIZE,
+        default_factory=lambda: default_pool_limit_frames() * PAGE_SIZE,
         metadata=meta(
             parse_size,
             "memory for compressed pages, in bytes; K/M/G are powers of 1000, Ki/Mi/Gi of 1024 "
@@ -255,7 +255,7 @@ class Settings:
         ),
     )
     foreign_limit: int = field(
-        default_factory=lambda: default_capacity_frames() * PAGE_SIZE,
+        default_factory=lambda: default_pool_limit_frames() * PAGE_SIZE,
         metadata=meta(
             parse_size,
             "memory for pages held for peers, apart from the pool (default: a quarter of RAM)",

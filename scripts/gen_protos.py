@@ -5,10 +5,14 @@
 # compiled with -Iproto, so the generated modules import each other absolutely
 # (`from ramster.v1 import tmem_pb2`).  Output goes to the repository root (ramster/v1/...) or to
 # --out DIR, which the staleness test uses to compare a fresh generation with the committed one.
-# The output depends on the grpcio-tools version, which pyproject pins exactly for that reason.
+# Type stubs come from mypy-protobuf (protoc-gen-mypy, protoc-gen-mypy_grpc on PATH): .pyi files
+# for the messages and for the gRPC stubs and servicers, so servicers and clients are typed end
+# to end.  The output depends on the grpcio-tools and mypy-protobuf versions, which pyproject
+# pins exactly for that reason.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,19 +32,33 @@ def generate(out: Path) -> list[Path]:
     for stale in target.glob("*_pb2*.py*"):
         stale.unlink()
     include = str(Path(protoc.__file__).parent / "_proto")
+    plugins = [
+        f"--plugin={name}={_plugin(name)}" for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc")
+    ]
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
+        *plugins,
         f"--python_out={out}",
-        f"--pyi_out={out}",
         f"--grpc_python_out={out}",
+        f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
         *protos,
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     (target / "__init__.py").write_text(INIT)
     return sorted(p for p in target.iterdir() if p.is_file())
+
+
+def _plugin(name: str) -> str:
+    """A mypy-protobuf plugin: beside this Python, or on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: pip install -e '.[dev]' (mypy-protobuf)")
+    return found
 
 
 def main() -> None:

@@ -285,9 +285,11 @@ def metric_samples(node: LocalNode, name: str) -> list[tuple[dict[str, str], flo
     ]
 
 
-def start_cluster(nodes: int, limit: str, grace: float = 10.0, tls: bool = False) -> LocalCluster:
-    """Nodes on free loopback ports; node 1's pool limited to `limit`; with `tls`, mTLS between
-    the nodes and TLS for clients."""
+def start_cluster(
+    nodes: int, pool_limit: str, grace: float = 10.0, tls: bool = False
+) -> LocalCluster:
+    """Nodes on free loopback ports; node 1's pool limited to `pool_limit`; with `tls`, mTLS
+    between the nodes and TLS for clients."""
     common = [*FAST_PEERS, "--grace", str(grace)]
-    per_node = [["--pool-limit", limit]]
+    per_node = [["--pool-limit", pool_limit]]
     return LocalCluster(nodes, common=common, per_node=per_node, tls=tls).start()

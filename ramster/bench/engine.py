@@ -29,7 +29,7 @@ BATCH = 256  # pages per put_batch/get_batch call, as the node batches them
 def run(pages: list[bytes], allocator: str, n: int, store_raw: bool = False) -> dict[str, Any]:
     count = len(pages)
     compress, decompress = lz4.block.compress, lz4.block.decompress
-    cache = ZCache(ZCacheConfig(capacity_frames=n + 64, store_incompressible_raw=store_raw))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=n + 64, store_incompressible_raw=store_raw))
     pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
     refused = bytearray(n)
     packed_corpus = [compress(page, store_size=False) for page in pages]  # for LZ4-only gets

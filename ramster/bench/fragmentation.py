@@ -42,7 +42,7 @@ class Workload:
     def __init__(self, pages: list[bytes], n: int, seed: int) -> None:
         self.pages, self.n = pages, n
         self.rng = random.Random(seed)
-        probe = ZCache(ZCacheConfig(capacity_frames=1))
+        probe = ZCache(ZCacheConfig(pool_limit_frames=1))
         encoded = probe.encoder(probe.create_pool(PoolKind.PERSISTENT)).encode(
             [(0, i) for i in range(len(pages))], pages
         )
@@ -94,7 +94,7 @@ class Workload:
 
 def repacking(pages: list[bytes], allocator: str, n: int, seed: int) -> dict[str, Any]:
     work = Workload(pages, n, seed)
-    cache = ZCache(ZCacheConfig(capacity_frames=2 * n + 64))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=2 * n + 64))
     pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
     work.fill(cache, pool)
     filled = cache.frames
@@ -120,12 +120,12 @@ def churn_evictions(
     pages: list[bytes], allocator: str, n: int, seed: int, compact: bool
 ) -> dict[str, Any]:
     sizing = Workload(pages, n, seed)
-    probe = ZCache(ZCacheConfig(capacity_frames=2 * n + 64))
+    probe = ZCache(ZCacheConfig(pool_limit_frames=2 * n + 64))
     sizing.fill(probe, probe.create_pool(PoolKind.EPHEMERAL, allocator))
     limit = int(probe.frames / FILL_SHARE) + 1
     probe.close()
     work = Workload(pages, n, seed)
-    cache = ZCache(ZCacheConfig(capacity_frames=limit, compact_before_evict=compact))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=limit, compact_before_evict=compact))
     pool = cache.create_pool(PoolKind.EPHEMERAL, allocator)
     work.fill(cache, pool)
     for _ in range(ROUNDS):

@@ -36,9 +36,9 @@ from ramster.bench.node import batches, page_at, percentile_ms, pipeline
 from ramster.bench.report import Progress
 from ramster.client import AsyncClient, GetResult, KeyRange, Outcome, PageStatus
 from ramster.client.aio import Stream
-from ramster.client.buffers import keep_freed_memory
 from ramster.client.cluster import LocalCluster
 from ramster.client.local import LocalNode
+from ramster.wire import keep_freed_memory
 
 SINGLE_OID = 0
 SINGLE_PAGES = 8192  # distinct pages the single gets spread over

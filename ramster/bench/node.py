@@ -19,9 +19,9 @@ from typing import Any
 from ramster.bench.report import Progress
 from ramster.client import AsyncClient, GetResult, KeyRange, Outcome, PageStatus
 from ramster.client.aio import Stream
-from ramster.client.buffers import keep_freed_memory
 from ramster.client.local import LocalNode
 from ramster.client.tls import PathLike
+from ramster.wire import keep_freed_memory
 from ramster.zcache import PAGE_SIZE
 
 

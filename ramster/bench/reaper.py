@@ -62,7 +62,7 @@ def lru_hit_ratio(trace: list[tuple[bool, int]], capacity: int) -> float:
 def run(
     pages: list[bytes],
     allocator: str,
-    limit_frames: int,
+    pool_limit_frames: int,
     keys: int,
     ops: int,
     skew: float = 0.9,
@@ -82,7 +82,7 @@ def run(
     verified = True
     with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
         backing = BackingFile(Path(tmp) / "backing.dat")
-        cache = ZCache(ZCacheConfig(capacity_frames=limit_frames), evictor=backing)
+        cache = ZCache(ZCacheConfig(pool_limit_frames=pool_limit_frames), evictor=backing)
         pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
         progress = Progress("ops", ops)
         stored: dict[int, bytes] = {}
@@ -105,10 +105,10 @@ def run(
         ppf = s.pages_per_frame
         evicted = s.evicted_persistent + s.evicted_ephemeral
         gets = sum(1 for is_get, _ in trace if is_get)
-        capacity = int(limit_frames * ppf) + s.same_filled_pages
+        capacity = int(pool_limit_frames * ppf) + s.same_filled_pages
         result: dict[str, Any] = {
             "allocator": allocator,
-            "limit_frames": limit_frames,
+            "pool_limit_frames": pool_limit_frames,
             "keys": keys,
             "ops": ops,
             "gets": gets,
@@ -132,14 +132,14 @@ def run(
 
 
 def reclaim_put_rate(
-    pages: list[bytes], allocator: str, limit_frames: int, empty_pools: int
+    pages: list[bytes], allocator: str, pool_limit_frames: int, empty_pools: int
 ) -> float:
     """Pages per CPU-second of put batches into a full persistent pool (every batch reclaims),
     with `empty_pools` empty pools beside it."""
     count = len(pages)
     with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
         backing = BackingFile(Path(tmp) / "backing.dat")
-        cache = ZCache(ZCacheConfig(capacity_frames=limit_frames), evictor=backing)
+        cache = ZCache(ZCacheConfig(pool_limit_frames=pool_limit_frames), evictor=backing)
         for i in range(empty_pools):
             cache.create_pool(PoolKind.EPHEMERAL if i % 2 else PoolKind.PERSISTENT, allocator)
         pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
@@ -147,7 +147,7 @@ def reclaim_put_rate(
         while not cache.snapshot().reclaim_passes:  # fill up to the limit, untimed
             cache.put_batch(pool, [(0, n + i) for i in range(BATCH)], pages[:BATCH])
             n += BATCH
-        total = 8 * limit_frames  # about three times the limit, in pages
+        total = 8 * pool_limit_frames  # about three times the limit, in pages
         start = time.process_time()
         for first in range(n, n + total, BATCH):
             keys = [(0, i) for i in range(first, first + BATCH)]
@@ -159,12 +159,12 @@ def reclaim_put_rate(
 
 
 def empty_pools_report(
-    pages: list[bytes], allocator: str, limit_frames: int, empty_pools: int
+    pages: list[bytes], allocator: str, pool_limit_frames: int, empty_pools: int
 ) -> dict[str, Any]:
     alone = crowded = 0.0
     for _ in range(5):
-        alone = max(alone, reclaim_put_rate(pages, allocator, limit_frames, 0))
-        crowded = max(crowded, reclaim_put_rate(pages, allocator, limit_frames, empty_pools))
+        alone = max(alone, reclaim_put_rate(pages, allocator, pool_limit_frames, 0))
+        crowded = max(crowded, reclaim_put_rate(pages, allocator, pool_limit_frames, empty_pools))
     return {
         "reclaim_put_pages_per_cpu_s_1_pool": round(alone),
         f"reclaim_put_pages_per_cpu_s_{empty_pools}_empty_pools": round(crowded),

@@ -24,9 +24,9 @@ def corpus_pages(path: str) -> list[bytes]:
         raise CliError(str(exc)) from None
 
 
-def start_cluster(nodes: int, limit: str, secured: bool = False) -> LocalCluster:
+def start_cluster(nodes: int, pool_limit: str, secured: bool = False) -> LocalCluster:
     try:
-        return bench_cluster.start_cluster(nodes, limit, tls=secured)
+        return bench_cluster.start_cluster(nodes, pool_limit, tls=secured)
     except RamsterError as exc:
         raise CliError(f"the cluster did not start: {exc}") from None
 
@@ -47,11 +47,11 @@ def _fragmentation(args: argparse.Namespace) -> int:
 
 def _reaper(args: argparse.Namespace) -> int:
     pages = corpus_pages(args.corpus)
-    keys = args.keys or args.limit_frames * 12
+    keys = args.keys or args.pool_limit_frames * 12
     result = reaper.run(
         pages,
         args.allocator,
-        args.limit_frames,
+        args.pool_limit_frames,
         keys,
         args.ops or keys * 5,
         args.skew,
@@ -59,7 +59,7 @@ def _reaper(args: argparse.Namespace) -> int:
     )
     if args.empty_pools:
         result |= reaper.empty_pools_report(
-            pages, args.allocator, args.limit_frames, args.empty_pools
+            pages, args.allocator, args.pool_limit_frames, args.empty_pools
         )
     emit(result, args.json)
     return 0 if result["verified"] else 1
@@ -96,7 +96,7 @@ def _latency(args: argparse.Namespace) -> int:
             pages=args.pages,
             clients=args.clients,
             cluster=args.cluster,
-            pool_limit=args.limit,
+            pool_limit=args.pool_limit,
         )
     except RamsterError as exc:
         raise CliError(f"{args.target or 'the local node'}: {exc}") from None
@@ -106,11 +106,11 @@ def _latency(args: argparse.Namespace) -> int:
 
 def _cluster_run(args: argparse.Namespace, pages: list[bytes], secured: bool) -> dict[str, Any]:
     count = args.pages or len(pages) * 3
-    cluster = start_cluster(args.nodes, args.limit, secured)
+    cluster = start_cluster(args.nodes, args.pool_limit, secured)
     try:
         if secured or args.tls:  # the TLS comparison times the cluster alone
             return bench_cluster.run(cluster, pages, count)
-        with LocalNode("--pool-limit", args.limit) as baseline:
+        with LocalNode("--pool-limit", args.pool_limit) as baseline:
             return bench_cluster.run(cluster, pages, count, baseline=baseline, repair=True)
     except RamsterError as exc:
         raise CliError(f"the local cluster: {exc}") from None
@@ -151,7 +151,7 @@ def _nbd(args: argparse.Namespace) -> int:
 
 def _soak(args: argparse.Namespace) -> int:
     pages = corpus_pages(args.corpus)
-    cluster = None if args.target else start_cluster(3, args.limit)
+    cluster = None if args.target else start_cluster(3, args.pool_limit)
     try:
         result = soak.run(
             pages, args.seconds, args.keys, args.batch, args.seed, args.target, cluster
@@ -206,13 +206,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "reaper",
         help="LRU reclaim and write-back under a workload larger than the pool limit",
         description="Run a seeded Zipf workload (puts, overwrites, verified gets) over more keys "
-        "than fit under --limit-frames, with a backing file behind the pool, and compare the "
+        "than fit under --pool-limit-frames, with a backing file behind the pool, and compare the "
         "in-memory hit ratio with an exact LRU cache of the same capacity in pages.",
     )
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
     p.add_argument("--allocator", choices=ALLOCATORS, default="zsmalloc")
-    p.add_argument("--limit-frames", type=positive, required=True, help="pool limit in frames")
-    p.add_argument("--keys", type=positive, help="distinct keys (default: 12 x limit frames)")
+    p.add_argument("--pool-limit-frames", type=positive, required=True, help="pool limit in frames")
+    p.add_argument(
+        "--keys", type=positive, help="distinct keys (default: 12 x the pool limit in frames)"
+    )
     p.add_argument("--ops", type=positive, help="operations (default: 5 x keys)")
     p.add_argument("--skew", type=float, default=0.9, help="Zipf exponent (default 0.9)")
     p.add_argument("--seed", type=int, default=1)
@@ -237,7 +239,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
     p.add_argument("--pages", type=positive, help="pages to put (default: 3 x the corpus)")
     p.add_argument("--nodes", type=int, default=3, choices=range(2, 10), metavar="N")
-    p.add_argument("--limit", default="16Mi", help="node 1's pool limit (default 16Mi)")
+    p.add_argument("--pool-limit", default="16Mi", help="node 1's pool limit (default 16Mi)")
     p.add_argument(
         "--tls",
         action="store_true",
@@ -296,7 +298,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="client process counts for the throughput phase (default 1,2,4)",
     )
     p.add_argument("--cluster", action="store_true", help="measure node 1 of a local cluster")
-    p.add_argument("--limit", default="2Gi", help="pool limit of a node started here")
+    p.add_argument("--pool-limit", default="2Gi", help="pool limit of a node started here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_latency)
     p = kinds.add_parser(
@@ -325,8 +327,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "random, in batches, for --seconds, with a model of what every key holds; report "
         "operations, wrong answers, lost pages, transient misses (a page that exists not served "
         "until a retry), batch latency and the RSS of every node over time.  Without --target, a "
-        "local 3-node cluster is started whose node 1 has a --limit pool, so pages keep moving "
-        "to peers and back.  Exit status 1 if anything was wrong, lost or transient.",
+        "local 3-node cluster is started whose node 1 has a small --pool-limit, so pages keep "
+        "moving to peers and back.  Exit status 1 if anything was wrong, lost or transient.",
     )
     p.add_argument(
         "--target", metavar="HOST:PORT", help="a running node (default: a local cluster)"
@@ -336,6 +338,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--keys", type=positive, default=30_000, help="distinct keys (default 30000)")
     p.add_argument("--batch", type=positive, default=64, help="keys per batch (default 64)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--limit", default="8Mi", help="node 1's pool limit (default 8Mi)")
+    p.add_argument("--pool-limit", default="8Mi", help="node 1's pool limit (default 8Mi)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_soak)

@@ -50,8 +50,8 @@ def _table(rows: list[dict[str, object]]) -> str:
 
 def _demo(args: argparse.Namespace) -> int:
     pages, source = _pages(args)
-    print(f"starting {args.nodes} nodes on 127.0.0.1 (node1 pool limit {args.limit}) ...")
-    cluster = start_cluster(args.nodes, args.limit)
+    print(f"starting {args.nodes} nodes on 127.0.0.1 (node1 pool limit {args.pool_limit}) ...")
+    cluster = start_cluster(args.nodes, args.pool_limit)
     try:
         print(f"putting {args.pages:,} pages ({source}) through {cluster.targets[0]} ...")
         result = bench_cluster.run(cluster, pages, args.pages)
@@ -114,7 +114,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="nodes in the cluster (2-9, default 3)",
     )
     p.add_argument("--pages", type=int, default=20_000, help="pages to put (default 20,000)")
-    p.add_argument("--limit", default="16Mi", help="node 1's pool limit (default 16Mi)")
+    p.add_argument("--pool-limit", default="16Mi", help="node 1's pool limit (default 16Mi)")
     p.add_argument("--corpus", help="file of raw 4096-byte pages (default: own memory)")
     p.add_argument("--once", action="store_true", help="stop the cluster when done")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

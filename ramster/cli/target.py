@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ramster.cli.errors import CliError
 from ramster.client import Client, RamsterError
-from ramster.client.wire import INDEX_LIMIT, OID_LIMIT, POOL_LIMIT
+from ramster.wire import INDEX_LIMIT, OID_LIMIT, POOL_LIMIT
 
 DEFAULT_TARGET = "127.0.0.1:7070"
 

@@ -21,7 +21,7 @@ from ramster.client.errors import (
 )
 from ramster.client.messages import GetResult, KeyRange
 from ramster.client.sync import Client
-from ramster.client.wire import MAX_BATCH_PAGES, PAGE_SIZE, Outcome, PageStatus
+from ramster.wire import MAX_BATCH_PAGES, PAGE_SIZE, Outcome, PageStatus
 
 __all__ = [
     "MAX_BATCH_PAGES",

@@ -6,6 +6,14 @@
 # RamsterError subclasses, never grpc.RpcError.  Batches take keys as (oid, index) pairs or a
 # KeyRange; put_many/get_many cut any number of consecutive pages into maximal batches.
 #
+# The small calls go through the generated, typed stub; the bulk ones (PutBatch, GetBatch, Stream)
+# through callables of the same methods that write and read with ramster.bulkwire, so a batch's
+# pages are joined once on the way out and sliced once on the way in, never copied through
+# protobuf objects (the bytes on the wire are the same).  A stream batch goes as requests of at
+# most STREAM_PART_PAGES pages (1 MiB), whose replies are put back together into the batch's:
+# each message is one piece of work that the node's event loop cannot slice (gRPC copies a
+# message whole on its way in and out), so smaller messages keep other calls' waits short.
+#
 # A Stream keeps one bidirectional RPC open: put_batch()/get_batch() send a request and return a
 # future of its reply at once, so a caller keeps several batches in flight and the node never
 # waits for the client.  The node answers in order, so replies are matched to the oldest pending
@@ -19,11 +27,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ramster.bulkwire import Parts, in_stream, read_get_batch_reply, read_stream_reply
 from ramster.client.errors import (
     PageUnavailable,
     RamsterError,
@@ -37,18 +46,21 @@ from ramster.client.messages import (
     Keys,
     decode_get,
     decode_put,
-    get_batch_request,
-    key,
-    put_batch_request,
+    get_batch_requests,
+    object_key,
+    page_key,
+    pool_key,
+    put_batch_requests,
 )
 from ramster.client.tls import PathLike, open_channel
-from ramster.client.wire import Outcome
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
+from ramster.wire import Outcome
 
 DEFAULT_TIMEOUT = 30.0
 KINDS = {"persistent": pb.POOL_KIND_PERSISTENT, "ephemeral": pb.POOL_KIND_EPHEMERAL}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
+TMEM = "/" + pb.DESCRIPTOR.services_by_name["Tmem"].full_name + "/"
 T = TypeVar("T")
 
 
@@ -91,8 +103,22 @@ class AsyncClient:
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = open_channel(target, tls_ca, tls_cert, tls_key)
-        self._tmem = tmem_pb2_grpc.TmemStub(self._channel)  # type: ignore[no-untyped-call]
+        self._tmem = cast("tmem_pb2_grpc.TmemAsyncStub", tmem_pb2_grpc.TmemStub(self._channel))
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        join = b"".join
+        self._put_batch = self._channel.unary_unary(
+            TMEM + "PutBatch",
+            request_serializer=join,
+            response_deserializer=pb.PutBatchResponse.FromString,
+        )
+        self._get_batch = self._channel.unary_unary(
+            TMEM + "GetBatch",
+            request_serializer=pb.GetBatchRequest.SerializeToString,
+            response_deserializer=read_get_batch_reply,
+        )
+        self._stream = self._channel.stream_stream(
+            TMEM + "Stream", request_serializer=join, response_deserializer=read_stream_reply
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -103,8 +129,9 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    def _call(self, method: str, request: Any, timeout: float | None) -> Awaitable[Any]:
-        rpc = getattr(self._tmem, method)
+    def _call(
+        self, rpc: Callable[..., Awaitable[T]], request: Any, timeout: float | None
+    ) -> Awaitable[T]:
         timeout = self.timeout if timeout is None else timeout
         return _rpc(rpc(request, timeout=timeout, metadata=self._metadata))
 
@@ -116,16 +143,18 @@ class AsyncClient:
         if kind not in KINDS:
             raise RamsterError(f"pool kind must be one of {', '.join(KINDS)}, got {kind!r}")
         request = pb.CreatePoolRequest(kind=KINDS[kind], allocator=allocator or "")
-        reply = await self._call("CreatePool", request, timeout)
+        reply = await self._call(self._tmem.CreatePool, request, timeout)
         return int(reply.pool)
 
     async def destroy_pool(self, pool: int, timeout: float | None = None) -> int:
         """Drop a pool; how many pages it held."""
-        reply = await self._call("DestroyPool", pb.DestroyPoolRequest(**key(pool)), timeout)
+        reply = await self._call(
+            self._tmem.DestroyPool, pb.DestroyPoolRequest(pool=pool_key(pool)), timeout
+        )
         return int(reply.pages)
 
     async def list_pools(self, timeout: float | None = None) -> list[PoolInfo]:
-        reply = await self._call("ListPools", pb.ListPoolsRequest(), timeout)
+        reply = await self._call(self._tmem.ListPools, pb.ListPoolsRequest(), timeout)
         return pool_infos(reply.pools)
 
     # -- single pages ------------------------------------------------------------------------
@@ -133,8 +162,9 @@ class AsyncClient:
         self, pool: int, oid: int, index: int, page: bytes, timeout: float | None = None
     ) -> Outcome:
         """Store one page.  Raises ResourceExhausted when the node has no room for it."""
-        request = pb.PutRequest(**key(pool, oid, index), page=page)
-        reply = await self._call("Put", request, timeout)
+        pool, oid, index = page_key(pool, oid, index)
+        request = pb.PutRequest(pool=pool, oid=oid, index=index, page=page)
+        reply = await self._call(self._tmem.Put, request, timeout)
         return Outcome(reply.outcome)
 
     async def get(
@@ -147,8 +177,11 @@ class AsyncClient:
     ) -> bytes | None:
         """The page, or None.  Raises DataLoss if every copy of it failed verification (its data
         is lost) and PageUnavailable if no copy can be reached now."""
-        request = pb.GetRequest(**key(pool, oid, index), exclusive=exclusive)
-        reply = await self._call("Get", request, timeout)
+        checked = page_key(pool, oid, index)
+        request = pb.GetRequest(
+            pool=checked[0], oid=checked[1], index=checked[2], exclusive=exclusive
+        )
+        reply = await self._call(self._tmem.Get, request, timeout)
         if reply.status == pb.PAGE_STATUS_UNAVAILABLE:
             raise PageUnavailable(f"pool {pool} page ({oid}, {index}) has no reachable copy")
         return reply.page if reply.status == pb.PAGE_STATUS_HIT else None
@@ -156,26 +189,29 @@ class AsyncClient:
     async def flush_page(
         self, pool: int, oid: int, index: int, timeout: float | None = None
     ) -> bool:
-        request = pb.FlushPageRequest(**key(pool, oid, index))
-        return bool((await self._call("FlushPage", request, timeout)).found)
+        pool, oid, index = page_key(pool, oid, index)
+        request = pb.FlushPageRequest(pool=pool, oid=oid, index=index)
+        return bool((await self._call(self._tmem.FlushPage, request, timeout)).found)
 
     async def flush_object(self, pool: int, oid: int, timeout: float | None = None) -> int:
-        request = pb.FlushObjectRequest(**key(pool, oid))
-        return int((await self._call("FlushObject", request, timeout)).pages)
+        pool, oid = object_key(pool, oid)
+        request = pb.FlushObjectRequest(pool=pool, oid=oid)
+        return int((await self._call(self._tmem.FlushObject, request, timeout)).pages)
 
     # -- batches -----------------------------------------------------------------------------
     async def put_batch(
         self, pool: int, keys: Keys, pages: Sequence[bytes], timeout: float | None = None
     ) -> list[Outcome]:
         """Store up to 4096 pages; one outcome per page (refusals are outcomes, not errors)."""
-        reply = await self._call("PutBatch", put_batch_request(pool, keys, pages), timeout)
-        return decode_put(reply)
+        (request,) = put_batch_requests(pool, keys, pages)
+        return decode_put(await self._call(self._put_batch, request.chunks, timeout))
 
     async def get_batch(
         self, pool: int, keys: Keys, exclusive: bool = False, timeout: float | None = None
     ) -> GetResult:
-        reply = await self._call("GetBatch", get_batch_request(pool, keys, exclusive), timeout)
-        return decode_get(reply)
+        (request,) = get_batch_requests(pool, keys, exclusive)
+        reply, blob = await self._call(self._get_batch, request, timeout)
+        return decode_get(reply, blob)
 
     async def put_many(
         self, pool: int, oid: int, start: int, pages: Sequence[bytes], timeout: float | None = None
@@ -207,7 +243,7 @@ class AsyncClient:
 
     # -- node --------------------------------------------------------------------------------
     async def stats(self, timeout: float | None = None) -> pb.StatsResponse:
-        reply: pb.StatsResponse = await self._call("Stats", pb.StatsRequest(), timeout)
+        reply: pb.StatsResponse = await self._call(self._tmem.Stats, pb.StatsRequest(), timeout)
         return reply
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
@@ -220,25 +256,63 @@ class AsyncClient:
 
     def stream(self, timeout: float | None = None) -> Stream:
         """A pipelined batch session: `async with client.stream() as s: ...`."""
-        return Stream(self._tmem, timeout, self._metadata)
+        return Stream(self._stream, timeout, self._metadata)
+
+
+Decode = Callable[[pb.StreamResponse, memoryview], T]  # a reply (and its pages) -> a result
+R = TypeVar("R")
+STREAM_PART_PAGES = 256  # a stream batch goes as requests of at most this many pages
+
+
+def merged(parts: list[asyncio.Future[T]], combine: Callable[[list[T]], R]) -> asyncio.Future[R]:
+    """A future of every part's result, combined in order; the first part to fail fails it
+    (every part's error is retrieved, so none is reported as unhandled)."""
+    out: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+    left = len(parts)
+
+    def done(part: asyncio.Future[T]) -> None:
+        nonlocal left
+        left -= 1
+        error = None if part.cancelled() else part.exception()
+        if out.done():
+            return
+        if part.cancelled():
+            out.cancel()
+        elif error is not None:
+            out.set_exception(error)
+        elif left == 0:
+            out.set_result(combine([p.result() for p in parts]))
+
+    for part in parts:
+        part.add_done_callback(done)
+    return out
+
+
+PUT, GET, FLUSH_OBJECT = (
+    pb.StreamRequest.DESCRIPTOR.fields_by_name[name].number
+    for name in ("put", "get", "flush_object")
+)
 
 
 class Stream:
     def __init__(
-        self, stub: Any, timeout: float | None, metadata: tuple[tuple[str, str], ...] = ()
+        self,
+        open_call: Callable[..., Any],
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        self._stub = stub
+        self._open_call = open_call  # the Stream method, written and read with bulkwire
         self._timeout = timeout
         self._metadata = metadata
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: deque[tuple[int, asyncio.Future[Any], Callable[[Any], Any]]] = deque()
+        self._pending: deque[tuple[int, asyncio.Future[Any], Decode[Any]]] = deque()
         self._next_id = 0
         self._failure: RamsterError | None = None
         self._cancelled = False  # by us, on leaving the block with an exception
 
     async def __aenter__(self) -> Stream:
-        self._call = self._stub.Stream(timeout=self._timeout, metadata=self._metadata)
+        self._call = self._open_call(timeout=self._timeout, metadata=self._metadata)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return self
 
@@ -264,33 +338,43 @@ class Stream:
         self, pool: int, keys: Keys, pages: Sequence[bytes]
     ) -> asyncio.Future[list[Outcome]]:
         """Send a put batch; the returned future resolves to its outcomes."""
-        request = pb.StreamRequest(put=put_batch_request(pool, keys, pages))
-        return await self._send(request, lambda reply: decode_put(reply.put))
+        sent = [
+            await self._send(PUT, body, lambda reply, _: decode_put(reply.put))
+            for body in put_batch_requests(pool, keys, pages, STREAM_PART_PAGES)
+        ]
+        return merged(sent, lambda parts: [outcome for part in parts for outcome in part])
 
     async def get_batch(
         self, pool: int, keys: Keys, exclusive: bool = False
     ) -> asyncio.Future[GetResult]:
         """Send a get batch; the returned future resolves to its GetResult."""
-        request = pb.StreamRequest(get=get_batch_request(pool, keys, exclusive))
-        return await self._send(request, lambda reply: decode_get(reply.get))
+        sent = [
+            await self._send(
+                GET,
+                Parts.of(request.SerializeToString()),
+                lambda reply, blob: decode_get(reply.get, blob),
+            )
+            for request in get_batch_requests(pool, keys, exclusive, STREAM_PART_PAGES)
+        ]
+        return merged(sent, GetResult.joined)
 
     async def flush_object(self, pool: int, oid: int) -> asyncio.Future[int]:
-        request = pb.StreamRequest(flush_object=pb.FlushObjectRequest(**key(pool, oid)))
-        return await self._send(request, lambda reply: int(reply.flush_object.pages))
+        pool, oid = object_key(pool, oid)
+        body = Parts.of(pb.FlushObjectRequest(pool=pool, oid=oid).SerializeToString())
+        return await self._send(FLUSH_OBJECT, body, lambda reply, _: int(reply.flush_object.pages))
 
-    async def _send(
-        self, request: pb.StreamRequest, decode: Callable[[Any], T]
-    ) -> asyncio.Future[T]:
+    async def _send(self, field: int, body: Parts, decode: Decode[T]) -> asyncio.Future[T]:
+        """Send `body` (a request's parts) as field `field` of the next StreamRequest."""
         if self._failure is not None:
             raise self._failure
         if self._call is None:
             raise RamsterError("use the stream inside 'async with client.stream() as s'")
-        request.id = self._next_id
+        request_id = self._next_id
         self._next_id += 1
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((request.id, future, decode))
+        self._pending.append((request_id, future, decode))
         try:
-            await self._call.write(request)
+            await self._call.write(in_stream(request_id, field, body).chunks)
         except grpc.RpcError as exc:
             self._fail(from_rpc_error(exc))
         except asyncio.InvalidStateError:
@@ -299,7 +383,7 @@ class Stream:
 
     async def _read(self) -> None:
         try:
-            async for reply in self._call:
+            async for reply, blob in self._call:
                 expected = self._pending[0][0] if self._pending else None
                 if reply.id != expected:
                     raise RamsterError(
@@ -313,7 +397,7 @@ class Stream:
                     future.set_exception(from_code_number(reply.error.code, reply.error.message))
                 else:
                     try:
-                        future.set_result(decode(reply))
+                        future.set_result(decode(reply, blob))
                     except RamsterError as exc:
                         future.set_exception(exc)
         except grpc.RpcError as exc:

@@ -5,7 +5,11 @@
 # one object, as a KeyRange, which goes on the wire as one oid and a range of indexes with no
 # per-page tuple built on either end.
 #
-# Every request is checked here as the node would check it (ramster.client.wire), so a key out of
+# Batches are written and read with ramster.bulkwire: a put's pages go out as one join of the
+# caller's pages (no protobuf copy), and a get's reply is sliced into pages straight from the
+# received bytes.
+#
+# Every request is checked here as the node would check it (ramster.wire), so a key out of
 # range or pages that do not match their keys raise InvalidArgument (a ValueError) before
 # anything is sent, instead of reaching the node, or worse, being cut to fit a field.
 from __future__ import annotations
@@ -16,8 +20,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from ramster import bulkwire
+from ramster.bulkwire import Parts
 from ramster.client.errors import InvalidArgument, RamsterError
-from ramster.client.wire import (
+from ramster.v1 import tmem_pb2 as pb
+from ramster.wire import (
     INDEX_LIMIT,
     MAX_BATCH_PAGES,
     OID_LIMIT,
@@ -25,13 +32,12 @@ from ramster.client.wire import (
     Outcome,
     PageStatus,
     all_in_range,
+    check_count,
     check_index,
+    check_pages,
     check_pool,
     in_range,
-    join_pages,
-    split_pages,
 )
-from ramster.v1 import tmem_pb2 as pb
 
 _OUTCOME = {int(o): o for o in Outcome}  # wire number -> enum, without a per-page enum call
 _STATUS = {int(s): s for s in PageStatus}
@@ -69,6 +75,13 @@ class GetResult:
         """Positions of pages whose stored copy failed verification."""
         return [n for n, s in enumerate(self.statuses) if s is PageStatus.CORRUPT]
 
+    @staticmethod
+    def joined(results: Sequence[GetResult]) -> GetResult:
+        """The results of consecutive parts of one batch, as the batch's result."""
+        return GetResult(
+            [s for r in results for s in r.statuses], [p for r in results for p in r.pages]
+        )
+
 
 @contextlib.contextmanager
 def refused_here() -> Iterator[None]:
@@ -81,15 +94,22 @@ def refused_here() -> Iterator[None]:
         raise InvalidArgument(str(exc)) from None
 
 
-def key(pool: int, oid: int | None = None, index: int | None = None) -> dict[str, int]:
-    """The checked key fields of a request naming a pool, an object or one page."""
+def pool_key(pool: int) -> int:
+    """A pool id, checked."""
     with refused_here():
-        fields = {"pool": check_pool(pool)}
-        if oid is not None:
-            fields["oid"] = in_range("oid", oid, OID_LIMIT)
-        if index is not None:
-            fields["index"] = check_index(index)
-    return fields
+        return check_pool(pool)
+
+
+def object_key(pool: int, oid: int) -> tuple[int, int]:
+    """(pool, oid), checked."""
+    with refused_here():
+        return check_pool(pool), in_range("oid", oid, OID_LIMIT)
+
+
+def page_key(pool: int, oid: int, index: int) -> tuple[int, int, int]:
+    """(pool, oid, index), checked."""
+    with refused_here():
+        return (*object_key(pool, oid), check_index(index))
 
 
 def key_fields(keys: Keys) -> tuple[list[int], Sequence[int]]:
@@ -105,40 +125,77 @@ def key_fields(keys: Keys) -> tuple[list[int], Sequence[int]]:
     return oids, indexes
 
 
-def put_batch_request(pool: int, keys: Keys, pages: Sequence[bytes]) -> pb.PutBatchRequest:
+def _cuts(count: int, most: int) -> list[slice]:
+    """Positions of runs of at most `most` of `count` items (one empty run when count is 0)."""
+    return [slice(at, at + most) for at in range(0, count, most)] or [slice(0, 0)]
+
+
+def _checked_keys(keys: Keys) -> tuple[list[int], Sequence[int]]:
     oids, indexes = key_fields(keys)
+    with refused_here():
+        check_count(len(indexes))
+    return oids, indexes
+
+
+def put_batch_requests(
+    pool: int, keys: Keys, pages: Sequence[bytes], most: int = MAX_BATCH_PAGES
+) -> list[Parts]:
+    """A put batch as PutBatchRequests' parts (ramster.bulkwire) of at most `most` pages each,
+    the whole batch checked before any is made."""
+    oids, indexes = _checked_keys(keys)
     if len(indexes) != len(pages):
         raise InvalidArgument(f"{len(indexes)} keys but {len(pages)} pages")
     with refused_here():
-        blob = join_pages(pages)
-    return pb.PutBatchRequest(**key(pool), oids=oids, indexes=indexes, pages=blob)
+        check_pages(pages)
+    pool = pool_key(pool)
+    return [
+        bulkwire.put_batch_request(
+            pb.PutBatchRequest(
+                pool=pool, oids=oids if len(oids) == 1 else oids[at], indexes=indexes[at]
+            ),
+            pages[at],
+        )
+        for at in _cuts(len(indexes), most)
+    ]
 
 
-def get_batch_request(pool: int, keys: Keys, exclusive: bool) -> pb.GetBatchRequest:
-    oids, indexes = key_fields(keys)
-    return pb.GetBatchRequest(**key(pool), oids=oids, indexes=indexes, exclusive=exclusive)
+def get_batch_requests(
+    pool: int, keys: Keys, exclusive: bool, most: int = MAX_BATCH_PAGES
+) -> list[pb.GetBatchRequest]:
+    """A get batch as GetBatchRequests of at most `most` keys each, the whole batch checked
+    before any is made."""
+    oids, indexes = _checked_keys(keys)
+    pool = pool_key(pool)
+    return [
+        pb.GetBatchRequest(
+            pool=pool,
+            oids=oids if len(oids) == 1 else oids[at],
+            indexes=indexes[at],
+            exclusive=exclusive,
+        )
+        for at in _cuts(len(indexes), most)
+    ]
 
 
 def decode_put(reply: pb.PutBatchResponse) -> list[Outcome]:
     return [_OUTCOME[o] for o in reply.outcomes]
 
 
-def decode_get(reply: pb.GetBatchResponse) -> GetResult:
+def decode_get(reply: pb.GetBatchResponse, blob: memoryview) -> GetResult:
+    """A get's result from its statuses and its pages (a view of the received reply)."""
     statuses = [_STATUS[s] for s in reply.statuses]
-    blob = reply.pages
-    if len(blob) == len(statuses) * PAGE_SIZE:  # every page a hit: the fast path
-        return GetResult(statuses, list(split_pages(blob, len(statuses))))
+    hits = statuses.count(PageStatus.HIT)
+    if blob.nbytes != hits * PAGE_SIZE:
+        raise RamsterError(
+            f"malformed reply: {blob.nbytes} bytes of pages for {hits} hits",
+            grpc.StatusCode.INTERNAL,
+        )
     pages: list[bytes | None] = []
     at = 0
     for status in statuses:
         if status is PageStatus.HIT:
-            pages.append(blob[at : at + PAGE_SIZE])
+            pages.append(blob[at : at + PAGE_SIZE].tobytes())
             at += PAGE_SIZE
         else:
             pages.append(None)
-    if at != len(blob):
-        raise RamsterError(
-            f"malformed reply: {len(blob)} bytes of pages for {at // PAGE_SIZE} hits",
-            grpc.StatusCode.INTERNAL,
-        )
     return GetResult(statuses, pages)

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 from ramster.client.aio import DEFAULT_TIMEOUT, AsyncClient, PoolInfo
 from ramster.client.messages import GetResult, Keys
 from ramster.client.tls import PathLike
-from ramster.client.wire import Outcome
 from ramster.v1 import tmem_pb2 as pb
+from ramster.wire import Outcome
 
 T = TypeVar("T")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from ramster.client.errors import InvalidArgument
-from ramster.client.wire import CHANNEL_OPTIONS
+from ramster.wire import CHANNEL_OPTIONS
 
 PathLike = str | Path
 

@@ -66,7 +66,7 @@ class ForeignStore:
         self.capacity_frames = capacity_frames
         self.owner_quota = max(1, int(capacity_frames * owner_share))
         self.max_owners = max_owners
-        self.cache = ZCache(ZCacheConfig(capacity_frames=capacity_frames))
+        self.cache = ZCache(ZCacheConfig(pool_limit_frames=capacity_frames))
         self.pools: dict[PoolTag, int] = {}
         self.refused = 0
         self.moved = 0  # zpages stored and served (the node trims its heap after many)

@@ -100,7 +100,7 @@ class ZCache:
         """An engine whose `pools` are recreated under their ids, and which then files the pages
         `evictor` recovered from before a restart (in a pool of its own if `pools` lacks it)."""
         self.config = config or ZCacheConfig()
-        self.arena = Arena(self.config.capacity_frames)
+        self.arena = Arena(self.config.pool_limit_frames)
         self.evictor = evictor
         self.reaper = Reaper(self)
         self.pools: dict[int, Pool] = {}
@@ -109,7 +109,7 @@ class ZCache:
         self.tick = 0
         self._next_pool_id = 0
         self._threshold = self.config.compress_threshold
-        self._low_mark = int(self.config.capacity_frames * self.config.reclaim_to)
+        self._low_mark = int(self.config.pool_limit_frames * self.config.reclaim_to)
         for pool_id, kind, allocator, store_raw in pools:
             self.create_pool(kind, allocator, pool_id=pool_id, store_raw=store_raw)
         if evictor is not None:

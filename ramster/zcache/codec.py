@@ -24,9 +24,9 @@ import struct
 import lz4.block
 import xxhash
 
+from ramster.wire import PAGE_SIZE as PAGE_SIZE
 from ramster.zcache.errors import CorruptPage
 
-PAGE_SIZE = 4096
 WORD = 8
 HEADER = struct.Struct("<IHIQ")
 HEADER_SIZE = HEADER.size

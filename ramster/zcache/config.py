@@ -1,4 +1,4 @@
-# Engine settings and the enums of the tmem interface.
+# Engine settings and the enums of the tmem interface (a put's outcome is ramster.wire's).
 #
 # Defaults follow zcache/zswap practice: a page is refused when LZ4 cannot shrink it to 7/8 of a
 # page (storing it would cost nearly a frame for little gain), the pageframe budget (the pool
@@ -11,13 +11,16 @@ import enum
 import os
 from dataclasses import dataclass
 
+from ramster.wire import Outcome
 from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE
 from ramster.zcache.errors import InvalidConfig
+
+PutResult = Outcome  # what a put did: the wire's outcome (ramster.wire), so no table maps them
 
 ALLOCATORS = ("zbud", "zsmalloc")
 
 
-def default_capacity_frames() -> int:
+def default_pool_limit_frames() -> int:
     """A quarter of physical memory, in frames."""
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // PAGE_SIZE
@@ -31,26 +34,9 @@ class PoolKind(enum.Enum):
     EPHEMERAL = "ephemeral"  # cleancache-like: may vanish; a get removes it
 
 
-class PutResult(enum.IntEnum):
-    STORED = 0
-    SAME_FILLED = 1
-    STORED_RAW = 2
-    REFUSED_POOR_COMPRESSION = 3
-    REFUSED_NO_ROOM = 4
-
-    @property
-    def refused(self) -> bool:
-        return self >= PutResult.REFUSED_POOR_COMPRESSION
-
-    @property
-    def reason(self) -> str:
-        """Label of the outcome: 'stored', ..., 'poor_compression', 'no_room'."""
-        return self.name.lower().removeprefix("refused_")
-
-
 @dataclass(frozen=True)
 class ZCacheConfig:
-    capacity_frames: int = 0  # the pool limit in frames; 0: default_capacity_frames()
+    pool_limit_frames: int = 0  # the pool limit in frames; 0: default_pool_limit_frames()
     compress_threshold: int = PAGE_SIZE * 7 // 8
     store_incompressible_raw: bool = False
     default_allocator: str = "zsmalloc"
@@ -59,10 +45,10 @@ class ZCacheConfig:
     compact_before_evict: bool = True  # off only to measure what compaction saves
 
     def __post_init__(self) -> None:
-        if self.capacity_frames == 0:
-            object.__setattr__(self, "capacity_frames", default_capacity_frames())
-        if self.capacity_frames < 1:
-            raise InvalidConfig(f"capacity_frames must be positive, got {self.capacity_frames}")
+        if self.pool_limit_frames == 0:
+            object.__setattr__(self, "pool_limit_frames", default_pool_limit_frames())
+        if self.pool_limit_frames < 1:
+            raise InvalidConfig(f"pool_limit_frames must be positive, got {self.pool_limit_frames}")
         top = PAGE_SIZE - HEADER_SIZE
         if not 1 <= self.compress_threshold <= top:
             raise InvalidConfig(

@@ -34,7 +34,7 @@ class PoolView:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    capacity_frames: int  # the pool limit
+    pool_limit_frames: int  # the pool limit
     frames: int  # frames in use
     same_filled_pages: int  # pages stored as one repeated word (no frame)
     puts: int
@@ -48,7 +48,7 @@ class Snapshot:
     duplicate_puts: int
     flushes: int
     compacted_frames: int  # frames freed by moving zpages
-    outcomes: tuple[int, ...]  # pages put, by PutResult
+    outcomes: tuple[int, ...]  # pages put, one count per PutResult in its order
     reclaim_passes: int
     reclaimed_frames: int  # by eviction
     reclaimed_units: int
@@ -80,22 +80,22 @@ class Snapshot:
 
     @property
     def limit_bytes(self) -> int:
-        return self.capacity_frames * PAGE_SIZE
+        return self.pool_limit_frames * PAGE_SIZE
 
     def outcome_counts(self) -> dict[str, int]:
         """Pages put by outcome reason ('stored', ..., 'poor_compression', 'no_room')."""
-        return {r.reason: self.outcomes[r] for r in PutResult}
+        return {r.reason: n for r, n in zip(PutResult, self.outcomes, strict=True)}
 
     def refused(self) -> dict[str, int]:
         """Refused puts by reason."""
-        return {r.reason: self.outcomes[r] for r in PutResult if r.refused}
+        return {r.reason: n for r, n in zip(PutResult, self.outcomes, strict=True) if r.refused}
 
 
 def take(cache: ZCache) -> Snapshot:
     """A snapshot of `cache`; call it on the engine's thread."""
     s, r = cache.stats, cache.reaper.stats
     return Snapshot(
-        capacity_frames=cache.arena.capacity,
+        pool_limit_frames=cache.arena.capacity,
         frames=cache.arena.in_use,
         same_filled_pages=cache.same.pages,
         puts=s.puts,

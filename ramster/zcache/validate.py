@@ -8,12 +8,13 @@
 # 32-bit page index, and a 32-bit pool id (the backing file records pool ids in 32 bits).
 from __future__ import annotations
 
+from ramster.wire import INDEX_LIMIT
 from ramster.zcache.codec import PAGE_SIZE, zpage_key, zpage_length
 from ramster.zcache.errors import InvalidConfig, InvalidKey, InvalidPage
 from ramster.zcache.rawframes import RAW_ZPAGE
 
 MAX_OID = (1 << 64) - 1
-MAX_INDEX = (1 << 32) - 1
+MAX_INDEX = INDEX_LIMIT - 1
 MAX_POOL_ID = (1 << 32) - 1
 
 

@@ -11,7 +11,7 @@ from tests.conftest import DATA, ramster
 
 @pytest.mark.slow
 def test_demo_spills_to_peers_and_verifies() -> None:
-    out = ramster("demo", "--once", "--pages", "6000", "--limit", "4Mi", "--json")
+    out = ramster("demo", "--once", "--pages", "6000", "--pool-limit", "4Mi", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["verified"] is True and result["lost"] == 0
@@ -29,7 +29,7 @@ def test_bench_cluster_reports_local_and_remote_hits() -> None:
         str(DATA / "sample.pages"),
         "--pages",
         "5000",
-        "--limit",
+        "--pool-limit",
         "4Mi",
         "--json",
     )

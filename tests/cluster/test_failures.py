@@ -18,9 +18,9 @@ from ramster.bench.corpus import load_corpus
 from ramster.client import AsyncClient, Client, KeyRange
 from ramster.client.cluster import LocalCluster, free_ports
 from ramster.client.local import LocalNode
-from ramster.client.wire import PageStatus
 from ramster.remote import ForeignStore
 from ramster.v1 import peer_pb2, peer_pb2_grpc
+from ramster.wire import PageStatus
 from ramster.zcache.codec import compress
 from tests.cluster.probes import distinct_pages
 from tests.conftest import DATA

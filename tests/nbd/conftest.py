@@ -119,7 +119,7 @@ class ServerThread:
 
     async def _start(self) -> None:
         config = ZCacheConfig(
-            capacity_frames=self.pool_limit // PAGE_SIZE, store_incompressible_raw=True
+            pool_limit_frames=self.pool_limit // PAGE_SIZE, store_incompressible_raw=True
         )
         engine = self.engine = ZCache(config)
         self.server = NbdServer(

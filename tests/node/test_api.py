@@ -23,9 +23,9 @@ from ramster.client import (
     ResourceExhausted,
     Unavailable,
 )
-from ramster.client.wire import MAX_BATCH_PAGES
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
+from ramster.wire import MAX_BATCH_PAGES
 from ramster.zcache import CorruptPage as EngineCorrupt
 from ramster.zcache import PageUnavailable as EngineUnavailable
 from ramster.zcache import PutResult

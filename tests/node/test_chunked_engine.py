@@ -68,7 +68,7 @@ class Recording(Executor):
 
 @pytest.fixture
 def engine() -> Iterator[ZCache]:
-    cache = ZCache(ZCacheConfig(capacity_frames=8192))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=8192))
     yield cache
     cache.close()
 
@@ -79,7 +79,7 @@ async def test_big_batches_match_the_engine(
 ) -> None:
     workers = ThreadPoolExecutor(threads) if threads else None
     chunked = ChunkedEngine(engine, workers=workers)
-    reference = ZCache(ZCacheConfig(capacity_frames=8192))
+    reference = ZCache(ZCacheConfig(pool_limit_frames=8192))
     for cache in (engine, reference):
         cache.create_pool(P, store_raw=True)
         cache.create_pool(P)

@@ -60,7 +60,7 @@ def check_consistent(v: Values) -> None:
 
 async def test_scrapes_during_bulk_puts_are_consistent(sample_pages: list[bytes]) -> None:
     # an ephemeral pool smaller than what is put: the reaper evicts while puts run
-    engine = ZCache(ZCacheConfig(capacity_frames=600))
+    engine = ZCache(ZCacheConfig(pool_limit_frames=600))
     pool = engine.create_pool(PoolKind.EPHEMERAL)
     metrics = NodeMetrics(engine.snapshot, "test", "test-node")
     chunked = ChunkedEngine(engine)
@@ -99,7 +99,7 @@ async def test_scrapes_during_bulk_puts_are_consistent(sample_pages: list[bytes]
 
 
 async def test_a_stalled_loop_gets_the_last_value_served(sample_pages: list[bytes]) -> None:
-    engine = ZCache(ZCacheConfig(capacity_frames=64))
+    engine = ZCache(ZCacheConfig(pool_limit_frames=64))
     pool = engine.create_pool(PoolKind.PERSISTENT)
     collector = LoopCollector(asyncio.get_running_loop(), timeout=0.2)
     collector.add(engine.snapshot, engine_families)

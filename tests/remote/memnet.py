@@ -52,7 +52,7 @@ class MemNode:
         )
         self.chain = EvictorChain([self.layer, self.backing])
         self.cache = ZCache(
-            ZCacheConfig(capacity_frames=self.limit_frames), evictor=self.chain, pools=pools
+            ZCacheConfig(pool_limit_frames=self.limit_frames), evictor=self.chain, pools=pools
         )
         self.driver = RemoteDriver(
             self.layer,

@@ -23,7 +23,7 @@ OVERSIZE = [
 def test_store_zpages_refuses_oversize_and_keeps_neighbours(
     allocator: str, compressible_pages: list[bytes]
 ) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=8))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=8))
     pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
     keys = [(1, i) for i in range(4)]
     cache.put_batch(pool, keys, compressible_pages[:4])

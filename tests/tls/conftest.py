@@ -13,7 +13,7 @@ import pytest
 from node.server import Node
 from node.settings import HostPort, Settings
 from ramster.certs import Bundle, make_bundle
-from ramster.client.wire import CHANNEL_OPTIONS
+from ramster.wire import CHANNEL_OPTIONS
 from tests.node.conftest import node_settings
 
 NODES = ("n1", "n2", "n3")

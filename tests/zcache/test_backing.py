@@ -16,7 +16,7 @@ P = PoolKind.PERSISTENT
 def fill(path: Path, pages: list[bytes], frames: int = 12) -> tuple[ZCache, BackingFile, int]:
     """A zcache whose limit pushes most of `pages` (keys (5, i)) into a backing file."""
     backing = BackingFile(path)
-    cache = ZCache(ZCacheConfig(capacity_frames=frames), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=frames), evictor=backing)
     pool = cache.create_pool(P, "zbud")
     results = cache.put_batch(pool, [(5, i) for i in range(len(pages))], pages)
     assert not any(r.refused for r in results)
@@ -25,7 +25,7 @@ def fill(path: Path, pages: list[bytes], frames: int = 12) -> tuple[ZCache, Back
 
 def reopen(path: Path) -> tuple[ZCache, BackingFile]:
     backing = BackingFile(path)
-    return ZCache(ZCacheConfig(capacity_frames=12), evictor=backing), backing
+    return ZCache(ZCacheConfig(pool_limit_frames=12), evictor=backing), backing
 
 
 def on_disk(cache: ZCache, pool: int) -> dict[int, bytes]:
@@ -170,7 +170,7 @@ def test_restart_files_recovered_pages_in_the_pools_given(
     backing.close()
     backing2 = BackingFile(path)
     specs = [(pool, P, "zsmalloc", True), (9, PoolKind.EPHEMERAL, "zbud", None)]
-    cache2 = ZCache(ZCacheConfig(capacity_frames=12), evictor=backing2, pools=specs)
+    cache2 = ZCache(ZCacheConfig(pool_limit_frames=12), evictor=backing2, pools=specs)
     restored = cache2.pool(pool)
     assert (restored.allocator, restored.store_raw) == ("zsmalloc", True), "not reinvented"
     invented = cache2.pool(other)  # not in `pools`: recreated from what the evictor knows
@@ -193,7 +193,7 @@ def test_write_back_all_keeps_every_persistent_page_across_a_restart(
 ) -> None:
     path = tmp_path / "backing.dat"
     backing = BackingFile(path)
-    cache = ZCache(ZCacheConfig(capacity_frames=80), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=80), evictor=backing)
     raw = cache.create_pool(P, "zsmalloc", store_raw=True)
     plain = cache.create_pool(P, "zbud")
     eph = cache.create_pool(PoolKind.EPHEMERAL, "zbud")
@@ -221,7 +221,7 @@ def test_write_back_all_keeps_every_persistent_page_across_a_restart(
         (plain, P, "zbud", None),
         (eph, PoolKind.EPHEMERAL, "zbud", None),
     ]
-    cache2 = ZCache(ZCacheConfig(capacity_frames=80), evictor=backing2, pools=specs)
+    cache2 = ZCache(ZCacheConfig(pool_limit_frames=80), evictor=backing2, pools=specs)
     for pool, expected in kept.items():
         assert cache2.pool(pool).index.count == len(expected)
         got = cache2.get_batch(pool, list(expected))
@@ -234,7 +234,7 @@ def test_write_back_all_keeps_refused_pages_in_ram(
     tmp_path: Path, sample_pages: list[bytes]
 ) -> None:
     backing = BackingFile(tmp_path / "b.dat", limit_bytes=32 * 1024)
-    cache = ZCache(ZCacheConfig(capacity_frames=256), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=256), evictor=backing)
     pool = cache.create_pool(P, store_raw=True)
     pages = mixed_pages(sample_pages)
     keys = [(0, i) for i in range(len(pages))]
@@ -245,4 +245,4 @@ def test_write_back_all_keeps_refused_pages_in_ram(
     assert cache.evicted_pages == taken
     assert cache.get_batch(pool, keys) == pages
     cache.verify()
-    assert ZCache(ZCacheConfig(capacity_frames=8)).write_back_all() == (0, 0)
+    assert ZCache(ZCacheConfig(pool_limit_frames=8)).write_back_all() == (0, 0)

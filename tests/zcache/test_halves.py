@@ -66,7 +66,7 @@ def test_read_out_pages_survive_the_engine_reusing_their_frames(
 ) -> None:
     """A get's zpages are copied out: flushing the keys and filling the freed frames with other
     pages before open() changes nothing it returns."""
-    cache = ZCache(ZCacheConfig(capacity_frames=256))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=256))
     pool = cache.create_pool(P, store_raw=True)
     keys = [(1, i) for i in range(len(sample_pages))]
     cache.put_batch(pool, keys, sample_pages)

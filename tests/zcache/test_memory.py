@@ -14,7 +14,7 @@ MiB = 1 << 20
 
 @pytest.mark.parametrize("allocator", ["zbud", "zsmalloc"])
 def test_rss_follows_pool_size(allocator: str, compressible_pages: list[bytes]) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=1 << 16))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=1 << 16))
     pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
     n = 30_000
     keys = [(0, i) for i in range(n)]
@@ -34,7 +34,7 @@ def test_rss_follows_pool_size(allocator: str, compressible_pages: list[bytes]) 
 
 @pytest.mark.parametrize("allocator", ["zbud", "zsmalloc"])
 def test_metadata_is_compact(allocator: str, compressible_pages: list[bytes]) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=1 << 17))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=1 << 17))
     pool = cache.create_pool(PoolKind.PERSISTENT, allocator)
     n = 100_000
     for start in range(0, n, 1000):

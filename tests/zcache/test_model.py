@@ -45,7 +45,7 @@ def machine(
     class TmemModel(RuleBasedStateMachine):
         @initialize(frames=st.integers(min_value=1, max_value=24))
         def start(self, frames: int) -> None:
-            self.config = ZCacheConfig(capacity_frames=frames, store_incompressible_raw=store_raw)
+            self.config = ZCacheConfig(pool_limit_frames=frames, store_incompressible_raw=store_raw)
             self.dir = Path(tempfile.mkdtemp(prefix="ramster-model-"))
             self.backing = BackingFile(self.dir / "backing.dat") if backed else None
             self.cache = ZCache(self.config, evictor=self.backing)
@@ -190,7 +190,7 @@ class TwoPoolModel(RuleBasedStateMachine):
         store_raw: tuple[bool | None, bool | None],
         raw_default: bool,
     ) -> None:
-        config = ZCacheConfig(capacity_frames=frames, store_incompressible_raw=raw_default)
+        config = ZCacheConfig(pool_limit_frames=frames, store_incompressible_raw=raw_default)
         self.dir = Path(tempfile.mkdtemp(prefix="ramster-model-"))
         self.backing = BackingFile(self.dir / "backing.dat")
         self.cache = ZCache(config, evictor=self.backing)

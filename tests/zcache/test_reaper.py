@@ -28,7 +28,7 @@ def test_limit_triggers_reclaim_to_low_mark(
     tmp_path: Path, allocator: str, compressible_pages: list[bytes]
 ) -> None:
     backing = BackingFile(tmp_path / "b.dat")
-    cache = ZCache(ZCacheConfig(capacity_frames=100, reclaim_to=0.5), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=100, reclaim_to=0.5), evictor=backing)
     pool = cache.create_pool(P, allocator)
     keys = [(0, i) for i in range(1000)]
     pages = [compressible_pages[i % 88] for i in range(1000)]
@@ -48,7 +48,7 @@ def test_reclaim_takes_least_recently_used_first(
     tmp_path: Path, compressible_pages: list[bytes]
 ) -> None:
     backing = BackingFile(tmp_path / "b.dat")
-    cache = ZCache(ZCacheConfig(capacity_frames=30, reclaim_to=0.75), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=30, reclaim_to=0.75), evictor=backing)
     pool = cache.create_pool(P, "zbud")
     old = [(0, i) for i in range(40)]
     cache.put_batch(pool, old, compressible_pages[:40])
@@ -62,7 +62,7 @@ def test_reclaim_takes_least_recently_used_first(
 
 
 def test_ephemeral_pages_are_dropped_not_written(compressible_pages: list[bytes]) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=20))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=20))
     pool = cache.create_pool(E, "zsmalloc")
     keys = [(0, i) for i in range(300)]
     results = cache.put_batch(pool, keys, [compressible_pages[i % 88] for i in range(300)])
@@ -75,7 +75,7 @@ def test_ephemeral_pages_are_dropped_not_written(compressible_pages: list[bytes]
 
 
 def test_persistent_pages_stay_when_no_evictor(compressible_pages: list[bytes]) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=10))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=10))
     pool = cache.create_pool(P, "zbud")
     keys = [(0, i) for i in range(60)]
     results = cache.put_batch(pool, keys, compressible_pages[:60])
@@ -86,7 +86,7 @@ def test_persistent_pages_stay_when_no_evictor(compressible_pages: list[bytes]) 
 
 
 def test_ephemeral_pool_makes_room_for_persistent(compressible_pages: list[bytes]) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=10))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=10))
     eph = cache.create_pool(E)
     per = cache.create_pool(P)
     cache.put_batch(eph, [(0, i) for i in range(20)], compressible_pages[:20])
@@ -118,7 +118,7 @@ def test_refusing_evictor_never_loses_a_page(
     allocator: str, compressible_pages: list[bytes]
 ) -> None:
     refusing = Refusing()
-    cache = ZCache(ZCacheConfig(capacity_frames=12), evictor=refusing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=12), evictor=refusing)
     pool = cache.create_pool(P, allocator)
     keys = [(0, i) for i in range(80)]
     results = cache.put_batch(pool, keys, compressible_pages[:80])
@@ -135,7 +135,7 @@ def test_chain_falls_through_to_backing_file(
 ) -> None:
     refusing = Refusing()
     backing = BackingFile(tmp_path / "b.dat")
-    cache = ZCache(ZCacheConfig(capacity_frames=12), evictor=EvictorChain([refusing, backing]))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=12), evictor=EvictorChain([refusing, backing]))
     pool = cache.create_pool(P)
     keys = [(0, i) for i in range(80)]
     assert not any(r.refused for r in cache.put_batch(pool, keys, compressible_pages[:80]))
@@ -148,7 +148,7 @@ def test_full_backing_file_refuses_and_keeps_pages(
     tmp_path: Path, compressible_pages: list[bytes]
 ) -> None:
     backing = BackingFile(tmp_path / "b.dat", limit_bytes=64 * 1024)
-    cache = ZCache(ZCacheConfig(capacity_frames=12), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=12), evictor=backing)
     pool = cache.create_pool(P)
     keys = [(0, i) for i in range(88)]
     results = cache.put_batch(pool, keys, compressible_pages)
@@ -161,7 +161,7 @@ def test_full_backing_file_refuses_and_keeps_pages(
 
 def test_get_promotes_evicted_page(tmp_path: Path, compressible_pages: list[bytes]) -> None:
     backing = BackingFile(tmp_path / "b.dat")
-    cache = ZCache(ZCacheConfig(capacity_frames=30), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=30), evictor=backing)
     pool = cache.create_pool(P)
     keys = [(0, i) for i in range(88)]
     cache.put_batch(pool, keys, compressible_pages)
@@ -175,7 +175,7 @@ def test_get_promotes_evicted_page(tmp_path: Path, compressible_pages: list[byte
 def test_rss_goes_down_when_reclaim_frees_frames(
     tmp_path: Path, compressible_pages: list[bytes]
 ) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=20_000, reclaim_to=0.1))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=20_000, reclaim_to=0.1))
     eph = cache.create_pool(E)
     base = rss_bytes()
     n = 50_000  # about 17,000 frames
@@ -205,7 +205,7 @@ def test_reclaim_takes_least_recently_used_across_pools(
     tmp_path: Path, compressible_pages: list[bytes]
 ) -> None:
     backing = BackingFile(tmp_path / "b.dat")
-    cache = ZCache(ZCacheConfig(capacity_frames=30, reclaim_to=0.75), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=30, reclaim_to=0.75), evictor=backing)
     cold, warm, eph, new = (cache.create_pool(k, "zbud") for k in (P, P, E, P))
     cache.put_batch(cold, [(0, i) for i in range(12)], compressible_pages[:12])
     cache.put_batch(eph, [(0, i) for i in range(12)], compressible_pages[12:24])
@@ -221,7 +221,7 @@ def test_reclaim_takes_least_recently_used_across_pools(
 def reclaim_work(empty_pools: int, tmp_path: Path, pages: list[bytes]) -> tuple[int, int]:
     """(LRU lists inspected, units reclaimed) for one reclaim-bound workload."""
     backing = BackingFile(tmp_path / f"b{empty_pools}.dat")
-    cache = ZCache(ZCacheConfig(capacity_frames=40), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=40), evictor=backing)
     for i in range(empty_pools):
         cache.create_pool(E if i % 2 else P, "zbud" if i % 3 else "zsmalloc")
     per = cache.create_pool(P, "zsmalloc")
@@ -245,7 +245,7 @@ def test_victim_selection_work_does_not_grow_with_empty_pools(
 
 
 def test_destroyed_and_recreated_pools_stay_in_lru_order(compressible_pages: list[bytes]) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=16))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=16))
     first = cache.create_pool(E, "zbud")
     cache.put_batch(first, [(0, i) for i in range(10)], compressible_pages[:10])
     cache.destroy_pool(first)

@@ -29,7 +29,7 @@ def allocator(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def cache() -> ZCache:
-    return ZCache(ZCacheConfig(capacity_frames=512))
+    return ZCache(ZCacheConfig(pool_limit_frames=512))
 
 
 def test_put_get_roundtrip_keeps_persistent_pages(
@@ -86,7 +86,7 @@ def test_poorly_compressible_page_is_refused_with_reason(
 
 
 def test_threshold_is_configurable(compressible_pages: list[bytes]) -> None:
-    strict = ZCache(ZCacheConfig(capacity_frames=64, compress_threshold=64))
+    strict = ZCache(ZCacheConfig(pool_limit_frames=64, compress_threshold=64))
     pool = strict.create_pool(P)
     assert strict.put(pool, 0, 0, compressible_pages[0]) is PutResult.REFUSED_POOR_COMPRESSION
 
@@ -94,7 +94,7 @@ def test_threshold_is_configurable(compressible_pages: list[bytes]) -> None:
 def test_store_raw_policy_keeps_incompressible_pages(
     allocator: str, incompressible_pages: list[bytes]
 ) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=64, store_incompressible_raw=True))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=64, store_incompressible_raw=True))
     pool = cache.create_pool(P, allocator)
     for i, page in enumerate(incompressible_pages):
         assert cache.put(pool, 0, i, page) is PutResult.STORED_RAW
@@ -105,7 +105,7 @@ def test_store_raw_policy_keeps_incompressible_pages(
 
 
 def test_no_room_refusal(allocator: str, compressible_pages: list[bytes]) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=2))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=2))
     pool = cache.create_pool(P, allocator)
     results = [cache.put(pool, 0, i, p) for i, p in enumerate(compressible_pages[:20])]
     assert PutResult.REFUSED_NO_ROOM in results
@@ -248,12 +248,12 @@ def test_unknown_pool(cache: ZCache) -> None:
 def test_bad_config_and_allocator() -> None:
     with pytest.raises(InvalidConfig, match="compress_threshold"):
         ZCacheConfig(compress_threshold=PAGE_SIZE)
-    with pytest.raises(InvalidConfig, match="capacity_frames"):
-        ZCacheConfig(capacity_frames=-5)
+    with pytest.raises(InvalidConfig, match="pool_limit_frames"):
+        ZCacheConfig(pool_limit_frames=-5)
     with pytest.raises(InvalidConfig, match="unknown allocator"):
         ZCacheConfig(default_allocator="slab")
     with pytest.raises(InvalidConfig, match="unknown allocator"):
-        ZCache(ZCacheConfig(capacity_frames=8)).create_pool(P, "slab")
+        ZCache(ZCacheConfig(pool_limit_frames=8)).create_pool(P, "slab")
 
 
 def _corrupt(cache: ZCache, pool: int, oid: int, index: int, offset: int) -> None:
@@ -287,7 +287,7 @@ def test_corruption_is_detected_never_returned(
 
 
 def test_compact_frees_frames_and_keeps_pages(compressible_pages: list[bytes]) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=4096))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=4096))
     pool = cache.create_pool(P, "zsmalloc")
     keys = [(0, i) for i in range(2000)]
     pages = [compressible_pages[i % len(compressible_pages)] for i in range(2000)]
@@ -334,7 +334,7 @@ def test_pools_are_created_under_given_ids(cache: ZCache) -> None:
 def test_store_raw_is_a_per_pool_choice(incompressible_pages: list[bytes]) -> None:
     page = incompressible_pages[0]
     for default in (False, True):
-        cache = ZCache(ZCacheConfig(capacity_frames=16, store_incompressible_raw=default))
+        cache = ZCache(ZCacheConfig(pool_limit_frames=16, store_incompressible_raw=default))
         inherit, raw, strict = (cache.create_pool(P, store_raw=s) for s in (None, True, False))
         assert cache.pool(inherit).store_raw is default
         assert cache.put(raw, 0, 0, page) is PutResult.STORED_RAW
@@ -346,7 +346,7 @@ def test_store_raw_is_a_per_pool_choice(incompressible_pages: list[bytes]) -> No
 
 def test_pools_given_at_start_are_recreated() -> None:
     specs = [(4, E, "zbud", None), (11, P, "zsmalloc", True)]
-    started = ZCache(ZCacheConfig(capacity_frames=8), pools=specs)
+    started = ZCache(ZCacheConfig(pool_limit_frames=8), pools=specs)
     got = [(p.id, p.kind, p.allocator, p.store_raw) for p in started.pools.values()]
     assert got == [(4, E, "zbud", False), (11, P, "zsmalloc", True)]
     assert started.next_pool_id == 12

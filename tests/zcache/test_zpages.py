@@ -13,8 +13,8 @@ from ramster.zcache.codec import open_zpage
 def test_zpages_travel_between_caches_compressed(
     compressible_pages: list[bytes], incompressible_pages: list[bytes]
 ) -> None:
-    owner = ZCache(ZCacheConfig(capacity_frames=64, store_incompressible_raw=True))
-    holder = ZCache(ZCacheConfig(capacity_frames=64))
+    owner = ZCache(ZCacheConfig(pool_limit_frames=64, store_incompressible_raw=True))
+    holder = ZCache(ZCacheConfig(pool_limit_frames=64))
     src = owner.create_pool(PoolKind.PERSISTENT)
     dst = holder.create_pool(PoolKind.PERSISTENT, "zbud")
     pages = [*compressible_pages[:10], incompressible_pages[0], bytes(4096)]
@@ -32,7 +32,7 @@ def test_zpages_travel_between_caches_compressed(
 
 
 def test_store_zpages_refuses_damaged_zpages(compressible_pages: list[bytes]) -> None:
-    cache = ZCache(ZCacheConfig(capacity_frames=16))
+    cache = ZCache(ZCacheConfig(pool_limit_frames=16))
     pool = cache.create_pool(PoolKind.PERSISTENT)
     cache.put(pool, 1, 1, compressible_pages[0])
     (zpage,) = cache.read_zpages(pool, [(1, 1)])
@@ -48,7 +48,7 @@ def test_store_zpages_refuses_damaged_zpages(compressible_pages: list[bytes]) ->
 
 def test_evicted_locations(tmp_path: Path, compressible_pages: list[bytes]) -> None:
     backing = BackingFile(tmp_path / "b.dat")
-    cache = ZCache(ZCacheConfig(capacity_frames=8), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=8), evictor=backing)
     pool = cache.create_pool(PoolKind.PERSISTENT)
     keys = [(0, i) for i in range(60)]
     cache.put_batch(pool, keys, compressible_pages[:60])

@@ -116,7 +116,7 @@ def page(seed: int, noise: int) -> bytes:
 
 def test_reaper_compacts_churn_instead_of_evicting(tmp_path: Path) -> None:
     backing = BackingFile(tmp_path / "b.dat")
-    cache = ZCache(ZCacheConfig(capacity_frames=300), evictor=backing)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=300), evictor=backing)
     pool = cache.create_pool(PoolKind.PERSISTENT, "zsmalloc")
     big = {(0, i): page(i, 1000) for i in range(1000)}  # about 256 frames of 1 KiB zpages
     cache.put_batch(pool, list(big), list(big.values()))

@@ -1,0 +1,44 @@
+# A stream batch larger than STREAM_PART_PAGES goes as several requests whose replies come back
+# together as the batch's: outcomes and pages in the caller's order, a miss where it was, and a
+# batch that fails in any part fails whole; the whole batch is checked before any part is sent.
+from __future__ import annotations
+
+import pytest
+
+from ramster.client import AsyncClient, InvalidArgument, KeyRange, NotFound, PageStatus
+from ramster.client.aio import STREAM_PART_PAGES
+from ramster.client.local import LocalNode
+
+COUNT = STREAM_PART_PAGES * 2 + 17  # three parts, the last one short
+
+
+async def test_a_big_batch_comes_back_whole(
+    local_node: LocalNode, sample_pages: list[bytes]
+) -> None:
+    pages = [sample_pages[n % len(sample_pages)] for n in range(COUNT)]
+    async with AsyncClient(local_node.target) as client:
+        pool = await client.create_pool()
+        async with client.stream() as stream:
+            put = await stream.put_batch(pool, KeyRange(5, 0, COUNT), pages)
+            assert stream.in_flight == 3
+            outcomes = await put
+            missing = (5, COUNT + 3)  # never stored
+            keys = [(5, n) for n in range(COUNT)]
+            keys.insert(STREAM_PART_PAGES, missing)
+            result = await (await stream.get_batch(pool, keys))
+        await client.destroy_pool(pool)
+    assert len(outcomes) == COUNT
+    expected = [None if o.refused else p for o, p in zip(outcomes, pages, strict=True)]
+    expected.insert(STREAM_PART_PAGES, None)
+    assert result.pages == expected
+    assert result.statuses[STREAM_PART_PAGES] is PageStatus.MISS
+
+
+async def test_a_failing_part_fails_the_batch(local_node: LocalNode) -> None:
+    async with AsyncClient(local_node.target) as client, client.stream() as stream:
+        with pytest.raises(InvalidArgument, match="exceeds the limit of 4096"):
+            await stream.get_batch(0, KeyRange(1, 0, 4097))
+        assert stream.in_flight == 0  # refused before a part was sent
+        get = await stream.get_batch(2**31, KeyRange(1, 0, COUNT))  # no such pool
+        with pytest.raises(NotFound):
+            await get
