@@ -12,7 +12,10 @@
 # protobuf objects (the bytes on the wire are the same).  A stream batch goes as requests of at
 # most STREAM_PART_PAGES pages (1 MiB), whose replies are put back together into the batch's:
 # each message is one piece of work that the node's event loop cannot slice (gRPC copies a
-# message whole on its way in and out), so smaller messages keep other calls' waits short.
+# message whole on its way in and out), so smaller messages keep other calls' waits short.  The
+# whole batch is checked before its first part is sent; a part the node refuses (a quota reached
+# meanwhile, a pool destroyed) fails the batch, whose earlier parts may have been applied, as a
+# batch is never atomic as a whole (each page is).
 #
 # A Stream keeps one bidirectional RPC open: put_batch()/get_batch() send a request and return a
 # future of its reply at once, so a caller keeps several batches in flight and the node never
