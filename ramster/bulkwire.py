@@ -16,9 +16,10 @@
 #     GIL, so a caller may run it in a thread.
 # Malformed input raises protobuf's DecodeError, as parsing would have.
 #
-# Trade-off: the field numbers of the page fields (and the enums' one-byte packing: every
-# outcome and status is below 128) are written down here as well as in the .proto; the tests
-# round-trip every message through protobuf, so a renumbering fails them.
+# Trade-off: protobuf's wire format is read and written by hand for the few fields this lifts or
+# writes (their numbers come from the generated descriptors, so a renumbered field follows), and
+# a packed enum is written one byte per value, which holds while every outcome and status is
+# below 128 (checked below); the tests round-trip every message through protobuf.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from ramster.v1 import tmem_pb2 as pb
-from ramster.wire import PAGE_SIZE, Blob
+from ramster.wire import PAGE_SIZE, Blob, Outcome, PageStatus
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 PUT_PAGES = (pb.PutBatchRequest.PAGES_FIELD_NUMBER,)
@@ -39,6 +40,7 @@ _RESULT_FIELDS = frozenset(
     f.number for f in pb.StreamResponse.DESCRIPTOR.oneofs_by_name["result"].fields
 )
 _EMPTY = memoryview(b"")
+assert max(Outcome) < 0x80 and max(PageStatus) < 0x80  # one varint byte each
 
 
 @dataclass(frozen=True, slots=True)

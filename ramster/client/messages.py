@@ -113,13 +113,14 @@ def page_key(pool: int, oid: int, index: int) -> tuple[int, int, int]:
 
 
 def key_fields(keys: Keys) -> tuple[list[int], Sequence[int]]:
-    """A batch's oids and indexes, checked for range."""
+    """A batch's oids and indexes, checked for count and range."""
     indexes: Sequence[int]
     if isinstance(keys, KeyRange):
         oids, indexes = [keys.oid], range(keys.start, keys.start + keys.count)
     else:
         oids, indexes = [k[0] for k in keys], [k[1] for k in keys]
     with refused_here():
+        check_count(len(indexes))
         all_in_range("oids", oids, OID_LIMIT)
         all_in_range("indexes", indexes, INDEX_LIMIT)
     return oids, indexes
@@ -130,19 +131,12 @@ def _cuts(count: int, most: int) -> list[slice]:
     return [slice(at, at + most) for at in range(0, count, most)] or [slice(0, 0)]
 
 
-def _checked_keys(keys: Keys) -> tuple[list[int], Sequence[int]]:
-    oids, indexes = key_fields(keys)
-    with refused_here():
-        check_count(len(indexes))
-    return oids, indexes
-
-
 def put_batch_requests(
     pool: int, keys: Keys, pages: Sequence[bytes], most: int = MAX_BATCH_PAGES
 ) -> list[Parts]:
     """A put batch as PutBatchRequests' parts (ramster.bulkwire) of at most `most` pages each,
     the whole batch checked before any is made."""
-    oids, indexes = _checked_keys(keys)
+    oids, indexes = key_fields(keys)
     if len(indexes) != len(pages):
         raise InvalidArgument(f"{len(indexes)} keys but {len(pages)} pages")
     with refused_here():
@@ -164,7 +158,7 @@ def get_batch_requests(
 ) -> list[pb.GetBatchRequest]:
     """A get batch as GetBatchRequests of at most `most` keys each, the whole batch checked
     before any is made."""
-    oids, indexes = _checked_keys(keys)
+    oids, indexes = key_fields(keys)
     pool = pool_key(pool)
     return [
         pb.GetBatchRequest(
