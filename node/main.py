@@ -14,13 +14,6 @@ from node.settings import Settings, SettingsError, add_arguments, resolve
 from ramster import __version__
 from ramster.wire import keep_freed_memory
 
-# The event loop holds the GIL while it runs a slice of bulk work, and a thread that needs it
-# (gRPC's poller, which hands every arriving call and finished send to the loop; the thread that
-# joins a big reply) waits up to the interpreter's switch interval before the loop is made to
-# let go: 5 ms by default, paid by a single get on its way in and again on its way out.  0.5 ms
-# bounds that wait, for a few more GIL switches a second while threads contend.
-GIL_SWITCH_SECONDS = 0.0005
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -58,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure(settings.log_level)
     keep_freed_memory()
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:
