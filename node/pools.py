@@ -78,20 +78,19 @@ class PoolRegistry:
         self.tag = 0  # this node's current id tag (0: none drawn yet)
         self.counter = 0  # the next id is tag << TAG_BITS | counter
         self.used_tags: set[int] = {0}
-        self.salt: int | None = None  # above the engine id in public ids (None: not drawn yet)
         self.torn = 0  # unreadable lines dropped on open
         self._fd = -1
-        fresh = self._replay()
-        if self.salt is None:  # a new registry draws one; an older one keeps its ids (salt 0)
-            self.salt = 1 + secrets.randbelow(SALTS - 1) if fresh else 0
+        self.salt = self._replay()  # above the engine id in public ids
         self._compact()
 
-    def _replay(self) -> bool:
-        """Read the log; True if there was none (a new registry)."""
+    def _replay(self) -> int:
+        """Read the log; the salt it keeps, a new one for a new registry, or 0 for a registry
+        of an older version (its ids stay as they were)."""
+        salt = 0
         try:
             lines = self.path.read_bytes().splitlines()
         except FileNotFoundError:
-            return True
+            return 1 + secrets.randbelow(SALTS - 1)
         except OSError as exc:
             raise PoolRegistryError(f"cannot read {self.path}: {exc.strerror}") from None
         for line in lines:
@@ -106,13 +105,12 @@ class PoolRegistry:
                 elif "tag" in entry:
                     self.tag, self.counter = int(entry["tag"]), int(entry.get("counter", 0))
                     self.used_tags.update([self.tag, *map(int, entry.get("used", ()))])
-                    if "salt" in entry:
-                        self.salt = int(entry["salt"]) % SALTS
+                    salt = int(entry.get("salt", salt)) % SALTS
                 elif "next_id" in entry:  # a registry from before tags
                     self._used(int(entry["next_id"]))
             except (ValueError, KeyError, TypeError):
                 self.torn += 1
-        return False
+        return salt
 
     def _used(self, next_id: int) -> None:
         """Ids below `next_id` were handed out: the counter passes them (under the current
@@ -234,13 +232,13 @@ class Pools:
 
     def public(self, pool_id: int) -> int:
         """The id clients know the engine's pool `pool_id` by (see the header)."""
-        return (self.registry.salt or 0) << ENGINE_BITS | pool_id
+        return self.registry.salt << ENGINE_BITS | pool_id
 
     def owned(self, public_id: int, owner: str) -> int:
         """The engine id of the pool clients call `public_id`, if `owner` owns it; else
         UnknownPool, word for word as if it did not exist (another node's id included)."""
         pool_id = public_id & ((1 << ENGINE_BITS) - 1)
-        if public_id >> ENGINE_BITS != (self.registry.salt or 0) or self.owner_of(pool_id) != owner:
+        if public_id >> ENGINE_BITS != self.registry.salt or self.owner_of(pool_id) != owner:
             raise UnknownPool(f"no pool with id {public_id!r}")
         return pool_id
 
