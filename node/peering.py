@@ -33,6 +33,7 @@
 # at an address is learnt afresh.
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -281,7 +282,7 @@ class GrpcTransport:
         self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._names: dict[str, str] = {}  # address -> the node id its certificate must name
-        self._retired: list[grpc.aio.Channel] = []
+        self._closing: set[asyncio.Task[None]] = set()  # channels redialled away from
 
     def _stub(self, address: str) -> peer_pb2_grpc.PeerStub:
         stub = self._stubs.get(address)
@@ -308,7 +309,11 @@ class GrpcTransport:
         self._stubs.pop(address, None)
         channel = self._channels.pop(address, None)
         if channel is not None:
-            self._retired.append(channel)  # closed with the transport: calls on it may run
+            # calls still running on it get their deadline's worth of grace, then it is gone
+            # (a peer failing its identity check every heartbeat must not pile up channels)
+            closing = asyncio.get_running_loop().create_task(channel.close(self.timeout * 4))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         if name is None:
             self._names.pop(address, None)
         else:
@@ -429,5 +434,6 @@ class GrpcTransport:
         return keys
 
     async def close(self) -> None:
-        for channel in [*self._channels.values(), *self._retired]:
+        for channel in self._channels.values():
             await channel.close()
+        await asyncio.gather(*self._closing)
