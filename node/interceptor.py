@@ -237,12 +237,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
                 with await admit(context):
-                    if tenants is None:
-                        async for response in behavior(await take(request, context), context):
-                            yield response
-                        return
-                    client = streams.client_of(context, tenants)
-                    if not streams.enter(client):
+                    client = None if tenants is None else streams.client_of(context, tenants)
+                    if client is not None and not streams.enter(client):
                         await context.abort(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"this client has {streams.limit} streams open already, the most "
@@ -252,7 +248,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         async for response in behavior(await take(request, context), context):
                             yield response
                     finally:
-                        streams.leave(client)
+                        if client is not None:
+                            streams.leave(client)
 
             new_behavior = stream_behavior
         else:
