@@ -1,15 +1,19 @@
 # The node's side of the ramster layer: identity, foreign store, layer, gRPC transport, driver.
 #
-# Built only when peers are configured; a node without peers runs exactly as before (its evictor
-# is the backing file alone).  With peers, the engine's evictor is the chain [layer, backing
-# file]: the reaper's persistent zpages go to peers while any has room, else to disk.  The driver
+# Built only in a cluster (seeds, or a peer listener others may join); a node without runs
+# exactly as before (its evictor is the backing file alone).  Members join and leave at runtime
+# (ramster/remote/membership.py): the servicer learns a heartbeat's sender, replies gossip the
+# members we see, and the foreign store admits as many owners as there are members.  The
+# engine's evictor is the chain [layer, backing file]: the reaper's persistent zpages go to
+# peers while any has room, else to disk.  The driver
 # task heartbeats and pumps in the background; gets call `prefetch()` so remote copies are
 # fetched before the synchronous engine reads them.  Beside it a HeapTrimmer (node/heap.py)
 # gives the heap back to the OS once a burst of zpage traffic is over.
 #
 # Start: the layer rebuilds its table from the journal in the data directory (before the engine
-# adopts pages), and `start()` waits, up to `down_after`, until every peer that answers has told
-# what it still holds for us, so gets of pages parked before a restart find them.
+# adopts pages), and `start()` waits, up to `down_after`, until every member known by then has
+# been asked and every one that answers has told what it still holds for us, so gets of pages
+# parked before a restart find them.
 #
 # Graceful stop: `leave()` answers heartbeats with leaving=true and takes no new foreign pages,
 # so every owner copies what this node holds elsewhere and flushes it here; the node waits until
@@ -47,6 +51,7 @@ class RemoteSide:
             replicas=settings.replicas,
             heartbeat_interval=settings.heartbeat_interval,
             down_after=settings.down_after,
+            forget_after=settings.forget_after,
         )
         self.foreign = ForeignStore(
             max(1, settings.foreign_limit // PAGE_SIZE), max_owners=max(1, len(settings.peers))
@@ -62,7 +67,9 @@ class RemoteSide:
         self.chain = EvictorChain([self.layer, backing])
         sealer = Sealer(load_sealing_key(settings.data_dir), settings.node_id)
         self.transport = GrpcTransport(self.identity, sealer, timeout=settings.peer_timeout)
-        self.servicer = PeerServicer(self.foreign, self.identity)
+        self.servicer = PeerServicer(
+            self.foreign, self.identity, self.layer.membership.gossip, self._heard_of
+        )
         self.driver: RemoteDriver | None = None
         self.trimmer = HeapTrimmer(self._moved, settings.heartbeat_interval * 2)
         self._task: asyncio.Task[None] | None = None
@@ -81,7 +88,9 @@ class RemoteSide:
         deadline = time.monotonic() + self.config.down_after
         while time.monotonic() < deadline:
             await asyncio.sleep(self.config.heartbeat_interval / 5)
-            if self.driver.heartbeats and all(p.synced for p in peers.values() if p.up):
+            if self.driver.heartbeats and all(
+                p.asked and (p.synced or not p.up) for p in peers.values()
+            ):
                 break
         stats = self.layer.stats
         log_event(
@@ -92,6 +101,19 @@ class RemoteSide:
             orphans_flushed=stats.orphans_flushed,
             lost=stats.lost,
         )
+
+    def advertise(self, address: str) -> None:
+        """Where peers reach us (known once the peer listener is bound): told in heartbeats,
+        and never a member of our own."""
+        self.identity.address = address
+        self.layer.membership.selves.add(address)
+        self.layer.membership.drop(address)
+
+    def _heard_of(self, address: str) -> None:
+        """An owner's heartbeat says where it is reached: a member (new ones join at once), and
+        one more owner the foreign store admits."""
+        self.layer.learn([address], time.monotonic())
+        self.foreign.max_owners = max(self.foreign.max_owners, len(self.layer.membership.peers))
 
     async def _run(self, driver: RemoteDriver) -> None:
         await asyncio.gather(driver.run(), self.trimmer.run())
@@ -153,7 +175,7 @@ class RemoteSide:
         yield GaugeMetricFamily(
             "ramster_peers_up", "Peers answering heartbeats.", sum(p.up for p in peers.values())
         )
-        yield GaugeMetricFamily("ramster_peers", "Peers configured (self excluded).", len(peers))
+        yield GaugeMetricFamily("ramster_peers", "Members known (self excluded).", len(peers))
         yield GaugeMetricFamily(
             "ramster_remote_pages",
             "This node's pages held by peers (or queued for them).",

@@ -43,8 +43,8 @@ import grpc
 from node.sealing import Sealer
 from ramster.certs import NODE, member_of_pem
 from ramster.remote import ForeignStore, OwnerTag
-from ramster.remote.driver import PeerInfo
 from ramster.remote.foreign import MAX_BLOB, blob_fits
+from ramster.remote.membership import MAX_ADDRESS, MAX_MEMBERS, PeerInfo
 from ramster.v1 import peer_pb2 as pb
 from ramster.v1 import peer_pb2_grpc
 from ramster.wire import (
@@ -77,6 +77,19 @@ class Identity:
     node_id: str
     incarnation: str
     leaving: bool = False
+    address: str = ""  # where our peer API is reached, as we tell peers ("" if unknown)
+
+
+def valid_address(address: str) -> bool:
+    """A peer address as nodes tell each other: HOST:PORT, port 1..65535, no spaces."""
+    host, sep, port = address.rpartition(":")
+    return (
+        bool(sep and host and port.isdigit())
+        and 0 < int(port) < 65536
+        and len(address.encode()) <= MAX_ADDRESS
+        and address.isprintable()
+        and " " not in address
+    )
 
 
 def split_zpages(blob: bytes, sizes: list[int]) -> list[bytes]:
@@ -130,9 +143,17 @@ def _put_items(request: pb.PutZpagesRequest) -> tuple[list[tuple[int, int]], lis
 
 
 class PeerServicer(peer_pb2_grpc.PeerServicer):
-    def __init__(self, foreign: ForeignStore, identity: Identity) -> None:
+    def __init__(
+        self,
+        foreign: ForeignStore,
+        identity: Identity,
+        members: Callable[[], list[str]] = list,
+        heard_of: Callable[[str], None] = lambda address: None,
+    ) -> None:
         self.foreign = foreign
         self.identity = identity
+        self.members = members  # the member addresses we see up, for gossip
+        self.heard_of = heard_of  # a heartbeat's sender says where it is reached
 
     async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:
         try:
@@ -145,12 +166,21 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
         def beat() -> pb.HeartbeatResponse:
-            me = self.identity
+            me, sender = self.identity, _owner(request.sender)
+            if request.address:
+                if not valid_address(request.address):
+                    raise ValueError(
+                        "a heartbeat's address must be HOST:PORT (at most 255 bytes), got "
+                        f"{request.address[:64]!r}"
+                    )
+                self.heard_of(request.address)
             return pb.HeartbeatResponse(
                 node_id=me.node_id,
                 incarnation=me.incarnation,
-                free_bytes=self.foreign.free_bytes_for(_owner(request.sender).node_id),
+                free_bytes=self.foreign.free_bytes_for(sender.node_id),
                 leaving=me.leaving,
+                address=me.address,
+                members=self.members()[:MAX_MEMBERS],
             )
 
         return await self._run(context, beat)
@@ -323,12 +353,16 @@ class GrpcTransport:
     def _me(self) -> pb.Owner:
         return pb.Owner(node_id=self.identity.node_id, incarnation=self.identity.incarnation)
 
-    async def heartbeat(self, address: str) -> PeerInfo:
-        """Who answers at `address`; with TLS, only once its certificate names that node."""
-        request = pb.HeartbeatRequest(sender=self._me)
+    async def heartbeat(self, address: str, verify: bool = True) -> PeerInfo:
+        """Who answers at `address`; with TLS and `verify`, only once its certificate names
+        that node (a seed heartbeated only to discover members may be a name in front of
+        several nodes: its answers are from some node of the cluster CA, which is all that
+        discovery needs).  Advertised addresses and member lists that are not HOST:PORT are
+        left out."""
+        request = pb.HeartbeatRequest(sender=self._me, address=self.identity.address)
         try:
             reply = await self._stub(address).Heartbeat(request, timeout=self.timeout)
-            if self.credentials and self._names.get(address) != reply.node_id:
+            if verify and self.credentials and self._names.get(address) != reply.node_id:
                 self._redial(address, reply.node_id)
                 claimed = reply.node_id
                 reply = await self._stub(address).Heartbeat(request, timeout=self.timeout)
@@ -338,7 +372,14 @@ class GrpcTransport:
             if address in self._names:  # learn again: the node there may have been replaced
                 self._redial(address, None)
             raise
-        return PeerInfo(reply.node_id, reply.incarnation, reply.free_bytes, reply.leaving)
+        return PeerInfo(
+            reply.node_id,
+            reply.incarnation,
+            reply.free_bytes,
+            reply.leaving,
+            reply.address if valid_address(reply.address) else "",
+            tuple(a for a in reply.members[:MAX_MEMBERS] if valid_address(a)),
+        )
 
     async def put(
         self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]

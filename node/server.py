@@ -2,8 +2,9 @@
 # signal, drain, stop.
 #
 # Two gRPC listeners, as etcd has: the client API on --listen (ramster.v1.Tmem, health, and
-# reflection listing only those), and, with peers configured, the peer API on --peer-listen
-# (ramster.v1.Peer and health; node/settings.py's peer_address() gives the default), each a
+# reflection listing only those), and, in a cluster (seeds in --peers, or --peer-listen set so
+# that nodes started later can join), the peer API on --peer-listen (ramster.v1.Peer and
+# health; node/settings.py's peer_address() gives the default), each a
 # grpc.aio server of its own, so no client ever reaches a peer method and the peer port can sit
 # on another network.  With --tls-* (node/tls.py) the client listener serves TLS and the peer
 # listener mTLS, whose calls PeerAuthInterceptor checks against the caller's node certificate;
@@ -54,7 +55,7 @@ from node.nbd import NbdServer, serve_nbd
 from node.peering import PEER_SERVICE, PeerAuthInterceptor
 from node.pools import PoolRegistry, PoolRegistryError, Pools
 from node.servicer import TmemServicer, add_tmem_to_server
-from node.settings import HostPort, Settings, peer_address
+from node.settings import HostPort, Settings, advertised, clustered, peer_address
 from node.tenants import load_tenants
 from node.tls import ROTATION_CHECK, NodeTls, Rotation, check_protected, load_tls
 from ramster import __version__
@@ -143,7 +144,7 @@ class Node:
         try:
             tls = load_tls(s)
             self.tenants = load_tenants(s.tokens, s.max_pools)
-            peer_at = peer_address(s) if s.peers else None
+            peer_at = peer_address(s) if clustered(s) else None
             check_protected(s, tls, self.tenants.required, peer_at)
             self.rotation = Rotation(s, tls) if tls else None
         except ValueError as exc:
@@ -152,7 +153,7 @@ class Node:
             claim_data_dir(s.data_dir, s.node_id)
             registry = self.registry = PoolRegistry(s.data_dir)
             backing = self.backing = open_backing(s)
-            remote = self.remote = RemoteSide(s, backing) if s.peers else None
+            remote = self.remote = RemoteSide(s, backing) if clustered(s) else None
             engine = self.engine = build_engine(
                 s, remote.chain if remote else backing, registry.engine_pools()
             )
@@ -243,6 +244,7 @@ class Node:
         self._metrics.on_loop.add(remote.metric_families, lambda families: families)
         credentials = tls.server_credentials(require_client_cert=True) if tls else None
         self.peer_port = self._bind(server, "--peer-listen", where, credentials)
+        remote.advertise(advertised(self.settings, self.peer_port))
         if tls:
             transport, loop = remote.transport, asyncio.get_running_loop()
             transport.credentials = tls.current.channel_credentials()

@@ -241,9 +241,30 @@ class Settings:
         default=(),
         metadata=meta(
             parse_peers,
-            "peer nodes' --peer-listen addresses, comma-separated; the same list on every node "
-            "works (a node skips itself); empty: a single node",
+            "seed addresses of the cluster's peer APIs, comma-separated: the node joins the "
+            "members it learns from them (one running node is enough; the same list on every "
+            "node works, a node skips itself; a DNS name in front of several nodes, such as a "
+            "headless Service, works too); empty, and no --peer-listen: a single node",
             "HOST:PORT,...",
+        ),
+    )
+    peer_advertise: HostPort | None = field(
+        default=None,
+        metadata=meta(
+            parse_optional_hostport,
+            "where other nodes reach this node's peer API, as told to them; default: the "
+            "--peer-listen address, or this host's name at its port when it listens on all "
+            "addresses",
+            "HOST:PORT",
+        ),
+    )
+    forget_after: float = field(
+        default=60.0,
+        metadata=meta(
+            parse_positive_seconds,
+            "seconds a member stays down before it is forgotten (at once if it left "
+            "gracefully), once no page depends on it",
+            "SECONDS",
         ),
     )
     replicas: int = field(
@@ -392,6 +413,22 @@ class Settings:
             "N",
         ),
     )
+
+
+def clustered(settings: Settings) -> bool:
+    """Whether the node takes part in a cluster: it has seeds, or serves the peer API so that
+    nodes started later can join it."""
+    return bool(settings.peers) or settings.peer_listen is not None
+
+
+def advertised(settings: Settings, port: int) -> str:
+    """The peer address other nodes are told, once the peer listener is bound to `port`."""
+    if settings.peer_advertise is not None:
+        return str(settings.peer_advertise)
+    host = peer_address(settings).host
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return str(HostPort(host, port))
 
 
 def peer_address(settings: Settings) -> HostPort:

@@ -13,6 +13,7 @@ class RemoteConfig:
     replicas: int = 2  # copies of each remotified persistent zpage (peers, or peers + disk)
     heartbeat_interval: float = 0.5  # seconds between liveness/capacity exchanges
     down_after: float = 3.0  # seconds of silence before a peer is marked down
+    forget_after: float = 60.0  # seconds down before a member is forgotten (if nothing needs it)
     outbox_limit: int = 8192  # evicted zpages waiting to be sent; beyond it evict() refuses
     outbox_limit_bytes: int = 16 << 20  # and their bytes (kept in RAM beyond the pool limit)
     send_batch: int = 256  # zpages per PutZpages message
@@ -24,6 +25,11 @@ class RemoteConfig:
             raise RemoteConfigError(
                 "heartbeat_interval must be positive and shorter than down_after, got "
                 f"{self.heartbeat_interval} and {self.down_after}"
+            )
+        if self.forget_after < self.down_after:
+            raise RemoteConfigError(
+                f"forget_after must be at least down_after, got {self.forget_after} and "
+                f"{self.down_after}"
             )
         if self.outbox_limit < 1 or self.send_batch < 1 or self.outbox_limit_bytes < 1:
             raise RemoteConfigError(

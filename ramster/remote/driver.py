@@ -6,8 +6,9 @@
 # each other:
 #
 # - the heartbeat task, every heartbeat interval whatever else is queued: a heartbeat to every
-#   peer (concurrently, each with its own deadline), then marks silent peers down, then asks
-#   each peer that answers for the first time since our start what it still holds (`Reclaim`);
+#   member and to every seed that is not one (concurrently, each with its own deadline; replies
+#   teach new members), then marks silent peers down and forgets members gone for good, then
+#   asks each peer that answers for the first time what it still holds (`Reclaim`);
 # - the pump task: flushes and sends of evicted zpages (per peer, in that order) and repairs
 #   (fetch a surviving copy, place it again), pass after pass while calls succeed; when a pass
 #   gets nothing through it sleeps until the layer queues new work or a heartbeat interval
@@ -26,11 +27,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from ramster.remote.layer import FetchSource, RamsterLayer, SendPlan
-from ramster.remote.membership import PeerEvent
+from ramster.remote.membership import PeerEvent, PeerInfo
 from ramster.zcache import ZCache
 from ramster.zcache.codec import zpage_key, zpage_length
 
@@ -39,16 +39,12 @@ PREFETCH_ROUNDS = 3
 FETCH_BATCH = 128  # keys per GetZpages call; a batch's calls run concurrently
 
 
-@dataclass(frozen=True)
-class PeerInfo:
-    node_id: str
-    incarnation: str
-    free_bytes: int
-    leaving: bool
-
-
 class Transport(Protocol):
-    async def heartbeat(self, address: str) -> PeerInfo: ...
+    async def heartbeat(self, address: str, verify: bool = True) -> PeerInfo:
+        """Who answers at `address`.  With `verify` (a member), only once it has shown that it
+        is the node it claims; without (a seed heartbeated to discover members), anyone of the
+        cluster may answer."""
+        ...
 
     async def put(
         self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
@@ -132,28 +128,43 @@ class RemoteDriver:
         self.rounds += 1
 
     def _expire(self) -> None:
-        for address in self.layer.expire(self.clock()):
+        now = self.clock()
+        for address in self.layer.expire(now):
             log.warning("peer %s down", address)
+        for address in self.layer.forget_gone(now):
+            log.info("peer %s forgotten", address)
 
     def _unsynced(self) -> list[str]:
         return [p.address for p in self.layer.membership.peers.values() if p.up and not p.synced]
 
     async def heartbeat(self) -> None:
-        addresses = list(self.layer.membership.peers)
+        """One heartbeat to every member and to every seed that is not one."""
+        membership = self.layer.membership
+        members, seeds = list(membership.peers), membership.discovery()
         replies = await asyncio.gather(
-            *(self.transport.heartbeat(a) for a in addresses), return_exceptions=True
+            *(self.transport.heartbeat(a) for a in members),
+            *(self.transport.heartbeat(a, verify=False) for a in seeds),
+            return_exceptions=True,
         )
         now = self.clock()
-        for address, reply in zip(addresses, replies, strict=True):
+        for address, reply in zip([*members, *seeds], replies, strict=True):
+            peer = membership.peers.get(address)
+            if peer is not None:
+                peer.asked = True
             if not isinstance(reply, PeerInfo):
-                self.layer.membership.failed(address)
-            else:
-                events = self.layer.heard(
-                    address, reply.node_id, reply.incarnation, reply.free_bytes, reply.leaving, now
-                )
-                for event in events:
-                    level = logging.ERROR if event is PeerEvent.CONFLICT else logging.INFO
-                    log.log(level, "peer %s %s", address, event.value)
+                membership.failed(address)
+                continue
+            if address not in members and reply.address in ("", address):
+                # a seed that is the member itself (as configured lists are): a member again
+                self.layer.learn([address], now)
+            events = (
+                self.layer.heard(address, reply, now)
+                if address in membership.peers
+                else self.layer.learn([reply.address, *reply.members], now)
+            )
+            for peer_address, event in events:
+                level = logging.ERROR if event is PeerEvent.CONFLICT else logging.INFO
+                log.log(level, "peer %s %s", peer_address, event.value)
         self.heartbeats += 1
 
     async def reclaim(self, address: str) -> None:

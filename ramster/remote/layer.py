@@ -47,7 +47,7 @@ from typing import Protocol
 
 from ramster.remote.config import RemoteConfig
 from ramster.remote.journal import Journal, Recovered
-from ramster.remote.membership import Membership, PeerEvent
+from ramster.remote.membership import Membership, PeerEvent, PeerInfo
 from ramster.remote.table import FREE, SLOT_MASK, RemoteTable
 from ramster.zcache.codec import zpage_key
 from ramster.zcache.errors import CorruptPage, PageUnavailable
@@ -114,9 +114,18 @@ class RamsterLayer:
         local: LocalDisk | None = None,
         seed: int | None = None,
         journal: Journal | None = None,
+        advertise: str = "",
     ) -> None:
         self.config = config or RemoteConfig()
-        self.membership = Membership(node_id, incarnation, peers, self.config.down_after, seed)
+        self.membership = Membership(
+            node_id,
+            incarnation,
+            peers,
+            self.config.down_after,
+            seed,
+            advertise,
+            self.config.forget_after,
+        )
         self.local = local
         self.journal = journal
         self.stats = LayerStats()
@@ -132,6 +141,7 @@ class RamsterLayer:
         self._staged: dict[int, bytes] = {}
         self._short: set[int] = set()  # settled with fewer copies than wanted
         self._short_tried = 0.0
+        self._forget_checked: dict[str, float] = {}  # when a down member's copies were looked at
         self.outbox_bytes = 0
         self.closing = False  # set at a graceful stop: evict() refuses, the disk takes all
         self.wake: Callable[[], None] = lambda: None  # the driver's: work was queued
@@ -142,10 +152,12 @@ class RamsterLayer:
 
     # -- recovery -----------------------------------------------------------------------------
     def _recover(self, journal: Journal) -> None:
-        """Rebuild the table from the journal: copies on configured peers, disk copies the
-        backing file still has.  A location left with neither is lost (its other copy was in
-        RAM); peers are asked what they still hold once they answer (`reclaimed`)."""
+        """Rebuild the table from the journal: copies on peers (configured or learnt before the
+        restart: they are members again), disk copies the backing file still has.  A location
+        left with neither is lost (its other copy was in RAM); peers are asked what they still
+        hold once they answer (`reclaimed`)."""
         peers, table = self.membership.peers, self.table
+        self.membership.learn({a for rec in journal.recovered.values() for a in rec.holders}, 0.0)
         for location, rec in journal.recovered.items():
             disk = rec.disk
             if disk and not (
@@ -218,20 +230,65 @@ class RamsterLayer:
         self._retry_short()
 
     # -- membership -------------------------------------------------------------------------
-    def heard(
-        self, address: str, node_id: str, incarnation: str, free: int, leaving: bool, now: float
-    ) -> list[PeerEvent]:
-        events = self.membership.heard(address, node_id, incarnation, free, leaving, now)
-        for event in events:
+    def heard(self, address: str, info: PeerInfo, now: float) -> list[tuple[str, PeerEvent]]:
+        """A heartbeat reply from member `address`: the events it implies (also for other
+        entries of the same node, and members learnt from it), acted on."""
+        events = self.membership.heard(address, info, now)
+        for peer, event in events:
             if event is PeerEvent.RESTARTED:
-                self._lose(address)
+                self._lose(peer)
             elif event is PeerEvent.LEAVING:
-                self._queue_repairs(set(self.table.held_by(address)))
+                self._queue_repairs(set(self.table.held_by(peer)))
             elif event is PeerEvent.UP:
-                self._rejoined(address)
+                self._rejoined(peer)
+            elif event in (PeerEvent.ALIAS, PeerEvent.GONE):
+                self._drop_member(peer)
             if event in (PeerEvent.RESTARTED, PeerEvent.UP):
                 self._retry_short()
+        events += self.learn([info.address, *info.members], now)
         return events
+
+    def learn(self, addresses: list[str], now: float) -> list[tuple[str, PeerEvent]]:
+        """Member addresses heard of (gossip, a heartbeat's sender): the new ones join."""
+        new = self.membership.learn(addresses, now)
+        if new:
+            self.wake()
+        return [(address, PeerEvent.JOINED) for address in new]
+
+    def _drop_member(self, address: str) -> None:
+        """Forget a member entry: what the table says it holds is dropped (repaired from other
+        copies), what it is owed is not sent."""
+        self._lose(address)
+        self._forget_checked.pop(address, None)
+        self.membership.drop(address)
+
+    def forget_gone(self, now: float) -> list[str]:
+        """Forget members that left or stayed down `forget_after`, once no page depends on
+        them: each copy they hold has another reachable one (a live holder, the disk, the
+        outbox).  A page whose last copy is on a down member keeps it, in case it comes back.
+        Looked at once per `down_after` per member (a scan of the table)."""
+        gone = []
+        for peer in self.membership.forgettable(now):
+            address = peer.address
+            if self.table.copies.get(address):
+                if now - self._forget_checked.get(address, -self.config.down_after) < (
+                    self.config.down_after
+                ):
+                    continue
+                self._forget_checked[address] = now
+                if not all(self._elsewhere(loc, address) for loc in self.table.held_by(address)):
+                    continue
+            self._drop_member(address)
+            gone.append(address)
+        return gone
+
+    def _elsewhere(self, location: int, address: str) -> bool:
+        if location in self._bytes or self.table.disk_of(location):
+            return True
+        peers = self.membership.peers
+        return any(
+            a != address and a in peers and peers[a].up for a in self.table.holders_of(location)
+        )
 
     def _retry_short(self) -> None:
         """A peer (re)appeared: zpages settled short of copies may get them now."""

@@ -65,7 +65,11 @@ class PeerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Heartbeat(self, request, context):
-        """Liveness and room: sent to every configured peer each heartbeat interval.
+        """Liveness, room and membership: sent to every known member (and to seed addresses) each
+        heartbeat interval.  Both sides say where their peer API is reached (`address`, the
+        advertised HOST:PORT, empty if the node does not know it), and the reply lists the members
+        the holder sees up, so a node started with one seed learns the whole cluster (gossip).
+        Addresses are at most 255 bytes, the list at most 128 of them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,7 +46,12 @@ class PeerStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PeerAsyncStub: ...
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeartbeatRequest, _peer_pb2.HeartbeatResponse]
-    """Liveness and room: sent to every configured peer each heartbeat interval."""
+    """Liveness, room and membership: sent to every known member (and to seed addresses) each
+    heartbeat interval.  Both sides say where their peer API is reached (`address`, the
+    advertised HOST:PORT, empty if the node does not know it), and the reply lists the members
+    the holder sees up, so a node started with one seed learns the whole cluster (gossip).
+    Addresses are at most 255 bytes, the list at most 128 of them.
+    """
     PutZpages: _grpc.UnaryUnaryMultiCallable[_peer_pb2.PutZpagesRequest, _peer_pb2.PutZpagesResponse]
     GetZpages: _grpc.UnaryUnaryMultiCallable[_peer_pb2.GetZpagesRequest, _peer_pb2.GetZpagesResponse]
     FlushZpages: _grpc.UnaryUnaryMultiCallable[_peer_pb2.FlushZpagesRequest, _peer_pb2.FlushZpagesResponse]
@@ -61,7 +66,12 @@ class PeerStub:
 class PeerAsyncStub(PeerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Heartbeat: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeartbeatRequest, _peer_pb2.HeartbeatResponse]  # type: ignore[assignment]
-    """Liveness and room: sent to every configured peer each heartbeat interval."""
+    """Liveness, room and membership: sent to every known member (and to seed addresses) each
+    heartbeat interval.  Both sides say where their peer API is reached (`address`, the
+    advertised HOST:PORT, empty if the node does not know it), and the reply lists the members
+    the holder sees up, so a node started with one seed learns the whole cluster (gossip).
+    Addresses are at most 255 bytes, the list at most 128 of them.
+    """
     PutZpages: _aio.UnaryUnaryMultiCallable[_peer_pb2.PutZpagesRequest, _peer_pb2.PutZpagesResponse]  # type: ignore[assignment]
     GetZpages: _aio.UnaryUnaryMultiCallable[_peer_pb2.GetZpagesRequest, _peer_pb2.GetZpagesResponse]  # type: ignore[assignment]
     FlushZpages: _aio.UnaryUnaryMultiCallable[_peer_pb2.FlushZpagesRequest, _peer_pb2.FlushZpagesResponse]  # type: ignore[assignment]
@@ -79,7 +89,12 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         request: _peer_pb2.HeartbeatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.HeartbeatResponse, _abc.Awaitable[_peer_pb2.HeartbeatResponse]]:
-        """Liveness and room: sent to every configured peer each heartbeat interval."""
+        """Liveness, room and membership: sent to every known member (and to seed addresses) each
+        heartbeat interval.  Both sides say where their peer API is reached (`address`, the
+        advertised HOST:PORT, empty if the node does not know it), and the reply lists the members
+        the holder sees up, so a node started with one seed learns the whole cluster (gossip).
+        Addresses are at most 255 bytes, the list at most 128 of them.
+        """
 
     @_abc_1.abstractmethod
     def PutZpages(

@@ -11,8 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 from ramster.remote import ForeignStore, OwnerTag, RamsterLayer, RemoteConfig
-from ramster.remote.driver import PeerInfo, RemoteDriver
+from ramster.remote.driver import RemoteDriver
 from ramster.remote.journal import Journal
+from ramster.remote.membership import PeerInfo
 from ramster.zcache import PoolKind, ZCache, ZCacheConfig
 from ramster.zcache.backing import BackingFile
 from ramster.zcache.codec import zpage_key
@@ -105,10 +106,12 @@ class MemTransport:
             raise TimeoutError(f"{address} did not answer in time")
         return node
 
-    async def heartbeat(self, address: str) -> PeerInfo:
+    async def heartbeat(self, address: str, verify: bool = True) -> PeerInfo:
         node = await self._reach(address, "heartbeat")
+        node.layer.learn([self.me.name], self.net.now)
         free = node.foreign.free_bytes_for(self.me.name)
-        return PeerInfo(node.name, node.incarnation, free, node.leaving)
+        members = tuple(node.layer.membership.gossip())
+        return PeerInfo(node.name, node.incarnation, free, node.leaving, node.name, members)
 
     async def put(
         self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
