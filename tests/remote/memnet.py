@@ -1,7 +1,10 @@
 # An in-memory network of nodes for the ramster layer's policy tests: each node has the real
 # zcache, backing file, layer, foreign store and driver; only the transport is a function call.
 # Nodes can be killed (unreachable, memory gone), frozen (calls hang until the deadline),
-# restarted (new incarnation, empty), made to corrupt what they return, or start leaving.
+# restarted (new incarnation, empty), made to corrupt what they return, or start leaving; links
+# can be cut (a partition: both ends alive, each unreachable to the other); new nodes join from
+# seed names, learning the rest as real nodes do (heartbeats name their sender, replies list
+# members).
 from __future__ import annotations
 
 import asyncio
@@ -24,10 +27,17 @@ DEADLINE = 0.2
 
 class MemNode:
     def __init__(
-        self, net: MemNetwork, name: str, limit_frames: int, foreign_frames: int, tmp: Path
+        self,
+        net: MemNetwork,
+        name: str,
+        limit_frames: int,
+        foreign_frames: int,
+        tmp: Path,
+        seeds: list[str],
     ) -> None:
         self.net = net
         self.name = name
+        self.seeds = seeds
         self.tmp = tmp / name
         self.tmp.mkdir(exist_ok=True)
         self.limit_frames = limit_frames
@@ -45,7 +55,7 @@ class MemNode:
         self.layer = RamsterLayer(
             self.name,
             self.incarnation,
-            self.net.addresses,
+            self.seeds,
             self.net.config,
             local=self.backing,
             seed=7,
@@ -99,7 +109,7 @@ class MemTransport:
     async def _reach(self, address: str, method: str) -> MemNode:
         self.calls[method, address] += 1
         node = self.net.nodes[address]
-        if not node.up:
+        if not node.up or frozenset((self.me.name, address)) in self.net.cut:
             raise ConnectionError(f"{address} is unreachable")
         if node.frozen:
             await asyncio.sleep(DEADLINE)
@@ -153,10 +163,20 @@ class MemNetwork:
         foreign_frames: int = 4000,
         config: RemoteConfig | None = None,
     ) -> None:
-        self.addresses = names
         self.config = config or RemoteConfig(heartbeat_interval=1.0, down_after=3.0)
         self.now = 0.0
-        self.nodes = {n: MemNode(self, n, limit_frames, foreign_frames, tmp) for n in names}
+        self.tmp = tmp
+        self.limit_frames, self.foreign_frames = limit_frames, foreign_frames
+        self.cut: set[frozenset[str]] = set()  # links that carry nothing, both ways
+        self.nodes: dict[str, MemNode] = {}
+        for name in names:
+            self.join(name, names)
+
+    def join(self, name: str, seeds: list[str]) -> MemNode:
+        """Start node `name` knowing only `seeds`."""
+        node = MemNode(self, name, self.limit_frames, self.foreign_frames, self.tmp, seeds)
+        self.nodes[name] = node
+        return node
 
     async def settle(self, rounds: int = 3, advance: float = 1.0) -> None:
         for _ in range(rounds):

@@ -1,10 +1,12 @@
 # A state machine for the ramster layer on the in-memory network: owner "a" spills to holders
-# b, c, d with two replicas, while holders die, come back, freeze, thaw, restart empty and start
-# leaving, one fault at a time (the second waits until the first is repaired, as an operator
-# would), and the owner itself is killed or stopped and restarted on its data directory.  Between
-# faults the client puts, reads and flushes.  After every step: no get returns wrong bytes, no
-# persistent page is lost while a copy of it exists, the layer's tables agree with each other;
-# after a repair, every page is back at its replica count.
+# b, c, d with two replicas, while holders die, come back, freeze, thaw, restart empty, start
+# leaving or are cut off from the owner (a partition), one fault at a time (the second waits
+# until the first is repaired, as an operator would), new holders join from one seed, holders
+# leave for good, and the owner itself is killed or stopped and restarted on its data
+# directory.  Between faults the client puts, reads and flushes.  After every step: no get
+# returns wrong bytes, no persistent page is lost while a copy of it exists, the layer's tables
+# agree with each other and with its membership; after a repair, a join or a departure, every
+# page is back at its replica count.
 from __future__ import annotations
 
 import asyncio
@@ -40,6 +42,8 @@ class LayerMachine(RuleBasedStateMachine):
         self.model: dict[int, bytes] = {}
         self.version = 0
         self.fault: str | None = None  # the holder currently failed, if any
+        self.holders = list(HOLDERS)  # members besides a, in the order they joined
+        self.joined = 0
 
     def run(self, coro: object) -> object:
         return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
@@ -91,12 +95,15 @@ class LayerMachine(RuleBasedStateMachine):
     # -- faults -----------------------------------------------------------------------------
     @precondition(lambda self: self.fault is None)
     @rule(
-        holder=st.sampled_from(HOLDERS),
-        how=st.sampled_from(["kill", "freeze", "restart", "leave"]),
+        pick=st.integers(0, 15),
+        how=st.sampled_from(["kill", "freeze", "restart", "leave", "partition"]),
     )
-    def fail(self, holder: str, how: str) -> None:
+    def fail(self, pick: int, how: str) -> None:
+        holder = self.holders[pick % len(self.holders)]
         node = self.net.nodes[holder]
-        if how == "kill":
+        if how == "partition":
+            self.net.cut.add(frozenset(("a", holder)))
+        elif how == "kill":
             node.up = False
         elif how == "freeze":
             node.frozen = True
@@ -119,10 +126,45 @@ class LayerMachine(RuleBasedStateMachine):
             node.restart_empty()
             node.leaving = False
         node.up, node.frozen = True, False
+        self.net.cut.clear()
         self.fault = None
         self.run(self.net.settle(4))
+        self.replicas_restored()
+
+    def replicas_restored(self) -> None:
         hist = self.a.layer.replica_histogram()
         assert not hist or min(hist) >= 2, f"replicas not restored: {hist}"
+
+    # -- membership -------------------------------------------------------------------------
+    @precondition(lambda self: self.fault is None and len(self.holders) < 6)
+    @rule(pick=st.integers(0, 15))
+    def join(self, pick: int) -> None:
+        """A new holder starts knowing one seed, a or a holder: every member learns it."""
+        self.joined += 1
+        name = f"n{self.joined}"
+        members = ["a", *self.holders]
+        self.net.join(name, [members[pick % len(members)]])
+        self.holders.append(name)
+        self.run(self.net.settle(3))
+        peer = self.a.layer.membership.peers.get(name)
+        assert peer is not None and peer.up and peer.synced, f"a did not take {name} in"
+
+    @precondition(lambda self: self.fault is None and len(self.holders) > 2)
+    @rule(pick=st.integers(0, 15))
+    def leave_for_good(self, pick: int) -> None:
+        """A holder announces it is leaving, is drained, stops and is never seen again."""
+        holder = self.holders.pop(pick % len(self.holders))
+        node = self.net.nodes[holder]
+        node.leaving = True
+        for _ in range(30):
+            self.run(self.net.settle(1))
+            if not node.foreign.pages_by_owner().get("a"):
+                break
+        assert not node.foreign.pages_by_owner().get("a"), f"{holder} was not drained"
+        node.up = False
+        self.run(self.net.settle(5))
+        assert holder not in self.a.layer.membership.peers, f"{holder} was not forgotten"
+        self.replicas_restored()
 
     @precondition(lambda self: self.fault is None)
     @rule(graceful=st.booleans())
@@ -150,6 +192,8 @@ class LayerMachine(RuleBasedStateMachine):
             assert copies == len(table.held_by(address))
             assert all(address in table.holders_of(loc) for loc in table.held_by(address))
         assert all(location in table for location in layer._bytes)
+        for address in table.copies:  # a member with copies is never forgotten
+            assert not table.copies[address] or address in layer.membership.peers
         assert layer.outbox_bytes == sum(len(z) for z in layer._bytes.values())
         self.a.cache.verify()
 
