@@ -5,6 +5,8 @@
 # peer ports; each node gets its own node id, data directory and log.  With tls=True a fresh
 # CA and node certificates (ramster/certs.py) go to a temporary directory: peers speak mTLS,
 # clients TLS (LocalNode.client() knows the CA), exactly as a deployed cluster would.
+# `grow()` starts more nodes at runtime that know a single seed, as an operator scaling out
+# would.
 from __future__ import annotations
 
 import random
@@ -63,32 +65,53 @@ class LocalCluster:
         self.ports, self.peer_ports = ports[:size], ports[size:]
         peers = ",".join(f"127.0.0.1:{p}" for p in self.peer_ports)
         names = [f"node{i + 1}" for i in range(size)]
+        self.common, self.metrics, self.token = common, metrics, token
         self._certs = tempfile.TemporaryDirectory(prefix="ramster-certs-") if tls else None
-        bundle = make_bundle(Path(self._certs.name), names) if self._certs else None
+        # a few spare node certificates, for nodes that join later (grow)
+        spare = [f"node{i + 1}" for i in range(size, size + 4)]
+        self._bundle = make_bundle(Path(self._certs.name), names + spare) if self._certs else None
         self.nodes = []
         for i, name in enumerate(names):
-            tls_args = []
-            if bundle:
-                cert, key = bundle.nodes[name]
-                tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
-                tls_args += ["--tls-ca", str(bundle.ca)]
-            node = LocalNode(
-                "--listen",
-                f"127.0.0.1:{self.ports[i]}",
-                "--peer-listen",
-                f"127.0.0.1:{self.peer_ports[i]}",
-                "--node-id",
-                name,
-                "--peers",
-                peers,
-                *tls_args,
-                *common,
-                *(per_node[i] if i < len(per_node) else ()),
-                metrics=metrics,
-                tls_ca=bundle.ca if bundle else None,
-                token=token,
-            )
+            extra = per_node[i] if i < len(per_node) else ()
+            self.nodes.append(self._node(name, self.ports[i], self.peer_ports[i], peers, extra))
+
+    def _node(
+        self, name: str, port: int, peer_port: int, seeds: str, extra: Sequence[str]
+    ) -> LocalNode:
+        bundle, tls_args = self._bundle, []
+        if bundle:
+            cert, key = bundle.nodes[name]
+            tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(bundle.ca)]
+        return LocalNode(
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--peer-listen",
+            f"127.0.0.1:{peer_port}",
+            "--node-id",
+            name,
+            "--peers",
+            seeds,
+            *tls_args,
+            *self.common,
+            *extra,
+            metrics=self.metrics,
+            tls_ca=bundle.ca if bundle else None,
+            token=self.token,
+        )
+
+    def grow(self, count: int, seed: int = 0, timeout: float = 60.0) -> list[LocalNode]:
+        """Start `count` more nodes that know only node `seed`'s peer address (they learn the
+        rest from it, and the cluster learns them); the new nodes, started."""
+        added = []
+        for port, peer_port in zip(*[iter(free_ports(2 * count))] * 2, strict=True):
+            name = f"node{len(self.nodes) + 1}"
+            seeds = f"127.0.0.1:{self.peer_ports[seed]}"
+            node = self._node(name, port, peer_port, seeds, ())
+            self.ports.append(port)
+            self.peer_ports.append(peer_port)
             self.nodes.append(node)
+            added.append(node.start(timeout))
+        return added
 
     @property
     def targets(self) -> list[str]:
