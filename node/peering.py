@@ -355,14 +355,20 @@ class GrpcTransport:
 
     async def heartbeat(self, address: str, verify: bool = True) -> PeerInfo:
         """Who answers at `address`; with TLS and `verify`, only once its certificate names
-        that node (a seed heartbeated only to discover members may be a name in front of
-        several nodes: its answers are from some node of the cluster CA, which is all that
-        discovery needs).  Advertised addresses and member lists that are not HOST:PORT are
-        left out."""
+        that node.  Not verified: a seed heartbeated only to discover members, and a first
+        answer that advertises another address (a name in front of several nodes, such as a
+        headless Service); those answers come from some node of the cluster CA, which is all
+        that discovery needs, and the membership never takes such an address as a member.
+        Advertised addresses and member lists that are not HOST:PORT are left out."""
         request = pb.HeartbeatRequest(sender=self._me, address=self.identity.address)
         try:
             reply = await self._stub(address).Heartbeat(request, timeout=self.timeout)
-            if verify and self.credentials and self._names.get(address) != reply.node_id:
+            if (
+                verify
+                and self.credentials
+                and self._names.get(address) != reply.node_id
+                and reply.address in ("", address)  # else an alias: never used as a member
+            ):
                 self._redial(address, reply.node_id)
                 claimed = reply.node_id
                 reply = await self._stub(address).Heartbeat(request, timeout=self.timeout)

@@ -99,13 +99,16 @@ class LocalCluster:
             token=self.token,
         )
 
-    def grow(self, count: int, seed: int = 0, timeout: float = 60.0) -> list[LocalNode]:
-        """Start `count` more nodes that know only node `seed`'s peer address (they learn the
-        rest from it, and the cluster learns them); the new nodes, started."""
+    def grow(
+        self, count: int, seed: int = 0, host: str = "127.0.0.1", timeout: float = 60.0
+    ) -> list[LocalNode]:
+        """Start `count` more nodes that know only node `seed`'s peer port, at `host` (another
+        name of this host makes the seed an alias of a member); they learn the rest from it,
+        and the cluster learns them.  The new nodes, started."""
         added = []
         for port, peer_port in zip(*[iter(free_ports(2 * count))] * 2, strict=True):
             name = f"node{len(self.nodes) + 1}"
-            seeds = f"127.0.0.1:{self.peer_ports[seed]}"
+            seeds = f"{host}:{self.peer_ports[seed]}"
             node = self._node(name, port, peer_port, seeds, ())
             self.ports.append(port)
             self.peer_ports.append(peer_port)

@@ -146,6 +146,10 @@ class Membership:
         peer = self.peers.get(address)
         if peer is None:
             return []
+        if info.address and info.address != address:
+            if address in self.seeds:  # a name in front of members: discover through it
+                self.aliases.add(address)
+            return [(address, PeerEvent.ALIAS)]
         if info.incarnation == self.incarnation:  # our own address in the shared list
             del self.peers[address]
             self.selves.add(address)
@@ -154,10 +158,6 @@ class Membership:
             del self.peers[address]
             self.selves.add(address)
             return [(address, PeerEvent.CONFLICT)]
-        if info.address and info.address != address:
-            if address in self.seeds:  # a name in front of the member: discover through it
-                self.aliases.add(address)
-            return [(address, PeerEvent.ALIAS)]
         events: list[tuple[str, PeerEvent]] = []
         if info.address == address:  # the node's own address: other entries of it are stale
             for other in self.peers.values():
