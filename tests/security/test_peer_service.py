@@ -82,6 +82,12 @@ async def test_malformed_requests_are_refused_with_nothing_changed(pair: Pair) -
                 indices=[0] * 4097))),
             ("heartbeat: no sender", peer.Heartbeat(pb.HeartbeatRequest())),
         ]  # fmt: skip
+        bad_calls += [
+            (f"heartbeat: address {address[:20]!r}",
+             peer.Heartbeat(pb.HeartbeatRequest(sender=OWNER, address=address)))
+            for address in ("nohost", "h:0", "h:65536", "h:x", ":80", "a b:80", "h\n:80",
+                            "h" * 256 + ":1")
+        ]  # fmt: skip
         for name, call in bad_calls:
             with pytest.raises(grpc.aio.AioRpcError) as failed:
                 await call
