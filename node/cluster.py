@@ -31,13 +31,14 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from node.driver import RemoteDriver
 from node.heap import HeapTrimmer
 from node.logs import log_event
 from node.peering import GrpcTransport, Identity, PeerServicer
 from node.sealing import Sealer, load_sealing_key
 from node.settings import Settings
 from ramster.remote import ForeignStore, RamsterLayer, RemoteConfig
-from ramster.remote.driver import RemoteDriver
+from ramster.remote.events import Joined, Leaving
 from ramster.remote.journal import Journal
 from ramster.zcache import PAGE_SIZE, ZCache
 from ramster.zcache.backing import BackingFile
@@ -79,9 +80,8 @@ class RemoteSide:
         what it holds for us, or after down_after."""
         self.driver = RemoteDriver(
             self.layer,
-            engine,
             self.transport,
-            locate=lambda location: self.chain.link_location(location, self.layer),
+            lambda pool, keys: self.chain.held_by(self.layer, engine.evicted_locations(pool, keys)),
         )
         self._task = asyncio.create_task(self._run(self.driver))
         peers = self.layer.membership.peers
@@ -112,7 +112,7 @@ class RemoteSide:
     def _heard_of(self, address: str) -> None:
         """An owner's heartbeat says where it is reached: a member (new ones join at once), and
         one more owner the foreign store admits."""
-        self.layer.learn([address], time.monotonic())
+        self.layer.handle(Joined((address,), time.monotonic()))
         self.foreign.max_owners = max(self.foreign.max_owners, len(self.layer.membership.peers))
 
     async def _run(self, driver: RemoteDriver) -> None:
@@ -138,7 +138,7 @@ class RemoteSide:
 
     async def stop_driver(self) -> None:
         """No more calls to peers; the layer refuses new zpages from now on."""
-        self.layer.closing = True
+        self.layer.handle(Leaving())
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -43,6 +43,7 @@ import grpc
 from node.sealing import Sealer
 from ramster.certs import NODE, member_of_pem
 from ramster.remote import ForeignStore, OwnerTag
+from ramster.remote.events import FlushItem
 from ramster.remote.foreign import MAX_BLOB, blob_fits
 from ramster.remote.membership import MAX_ADDRESS, MAX_MEMBERS, PeerInfo
 from ramster.v1 import peer_pb2 as pb
@@ -455,16 +456,16 @@ class GrpcTransport:
                     out.append(self.sealer.open(pool_id, oid, index, location, blob) or b"")
         return out
 
-    async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None:
+    async def flush(self, address: str, items: tuple[FlushItem, ...]) -> None:
         for start in range(0, len(items), MAX_BATCH_PAGES):
             part = items[start : start + MAX_BATCH_PAGES]
             await self._stub(address).FlushZpages(
                 pb.FlushZpagesRequest(
                     owner=self._me,
-                    epochs=[i[0] for i in part],
-                    pool_ids=[i[1] for i in part],
-                    oids=[i[2] for i in part],
-                    indices=[i[3] for i in part],
+                    epochs=[i.epoch for i in part],
+                    pool_ids=[i.pool_id for i in part],
+                    oids=[i.oid for i in part],
+                    indices=[i.page_index for i in part],
                 ),
                 timeout=self.timeout * 4,
             )

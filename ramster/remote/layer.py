@@ -2,33 +2,36 @@
 #
 # zcache's reaper calls `evict()` synchronously; the zpages are accepted into an outbox (bounded;
 # beyond it, or with no peer up, evict refuses and the next evictor, the backing file, takes
-# them) and get a *location*, an id in this layer's table.  The node drains the outbox
-# asynchronously: `take_sends()` says which zpages go to which peer, and `sent()` reports per
-# zpage whether the peer stored it.  Each zpage wants `replicas` copies: on distinct peers when
-# enough have room, else on the peers there are plus the local backing file.  Until it has them
-# the zpage stays in the entry, so a get is served locally and nothing is ever lost to a refusal
-# or a dead peer: it is placed again elsewhere, and failing every peer it goes to disk.
+# them) and get a *location*, an id in this layer's table.  Everything else goes through one
+# sans-IO interface (ramster/remote/events.py): the node feeds events to `handle()` and
+# performs the actions of `actions()` (per peer: Flushes, then Sends; a Fetch for repairs),
+# `probes()` (heartbeats), `reclaims()` and `fetch_for()` (before a get), each answered by the
+# event that names it.  Each zpage wants `replicas` copies: on distinct peers when enough have
+# room, else on the peers there are plus the local backing file.  Until it has them the zpage
+# stays in the outbox, so a get is served locally and nothing is ever lost to a refusal or a
+# dead peer: it is placed again elsewhere, and failing every peer it goes to disk.
 #
-# A get of a remote page needs I/O, so the node asks `fetch_sources()` for the holders (live ones
-# first), fetches and verifies the zpage, `stage()`s it, and then zcache's `load()` finds it
-# here; with no holder reachable the disk copy serves, if any.  `forget()` (flush, overwrite,
-# promotion home) queues flushes for every holder, sent by the node with `take_flushes()` and
-# retried until the holder takes them; they gather per peer (FLUSH_BATCH of them, a heartbeat
-# interval, or puts going to that peer, which they must precede), so gets that bring pages home
-# do not cost a call per page.  When a peer goes down, restarts or announces it is
-# leaving, every zpage it held is queued for repair: the node fetches a surviving copy
-# (`take_repairs()`, `repaired()`) and it is placed again like a new one.  A peer marked down is
-# not forgotten: if it was only slow or cut off, it comes back with its copies, which then count
-# again (extra ones are flushed), and a page whose only reachable copy is on it waits for it
-# instead of being declared lost.  Only a restart (a new incarnation) loses what a peer held.
+# A get of a remote page needs I/O, so the node asks `fetch_for()` what to fetch (live holders
+# first), fetches and verifies the zpages and hands them back (Fetched); zcache's `load()` then
+# finds them here; with no holder reachable the disk copy serves, if any.  `forget()` (flush,
+# overwrite, promotion home) owes flushes to every holder, sent and retried until the holder
+# takes them; they gather per peer (FLUSH_BATCH of them, a heartbeat interval, or sends going to
+# that peer, which they must precede), so gets that bring pages home do not cost a call per
+# page.  When a peer goes down, restarts or announces it is leaving, every zpage it held is
+# queued for repair: a surviving copy is fetched (a Fetch with repair set) and placed again like
+# a new one.  A peer marked down is not forgotten at once: if it was only slow or cut off, it
+# comes back with its copies, which then count again (extra ones are flushed), and a page whose
+# only reachable copy is on it waits for it instead of being declared lost.  A restart (a new
+# incarnation) loses what a peer held; a member gone for good is forgotten once every copy it
+# held has another reachable one (membership.py says who joins and leaves).
 #
 # Durability: with a `Journal`, every copy that comes to exist (a peer's stored reply, a disk
 # write) and every location forgotten is recorded in the data directory, so a restarted owner
 # rebuilds its table and zcache adopts the pages under their old keys (`recovered()`).  A peer
-# is used again only once *synced*: the owner has asked it (`Reclaim`) what it still keeps and
-# `reclaimed()` has matched that with the table, dropping copies it lost and flushing what the
-# table does not know, so no orphan outlives the owner's recovery.  `close()` (graceful stop)
-# writes what is still in the outbox to disk and compacts the journal.
+# is used only once *synced*: the owner has asked it (Reclaim) what it still keeps and matched
+# that with the table, dropping copies it lost and flushing what the table does not know, so no
+# orphan outlives the owner's recovery (a member learnt at runtime is asked too).  `close()`
+# (graceful stop) writes what is still in the outbox to disk and compacts the journal.
 #
 # Bounds: the outbox (zpages whose bytes wait here for copies) is limited in pages and bytes;
 # beyond it evict() refuses and the backing file takes the zpages, and repairs are fetched only
@@ -46,6 +49,29 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ramster.remote.config import RemoteConfig
+from ramster.remote.events import (
+    Action,
+    Event,
+    Fetch,
+    Fetched,
+    FetchSource,
+    Flush,
+    Flushed,
+    FlushItem,
+    Heard,
+    Joined,
+    Leaving,
+    Placed,
+    Probe,
+    Reclaim,
+    Reclaimed,
+    Refused,
+    Send,
+    Sent,
+    Silent,
+    Tick,
+    Wanted,
+)
 from ramster.remote.journal import Journal, Recovered
 from ramster.remote.membership import Membership, PeerEvent, PeerInfo
 from ramster.remote.table import FREE, SLOT_MASK, RemoteTable
@@ -56,7 +82,7 @@ from ramster.zcache.evictor import Evictor
 NOBODY: frozenset[str] = frozenset()
 STAGED_LIMIT = 4096  # fetched copies kept for gets (about 6 MiB at a 3x ratio)
 FLUSH_BATCH = 256  # flushes owed to one peer that are sent without waiting for more
-FlushPlans = dict[str, list[tuple[int, int, int, int]]]  # address -> (epoch, pool, oid, index)
+MemberEvents = list[tuple[str, PeerEvent]]  # (member address, what happened to it), for logs
 
 
 class LocalDisk(Evictor, Protocol):
@@ -65,26 +91,6 @@ class LocalDisk(Evictor, Protocol):
     def claim(self, pool_id: int, location: int, oid: int, index: int) -> bool:
         """Take a record found on open as the layer's own (zcache must not adopt it)."""
         ...
-
-
-@dataclass(frozen=True)
-class SendPlan:
-    """zpages for one peer: (location, pool id, zpage) each, all in the same epoch."""
-
-    address: str
-    epoch: int
-    items: list[tuple[int, int, bytes]]
-
-
-@dataclass(frozen=True)
-class FetchSource:
-    """Where a remote copy can be fetched: the peer and the foreign pool it was placed in."""
-
-    address: str
-    epoch: int
-    pool_id: int
-    oid: int
-    index: int
 
 
 @dataclass
@@ -136,7 +142,7 @@ class RamsterLayer:
         self._damaged: dict[int, frozenset[str]] = {}  # holders whose copy failed its check
         self._pending: deque[int] = deque()  # locations that need a copy placed
         self._repairs: deque[int] = deque()  # locations whose bytes must be fetched back first
-        self._flushes: FlushPlans = {}  # owed to each peer: (epoch, pool, oid, index)
+        self._flushes: dict[str, list[FlushItem]] = {}  # owed to each peer
         self._flush_since: dict[str, float] = {}  # when take_flushes first saw them waiting
         self._staged: dict[int, bytes] = {}
         self._short: set[int] = set()  # settled with fewer copies than wanted
@@ -149,6 +155,81 @@ class RamsterLayer:
             for peer in self.membership.peers.values():
                 peer.synced = False
             self._recover(journal)
+
+    # -- the interface: events in, actions out -----------------------------------------------
+    def handle(self, event: Event) -> MemberEvents:
+        """Take in what happened; what it did to the membership (for logs)."""
+        membership = self.membership
+        match event:
+            case Heard(address, info, now):
+                peer = membership.peers.get(address)
+                if peer is None:  # a seed heartbeated for discovery: learn, verify next round
+                    itself = address if info.address in ("", address) else info.address
+                    return self._learn([itself, *info.members], now)
+                peer.asked = True
+                return self._heard(address, info, now)
+            case Silent(address):
+                peer = membership.peers.get(address)
+                if peer is not None:
+                    peer.asked = True
+                membership.failed(address)
+            case Tick(now):
+                down = [(a, PeerEvent.DOWN) for a in self._expire(now)]
+                return down + [(a, PeerEvent.FORGOTTEN) for a in self._forget_gone(now)]
+            case Joined(addresses, now):
+                return self._learn(list(addresses), now)
+            case Sent(send, stored):
+                self._sent(send, stored)
+            case Refused(send):
+                membership.failed(send.address)
+                self._sent(send, (False,) * len(send.items))
+            case Flushed(flush, ok):
+                self._flushed(flush, ok)
+            case Fetched(fetch, copies, damaged):
+                for location, address in damaged:
+                    self._mark_damaged(location, address)
+                for location, _ in fetch.wanted:
+                    if fetch.repair:
+                        self._repaired(location, copies.get(location))
+                    elif location in copies:
+                        self._stage(location, copies[location])
+            case Reclaimed(address, keys):
+                self._reclaimed(address, set(keys))
+            case Leaving():
+                self.closing = True
+        return []
+
+    def actions(self, now: float) -> list[Action]:
+        """The calls to make now: per peer its flushes, then its sends (a flush of a key must
+        reach a holder before a newer copy of the same key does, or it would delete that
+        copy), and one fetch of the copies that repairs need."""
+        sends = self._take_sends()
+        out: list[Action] = [*self._take_flushes(now, {s.address for s in sends}), *sends]
+        repairs = self._take_repairs()
+        if repairs:
+            out.append(Fetch(tuple(repairs), repair=True))
+        return out
+
+    def probes(self) -> list[Probe]:
+        """Heartbeats due each interval: every member, and every seed that is not one."""
+        members = [Probe(a, verify=True) for a in self.membership.peers]
+        return members + [Probe(a, verify=False) for a in self.membership.discovery()]
+
+    def reclaims(self) -> list[Reclaim]:
+        """Members that answer but have not said what they still hold for us."""
+        peers = self.membership.peers.values()
+        return [Reclaim(p.address, p.epoch) for p in peers if p.up and not p.synced]
+
+    def fetch_for(self, locations: list[int]) -> Fetch | None:
+        """What to fetch before zcache loads `locations` (this layer's): None if every one is
+        local (outbox, staged, disk) or has no live holder."""
+        wanted = [
+            Wanted(location, tuple(sources))
+            for location in locations
+            for sources in [self._fetch_sources(location)]
+            if sources
+        ]
+        return Fetch(tuple(wanted), repair=False) if wanted else None
 
     # -- recovery -----------------------------------------------------------------------------
     def _recover(self, journal: Journal) -> None:
@@ -201,7 +282,7 @@ class RamsterLayer:
         pool_id, oid, index = self.table.key(location)
         return pool_id, self.table.allocator(location), oid, index
 
-    def reclaimed(self, address: str, keys: set[tuple[int, int, int]]) -> None:
+    def _reclaimed(self, address: str, keys: set[tuple[int, int, int]]) -> None:
         """What `address` still holds for us, asked once after our start: copies the table
         expects there but the peer lost are dropped (and repaired); copies the table does not
         know are flushed.  From now on the peer is used."""
@@ -220,7 +301,7 @@ class RamsterLayer:
         for location in lost:
             self._drop_holder(location, address, flush=False)
         for pool_id, oid, index in keys:
-            self._owe_flush(address, (peer.epoch, pool_id, oid, index))
+            self._owe_flush(address, FlushItem(peer.epoch, pool_id, oid, index))
         self.stats.orphans_flushed += len(keys)
         self._commit()
         peer.synced = True
@@ -230,7 +311,7 @@ class RamsterLayer:
         self._retry_short()
 
     # -- membership -------------------------------------------------------------------------
-    def heard(self, address: str, info: PeerInfo, now: float) -> list[tuple[str, PeerEvent]]:
+    def _heard(self, address: str, info: PeerInfo, now: float) -> list[tuple[str, PeerEvent]]:
         """A heartbeat reply from member `address`: the events it implies (also for other
         entries of the same node, and members learnt from it), acted on."""
         events = self.membership.heard(address, info, now)
@@ -245,10 +326,10 @@ class RamsterLayer:
                 self._drop_member(peer)
             if event in (PeerEvent.RESTARTED, PeerEvent.UP):
                 self._retry_short()
-        events += self.learn([info.address, *info.members], now)
+        events += self._learn([info.address, *info.members], now)
         return events
 
-    def learn(self, addresses: list[str], now: float) -> list[tuple[str, PeerEvent]]:
+    def _learn(self, addresses: list[str], now: float) -> list[tuple[str, PeerEvent]]:
         """Member addresses heard of (gossip, a heartbeat's sender): the new ones join."""
         new = self.membership.learn(addresses, now)
         if new:
@@ -262,7 +343,7 @@ class RamsterLayer:
         self._forget_checked.pop(address, None)
         self.membership.drop(address)
 
-    def forget_gone(self, now: float) -> list[str]:
+    def _forget_gone(self, now: float) -> list[str]:
         """Forget members that left or stayed down `forget_after`, once no page depends on
         them: each copy they hold has another reachable one (a live holder, the disk, the
         outbox).  A page whose last copy is on a down member keeps it, in case it comes back.
@@ -295,7 +376,7 @@ class RamsterLayer:
         short, self._short = self._short, set()
         self._queue_repairs({loc for loc in short if loc in self.table})
 
-    def expire(self, now: float) -> list[str]:
+    def _expire(self, now: float) -> list[str]:
         """Mark silent peers down and queue repairs of what they held; their addresses.
         Their copies are not forgotten: a peer that was only slow or cut off comes back with
         them, and until then they are the last resort of a page whose other copies are gone."""
@@ -339,9 +420,9 @@ class RamsterLayer:
     def _flush_copy(self, address: str, location: int) -> None:
         peer = self.membership.peers.get(address)
         if peer is not None:
-            self._owe_flush(address, (peer.epoch, *self.table.key(location)))
+            self._owe_flush(address, FlushItem(peer.epoch, *self.table.key(location)))
 
-    def _owe_flush(self, address: str, item: tuple[int, int, int, int]) -> None:
+    def _owe_flush(self, address: str, item: FlushItem) -> None:
         owed = self._flushes.setdefault(address, [])
         owed.append(item)
         if len(owed) == FLUSH_BATCH:
@@ -433,7 +514,7 @@ class RamsterLayer:
             for address in holders:
                 peer = peers.get(address)
                 if peer is not None:
-                    self._owe_flush(address, (peer.epoch, *key))
+                    self._owe_flush(address, FlushItem(peer.epoch, *key))
         disk = table.disk_of(location)
         if disk and self.local is not None:
             self.local.forget(pool_id, disk)
@@ -458,10 +539,10 @@ class RamsterLayer:
                 self._compact_journal()
 
     # -- sending ----------------------------------------------------------------------------
-    def take_sends(self, limit: int | None = None) -> list[SendPlan]:
-        """Assign pending zpages to peers (at most `limit` zpages); one plan per peer."""
+    def _take_sends(self, limit: int | None = None) -> list[Send]:
+        """Assign pending zpages to peers (at most `limit` zpages); one Send per peer."""
         budget = limit or self.config.send_batch * 4
-        plans: dict[str, list[tuple[int, int, bytes]]] = {}
+        plans: dict[str, list[Placed]] = {}
         defer = []
         table, membership = self.table, self.membership
         among = [p for p in membership.placeable() if table.can_hold(p.address)]
@@ -481,7 +562,7 @@ class RamsterLayer:
                 exclude.add(peer.address)
                 sending = sending | {peer.address}
                 peer.free_bytes -= len(zpage)
-                plans.setdefault(peer.address, []).append((location, pool_id, zpage))
+                plans.setdefault(peer.address, []).append(Placed(location, pool_id, zpage))
                 budget -= 1
                 need -= 1
             if sending:
@@ -494,7 +575,7 @@ class RamsterLayer:
         self._pending.extend(defer)
         self._commit()
         peers = self.membership.peers
-        return [SendPlan(a, peers[a].epoch, items) for a, items in plans.items()]
+        return [Send(a, peers[a].epoch, tuple(items)) for a, items in plans.items()]
 
     def _settle_without_peers(self, location: int) -> bool:
         """No (more) peer can take a copy: add a disk copy; settle if a copy exists anywhere."""
@@ -533,14 +614,14 @@ class RamsterLayer:
             self.outbox_bytes -= len(zpage)
         self._tried.pop(location, None)
 
-    def sent(self, plan: SendPlan, stored: list[bool]) -> None:
+    def _sent(self, plan: Send, stored: tuple[bool, ...]) -> None:
         """What the peer did with each zpage of `plan` (all False if the call failed)."""
         peer = self.membership.peers.get(plan.address)
         current = peer is not None and peer.epoch == plan.epoch
         for (location, pool_id, zpage), ok in zip(plan.items, stored, strict=True):
             if location not in self.table:  # forgotten while in flight: take back its copy
                 if ok:
-                    self._owe_flush(plan.address, (plan.epoch, pool_id, *zpage_key(zpage)))
+                    self._owe_flush(plan.address, FlushItem(plan.epoch, pool_id, *zpage_key(zpage)))
                 continue
             left = self._sending.get(location, NOBODY) - {plan.address}
             if left:
@@ -572,7 +653,7 @@ class RamsterLayer:
             self._damaged.pop(location, None)
 
     # -- gets -------------------------------------------------------------------------------
-    def fetch_sources(self, location: int) -> list[FetchSource]:
+    def _fetch_sources(self, location: int) -> list[FetchSource]:
         """Peers to fetch a remote copy from: live, synced ones, suspects last, the first one
         rotating with the location so gets spread over the replicas; empty when no fetch is
         needed (a local disk copy is read instead: faster than any peer)."""
@@ -596,7 +677,7 @@ class RamsterLayer:
         pool_id, oid, index = self.table.key(location)
         return [FetchSource(p.address, p.epoch, pool_id, oid, index) for p in live]
 
-    def stage(self, location: int, zpage: bytes) -> None:
+    def _stage(self, location: int, zpage: bytes) -> None:
         """A fetched, verified copy for the get that is about to load `location`.  It stays
         (bounded, oldest out first) until the location is forgotten, so a get that runs
         concurrently with another of the same page, or one that could not bring it home,
@@ -607,53 +688,52 @@ class RamsterLayer:
                 del self._staged[next(iter(self._staged))]
             self.stats.remote_gets += 1
 
-    def damaged(self, location: int, address: str) -> None:
+    def _mark_damaged(self, location: int, address: str) -> None:
         """`address` returned a copy of `location` that failed verification."""
         self.stats.damaged += 1
         if location in self.table and self.table.holds(location, address):
             self._damaged[location] = self._damaged.get(location, NOBODY) | {address}
 
     # -- flushes ----------------------------------------------------------------------------
-    def take_flushes(self, now: float, with_sends: Collection[str] = ()) -> FlushPlans:
-        """Flushes owed to reachable peers that are due: address -> [(epoch, pool id, oid,
-        index)].  A peer's flushes are due once FLUSH_BATCH of them wait, once the oldest has
-        waited a heartbeat interval, or when puts go to it in the same pass (they must go
-        first); until then they gather, so a stream of gets that bring pages home costs one
-        flush call per batch, not one per page.  Those owed to a peer that is down or failed a
-        call since it last answered wait for it."""
+    def _take_flushes(self, now: float, with_sends: Collection[str] = ()) -> list[Flush]:
+        """Flushes owed to reachable peers that are due.  A peer's flushes are due once
+        FLUSH_BATCH of them wait, once the oldest has waited a heartbeat interval, or when puts
+        go to it in the same pass (they must go first); until then they gather, so a stream of
+        gets that bring pages home costs one flush call per batch, not one per page.  Those
+        owed to a peer that is down or failed a call since it last answered wait for it."""
         peers, since = self.membership.peers, self._flush_since
         delay = self.config.heartbeat_interval
-        out: FlushPlans = {}
+        out = []
         for address, owed in self._flushes.items():
             peer = peers.get(address)
             if peer is None or not peer.up or not peer.synced or peer.suspect:
                 continue
             first = since.setdefault(address, now)
             if len(owed) >= FLUSH_BATCH or now - first >= delay or address in with_sends:
-                out[address] = owed
-        for address in out:
-            del self._flushes[address]
-            since.pop(address, None)
+                out.append(Flush(address, tuple(owed)))
+        for flush in out:
+            del self._flushes[flush.address]
+            since.pop(flush.address, None)
         return out
 
-    def flushed(self, address: str, items: list[tuple[int, int, int, int]], ok: bool) -> None:
+    def _flushed(self, flush: Flush, ok: bool) -> None:
         if ok:
-            self.stats.remote_flushes += len(items)
+            self.stats.remote_flushes += len(flush.items)
         else:
-            self.membership.failed(address)  # retried once it answers a heartbeat again
-            self._flushes.setdefault(address, []).extend(items)
-            self._flush_since.setdefault(address, 0.0)  # due again as soon as it answers
+            self.membership.failed(flush.address)  # retried once it answers a heartbeat again
+            self._flushes.setdefault(flush.address, []).extend(flush.items)
+            self._flush_since.setdefault(flush.address, 0.0)  # due again as soon as it answers
 
     @property
     def flushes_pending(self) -> int:
         return sum(len(f) for f in self._flushes.values())
 
     # -- repairs ----------------------------------------------------------------------------
-    def take_repairs(self, limit: int = 256) -> list[tuple[int, list[FetchSource]]]:
+    def _take_repairs(self, limit: int = 256) -> list[Wanted]:
         """Zpages below their replica count whose bytes must be fetched back: (location,
         sources), no more than the outbox has room for.  Repairs served from the local disk
         copy are done here and not returned."""
-        out: list[tuple[int, list[FetchSource]]] = []
+        out: list[Wanted] = []
         peers = self.membership.peers
         later = []  # every source failed a call lately: wait for one to answer a heartbeat
         limit = min(limit, self._outbox_room())
@@ -668,12 +748,12 @@ class RamsterLayer:
                 except CorruptPage:  # a damaged disk copy does not count: fetch another
                     self._drop_disk(location)
                 else:
-                    self.repaired(location, zpage)
+                    self._repaired(location, zpage)
                     limit -= 1
                     continue
-            sources = self.fetch_sources(location)
+            sources = self._fetch_sources(location)
             if any(not peers[s.address].suspect for s in sources):
-                out.append((location, sources))
+                out.append(Wanted(location, tuple(sources)))
             elif sources:
                 later.append(location)
             else:
@@ -682,12 +762,12 @@ class RamsterLayer:
         self.stats.repairs_pending = len(self._repairs)
         return out
 
-    def repaired(self, location: int, zpage: bytes | None) -> None:
+    def _repaired(self, location: int, zpage: bytes | None) -> None:
         """The fetched bytes of a zpage under repair (None: every source failed)."""
         if location not in self.table:
             return
         if zpage is None:
-            if self.fetch_sources(location):
+            if self._fetch_sources(location):
                 self._repairs.append(location)  # retried on a later pass
             else:
                 self._unreachable(location)

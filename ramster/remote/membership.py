@@ -46,7 +46,8 @@ class PeerEvent(Enum):
     CONFLICT = "conflict"  # another live node uses our node id: ignored
     JOINED = "joined"  # a new member address was learnt
     ALIAS = "alias"  # the address reaches a member known elsewhere: drop the entry
-    GONE = "gone"  # the entry's process is gone (replaced, or left for good): drop it
+    GONE = "gone"  # the entry's process is gone (replaced at another address): drop it
+    FORGOTTEN = "forgotten"  # left for good, or down for forget_after: no longer a member
 
 
 @dataclass(frozen=True)

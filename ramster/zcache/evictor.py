@@ -61,11 +61,11 @@ class EvictorChain:
             pending = left
         return out
 
-    def link_location(self, location: int, link: Evictor) -> int:
-        """`location` as `link` knows it, or 0 if another link holds it."""
-        if self.links[location >> LINK_SHIFT] is link:
-            return location & LINK_MASK
-        return 0
+    def held_by(self, link: Evictor, locations: list[int]) -> list[int]:
+        """Each of `locations` (the chain's; 0: none) as `link` knows it, 0 where another link
+        holds it: so the layer that must fetch its pages before a get finds its own."""
+        number = self.links.index(link)
+        return [loc & LINK_MASK if loc and loc >> LINK_SHIFT == number else 0 for loc in locations]
 
     def load(self, pool_id: int, location: int) -> bytes:
         return self.links[location >> LINK_SHIFT].load(pool_id, location & LINK_MASK)

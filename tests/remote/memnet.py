@@ -13,8 +13,9 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from node.driver import RemoteDriver
 from ramster.remote import ForeignStore, OwnerTag, RamsterLayer, RemoteConfig
-from ramster.remote.driver import RemoteDriver
+from ramster.remote.events import FlushItem, Joined, Leaving
 from ramster.remote.journal import Journal
 from ramster.remote.membership import PeerInfo
 from ramster.zcache import PoolKind, ZCache, ZCacheConfig
@@ -67,11 +68,15 @@ class MemNode:
         )
         self.driver = RemoteDriver(
             self.layer,
-            self.cache,
             MemTransport(self.net, self),
-            locate=lambda loc: self.chain.link_location(loc, self.layer),
+            lambda pool, keys: self.chain.held_by(
+                self.layer, self.cache.evicted_locations(pool, keys)
+            ),
             clock=lambda: self.net.now,
         )
+
+    def remote_locations(self, pool: int, keys: list[tuple[int, int]]) -> list[int]:
+        return self.chain.held_by(self.layer, self.cache.evicted_locations(pool, keys))
 
     def restart_owner(self, graceful: bool) -> None:
         """The owner's process ends (gracefully: pages in RAM written back, journal saved; or
@@ -79,7 +84,7 @@ class MemNode:
         holds for others is gone either way."""
         pools = [(p.id, p.kind, p.zalloc.name, p.store_raw) for p in self.cache.pools.values()]
         if graceful:
-            self.layer.closing = True
+            self.layer.handle(Leaving())
             self.cache.write_back_all()
             self.layer.close()
             self.backing.close()
@@ -118,7 +123,7 @@ class MemTransport:
 
     async def heartbeat(self, address: str, verify: bool = True) -> PeerInfo:
         node = await self._reach(address, "heartbeat")
-        node.layer.learn([self.me.name], self.net.now)
+        node.layer.handle(Joined((self.me.name,), self.net.now))
         free = node.foreign.free_bytes_for(self.me.name)
         members = tuple(node.layer.membership.gossip())
         return PeerInfo(node.name, node.incarnation, free, node.leaving, node.name, members)
@@ -144,7 +149,7 @@ class MemTransport:
             got = [z[:-1] + bytes([z[-1] ^ 1]) if z else z for z in got]
         return got
 
-    async def flush(self, address: str, items: list[tuple[int, int, int, int]]) -> None:
+    async def flush(self, address: str, items: tuple[FlushItem, ...]) -> None:
         node = await self._reach(address, "flush")
         for epoch, pool_id, oid, index in items:
             node.foreign.flush(self.me.owner, epoch, pool_id, [(oid, index)])

@@ -52,6 +52,7 @@ def test_a_restarted_owner_never_reuses_a_location(tmp_path: Path) -> None:
     """Locations name versions of pages (copies are sealed with them): generations handed out
     after a restart start above every one the journal saw, compacted or not."""
     from ramster.remote import RamsterLayer
+    from ramster.remote.events import Heard
     from ramster.remote.membership import PeerInfo
     from ramster.zcache.codec import compress, make_zpage
 
@@ -59,7 +60,7 @@ def test_a_restarted_owner_never_reuses_a_location(tmp_path: Path) -> None:
     used = set()
     for _ in range(3):
         layer = RamsterLayer("a", "inc", ["b:1"], journal=Journal(tmp_path))
-        layer.heard("b:1", PeerInfo("b", "x", 1 << 30, False), 0.0)
+        layer.handle(Heard("b:1", PeerInfo("b", "x", 1 << 30, False), 0.0))
         layer.membership.peers["b:1"].synced = True
         for _ in range(5):  # the same slot again and again
             (location,) = layer.evict(0, "zsmalloc", [zpage])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from node.driver import FETCH_BATCH
 from node.engine import ChunkedEngine
 from ramster.remote import RemoteConfig
-from ramster.remote.driver import FETCH_BATCH
 from ramster.remote.layer import FLUSH_BATCH
 from ramster.zcache import PageUnavailable
 from tests.remote.memnet import MemNetwork, MemNode, MemTransport
