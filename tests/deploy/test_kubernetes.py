@@ -10,11 +10,13 @@
 # volume claim is mounted at the data directory, and the pods run as the image's non-root user.
 from __future__ import annotations
 
+from dataclasses import fields
 from string import Template
 from typing import Any
 
 import yaml
 
+from node.settings import Settings, advertised, env_name, peer_address, resolve
 from tests.deploy.conftest import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"
@@ -176,6 +178,30 @@ def test_memory_limit_leaves_room_above_the_pool_and_peers_pages() -> None:
     # the room for peers' pages defaults to a quarter of the host's RAM: it must be set
     frames = sum(parse_quantity(env[k]) for k in ("RAMSTER_POOL_LIMIT", "RAMSTER_FOREIGN_LIMIT"))
     assert frames < limit * 0.75, "the pool and peers' pages must leave room for the process"
+
+
+def test_the_node_reads_the_manifests() -> None:
+    """The environment of a pod that scaling up would add, read by the node's own settings
+    code: every RAMSTER_* name is a setting (a misspelt one would be ignored), every value
+    parses, and the node is seeded by the Service and tells the others its pod's name."""
+    objs = objects()
+    (statefulset,) = [o for (kind, _), o in objs.items() if kind == "StatefulSet"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    pod_name = f"{statefulset['metadata']['name']}-{statefulset['spec']['replicas']}"
+    headless = statefulset["spec"]["serviceName"]
+    environ = dict(objs["ConfigMap", "ramster"]["data"])
+    for var in container["env"]:
+        if "valueFrom" in var:
+            assert var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            environ[var["name"]] = pod_name
+        else:
+            environ[var["name"]] = var["value"].replace("$(POD_NAME)", environ["POD_NAME"])
+    known = {env_name(f.name) for f in fields(Settings)}
+    assert {name for name in environ if name.startswith("RAMSTER_")} <= known
+    settings = resolve({}, environ)
+    assert settings.node_id == pod_name
+    assert [str(seed) for seed in settings.peers] == [f"{headless}:8070"]
+    assert advertised(settings, peer_address(settings).port) == f"{pod_name}.{headless}:8070"
 
 
 def parse_quantity(text: str) -> int:
