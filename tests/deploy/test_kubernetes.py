@@ -2,17 +2,21 @@
 # exactly the manifests there are, and the objects agree with one another the way Kubernetes
 # would only reveal at run time: the StatefulSet's serviceName is a headless Service that
 # publishes not-ready pods (peers must find each other while starting), every selector matches
-# the pod labels, probes run `ramster health` over TLS on the container's grpc port, the
-# ConfigMap's peer list names every StatefulSet pod's peer port through the headless Service,
-# each pod gets its own node certificate (cert-manager/ issues one per pod, for the names the
-# peers dial), the data volume claim is mounted at the data directory, and the pods run as the
-# image's non-root user.
+# the pod labels, probes run `ramster health` over TLS on the container's grpc port, every node is
+# seeded with the headless Service alone (so scaling needs no other edit) and advertises its
+# pod's name under it, the csi-driver volume asks for a certificate that names the pod as a node
+# and carries every name the peers, the probes and clients dial (checked for a pod that scaling
+# would add), signed by the CA Issuer of cert-manager/, the client Service is sticky, the data
+# volume claim is mounted at the data directory, and the pods run as the image's non-root user.
 from __future__ import annotations
 
+from dataclasses import fields
+from string import Template
 from typing import Any
 
 import yaml
 
+from node.settings import Settings, advertised, env_name, peer_address, resolve
 from tests.deploy.conftest import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"
@@ -90,47 +94,67 @@ def test_statefulset_service_pdb_configmap_agree() -> None:
     assert env["RAMSTER_METRICS_LISTEN"].endswith(f":{ports['metrics']}")
     name, service_name = statefulset["metadata"]["name"], headless["metadata"]["name"]
     assert env["RAMSTER_PEER_LISTEN"].endswith(f":{ports['peer']}")
-    assert env["RAMSTER_PEERS"].split(",") == [
-        f"{name}-{i}.{service_name}:{ports['peer']}" for i in range(spec["replicas"])
-    ]
+    assert env["RAMSTER_PEERS"] == f"{service_name}:{ports['peer']}", "seeded by the Service"
     client_service = objs["Service", "ramster"]
     assert "peer" not in {p["targetPort"] for p in client_service["spec"]["ports"]}
+    assert client_service["spec"]["sessionAffinity"] == "ClientIP", "a client stays with its node"
+    affinity = client_service["spec"]["sessionAffinityConfig"]["clientIP"]
+    assert affinity["timeoutSeconds"] >= 3600
 
-    # TLS: the init container copies the pod's own Secret into the volume the node reads
+    # each pod tells the others its stable name; checked for a pod that scaling up would add
+    new_pod = f"{name}-{spec['replicas']}"
+    env_order = [e["name"] for e in container["env"]]
+    own = {e["name"]: e for e in container["env"]}
+    for var in ("POD_NAME", "RAMSTER_NODE_ID"):
+        assert own[var]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    advertise = own["RAMSTER_PEER_ADVERTISE"]["value"]
+    assert env_order.index("POD_NAME") < env_order.index("RAMSTER_PEER_ADVERTISE"), "$(POD_NAME)"
+    assert advertise == f"$(POD_NAME).{service_name}:{ports['peer']}"
+    advertised_host = advertise.replace("$(POD_NAME)", new_pod).rsplit(":", 1)[0]
+
+    # TLS: the cert-manager csi-driver issues each pod its own certificate into the node's volume
     mounts_by_path = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     tls_dir = env["RAMSTER_TLS_CA"].rsplit("/", 1)[0]
-    assert {env[k] for k in ("RAMSTER_TLS_CERT", "RAMSTER_TLS_KEY", "RAMSTER_TLS_CA")} == {
-        f"{tls_dir}/{f}" for f in ("tls.crt", "tls.key", "ca.crt")
-    }
-    (init,) = pod["spec"]["initContainers"]
-    assert {m["name"] for m in init["volumeMounts"]} == {mounts_by_path[tls_dir], "node-secrets"}
-    assert "node-secrets" not in mounts_by_path.values(), "a node sees only its own key"
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    sources = volumes["node-secrets"]["projected"]["sources"]
-    pods = [f"{name}-{i}" for i in range(spec["replicas"])]
-    assert [s["secret"]["name"] for s in sources] == [f"ramster-tls-{p}" for p in pods]
-    for source, pod_name in zip(sources, pods, strict=True):
-        paths = {item["path"] for item in source["secret"]["items"]}
-        assert paths == {f"{pod_name}/{f}" for f in ("tls.crt", "tls.key", "ca.crt")}
-    issued = {
-        doc["spec"]["secretName"]: doc["spec"]
-        for doc in yaml.safe_load_all((K8S / "cert-manager" / "certificates.yaml").read_text())
-        if doc["kind"] == "Certificate" and not doc["spec"].get("isCA")
+    assert "initContainers" not in pod["spec"] and "node-secrets" not in volumes
+    csi = volumes[mounts_by_path[tls_dir]]["csi"]
+    assert csi["driver"] == "csi.cert-manager.io"
+    assert csi["readOnly"] is True, "the driver refuses a writable volume"
+    attrs = {
+        key.removeprefix("csi.cert-manager.io/"): value
+        for key, value in csi["volumeAttributes"].items()
     }
-    assert set(issued) == {f"ramster-tls-{p}" for p in pods}
-    for pod_name in pods:
-        cert = issued[f"ramster-tls-{pod_name}"]
-        assert cert["uris"] == [f"spiffe://ramster/node/{pod_name}"]
-        assert f"{pod_name}.{service_name}" in cert["dnsNames"]
-        assert pod_name in cert["dnsNames"], "owners check a holder's node id as a DNS name"
-        assert {"server auth", "client auth"} <= set(cert["usages"])
+    files = {"RAMSTER_TLS_CERT": "certificate-file", "RAMSTER_TLS_KEY": "privatekey-file"}
+    files["RAMSTER_TLS_CA"] = "ca-file"
+    for var, attr in files.items():
+        assert env[var] == f"{tls_dir}/{attrs[attr]}"
+    pod_vars = {"POD_NAME": new_pod, "POD_NAMESPACE": "ns", "POD_UID": "u"}
+    pod_vars["SERVICE_ACCOUNT_NAME"] = "default"  # the variables the driver expands
+    issued = {key: Template(attrs[key]).substitute(pod_vars) for key in ("uri-sans", "dns-names")}
+    assert issued["uri-sans"] == f"spiffe://ramster/node/{new_pod}", "names the node id"
+    dns_names = {host.strip() for host in issued["dns-names"].split(",")}
+    seed_host = env["RAMSTER_PEERS"].rsplit(":", 1)[0]
+    dialled = {new_pod, advertised_host, seed_host, client_service["metadata"]["name"]}
+    assert dialled <= dns_names, "owners check the node id; members, seed and clients their names"
+    assert "127.0.0.1" in attrs["ip-sans"].split(","), "the probes dial 127.0.0.1"
+    assert {"server auth", "client auth"} <= set(attrs["key-usages"].split(","))
+    assert attrs["fs-group"] == str(pod["spec"]["securityContext"]["runAsGroup"])
+    cert_manager = list(
+        yaml.safe_load_all((K8S / "cert-manager" / "certificates.yaml").read_text())
+    )
+    (ca,) = [d for d in cert_manager if d["kind"] == "Certificate" and d["spec"].get("isCA")]
+    assert [d["kind"] for d in cert_manager].count("Certificate") == 1, "no per-pod Certificate"
+    (issuer,) = [
+        d
+        for d in cert_manager
+        if (d["kind"], d["metadata"]["name"]) == (attrs["issuer-kind"], attrs["issuer-name"])
+    ]
+    assert issuer["spec"]["ca"]["secretName"] == ca["spec"]["secretName"]
     tokens_dir, tokens_file = env["RAMSTER_TOKENS"].rsplit("/", 1)
     tokens = volumes[mounts_by_path[tokens_dir]]["secret"]
     assert tokens["secretName"] == "ramster-tokens", "a reachable client port needs tokens"
     assert tokens["items"] == [{"key": tokens_file, "path": tokens_file}]
     assert 1 <= int(env["RAMSTER_REPLICAS"]) < spec["replicas"]
-    own_id = {e["name"]: e for e in container["env"]}["RAMSTER_NODE_ID"]
-    assert own_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     claims = {c["metadata"]["name"] for c in spec["volumeClaimTemplates"]}
@@ -145,13 +169,39 @@ def test_statefulset_service_pdb_configmap_agree() -> None:
     assert annotations["prometheus.io/port"] == str(ports["metrics"])
 
 
-def test_memory_limit_leaves_room_above_the_pool() -> None:
+def test_memory_limit_leaves_room_above_the_pool_and_peers_pages() -> None:
     objs = objects()
     (statefulset,) = [o for (kind, _), o in objs.items() if kind == "StatefulSet"]
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     limit = parse_quantity(container["resources"]["limits"]["memory"])
-    pool = parse_quantity(objs["ConfigMap", "ramster"]["data"]["RAMSTER_POOL_LIMIT"])
-    assert pool < limit * 0.75, "the pool must leave room for the process itself"
+    env = objs["ConfigMap", "ramster"]["data"]
+    # the room for peers' pages defaults to a quarter of the host's RAM: it must be set
+    frames = sum(parse_quantity(env[k]) for k in ("RAMSTER_POOL_LIMIT", "RAMSTER_FOREIGN_LIMIT"))
+    assert frames < limit * 0.75, "the pool and peers' pages must leave room for the process"
+
+
+def test_the_node_reads_the_manifests() -> None:
+    """The environment of a pod that scaling up would add, read by the node's own settings
+    code: every RAMSTER_* name is a setting (a misspelt one would be ignored), every value
+    parses, and the node is seeded by the Service and tells the others its pod's name."""
+    objs = objects()
+    (statefulset,) = [o for (kind, _), o in objs.items() if kind == "StatefulSet"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    pod_name = f"{statefulset['metadata']['name']}-{statefulset['spec']['replicas']}"
+    headless = statefulset["spec"]["serviceName"]
+    environ = dict(objs["ConfigMap", "ramster"]["data"])
+    for var in container["env"]:
+        if "valueFrom" in var:
+            assert var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            environ[var["name"]] = pod_name
+        else:
+            environ[var["name"]] = var["value"].replace("$(POD_NAME)", environ["POD_NAME"])
+    known = {env_name(f.name) for f in fields(Settings)}
+    assert {name for name in environ if name.startswith("RAMSTER_")} <= known
+    settings = resolve({}, environ)
+    assert settings.node_id == pod_name
+    assert [str(seed) for seed in settings.peers] == [f"{headless}:8070"]
+    assert advertised(settings, peer_address(settings).port) == f"{pod_name}.{headless}:8070"
 
 
 def parse_quantity(text: str) -> int:
