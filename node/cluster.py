@@ -128,13 +128,26 @@ class RemoteSide:
             await self.driver.prefetch(pool, keys)
 
     async def leave(self, timeout: float) -> None:
-        """Announce the stop and wait for owners to take back what we hold."""
-        self.identity.leaving = True
+        """Announce the stop and wait, up to `timeout`, until owners have taken back what we
+        hold and every member that is up has heard us say so (so each forgets us at once when
+        we are gone, instead of waiting forget_after for a node that may come back)."""
+        identity = self.identity
+        identity.leaving = True
         held = self.foreign.pages
         deadline = time.monotonic() + timeout
-        while self.foreign.pages and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+            self.foreign.pages or not identity.told >= self._live_members()
+        ):
             await asyncio.sleep(0.1)
-        log_event("left", foreign_pages_before=held, foreign_pages_left=self.foreign.pages)
+        log_event(
+            "left",
+            foreign_pages_before=held,
+            foreign_pages_left=self.foreign.pages,
+            members_told=len(identity.told),
+        )
+
+    def _live_members(self) -> set[str]:
+        return {p.node_id for p in self.layer.membership.live() if p.node_id}
 
     async def stop_driver(self) -> None:
         """No more calls to peers; the layer refuses new zpages from now on."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -79,6 +79,7 @@ class Identity:
     incarnation: str
     leaving: bool = False
     address: str = ""  # where our peer API is reached, as we tell peers ("" if unknown)
+    told: set[str] = field(default_factory=set)  # nodes that heard us say we are leaving
 
 
 def valid_address(address: str) -> bool:
@@ -168,6 +169,8 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     ) -> pb.HeartbeatResponse:
         def beat() -> pb.HeartbeatResponse:
             me, sender = self.identity, _owner(request.sender)
+            if me.leaving:
+                me.told.add(sender.node_id)
             if request.address:
                 if not valid_address(request.address):
                     raise ValueError(

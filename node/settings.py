@@ -232,8 +232,9 @@ class Settings:
         default=None,
         metadata=meta(
             parse_optional_hostport,
-            "address of the peer API (ramster.v1.Peer), served only with --peers; default: the "
-            "--listen host and its port + 1000 (7070: 8070; port 0: a free port)",
+            "address of the peer API (ramster.v1.Peer), served with --peers or when set (a node "
+            "others may join); default: the --listen host and its port + 1000 (7070: 8070; "
+            "port 0: a free port)",
             "HOST:PORT",
         ),
     )

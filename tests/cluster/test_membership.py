@@ -110,3 +110,15 @@ def test_grow_three_to_five_then_shrink_to_four_under_traffic(
             assert not bad, f"{len(bad)} pages not served, first {bad[:3]}"
             assert got.pages == pages
             assert client.stats().remote_lost_pages == 0
+
+
+def test_a_node_that_holds_nothing_is_forgotten_at_once_when_it_leaves() -> None:
+    """Its stop waits until the members have heard it is leaving, so they forget it when it is
+    gone rather than after --forget-after (60 s), as they would a node that may come back."""
+    with LocalCluster(2, common=FAST) as cluster:
+        stayer, leaver = cluster.nodes
+        assert members(stayer) == (1, 1)
+        leaver.send_signal(signal.SIGTERM)
+        assert leaver.process is not None
+        leaver.process.wait(30)
+        wait_for("node1 to forget node2", lambda: members(stayer), lambda m: m == (0, 0), 15)
