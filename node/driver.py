@@ -292,7 +292,7 @@ class RemoteDriver:
         damaged: list[tuple[int, str]],
     ) -> dict[int, bytes]:
         address, epoch, pool_id = group
-        keys = [(src.oid, src.index) for _, src in items]
+        keys = [(src.oid, src.page_index) for _, src in items]
         try:
             zpages = await self.transport.get(
                 address, epoch, pool_id, keys, [location for location, _ in items]
@@ -303,7 +303,7 @@ class RemoteDriver:
             return {}
         out = {}
         for (location, src), zpage in zip(items, zpages, strict=True):
-            if zpage is not None and _intact(zpage, src.oid, src.index):
+            if zpage is not None and _intact(zpage, src.oid, src.page_index):
                 out[location] = zpage
             elif zpage is not None:
                 log.warning("peer %s returned a damaged copy", address)

@@ -33,15 +33,14 @@ class FlushItem(NamedTuple):
     page_index: int
 
 
-@dataclass(frozen=True)
-class FetchSource:
-    """Where a remote copy can be fetched: the peer and the foreign pool it was placed in."""
+class FetchSource(NamedTuple):
+    """Where a remote copy can be fetched: the peer, the epoch it was placed in, its key."""
 
     address: str
     epoch: int
     pool_id: int
     oid: int
-    index: int
+    page_index: int
 
 
 class Wanted(NamedTuple):

@@ -73,7 +73,7 @@ from ramster.remote.events import (
     Wanted,
 )
 from ramster.remote.journal import Journal, Recovered
-from ramster.remote.membership import Membership, PeerEvent, PeerInfo
+from ramster.remote.membership import Membership, Peer, PeerEvent, PeerInfo
 from ramster.remote.table import FREE, SLOT_MASK, RemoteTable
 from ramster.zcache.codec import zpage_key
 from ramster.zcache.errors import CorruptPage, PageUnavailable
@@ -223,13 +223,8 @@ class RamsterLayer:
     def fetch_for(self, locations: list[int]) -> Fetch | None:
         """What to fetch before zcache loads `locations` (this layer's): None if every one is
         local (outbox, staged, disk) or has no live holder."""
-        wanted = [
-            Wanted(location, tuple(sources))
-            for location in locations
-            for sources in [self._fetch_sources(location)]
-            if sources
-        ]
-        return Fetch(tuple(wanted), repair=False) if wanted else None
+        wanted = tuple(self._wanted(locations))
+        return Fetch(wanted, repair=False) if wanted else None
 
     # -- recovery -----------------------------------------------------------------------------
     def _recover(self, journal: Journal) -> None:
@@ -653,29 +648,55 @@ class RamsterLayer:
             self._damaged.pop(location, None)
 
     # -- gets -------------------------------------------------------------------------------
-    def _fetch_sources(self, location: int) -> list[FetchSource]:
-        """Peers to fetch a remote copy from: live, synced ones, suspects last, the first one
-        rotating with the location so gets spread over the replicas; empty when no fetch is
-        needed (a local disk copy is read instead: faster than any peer)."""
-        if (
-            location not in self.table
-            or location in self._bytes
-            or location in self._staged
-            or self.table.disk_of(location)
-        ):
-            return []
+    def _fetch_sources(self, location: int) -> tuple[FetchSource, ...]:
+        """Peers to fetch a remote copy of `location` from (see _wanted); empty when no fetch
+        is needed."""
+        for wanted in self._wanted([location]):
+            return wanted.sources
+        return ()
+
+    def _wanted(self, locations: list[int]) -> Iterator[Wanted]:
+        """Per location that needs a fetch, the peers to ask: live, synced holders, suspects
+        last, the first one rotating with the location so gets spread over the replicas.  None
+        for a location that is local (outbox, staged) or has a disk copy (faster than any
+        peer).  One pass: holders are worked out once per distinct set of them."""
+        table, outbox, staged = self.table, self._bytes, self._staged
         peers = self.membership.peers
-        live = [
-            peers[a]
-            for a in self.table.holders_of(location)
-            if a in peers and peers[a].up and peers[a].synced
+        usable = [
+            (bit, peer)
+            for address, bit in table.bits.items()
+            for peer in [peers.get(address)]
+            if peer is not None and peer.up and peer.synced
         ]
-        if len(live) > 1:  # spread gets over the replicas: each location starts elsewhere
-            turn = location % len(live)
-            live = live[turn:] + live[:turn]
-        live.sort(key=lambda peer: peer.suspect)
-        pool_id, oid, index = self.table.key(location)
-        return [FetchSource(p.address, p.epoch, pool_id, oid, index) for p in live]
+        by_mask: dict[int, list[Peer]] = {}
+        holders, disk, pool, oid, index = (
+            table.holders,
+            table.disk,
+            table.pool,
+            table.oid,
+            table.index,
+        )
+        for location in locations:
+            if location not in table or location in outbox or location in staged:
+                continue
+            slot = location & SLOT_MASK
+            mask = holders[slot]
+            if disk[slot] or not mask:
+                continue
+            live = by_mask.get(mask)
+            if live is None:
+                live = by_mask[mask] = [p for bit, p in usable if mask >> bit & 1]
+            if not live:
+                continue
+            if len(live) > 1:  # spread gets over the replicas: each location starts elsewhere
+                turn = location % len(live)
+                order = live[turn:] + live[:turn]
+                if any(p.suspect for p in order):
+                    order.sort(key=lambda peer: peer.suspect)
+            else:
+                order = live
+            key = (pool[slot], oid[slot], index[slot])
+            yield Wanted(location, tuple(FetchSource(p.address, p.epoch, *key) for p in order))
 
     def _stage(self, location: int, zpage: bytes) -> None:
         """A fetched, verified copy for the get that is about to load `location`.  It stays

@@ -493,15 +493,16 @@ class ZCache:
         return alloc.alloc(zpage, self.tick)
 
     def _promote(self, pool: Pool, oid: int, index: int, location: int, zpage: bytes) -> None:
-        """Move an evicted zpage back into RAM, if room can be made; else it stays evicted."""
+        """Move an evicted zpage back into RAM if there is room for it; else it stays evicted.
+        Never by evicting another page: under pressure that only moves the cost around (one
+        page out for each page in, with its copies placed again), and the client that just
+        read the page holds it itself (a swap-in, a page cache)."""
         raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
         alloc: Allocator = pool.raw if raw else pool.zalloc
         self.tick += 1
         handle = alloc.alloc(zpage, self.tick)
         if handle < 0:
-            handle = self._alloc_reclaiming(alloc, zpage)
-            if handle < 0:
-                return
+            return
         pool.index.replace(oid, index, pool.tag_of(alloc) | handle)
         self._evictor().forget(pool.id, location)
         pool.evicted -= 1
