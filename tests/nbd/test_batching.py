@@ -1,4 +1,4 @@
-# The NBD shell's batching: queued requests cut into engine batches (node/nbd.py's groups), and
+# The NBD shell's batching: queued requests cut into engine batches (node/nbd/plan.py's groups), and
 # a burst of pipelined requests on a real socket - overlapping writes, reads between them,
 # unaligned ones - taking effect in the order sent, and every received request answered when the
 # server stops.
@@ -8,8 +8,18 @@ import asyncio
 import random
 import socket
 
-from node.nbd import GROUP_PAGES, groups
-from ramster.nbd import CommandFlag, Error, Export, Flush, Read, Request, Trim, Write
+from node.nbd.plan import GROUP_PAGES, groups
+from ramster.nbd import (
+    CommandFlag,
+    Error,
+    Export,
+    Flush,
+    Read,
+    Request,
+    Trim,
+    Write,
+    WriteZeroes,
+)
 from ramster.nbd.wire import (
     CLIENT_FLAG_FIXED_NEWSTYLE,
     CLIENT_FLAGS,
@@ -40,7 +50,9 @@ def write(block: int, blocks: int = 1, offset: int = 0) -> Write:
 
 
 def shape(requests: list[Request]) -> list[list[str]]:
-    return [[type(r).__name__[0] + str(r.offset // 4096) for r in g] for g in groups(requests)]
+    return [
+        [type(r).__name__[0] + str(r.offset // 4096) for r in g.requests] for g in groups(requests)
+    ]
 
 
 def test_runs_of_reads_and_aligned_writes_become_one_batch_each() -> None:
@@ -53,21 +65,37 @@ def test_a_block_written_twice_starts_a_new_batch() -> None:
     assert shape([write(1, 4), write(3)]) == [["W1"], ["W3"]]
 
 
+def test_zeroes_and_trims_join_writes_and_a_flush_joins_any_group() -> None:
+    batch: list[Request] = [
+        write(1),
+        WriteZeroes(0, 2 * 4096, 2 * 4096, NONE),  # blocks 2 and 3
+        Trim(0, 4 * 4096 + 100, 2 * 4096, NONE),  # block 5 whole, the edges are nothing
+        Flush(0, 0, 0, NONE),
+        write(4),
+        read(1),
+        Flush(0, 0, 0, NONE),
+        read(2),
+    ]
+    assert shape(batch) == [["W1", "W2", "T4", "F0", "W4"], ["R1", "F0", "R2"]]
+    assert shape([Flush(0, 0, 0, NONE), read(1)]) == [["F0"], ["R1"]]
+
+
+def test_a_block_zeroed_then_written_starts_a_new_batch() -> None:
+    zero = WriteZeroes(0, 4096, 4096, NONE)
+    assert shape([write(1), zero, write(2)]) == [["W1"], ["W1", "W2"]]
+
+
 def test_other_requests_run_alone_and_in_order() -> None:
     batch: list[Request] = [
         write(1),
         write(2, offset=100),  # unaligned: read-modify-write, alone
-        Trim(0, 0, 4096, NONE),
+        WriteZeroes(0, 3 * 4096 + 1, 4096, NONE),  # unaligned: alone
+        Trim(0, 0, (GROUP_PAGES + 1) * 4096, NONE),  # bigger than a group: its own
         write(3),
         Flush(0, 0, 0, NONE),
         read(1),
     ]
-    assert shape(batch) == [["W1"], ["W2"], ["T0"], ["W3"], ["F0"], ["R1"]]
-
-
-def test_a_batch_holds_at_most_group_pages() -> None:
-    sizes = [len(g) for g in groups([read(i * 64, 64) for i in range(10)])]
-    assert sizes == [GROUP_PAGES // 64] * (10 // (GROUP_PAGES // 64)) + [10 % (GROUP_PAGES // 64)]
+    assert shape(batch) == [["W1"], ["W2"], ["W3"], ["T0"], ["W3", "F0"], ["R1"]]
 
 
 def negotiate(server: ServerThread) -> socket.socket:

@@ -227,7 +227,7 @@ def test_a_bad_write_swallows_its_payload_then_fails(
     for sent in range(0, length, 1 << 20):  # the payload arrives in pieces and is not kept
         assert events(conn) == []
         conn.receive_data(bytes(min(1 << 20, length - sent)))
-        assert len(conn._buf) <= 1 << 20
+        assert conn.buffered <= 1 << 20
     conn.receive_data(request(Command.FLUSH, handle=9))
     got = events(conn)
     assert [type(e).__name__ for e in got] == ["Rejected", "Flush"]
