@@ -1,7 +1,8 @@
 # The server side of an NBD connection as a sans-IO state machine: bytes in, events out, replies
-# encoded by it (h11's shape).  The I/O shell (node/nbd.py) feeds receive_data(), takes events
-# from next_event() until NEED_DATA, carries out each Request and hands back a Reply through
-# send(), and writes whatever data_to_send() returns.  Nothing here blocks, reads a clock or
+# encoded by it (h11's shape).  The I/O shell (node/nbd/) reads into get_buffer() and calls
+# buffer_updated() (or hands bytes to receive_data()), takes events from next_event() until
+# NEED_DATA, carries out each Request and answers it through send_into() (or send()), and writes
+# whatever data_to_send() returns.  Nothing here blocks, reads a clock or
 # touches a socket, so every hostile byte sequence can be tested in memory.
 #
 # Phases (State): the greeting is queued at construction (fixed newstyle, NO_ZEROES offered);
