@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from node.nbd.server import NbdServer
 
 BATCH_REQUESTS = 64  # requests taken from the input at once
-INPUT_HIGH = 4 * 1024 * 1024  # unserved input beyond which reading pauses
+INPUT_HIGH = 1024 * 1024  # unserved input beyond which reading pauses
 INPUT_LOW = INPUT_HIGH // 2  # ... and under which it resumes
 OUTPUT_HIGH = 4 * 1024 * 1024  # unsent replies beyond which the task waits (it resumes at 1/4):
 # far above asyncio's 64 KiB, so the next group is computed while the socket sends this one
