@@ -32,9 +32,10 @@ from node.engine import ChunkedEngine
 from node.logs import log_event
 from node.nbd.plan import OID_BITS, Group, Key, Kind, block_keys, inner, span
 from ramster.nbd import Error, Export, Read, Request, Trim, Write, WriteZeroes
-from ramster.zcache import PAGE_SIZE, PageError, ZCache, ZCacheError
+from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheError
 
 ZERO_PAGE = bytes(PAGE_SIZE)
+REFUSED = frozenset(r for r in PutResult if r.refused)  # checked per write at C speed
 FLUSHES_PER_YIELD = 1024
 Piece = bytes | memoryview
 Answer = tuple[Request, Error, Sequence[Piece]]
@@ -68,7 +69,9 @@ class ExportBlocks:
         for request in requests:
             if type(request) is Read:
                 keys += block_keys(*span(request.offset, request.length))
-        pages = await self.chunked.get_batch(self.pool, keys, exclusive=False)
+        got = await self.chunked.get_batch(self.pool, keys, exclusive=False)
+        failed = {i for i, p in enumerate(got) if isinstance(p, PageError)}  # mostly none
+        pages: list[Piece] = [p if type(p) is bytes else ZERO_PAGE for p in got]
         answers: list[Answer] = []
         at = 0
         for request in requests:
@@ -76,11 +79,11 @@ class ExportBlocks:
                 answers.append((request, Error.OK, NO_DATA))
                 continue
             first, stop = span(request.offset, request.length)
-            mine, at = pages[at : at + stop - first], at + stop - first
-            if any(isinstance(p, PageError) for p in mine):
+            data, mine = pages[at : at + stop - first], range(at, at + stop - first)
+            at = mine.stop
+            if failed and not failed.isdisjoint(mine):
                 answers.append((request, Error.EIO, NO_DATA))
                 continue
-            data: list[Piece] = [p if type(p) is bytes else ZERO_PAGE for p in mine]
             skip = request.offset - first * PAGE_SIZE
             if skip or request.length % PAGE_SIZE:
                 data = [b"".join(data)[skip : skip + request.length]]
@@ -112,7 +115,7 @@ class ExportBlocks:
             error = Error.OK
             if type(request) is Write:
                 n = request.length // PAGE_SIZE
-                if any(r.refused for r in results[at : at + n]):
+                if not REFUSED.isdisjoint(results[at : at + n]):
                     error = Error.ENOSPC
                 at += n
             answers.append((request, error, NO_DATA))
@@ -158,7 +161,7 @@ class ExportBlocks:
             else:
                 pages.append(data[start : start + PAGE_SIZE])
         results = await self.chunked.put_batch(self.pool, block_keys(first, stop), pages)
-        return Error.ENOSPC if any(r.refused for r in results) else Error.OK
+        return Error.OK if REFUSED.isdisjoint(results) else Error.ENOSPC
 
     async def _zero(self, offset: int, length: int) -> Error:
         """Whole blocks are forgotten (they read as zeros); partial edges get zero bytes."""

@@ -198,9 +198,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         out = bytearray(conn.data_to_send())  # rejections the machine made come first
         for request, error, data in answers:
             conn.send_into(out, request, error, data)
-        self._write(out)
+        self._write(memoryview(out))  # what the socket does not take is sliced without a copy
 
-    def _write(self, data: bytes | bytearray) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         if data and not self.lost and self.transport is not None:
             self.transport.write(data)
 
