@@ -281,8 +281,10 @@ class ServerConnection:
     def _new_chunk(self) -> None:
         """Go on in a new chunk (or this one from its start, if nothing was lent from it), big
         enough for the message being received, whose received part moves over."""
+        if self.state is State.CLOSED:
+            self._pos = self._end  # nothing will be parsed any more: drop it
         have = self._end - self._pos
-        size = max(CHUNK, self._want) if self.state is State.WRITE_DATA else CHUNK
+        size = max(CHUNK, have + MIN_RECV, self._want if self.state is State.WRITE_DATA else 0)
         if self._lent or len(self._buf) < size:
             old, self._buf = self._buf, bytearray(size)
             self._buf[:have] = old[self._pos : self._end]
