@@ -173,7 +173,7 @@ def test_requests_become_events_and_replies_are_encoded() -> None:
     assert isinstance(read, Read) and read.handle == 2
     assert conn.send(Reply(write)) == [SIMPLE_REPLY_HEADER.pack(0x67446698, 0, 1)]
     header, data = conn.send(Reply(read, data=payload))
-    assert simple_reply(header) == (0, 2) and data == payload
+    assert simple_reply(bytes(header)) == (0, 2) and data == payload
     with pytest.raises(ProtocolMisuse):
         conn.send(Reply(read, data=payload))  # answered already
 
