@@ -167,3 +167,44 @@ def test_a_stopping_server_answers_every_request_it_received() -> None:
         stopping.result(timeout=30)
         sock.close()
     assert answered == set(range(1, 301))
+
+
+def test_a_corrupt_block_fails_only_the_reads_that_cover_it(sample_pages: list[bytes]) -> None:
+    pages = sample_pages[:4]
+    with ServerThread([Export("disk", MiB)]) as server, negotiate(server) as sock:
+        for block, page in enumerate(pages):
+            header = REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 0, block * 4096, 4096)
+            sock.sendall(header + page)
+            assert SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))[1] == 0
+        assert server.server is not None and server.engine is not None
+        engine, pool = server.engine, server.server.exports["disk"].pool
+
+        def corrupt() -> None:  # flip a payload byte of block 1's zpage in the arena
+            p = engine.pool(pool)
+            handle = p.index.get(0, 1)
+            frame, start, _ = dict(p.allocator_of(handle).extents())[handle & ((1 << 56) - 1)][0]
+            engine.arena.view[frame * 4096 + start + 30] ^= 0xFF
+
+        server.call(corrupt)
+        reads = [(1, 0, 8192), (2, 4096, 100), (3, 8192, 8192), (4, 100, 8000)]  # one group
+        sock.sendall(
+            b"".join(
+                REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, handle, offset, length)
+                for handle, offset, length in reads
+            )
+        )
+        got = {}
+        for _ in reads:
+            _, error, handle = SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))
+            length = reads[handle - 1][2]
+            got[handle] = (error, recv_exactly(sock, length) if error == 0 else b"")
+    whole = b"".join(pages)
+    assert (
+        got
+        == {
+            1: (Error.EIO, b""),  # blocks 0 and 1
+            2: (Error.EIO, b""),  # inside block 1
+            3: (0, whole[8192:16384]),  # blocks 2 and 3, intact
+            4: (Error.EIO, b""),  # across blocks 0 and 1
+        }
+    )
