@@ -118,17 +118,28 @@ def test_a_burst_of_pipelined_requests_takes_effect_in_order() -> None:
     size = 64 * 4096
     model = bytearray(size)
     burst, expected = [], {}
-    for handle in range(1, 401):  # writes and reads over 64 blocks, many to the same block
-        block = rng.randrange(64)
-        if rng.random() < 0.6:
-            offset = block * 4096 + (rng.randrange(4096) if rng.random() < 0.2 else 0)
-            length = min(size - offset, rng.choice([4096, 8192, 300]))
+    for handle in range(1, 601):  # requests over 64 blocks, many to the same block
+        block, dice = rng.randrange(64), rng.random()
+        offset = block * 4096 + (rng.randrange(4096) if rng.random() < 0.2 else 0)
+        length = min(size - offset, rng.choice([4096, 8192, 300]))
+        if dice < 0.5:
             data = rng.randbytes(length)
             model[offset : offset + length] = data
             burst.append(
                 REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, handle, offset, length)
             )
             burst.append(data)
+            expected[handle] = b""
+        elif dice < 0.65:  # zeroes, or a trim (its whole blocks read as zeros, edges untouched)
+            command = Command.WRITE_ZEROES if dice < 0.6 else Command.TRIM
+            lo, hi = offset, offset + length
+            if command == Command.TRIM:
+                lo, hi = -(-lo // 4096) * 4096, hi // 4096 * 4096
+            model[lo:hi] = bytes(max(0, hi - lo))
+            burst.append(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, command, handle, offset, length))
+            expected[handle] = b""
+        elif dice < 0.7:
+            burst.append(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.FLUSH, handle, 0, 0))
             expected[handle] = b""
         else:
             burst.append(
@@ -208,3 +219,21 @@ def test_a_corrupt_block_fails_only_the_reads_that_cover_it(sample_pages: list[b
             4: (Error.EIO, b""),  # across blocks 0 and 1
         }
     )
+
+
+def test_zeroes_and_writes_of_one_block_in_a_burst_keep_their_order() -> None:
+    a, b, c = (bytes([n]) * 4096 for n in (1, 2, 3))
+    burst = [  # W1 Z1 W2 W1 W3 Z3, then reads: groups() must cut where a block comes again
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 1, 4096, 4096) + a,
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE_ZEROES, 2, 4096, 4096),
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 3, 8192, 4096) + c,
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 4, 4096, 4096) + b,
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 5, 12288, 4096) + c,
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE_ZEROES, 6, 12288, 4096),
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, 7, 4096, 3 * 4096),
+    ]
+    with ServerThread([Export("disk", MiB)]) as server, negotiate(server) as sock:
+        sock.sendall(b"".join(burst))
+        replies = [SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))[1:] for _ in range(7)]
+        assert replies == [(0, handle) for handle in range(1, 8)]  # groups answer in order
+        assert recv_exactly(sock, 3 * 4096) == b + c + bytes(4096)
