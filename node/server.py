@@ -12,7 +12,7 @@
 # anything is opened.  With peers the engine's evictor is the chain [ramster layer, backing
 # file]; without, the backing file alone (data_dir/backing.dat,
 # whose written-back pages a restart finds again).  With --nbd-listen it serves NBD exports
-# (node/nbd.py) from the same engine: started after the engine, stopped first.
+# (node/nbd/) from the same engine: started after the engine, stopped first.
 #
 # The data directory holds the node's identity (identity.json: the node id it belongs to, so a
 # second node cannot adopt another's pages), its pools (pools.log), its backing file and, with

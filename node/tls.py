@@ -22,7 +22,7 @@
 # them anyone who can reach it could read and write every pool); the peer port by TLS, which
 # there always means mTLS with the cluster's node certificates; the NBD port by TLS with client
 # certificates (--tls-client-auth: NBD has no tokens, so the certificate is what tells a client
-# of the cluster from anyone; with TLS the port requires STARTTLS, node/nbd.py).  Loopback needs
+# of the cluster from anyone; with TLS the port requires STARTTLS, node/nbd/).  Loopback needs
 # nothing, so a bare node and `ramster demo` stay zero-configuration.
 from __future__ import annotations
 

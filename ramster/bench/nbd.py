@@ -5,6 +5,9 @@
 # the resident memory of each server once the data is in, a sequential read with nbdcopy to
 # null:, then `ops` random 4 KiB writes and as many random 4 KiB reads through libnbd (queue
 # depth 32; Debian's binding runs under the system Python, so that client is a subprocess too).
+# Both servers get the same requests: nbdcopy reads with --no-extents, since nbdkit answers
+# block-status queries (the node does not) and nbdcopy would then skip reading the ranges that
+# nbdkit reports as zero (the corpus's zero pages, which nbdcopy wrote as WRITE_ZEROES).
 # Both servers run side by side and every step alternates between them, `repeat` times, keeping
 # each server's best time: on a machine shared with other work the load drifts, and a ratio of
 # two numbers taken minutes apart would measure the drift.  Each server's CPU time in its best
@@ -172,11 +175,11 @@ def measure(
         out[name]["data_per_GiB_rss_GiB"] = size / rss_bytes(pid)
     for _ in range(repeat):
         for name, (uri, _) in servers.items():
-            step(name, ("seq_read",), _tool, "nbdcopy", uri, "null:")
+            step(name, ("seq_read",), _tool, "nbdcopy", "--no-extents", uri, "null:")
     with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
         for name, (uri, _) in servers.items():
             back = Path(tmp) / f"{name}.img"
-            _tool("nbdcopy", uri, str(back))
+            _tool("nbdcopy", "--no-extents", uri, str(back))
             out[name]["verified"] = _same_file(source, back)
             back.unlink()
     for _ in range(repeat):

@@ -1,7 +1,7 @@
 # ramster.nbd: the NBD protocol (network block device, as Linux's nbd driver, qemu, libnbd and
 # nbdkit speak it), sans-IO.  ServerConnection turns a client's bytes into typed events and
 # encodes the replies; ExportLister is the small client side that lists a server's exports.
-# Neither does I/O: node/nbd.py drives the server over asyncio, `ramster nbd list` the lister
+# Neither does I/O: node/nbd/ drives the server over asyncio, `ramster nbd list` the lister
 # over a blocking socket.  See server.py for what is spoken and what is refused.
 from ramster.nbd.client import ExportInfo, ExportLister, NbdError
 from ramster.nbd.events import (

@@ -8,6 +8,7 @@
 # with an error itself (the shell only counts it); Closed when the connection is over, cleanly
 # or not.  Back in (ServerConnection.send): one Reply per Request.  Requests compare by identity
 # (eq=False): two requests may carry the same handle, yet each is answered exactly once.
+# A Write's data is a view of the machine's input (no copy), valid for as long as it is kept.
 # Requests are plain slotted dataclasses, not frozen ones: one is made per request, and a frozen
 # dataclass pays object.__setattr__ per field (treat them as read-only all the same).
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Read(Request):
 
 @dataclass(eq=False, slots=True)
 class Write(Request):
-    data: bytes = b""
+    data: bytes | memoryview = b""  # the machine's: a view of its input buffer
     command = Command.WRITE
 
 

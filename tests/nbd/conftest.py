@@ -1,6 +1,6 @@
 # NBD servers for the tests, and the real clients that talk to them.
 #
-# `nbd_server` runs node/nbd.py's NbdServer in a thread with its own event loop, over a real
+# `nbd_server` runs node/nbd's NbdServer in a thread with its own event loop, over a real
 # ZCache whose pools store incompressible pages raw (as an export's pool does), on 127.0.0.1
 # port 0: the clients under test (nbdinfo, nbdcopy, qemu-io, qemu-img, nbdsh) are subprocesses
 # that block, so the server must not share the test's thread.  Tests that need a whole node

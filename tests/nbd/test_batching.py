@@ -1,4 +1,4 @@
-# The NBD shell's batching: queued requests cut into engine batches (node/nbd.py's groups), and
+# The NBD shell's batching: queued requests cut into engine batches (node/nbd/plan.py's groups), and
 # a burst of pipelined requests on a real socket - overlapping writes, reads between them,
 # unaligned ones - taking effect in the order sent, and every received request answered when the
 # server stops.
@@ -8,8 +8,18 @@ import asyncio
 import random
 import socket
 
-from node.nbd import GROUP_PAGES, groups
-from ramster.nbd import CommandFlag, Error, Export, Flush, Read, Request, Trim, Write
+from node.nbd.plan import GROUP_PAGES, groups
+from ramster.nbd import (
+    CommandFlag,
+    Error,
+    Export,
+    Flush,
+    Read,
+    Request,
+    Trim,
+    Write,
+    WriteZeroes,
+)
 from ramster.nbd.wire import (
     CLIENT_FLAG_FIXED_NEWSTYLE,
     CLIENT_FLAGS,
@@ -40,7 +50,9 @@ def write(block: int, blocks: int = 1, offset: int = 0) -> Write:
 
 
 def shape(requests: list[Request]) -> list[list[str]]:
-    return [[type(r).__name__[0] + str(r.offset // 4096) for r in g] for g in groups(requests)]
+    return [
+        [type(r).__name__[0] + str(r.offset // 4096) for r in g.requests] for g in groups(requests)
+    ]
 
 
 def test_runs_of_reads_and_aligned_writes_become_one_batch_each() -> None:
@@ -53,21 +65,37 @@ def test_a_block_written_twice_starts_a_new_batch() -> None:
     assert shape([write(1, 4), write(3)]) == [["W1"], ["W3"]]
 
 
+def test_zeroes_and_trims_join_writes_and_a_flush_joins_any_group() -> None:
+    batch: list[Request] = [
+        write(1),
+        WriteZeroes(0, 2 * 4096, 2 * 4096, NONE),  # blocks 2 and 3
+        Trim(0, 4 * 4096 + 100, 2 * 4096, NONE),  # block 5 whole, the edges are nothing
+        Flush(0, 0, 0, NONE),
+        write(4),
+        read(1),
+        Flush(0, 0, 0, NONE),
+        read(2),
+    ]
+    assert shape(batch) == [["W1", "W2", "T4", "F0", "W4"], ["R1", "F0", "R2"]]
+    assert shape([Flush(0, 0, 0, NONE), read(1)]) == [["F0"], ["R1"]]
+
+
+def test_a_block_zeroed_then_written_starts_a_new_batch() -> None:
+    zero = WriteZeroes(0, 4096, 4096, NONE)
+    assert shape([write(1), zero, write(2)]) == [["W1"], ["W1", "W2"]]
+
+
 def test_other_requests_run_alone_and_in_order() -> None:
     batch: list[Request] = [
         write(1),
         write(2, offset=100),  # unaligned: read-modify-write, alone
-        Trim(0, 0, 4096, NONE),
+        WriteZeroes(0, 3 * 4096 + 1, 4096, NONE),  # unaligned: alone
+        Trim(0, 0, (GROUP_PAGES + 1) * 4096, NONE),  # bigger than a group: its own
         write(3),
         Flush(0, 0, 0, NONE),
         read(1),
     ]
-    assert shape(batch) == [["W1"], ["W2"], ["T0"], ["W3"], ["F0"], ["R1"]]
-
-
-def test_a_batch_holds_at_most_group_pages() -> None:
-    sizes = [len(g) for g in groups([read(i * 64, 64) for i in range(10)])]
-    assert sizes == [GROUP_PAGES // 64] * (10 // (GROUP_PAGES // 64)) + [10 % (GROUP_PAGES // 64)]
+    assert shape(batch) == [["W1"], ["W2"], ["W3"], ["T0"], ["W3", "F0"], ["R1"]]
 
 
 def negotiate(server: ServerThread) -> socket.socket:
@@ -90,17 +118,28 @@ def test_a_burst_of_pipelined_requests_takes_effect_in_order() -> None:
     size = 64 * 4096
     model = bytearray(size)
     burst, expected = [], {}
-    for handle in range(1, 401):  # writes and reads over 64 blocks, many to the same block
-        block = rng.randrange(64)
-        if rng.random() < 0.6:
-            offset = block * 4096 + (rng.randrange(4096) if rng.random() < 0.2 else 0)
-            length = min(size - offset, rng.choice([4096, 8192, 300]))
+    for handle in range(1, 601):  # requests over 64 blocks, many to the same block
+        block, dice = rng.randrange(64), rng.random()
+        offset = block * 4096 + (rng.randrange(4096) if rng.random() < 0.2 else 0)
+        length = min(size - offset, rng.choice([4096, 8192, 300]))
+        if dice < 0.5:
             data = rng.randbytes(length)
             model[offset : offset + length] = data
             burst.append(
                 REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, handle, offset, length)
             )
             burst.append(data)
+            expected[handle] = b""
+        elif dice < 0.65:  # zeroes, or a trim (its whole blocks read as zeros, edges untouched)
+            command = Command.WRITE_ZEROES if dice < 0.6 else Command.TRIM
+            lo, hi = offset, offset + length
+            if command == Command.TRIM:
+                lo, hi = -(-lo // 4096) * 4096, hi // 4096 * 4096
+            model[lo:hi] = bytes(max(0, hi - lo))
+            burst.append(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, command, handle, offset, length))
+            expected[handle] = b""
+        elif dice < 0.7:
+            burst.append(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.FLUSH, handle, 0, 0))
             expected[handle] = b""
         else:
             burst.append(
@@ -139,3 +178,62 @@ def test_a_stopping_server_answers_every_request_it_received() -> None:
         stopping.result(timeout=30)
         sock.close()
     assert answered == set(range(1, 301))
+
+
+def test_a_corrupt_block_fails_only_the_reads_that_cover_it(sample_pages: list[bytes]) -> None:
+    pages = sample_pages[:4]
+    with ServerThread([Export("disk", MiB)]) as server, negotiate(server) as sock:
+        for block, page in enumerate(pages):
+            header = REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 0, block * 4096, 4096)
+            sock.sendall(header + page)
+            assert SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))[1] == 0
+        assert server.server is not None and server.engine is not None
+        engine, pool = server.engine, server.server.exports["disk"].pool
+
+        def corrupt() -> None:  # flip a payload byte of block 1's zpage in the arena
+            p = engine.pool(pool)
+            handle = p.index.get(0, 1)
+            frame, start, _ = dict(p.allocator_of(handle).extents())[handle & ((1 << 56) - 1)][0]
+            engine.arena.view[frame * 4096 + start + 30] ^= 0xFF
+
+        server.call(corrupt)
+        reads = [(1, 0, 8192), (2, 4096, 100), (3, 8192, 8192), (4, 100, 8000)]  # one group
+        sock.sendall(
+            b"".join(
+                REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, handle, offset, length)
+                for handle, offset, length in reads
+            )
+        )
+        got = {}
+        for _ in reads:
+            _, error, handle = SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))
+            length = reads[handle - 1][2]
+            got[handle] = (error, recv_exactly(sock, length) if error == 0 else b"")
+    whole = b"".join(pages)
+    assert (
+        got
+        == {
+            1: (Error.EIO, b""),  # blocks 0 and 1
+            2: (Error.EIO, b""),  # inside block 1
+            3: (0, whole[8192:16384]),  # blocks 2 and 3, intact
+            4: (Error.EIO, b""),  # across blocks 0 and 1
+        }
+    )
+
+
+def test_zeroes_and_writes_of_one_block_in_a_burst_keep_their_order() -> None:
+    a, b, c = (bytes([n]) * 4096 for n in (1, 2, 3))
+    burst = [  # W1 Z1 W2 W1 W3 Z3, then reads: groups() must cut where a block comes again
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 1, 4096, 4096) + a,
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE_ZEROES, 2, 4096, 4096),
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 3, 8192, 4096) + c,
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 4, 4096, 4096) + b,
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, 5, 12288, 4096) + c,
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE_ZEROES, 6, 12288, 4096),
+        REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, 7, 4096, 3 * 4096),
+    ]
+    with ServerThread([Export("disk", MiB)]) as server, negotiate(server) as sock:
+        sock.sendall(b"".join(burst))
+        replies = [SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))[1:] for _ in range(7)]
+        assert replies == [(0, handle) for handle in range(1, 8)]  # groups answer in order
+        assert recv_exactly(sock, 3 * 4096) == b + c + bytes(4096)

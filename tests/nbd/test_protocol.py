@@ -173,7 +173,7 @@ def test_requests_become_events_and_replies_are_encoded() -> None:
     assert isinstance(read, Read) and read.handle == 2
     assert conn.send(Reply(write)) == [SIMPLE_REPLY_HEADER.pack(0x67446698, 0, 1)]
     header, data = conn.send(Reply(read, data=payload))
-    assert simple_reply(header) == (0, 2) and data == payload
+    assert simple_reply(bytes(header)) == (0, 2) and data == payload
     with pytest.raises(ProtocolMisuse):
         conn.send(Reply(read, data=payload))  # answered already
 
@@ -227,11 +227,36 @@ def test_a_bad_write_swallows_its_payload_then_fails(
     for sent in range(0, length, 1 << 20):  # the payload arrives in pieces and is not kept
         assert events(conn) == []
         conn.receive_data(bytes(min(1 << 20, length - sent)))
-        assert len(conn._buf) <= 1 << 20
+        assert conn.buffered <= 1 << 20
     conn.receive_data(request(Command.FLUSH, handle=9))
     got = events(conn)
     assert [type(e).__name__ for e in got] == ["Rejected", "Flush"]
     assert simple_reply(conn.data_to_send()) == (error, 7)
+
+
+def test_write_payloads_are_views_of_the_input_which_is_never_written_again() -> None:
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    writes: list[Write] = []
+    for n in range(600):  # ~2.4 MiB: several input chunks, payloads across their edges
+        payload = bytes([n % 251]) * 4096
+        conn.receive_data(request(Command.WRITE, 0, 4096, handle=n) + payload)
+        (write,) = events(conn)
+        assert isinstance(write, Write) and isinstance(write.data, memoryview)
+        writes.append(write)
+    assert [w.handle for w in writes] == list(range(600))
+    for n, write in enumerate(writes):  # every view still holds what it was given
+        assert write.data == bytes([n % 251]) * 4096, n
+
+
+def test_input_after_the_end_is_dropped() -> None:
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    conn.receive_data(b"\xff" * REQUEST_HEADER.size)  # a bad magic: the connection is over
+    assert [type(e).__name__ for e in events(conn)] == ["Closed"]
+    for _ in range(8):
+        conn.receive_data(bytes(1 << 20))
+        assert conn.buffered < 1 << 20
 
 
 def test_write_zeroes_takes_its_flags() -> None:

@@ -1,0 +1,197 @@
+# An export's blocks in the node's engine: what READ, WRITE, WRITE_ZEROES, TRIM and FLUSH do,
+# a group of plan.groups() at a time, with no gRPC hop.
+#
+# An export NAME is the persistent pool owned by "nbd:NAME" (node/pools.py finds it again after
+# a restart), created to store incompressible pages raw: a block device must not refuse a page
+# for compressing badly.  Its pages leave RAM to peers and disk like any persistent page.
+#
+# A READ group is one get batch: a never-written block reads as zeros, a page that cannot be
+# returned (corrupt, or out of reach on a peer) fails its read with EIO.  A WRITE group is one
+# put batch of its writes' blocks (views of the connection's input: the engine copies each page
+# as it takes it) plus the flush of its zeroed and trimmed blocks; a write is acknowledged only
+# if every page of it was stored, else it fails with ENOSPC (the pages it replaced are gone
+# then, as a failed write leaves its range unspecified); zeroed blocks are flushed by walking the
+# range, or the pool's index when that is smaller (a whole-device TRIM of a big export costs
+# what is stored, not what it could hold).  ALONE requests: an unaligned WRITE reads its partial
+# first and last blocks first (read-modify-write, under a per-export lock so two connections'
+# partial writes to one block cannot lose each other); an unaligned WRITE_ZEROES flushes its
+# whole blocks and zeroes the partial edges the same way.  FLUSH and FUA have nothing to wait
+# for: every acknowledged write is already in the engine, which all connections share (hence
+# CAN_MULTI_CONN); an export is exactly as durable as the node's persistent pool.
+#
+# Answers are (request, error, pieces of a read's data) for the connection to encode: a read's
+# pages are not joined here, the connection appends them to its output buffer once.
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+from node.engine import ChunkedEngine
+from node.logs import log_event
+from node.nbd.plan import OID_BITS, Group, Key, Kind, block_keys, inner, span
+from ramster.nbd import Error, Export, Read, Request, Trim, Write, WriteZeroes
+from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheError
+
+ZERO_PAGE = bytes(PAGE_SIZE)
+REFUSED = frozenset(r for r in PutResult if r.refused)  # checked per write at C speed
+FLUSHES_PER_YIELD = 1024
+Piece = bytes | memoryview
+Answer = tuple[Request, Error, Sequence[Piece]]
+NO_DATA: tuple[Piece, ...] = ()
+
+
+@dataclass
+class ExportBlocks:
+    export: Export
+    pool: int
+    engine: ZCache
+    chunked: ChunkedEngine
+    rmw: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def run(self, group: Group) -> list[Answer]:
+        """The answers to one group, in its order."""
+        try:
+            if group.kind is Kind.READ:
+                return await self._reads(group.requests)
+            if group.kind is Kind.WRITE:
+                return await self._writes(group.requests)
+            (request,) = group.requests
+            return [(request, await self._alone(request), NO_DATA)]
+        except ZCacheError as exc:  # e.g. the pool was destroyed under the export
+            log_event("nbd_engine_error", logging.ERROR, export=self.export.name, error=str(exc))
+            return [(request, Error.EIO, NO_DATA) for request in group.requests]
+
+    async def _reads(self, requests: list[Request]) -> list[Answer]:
+        """Consecutive READs (and FLUSHes) as one get batch."""
+        keys: list[Key] = []
+        for request in requests:
+            if type(request) is Read:
+                keys += block_keys(*span(request.offset, request.length))
+        got = await self.chunked.get_batch(self.pool, keys, exclusive=False)
+        pages, failed = cast(list[Piece], got), set[int]()  # when every block was found
+        if set(map(type, got)) != {bytes}:  # at C speed; else misses read as zeros, errors fail
+            failed = {i for i, p in enumerate(got) if isinstance(p, PageError)}
+            pages = [p if type(p) is bytes else ZERO_PAGE for p in got]
+        answers: list[Answer] = []
+        at = 0
+        for request in requests:
+            if type(request) is not Read:
+                answers.append((request, Error.OK, NO_DATA))
+                continue
+            first, stop = span(request.offset, request.length)
+            data, mine = pages[at : at + stop - first], range(at, at + stop - first)
+            at = mine.stop
+            if failed and not failed.isdisjoint(mine):
+                answers.append((request, Error.EIO, NO_DATA))
+                continue
+            skip = request.offset - first * PAGE_SIZE
+            if skip or request.length % PAGE_SIZE:
+                data = [b"".join(data)[skip : skip + request.length]]
+            answers.append((request, Error.OK, data))
+        return answers
+
+    async def _writes(self, requests: list[Request]) -> list[Answer]:
+        """Aligned WRITEs, WRITE_ZEROES and TRIMs of distinct blocks (and FLUSHes) as one put
+        batch and the flush of the zeroed blocks."""
+        keys: list[Key] = []
+        pages: list[Piece] = []
+        forget: list[tuple[int, int]] = []
+        for request in requests:
+            this = type(request)
+            if this is Write:
+                assert isinstance(request, Write)
+                first = request.offset // PAGE_SIZE
+                keys += block_keys(first, first + request.length // PAGE_SIZE)
+                view = memoryview(request.data)
+                pages += [view[i : i + PAGE_SIZE] for i in range(0, request.length, PAGE_SIZE)]
+            elif this is Trim or this is WriteZeroes:
+                forget.append(inner(request.offset, request.length))
+        results = await self.chunked.put_batch(self.pool, keys, pages) if keys else []
+        for first, stop in forget:
+            await self._forget(first, stop)
+        answers: list[Answer] = []
+        at = 0
+        for request in requests:
+            error = Error.OK
+            if type(request) is Write:
+                n = request.length // PAGE_SIZE
+                if not REFUSED.isdisjoint(results[at : at + n]):
+                    error = Error.ENOSPC
+                at += n
+            answers.append((request, error, NO_DATA))
+        return answers
+
+    async def _alone(self, request: Request) -> Error:
+        """An unaligned or empty WRITE or WRITE_ZEROES."""
+        if isinstance(request, Write):
+            return await self._write(request.offset, request.data)
+        assert isinstance(request, WriteZeroes), request
+        return await self._zero(request.offset, request.length)
+
+    async def _write(self, offset: int, data: Piece) -> Error:
+        if not data:
+            return Error.OK
+        end = offset + len(data)
+        if offset % PAGE_SIZE or end % PAGE_SIZE:
+            async with self.rmw:
+                return await self._put(offset, data)
+        return await self._put(offset, data)
+
+    async def _put(self, offset: int, data: Piece) -> Error:
+        """Store `data` at `offset`, reading the partial first and last blocks first."""
+        end = offset + len(data)
+        first, stop = span(offset, len(data))
+        partial = sorted(
+            b for b in {first, stop - 1} if b * PAGE_SIZE < offset or (b + 1) * PAGE_SIZE > end
+        )
+        keys = [block_keys(b, b + 1)[0] for b in partial]
+        old = await self.chunked.get_batch(self.pool, keys, False) if partial else []
+        if any(isinstance(p, PageError) for p in old):
+            return Error.EIO
+        before = dict(zip(partial, old, strict=True))
+        pages: list[Piece] = []
+        for block in range(first, stop):
+            start = block * PAGE_SIZE - offset  # where this block begins in data (may be < 0)
+            if block in before:
+                found = before[block]
+                page = bytearray(found if isinstance(found, bytes) else ZERO_PAGE)
+                lo, hi = max(start, 0), min(start + PAGE_SIZE, len(data))
+                page[lo - start : hi - start] = data[lo:hi]
+                pages.append(bytes(page))
+            else:
+                pages.append(data[start : start + PAGE_SIZE])
+        results = await self.chunked.put_batch(self.pool, block_keys(first, stop), pages)
+        return Error.OK if REFUSED.isdisjoint(results) else Error.ENOSPC
+
+    async def _zero(self, offset: int, length: int) -> Error:
+        """Whole blocks are forgotten (they read as zeros); partial edges get zero bytes."""
+        end = offset + length
+        first, stop = inner(offset, length)
+        if first >= stop:  # within one block, or across one boundary only
+            return await self._write(offset, bytes(length))
+        await self._forget(first, stop)
+        for lo, hi in ((offset, first * PAGE_SIZE), (stop * PAGE_SIZE, end)):
+            if hi > lo:
+                error = await self._write(lo, bytes(hi - lo))
+                if error is not Error.OK:
+                    return error
+        return Error.OK
+
+    async def _forget(self, first: int, stop: int) -> None:
+        """Flush blocks first..stop-1: by walking the range when it is smaller than the pool,
+        else by walking the pool's index."""
+        if stop <= first:
+            return
+        engine, pool = self.engine, self.pool
+        if stop - first <= engine.pool_pages(pool):
+            keys = block_keys(first, stop)
+        else:
+            keys = [(o, i) for o, i in engine.keys(pool) if first <= (o << OID_BITS | i) < stop]
+        flush = engine.flush_page
+        for n, (oid, i) in enumerate(keys, 1):
+            flush(pool, oid, i)
+            if n % FLUSHES_PER_YIELD == 0:
+                await asyncio.sleep(0)

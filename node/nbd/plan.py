@@ -1,0 +1,112 @@
+# How an export's blocks map onto the engine, and how a connection's queued requests become
+# engine calls (groups), so that a queue of 4 KiB requests costs one engine call, not one each.
+#
+# Block b (4096 bytes) of an export is key (b >> 20, b & 0xFFFFF) of its pool: one object per
+# 4 GiB, so the index's dense per-object arrays fit a disk's mostly sequential use.
+#
+# groups() cuts the requests a connection has received, in order, into runs that one engine
+# batch can serve.  A READ group is consecutive READs (a get batch may repeat a key).  A WRITE
+# group is consecutive block-aligned WRITEs, block-aligned WRITE_ZEROES and TRIMs (zeroes and
+# trims forget their whole blocks: a forgotten block reads as zeros; a TRIM's partial edges are
+# left alone, as TRIM is advisory) touching no block twice: a put batch with a key twice would
+# file one of its pages blind, and disjoint blocks make the order inside the group irrelevant.
+# FLUSH joins whatever group is open (else it opens a WRITE group): there is nothing to wait
+# for, as every acknowledged write is already in the engine.  A group holds at most GROUP_PAGES
+# blocks; a request bigger than that is a group of its own (the engine batch is chunked anyway,
+# and a big TRIM walks the pool's index), and an unaligned WRITE (read-modify-write) or
+# WRITE_ZEROES, or a zero-length one, runs ALONE.  Groups run one after the other, so a
+# connection's requests take effect in the order sent, which NBD does not even require.
+#
+# Trade-off: nbdcopy, qemu and the kernel interleave data writes with WRITE_ZEROES for the zero
+# blocks they find; letting both into one group is what keeps a sequential copy at ~1 MiB per
+# engine call and per reply write instead of ~80 KiB.
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ramster.nbd import Flush, Read, Request, Trim, Write, WriteZeroes
+from ramster.zcache import PAGE_SIZE
+
+OID_BITS = 20
+INDEX_MASK = (1 << OID_BITS) - 1
+GROUP_PAGES = 256  # blocks of one group (1 MiB)
+Key = tuple[int, int]
+
+
+def block_keys(first: int, stop: int) -> list[Key]:
+    """Engine keys of blocks first..stop-1."""
+    return [(b >> OID_BITS, b & INDEX_MASK) for b in range(first, stop)]
+
+
+def span(offset: int, length: int) -> tuple[int, int]:
+    """The blocks a byte range touches: first, stop."""
+    return offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
+
+
+def inner(offset: int, length: int) -> tuple[int, int]:
+    """The whole blocks inside a byte range: first, stop (stop <= first when there is none)."""
+    return -(-offset // PAGE_SIZE), (offset + length) // PAGE_SIZE
+
+
+class Kind(enum.Enum):
+    READ = enum.auto()
+    WRITE = enum.auto()
+    ALONE = enum.auto()
+
+
+@dataclass
+class Group:
+    kind: Kind
+    requests: list[Request] = field(default_factory=list)
+
+
+def blocks_of(request: Request) -> tuple[Kind, int, int]:
+    """The group kind a request can join and the blocks it touches there (ALONE: none)."""
+    this, offset, length = type(request), request.offset, request.length
+    if this is Read:
+        first, stop = span(offset, length)
+        return Kind.READ, first, stop
+    if this is Trim:
+        first, stop = inner(offset, length)
+        return Kind.WRITE, first, max(first, stop)
+    if (this is Write or this is WriteZeroes) and length and not (offset | length) % PAGE_SIZE:
+        return Kind.WRITE, offset // PAGE_SIZE, (offset + length) // PAGE_SIZE
+    return Kind.ALONE, 0, 0
+
+
+def groups(requests: list[Request]) -> Iterator[Group]:
+    """The requests in order, cut into groups (see the header)."""
+    group: Group | None = None  # the open group, which may grow
+    pages = 0
+    touched: set[int] = set()  # blocks of the open WRITE group
+    for request in requests:
+        if type(request) is Flush:
+            if group is None:
+                group, pages = Group(Kind.WRITE), 0
+                touched.clear()
+            group.requests.append(request)
+            continue
+        kind, first, stop = blocks_of(request)
+        if kind is Kind.ALONE or stop - first > GROUP_PAGES:  # a group of its own
+            if group is not None:
+                yield group
+                group = None
+            yield Group(kind, [request])
+            continue
+        fits = group is not None and group.kind is kind and pages + stop - first <= GROUP_PAGES
+        if fits and kind is Kind.WRITE:
+            fits = touched.isdisjoint(range(first, stop))
+        if not fits:
+            if group is not None:
+                yield group
+            group, pages = Group(kind), 0
+            touched.clear()
+        assert group is not None
+        group.requests.append(request)
+        pages += stop - first
+        if kind is Kind.WRITE:
+            touched.update(range(first, stop))
+    if group is not None:
+        yield group

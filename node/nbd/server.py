@@ -1,0 +1,155 @@
+# The node's NBD listener: exports served straight from the node's engine (no gRPC hop), so a
+# kernel (nbd-client), qemu or libnbd can use the cluster as a block device.
+#
+# NbdServer owns the listening socket, the exports (node/nbd/blocks.py: each a persistent pool
+# of the node) and the set of live connections (node/nbd/connection.py); it counts what they
+# serve into the node's NBD metrics, a group at a time (each increment takes a lock, so they
+# are added up per group; the labelled children are resolved once).
+#
+# Shutdown (stop()): the listener closes; a connection waiting for its client closes at once,
+# one running requests finishes the group in hand, answers requests it had already received with
+# ESHUTDOWN and closes; whatever is still running after `grace` seconds is cancelled.
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from node.engine import ChunkedEngine, Prefetch
+from node.logs import log_event
+from node.metrics import NbdMetrics
+from node.nbd.blocks import Answer, ExportBlocks
+from node.nbd.connection import NbdConnection
+from node.nbd.plan import Group
+from node.nbd.tls import NbdTls
+from node.pools import Pools
+from node.settings import HostPort, Settings
+from node.tls import Rotation
+from ramster.nbd import Error, Export
+from ramster.nbd.wire import Command
+from ramster.zcache import ZCache
+
+CHUNK_PAGES = 32  # engine pages between two yields to the loop (gRPC calls wait ~0.3 ms)
+
+
+class NbdServer:
+    def __init__(
+        self,
+        listen: HostPort,
+        exports: Sequence[Export],
+        engine: ZCache,
+        chunked: ChunkedEngine,
+        ensure_pool: Callable[[str], int],
+        metrics: NbdMetrics,
+        tls: NbdTls | None = None,
+    ) -> None:
+        if not exports:
+            raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
+        self.listen = listen
+        self.metrics = metrics
+        self.tls = tls
+        self.exports = {
+            e.name: ExportBlocks(e, ensure_pool(f"nbd:{e.name}"), engine, chunked) for e in exports
+        }
+        self.port = 0
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self.connections: set[NbdConnection] = set()
+        self._children: dict[tuple[str, Command, Error], tuple[Any, Any, Any]] = {}
+
+    async def start(self) -> int:
+        """Listen; the port (the chosen one, with port 0)."""
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: NbdConnection(self), self.listen.host, self.listen.port
+            )
+        except OSError as exc:
+            raise OSError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log_event(
+            "nbd_listening",
+            port=self.port,
+            host=self.listen.host,
+            tls=self.tls is not None,
+            exports={name: s.export.size for name, s in self.exports.items()},
+            pools={name: s.pool for name, s in self.exports.items()},
+        )
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Stop listening, let running requests finish (up to `grace`), close every connection."""
+        self.draining = True
+        if self._server:
+            self._server.close()
+        tasks = [c.task for c in self.connections if c.task is not None]
+        for connection in self.connections:
+            connection.wake()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        if self._server:
+            await self._server.wait_closed()
+
+    async def execute(self, blocks: ExportBlocks, group: Group) -> list[Answer]:
+        """The answers to one group of plan.groups() (ESHUTDOWN once draining)."""
+        if self.draining:
+            return [(request, Error.ESHUTDOWN, ()) for request in group.requests]
+        return await blocks.run(group)
+
+    def count(self, name: str, answers: list[Answer], seconds: float) -> None:
+        """Metrics of one group: requests by result and bytes moved, and each request's latency
+        (the group's)."""
+        tally: dict[tuple[Command, Error], list[int]] = {}
+        for request, error, _ in answers:
+            counts = tally.setdefault((request.command, error), [0, 0])
+            counts[0] += 1
+            counts[1] += request.length
+        for (command, error), (n, moved) in tally.items():
+            key = (name, command, error)
+            children = self._children.get(key)
+            if children is None:  # labels() costs more than the increments: resolve it once
+                m, label = self.metrics, command.name.lower()
+                counted = command in (Command.READ, Command.WRITE) and error is Error.OK
+                children = self._children[key] = (
+                    m.requests.labels(name, label, error.name if error else "ok"),
+                    m.seconds.labels(name, label),
+                    m.bytes.labels(name, "read" if command is Command.READ else "written")
+                    if counted
+                    else None,
+                )
+            requests, latency, moved_bytes = children
+            requests.inc(n)
+            for _ in range(n):
+                latency.observe(seconds)
+            if moved_bytes is not None:
+                moved_bytes.inc(moved)
+
+
+async def serve_nbd(
+    settings: Settings,
+    engine: ZCache,
+    pools: Pools,
+    prefetch: Prefetch | None,
+    metrics: NbdMetrics,
+    rotation: Rotation | None = None,
+) -> NbdServer | None:
+    """The NBD server the settings ask for, listening; None without --nbd-listen.  With TLS
+    (`rotation`: the node's TLS material) it requires STARTTLS."""
+    if settings.nbd_listen is None:
+        if settings.nbd_export:
+            raise ValueError("--nbd-export needs --nbd-listen HOST:PORT")
+        return None
+    server = NbdServer(
+        settings.nbd_listen,
+        settings.nbd_export,
+        engine,
+        ChunkedEngine(engine, chunk=CHUNK_PAGES, prefetch=prefetch),
+        lambda owner: pools.ensure(owner, store_raw=True),
+        metrics,
+        NbdTls(settings, rotation) if rotation else None,
+    )
+    await server.start()
+    return server
