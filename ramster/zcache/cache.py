@@ -219,41 +219,43 @@ class ZCache:
             if old:
                 self._release(pool, old)
                 stats.duplicate_puts += 1
-        results = []
-        handles = []
+        results: list[PutResult] = []
+        handles: list[int] = []
         filed = 0  # keys[:filed] are in the index already
-        same = self.same
         zalloc = pool.zalloc.alloc
         stored = PutResult.STORED
-        alloc: Allocator
+        tick = self.tick  # self.tick is brought up to date before any slow path
         for item in encoded:
-            if item is None:
-                handles.append(0)
-                results.append(PutResult.REFUSED_POOR_COMPRESSION)
-                continue
-            size = len(item)
-            if size == WORD:
-                handles.append(SAME_TAG | same.ref(item))
-                results.append(PutResult.SAME_FILLED)
-                continue
-            if size != RAW_ZPAGE:  # the common case first: a zpage with room for it
-                self.tick += 1
-                handle = zalloc(item, self.tick)
+            if item is not None and WORD < len(item) != RAW_ZPAGE:  # a zpage: the common case
+                tick += 1
+                handle = zalloc(item, tick)
                 if handle >= 0:
                     handles.append(ZPAGE_TAG | handle)
                     results.append(stored)
                     continue
-                alloc, tag, result = pool.zalloc, ZPAGE_TAG, stored
-                handle, filed = self._alloc_at_limit(pool, alloc, item, keys, handles, filed)
+                self.tick = tick
+                handle, filed = self._alloc_at_limit(pool, pool.zalloc, item, keys, handles, filed)
+                tag, result = ZPAGE_TAG, stored
+            elif item is None:
+                handles.append(0)
+                results.append(PutResult.REFUSED_POOR_COMPRESSION)
+                continue
+            elif len(item) == WORD:
+                handles.append(SAME_TAG | self.same.ref(item))
+                results.append(PutResult.SAME_FILLED)
+                continue
             else:
-                alloc, tag, result = pool.raw, RAW_TAG, PutResult.STORED_RAW
-                handle, filed = self._alloc(pool, alloc, item, keys, handles, filed)
+                self.tick = tick
+                handle, filed = self._alloc(pool, pool.raw, item, keys, handles, filed)
+                tag, result = RAW_TAG, PutResult.STORED_RAW
+            tick = self.tick
             if handle < 0:
                 handles.append(0)
                 results.append(PutResult.REFUSED_NO_ROOM)
             else:
                 handles.append(tag | handle)
                 results.append(result)
+        self.tick = tick
         self._file(pool, keys[filed:], handles[filed:])
         outcomes = stats.outcomes
         for result, count in Counter(results).items():

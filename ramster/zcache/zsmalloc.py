@@ -251,20 +251,23 @@ class Zsmalloc:
         self._free_ids.append(zid)
 
     def _reach(self, zid: int, end: int) -> bool:
-        """Give zspage `zid` frames up to byte offset `end`; False when the arena is full."""
-        need = (end + PAGE_SIZE - 1) >> 12
+        """Give zspage `zid` frames up to byte offset `end`; False when the arena is full.  Only
+        the hot zspage of a class grows, so this also sets its edge."""
+        c = self.cls[zid]
+        owned = OWNED[c]
         have = self.nframes[zid]
-        owned = OWNED[self.cls[zid]]
+        need = (end + PAGE_SIZE - 1) >> 12
+        base = zid * MAX_FRAMES
         while have < need:
             frame = self.arena.alloc()
             if frame < 0:
                 return False
-            self.frame[zid * MAX_FRAMES + have] = frame
+            self.frame[base + have] = frame
             have += 1
             self.nframes[zid] = have
             self.frames += 1
-            self._waste(self.cls[zid], owned[have] - owned[have - 1])
-        self.edge[zid] = min(owned[have], SLOTS[self.cls[zid]])  # only a hot zspage grows
+            self._waste(c, owned[have] - owned[have - 1])
+        self.edge[zid] = min(owned[have], SLOTS[c])
         return True
 
     def _slot_extents(self, zid: int, slot: int, size: int) -> list[Extent]:
