@@ -136,7 +136,8 @@ class Zsmalloc:
         # Fullness groups by class, made on a class's first use: an empty pool costs no dicts.
         self.groups: dict[int, list[dict[int, None]]] = {}
         self.hot = array("I", bytes(4 * len(SIZES)))  # per class: the zspage to fill, 0: pick
-        self.waste = array("I", bytes(4 * len(SIZES)))  # free slots in owned frames, per class
+        # per class: free slots in the frames owned by its zspages, the hot one left out
+        self.waste = array("I", bytes(4 * len(SIZES)))
         self.compactable = 0  # classes whose waste is at least one zspage of slots
         self.on_compactable: Callable[[], None] | None = None  # compactable left zero
         self.zpages = 0
@@ -153,6 +154,7 @@ class Zsmalloc:
                 zid = next(iter(bucket))
                 del bucket[zid]
                 self.group[zid] = -1  # out of the groups while hot
+                self._waste(c, self.inuse[zid] - OWNED[c][self.nframes[zid]])
                 break
         else:
             zid = self._new_zspage(c, tick)
@@ -161,10 +163,12 @@ class Zsmalloc:
         return zid
 
     def _cool(self, c: int) -> None:
-        """File class `c`'s hot zspage, if any, back in its group: the next alloc picks."""
+        """File class `c`'s hot zspage, if any, back in its group (its room counted in the
+        class's waste again): the next alloc picks."""
         zid = self.hot[c]
         if zid:
             self.hot[c] = 0
+            self._waste(c, OWNED[c][self.nframes[zid]] - self.inuse[zid])
             self._regroup(zid, self.inuse[zid])
 
     def _regroup(self, zid: int, inuse: int) -> None:
@@ -178,7 +182,7 @@ class Zsmalloc:
             if inuse < slots and not self.waste[c]:
                 self.edge[zid] = slots + 1  # grows at the next alloc, where _reach sets edge
                 return
-            self.hot[c] = 0
+            self.hot[c] = 0  # it has no free owned slot: the class's waste stays as it is
         owned = OWNED[c][self.nframes[zid]]
         old = self.group[zid]
         if inuse >= slots:
@@ -235,15 +239,15 @@ class Zsmalloc:
         if group >= 0:
             del self.groups[c][group][zid]
             self.group[zid] = -1
-        if self.hot[c] == zid:
-            self.hot[c] = 0
         base = zid * MAX_FRAMES
         nframes = self.nframes[zid]
         for i in range(nframes):
             self.arena.free(self.frame[base + i])
         self.frames -= nframes
-        if nframes:
-            self._waste(self.cls[zid], -OWNED[self.cls[zid]][nframes])
+        if self.hot[c] == zid:  # its room was not in the class's waste
+            self.hot[c] = 0
+        elif nframes:
+            self._waste(c, -OWNED[c][nframes])
         self.nframes[zid] = 0
         self.used[zid] = 0
         self.edge[zid] = 0
@@ -252,7 +256,7 @@ class Zsmalloc:
 
     def _reach(self, zid: int, end: int) -> bool:
         """Give zspage `zid` frames up to byte offset `end`; False when the arena is full.  Only
-        the hot zspage of a class grows, so this also sets its edge."""
+        the hot zspage of a class grows, so this sets its edge and leaves the waste alone."""
         c = self.cls[zid]
         owned = OWNED[c]
         have = self.nframes[zid]
@@ -266,7 +270,6 @@ class Zsmalloc:
             have += 1
             self.nframes[zid] = have
             self.frames += 1
-            self._waste(c, owned[have] - owned[have - 1])
         self.edge[zid] = min(owned[have], SLOTS[c])
         return True
 
@@ -294,8 +297,9 @@ class Zsmalloc:
 
     def _store(self, zid: int, c: int, zpage: bytes | memoryview) -> int:
         """Write `zpage` into the lowest free slot of zspage `zid` (of class `c`); -1 if no
-        frame can be had.  The hot path of a put: state is read once, helpers run only when a
-        frame is taken or the zspage changes group."""
+        frame can be had.  The hot path of a put: helpers run only when a frame is taken or the
+        zspage changes group, and the class's waste is the caller's (the hot zspage's room is
+        not in it)."""
         size = SIZES[c]
         used = self.used[zid]
         slot = (~used & (used + 1)).bit_length() - 1
@@ -303,10 +307,6 @@ class Zsmalloc:
         if offset + size > self.nframes[zid] << 12 and not self._reach(zid, offset + size):
             return -1
         self.used[zid] = used | 1 << slot
-        waste = self.waste[c]  # _waste(c, -1), inlined
-        self.waste[c] = waste - 1
-        if waste == SLOTS[c]:
-            self.compactable -= 1
         inuse = self.inuse[zid] = self.inuse[zid] + 1
         if inuse >= self.edge[zid]:
             self._regroup(zid, inuse)
@@ -344,7 +344,8 @@ class Zsmalloc:
         self.inuse[zid] = inuse
         self.zpages -= 1
         c = self.cls[zid]
-        self._waste(c, 1)
+        if self.hot[c] != zid:
+            self._waste(c, 1)
         if not inuse:
             self._release(zid)
         elif self.hot[c] == zid:
@@ -416,6 +417,7 @@ class Zsmalloc:
         """Move a zpage into the lowest free slot of zspage `zid`, which owns that slot."""
         zpage = self.read(handle)
         new = self._store(zid, c, zpage)
+        self._waste(c, -1)
         on_move(handle, new, zpage)
         self.free(handle)
 
