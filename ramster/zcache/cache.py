@@ -197,7 +197,7 @@ class ZCache:
         page is stored, so a bad key or page refuses the whole batch with nothing changed."""
         encoder = self.encoder(pool_id)
         pages = check_put_batch(keys, pages)
-        return self.file_encoded(pool_id, keys, encoder.encode(keys, pages))
+        return self._file_encoded(self.pool(pool_id), keys, encoder.encode(keys, pages))
 
     def encoder(self, pool_id: int) -> PageEncoder:
         """What encodes pages for a pool, apart from the engine: its encode() may run on any
@@ -213,6 +213,12 @@ class ZCache:
         if len(keys) != len(encoded):
             raise InvalidPage(f"{len(keys)} keys but {len(encoded)} encoded pages")
         check_keys(keys)
+        return self._file_encoded(pool, keys, encoded)
+
+    def _file_encoded(
+        self, pool: Pool, keys: list[tuple[int, int]], encoded: list[bytes | None]
+    ) -> list[PutResult]:
+        """file_encoded() once its keys are checked (put_batch checked them already)."""
         stats = self.stats
         stats.puts += len(keys)
         for old in pool.index.pop_many(keys):
