@@ -69,7 +69,6 @@ from ramster.zcache.handles import (
     RAW_TAG,
     SAME,
     SAME_TAG,
-    ZPAGE,
     ZPAGE_TAG,
 )
 from ramster.zcache.pool import Pool, PoolSpec
@@ -305,13 +304,9 @@ class ZCache:
         misses = corrupt = unavailable = 0
         for i, (oid, index_no) in enumerate(keys):
             handle = index.get(oid, index_no) if refetch else handles[i]
-            if not handle:
-                misses += 1
-                continue
-            kind = handle >> KIND_SHIFT
-            h = handle & HANDLE_MASK
+            h = handle ^ ZPAGE_TAG
             try:
-                if kind == ZPAGE:
+                if h <= HANDLE_MASK:  # a zpage in the pool's allocator: the common case
                     if not remove:
                         tick += 1
                         zticks[h >> zshift] = tick
@@ -320,9 +315,13 @@ class ZCache:
                         zpages.append(zread(h))  # a copy of the slot, padding and all
                     else:
                         out[i] = open_zpage(zread(h), oid, index_no)
-                elif kind == SAME:
-                    out[i] = self.same.page(h)
+                elif not handle:
+                    misses += 1
+                    continue
+                elif (kind := handle >> KIND_SHIFT) == SAME:
+                    out[i] = self.same.page(handle & HANDLE_MASK)
                 elif kind == EVICTED:
+                    h = handle & HANDLE_MASK
                     zpage = self._evictor().load(pool.id, h)
                     out[i] = open_zpage(zpage, oid, index_no)
                     self.stats.evicted_hits += 1
@@ -332,6 +331,7 @@ class ZCache:
                         tick = self.tick
                         refetch = True
                 else:
+                    h = handle & HANDLE_MASK
                     tick += 1
                     pool.raw.lru.tick[h] = tick
                     if copy:
