@@ -288,14 +288,21 @@ class ZCache:
         self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool, copy: bool
     ) -> SealedPages:
         """read_sealed() when `copy`; else get_batch(), whose zpages in frames are opened in
-        place as they are read (no copy: nothing runs between the read and the open)."""
+        place, in the arena, as they are read (nothing runs between the read and the open), but
+        for those that straddle two frames, which are read out first."""
         pool = self.pool(pool_id)
         check_keys(keys)
         remove = exclusive or pool.ephemeral
         index = pool.index
         handles = index.pop_many(keys) if remove else index.get_many(keys)
         zalloc = pool.zalloc
-        zread, zticks, zshift = zalloc.read, zalloc.lru.tick, zalloc.unit_shift
+        zread, zlocate, zticks, zshift = (
+            zalloc.read,
+            zalloc.locate,
+            zalloc.lru.tick,
+            zalloc.unit_shift,
+        )
+        view = self.arena.view
         promote = not remove and self.config.promote_on_get
         refetch = False  # a promotion may have reclaimed frames behind the prefetched handles
         tick = self.tick
@@ -313,6 +320,8 @@ class ZCache:
                     if copy:
                         at.append(i)
                         zpages.append(zread(h))  # a copy of the slot, padding and all
+                    elif (start := zlocate(h)) >= 0:  # opened in place, in the arena
+                        out[i] = open_zpage(view, oid, index_no, start)
                     else:
                         out[i] = open_zpage(zread(h), oid, index_no)
                 elif not handle:

@@ -88,10 +88,11 @@ def zpage_length(zpage: bytes | memoryview) -> int:
     return HEADER_SIZE + length
 
 
-def open_zpage(zpage: bytes | memoryview, oid: int, index: int) -> bytes:
-    """Verify a zpage against its checksum and expected key, and return the 4096-byte page."""
-    total, length, zindex, zoid = _unpack_header(zpage)
-    payload = memoryview(zpage)[HEADER_SIZE : HEADER_SIZE + length]
+def open_zpage(zpage: bytes | memoryview, oid: int, index: int, at: int = 0) -> bytes:
+    """Verify the zpage at offset `at` of `zpage` against its checksum and expected key, and
+    return the 4096-byte page."""
+    total, length, zindex, zoid = _unpack_header(zpage, at)
+    payload = memoryview(zpage)[at + HEADER_SIZE : at + HEADER_SIZE + length]
     if zoid != oid or zindex != index:
         raise CorruptPage(
             f"zpage filed under oid={oid} index={index} names oid={zoid} index={zindex}"

@@ -337,6 +337,15 @@ class Zsmalloc:
         second = self.frame[first + 1] << 12
         return self.amap[start : start + room] + self.amap[second : second + size - room]
 
+    def locate(self, handle: int) -> int:
+        zid = handle >> SLOT_BITS
+        size = SIZES[self.cls[zid]]
+        offset = (handle & SLOT_MASK) * size
+        within = offset & _IN_FRAME
+        if within + size > PAGE_SIZE:
+            return -1
+        return self.frame[zid * MAX_FRAMES + (offset >> 12)] << 12 | within
+
     def free(self, handle: int) -> None:
         zid, slot = handle >> SLOT_BITS, handle & SLOT_MASK
         self.used[zid] &= ~(1 << slot)
