@@ -92,7 +92,7 @@ def open_zpage(zpage: bytes | memoryview, oid: int, index: int, at: int = 0) -> 
     """Verify the zpage at offset `at` of `zpage` against its checksum and expected key, and
     return the 4096-byte page."""
     total, length, zindex, zoid = _unpack_header(zpage, at)
-    payload = memoryview(zpage)[at + HEADER_SIZE : at + HEADER_SIZE + length]
+    payload = zpage[at + HEADER_SIZE : at + HEADER_SIZE + length]  # of a memoryview: no copy
     if zoid != oid or zindex != index:
         raise CorruptPage(
             f"zpage filed under oid={oid} index={index} names oid={zoid} index={zindex}"
