@@ -304,13 +304,11 @@ class ZCache:
         )
         view = self.arena.view
         promote = not remove and self.config.promote_on_get
-        refetch = False  # a promotion may have reclaimed frames behind the prefetched handles
         tick = self.tick
         sealed = SealedPages(keys, [None] * len(keys))
         out, at, zpages = sealed.pages, sealed.at, sealed.zpages
         misses = corrupt = unavailable = 0
-        for i, (oid, index_no) in enumerate(keys):
-            handle = index.get(oid, index_no) if refetch else handles[i]
+        for i, ((oid, index_no), handle) in enumerate(zip(keys, handles, strict=True)):
             h = handle ^ ZPAGE_TAG
             try:
                 if h <= HANDLE_MASK:  # a zpage in the pool's allocator: the common case
@@ -338,7 +336,8 @@ class ZCache:
                         self.tick = tick
                         self._promote(pool, oid, index_no, h, zpage)
                         tick = self.tick
-                        refetch = True
+                        # it may have reclaimed frames behind the handles still to come
+                        handles[i + 1 :] = index.get_many(keys[i + 1 :])
                 else:
                     h = handle & HANDLE_MASK
                     tick += 1
