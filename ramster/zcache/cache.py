@@ -4,13 +4,14 @@
 # allocator, raw in a frame, as a same-filled word, or with the evictor: see handles.py).
 #
 # A put validates, drops any old page under the key (a rejected duplicate put never leaves stale
-# data behind), checks for a same-filled page, compresses, passes the bouncer (poor compression,
-# no room) and files the handle.  Refusals are counted per reason and returned, not raised.  When
-# an allocation hits the pool limit the reaper frees frames down to the low mark and the put is
-# retried once; only then is it refused for no room.  A get verifies the zpage's checksum and key
-# before decompressing, wherever the zpage came from (RAM, disk, a peer), so corruption surfaces
-# as CorruptPage and never as wrong bytes.  A non-exclusive get of an evicted persistent page
-# brings it back to RAM (as an LRU cache would), still compressed.  Ephemeral pools (cleancache)
+# data behind), compresses (a page LZ4 packs very small is then checked for being same-filled),
+# passes the bouncer (poor compression, no room) and files the handle.  Refusals are counted per
+# reason and returned, not raised.  When an allocation hits the pool limit the reaper frees frames
+# down to the low mark and the put is retried once; only then is it refused for no room.  A get
+# verifies the zpage's checksum and key before decompressing, wherever the zpage came from (RAM,
+# disk, a peer), so corruption surfaces as CorruptPage and never as wrong bytes.  A non-exclusive
+# get of an evicted persistent page brings it back to RAM (as an LRU cache would), still
+# compressed.  Ephemeral pools (cleancache)
 # lose a page on get; persistent pools (frontswap) keep it unless the get is exclusive.
 #
 # Batches are the core paths (single put/get wrap them): per-page Python overhead is what limits
