@@ -11,8 +11,8 @@
 # verifies the zpage's checksum and key before decompressing, wherever the zpage came from (RAM,
 # disk, a peer), so corruption surfaces as CorruptPage and never as wrong bytes.  A non-exclusive
 # get of an evicted persistent page brings it back to RAM (as an LRU cache would), still
-# compressed.  Ephemeral pools (cleancache)
-# lose a page on get; persistent pools (frontswap) keep it unless the get is exclusive.
+# compressed.  Ephemeral pools (cleancache) lose a page on get; persistent pools (frontswap) keep
+# it unless the get is exclusive.
 #
 # Batches are the core paths (single put/get wrap them): per-page Python overhead is what limits
 # an engine whose budget is a small multiple of one LZ4 call.  The index of a put batch is written
