@@ -36,6 +36,11 @@ class Allocator(Protocol):
         the arena's mmap: cheaper than a memoryview, which would need a copy anyway)."""
         ...
 
+    def locate(self, handle: int) -> int:
+        """Where the slot starts in the arena (a byte offset) if the zpage lies in one frame,
+        else -1 (read() joins its parts): a get opens such a zpage in place, with no copy."""
+        ...
+
     def free(self, handle: int) -> None: ...
 
     def unit_handles(self, unit: int) -> list[int]:

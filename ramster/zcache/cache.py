@@ -4,14 +4,15 @@
 # allocator, raw in a frame, as a same-filled word, or with the evictor: see handles.py).
 #
 # A put validates, drops any old page under the key (a rejected duplicate put never leaves stale
-# data behind), checks for a same-filled page, compresses, passes the bouncer (poor compression,
-# no room) and files the handle.  Refusals are counted per reason and returned, not raised.  When
-# an allocation hits the pool limit the reaper frees frames down to the low mark and the put is
-# retried once; only then is it refused for no room.  A get verifies the zpage's checksum and key
-# before decompressing, wherever the zpage came from (RAM, disk, a peer), so corruption surfaces
-# as CorruptPage and never as wrong bytes.  A non-exclusive get of an evicted persistent page
-# brings it back to RAM (as an LRU cache would), still compressed.  Ephemeral pools (cleancache)
-# lose a page on get; persistent pools (frontswap) keep it unless the get is exclusive.
+# data behind), compresses (a page LZ4 packs very small is then checked for being same-filled),
+# passes the bouncer (poor compression, no room) and files the handle.  Refusals are counted per
+# reason and returned, not raised.  When an allocation hits the pool limit the reaper frees frames
+# down to the low mark and the put is retried once; only then is it refused for no room.  A get
+# verifies the zpage's checksum and key before decompressing, wherever the zpage came from (RAM,
+# disk, a peer), so corruption surfaces as CorruptPage and never as wrong bytes.  A non-exclusive
+# get of an evicted persistent page brings it back to RAM (as an LRU cache would), still
+# compressed.  Ephemeral pools (cleancache) lose a page on get; persistent pools (frontswap) keep
+# it unless the get is exclusive.
 #
 # Batches are the core paths (single put/get wrap them): per-page Python overhead is what limits
 # an engine whose budget is a small multiple of one LZ4 call.  The index of a put batch is written
@@ -69,7 +70,6 @@ from ramster.zcache.handles import (
     RAW_TAG,
     SAME,
     SAME_TAG,
-    ZPAGE,
     ZPAGE_TAG,
 )
 from ramster.zcache.pool import Pool, PoolSpec
@@ -197,7 +197,7 @@ class ZCache:
         page is stored, so a bad key or page refuses the whole batch with nothing changed."""
         encoder = self.encoder(pool_id)
         pages = check_put_batch(keys, pages)
-        return self.file_encoded(pool_id, keys, encoder.encode(keys, pages))
+        return self._file_encoded(self.pool(pool_id), keys, encoder.encode(keys, pages))
 
     def encoder(self, pool_id: int) -> PageEncoder:
         """What encodes pages for a pool, apart from the engine: its encode() may run on any
@@ -213,47 +213,55 @@ class ZCache:
         if len(keys) != len(encoded):
             raise InvalidPage(f"{len(keys)} keys but {len(encoded)} encoded pages")
         check_keys(keys)
+        return self._file_encoded(pool, keys, encoded)
+
+    def _file_encoded(
+        self, pool: Pool, keys: list[tuple[int, int]], encoded: list[bytes | None]
+    ) -> list[PutResult]:
+        """file_encoded() once its keys are checked (put_batch checked them already)."""
         stats = self.stats
         stats.puts += len(keys)
         for old in pool.index.pop_many(keys):
             if old:
                 self._release(pool, old)
                 stats.duplicate_puts += 1
-        results = []
-        handles = []
+        results: list[PutResult] = []
+        handles: list[int] = []
         filed = 0  # keys[:filed] are in the index already
-        same = self.same
         zalloc = pool.zalloc.alloc
         stored = PutResult.STORED
-        alloc: Allocator
+        tick = self.tick  # self.tick is brought up to date before any slow path
         for item in encoded:
-            if item is None:
-                handles.append(0)
-                results.append(PutResult.REFUSED_POOR_COMPRESSION)
-                continue
-            size = len(item)
-            if size == WORD:
-                handles.append(SAME_TAG | same.ref(item))
-                results.append(PutResult.SAME_FILLED)
-                continue
-            if size != RAW_ZPAGE:  # the common case first: a zpage with room for it
-                self.tick += 1
-                handle = zalloc(item, self.tick)
+            if item is not None and WORD < len(item) != RAW_ZPAGE:  # a zpage: the common case
+                tick += 1
+                handle = zalloc(item, tick)
                 if handle >= 0:
                     handles.append(ZPAGE_TAG | handle)
                     results.append(stored)
                     continue
-                alloc, tag, result = pool.zalloc, ZPAGE_TAG, stored
-                handle, filed = self._alloc_at_limit(pool, alloc, item, keys, handles, filed)
+                self.tick = tick
+                handle, filed = self._alloc_at_limit(pool, pool.zalloc, item, keys, handles, filed)
+                tag, result = ZPAGE_TAG, stored
+            elif item is None:
+                handles.append(0)
+                results.append(PutResult.REFUSED_POOR_COMPRESSION)
+                continue
+            elif len(item) == WORD:
+                handles.append(SAME_TAG | self.same.ref(item))
+                results.append(PutResult.SAME_FILLED)
+                continue
             else:
-                alloc, tag, result = pool.raw, RAW_TAG, PutResult.STORED_RAW
-                handle, filed = self._alloc(pool, alloc, item, keys, handles, filed)
+                self.tick = tick
+                handle, filed = self._alloc(pool, pool.raw, item, keys, handles, filed)
+                tag, result = RAW_TAG, PutResult.STORED_RAW
+            tick = self.tick
             if handle < 0:
                 handles.append(0)
                 results.append(PutResult.REFUSED_NO_ROOM)
             else:
                 handles.append(tag | handle)
                 results.append(result)
+        self.tick = tick
         self._file(pool, keys[filed:], handles[filed:])
         outcomes = stats.outcomes
         for result, count in Counter(results).items():
@@ -281,40 +289,47 @@ class ZCache:
         self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool, copy: bool
     ) -> SealedPages:
         """read_sealed() when `copy`; else get_batch(), whose zpages in frames are opened in
-        place as they are read (no copy: nothing runs between the read and the open)."""
+        place, in the arena, as they are read (nothing runs between the read and the open), but
+        for those that straddle two frames, which are read out first."""
         pool = self.pool(pool_id)
         check_keys(keys)
         remove = exclusive or pool.ephemeral
         index = pool.index
         handles = index.pop_many(keys) if remove else index.get_many(keys)
         zalloc = pool.zalloc
-        zread, zticks, zshift = zalloc.read, zalloc.lru.tick, zalloc.unit_shift
+        zread, zlocate, zticks, zshift = (
+            zalloc.read,
+            zalloc.locate,
+            zalloc.lru.tick,
+            zalloc.unit_shift,
+        )
+        view = self.arena.view
         promote = not remove and self.config.promote_on_get
-        refetch = False  # a promotion may have reclaimed frames behind the prefetched handles
         tick = self.tick
         sealed = SealedPages(keys, [None] * len(keys))
         out, at, zpages = sealed.pages, sealed.at, sealed.zpages
         misses = corrupt = unavailable = 0
-        for i, (oid, index_no) in enumerate(keys):
-            handle = index.get(oid, index_no) if refetch else handles[i]
-            if not handle:
-                misses += 1
-                continue
-            kind = handle >> KIND_SHIFT
-            h = handle & HANDLE_MASK
+        for i, ((oid, index_no), handle) in enumerate(zip(keys, handles, strict=True)):
+            h = handle ^ ZPAGE_TAG
             try:
-                if kind == ZPAGE:
+                if h <= HANDLE_MASK:  # a zpage in the pool's allocator: the common case
                     if not remove:
                         tick += 1
                         zticks[h >> zshift] = tick
                     if copy:
                         at.append(i)
                         zpages.append(zread(h))  # a copy of the slot, padding and all
+                    elif (start := zlocate(h)) >= 0:  # opened in place, in the arena
+                        out[i] = open_zpage(view, oid, index_no, start)
                     else:
                         out[i] = open_zpage(zread(h), oid, index_no)
-                elif kind == SAME:
-                    out[i] = self.same.page(h)
+                elif not handle:
+                    misses += 1
+                    continue
+                elif (kind := handle >> KIND_SHIFT) == SAME:
+                    out[i] = self.same.page(handle & HANDLE_MASK)
                 elif kind == EVICTED:
+                    h = handle & HANDLE_MASK
                     zpage = self._evictor().load(pool.id, h)
                     out[i] = open_zpage(zpage, oid, index_no)
                     self.stats.evicted_hits += 1
@@ -322,8 +337,10 @@ class ZCache:
                         self.tick = tick
                         self._promote(pool, oid, index_no, h, zpage)
                         tick = self.tick
-                        refetch = True
+                        # it may have reclaimed frames behind the handles still to come
+                        handles[i + 1 :] = index.get_many(keys[i + 1 :])
                 else:
+                    h = handle & HANDLE_MASK
                     tick += 1
                     pool.raw.lru.tick[h] = tick
                     if copy:

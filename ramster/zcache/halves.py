@@ -1,6 +1,6 @@
 # The pure halves of the engine's batch paths: encoding a put batch, opening a get batch.
 #
-# A put batch is encoded here (same-filled check, LZ4, zpage framing) and then filed by
+# A put batch is encoded here (LZ4, same-filled check, zpage framing) and then filed by
 # ZCache.file_encoded; a get batch is read out by ZCache.read_sealed (index, LRU, copies of the
 # zpages) and then opened here (verify, decompress).  These halves read nothing but their own
 # inputs and a copy of a pool's policy, so they may run in worker threads (LZ4 releases the GIL)
@@ -11,8 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ramster.zcache.codec import WORD, compress, make_zpage, open_zpage
+from ramster.zcache.codec import (
+    PAGE_SIZE,
+    SAME_FILLED_PACKED,
+    WORD,
+    compress,
+    make_zpage,
+    open_zpage,
+)
 from ramster.zcache.errors import CorruptPage, PageError
+
+_WORDS = PAGE_SIZE // WORD
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +39,11 @@ class PageEncoder:
         threshold, store_raw = self.threshold, self.store_raw
         out: list[bytes | None] = []
         for (oid, index), page in zip(keys, pages, strict=True):
-            word = page[:WORD]
-            if page[-WORD:] == word and page[2048:2056] == word and page == word * 512:
-                out.append(word)
-                continue
             payload = compress(page)
-            if len(payload) <= threshold:
+            size = len(payload)
+            if size <= SAME_FILLED_PACKED and page == page[:WORD] * _WORDS:
+                out.append(page[:WORD])
+            elif size <= threshold:
                 out.append(make_zpage(oid, index, payload))
             else:
                 out.append(make_zpage(oid, index, page) if store_raw else None)

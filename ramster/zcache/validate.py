@@ -8,6 +8,8 @@
 # 32-bit page index, and a 32-bit pool id (the backing file records pool ids in 32 bits).
 from __future__ import annotations
 
+from array import array
+
 from ramster.wire import INDEX_LIMIT
 from ramster.zcache.codec import PAGE_SIZE, zpage_key, zpage_length
 from ramster.zcache.errors import InvalidConfig, InvalidKey, InvalidPage
@@ -27,12 +29,12 @@ def check_key(oid: object, index: object) -> None:
 
 def check_keys(keys: list[tuple[int, int]]) -> None:
     """Every key of a batch is an (object id, page index) pair of ints in range.  The common
-    case is checked in C loops (zip, map, min, max: ~0.1 us per key); a batch that fails it is
+    case is checked in C loops (zip, map, set, array: ~80 ns per key); a batch that fails it is
     walked key by key for the message."""
     try:
         if len(keys[0]) == 2 and _all_in_range(*zip(*keys, strict=True)):
             return
-    except (IndexError, TypeError, ValueError):  # empty, not pairs, or not comparable
+    except (IndexError, TypeError, ValueError, OverflowError):  # empty, not pairs, out of range
         pass
     try:
         for oid, index in keys:
@@ -47,16 +49,20 @@ def check_keys(keys: list[tuple[int, int]]) -> None:
 
 
 def _all_in_range(oids: tuple[int, ...], indexes: tuple[int, ...]) -> bool:
-    """Whether every object id and page index is an int in range (or TypeError from min/max
-    for values that do not compare; the caller then looks at each key)."""
-    return (
-        set(map(type, oids)) == _INT == set(map(type, indexes))
-        and 0 <= min(oids) <= max(oids) <= MAX_OID
-        and 0 <= min(indexes) <= max(indexes) <= MAX_INDEX
-    )
+    """Whether every object id and page index is an int (not a bool); OverflowError if one is
+    out of range (packing them in unsigned arrays of the key's widths checks that in C)."""
+    if set(map(type, oids)) == _INT == set(map(type, indexes)):
+        array(_U64, oids)
+        array(_U32, indexes)
+        return True
+    return False
 
 
 _INT = {int}
+# Unsigned array types exactly as wide as an object id and a page index.
+_U64 = next(t for t in "BHILQ" if array(t).itemsize == 8)
+_U32 = next(t for t in "BHILQ" if array(t).itemsize == 4)
+assert MAX_OID == (1 << 64) - 1 and MAX_INDEX == (1 << 32) - 1
 
 
 def as_page(page: object) -> bytes:

@@ -131,6 +131,10 @@ class Zbud:
         base = frame << 12
         return self.arena.map[base + start : base + end]
 
+    def locate(self, handle: int) -> int:
+        frame, start, _ = self._extent(handle)
+        return frame << 12 | start
+
     def free(self, handle: int) -> None:
         zid = handle >> 1
         first, last = self.first[zid], self.last[zid]

@@ -18,17 +18,27 @@
 # it grow a zspage or start one: a put never asks the arena for a frame (and never wakes the
 # reaper) while its class owns a free slot.
 #
-# Compaction moves zpages from the emptiest zspages of a class into free slots of the fullest,
-# only into frames those already own, so it never takes a frame.  It plans before it moves: the
-# emptiest m zspages whose zpages fit whole in the others' free owned slots are emptied, the
-# largest such m, so every zpage moved helps free a zspage (a class where nothing fits is left
-# alone).  Like the kernel's zs_can_compact, a class whose wasted slots (free slots in owned
-# frames) add up to a whole zspage is worth compacting: then the emptiest zspage always fits, and
-# afterwards the class wastes less than a zspage.  Classes over that mark are counted in
-# `compactable`, and `on_compactable` tells the reaper when the count leaves zero, so the reaper
-# finds what to compact without looking at every pool; once it compacts a pool, every class that
-# can give a zspage back does, over the mark or not (a shifting mix of sizes leaves many classes
-# just under it).
+# The zspage a class allocates from is its *hot* zspage, taken out of the groups while it is hot,
+# so a put costs no group bookkeeping: allocation only makes it fuller, so it stays the fullest
+# until it fills, or until its owned frames fill while another zspage of the class has room.
+# Any other change of group in the class (a free) may leave a fuller zspage elsewhere, so it
+# files the hot zspage back, and the next allocation picks again.  (Without this, a put of a
+# large zpage regrouped its zspage at almost every frame it took, a third of the put's time.)
+#
+# Compaction moves zpages only into free slots in frames their zspage already owns, so it never
+# takes a frame, and it plans on counts before it moves anything.  Per class, fullest first: the
+# emptiest zspages whose zpages fit whole into the free owned slots of the others are emptied
+# (the most that fit, as the kernel does); then the emptiest zspage kept is packed: as few of its
+# top zpages as needed go to free slots of fuller ones, the rest move down into its own lowest
+# free slots, and the frames above its last zpage are given back (frames are a prefix, so a
+# zspage can shrink as it grows).  So a class keeps less than a frame of free owned slots in its
+# last zspage, not up to a zspage's worth: at small pools, where a hundred classes each hold a
+# few zspages, that is most of what separates compaction from perfect packing.  A class that
+# would free no frame is left alone.  Like the kernel's zs_can_compact, a class whose wasted
+# slots (free slots in owned frames) add up to a whole zspage is worth compacting; classes over
+# that mark are counted in `compactable`, and `on_compactable` tells the reaper when the count
+# leaves zero, so the reaper finds what to compact without looking at every pool; once it
+# compacts a pool, every class that can give a frame back does, over the mark or not.
 #
 # Zspages are the reclaimable unit: they carry the LRU position, and reclaim evicts every zpage
 # of the least recent zspage to give back all its frames.  Handle = zspage id << 8 | slot.
@@ -55,6 +65,7 @@ SLOT_BITS = 8
 SLOT_MASK = (1 << SLOT_BITS) - 1
 GROUPS = 4  # fullness groups of zspages with room in their frames: by quarter of slots in use
 GROWABLE = GROUPS  # the group of zspages whose owned frames are full but that can take more
+_IN_FRAME = PAGE_SIZE - 1
 
 
 def class_layout(size: int) -> tuple[int, int]:
@@ -101,6 +112,8 @@ OWNED = [
     for size, slots in zip(SIZES, SLOTS, strict=True)
 ]
 _ALLOC_ORDER = (*reversed(range(GROUPS)), GROWABLE)  # room in owned frames, fullest first
+# Per class and fullness group g < GROUPS: the zpage count at which a zspage leaves g upward.
+_QUARTER = [[-(-(g + 1) * slots // GROUPS) for g in range(GROUPS)] for slots in SLOTS]
 
 
 class Zsmalloc:
@@ -108,34 +121,78 @@ class Zsmalloc:
 
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
+        self.amap = arena.map
         self.lru = LruList()
+        self.ticks = self.lru.tick  # grown in place, so this stays the same array
         self.unit_shift = SLOT_BITS  # unit id = handle >> unit_shift
         self.cls = array("H", [0])
         self.inuse = array("H", [0])
         self.nframes = array("B", [0])  # frames taken so far (a prefix of the zspage)
         self.group = array("b", [-1])  # fullness group or GROWABLE, -1 when full
+        self.edge = array("H", [0])  # zpages in use at which an alloc must regroup
         self.used: list[int] = [0]  # slot bitmap per zspage
         self.frame = array("I", bytes(4 * MAX_FRAMES))  # MAX_FRAMES entries per zspage
         self._free_ids = array("I")
         # Fullness groups by class, made on a class's first use: an empty pool costs no dicts.
         self.groups: dict[int, list[dict[int, None]]] = {}
-        self.waste = array("I", bytes(4 * len(SIZES)))  # free slots in owned frames, per class
+        self.hot = array("I", bytes(4 * len(SIZES)))  # per class: the zspage to fill, 0: pick
+        # per class: free slots in the frames owned by its zspages, the hot one left out
+        self.waste = array("I", bytes(4 * len(SIZES)))
         self.compactable = 0  # classes whose waste is at least one zspage of slots
         self.on_compactable: Callable[[], None] | None = None  # compactable left zero
         self.zpages = 0
         self.frames = 0
 
-    # -- fullness groups --------------------------------------------------------------------
+    # -- fullness groups and the hot zspage ---------------------------------------------------
+    def _pick(self, c: int, tick: int) -> int:
+        """Make the zspage class `c` allocates from hot, and return it: the fullest with room
+        in its own frames, else a growable one, else a new one."""
+        groups = self.groups.get(c) or self.groups.setdefault(c, [{} for _ in range(GROUPS + 1)])
+        for g in _ALLOC_ORDER:
+            bucket = groups[g]
+            if bucket:
+                zid = next(iter(bucket))
+                del bucket[zid]
+                self.group[zid] = -1  # out of the groups while hot
+                self._waste(c, self.inuse[zid] - OWNED[c][self.nframes[zid]])
+                break
+        else:
+            zid = self._new_zspage(c, tick)
+        self.edge[zid] = min(OWNED[c][self.nframes[zid]], SLOTS[c])
+        self.hot[c] = zid
+        return zid
+
+    def _cool(self, c: int) -> None:
+        """File class `c`'s hot zspage, if any, back in its group (its room counted in the
+        class's waste again): the next alloc picks."""
+        zid = self.hot[c]
+        if zid:
+            self.hot[c] = 0
+            self._waste(c, OWNED[c][self.nframes[zid]] - self.inuse[zid])
+            self._regroup(zid, self.inuse[zid])
+
     def _regroup(self, zid: int, inuse: int) -> None:
+        """File zspage `zid` (now holding `inuse` zpages) in its fullness group, and note the
+        count at which a store into it must call this again (`edge`).  The hot zspage stays
+        hot, out of the groups, unless it is full or its owned frames are full while the class
+        has room elsewhere; a change of group of any other zspage cools the hot one."""
         c = self.cls[zid]
         slots = SLOTS[c]
+        if self.hot[c] == zid:  # called from a store that filled its owned frames
+            if inuse < slots and not self.waste[c]:
+                self.edge[zid] = slots + 1  # grows at the next alloc, where _reach sets edge
+                return
+            self.hot[c] = 0  # it has no free owned slot: the class's waste stays as it is
+        owned = OWNED[c][self.nframes[zid]]
         old = self.group[zid]
         if inuse >= slots:
-            new = -1
-        elif inuse < OWNED[c][self.nframes[zid]]:
+            new, edge = -1, slots + 1  # full: only a free() changes that
+        elif inuse < owned:
             new = inuse * GROUPS // slots
+            edge = min(_QUARTER[c][new], owned)
         else:
-            new = GROWABLE
+            new, edge = GROWABLE, 0
+        self.edge[zid] = edge
         if new != old:
             groups = self.groups[c]
             if old >= 0:
@@ -143,6 +200,7 @@ class Zsmalloc:
             if new >= 0:
                 groups[new][zid] = None
             self.group[zid] = new
+            self._cool(c)
 
     def _waste(self, c: int, delta: int) -> None:
         """Add `delta` free slots in owned frames to class `c`, tracking `compactable`."""
@@ -168,6 +226,7 @@ class Zsmalloc:
             self.inuse.append(0)
             self.nframes.append(0)
             self.group.append(-1)
+            self.edge.append(0)
             self.used.append(0)
             self.frame.extend(array("I", bytes(4 * MAX_FRAMES)))
             self.lru.grow(zid + 1)
@@ -175,36 +234,43 @@ class Zsmalloc:
         return zid
 
     def _release(self, zid: int) -> None:
+        c = self.cls[zid]
         group = self.group[zid]
         if group >= 0:
-            del self.groups[self.cls[zid]][group][zid]
+            del self.groups[c][group][zid]
             self.group[zid] = -1
         base = zid * MAX_FRAMES
         nframes = self.nframes[zid]
         for i in range(nframes):
             self.arena.free(self.frame[base + i])
         self.frames -= nframes
-        if nframes:
-            self._waste(self.cls[zid], -OWNED[self.cls[zid]][nframes])
+        if self.hot[c] == zid:  # its room was not in the class's waste
+            self.hot[c] = 0
+        elif nframes:
+            self._waste(c, -OWNED[c][nframes])
         self.nframes[zid] = 0
         self.used[zid] = 0
+        self.edge[zid] = 0
         self.lru.remove(zid)
         self._free_ids.append(zid)
 
     def _reach(self, zid: int, end: int) -> bool:
-        """Give zspage `zid` frames up to byte offset `end`; False when the arena is full."""
-        need = (end + PAGE_SIZE - 1) >> 12
+        """Give zspage `zid` frames up to byte offset `end`; False when the arena is full.  Only
+        the hot zspage of a class grows, so this sets its edge and leaves the waste alone."""
+        c = self.cls[zid]
+        owned = OWNED[c]
         have = self.nframes[zid]
-        owned = OWNED[self.cls[zid]]
+        need = (end + PAGE_SIZE - 1) >> 12
+        base = zid * MAX_FRAMES
         while have < need:
             frame = self.arena.alloc()
             if frame < 0:
                 return False
-            self.frame[zid * MAX_FRAMES + have] = frame
+            self.frame[base + have] = frame
             have += 1
             self.nframes[zid] = have
             self.frames += 1
-            self._waste(self.cls[zid], owned[have] - owned[have - 1])
+        self.edge[zid] = min(owned[have], SLOTS[c])
         return True
 
     def _slot_extents(self, zid: int, slot: int, size: int) -> list[Extent]:
@@ -222,65 +288,63 @@ class Zsmalloc:
         if not 0 < length <= PAGE_SIZE:
             raise InvalidPage(f"zsmalloc stores zpages of 1 to {PAGE_SIZE} bytes, got {length}")
         c = _LENGTH_CLASS[length]
-        groups = self.groups.get(c) or self.groups.setdefault(c, [{} for _ in range(GROUPS + 1)])
-        for g in _ALLOC_ORDER:
-            bucket = groups[g]
-            if bucket:
-                zid = next(iter(bucket))
-                self.lru.tick[zid] = tick
-                break
-        else:
-            zid = self._new_zspage(c, tick)
-        handle = self._store(zid, zpage)
+        zid = self.hot[c] or self._pick(c, tick)
+        self.ticks[zid] = tick
+        handle = self._store(zid, c, zpage)
         if handle < 0 and not self.inuse[zid]:
             self._release(zid)
         return handle
 
-    def _store(self, zid: int, zpage: bytes | memoryview) -> int:
-        """Write `zpage` into the lowest free slot of zspage `zid`; -1 if no frame can be had."""
-        c = self.cls[zid]
+    def _store(self, zid: int, c: int, zpage: bytes | memoryview) -> int:
+        """Write `zpage` into the lowest free slot of zspage `zid` (of class `c`); -1 if no
+        frame can be had.  The hot path of a put: helpers run only when a frame is taken or the
+        zspage changes group, and the class's waste is the caller's (the hot zspage's room is
+        not in it)."""
         size = SIZES[c]
         used = self.used[zid]
         slot = (~used & (used + 1)).bit_length() - 1
         offset = slot * size
-        end = offset + size
-        if end > self.nframes[zid] << 12 and not self._reach(zid, end):
+        if offset + size > self.nframes[zid] << 12 and not self._reach(zid, offset + size):
             return -1
-        self.used[zid] = used | (1 << slot)
-        inuse = self.inuse[zid] + 1
-        self.inuse[zid] = inuse
-        self._regroup(zid, inuse)
-        waste = self.waste[c]  # _waste(c, -1), inlined on the hot path
-        self.waste[c] = waste - 1
-        if waste == SLOTS[c]:
-            self.compactable -= 1
-        length = len(zpage)
-        first = zid * MAX_FRAMES + (offset >> 12)
-        within = offset & (PAGE_SIZE - 1)
-        start = (self.frame[first] << 12) + within
-        amap = self.arena.map
-        if within + length <= PAGE_SIZE:
-            amap[start : start + length] = zpage
-        else:
-            room = PAGE_SIZE - within
-            amap[start : start + room] = zpage[:room]
-            second = self.frame[first + 1] << 12
-            amap[second : second + length - room] = zpage[room:]
+        self.used[zid] = used | 1 << slot
+        inuse = self.inuse[zid] = self.inuse[zid] + 1
+        if inuse >= self.edge[zid]:
+            self._regroup(zid, inuse)
         self.zpages += 1
+        within = offset & _IN_FRAME
+        first = zid * MAX_FRAMES + (offset >> 12)
+        start = self.frame[first] << 12 | within
+        end = within + len(zpage)
+        if end <= PAGE_SIZE:
+            self.amap[start : start + end - within] = zpage
+        else:  # straddles into the next frame of the zspage
+            room = PAGE_SIZE - within
+            self.amap[start : start + room] = zpage[:room]
+            second = self.frame[first + 1] << 12
+            self.amap[second : second + end - PAGE_SIZE] = zpage[room:]
         return zid << SLOT_BITS | slot
 
     def read(self, handle: int) -> bytes:
         zid = handle >> SLOT_BITS
         size = SIZES[self.cls[zid]]
         offset = (handle & SLOT_MASK) * size
+        within = offset & _IN_FRAME
         first = zid * MAX_FRAMES + (offset >> 12)
-        start = (self.frame[first] << 12) + (offset & (PAGE_SIZE - 1))
-        room = PAGE_SIZE - (offset & (PAGE_SIZE - 1))
-        amap = self.arena.map
-        if size <= room:
-            return amap[start : start + size]
+        start = self.frame[first] << 12 | within
+        if within + size <= PAGE_SIZE:
+            return self.amap[start : start + size]
+        room = PAGE_SIZE - within
         second = self.frame[first + 1] << 12
-        return amap[start : start + room] + amap[second : second + size - room]
+        return self.amap[start : start + room] + self.amap[second : second + size - room]
+
+    def locate(self, handle: int) -> int:
+        zid = handle >> SLOT_BITS
+        size = SIZES[self.cls[zid]]
+        offset = (handle & SLOT_MASK) * size
+        within = offset & _IN_FRAME
+        if within + size > PAGE_SIZE:
+            return -1
+        return self.frame[zid * MAX_FRAMES + (offset >> 12)] << 12 | within
 
     def free(self, handle: int) -> None:
         zid, slot = handle >> SLOT_BITS, handle & SLOT_MASK
@@ -288,11 +352,15 @@ class Zsmalloc:
         inuse = self.inuse[zid] - 1
         self.inuse[zid] = inuse
         self.zpages -= 1
-        self._waste(self.cls[zid], 1)
-        if inuse:
-            self._regroup(zid, inuse)
-        else:
+        c = self.cls[zid]
+        if self.hot[c] != zid:
+            self._waste(c, 1)
+        if not inuse:
             self._release(zid)
+        elif self.hot[c] == zid:
+            self._cool(c)
+        else:
+            self._regroup(zid, inuse)
 
     def unit_handles(self, unit: int) -> list[int]:
         used = self.used[unit]
@@ -302,38 +370,76 @@ class Zsmalloc:
         return self.nframes[unit]
 
     def compact(self, on_move: MoveCallback) -> int:
-        """Compact every class in which moving zpages frees zspages; the frames freed."""
+        """Compact every class in which moving zpages frees frames; the frames freed."""
         before = self.frames
         for c in list(self.groups):
             self._compact_class(c, on_move)
         return before - self.frames
 
     def _compact_class(self, c: int, on_move: MoveCallback) -> None:
-        """Empty the emptiest zspages of a class into free slots the fullest own, as many as fit
-        whole: the first m (by zpages in use) such that their zpages fit in the free owned slots
-        of the others.  That m is found before anything moves, so every zpage moved helps free
-        a zspage, and none is moved for nothing."""
-        inuse, nframes, owned = self.inuse, self.nframes, OWNED[c]
-        partial = sorted((zid for g in self.groups[c] for zid in g), key=inuse.__getitem__)
-        room = sum(owned[nframes[zid]] - inuse[zid] for zid in partial)
-        moving = m = 0
-        for zid in partial:  # room: the free owned slots of partial[m:]
-            free = owned[nframes[zid]] - inuse[zid]
-            if moving + inuse[zid] > room - free:
-                break
-            moving += inuse[zid]
-            room -= free
-            m += 1
-        targets = partial[: m - 1 : -1] if m else []  # fullest first
-        t = 0
-        for src in partial[:m]:
+        """Empty the emptiest zspages of class `c` into the free owned slots of the fullest,
+        then pack the emptiest one kept and give back its frames above its last zpage; planned
+        on counts first, and nothing is moved unless a frame is freed."""
+        self._cool(c)
+        inuse, nframes, owned, size = self.inuse, self.nframes, OWNED[c], SIZES[c]
+        zspages = sorted(
+            (zid for g in self.groups[c] for zid in g), key=inuse.__getitem__, reverse=True
+        )
+        if not zspages:
+            return
+        room = [owned[nframes[zid]] - inuse[zid] for zid in zspages]
+        # m: the fewest zspages kept such that the zpages of the others fit in their room
+        m, moving, space = len(zspages), 0, sum(room)
+        while m > 1 and moving + inuse[zspages[m - 1]] <= space - room[m - 1]:
+            m -= 1
+            moving += inuse[zspages[m]]
+            space -= room[m]
+        last = zspages[m - 1]  # the emptiest zspage kept
+        before_last = space - room[m - 1]  # room in the fuller ones kept
+        count = inuse[last] + max(0, moving - before_last)  # its zpages once the others empty
+        keep = -(-max(1, count - max(0, before_last - moving)) * size // PAGE_SIZE)
+        freed = sum(nframes[zid] for zid in zspages[m:]) + nframes[last] - keep
+        if freed <= 0:
+            return
+        targets = iter(zspages[:m])
+        target = next(targets)
+
+        def move(handle: int) -> None:
+            nonlocal target
+            while inuse[target] >= owned[nframes[target]]:  # no free slot in its frames
+                target = next(targets)
+            self._relocate(handle, target, c, on_move)
+
+        for src in zspages[m:]:
             for handle in self.unit_handles(src):
-                while not 0 <= self.group[targets[t]] < GROUPS:  # no free slot in its frames
-                    t += 1
-                zpage = self.read(handle)
-                new = self._store(targets[t], zpage)  # into a frame the target owns
-                on_move(handle, new, zpage)
-                self.free(handle)
+                move(handle)
+        cut = owned[keep]  # slots wholly in the frames `last` keeps
+        high = [h for h in self.unit_handles(last) if h & SLOT_MASK >= cut]
+        out = max(0, inuse[last] - cut)  # the top ones go to fuller zspages, the rest down
+        for handle in high[len(high) - out :]:
+            move(handle)
+        for handle in high[: len(high) - out]:
+            self._relocate(handle, last, c, on_move)  # into its own lowest free slot
+        self._trim(last, keep)
+
+    def _relocate(self, handle: int, zid: int, c: int, on_move: MoveCallback) -> None:
+        """Move a zpage into the lowest free slot of zspage `zid`, which owns that slot."""
+        zpage = self.read(handle)
+        new = self._store(zid, c, zpage)
+        self._waste(c, -1)
+        on_move(handle, new, zpage)
+        self.free(handle)
+
+    def _trim(self, zid: int, keep: int) -> None:
+        """Give back the frames of zspage `zid` from the `keep`-th on, which hold no zpage."""
+        c, nframes = self.cls[zid], self.nframes[zid]
+        base = zid * MAX_FRAMES
+        for i in range(keep, nframes):
+            self.arena.free(self.frame[base + i])
+        self.frames -= nframes - keep
+        self.nframes[zid] = keep
+        self._waste(c, OWNED[c][keep] - OWNED[c][nframes])
+        self._regroup(zid, self.inuse[zid])
 
     def extents(self) -> Iterator[tuple[int, list[Extent]]]:
         for zid in self.lru:
@@ -350,7 +456,10 @@ class Zsmalloc:
         bitmaps = sum(b.__sizeof__() for b in self.used) + self.used.__sizeof__()
         lists = sum(len(g) for groups in self.groups.values() for g in groups) * 24
         return (
-            array_bytes(self.cls, self.inuse, self.nframes, self.group, self.frame, self._free_ids)
+            array_bytes(
+                self.cls, self.inuse, self.nframes, self.group, self.edge, self.frame, self.hot
+            )
+            + array_bytes(self._free_ids)
             + self.lru.metadata_bytes()
             + bitmaps
             + lists

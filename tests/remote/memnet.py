@@ -82,7 +82,7 @@ class MemNode:
         """The owner's process ends (gracefully: pages in RAM written back, journal saved; or
         killed: RAM and outbox gone) and starts again on the same data directory; what it
         holds for others is gone either way."""
-        pools = [(p.id, p.kind, p.zalloc.name, p.store_raw) for p in self.cache.pools.values()]
+        pools = [(p.id, p.kind, p.allocator, p.store_raw) for p in self.cache.snapshot().pools]
         if graceful:
             self.layer.handle(Leaving())
             self.cache.write_back_all()

@@ -6,7 +6,8 @@ import pytest
 from ramster.bench import engine
 from ramster.bench.corpus import load_corpus
 from ramster.bench.report import rss_bytes
-from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
+from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig, arena
+from ramster.zcache.arena import POPULATE, Arena
 from tests.conftest import DATA
 
 MiB = 1 << 20
@@ -30,6 +31,30 @@ def test_rss_follows_pool_size(allocator: str, compressible_pages: list[bytes]) 
     assert cache.frames == 0
     assert rss_bytes() - base < 0.1 * held  # and really given back
     cache.close()
+
+
+def test_arena_faults_frames_in_a_few_at_a_time() -> None:
+    space = Arena(1 << 14)
+    base = rss_bytes()
+    first = space.alloc()
+    assert (POPULATE - 1) * PAGE_SIZE <= rss_bytes() - base < 2 * POPULATE * PAGE_SIZE
+    frames = [first] + [space.alloc() for _ in range(POPULATE - 1)]
+    assert rss_bytes() - base < 2 * POPULATE * PAGE_SIZE, "frames ahead were faulted twice"
+    assert frames == list(range(POPULATE))
+    space.close()
+
+
+def test_arena_without_populate_advice_lets_frames_fault_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(arena, "MADV_POPULATE_WRITE", -1)  # no kernel knows it: EINVAL
+    space = Arena(64)
+    frames = [space.alloc() for _ in range(64)]
+    assert frames == list(range(64)) and space.alloc() == -1
+    for frame in frames:
+        space.view[frame * PAGE_SIZE : frame * PAGE_SIZE + 3] = b"abc"
+    assert all(space.map[f * PAGE_SIZE : f * PAGE_SIZE + 3] == b"abc" for f in frames)
+    space.close()
 
 
 @pytest.mark.parametrize("allocator", ["zbud", "zsmalloc"])

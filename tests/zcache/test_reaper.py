@@ -172,6 +172,21 @@ def test_get_promotes_evicted_page(tmp_path: Path, compressible_pages: list[byte
     cache.verify()
 
 
+def test_batch_get_whose_promotions_evict_the_pages_still_to_come(
+    tmp_path: Path, compressible_pages: list[bytes], allocator: str
+) -> None:
+    backing = BackingFile(tmp_path / "b.dat")
+    cache = ZCache(ZCacheConfig(pool_limit_frames=30), evictor=backing)
+    pool = cache.create_pool(P, allocator)
+    keys = [(0, i) for i in range(88)]
+    cache.put_batch(pool, keys, compressible_pages)
+    evicted = evicted_keys(cache, pool)
+    order = sorted(evicted) + sorted(set(keys) - evicted)  # promotions first, RAM pages after
+    assert cache.get_batch(pool, order) == [compressible_pages[i] for _, i in order]
+    assert cache.stats.promoted > 0 and cache.reaper.stats.evicted_persistent > len(evicted)
+    cache.verify()
+
+
 def test_rss_goes_down_when_reclaim_frees_frames(
     tmp_path: Path, compressible_pages: list[bytes]
 ) -> None:

@@ -1,5 +1,6 @@
 # zsmalloc: no arena frame is asked for while a class owns a free slot, compaction never takes a
-# frame and runs only when it frees some, and the reaper compacts before it evicts.
+# frame, runs only when it frees some (whole zspages, or the empty top frames of one it packs),
+# and the reaper compacts before it evicts.
 from __future__ import annotations
 
 import random
@@ -42,11 +43,13 @@ def test_alloc_uses_free_slots_in_owned_frames_before_asking_the_arena() -> None
     assert zs.alloc(Z48, 4) == -1  # now there really is no room
 
 
-def test_compaction_never_takes_a_frame() -> None:
-    zs, _ = two_zspages(frames=8, keep_in_first=100)  # 156 free slots: less than a zspage
-    assert zs.compactable == 0
-    assert moves(zs) == []
-    assert zs.frames == 5 and zs.compact(lambda *_: None) == 0
+def test_compaction_never_takes_a_frame_and_gives_back_empty_top_frames() -> None:
+    zs, _ = two_zspages(frames=5, keep_in_first=100)  # the arena is full
+    assert zs.compactable == 0  # 156 free slots: less than a zspage
+    moved = moves(zs)  # slots 170-255 of the first zspage move down, into its first 2 frames
+    assert len(moved) == 86 and zs.frames == 4
+    assert all(new >> 8 == old >> 8 and new & 0xFF < 170 for old, new in moved)
+    assert moves(zs) == [] and zs.frames == 4, "compaction that frees nothing moves nothing"
 
 
 def test_compaction_runs_when_a_zspage_of_slots_is_wasted() -> None:
@@ -55,18 +58,19 @@ def test_compaction_runs_when_a_zspage_of_slots_is_wasted() -> None:
         zs.free(handle)
     assert zs.compactable == 1
     before = zs.frames
-    moved = moves(zs)
-    assert len(moved) == 70 and zs.frames == before - 2
+    moved = moves(zs)  # the second zspage's 70 into the first, whose top 86 then move down
+    assert len(moved) == 156 and zs.frames == before - 3
     assert zs.compactable == 0
 
 
 def check_accounting(zs: Zsmalloc) -> None:
-    waste = [0] * len(SIZES)
+    waste = [0] * len(SIZES)  # free owned slots per class, the hot zspage's left out
     for zid in zs.lru:
         c = zs.cls[zid]
         assert bin(zs.used[zid]).count("1") == zs.inuse[zid]
         assert zs.used[zid] < 1 << OWNED[c][zs.nframes[zid]], "a slot outside owned frames"
-        waste[c] += OWNED[c][zs.nframes[zid]] - zs.inuse[zid]
+        if zs.hot[c] != zid:
+            waste[c] += OWNED[c][zs.nframes[zid]] - zs.inuse[zid]
     assert list(zs.waste) == waste
     assert zs.compactable == sum(w >= s for w, s in zip(waste, SLOTS, strict=True))
 
@@ -89,6 +93,7 @@ def test_random_churn_keeps_room_and_accounting(frames: int, ops: list[tuple[str
             if handle < 0:
                 c = next(i for i, s in enumerate(SIZES) if s >= size)
                 assert zs.waste[c] == 0, "refused with a free slot in the class's frames"
+                assert not zs.hot[c] or zs.inuse[zs.hot[c]] == OWNED[c][zs.nframes[zs.hot[c]]]
             else:
                 live[handle] = zpage
         elif op == "free" and live:
