@@ -22,10 +22,10 @@
 # for the servicer.  Health, reflection and the peer API are not client calls.
 #
 # Open streams are limited per client (--max-streams): per tenant with a tokens file, else per
-# client address, counted from the moment a client stream is admitted until it ends; one more
-# fails at once with RESOURCE_EXHAUSTED, so a client that opens streams without end holds at
-# most that many of the node's stream states, and other clients' calls go on.  Unary calls are
-# not counted: each holds the node for one request only.
+# client address (node.tenants.client_of), counted from the moment a client stream is admitted
+# until it ends; one more fails at once with RESOURCE_EXHAUSTED, so a client that opens streams
+# without end holds at most that many of the node's stream states, and other clients' calls go
+# on.  Unary calls are not counted: each holds the node for one request only.
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +40,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from node.metrics import GrpcMetrics
-from node.tenants import CALLER, Tenants
+from node.tenants import CALLER, Tenants, client_of
 from ramster.v1 import tmem_pb2
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -88,12 +88,6 @@ class StreamLimit:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open: dict[str, int] = {}
-
-    def client_of(self, context: Any, tenants: Tenants) -> str:
-        if tenants.required:
-            return "tenant:" + CALLER.get().name
-        peer = str(context.peer() or "")  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
-        return "address:" + peer.rpartition(":")[0] if peer.startswith("ipv") else "local"
 
     def enter(self, client: str) -> bool:
         count = self.open.get(client, 0)
@@ -237,7 +231,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
                 with await admit(context):
-                    client = None if tenants is None else streams.client_of(context, tenants)
+                    client = None
+                    if tenants is not None:
+                        client = client_of(CALLER.get(), str(context.peer() or ""))
                     if client is not None and not streams.enter(client):
                         await context.abort(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
