@@ -14,7 +14,9 @@
 # call with INVALID_ARGUMENT ("the request could not be parsed"), and are counted as such, on
 # every method of every service.  Left to gRPC, the DecodeError would escape as UNKNOWN before
 # any of our code (or metrics) ran.  Parsing costs the same either way: the handler's own reader
-# (FromString, or for the bulk RPCs ramster.bulkwire's, which raise DecodeError too).
+# (FromString, or for the bulk RPCs ramster.bulkwire's, which raise DecodeError too).  The
+# call is aborted by its own task (Unparsable), since a servicer may read a request stream in
+# a task of its own and two tasks must not end one call.
 #
 # Client calls (ramster.v1.Tmem) are authenticated here, before the request is parsed or the
 # servicer runs: with a tokens file, a call without a valid bearer token fails UNAUTHENTICATED
@@ -102,6 +104,11 @@ class StreamLimit:
             self.open[client] = count
 
 
+class Unparsable(Exception):
+    """A request protobuf cannot parse; the call's own task aborts it with INVALID_ARGUMENT (a
+    servicer may read a request stream in another task, which must not end the call)."""
+
+
 class _Call:
     """Accounting of one RPC: in-flight count, then handled code and latency on exit."""
 
@@ -184,26 +191,23 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         gate = self.gate
         parse: Callable[[bytes], Any] | None = handler.request_deserializer
 
-        async def parsed(raw: bytes, context: Any) -> Any:
+        def parsed(raw: bytes) -> Any:
             if parse is None:
                 return raw
             try:
                 return parse(raw)
             except DecodeError as exc:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the request to {full_method} could not be parsed: {exc}",
-                )
+                raise Unparsable(
+                    f"the request to {full_method} could not be parsed: {exc}"
+                ) from None
 
-        async def parsed_stream(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+        async def parsed_stream(raws: AsyncIterator[bytes]) -> AsyncIterator[Any]:
             async for raw in raws:
-                yield await parsed(raw, context)
+                yield parsed(raw)
 
-        async def take(request: Any, context: Any) -> Any:
+        def take(request: Any) -> Any:
             """The parsed request, or for a request stream the stream of parsed requests."""
-            if handler.request_streaming:
-                return parsed_stream(request, context)
-            return await parsed(request, context)
+            return parsed_stream(request) if handler.request_streaming else parsed(request)
 
         tenants = self.tenants if service == CLIENT_SERVICE else None
         streams = self.streams
@@ -241,8 +245,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             "the node allows (--max-streams): end one first",
                         )
                     try:
-                        async for response in behavior(await take(request, context), context):
+                        async for response in behavior(take(request), context):
                             yield response
+                    except Unparsable as exc:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     finally:
                         if client is not None:
                             streams.leave(client)
@@ -252,7 +258,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def call_behavior(request: Any, context: Any) -> Any:
                 with await admit(context):
-                    return await behavior(await take(request, context), context)
+                    try:
+                        request = take(request)
+                    except Unparsable as exc:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    return await behavior(request, context)
 
             new_behavior = call_behavior
 

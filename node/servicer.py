@@ -84,6 +84,7 @@ ENGINE_KIND = {
 HIT, MISS = PageStatus.HIT, PageStatus.MISS
 PART_PAGES = 256  # a batch goes through the engine in parts of at most this many pages
 CLIENT_PARTS = 2  # parts one client runs in the engine at once
+STREAM_AHEAD = 2  # replies a stream serves ahead of the one being sent
 JOIN_IN_THREAD = 4 << 20  # replies this big are joined off the loop
 BULK = ("PutBatch", "GetBatch", "Stream")
 Req = TypeVar("Req", bound=Message)
@@ -366,10 +367,29 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         requests: AsyncIterator[tuple[pb.StreamRequest, memoryview]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
-        """Stream: each request read by ramster.bulkwire, each reply's bytes, in order."""
+        """Stream: each request read by ramster.bulkwire, each reply's bytes, in order.  The
+        requests are served by a task of their own, up to STREAM_AHEAD replies ahead of the one
+        being written, so serving the next request overlaps sending this reply."""
         client = _client(context)
-        async for req, blob in requests:
-            yield await joined(await self._stream_one(req, blob, client))
+        replies: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: no more requests
+        room = asyncio.Semaphore(STREAM_AHEAD)
+
+        async def serve() -> None:
+            try:
+                async for req, blob in requests:
+                    await room.acquire()
+                    replies.put_nowait(await joined(await self._stream_one(req, blob, client)))
+            finally:
+                replies.put_nowait(None)
+
+        server = asyncio.create_task(serve())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+                room.release()
+            await server  # how reading the requests ended: a parse error aborts the call
+        finally:
+            server.cancel()
 
     async def _stream_one(self, req: pb.StreamRequest, blob: memoryview, client: str) -> Parts:
         which = req.WhichOneof("op")
