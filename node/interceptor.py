@@ -14,7 +14,9 @@
 # call with INVALID_ARGUMENT ("the request could not be parsed"), and are counted as such, on
 # every method of every service.  Left to gRPC, the DecodeError would escape as UNKNOWN before
 # any of our code (or metrics) ran.  Parsing costs the same either way: the handler's own reader
-# (FromString, or for the bulk RPCs ramster.bulkwire's, which raise DecodeError too).
+# (FromString, or for the bulk RPCs ramster.bulkwire's, which raise DecodeError too).  The
+# call is aborted by its own task (Unparsable), since a servicer may read a request stream in
+# a task of its own and two tasks must not end one call.
 #
 # Client calls (ramster.v1.Tmem) are authenticated here, before the request is parsed or the
 # servicer runs: with a tokens file, a call without a valid bearer token fails UNAUTHENTICATED
@@ -22,10 +24,10 @@
 # for the servicer.  Health, reflection and the peer API are not client calls.
 #
 # Open streams are limited per client (--max-streams): per tenant with a tokens file, else per
-# client address, counted from the moment a client stream is admitted until it ends; one more
-# fails at once with RESOURCE_EXHAUSTED, so a client that opens streams without end holds at
-# most that many of the node's stream states, and other clients' calls go on.  Unary calls are
-# not counted: each holds the node for one request only.
+# client address (node.tenants.client_of), counted from the moment a client stream is admitted
+# until it ends; one more fails at once with RESOURCE_EXHAUSTED, so a client that opens streams
+# without end holds at most that many of the node's stream states, and other clients' calls go
+# on.  Unary calls are not counted: each holds the node for one request only.
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +42,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from node.metrics import GrpcMetrics
-from node.tenants import CALLER, Tenants
+from node.tenants import CALLER, Tenants, client_of
 from ramster.v1 import tmem_pb2
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -89,12 +91,6 @@ class StreamLimit:
         self.limit = limit
         self.open: dict[str, int] = {}
 
-    def client_of(self, context: Any, tenants: Tenants) -> str:
-        if tenants.required:
-            return "tenant:" + CALLER.get().name
-        peer = str(context.peer() or "")  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
-        return "address:" + peer.rpartition(":")[0] if peer.startswith("ipv") else "local"
-
     def enter(self, client: str) -> bool:
         count = self.open.get(client, 0)
         if count >= self.limit:
@@ -106,6 +102,11 @@ class StreamLimit:
         count = self.open.pop(client) - 1
         if count:
             self.open[client] = count
+
+
+class Unparsable(Exception):
+    """A request protobuf cannot parse; the call's own task aborts it with INVALID_ARGUMENT (a
+    servicer may read a request stream in another task, which must not end the call)."""
 
 
 class _Call:
@@ -190,26 +191,23 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         gate = self.gate
         parse: Callable[[bytes], Any] | None = handler.request_deserializer
 
-        async def parsed(raw: bytes, context: Any) -> Any:
+        def parsed(raw: bytes) -> Any:
             if parse is None:
                 return raw
             try:
                 return parse(raw)
             except DecodeError as exc:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the request to {full_method} could not be parsed: {exc}",
-                )
+                raise Unparsable(
+                    f"the request to {full_method} could not be parsed: {exc}"
+                ) from None
 
-        async def parsed_stream(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+        async def parsed_stream(raws: AsyncIterator[bytes]) -> AsyncIterator[Any]:
             async for raw in raws:
-                yield await parsed(raw, context)
+                yield parsed(raw)
 
-        async def take(request: Any, context: Any) -> Any:
+        def take(request: Any) -> Any:
             """The parsed request, or for a request stream the stream of parsed requests."""
-            if handler.request_streaming:
-                return parsed_stream(request, context)
-            return await parsed(request, context)
+            return parsed_stream(request) if handler.request_streaming else parsed(request)
 
         tenants = self.tenants if service == CLIENT_SERVICE else None
         streams = self.streams
@@ -237,7 +235,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
                 with await admit(context):
-                    client = None if tenants is None else streams.client_of(context, tenants)
+                    client = None
+                    if tenants is not None:
+                        client = client_of(CALLER.get(), str(context.peer() or ""))
                     if client is not None and not streams.enter(client):
                         await context.abort(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -245,8 +245,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             "the node allows (--max-streams): end one first",
                         )
                     try:
-                        async for response in behavior(await take(request, context), context):
+                        async for response in behavior(take(request), context):
                             yield response
+                    except Unparsable as exc:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     finally:
                         if client is not None:
                             streams.leave(client)
@@ -256,7 +258,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def call_behavior(request: Any, context: Any) -> Any:
                 with await admit(context):
-                    return await behavior(await take(request, context), context)
+                    try:
+                        request = take(request)
+                    except Unparsable as exc:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    return await behavior(request, context)
 
             new_behavior = call_behavior
 

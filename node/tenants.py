@@ -23,6 +23,9 @@
 # Stats answers a tenant with its own pools and the pages they hold; the node-wide counters
 # (pool size, puts, gets, hits, outcomes, remote traffic), which tell one tenant about the others'
 # activity, only go to operator tenants (and to every caller without a tokens file).
+#
+# Per-client limits (open streams, node/interceptor.py; turns in the engine, node/fairness.py)
+# count a caller as client_of(): its tenant with a tokens file, else its client address.
 # Tokens are never kept in clear: the table is keyed by their SHA-256, so lookups compare
 # digests (no timing oracle on the token) and a token never reaches a log line, an error message
 # or a metric.  Trade-off: tokens are static (rotating one means editing the file and restarting).
@@ -78,6 +81,15 @@ class Tenants:
             if name == "authorization" and scheme.lower() == BEARER:
                 return self.by_digest.get(_digest(value[len(BEARER) :].strip()))
         return None
+
+
+def client_of(tenant: Tenant, peer: str) -> str:
+    """Who a call counts as for per-client limits: its tenant when it has one (a tokens file is
+    in use), else its client address without the port (gRPC's peer: "ipv4:127.0.0.1:5555",
+    "ipv6:[::1]:5555"); every caller over a Unix socket is one client, "local"."""
+    if tenant.name:
+        return "tenant:" + tenant.name
+    return "address:" + peer.rpartition(":")[0] if peer.startswith("ipv") else "local"
 
 
 def _digest(token: str) -> bytes:

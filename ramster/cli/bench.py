@@ -73,7 +73,7 @@ def _node(args: argparse.Namespace) -> int:
     run = partial(node.run, pages, count=count, batch=batch, window=window, singles=args.singles)
     try:
         if args.tls:
-            result = tls.compare(partial(tls.node_run, run), tls.NODE_RATES)
+            result = tls.compare(partial(tls.node_run, run), tls.NODE_RATES, args.repeat)
         else:
             result = run(target=args.target, tls=tls_of(args), token=token_of(args))
     except RamsterError as exc:
@@ -271,6 +271,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--batch", type=positive, default=1024, help="pages per batch (max 4096)")
     p.add_argument("--window", type=positive, default=4, help="batches in flight")
     p.add_argument("--singles", type=positive, default=2000, help="single-page gets to time")
+    p.add_argument(
+        "--repeat",
+        type=positive,
+        default=1,
+        help="with --tls: plaintext/TLS pairs to run; each ratio is the pairs' median",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_node)
     p = kinds.add_parser(
