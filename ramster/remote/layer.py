@@ -314,7 +314,7 @@ class RamsterLayer:
             if event is PeerEvent.RESTARTED:
                 self._lose(peer)
             elif event is PeerEvent.LEAVING:
-                self._queue_repairs(set(self.table.held_by(peer)))
+                self._drain(peer)
             elif event is PeerEvent.UP:
                 self._rejoined(peer)
             elif event in (PeerEvent.ALIAS, PeerEvent.GONE):
@@ -365,6 +365,16 @@ class RamsterLayer:
         return any(
             a != address and a in peers and peers[a].up for a in self.table.holders_of(location)
         )
+
+    def _drain(self, address: str) -> None:
+        """`address` is leaving: its copies that are not needed (enough elsewhere) are flushed
+        now, the others once each page is placed again (`_repaired`)."""
+        held = set(self.table.held_by(address))
+        for location in held:
+            if self._needed(location) <= 0:
+                self._drop_holder(location, address, flush=True)
+        self._commit()
+        self._queue_repairs(held)
 
     def _retry_short(self) -> None:
         """A peer (re)appeared: zpages settled short of copies may get them now."""
@@ -752,8 +762,8 @@ class RamsterLayer:
     # -- repairs ----------------------------------------------------------------------------
     def _take_repairs(self, limit: int = 256) -> list[Wanted]:
         """Zpages below their replica count whose bytes must be fetched back: (location,
-        sources), no more than the outbox has room for.  Repairs served from the local disk
-        copy are done here and not returned."""
+        sources), no more than the outbox has room for.  Repairs served from a copy at hand
+        (staged for a get, or on the local disk) are done here and not returned."""
         out: list[Wanted] = []
         peers = self.membership.peers
         later = []  # every source failed a call lately: wait for one to answer a heartbeat
@@ -761,6 +771,11 @@ class RamsterLayer:
         while self._repairs and len(out) < limit:
             location = self._repairs.popleft()
             if location not in self.table or location in self._bytes or self._needed(location) <= 0:
+                continue
+            staged = self._staged.get(location)
+            if staged is not None:  # fetched for a get: those bytes are as good as any
+                self._repaired(location, staged)
+                limit -= 1
                 continue
             disk = self.table.disk_of(location)
             if disk and self.local is not None:

@@ -335,10 +335,8 @@ class ZCache:
                     self.stats.evicted_hits += 1
                     if promote:
                         self.tick = tick
-                        self._promote(pool, oid, index_no, h, zpage)
+                        self._promote(pool, oid, index_no, h, zpage)  # reclaims nothing
                         tick = self.tick
-                        # it may have reclaimed frames behind the handles still to come
-                        handles[i + 1 :] = index.get_many(keys[i + 1 :])
                 else:
                     h = handle & HANDLE_MASK
                     tick += 1

@@ -277,3 +277,19 @@ async def test_reclaim_drops_copies_a_holder_lost_and_flushes_unknown_ones(
     want = expected(compressible_pages, keys)
     assert all(p is None or p == w for p, w in zip(got, want, strict=True))
     assert all(got[keys.index(k)] is None for k in flushed)
+
+
+async def test_pages_read_lately_are_re_replicated_from_the_copy_fetched_for_the_get(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    """A get leaves the fetched copy staged (the page stays remote when the pool is full);
+    when a holder of such a page goes, that copy is what gets placed again."""
+    net = MemNetwork(tmp_path, ["a", "b", "c", "d"])
+    a, pool, keys = await spill(net, compressible_pages)
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+    assert a.layer._staged, "the gets staged nothing"
+    net.nodes["b"].up = False
+    await net.settle(6)
+    hist = a.layer.replica_histogram()
+    assert min(hist) >= 2, hist
+    assert a.layer.stats.lost == 0

@@ -172,18 +172,28 @@ def test_get_promotes_evicted_page(tmp_path: Path, compressible_pages: list[byte
     cache.verify()
 
 
-def test_batch_get_whose_promotions_evict_the_pages_still_to_come(
+def test_promotions_never_evict_another_page(
     tmp_path: Path, compressible_pages: list[bytes], allocator: str
 ) -> None:
+    """A get brings an evicted page home only into free room: with the pool full, a batch get
+    of evicted pages evicts nothing (each would push another page out); once flushes made room,
+    the same gets promote."""
     backing = BackingFile(tmp_path / "b.dat")
     cache = ZCache(ZCacheConfig(pool_limit_frames=30), evictor=backing)
     pool = cache.create_pool(P, allocator)
     keys = [(0, i) for i in range(88)]
     cache.put_batch(pool, keys, compressible_pages)
-    evicted = evicted_keys(cache, pool)
-    order = sorted(evicted) + sorted(set(keys) - evicted)  # promotions first, RAM pages after
+    evicted = sorted(evicted_keys(cache, pool))
+    in_ram = sorted(set(keys) - set(evicted))
+    before = cache.reaper.stats.evicted_persistent
+    order = evicted + in_ram
     assert cache.get_batch(pool, order) == [compressible_pages[i] for _, i in order]
-    assert cache.stats.promoted > 0 and cache.reaper.stats.evicted_persistent > len(evicted)
+    assert cache.reaper.stats.evicted_persistent == before
+    for oid, index in in_ram:  # room: the evicted pages can come home now
+        cache.flush_page(pool, oid, index)
+    assert cache.get_batch(pool, evicted) == [compressible_pages[i] for _, i in evicted]
+    assert cache.stats.promoted > 0 and cache.reaper.stats.evicted_persistent == before
+    assert len(evicted_keys(cache, pool)) < len(evicted)
     cache.verify()
 
 
