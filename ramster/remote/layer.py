@@ -115,7 +115,7 @@ class RamsterLayer:
         self,
         node_id: str,
         incarnation: str,
-        peers: list[str],
+        seeds: list[str],
         config: RemoteConfig | None = None,
         local: LocalDisk | None = None,
         seed: int | None = None,
@@ -126,7 +126,7 @@ class RamsterLayer:
         self.membership = Membership(
             node_id,
             incarnation,
-            peers,
+            seeds,
             self.config.down_after,
             seed,
             advertise,

@@ -94,7 +94,7 @@ class Membership:
     incarnation: str
     seeds: list[str]
     down_after: float
-    seed: int | None = None
+    rng_seed: int | None = None  # placement's random choices (tests fix it)
     advertise: str = ""  # our own peer address, never a member
     forget_after: float = 60.0
     peers: dict[str, Peer] = field(init=False)
@@ -106,7 +106,7 @@ class Membership:
         self.peers = {a: Peer(a) for a in self.seeds}
         self.selves = {self.advertise} if self.advertise else set()
         self.aliases = set()
-        self._rng = random.Random(self.seed)
+        self._rng = random.Random(self.rng_seed)
 
     # -- learning -----------------------------------------------------------------------------
     def learn(self, addresses: Iterable[str], now: float, synced: bool = False) -> list[str]:
