@@ -75,7 +75,7 @@ class Peer:
     suspect: bool = False  # a call to it failed since it last answered: try it last
     synced: bool = True  # False until it has said what it still holds for us
     asked: bool = False  # a heartbeat went to it since it was learnt
-    down_since: float = 0.0  # when it was learnt or last went down
+    down_since: float = 0.0  # when it was learnt or last went down (0: not yet counted)
 
     @property
     def placeable(self) -> bool:
@@ -197,12 +197,17 @@ class Membership:
         return down
 
     def forgettable(self, now: float) -> list[Peer]:
-        """Members down after leaving, or down (or never heard) for `forget_after`."""
-        return [
-            p
-            for p in self.peers.values()
-            if not p.up and (p.leaving or now - p.down_since > self.forget_after)
-        ]
+        """Members down after leaving, or down (or never heard) for `forget_after`.  A member
+        known from before the clock ran (a seed, the journal's holders) starts counting now."""
+        out = []
+        for p in self.peers.values():
+            if p.up:
+                continue
+            if not p.down_since:
+                p.down_since = now
+            if p.leaving or now - p.down_since > self.forget_after:
+                out.append(p)
+        return out
 
     # -- placement ----------------------------------------------------------------------------
     def live(self) -> list[Peer]:

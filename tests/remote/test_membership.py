@@ -52,6 +52,9 @@ def test_down_members_are_forgettable_at_once_after_leaving_else_after_forget_af
     m.expire(now=10.0)
     assert [p.address for p in m.forgettable(now=10.0)] == ["b:1"]
     assert [p.address for p in m.forgettable(now=71.0)] == ["b:1", "c:1"]
+    m = Membership("a", "me", ["b:1"], down_after=3.0, forget_after=60.0)
+    assert m.forgettable(now=1000.0) == []  # a seed never heard: its time starts now
+    assert [p.address for p in m.forgettable(now=1061.0)] == ["b:1"]
 
 
 async def test_a_node_joins_from_one_seed_and_every_member_learns_it(
