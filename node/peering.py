@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import grpc
 
 from node.sealing import Sealer
+from node.settings import parse_hostport
 from ramster.certs import NODE, member_of_pem
 from ramster.remote import ForeignStore, OwnerTag
 from ramster.remote.events import FlushItem
@@ -83,15 +84,14 @@ class Identity:
 
 
 def valid_address(address: str) -> bool:
-    """A peer address as nodes tell each other: HOST:PORT, port 1..65535, no spaces."""
-    host, sep, port = address.rpartition(":")
-    return (
-        bool(sep and host and port.isdigit())
-        and 0 < int(port) < 65536
-        and len(address.encode()) <= MAX_ADDRESS
-        and address.isprintable()
-        and " " not in address
-    )
+    """A peer address as nodes tell each other: HOST:PORT as the settings parse it, port
+    1..65535, printable, no spaces, at most MAX_ADDRESS bytes."""
+    if len(address.encode()) > MAX_ADDRESS or not address.isprintable() or " " in address:
+        return False
+    try:
+        return parse_hostport(address).port > 0
+    except ValueError:
+        return False
 
 
 def split_zpages(blob: bytes, sizes: list[int]) -> list[bytes]:

@@ -789,7 +789,7 @@ class RamsterLayer:
                     continue
             sources = self._fetch_sources(location)
             if any(not peers[s.address].suspect for s in sources):
-                out.append(Wanted(location, tuple(sources)))
+                out.append(Wanted(location, sources))
             elif sources:
                 later.append(location)
             else:
