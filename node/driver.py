@@ -19,9 +19,9 @@
 #
 # Gets of remote pages call `prefetch()` first (the node's chunked engine once per batch): the
 # copies the layer wants are fetched from live holders, grouped by holder in calls of
-# FETCH_BATCH keys that are all in flight together, verified against their checksum and key, and
-# handed back (Fetched) for zcache's synchronous load; a holder that times out, fails or returns
-# damaged bytes is skipped for the next one.
+# FETCH_BATCH slots that are all in flight together, checked whole (zcache checks each one's
+# checksum and key when it opens it), and handed back (Fetched) for zcache's synchronous load; a
+# holder that times out, fails or returns damaged bytes is skipped for the next one.
 from __future__ import annotations
 
 import asyncio
@@ -34,7 +34,6 @@ from typing import Protocol
 from ramster.remote.events import (
     Fetch,
     Fetched,
-    FetchSource,
     Flush,
     Flushed,
     FlushItem,
@@ -50,11 +49,11 @@ from ramster.remote.events import (
 )
 from ramster.remote.layer import MemberEvents, RamsterLayer
 from ramster.remote.membership import PeerEvent, PeerInfo
-from ramster.zcache.codec import zpage_key, zpage_length
+from ramster.zcache.codec import zpage_length
 
 log = logging.getLogger("ramster.remote")
 PREFETCH_ROUNDS = 3
-FETCH_BATCH = 128  # keys per GetZpages call; a batch's calls run concurrently
+FETCH_BATCH = 128  # slots per GetZpages call; a batch's calls run concurrently
 
 
 class Transport(Protocol):
@@ -72,12 +71,7 @@ class Transport(Protocol):
         ...
 
     async def get(
-        self,
-        address: str,
-        epoch: int,
-        pool_id: int,
-        keys: list[tuple[int, int]],
-        locations: list[int],
+        self, address: str, epoch: int, pool_id: int, locations: list[int]
     ) -> list[bytes | None]:
         """The copies a peer holds of the versions `locations` number, None where it has none
         (a copy that is not that version may come back damaged: the caller verifies)."""
@@ -85,7 +79,9 @@ class Transport(Protocol):
 
     async def flush(self, address: str, items: tuple[FlushItem, ...]) -> None: ...
 
-    async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int, int]]: ...
+    async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int]]:
+        """(pool id, slot) of every copy the peer holds for us."""
+        ...
 
 
 class RemoteDriver:
@@ -174,7 +170,7 @@ class RemoteDriver:
         """Ask a peer what it still holds for us and let the layer match it."""
         self._reclaiming.add(action.address)
         try:
-            keys = await self.transport.reclaim(action.address, action.epoch)
+            copies = await self.transport.reclaim(action.address, action.epoch)
         except Exception as exc:
             log.info("reclaim from %s failed: %s", action.address, exc)
             self._handle(Silent(action.address))
@@ -183,11 +179,11 @@ class RemoteDriver:
             self._reclaiming.discard(action.address)
         stats = self.layer.stats
         before = stats.orphans_flushed
-        self.layer.handle(Reclaimed(action.address, frozenset(keys)))
+        self.layer.handle(Reclaimed(action.address, frozenset(copies)))
         log.info(
             "peer %s holds %d of our pages; %d unknown ones flushed",
             action.address,
-            len(keys),
+            len(copies),
             stats.orphans_flushed - before,
         )
 
@@ -265,14 +261,12 @@ class RemoteDriver:
         first source, those that failed ask their next.  A round's keys are grouped by holder
         and cut into calls of FETCH_BATCH keys, all in flight at once."""
         found: dict[int, bytes] = {}
-        pending = [(loc, sources) for loc, sources in wanted if sources]
+        pending = [(loc, pool, sources) for loc, pool, sources in wanted if sources]
         while pending:
-            groups: dict[tuple[str, int, int], list[tuple[int, FetchSource]]] = {}
-            for location, sources in pending:
+            groups: dict[tuple[str, int, int], list[int]] = {}
+            for location, pool_id, sources in pending:
                 first = sources[0]
-                groups.setdefault((first.address, first.epoch, first.pool_id), []).append(
-                    (location, first)
-                )
+                groups.setdefault((first.address, first.epoch, pool_id), []).append(location)
             calls = [
                 self._get_group(group, items[start : start + FETCH_BATCH], damaged)
                 for group, items in groups.items()
@@ -281,29 +275,25 @@ class RemoteDriver:
             replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
             for reply in replies:
                 found.update(reply)
-            pending = [(loc, sources[1:]) for loc, sources in pending if loc not in found]
-            pending = [(loc, sources) for loc, sources in pending if sources]
+            pending = [
+                (loc, pool, sources[1:]) for loc, pool, sources in pending if loc not in found
+            ]
+            pending = [(loc, pool, sources) for loc, pool, sources in pending if sources]
         return found
 
     async def _get_group(
-        self,
-        group: tuple[str, int, int],
-        items: list[tuple[int, FetchSource]],
-        damaged: list[tuple[int, str]],
+        self, group: tuple[str, int, int], locations: list[int], damaged: list[tuple[int, str]]
     ) -> dict[int, bytes]:
         address, epoch, pool_id = group
-        keys = [(src.oid, src.page_index) for _, src in items]
         try:
-            zpages = await self.transport.get(
-                address, epoch, pool_id, keys, [location for location, _ in items]
-            )
+            zpages = await self.transport.get(address, epoch, pool_id, locations)
         except Exception as exc:
-            log.info("fetch of %d zpages from %s failed: %s", len(keys), address, exc)
+            log.info("fetch of %d zpages from %s failed: %s", len(locations), address, exc)
             self._handle(Silent(address))
             return {}
         out = {}
-        for (location, src), zpage in zip(items, zpages, strict=True):
-            if zpage is not None and _intact(zpage, src.oid, src.page_index):
+        for location, zpage in zip(locations, zpages, strict=True):
+            if zpage is not None and _intact(zpage):
                 out[location] = zpage
             elif zpage is not None:
                 log.warning("peer %s returned a damaged copy", address)
@@ -324,5 +314,6 @@ class RemoteDriver:
             await self._fetch(fetch)
 
 
-def _intact(zpage: bytes, oid: int, index: int) -> bool:
-    return 0 < zpage_length(zpage) == len(zpage) and zpage_key(zpage) == (oid, index)
+def _intact(zpage: bytes) -> bool:
+    """A whole zpage (its key and checksum are checked when zcache opens it)."""
+    return 0 < zpage_length(zpage) == len(zpage)

@@ -3,20 +3,20 @@
 #
 # Both are thin: the servicer decodes a request, calls the ForeignStore, encodes the reply; the
 # transport is the reverse, with a deadline on every call so a frozen or partitioned peer costs a
-# timeout, never a hang.  zpages travel as one blob plus a packed list of sizes and their keys.
+# timeout, never a hang.  zpages travel as one blob plus a packed list of sizes and their slots.
 #
 # The servicer trusts nothing a caller sends: every field of every request is checked before the
-# store sees it (owner names, key ranges and list lengths, at most MAX_BATCH_PAGES keys as in the
-# client API, each blob's size against what a frame holds, sizes adding up to the blob, no key
-# twice in a put), and a request that fails any check is INVALID_ARGUMENT with nothing changed.
+# store sees it (owner names, slot ranges and list lengths, at most MAX_BATCH_PAGES slots as in
+# the client API, each blob's size against what a frame holds, sizes adding up to the blob, no
+# slot twice in a put), and a request that fails any check is INVALID_ARGUMENT with nothing changed.
 #
 # Sealing happens here, in the transport, so the ramster layer keeps handling plain zpages: put
-# seals each zpage under the owner's key (node/sealing.py) bound to its pool, key and location
-# (the version), and sends its key beside it, since the holder cannot read the header; get opens
+# seals each zpage under the owner's key (node/sealing.py) bound to its pool and location (the
+# version), and sends the location's slot beside it, which the holder files it under; get opens
 # what comes back, and a blob that does not open comes back as b"" (a damaged copy: the driver
 # counts it and tries the next holder).  A zpage whose sealed blob fits no holder frame (a raw,
 # incompressible page) is refused without a call, so the owner keeps it on its disk.  Calls are
-# cut into batches of MAX_BATCH_PAGES keys, the limit the servicer enforces.
+# cut into batches of MAX_BATCH_PAGES slots, the limit the servicer enforces.
 #
 # Identity (with TLS): the peer listener is mTLS, and PeerAuthInterceptor, the innermost
 # interceptor of that listener, admits a call only if the caller's CA-signed certificate names a
@@ -47,18 +47,18 @@ from ramster.remote import ForeignStore, OwnerTag
 from ramster.remote.events import FlushItem
 from ramster.remote.foreign import MAX_BLOB, blob_fits
 from ramster.remote.membership import MAX_ADDRESS, MAX_MEMBERS, PeerInfo
+from ramster.remote.table import SLOT_LIMIT, slot_of
 from ramster.v1 import peer_pb2 as pb
 from ramster.v1 import peer_pb2_grpc
 from ramster.wire import (
     CHANNEL_OPTIONS,
     ENGINE_POOL_LIMIT,
-    INDEX_LIMIT,
     MAX_BATCH_PAGES,
     all_in_range,
     check_count,
     in_range,
 )
-from ramster.zcache.codec import PAGE_SIZE, zpage_key
+from ramster.zcache.codec import PAGE_SIZE
 
 T = TypeVar("T")
 RECLAIM_CHUNK = 65536  # keys per ReclaimChunk: about 1 MiB
@@ -116,32 +116,27 @@ def _owner(message: pb.Owner) -> OwnerTag:
     return OwnerTag(message.node_id, message.incarnation)
 
 
-def _keys(field: str, oids: list[int], indices: list[int]) -> list[tuple[int, int]]:
-    """(oid, index) keys of a request: at most MAX_BATCH_PAGES, one oid per index, indexes
-    in the engine's range."""
-    check_count(len(indices))
-    if len(oids) != len(indices):
-        raise ValueError(
-            f"{field} needs one oid per index: {len(oids)} oids, {len(indices)} indices"
-        )
-    all_in_range("indices", indices, INDEX_LIMIT)
-    return list(zip(oids, indices, strict=True))
+def _slots(slots: list[int]) -> list[int]:
+    """The owner's slots a request names: at most MAX_BATCH_PAGES, each below 2**32."""
+    check_count(len(slots))
+    all_in_range("slots", slots, SLOT_LIMIT)
+    return slots
 
 
-def _put_items(request: pb.PutZpagesRequest) -> tuple[list[tuple[int, int]], list[bytes]]:
-    """The keys and blobs of a put, every field checked."""
+def _put_items(request: pb.PutZpagesRequest) -> tuple[list[int], list[bytes]]:
+    """The slots and blobs of a put, every field checked."""
     sizes = list(request.sizes)
-    keys = _keys("a put", list(request.oids), list(request.indices))
-    if len(sizes) != len(keys):
-        raise ValueError(f"a put needs one size per key: {len(sizes)} sizes, {len(keys)} keys")
+    slots = _slots(list(request.slots))
+    if len(sizes) != len(slots):
+        raise ValueError(f"a put needs one size per slot: {len(sizes)} sizes, {len(slots)} slots")
     bad = next((size for size in sizes if not blob_fits(size)), None)
     if bad is not None:
         raise ValueError(
             f"a zpage of {bad} bytes fits no frame: 1 to {MAX_BLOB} bytes, or {PAGE_SIZE}"
         )
-    if len(set(keys)) != len(keys):
-        raise ValueError("a put names the same key twice")
-    return keys, split_zpages(request.zpages, sizes)
+    if len(set(slots)) != len(slots):
+        raise ValueError("a put names the same slot twice")
+    return slots, split_zpages(request.zpages, sizes)
 
 
 class PeerServicer(peer_pb2_grpc.PeerServicer):
@@ -195,10 +190,10 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         def put() -> pb.PutZpagesResponse:
             owner = _owner(request.owner)
             in_range("pool_id", request.pool_id, ENGINE_POOL_LIMIT)
-            keys, blobs = _put_items(request)
+            slots, blobs = _put_items(request)
             if self.identity.leaving:  # take nothing new on the way out
                 return pb.PutZpagesResponse(stored=[False] * len(blobs))
-            stored = self.foreign.put(owner, request.epoch, request.pool_id, keys, blobs)
+            stored = self.foreign.put(owner, request.epoch, request.pool_id, slots, blobs)
             return pb.PutZpagesResponse(stored=stored)
 
         return await self._run(context, put)
@@ -209,8 +204,8 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         def get() -> pb.GetZpagesResponse:
             owner = _owner(request.owner)
             in_range("pool_id", request.pool_id, ENGINE_POOL_LIMIT)
-            keys = _keys("a get", list(request.oids), list(request.indices))
-            got = self.foreign.get(owner, request.epoch, request.pool_id, keys)
+            slots = _slots(list(request.slots))
+            got = self.foreign.get(owner, request.epoch, request.pool_id, slots)
             found = [z or b"" for z in got]
             return pb.GetZpagesResponse(zpages=b"".join(found), sizes=[len(z) for z in found])
 
@@ -219,32 +214,27 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     async def Reclaim(
         self, request: pb.ReclaimRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ReclaimChunk]:
-        keys = await self._run(
+        copies = await self._run(
             context, lambda: self.foreign.reclaim(_owner(request.owner), request.epoch)
         )
-        for start in range(0, len(keys), RECLAIM_CHUNK):
-            part = keys[start : start + RECLAIM_CHUNK]
-            yield pb.ReclaimChunk(
-                pool_ids=[k[0] for k in part],
-                oids=[k[1] for k in part],
-                indices=[k[2] for k in part],
-            )
+        for start in range(0, len(copies), RECLAIM_CHUNK):
+            part = copies[start : start + RECLAIM_CHUNK]
+            yield pb.ReclaimChunk(pool_ids=[c[0] for c in part], slots=[c[1] for c in part])
 
     async def FlushZpages(
         self, request: pb.FlushZpagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.FlushZpagesResponse:
         def flush() -> pb.FlushZpagesResponse:
             owner = _owner(request.owner)
-            _keys("a flush", list(request.oids), list(request.indices))
-            n = len(request.oids)
+            n = len(_slots(list(request.slots)))
             if not len(request.epochs) == len(request.pool_ids) == n:
-                raise ValueError("epochs, pool_ids, oids and indices must have the same length")
+                raise ValueError("epochs, pool_ids and slots must have the same length")
             all_in_range("pool_ids", request.pool_ids, ENGINE_POOL_LIMIT)
             flushed = 0
-            for epoch, pool_id, oid, index in zip(
-                request.epochs, request.pool_ids, request.oids, request.indices, strict=True
+            for epoch, pool_id, slot in zip(
+                request.epochs, request.pool_ids, request.slots, strict=True
             ):
-                flushed += self.foreign.flush(owner, epoch, pool_id, [(oid, index)])
+                flushed += self.foreign.flush(owner, epoch, pool_id, [slot])
             return pb.FlushZpagesResponse(flushed=flushed)
 
         return await self._run(context, flush)
@@ -396,12 +386,8 @@ class GrpcTransport:
     ) -> list[bool]:
         """Seal and place zpages; per zpage whether the peer stored it (False without a call
         for one whose sealed blob fits no holder frame)."""
-        keys = [zpage_key(z) for z in zpages]
         seal = self.sealer.seal
-        blobs = [
-            seal(pool_id, oid, index, location, zpage)
-            for (oid, index), location, zpage in zip(keys, locations, zpages, strict=True)
-        ]
+        blobs = [seal(pool_id, loc, zpage) for loc, zpage in zip(locations, zpages, strict=True)]
         sendable = [i for i, blob in enumerate(blobs) if blob_fits(len(blob))]
         stored = [False] * len(zpages)
         for start in range(0, len(sendable), MAX_BATCH_PAGES):
@@ -413,8 +399,7 @@ class GrpcTransport:
                     pool_id=pool_id,
                     zpages=b"".join([blobs[i] for i in part]),
                     sizes=[len(blobs[i]) for i in part],
-                    oids=[keys[i][0] for i in part],
-                    indices=[keys[i][1] for i in part],
+                    slots=[slot_of(locations[i]) for i in part],
                 ),
                 timeout=self.timeout * 4,
             )
@@ -429,34 +414,31 @@ class GrpcTransport:
         address: str,
         epoch: int,
         pool_id: int,
-        keys: list[tuple[int, int]],
         locations: list[int],
     ) -> list[bytes | None]:
-        """The zpages a peer holds under `keys`, opened: None where it holds none, b"" where
-        what it holds is not our seal of that version (damaged)."""
+        """The zpages a peer holds for `locations` (under their slots), opened: None where it
+        holds none, b"" where what it holds is not our seal of that version (damaged)."""
         out: list[bytes | None] = []
-        for start in range(0, len(keys), MAX_BATCH_PAGES):
-            part = keys[start : start + MAX_BATCH_PAGES]
+        open_ = self.sealer.open
+        for start in range(0, len(locations), MAX_BATCH_PAGES):
+            part = locations[start : start + MAX_BATCH_PAGES]
             reply = await self._stub(address).GetZpages(
                 pb.GetZpagesRequest(
                     owner=self._me,
                     epoch=epoch,
                     pool_id=pool_id,
-                    oids=[k[0] for k in part],
-                    indices=[k[1] for k in part],
+                    slots=[slot_of(location) for location in part],
                 ),
                 timeout=self.timeout,
             )
             blobs = split_zpages(reply.zpages, list(reply.sizes))
             if len(blobs) != len(part):
-                raise ValueError(f"peer {address} answered for {len(blobs)} of {len(part)} keys")
-            for (oid, index), location, blob in zip(
-                part, locations[start : start + MAX_BATCH_PAGES], blobs, strict=True
-            ):
+                raise ValueError(f"peer {address} answered for {len(blobs)} of {len(part)} slots")
+            for location, blob in zip(part, blobs, strict=True):
                 if not blob:
                     out.append(None)  # not held
                 else:  # not our seal of that version: b"", a damaged copy
-                    out.append(self.sealer.open(pool_id, oid, index, location, blob) or b"")
+                    out.append(open_(pool_id, location, blob) or b"")
         return out
 
     async def flush(self, address: str, items: tuple[FlushItem, ...]) -> None:
@@ -467,22 +449,21 @@ class GrpcTransport:
                     owner=self._me,
                     epochs=[i.epoch for i in part],
                     pool_ids=[i.pool_id for i in part],
-                    oids=[i.oid for i in part],
-                    indices=[i.page_index for i in part],
+                    slots=[i.slot for i in part],
                 ),
                 timeout=self.timeout * 4,
             )
 
-    async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int, int]]:
-        keys: set[tuple[int, int, int]] = set()
+    async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int]]:
+        copies: set[tuple[int, int]] = set()
         call = self._stub(address).Reclaim(
             pb.ReclaimRequest(owner=self._me, epoch=epoch), timeout=self.timeout * 30
         )
         async for chunk in call:
-            if not len(chunk.pool_ids) == len(chunk.oids) == len(chunk.indices):
+            if len(chunk.pool_ids) != len(chunk.slots):
                 raise ValueError(f"peer {address} sent a reclaim chunk of mismatched lists")
-            keys.update(zip(chunk.pool_ids, chunk.oids, chunk.indices, strict=True))
-        return keys
+            copies.update(zip(chunk.pool_ids, chunk.slots, strict=True))
+        return copies
 
     async def close(self) -> None:
         for channel in self._channels.values():

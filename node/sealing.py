@@ -7,14 +7,16 @@
 # else can read it).  A data directory that is lost takes the key with it, which is right: the
 # pages it sealed belong to a node that no longer exists.
 #
-# Associated data binds each blob to where and what it is: the owner's node id, the pool, the key
-# (oid, index) and the owner's location number, which names one version of one page (a new put
-# of the key gets a new location).  A holder that returns the blob of another key, pool, owner
-# or an older version of the same key fails authentication.  The epoch is *not* bound: it names
-# the holder's restart generation as the owner saw it, and it changes under a live copy (an
-# owner back from a restart starts at epoch 1 and `Reclaim` moves copies to it), so binding it
-# would make good copies unreadable; the location already pins the version.  A blob that fails
-# to open is a damaged copy: the driver counts it and tries the next holder.
+# Associated data binds each blob to where and what it is: the owner's node id, the pool and the
+# owner's location number, which names one version of one page (a new put of a key gets a new
+# location, and a location is never handed out twice).  A holder that returns the blob of
+# another page, pool or owner, or an older version of the same page, fails authentication; the
+# page's key, inside the sealed zpage, is checked again by zcache when it opens the page.  The
+# epoch is *not* bound: it names the holder's restart generation as the owner saw it, and it
+# changes under a live copy (an owner back from a restart starts at epoch 1 and `Reclaim` moves
+# copies to it), so binding it would make good copies unreadable; the location already pins the
+# version.  A blob that fails to open is a damaged copy: the driver counts it and tries the next
+# holder.
 #
 # Nonces are a 96-bit counter started at a random point per process (per Sealer), so they never
 # repeat within a process, and two processes' ranges overlap only with probability about
@@ -41,7 +43,7 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 OVERHEAD = NONCE_BYTES + TAG_BYTES
 _NONCE_SPACE = 1 << (8 * NONCE_BYTES)
-_WHERE = struct.Struct("<IQIQ")  # pool, oid, index, location
+_WHERE = struct.Struct("<IQ")  # pool, location
 
 
 class SealingKeyError(OSError):
@@ -91,23 +93,22 @@ class Sealer:
         self._owner = owner.encode()
         self._nonce = secrets.randbelow(_NONCE_SPACE)
 
-    def _associated(self, pool_id: int, oid: int, index: int, location: int) -> bytes:
-        return _WHERE.pack(pool_id, oid, index, location) + self._owner
+    def _associated(self, pool_id: int, location: int) -> bytes:
+        return _WHERE.pack(pool_id, location) + self._owner
 
-    def seal(self, pool_id: int, oid: int, index: int, location: int, zpage: bytes) -> bytes:
-        """`zpage` sealed for the version `location` of (pool, oid, index): nonce, then
+    def seal(self, pool_id: int, location: int, zpage: bytes) -> bytes:
+        """`zpage` sealed as the page version `location` of pool `pool_id`: nonce, then
         ciphertext and tag."""
         self._nonce = (self._nonce + 1) % _NONCE_SPACE
         nonce = self._nonce.to_bytes(NONCE_BYTES, "little")
-        where = self._associated(pool_id, oid, index, location)
-        return nonce + self._aead.encrypt(nonce, zpage, where)
+        return nonce + self._aead.encrypt(nonce, zpage, self._associated(pool_id, location))
 
-    def open(self, pool_id: int, oid: int, index: int, location: int, blob: bytes) -> bytes | None:
+    def open(self, pool_id: int, location: int, blob: bytes) -> bytes | None:
         """The zpage sealed in `blob`, or None if it is not this owner's seal of exactly that
-        version of that page."""
+        page version."""
         if len(blob) < OVERHEAD:
             return None
-        where = self._associated(pool_id, oid, index, location)
+        where = self._associated(pool_id, location)
         try:
             zpage: bytes = self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], where)
         except InvalidTag:

@@ -25,28 +25,25 @@ class Placed(NamedTuple):
 
 
 class FlushItem(NamedTuple):
-    """A copy a holder must drop: the epoch it was placed in and its key."""
+    """A copy a holder must drop: the epoch it was placed in, its pool and its slot."""
 
     epoch: int
     pool_id: int
-    oid: int
-    page_index: int
+    slot: int
 
 
 class FetchSource(NamedTuple):
-    """Where a remote copy can be fetched: the peer, the epoch it was placed in, its key."""
+    """Where a remote copy can be fetched: the peer and the epoch it was placed in."""
 
     address: str
     epoch: int
-    pool_id: int
-    oid: int
-    page_index: int
 
 
 class Wanted(NamedTuple):
-    """A location whose bytes are wanted, and the holders to ask, best first."""
+    """A location whose bytes are wanted, its pool, and the holders to ask, best first."""
 
     location: int
+    pool_id: int
     sources: tuple[FetchSource, ...]
 
 
@@ -162,10 +159,10 @@ class Fetched:
 
 @dataclass(frozen=True)
 class Reclaimed:
-    """What `address` still holds for us: (pool id, oid, index) keys."""
+    """What `address` still holds for us: (pool id, slot) of each copy."""
 
     address: str
-    keys: frozenset[tuple[int, int, int]]
+    copies: frozenset[tuple[int, int]]
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,13 @@
 # learns their keys (it flushes those it no longer knows).
 #
 # What a holder stores is opaque: owners seal their zpages (node/sealing.py), so a holder cannot
-# read their headers and every blob comes with its (oid, index) key.  A blob is wrapped in a zpage
-# header of its own (make_zpage(oid, index, blob)), which gives the engine its key and a checksum
-# against bit rot in this node's RAM, and is unwrapped on the way out.  A blob must fit a frame
-# once wrapped: at most PAGE_SIZE - HEADER_SIZE bytes (a zbud/zsmalloc slot), or exactly
-# PAGE_SIZE (a raw frame); anything else is refused, never truncated.
+# read their headers, and every blob comes with the owner's slot for it (its row in the owner's
+# table, ramster/remote/table.py), which the holder files it under: key (0, slot) in the owner's
+# pool.  Slots are dense, so the engine's index costs ~9 bytes per copy.  A blob is wrapped in a
+# zpage header of its own (make_zpage(0, slot, blob)), which gives the engine its key and a
+# checksum against bit rot in this node's RAM, and is unwrapped on the way out.  A blob must fit
+# a frame once wrapped: at most PAGE_SIZE - HEADER_SIZE bytes (a zbud/zsmalloc slot), or
+# exactly PAGE_SIZE (a raw frame); anything else is refused, never truncated.
 #
 # Limits, so that no caller can take the store from the others (the owner id is whatever the
 # request claims until the peer listener authenticates it with mTLS; then it is the certificate's):
@@ -39,6 +41,13 @@ PoolTag = tuple[str, str, int, int]  # owner node id, owner incarnation, epoch, 
 MAX_BLOB = PAGE_SIZE - HEADER_SIZE  # the longest blob that fits a slot once wrapped
 POOL_FRAMES = 2  # quota charged per foreign pool: its index and allocator metadata (~6 KiB)
 DEFAULT_MAX_OWNERS = 64
+
+
+def _keys(slots: list[int]) -> list[tuple[int, int]]:
+    """The engine keys the copies of `slots` are filed under (checked: a slot is an index)."""
+    keys = [(0, slot) for slot in slots]
+    check_keys(keys)
+    return keys
 
 
 def blob_fits(size: int) -> bool:
@@ -87,15 +96,15 @@ class ForeignStore:
         owner: OwnerTag,
         epoch: int,
         pool_id: int,
-        keys: list[tuple[int, int]],
+        slots: list[int],
         blobs: list[bytes],
     ) -> list[bool]:
-        """Store an owner's blobs under their keys; per blob whether it was taken.  A blob that
+        """Store an owner's blobs under their slots; per blob whether it was taken.  A blob that
         does not fit, or finds no room in the owner's share, is refused (the owner places it
         elsewhere)."""
-        if len(keys) != len(blobs):
-            raise ValueError(f"{len(keys)} keys for {len(blobs)} blobs")
-        check_keys(keys)
+        if len(slots) != len(blobs):
+            raise ValueError(f"{len(slots)} slots for {len(blobs)} blobs")
+        keys = _keys(slots)
         stored = [False] * len(blobs)
         tag = (owner.node_id, owner.incarnation, epoch, pool_id)
         pool = self.pools.get(tag)
@@ -129,9 +138,9 @@ class ForeignStore:
         if pool is not None and not self.cache.pool_pages(pool):
             self.cache.destroy_pool(self.pools.pop(tag))
 
-    def reclaim(self, owner: OwnerTag, epoch: int) -> list[tuple[int, int, int]]:
+    def reclaim(self, owner: OwnerTag, epoch: int) -> list[tuple[int, int]]:
         """Move every page held for `owner.node_id` under its current incarnation and `epoch`;
-        their (pool id, oid, index) keys."""
+        their (pool id, slot)."""
         for tag in [t for t in self.pools if t[0] == owner.node_id]:
             target = (owner.node_id, owner.incarnation, epoch, tag[3])
             if tag == target:
@@ -146,25 +155,25 @@ class ForeignStore:
             self.cache.store_zpages(into, zpages)
             self.cache.destroy_pool(source)
         return [
-            (tag[3], oid, index)
+            (tag[3], slot)
             for tag, pool in self.pools.items()
             if tag[0] == owner.node_id
-            for oid, index in self.cache.keys(pool)
+            for _, slot in self.cache.keys(pool)
         ]
 
     def get(
-        self, owner: OwnerTag, epoch: int, pool_id: int, keys: list[tuple[int, int]]
+        self, owner: OwnerTag, epoch: int, pool_id: int, slots: list[int]
     ) -> list[bytes | None]:
-        """The blobs held under `keys`, None where nothing is held."""
-        check_keys(keys)
+        """The blobs held under `slots`, None where nothing is held."""
+        keys = _keys(slots)
         pool = self.pools.get((owner.node_id, owner.incarnation, epoch, pool_id))
         if pool is None:
             return [None] * len(keys)
         self.moved += len(keys)
         return [z[HEADER_SIZE:] if z else None for z in self.cache.read_zpages(pool, keys)]
 
-    def flush(self, owner: OwnerTag, epoch: int, pool_id: int, keys: list[tuple[int, int]]) -> int:
-        check_keys(keys)
+    def flush(self, owner: OwnerTag, epoch: int, pool_id: int, slots: list[int]) -> int:
+        keys = _keys(slots)
         tag = (owner.node_id, owner.incarnation, epoch, pool_id)
         pool = self.pools.get(tag)
         if pool is None:

@@ -25,20 +25,23 @@
 # Replay folds the records into one (pool, oid, index, allocator, holders, disk) per live location;
 # a torn last record is ignored.  The file is rewritten compactly (temporary file, rename) at open
 # and at a clean close, and whenever it grows past four times its live content, so it stays
-# proportional to what is remote.  Entries with no copy anywhere (still in the outbox at a crash)
-# are not recovered: their only copy was in RAM.
+# proportional to what is remote.  The owner's table keeps no keys (table.py), so a running
+# owner compacts the file from itself (`compact`): the KEY records of live locations are kept,
+# their copies written afresh from the table.  Entries with no copy anywhere (still in the
+# outbox at a crash) are not recovered: their only copy was in RAM.
 from __future__ import annotations
 
 import json
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ramster.zcache.config import ALLOCATORS
 
 RECORD = struct.Struct("<BBHIIxxxxQQ")
+_LOCATION = struct.Struct("<16xQ")  # a record's location field alone
 KEY, HOLDER, DROP, DISK, FORGET, HIGH = range(1, 7)
 GEN_SHIFT = 32  # a location is generation << 32 | slot (see table.py)
 JOURNAL_FILE = "remote.journal"
@@ -120,22 +123,59 @@ class Journal:
         self, entries: Mapping[int, Recovered] | Iterable[tuple[int, Recovered]], high_gen: int = 0
     ) -> None:
         """Replace the file by the records of `entries` alone (and the generation mark).  They
-        may come one at a time (an iterable of (location, entry)): the records go to the file
-        in pieces of REWRITE_CHUNK bytes, so compacting the journal of a million remote pages
-        builds no million objects at once."""
-        self.high_gen = max(self.high_gen, high_gen)
+        may come one at a time (an iterable of (location, entry))."""
         items = entries.items() if isinstance(entries, Mapping) else entries
+        self._write(
+            (
+                self._key(location, e.pool_id, e.allocator, e.oid, e.index)
+                + self._copies(location, e.holders, e.disk)
+                for location, e in items
+            ),
+            high_gen,
+        )
+
+    def compact(
+        self, state: Callable[[int], tuple[Iterable[str], int] | None], high_gen: int
+    ) -> None:
+        """Rewrite the file from itself: the KEY record of every location `state` knows, then
+        its copies as `state` gives them (holders, disk block); None: the location is gone.
+        The owner's table knows where copies are but not the keys, which only this file has;
+        the file is read in pieces, so compacting a million locations builds no million
+        objects at once."""
+        self.commit()
+
+        def records() -> Iterator[bytes]:
+            step = REWRITE_CHUNK - REWRITE_CHUNK % RECORD.size
+            with open(self.path, "rb") as f:
+                while chunk := f.read(step):
+                    whole = len(chunk) - len(chunk) % RECORD.size
+                    for at in range(0, whole, RECORD.size):
+                        op, location = chunk[at], _LOCATION.unpack_from(chunk, at)[0]
+                        if op == KEY and (copies := state(location)) is not None:
+                            yield chunk[at : at + RECORD.size] + self._copies(location, *copies)
+
+        try:
+            self._write(records(), high_gen)
+        except OSError as exc:
+            raise JournalError(f"cannot read {self.path}: {exc.strerror}") from None
+
+    def _copies(self, location: int, holders: Iterable[str], disk: int) -> bytes:
+        out = b"".join(
+            RECORD.pack(HOLDER, 0, self.slot(address), 0, 0, location, 0) for address in holders
+        )
+        return out + RECORD.pack(DISK, 0, 0, 0, 0, location, disk) if disk else out
+
+    def _write(self, blocks: Iterable[bytes], high_gen: int) -> None:
+        """Replace the file by the generation mark and `blocks` of records, written in pieces
+        of REWRITE_CHUNK bytes (temporary file, fsync, rename)."""
+        self.high_gen = max(self.high_gen, high_gen)
         tmp = self.path.with_name(self.path.name + ".tmp")
         written = 0
         try:
             with open(tmp, "wb") as f:
                 out = bytearray(RECORD.pack(HIGH, 0, 0, 0, 0, 0, self.high_gen))
-                for location, e in items:
-                    out += self._key(location, e.pool_id, e.allocator, e.oid, e.index)
-                    for address in e.holders:
-                        out += RECORD.pack(HOLDER, 0, self.slot(address), 0, 0, location, 0)
-                    if e.disk:
-                        out += RECORD.pack(DISK, 0, 0, 0, 0, location, e.disk)
+                for block in blocks:
+                    out += block
                     if len(out) >= REWRITE_CHUNK:
                         written += f.write(out)
                         out.clear()

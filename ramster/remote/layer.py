@@ -72,9 +72,9 @@ from ramster.remote.events import (
     Tick,
     Wanted,
 )
-from ramster.remote.journal import Journal, Recovered
+from ramster.remote.journal import Journal
 from ramster.remote.membership import Membership, Peer, PeerEvent, PeerInfo
-from ramster.remote.table import FREE, SLOT_MASK, RemoteTable
+from ramster.remote.table import FREE, SLOT_MASK, RemoteTable, slot_of
 from ramster.zcache.codec import zpage_key
 from ramster.zcache.errors import CorruptPage, PageUnavailable
 from ramster.zcache.evictor import Evictor
@@ -188,13 +188,13 @@ class RamsterLayer:
             case Fetched(fetch, copies, damaged):
                 for location, address in damaged:
                     self._mark_damaged(location, address)
-                for location, _ in fetch.wanted:
+                for location, _, _ in fetch.wanted:
                     if fetch.repair:
                         self._repaired(location, copies.get(location))
                     elif location in copies:
                         self._stage(location, copies[location])
-            case Reclaimed(address, keys):
-                self._reclaimed(address, set(keys))
+            case Reclaimed(address, copies):
+                self._reclaimed(address, set(copies))
             case Leaving():
                 self.closing = True
         return []
@@ -246,7 +246,7 @@ class RamsterLayer:
                 self.stats.lost += 1
                 journal.forget(location)
                 continue
-            table.restore(location, rec.pool_id, rec.allocator, rec.oid, rec.index)
+            table.restore(location, rec.pool_id, rec.allocator)
             table.set_disk(location, disk)
             for address in holders:
                 table.add_holder(location, address)
@@ -256,48 +256,40 @@ class RamsterLayer:
         self.stats.recovered = table.count
 
     def _compact_journal(self) -> None:
-        """Rewrite the journal from the table, one location at a time (journal.rewrite)."""
+        """Rewrite the journal: its keys of live locations, with their copies from the table."""
         if self.journal is None:
             return
         table = self.table
-        self.journal.rewrite(
-            (
-                (
-                    loc,
-                    Recovered(
-                        *self._key_alloc(loc), set(table.holders_of(loc)), table.disk_of(loc)
-                    ),
-                )
-                for loc in table
-            ),
-            table.high,
-        )
 
-    def _key_alloc(self, location: int) -> tuple[int, str, int, int]:
-        pool_id, oid, index = self.table.key(location)
-        return pool_id, self.table.allocator(location), oid, index
+        def copies(location: int) -> tuple[list[str], int] | None:
+            if location not in table:
+                return None
+            return table.holders_of(location), table.disk_of(location)
 
-    def _reclaimed(self, address: str, keys: set[tuple[int, int, int]]) -> None:
-        """What `address` still holds for us, asked once after our start: copies the table
-        expects there but the peer lost are dropped (and repaired); copies the table does not
-        know are flushed.  From now on the peer is used."""
+        self.journal.compact(copies, table.high)
+
+    def _reclaimed(self, address: str, copies: set[tuple[int, int]]) -> None:
+        """What `address` still holds for us, (pool, slot) of each copy, asked once after our
+        start: copies the table expects there but the peer lost are dropped (and repaired);
+        copies the table does not know are flushed.  From now on the peer is used."""
         peer = self.membership.peers.get(address)
         if peer is None:
             return
-        held = self.table.held_by(address)
+        table = self.table
+        held = table.held_by(address)
         lost = set()
         for location in held:
-            key = self.table.key(location)
-            if key in keys:
-                keys.discard(key)
+            copy = (table.pool_of(location), slot_of(location))
+            if copy in copies:
+                copies.discard(copy)
                 self.stats.reclaimed += 1
             else:
                 lost.add(location)
         for location in lost:
             self._drop_holder(location, address, flush=False)
-        for pool_id, oid, index in keys:
-            self._owe_flush(address, FlushItem(peer.epoch, pool_id, oid, index))
-        self.stats.orphans_flushed += len(keys)
+        for pool_id, slot in copies:
+            self._owe_flush(address, FlushItem(peer.epoch, pool_id, slot))
+        self.stats.orphans_flushed += len(copies)
         self._commit()
         peer.synced = True
         # what it holds and what has no peer copy at all (saved to disk at our stop) may be
@@ -425,7 +417,8 @@ class RamsterLayer:
     def _flush_copy(self, address: str, location: int) -> None:
         peer = self.membership.peers.get(address)
         if peer is not None:
-            self._owe_flush(address, FlushItem(peer.epoch, *self.table.key(location)))
+            item = FlushItem(peer.epoch, self.table.pool_of(location), slot_of(location))
+            self._owe_flush(address, item)
 
     def _owe_flush(self, address: str, item: FlushItem) -> None:
         owed = self._flushes.setdefault(address, [])
@@ -470,10 +463,9 @@ class RamsterLayer:
                 out.append(0)
                 self.stats.outbox_refused += 1
                 continue
-            oid, index = zpage_key(zpage)
-            location = self.table.new(pool_id, allocator, oid, index)
+            location = self.table.new(pool_id, allocator)
             if self.journal is not None:
-                self.journal.key(location, pool_id, allocator, oid, index)
+                self.journal.key(location, pool_id, allocator, *zpage_key(zpage))
             self._bytes[location] = zpage
             self._pending.append(location)
             self.outbox_bytes += len(zpage)
@@ -515,11 +507,11 @@ class RamsterLayer:
         self._short.discard(location)
         holders = table.holders_of(location)
         if holders:
-            key, peers = table.key(location), self.membership.peers
+            peers, slot = self.membership.peers, slot_of(location)
             for address in holders:
                 peer = peers.get(address)
                 if peer is not None:
-                    self._owe_flush(address, FlushItem(peer.epoch, *key))
+                    self._owe_flush(address, FlushItem(peer.epoch, pool_id, slot))
         disk = table.disk_of(location)
         if disk and self.local is not None:
             self.local.forget(pool_id, disk)
@@ -532,10 +524,14 @@ class RamsterLayer:
             self._commit()  # before the caller answers: a flushed page never comes back
 
     def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
-        """The locations found again in the journal, for zcache to file under their keys."""
-        for location in self.table:
-            pool_id, allocator, oid, index = self._key_alloc(location)
-            yield pool_id, allocator, oid, index, location
+        """The locations found again in the journal, for zcache to file under their keys
+        (once: the journal's replay is dropped after this)."""
+        if self.journal is None:
+            return
+        found, self.journal.recovered = self.journal.recovered, {}
+        for location, rec in found.items():
+            if location in self.table:
+                yield rec.pool_id, rec.allocator, rec.oid, rec.index, location
 
     def _commit(self) -> None:
         if self.journal is not None:
@@ -559,7 +555,7 @@ class RamsterLayer:
             need = self._needed(location)
             sending = self._sending.get(location, NOBODY)
             exclude = {*table.holders_of(location), *sending, *self._tried.get(location, ())}
-            pool_id = table.pool[location & SLOT_MASK]
+            pool_id = table.pool_of(location)
             while need > 0:
                 peer = membership.choose(exclude, among)
                 if peer is None:
@@ -597,7 +593,7 @@ class RamsterLayer:
         zpage = self._bytes.get(location)
         if zpage is None or self.table.disk_of(location) or self.local is None:
             return
-        pool_id, allocator, _, _ = self._key_alloc(location)
+        pool_id, allocator = self.table.pool_of(location), self.table.allocator(location)
         (disk,) = self.local.evict(pool_id, allocator, [zpage])
         if disk:
             self.table.set_disk(location, disk)
@@ -608,7 +604,7 @@ class RamsterLayer:
     def _drop_disk(self, location: int) -> None:
         disk = self.table.disk_of(location)
         if self.local is not None:
-            self.local.forget(self.table.key(location)[0], disk)
+            self.local.forget(self.table.pool_of(location), disk)
         self.table.set_disk(location, 0)
         if self.journal is not None:
             self.journal.disk(location, 0)
@@ -623,10 +619,10 @@ class RamsterLayer:
         """What the peer did with each zpage of `plan` (all False if the call failed)."""
         peer = self.membership.peers.get(plan.address)
         current = peer is not None and peer.epoch == plan.epoch
-        for (location, pool_id, zpage), ok in zip(plan.items, stored, strict=True):
+        for (location, pool_id, _), ok in zip(plan.items, stored, strict=True):
             if location not in self.table:  # forgotten while in flight: take back its copy
                 if ok:
-                    self._owe_flush(plan.address, FlushItem(plan.epoch, pool_id, *zpage_key(zpage)))
+                    self._owe_flush(plan.address, FlushItem(plan.epoch, pool_id, slot_of(location)))
                 continue
             left = self._sending.get(location, NOBODY) - {plan.address}
             if left:
@@ -658,18 +654,11 @@ class RamsterLayer:
             self._damaged.pop(location, None)
 
     # -- gets -------------------------------------------------------------------------------
-    def _fetch_sources(self, location: int) -> tuple[FetchSource, ...]:
-        """Peers to fetch a remote copy of `location` from (see _wanted); empty when no fetch
-        is needed."""
-        for wanted in self._wanted([location]):
-            return wanted.sources
-        return ()
-
     def _wanted(self, locations: list[int]) -> Iterator[Wanted]:
         """Per location that needs a fetch, the peers to ask: live, synced holders, suspects
         last, the first one rotating with the location so gets spread over the replicas.  None
         for a location that is local (outbox, staged) or has a disk copy (faster than any
-        peer).  One pass: holders are worked out once per distinct set of them."""
+        peer).  One pass: the sources are worked out once per set of holders and rotation."""
         table, outbox, staged = self.table, self._bytes, self._staged
         peers = self.membership.peers
         usable = [
@@ -678,14 +667,8 @@ class RamsterLayer:
             for peer in [peers.get(address)]
             if peer is not None and peer.up and peer.synced
         ]
-        by_mask: dict[int, list[Peer]] = {}
-        holders, disk, pool, oid, index = (
-            table.holders,
-            table.disk,
-            table.pool,
-            table.oid,
-            table.index,
-        )
+        by_mask: dict[int, list[tuple[FetchSource, ...]]] = {}
+        holders, disk, pool = table.holders, table.disk, table.pool
         for location in locations:
             if location not in table or location in outbox or location in staged:
                 continue
@@ -693,20 +676,21 @@ class RamsterLayer:
             mask = holders[slot]
             if disk[slot] or not mask:
                 continue
-            live = by_mask.get(mask)
-            if live is None:
-                live = by_mask[mask] = [p for bit, p in usable if mask >> bit & 1]
-            if not live:
-                continue
-            if len(live) > 1:  # spread gets over the replicas: each location starts elsewhere
-                turn = location % len(live)
-                order = live[turn:] + live[:turn]
-                if any(p.suspect for p in order):
-                    order.sort(key=lambda peer: peer.suspect)
-            else:
-                order = live
-            key = (pool[slot], oid[slot], index[slot])
-            yield Wanted(location, tuple(FetchSource(p.address, p.epoch, *key) for p in order))
+            orders = by_mask.get(mask)
+            if orders is None:
+                orders = by_mask[mask] = self._orders([p for bit, p in usable if mask >> bit & 1])
+            if orders:
+                yield Wanted(location, pool[slot], orders[location % len(orders)])
+
+    @staticmethod
+    def _orders(live: list[Peer]) -> list[tuple[FetchSource, ...]]:
+        """Each rotation of `live` (a location uses rotation location % len), suspects last."""
+        out = []
+        for turn in range(len(live)):
+            order = live[turn:] + live[:turn]
+            order.sort(key=lambda peer: peer.suspect)  # stable: the rotation stays otherwise
+            out.append(tuple(FetchSource(p.address, p.epoch) for p in order))
+        return out
 
     def _stage(self, location: int, zpage: bytes) -> None:
         """A fetched, verified copy for the get that is about to load `location`.  It stays
@@ -780,17 +764,17 @@ class RamsterLayer:
             disk = self.table.disk_of(location)
             if disk and self.local is not None:
                 try:
-                    zpage = self.local.load(self.table.key(location)[0], disk)
+                    zpage = self.local.load(self.table.pool_of(location), disk)
                 except CorruptPage:  # a damaged disk copy does not count: fetch another
                     self._drop_disk(location)
                 else:
                     self._repaired(location, zpage)
                     limit -= 1
                     continue
-            sources = self._fetch_sources(location)
-            if any(not peers[s.address].suspect for s in sources):
-                out.append(Wanted(location, sources))
-            elif sources:
+            wanted = next(self._wanted([location]), None)
+            if wanted is not None and any(not peers[s.address].suspect for s in wanted.sources):
+                out.append(wanted)
+            elif wanted is not None:
                 later.append(location)
             else:
                 self._unreachable(location)
@@ -803,7 +787,7 @@ class RamsterLayer:
         if location not in self.table:
             return
         if zpage is None:
-            if self._fetch_sources(location):
+            if next(self._wanted([location]), None) is not None:
                 self._repairs.append(location)  # retried on a later pass
             else:
                 self._unreachable(location)

@@ -1,10 +1,16 @@
-# The owner's remote table: per remotified zpage, its key, its holders and its disk copy, in
-# arrays rather than objects, so parking a page on a peer costs the owner a few dozen bytes.
+# The owner's remote table: per remotified zpage, its pool, its holders and its disk copy, in
+# arrays rather than objects, so parking a page on a peer costs the owner a few bytes.
 #
-# A location is `generation << 32 | slot`.  Slots index six arrays (26 bytes per live page):
+# A location is `generation << 32 | slot`.  Slots index four arrays (14 bytes per live page):
 #
-#     gen u16 | pool u32 | oid u64 | index u32 | disk u32 (backing-file block, 0: none)
+#     gen u16 | pool u32 | disk u32 (backing-file block, 0: none)
 #     holders u32: a bitmask over peer bits (address -> bit, at most 32 peers hold our pages)
+#
+# The page's key is not here: zcache's index maps the key to the location, holders file copies
+# under the slot (the peer API names copies by slot, and the seal binds the whole location), and
+# the journal recorded the key when the page was evicted.  A slot is reused for another page
+# only after the old page's flushes are owed to its holders, and a holder gets a peer's flushes
+# before its later puts, so a slot on a holder never names two pages at once.
 #
 # Freed slots are reused (a free list), with their generation bumped (and, after a restart,
 # started above every generation the journal saw), so a location is never handed out twice for
@@ -24,9 +30,15 @@ from ramster.zcache.config import ALLOCATORS
 
 FREE = 0xFFFFFFFF  # pool id of an unused slot
 SLOT_BITS = 32
-SLOT_MASK = (1 << SLOT_BITS) - 1
+SLOT_LIMIT = 1 << SLOT_BITS
+SLOT_MASK = SLOT_LIMIT - 1
 MAX_GEN = 0xFFFF
 MAX_HOLDER_PEERS = 32
+
+
+def slot_of(location: int) -> int:
+    """What holders file the copies of `location` under."""
+    return location & SLOT_MASK
 
 
 class TableFull(Exception):
@@ -38,8 +50,6 @@ class RemoteTable:
         # slot 0 is never used: location 0 means "refused" to zcache
         self.gen = array("H", [0])
         self.pool = array("I", [FREE])
-        self.oid = array("Q", [0])
-        self.index = array("I", [0])
         self.disk = array("I", [0])
         self.holders = array("I", [0])
         self._free = array("I")
@@ -53,34 +63,32 @@ class RemoteTable:
         self.copies: dict[str, int] = {}  # peer address -> copies it holds
 
     # -- locations --------------------------------------------------------------------------
-    def new(self, pool_id: int, allocator: str, oid: int, index: int) -> int:
+    def new(self, pool_id: int, allocator: str) -> int:
         if self._free:
             slot = self._free.pop()
             gen = max(self.gen[slot] + 1, self.floor) & MAX_GEN
         else:
             slot, gen = len(self.pool), self.floor & MAX_GEN
-            for column in (self.gen, self.pool, self.index, self.disk, self.holders):
+            for column in (self.gen, self.pool, self.disk, self.holders):
                 column.append(0)
-            self.oid.append(0)
         self.gen[slot] = gen
         self.high = max(self.high, gen)
-        self.pool[slot], self.oid[slot], self.index[slot] = pool_id, oid, index
+        self.pool[slot] = pool_id
         self.disk[slot] = self.holders[slot] = 0
         self.allocators.setdefault(pool_id, allocator)
         self.count += 1
         return gen << SLOT_BITS | slot
 
-    def restore(self, location: int, pool_id: int, allocator: str, oid: int, index: int) -> None:
+    def restore(self, location: int, pool_id: int, allocator: str) -> None:
         """Put back a location recovered from the journal, under its old number."""
         slot = location & SLOT_MASK
         while len(self.pool) <= slot:
             self._free.append(len(self.pool))
-            for column in (self.gen, self.index, self.disk, self.holders):
+            for column in (self.gen, self.disk, self.holders):
                 column.append(0)
             self.pool.append(FREE)
-            self.oid.append(0)
         self.gen[slot] = location >> SLOT_BITS
-        self.pool[slot], self.oid[slot], self.index[slot] = pool_id, oid, index
+        self.pool[slot] = pool_id
         self.allocators.setdefault(pool_id, allocator)
         self.count += 1
 
@@ -105,9 +113,8 @@ class RemoteTable:
         self._free.append(slot)
         self.count -= 1
 
-    def key(self, location: int) -> tuple[int, int, int]:
-        slot = location & SLOT_MASK
-        return self.pool[slot], self.oid[slot], self.index[slot]
+    def pool_of(self, location: int) -> int:
+        return self.pool[location & SLOT_MASK]
 
     def allocator(self, location: int) -> str:
         return self.allocators.get(self.pool[location & SLOT_MASK], ALLOCATORS[-1])
@@ -189,5 +196,5 @@ class RemoteTable:
         ]
 
     def metadata_bytes(self) -> int:
-        columns = (self.gen, self.pool, self.oid, self.index, self.disk, self.holders, self._free)
+        columns = (self.gen, self.pool, self.disk, self.holders, self._free)
         return sum(c.buffer_info()[1] * c.itemsize for c in columns)

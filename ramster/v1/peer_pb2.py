@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ramster/v1/peer.proto\x12\nramster.v1\"-\n\x05Owner\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\"F\n\x10HeartbeatRequest\x12!\n\x06sender\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x80\x01\n\x11HeartbeatResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07leaving\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x0f\n\x07members\x18\x06 \x03(\t\"\x92\x01\n\x10PutZpagesRequest\x12 \n\x05owner\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07pool_id\x18\x03 \x01(\x04\x12\x0e\n\x06zpages\x18\x04 \x01(\x0c\x12\r\n\x05sizes\x18\x05 \x03(\r\x12\x0c\n\x04oids\x18\x06 \x03(\x04\x12\x0f\n\x07indices\x18\x07 \x03(\x04\"#\n\x11PutZpagesResponse\x12\x0e\n\x06stored\x18\x01 \x03(\x08\"s\n\x10GetZpagesRequest\x12 \n\x05owner\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07pool_id\x18\x03 \x01(\x04\x12\x0c\n\x04oids\x18\x04 \x03(\x04\x12\x0f\n\x07indices\x18\x05 \x03(\x04\"2\n\x11GetZpagesResponse\x12\x0e\n\x06zpages\x18\x01 \x01(\x0c\x12\r\n\x05sizes\x18\x02 \x03(\r\"w\n\x12\x46lushZpagesRequest\x12 \n\x05owner\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\x0e\n\x06\x65pochs\x18\x02 \x03(\x04\x12\x10\n\x08pool_ids\x18\x03 \x03(\x04\x12\x0c\n\x04oids\x18\x04 \x03(\x04\x12\x0f\n\x07indices\x18\x05 \x03(\x04\"&\n\x13\x46lushZpagesResponse\x12\x0f\n\x07\x66lushed\x18\x01 \x01(\x04\"A\n\x0eReclaimRequest\x12 \n\x05owner\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"?\n\x0cReclaimChunk\x12\x10\n\x08pool_ids\x18\x01 \x03(\x04\x12\x0c\n\x04oids\x18\x02 \x03(\x04\x12\x0f\n\x07indices\x18\x03 \x03(\x04\x32\xf7\x02\n\x04Peer\x12H\n\tHeartbeat\x12\x1c.ramster.v1.HeartbeatRequest\x1a\x1d.ramster.v1.HeartbeatResponse\x12H\n\tPutZpages\x12\x1c.ramster.v1.PutZpagesRequest\x1a\x1d.ramster.v1.PutZpagesResponse\x12H\n\tGetZpages\x12\x1c.ramster.v1.GetZpagesRequest\x1a\x1d.ramster.v1.GetZpagesResponse\x12N\n\x0b\x46lushZpages\x12\x1e.ramster.v1.FlushZpagesRequest\x1a\x1f.ramster.v1.FlushZpagesResponse\x12\x41\n\x07Reclaim\x12\x1a.ramster.v1.ReclaimRequest\x1a\x18.ramster.v1.ReclaimChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ramster/v1/peer.proto\x12\nramster.v1\"-\n\x05Owner\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\"F\n\x10HeartbeatRequest\x12!\n\x06sender\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x80\x01\n\x11HeartbeatResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07leaving\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x0f\n\x07members\x18\x06 \x03(\t\"\x8e\x01\n\x10PutZpagesRequest\x12 \n\x05owner\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07pool_id\x18\x03 \x01(\x04\x12\x0e\n\x06zpages\x18\x04 \x01(\x0c\x12\r\n\x05sizes\x18\x05 \x03(\r\x12\r\n\x05slots\x18\x08 \x03(\x04J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08\"#\n\x11PutZpagesResponse\x12\x0e\n\x06stored\x18\x01 \x03(\x08\"o\n\x10GetZpagesRequest\x12 \n\x05owner\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07pool_id\x18\x03 \x01(\x04\x12\r\n\x05slots\x18\x06 \x03(\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"2\n\x11GetZpagesResponse\x12\x0e\n\x06zpages\x18\x01 \x01(\x0c\x12\r\n\x05sizes\x18\x02 \x03(\r\"s\n\x12\x46lushZpagesRequest\x12 \n\x05owner\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\x0e\n\x06\x65pochs\x18\x02 \x03(\x04\x12\x10\n\x08pool_ids\x18\x03 \x03(\x04\x12\r\n\x05slots\x18\x06 \x03(\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"&\n\x13\x46lushZpagesResponse\x12\x0f\n\x07\x66lushed\x18\x01 \x01(\x04\"A\n\x0eReclaimRequest\x12 \n\x05owner\x18\x01 \x01(\x0b\x32\x11.ramster.v1.Owner\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\";\n\x0cReclaimChunk\x12\x10\n\x08pool_ids\x18\x01 \x03(\x04\x12\r\n\x05slots\x18\x04 \x03(\x04J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04\x32\xf7\x02\n\x04Peer\x12H\n\tHeartbeat\x12\x1c.ramster.v1.HeartbeatRequest\x1a\x1d.ramster.v1.HeartbeatResponse\x12H\n\tPutZpages\x12\x1c.ramster.v1.PutZpagesRequest\x1a\x1d.ramster.v1.PutZpagesResponse\x12H\n\tGetZpages\x12\x1c.ramster.v1.GetZpagesRequest\x1a\x1d.ramster.v1.GetZpagesResponse\x12N\n\x0b\x46lushZpages\x12\x1e.ramster.v1.FlushZpagesRequest\x1a\x1f.ramster.v1.FlushZpagesResponse\x12\x41\n\x07Reclaim\x12\x1a.ramster.v1.ReclaimRequest\x1a\x18.ramster.v1.ReclaimChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATRESPONSE']._serialized_start=157
   _globals['_HEARTBEATRESPONSE']._serialized_end=285
   _globals['_PUTZPAGESREQUEST']._serialized_start=288
-  _globals['_PUTZPAGESREQUEST']._serialized_end=434
-  _globals['_PUTZPAGESRESPONSE']._serialized_start=436
-  _globals['_PUTZPAGESRESPONSE']._serialized_end=471
-  _globals['_GETZPAGESREQUEST']._serialized_start=473
-  _globals['_GETZPAGESREQUEST']._serialized_end=588
-  _globals['_GETZPAGESRESPONSE']._serialized_start=590
-  _globals['_GETZPAGESRESPONSE']._serialized_end=640
-  _globals['_FLUSHZPAGESREQUEST']._serialized_start=642
-  _globals['_FLUSHZPAGESREQUEST']._serialized_end=761
-  _globals['_FLUSHZPAGESRESPONSE']._serialized_start=763
-  _globals['_FLUSHZPAGESRESPONSE']._serialized_end=801
-  _globals['_RECLAIMREQUEST']._serialized_start=803
-  _globals['_RECLAIMREQUEST']._serialized_end=868
-  _globals['_RECLAIMCHUNK']._serialized_start=870
-  _globals['_RECLAIMCHUNK']._serialized_end=933
-  _globals['_PEER']._serialized_start=936
-  _globals['_PEER']._serialized_end=1311
+  _globals['_PUTZPAGESREQUEST']._serialized_end=430
+  _globals['_PUTZPAGESRESPONSE']._serialized_start=432
+  _globals['_PUTZPAGESRESPONSE']._serialized_end=467
+  _globals['_GETZPAGESREQUEST']._serialized_start=469
+  _globals['_GETZPAGESREQUEST']._serialized_end=580
+  _globals['_GETZPAGESRESPONSE']._serialized_start=582
+  _globals['_GETZPAGESRESPONSE']._serialized_end=632
+  _globals['_FLUSHZPAGESREQUEST']._serialized_start=634
+  _globals['_FLUSHZPAGESREQUEST']._serialized_end=749
+  _globals['_FLUSHZPAGESRESPONSE']._serialized_start=751
+  _globals['_FLUSHZPAGESRESPONSE']._serialized_end=789
+  _globals['_RECLAIMREQUEST']._serialized_start=791
+  _globals['_RECLAIMREQUEST']._serialized_end=856
+  _globals['_RECLAIMCHUNK']._serialized_start=858
+  _globals['_RECLAIMCHUNK']._serialized_end=917
+  _globals['_PEER']._serialized_start=920
+  _globals['_PEER']._serialized_end=1295
 # @@protoc_insertion_point(module_scope)

@@ -4,17 +4,18 @@ isort:skip_file
 ramster.v1.Peer: the node-to-node API of the ramster layer, served beside ramster.v1.Tmem.
 
 Owners place evicted zpages on holders, fetch them back and flush them.  A zpage leaves its
-owner sealed (AEAD under a key only the owner has, bound to the owner, pool, key and version),
-so a holder stores opaque blobs under the keys the request names, and cannot read, forge or
-replay them.  Like the client API, blobs travel as one bytes field with a packed list of their
-sizes, so no message object is built per page.  Every request names its owner (node id and
-incarnation); a holder keeps each owner's pages apart.  Limits, refused as INVALID_ARGUMENT
-with nothing changed: at most 4096 keys per request (the client API's batch), a blob of 1 to
-4078 bytes or exactly 4096 (what fits a frame), keys unique within a put, node ids of at most
-256 bytes and incarnations of at most 64.
-Pool ids and page indexes are uint64, so nothing is silently cut to 32 bits; owners send only
-values below 2**32 (their engine's range).  A request whose bytes do not parse fails with
-INVALID_ARGUMENT.
+owner sealed (AEAD under a key only the owner has, bound to the owner, pool and location: the
+version), so a holder stores opaque blobs, and cannot read, forge or replay them.  A holder
+files each blob under the owner's *slot* for it (the owner's table row, reused for a later
+page once the owner has flushed this one), not under the page's key: the owner then keeps no
+key per remote page, and its table costs a few bytes per page.  Like the client API, blobs
+travel as one bytes field with a packed list of their sizes, so no message object is built
+per page.  Every request names its owner (node id and incarnation); a holder keeps each
+owner's pages apart.  Limits, refused as INVALID_ARGUMENT with nothing changed: at most 4096
+slots per request (the client API's batch), a blob of 1 to 4078 bytes or exactly 4096 (what
+fits a frame), slots unique within a put, node ids of at most 256 bytes and incarnations of
+at most 64.  Pool ids and slots are uint64, so nothing is silently cut to 32 bits; owners send
+only values below 2**32.  A request whose bytes do not parse fails with INVALID_ARGUMENT.
 """
 
 from collections import abc as _abc
@@ -127,8 +128,7 @@ class PutZpagesRequest(_message.Message):
     POOL_ID_FIELD_NUMBER: _builtins.int
     ZPAGES_FIELD_NUMBER: _builtins.int
     SIZES_FIELD_NUMBER: _builtins.int
-    OIDS_FIELD_NUMBER: _builtins.int
-    INDICES_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     pool_id: _builtins.int
     zpages: _builtins.bytes
@@ -140,11 +140,9 @@ class PutZpagesRequest(_message.Message):
         """the size of each"""
 
     @_builtins.property
-    def oids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """the key of each: one oid and one index per zpage"""
+    def slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the owner's slot of each: what the holder files it under"""
 
-    @_builtins.property
-    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -153,12 +151,11 @@ class PutZpagesRequest(_message.Message):
         pool_id: _builtins.int = ...,
         zpages: _builtins.bytes = ...,
         sizes: _abc.Iterable[_builtins.int] | None = ...,
-        oids: _abc.Iterable[_builtins.int] | None = ...,
-        indices: _abc.Iterable[_builtins.int] | None = ...,
+        slots: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "indices", b"indices", "oids", b"oids", "owner", b"owner", "pool_id", b"pool_id", "sizes", b"sizes", "zpages", b"zpages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "owner", b"owner", "pool_id", b"pool_id", "sizes", b"sizes", "slots", b"slots", "zpages", b"zpages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,28 +190,24 @@ class GetZpagesRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     POOL_ID_FIELD_NUMBER: _builtins.int
-    OIDS_FIELD_NUMBER: _builtins.int
-    INDICES_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     pool_id: _builtins.int
     @_builtins.property
     def owner(self) -> Global___Owner: ...
     @_builtins.property
-    def oids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         owner: Global___Owner | None = ...,
         epoch: _builtins.int = ...,
         pool_id: _builtins.int = ...,
-        oids: _abc.Iterable[_builtins.int] | None = ...,
-        indices: _abc.Iterable[_builtins.int] | None = ...,
+        slots: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "indices", b"indices", "oids", b"oids", "owner", b"owner", "pool_id", b"pool_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "owner", b"owner", "pool_id", b"pool_id", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -252,8 +245,7 @@ class FlushZpagesRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     EPOCHS_FIELD_NUMBER: _builtins.int
     POOL_IDS_FIELD_NUMBER: _builtins.int
-    OIDS_FIELD_NUMBER: _builtins.int
-    INDICES_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def owner(self) -> Global___Owner: ...
     @_builtins.property
@@ -261,21 +253,18 @@ class FlushZpagesRequest(_message.Message):
     @_builtins.property
     def pool_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
-    def oids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         owner: Global___Owner | None = ...,
         epochs: _abc.Iterable[_builtins.int] | None = ...,
         pool_ids: _abc.Iterable[_builtins.int] | None = ...,
-        oids: _abc.Iterable[_builtins.int] | None = ...,
-        indices: _abc.Iterable[_builtins.int] | None = ...,
+        slots: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs", b"epochs", "indices", b"indices", "oids", b"oids", "owner", b"owner", "pool_ids", b"pool_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs", b"epochs", "owner", b"owner", "pool_ids", b"pool_ids", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,24 +318,20 @@ class ReclaimChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POOL_IDS_FIELD_NUMBER: _builtins.int
-    OIDS_FIELD_NUMBER: _builtins.int
-    INDICES_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def pool_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
-    def oids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         pool_ids: _abc.Iterable[_builtins.int] | None = ...,
-        oids: _abc.Iterable[_builtins.int] | None = ...,
-        indices: _abc.Iterable[_builtins.int] | None = ...,
+        slots: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "oids", b"oids", "pool_ids", b"pool_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool_ids", b"pool_ids", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

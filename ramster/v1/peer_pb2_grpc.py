@@ -96,7 +96,7 @@ class PeerServicer:
     def Reclaim(self, request, context):
         """An owner back from a restart (same node id, new incarnation) asks what the holder keeps for
         it: the holder moves every page it holds for that node id, whatever incarnation placed it,
-        under the caller's incarnation and `epoch`, and streams their keys.  The owner then flushes
+        under the caller's incarnation and `epoch`, and streams their slots.  The owner then flushes
         what it no longer knows, so no orphan outlives its recovery.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

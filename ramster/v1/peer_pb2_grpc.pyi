@@ -4,17 +4,18 @@ isort:skip_file
 ramster.v1.Peer: the node-to-node API of the ramster layer, served beside ramster.v1.Tmem.
 
 Owners place evicted zpages on holders, fetch them back and flush them.  A zpage leaves its
-owner sealed (AEAD under a key only the owner has, bound to the owner, pool, key and version),
-so a holder stores opaque blobs under the keys the request names, and cannot read, forge or
-replay them.  Like the client API, blobs travel as one bytes field with a packed list of their
-sizes, so no message object is built per page.  Every request names its owner (node id and
-incarnation); a holder keeps each owner's pages apart.  Limits, refused as INVALID_ARGUMENT
-with nothing changed: at most 4096 keys per request (the client API's batch), a blob of 1 to
-4078 bytes or exactly 4096 (what fits a frame), keys unique within a put, node ids of at most
-256 bytes and incarnations of at most 64.
-Pool ids and page indexes are uint64, so nothing is silently cut to 32 bits; owners send only
-values below 2**32 (their engine's range).  A request whose bytes do not parse fails with
-INVALID_ARGUMENT.
+owner sealed (AEAD under a key only the owner has, bound to the owner, pool and location: the
+version), so a holder stores opaque blobs, and cannot read, forge or replay them.  A holder
+files each blob under the owner's *slot* for it (the owner's table row, reused for a later
+page once the owner has flushed this one), not under the page's key: the owner then keeps no
+key per remote page, and its table costs a few bytes per page.  Like the client API, blobs
+travel as one bytes field with a packed list of their sizes, so no message object is built
+per page.  Every request names its owner (node id and incarnation); a holder keeps each
+owner's pages apart.  Limits, refused as INVALID_ARGUMENT with nothing changed: at most 4096
+slots per request (the client API's batch), a blob of 1 to 4078 bytes or exactly 4096 (what
+fits a frame), slots unique within a put, node ids of at most 256 bytes and incarnations of
+at most 64.  Pool ids and slots are uint64, so nothing is silently cut to 32 bits; owners send
+only values below 2**32.  A request whose bytes do not parse fails with INVALID_ARGUMENT.
 """
 
 from collections import abc as _abc
@@ -58,7 +59,7 @@ class PeerStub:
     Reclaim: _grpc.UnaryStreamMultiCallable[_peer_pb2.ReclaimRequest, _peer_pb2.ReclaimChunk]
     """An owner back from a restart (same node id, new incarnation) asks what the holder keeps for
     it: the holder moves every page it holds for that node id, whatever incarnation placed it,
-    under the caller's incarnation and `epoch`, and streams their keys.  The owner then flushes
+    under the caller's incarnation and `epoch`, and streams their slots.  The owner then flushes
     what it no longer knows, so no orphan outlives its recovery.
     """
 
@@ -78,7 +79,7 @@ class PeerAsyncStub(PeerStub):
     Reclaim: _aio.UnaryStreamMultiCallable[_peer_pb2.ReclaimRequest, _peer_pb2.ReclaimChunk]  # type: ignore[assignment]
     """An owner back from a restart (same node id, new incarnation) asks what the holder keeps for
     it: the holder moves every page it holds for that node id, whatever incarnation placed it,
-    under the caller's incarnation and `epoch`, and streams their keys.  The owner then flushes
+    under the caller's incarnation and `epoch`, and streams their slots.  The owner then flushes
     what it no longer knows, so no orphan outlives its recovery.
     """
 
@@ -125,7 +126,7 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_peer_pb2.ReclaimChunk], _abc.AsyncIterator[_peer_pb2.ReclaimChunk]]:
         """An owner back from a restart (same node id, new incarnation) asks what the holder keeps for
         it: the holder moves every page it holds for that node id, whatever incarnation placed it,
-        under the caller's incarnation and `epoch`, and streams their keys.  The owner then flushes
+        under the caller's incarnation and `epoch`, and streams their slots.  The owner then flushes
         what it no longer knows, so no orphan outlives its recovery.
         """
 

@@ -121,7 +121,7 @@ async def test_keys_out_of_range_are_invalid_on_every_tmem_rpc(
     assert [p.pages for p in await client.list_pools()] == [1]
 
 
-async def test_peer_keys_out_of_range_are_refused(peer_node: Node) -> None:
+async def test_peer_slots_out_of_range_are_refused(peer_node: Node) -> None:
     owner = peer_pb2.Owner(node_id="owner", incarnation="one")
     zpage = make_zpage(1, 5, compress(PAGE))
     async with grpc.aio.insecure_channel(peer_node.peer_target) as channel:
@@ -132,26 +132,21 @@ async def test_peer_keys_out_of_range_are_refused(peer_node: Node) -> None:
             pool_id=0,
             zpages=zpage,
             sizes=[len(zpage)],
-            oids=[1],
-            indices=[5],
+            slots=[5],
         )
         assert list((await stub.PutZpages(put)).stored) == [True]
         refused = [
             (
                 stub.GetZpages(
-                    peer_pb2.GetZpagesRequest(
-                        owner=owner, epoch=1, pool_id=0, oids=[1], indices=[BIG]
-                    )
+                    peer_pb2.GetZpagesRequest(owner=owner, epoch=1, pool_id=0, slots=[BIG])
                 ),
-                f"indices holds {BIG}",
+                f"slots holds {BIG}",
             ),
             (
                 stub.FlushZpages(
-                    peer_pb2.FlushZpagesRequest(
-                        owner=owner, epochs=[1], pool_ids=[0], oids=[1], indices=[BIG]
-                    )
+                    peer_pb2.FlushZpagesRequest(owner=owner, epochs=[1], pool_ids=[0], slots=[BIG])
                 ),
-                f"indices holds {BIG}",
+                f"slots holds {BIG}",
             ),
             (
                 stub.PutZpages(
@@ -161,17 +156,14 @@ async def test_peer_keys_out_of_range_are_refused(peer_node: Node) -> None:
                         pool_id=BIG,
                         zpages=zpage,
                         sizes=[len(zpage)],
-                        oids=[1],
-                        indices=[5],
+                        slots=[5],
                     )
                 ),
                 f"pool_id {BIG}",
             ),
             (
                 stub.GetZpages(  # refused even where no page of that owner was ever held
-                    peer_pb2.GetZpagesRequest(
-                        owner=owner, epoch=9, pool_id=BIG, oids=[1], indices=[5]
-                    )
+                    peer_pb2.GetZpagesRequest(owner=owner, epoch=9, pool_id=BIG, slots=[5])
                 ),
                 f"pool_id {BIG}",
             ),
@@ -181,8 +173,8 @@ async def test_peer_keys_out_of_range_are_refused(peer_node: Node) -> None:
                 await call
             assert err.value.code() is INVALID
             assert message in (err.value.details() or "")
-        get = peer_pb2.GetZpagesRequest(owner=owner, epoch=1, pool_id=0, oids=[1], indices=[5])
-        assert (await stub.GetZpages(get)).zpages == zpage  # the page at index 5 is untouched
+        get = peer_pb2.GetZpagesRequest(owner=owner, epoch=1, pool_id=0, slots=[5])
+        assert (await stub.GetZpages(get)).zpages == zpage  # the copy in slot 5 is untouched
 
 
 def all_methods() -> list[tuple[str, Any]]:

@@ -18,9 +18,9 @@ from ramster.remote import ForeignStore, OwnerTag, RamsterLayer, RemoteConfig
 from ramster.remote.events import FlushItem, Joined, Leaving
 from ramster.remote.journal import Journal
 from ramster.remote.membership import PeerInfo
+from ramster.remote.table import slot_of
 from ramster.zcache import PoolKind, ZCache, ZCacheConfig
 from ramster.zcache.backing import BackingFile
-from ramster.zcache.codec import zpage_key
 from ramster.zcache.evictor import EvictorChain
 
 DEADLINE = 0.2
@@ -105,6 +105,16 @@ class MemNode:
         self.foreign = ForeignStore(self.foreign.capacity_frames)
 
 
+def _seal(location: int, zpage: bytes) -> bytes:
+    """What the real transport's sealing does for versions: the blob names its location."""
+    return location.to_bytes(8, "little") + zpage
+
+
+def _open(location: int, blob: bytes) -> bytes:
+    """The zpage of `blob` if it is the copy of `location`, else b"" (damaged)."""
+    return blob[8:] if blob[:8] == location.to_bytes(8, "little") else b""
+
+
 class MemTransport:
     def __init__(self, net: MemNetwork, me: MemNode) -> None:
         self.net = net
@@ -132,29 +142,27 @@ class MemTransport:
         self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
     ) -> list[bool]:
         node = await self._reach(address, "put")
-        keys = [zpage_key(z) for z in zpages]
-        return node.foreign.put(self.me.owner, epoch, pool_id, keys, zpages)
+        slots = [slot_of(location) for location in locations]
+        blobs = [_seal(location, z) for location, z in zip(locations, zpages, strict=True)]
+        return node.foreign.put(self.me.owner, epoch, pool_id, slots, blobs)
 
     async def get(
-        self,
-        address: str,
-        epoch: int,
-        pool_id: int,
-        keys: list[tuple[int, int]],
-        locations: list[int],
+        self, address: str, epoch: int, pool_id: int, locations: list[int]
     ) -> list[bytes | None]:
         node = await self._reach(address, "get")
-        got = node.foreign.get(self.me.owner, epoch, pool_id, keys)
+        slots = [slot_of(location) for location in locations]
+        got = node.foreign.get(self.me.owner, epoch, pool_id, slots)
+        zpages = [_open(loc, b) if b else None for loc, b in zip(locations, got, strict=True)]
         if node.corrupt:
-            got = [z[:-1] + bytes([z[-1] ^ 1]) if z else z for z in got]
-        return got
+            zpages = [z[:-1] + bytes([z[-1] ^ 1]) if z else z for z in zpages]
+        return zpages
 
     async def flush(self, address: str, items: tuple[FlushItem, ...]) -> None:
         node = await self._reach(address, "flush")
-        for epoch, pool_id, oid, index in items:
-            node.foreign.flush(self.me.owner, epoch, pool_id, [(oid, index)])
+        for epoch, pool_id, slot in items:
+            node.foreign.flush(self.me.owner, epoch, pool_id, [slot])
 
-    async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int, int]]:
+    async def reclaim(self, address: str, epoch: int) -> set[tuple[int, int]]:
         node = await self._reach(address, "reclaim")
         return set(node.foreign.reclaim(self.me.owner, epoch))
 

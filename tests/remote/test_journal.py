@@ -81,3 +81,29 @@ def test_a_rewrite_streams_its_entries_in_pieces(tmp_path: Path) -> None:
     assert j.path.stat().st_size == (2 * count + 1) * RECORD.size
     again = Journal(tmp_path)
     assert again.recovered == entries and again.high_gen == 5 and not again.torn
+
+
+def test_compaction_from_itself_keeps_the_keys_of_live_locations(tmp_path: Path) -> None:
+    """A running owner's table has no keys: compaction takes them from the file, and the
+    copies from the table's answer, in pieces (more records than one piece)."""
+    count = 3 * REWRITE_CHUNK // (2 * RECORD.size)
+    j = Journal(tmp_path)
+    for location in range(1, count + 1):
+        j.key(location, 2, "zbud" if location % 2 else "zsmalloc", 9, location)
+        j.holder(location, "h1:1")
+    j.forget(5)
+
+    def state(location: int) -> tuple[list[str], int] | None:
+        # the table's view: 5 is forgotten, 7 is gone since, 8 moved to h2 and the disk
+        if location in (5, 7):
+            return None
+        return (["h2:1"], 44) if location == 8 else (["h1:1"], 0)
+
+    j.compact(state, high_gen=3)  # the buffered records are committed first
+    j.close()
+    assert j.path.stat().st_size == (2 * (count - 2) + 1 + 1) * RECORD.size
+    again = Journal(tmp_path)
+    assert len(again.recovered) == count - 2 and 5 not in again.recovered
+    assert again.recovered[8] == Recovered(2, "zsmalloc", 9, 8, {"h2:1"}, 44)
+    assert again.recovered[9] == Recovered(2, "zbud", 9, 9, {"h1:1"})
+    assert again.high_gen == 3

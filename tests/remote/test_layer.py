@@ -11,7 +11,9 @@ from node.driver import FETCH_BATCH
 from node.engine import ChunkedEngine
 from ramster.remote import RemoteConfig
 from ramster.remote.layer import FLUSH_BATCH
+from ramster.remote.table import slot_of
 from ramster.zcache import PageUnavailable
+from ramster.zcache.evictor import LINK_SHIFT
 from tests.remote.memnet import MemNetwork, MemNode, MemTransport
 
 N = 1500
@@ -258,10 +260,13 @@ async def test_reclaim_drops_copies_a_holder_lost_and_flushes_unknown_ones(
     a, pool, keys = await spill(net, compressible_pages)
     b = net.nodes["b"]
     lost = b.foreign.reclaim(a.owner, 1)[:10]  # b loses ten of a's copies behind a's back
-    for pool_id, oid, index in lost:
-        b.foreign.flush(a.owner, 1, pool_id, [(oid, index)])
-    remote = [k for k, loc in zip(keys, a.cache.evicted_locations(pool, keys), strict=True) if loc]
-    gone = {(oid, index) for _, oid, index in lost}
+    for pool_id, slot in lost:
+        b.foreign.flush(a.owner, 1, pool_id, [slot])
+    lost_slots = {slot for _, slot in lost}
+    locations = dict(zip(keys, a.cache.evicted_locations(pool, keys), strict=True))
+    remote = [k for k, loc in locations.items() if loc and loc >> LINK_SHIFT == 0]
+    gone = {k for k in remote if slot_of(locations[k]) in lost_slots}
+    assert len(gone) == len(lost)
     flushed = [k for k in remote if k not in gone][:20]
     for oid, index in flushed:  # flushed, but the crash eats the flushes owed to the holders
         assert a.cache.flush_page(pool, oid, index)

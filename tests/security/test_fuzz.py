@@ -175,7 +175,7 @@ def test_fuzzed_requests_break_nothing(
         owner.put_many(pool, 3, 0, pages)
     held = [bytes([i]) * (100 + i) for i in range(16)]
     victim = peer_pb2.Owner(node_id="victim", incarnation="v" * 32)
-    keys = [(9, i) for i in range(16)]
+    slots = list(range(16))
     peer_channel = grpc.insecure_channel(node.peer_target)
     peer_put = peer_channel.unary_unary("/ramster.v1.Peer/PutZpages")
     reply = peer_pb2.PutZpagesResponse.FromString(
@@ -186,8 +186,7 @@ def test_fuzzed_requests_break_nothing(
                 pool_id=5,
                 zpages=b"".join(held),
                 sizes=[len(b) for b in held],
-                oids=[k[0] for k in keys],
-                indices=[k[1] for k in keys],
+                slots=slots,
             ).SerializeToString()
         )
     )
@@ -248,8 +247,7 @@ def test_fuzzed_requests_break_nothing(
                 owner=victim,
                 epoch=1,
                 pool_id=5,
-                oids=[k[0] for k in keys],
-                indices=[k[1] for k in keys],
+                slots=slots,
             ).SerializeToString()
         )
     )

@@ -24,23 +24,25 @@ def zpages_of(pages: list[bytes]) -> list[bytes]:
     return [make_zpage(5, i, compress(p)) for i, p in enumerate(pages)]
 
 
-def test_a_seal_opens_only_for_its_owner_pool_key_and_version() -> None:
+def test_a_seal_opens_only_for_its_owner_pool_and_version() -> None:
     sealer = Sealer(KEY, "n1")
     zpage = make_zpage(5, 9, b"payload" * 50)
-    blob = sealer.seal(3, 5, 9, 77, zpage)
+    location = 7 << 32 | 77
+    blob = sealer.seal(3, location, zpage)
     assert len(blob) == len(zpage) + OVERHEAD
     assert b"payload" not in blob
-    assert sealer.open(3, 5, 9, 77, blob) == zpage
-    for where in [(4, 5, 9, 77), (3, 6, 9, 77), (3, 5, 8, 77), (3, 5, 9, 76), (3, 5, 9, 78)]:
+    assert sealer.open(3, location, blob) == zpage
+    # another pool, another slot, an older or newer version of the same slot
+    for where in [(4, location), (3, 7 << 32 | 78), (3, 6 << 32 | 77), (3, 8 << 32 | 77)]:
         assert sealer.open(*where, blob) is None
-    assert Sealer(KEY, "n2").open(3, 5, 9, 77, blob) is None  # another owner's seal
-    assert Sealer(bytes(32), "n1").open(3, 5, 9, 77, blob) is None  # another key
+    assert Sealer(KEY, "n2").open(3, location, blob) is None  # another owner's seal
+    assert Sealer(bytes(32), "n1").open(3, location, blob) is None  # another key
     for at in (0, 12, len(blob) - 1):
         flipped = bytearray(blob)
         flipped[at] ^= 0x40
-        assert sealer.open(3, 5, 9, 77, bytes(flipped)) is None
-    assert sealer.open(3, 5, 9, 77, blob[: OVERHEAD - 1]) is None
-    assert sealer.seal(3, 5, 9, 77, zpage)[:12] != blob[:12]  # never the same nonce twice
+        assert sealer.open(3, location, bytes(flipped)) is None
+    assert sealer.open(3, location, blob[: OVERHEAD - 1]) is None
+    assert sealer.seal(3, location, zpage)[:12] != blob[:12]  # never the same nonce twice
 
 
 def test_the_sealing_key_is_made_once_private_and_checked(tmp_path: Path) -> None:
@@ -61,48 +63,52 @@ async def test_holder_keeps_only_sealed_blobs_and_owner_reads_them_back(
     pair: Pair, compressible_pages: list[bytes]
 ) -> None:
     zpages = zpages_of(compressible_pages[:20])
-    keys = [(5, i) for i in range(20)]
-    locations = list(range(100, 120))
+    locations = [2 << 32 | slot for slot in range(100, 120)]
     assert await pair.transport.put(pair.address, 1, 3, zpages, locations) == [True] * 20
-    held = pair.holder.get(pair.owner, 1, 3, keys)
+    held = pair.holder.get(pair.owner, 1, 3, list(range(100, 120)))  # filed by slot
     for zpage, blob in zip(zpages, held, strict=True):
         assert blob is not None and len(blob) == len(zpage) + OVERHEAD
         assert zpage[HEADER_SIZE:][:64] not in blob  # no plaintext stretch of the payload
-    assert await pair.transport.get(pair.address, 1, 3, keys, locations) == zpages
-    got = await pair.transport.get(pair.address, 1, 3, [(5, 99)], [1])
+    assert await pair.transport.get(pair.address, 1, 3, locations) == zpages
+    got = await pair.transport.get(pair.address, 1, 3, [2 << 32 | 99])
     assert got == [None]  # not held
 
 
 async def test_flipped_forged_and_replayed_copies_do_not_open(
     pair: Pair, compressible_pages: list[bytes]
 ) -> None:
-    (old,) = zpages_of(compressible_pages[:1])  # version 1 of key (5, 0), location 10
-    new = make_zpage(5, 0, compress(compressible_pages[1]))  # version 2, location 11
+    # version 1 of key (5, 0) at location 1:10, then (slot 10 reused) version 2 at 2:10
+    (old,) = zpages_of(compressible_pages[:1])
+    new = make_zpage(5, 0, compress(compressible_pages[1]))
     other = make_zpage(5, 1, compress(compressible_pages[2]))
-    assert await pair.transport.put(pair.address, 1, 3, [old], [10]) == [True]
-    (replay,) = pair.holder.get(pair.owner, 1, 3, [(5, 0)])
-    assert await pair.transport.put(pair.address, 1, 3, [new, other], [11, 12]) == [True, True]
+    v1, v2, elsewhere = 1 << 32 | 10, 2 << 32 | 10, 2 << 32 | 12
+    assert await pair.transport.put(pair.address, 1, 3, [old], [v1]) == [True]
+    (replay,) = pair.holder.get(pair.owner, 1, 3, [10])
+    assert await pair.transport.put(pair.address, 1, 3, [new, other], [v2, elsewhere]) == [
+        True,
+        True,
+    ]
     assert replay is not None
-    (current,) = pair.holder.get(pair.owner, 1, 3, [(5, 0)])
+    (current,) = pair.holder.get(pair.owner, 1, 3, [10])
     assert current is not None
     flipped = bytearray(current)
     flipped[len(flipped) // 2] ^= 1
-    (moved,) = pair.holder.get(pair.owner, 1, 3, [(5, 1)])
+    (moved,) = pair.holder.get(pair.owner, 1, 3, [12])
     assert moved is not None
     forged = make_zpage(5, 0, compress(b"forged" * 682 + b"!!!!"))
     attacks = {
         "replay of version 1": replay,
         "flipped bit": bytes(flipped),
-        "another key's blob": moved,
+        "another page's blob": moved,
         "plain zpage": forged,
         "plain zpage with a seal's length": forged + bytes(OVERHEAD),
     }
     for name, blob in attacks.items():
-        assert pair.holder.put(pair.owner, 1, 3, [(5, 0)], [blob]) == [True], name
-        got = await pair.transport.get(pair.address, 1, 3, [(5, 0)], [11])
+        assert pair.holder.put(pair.owner, 1, 3, [10], [blob]) == [True], name
+        got = await pair.transport.get(pair.address, 1, 3, [v2])
         assert got == [b""], name  # damaged: the driver tries the next holder
-    pair.holder.put(pair.owner, 1, 3, [(5, 0)], [current])
-    assert await pair.transport.get(pair.address, 1, 3, [(5, 0)], [11]) == [new]
+    pair.holder.put(pair.owner, 1, 3, [10], [current])
+    assert await pair.transport.get(pair.address, 1, 3, [v2]) == [new]
     assert open_zpage(new, 5, 0) == compressible_pages[1]
 
 
@@ -117,4 +123,4 @@ async def test_a_raw_zpage_is_refused_without_a_call(
     # the largest zpage whose seal still fits a holder's raw frame travels
     edge = make_zpage(5, 2, os.urandom(PAGE_SIZE - HEADER_SIZE - OVERHEAD))
     assert await pair.transport.put(pair.address, 1, 3, [edge], [3]) == [True]
-    assert await pair.transport.get(pair.address, 1, 3, [(5, 2)], [3]) == [edge]
+    assert await pair.transport.get(pair.address, 1, 3, [3]) == [edge]

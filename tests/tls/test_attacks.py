@@ -92,9 +92,7 @@ async def test_peer_api_refuses_who_is_not_the_claimed_node(
             stub.PutZpages(
                 pb.PutZpagesRequest(owner=owner("n2"), epoch=1, zpages=b"z", sizes=[1]), timeout=5
             ),
-            stub.GetZpages(
-                pb.GetZpagesRequest(owner=owner("n2"), epoch=1, oids=[1], indices=[1]), timeout=5
-            ),
+            stub.GetZpages(pb.GetZpagesRequest(owner=owner("n2"), epoch=1, slots=[1]), timeout=5),
             stub.FlushZpages(pb.FlushZpagesRequest(owner=owner("n2")), timeout=5),
         ]
         for call in calls:
