@@ -38,8 +38,8 @@
 # while the outbox has room for them.  `wake` (set by the driver) is called whenever work is
 # queued, so nothing waits for a timer.
 #
-# The table of where each zpage's copies are is a RemoteTable (arrays, ~26 bytes per remote
-# page); only zpages in flight (bytes in the outbox, sends in progress, refusals, damaged copies,
+# The table of where each zpage's copies are is a RemoteTable (arrays, 14 bytes per remote
+# page, no keys: holders file copies under the table's slot); only zpages in flight (bytes in the outbox, sends in progress, refusals, damaged copies,
 # fetched copies staged for gets) have entries in small dicts beside it.
 from __future__ import annotations
 
