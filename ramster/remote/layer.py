@@ -38,12 +38,13 @@
 # while the outbox has room for them.  `wake` (set by the driver) is called whenever work is
 # queued, so nothing waits for a timer.
 #
-# The table of where each zpage's copies are is a RemoteTable (arrays, 14 bytes per remote
-# page, no keys: holders file copies under the table's slot); only zpages in flight (bytes in the outbox, sends in progress, refusals, damaged copies,
-# fetched copies staged for gets) have entries in small dicts beside it.
+# The table of where each zpage's copies are is a RemoteTable (narrow arrays, 4 bytes per remote
+# page with a few pools and peers, no keys: holders file copies under the table's slot); only
+# zpages in flight (bytes in the outbox, sends in progress, refusals, damaged copies, fetched
+# copies staged for gets) have entries in small dicts beside it.
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -74,7 +75,7 @@ from ramster.remote.events import (
 )
 from ramster.remote.journal import Journal
 from ramster.remote.membership import Membership, Peer, PeerEvent, PeerInfo
-from ramster.remote.table import FREE, SLOT_MASK, RemoteTable, slot_of
+from ramster.remote.table import SLOT_MASK, RemoteTable, slot_of
 from ramster.zcache.codec import zpage_key
 from ramster.zcache.errors import CorruptPage, PageUnavailable
 from ramster.zcache.evictor import Evictor
@@ -668,19 +669,19 @@ class RamsterLayer:
             if peer is not None and peer.up and peer.synced
         ]
         by_mask: dict[int, list[tuple[FetchSource, ...]]] = {}
-        holders, disk, pool = table.holders, table.disk, table.pool
+        holders, disk, pool, pool_ids = table.holders, table.disk, table.pool, table.pool_ids
         for location in locations:
             if location not in table or location in outbox or location in staged:
                 continue
             slot = location & SLOT_MASK
             mask = holders[slot]
-            if disk[slot] or not mask:
+            if not mask or (disk is not None and disk[slot]):
                 continue
             orders = by_mask.get(mask)
             if orders is None:
                 orders = by_mask[mask] = self._orders([p for bit, p in usable if mask >> bit & 1])
             if orders:
-                yield Wanted(location, pool[slot], orders[location % len(orders)])
+                yield Wanted(location, pool_ids[pool[slot]], orders[location % len(orders)])
 
     @staticmethod
     def _orders(live: list[Peer]) -> list[tuple[FetchSource, ...]]:
@@ -846,15 +847,10 @@ class RamsterLayer:
         return sum(self.table.copies.values())
 
     def replica_histogram(self) -> dict[int, int]:
-        """How many zpages have n live copies (peers + disk): one pass over three columns."""
+        """How many zpages have n live copies (peers + disk): one pass over the table."""
         peers, table = self.membership.peers, self.table
         up = 0
         for address, bit in table.bits.items():
             if address in peers and peers[address].up:
                 up |= 1 << bit
-        counts = Counter(
-            (mask & up).bit_count() + (disk != 0)
-            for pool, mask, disk in zip(table.pool, table.holders, table.disk, strict=True)
-            if pool != FREE
-        )
-        return dict(counts)
+        return dict(table.live_copies(up))

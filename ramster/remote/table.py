@@ -1,10 +1,18 @@
 # The owner's remote table: per remotified zpage, its pool, its holders and its disk copy, in
 # arrays rather than objects, so parking a page on a peer costs the owner a few bytes.
 #
-# A location is `generation << 32 | slot`.  Slots index four arrays (14 bytes per live page):
+# A location is `generation << 32 | slot`.  Slots index these columns:
 #
-#     gen u16 | pool u32 | disk u32 (backing-file block, 0: none)
-#     holders u32: a bitmask over peer bits (address -> bit, at most 32 peers hold our pages)
+#     gen     u16  the slot's generation (a location names one version of one page)
+#     pool    u8   the pool's number (0: an unused slot); pools are numbered in order of use
+#     holders u8   a bitmask over peer bits (address -> bit, at most 32 peers hold our pages)
+#     disk    u32  the backing-file block of the page's disk copy (0: none)
+#
+# Columns are as narrow as their values allow and widen when they must: `pool` and `holders`
+# start at one byte and become u16 and u32 past 255 pools with remote pages or 8 holding peers;
+# `disk` exists only while some page has a disk copy (with peers enough for every replica there
+# is none).  An owner with a few pools and up to 8 peers pays 4 bytes per remote page here, and
+# a widening costs one pass over a column, once.
 #
 # The page's key is not here: zcache's index maps the key to the location, holders file copies
 # under the slot (the peer API names copies by slot, and the seal binds the whole location), and
@@ -15,30 +23,39 @@
 # Freed slots are reused (a free list), with their generation bumped (and, after a restart,
 # started above every generation the journal saw), so a location is never handed out twice for
 # different versions of a page (the owner seals copies with it, and the journal names it).
-# Which peer holds what is found by scanning the holders array: O(pages),
-# but only on rare events (a peer down, restarted, leaving, or asked after our restart); the
-# copies each peer holds are counted as they change, for metrics.  Copies carry no epoch of
-# their own: a copy is valid in the epoch its peer is in now, because a peer's restart (a new
-# epoch) drops every copy it held.  Zpage bytes waiting in the outbox and other in-flight state
-# live in small dicts in the layer, not here.
+# Which peer holds what is found by scanning the holders column: O(pages), but only on rare
+# events (a peer down, restarted, leaving, or asked after our restart); the copies each peer
+# holds are counted as they change, for metrics.  Copies carry no epoch of their own: a copy is
+# valid in the epoch its peer is in now, because a peer's restart (a new epoch) drops every copy
+# it held.  Zpage bytes waiting in the outbox and other in-flight state live in small dicts in
+# the layer, not here.
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from collections.abc import Iterator
 
 from ramster.zcache.config import ALLOCATORS
 
-FREE = 0xFFFFFFFF  # pool id of an unused slot
 SLOT_BITS = 32
 SLOT_LIMIT = 1 << SLOT_BITS
 SLOT_MASK = SLOT_LIMIT - 1
 MAX_GEN = 0xFFFF
 MAX_HOLDER_PEERS = 32
+_WIDER = {"B": "H", "H": "I"}
+_LARGEST = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFFFFFF}
 
 
 def slot_of(location: int) -> int:
     """What holders file the copies of `location` under."""
     return location & SLOT_MASK
+
+
+def _fit(column: array[int], value: int) -> array[int]:
+    """`column`, widened (a copy) until its items can hold `value`."""
+    while value > _LARGEST[column.typecode]:
+        column = array(_WIDER[column.typecode], column)
+    return column
 
 
 class TableFull(Exception):
@@ -49,15 +66,20 @@ class RemoteTable:
     def __init__(self) -> None:
         # slot 0 is never used: location 0 means "refused" to zcache
         self.gen = array("H", [0])
-        self.pool = array("I", [FREE])
-        self.disk = array("I", [0])
-        self.holders = array("I", [0])
+        self.pool = array("B", [0])
+        self.holders = array("B", [0])
+        self.disk: array[int] | None = None
+        self.disk_copies = 0
         self._free = array("I")
         self.count = 0
         # generations start above every one used before a restart (the journal's mark), so a
         # location never names two versions, not even across restarts (until 16 bits wrap)
         self.floor = 0
         self.high = 0
+        self.pool_ids = [0]  # pool number -> pool id (number 0: no pool)
+        self._numbers: dict[int, int] = {}  # pool id -> its number
+        self._pool_pages = [0]  # pool number -> live slots with it
+        self._free_numbers: list[int] = []
         self.allocators: dict[int, str] = {}  # pool id -> allocator of its zpages
         self.bits: dict[str, int] = {}  # peer address -> bit
         self.copies: dict[str, int] = {}  # peer address -> copies it holds
@@ -69,67 +91,101 @@ class RemoteTable:
             gen = max(self.gen[slot] + 1, self.floor) & MAX_GEN
         else:
             slot, gen = len(self.pool), self.floor & MAX_GEN
-            for column in (self.gen, self.pool, self.disk, self.holders):
-                column.append(0)
+            self._grow(slot + 1)
         self.gen[slot] = gen
         self.high = max(self.high, gen)
-        self.pool[slot] = pool_id
-        self.disk[slot] = self.holders[slot] = 0
-        self.allocators.setdefault(pool_id, allocator)
-        self.count += 1
+        self._take(slot, pool_id, allocator)
         return gen << SLOT_BITS | slot
 
     def restore(self, location: int, pool_id: int, allocator: str) -> None:
         """Put back a location recovered from the journal, under its old number."""
         slot = location & SLOT_MASK
-        while len(self.pool) <= slot:
-            self._free.append(len(self.pool))
-            for column in (self.gen, self.disk, self.holders):
-                column.append(0)
-            self.pool.append(FREE)
+        if len(self.pool) <= slot:
+            self._free.extend(range(len(self.pool), slot + 1))
+            self._grow(slot + 1)
         self.gen[slot] = location >> SLOT_BITS
-        self.pool[slot] = pool_id
-        self.allocators.setdefault(pool_id, allocator)
+        self._take(slot, pool_id, allocator)
+
+    def _grow(self, size: int) -> None:
+        """Every column `size` slots long, the new slots unused."""
+        more = size - len(self.pool)
+        for column in (self.gen, self.pool, self.holders, self.disk):
+            if column is not None:
+                column.frombytes(bytes(more * column.itemsize))
+
+    def _take(self, slot: int, pool_id: int, allocator: str) -> None:
+        number = self._numbers.get(pool_id)
+        if number is None:
+            number = self._number(pool_id, allocator)
+        self.pool[slot] = number
+        self._pool_pages[number] += 1
         self.count += 1
+
+    def _number(self, pool_id: int, allocator: str) -> int:
+        """A number for a pool that has no live slot."""
+        if self._free_numbers:
+            number = self._free_numbers.pop()
+            self.pool_ids[number] = pool_id
+        else:
+            number = len(self.pool_ids)
+            self.pool_ids.append(pool_id)
+            self._pool_pages.append(0)
+            self.pool = _fit(self.pool, number)
+        self._numbers[pool_id] = number
+        self.allocators[pool_id] = allocator
+        return number
 
     def compact_free_list(self) -> None:
         """After restores: the free list holds exactly the unused slots."""
-        self._free = array("I", (s for s in range(1, len(self.pool)) if self.pool[s] == FREE))
+        pool = self.pool
+        self._free = array("I", (s for s in range(1, len(pool)) if not pool[s]))
 
     def __contains__(self, location: int) -> bool:
         slot = location & SLOT_MASK
-        return (
-            slot < len(self.pool)
-            and self.pool[slot] != FREE
-            and self.gen[slot] == location >> SLOT_BITS
-        )
+        pool, gen = self.pool, self.gen
+        return slot < len(pool) and pool[slot] != 0 and gen[slot] == location >> SLOT_BITS
 
     def free(self, location: int, holders: list[str] | None = None) -> None:
         """Release a location; `holders`, if the caller has them already, are its holders."""
         slot = location & SLOT_MASK
         for address in self.holders_of(location) if holders is None else holders:
             self.copies[address] -= 1
-        self.pool[slot], self.holders[slot], self.disk[slot] = FREE, 0, 0
+        self.set_disk(location, 0)
+        number = self.pool[slot]
+        self.pool[slot] = self.holders[slot] = 0
+        self._pool_pages[number] -= 1
+        if not self._pool_pages[number]:  # the pool's number is free for another pool
+            del self._numbers[self.pool_ids[number]]
+            del self.allocators[self.pool_ids[number]]
+            self._free_numbers.append(number)
         self._free.append(slot)
         self.count -= 1
 
     def pool_of(self, location: int) -> int:
-        return self.pool[location & SLOT_MASK]
+        return self.pool_ids[self.pool[location & SLOT_MASK]]
 
     def allocator(self, location: int) -> str:
-        return self.allocators.get(self.pool[location & SLOT_MASK], ALLOCATORS[-1])
+        return self.allocators.get(self.pool_of(location), ALLOCATORS[-1])
 
     def __iter__(self) -> Iterator[int]:
         """Every live location."""
         gen, pool = self.gen, self.pool
-        return (gen[s] << SLOT_BITS | s for s in range(len(pool)) if pool[s] != FREE)
+        return (gen[s] << SLOT_BITS | s for s in range(len(pool)) if pool[s])
 
     # -- disk copies ------------------------------------------------------------------------
     def disk_of(self, location: int) -> int:
-        return self.disk[location & SLOT_MASK]
+        return 0 if self.disk is None else self.disk[location & SLOT_MASK]
 
     def set_disk(self, location: int, block: int) -> None:
+        old = self.disk_of(location)
+        if block == old:
+            return
+        if self.disk is None:  # the first disk copy: the column comes to exist
+            self.disk = array("I", bytes(4 * len(self.pool)))
         self.disk[location & SLOT_MASK] = block
+        self.disk_copies += (not old) - (not block)
+        if not self.disk_copies:  # the last one went: so does the column
+            self.disk = None
 
     # -- holders ----------------------------------------------------------------------------
     def _bit(self, address: str) -> int:
@@ -145,6 +201,7 @@ class RemoteTable:
                 del self.copies[idle]
             bit = self.bits[address] = free
             self.copies[address] = 0
+            self.holders = _fit(self.holders, 1 << bit)
         return bit
 
     def can_hold(self, address: str) -> bool:
@@ -167,7 +224,7 @@ class RemoteTable:
         slot = location & SLOT_MASK
         if bit is None or not self.holders[slot] >> bit & 1:
             return False
-        self.holders[slot] &= ~(1 << bit) & 0xFFFFFFFF
+        self.holders[slot] &= ~(1 << bit)
         self.copies[address] -= 1
         return True
 
@@ -191,10 +248,19 @@ class RemoteTable:
 
     def without_holders(self) -> list[int]:
         gen, pool, holders = self.gen, self.pool, self.holders
-        return [
-            gen[s] << SLOT_BITS | s for s in range(len(pool)) if pool[s] != FREE and not holders[s]
-        ]
+        return [gen[s] << SLOT_BITS | s for s in range(len(pool)) if pool[s] and not holders[s]]
+
+    def live_copies(self, up: int) -> Counter[int]:
+        """How many pages have n copies: on the peers whose bits are set in `up`, and on disk."""
+        pool, holders, disk = self.pool, self.holders, self.disk
+        if disk is None:
+            return Counter((m & up).bit_count() for p, m in zip(pool, holders, strict=True) if p)
+        return Counter(
+            (m & up).bit_count() + (d != 0)
+            for p, m, d in zip(pool, holders, disk, strict=True)
+            if p
+        )
 
     def metadata_bytes(self) -> int:
-        columns = (self.gen, self.pool, self.disk, self.holders, self._free)
-        return sum(c.buffer_info()[1] * c.itemsize for c in columns)
+        columns = (self.gen, self.pool, self.holders, self.disk, self._free)
+        return sum(c.buffer_info()[1] * c.itemsize for c in columns if c is not None)
