@@ -118,6 +118,9 @@ class RemoteSide:
     async def _run(self, driver: RemoteDriver) -> None:
         await asyncio.gather(driver.run(), self.trimmer.run())
 
+    def _read_ahead(self) -> int:
+        return self.driver.ahead.pages if self.driver is not None else 0
+
     def _moved(self) -> int:
         """Zpages that went through this node's layer so far: sent, fetched, held."""
         stats = self.layer.stats
@@ -152,6 +155,8 @@ class RemoteSide:
     async def stop_driver(self) -> None:
         """No more calls to peers; the layer refuses new zpages from now on."""
         self.layer.handle(Leaving())
+        if self.driver is not None:
+            self.driver.ahead.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -213,6 +218,7 @@ class RemoteSide:
             ("remote_puts", stats.remote_puts, "Pages stored on peers."),
             ("remote_put_refusals", stats.remote_refused, "Pages a peer refused or failed."),
             ("remote_gets", stats.remote_gets, "Pages fetched from peers for gets."),
+            ("remote_readahead", self._read_ahead(), "Pages gets asked for ahead of a client."),
             ("remote_flushes", stats.remote_flushes, "Flushes delivered to peers."),
             ("remote_disk_copies", stats.disk_copies, "Copies written to disk by the layer."),
             ("rereplication_pages", stats.rereplicated, "Pages placed again after a holder went."),

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from node.readahead import ReadAhead
 from ramster.remote.events import (
     Fetch,
     Fetched,
@@ -100,6 +101,7 @@ class RemoteDriver:
         self.heartbeats = 0  # heartbeat rounds done
         self._work = asyncio.Event()
         self._reclaiming: set[str] = set()
+        self.ahead = ReadAhead(self._fetch_missing)
         layer.wake = self._work.set
 
     def _handle(self, event: Heard | Silent | Tick) -> None:
@@ -301,17 +303,28 @@ class RemoteDriver:
         return out
 
     async def prefetch(self, pool_id: int, keys: list[tuple[int, int]]) -> None:
-        """Fetch the remote copies a get of `keys` is about to load.
+        """Fetch the remote copies a get of `keys` is about to load, then read ahead if the
+        get continues a stream (node/readahead.py).
 
         While this awaits, the pump may settle a zpage that was still in the outbox (its bytes
         are then only on peers), and a holder may time out on a loaded machine, so the keys are
         looked at again after each fetch, a few times, until every remote copy they need is
         local: a page answers UNAVAILABLE only when every holder failed every round."""
+        ahead = self.ahead.pending(pool_id, keys)
+        if ahead is not None:  # these pages are being fetched already (done, failed or not)
+            await asyncio.wait([ahead])
         for _ in range(PREFETCH_ROUNDS):
-            fetch = self.layer.fetch_for([loc for loc in self.locations(pool_id, keys) if loc])
-            if fetch is None:
-                return
-            await self._fetch(fetch)
+            if not await self._fetch_missing(pool_id, keys):
+                break
+        self.ahead.advance(pool_id, keys)
+
+    async def _fetch_missing(self, pool_id: int, keys: list[tuple[int, int]]) -> bool:
+        """Fetch the remote copies of `keys` that are not local; whether any were wanted."""
+        fetch = self.layer.fetch_for([loc for loc in self.locations(pool_id, keys) if loc])
+        if fetch is None:
+            return False
+        await self._fetch(fetch)
+        return True
 
 
 def _intact(zpage: bytes) -> bool:

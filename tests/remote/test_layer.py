@@ -298,3 +298,23 @@ async def test_pages_read_lately_are_re_replicated_from_the_copy_fetched_for_the
     hist = a.layer.replica_histogram()
     assert min(hist) >= 2, hist
     assert a.layer.stats.lost == 0
+
+
+async def test_gets_in_order_find_their_pages_read_ahead(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    """From the second get of a stream on, the next pages are fetched while the client is busy:
+    the third get finds all its pages fetched, and every page comes back right."""
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, keys = await spill(net, compressible_pages)
+    batches = [keys[s : s + 64] for s in range(0, 256, 64)]
+    third = [loc for loc in a.driver.locations(pool, batches[2]) if loc]
+    assert len(third) == 64 and a.layer.fetch_for(third) is not None  # all remote, not fetched
+    engine = ChunkedEngine(a.cache, prefetch=a.driver.prefetch)
+    for batch in batches[:2]:
+        assert await engine.get_batch(pool, batch, False) == expected(compressible_pages, batch)
+    await a.driver.ahead.drain()
+    assert a.layer.fetch_for(third) is None, "the third get would ask a holder"
+    for batch in batches[2:]:
+        assert await engine.get_batch(pool, batch, False) == expected(compressible_pages, batch)
+    assert a.driver.ahead.pages >= 128

@@ -75,6 +75,7 @@ class LayerMachine(RuleBasedStateMachine):
     def get(self, start: int, count: int) -> None:
         keys = [(1, (start + i) % KEYS) for i in range(count)]
         self.run(self.a.driver.prefetch(self.pool, keys))
+        self.run(self.a.driver.ahead.drain())  # what it read ahead is done within the step
         got = self.a.cache.get_batch(self.pool, keys)
         for (_, i), page in zip(keys, got, strict=True):
             if isinstance(page, PageUnavailable):
