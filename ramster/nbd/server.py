@@ -44,7 +44,7 @@
 # node keeps freed heap memory (ramster/wire.py's keep_freed_memory), and 1 MiB buffers freed
 # there after a burst of writes on 4 connections kept ~13 MiB of RSS for good; an mmap goes
 # back to the OS with its last view.  A chunk no payload was lent from is reused from its
-# start; up to SPARE_CHUNKS lent ones are kept and reused once no view of them is left (mmap's
+# start; the last SPARE_CHUNKS lent ones are kept and reused once no view of them is left (mmap's
 # resize refuses while one is), so a connection faults its chunks in once, not per MiB (a
 # fault costs ~1.4 us per 4 KiB, the zeroing of a new bytearray ~0.2 us).  Trade-off: a
 # connection holds up to SPARE_CHUNKS + 1 MiB of input buffers while it lives.  Request
@@ -299,7 +299,9 @@ class ServerConnection:
         if self._lent or len(self._buf) < size:
             old, self._buf = self._buf, self._reusable(size) or new_chunk(size)
             self._buf[:have] = old[self._pos : self._end]
-            if self._lent and len(old) == CHUNK and len(self._spare) < SPARE_CHUNKS:
+            if self._lent and len(old) == CHUNK:
+                if len(self._spare) == SPARE_CHUNKS:
+                    self._spare.popleft()  # lent the longest: it goes once its views go
                 self._spare.append(old)
         elif have:
             self._buf[:have] = self._buf[self._pos : self._end]
