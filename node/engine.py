@@ -16,7 +16,11 @@
 # fetched once, before the first chunk; a chunk fetches again only what went missing
 # meanwhile), opened in a worker, then counted on the loop; up to DEPTH chunks of a batch are
 # with the workers at once, so the loop files chunk n while chunk n+1 compresses.  Batches of up
-# to INLINE_PAGES pages (single gets, NBD's 4 KiB requests) always run at once on the loop.
+# to INLINE_PAGES pages (single gets, NBD's 4 KiB requests) always run at once on the loop.  A
+# front door may keep smaller batches than `offload` pages on the loop (where a hop costs more
+# than it saves) and hand the workers `hop` pages at a time, more than a loop step: NBD's codec
+# thread takes half a write group per hop (node/nbd/server.py).  A page that is a view (of a
+# request's bytes, which nothing writes meanwhile) is compressed where it is, never copied first.
 #
 # Why no workers by default: LZ4 releases the GIL, but every page it compresses in a worker is a
 # GIL hand-over with the loop thread, which is busy with the allocator, the index and protobuf
@@ -56,6 +60,7 @@ from ramster.zcache import (
     SealedPages,
     ZCache,
     ZCacheConfig,
+    ZCacheError,
     check_keys,
     check_put_batch,
 )
@@ -73,6 +78,11 @@ Y = TypeVar("Y")
 T = TypeVar("T")
 Prefetch = Callable[[int, list[tuple[int, int]]], Awaitable[None]]
 _WORKERS: weakref.WeakKeyDictionary[ZCache, Executor] = weakref.WeakKeyDictionary()
+
+
+class CodecError(ZCacheError):
+    """A codec worker failed to encode or open a chunk of a batch (or none was left to): the
+    chunks before it took effect, the rest did not."""
 
 
 def build_engine(
@@ -127,11 +137,15 @@ class ChunkedEngine:
         chunk: int | None = None,
         prefetch: Prefetch | None = None,
         workers: Executor | None = None,
+        offload: int = 0,
+        hop: int | None = None,
     ) -> None:
         self.engine = engine
         self.prefetch = prefetch  # fetches remote copies a get is about to read
         self.workers = workers or codec_workers(engine)
         self.chunk = chunk or (WORKER_CHUNK_PAGES if self.workers else CHUNK_PAGES)
+        self.hop = hop or self.chunk  # pages per hop to the workers
+        self.offload = offload  # a batch of fewer pages runs on the loop, `chunk` at a time
 
     async def put_batch(
         self, pool: int, keys: list[tuple[int, int]], pages: Sequence[bytes | memoryview]
@@ -143,8 +157,8 @@ class ChunkedEngine:
         check_put_batch(keys, [_page_shaped(p) for p in pages])  # all, before a chunk is filed
 
         def encode_part(part: slice) -> list[bytes | None]:
-            # a page that is a view (of a request's bytes) is copied here, a chunk at a time
-            return encode(keys[part], [bytes(p) for p in pages[part]])
+            # a page that is a view (of a request's bytes) is read as it is, never copied whole
+            return encode(keys[part], pages[part])
 
         def file(part: slice, encoded: list[bytes | None]) -> list[PutResult]:
             return engine.file_encoded(pool, keys[part], encoded)
@@ -196,27 +210,38 @@ class ChunkedEngine:
         finish: Callable[[slice, Y], list[T]],
     ) -> list[T]:
         """Per chunk of `count` items, in order: `start` on the loop, `work` in a worker (on the
-        loop without workers), `finish` on the loop, then a yield; up to DEPTH chunks in the
-        workers at once.  On an error or a cancellation, chunks still with the workers are
-        dropped unfinished."""
+        loop without workers, or for fewer than `offload` items), `finish` on the loop, then a
+        yield; up to DEPTH chunks (of `hop` items) in the workers at once.  On an error or a
+        cancellation, chunks still with the workers are dropped unfinished; a worker's failure
+        is raised as a CodecError."""
         loop, workers = asyncio.get_running_loop(), self.workers
+        if count < self.offload:
+            workers = None
+        step = self.hop if workers else self.chunk
         out: list[T] = []
         running: deque[tuple[slice, asyncio.Future[Y]]] = deque()
 
         async def finish_oldest() -> None:
             part, done = running.popleft()
-            out.extend(finish(part, await done))
+            try:
+                worked = await done
+            except Exception as exc:  # the worker's failure is the batch's, as an engine error
+                raise CodecError(f"a codec worker failed: {exc!r}") from exc
+            out.extend(finish(part, worked))
             await asyncio.sleep(0)  # `done` may have been ready already: yield all the same
 
         try:
-            for first in range(0, count, self.chunk):
-                part = slice(first, first + self.chunk)
+            for first in range(0, count, step):
+                part = slice(first, first + step)
                 item = await start(part)
                 if workers is None:
                     out.extend(finish(part, work(item)))
                     await asyncio.sleep(0)
                     continue
-                running.append((part, loop.run_in_executor(workers, work, item)))
+                try:
+                    running.append((part, loop.run_in_executor(workers, work, item)))
+                except RuntimeError as exc:  # the workers were shut down
+                    raise CodecError(f"no codec worker: {exc}") from exc
                 if len(running) == DEPTH:
                     await finish_oldest()
             while running:

@@ -42,7 +42,6 @@ import grpc
 
 from node.sealing import Sealer
 from node.settings import parse_hostport
-from ramster.certs import NODE, member_of_pem
 from ramster.remote import ForeignStore, OwnerTag
 from ramster.remote.events import FlushItem
 from ramster.remote.foreign import MAX_BLOB, blob_fits
@@ -279,6 +278,8 @@ class PeerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 async def admit(request: Any, context: grpc.aio.ServicerContext) -> None:
     """PERMISSION_DENIED unless the caller's certificate names the node the request claims."""
+    from ramster.certs import NODE, member_of_pem  # cryptography: only a node with TLS loads it
+
     pems = context.auth_context().get("x509_pem_cert") or [b""]
     member = member_of_pem(bytes(next(iter(pems))))
     if member is None or member.role != NODE:

@@ -23,7 +23,8 @@
 # there always means mTLS with the cluster's node certificates; the NBD port by TLS with client
 # certificates (--tls-client-auth: NBD has no tokens, so the certificate is what tells a client
 # of the cluster from anyone; with TLS the port requires STARTTLS, node/nbd/).  Loopback needs
-# nothing, so a bare node and `ramster demo` stay zero-configuration.
+# nothing, so a bare node and `ramster demo` stay zero-configuration.  The cryptography package
+# (~8 MiB of RSS, with ramster/certs.py) is imported only where TLS is configured.
 from __future__ import annotations
 
 import ipaddress
@@ -34,12 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from node.logs import log_event
 from node.settings import HostPort, Settings
-from ramster.certs import NODE, member_of_pem
 
 ROTATION_CHECK = 30.0  # seconds between checks of the TLS files for a rotation
 
@@ -78,6 +76,8 @@ def load_tls(settings: Settings) -> NodeTls | None:
         raise ValueError(
             f"--tls-key {settings.tls_key} is not the key of --tls-cert {settings.tls_cert}"
         )
+    from ramster.certs import NODE, member_of_pem  # cryptography: only a node with TLS loads it
+
     member = member_of_pem(data["--tls-cert"])
     if member is None or member.role != NODE or member.name != settings.node_id:
         named = f"{member.role} {member.name!r}" if member else "no RAMster member"
@@ -93,6 +93,9 @@ def load_tls(settings: Settings) -> NodeTls | None:
 def key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
     """Whether the PEM key is the private key of the PEM certificate (False if either is not
     PEM of its kind)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         key = serialization.load_pem_private_key(key_pem, password=None)

@@ -19,6 +19,11 @@
 # for: every acknowledged write is already in the engine, which all connections share (hence
 # CAN_MULTI_CONN); an export is exactly as durable as the node's persistent pool.
 #
+# The engine batches run through the server's ChunkedEngine, whose codec thread compresses and
+# decompresses (node/nbd/server.py); an engine error, a failed codec worker included, fails
+# every request of the group with EIO (a write's pages may then be partly stored: NBD leaves a
+# failed write's range unspecified) and the connection goes on.
+#
 # Answers are (request, error, pieces of a read's data) for the connection to encode: a read's
 # pages are not joined here, the connection appends them to its output buffer once.
 from __future__ import annotations
@@ -60,7 +65,7 @@ class ExportBlocks:
                 return await self._writes(group.requests)
             (request,) = group.requests
             return [(request, await self._alone(request), NO_DATA)]
-        except ZCacheError as exc:  # e.g. the pool was destroyed under the export
+        except ZCacheError as exc:  # a codec worker failed, the pool was destroyed under it...
             log_event("nbd_engine_error", logging.ERROR, export=self.export.name, error=str(exc))
             return [(request, Error.EIO, NO_DATA) for request in group.requests]
 

@@ -49,13 +49,13 @@ def same_filled_word(page: bytes) -> bytes | None:
 
 # LZ4 block compression without a size prefix (the size is always PAGE_SIZE); a partial, so a
 # put pays one C call, not a Python one around it.
-compress: Callable[[bytes], bytes] = partial(lz4.block.compress, store_size=False)
+compress: Callable[[bytes | memoryview], bytes] = partial(lz4.block.compress, store_size=False)
 # The most bytes LZ4 packs a same-filled page into (33 measured for every word): a page that
 # packs larger is not same-filled, which spares the full comparison on nearly every put.
 SAME_FILLED_PACKED = 48
 
 
-def make_zpage(oid: int, index: int, payload: bytes) -> bytes:
+def make_zpage(oid: int, index: int, payload: bytes | memoryview) -> bytes:
     """Wrap a compressed (or raw, when len == PAGE_SIZE) payload in a checksummed header."""
     return _pack_header(_xxh(payload, oid ^ index << 32) & _SUM_MASK, len(payload), index, oid) + (
         payload

@@ -9,6 +9,7 @@
 # before the copy is opened) and one more list per batch.
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ramster.zcache.codec import (
@@ -33,16 +34,19 @@ class PageEncoder:
     threshold: int  # largest payload stored compressed
     store_raw: bool  # a page that compresses worse is stored raw (else refused)
 
-    def encode(self, keys: list[tuple[int, int]], pages: list[bytes]) -> list[bytes | None]:
-        """Per checked page: its word if it is same-filled (WORD bytes), its zpage (compressed,
-        or raw under store_raw), or None (refused for poor compression)."""
+    def encode(
+        self, keys: Sequence[tuple[int, int]], pages: Sequence[bytes | memoryview]
+    ) -> list[bytes | None]:
+        """Per checked page (bytes, or a view of a page that nothing writes meanwhile: it is
+        read in place, not copied): its word if it is same-filled (WORD bytes), its zpage
+        (compressed, or raw under store_raw), or None (refused for poor compression)."""
         threshold, store_raw = self.threshold, self.store_raw
         out: list[bytes | None] = []
         for (oid, index), page in zip(keys, pages, strict=True):
             payload = compress(page)
             size = len(payload)
-            if size <= SAME_FILLED_PACKED and page == page[:WORD] * _WORDS:
-                out.append(page[:WORD])
+            if size <= SAME_FILLED_PACKED and page == (word := bytes(page[:WORD])) * _WORDS:
+                out.append(word)
             elif size <= threshold:
                 out.append(make_zpage(oid, index, payload))
             else:

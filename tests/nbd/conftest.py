@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client import CollectorRegistry
 
-from node.engine import ChunkedEngine
 from node.metrics import NbdMetrics
 from node.nbd import NbdServer, NbdTls
 from node.settings import HostPort, Settings
@@ -126,7 +125,6 @@ class ServerThread:
             HostPort("127.0.0.1", 0),
             self.exports,
             engine,
-            ChunkedEngine(engine),
             lambda owner: engine.create_pool(PoolKind.PERSISTENT),
             NbdMetrics(self.registry),
             self.tls,

@@ -3,6 +3,8 @@
 # a client gone mid-write), each of which must end in a clean NBD error or a close.
 from __future__ import annotations
 
+import mmap
+
 import pytest
 
 from ramster.nbd import (
@@ -23,6 +25,7 @@ from ramster.nbd import (
     Write,
     WriteZeroes,
 )
+from ramster.nbd.server import SPARE_CHUNKS, new_chunk
 from ramster.nbd.wire import (
     CLIENT_FLAG_FIXED_NEWSTYLE,
     CLIENT_FLAGS,
@@ -246,6 +249,36 @@ def test_write_payloads_are_views_of_the_input_which_is_never_written_again() ->
         writes.append(write)
     assert [w.handle for w in writes] == list(range(600))
     for n, write in enumerate(writes):  # every view still holds what it was given
+        assert write.data == bytes([n % 251]) * 4096, n
+
+
+def test_input_chunks_are_reused_once_no_payload_view_of_them_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made = []
+
+    def counted(size: int) -> mmap.mmap:
+        made.append(size)
+        return new_chunk(size)
+
+    monkeypatch.setattr("ramster.nbd.server.new_chunk", counted)
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    kept = []
+    for n in range(2 * 2048):  # 16 MiB: the first half's payloads are kept, the second's not
+        payload = bytes([n % 251]) * 4096
+        conn.receive_data(request(Command.WRITE, 0, 4096, handle=n) + payload)
+        (write,) = events(conn)
+        assert isinstance(write, Write) and write.data == payload
+        if n < 2048:
+            kept.append(write)
+        else:
+            conn.send_to([], write, Error.OK, ())  # answered: the machine lets go of it
+        if n == 2048:
+            chunks_while_kept = len(made)
+    assert chunks_while_kept >= 8  # a view of each chunk is alive: none is reused
+    assert len(made) - chunks_while_kept <= SPARE_CHUNKS + 2  # then the spares go round
+    for n, write in enumerate(kept):  # what was lent was never written over
         assert write.data == bytes([n % 251]) * 4096, n
 
 

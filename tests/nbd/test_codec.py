@@ -1,0 +1,160 @@
+# The NBD server's codec thread (node/nbd/server.py): big write and read groups are compressed
+# and opened off the loop, small ones on it.  Pages come back byte-identical either way, a
+# failing worker fails its group with EIO and the connection goes on, and a server stopped while
+# a group is in the codec thread answers every request it received, each write answered OK
+# being stored whole.
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from node.nbd.server import OFFLOAD_PAGES
+from ramster.nbd import Error, Export
+from ramster.nbd.wire import REQUEST_HEADER, REQUEST_MAGIC, SIMPLE_REPLY_HEADER, Command
+from ramster.zcache import PAGE_SIZE, PageEncoder, SealedPages
+from tests.nbd.conftest import MiB, ServerThread
+from tests.nbd.test_batching import negotiate
+from tests.nbd.test_clients import recv_exactly
+
+BIG = 2 * OFFLOAD_PAGES + 5  # pages of a request the codec thread takes (in three hops)
+
+
+def request(command: Command, handle: int, block: int, blocks: int) -> bytes:
+    return REQUEST_HEADER.pack(REQUEST_MAGIC, 0, command, handle, block * PAGE_SIZE,
+                               blocks * PAGE_SIZE)  # fmt: skip
+
+
+def reply(sock: socket.socket, length: int = 0) -> tuple[int, int, bytes]:
+    """(handle, error, data) of the next reply; data only when the request succeeded."""
+    _, error, handle = SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))
+    return handle, error, recv_exactly(sock, length) if error == 0 and length else b""
+
+
+def image(sample_pages: list[bytes], blocks: int) -> bytes:
+    """Real pages (compressible, incompressible and zero) for `blocks` blocks."""
+    pages = [*sample_pages, bytes(PAGE_SIZE)]
+    return b"".join(pages[b % len(pages)] for b in range(blocks))
+
+
+@pytest.fixture
+def threads_seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, set[str]]]:
+    """The threads that encoded and opened pages, by which of the two."""
+    seen: dict[str, set[str]] = {"encode": set(), "open": set()}
+    encode, open_ = PageEncoder.encode, SealedPages.open
+
+    def encode_spy(self: PageEncoder, *args: object) -> list[bytes | None]:
+        seen["encode"].add(threading.current_thread().name)
+        return encode(self, *args)  # type: ignore[arg-type]
+
+    def open_spy(self: SealedPages) -> SealedPages:
+        seen["open"].add(threading.current_thread().name)
+        return open_(self)
+
+    monkeypatch.setattr(PageEncoder, "encode", encode_spy)
+    monkeypatch.setattr(SealedPages, "open", open_spy)
+    yield seen
+
+
+def test_big_groups_go_through_the_codec_thread_and_read_back_identical(
+    sample_pages: list[bytes], threads_seen: dict[str, set[str]]
+) -> None:
+    data = image(sample_pages, 3 * BIG)
+    with ServerThread([Export("disk", 4 * MiB)]) as server, negotiate(server) as sock:
+        for n in range(3):  # three big writes in one burst
+            sock.sendall(request(Command.WRITE, n + 1, n * BIG, BIG))
+            sock.sendall(data[n * BIG * PAGE_SIZE : (n + 1) * BIG * PAGE_SIZE])
+        assert sorted(reply(sock)[:2] for _ in range(3)) == [(1, 0), (2, 0), (3, 0)]
+        sock.sendall(request(Command.READ, 4, 0, 3 * BIG))
+        assert reply(sock, len(data)) == (4, 0, data)
+        small = [request(Command.READ, 5 + b, b, 1) for b in range(OFFLOAD_PAGES // 2)]
+        sock.sendall(b"".join(small))  # one group too small for a hop: opened on the loop
+        for b in range(OFFLOAD_PAGES // 2):
+            assert reply(sock, PAGE_SIZE) == (5 + b, 0, data[b * PAGE_SIZE : (b + 1) * PAGE_SIZE])
+        loop_thread = server.call(lambda: threading.current_thread().name)
+    (codec,) = threads_seen["encode"]
+    assert codec.startswith("ramster-nbd-codec")
+    assert threads_seen["open"] == {codec, loop_thread}
+
+
+def test_a_failing_codec_worker_fails_its_group_with_eio_and_the_connection_goes_on(
+    sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = image(sample_pages, BIG)
+    encode, open_ = PageEncoder.encode, SealedPages.open
+    broken = {"encode": True, "open": True}
+
+    def failing_encode(self: PageEncoder, *args: object) -> list[bytes | None]:
+        if broken["encode"] and "codec" in threading.current_thread().name:
+            raise MemoryError("worker out of memory")
+        return encode(self, *args)  # type: ignore[arg-type]
+
+    def failing_open(self: SealedPages) -> SealedPages:
+        if broken["open"] and "codec" in threading.current_thread().name:
+            raise MemoryError("worker out of memory")
+        return open_(self)
+
+    monkeypatch.setattr(PageEncoder, "encode", failing_encode)
+    monkeypatch.setattr(SealedPages, "open", failing_open)
+    with ServerThread([Export("disk", 4 * MiB)]) as server, negotiate(server) as sock:
+        sock.sendall(request(Command.WRITE, 1, 0, BIG) + data)
+        assert reply(sock) == (1, Error.EIO, b"")
+        broken["encode"] = False
+        sock.sendall(request(Command.WRITE, 2, 0, BIG) + data)
+        assert reply(sock) == (2, 0, b"")
+        sock.sendall(request(Command.READ, 3, 0, BIG))
+        assert reply(sock, len(data)) == (3, Error.EIO, b"")
+        broken["open"] = False
+        sock.sendall(request(Command.READ, 4, 0, BIG))
+        assert reply(sock, len(data)) == (4, 0, data)
+
+
+def test_a_server_stopped_mid_group_answers_and_stores_the_group(
+    sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encode = PageEncoder.encode
+    in_codec, go_on = threading.Event(), threading.Event()
+
+    def held_encode(self: PageEncoder, *args: object) -> list[bytes | None]:
+        if "codec" in threading.current_thread().name:
+            in_codec.set()
+            go_on.wait(30)  # the group stays in the codec thread until the server is stopping
+        return encode(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PageEncoder, "encode", held_encode)
+    data = image(sample_pages, BIG + OFFLOAD_PAGES)
+    burst = request(Command.WRITE, 1, 0, BIG) + data[: BIG * PAGE_SIZE]
+    burst += request(Command.WRITE, 2, BIG, OFFLOAD_PAGES) + data[BIG * PAGE_SIZE :]
+
+    def send(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the server may close before the second write
+            sock.sendall(burst)
+
+    with ServerThread([Export("disk", 4 * MiB)]) as server:
+        sock = negotiate(server)
+        threading.Thread(target=send, args=(sock,), daemon=True).start()
+        assert in_codec.wait(30)
+        assert server.server is not None and server.engine is not None
+        stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace=30), server.loop)
+        go_on.set()
+        answers = {}
+        try:
+            while header := sock.recv(16, socket.MSG_WAITALL):  # until the server closes
+                _, error, handle = SIMPLE_REPLY_HEADER.unpack(header)
+                answers[handle] = error
+        except ConnectionResetError:  # it closed with part of the second write unread
+            pass
+        stopping.result(timeout=30)
+        sock.close()
+        engine, pool = server.engine, server.server.exports["disk"].pool
+        keys = [(0, b) for b in range(BIG + OFFLOAD_PAGES)]
+        stored = server.call(lambda: engine.get_batch(pool, keys))
+    assert answers[1] == 0  # the group in the codec thread when the stop came: finished
+    assert answers.get(2, Error.ESHUTDOWN) in (0, Error.ESHUTDOWN)
+    for handle, first, stop in ((1, 0, BIG), (2, BIG, BIG + OFFLOAD_PAGES)):
+        if answers.get(handle) == 0:
+            assert b"".join(stored[first:stop]) == data[first * PAGE_SIZE : stop * PAGE_SIZE]
