@@ -309,7 +309,10 @@ class ZCache:
         sealed = SealedPages(keys, [None] * len(keys))
         out, at, zpages = sealed.pages, sealed.at, sealed.zpages
         misses = corrupt = unavailable = 0
+        promoted: set[tuple[int, int]] = set()  # keys brought home by this batch
         for i, ((oid, index_no), handle) in enumerate(zip(keys, handles, strict=True)):
+            if promoted and (oid, index_no) in promoted:  # named again: its handle moved
+                handle = index.get(oid, index_no)
             h = handle ^ ZPAGE_TAG
             try:
                 if h <= HANDLE_MASK:  # a zpage in the pool's allocator: the common case
@@ -335,7 +338,8 @@ class ZCache:
                     self.stats.evicted_hits += 1
                     if promote:
                         self.tick = tick
-                        self._promote(pool, oid, index_no, h, zpage)  # reclaims nothing
+                        if self._promote(pool, oid, index_no, h, zpage):  # reclaims nothing
+                            promoted.add((oid, index_no))
                         tick = self.tick
                 else:
                     h = handle & HANDLE_MASK
@@ -507,21 +511,22 @@ class ZCache:
         self.tick += 1
         return alloc.alloc(zpage, self.tick)
 
-    def _promote(self, pool: Pool, oid: int, index: int, location: int, zpage: bytes) -> None:
+    def _promote(self, pool: Pool, oid: int, index: int, location: int, zpage: bytes) -> bool:
         """Move an evicted zpage back into RAM if there is room for it; else it stays evicted.
         Never by evicting another page: under pressure that only moves the cost around (one
         page out for each page in, with its copies placed again), and the client that just
-        read the page holds it itself (a swap-in, a page cache)."""
+        read the page holds it itself (a swap-in, a page cache).  Whether it moved."""
         raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
         alloc: Allocator = pool.raw if raw else pool.zalloc
         self.tick += 1
         handle = alloc.alloc(zpage, self.tick)
         if handle < 0:
-            return
+            return False
         pool.index.replace(oid, index, pool.tag_of(alloc) | handle)
         self._evictor().forget(pool.id, location)
         pool.evicted -= 1
         self.stats.promoted += 1
+        return True
 
     def _evictor(self) -> Evictor:
         if self.evictor is None:
