@@ -47,6 +47,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
+from node.fairness import SmallFirst
 from node.settings import Settings
 from ramster.zcache import (
     PAGE_SIZE,
@@ -127,11 +128,23 @@ class ChunkedEngine:
         chunk: int | None = None,
         prefetch: Prefetch | None = None,
         workers: Executor | None = None,
+        small_first: SmallFirst | None = None,
     ) -> None:
         self.engine = engine
         self.prefetch = prefetch  # fetches remote copies a get is about to read
         self.workers = workers or codec_workers(engine)
         self.chunk = chunk or (WORKER_CHUNK_PAGES if self.workers else CHUNK_PAGES)
+        self.small_first = small_first  # gives small calls way, if the node has one
+
+    def _chunk(self) -> int:
+        return self.small_first.chunk(self.chunk) if self.small_first else self.chunk
+
+    async def step(self) -> None:
+        """A bulk task's yield between two steps (node.fairness.SmallFirst.bulk_step)."""
+        if self.small_first is None:
+            await asyncio.sleep(0)
+        else:
+            await self.small_first.bulk_step()
 
     async def put_batch(
         self, pool: int, keys: list[tuple[int, int]], pages: Sequence[bytes | memoryview]
@@ -177,11 +190,11 @@ class ChunkedEngine:
         """Drop a pool, first flushing its objects with a yield after every ~chunk of pages:
         the engine's destroy_pool is one call of ~4 ms per 1000 pages.  (One object is flushed
         in one call.)  Its pages count as flushes."""
-        flush, step = self.engine.flush_object, self.chunk * FLUSHES_PER_PUT
+        flush = self.engine.flush_object
         dropped = since_yield = 0
         for oid in self.engine.object_ids(pool):
-            if since_yield >= step:
-                await asyncio.sleep(0)
+            if since_yield >= self._chunk() * FLUSHES_PER_PUT:
+                await self.step()
                 since_yield = 0
             flushed = flush(pool, oid)
             dropped += flushed
@@ -206,15 +219,17 @@ class ChunkedEngine:
         async def finish_oldest() -> None:
             part, done = running.popleft()
             out.extend(finish(part, await done))
-            await asyncio.sleep(0)  # `done` may have been ready already: yield all the same
+            await self.step()  # `done` may have been ready already: yield all the same
 
+        first = 0
         try:
-            for first in range(0, count, self.chunk):
-                part = slice(first, first + self.chunk)
+            while first < count:
+                part = slice(first, first + self._chunk())  # smaller while small calls come
+                first = part.stop
                 item = await start(part)
                 if workers is None:
                     out.extend(finish(part, work(item)))
-                    await asyncio.sleep(0)
+                    await self.step()
                     continue
                 running.append((part, loop.run_in_executor(workers, work, item)))
                 if len(running) == DEPTH:

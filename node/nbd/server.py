@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from node.engine import ChunkedEngine, Prefetch
+from node.fairness import SmallFirst
 from node.logs import log_event
 from node.metrics import NbdMetrics
 from node.nbd.blocks import Answer, ExportBlocks
@@ -135,6 +136,7 @@ async def serve_nbd(
     prefetch: Prefetch | None,
     metrics: NbdMetrics,
     rotation: Rotation | None = None,
+    small_first: SmallFirst | None = None,
 ) -> NbdServer | None:
     """The NBD server the settings ask for, listening; None without --nbd-listen.  With TLS
     (`rotation`: the node's TLS material) it requires STARTTLS."""
@@ -146,7 +148,7 @@ async def serve_nbd(
         settings.nbd_listen,
         settings.nbd_export,
         engine,
-        ChunkedEngine(engine, chunk=CHUNK_PAGES, prefetch=prefetch),
+        ChunkedEngine(engine, chunk=CHUNK_PAGES, prefetch=prefetch, small_first=small_first),
         lambda owner: pools.ensure(owner, store_raw=True),
         metrics,
         NbdTls(settings, rotation) if rotation else None,
