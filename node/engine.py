@@ -208,10 +208,10 @@ class ChunkedEngine:
         work: Callable[[X], Y],
         finish: Callable[[slice, Y], list[T]],
     ) -> list[T]:
-        """Per chunk of `count` items, in order: `start` on the loop, `work` in a worker (on the
-        loop without workers), `finish` on the loop, then a yield; up to DEPTH chunks in the
-        workers at once.  On an error or a cancellation, chunks still with the workers are
-        dropped unfinished."""
+        """Per chunk of `count` items, in order: a yield (`step`), `start` on the loop, `work` in
+        a worker (on the loop without workers), `finish` on the loop; up to DEPTH chunks in the
+        workers at once, each finished in a step of its own.  On an error or a cancellation,
+        chunks still with the workers are dropped unfinished."""
         loop, workers = asyncio.get_running_loop(), self.workers
         out: list[T] = []
         running: deque[tuple[slice, asyncio.Future[Y]]] = deque()
@@ -224,12 +224,12 @@ class ChunkedEngine:
         first = 0
         try:
             while first < count:
+                await self.step()  # each chunk a step of its own, after any small call pending
                 part = slice(first, first + self._chunk())  # smaller while small calls come
                 first = part.stop
                 item = await start(part)
                 if workers is None:
                     out.extend(finish(part, work(item)))
-                    await self.step()
                     continue
                 running.append((part, loop.run_in_executor(workers, work, item)))
                 if len(running) == DEPTH:
