@@ -41,7 +41,7 @@ from contextlib import asynccontextmanager, suppress
 
 HOLD = 0.002  # the longest a bulk step waits for small calls (s)
 LATELY = 0.05  # bulk goes in small chunks for this long after a small call arrived (s)
-LATELY_CHUNK_PAGES = 3  # the engine chunk of bulk work meanwhile (pages)
+LATELY_CHUNK_PAGES = 1  # the engine chunk of bulk work meanwhile (pages)
 
 
 class ClientTurns:
