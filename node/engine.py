@@ -8,10 +8,12 @@
 # so every change to its state runs on the event-loop thread; only the pure halves of its batch
 # paths (ZCache: encode a put, open a get) may run in the workers.
 #
-# ChunkedEngine runs a batch as chunks and yields to the loop after each, so what a small call
-# can wait behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk
-# is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts).  With workers it is
-# WORKER_CHUNK_PAGES pages through a short pipeline: a put chunk is encoded in a worker and then
+# ChunkedEngine runs a batch as chunks and yields to the loop before each (through
+# node.fairness.SmallFirst when the node has one: it waits for small calls being served, and
+# makes the chunks a page while small calls come), so what a small call can wait behind is one
+# chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk is CHUNK_PAGES
+# pages run whole on the loop (~0.2 ms of puts).  With workers it is WORKER_CHUNK_PAGES pages
+# through a short pipeline: a put chunk is encoded in a worker and then
 # filed on the loop; a get chunk is read out on the loop (the batch's remote copies are
 # fetched once, before the first chunk; a chunk fetches again only what went missing
 # meanwhile), opened in a worker, then counted on the loop; up to DEPTH chunks of a batch are
