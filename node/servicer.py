@@ -33,9 +33,10 @@
 # most PART_PAGES pages (the client's stream parts are that size already), and each part takes a
 # turn of its client (node/fairness.py: its tenant, or its address without tokens), which runs
 # at most CLIENT_PARTS parts at once; so a 4096-page unary batch is sixteen turns, between which
-# the client's other work and every other client's go on.  Small calls (SMALL: single pages,
-# stats) never queue, and while one is being served bulk steps wait for it (the interceptor
-# tells node.fairness.SmallFirst of it; ChunkedEngine and the parts here yield through it).
+# the client's other work and every other client's go on.  Small calls (single pages, stats)
+# never queue, and while a page fault's call (SMALL) is being served bulk steps wait for it (the
+# interceptor tells node.fairness.SmallFirst of it; ChunkedEngine and the parts here yield
+# through it).
 # Each page's operation is atomic, a batch as a whole is not: a part refused (the pool destroyed
 # meanwhile) fails the batch after its earlier parts were applied.
 from __future__ import annotations
@@ -89,8 +90,8 @@ CLIENT_PARTS = 2  # parts one client runs in the engine at once
 STREAM_AHEAD = 2  # replies a stream serves ahead of the one being sent
 JOIN_IN_THREAD = 4 << 20  # replies this big are joined off the loop
 BULK = ("PutBatch", "GetBatch", "Stream")
-# calls served ahead of bulk work (node.fairness.SmallFirst): one page or a few counters each
-SMALL = ("Get", "Put", "FlushPage", "FlushObject", "Stats", "ListPools", "CreatePool")
+# calls served ahead of bulk work (node.fairness.SmallFirst): a page fault's, on one page or object
+SMALL = ("Get", "Put", "FlushPage", "FlushObject")
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 _REPLY_FIELD = {f.name: f.number for f in pb.StreamResponse.DESCRIPTOR.fields}
