@@ -1,9 +1,9 @@
 # Small calls ahead of bulk work (node.fairness.SmallFirst): a bulk step waits while a small call
-# is pending (at most `hold`), bulk goes in small chunks for `lately` after a small call arrived,
-# a call that never finishes stops counting, and through a node a single get is served between
-# the parts of a big batch with no bulk chunk run from its arrival to its handler, while the
-# batch's pages come back byte for byte.  Every hold and lately here is BOUND, so nothing depends
-# on how fast the machine is.
+# is pending (at most `hold`, and after a wait not again before bulk ran as long), bulk goes in
+# small chunks for `lately` after a small call arrived, a call that never finishes stops
+# counting, and through a node a single get is served between the parts of a big batch with no
+# bulk chunk run from its arrival to its handler, while the batch's pages come back byte for
+# byte.  Every hold and lately here is BOUND, so nothing depends on how fast the machine is.
 from __future__ import annotations
 
 import asyncio
@@ -89,6 +89,28 @@ async def test_a_call_that_never_ends_stops_counting_after_hold() -> None:
     small_first.leave()
     assert small_first.pending == 0
     await asyncio.wait_for(small_first.bulk_step(), BOUND)  # no pending call: one step only
+
+
+async def test_after_a_wait_bulk_runs_as_long_before_it_waits_again() -> None:
+    now = [100.0]  # the clock, in seconds
+    small_first = SmallFirst(hold=BOUND, lately=BOUND, clock=lambda: now[0])
+    small_first.arrive()
+    step = asyncio.create_task(small_first.bulk_step())
+    for _ in range(STEPS):
+        await asyncio.sleep(0)
+    assert not step.done()  # it waits for the pending call
+    now[0] += 1.0  # which takes a second
+    small_first.leave()
+    await asyncio.wait_for(step, BOUND)
+    small_first.arrive()  # the next call comes at once (a flood of them)
+    await asyncio.wait_for(small_first.bulk_step(), BOUND)  # bulk goes on: it waited a second
+    now[0] += 1.0  # bulk has run as long as it waited
+    step = asyncio.create_task(small_first.bulk_step())
+    for _ in range(STEPS):
+        await asyncio.sleep(0)
+    assert not step.done()  # so it waits again
+    small_first.leave()
+    await asyncio.wait_for(step, BOUND)
 
 
 async def test_a_single_get_goes_ahead_of_a_big_batch(
