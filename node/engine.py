@@ -10,15 +10,15 @@
 #
 # ChunkedEngine runs a batch as chunks and yields to the loop before each (through
 # node.fairness.SmallFirst when the node has one: it waits for small calls being served, and
-# makes the chunks a page while small calls come), so what a small call can wait behind is one
-# chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk is CHUNK_PAGES
-# pages run whole on the loop (~0.2 ms of puts).  With workers it is WORKER_CHUNK_PAGES pages
-# through a short pipeline: a put chunk is encoded in a worker and then
-# filed on the loop; a get chunk is read out on the loop (the batch's remote copies are
-# fetched once, before the first chunk; a chunk fetches again only what went missing
-# meanwhile), opened in a worker, then counted on the loop; up to DEPTH chunks of a batch are
-# with the workers at once, so the loop files chunk n while chunk n+1 compresses.  Batches of up
-# to INLINE_PAGES pages (single gets, NBD's 4 KiB requests) always run at once on the loop.
+# without workers makes the chunks a page while small calls come), so what a small call can
+# wait behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk
+# is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts).  With workers it is
+# WORKER_CHUNK_PAGES pages through a short pipeline: a put chunk is encoded in a worker and then
+# filed on the loop; a get chunk is read out on the loop (the batch's remote copies are fetched
+# once, before the first chunk; a chunk fetches again only what went missing meanwhile), opened
+# in a worker, then counted on the loop; up to DEPTH chunks of a batch are with the workers at
+# once, so the loop files chunk n while chunk n+1 compresses.  Batches of up to INLINE_PAGES
+# pages (single gets, NBD's 4 KiB requests) always run at once on the loop.
 #
 # Why no workers by default: LZ4 releases the GIL, but every page it compresses in a worker is a
 # GIL hand-over with the loop thread, which is busy with the allocator, the index and protobuf
@@ -139,7 +139,11 @@ class ChunkedEngine:
         self.small_first = small_first  # gives small calls way, if the node has one
 
     def _chunk(self) -> int:
-        return self.small_first.chunk(self.chunk) if self.small_first else self.chunk
+        """This chunk's size: smaller while small calls come, but for workers, whose chunks
+        would cost a thread hop a page."""
+        if self.small_first is None or self.workers is not None:
+            return self.chunk
+        return self.small_first.chunk(self.chunk)
 
     async def step(self) -> None:
         """A bulk task's yield between two steps (node.fairness.SmallFirst.bulk_step)."""

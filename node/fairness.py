@@ -19,24 +19,25 @@
 # stays as small as the set of busy clients; without tokens, clients behind one address (a NAT,
 # or every process on one host) share one client's turns, as they share its stream limit.
 #
-# SmallFirst puts small calls ahead of bulk work on the loop.  Under bulk load a single get's
-# time is mostly waiting for loop iterations: gRPC takes ~5 of them to bring a unary call to its
+# SmallFirst puts small calls ahead of bulk work on the loop.  Under bulk load a single get's time
+# is mostly waiting for loop iterations: gRPC takes ~5 of them to bring a unary call to its
 # handler (the call arrives, a task is made for it, its message is read), and every iteration
 # also runs one step of each bulk task ready.  Measured on 2 cores, timing each get's stages from
-# a probe process: the message-read hop, from the interceptor to the handler, took 0.46 ms at
-# p50 under load against 0.08 ms idle, and the hops before the interceptor 1.4 ms against 0.4.
-# So (1) while a small call is between the interceptor and the end of its handler, bulk steps
-# wait, for at most HOLD (a call that never reaches its handler, cancelled in flight, stops
-# counting HOLD after it arrived), and after a wait bulk runs at least as long as it waited
-# before it waits again, so a flood of small calls from many clients takes at most half of
-# bulk's time, never all of it; (2) for LATELY after a
-# small call arrived, bulk goes through the engine in chunks of LATELY_CHUNK_PAGES instead of its
-# usual size, so the iterations that carry the hops before the interceptor, which the node cannot
-# see, are short.  Trade-off: while small calls keep coming, bulk pays for the smaller chunks
-# (more loop steps per page); without small calls nothing changes.  `ramster bench latency`
-# (back-to-back gets against a bulk stream, 2 shared cores), by chunk: loaded/idle get p50
-# 2.7-3.0 without SmallFirst, 1.7-2.0 with 5 pages, 1.4-1.8 with 3, 1.4-1.6 with 2, 1.0-1.2
-# with 1; the bulk stream meanwhile moved 24-36k pages/s with 1 page, 30-46k without.
+# a probe process: the message-read hop, from the interceptor to the handler, took 0.46 ms at p50
+# under load against 0.08 ms idle, and the hops before the interceptor 1.4 ms against 0.4.  So (1)
+# while a small call is between the interceptor and the end of its handler, bulk steps wait, for
+# at most HOLD (a call that never reaches its handler, cancelled in flight, stops counting HOLD
+# after it arrived), and after a wait bulk runs at least as long as it waited before it waits
+# again, so a flood of small calls from many clients takes at most half of bulk's time, never all
+# of it; (2) for LATELY after a small call arrived, bulk goes through the engine in chunks of
+# LATELY_CHUNK_PAGES instead of its usual size, so the iterations that carry the hops before the
+# interceptor, which the node cannot see, are short (not with codec workers: there a page per
+# chunk would be a thread hop a page, and bulk moved 18k pages/s against 32k).  Trade-off: while
+# small calls keep coming, bulk pays for the smaller chunks (more loop steps per page); without
+# small calls nothing changes.  `ramster bench latency` (back-to-back gets against a bulk stream,
+# 2 shared cores), by chunk: loaded/idle get p50 2.7-3.0 without SmallFirst, 1.7-2.0 with 5
+# pages, 1.4-1.8 with 3, 1.4-1.6 with 2, 1.0-1.2 with 1; the bulk stream meanwhile moved 24-36k
+# pages/s with 1 page, 30-46k without.
 from __future__ import annotations
 
 import asyncio

@@ -1,17 +1,19 @@
 # Small calls ahead of bulk work (node.fairness.SmallFirst): a bulk step waits while a small call
 # is pending (at most `hold`, and after a wait not again before bulk ran as long), bulk goes in
-# small chunks for `lately` after a small call arrived, a call that never finishes stops
-# counting, and through a node a single get is served between the parts of a big batch with no
-# bulk chunk run from its arrival to its handler, while the batch's pages come back byte for
-# byte.  Every hold and lately here is BOUND, so nothing depends on how fast the machine is.
+# small chunks for `lately` after a small call arrived (but for codec workers), a call that never
+# finishes stops counting, and through a node a single get is served between the parts of a big
+# batch with no bulk chunk run from its arrival to its handler, while the batch's pages come back
+# byte for byte.  Every hold and lately here is BOUND, so nothing depends on how fast the machine
+# is.
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from node.engine import CHUNK_PAGES, ChunkedEngine
+from node.engine import CHUNK_PAGES, WORKER_CHUNK_PAGES, ChunkedEngine
 from node.fairness import LATELY_CHUNK_PAGES, SmallFirst
 from node.server import Node
 from node.servicer import PART_PAGES, TmemServicer
@@ -78,6 +80,23 @@ async def test_bulk_chunks_are_small_while_small_calls_come(
     small_first.leave()
     assert await chunked.put_batch(pool, keys, pages) == engine.put_batch(pool, keys, pages)
     assert max(sizes) == LATELY_CHUNK_PAGES and sum(sizes) == 64
+    assert engine.get_batch(pool, keys) == pages
+
+
+async def test_codec_workers_keep_their_chunks(
+    engine: ZCache, compressible_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = filed_chunks(monkeypatch)
+    small_first = SmallFirst(hold=BOUND, lately=BOUND)
+    with ThreadPoolExecutor(1) as workers:
+        chunked = ChunkedEngine(engine, workers=workers, small_first=small_first)
+        pool = engine.create_pool(PoolKind.PERSISTENT)
+        keys = [(1, i) for i in range(2 * WORKER_CHUNK_PAGES)]
+        pages = compressible_pages[: len(keys)]
+        small_first.arrive()
+        small_first.leave()
+        await chunked.put_batch(pool, keys, pages)
+    assert sizes == [WORKER_CHUNK_PAGES] * 2  # a page per chunk would be a thread hop a page
     assert engine.get_batch(pool, keys) == pages
 
 
