@@ -8,8 +8,10 @@
 # so every change to its state runs on the event-loop thread; only the pure halves of its batch
 # paths (ZCache: encode a put, open a get) may run in the workers.
 #
-# ChunkedEngine runs a batch as chunks and yields to the loop after each, so what a small call
-# can wait behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk
+# ChunkedEngine runs a batch as chunks and yields to the loop before each (through
+# node.fairness.SmallFirst when the node has one: it waits for small calls being served, and
+# without workers makes the chunks a page while small calls come), so what a small call can
+# wait behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk
 # is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts).  With workers it is
 # WORKER_CHUNK_PAGES pages through a short pipeline: a put chunk is encoded in a worker and then
 # filed on the loop; a get chunk is read out on the loop (the batch's remote copies are
@@ -51,6 +53,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
+from node.fairness import SmallFirst
 from node.settings import Settings
 from ramster.zcache import (
     PAGE_SIZE,
@@ -139,6 +142,7 @@ class ChunkedEngine:
         workers: Executor | None = None,
         offload: int = 0,
         hop: int | None = None,
+        small_first: SmallFirst | None = None,
     ) -> None:
         self.engine = engine
         self.prefetch = prefetch  # fetches remote copies a get is about to read
@@ -146,6 +150,21 @@ class ChunkedEngine:
         self.chunk = chunk or (WORKER_CHUNK_PAGES if self.workers else CHUNK_PAGES)
         self.hop = hop or self.chunk  # pages per hop to the workers
         self.offload = offload  # a batch of fewer pages runs on the loop, `chunk` at a time
+        self.small_first = small_first  # gives small calls way, if the node has one
+
+    def _chunk(self) -> int:
+        """The size of a chunk run on the loop: smaller while small calls come (chunks for
+        workers keep theirs, or they would cost a thread hop a page)."""
+        if self.small_first is None:
+            return self.chunk
+        return self.small_first.chunk(self.chunk)
+
+    async def step(self) -> None:
+        """A bulk task's yield between two steps (node.fairness.SmallFirst.bulk_step)."""
+        if self.small_first is None:
+            await asyncio.sleep(0)
+        else:
+            await self.small_first.bulk_step()
 
     async def put_batch(
         self, pool: int, keys: list[tuple[int, int]], pages: Sequence[bytes | memoryview]
@@ -191,11 +210,11 @@ class ChunkedEngine:
         """Drop a pool, first flushing its objects with a yield after every ~chunk of pages:
         the engine's destroy_pool is one call of ~4 ms per 1000 pages.  (One object is flushed
         in one call.)  Its pages count as flushes."""
-        flush, step = self.engine.flush_object, self.chunk * FLUSHES_PER_PUT
+        flush = self.engine.flush_object
         dropped = since_yield = 0
         for oid in self.engine.object_ids(pool):
-            if since_yield >= step:
-                await asyncio.sleep(0)
+            if since_yield >= self._chunk() * FLUSHES_PER_PUT:
+                await self.step()
                 since_yield = 0
             flushed = flush(pool, oid)
             dropped += flushed
@@ -209,15 +228,14 @@ class ChunkedEngine:
         work: Callable[[X], Y],
         finish: Callable[[slice, Y], list[T]],
     ) -> list[T]:
-        """Per chunk of `count` items, in order: `start` on the loop, `work` in a worker (on the
-        loop without workers, or for fewer than `offload` items), `finish` on the loop, then a
-        yield; up to DEPTH chunks (of `hop` items) in the workers at once.  On an error or a
-        cancellation, chunks still with the workers are dropped unfinished; a worker's failure
-        is raised as a CodecError."""
+        """Per chunk of `count` items, in order: a yield (`step`), `start` on the loop, `work`
+        in a worker (on the loop without workers, or for fewer than `offload` items), `finish`
+        on the loop; up to DEPTH chunks (of `hop` items) in the workers at once, each finished
+        in a step of its own.  On an error or a cancellation, chunks still with the workers are
+        dropped unfinished; a worker's failure is raised as a CodecError."""
         loop, workers = asyncio.get_running_loop(), self.workers
         if count < self.offload:
             workers = None
-        step = self.hop if workers else self.chunk
         out: list[T] = []
         running: deque[tuple[slice, asyncio.Future[Y]]] = deque()
 
@@ -228,15 +246,17 @@ class ChunkedEngine:
             except Exception as exc:  # the worker's failure is the batch's, as an engine error
                 raise CodecError(f"a codec worker failed: {exc!r}") from exc
             out.extend(finish(part, worked))
-            await asyncio.sleep(0)  # `done` may have been ready already: yield all the same
+            await self.step()  # `done` may have been ready already: yield all the same
 
+        first = 0
         try:
-            for first in range(0, count, step):
-                part = slice(first, first + step)
+            while first < count:
+                await self.step()  # each chunk a step of its own, after any small call pending
+                part = slice(first, first + (self.hop if workers else self._chunk()))
+                first = part.stop
                 item = await start(part)
                 if workers is None:
                     out.extend(finish(part, work(item)))
-                    await asyncio.sleep(0)
                     continue
                 try:
                     running.append((part, loop.run_in_executor(workers, work, item)))

@@ -28,6 +28,10 @@
 # until it ends; one more fails at once with RESOURCE_EXHAUSTED, so a client that opens streams
 # without end holds at most that many of the node's stream states, and other clients' calls go
 # on.  Unary calls are not counted: each holds the node for one request only.
+#
+# A small client call (node.servicer.SMALL) is announced to node.fairness.SmallFirst as soon as
+# it is intercepted, before gRPC reads its message, and leaves when its handler ends, so bulk
+# steps wait for it from the earliest point the node sees it.
 from __future__ import annotations
 
 import asyncio
@@ -41,12 +45,15 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from node.fairness import SmallFirst
 from node.metrics import GrpcMetrics
+from node.servicer import SMALL
 from node.tenants import CALLER, Tenants, client_of
 from ramster.v1 import tmem_pb2
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 CLIENT_SERVICE = tmem_pb2.DESCRIPTOR.services_by_name["Tmem"].full_name
+SMALL_METHODS = frozenset(f"/{CLIENT_SERVICE}/{method}" for method in SMALL)
 HANDLER_FACTORIES = {
     "unary": grpc.unary_unary_rpc_method_handler,
     "server_stream": grpc.unary_stream_rpc_method_handler,
@@ -141,12 +148,18 @@ class _Call:
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(
-        self, gate: Gate, metrics: GrpcMetrics, tenants: Tenants, streams: StreamLimit
+        self,
+        gate: Gate,
+        metrics: GrpcMetrics,
+        tenants: Tenants,
+        streams: StreamLimit,
+        small_first: SmallFirst | None = None,
     ) -> None:
         self.gate = gate
         self.metrics = metrics
         self.tenants = tenants
         self.streams = streams
+        self.small_first = small_first
         self._wrapped: dict[str, Any] = {}
 
     async def intercept_service(
@@ -154,6 +167,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[Any], Awaitable[Any]],
         details: grpc.HandlerCallDetails,
     ) -> Any:
+        if self.small_first is not None and details.method in SMALL_METHODS:
+            self.small_first.arrive()
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
             handler = await continuation(details)
@@ -255,14 +270,19 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             new_behavior = stream_behavior
         else:
+            small_first = self.small_first if full_method in SMALL_METHODS else None
 
             async def call_behavior(request: Any, context: Any) -> Any:
-                with await admit(context):
-                    try:
-                        request = take(request)
-                    except Unparsable as exc:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                    return await behavior(request, context)
+                try:
+                    with await admit(context):
+                        try:
+                            request = take(request)
+                        except Unparsable as exc:
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                        return await behavior(request, context)
+                finally:
+                    if small_first is not None:
+                        small_first.leave()
 
             new_behavior = call_behavior
 

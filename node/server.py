@@ -47,6 +47,7 @@ from grpc_reflection.v1alpha import reflection
 
 from node.cluster import RemoteSide
 from node.engine import build_engine, open_backing, stop_codec_workers
+from node.fairness import SmallFirst
 from node.interceptor import Gate, RpcInterceptor, StreamLimit
 from node.logs import log_event
 from node.loopwatch import LoopWatch
@@ -87,6 +88,7 @@ class Node:
         self.pools: Pools | None = None
         self.tenants = load_tenants(None, settings.max_pools)  # --tokens is read by start()
         self.streams = StreamLimit(settings.max_streams)
+        self.small_first = SmallFirst()  # small client calls ahead of bulk work (gRPC and NBD)
         self._nbd: NbdServer | None = None
         self._servers: list[grpc.aio.Server] = []
         self._metrics: NodeMetrics | None = None
@@ -111,7 +113,9 @@ class Node:
             # one RpcInterceptor per server: it caches handlers by method name, and both
             # servers have grpc.health.v1.Health/Check
             interceptors=[
-                RpcInterceptor(self.gate, self._metrics.grpc, self.tenants, self.streams),
+                RpcInterceptor(
+                    self.gate, self._metrics.grpc, self.tenants, self.streams, self.small_first
+                ),
                 *interceptors,
             ],
             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],  # a second node on a port fails
@@ -178,6 +182,7 @@ class Node:
             s.node_id,
             prefetch=remote.prefetch if remote else None,
             remote_stats=remote.stats if remote else None,
+            small_first=self.small_first,
         )
         add_tmem_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -203,7 +208,9 @@ class Node:
             await remote.start(engine)
         prefetch = remote.prefetch if remote else None
         try:
-            self._nbd = await serve_nbd(s, engine, self.pools, prefetch, metrics.nbd, self.rotation)
+            self._nbd = await serve_nbd(
+                s, engine, self.pools, prefetch, metrics.nbd, self.rotation, self.small_first
+            )
         except (OSError, ValueError) as exc:
             raise StartupError(str(exc)) from None
         for service in ("", TMEM_SERVICE):

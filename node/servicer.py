@@ -34,8 +34,11 @@
 # turn of its client (node/fairness.py: its tenant, or its address without tokens), which runs
 # at most CLIENT_PARTS parts at once; so a 4096-page unary batch is sixteen turns, between which
 # the client's other work and every other client's go on.  Small calls (single pages, stats)
-# never queue.  Each page's operation is atomic, a batch as a whole is not: a part refused (the
-# pool destroyed meanwhile) fails the batch after its earlier parts were applied.
+# never queue, and while a page fault's call (SMALL) is being served bulk steps wait for it (the
+# interceptor tells node.fairness.SmallFirst of it; ChunkedEngine and the parts here yield
+# through it).
+# Each page's operation is atomic, a batch as a whole is not: a part refused (the pool destroyed
+# meanwhile) fails the batch after its earlier parts were applied.
 from __future__ import annotations
 
 import asyncio
@@ -46,7 +49,7 @@ import grpc
 from google.protobuf.message import Message
 
 from node.engine import ChunkedEngine, Prefetch
-from node.fairness import ClientTurns
+from node.fairness import ClientTurns, SmallFirst
 from node.pools import Pools
 from node.status import RpcFailure, status_of
 from node.tenants import CALLER, client_of
@@ -87,6 +90,8 @@ CLIENT_PARTS = 2  # parts one client runs in the engine at once
 STREAM_AHEAD = 2  # replies a stream serves ahead of the one being sent
 JOIN_IN_THREAD = 4 << 20  # replies this big are joined off the loop
 BULK = ("PutBatch", "GetBatch", "Stream")
+# calls served ahead of bulk work (node.fairness.SmallFirst): a page fault's, on one page or object
+SMALL = ("Get", "Put", "FlushPage", "FlushObject")
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 _REPLY_FIELD = {f.name: f.number for f in pb.StreamResponse.DESCRIPTOR.fields}
@@ -125,10 +130,11 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         node_id: str,
         prefetch: Prefetch | None = None,
         remote_stats: Callable[[], dict[str, int]] | None = None,
+        small_first: SmallFirst | None = None,
     ) -> None:
         self.engine = engine
         self.pools = pools  # creates and destroys pools in the engine and the registry
-        self.chunked = ChunkedEngine(engine, prefetch=prefetch)
+        self.chunked = ChunkedEngine(engine, prefetch=prefetch, small_first=small_first)
         self.node_id = node_id
         self.remote_stats = remote_stats  # the ramster layer's counters, with peers
         self.turns = ClientTurns(CLIENT_PARTS)
@@ -216,7 +222,9 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         check_keys(keys)  # all, before the first part is filed
         outcomes: list[PutResult] = []
         for part in _parts(len(keys)):
-            await asyncio.sleep(0)  # the checks above, or the last part, were a step of their own
+            await (
+                self.chunked.step()
+            )  # the checks above, or the last part, were a step of their own
             async with self.turns.turn(client):
                 outcomes += await self.chunked.put_batch(pool, keys[part], pages[part])
         return put_batch_reply(outcomes)

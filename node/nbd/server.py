@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from node.engine import ChunkedEngine, Prefetch, codec_workers
+from node.fairness import SmallFirst
 from node.logs import log_event
 from node.metrics import NbdMetrics
 from node.nbd.blocks import Answer, ExportBlocks
@@ -56,6 +57,7 @@ class NbdServer:
         metrics: NbdMetrics,
         tls: NbdTls | None = None,
         prefetch: Prefetch | None = None,
+        small_first: SmallFirst | None = None,
     ) -> None:
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
@@ -66,7 +68,13 @@ class NbdServer:
         if codec_workers(engine) is None:
             self.codec = ThreadPoolExecutor(1, thread_name_prefix="ramster-nbd-codec")
         chunked = ChunkedEngine(
-            engine, LOOP_PAGES, prefetch, self.codec, offload=OFFLOAD_PAGES, hop=CODEC_PAGES
+            engine,
+            LOOP_PAGES,
+            prefetch,
+            self.codec,
+            offload=OFFLOAD_PAGES,
+            hop=CODEC_PAGES,
+            small_first=small_first,
         )
         self.exports = {
             e.name: ExportBlocks(e, ensure_pool(f"nbd:{e.name}"), engine, chunked) for e in exports
@@ -157,6 +165,7 @@ async def serve_nbd(
     prefetch: Prefetch | None,
     metrics: NbdMetrics,
     rotation: Rotation | None = None,
+    small_first: SmallFirst | None = None,
 ) -> NbdServer | None:
     """The NBD server the settings ask for, listening; None without --nbd-listen.  With TLS
     (`rotation`: the node's TLS material) it requires STARTTLS."""
@@ -172,6 +181,7 @@ async def serve_nbd(
         metrics,
         NbdTls(settings, rotation) if rotation else None,
         prefetch,
+        small_first,
     )
     await server.start()
     return server

@@ -139,6 +139,7 @@ async def test_small_calls_are_served_while_a_big_batch_runs(
         last = engine.stats.puts
         await asyncio.sleep(0)
     await bulk
+    gaps.append(engine.stats.puts - last)  # its last chunk may end the batch in the same step
     assert sum(gaps) == 4096
     assert max(gaps) <= 2 * chunked.chunk  # a chunk per loop turn, before or after ours
 
