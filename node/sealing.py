@@ -26,8 +26,9 @@
 # (AES-NI: a few microseconds per zpage, against LZ4's ~20 µs to compress a page).  A raw
 # (incompressible) zpage is 4114 bytes and a holder's frame holds at most 4096 of them, so it
 # cannot be sealed and placed: the transport refuses it, and the owner keeps it on its disk.
-# The cipher, and with it the cryptography package (~8 MiB of a node's RSS), is loaded at the
-# first seal or open: a node that never has peers never pays for it.
+# The cipher, and with it the cryptography package (~8 MiB of a node's RSS), is loaded when a
+# clustered node makes its Sealer at startup: a node without peers never pays for it, and one
+# with peers pays at its start rather than with its first remote page.
 from __future__ import annotations
 
 import os
@@ -35,10 +36,6 @@ import secrets
 import stat
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 SEALING_KEY_FILE = "sealing.key"
 KEY_BYTES = 32
@@ -92,17 +89,11 @@ class Sealer:
     """Seals and opens one owner's zpages (see the header)."""
 
     def __init__(self, key: bytes, owner: str) -> None:
-        self._key = key
-        self._aead: AESGCM | None = None  # made at the first seal or open (see the header)
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(key)
         self._owner = owner.encode()
         self._nonce = secrets.randbelow(_NONCE_SPACE)
-
-    def _cipher(self) -> AESGCM:
-        if self._aead is None:
-            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-            self._aead = AESGCM(self._key)
-        return self._aead
 
     def _associated(self, pool_id: int, location: int) -> bytes:
         return _WHERE.pack(pool_id, location) + self._owner
@@ -112,7 +103,7 @@ class Sealer:
         ciphertext and tag."""
         self._nonce = (self._nonce + 1) % _NONCE_SPACE
         nonce = self._nonce.to_bytes(NONCE_BYTES, "little")
-        return nonce + self._cipher().encrypt(nonce, zpage, self._associated(pool_id, location))
+        return nonce + self._aead.encrypt(nonce, zpage, self._associated(pool_id, location))
 
     def open(self, pool_id: int, location: int, blob: bytes) -> bytes | None:
         """The zpage sealed in `blob`, or None if it is not this owner's seal of exactly that
@@ -123,7 +114,7 @@ class Sealer:
         from cryptography.exceptions import InvalidTag
 
         try:
-            zpage: bytes = self._cipher().decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], where)
+            zpage: bytes = self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], where)
         except InvalidTag:
             return None
         return zpage
