@@ -44,7 +44,7 @@
 # copies staged for gets) have entries in small dicts beside it.
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -145,7 +145,7 @@ class RamsterLayer:
         self._repairs: deque[int] = deque()  # locations whose bytes must be fetched back first
         self._flushes: dict[str, list[FlushItem]] = {}  # owed to each peer
         self._flush_since: dict[str, float] = {}  # when take_flushes first saw them waiting
-        self._staged: dict[int, bytes] = {}
+        self._staged: OrderedDict[int, bytes] = OrderedDict()  # oldest first, dropped in O(1)
         self._short: set[int] = set()  # settled with fewer copies than wanted
         self._short_tried = 0.0
         self._forget_checked: dict[str, float] = {}  # when a down member's copies were looked at
@@ -701,7 +701,7 @@ class RamsterLayer:
         if location in self.table:
             self._staged[location] = zpage
             while len(self._staged) > STAGED_LIMIT:  # the oldest copies go first
-                del self._staged[next(iter(self._staged))]
+                self._staged.popitem(last=False)
             self.stats.remote_gets += 1
 
     def _mark_damaged(self, location: int, address: str) -> None:
