@@ -229,11 +229,14 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             if not len(request.epochs) == len(request.pool_ids) == n:
                 raise ValueError("epochs, pool_ids and slots must have the same length")
             all_in_range("pool_ids", request.pool_ids, ENGINE_POOL_LIMIT)
-            flushed = 0
+            groups: dict[tuple[int, int], list[int]] = {}  # one store call per (epoch, pool)
             for epoch, pool_id, slot in zip(
                 request.epochs, request.pool_ids, request.slots, strict=True
             ):
-                flushed += self.foreign.flush(owner, epoch, pool_id, [slot])
+                groups.setdefault((epoch, pool_id), []).append(slot)
+            flushed = sum(
+                self.foreign.flush(owner, *group, slots) for group, slots in groups.items()
+            )
             return pb.FlushZpagesResponse(flushed=flushed)
 
         return await self._run(context, flush)
