@@ -119,17 +119,13 @@ class Journal:
                 self.torn += 1
         return {loc: e for loc, e in live.items() if e.holders or e.disk}
 
-    def rewrite(
-        self, entries: Mapping[int, Recovered] | Iterable[tuple[int, Recovered]], high_gen: int = 0
-    ) -> None:
-        """Replace the file by the records of `entries` alone (and the generation mark).  They
-        may come one at a time (an iterable of (location, entry))."""
-        items = entries.items() if isinstance(entries, Mapping) else entries
+    def rewrite(self, entries: Mapping[int, Recovered], high_gen: int = 0) -> None:
+        """Replace the file by the records of `entries` alone (and the generation mark)."""
         self._write(
             (
                 self._key(location, e.pool_id, e.allocator, e.oid, e.index)
                 + self._copies(location, e.holders, e.disk)
-                for location, e in items
+                for location, e in entries.items()
             ),
             high_gen,
         )

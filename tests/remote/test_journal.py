@@ -76,7 +76,7 @@ def test_a_rewrite_streams_its_entries_in_pieces(tmp_path: Path) -> None:
     count = 3 * REWRITE_CHUNK // (2 * RECORD.size)  # three pieces of KEY + HOLDER records
     entries = {loc: Recovered(0, "zsmalloc", 1, loc, {"h1:1"}) for loc in range(1, count + 1)}
     j = Journal(tmp_path)
-    j.rewrite(iter(entries.items()), high_gen=5)
+    j.rewrite(entries, high_gen=5)
     j.close()
     assert j.path.stat().st_size == (2 * count + 1) * RECORD.size
     again = Journal(tmp_path)
