@@ -22,15 +22,13 @@ import json
 import multiprocessing
 import multiprocessing.synchronize
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+from inprocess import started_node
+
 from node.interceptor import RpcInterceptor
-from node.server import Node
 from node.servicer import TmemServicer
-from node.settings import HostPort, Settings
 from ramster.bench import latency
 from ramster.bench.corpus import load_corpus
 from ramster.client import AsyncClient
@@ -101,15 +99,7 @@ def _run_queue_wait(pid: int) -> float:
 
 
 async def measure(corpus: str, gets: int, idle: bool) -> dict[str, Any]:
-    settings = Settings(
-        listen=HostPort("127.0.0.1", 0),
-        metrics_listen=None,
-        data_dir=Path(tempfile.mkdtemp(prefix="get-stages-")),
-        pool_limit=2 << 30,
-        node_id="get-stages",
-    )
-    node = Node(settings)
-    await node.start()
+    node = await started_node("get-stages")
     ctx = multiprocessing.get_context("spawn")
     stop, bulk_ready, moved = ctx.Event(), ctx.Event(), ctx.Queue()
     bulk = None

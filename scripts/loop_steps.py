@@ -18,13 +18,11 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from node.server import Node
-from node.settings import HostPort, Settings
+from inprocess import started_node
+
 from ramster.bench import latency
 
 STEPS: list[float] = []
@@ -40,15 +38,7 @@ def _metered(run: Any) -> Any:
 
 
 async def measure(corpus: str, seconds: float, batch: int) -> dict[str, Any]:
-    settings = Settings(
-        listen=HostPort("127.0.0.1", 0),
-        metrics_listen=None,
-        data_dir=Path(tempfile.mkdtemp(prefix="loop-steps-")),
-        pool_limit=2 << 30,
-        node_id="loop-steps",
-    )
-    node = Node(settings)
-    await node.start()
+    node = await started_node("loop-steps")
     ctx = multiprocessing.get_context("spawn")
     stop, ready, queue = ctx.Event(), ctx.Event(), ctx.Queue()
     args = (node.target, corpus, batch, 4, 32768, ready, stop, queue)
