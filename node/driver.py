@@ -278,9 +278,10 @@ class RemoteDriver:
             for reply in replies:
                 found.update(reply)
             pending = [
-                (loc, pool, sources[1:]) for loc, pool, sources in pending if loc not in found
+                (loc, pool, sources[1:])
+                for loc, pool, sources in pending
+                if loc not in found and len(sources) > 1
             ]
-            pending = [(loc, pool, sources) for loc, pool, sources in pending if sources]
         return found
 
     async def _get_group(
