@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -126,9 +126,10 @@ class RemoteSide:
         stats = self.layer.stats
         return stats.remote_puts + stats.remote_gets + stats.rereplicated + self.foreign.moved
 
-    async def prefetch(self, pool: int, keys: list[tuple[int, int]]) -> None:
-        if self.driver is not None:
-            await self.driver.prefetch(pool, keys)
+    async def prefetch(self, pool: int, keys: list[tuple[int, int]]) -> Callable[[], bool] | None:
+        if self.driver is None:
+            return None
+        return await self.driver.prefetch(pool, keys)
 
     async def leave(self, timeout: float) -> None:
         """Announce the stop and wait, up to `timeout`, until owners have taken back what we

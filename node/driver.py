@@ -50,7 +50,6 @@ from ramster.remote.events import (
 )
 from ramster.remote.layer import MemberEvents, RamsterLayer
 from ramster.remote.membership import PeerEvent, PeerInfo
-from ramster.zcache.codec import zpage_length
 
 log = logging.getLogger("ramster.remote")
 PREFETCH_ROUNDS = 3
@@ -74,8 +73,9 @@ class Transport(Protocol):
     async def get(
         self, address: str, epoch: int, pool_id: int, locations: list[int]
     ) -> list[bytes | None]:
-        """The copies a peer holds of the versions `locations` number, None where it has none
-        (a copy that is not that version may come back damaged: the caller verifies)."""
+        """The copies a peer holds of the versions `locations` number: None where it has none,
+        b"" where what it has is not that version (damaged).  The transport verifies:
+        GrpcTransport opens the owner's seal, which authenticates every byte."""
         ...
 
     async def flush(self, address: str, items: tuple[FlushItem, ...]) -> None: ...
@@ -296,28 +296,40 @@ class RemoteDriver:
             return {}
         out = {}
         for location, zpage in zip(locations, zpages, strict=True):
-            if zpage is not None and _intact(zpage):
+            if zpage:
                 out[location] = zpage
             elif zpage is not None:
                 log.warning("peer %s returned a damaged copy", address)
                 damaged.append((location, address))
         return out
 
-    async def prefetch(self, pool_id: int, keys: list[tuple[int, int]]) -> None:
+    async def prefetch(
+        self, pool_id: int, keys: list[tuple[int, int]]
+    ) -> Callable[[], bool] | None:
         """Fetch the remote copies a get of `keys` is about to load, then read ahead if the
         get continues a stream (node/readahead.py).
 
         While this awaits, the pump may settle a zpage that was still in the outbox (its bytes
         are then only on peers), and a holder may time out on a loaded machine, so the keys are
         looked at again after each fetch, a few times, until every remote copy they need is
-        local: a page answers UNAVAILABLE only when every holder failed every round."""
+        local: a page answers UNAVAILABLE only when every holder failed every round.
+
+        Once nothing is left to fetch, a check that stays true while every copy these keys (or
+        any of them) need is still local: until the layer drops a local copy (local_losses), so
+        the chunks of a get need not look again.  None if some copy could not be fetched."""
         ahead = self.ahead.pending(pool_id, keys)
         if ahead is not None:  # these pages are being fetched already (done, failed or not)
             await asyncio.wait([ahead])
+        done = False
         for _ in range(PREFETCH_ROUNDS):
             if not await self._fetch_missing(pool_id, keys):
+                done = True
                 break
         self.ahead.advance(pool_id, keys)
+        if not done:
+            return None
+        layer, losses = self.layer, self.layer.local_losses
+        return lambda: layer.local_losses == losses
 
     async def _fetch_missing(self, pool_id: int, keys: list[tuple[int, int]]) -> bool:
         """Fetch the remote copies of `keys` that are not local; whether any were wanted."""
@@ -326,8 +338,3 @@ class RemoteDriver:
             return False
         await self._fetch(fetch)
         return True
-
-
-def _intact(zpage: bytes) -> bool:
-    """A whole zpage (its key and checksum are checked when zcache opens it)."""
-    return 0 < zpage_length(zpage) == len(zpage)

@@ -15,14 +15,15 @@
 # is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts).  With workers it is
 # WORKER_CHUNK_PAGES pages through a short pipeline: a put chunk is encoded in a worker and then
 # filed on the loop; a get chunk is read out on the loop (the batch's remote copies are
-# fetched once, before the first chunk; a chunk fetches again only what went missing
-# meanwhile), opened in a worker, then counted on the loop; up to DEPTH chunks of a batch are
-# with the workers at once, so the loop files chunk n while chunk n+1 compresses.  Batches of up
-# to INLINE_PAGES pages (single gets, NBD's 4 KiB requests) always run at once on the loop.  A
-# front door may keep smaller batches than `offload` pages on the loop (where a hop costs more
-# than it saves) and hand the workers `hop` pages at a time, more than a loop step: NBD's codec
-# thread takes half a write group per hop (node/nbd/server.py).  A page that is a view (of a
-# request's bytes, which nothing writes meanwhile) is compressed where it is, never copied first.
+# fetched once, before the first chunk; a chunk looks again only once the prefetch's check
+# says a local copy went meanwhile), opened in a worker, then counted on the loop; up to
+# DEPTH chunks of a batch are with the workers at once, so the loop files chunk n while chunk
+# n+1 compresses.  Batches of up to INLINE_PAGES pages (single gets, NBD's 4 KiB requests)
+# always run at once on the loop.  A front door may keep smaller batches than `offload` pages on
+# the loop (where a hop costs more than it saves) and hand the workers `hop` pages at a time, more
+# than a loop step: NBD's codec thread takes half a write group per hop (node/nbd/server.py).  A
+# page that is a view (of a request's bytes, which nothing writes meanwhile) is compressed where
+# it is, never copied first.
 #
 # Why no workers by default: LZ4 releases the GIL, but every page it compresses in a worker is a
 # GIL hand-over with the loop thread, which is busy with the allocator, the index and protobuf
@@ -79,7 +80,9 @@ FLUSHES_PER_PUT = 8  # a flush costs about an eighth of a put
 X = TypeVar("X")
 Y = TypeVar("Y")
 T = TypeVar("T")
-Prefetch = Callable[[int, list[tuple[int, int]]], Awaitable[None]]
+# fetches the remote copies a get of some keys needs; then, if it got them all, a check that
+# stays true while they (or any of those keys' copies) are still local (node/driver.py)
+Prefetch = Callable[[int, list[tuple[int, int]]], Awaitable[Callable[[], bool] | None]]
 _WORKERS: weakref.WeakKeyDictionary[ZCache, Executor] = weakref.WeakKeyDictionary()
 
 
@@ -193,11 +196,14 @@ class ChunkedEngine:
                 await prefetch(pool, keys)
             return engine.get_batch(pool, keys, exclusive)
         check_keys(keys)  # the whole batch, before any chunk is read (an exclusive get removes)
+        local: Callable[[], bool] | None = None
         if prefetch is not None:  # the batch's remote copies in one go; chunks find them staged
-            await prefetch(pool, keys)
+            local = await prefetch(pool, keys)
 
         async def read(part: slice) -> SealedPages:
-            if prefetch is not None:
+            nonlocal local
+            if prefetch is not None and (local is None or not local()):  # a copy went meanwhile:
+                local = None  # the batch's check holds no more; each chunk looks for itself
                 await prefetch(pool, keys[part])
             return engine.read_sealed(pool, keys[part], exclusive)
 

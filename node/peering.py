@@ -435,14 +435,18 @@ class GrpcTransport:
                 ),
                 timeout=self.timeout,
             )
-            blobs = split_zpages(reply.zpages, list(reply.sizes))
-            if len(blobs) != len(part):
-                raise ValueError(f"peer {address} answered for {len(blobs)} of {len(part)} slots")
-            for location, blob in zip(part, blobs, strict=True):
-                if not blob:
+            sizes, blob = list(reply.sizes), memoryview(reply.zpages)
+            if len(sizes) != len(part):
+                raise ValueError(f"peer {address} answered for {len(sizes)} of {len(part)} slots")
+            if sum(sizes) != len(blob):
+                raise ValueError(f"peer {address} sent {len(blob)} bytes for {sum(sizes)}")
+            at = 0
+            for location, size in zip(part, sizes, strict=True):  # opened where they lie
+                if not size:
                     out.append(None)  # not held
                 else:  # not our seal of that version: b"", a damaged copy
-                    out.append(open_(pool_id, location, blob) or b"")
+                    out.append(open_(pool_id, location, blob[at : at + size]) or b"")
+                    at += size
         return out
 
     async def flush(self, address: str, items: tuple[FlushItem, ...]) -> None:

@@ -105,9 +105,9 @@ class Sealer:
         nonce = self._nonce.to_bytes(NONCE_BYTES, "little")
         return nonce + self._aead.encrypt(nonce, zpage, self._associated(pool_id, location))
 
-    def open(self, pool_id: int, location: int, blob: bytes) -> bytes | None:
-        """The zpage sealed in `blob`, or None if it is not this owner's seal of exactly that
-        page version."""
+    def open(self, pool_id: int, location: int, blob: bytes | memoryview) -> bytes | None:
+        """The zpage sealed in `blob` (a view is read in place), or None if it is not this
+        owner's seal of exactly that page version."""
         if len(blob) < OVERHEAD:
             return None
         where = self._associated(pool_id, location)

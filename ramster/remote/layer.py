@@ -150,6 +150,10 @@ class RamsterLayer:
         self._short_tried = 0.0
         self._forget_checked: dict[str, float] = {}  # when a down member's copies were looked at
         self.outbox_bytes = 0
+        # moves each time a live location loses a local copy (outbox bytes settled, staged copy
+        # dropped, disk copy dropped): a get that found its pages local finds them local again
+        # while this has not moved, so the node need not look at them twice (driver.prefetch)
+        self.local_losses = 0
         self.closing = False  # set at a graceful stop: evict() refuses, the disk takes all
         self.wake: Callable[[], None] = lambda: None  # the driver's: work was queued
         if journal is not None:  # ask every peer what it holds for us before using it
@@ -607,6 +611,7 @@ class RamsterLayer:
         if self.local is not None:
             self.local.forget(self.table.pool_of(location), disk)
         self.table.set_disk(location, 0)
+        self.local_losses += 1
         if self.journal is not None:
             self.journal.disk(location, 0)
 
@@ -614,6 +619,7 @@ class RamsterLayer:
         zpage = self._bytes.pop(location, None)
         if zpage is not None:
             self.outbox_bytes -= len(zpage)
+            self.local_losses += 1
         self._tried.pop(location, None)
 
     def _sent(self, plan: Send, stored: tuple[bool, ...]) -> None:
@@ -702,6 +708,7 @@ class RamsterLayer:
             self._staged[location] = zpage
             while len(self._staged) > STAGED_LIMIT:  # the oldest copies go first
                 self._staged.popitem(last=False)
+                self.local_losses += 1
             self.stats.remote_gets += 1
 
     def _mark_damaged(self, location: int, address: str) -> None:

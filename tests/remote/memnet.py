@@ -153,8 +153,8 @@ class MemTransport:
         slots = [slot_of(location) for location in locations]
         got = node.foreign.get(self.me.owner, epoch, pool_id, slots)
         zpages = [_open(loc, b) if b else None for loc, b in zip(locations, got, strict=True)]
-        if node.corrupt:
-            zpages = [z[:-1] + bytes([z[-1] ^ 1]) if z else z for z in zpages]
+        if node.corrupt:  # a flipped bit: the real transport's seal fails to open it
+            zpages = [b"" if z else z for z in zpages]
         return zpages
 
     async def flush(self, address: str, items: tuple[FlushItem, ...]) -> None:

@@ -3,6 +3,7 @@
 # few calls, and a batch get that asks each holder once.
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,35 @@ async def test_gets_in_order_find_their_pages_read_ahead(
     for batch in batches[2:]:
         assert await engine.get_batch(pool, batch, False) == expected(compressible_pages, batch)
     assert a.driver.ahead.pages >= 128
+
+
+async def test_chunks_of_a_get_look_again_only_once_a_local_copy_went(
+    tmp_path: Path, compressible_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get's chunks ask nothing more of the layer while the copies its batch fetched stay;
+    once some go (here the staged limit drops them while another get fetches), each later chunk
+    looks again and fetches what it misses, and every page comes back right."""
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, keys = await spill(net, compressible_pages)
+    first, second, other = keys[:64], keys[64:128], keys[192:256]
+    for batch in (first, second, other):
+        assert all(a.driver.locations(pool, batch)), "the test wants remote pages"
+    monkeypatch.setattr("ramster.remote.layer.STAGED_LIMIT", 64)
+    asked: list[int] = []
+    squeeze = False
+
+    async def counted(pool_id: int, keys: list[tuple[int, int]]) -> Callable[[], bool] | None:
+        asked.append(len(keys))
+        local = await a.driver.prefetch(pool_id, keys)
+        if squeeze and len(asked) == 1:  # another get's copies push this batch's out
+            asked.append(-len(other))
+            await a.driver.prefetch(pool_id, other)
+        return local
+
+    engine = ChunkedEngine(a.cache, chunk=8, prefetch=counted)
+    assert await engine.get_batch(pool, first, False) == expected(compressible_pages, first)
+    assert asked == [64]
+    asked.clear()
+    squeeze = True
+    assert await engine.get_batch(pool, second, False) == expected(compressible_pages, second)
+    assert asked == [64, -64] + [8] * 8
