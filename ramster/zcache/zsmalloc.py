@@ -146,7 +146,8 @@ class Zsmalloc:
     # -- fullness groups and the hot zspage ---------------------------------------------------
     def _pick(self, c: int, tick: int) -> int:
         """Make the zspage class `c` allocates from hot, and return it: the fullest with room
-        in its own frames, else a growable one, else a new one."""
+        in its own frames, else a growable one, else a new one; 0 (none) if a new one would
+        find no frame (a failed alloc at a full pool then costs no zspage made and dropped)."""
         groups = self.groups.get(c) or self.groups.setdefault(c, [{} for _ in range(GROUPS + 1)])
         for g in _ALLOC_ORDER:
             bucket = groups[g]
@@ -157,6 +158,8 @@ class Zsmalloc:
                 self._waste(c, self.inuse[zid] - OWNED[c][self.nframes[zid]])
                 break
         else:
+            if self.arena.in_use >= self.arena.limit:
+                return 0
             zid = self._new_zspage(c, tick)
         self.edge[zid] = min(OWNED[c][self.nframes[zid]], SLOTS[c])
         self.hot[c] = zid
@@ -289,6 +292,8 @@ class Zsmalloc:
             raise InvalidPage(f"zsmalloc stores zpages of 1 to {PAGE_SIZE} bytes, got {length}")
         c = _LENGTH_CLASS[length]
         zid = self.hot[c] or self._pick(c, tick)
+        if not zid:  # no zspage of the class has room and the arena has no frame for a new one
+            return -1
         self.ticks[zid] = tick
         handle = self._store(zid, c, zpage)
         if handle < 0 and not self.inuse[zid]:
