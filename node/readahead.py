@@ -7,9 +7,10 @@
 # A *stream* is one (pool, object).  A get continues its stream when it starts where the
 # stream's last get ended and names consecutive pages; then, unless more than half a window is
 # read ahead already, the pages up to `window` past it (the size of the get, at least RA_MIN and
-# at most RA_MAX) are fetched in the background.  A get that starts elsewhere moves the stream
-# without reading ahead, so random access costs nothing but this bookkeeping, and the sub-ranges
-# the chunked engine prefetches again inside a batch neither move a stream nor read ahead.  A
+# at most RA_MAX) are fetched in the background.  A get that starts elsewhere, before or after,
+# moves the stream there without reading ahead, so random access costs nothing but this
+# bookkeeping, and the sub-ranges the chunked engine prefetches again inside the get just
+# counted neither move a stream nor read ahead.  A
 # get whose first page is being read ahead waits for that fetch rather than fetching the same
 # copies a second time.
 #
@@ -41,6 +42,7 @@ Keys = list[tuple[int, int]]
 @dataclass
 class _Stream:
     next: int  # where the stream's last get ended
+    last: int  # where it began
     ahead_from: int = 0  # the pages [ahead_from, ahead_until) are being or were read ahead
     ahead_until: int = 0
     task: asyncio.Task[None] | None = None
@@ -72,13 +74,14 @@ class ReadAhead:
         if stream is None:
             while len(self._streams) >= MAX_STREAMS:
                 del self._streams[next(iter(self._streams))]
-            self._streams[(pool, oid)] = _Stream(end)
+            self._streams[(pool, oid)] = _Stream(end, start)
             return
         if start != stream.next:
-            if end > stream.next:  # a jump: the stream starts over from here
-                stream.next = stream.ahead_until = end
-            return  # (or a part of a get already counted: the chunked engine's re-checks)
-        stream.next = end
+            if not stream.last <= start < end <= stream.next:  # a jump, back or forth: the
+                stream.next = stream.ahead_until = end  # stream starts over from here
+                stream.last = start
+            return  # (or a part of the get just counted: the chunked engine's re-checks)
+        stream.next, stream.last = end, start
         window = min(max(len(keys), RA_MIN), RA_MAX)
         if stream.ahead_until - end > window // 2 or len(self._running) >= MAX_RUNNING:
             return  # enough is ahead yet (or too much is being read ahead already)

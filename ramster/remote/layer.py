@@ -503,30 +503,35 @@ class RamsterLayer:
             raise CorruptPage(f"every copy of remote location {location} failed verification")
         raise PageUnavailable(f"no copy of remote location {location} could be reached")
 
-    def forget(self, pool_id: int, location: int) -> None:
-        table = self.table
-        if location not in table:
-            return
-        for in_flight in (self._staged, self._sending, self._tried, self._damaged):
-            in_flight.pop(location, None)
-        self._short.discard(location)
-        holders = table.holders_of(location)
-        if holders:
-            peers, slot = self.membership.peers, slot_of(location)
-            for address in holders:
-                peer = peers.get(address)
-                if peer is not None:
-                    self._owe_flush(address, FlushItem(peer.epoch, pool_id, slot))
-        disk = table.disk_of(location)
-        if disk and self.local is not None:
-            self.local.forget(pool_id, disk)
-        zpage = self._bytes.pop(location, None)
-        if zpage is not None:
-            self.outbox_bytes -= len(zpage)
-        table.free(location, holders)
-        if self.journal is not None:
-            self.journal.forget(location)
-            self._commit()  # before the caller answers: a flushed page never comes back
+    def forget(self, pool_id: int, locations: list[int]) -> None:
+        table, journal, peers = self.table, self.journal, self.membership.peers
+        staged, sending, tried, damaged = self._staged, self._sending, self._tried, self._damaged
+        disks: list[int] = []
+        for location in locations:
+            if location not in table:
+                continue
+            for in_flight in (staged, sending, tried, damaged):
+                in_flight.pop(location, None)
+            self._short.discard(location)
+            holders = table.holders_of(location)
+            if holders:
+                slot = slot_of(location)
+                for address in holders:
+                    peer = peers.get(address)
+                    if peer is not None:
+                        self._owe_flush(address, FlushItem(peer.epoch, pool_id, slot))
+            disk = table.disk_of(location)
+            if disk:
+                disks.append(disk)
+            zpage = self._bytes.pop(location, None)
+            if zpage is not None:
+                self.outbox_bytes -= len(zpage)
+            table.free(location, holders)
+            if journal is not None:
+                journal.forget(location)
+        if disks and self.local is not None:
+            self.local.forget(pool_id, disks)
+        self._commit()  # before the caller answers: a flushed page never comes back
 
     def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
         """The locations found again in the journal, for zcache to file under their keys
@@ -609,7 +614,7 @@ class RamsterLayer:
     def _drop_disk(self, location: int) -> None:
         disk = self.table.disk_of(location)
         if self.local is not None:
-            self.local.forget(self.table.pool_of(location), disk)
+            self.local.forget(self.table.pool_of(location), [disk])
         self.table.set_disk(location, 0)
         self.local_losses += 1
         if self.journal is not None:

@@ -270,9 +270,10 @@ class BackingFile:
         self.stats.loaded += 1
         return zpage
 
-    def forget(self, pool_id: int, location: int) -> None:
-        self._kill(location)
-        self.stats.forgotten += 1
+    def forget(self, pool_id: int, locations: list[int]) -> None:
+        for location in locations:
+            self._kill(location)
+        self.stats.forgotten += len(locations)
 
     def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
         records, self._recovered = self._recovered, {}

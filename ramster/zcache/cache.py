@@ -310,57 +310,64 @@ class ZCache:
         out, at, zpages = sealed.pages, sealed.at, sealed.zpages
         misses = corrupt = unavailable = 0
         promoted: set[tuple[int, int]] = set()  # keys brought home by this batch
-        for i, ((oid, index_no), handle) in enumerate(zip(keys, handles, strict=True)):
-            if promoted and (oid, index_no) in promoted:  # named again: its handle moved
-                handle = index.get(oid, index_no)
-            h = handle ^ ZPAGE_TAG
-            try:
-                if h <= HANDLE_MASK:  # a zpage in the pool's allocator: the common case
-                    if not remove:
+        forgotten: list[int] = []  # evicted copies no longer needed: forgotten in one call
+        try:
+            for i, ((oid, index_no), handle) in enumerate(zip(keys, handles, strict=True)):
+                if promoted and (oid, index_no) in promoted:  # named again: its handle moved
+                    handle = index.get(oid, index_no)
+                h = handle ^ ZPAGE_TAG
+                try:
+                    if h <= HANDLE_MASK:  # a zpage in the pool's allocator: the common case
+                        if not remove:
+                            tick += 1
+                            zticks[h >> zshift] = tick
+                        if copy:
+                            at.append(i)
+                            zpages.append(zread(h))  # a copy of the slot, padding and all
+                        elif (start := zlocate(h)) >= 0:  # opened in place, in the arena
+                            out[i] = open_zpage(view, oid, index_no, start)
+                        else:
+                            out[i] = open_zpage(zread(h), oid, index_no)
+                    elif not handle:
+                        misses += 1
+                        continue
+                    elif (kind := handle >> KIND_SHIFT) == SAME:
+                        out[i] = self.same.page(handle & HANDLE_MASK)
+                    elif kind == EVICTED:
+                        h = handle & HANDLE_MASK
+                        zpage = self._evictor().load(pool.id, h)
+                        out[i] = open_zpage(zpage, oid, index_no)
+                        self.stats.evicted_hits += 1
+                        if promote:
+                            self.tick = tick
+                            if self._promote(
+                                pool, oid, index_no, h, zpage, forgotten
+                            ):  # reclaims nothing
+                                promoted.add((oid, index_no))
+                            tick = self.tick
+                    else:
+                        h = handle & HANDLE_MASK
                         tick += 1
-                        zticks[h >> zshift] = tick
-                    if copy:
-                        at.append(i)
-                        zpages.append(zread(h))  # a copy of the slot, padding and all
-                    elif (start := zlocate(h)) >= 0:  # opened in place, in the arena
-                        out[i] = open_zpage(view, oid, index_no, start)
-                    else:
-                        out[i] = open_zpage(zread(h), oid, index_no)
-                elif not handle:
-                    misses += 1
-                    continue
-                elif (kind := handle >> KIND_SHIFT) == SAME:
-                    out[i] = self.same.page(handle & HANDLE_MASK)
-                elif kind == EVICTED:
-                    h = handle & HANDLE_MASK
-                    zpage = self._evictor().load(pool.id, h)
-                    out[i] = open_zpage(zpage, oid, index_no)
-                    self.stats.evicted_hits += 1
-                    if promote:
-                        self.tick = tick
-                        if self._promote(pool, oid, index_no, h, zpage):  # reclaims nothing
-                            promoted.add((oid, index_no))
-                        tick = self.tick
-                else:
-                    h = handle & HANDLE_MASK
-                    tick += 1
-                    pool.raw.lru.tick[h] = tick
-                    if copy:
-                        at.append(i)
-                        zpages.append(pool.raw.read(h))
-                    else:
-                        out[i] = open_zpage(pool.raw.read(h), oid, index_no)
-            except CorruptPage as exc:
-                out[i] = exc
-                corrupt += 1
-            except PageUnavailable as exc:
-                out[i] = exc
-                unavailable += 1
-                if remove:  # it may be reachable later: keep it filed
-                    index.set_many([(oid, index_no)], [handle])
-                    continue
-            if remove:
-                self._release(pool, handle)
+                        pool.raw.lru.tick[h] = tick
+                        if copy:
+                            at.append(i)
+                            zpages.append(pool.raw.read(h))
+                        else:
+                            out[i] = open_zpage(pool.raw.read(h), oid, index_no)
+                except CorruptPage as exc:
+                    out[i] = exc
+                    corrupt += 1
+                except PageUnavailable as exc:
+                    out[i] = exc
+                    unavailable += 1
+                    if remove:  # it may be reachable later: keep it filed
+                        index.set_many([(oid, index_no)], [handle])
+                        continue
+                if remove:
+                    self._release(pool, handle, forgotten)
+        finally:
+            if forgotten:  # before the caller answers (a removed page never comes back)
+                self._evictor().forget(pool.id, forgotten)
         self.tick = tick
         stats = self.stats
         stats.gets += len(keys)
@@ -449,8 +456,11 @@ class ZCache:
         pool = self.pool(pool_id)
         check_key(oid, 0)
         found = pool.index.pop_object(oid)
+        forgotten: list[int] = []
         for _, handle in found:
-            self._release(pool, handle)
+            self._release(pool, handle, forgotten)
+        if forgotten:
+            self._evictor().forget(pool_id, forgotten)
         self.stats.flushes += len(found)
         return len(found)
 
@@ -511,11 +521,14 @@ class ZCache:
         self.tick += 1
         return alloc.alloc(zpage, self.tick)
 
-    def _promote(self, pool: Pool, oid: int, index: int, location: int, zpage: bytes) -> bool:
+    def _promote(
+        self, pool: Pool, oid: int, index: int, location: int, zpage: bytes, forgotten: list[int]
+    ) -> bool:
         """Move an evicted zpage back into RAM if there is room for it; else it stays evicted.
         Never by evicting another page: under pressure that only moves the cost around (one
         page out for each page in, with its copies placed again), and the client that just
-        read the page holds it itself (a swap-in, a page cache).  Whether it moved."""
+        read the page holds it itself (a swap-in, a page cache).  Whether it moved; its old
+        location joins `forgotten`, for the caller to forget."""
         raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
         alloc: Allocator = pool.raw if raw else pool.zalloc
         self.tick += 1
@@ -523,7 +536,7 @@ class ZCache:
         if handle < 0:
             return False
         pool.index.replace(oid, index, pool.tag_of(alloc) | handle)
-        self._evictor().forget(pool.id, location)
+        forgotten.append(location)
         pool.evicted -= 1
         self.stats.promoted += 1
         return True
@@ -533,12 +546,17 @@ class ZCache:
             raise InvariantViolation("an evicted page was found but this zcache has no evictor")
         return self.evictor
 
-    def _release(self, pool: Pool, handle: int) -> None:
+    def _release(self, pool: Pool, handle: int, forgotten: list[int] | None = None) -> None:
+        """Free what `handle` holds; an evicted copy is forgotten at once, or added to
+        `forgotten` for the caller to forget with others in one call."""
         kind = handle >> KIND_SHIFT
         if kind == SAME:
             self.same.unref(handle & HANDLE_MASK)
         elif kind == EVICTED:
-            self._evictor().forget(pool.id, handle & HANDLE_MASK)
+            if forgotten is None:
+                self._evictor().forget(pool.id, [handle & HANDLE_MASK])
+            else:
+                forgotten.append(handle & HANDLE_MASK)
             pool.evicted -= 1
         else:
             pool.allocator_of(handle).free(handle & HANDLE_MASK)

@@ -28,8 +28,9 @@ class Evictor(Protocol):
         """The zpage at `location`; may raise CorruptPage or return bytes that fail verification."""
         ...
 
-    def forget(self, pool_id: int, location: int) -> None:
-        """Drop the zpage at `location` (flushed, overwritten or promoted back to memory)."""
+    def forget(self, pool_id: int, locations: list[int]) -> None:
+        """Drop the zpages at `locations` (flushed, overwritten or promoted back to memory); a
+        durable evictor has recorded it when this returns, in one step for them all."""
         ...
 
     def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
@@ -70,8 +71,12 @@ class EvictorChain:
     def load(self, pool_id: int, location: int) -> bytes:
         return self.links[location >> LINK_SHIFT].load(pool_id, location & LINK_MASK)
 
-    def forget(self, pool_id: int, location: int) -> None:
-        self.links[location >> LINK_SHIFT].forget(pool_id, location & LINK_MASK)
+    def forget(self, pool_id: int, locations: list[int]) -> None:
+        by_link: dict[int, list[int]] = {}
+        for location in locations:
+            by_link.setdefault(location >> LINK_SHIFT, []).append(location & LINK_MASK)
+        for link_no, own in by_link.items():
+            self.links[link_no].forget(pool_id, own)
 
     def recovered(self) -> Iterator[tuple[int, str, int, int, int]]:
         for link_no, link in enumerate(self.links):

@@ -1,6 +1,7 @@
-# Readahead of remote gets: which gets read ahead (a stream continued), which do not (a jump,
-# the chunked engine's re-checks inside a batch, more than MAX_RUNNING at once), that a get of
-# pages being read ahead waits for that fetch, and that a failed fetch ahead is harmless.
+# Readahead of remote gets: which gets read ahead (a stream continued, also after a jump back),
+# which do not (a jump, the chunked engine's re-checks inside a batch, more than MAX_RUNNING at
+# once), that a get of pages being read ahead waits for that fetch, and that a failed fetch
+# ahead is harmless.
 from __future__ import annotations
 
 import asyncio
@@ -44,6 +45,24 @@ async def test_a_continued_stream_reads_the_next_window_ahead() -> None:
     await ahead.drain()
     assert fetches.asked[1:] == [(3, run(1, 300, 100))]
     assert ahead.pages == 200
+
+
+async def test_a_stream_read_again_from_an_earlier_page_reads_ahead_once_it_continues() -> None:
+    """The end of an object first, then its start in order (a client that reads back the
+    newest pages, then the oldest): the jump back starts the stream over."""
+    fetches = Fetches()
+    ahead = ReadAhead(fetches)
+    ahead.advance(3, run(1, 1000, 100))
+    ahead.advance(3, run(1, 1100, 100))
+    await ahead.drain()
+    assert fetches.asked == [(3, run(1, 1200, 100))]
+    ahead.advance(3, run(1, 0, 100))  # back to the start: nothing ahead yet
+    ahead.advance(3, run(1, 40, 8))  # a re-check inside that get moves nothing
+    await ahead.drain()
+    assert len(fetches.asked) == 1
+    ahead.advance(3, run(1, 100, 100))  # continues from the new place
+    await ahead.drain()
+    assert fetches.asked[1:] == [(3, run(1, 200, 100))]
 
 
 async def test_windows_are_bounded_and_jumps_and_scattered_keys_read_nothing() -> None:

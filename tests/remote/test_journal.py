@@ -66,7 +66,7 @@ def test_a_restarted_owner_never_reuses_a_location(tmp_path: Path) -> None:
             (location,) = layer.evict(0, "zsmalloc", [zpage])
             assert location not in used
             used.add(location)
-            layer.forget(0, location)
+            layer.forget(0, [location])
         assert layer.journal is not None
         layer.journal.close()  # a crash: no compaction
     assert len(used) == 15

@@ -140,7 +140,7 @@ def test_free_space_is_reused(tmp_path: Path, compressible_pages: list[bytes]) -
     locations = backing.evict(pool_id, "zsmalloc", zpages)
     size = backing.size_bytes
     for location in locations:
-        backing.forget(pool_id, location)
+        backing.forget(pool_id, [location])
     again = backing.evict(pool_id, "zsmalloc", zpages)
     assert backing.size_bytes == size
     assert sorted(again) == sorted(locations)

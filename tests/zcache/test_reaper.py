@@ -107,7 +107,7 @@ class Refusing:
     def load(self, pool_id: int, location: int) -> bytes:
         raise AssertionError("nothing was taken")
 
-    def forget(self, pool_id: int, location: int) -> None:
+    def forget(self, pool_id: int, locations: list[int]) -> None:
         raise AssertionError("nothing was taken")
 
     def recovered(self):  # type: ignore[no-untyped-def]
