@@ -221,8 +221,6 @@ class Node:
         self._watch.start()
         if self.rotation:
             self._rotating = asyncio.create_task(self._watch_tls(self.rotation))
-        if s.port_file:
-            write_port_file(s.port_file, self.port, self.peer_port, self.metrics_port)
         started_with = engine.snapshot()
         log_event(
             "listening",
@@ -239,6 +237,8 @@ class Node:
             pages_recovered=started_with.stored_pages,
             start_seconds=round(time.monotonic() - started, 3),
         )
+        if s.port_file:  # last: whoever waits for it finds the listening event logged
+            write_port_file(s.port_file, self.port, self.peer_port, self.metrics_port)
 
     def _serve_peers(self, remote: RemoteSide, where: HostPort, tls: Rotation | None) -> None:
         """The peer listener: ramster.v1.Peer and health, mTLS with an identity check per call
