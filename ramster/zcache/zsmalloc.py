@@ -19,11 +19,16 @@
 # reaper) while its class owns a free slot.
 #
 # The zspage a class allocates from is its *hot* zspage, taken out of the groups while it is hot,
-# so a put costs no group bookkeeping: allocation only makes it fuller, so it stays the fullest
-# until it fills, or until its owned frames fill while another zspage of the class has room.
-# Any other change of group in the class (a free) may leave a fuller zspage elsewhere, so it
-# files the hot zspage back, and the next allocation picks again.  (Without this, a put of a
-# large zpage regrouped its zspage at almost every frame it took, a third of the put's time.)
+# so a put costs no group bookkeeping: it stays hot until it fills, or until its owned frames
+# fill while another zspage of the class has room (then the class picks again, fullest first).
+# (Without this, a put of a large zpage regrouped its zspage at almost every frame it took, a
+# third of the put's time.)  A free does not cool the hot zspage either, unless the hot one's
+# owned frames are full, so that its next allocation would take a frame while the class now has
+# room: a slot freed in the hot zspage is its lowest free one, which the next allocation takes,
+# and a hole elsewhere counts in the class's waste, which stops the hot zspage from taking a
+# frame, so holes are filled before any frame is taken all the same.  An overwrite (a put that
+# frees the page it replaces) used to cool the hot zspage at three puts in four and pick again
+# at half of them.
 #
 # Compaction moves zpages only into free slots in frames their zspage already owns, so it never
 # takes a frame, and it plans on counts before it moves anything.  Per class, fullest first: the
@@ -175,7 +180,7 @@ class Zsmalloc:
         """File zspage `zid` (now holding `inuse` zpages) in its fullness group, and note the
         count at which a store into it must call this again (`edge`).  The hot zspage stays
         hot, out of the groups, unless it is full or its owned frames are full while the class
-        has room elsewhere; a change of group of any other zspage cools the hot one."""
+        has room elsewhere."""
         c = self.cls[zid]
         slots = SLOTS[c]
         if self.hot[c] == zid:  # called from a store that filled its owned frames
@@ -200,7 +205,6 @@ class Zsmalloc:
             if new >= 0:
                 groups[new][zid] = None
             self.group[zid] = new
-            self._cool(c)
 
     def _waste(self, c: int, delta: int) -> None:
         """Add `delta` free slots in owned frames to class `c`, tracking `compactable`."""
@@ -357,10 +361,11 @@ class Zsmalloc:
             self._waste(c, 1)
         if not inuse:
             self._release(zid)
-        elif self.hot[c] == zid:
-            self._cool(c)
-        else:
+        elif self.hot[c] != zid:  # the hot one stays hot (see the header) ...
             self._regroup(zid, inuse)
+            hot = self.hot[c]
+            if hot and self.edge[hot] > SLOTS[c]:  # ... unless it would now take a frame
+                self._cool(c)
 
     def unit_handles(self, unit: int) -> list[int]:
         used = self.used[unit]
