@@ -16,6 +16,11 @@
 # cut the GIL hand-overs that made 32-page hops cost ~40% more CPU in total.  A worker's
 # failure is an engine error (node/engine.py's CodecError): the group's requests get EIO.
 #
+# Heap: the zpages of a write group are bytes in the heap between their codec hop and their
+# filing, so a burst of writes leaves the heap grown by what was in flight; a HeapTrimmer
+# (node/heap.py) gives it back once the exports have moved TRIM_AFTER pages and then paused for
+# TRIM_INTERVAL.
+#
 # Shutdown (stop()): the listener closes; a connection waiting for its client closes at once,
 # one running requests finishes the group in hand, answers requests it had already received with
 # ESHUTDOWN and closes; whatever is still running after `grace` seconds is cancelled; then the
@@ -29,6 +34,7 @@ from typing import Any
 
 from node.engine import ChunkedEngine, Prefetch, codec_workers
 from node.fairness import SmallFirst
+from node.heap import HeapTrimmer
 from node.logs import log_event
 from node.metrics import NbdMetrics
 from node.nbd.blocks import Answer, ExportBlocks
@@ -40,11 +46,12 @@ from node.settings import HostPort, Settings
 from node.tls import Rotation
 from ramster.nbd import Error, Export
 from ramster.nbd.wire import Command
-from ramster.zcache import ZCache
+from ramster.zcache import PAGE_SIZE, ZCache
 
 CODEC_PAGES = 128  # pages per hop to the codec thread, and filed in one loop step (~0.5 ms)
 OFFLOAD_PAGES = 64  # smaller batches run on the loop (a hop costs more than it saves) ...
 LOOP_PAGES = 32  # ... this many pages per loop step (gRPC calls wait ~0.3 ms)
+TRIM_INTERVAL = 0.25  # seconds without NBD traffic before the heap is trimmed
 
 
 class NbdServer:
@@ -84,6 +91,9 @@ class NbdServer:
         self._server: asyncio.Server | None = None
         self.connections: set[NbdConnection] = set()
         self._children: dict[tuple[str, Command, Error], tuple[Any, Any, Any]] = {}
+        self.moved = 0  # bytes read and written so far
+        self.trimmer = HeapTrimmer(lambda: self.moved // PAGE_SIZE, TRIM_INTERVAL)
+        self._trimming: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Listen; the port (the chosen one, with port 0)."""
@@ -95,6 +105,7 @@ class NbdServer:
         except OSError as exc:
             raise OSError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self._trimming = asyncio.get_running_loop().create_task(self.trimmer.run())
         log_event(
             "nbd_listening",
             port=self.port,
@@ -120,6 +131,9 @@ class NbdServer:
             await asyncio.gather(*late, return_exceptions=True)
         if self._server:
             await self._server.wait_closed()
+        if self._trimming is not None:
+            self._trimming.cancel()
+            await asyncio.gather(self._trimming, return_exceptions=True)
         if self.codec is not None:  # no connection is left to use it
             self.codec.shutdown(wait=False, cancel_futures=True)
 
@@ -156,6 +170,7 @@ class NbdServer:
                 latency.observe(seconds)
             if moved_bytes is not None:
                 moved_bytes.inc(moved)
+                self.moved += moved
 
 
 async def serve_nbd(
