@@ -12,7 +12,8 @@
 # node.fairness.SmallFirst when the node has one: it waits for small calls being served, and
 # without workers makes the chunks a page while small calls come), so what a small call can
 # wait behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk
-# is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts).  With workers it is
+# is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts; a get chunk is the engine's own
+# get_batch, which opens zpages in place, in the arena, with no copy).  With workers it is
 # WORKER_CHUNK_PAGES pages through a short pipeline: a put chunk is encoded in a worker and then
 # filed on the loop; a get chunk is read out on the loop (the batch's remote copies are
 # fetched once, before the first chunk; a chunk fetches again only what went missing
@@ -20,8 +21,8 @@
 # with the workers at once, so the loop files chunk n while chunk n+1 compresses.  Batches of up
 # to INLINE_PAGES pages (single gets, NBD's 4 KiB requests) always run at once on the loop.  A
 # front door may keep smaller batches than `offload` pages on the loop (where a hop costs more
-# than it saves) and hand the workers `hop` pages at a time, more than a loop step: NBD's codec
-# thread takes half a write group per hop (node/nbd/server.py).  A page that is a view (of a
+# than it saves) and hand the workers `hop` pages at a time, more than a loop step: NBD hands
+# them half a write group per hop (node/nbd/server.py).  A page that is a view (of a
 # request's bytes, which nothing writes meanwhile) is compressed where it is, never copied first.
 #
 # Why no workers by default: LZ4 releases the GIL, but every page it compresses in a worker is a
@@ -103,10 +104,14 @@ def build_engine(
     )
     engine = ZCache(config, evictor=evictor, pools=pools)
     if settings.worker_threads:
-        _WORKERS[engine] = ThreadPoolExecutor(
-            settings.worker_threads, thread_name_prefix="ramster-codec"
-        )
+        give_codec_workers(engine, settings.worker_threads)
     return engine
+
+
+def give_codec_workers(engine: ZCache, threads: int) -> Executor:
+    """Give `engine` `threads` codec workers (build_engine does, from the settings)."""
+    workers = _WORKERS[engine] = ThreadPoolExecutor(threads, thread_name_prefix="ramster-codec")
+    return workers
 
 
 def codec_workers(engine: ZCache) -> Executor | None:
@@ -195,6 +200,14 @@ class ChunkedEngine:
         check_keys(keys)  # the whole batch, before any chunk is read (an exclusive get removes)
         if prefetch is not None:  # the batch's remote copies in one go; chunks find them staged
             await prefetch(pool, keys)
+        if self.workers is None or len(keys) < self.offload:  # on the loop: opened in place
+
+            async def get(part: slice) -> list[bytes | PageError | None]:
+                if prefetch is not None:
+                    await prefetch(pool, keys[part])
+                return engine.get_batch(pool, keys[part], exclusive)
+
+            return await self._pipelined(len(keys), get, _same, _got)
 
         async def read(part: slice) -> SealedPages:
             if prefetch is not None:
@@ -274,6 +287,14 @@ class ChunkedEngine:
 
 async def _as_is(part: slice) -> slice:
     return part
+
+
+def _same(item: X) -> X:
+    return item
+
+
+def _got(part: slice, pages: list[bytes | PageError | None]) -> list[bytes | PageError | None]:
+    return pages
 
 
 _SHAPE = bytes(PAGE_SIZE)
