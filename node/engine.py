@@ -178,14 +178,15 @@ class ChunkedEngine:
         if len(keys) <= INLINE_PAGES:
             return engine.put_batch(pool, keys, [bytes(p) for p in pages])
         encode = engine.encoder(pool).encode
-        check_put_batch(keys, [_page_shaped(p) for p in pages])  # all, before a chunk is filed
+        shaped = [p if type(p) is bytes else _page_shaped(p) for p in pages]
+        check_put_batch(keys, shaped)  # all, before a chunk is filed
 
         def encode_part(part: slice) -> list[bytes | None]:
             # a page that is a view (of a request's bytes) is read as it is, never copied whole
             return encode(keys[part], pages[part])
 
         def file(part: slice, encoded: list[bytes | None]) -> list[PutResult]:
-            return engine.file_encoded(pool, keys[part], encoded)
+            return engine.file_encoded(pool, keys[part], encoded, keys_checked=True)
 
         return await self._pipelined(len(keys), _as_is, encode_part, file)
 
