@@ -15,10 +15,10 @@
 # (musl, macOS).
 #
 # The layer of a clustered node runs one (node/cluster.py), and so does the NBD server
-# (node/nbd/server.py), whose write groups are zpages made in its codec thread and freed once
-# filed: after a 1 GiB nbdcopy of real memory pages a node held 1.5 MiB more heap than a trim
-# left.  trim_heap() trims once, at once: the node calls it after startup, when the garbage of
-# imports and setup has been collected (~1 MiB an idle node no longer holds).
+# (node/nbd/server.py), whose write groups are zpages made and freed once filed: after a 1 GiB
+# nbdcopy of real memory pages a node held 1.5 MiB more heap than a trim left.  trim_heap()
+# trims once, at once: the node calls it after startup, when the garbage of imports and setup
+# has been collected (~1 MiB an idle node no longer holds).
 #
 # Trade-off: a trim walks the heaps holding each arena's lock, a few ms to tens of ms on a
 # fragmented heap, during which mallocs of the loop thread wait; trimming only when traffic

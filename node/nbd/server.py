@@ -20,7 +20,7 @@
 # while it files: the thread compressed alongside the loop only while the loop was idle, and
 # every page paid the hand-over.
 #
-# Heap: the zpages of a write group are bytes in the heap between their codec hop and their
+# Heap: the zpages of a write group are bytes in the heap between their encoding and their
 # filing, so a burst of writes leaves the heap grown by what was in flight; a HeapTrimmer
 # (node/heap.py) gives it back once the exports have moved TRIM_AFTER pages and then paused for
 # TRIM_INTERVAL.
