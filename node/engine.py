@@ -12,18 +12,19 @@
 # node.fairness.SmallFirst when the node has one: it waits for small calls being served, and
 # without workers makes the chunks a page while small calls come), so what a small call can
 # wait behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk
-# is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts).  With workers it is
+# is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts; a get chunk is the engine's own
+# get_batch, which opens zpages in place, in the arena, with no copy).  With workers it is
 # WORKER_CHUNK_PAGES pages through a short pipeline: a put chunk is encoded in a worker and then
 # filed on the loop; a get chunk is read out on the loop (the batch's remote copies are
 # fetched once, before the first chunk; a chunk looks again only once the prefetch's check
-# says a local copy went meanwhile), opened in a worker, then counted on the loop; up to
-# DEPTH chunks of a batch are with the workers at once, so the loop files chunk n while chunk
-# n+1 compresses.  Batches of up to INLINE_PAGES pages (single gets, NBD's 4 KiB requests)
-# always run at once on the loop.  A front door may keep smaller batches than `offload` pages on
-# the loop (where a hop costs more than it saves) and hand the workers `hop` pages at a time, more
-# than a loop step: NBD's codec thread takes half a write group per hop (node/nbd/server.py).  A
-# page that is a view (of a request's bytes, which nothing writes meanwhile) is compressed where
-# it is, never copied first.
+# says a local copy went meanwhile), opened in a worker, then counted on the loop; up to DEPTH
+# chunks of a batch are with the workers at once, so the loop files chunk n while chunk n+1
+# compresses.  Batches of up to INLINE_PAGES pages (single gets, NBD's 4 KiB requests) always
+# run at once on the loop.  A front door may keep smaller batches than `offload` pages on the
+# loop (where a hop costs more than it saves) and hand the workers `hop` pages at a time, more
+# than a loop step: NBD hands them half a write group per hop (node/nbd/server.py).  A page that
+# is a view (of a request's bytes, which nothing writes meanwhile) is compressed where it is,
+# never copied first.
 #
 # Why no workers by default: LZ4 releases the GIL, but every page it compresses in a worker is a
 # GIL hand-over with the loop thread, which is busy with the allocator, the index and protobuf
@@ -106,10 +107,14 @@ def build_engine(
     )
     engine = ZCache(config, evictor=evictor, pools=pools)
     if settings.worker_threads:
-        _WORKERS[engine] = ThreadPoolExecutor(
-            settings.worker_threads, thread_name_prefix="ramster-codec"
-        )
+        give_codec_workers(engine, settings.worker_threads)
     return engine
+
+
+def give_codec_workers(engine: ZCache, threads: int) -> Executor:
+    """Give `engine` `threads` codec workers (build_engine does, from the settings)."""
+    workers = _WORKERS[engine] = ThreadPoolExecutor(threads, thread_name_prefix="ramster-codec")
+    return workers
 
 
 def codec_workers(engine: ZCache) -> Executor | None:
@@ -176,14 +181,15 @@ class ChunkedEngine:
         if len(keys) <= INLINE_PAGES:
             return engine.put_batch(pool, keys, [bytes(p) for p in pages])
         encode = engine.encoder(pool).encode
-        check_put_batch(keys, [_page_shaped(p) for p in pages])  # all, before a chunk is filed
+        shaped = [p if type(p) is bytes else _page_shaped(p) for p in pages]
+        check_put_batch(keys, shaped)  # all, before a chunk is filed
 
         def encode_part(part: slice) -> list[bytes | None]:
             # a page that is a view (of a request's bytes) is read as it is, never copied whole
             return encode(keys[part], pages[part])
 
         def file(part: slice, encoded: list[bytes | None]) -> list[PutResult]:
-            return engine.file_encoded(pool, keys[part], encoded)
+            return engine.file_encoded(pool, keys[part], encoded, keys_checked=True)
 
         return await self._pipelined(len(keys), _as_is, encode_part, file)
 
@@ -200,11 +206,23 @@ class ChunkedEngine:
         if prefetch is not None:  # the batch's remote copies in one go; chunks find them staged
             local = await prefetch(pool, keys)
 
-        async def read(part: slice) -> SealedPages:
+        async def fetched(part: slice) -> None:
+            """Before a chunk: its remote copies again, only once a local copy went."""
             nonlocal local
-            if prefetch is not None and (local is None or not local()):  # a copy went meanwhile:
+            if prefetch is not None and (local is None or not local()):
                 local = None  # the batch's check holds no more; each chunk looks for itself
                 await prefetch(pool, keys[part])
+
+        if self.workers is None or len(keys) < self.offload:  # on the loop: opened in place
+
+            async def get(part: slice) -> list[bytes | PageError | None]:
+                await fetched(part)
+                return engine.get_batch(pool, keys[part], exclusive)
+
+            return await self._pipelined(len(keys), get, _same, _got)
+
+        async def read(part: slice) -> SealedPages:
+            await fetched(part)
             return engine.read_sealed(pool, keys[part], exclusive)
 
         def count(part: slice, sealed: SealedPages) -> list[bytes | PageError | None]:
@@ -280,6 +298,14 @@ class ChunkedEngine:
 
 async def _as_is(part: slice) -> slice:
     return part
+
+
+def _same(item: X) -> X:
+    return item
+
+
+def _got(part: slice, pages: list[bytes | PageError | None]) -> list[bytes | PageError | None]:
+    return pages
 
 
 _SHAPE = bytes(PAGE_SIZE)

@@ -19,8 +19,8 @@
 # for: every acknowledged write is already in the engine, which all connections share (hence
 # CAN_MULTI_CONN); an export is exactly as durable as the node's persistent pool.
 #
-# The engine batches run through the server's ChunkedEngine, whose codec thread compresses and
-# decompresses (node/nbd/server.py); an engine error, a failed codec worker included, fails
+# The engine batches run through the server's ChunkedEngine, on the loop or with the engine's
+# codec workers (node/nbd/server.py); an engine error, a failed codec worker included, fails
 # every request of the group with EIO (a write's pages may then be partly stored: NBD leaves a
 # failed write's range unspecified) and the connection goes on.
 #

@@ -6,29 +6,37 @@
 # serve into the node's NBD metrics, a group at a time (each increment takes a lock, so they
 # are added up per group; the labelled children are resolved once).
 #
-# Codec work (LZ4, checksums) runs off the loop: the exports' ChunkedEngine hands a write group's
-# pages to a codec thread CODEC_PAGES at a time (one hop per half group, two hops in flight, so
-# the loop files one half while the other compresses) and files the zpages on the loop, which
-# alone touches the engine's state; reads are opened (verified, decompressed) there the same
-# way.  The thread is the NBD server's own (the engine's codec workers when --worker-threads
-# gives it some).  Measured on 2 cores with nbdcopy writing 256 MiB of gcc-cc1 pages: the loop
-# thread's CPU per page halves (19 -> 9 us), the node's total stays the same; whole-group hops
-# cut the GIL hand-overs that made 32-page hops cost ~40% more CPU in total.  A worker's
-# failure is an engine error (node/engine.py's CodecError): the group's requests get EIO.
+# Codec work (LZ4, checksums) runs as the engine's does (node/engine.py): on the loop, LOOP_PAGES
+# per loop step, unless --worker-threads gives the engine codec workers; then groups of
+# OFFLOAD_PAGES pages or more go to them CODEC_PAGES at a time (one hop per half group, two hops
+# in flight, so the loop files one half while the other compresses), and only the filing, which
+# alone touches the engine's state, stays on the loop; reads are opened (verified,
+# decompressed) there the same way.  A worker's failure is an engine error (node/engine.py's
+# CodecError): the group's requests get EIO.  NBD used to run a codec thread of its own by
+# default; measured on 2 cores, 256 MiB nbdcopy of gcc-cc1 pages, four rounds alternating with
+# the loop-only server side by side: the thread cost 29.4 us of node CPU per page written
+# against 22.6, and 14.2 against 12.0 per page read, and wrote 131 MiB/s against 171 (median).
+# LZ4 lets the GIL go for each page, but taking it back waits for the loop, which holds it
+# while it files: the thread compressed alongside the loop only while the loop was idle, and
+# every page paid the hand-over.
+#
+# Heap: the zpages of a write group are bytes in the heap between their encoding and their
+# filing, so a burst of writes leaves the heap grown by what was in flight; a HeapTrimmer
+# (node/heap.py) gives it back once the exports have moved TRIM_AFTER pages and then paused for
+# TRIM_INTERVAL.
 #
 # Shutdown (stop()): the listener closes; a connection waiting for its client closes at once,
 # one running requests finishes the group in hand, answers requests it had already received with
-# ESHUTDOWN and closes; whatever is still running after `grace` seconds is cancelled; then the
-# codec thread goes.
+# ESHUTDOWN and closes; whatever is still running after `grace` seconds is cancelled.
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from node.engine import ChunkedEngine, Prefetch, codec_workers
+from node.engine import ChunkedEngine, Prefetch
 from node.fairness import SmallFirst
+from node.heap import HeapTrimmer
 from node.logs import log_event
 from node.metrics import NbdMetrics
 from node.nbd.blocks import Answer, ExportBlocks
@@ -40,11 +48,12 @@ from node.settings import HostPort, Settings
 from node.tls import Rotation
 from ramster.nbd import Error, Export
 from ramster.nbd.wire import Command
-from ramster.zcache import ZCache
+from ramster.zcache import PAGE_SIZE, ZCache
 
-CODEC_PAGES = 128  # pages per hop to the codec thread, and filed in one loop step (~0.5 ms)
-OFFLOAD_PAGES = 64  # smaller batches run on the loop (a hop costs more than it saves) ...
-LOOP_PAGES = 32  # ... this many pages per loop step (gRPC calls wait ~0.3 ms)
+LOOP_PAGES = 32  # pages per loop step on the loop, codec work included (gRPC calls wait ~0.4 ms)
+CODEC_PAGES = 128  # with codec workers: pages per hop, filed in one loop step (~0.5 ms) ...
+OFFLOAD_PAGES = 64  # ... for batches this big (a hop costs more than it saves on smaller ones)
+TRIM_INTERVAL = 0.25  # seconds without NBD traffic before the heap is trimmed
 
 
 class NbdServer:
@@ -64,14 +73,10 @@ class NbdServer:
         self.listen = listen
         self.metrics = metrics
         self.tls = tls
-        self.codec = None  # the codec thread it owns, if the engine has none
-        if codec_workers(engine) is None:
-            self.codec = ThreadPoolExecutor(1, thread_name_prefix="ramster-nbd-codec")
         chunked = ChunkedEngine(
             engine,
             LOOP_PAGES,
             prefetch,
-            self.codec,
             offload=OFFLOAD_PAGES,
             hop=CODEC_PAGES,
             small_first=small_first,
@@ -84,6 +89,9 @@ class NbdServer:
         self._server: asyncio.Server | None = None
         self.connections: set[NbdConnection] = set()
         self._children: dict[tuple[str, Command, Error], tuple[Any, Any, Any]] = {}
+        self.moved = 0  # bytes read and written so far
+        self.trimmer = HeapTrimmer(lambda: self.moved // PAGE_SIZE, TRIM_INTERVAL)
+        self._trimming: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Listen; the port (the chosen one, with port 0)."""
@@ -95,6 +103,7 @@ class NbdServer:
         except OSError as exc:
             raise OSError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self._trimming = asyncio.get_running_loop().create_task(self.trimmer.run())
         log_event(
             "nbd_listening",
             port=self.port,
@@ -120,8 +129,9 @@ class NbdServer:
             await asyncio.gather(*late, return_exceptions=True)
         if self._server:
             await self._server.wait_closed()
-        if self.codec is not None:  # no connection is left to use it
-            self.codec.shutdown(wait=False, cancel_futures=True)
+        if self._trimming is not None:
+            self._trimming.cancel()
+            await asyncio.gather(self._trimming, return_exceptions=True)
 
     async def execute(self, blocks: ExportBlocks, group: Group) -> list[Answer]:
         """The answers to one group of plan.groups() (ESHUTDOWN once draining)."""
@@ -156,6 +166,7 @@ class NbdServer:
                 latency.observe(seconds)
             if moved_bytes is not None:
                 moved_bytes.inc(moved)
+                self.moved += moved
 
 
 async def serve_nbd(

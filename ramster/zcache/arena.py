@@ -4,7 +4,12 @@
 # RAM only once it is written.  Frames are handed out from a free stack (most recently freed
 # first, so hot frames are reused) and, above it, from a high-water mark that grows into untouched
 # address space.  A freed frame is given back with madvise(MADV_DONTNEED), so the process's RSS
-# follows the frames in use rather than the peak.
+# follows the frames in use rather than the peak; but the last WARM frames freed are kept as they
+# are and handed out first, since churn (an overwrite frees the zspages of the pages it
+# replaces while it fills new ones) would otherwise pay a syscall to give each frame back and a
+# fault to zero it again moments later (~0.3 frames per rewritten page; measured on rewrites of
+# 8192 gcc pages: filing 5.9 -> 5.0 us a page).  Trade-off: up to WARM frames (256 KiB) of RSS
+# above the frames in use, holding freed bytes until they are reused.
 #
 # Untouched frames are faulted in ahead, POPULATE at a time, with one madvise(MADV_POPULATE_WRITE)
 # as the high-water mark reaches them: one page fault per frame written costs about twice as much
@@ -23,6 +28,7 @@ from ramster.zcache.codec import PAGE_SIZE
 from ramster.zcache.errors import InvalidConfig
 
 POPULATE = 16  # untouched frames faulted in at once
+WARM = 64  # freed frames kept faulted in, for reuse first
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python 3.13 names it
 
 
@@ -35,7 +41,8 @@ class Arena:
         self.capacity = capacity_frames
         self.map = mmap.mmap(-1, capacity_frames * PAGE_SIZE, flags=mmap.MAP_PRIVATE)
         self.view = memoryview(self.map)
-        self._free = array("I")
+        self._free = array("I")  # given back to the OS
+        self._warm = array("I")  # still faulted in
         self._high = 0
         self._populated = 0  # frames below it are faulted in (or left to fault: see _populate)
         self.in_use = 0
@@ -46,6 +53,8 @@ class Arena:
         if self.in_use >= self.limit:
             return -1
         self.in_use += 1
+        if self._warm:
+            return self._warm.pop()
         if self._free:
             return self._free.pop()
         frame = self._high
@@ -63,13 +72,16 @@ class Arena:
             self._populated = self.capacity
 
     def free(self, frame: int) -> None:
-        """Return a frame to the arena and its memory to the OS."""
-        self.map.madvise(mmap.MADV_DONTNEED, frame * PAGE_SIZE, PAGE_SIZE)
-        self._free.append(frame)
+        """Return a frame to the arena, and its memory to the OS unless it is kept warm."""
+        if len(self._warm) < WARM:
+            self._warm.append(frame)
+        else:
+            self.map.madvise(mmap.MADV_DONTNEED, frame * PAGE_SIZE, PAGE_SIZE)
+            self._free.append(frame)
         self.in_use -= 1
 
     def metadata_bytes(self) -> int:
-        return self._free.buffer_info()[1] * self._free.itemsize
+        return (len(self._free) + len(self._warm)) * self._free.itemsize
 
     def close(self) -> None:
         self.view.release()

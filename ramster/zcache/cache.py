@@ -205,14 +205,21 @@ class ZCache:
         return PageEncoder(self._threshold, self.pool(pool_id).store_raw)
 
     def file_encoded(
-        self, pool_id: int, keys: list[tuple[int, int]], encoded: list[bytes | None]
+        self,
+        pool_id: int,
+        keys: list[tuple[int, int]],
+        encoded: list[bytes | None],
+        keys_checked: bool = False,
     ) -> list[PutResult]:
         """Store a put batch that an encoder() of the pool encoded (pages checked first with
-        check_put_batch): each key's old page goes, its new one is stored or refused."""
+        check_put_batch): each key's old page goes, its new one is stored or refused.  A
+        caller that checked the keys already (check_put_batch over a whole batch it files in
+        parts) says so with `keys_checked`."""
         pool = self.pool(pool_id)
         if len(keys) != len(encoded):
             raise InvalidPage(f"{len(keys)} keys but {len(encoded)} encoded pages")
-        check_keys(keys)
+        if not keys_checked:
+            check_keys(keys)
         return self._file_encoded(pool, keys, encoded)
 
     def _file_encoded(

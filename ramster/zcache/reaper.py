@@ -1,7 +1,7 @@
 # The reaper: frees whole pageframes, least recently used first, when the pool is full.
 #
 # Reclaim works on *units*, the smallest thing whose eviction frees frames: a zbud page (one frame,
-# at most two zpages), a zspage (up to eight frames, all its zpages) or a raw frame.  Each
+# at most two zpages), a zspage (up to sixteen frames, all its zpages) or a raw frame.  Each
 # allocator keeps its units on an LRU list stamped with zcache-wide ticks, and the reaper keeps
 # those lists in two LruHeaps (ephemeral pools, persistent pools) that give the globally least
 # recent unit in O(log n) however many pools exist: empty pools are never looked at.  It evicts

@@ -1,7 +1,8 @@
 # NBD servers for the tests, and the real clients that talk to them.
 #
 # `nbd_server` runs node/nbd's NbdServer in a thread with its own event loop, over a real
-# ZCache whose pools store incompressible pages raw (as an export's pool does), on 127.0.0.1
+# ZCache whose pools store incompressible pages raw (as an export's pool does; with
+# `codec_threads`, an engine with that many codec workers, as --worker-threads gives), on 127.0.0.1
 # port 0: the clients under test (nbdinfo, nbdcopy, qemu-io, qemu-img, nbdsh) are subprocesses
 # that block, so the server must not share the test's thread.  Tests that need a whole node
 # process (settings, restart, metrics, peers) use LocalNode instead; see test_node.py.
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client import CollectorRegistry
 
+from node.engine import give_codec_workers, stop_codec_workers
 from node.metrics import NbdMetrics
 from node.nbd import NbdServer, NbdTls
 from node.settings import HostPort, Settings
@@ -85,11 +87,16 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 class ServerThread:
     def __init__(
-        self, exports: list[Export], pool_limit: int = 64 * MiB, tls: NbdTls | None = None
+        self,
+        exports: list[Export],
+        pool_limit: int = 64 * MiB,
+        tls: NbdTls | None = None,
+        codec_threads: int = 0,
     ) -> None:
         self.exports = exports
         self.pool_limit = pool_limit
         self.tls = tls
+        self.codec_threads = codec_threads
         self.port = 0
         self.registry = CollectorRegistry()
         self.loop = asyncio.new_event_loop()
@@ -121,6 +128,8 @@ class ServerThread:
             pool_limit_frames=self.pool_limit // PAGE_SIZE, store_incompressible_raw=True
         )
         engine = self.engine = ZCache(config)
+        if self.codec_threads:
+            give_codec_workers(engine, self.codec_threads)
         self.server = NbdServer(
             HostPort("127.0.0.1", 0),
             self.exports,
@@ -142,6 +151,8 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
         self.loop.close()
+        if self.engine is not None:
+            stop_codec_workers(self.engine)
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
-# The NBD server's codec thread (node/nbd/server.py): big write and read groups are compressed
-# and opened off the loop, small ones on it.  Pages come back byte-identical either way, a
-# failing worker fails its group with EIO and the connection goes on, and a server stopped while
-# a group is in the codec thread answers every request it received, each write answered OK
-# being stored whole.
+# Where the NBD server's codec work runs (node/nbd/server.py): on the loop by default; with codec
+# workers (--worker-threads), big write and read groups are compressed and opened in them, small
+# ones on the loop.  Pages come back byte-identical either way, a failing worker fails its group
+# with EIO and the connection goes on, and a server stopped while a group is in a worker answers
+# every request it received, each write answered OK being stored whole.
 from __future__ import annotations
 
 import asyncio
@@ -60,11 +60,13 @@ def threads_seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, set[str]
     yield seen
 
 
-def test_big_groups_go_through_the_codec_thread_and_read_back_identical(
-    sample_pages: list[bytes], threads_seen: dict[str, set[str]]
+@pytest.mark.parametrize("workers", [0, 1])
+def test_big_groups_go_through_the_codec_workers_and_read_back_identical(
+    sample_pages: list[bytes], threads_seen: dict[str, set[str]], workers: int
 ) -> None:
     data = image(sample_pages, 3 * BIG)
-    with ServerThread([Export("disk", 4 * MiB)]) as server, negotiate(server) as sock:
+    server_thread = ServerThread([Export("disk", 4 * MiB)], codec_threads=workers)
+    with server_thread as server, negotiate(server) as sock:
         for n in range(3):  # three big writes in one burst
             sock.sendall(request(Command.WRITE, n + 1, n * BIG, BIG))
             sock.sendall(data[n * BIG * PAGE_SIZE : (n + 1) * BIG * PAGE_SIZE])
@@ -76,9 +78,12 @@ def test_big_groups_go_through_the_codec_thread_and_read_back_identical(
         for b in range(OFFLOAD_PAGES // 2):
             assert reply(sock, PAGE_SIZE) == (5 + b, 0, data[b * PAGE_SIZE : (b + 1) * PAGE_SIZE])
         loop_thread = server.call(lambda: threading.current_thread().name)
+    if not workers:  # all of it on the loop (reads open zpages in place: no SealedPages)
+        assert threads_seen == {"encode": {loop_thread}, "open": set()}
+        return
     (codec,) = threads_seen["encode"]
-    assert codec.startswith("ramster-nbd-codec")
-    assert threads_seen["open"] == {codec, loop_thread}
+    assert codec.startswith("ramster-codec")
+    assert threads_seen["open"] == {codec}  # the small group was opened in place, on the loop
 
 
 def test_a_failing_codec_worker_fails_its_group_with_eio_and_the_connection_goes_on(
@@ -100,7 +105,8 @@ def test_a_failing_codec_worker_fails_its_group_with_eio_and_the_connection_goes
 
     monkeypatch.setattr(PageEncoder, "encode", failing_encode)
     monkeypatch.setattr(SealedPages, "open", failing_open)
-    with ServerThread([Export("disk", 4 * MiB)]) as server, negotiate(server) as sock:
+    codec = ServerThread([Export("disk", 4 * MiB)], codec_threads=1)
+    with codec as server, negotiate(server) as sock:
         sock.sendall(request(Command.WRITE, 1, 0, BIG) + data)
         assert reply(sock) == (1, Error.EIO, b"")
         broken["encode"] = False
@@ -134,7 +140,7 @@ def test_a_server_stopped_mid_group_answers_and_stores_the_group(
         with contextlib.suppress(OSError):  # the server may close before the second write
             sock.sendall(burst)
 
-    with ServerThread([Export("disk", 4 * MiB)]) as server:
+    with ServerThread([Export("disk", 4 * MiB)], codec_threads=1) as server:
         sock = negotiate(server)
         threading.Thread(target=send, args=(sock,), daemon=True).start()
         assert in_codec.wait(30)

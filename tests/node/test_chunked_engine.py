@@ -109,9 +109,9 @@ async def test_codec_in_workers_state_on_the_loop(
     for name in ("file_encoded", "read_sealed", "opened"):
         method = getattr(engine, name)
 
-        def spy(*args: Any, _method: Any = method) -> Any:
+        def spy(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
             seen.add(threading.get_ident())
-            return _method(*args)
+            return _method(*args, **kwargs)
 
         monkeypatch.setattr(engine, name, spy)
     keys, pages = big_batch(sample_pages, 1, 4 * chunked.chunk)

@@ -38,10 +38,14 @@ def filed_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     original = ZCache.file_encoded
 
     def file_encoded(
-        cache: ZCache, pool: int, keys: list[tuple[int, int]], encoded: list[bytes | None]
+        cache: ZCache,
+        pool: int,
+        keys: list[tuple[int, int]],
+        encoded: list[bytes | None],
+        keys_checked: bool = False,
     ) -> list[PutResult]:
         sizes.append(len(keys))
-        return original(cache, pool, keys, encoded)
+        return original(cache, pool, keys, encoded, keys_checked)
 
     monkeypatch.setattr(ZCache, "file_encoded", file_encoded)
     return sizes

@@ -1,0 +1,48 @@
+# The NBD server trims the heap (node/heap.py's HeapTrimmer) once its exports have moved
+# TRIM_AFTER pages and then gone quiet, and not while nothing moves.  How much RSS that saves is
+# a benchmark number (`ramster bench nbd`: data per GiB of RSS), not asserted here.
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from node import heap
+from node.nbd import server as nbd_server
+from ramster.nbd import Export
+from ramster.nbd.wire import Command
+from ramster.zcache import PAGE_SIZE
+from tests.nbd.conftest import MiB, ServerThread
+from tests.nbd.test_batching import negotiate
+from tests.nbd.test_codec import image, reply, request
+
+PAGES = 64  # pages written, and the trimmer's threshold for the test
+
+
+def trims(server: ServerThread) -> int:
+    assert server.server is not None
+    return server.call(lambda: server.server.trimmer.trims if server.server else 0)
+
+
+def test_the_heap_is_trimmed_once_writes_pause_and_not_before(
+    sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(heap, "TRIM_AFTER", PAGES)
+    monkeypatch.setattr(nbd_server, "TRIM_INTERVAL", 0.05)
+    data = image(sample_pages, PAGES)
+    with ServerThread([Export("disk", 4 * MiB)]) as server, negotiate(server) as sock:
+        time.sleep(0.3)
+        assert trims(server) == 0, "trimmed with nothing moved"
+        sock.sendall(request(Command.WRITE, 1, 0, PAGES // 2) + data[: PAGES // 2 * PAGE_SIZE])
+        assert reply(sock)[:2] == (1, 0)
+        time.sleep(0.3)
+        assert trims(server) == 0, "trimmed before TRIM_AFTER pages moved"
+        sock.sendall(request(Command.WRITE, 2, PAGES // 2, PAGES // 2))
+        sock.sendall(data[PAGES // 2 * PAGE_SIZE :])
+        assert reply(sock)[:2] == (2, 0)
+        deadline = time.monotonic() + 10
+        while not trims(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert trims(server) == 1
+        time.sleep(0.3)
+        assert trims(server) == 1, "trimmed again with nothing moved since"
