@@ -57,6 +57,23 @@ def test_down_members_are_forgettable_at_once_after_leaving_else_after_forget_af
     assert [p.address for p in m.forgettable(now=1061.0)] == ["b:1"]
 
 
+def test_choose_many_takes_every_candidate_without_a_draw_else_distinct_roomier_ones() -> None:
+    m = Membership("a", "me", ["b:1", "c:1", "d:1", "e:1"], down_after=3.0)
+    for n, address in enumerate(["b:1", "c:1", "d:1", "e:1"]):
+        m.heard(address, PeerInfo(address[0], "i1", (n + 1) << 20, False), now=1.0)
+    among = m.placeable()
+    state = m._rng.getstate()
+    two = m.choose_many(2, {"b:1", "c:1"}, among)  # only two can take it: both, no draw
+    assert [p.address for p in two] == ["d:1", "e:1"] and m._rng.getstate() == state
+    m.peers["e:1"].free_bytes = 0  # full: never a candidate
+    assert [p.address for p in m.choose_many(3, set(), among)] == ["b:1", "c:1", "d:1"]
+    m.peers["e:1"].free_bytes = 8 << 20
+    for _ in range(50):  # a choice: distinct peers, never the excluded, never the least roomy
+        picked = [p.address for p in m.choose_many(2, {"c:1"}, among)]
+        assert len(set(picked)) == 2 and "c:1" not in picked
+        assert picked[0] != "b:1"  # the roomier of any two candidates is never b, the smallest
+
+
 async def test_a_node_joins_from_one_seed_and_every_member_learns_it(
     tmp_path: Path, compressible_pages: list[bytes]
 ) -> None:
