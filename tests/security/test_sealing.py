@@ -1,12 +1,14 @@
 # Sealed remote pages: what a holder keeps is unreadable, and a copy it flips, forges or replays
 # (an older version of the same key) does not open, so the owner counts it damaged and the next
-# copy serves.  The transport and the peer service run for real over gRPC on loopback.
+# copy serves; a reply whose sizes do not add up is a failed call.  The transport and the peer
+# service run for real over gRPC on loopback.
 from __future__ import annotations
 
 import os
 import stat
 from pathlib import Path
 
+import grpc
 import pytest
 
 from node.sealing import (
@@ -16,6 +18,8 @@ from node.sealing import (
     SealingKeyError,
     load_sealing_key,
 )
+from ramster.v1 import peer_pb2 as pb
+from ramster.v1 import peer_pb2_grpc
 from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE, compress, make_zpage, open_zpage
 from tests.security.conftest import KEY, Pair
 
@@ -124,3 +128,41 @@ async def test_a_raw_zpage_is_refused_without_a_call(
     edge = make_zpage(5, 2, os.urandom(PAGE_SIZE - HEADER_SIZE - OVERHEAD))
     assert await pair.transport.put(pair.address, 1, 3, [edge], [3]) == [True]
     assert await pair.transport.get(pair.address, 1, 3, [3]) == [edge]
+
+
+class LyingHolder(peer_pb2_grpc.PeerServicer):
+    """A holder whose GetZpages replies do not match what was asked."""
+
+    def __init__(self, reply: pb.GetZpagesResponse) -> None:
+        self.reply = reply
+
+    async def GetZpages(
+        self, request: pb.GetZpagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetZpagesResponse:
+        return self.reply
+
+
+@pytest.mark.parametrize(
+    ("zpages", "sizes", "error"),
+    [
+        (b"x" * 100, [60, 60], "sent 100 bytes for 120"),  # sizes past the bytes
+        (b"x" * 100, [60, 30], "sent 100 bytes for 90"),  # bytes past the sizes
+        (b"x" * 100, [100], "answered for 1 of 2 slots"),  # fewer answers than slots
+    ],
+)
+async def test_a_holder_reply_that_does_not_add_up_is_a_failed_call(
+    pair: Pair, zpages: bytes, sizes: list[int], error: str
+) -> None:
+    server = grpc.aio.server()
+    lying = LyingHolder(pb.GetZpagesResponse(zpages=zpages, sizes=sizes))
+    peer_pb2_grpc.add_PeerServicer_to_server(lying, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        with pytest.raises(ValueError, match=error):  # the driver marks the holder failed
+            await pair.transport.get(f"127.0.0.1:{port}", 1, 3, [1 << 32 | 10, 1 << 32 | 11])
+        lying.reply = pb.GetZpagesResponse(zpages=b"short", sizes=[5, 0])
+        got = await pair.transport.get(f"127.0.0.1:{port}", 1, 3, [1 << 32 | 10, 1 << 32 | 11])
+        assert got == [b"", None]  # too short to be a seal: damaged; nothing: not held
+    finally:
+        await server.stop(0)
