@@ -60,6 +60,7 @@ from ramster.wire import (
 from ramster.zcache.codec import PAGE_SIZE
 
 T = TypeVar("T")
+B = TypeVar("B", bytes, memoryview)  # a blob of zpages, or a view of one
 RECLAIM_CHUNK = 65536  # keys per ReclaimChunk: about 1 MiB
 MAX_NODE_ID = 256  # bytes of an owner's node id
 MAX_INCARNATION = 64  # characters of an owner's incarnation (ours are 32 hex digits)
@@ -93,7 +94,8 @@ def valid_address(address: str) -> bool:
         return False
 
 
-def split_zpages(blob: bytes, sizes: list[int]) -> list[bytes]:
+def split_zpages(blob: B, sizes: list[int]) -> list[B]:
+    """`blob` cut at `sizes` (slices of a view are views: no copy)."""
     if sum(sizes) != len(blob):
         raise ValueError(f"zpage sizes add up to {sum(sizes)} bytes, the blob has {len(blob)}")
     out = []
@@ -435,18 +437,18 @@ class GrpcTransport:
                 ),
                 timeout=self.timeout,
             )
-            sizes, blob = list(reply.sizes), memoryview(reply.zpages)
+            sizes = list(reply.sizes)
             if len(sizes) != len(part):
                 raise ValueError(f"peer {address} answered for {len(sizes)} of {len(part)} slots")
-            if sum(sizes) != len(blob):
-                raise ValueError(f"peer {address} sent {len(blob)} bytes for {sum(sizes)}")
-            at = 0
-            for location, size in zip(part, sizes, strict=True):  # opened where they lie
-                if not size:
+            try:
+                blobs = split_zpages(memoryview(reply.zpages), sizes)  # opened where they lie
+            except ValueError as exc:
+                raise ValueError(f"peer {address}: {exc}") from None
+            for location, blob in zip(part, blobs, strict=True):
+                if not blob:
                     out.append(None)  # not held
                 else:  # not our seal of that version: b"", a damaged copy
-                    out.append(open_(pool_id, location, blob[at : at + size]) or b"")
-                    at += size
+                    out.append(open_(pool_id, location, blob) or b"")
         return out
 
     async def flush(self, address: str, items: tuple[FlushItem, ...]) -> None:

@@ -145,8 +145,8 @@ class LyingHolder(peer_pb2_grpc.PeerServicer):
 @pytest.mark.parametrize(
     ("zpages", "sizes", "error"),
     [
-        (b"x" * 100, [60, 60], "sent 100 bytes for 120"),  # sizes past the bytes
-        (b"x" * 100, [60, 30], "sent 100 bytes for 90"),  # bytes past the sizes
+        (b"x" * 100, [60, 60], "add up to 120 bytes, the blob has 100"),  # past the bytes
+        (b"x" * 100, [60, 30], "add up to 90 bytes, the blob has 100"),  # short of them
         (b"x" * 100, [100], "answered for 1 of 2 slots"),  # fewer answers than slots
     ],
 )
