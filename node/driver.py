@@ -19,9 +19,10 @@
 #
 # Gets of remote pages call `prefetch()` first (the node's chunked engine once per batch): the
 # copies the layer wants are fetched from live holders, grouped by holder in calls of
-# FETCH_BATCH slots that are all in flight together, checked whole (zcache checks each one's
-# checksum and key when it opens it), and handed back (Fetched) for zcache's synchronous load; a
-# holder that times out, fails or returns damaged bytes is skipped for the next one.
+# FETCH_BATCH slots that are all in flight together, opened from their seal by the transport
+# (zcache checks each one's checksum and key again when it opens it), and handed back (Fetched)
+# for zcache's synchronous load; a holder that times out, fails or returns damaged bytes is
+# skipped for the next one.
 from __future__ import annotations
 
 import asyncio

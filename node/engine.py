@@ -10,21 +10,21 @@
 #
 # ChunkedEngine runs a batch as chunks and yields to the loop before each (through
 # node.fairness.SmallFirst when the node has one: it waits for small calls being served, and
-# without workers makes the chunks a page while small calls come), so what a small call can
-# wait behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk
-# is CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts; a get chunk is the engine's own
+# without workers makes the chunks a page while small calls come), so what a small call can wait
+# behind is one chunk, not a batch of up to 4096 pages (~80 ms).  Without workers a chunk is
+# CHUNK_PAGES pages run whole on the loop (~0.2 ms of puts; a get chunk is the engine's own
 # get_batch, which opens zpages in place, in the arena, with no copy).  With workers it is
 # WORKER_CHUNK_PAGES pages through a short pipeline: a put chunk is encoded in a worker and then
-# filed on the loop; a get chunk is read out on the loop (the batch's remote copies are
-# fetched once, before the first chunk; a chunk looks again only once the prefetch's check
-# says a local copy went meanwhile), opened in a worker, then counted on the loop; up to DEPTH
-# chunks of a batch are with the workers at once, so the loop files chunk n while chunk n+1
-# compresses.  Batches of up to INLINE_PAGES pages (single gets, NBD's 4 KiB requests) always
-# run at once on the loop.  A front door may keep smaller batches than `offload` pages on the
-# loop (where a hop costs more than it saves) and hand the workers `hop` pages at a time, more
-# than a loop step: NBD hands them half a write group per hop (node/nbd/server.py).  A page that
-# is a view (of a request's bytes, which nothing writes meanwhile) is compressed where it is,
-# never copied first.
+# filed on the loop; a get chunk is read out on the loop, opened in a worker, then counted on the
+# loop; up to DEPTH chunks of a batch are with the workers at once, so the loop files chunk n
+# while chunk n+1 compresses.  Batches of up to INLINE_PAGES pages (single gets, NBD's 4 KiB
+# requests) always run at once on the loop.  A front door may keep smaller batches than `offload`
+# pages on the loop (where a hop costs more than it saves) and hand the workers `hop` pages at a
+# time, more than a loop step: NBD hands them half a write group per hop (node/nbd/server.py).  A
+# page that is a view (of a request's bytes, which nothing writes meanwhile) is compressed where
+# it is, never copied first.  Either way a get batch's remote copies are fetched once, before its
+# first chunk; a chunk looks again only once the prefetch's check says a local copy went
+# meanwhile.
 #
 # Why no workers by default: LZ4 releases the GIL, but every page it compresses in a worker is a
 # GIL hand-over with the loop thread, which is busy with the allocator, the index and protobuf

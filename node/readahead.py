@@ -10,9 +10,8 @@
 # at most RA_MAX) are fetched in the background.  A get that starts elsewhere, before or after,
 # moves the stream there without reading ahead, so random access costs nothing but this
 # bookkeeping, and the sub-ranges the chunked engine prefetches again inside the get just
-# counted neither move a stream nor read ahead.  A
-# get whose first page is being read ahead waits for that fetch rather than fetching the same
-# copies a second time.
+# counted neither move a stream nor read ahead.  A get whose first page is being read ahead
+# waits for that fetch rather than fetching the same copies a second time.
 #
 # Trade-off: pages read ahead that no get asks for cost a fetch from a holder and a place among
 # the staged copies; only a stream continued in order reads ahead, and a window is at most

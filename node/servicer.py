@@ -36,9 +36,8 @@
 # the client's other work and every other client's go on.  Small calls (single pages, stats)
 # never queue, and while a page fault's call (SMALL) is being served bulk steps wait for it (the
 # interceptor tells node.fairness.SmallFirst of it; ChunkedEngine and the parts here yield
-# through it).
-# Each page's operation is atomic, a batch as a whole is not: a part refused (the pool destroyed
-# meanwhile) fails the batch after its earlier parts were applied.
+# through it).  Each page's operation is atomic, a batch as a whole is not: a part refused (the
+# pool destroyed meanwhile) fails the batch after its earlier parts were applied.
 from __future__ import annotations
 
 import asyncio
@@ -222,9 +221,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         check_keys(keys)  # all, before the first part is filed
         outcomes: list[PutResult] = []
         for part in _parts(len(keys)):
-            await (
-                self.chunked.step()
-            )  # the checks above, or the last part, were a step of their own
+            # the checks above, or the last part, were a step of their own
+            await self.chunked.step()
             async with self.turns.turn(client):
                 outcomes += await self.chunked.put_batch(pool, keys[part], pages[part])
         return put_batch_reply(outcomes)

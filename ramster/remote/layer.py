@@ -566,7 +566,7 @@ class RamsterLayer:
             sending = self._sending.get(location, NOBODY)
             exclude = {*table.holders_of(location), *sending, *self._tried.get(location, ())}
             pool_id = table.pool_of(location)
-            for peer in membership.choose_many(need, exclude, among) if need > 0 else ():
+            for peer in membership.choose_many(need, exclude, among):
                 sending = sending | {peer.address}
                 peer.free_bytes -= len(zpage)
                 plans.setdefault(peer.address, []).append(Placed(location, pool_id, zpage))

@@ -345,11 +345,9 @@ class ZCache:
                         zpage = self._evictor().load(pool.id, h)
                         out[i] = open_zpage(zpage, oid, index_no)
                         self.stats.evicted_hits += 1
-                        if promote:
+                        if promote:  # into free room only: reclaims nothing
                             self.tick = tick
-                            if self._promote(
-                                pool, oid, index_no, h, zpage, forgotten
-                            ):  # reclaims nothing
+                            if self._promote(pool, oid, index_no, h, zpage, forgotten):
                                 promoted.add((oid, index_no))
                             tick = self.tick
                     else:

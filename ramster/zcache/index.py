@@ -20,8 +20,7 @@ from collections.abc import Iterator
 CHUNK_BITS = 6
 CHUNK = 1 << CHUNK_BITS
 CHUNK_MASK = CHUNK - 1
-_ZEROS = bytes(8 * CHUNK)
-_EMPTY_CHUNK = array("q", _ZEROS)
+_EMPTY_CHUNK = array("q", bytes(8 * CHUNK))
 
 
 class PageIndex:
