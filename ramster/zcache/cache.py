@@ -9,10 +9,15 @@
 # reason and returned, not raised.  When an allocation hits the pool limit the reaper frees frames
 # down to the low mark and the put is retried once; only then is it refused for no room.  A get
 # verifies the zpage's checksum and key before decompressing, wherever the zpage came from (RAM,
-# disk, a peer), so corruption surfaces as CorruptPage and never as wrong bytes.  A non-exclusive
-# get of an evicted persistent page brings it back to RAM (as an LRU cache would), still
-# compressed.  Ephemeral pools (cleancache) lose a page on get; persistent pools (frontswap) keep
-# it unless the get is exclusive.
+# disk, a peer), so corruption surfaces as CorruptPage and never as wrong bytes.  The second
+# non-exclusive get of an evicted persistent page since it was evicted brings it back to RAM,
+# still compressed, if the pool has room (never by evicting another); the first only marks it
+# (a kind of its handle, no extra byte).  So a pass that reads a region once (a scan, a backup,
+# a client faulting pages in that it then keeps) leaves its copies where they are, costing no
+# flushes to holders and no churn, while a page read again is hot and comes home (as Linux's LRU
+# activates a page only on its second access).  Ephemeral pools
+# (cleancache) lose a page on get; persistent pools (frontswap) keep it unless the get is
+# exclusive.
 #
 # Batches are the core paths (single put/get wrap them): per-page Python overhead is what limits
 # an engine whose budget is a small multiple of one LZ4 call.  The index of a put batch is written
@@ -64,6 +69,7 @@ from ramster.zcache.evictor import Evictor
 from ramster.zcache.halves import PageEncoder, SealedPages
 from ramster.zcache.handles import (
     EVICTED,
+    EVICTED_READ_TAG,
     EVICTED_TAG,
     HANDLE_MASK,
     KIND_SHIFT,
@@ -316,11 +322,11 @@ class ZCache:
         sealed = SealedPages(keys, [None] * len(keys))
         out, at, zpages = sealed.pages, sealed.at, sealed.zpages
         misses = corrupt = unavailable = 0
-        promoted: set[tuple[int, int]] = set()  # keys brought home by this batch
+        moved: set[tuple[int, int]] = set()  # keys marked read or brought home by this batch
         forgotten: list[int] = []  # evicted copies no longer needed: forgotten in one call
         try:
             for i, ((oid, index_no), handle) in enumerate(zip(keys, handles, strict=True)):
-                if promoted and (oid, index_no) in promoted:  # named again: its handle moved
+                if moved and (oid, index_no) in moved:  # named again: its handle changed
                     handle = index.get(oid, index_no)
                 h = handle ^ ZPAGE_TAG
                 try:
@@ -340,15 +346,18 @@ class ZCache:
                         continue
                     elif (kind := handle >> KIND_SHIFT) == SAME:
                         out[i] = self.same.page(handle & HANDLE_MASK)
-                    elif kind == EVICTED:
+                    elif kind >= EVICTED:
                         h = handle & HANDLE_MASK
                         zpage = self._evictor().load(pool.id, h)
                         out[i] = open_zpage(zpage, oid, index_no)
                         self.stats.evicted_hits += 1
-                        if promote:  # into free room only: reclaims nothing
+                        if promote and kind == EVICTED:  # read once: marked, home if again
+                            index.replace(oid, index_no, EVICTED_READ_TAG | h)
+                            moved.add((oid, index_no))
+                        elif promote:  # read again: home, into free room only
                             self.tick = tick
                             if self._promote(pool, oid, index_no, h, zpage, forgotten):
-                                promoted.add((oid, index_no))
+                                moved.add((oid, index_no))
                             tick = self.tick
                     else:
                         h = handle & HANDLE_MASK
@@ -430,7 +439,7 @@ class ZCache:
                 out.append(None)
             elif kind == SAME:
                 out.append(make_zpage(oid, index, compress(self.same.page(h))))
-            elif kind == EVICTED:
+            elif kind >= EVICTED:
                 out.append(self._evictor().load(pool.id, h))
             else:
                 slot = pool.allocator_of(handle).read(h)
@@ -442,7 +451,7 @@ class ZCache:
     def evicted_locations(self, pool_id: int, keys: list[tuple[int, int]]) -> list[int]:
         """Per key, the evictor's location if the page is evicted, else 0."""
         return [
-            h & HANDLE_MASK if h >> KIND_SHIFT == EVICTED else 0
+            h & HANDLE_MASK if h >> KIND_SHIFT >= EVICTED else 0
             for h in self.pool(pool_id).index.get_many(keys)
         ]
 
@@ -557,7 +566,7 @@ class ZCache:
         kind = handle >> KIND_SHIFT
         if kind == SAME:
             self.same.unref(handle & HANDLE_MASK)
-        elif kind == EVICTED:
+        elif kind >= EVICTED:
             if forgotten is None:
                 self._evictor().forget(pool.id, [handle & HANDLE_MASK])
             else:

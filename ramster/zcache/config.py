@@ -41,7 +41,7 @@ class ZCacheConfig:
     store_incompressible_raw: bool = False
     default_allocator: str = "zsmalloc"
     reclaim_to: float = 0.9  # reclaim goes down to this share of the limit
-    promote_on_get: bool = True  # a get of an evicted persistent page brings it back to RAM
+    promote_on_get: bool = True  # a second get of an evicted persistent page brings it home
     compact_before_evict: bool = True  # off only to measure what compaction saves
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ def verify(cache: ZCache) -> None:
                     if start < end:
                         raise InvariantViolation(f"zpages overlap in frame {frame}")
         kinds = [h >> KIND_SHIFT for *_, h in pool.index.items()]
-        if kinds.count(EVICTED) != pool.evicted:
+        if sum(kind >= EVICTED for kind in kinds) != pool.evicted:
             raise InvariantViolation(f"pool {pool.id} miscounts its evicted pages")
         if pool.index.count != pool.zalloc.zpages + pool.raw.zpages + kinds.count(SAME) + (
             pool.evicted

@@ -119,7 +119,7 @@ def machine(
             if self.backing is None:
                 return
             index = self.cache.pool(self.pool).index
-            on_disk = {(o, i) for o, i, h in index.items() if h >> KIND_SHIFT == EVICTED}
+            on_disk = {(o, i) for o, i, h in index.items() if h >> KIND_SHIFT >= EVICTED}
             self.cache.close()
             if crash:
                 os.close(self.backing.fd)
