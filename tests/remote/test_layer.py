@@ -209,7 +209,7 @@ async def test_leaving_peer_is_drained(tmp_path: Path, compressible_pages: list[
     b.up = False
     await net.settle(5)
     assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
-    await net.settle(2)  # reads brought pages home and pushed others out: let them settle
+    await net.settle(2)  # let what the reads queued settle
     assert a.layer.replica_histogram() == {2: a.layer.remote_pages}
 
 
