@@ -79,7 +79,7 @@ class Rounds:
 
     def vs(self, other: Rounds) -> float:
         """The median of the rounds' ratios."""
-        return statistics.median(self.ratios(other)) if self.seconds else 0.0
+        return round(statistics.median(self.ratios(other)), 3) if self.seconds else 0.0
 
 
 def node_table(cluster: LocalCluster) -> list[dict[str, Any]]:
