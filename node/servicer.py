@@ -1,43 +1,58 @@
 # ramster.v1.Tmem on a ZCache: decode, call the engine, encode.  Nothing else lives here.
 #
-# Each operation is written once as `request -> response` (raising on failure); the unary RPCs
-# run it and abort with the mapped status, and the Stream RPC runs the same operations one
-# request at a time, in order, turning a failure into that request's Error reply so the stream
-# survives it.  Batches are checked whole (size, key and page shapes, quota) before the first
-# engine call, then run in parts of at most PART_PAGES pages, each through ChunkedEngine in
-# slices, so no RPC holds the event loop or the engine for long.  Pool ids and page
-# indexes travel as uint64: a pool id is the public one (node/pools.py: this node's salt above
-# the engine id), mapped back here, and one of another node or cut to 32 bits is NOT_FOUND;
-# an index is range-checked (ramster.wire), so one of 2**32 or more is INVALID_ARGUMENT, never
-# another page.  A page
-# whose every copy failed verification is PAGE_STATUS_CORRUPT in a batch; a unary Get of it
-# fails with DATA_LOSS, the status gRPC has for unrecoverable data.
+# Each operation is written once as `request -> response` (raising on failure); the unary RPCs run
+# it and abort with the mapped status, and the Stream RPC runs the same operations one request at a
+# time, in order, turning a failure into that request's Error reply so the stream survives it.
+# Batches are checked whole (size, key and page shapes, quota) before the first engine call, then
+# run in parts of at most PART_PAGES pages, each through ChunkedEngine in slices, so no RPC holds
+# the event loop or the engine for long.  Pool ids and page indexes travel as uint64: a pool id is
+# the public one (node/pools.py: this node's salt above the engine id), mapped back here, and one of
+# another node or cut to 32 bits is NOT_FOUND; an index is range-checked (ramster.wire), so one of
+# 2**32 or more is INVALID_ARGUMENT, never another page.  A page whose every copy failed
+# verification is PAGE_STATUS_CORRUPT in a batch; a unary Get of it fails with DATA_LOSS, the status
+# gRPC has for unrecoverable data.
 #
-# Every pool belongs to a tenant (node/tenants.py; the interceptor puts the caller's in CALLER):
-# an operation on a pool first checks that the caller owns it, and answers NOT_FOUND, word for
-# word as for a pool that does not exist, when it does not; ListPools and Stats show the caller's
-# pools only, and Stats shows the node-wide counters to operator tenants only (others see their
-# pools' pages and how many peers are up).  Quotas (pools, stored pages) are checked before the
-# engine is called and answer RESOURCE_EXHAUSTED.
+# Every pool belongs to a tenant (node/tenants.py; the interceptor puts the caller's in CALLER): an
+# operation on a pool first checks that the caller owns it, and answers NOT_FOUND, word for word as
+# for a pool that does not exist, when it does not; ListPools and Stats show the caller's pools
+# only, and Stats shows the node-wide counters to operator tenants only (others see their pools'
+# pages and how many peers are up).  Quotas (pools, stored pages) are checked before the engine is
+# called and answer RESOURCE_EXHAUSTED.
 #
-# The bulk RPCs (PutBatch, GetBatch, Stream) are served raw (add_tmem_to_server): their requests
-# arrive as (keys, a view of the pages in the received bytes) and their replies leave as bytes
-# built by ramster.bulkwire, so a 4 MiB batch is never copied through protobuf objects; a reply
-# of JOIN_IN_THREAD bytes or more is joined in a thread (the join releases the GIL), so the loop
-# serves other calls meanwhile.  A smaller one is joined on the loop: a 1 MiB join (a stream
-# part's reply) takes ~0.03 ms, and the thread hop ~0.15 ms more, with two loop steps of its own;
-# 4 MiB takes ~0.15 ms warm, 16 MiB ~2 ms.  The rest of the Tmem RPCs are the generated, typed
-# servicer methods.
+# Pages is how AsyncClient makes its single-page calls (get, put, flush_page, flush_object): one
+# long-lived stream of StreamRequests, each of one page (or one object's flush), served inline by
+# the handler as soon as it is read, the reply written before the next request is read.  A unary
+# call through grpc.aio costs the node ~450 us of CPU here (a call set up in C-core, three
+# completion-queue events, three asyncio tasks) and the client ~350 us; a message on an open stream
+# ~150 us each, so a page call on Pages takes about half the time and CPU of a unary one, and under
+# bulk load its tail is shorter too (`ramster bench latency`).  A get there is the unary Get's
+# operation (a corrupt page fails with DATA_LOSS and its reason); a batch of more than one page is
+# refused (INVALID_ARGUMENT: batches go through Stream).  Each request is announced to
+# node.fairness.SmallFirst while it is served.  A Pages stream would hold a drain forever (it is
+# open as long as its client), so drain() ends every one: at once if it awaits a request, else once
+# its reply is written; it ends with UNAVAILABLE, and the client's next call meets the gate's
+# UNAVAILABLE, as a unary one would.  Trade-off: the node's gRPC metrics count a Pages stream once,
+# not each call on it (the engine's own counters count every get and put).
 #
-# Parts and fairness: every batch, unary or in a stream, goes through the engine in parts of at
-# most PART_PAGES pages (the client's stream parts are that size already), and each part takes a
-# turn of its client (node/fairness.py: its tenant, or its address without tokens), which runs
-# at most CLIENT_PARTS parts at once; so a 4096-page unary batch is sixteen turns, between which
-# the client's other work and every other client's go on.  Small calls (single pages, stats)
-# never queue, and while a page fault's call (SMALL) is being served bulk steps wait for it (the
-# interceptor tells node.fairness.SmallFirst of it; ChunkedEngine and the parts here yield
-# through it).  Each page's operation is atomic, a batch as a whole is not: a part refused (the
-# pool destroyed meanwhile) fails the batch after its earlier parts were applied.
+# The stream RPCs (Stream, Pages) and the bulk ones (PutBatch, GetBatch) are served raw
+# (add_tmem_to_server): their requests arrive as (keys, a view of the pages in the received bytes)
+# and their replies leave as bytes built by ramster.bulkwire, so a 4 MiB batch is never copied
+# through protobuf objects; a reply of JOIN_IN_THREAD bytes or more is joined in a thread (the join
+# releases the GIL), so the loop serves other calls meanwhile.  A smaller one is joined on the loop:
+# a 1 MiB join (a stream part's reply) takes ~0.03 ms, and the thread hop ~0.15 ms more, with two
+# loop steps of its own; 4 MiB takes ~0.15 ms warm, 16 MiB ~2 ms.  The rest of the Tmem RPCs are the
+# generated, typed servicer methods.
+#
+# Parts and fairness: every batch, unary or in a stream, goes through the engine in parts of at most
+# PART_PAGES pages (the client's stream parts are that size already), and each part takes a turn of
+# its client (node/fairness.py: its tenant, or its address without tokens), which runs at most
+# CLIENT_PARTS parts at once; so a 4096-page unary batch is sixteen turns, between which the
+# client's other work and every other client's go on.  Small calls (single pages, stats, and a batch
+# of one page, as a Pages request is) never queue, and while a page fault's call (SMALL, or a Pages
+# request) is being served bulk steps wait for it (the interceptor or Pages tells
+# node.fairness.SmallFirst of it; ChunkedEngine and the parts here yield through it).  Each page's
+# operation is atomic, a batch as a whole is not: a part refused (the pool destroyed meanwhile)
+# fails the batch after its earlier parts were applied.
 from __future__ import annotations
 
 import asyncio

@@ -6,14 +6,24 @@
 # RamsterError subclasses, never grpc.RpcError.  Batches take keys as (oid, index) pairs or a
 # KeyRange; put_many/get_many cut any number of consecutive pages into maximal batches.
 #
-# The small calls go through the generated, typed stub; the bulk ones (PutBatch, GetBatch, Stream)
-# through callables of the same methods that write and read with ramster.bulkwire, so a batch's
-# pages are joined once on the way out and sliced once on the way in, never copied through
-# protobuf objects (the bytes on the wire are the same).  A stream batch goes as requests of at
-# most STREAM_PART_PAGES pages (1 MiB), whose replies are put back together into the batch's:
-# each message is one piece of work that the node's event loop cannot slice (gRPC copies a
-# message whole on its way in and out), so smaller messages keep other calls' waits short.  The
-# whole batch is checked before its first part is sent; a part the node refuses (a quota reached
+# The single-page calls (get, put, flush_page, flush_object) go over one Tmem.Pages stream, opened
+# by the first of them and again after it failed (the node restarted, or drained): a message on an
+# open stream costs both ends well under half the CPU of a unary call through grpc.aio, which sets
+# up a call of its own (node/servicer.py has the numbers), and a page fault's latency and its tail
+# under load follow.  Calls from many tasks share the stream (their writes take turns, and the node
+# answers in order); each call's deadline covers its send and its reply, and a reply that comes
+# after its deadline is dropped.  A write cut short by its deadline may have left half a request, so
+# it fails the stream (every call pending on it too); the next call opens a new one. Semantics are
+# the unary calls': a put refused for no room raises ResourceExhausted, a corrupt page DataLoss, an
+# unreachable one PageUnavailable; the stream counts as one of the client's streams (the node's
+# --max-streams).  The other small calls go through the generated, typed stub; the bulk ones
+# (PutBatch, GetBatch, Stream) through callables of the same methods that write and read with
+# ramster.bulkwire, so a batch's pages are joined once on the way out and sliced once on the way in,
+# never copied through protobuf objects (the bytes on the wire are the same).  A stream batch goes
+# as requests of at most STREAM_PART_PAGES pages (1 MiB), whose replies are put back together into
+# the batch's: each message is one piece of work that the node's event loop cannot slice (gRPC
+# copies a message whole on its way in and out), so smaller messages keep other calls' waits short.
+# The whole batch is checked before its first part is sent; a part the node refuses (a quota reached
 # meanwhile, a pool destroyed) fails the batch, whose earlier parts may have been applied, as a
 # batch is never atomic as a whole (each page is).
 #
