@@ -103,7 +103,7 @@ PART_PAGES = 256  # a batch goes through the engine in parts of at most this man
 CLIENT_PARTS = 2  # parts one client runs in the engine at once
 STREAM_AHEAD = 2  # replies a stream serves ahead of the one being sent
 JOIN_IN_THREAD = 4 << 20  # replies this big are joined off the loop
-BULK = ("PutBatch", "GetBatch", "Stream", "Pages")
+RAW = ("PutBatch", "GetBatch", "Stream", "Pages")  # served raw: read and written by bulkwire
 # calls served ahead of bulk work (node.fairness.SmallFirst): a page fault's, on one page or object
 SMALL = ("Get", "Put", "FlushPage", "FlushObject")
 Req = TypeVar("Req", bound=Message)
@@ -536,7 +536,7 @@ def add_tmem_to_server(servicer: TmemServicer, server: grpc.aio.Server) -> None:
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
         for method in service.methods
-        if method.name not in BULK
+        if method.name not in RAW
     }
     handlers["PutBatch"] = grpc.unary_unary_rpc_method_handler(
         servicer.PutBatch, request_deserializer=read_put_batch, response_serializer=_raw
