@@ -37,7 +37,9 @@
 # small calls nothing changes.  `ramster bench latency` (back-to-back gets against a bulk stream,
 # 2 shared cores), by chunk: loaded/idle get p50 2.7-3.0 without SmallFirst, 1.7-2.0 with 5
 # pages, 1.4-1.8 with 3, 1.4-1.6 with 2, 1.0-1.2 with 1; the bulk stream meanwhile moved 24-36k
-# pages/s with 1 page, 30-46k without.
+# pages/s with 1 page, 30-46k without.  (Those numbers are of unary gets; AsyncClient's gets now
+# travel on a Pages stream, where a get is one message read, announced to SmallFirst as it is
+# read: see node/servicer.py.)
 from __future__ import annotations
 
 import asyncio
@@ -94,7 +96,7 @@ class SmallFirst:
         self._done = asyncio.Event()  # set while no small call is pending
 
     def arrive(self) -> None:
-        """A small call reached the node (its interceptor)."""
+        """A small call reached the node (its interceptor, or a Pages request was read)."""
         now = self.clock()
         if now - self.arrived >= self.hold:
             self.pending = 0  # calls older than `hold` count no more (one may never finish)

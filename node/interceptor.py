@@ -31,7 +31,8 @@
 #
 # A small client call (node.servicer.SMALL) is announced to node.fairness.SmallFirst as soon as
 # it is intercepted, before gRPC reads its message, and leaves when its handler ends, so bulk
-# steps wait for it from the earliest point the node sees it.
+# steps wait for it from the earliest point the node sees it.  A page call on a Pages stream
+# passes here once per stream; the servicer announces each of them as it reads it.
 from __future__ import annotations
 
 import asyncio

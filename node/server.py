@@ -95,6 +95,7 @@ class Node:
         self._health = health.aio.HealthServicer()
         self._peer_health = health.aio.HealthServicer()
         self._watch: LoopWatch | None = None
+        self._servicer: TmemServicer | None = None
         self.rotation: Rotation | None = None
         self._rotating: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -176,7 +177,7 @@ class Node:
         metrics = self._metrics = NodeMetrics(engine.snapshot, __version__, s.node_id)
         metrics.on_loop.add(lambda: read_backing(backing), backing_families)
         server = self._grpc_server()
-        servicer = TmemServicer(
+        servicer = self._servicer = TmemServicer(
             engine,
             self.pools,
             s.node_id,
@@ -272,6 +273,8 @@ class Node:
         if self._nbd:  # block devices first: their acknowledged writes land before the engine goes
             await self._nbd.stop(grace)
         self.gate.draining = True
+        if self._servicer:  # page streams end as new page calls are refused
+            self._servicer.drain()
         await self._health.enter_graceful_shutdown()
         await self._peer_health.enter_graceful_shutdown()
         if self.remote:  # owners copy what we hold elsewhere while we still serve it

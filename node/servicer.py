@@ -1,43 +1,58 @@
 # ramster.v1.Tmem on a ZCache: decode, call the engine, encode.  Nothing else lives here.
 #
-# Each operation is written once as `request -> response` (raising on failure); the unary RPCs
-# run it and abort with the mapped status, and the Stream RPC runs the same operations one
-# request at a time, in order, turning a failure into that request's Error reply so the stream
-# survives it.  Batches are checked whole (size, key and page shapes, quota) before the first
-# engine call, then run in parts of at most PART_PAGES pages, each through ChunkedEngine in
-# slices, so no RPC holds the event loop or the engine for long.  Pool ids and page
-# indexes travel as uint64: a pool id is the public one (node/pools.py: this node's salt above
-# the engine id), mapped back here, and one of another node or cut to 32 bits is NOT_FOUND;
-# an index is range-checked (ramster.wire), so one of 2**32 or more is INVALID_ARGUMENT, never
-# another page.  A page
-# whose every copy failed verification is PAGE_STATUS_CORRUPT in a batch; a unary Get of it
-# fails with DATA_LOSS, the status gRPC has for unrecoverable data.
+# Each operation is written once as `request -> response` (raising on failure); the unary RPCs run
+# it and abort with the mapped status, and the Stream RPC runs the same operations one request at a
+# time, in order, turning a failure into that request's Error reply so the stream survives it.
+# Batches are checked whole (size, key and page shapes, quota) before the first engine call, then
+# run in parts of at most PART_PAGES pages, each through ChunkedEngine in slices, so no RPC holds
+# the event loop or the engine for long.  Pool ids and page indexes travel as uint64: a pool id is
+# the public one (node/pools.py: this node's salt above the engine id), mapped back here, and one of
+# another node or cut to 32 bits is NOT_FOUND; an index is range-checked (ramster.wire), so one of
+# 2**32 or more is INVALID_ARGUMENT, never another page.  A page whose every copy failed
+# verification is PAGE_STATUS_CORRUPT in a batch; a unary Get of it fails with DATA_LOSS, the status
+# gRPC has for unrecoverable data.
 #
-# Every pool belongs to a tenant (node/tenants.py; the interceptor puts the caller's in CALLER):
-# an operation on a pool first checks that the caller owns it, and answers NOT_FOUND, word for
-# word as for a pool that does not exist, when it does not; ListPools and Stats show the caller's
-# pools only, and Stats shows the node-wide counters to operator tenants only (others see their
-# pools' pages and how many peers are up).  Quotas (pools, stored pages) are checked before the
-# engine is called and answer RESOURCE_EXHAUSTED.
+# Every pool belongs to a tenant (node/tenants.py; the interceptor puts the caller's in CALLER): an
+# operation on a pool first checks that the caller owns it, and answers NOT_FOUND, word for word as
+# for a pool that does not exist, when it does not; ListPools and Stats show the caller's pools
+# only, and Stats shows the node-wide counters to operator tenants only (others see their pools'
+# pages and how many peers are up).  Quotas (pools, stored pages) are checked before the engine is
+# called and answer RESOURCE_EXHAUSTED.
 #
-# The bulk RPCs (PutBatch, GetBatch, Stream) are served raw (add_tmem_to_server): their requests
-# arrive as (keys, a view of the pages in the received bytes) and their replies leave as bytes
-# built by ramster.bulkwire, so a 4 MiB batch is never copied through protobuf objects; a reply
-# of JOIN_IN_THREAD bytes or more is joined in a thread (the join releases the GIL), so the loop
-# serves other calls meanwhile.  A smaller one is joined on the loop: a 1 MiB join (a stream
-# part's reply) takes ~0.03 ms, and the thread hop ~0.15 ms more, with two loop steps of its own;
-# 4 MiB takes ~0.15 ms warm, 16 MiB ~2 ms.  The rest of the Tmem RPCs are the generated, typed
-# servicer methods.
+# Pages is how AsyncClient makes its single-page calls (get, put, flush_page, flush_object): one
+# long-lived stream of StreamRequests, each of one page (or one object's flush), served inline by
+# the handler as soon as it is read, the reply written before the next request is read.  A unary
+# call through grpc.aio costs the node ~450 us of CPU here (a call set up in C-core, three
+# completion-queue events, three asyncio tasks) and the client ~350 us; a message on an open stream
+# ~150 us each, so a page call on Pages takes about half the time and CPU of a unary one, and under
+# bulk load its tail is shorter too (`ramster bench latency`).  A get there is the unary Get's
+# operation (a corrupt page fails with DATA_LOSS and its reason); a batch of more than one page is
+# refused (INVALID_ARGUMENT: batches go through Stream).  Each request is announced to
+# node.fairness.SmallFirst while it is served.  A Pages stream would hold a drain forever (it is
+# open as long as its client), so drain() ends every one: at once if it awaits a request, else once
+# its reply is written; it ends with UNAVAILABLE, and the client's next call meets the gate's
+# UNAVAILABLE, as a unary one would.  Trade-off: the node's gRPC metrics count a Pages stream once,
+# not each call on it (the engine's own counters count every get and put).
 #
-# Parts and fairness: every batch, unary or in a stream, goes through the engine in parts of at
-# most PART_PAGES pages (the client's stream parts are that size already), and each part takes a
-# turn of its client (node/fairness.py: its tenant, or its address without tokens), which runs
-# at most CLIENT_PARTS parts at once; so a 4096-page unary batch is sixteen turns, between which
-# the client's other work and every other client's go on.  Small calls (single pages, stats)
-# never queue, and while a page fault's call (SMALL) is being served bulk steps wait for it (the
-# interceptor tells node.fairness.SmallFirst of it; ChunkedEngine and the parts here yield
-# through it).  Each page's operation is atomic, a batch as a whole is not: a part refused (the
-# pool destroyed meanwhile) fails the batch after its earlier parts were applied.
+# The stream RPCs (Stream, Pages) and the bulk ones (PutBatch, GetBatch) are served raw
+# (add_tmem_to_server): their requests arrive as (keys, a view of the pages in the received bytes)
+# and their replies leave as bytes built by ramster.bulkwire, so a 4 MiB batch is never copied
+# through protobuf objects; a reply of JOIN_IN_THREAD bytes or more is joined in a thread (the join
+# releases the GIL), so the loop serves other calls meanwhile.  A smaller one is joined on the loop:
+# a 1 MiB join (a stream part's reply) takes ~0.03 ms, and the thread hop ~0.15 ms more, with two
+# loop steps of its own; 4 MiB takes ~0.15 ms warm, 16 MiB ~2 ms.  The rest of the Tmem RPCs are the
+# generated, typed servicer methods.
+#
+# Parts and fairness: every batch, unary or in a stream, goes through the engine in parts of at most
+# PART_PAGES pages (the client's stream parts are that size already), and each part takes a turn of
+# its client (node/fairness.py: its tenant, or its address without tokens), which runs at most
+# CLIENT_PARTS parts at once; so a 4096-page unary batch is sixteen turns, between which the
+# client's other work and every other client's go on.  Small calls (single pages, stats, and a batch
+# of one page, as a Pages request is) never queue, and while a page fault's call (SMALL, or a Pages
+# request) is being served bulk steps wait for it (the interceptor or Pages tells
+# node.fairness.SmallFirst of it; ChunkedEngine and the parts here yield through it).  Each page's
+# operation is atomic, a batch as a whole is not: a part refused (the pool destroyed meanwhile)
+# fails the batch after its earlier parts were applied.
 from __future__ import annotations
 
 import asyncio
@@ -88,12 +103,13 @@ PART_PAGES = 256  # a batch goes through the engine in parts of at most this man
 CLIENT_PARTS = 2  # parts one client runs in the engine at once
 STREAM_AHEAD = 2  # replies a stream serves ahead of the one being sent
 JOIN_IN_THREAD = 4 << 20  # replies this big are joined off the loop
-BULK = ("PutBatch", "GetBatch", "Stream")
+RAW = ("PutBatch", "GetBatch", "Stream", "Pages")  # served raw: read and written by bulkwire
 # calls served ahead of bulk work (node.fairness.SmallFirst): a page fault's, on one page or object
 SMALL = ("Get", "Put", "FlushPage", "FlushObject")
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 _REPLY_FIELD = {f.name: f.number for f in pb.StreamResponse.DESCRIPTOR.fields}
+ONE_PAGE = "a Pages request carries one page (or flushes one object): batches go through Stream"
 STREAM_METHODS = {
     "put": "PutBatch",
     "get": "GetBatch",
@@ -137,6 +153,9 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         self.node_id = node_id
         self.remote_stats = remote_stats  # the ramster layer's counters, with peers
         self.turns = ClientTurns(CLIENT_PARTS)
+        self.small_first = small_first
+        self.draining = False  # set by drain(): Pages streams end
+        self._reading: set[asyncio.Task[None]] = set()  # Pages handlers awaiting a request
 
     # -- tenants ------------------------------------------------------------------------------
     def _pool(self, pool: int) -> int:
@@ -192,18 +211,24 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.PutResponse(outcome=pb.PutOutcome.ValueType(result))
 
     async def _get(self, req: pb.GetRequest) -> pb.GetResponse:
-        key = (req.oid, check_index(req.index))
-        pool = self._pool(req.pool)
-        (page,) = await self.chunked.get_batch(pool, [key], req.exclusive)
+        page = await self._get_page(req.pool, req.oid, req.index, req.exclusive)
         if type(page) is bytes:
             return pb.GetResponse(status=pb.PAGE_STATUS_HIT, page=page)
+        return pb.GetResponse(status=pb.PageStatus.ValueType(page_status(page)))
+
+    async def _get_page(
+        self, pool: int, oid: int, index: int, exclusive: bool
+    ) -> bytes | PageError | None:
+        """A page fault's get (unary Get, Pages): DATA_LOSS when every copy failed verification."""
+        key = (oid, check_index(index))
+        (page,) = await self.chunked.get_batch(self._pool(pool), [key], exclusive)
         if isinstance(page, CorruptPage):
             raise RpcFailure(
                 grpc.StatusCode.DATA_LOSS,
-                f"pool {req.pool} page ({req.oid}, {req.index}) is lost: every copy of it failed "
+                f"pool {pool} page ({oid}, {index}) is lost: every copy of it failed "
                 f"verification ({page})",
             )
-        return pb.GetResponse(status=pb.PageStatus.ValueType(page_status(page)))
+        return page
 
     async def _flush_page(self, req: pb.FlushPageRequest) -> pb.FlushPageResponse:
         index = check_index(req.index)
@@ -219,6 +244,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         pool = self._room_for(req.pool, len(keys))
         pages = page_views(blob, len(keys))
         check_keys(keys)  # all, before the first part is filed
+        if len(keys) == 1:  # a page fault's: no turn to wait for, as a unary Put
+            return put_batch_reply(await self.chunked.put_batch(pool, keys, pages))
         outcomes: list[PutResult] = []
         for part in _parts(len(keys)):
             # the checks above, or the last part, were a step of their own
@@ -233,10 +260,13 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         keys = batch_keys(req.oids, req.indexes)
         pool = self._pool(req.pool)
         check_keys(keys)  # all, before the first part is read (an exclusive get removes)
-        pages: list[bytes | PageError | None] = []
-        for part in _parts(len(keys)):
-            async with self.turns.turn(client):
-                pages += await self.chunked.get_batch(pool, keys[part], req.exclusive)
+        if len(keys) == 1:  # a page fault's: no turn to wait for, as a unary Get
+            pages = await self.chunked.get_batch(pool, keys, req.exclusive)
+        else:
+            pages = []
+            for part in _parts(len(keys)):
+                async with self.turns.turn(client):
+                    pages += await self.chunked.get_batch(pool, keys[part], req.exclusive)
         return get_batch_reply(page_statuses(pages), [p for p in pages if type(p) is bytes])
 
     async def _stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
@@ -397,6 +427,63 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         finally:
             server.cancel()
 
+    async def Pages(  # type: ignore[override]
+        self,
+        requests: AsyncIterator[tuple[pb.StreamRequest, memoryview]],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
+        """Pages: each single-page request served as soon as it is read, its reply's bytes
+        written before the next is read; UNAVAILABLE once the node drains (drain())."""
+        task = asyncio.current_task()
+        assert task is not None
+        small_first = self.small_first
+        while not self.draining:
+            self._reading.add(task)
+            try:
+                req, blob = await anext(requests)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if not self.draining:  # the call was cancelled, not ended by drain()
+                    raise
+                task.uncancel()
+                break
+            finally:
+                self._reading.discard(task)
+            if small_first is not None:
+                small_first.arrive()
+            try:
+                reply = (await self._page_call(req, blob)).join()
+            finally:
+                if small_first is not None:
+                    small_first.leave()
+            yield reply
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+
+    def drain(self) -> None:
+        """End every Pages stream: those awaiting a request now, the others once their current
+        reply is written (the node drains: new page calls are refused, as unary ones are)."""
+        self.draining = True
+        for task in self._reading:
+            task.cancel()
+
+    async def _page_call(self, req: pb.StreamRequest, blob: memoryview) -> Parts:
+        """One Pages request's reply: a get as a unary Get (a corrupt page is DATA_LOSS), the
+        rest as in Stream (a one-page put takes no client turn)."""
+        which = req.WhichOneof("op")
+        if which in ("put", "get") and len(getattr(req, which).indexes) != 1:
+            return _error_reply(req.id, grpc.StatusCode.INVALID_ARGUMENT, ONE_PAGE)
+        if which != "get":
+            return await self._stream_one(req, blob, "")
+        get = req.get
+        try:
+            ((oid, index),) = batch_keys(get.oids, get.indexes)
+            page = await self._get_page(get.pool, oid, index, get.exclusive)
+        except Exception as exc:
+            return _error_reply(req.id, *status_of(exc, "Pages.Get"))
+        hits = [page] if type(page) is bytes else []
+        return in_stream(req.id, _REPLY_FIELD["get"], get_batch_reply([page_status(page)], hits))
+
     async def _stream_one(self, req: pb.StreamRequest, blob: memoryview, client: str) -> Parts:
         which = req.WhichOneof("op")
         try:
@@ -414,10 +501,14 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
                 )
         except Exception as exc:
             method = STREAM_METHODS.get(which or "", "Stream")
-            code, message = status_of(exc, f"Stream.{method}")
-            error = pb.Error(code=code.value[0], message=message)
-            return in_stream(req.id, _REPLY_FIELD["error"], Parts.of(error.SerializeToString()))
+            return _error_reply(req.id, *status_of(exc, f"Stream.{method}"))
         return in_stream(req.id, _REPLY_FIELD[which], body)
+
+
+def _error_reply(request_id: int, code: grpc.StatusCode, message: str) -> Parts:
+    """A stream reply that fails request `request_id` with `code`."""
+    error = pb.Error(code=code.value[0], message=message)
+    return in_stream(request_id, _REPLY_FIELD["error"], Parts.of(error.SerializeToString()))
 
 
 def _parts(count: int) -> list[slice]:
@@ -445,7 +536,7 @@ def add_tmem_to_server(servicer: TmemServicer, server: grpc.aio.Server) -> None:
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
         for method in service.methods
-        if method.name not in BULK
+        if method.name not in RAW
     }
     handlers["PutBatch"] = grpc.unary_unary_rpc_method_handler(
         servicer.PutBatch, request_deserializer=read_put_batch, response_serializer=_raw
@@ -455,9 +546,12 @@ def add_tmem_to_server(servicer: TmemServicer, server: grpc.aio.Server) -> None:
         request_deserializer=pb.GetBatchRequest.FromString,
         response_serializer=_raw,
     )
-    handlers["Stream"] = grpc.stream_stream_rpc_method_handler(
-        servicer.Stream, request_deserializer=read_stream_request, response_serializer=_raw
-    )
+    for name in ("Stream", "Pages"):
+        handlers[name] = grpc.stream_stream_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=read_stream_request,
+            response_serializer=_raw,
+        )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )

@@ -4,16 +4,15 @@
 #
 # The node runs in this process (node.server.Node on port 0), a bulk client in another (ramster.
 # bench.latency's, 1024-page batches, 4 in flight; none with --idle) and a probe in a third,
-# timing one-page unary gets one at a time, as `ramster bench latency` does.  Each get is cut
-# into three stages by timestamps on one clock (time.perf_counter is CLOCK_MONOTONIC, shared by
-# every process): `to_interceptor`, from the probe's call to the node's interceptor (the probe's
-# send, the node's gRPC threads, and the loop iterations gRPC needs to make a task of the call);
-# `to_handler`, from the interceptor to the servicer (the loop iterations that read the message);
-# `reply`, from the servicer back to the probe.  node.fairness.SmallFirst is what shortens the
-# first two under load.  The run-queue wait of each process's threads over the probe's gets is
-# read from /proc (schedstat), to tell waiting for a core from waiting for the loop.  The two
-# wrapped methods are the node's own (gets come one at a time, so the interceptor's calls pair
-# with the gets in order), which is why this is a script and not a node metric.
+# timing one-page gets one at a time (AsyncClient.get, on its Pages stream), as `ramster bench
+# latency` does.  Each get is cut into two stages by timestamps on one clock (time.perf_counter
+# is CLOCK_MONOTONIC, shared by every process): `to_handler`, from the probe's call to the
+# servicer's get (the probe's send, the node's gRPC threads, and the loop iterations that read
+# the message), and `reply`, from the servicer back to the probe.  The run-queue wait of each
+# process's threads over the probe's gets is read from /proc (schedstat), to tell waiting for a
+# core from waiting for the loop.  The wrapped method is the node's own (gets come one at a
+# time, so its calls pair with the gets in order), which is why this is a script and not a node
+# metric.
 from __future__ import annotations
 
 import argparse
@@ -27,15 +26,13 @@ from typing import Any
 
 from inprocess import started_node
 
-from node.interceptor import RpcInterceptor
 from node.servicer import TmemServicer
 from ramster.bench import latency
 from ramster.bench.corpus import load_corpus
 from ramster.client import AsyncClient
-from ramster.v1 import tmem_pb2 as pb
+from ramster.zcache import PageError
 
 PAGES = 8192  # distinct pages the gets spread over
-ARRIVED: list[float] = []  # when the interceptor saw each Get
 SERVED: list[float] = []  # when the servicer began each Get, and ended it
 ENDED: list[float] = []
 
@@ -68,22 +65,18 @@ def _probe(
 
 
 def _wrap_node() -> None:
-    intercept, get = RpcInterceptor.intercept_service, TmemServicer._get
+    get = TmemServicer._get_page
 
-    async def intercept_service(self: RpcInterceptor, continuation: Any, details: Any) -> Any:
-        if details.method.endswith("/Get"):
-            ARRIVED.append(time.perf_counter())
-        return await intercept(self, continuation, details)
-
-    async def timed_get(self: TmemServicer, req: pb.GetRequest) -> pb.GetResponse:
+    async def timed_get(
+        self: TmemServicer, pool: int, oid: int, index: int, exclusive: bool
+    ) -> bytes | PageError | None:
         SERVED.append(time.perf_counter())
         try:
-            return await get(self, req)
+            return await get(self, pool, oid, index, exclusive)
         finally:
             ENDED.append(time.perf_counter())
 
-    RpcInterceptor.intercept_service = intercept_service  # type: ignore[method-assign]
-    TmemServicer._get = timed_get  # type: ignore[method-assign]
+    TmemServicer._get_page = timed_get  # type: ignore[method-assign]
 
 
 def _run_queue_wait(pid: int) -> float:
@@ -113,7 +106,7 @@ async def measure(corpus: str, gets: int, idle: bool) -> dict[str, Any]:
     probe.start()
     try:
         await asyncio.to_thread(ready.wait)
-        for stamps in (ARRIVED, SERVED, ENDED):
+        for stamps in (SERVED, ENDED):
             stamps.clear()
         pids = {"node": os.getpid(), "probe": probe.pid or 0}
         waited = {name: _run_queue_wait(pid) for name, pid in pids.items()}
@@ -127,12 +120,11 @@ async def measure(corpus: str, gets: int, idle: bool) -> dict[str, Any]:
             bulk.join()
         probe.join()
         await node.stop(grace=1)
-    if not len(ARRIVED) == len(SERVED) == len(got):
-        raise SystemExit(f"{len(got)} gets, {len(ARRIVED)} intercepted, {len(SERVED)} served")
+    if not len(SERVED) == len(got):
+        raise SystemExit(f"{len(got)} gets, {len(SERVED)} served")
     stages = {
         "total": [end - start for start, end in got],
-        "to_interceptor": [a - start for a, (start, _) in zip(ARRIVED, got, strict=True)],
-        "to_handler": [s - a for s, a in zip(SERVED, ARRIVED, strict=True)],
+        "to_handler": [s - start for s, (start, _) in zip(SERVED, got, strict=True)],
         "reply": [end - e for e, (_, end) in zip(ENDED, got, strict=True)],
     }
     out: dict[str, Any] = {"gets": len(got), "bulk_pages_per_s": round(bulk_rate)}

@@ -6,14 +6,24 @@
 # RamsterError subclasses, never grpc.RpcError.  Batches take keys as (oid, index) pairs or a
 # KeyRange; put_many/get_many cut any number of consecutive pages into maximal batches.
 #
-# The small calls go through the generated, typed stub; the bulk ones (PutBatch, GetBatch, Stream)
-# through callables of the same methods that write and read with ramster.bulkwire, so a batch's
-# pages are joined once on the way out and sliced once on the way in, never copied through
-# protobuf objects (the bytes on the wire are the same).  A stream batch goes as requests of at
-# most STREAM_PART_PAGES pages (1 MiB), whose replies are put back together into the batch's:
-# each message is one piece of work that the node's event loop cannot slice (gRPC copies a
-# message whole on its way in and out), so smaller messages keep other calls' waits short.  The
-# whole batch is checked before its first part is sent; a part the node refuses (a quota reached
+# The single-page calls (get, put, flush_page, flush_object) go over one Tmem.Pages stream, opened
+# by the first of them and again after it failed (the node restarted, or drained): a message on an
+# open stream costs both ends well under half the CPU of a unary call through grpc.aio, which sets
+# up a call of its own (node/servicer.py has the numbers), and a page fault's latency and its tail
+# under load follow.  Calls from many tasks share the stream (their writes take turns, and the node
+# answers in order); each call's deadline covers its send and its reply, and a reply that comes
+# after its deadline is dropped.  A write cut short by its deadline may have left half a request, so
+# it fails the stream (every call pending on it too); the next call opens a new one. Semantics are
+# the unary calls': a put refused for no room raises ResourceExhausted, a corrupt page DataLoss, an
+# unreachable one PageUnavailable; the stream counts as one of the client's streams (the node's
+# --max-streams).  The other small calls go through the generated, typed stub; the bulk ones
+# (PutBatch, GetBatch, Stream) through callables of the same methods that write and read with
+# ramster.bulkwire, so a batch's pages are joined once on the way out and sliced once on the way in,
+# never copied through protobuf objects (the bytes on the wire are the same).  A stream batch goes
+# as requests of at most STREAM_PART_PAGES pages (1 MiB), whose replies are put back together into
+# the batch's: each message is one piece of work that the node's event loop cannot slice (gRPC
+# copies a message whole on its way in and out), so smaller messages keep other calls' waits short.
+# The whole batch is checked before its first part is sent; a part the node refuses (a quota reached
 # meanwhile, a pool destroyed) fails the batch, whose earlier parts may have been applied, as a
 # batch is never atomic as a whole (each page is).
 #
@@ -37,8 +47,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ramster.bulkwire import Parts, in_stream, read_get_batch_reply, read_stream_reply
 from ramster.client.errors import (
+    DeadlineExceeded,
     PageUnavailable,
     RamsterError,
+    ResourceExhausted,
     Unavailable,
     from_code_number,
     from_rpc_error,
@@ -52,13 +64,14 @@ from ramster.client.messages import (
     get_batch_requests,
     object_key,
     page_key,
+    page_put_request,
     pool_key,
     put_batch_requests,
 )
 from ramster.client.tls import PathLike, open_channel
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
-from ramster.wire import Outcome
+from ramster.wire import Outcome, PageStatus
 
 DEFAULT_TIMEOUT = 30.0
 KINDS = {"persistent": pb.POOL_KIND_PERSISTENT, "ephemeral": pb.POOL_KIND_EPHEMERAL}
@@ -122,6 +135,10 @@ class AsyncClient:
         self._stream = self._channel.stream_stream(
             TMEM + "Stream", request_serializer=join, response_deserializer=read_stream_reply
         )
+        self._open_pages = self._channel.stream_stream(
+            TMEM + "Pages", request_serializer=join, response_deserializer=read_stream_reply
+        )
+        self._pages: Stream | None = None  # single-page calls, opened by the first
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -130,6 +147,8 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._pages is not None:
+            await self._pages.end()
         await self._channel.close()
 
     def _call(
@@ -165,10 +184,13 @@ class AsyncClient:
         self, pool: int, oid: int, index: int, page: bytes, timeout: float | None = None
     ) -> Outcome:
         """Store one page.  Raises ResourceExhausted when the node has no room for it."""
-        pool, oid, index = page_key(pool, oid, index)
-        request = pb.PutRequest(pool=pool, oid=oid, index=index, page=page)
-        reply = await self._call(self._tmem.Put, request, timeout)
-        return Outcome(reply.outcome)
+        body = page_put_request(pool, oid, index, page)
+        (outcome,) = await self._page_call(PUT, body, _put_reply, timeout)
+        if outcome is Outcome.REFUSED_NO_ROOM:
+            raise ResourceExhausted(
+                f"pool {pool} refused page ({oid}, {index}): the node's pool limit is reached"
+            )
+        return outcome
 
     async def get(
         self,
@@ -181,25 +203,45 @@ class AsyncClient:
         """The page, or None.  Raises DataLoss if every copy of it failed verification (its data
         is lost) and PageUnavailable if no copy can be reached now."""
         checked = page_key(pool, oid, index)
-        request = pb.GetRequest(
-            pool=checked[0], oid=checked[1], index=checked[2], exclusive=exclusive
+        request = pb.GetBatchRequest(
+            pool=checked[0], oids=checked[1:2], indexes=checked[2:], exclusive=exclusive
         )
-        reply = await self._call(self._tmem.Get, request, timeout)
-        if reply.status == pb.PAGE_STATUS_UNAVAILABLE:
+        body = Parts.of(request.SerializeToString())
+        result = await self._page_call(GET, body, _get_reply, timeout)
+        if result.statuses[0] is PageStatus.UNAVAILABLE:
             raise PageUnavailable(f"pool {pool} page ({oid}, {index}) has no reachable copy")
-        return reply.page if reply.status == pb.PAGE_STATUS_HIT else None
+        return result.pages[0]
 
     async def flush_page(
         self, pool: int, oid: int, index: int, timeout: float | None = None
     ) -> bool:
         pool, oid, index = page_key(pool, oid, index)
-        request = pb.FlushPageRequest(pool=pool, oid=oid, index=index)
-        return bool((await self._call(self._tmem.FlushPage, request, timeout)).found)
+        body = Parts.of(pb.FlushPageRequest(pool=pool, oid=oid, index=index).SerializeToString())
+        return await self._page_call(FLUSH_PAGE, body, _flush_page_reply, timeout)
 
     async def flush_object(self, pool: int, oid: int, timeout: float | None = None) -> int:
         pool, oid = object_key(pool, oid)
-        request = pb.FlushObjectRequest(pool=pool, oid=oid)
-        return int((await self._call(self._tmem.FlushObject, request, timeout)).pages)
+        body = Parts.of(pb.FlushObjectRequest(pool=pool, oid=oid).SerializeToString())
+        return await self._page_call(FLUSH_OBJECT, body, _flush_object_reply, timeout)
+
+    async def _page_call(
+        self, field: int, body: Parts, decode: Decode[T], timeout: float | None
+    ) -> T:
+        """A single-page call on the client's Pages stream, opened on first use and again
+        after it failed; the deadline covers sending the request and its reply."""
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                pages = self._pages
+                if pages is None or pages.failed:
+                    if pages is not None:
+                        await pages.end()
+                    pages = self._pages = await Stream(
+                        self._open_pages, None, self._metadata
+                    ).begin()
+                return await (await pages.send(field, body, decode))
+        except TimeoutError:
+            raise DeadlineExceeded(f"no reply within the deadline ({timeout} s)") from None
 
     # -- batches -----------------------------------------------------------------------------
     async def put_batch(
@@ -291,10 +333,26 @@ def merged(parts: list[asyncio.Future[T]], combine: Callable[[list[T]], R]) -> a
     return out
 
 
-PUT, GET, FLUSH_OBJECT = (
+PUT, GET, FLUSH_PAGE, FLUSH_OBJECT = (
     pb.StreamRequest.DESCRIPTOR.fields_by_name[name].number
-    for name in ("put", "get", "flush_object")
+    for name in ("put", "get", "flush_page", "flush_object")
 )
+
+
+def _put_reply(reply: pb.StreamResponse, _: memoryview) -> list[Outcome]:
+    return decode_put(reply.put)
+
+
+def _get_reply(reply: pb.StreamResponse, blob: memoryview) -> GetResult:
+    return decode_get(reply.get, blob)
+
+
+def _flush_page_reply(reply: pb.StreamResponse, _: memoryview) -> bool:
+    return bool(reply.flush_page.found)
+
+
+def _flush_object_reply(reply: pb.StreamResponse, _: memoryview) -> int:
+    return int(reply.flush_object.pages)
 
 
 class Stream:
@@ -312,12 +370,26 @@ class Stream:
         self._pending: deque[tuple[int, asyncio.Future[Any], Decode[Any]]] = deque()
         self._next_id = 0
         self._failure: RamsterError | None = None
+        self._writing = asyncio.Lock()
         self._cancelled = False  # by us, on leaving the block with an exception
 
     async def __aenter__(self) -> Stream:
+        return await self.begin()
+
+    async def begin(self) -> Stream:
+        """Open the call and start reading its replies."""
         self._call = self._open_call(timeout=self._timeout, metadata=self._metadata)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return self
+
+    async def end(self) -> None:
+        """Stop sending and wait for the replies due (a failed stream just stops)."""
+        with contextlib.suppress(RamsterError):
+            await self.__aexit__(None, None, None)
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -342,7 +414,7 @@ class Stream:
     ) -> asyncio.Future[list[Outcome]]:
         """Send a put batch; the returned future resolves to its outcomes."""
         sent = [
-            await self._send(PUT, body, lambda reply, _: decode_put(reply.put))
+            await self.send(PUT, body, _put_reply)
             for body in put_batch_requests(pool, keys, pages, STREAM_PART_PAGES)
         ]
         return merged(sent, lambda parts: [outcome for part in parts for outcome in part])
@@ -352,11 +424,7 @@ class Stream:
     ) -> asyncio.Future[GetResult]:
         """Send a get batch; the returned future resolves to its GetResult."""
         sent = [
-            await self._send(
-                GET,
-                Parts.of(request.SerializeToString()),
-                lambda reply, blob: decode_get(reply.get, blob),
-            )
+            await self.send(GET, Parts.of(request.SerializeToString()), _get_reply)
             for request in get_batch_requests(pool, keys, exclusive, STREAM_PART_PAGES)
         ]
         return merged(sent, GetResult.joined)
@@ -364,24 +432,30 @@ class Stream:
     async def flush_object(self, pool: int, oid: int) -> asyncio.Future[int]:
         pool, oid = object_key(pool, oid)
         body = Parts.of(pb.FlushObjectRequest(pool=pool, oid=oid).SerializeToString())
-        return await self._send(FLUSH_OBJECT, body, lambda reply, _: int(reply.flush_object.pages))
+        return await self.send(FLUSH_OBJECT, body, _flush_object_reply)
 
-    async def _send(self, field: int, body: Parts, decode: Decode[T]) -> asyncio.Future[T]:
-        """Send `body` (a request's parts) as field `field` of the next StreamRequest."""
-        if self._failure is not None:
-            raise self._failure
+    async def send(self, field: int, body: Parts, decode: Decode[T]) -> asyncio.Future[T]:
+        """Send `body` (a request's parts) as field `field` of the next StreamRequest; the
+        future of its reply, decoded.  Senders in several tasks take turns."""
         if self._call is None:
             raise RamsterError("use the stream inside 'async with client.stream() as s'")
-        request_id = self._next_id
-        self._next_id += 1
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((request_id, future, decode))
-        try:
-            await self._call.write(in_stream(request_id, field, body).chunks)
-        except grpc.RpcError as exc:
-            self._fail(from_rpc_error(exc))
-        except asyncio.InvalidStateError:
-            self._fail(Unavailable("the stream has ended"))
+        async with self._writing:  # requests go out in the order of _pending
+            if self._failure is not None:
+                raise self._failure
+            request_id = self._next_id
+            self._next_id += 1
+            self._pending.append((request_id, future, decode))
+            try:
+                await self._call.write(in_stream(request_id, field, body).chunks)
+            except grpc.RpcError as exc:
+                self._fail(from_rpc_error(exc))
+            except asyncio.InvalidStateError:
+                self._fail(Unavailable("the stream has ended"))
+            except asyncio.CancelledError:  # the request may not have gone: ids would not match
+                self._fail(DeadlineExceeded("a request was abandoned while it was being sent"))
+                self._call.cancel()
+                raise
         return future
 
     async def _read(self) -> None:

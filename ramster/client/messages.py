@@ -112,6 +112,16 @@ def page_key(pool: int, oid: int, index: int) -> tuple[int, int, int]:
         return (*object_key(pool, oid), check_index(index))
 
 
+def page_put_request(pool: int, oid: int, index: int, page: bytes) -> Parts:
+    """A one-page put as a PutBatchRequest's parts, checked as the node would."""
+    pool, oid, index = page_key(pool, oid, index)
+    if len(page) != PAGE_SIZE:
+        raise InvalidArgument(f"a page must be exactly {PAGE_SIZE} bytes, got {len(page)}")
+    return bulkwire.put_batch_request(
+        pb.PutBatchRequest(pool=pool, oids=[oid], indexes=[index]), [page]
+    )
+
+
 def key_fields(keys: Keys) -> tuple[list[int], Sequence[int]]:
     """A batch's oids and indexes, checked for count and range."""
     indexes: Sequence[int]

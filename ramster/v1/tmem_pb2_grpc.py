@@ -84,6 +84,11 @@ class TmemStub:
                 request_serializer=ramster_dot_v1_dot_tmem__pb2.StreamRequest.SerializeToString,
                 response_deserializer=ramster_dot_v1_dot_tmem__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.Pages = channel.stream_stream(
+                '/ramster.v1.Tmem/Pages',
+                request_serializer=ramster_dot_v1_dot_tmem__pb2.StreamRequest.SerializeToString,
+                response_deserializer=ramster_dot_v1_dot_tmem__pb2.StreamResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/ramster.v1.Tmem/Stats',
                 request_serializer=ramster_dot_v1_dot_tmem__pb2.StatsRequest.SerializeToString,
@@ -162,6 +167,19 @@ class TmemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pages(self, request_iterator, context):
+        """Single-page calls on one long-lived stream, as a client's page faults make them: each
+        request is a put or get of exactly one page, a flush_page or a flush_object (anything bigger
+        is answered INVALID_ARGUMENT: batches go through Stream), served as soon as it is read, in
+        order, one response per request with the same id; errors as in Stream.  A call on an open
+        stream costs far less than a unary RPC, which sets up a call of its own.  Once the node
+        starts draining, the stream ends with UNAVAILABLE: requests it has read are answered, later
+        ones are not served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -218,6 +236,11 @@ def add_TmemServicer_to_server(servicer, server):
             ),
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
+                    request_deserializer=ramster_dot_v1_dot_tmem__pb2.StreamRequest.FromString,
+                    response_serializer=ramster_dot_v1_dot_tmem__pb2.StreamResponse.SerializeToString,
+            ),
+            'Pages': grpc.stream_stream_rpc_method_handler(
+                    servicer.Pages,
                     request_deserializer=ramster_dot_v1_dot_tmem__pb2.StreamRequest.FromString,
                     response_serializer=ramster_dot_v1_dot_tmem__pb2.StreamResponse.SerializeToString,
             ),
@@ -495,6 +518,33 @@ class Tmem:
             request_iterator,
             target,
             '/ramster.v1.Tmem/Stream',
+            ramster_dot_v1_dot_tmem__pb2.StreamRequest.SerializeToString,
+            ramster_dot_v1_dot_tmem__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pages(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ramster.v1.Tmem/Pages',
             ramster_dot_v1_dot_tmem__pb2.StreamRequest.SerializeToString,
             ramster_dot_v1_dot_tmem__pb2.StreamResponse.FromString,
             options,

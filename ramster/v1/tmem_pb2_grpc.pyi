@@ -64,6 +64,15 @@ class TmemStub:
     An error in one request is reported in its response and the stream goes on; a request whose
     bytes do not parse (it has no id to answer) ends the stream with INVALID_ARGUMENT.
     """
+    Pages: _grpc.StreamStreamMultiCallable[_tmem_pb2.StreamRequest, _tmem_pb2.StreamResponse]
+    """Single-page calls on one long-lived stream, as a client's page faults make them: each
+    request is a put or get of exactly one page, a flush_page or a flush_object (anything bigger
+    is answered INVALID_ARGUMENT: batches go through Stream), served as soon as it is read, in
+    order, one response per request with the same id; errors as in Stream.  A call on an open
+    stream costs far less than a unary RPC, which sets up a call of its own.  Once the node
+    starts draining, the stream ends with UNAVAILABLE: requests it has read are answered, later
+    ones are not served.
+    """
     Stats: _grpc.UnaryUnaryMultiCallable[_tmem_pb2.StatsRequest, _tmem_pb2.StatsResponse]
 
 @_typing.type_check_only
@@ -89,6 +98,15 @@ class TmemAsyncStub(TmemStub):
     """Pipelined batches: requests are served in order, one response per request with the same id.
     An error in one request is reported in its response and the stream goes on; a request whose
     bytes do not parse (it has no id to answer) ends the stream with INVALID_ARGUMENT.
+    """
+    Pages: _aio.StreamStreamMultiCallable[_tmem_pb2.StreamRequest, _tmem_pb2.StreamResponse]  # type: ignore[assignment]
+    """Single-page calls on one long-lived stream, as a client's page faults make them: each
+    request is a put or get of exactly one page, a flush_page or a flush_object (anything bigger
+    is answered INVALID_ARGUMENT: batches go through Stream), served as soon as it is read, in
+    order, one response per request with the same id; errors as in Stream.  A call on an open
+    stream costs far less than a unary RPC, which sets up a call of its own.  Once the node
+    starts draining, the stream ends with UNAVAILABLE: requests it has read are answered, later
+    ones are not served.
     """
     Stats: _aio.UnaryUnaryMultiCallable[_tmem_pb2.StatsRequest, _tmem_pb2.StatsResponse]  # type: ignore[assignment]
 
@@ -172,6 +190,21 @@ class TmemServicer(metaclass=_abc_1.ABCMeta):
         """Pipelined batches: requests are served in order, one response per request with the same id.
         An error in one request is reported in its response and the stream goes on; a request whose
         bytes do not parse (it has no id to answer) ends the stream with INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def Pages(
+        self,
+        request_iterator: _MaybeAsyncIterator[_tmem_pb2.StreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tmem_pb2.StreamResponse], _abc.AsyncIterator[_tmem_pb2.StreamResponse]]:
+        """Single-page calls on one long-lived stream, as a client's page faults make them: each
+        request is a put or get of exactly one page, a flush_page or a flush_object (anything bigger
+        is answered INVALID_ARGUMENT: batches go through Stream), served as soon as it is read, in
+        order, one response per request with the same id; errors as in Stream.  A call on an open
+        stream costs far less than a unary RPC, which sets up a call of its own.  Once the node
+        starts draining, the stream ends with UNAVAILABLE: requests it has read are answered, later
+        ones are not served.
         """
 
     @_abc_1.abstractmethod

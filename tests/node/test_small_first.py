@@ -18,8 +18,7 @@ from node.fairness import LATELY_CHUNK_PAGES, SmallFirst
 from node.server import Node
 from node.servicer import PART_PAGES, TmemServicer
 from ramster.client import AsyncClient, KeyRange
-from ramster.v1 import tmem_pb2 as pb
-from ramster.zcache import PoolKind, PutResult, ZCache, ZCacheConfig
+from ramster.zcache import PageError, PoolKind, PutResult, ZCache, ZCacheConfig
 
 BOUND = 30.0  # seconds: a wait that passes this failed
 STEPS = 50  # loop steps a held bulk task is given to (wrongly) go on
@@ -151,16 +150,18 @@ async def test_a_single_get_goes_ahead_of_a_big_batch(
         at_arrival: list[int] = []
         at_handler: list[int] = []
         parts = 0
-        arrive, get, put_batch = SmallFirst.arrive, TmemServicer._get, ChunkedEngine.put_batch
+        arrive, get, put_batch = SmallFirst.arrive, TmemServicer._get_page, ChunkedEngine.put_batch
 
         def arriving(small_first: SmallFirst) -> None:
             at_arrival.append(len(sizes))
             arrived.set()
             arrive(small_first)
 
-        async def getting(servicer: TmemServicer, req: pb.GetRequest) -> pb.GetResponse:
+        async def getting(
+            servicer: TmemServicer, pool: int, oid: int, index: int, exclusive: bool
+        ) -> bytes | PageError | None:
             at_handler.append(len(sizes))
-            return await get(servicer, req)
+            return await get(servicer, pool, oid, index, exclusive)
 
         async def putting(
             chunked: ChunkedEngine,
@@ -176,7 +177,7 @@ async def test_a_single_get_goes_ahead_of_a_big_batch(
             return await put_batch(chunked, pool, keys, pages)
 
         monkeypatch.setattr(SmallFirst, "arrive", arriving)
-        monkeypatch.setattr(TmemServicer, "_get", getting)
+        monkeypatch.setattr(TmemServicer, "_get_page", getting)
         monkeypatch.setattr(ChunkedEngine, "put_batch", putting)
         batch = asyncio.create_task(client.put_batch(pool, KeyRange(1, 0, count), pages))
         await asyncio.wait_for(second_part.wait(), BOUND)
