@@ -49,6 +49,7 @@ from google.protobuf.message import DecodeError
 from node.fairness import SmallFirst
 from node.metrics import GrpcMetrics
 from node.servicer import SMALL
+from node.status import go_code_name
 from node.tenants import CALLER, Tenants, client_of
 from ramster.v1 import tmem_pb2
 
@@ -61,15 +62,6 @@ HANDLER_FACTORIES = {
     "client_stream": grpc.stream_unary_rpc_method_handler,
     "bidi_stream": grpc.stream_stream_rpc_method_handler,
 }
-
-
-def go_code_name(code: grpc.StatusCode) -> str:
-    """The Go spelling of a status code (grpc_code label): OK, Canceled, InvalidArgument..."""
-    if code is grpc.StatusCode.CANCELLED:
-        return "Canceled"
-    if code is grpc.StatusCode.OK:
-        return "OK"
-    return "".join(word.capitalize() for word in code.name.split("_"))
 
 
 @dataclass

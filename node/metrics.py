@@ -21,8 +21,11 @@
 # gRPC metrics use the names and labels of go-grpc-prometheus (grpc_server_started_total,
 # grpc_server_handled_total, grpc_server_handling_seconds) so existing dashboards work; the
 # interceptor updates them once per RPC through label children cached per method (prometheus
-# client metrics lock for themselves).  Every label has a bounded set of values (methods, codes,
-# outcomes, reasons); keys and peers never become labels.  The HTTP server is prometheus_client's,
+# client metrics lock for themselves).  A Stream or Pages call carries many requests and counts
+# once there, so the servicer counts and times each of its requests too
+# (ramster_stream_requests_total, ramster_stream_request_seconds: by method, operation, code).
+# Every label has a bounded set of values (methods, codes, outcomes, reasons, operations); keys
+# and peers never become labels.  The HTTP server is prometheus_client's,
 # on a daemon thread; port 0 picks a free port.
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -252,6 +255,41 @@ class GrpcMetrics:
         )
 
 
+class StreamMetrics:
+    """Requests on Stream and Pages calls, which the gRPC metrics count once per call however
+    many requests it carries: by method, operation and status code, with their latency.  Every
+    label has a bounded set of values (two methods, the request operations, gRPC codes)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "ramster_stream_requests_total",
+            "Requests served on Stream and Pages calls, by method, operation and status code.",
+            ["grpc_method", "op", "grpc_code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "ramster_stream_request_seconds",
+            "Time the node took to serve a request on a Stream or Pages call.",
+            ["grpc_method", "op"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, op: str, code: str, seconds: float) -> None:
+        """One request served: `code` in the Go spelling of the grpc_code label."""
+        key = (method, op, code)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(method, op, code),
+                self.seconds.labels(method, op),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+
 class NbdMetrics:
     """NBD exports: requests by command and result, bytes moved, latency, connections.  The
     export label's values are the configured exports, so it stays bounded."""
@@ -332,6 +370,7 @@ class NodeMetrics:
         self.on_loop.add(snapshot, engine_families)
         self.registry.register(self.on_loop)
         self.grpc = GrpcMetrics(self.registry)
+        self.streams = StreamMetrics(self.registry)
         self.nbd = NbdMetrics(self.registry)  # declared even without NBD, as dashboards expect
         self.loop_lag = LoopStallMetrics(self.registry)
         build = Gauge(

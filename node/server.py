@@ -184,6 +184,7 @@ class Node:
             prefetch=remote.prefetch if remote else None,
             remote_stats=remote.stats if remote else None,
             small_first=self.small_first,
+            stream_metrics=metrics.streams,
         )
         add_tmem_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

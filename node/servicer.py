@@ -56,6 +56,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -64,8 +65,9 @@ from google.protobuf.message import Message
 
 from node.engine import ChunkedEngine, Prefetch
 from node.fairness import ClientTurns, SmallFirst
+from node.metrics import StreamMetrics
 from node.pools import Pools
-from node.status import RpcFailure, status_of
+from node.status import RpcFailure, go_code_name, status_of
 from node.tenants import CALLER, client_of
 from ramster import __version__
 from ramster.bulkwire import (
@@ -108,6 +110,7 @@ RAW = ("PutBatch", "GetBatch", "Stream", "Pages")  # served raw: read and writte
 SMALL = ("Get", "Put", "FlushPage", "FlushObject")
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
+Reply = tuple[Parts, grpc.StatusCode]  # a stream reply and its status, for the metrics
 _REPLY_FIELD = {f.name: f.number for f in pb.StreamResponse.DESCRIPTOR.fields}
 ONE_PAGE = "a Pages request carries one page (or flushes one object): batches go through Stream"
 STREAM_METHODS = {
@@ -146,8 +149,10 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         prefetch: Prefetch | None = None,
         remote_stats: Callable[[], dict[str, int]] | None = None,
         small_first: SmallFirst | None = None,
+        stream_metrics: StreamMetrics | None = None,
     ) -> None:
         self.engine = engine
+        self.stream_metrics = stream_metrics  # requests on Stream and Pages calls
         self.pools = pools  # creates and destroys pools in the engine and the registry
         self.chunked = ChunkedEngine(engine, prefetch=prefetch, small_first=small_first)
         self.node_id = node_id
@@ -414,7 +419,10 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
             try:
                 async for req, blob in requests:
                     await room.acquire()
-                    replies.put_nowait(await joined(await self._stream_one(req, blob, client)))
+                    started = time.perf_counter()
+                    reply, code = await self._stream_one(req, blob, client)
+                    self._observe("Stream", req, code, started)
+                    replies.put_nowait(await joined(reply))
             finally:
                 replies.put_nowait(None)
 
@@ -453,7 +461,10 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
             if small_first is not None:
                 small_first.arrive()
             try:
-                reply = (await self._page_call(req, blob)).join()
+                started = time.perf_counter()
+                parts, code = await self._page_call(req, blob)
+                self._observe("Pages", req, code, started)
+                reply = parts.join()
             finally:
                 if small_first is not None:
                     small_first.leave()
@@ -467,7 +478,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         for task in self._reading:
             task.cancel()
 
-    async def _page_call(self, req: pb.StreamRequest, blob: memoryview) -> Parts:
+    async def _page_call(self, req: pb.StreamRequest, blob: memoryview) -> Reply:
         """One Pages request's reply: a get as a unary Get (a corrupt page is DATA_LOSS), the
         rest as in Stream (a one-page put takes no client turn)."""
         which = req.WhichOneof("op")
@@ -482,9 +493,17 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         except Exception as exc:
             return _error_reply(req.id, *status_of(exc, "Pages.Get"))
         hits = [page] if type(page) is bytes else []
-        return in_stream(req.id, _REPLY_FIELD["get"], get_batch_reply([page_status(page)], hits))
+        reply = get_batch_reply([page_status(page)], hits)
+        return in_stream(req.id, _REPLY_FIELD["get"], reply), grpc.StatusCode.OK
 
-    async def _stream_one(self, req: pb.StreamRequest, blob: memoryview, client: str) -> Parts:
+    def _observe(
+        self, method: str, req: pb.StreamRequest, code: grpc.StatusCode, started: float
+    ) -> None:
+        if self.stream_metrics is not None:
+            op, seconds = req.WhichOneof("op") or "none", time.perf_counter() - started
+            self.stream_metrics.observe(method, op, go_code_name(code), seconds)
+
+    async def _stream_one(self, req: pb.StreamRequest, blob: memoryview, client: str) -> Reply:
         which = req.WhichOneof("op")
         try:
             if which == "put":
@@ -502,13 +521,13 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         except Exception as exc:
             method = STREAM_METHODS.get(which or "", "Stream")
             return _error_reply(req.id, *status_of(exc, f"Stream.{method}"))
-        return in_stream(req.id, _REPLY_FIELD[which], body)
+        return in_stream(req.id, _REPLY_FIELD[which], body), grpc.StatusCode.OK
 
 
-def _error_reply(request_id: int, code: grpc.StatusCode, message: str) -> Parts:
-    """A stream reply that fails request `request_id` with `code`."""
+def _error_reply(request_id: int, code: grpc.StatusCode, message: str) -> Reply:
+    """A stream reply that fails request `request_id` with `code`, and the code."""
     error = pb.Error(code=code.value[0], message=message)
-    return in_stream(request_id, _REPLY_FIELD["error"], Parts.of(error.SerializeToString()))
+    return in_stream(request_id, _REPLY_FIELD["error"], Parts.of(error.SerializeToString())), code
 
 
 def _parts(count: int) -> list[slice]:

@@ -5,6 +5,8 @@
 #   unknown pool                                          NOT_FOUND
 #   RpcFailure raised by a servicer                       its own code (RESOURCE_EXHAUSTED ...)
 #   anything else (a bug)                                 INTERNAL, logged with its traceback
+#
+# go_code_name() spells a code as the grpc_code label of the metrics does (Go's names).
 from __future__ import annotations
 
 import logging
@@ -32,3 +34,12 @@ def status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     log_event("rpc_failed", logging.ERROR, method=method, error=repr(exc), exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}"
+
+
+def go_code_name(code: grpc.StatusCode) -> str:
+    """The Go spelling of a status code (grpc_code label): OK, Canceled, InvalidArgument..."""
+    if code is grpc.StatusCode.CANCELLED:
+        return "Canceled"
+    if code is grpc.StatusCode.OK:
+        return "OK"
+    return "".join(word.capitalize() for word in code.name.split("_"))

@@ -88,6 +88,31 @@ async def test_grpc_metrics(node: Node, client: AsyncClient) -> None:
     assert value(text, "grpc_server_handling_seconds_count", grpc_method="CreatePool", **unary) == 1
 
 
+async def test_requests_on_stream_and_pages_calls_are_counted_each(
+    node: Node, client: AsyncClient, sample_pages: list[bytes]
+) -> None:
+    """gRPC's metrics count a Stream or Pages call once; each request on it is counted (by
+    operation and code) and timed on its own."""
+    pool = await client.create_pool()
+    await client.put(pool, 1, 0, sample_pages[0])  # single-page calls go over Pages
+    assert await client.get(pool, 1, 0) == sample_pages[0]
+    assert await client.get(pool, 1, 1) is None
+    with pytest.raises(NotFound):
+        await client.get(pool + 99, 1, 0)
+    async with client.stream() as stream:
+        got = await (await stream.get_batch(pool, KeyRange(1, 0, 4)))
+    assert got.pages[0] == sample_pages[0]
+    text = await scrape(node)
+    counted = "ramster_stream_requests_total"
+    assert value(text, counted, grpc_method="Pages", op="put", grpc_code="OK") == 1
+    assert value(text, counted, grpc_method="Pages", op="get", grpc_code="OK") == 2
+    assert value(text, counted, grpc_method="Pages", op="get", grpc_code="NotFound") == 1
+    assert value(text, counted, grpc_method="Stream", op="get", grpc_code="OK") == 1
+    timed = "ramster_stream_request_seconds_count"
+    assert value(text, timed, grpc_method="Pages", op="get") == 3
+    assert value(text, timed, grpc_method="Stream", op="get") == 1
+
+
 async def test_promtool_accepts_the_metrics(
     node: Node, client: AsyncClient, sample_pages: list[bytes]
 ) -> None:
