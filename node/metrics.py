@@ -25,8 +25,8 @@
 # once there, so the servicer counts and times each of its requests too
 # (ramster_stream_requests_total, ramster_stream_request_seconds: by method, operation, code).
 # Every label has a bounded set of values (methods, codes, outcomes, reasons, operations); keys
-# and peers never become labels.  The HTTP server is prometheus_client's,
-# on a daemon thread; port 0 picks a free port.
+# and peers never become labels.  The HTTP server is prometheus_client's, on a daemon thread;
+# port 0 picks a free port.
 from __future__ import annotations
 
 import asyncio
@@ -274,7 +274,6 @@ class StreamMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def observe(self, method: str, op: str, code: str, seconds: float) -> None:

@@ -31,8 +31,8 @@
 # node.fairness.SmallFirst while it is served.  A Pages stream would hold a drain forever (it is
 # open as long as its client), so drain() ends every one: at once if it awaits a request, else once
 # its reply is written; it ends with UNAVAILABLE, and the client's next call meets the gate's
-# UNAVAILABLE, as a unary one would.  Trade-off: the node's gRPC metrics count a Pages stream once,
-# not each call on it (the engine's own counters count every get and put).
+# UNAVAILABLE, as a unary one would.  gRPC's metrics count a Pages (or Stream) call once, so
+# each request on it is counted and timed here (node.metrics.StreamMetrics).
 #
 # The stream RPCs (Stream, Pages) and the bulk ones (PutBatch, GetBatch) are served raw
 # (add_tmem_to_server): their requests arrive as (keys, a view of the pages in the received bytes)

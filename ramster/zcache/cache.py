@@ -15,9 +15,8 @@
 # (a kind of its handle, no extra byte).  So a pass that reads a region once (a scan, a backup,
 # a client faulting pages in that it then keeps) leaves its copies where they are, costing no
 # flushes to holders and no churn, while a page read again is hot and comes home (as Linux's LRU
-# activates a page only on its second access).  Ephemeral pools
-# (cleancache) lose a page on get; persistent pools (frontswap) keep it unless the get is
-# exclusive.
+# activates a page only on its second access).  Ephemeral pools (cleancache) lose a page on get;
+# persistent pools (frontswap) keep it unless the get is exclusive.
 #
 # Batches are the core paths (single put/get wrap them): per-page Python overhead is what limits
 # an engine whose budget is a small multiple of one LZ4 call.  The index of a put batch is written

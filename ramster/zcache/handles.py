@@ -5,6 +5,7 @@
 #     SAME     only its repeated 8-byte word, in the shared same-filled table
 #     EVICTED  outside RAM: the low bits are a location the evictor (chain) gave for it
 #     EVICTED_READ  the same, and read once since it was evicted: the next get brings it home
+#              if the pool has room
 #
 # The two evicted kinds are the highest, so `kind >= EVICTED` asks "evicted?".
 #
