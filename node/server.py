@@ -275,11 +275,12 @@ class Node:
             await self._nbd.stop(grace)
         self.gate.draining = True
         if self._servicer:  # page streams end as new page calls are refused
-            self._servicer.drain()
+            self._servicer.pages.drain()
         await self._health.enter_graceful_shutdown()
         await self._peer_health.enter_graceful_shutdown()
         if self.remote:  # owners copy what we hold elsewhere while we still serve it
             await self.remote.leave(timeout=grace)
+            self.remote.servicer.fetches.drain()  # then their fetch calls end
         # new calls meet the gate (UNAVAILABLE) until the running ones are done; only then does
         # the server stop, which would cancel late arrivals instead
         await self.gate.idle(max(0.0, deadline - time.monotonic()))

@@ -28,10 +28,10 @@
 # bulk load its tail is shorter too (`ramster bench latency`).  A get there is the unary Get's
 # operation (a corrupt page fails with DATA_LOSS and its reason); a batch of more than one page is
 # refused (INVALID_ARGUMENT: batches go through Stream).  Each request is announced to
-# node.fairness.SmallFirst while it is served.  A Pages stream would hold a drain forever (it is
-# open as long as its client), so drain() ends every one: at once if it awaits a request, else once
-# its reply is written; it ends with UNAVAILABLE, and the client's next call meets the gate's
-# UNAVAILABLE, as a unary one would.  gRPC's metrics count a Pages (or Stream) call once, so
+# node.fairness.SmallFirst while it is served.  A Pages stream is open as long as its client, so a
+# drain ends every one (node/draining.py): at once if it awaits a request, else once its reply is
+# written; it ends with UNAVAILABLE, and the client's next call meets the gate's UNAVAILABLE, as a
+# unary one would.  gRPC's metrics count a Pages (or Stream) call once, so
 # each request on it is counted and timed here (node.metrics.StreamMetrics).
 #
 # The stream RPCs (Stream, Pages) and the bulk ones (PutBatch, GetBatch) are served raw
@@ -63,6 +63,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from node.draining import Drain
 from node.engine import ChunkedEngine, Prefetch
 from node.fairness import ClientTurns, SmallFirst
 from node.metrics import StreamMetrics
@@ -159,8 +160,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         self.remote_stats = remote_stats  # the ramster layer's counters, with peers
         self.turns = ClientTurns(CLIENT_PARTS)
         self.small_first = small_first
-        self.draining = False  # set by drain(): Pages streams end
-        self._reading: set[asyncio.Task[None]] = set()  # Pages handlers awaiting a request
+        self.pages = Drain()  # Pages streams, which end when the node drains
 
     # -- tenants ------------------------------------------------------------------------------
     def _pool(self, pool: int) -> int:
@@ -441,23 +441,10 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
         """Pages: each single-page request served as soon as it is read, its reply's bytes
-        written before the next is read; UNAVAILABLE once the node drains (drain())."""
-        task = asyncio.current_task()
-        assert task is not None
+        written before the next is read; UNAVAILABLE once the node drains (self.pages)."""
         small_first = self.small_first
-        while not self.draining:
-            self._reading.add(task)
-            try:
-                req, blob = await anext(requests)
-            except StopAsyncIteration:
-                return
-            except asyncio.CancelledError:
-                if not self.draining:  # the call was cancelled, not ended by drain()
-                    raise
-                task.uncancel()
-                break
-            finally:
-                self._reading.discard(task)
+        while (request := await self.pages.next(requests)) is not None:
+            req, blob = request
             if small_first is not None:
                 small_first.arrive()
             try:
@@ -469,14 +456,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
                 if small_first is not None:
                     small_first.leave()
             yield reply
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
-
-    def drain(self) -> None:
-        """End every Pages stream: those awaiting a request now, the others once their current
-        reply is written (the node drains: new page calls are refused, as unary ones are)."""
-        self.draining = True
-        for task in self._reading:
-            task.cancel()
+        if self.pages.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
 
     async def _page_call(self, req: pb.StreamRequest, blob: memoryview) -> Reply:
         """One Pages request's reply: a get as a unary Get (a corrupt page is DATA_LOSS), the

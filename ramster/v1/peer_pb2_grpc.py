@@ -49,6 +49,11 @@ class PeerStub:
                 request_serializer=ramster_dot_v1_dot_peer__pb2.GetZpagesRequest.SerializeToString,
                 response_deserializer=ramster_dot_v1_dot_peer__pb2.GetZpagesResponse.FromString,
                 _registered_method=True)
+        self.FetchZpages = channel.stream_stream(
+                '/ramster.v1.Peer/FetchZpages',
+                request_serializer=ramster_dot_v1_dot_peer__pb2.GetZpagesRequest.SerializeToString,
+                response_deserializer=ramster_dot_v1_dot_peer__pb2.GetZpagesResponse.FromString,
+                _registered_method=True)
         self.FlushZpages = channel.unary_unary(
                 '/ramster.v1.Peer/FlushZpages',
                 request_serializer=ramster_dot_v1_dot_peer__pb2.FlushZpagesRequest.SerializeToString,
@@ -87,6 +92,17 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchZpages(self, request_iterator, context):
+        """GetZpages on one long-lived call: each request is answered, in order, by its reply, so a
+        fetch costs one message each way instead of a call's set-up (an owner keeps one per holder
+        and fetches through it).  A request that fails a check ends the call with INVALID_ARGUMENT;
+        every request of a call must name the same owner; a holder that stops ends its calls with
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FlushZpages(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -118,6 +134,11 @@ def add_PeerServicer_to_server(servicer, server):
             ),
             'GetZpages': grpc.unary_unary_rpc_method_handler(
                     servicer.GetZpages,
+                    request_deserializer=ramster_dot_v1_dot_peer__pb2.GetZpagesRequest.FromString,
+                    response_serializer=ramster_dot_v1_dot_peer__pb2.GetZpagesResponse.SerializeToString,
+            ),
+            'FetchZpages': grpc.stream_stream_rpc_method_handler(
+                    servicer.FetchZpages,
                     request_deserializer=ramster_dot_v1_dot_peer__pb2.GetZpagesRequest.FromString,
                     response_serializer=ramster_dot_v1_dot_peer__pb2.GetZpagesResponse.SerializeToString,
             ),
@@ -211,6 +232,33 @@ class Peer:
             request,
             target,
             '/ramster.v1.Peer/GetZpages',
+            ramster_dot_v1_dot_peer__pb2.GetZpagesRequest.SerializeToString,
+            ramster_dot_v1_dot_peer__pb2.GetZpagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchZpages(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ramster.v1.Peer/FetchZpages',
             ramster_dot_v1_dot_peer__pb2.GetZpagesRequest.SerializeToString,
             ramster_dot_v1_dot_peer__pb2.GetZpagesResponse.FromString,
             options,

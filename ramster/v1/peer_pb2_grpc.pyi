@@ -55,6 +55,13 @@ class PeerStub:
     """
     PutZpages: _grpc.UnaryUnaryMultiCallable[_peer_pb2.PutZpagesRequest, _peer_pb2.PutZpagesResponse]
     GetZpages: _grpc.UnaryUnaryMultiCallable[_peer_pb2.GetZpagesRequest, _peer_pb2.GetZpagesResponse]
+    FetchZpages: _grpc.StreamStreamMultiCallable[_peer_pb2.GetZpagesRequest, _peer_pb2.GetZpagesResponse]
+    """GetZpages on one long-lived call: each request is answered, in order, by its reply, so a
+    fetch costs one message each way instead of a call's set-up (an owner keeps one per holder
+    and fetches through it).  A request that fails a check ends the call with INVALID_ARGUMENT;
+    every request of a call must name the same owner; a holder that stops ends its calls with
+    UNAVAILABLE.
+    """
     FlushZpages: _grpc.UnaryUnaryMultiCallable[_peer_pb2.FlushZpagesRequest, _peer_pb2.FlushZpagesResponse]
     Reclaim: _grpc.UnaryStreamMultiCallable[_peer_pb2.ReclaimRequest, _peer_pb2.ReclaimChunk]
     """An owner back from a restart (same node id, new incarnation) asks what the holder keeps for
@@ -75,6 +82,13 @@ class PeerAsyncStub(PeerStub):
     """
     PutZpages: _aio.UnaryUnaryMultiCallable[_peer_pb2.PutZpagesRequest, _peer_pb2.PutZpagesResponse]  # type: ignore[assignment]
     GetZpages: _aio.UnaryUnaryMultiCallable[_peer_pb2.GetZpagesRequest, _peer_pb2.GetZpagesResponse]  # type: ignore[assignment]
+    FetchZpages: _aio.StreamStreamMultiCallable[_peer_pb2.GetZpagesRequest, _peer_pb2.GetZpagesResponse]  # type: ignore[assignment]
+    """GetZpages on one long-lived call: each request is answered, in order, by its reply, so a
+    fetch costs one message each way instead of a call's set-up (an owner keeps one per holder
+    and fetches through it).  A request that fails a check ends the call with INVALID_ARGUMENT;
+    every request of a call must name the same owner; a holder that stops ends its calls with
+    UNAVAILABLE.
+    """
     FlushZpages: _aio.UnaryUnaryMultiCallable[_peer_pb2.FlushZpagesRequest, _peer_pb2.FlushZpagesResponse]  # type: ignore[assignment]
     Reclaim: _aio.UnaryStreamMultiCallable[_peer_pb2.ReclaimRequest, _peer_pb2.ReclaimChunk]  # type: ignore[assignment]
     """An owner back from a restart (same node id, new incarnation) asks what the holder keeps for
@@ -110,6 +124,19 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         request: _peer_pb2.GetZpagesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.GetZpagesResponse, _abc.Awaitable[_peer_pb2.GetZpagesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def FetchZpages(
+        self,
+        request_iterator: _MaybeAsyncIterator[_peer_pb2.GetZpagesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_peer_pb2.GetZpagesResponse], _abc.AsyncIterator[_peer_pb2.GetZpagesResponse]]:
+        """GetZpages on one long-lived call: each request is answered, in order, by its reply, so a
+        fetch costs one message each way instead of a call's set-up (an owner keeps one per holder
+        and fetches through it).  A request that fails a check ends the call with INVALID_ARGUMENT;
+        every request of a call must name the same owner; a holder that stops ends its calls with
+        UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def FlushZpages(

@@ -162,10 +162,10 @@ def test_ephemeral_pages_may_go_but_never_come_back_wrong(
 
 
 class LyingPeer(PeerServicer):
-    """A holder that flips one byte of every zpage it returns."""
+    """A holder that flips one byte of every zpage it returns (unary or on a fetch call)."""
 
-    async def GetZpages(self, request, context):  # type: ignore[no-untyped-def]
-        reply = await super().GetZpages(request, context)
+    def _get(self, request):  # type: ignore[no-untyped-def]
+        reply = super()._get(request)
         blob = bytearray(reply.zpages)
         at = 0
         for size in reply.sizes:

@@ -23,6 +23,7 @@ class Pair:
     holder: ForeignStore
     address: str
     owner: OwnerTag
+    servicer: PeerServicer
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ async def pair() -> AsyncIterator[Pair]:
     await server.start()
     identity = Identity("owner", "o" * 32)
     transport = GrpcTransport(identity, Sealer(KEY, "owner"), timeout=10)
-    yield Pair(transport, holder, f"127.0.0.1:{port}", OwnerTag("owner", "o" * 32))
+    yield Pair(transport, holder, f"127.0.0.1:{port}", OwnerTag("owner", "o" * 32), servicer)
     await transport.close()
     await server.stop(0)
     holder.close()

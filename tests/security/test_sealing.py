@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -131,15 +132,16 @@ async def test_a_raw_zpage_is_refused_without_a_call(
 
 
 class LyingHolder(peer_pb2_grpc.PeerServicer):
-    """A holder whose GetZpages replies do not match what was asked."""
+    """A holder whose fetch replies do not match what was asked."""
 
     def __init__(self, reply: pb.GetZpagesResponse) -> None:
         self.reply = reply
 
-    async def GetZpages(
-        self, request: pb.GetZpagesRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetZpagesResponse:
-        return self.reply
+    async def FetchZpages(  # type: ignore[override]
+        self, requests: AsyncIterator[pb.GetZpagesRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GetZpagesResponse]:
+        async for _ in requests:
+            yield self.reply
 
 
 @pytest.mark.parametrize(

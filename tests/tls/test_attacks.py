@@ -103,6 +103,11 @@ async def test_peer_api_refuses_who_is_not_the_claimed_node(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             _ = [c async for c in stub.Reclaim(pb.ReclaimRequest(owner=owner("n2")), timeout=5)]
         assert err.value.code() is DENIED
+        fetch = pb.GetZpagesRequest(owner=owner("n2"), epoch=1, slots=[1])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            _ = [c async for c in stub.FetchZpages(iter([fetch]), timeout=5)]
+        assert err.value.code() is DENIED
+        assert why in (err.value.details() or "")
     assert tls_node.remote is not None and tls_node.remote.foreign.pages == 0
 
 
