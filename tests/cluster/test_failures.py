@@ -7,7 +7,7 @@ import signal
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import grpc
 import pytest
@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node.peering import Identity, PeerServicer
 from ramster.bench.corpus import load_corpus
-from ramster.client import AsyncClient, Client, KeyRange
+from ramster.client import AsyncClient, Client, KeyRange, PageUnavailable
 from ramster.client.cluster import LocalCluster, free_ports
 from ramster.client.local import LocalNode
 from ramster.remote import ForeignStore
@@ -137,13 +137,32 @@ def test_frozen_peer_does_not_hang_gets(cluster: LocalCluster, corpus: list[byte
     client, pool = fill(cluster, pages)
     frozen = cluster.nodes[1]
     frozen.send_signal(signal.SIGSTOP)
+    singles = range(0, len(pages), len(pages) // 40)
     try:
         started = time.monotonic()
         verify(client, pool, pages)  # every page has a copy on the other peer
         assert time.monotonic() - started < 30
+        single_gets(client, pool, pages, singles)  # the owner's small fetches: one call each
     finally:
         frozen.send_signal(signal.SIGCONT)
+    single_gets(client, pool, pages, [i + 1 for i in singles])  # a new call once thawed
     client.close()
+
+
+def single_gets(client: Client, pool: int, pages: list[bytes], indexes: Iterable[int]) -> None:
+    """Each page by a one-page get (the owner fetches it on its fetch call to a holder),
+    asked again while it is UNAVAILABLE (no holder answered in time), for a while."""
+    for i in indexes:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                got = client.get(pool, 7, i)
+                break
+            except PageUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert got == pages[i], f"page {i}"
 
 
 @pytest.mark.slow
