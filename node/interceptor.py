@@ -27,7 +27,8 @@
 # client address (node.tenants.client_of), counted from the moment a client stream is admitted
 # until it ends; one more fails at once with RESOURCE_EXHAUSTED, so a client that opens streams
 # without end holds at most that many of the node's stream states, and other clients' calls go
-# on.  Unary calls are not counted: each holds the node for one request only.
+# on.  Peer API streams (an owner's fetch call, a Reclaim) count per peer address, apart from
+# client streams.  Unary calls are not counted: each holds the node for one request only.
 #
 # A small client call (node.servicer.SMALL) is announced to node.fairness.SmallFirst as soon as
 # it is intercepted, before gRPC reads its message, and leaves when its handler ends, so bulk
@@ -48,9 +49,10 @@ from google.protobuf.message import DecodeError
 
 from node.fairness import SmallFirst
 from node.metrics import GrpcMetrics
+from node.peering import PEER_SERVICE
 from node.servicer import SMALL
 from node.status import go_code_name
-from node.tenants import CALLER, Tenants, client_of
+from node.tenants import CALLER, Tenants, address_of, client_of
 from ramster.v1 import tmem_pb2
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -246,6 +248,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     client = None
                     if tenants is not None:
                         client = client_of(CALLER.get(), str(context.peer() or ""))
+                    elif service == PEER_SERVICE:
+                        client = "peer " + address_of(str(context.peer() or ""))
                     if client is not None and not streams.enter(client):
                         await context.abort(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,

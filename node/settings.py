@@ -410,7 +410,8 @@ class Settings:
         metadata=meta(
             parse_stream_count,
             "client streams one client may have open at once (a tenant with --tokens, a client "
-            "address without); past it a new stream is RESOURCE_EXHAUSTED",
+            "address without), and peer API streams one peer address may; past it a new stream "
+            "is RESOURCE_EXHAUSTED",
             "N",
         ),
     )

@@ -87,8 +87,12 @@ def client_of(tenant: Tenant, peer: str) -> str:
     """Who a call counts as for per-client limits: its tenant when it has one (a tokens file is
     in use), else its client address without the port (gRPC's peer: "ipv4:127.0.0.1:5555",
     "ipv6:[::1]:5555"); every caller over a Unix socket is one client, "local"."""
-    if tenant.name:
-        return "tenant:" + tenant.name
+    return "tenant:" + tenant.name if tenant.name else address_of(peer)
+
+
+def address_of(peer: str) -> str:
+    """Who a call counts as by its address alone: the client address without the port, or
+    "local" for every caller over a Unix socket."""
     return "address:" + peer.rpartition(":")[0] if peer.startswith("ipv") else "local"
 
 

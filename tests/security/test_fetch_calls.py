@@ -1,11 +1,14 @@
 # FetchZpages, the long-lived fetch call an owner keeps to each holder: replies come in order,
 # one call speaks for one owner, a bad request ends it with INVALID_ARGUMENT, a holder's drain
 # ends it with UNAVAILABLE; and the owner's transport gives up on a frozen holder at its deadline
-# and fetches through a new call once the holder answers again.
+# and fetches through a new call once the holder answers again.  On a node: fetch calls count
+# against --max-streams per peer address, and a graceful stop ends idle ones at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,10 +16,13 @@ import pytest
 
 from node.peering import GrpcTransport, Identity, PeerServicer
 from node.sealing import Sealer
+from node.server import Node
+from node.settings import HostPort
 from ramster.remote import ForeignStore
 from ramster.remote.table import SLOT_BITS
 from ramster.v1 import peer_pb2 as pb
 from ramster.v1 import peer_pb2_grpc
+from tests.node.conftest import node_settings
 from tests.security.conftest import KEY, Pair
 
 OWNER = pb.Owner(node_id="owner", incarnation="o" * 32)
@@ -136,3 +142,52 @@ async def test_the_transport_gives_up_on_a_frozen_holder_and_fetches_again_later
         await transport.close()
         await server.stop(0)
         holder.close()
+
+
+@pytest.fixture
+async def holder_node(tmp_path: Path) -> AsyncIterator[Node]:
+    settings = node_settings(tmp_path, peers=(HostPort("127.0.0.1", 1),), max_streams=2)
+    started = Node(settings)
+    await started.start()
+    yield started
+    await started.stop(grace=1)
+
+
+async def test_fetch_calls_are_limited_per_peer_address(holder_node: Node) -> None:
+    async with grpc.aio.insecure_channel(holder_node.peer_target) as channel:
+        peer = peer_pb2_grpc.PeerStub(channel)  # type: ignore[no-untyped-call]
+        await put(peer, OWNER, [b"z" * 300])
+        calls = [peer.FetchZpages() for _ in range(2)]
+        for call in calls:
+            await call.write(fetch([0]))
+            assert (await call.read()).zpages == b"z" * 300
+        third = peer.FetchZpages(iter([fetch([0])]))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await third.read()
+        assert failed.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-streams" in (failed.value.details() or "")
+        got = await peer.GetZpages(fetch([0]))  # unary calls go on
+        assert got.zpages == b"z" * 300
+        await calls[0].done_writing()
+        assert await calls[0].read() is grpc.aio.EOF
+        again = peer.FetchZpages()  # an ended call counts no more
+        await again.write(fetch([0]))
+        assert (await again.read()).zpages == b"z" * 300
+
+
+async def test_a_graceful_stop_ends_idle_fetch_calls_without_waiting_its_grace(
+    tmp_path: Path,
+) -> None:
+    node = Node(node_settings(tmp_path, peers=(HostPort("127.0.0.1", 1),)))
+    await node.start()
+    async with grpc.aio.insecure_channel(node.peer_target) as channel:
+        peer = peer_pb2_grpc.PeerStub(channel)  # type: ignore[no-untyped-call]
+        idle = peer.FetchZpages()  # (holding nothing, the node has nothing to wait for)
+        await idle.write(fetch([0]))
+        assert list((await idle.read()).sizes) == [0]
+        started = time.monotonic()
+        await node.stop(grace=30)
+        assert time.monotonic() - started < 10
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await idle.read()
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
