@@ -10,13 +10,14 @@
 # the client API, each blob's size against what a frame holds, sizes adding up to the blob, no
 # slot twice in a put), and a request that fails any check is INVALID_ARGUMENT with nothing changed.
 #
-# Sealing happens here, in the transport, so the ramster layer keeps handling plain zpages: put
-# seals each zpage under the owner's key (node/sealing.py) bound to its pool and location (the
-# version), and sends the location's slot beside it, which the holder files it under; get opens
-# what comes back, and a blob that does not open comes back as b"" (a damaged copy: the driver
-# counts it and tries the next holder).  A zpage whose sealed blob fits no holder frame (a raw,
-# incompressible page) is refused without a call, so the owner keeps it on its disk.  Calls are
-# cut into batches of MAX_BATCH_PAGES slots, the limit the servicer enforces.
+# Sealing happens here, in the transport, so the ramster layer keeps handling plain zpages:
+# `seal` seals a zpage under the owner's key (node/sealing.py) bound to its pool and location
+# (the version) but not to a holder, so the driver seals each zpage once and sends that blob to
+# every holder of a copy; put sends the location's slot beside each blob, which the holder files
+# it under; get opens what comes back, and a blob that does not open comes back as b"" (a
+# damaged copy: the driver counts it and tries the next holder).  A blob that fits no holder
+# frame (a raw, incompressible page) is refused without a call, so the owner keeps it on its
+# disk.  Calls are cut into batches of MAX_BATCH_PAGES slots, the limit the servicer enforces.
 #
 # Identity (with TLS): the peer listener is mTLS, and PeerAuthInterceptor, the innermost
 # interceptor of that listener, admits a call only if the caller's CA-signed certificate names a
@@ -387,15 +388,17 @@ class GrpcTransport:
             tuple(a for a in reply.members[:MAX_MEMBERS] if valid_address(a)),
         )
 
+    def seal(self, pool_id: int, location: int, zpage: bytes) -> bytes:
+        """`zpage` sealed for its holders: bound to owner, pool and location, not to a holder."""
+        return self.sealer.seal(pool_id, location, zpage)
+
     async def put(
-        self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
+        self, address: str, epoch: int, pool_id: int, blobs: list[bytes], locations: list[int]
     ) -> list[bool]:
-        """Seal and place zpages; per zpage whether the peer stored it (False without a call
-        for one whose sealed blob fits no holder frame)."""
-        seal = self.sealer.seal
-        blobs = [seal(pool_id, loc, zpage) for loc, zpage in zip(locations, zpages, strict=True)]
+        """Place sealed zpages (`seal`'s); per blob whether the peer stored it (False without
+        a call for one that fits no holder frame)."""
         sendable = [i for i, blob in enumerate(blobs) if blob_fits(len(blob))]
-        stored = [False] * len(zpages)
+        stored = [False] * len(blobs)
         for start in range(0, len(sendable), MAX_BATCH_PAGES):
             part = sendable[start : start + MAX_BATCH_PAGES]
             reply = await self._stub(address).PutZpages(

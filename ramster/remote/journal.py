@@ -206,8 +206,10 @@ class Journal:
     def key(self, location: int, pool_id: int, allocator: str, oid: int, index: int) -> None:
         self._buffer += self._key(location, pool_id, allocator, oid, index)
 
-    def holder(self, location: int, address: str) -> None:
-        self._buffer += RECORD.pack(HOLDER, 0, self.slot(address), 0, 0, location, 0)
+    def holders(self, locations: Iterable[int], address: str) -> None:
+        """HOLDER records for copies of `locations` on `address` (a put's reply)."""
+        slot, pack = self.slot(address), RECORD.pack
+        self._buffer += b"".join([pack(HOLDER, 0, slot, 0, 0, loc, 0) for loc in locations])
 
     def drop(self, location: int, address: str) -> None:
         self._buffer += RECORD.pack(DROP, 0, self.slot(address), 0, 0, location, 0)

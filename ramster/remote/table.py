@@ -188,7 +188,8 @@ class RemoteTable:
             self.disk = None
 
     # -- holders ----------------------------------------------------------------------------
-    def _bit(self, address: str) -> int:
+    def bit(self, address: str) -> int:
+        """The bit of `address` in the holders column (given it now if it has none)."""
         bit = self.bits.get(address)
         if bit is None:
             used = set(self.bits.values())
@@ -213,7 +214,7 @@ class RemoteTable:
         )
 
     def add_holder(self, location: int, address: str) -> None:
-        slot, mask = location & SLOT_MASK, 1 << self._bit(address)
+        slot, mask = location & SLOT_MASK, 1 << self.bit(address)
         if not self.holders[slot] & mask:
             self.holders[slot] |= mask
             self.copies[address] += 1
