@@ -203,8 +203,17 @@ class Journal:
     def _key(location: int, pool_id: int, allocator: str, oid: int, index: int) -> bytes:
         return RECORD.pack(KEY, ALLOCATORS.index(allocator), 0, index, pool_id, location, oid)
 
-    def key(self, location: int, pool_id: int, allocator: str, oid: int, index: int) -> None:
-        self._buffer += self._key(location, pool_id, allocator, oid, index)
+    def keys(
+        self, locations: list[int], pool_id: int, allocator: str, keys: list[tuple[int, int]]
+    ) -> None:
+        """KEY records: each of `locations` stands for the page of its (oid, index) in `keys`."""
+        alloc, pack = ALLOCATORS.index(allocator), RECORD.pack
+        self._buffer += b"".join(
+            [
+                pack(KEY, alloc, 0, index, pool_id, location, oid)
+                for location, (oid, index) in zip(locations, keys, strict=True)
+            ]
+        )
 
     def holders(self, locations: Iterable[int], address: str) -> None:
         """HOLDER records for copies of `locations` on `address` (a put's reply)."""

@@ -470,26 +470,20 @@ class RamsterLayer:
         return self.config.outbox_limit - len(self._bytes)
 
     def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
-        room = self._outbox_room()
-        if self.closing or room <= 0 or self.membership.choose(set()) is None:
-            self.stats.outbox_refused += len(zpages)
-            return [0] * len(zpages)
-        out = []
-        for zpage in zpages:
-            if room <= 0:
-                out.append(0)
-                self.stats.outbox_refused += 1
-                continue
-            location = self.table.new(pool_id, allocator)
-            if self.journal is not None:
-                self.journal.key(location, pool_id, allocator, *zpage_key(zpage))
-            self._bytes[location] = zpage
-            self._pending.append(location)
-            self.outbox_bytes += len(zpage)
-            room -= 1
-            out.append(location)
-        self.wake()
-        return out
+        taken = zpages[: max(0, self._outbox_room())]
+        if self.closing or not self.membership.has_room():
+            taken = []
+        locations = self.table.new_many(pool_id, allocator, len(taken))
+        if self.journal is not None:
+            self.journal.keys(locations, pool_id, allocator, [zpage_key(z) for z in taken])
+        self._bytes.update(zip(locations, taken, strict=True))
+        self._pending.extend(locations)
+        self.outbox_bytes += sum(map(len, taken))
+        refused = len(zpages) - len(taken)
+        self.stats.outbox_refused += refused
+        if taken:
+            self.wake()
+        return locations + [0] * refused
 
     def load(self, pool_id: int, location: int) -> bytes:
         if location not in self.table:
@@ -651,36 +645,39 @@ class RamsterLayer:
         address = plan.address
         peer = self.membership.peers.get(address)
         current = peer is not None and peer.epoch == plan.epoch
-        table, sending_of, damaged = self.table, self._sending, self._damaged
-        if current and any(stored):
-            table.bit(address)  # before `counted`: its first copy may give it its bit
-        counted = self._counted()
-        held: list[int] = []
+        table, sending_of, tried = self.table, self._sending, self._tried
+        kept: list[int] = []  # the plan's locations still in the table
+        held: list[int] = []  # those the peer now holds
         for (location, pool_id, _), ok in zip(plan.items, stored, strict=True):
             if location not in table:  # forgotten while in flight: take back its copy
                 if ok:
                     self._owe_flush(address, FlushItem(plan.epoch, pool_id, slot_of(location)))
                 continue
+            kept.append(location)
             sending = sending_of.get(location)
             if sending is not None:
                 sending.discard(address)
                 if not sending:
                     del sending_of[location]
             if ok and current:
-                table.add_holder(location, address)
-                if location in damaged:
-                    self._forget_damage(location, address)
                 held.append(location)
             else:
-                self._tried[location] = self._tried.get(location, NOBODY) | {address}
+                tried[location] = tried.get(location, NOBODY) | {address}
                 self.stats.remote_refused += 1
+        if held:
+            table.add_holders(held, address)
+            if self._damaged:
+                for location in self._damaged.keys() & held:
+                    self._forget_damage(location, address)
+            self.stats.remote_puts += len(held)
+            if self.journal is not None:
+                self.journal.holders(held, address)
+        counted = self._counted()
+        for location in kept:
             if self._needed(location, counted) > 0:
                 self._pending.append(location)  # take_sends places more copies, or settles
-            elif not sending:
+            elif location not in sending_of:
                 self._settle(location)  # every copy it wants is placed: its bytes go
-        self.stats.remote_puts += len(held)
-        if self.journal is not None:
-            self.journal.holders(held, address)
         self._commit()
 
     def _forget_damage(self, location: int, address: str) -> None:

@@ -216,6 +216,10 @@ class Membership:
     def placeable(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.placeable]
 
+    def has_room(self) -> bool:
+        """Whether some peer can take a zpage now."""
+        return any(p.placeable for p in self.peers.values())
+
     def choose(self, exclude: set[str], among: list[Peer] | None = None) -> Peer | None:
         """A placeable peer not in `exclude` (from `among`, a `placeable()` list taken since
         nothing changed, if given): the roomier of two random candidates."""

@@ -42,6 +42,7 @@ SLOT_LIMIT = 1 << SLOT_BITS
 SLOT_MASK = SLOT_LIMIT - 1
 MAX_GEN = 0xFFFF
 MAX_HOLDER_PEERS = 32
+GROW_SLOTS = 256  # slots the columns grow by when none is free (~2 KiB: a page's worth each)
 _WIDER = {"B": "H", "H": "I"}
 _LARGEST = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFFFFFF}
 
@@ -86,16 +87,30 @@ class RemoteTable:
 
     # -- locations --------------------------------------------------------------------------
     def new(self, pool_id: int, allocator: str) -> int:
-        if self._free:
-            slot = self._free.pop()
-            gen = max(self.gen[slot] + 1, self.floor) & MAX_GEN
-        else:
-            slot, gen = len(self.pool), self.floor & MAX_GEN
-            self._grow(slot + 1)
-        self.gen[slot] = gen
-        self.high = max(self.high, gen)
-        self._take(slot, pool_id, allocator)
-        return gen << SLOT_BITS | slot
+        return self.new_many(pool_id, allocator, 1)[0]
+
+    def new_many(self, pool_id: int, allocator: str, count: int) -> list[int]:
+        """`count` new locations in pool `pool_id`: free slots, each at its next generation
+        (the columns grow GROW_SLOTS slots at a time when none is free)."""
+        if len(self._free) < count:
+            start = len(self.pool)
+            self._grow(start + max(count - len(self._free), GROW_SLOTS))
+            self._free[0:0] = array("I", range(len(self.pool) - 1, start - 1, -1))  # used last
+        number = self._numbers.get(pool_id)
+        if number is None:
+            number = self._number(pool_id, allocator)
+        free, gen, pool, floor, high = self._free, self.gen, self.pool, self.floor, self.high
+        out = []
+        for _ in range(count):
+            slot = free.pop()
+            g = gen[slot] = max(gen[slot] + 1, floor) & MAX_GEN
+            pool[slot] = number
+            high = max(high, g)
+            out.append(g << SLOT_BITS | slot)
+        self.high = high
+        self._pool_pages[number] += count
+        self.count += count
+        return out
 
     def restore(self, location: int, pool_id: int, allocator: str) -> None:
         """Put back a location recovered from the journal, under its old number."""
@@ -104,7 +119,12 @@ class RemoteTable:
             self._free.extend(range(len(self.pool), slot + 1))
             self._grow(slot + 1)
         self.gen[slot] = location >> SLOT_BITS
-        self._take(slot, pool_id, allocator)
+        number = self._numbers.get(pool_id)
+        if number is None:
+            number = self._number(pool_id, allocator)
+        self.pool[slot] = number
+        self._pool_pages[number] += 1
+        self.count += 1
 
     def _grow(self, size: int) -> None:
         """Every column `size` slots long, the new slots unused."""
@@ -112,14 +132,6 @@ class RemoteTable:
         for column in (self.gen, self.pool, self.holders, self.disk):
             if column is not None:
                 column.frombytes(bytes(more * column.itemsize))
-
-    def _take(self, slot: int, pool_id: int, allocator: str) -> None:
-        number = self._numbers.get(pool_id)
-        if number is None:
-            number = self._number(pool_id, allocator)
-        self.pool[slot] = number
-        self._pool_pages[number] += 1
-        self.count += 1
 
     def _number(self, pool_id: int, allocator: str) -> int:
         """A number for a pool that has no live slot."""
@@ -214,10 +226,18 @@ class RemoteTable:
         )
 
     def add_holder(self, location: int, address: str) -> None:
-        slot, mask = location & SLOT_MASK, 1 << self.bit(address)
-        if not self.holders[slot] & mask:
-            self.holders[slot] |= mask
-            self.copies[address] += 1
+        self.add_holders([location], address)
+
+    def add_holders(self, locations: list[int], address: str) -> None:
+        """`address` holds a copy of each of `locations`."""
+        mask, holders = 1 << self.bit(address), self.holders
+        added = 0
+        for location in locations:
+            slot = location & SLOT_MASK
+            if not holders[slot] & mask:
+                holders[slot] |= mask
+                added += 1
+        self.copies[address] += added
 
     def drop_holder(self, location: int, address: str) -> bool:
         """Remove `address` from the holders of `location`; whether it was one."""
