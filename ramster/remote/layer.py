@@ -564,6 +564,7 @@ class RamsterLayer:
         defer = []
         table, membership, outbox = self.table, self.membership, self._bytes
         sending_of, tried, pending = self._sending, self._tried, self._pending
+        replicas, holders = self.config.replicas, table.holders
         among = [p for p in membership.placeable() if table.can_hold(p.address)]
         counted = self._counted()
         while pending and budget > 0:
@@ -574,7 +575,9 @@ class RamsterLayer:
             need = self._needed(location, counted)
             sending = sending_of.get(location)
             chosen: list[Peer] = []
-            if need > 0:
+            if need == replicas and not holders[location & SLOT_MASK] and location not in tried:
+                chosen = membership.choose_many(need, NOBODY, among)  # no copy anywhere yet
+            elif need > 0:
                 exclude = {*table.holders_of(location), *(sending or ()), *tried.get(location, ())}
                 chosen = membership.choose_many(need, exclude, among)
             if chosen:
