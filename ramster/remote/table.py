@@ -22,7 +22,9 @@
 #
 # Freed slots are reused (a free list), with their generation bumped (and, after a restart,
 # started above every generation the journal saw), so a location is never handed out twice for
-# different versions of a page (the owner seals copies with it, and the journal names it).
+# different versions of a page (the owner seals copies with it, and the journal names it).  The
+# columns grow GROW_SLOTS slots at a time, into the free list, and an eviction's locations are
+# taken together (`new_many`), so a new location costs a pop, not a resize of four columns.
 # Which peer holds what is found by scanning the holders column: O(pages), but only on rare
 # events (a peer down, restarted, leaving, or asked after our restart); the copies each peer
 # holds are counted as they change, for metrics.  Copies carry no epoch of their own: a copy is
@@ -86,9 +88,6 @@ class RemoteTable:
         self.copies: dict[str, int] = {}  # peer address -> copies it holds
 
     # -- locations --------------------------------------------------------------------------
-    def new(self, pool_id: int, allocator: str) -> int:
-        return self.new_many(pool_id, allocator, 1)[0]
-
     def new_many(self, pool_id: int, allocator: str, count: int) -> list[int]:
         """`count` new locations in pool `pool_id`: free slots, each at its next generation
         (the columns grow GROW_SLOTS slots at a time when none is free)."""
