@@ -15,7 +15,8 @@
 #   repairs), pass after pass while calls succeed; when a pass gets nothing through it sleeps
 #   until the layer queues new work or a heartbeat interval passes.  A peer whose call failed
 #   is a suspect, and the layer gives it no flush, send or repair until it answers a heartbeat
-#   again: retries are paced by heartbeats, never a spin.
+#   again: retries are paced by heartbeats, never a spin.  A zpage that a pass sends to several
+#   peers (its replicas) is sealed once (Transport.seal), and its blob goes to every one.
 #
 # Gets of remote pages call `prefetch()` first (the node's chunked engine once per batch): the
 # copies the layer wants are fetched from live holders, grouped by holder in calls of
@@ -64,11 +65,17 @@ class Transport(Protocol):
         cluster may answer."""
         ...
 
+    def seal(self, pool_id: int, location: int, zpage: bytes) -> bytes:
+        """`zpage`, the version of its page that `location` numbers, as it travels to holders:
+        GrpcTransport seals it under the owner's key, bound to pool and location but not to a
+        holder, so one blob serves every copy."""
+        ...
+
     async def put(
-        self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
+        self, address: str, epoch: int, pool_id: int, blobs: list[bytes], locations: list[int]
     ) -> list[bool]:
-        """Place zpages (each the version of its page that `locations` numbers) on a peer;
-        per zpage whether it was stored."""
+        """Place sealed zpages (`seal`'s blobs of the versions `locations` number) on a peer;
+        per blob whether it was stored."""
         ...
 
     async def get(
@@ -193,7 +200,8 @@ class RemoteDriver:
     async def pump(self) -> bool:
         """One pass over the layer's actions; whether any call got through.  Each peer's work
         runs in order, flushes then sends: if its flushes fail, its sends are not made (they
-        are refused, and placed elsewhere)."""
+        are refused, and placed elsewhere).  A zpage the pass sends to several peers (its
+        replicas) is sealed once, for all of them."""
         flushes: dict[str, list[Flush]] = {}
         sends: dict[str, list[Send]] = {}
         work = []
@@ -204,10 +212,16 @@ class RemoteDriver:
                 sends.setdefault(action.address, []).append(action)
             elif isinstance(action, Fetch):
                 work.append(self._fetch(action))
-        work += [self._peer_work(flushes.get(a, []), sends.get(a, [])) for a in {*flushes, *sends}]
+        sealed: dict[int, bytes] = {}  # the pass's blobs, by location
+        work += [
+            self._peer_work(flushes.get(a, []), sends.get(a, []), sealed)
+            for a in {*flushes, *sends}
+        ]
         return any(await asyncio.gather(*work))
 
-    async def _peer_work(self, flushes: list[Flush], sends: list[Send]) -> bool:
+    async def _peer_work(
+        self, flushes: list[Flush], sends: list[Send], sealed: dict[int, bytes]
+    ) -> bool:
         for flush in flushes:
             try:
                 await self.transport.flush(flush.address, flush.items)
@@ -219,12 +233,12 @@ class RemoteDriver:
             self.layer.handle(Flushed(flush, ok=True))
         ok = bool(flushes)
         for send in sends:
-            ok = await self._send(send) or ok
+            ok = await self._send(send, sealed) or ok
         return ok
 
-    async def _send(self, send: Send) -> bool:
+    async def _send(self, send: Send, sealed: dict[int, bytes]) -> bool:
         try:
-            stored = await self._put(send)
+            stored = await self._put(send, sealed)
         except Exception as exc:
             log.info("send to %s failed: %s", send.address, exc)
             self.layer.handle(Refused(send))
@@ -232,20 +246,24 @@ class RemoteDriver:
         self.layer.handle(Sent(send, tuple(stored)))
         return True
 
-    async def _put(self, send: Send) -> list[bool]:
-        """Put a Send's zpages, one call per pool they belong to."""
-        by_pool: dict[int, list[int]] = {}
-        for i, item in enumerate(send.items):
-            by_pool.setdefault(item.pool_id, []).append(i)
+    async def _put(self, send: Send, sealed: dict[int, bytes]) -> list[bool]:
+        """Put a Send's zpages, one call per pool they belong to, each sealed once per pass
+        (`sealed`, by location: its blob binds no holder)."""
+        seal = self.transport.seal
+        by_pool: dict[int, tuple[list[int], list[bytes], list[int]]] = {}
+        for i, (location, pool_id, zpage) in enumerate(send.items):
+            blob = sealed.get(location)
+            if blob is None:
+                blob = sealed[location] = seal(pool_id, location, zpage)
+            group = by_pool.get(pool_id)
+            if group is None:
+                group = by_pool[pool_id] = ([], [], [])
+            group[0].append(i)
+            group[1].append(blob)
+            group[2].append(location)
         stored = [False] * len(send.items)
-        for pool_id, idx in by_pool.items():
-            got = await self.transport.put(
-                send.address,
-                send.epoch,
-                pool_id,
-                [send.items[i].zpage for i in idx],
-                [send.items[i].location for i in idx],
-            )
+        for pool_id, (idx, blobs, locations) in by_pool.items():
+            got = await self.transport.put(send.address, send.epoch, pool_id, blobs, locations)
             for i, ok in zip(idx, got, strict=True):
                 stored[i] = ok
         return stored

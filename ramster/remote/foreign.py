@@ -12,9 +12,10 @@
 # table, ramster/remote/table.py), which the holder files it under: key (0, slot) in the owner's
 # pool.  Slots are dense, so the engine's index costs ~9 bytes per copy.  A blob is wrapped in a
 # zpage header of its own (make_zpage(0, slot, blob)), which gives the engine its key and a
-# checksum against bit rot in this node's RAM, and is unwrapped on the way out.  A blob must fit
-# a frame once wrapped: at most PAGE_SIZE - HEADER_SIZE bytes (a zbud/zsmalloc slot), or
-# exactly PAGE_SIZE (a raw frame); anything else is refused, never truncated.
+# checksum against bit rot in this node's RAM (stored as just made, without a second check),
+# and is unwrapped on the way out.  A blob must fit a frame once wrapped: at most
+# PAGE_SIZE - HEADER_SIZE bytes (a zbud/zsmalloc slot), or exactly PAGE_SIZE (a raw frame);
+# anything else is refused, never truncated.
 #
 # Limits, so that no caller can take the store from the others (the owner id is whatever the
 # request claims until the peer listener authenticates it with mTLS; then it is the certificate's):
@@ -119,8 +120,10 @@ class ForeignStore:
         if batch:
             if pool is None:
                 pool = self.pools[tag] = self.cache.create_pool(PoolKind.PERSISTENT)
+            made = [keys[i] for i in batch]
             wrapped = [make_zpage(*keys[i], blobs[i]) for i in batch]
-            for i, result in zip(batch, self.cache.store_zpages(pool, wrapped), strict=True):
+            results = self.cache.store_zpages(pool, wrapped, made)  # intact: not checked again
+            for i, result in zip(batch, results, strict=True):
                 stored[i] = not result.refused
             self._drop_if_empty(tag)
         self.refused += stored.count(False)

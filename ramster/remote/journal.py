@@ -203,11 +203,22 @@ class Journal:
     def _key(location: int, pool_id: int, allocator: str, oid: int, index: int) -> bytes:
         return RECORD.pack(KEY, ALLOCATORS.index(allocator), 0, index, pool_id, location, oid)
 
-    def key(self, location: int, pool_id: int, allocator: str, oid: int, index: int) -> None:
-        self._buffer += self._key(location, pool_id, allocator, oid, index)
+    def keys(
+        self, locations: list[int], pool_id: int, allocator: str, keys: list[tuple[int, int]]
+    ) -> None:
+        """KEY records: each of `locations` stands for the page of its (oid, index) in `keys`."""
+        alloc, pack = ALLOCATORS.index(allocator), RECORD.pack
+        self._buffer += b"".join(
+            [
+                pack(KEY, alloc, 0, index, pool_id, location, oid)
+                for location, (oid, index) in zip(locations, keys, strict=True)
+            ]
+        )
 
-    def holder(self, location: int, address: str) -> None:
-        self._buffer += RECORD.pack(HOLDER, 0, self.slot(address), 0, 0, location, 0)
+    def holders(self, locations: Iterable[int], address: str) -> None:
+        """HOLDER records for copies of `locations` on `address` (a put's reply)."""
+        slot, pack = self.slot(address), RECORD.pack
+        self._buffer += b"".join([pack(HOLDER, 0, slot, 0, 0, loc, 0) for loc in locations])
 
     def drop(self, location: int, address: str) -> None:
         self._buffer += RECORD.pack(DROP, 0, self.slot(address), 0, 0, location, 0)

@@ -138,7 +138,7 @@ class RamsterLayer:
         self.stats = LayerStats()
         self.table = RemoteTable()
         self._bytes: dict[int, bytes] = {}  # the outbox: zpages waiting for their copies
-        self._sending: dict[int, frozenset[str]] = {}  # copies in flight, by location
+        self._sending: dict[int, set[str]] = {}  # peers with a copy in flight, by location
         self._tried: dict[int, frozenset[str]] = {}  # peers that refused a copy lately
         self._damaged: dict[int, frozenset[str]] = {}  # holders whose copy failed its check
         self._pending: deque[int] = deque()  # locations that need a copy placed
@@ -442,14 +442,26 @@ class RamsterLayer:
         if locations:
             self.wake()
 
-    def _needed(self, location: int) -> int:
+    def _counted(self) -> int:
+        """The table's bits of the peers whose copies count: up and not leaving."""
         peers = self.membership.peers
-        good = 0
-        for address in self.table.holders_of(location):
+        mask = 0
+        for address, bit in self.table.bits.items():
             peer = peers.get(address)
-            good += peer is not None and peer.up and not peer.leaving
-        disk = 1 if self.table.disk_of(location) else 0
-        return self.config.replicas - good - disk - len(self._sending.get(location, NOBODY))
+            if peer is not None and peer.up and not peer.leaving:
+                mask |= 1 << bit
+        return mask
+
+    def _needed(self, location: int, counted: int | None = None) -> int:
+        """Copies `location` still wants: its replicas less those on counted peers (`counted`:
+        a `_counted()` taken since the membership and the table's bits last changed), on disk
+        and in flight."""
+        table, slot = self.table, location & SLOT_MASK
+        have = (table.holders[slot] & (self._counted() if counted is None else counted)).bit_count()
+        if table.disk is not None and table.disk[slot]:
+            have += 1
+        sending = self._sending.get(location)
+        return self.config.replicas - have - (len(sending) if sending else 0)
 
     # -- evictor interface ------------------------------------------------------------------
     def _outbox_room(self) -> int:
@@ -458,26 +470,20 @@ class RamsterLayer:
         return self.config.outbox_limit - len(self._bytes)
 
     def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
-        room = self._outbox_room()
-        if self.closing or room <= 0 or self.membership.choose(set()) is None:
-            self.stats.outbox_refused += len(zpages)
-            return [0] * len(zpages)
-        out = []
-        for zpage in zpages:
-            if room <= 0:
-                out.append(0)
-                self.stats.outbox_refused += 1
-                continue
-            location = self.table.new(pool_id, allocator)
-            if self.journal is not None:
-                self.journal.key(location, pool_id, allocator, *zpage_key(zpage))
-            self._bytes[location] = zpage
-            self._pending.append(location)
-            self.outbox_bytes += len(zpage)
-            room -= 1
-            out.append(location)
-        self.wake()
-        return out
+        taken = zpages[: max(0, self._outbox_room())]
+        if self.closing or not self.membership.has_room():
+            taken = []
+        locations = self.table.new_many(pool_id, allocator, len(taken))
+        if self.journal is not None:
+            self.journal.keys(locations, pool_id, allocator, [zpage_key(z) for z in taken])
+        self._bytes.update(zip(locations, taken, strict=True))
+        self._pending.extend(locations)
+        self.outbox_bytes += sum(map(len, taken))
+        refused = len(zpages) - len(taken)
+        self.stats.outbox_refused += refused
+        if taken:
+            self.wake()
+        return locations + [0] * refused
 
     def load(self, pool_id: int, location: int) -> bytes:
         if location not in self.table:
@@ -551,35 +557,46 @@ class RamsterLayer:
 
     # -- sending ----------------------------------------------------------------------------
     def _take_sends(self, limit: int | None = None) -> list[Send]:
-        """Assign pending zpages to peers (at most `limit` zpages); one Send per peer."""
+        """Assign pending zpages to peers (at most `limit` copies); one Send per peer, a zpage's
+        copies sharing one Placed."""
         budget = limit or self.config.send_batch * 4
         plans: dict[str, list[Placed]] = {}
         defer = []
-        table, membership = self.table, self.membership
+        table, membership, outbox = self.table, self.membership, self._bytes
+        sending_of, tried, pending = self._sending, self._tried, self._pending
+        replicas, holders = self.config.replicas, table.holders
         among = [p for p in membership.placeable() if table.can_hold(p.address)]
-        while self._pending and budget > 0:
-            location = self._pending.popleft()
-            zpage = self._bytes.get(location)
+        counted = self._counted()
+        while pending and budget > 0:
+            location = pending.popleft()
+            zpage = outbox.get(location)
             if zpage is None:
                 continue
-            need = self._needed(location)
-            sending = self._sending.get(location, NOBODY)
-            exclude = {*table.holders_of(location), *sending, *self._tried.get(location, ())}
-            pool_id = table.pool_of(location)
-            for peer in membership.choose_many(need, exclude, among):
-                sending = sending | {peer.address}
-                peer.free_bytes -= len(zpage)
-                plans.setdefault(peer.address, []).append(Placed(location, pool_id, zpage))
-                budget -= 1
-                need -= 1
-            if sending:
-                self._sending[location] = sending
-            if need > 0 and not sending:
+            need = self._needed(location, counted)
+            sending = sending_of.get(location)
+            chosen: list[Peer] = []
+            if need == replicas and not holders[location & SLOT_MASK] and location not in tried:
+                chosen = membership.choose_many(need, NOBODY, among)  # no copy anywhere yet
+            elif need > 0:
+                exclude = {*table.holders_of(location), *(sending or ()), *tried.get(location, ())}
+                chosen = membership.choose_many(need, exclude, among)
+            if chosen:
+                item = Placed(location, table.pool_of(location), zpage)
+                if sending is None:
+                    sending = sending_of[location] = set()
+                for peer in chosen:
+                    sending.add(peer.address)
+                    peer.free_bytes -= len(zpage)
+                    plans.setdefault(peer.address, []).append(item)
+                budget -= len(chosen)
+            elif sending:
+                continue  # its copies in flight settle it, or queue it again
+            elif need > 0:
                 if not self._settle_without_peers(location):
                     defer.append(location)
-            elif not sending:
+            else:
                 self._settle(location)
-        self._pending.extend(defer)
+        pending.extend(defer)
         self._commit()
         peers = self.membership.peers
         return [Send(a, peers[a].epoch, tuple(items)) for a, items in plans.items()]
@@ -624,37 +641,49 @@ class RamsterLayer:
         self._tried.pop(location, None)
 
     def _sent(self, plan: Send, stored: tuple[bool, ...]) -> None:
-        """What the peer did with each zpage of `plan` (all False if the call failed)."""
-        peer = self.membership.peers.get(plan.address)
+        """What the peer did with each zpage of `plan` (all False if the call failed).  A zpage
+        with every copy it wants settles at its last reply; one that wants more (a refusal, a
+        holder lost meanwhile) is queued to be placed again, and one with copies still in
+        flight waits for them."""
+        address = plan.address
+        peer = self.membership.peers.get(address)
         current = peer is not None and peer.epoch == plan.epoch
+        table, sending_of, tried = self.table, self._sending, self._tried
+        kept: list[int] = []  # the plan's locations still in the table
+        held: list[int] = []  # those the peer now holds
         for (location, pool_id, _), ok in zip(plan.items, stored, strict=True):
-            if location not in self.table:  # forgotten while in flight: take back its copy
+            if location not in table:  # forgotten while in flight: take back its copy
                 if ok:
-                    self._owe_flush(plan.address, FlushItem(plan.epoch, pool_id, slot_of(location)))
+                    self._owe_flush(address, FlushItem(plan.epoch, pool_id, slot_of(location)))
                 continue
-            left = self._sending.get(location, NOBODY) - {plan.address}
-            if left:
-                self._sending[location] = left
-            else:
-                self._sending.pop(location, None)
+            kept.append(location)
+            sending = sending_of.get(location)
+            if sending is not None:
+                sending.discard(address)
+                if not sending:
+                    del sending_of[location]
             if ok and current:
-                self.table.add_holder(location, plan.address)
-                self._forget_damage(location, plan.address)
-                self.stats.remote_puts += 1
-                if self.journal is not None:
-                    self.journal.holder(location, plan.address)
+                held.append(location)
             else:
-                self._tried[location] = self._tried.get(location, NOBODY) | {plan.address}
+                tried[location] = tried.get(location, NOBODY) | {address}
                 self.stats.remote_refused += 1
-            if left or self._needed(location) > 0:
+        if held:
+            table.add_holders(held, address)
+            if self._damaged:
+                for location in self._damaged.keys() & held:
+                    self._forget_damage(location, address)
+            self.stats.remote_puts += len(held)
+            if self.journal is not None:
+                self.journal.holders(held, address)
+        counted = self._counted()
+        for location in kept:
+            if self._needed(location, counted) > 0:
                 self._pending.append(location)  # take_sends places more copies, or settles
-            else:
+            elif location not in sending_of:
                 self._settle(location)  # every copy it wants is placed: its bytes go
         self._commit()
 
     def _forget_damage(self, location: int, address: str) -> None:
-        if location not in self._damaged:
-            return
         damaged = self._damaged[location] - {address}
         if damaged:
             self._damaged[location] = damaged

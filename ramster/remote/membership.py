@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -216,6 +217,10 @@ class Membership:
     def placeable(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.placeable]
 
+    def has_room(self) -> bool:
+        """Whether some peer can take a zpage now."""
+        return any(p.placeable for p in self.peers.values())
+
     def choose(self, exclude: set[str], among: list[Peer] | None = None) -> Peer | None:
         """A placeable peer not in `exclude` (from `among`, a `placeable()` list taken since
         nothing changed, if given): the roomier of two random candidates."""
@@ -229,7 +234,7 @@ class Membership:
         a, b = self._rng.sample(candidates, 2)
         return a if a.free_bytes >= b.free_bytes else b
 
-    def choose_many(self, count: int, exclude: set[str], among: list[Peer]) -> list[Peer]:
+    def choose_many(self, count: int, exclude: AbstractSet[str], among: list[Peer]) -> list[Peer]:
         """Up to `count` distinct peers as `choose` picks them one by one; when no more than
         `count` can take a copy, every one of them, with no draw (each zpage of a 3-node
         cluster's spill: a random sample per copy was ~7% of the owner's put path)."""

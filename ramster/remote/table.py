@@ -22,7 +22,9 @@
 #
 # Freed slots are reused (a free list), with their generation bumped (and, after a restart,
 # started above every generation the journal saw), so a location is never handed out twice for
-# different versions of a page (the owner seals copies with it, and the journal names it).
+# different versions of a page (the owner seals copies with it, and the journal names it).  The
+# columns grow GROW_SLOTS slots at a time, into the free list, and an eviction's locations are
+# taken together (`new_many`), so a new location costs a pop, not a resize of four columns.
 # Which peer holds what is found by scanning the holders column: O(pages), but only on rare
 # events (a peer down, restarted, leaving, or asked after our restart); the copies each peer
 # holds are counted as they change, for metrics.  Copies carry no epoch of their own: a copy is
@@ -42,6 +44,7 @@ SLOT_LIMIT = 1 << SLOT_BITS
 SLOT_MASK = SLOT_LIMIT - 1
 MAX_GEN = 0xFFFF
 MAX_HOLDER_PEERS = 32
+GROW_SLOTS = 256  # slots the columns grow by when none is free (~2 KiB: a page's worth each)
 _WIDER = {"B": "H", "H": "I"}
 _LARGEST = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFFFFFF}
 
@@ -85,17 +88,28 @@ class RemoteTable:
         self.copies: dict[str, int] = {}  # peer address -> copies it holds
 
     # -- locations --------------------------------------------------------------------------
-    def new(self, pool_id: int, allocator: str) -> int:
-        if self._free:
-            slot = self._free.pop()
-            gen = max(self.gen[slot] + 1, self.floor) & MAX_GEN
-        else:
-            slot, gen = len(self.pool), self.floor & MAX_GEN
-            self._grow(slot + 1)
-        self.gen[slot] = gen
-        self.high = max(self.high, gen)
-        self._take(slot, pool_id, allocator)
-        return gen << SLOT_BITS | slot
+    def new_many(self, pool_id: int, allocator: str, count: int) -> list[int]:
+        """`count` new locations in pool `pool_id`: free slots, each at its next generation
+        (the columns grow GROW_SLOTS slots at a time when none is free)."""
+        if len(self._free) < count:
+            start = len(self.pool)
+            self._grow(start + max(count - len(self._free), GROW_SLOTS))
+            self._free[0:0] = array("I", range(len(self.pool) - 1, start - 1, -1))  # used last
+        number = self._numbers.get(pool_id)
+        if number is None:
+            number = self._number(pool_id, allocator)
+        free, gen, pool, floor, high = self._free, self.gen, self.pool, self.floor, self.high
+        out = []
+        for _ in range(count):
+            slot = free.pop()
+            g = gen[slot] = max(gen[slot] + 1, floor) & MAX_GEN
+            pool[slot] = number
+            high = max(high, g)
+            out.append(g << SLOT_BITS | slot)
+        self.high = high
+        self._pool_pages[number] += count
+        self.count += count
+        return out
 
     def restore(self, location: int, pool_id: int, allocator: str) -> None:
         """Put back a location recovered from the journal, under its old number."""
@@ -104,7 +118,12 @@ class RemoteTable:
             self._free.extend(range(len(self.pool), slot + 1))
             self._grow(slot + 1)
         self.gen[slot] = location >> SLOT_BITS
-        self._take(slot, pool_id, allocator)
+        number = self._numbers.get(pool_id)
+        if number is None:
+            number = self._number(pool_id, allocator)
+        self.pool[slot] = number
+        self._pool_pages[number] += 1
+        self.count += 1
 
     def _grow(self, size: int) -> None:
         """Every column `size` slots long, the new slots unused."""
@@ -112,14 +131,6 @@ class RemoteTable:
         for column in (self.gen, self.pool, self.holders, self.disk):
             if column is not None:
                 column.frombytes(bytes(more * column.itemsize))
-
-    def _take(self, slot: int, pool_id: int, allocator: str) -> None:
-        number = self._numbers.get(pool_id)
-        if number is None:
-            number = self._number(pool_id, allocator)
-        self.pool[slot] = number
-        self._pool_pages[number] += 1
-        self.count += 1
 
     def _number(self, pool_id: int, allocator: str) -> int:
         """A number for a pool that has no live slot."""
@@ -188,7 +199,8 @@ class RemoteTable:
             self.disk = None
 
     # -- holders ----------------------------------------------------------------------------
-    def _bit(self, address: str) -> int:
+    def bit(self, address: str) -> int:
+        """The bit of `address` in the holders column (given it now if it has none)."""
         bit = self.bits.get(address)
         if bit is None:
             used = set(self.bits.values())
@@ -213,10 +225,18 @@ class RemoteTable:
         )
 
     def add_holder(self, location: int, address: str) -> None:
-        slot, mask = location & SLOT_MASK, 1 << self._bit(address)
-        if not self.holders[slot] & mask:
-            self.holders[slot] |= mask
-            self.copies[address] += 1
+        self.add_holders([location], address)
+
+    def add_holders(self, locations: list[int], address: str) -> None:
+        """`address` holds a copy of each of `locations`."""
+        mask, holders = 1 << self.bit(address), self.holders
+        added = 0
+        for location in locations:
+            slot = location & SLOT_MASK
+            if not holders[slot] & mask:
+                holders[slot] |= mask
+                added += 1
+        self.copies[address] += added
 
     def drop_holder(self, location: int, address: str) -> bool:
         """Remove `address` from the holders of `location`; whether it was one."""

@@ -396,12 +396,16 @@ class ZCache:
         self.stats.corrupt += sealed.corrupt
         return sealed.pages
 
-    def store_zpages(self, pool_id: int, zpages: list[bytes]) -> list[PutResult]:
+    def store_zpages(
+        self, pool_id: int, zpages: list[bytes], made: list[tuple[int, int]] | None = None
+    ) -> list[PutResult]:
         """Store zpages that are already compressed (a peer's evicted pages), each under the key
         its own header names.  A zpage that fails its checksum, or fits no frame (longer than a
-        frame and not a raw page), refuses the whole batch before anything changes."""
+        frame and not a raw page), refuses the whole batch before anything changes.  `made`:
+        the keys of zpages the caller has just made (make_zpage) of blobs that fit a frame, so
+        they are intact and are not checked again."""
         pool = self.pool(pool_id)
-        keys = check_zpages(zpages)
+        keys = check_zpages(zpages) if made is None else made
         for old in pool.index.pop_many(keys):
             if old:
                 self._release(pool, old)

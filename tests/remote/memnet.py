@@ -105,11 +105,6 @@ class MemNode:
         self.foreign = ForeignStore(self.foreign.capacity_frames)
 
 
-def _seal(location: int, zpage: bytes) -> bytes:
-    """What the real transport's sealing does for versions: the blob names its location."""
-    return location.to_bytes(8, "little") + zpage
-
-
 def _open(location: int, blob: bytes) -> bytes:
     """The zpage of `blob` if it is the copy of `location`, else b"" (damaged)."""
     return blob[8:] if blob[:8] == location.to_bytes(8, "little") else b""
@@ -120,6 +115,7 @@ class MemTransport:
         self.net = net
         self.me = me
         self.calls: Counter[tuple[str, str]] = Counter()  # (method, address) -> calls made
+        self.seals = 0  # zpages sealed
 
     async def _reach(self, address: str, method: str) -> MemNode:
         self.calls[method, address] += 1
@@ -138,12 +134,16 @@ class MemTransport:
         members = tuple(node.layer.membership.gossip())
         return PeerInfo(node.name, node.incarnation, free, node.leaving, node.name, members)
 
+    def seal(self, pool_id: int, location: int, zpage: bytes) -> bytes:
+        """What the real transport's sealing does for versions: the blob names its location."""
+        self.seals += 1
+        return location.to_bytes(8, "little") + zpage
+
     async def put(
-        self, address: str, epoch: int, pool_id: int, zpages: list[bytes], locations: list[int]
+        self, address: str, epoch: int, pool_id: int, blobs: list[bytes], locations: list[int]
     ) -> list[bool]:
         node = await self._reach(address, "put")
         slots = [slot_of(location) for location in locations]
-        blobs = [_seal(location, z) for location, z in zip(locations, zpages, strict=True)]
         return node.foreign.put(self.me.owner, epoch, pool_id, slots, blobs)
 
     async def get(

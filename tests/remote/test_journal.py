@@ -9,16 +9,16 @@ from ramster.remote.journal import RECORD, REWRITE_CHUNK, Journal, Recovered
 
 def test_replay_folds_records_into_live_locations(tmp_path: Path) -> None:
     j = Journal(tmp_path)
-    j.key(1, 0, "zsmalloc", 7, 0)
-    j.holder(1, "h1:1")
-    j.holder(1, "h2:1")
+    j.keys([1], 0, "zsmalloc", [(7, 0)])
+    j.holders([1], "h1:1")
+    j.holders([1], "h2:1")
     j.drop(1, "h1:1")
-    j.key(2, 0, "zbud", 7, 1)
+    j.keys([2], 0, "zbud", [(7, 1)])
     j.disk(2, 42)
-    j.key(3, 5, "zsmalloc", 9, 3)
-    j.holder(3, "h1:1")
+    j.keys([3], 5, "zsmalloc", [(9, 3)])
+    j.holders([3], "h1:1")
     j.forget(3)
-    j.key(4, 0, "zsmalloc", 7, 2)  # never got a copy: its only copy was in RAM
+    j.keys([4], 0, "zsmalloc", [(7, 2)])  # never got a copy: its only copy was in RAM
     j.commit()
     with open(j.path, "ab") as f:
         f.write(RECORD.pack(2, 0, 0, 0, 0, 2, 0)[:20])  # a record torn by a crash
@@ -35,8 +35,8 @@ def test_rewrite_keeps_the_journal_proportional_to_what_is_live(tmp_path: Path) 
     for round_ in range(50):
         for loc in range(1, 101):
             location = round_ * 100 + loc
-            j.key(location, 0, "zsmalloc", 1, loc)
-            j.holder(location, "h1:1")
+            j.keys([location], 0, "zsmalloc", [(1, loc)])
+            j.holders([location], "h1:1")
             if round_ < 49:
                 j.forget(location)
         j.commit()
@@ -89,8 +89,8 @@ def test_compaction_from_itself_keeps_the_keys_of_live_locations(tmp_path: Path)
     count = 3 * REWRITE_CHUNK // (2 * RECORD.size)
     j = Journal(tmp_path)
     for location in range(1, count + 1):
-        j.key(location, 2, "zbud" if location % 2 else "zsmalloc", 9, location)
-        j.holder(location, "h1:1")
+        j.keys([location], 2, "zbud" if location % 2 else "zsmalloc", [(9, location)])
+        j.holders([location], "h1:1")
     j.forget(5)
 
     def state(location: int) -> tuple[list[str], int] | None:

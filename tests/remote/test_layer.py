@@ -56,6 +56,9 @@ async def test_spill_places_two_replicas_and_reads_back(
     assert a.layer.replica_histogram() == {2: a.layer.remote_pages}
     assert net.nodes["b"].foreign.pages > 0 and net.nodes["c"].foreign.pages > 0
     assert a.layer.outbox == 0
+    transport = a.driver.transport
+    assert isinstance(transport, MemTransport)
+    assert transport.seals == a.layer.remote_pages  # once per zpage, not once per copy
     assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
     a.cache.verify()
 

@@ -8,9 +8,15 @@ import pytest
 from ramster.remote.table import MAX_HOLDER_PEERS, RemoteTable, TableFull, slot_of
 
 
+def new_one(table: RemoteTable, pool_id: int, allocator: str) -> int:
+    """One new location."""
+    (location,) = table.new_many(pool_id, allocator, 1)
+    return location
+
+
 def test_a_few_pools_and_peers_cost_four_bytes_per_page() -> None:
     table = RemoteTable()
-    locations = [table.new(pool_id=7 + i % 3, allocator="zsmalloc") for i in range(10_000)]
+    locations = [new_one(table, pool_id=7 + i % 3, allocator="zsmalloc") for i in range(10_000)]
     for i, location in enumerate(locations):
         table.add_holder(location, f"peer{i % 8}:1")
         table.add_holder(location, f"peer{(i + 1) % 8}:1")
@@ -23,10 +29,10 @@ def test_a_few_pools_and_peers_cost_four_bytes_per_page() -> None:
 
 def test_columns_widen_and_keep_their_values() -> None:
     table = RemoteTable()
-    first = table.new(pool_id=1 << 31, allocator="zbud")
+    first = new_one(table, pool_id=1 << 31, allocator="zbud")
     table.add_holder(first, "a:1")
     for i in range(300):  # pool numbers past 255: the pool column becomes u16
-        table.new(pool_id=i, allocator="zsmalloc")
+        new_one(table, pool_id=i, allocator="zsmalloc")
     assert table.pool.typecode == "H"
     for i in range(MAX_HOLDER_PEERS - 1):  # bits past 7, then past 15
         table.add_holder(first, f"p{i}:1")
@@ -39,14 +45,14 @@ def test_columns_widen_and_keep_their_values() -> None:
 
 def test_the_disk_column_exists_only_while_a_disk_copy_does() -> None:
     table = RemoteTable()
-    a, b = table.new(1, "zsmalloc"), table.new(1, "zsmalloc")
+    a, b = new_one(table, 1, "zsmalloc"), new_one(table, 1, "zsmalloc")
     table.set_disk(a, 40)
     table.set_disk(b, 41)
     assert table.disk is not None and table.disk_copies == 2
     assert table.live_copies(up=0) == {1: 2}
     table.set_disk(a, 0)
     assert table.disk_of(a) == 0 and table.disk_of(b) == 41
-    c = table.new(1, "zsmalloc")  # a new slot while the column exists: it grows too
+    c = new_one(table, 1, "zsmalloc")  # a new slot while the column exists: it grows too
     assert table.disk_of(c) == 0
     table.free(b)  # its disk copy goes with it, and the column with the last one
     assert table.disk is None and table.disk_copies == 0
@@ -55,12 +61,12 @@ def test_the_disk_column_exists_only_while_a_disk_copy_does() -> None:
 
 def test_a_freed_slot_comes_back_as_a_new_version_and_pool_numbers_are_reused() -> None:
     table = RemoteTable()
-    old = table.new(5, "zsmalloc")
+    old = new_one(table, 5, "zsmalloc")
     table.add_holder(old, "h:1")
     table.free(old)
     assert old not in table and table.copies["h:1"] == 0
     assert table.allocators == {}  # pool 5 has no live slot: its number is free
-    new = table.new(6, "zbud")
+    new = new_one(table, 6, "zbud")
     assert slot_of(new) == slot_of(old) and new != old
     assert new in table and old not in table
     assert table.pool_of(new) == 6 and table.allocator(new) == "zbud"
@@ -75,5 +81,18 @@ def test_restored_locations_keep_their_numbers() -> None:
     table.compact_free_list()
     assert sorted(table) == [1 << 32 | 2, 3 << 32 | 9]
     assert 3 << 32 | 9 in table and 2 << 32 | 9 not in table
-    fresh = {slot_of(table.new(4, "zsmalloc")) for _ in range(8)}
+    fresh = {slot_of(new_one(table, 4, "zsmalloc")) for _ in range(8)}
     assert fresh == {1, 3, 4, 5, 6, 7, 8, 10}  # every unused slot, none taken twice
+
+
+def test_locations_taken_at_once_reuse_free_slots_before_new_ones() -> None:
+    table = RemoteTable()
+    first = table.new_many(3, "zsmalloc", 600)
+    assert len({slot_of(loc) for loc in first}) == 600 and table.count == 600
+    for location in first[:5]:
+        table.free(location)
+    again = table.new_many(3, "zsmalloc", 10)  # 5 free slots, then the columns grow
+    assert {slot_of(loc) for loc in first[:5]} <= {slot_of(loc) for loc in again}
+    assert len({slot_of(loc) for loc in again}) == 10 and not set(again) & set(first)
+    assert all(location in table for location in [*first[5:], *again])
+    assert table.count == 605 and len(table.pool) <= 601 + 256

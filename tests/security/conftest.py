@@ -25,6 +25,12 @@ class Pair:
     owner: OwnerTag
     servicer: PeerServicer
 
+    async def put(self, pool_id: int, zpages: list[bytes], locations: list[int]) -> list[bool]:
+        """Seal zpages and place them on the holder (epoch 1), as the driver does."""
+        seal = self.transport.seal
+        blobs = [seal(pool_id, loc, z) for loc, z in zip(locations, zpages, strict=True)]
+        return await self.transport.put(self.address, 1, pool_id, blobs, locations)
+
 
 @pytest.fixture
 async def pair() -> AsyncIterator[Pair]:

@@ -69,7 +69,7 @@ async def test_holder_keeps_only_sealed_blobs_and_owner_reads_them_back(
 ) -> None:
     zpages = zpages_of(compressible_pages[:20])
     locations = [2 << 32 | slot for slot in range(100, 120)]
-    assert await pair.transport.put(pair.address, 1, 3, zpages, locations) == [True] * 20
+    assert await pair.put(3, zpages, locations) == [True] * 20
     held = pair.holder.get(pair.owner, 1, 3, list(range(100, 120)))  # filed by slot
     for zpage, blob in zip(zpages, held, strict=True):
         assert blob is not None and len(blob) == len(zpage) + OVERHEAD
@@ -87,9 +87,9 @@ async def test_flipped_forged_and_replayed_copies_do_not_open(
     new = make_zpage(5, 0, compress(compressible_pages[1]))
     other = make_zpage(5, 1, compress(compressible_pages[2]))
     v1, v2, elsewhere = 1 << 32 | 10, 2 << 32 | 10, 2 << 32 | 12
-    assert await pair.transport.put(pair.address, 1, 3, [old], [v1]) == [True]
+    assert await pair.put(3, [old], [v1]) == [True]
     (replay,) = pair.holder.get(pair.owner, 1, 3, [10])
-    assert await pair.transport.put(pair.address, 1, 3, [new, other], [v2, elsewhere]) == [
+    assert await pair.put(3, [new, other], [v2, elsewhere]) == [
         True,
         True,
     ]
@@ -123,11 +123,11 @@ async def test_a_raw_zpage_is_refused_without_a_call(
     raw = make_zpage(5, 0, incompressible_pages[0])
     assert len(raw) == HEADER_SIZE + PAGE_SIZE
     small = make_zpage(5, 1, compress(compressible_pages[0]))
-    assert await pair.transport.put(pair.address, 1, 3, [raw, small], [1, 2]) == [False, True]
+    assert await pair.put(3, [raw, small], [1, 2]) == [False, True]
     assert pair.holder.pages == 1
     # the largest zpage whose seal still fits a holder's raw frame travels
     edge = make_zpage(5, 2, os.urandom(PAGE_SIZE - HEADER_SIZE - OVERHEAD))
-    assert await pair.transport.put(pair.address, 1, 3, [edge], [3]) == [True]
+    assert await pair.put(3, [edge], [3]) == [True]
     assert await pair.transport.get(pair.address, 1, 3, [3]) == [edge]
 
 
