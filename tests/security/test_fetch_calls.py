@@ -131,7 +131,7 @@ async def test_the_transport_gives_up_on_a_frozen_holder_and_fetches_again_later
     try:
         locations = [1 << SLOT_BITS | slot for slot in range(4)]  # generation 1
         zpages = [bytes([slot]) * 500 for slot in range(4)]
-        blobs = [transport.seal(3, loc, zpage) for loc, zpage in zip(locations, zpages)]
+        blobs = [transport.seal(3, at, zpage) for at, zpage in zip(locations, zpages, strict=True)]
         assert await transport.put(address, 1, 3, blobs, locations) == [True] * 4
         frozen = [transport.get(address, 1, 3, locations[:2]) for _ in range(2)]
         for failed in await asyncio.gather(*frozen, return_exceptions=True):
