@@ -47,6 +47,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 
+from ramster.cores import CoreYield
+
 HOLD = 0.002  # the longest a bulk step waits for small calls (s)
 LATELY = 0.05  # bulk goes in small chunks for this long after a small call arrived (s)
 LATELY_CHUNK_PAGES = 1  # the engine chunk of bulk work meanwhile (pages)
@@ -94,6 +96,7 @@ class SmallFirst:
         self.arrived = clock() - lately  # when the latest small call arrived
         self.free_until = self.arrived  # bulk waits for no small call before this
         self._done = asyncio.Event()  # set while no small call is pending
+        self.cores = CoreYield(clock=clock)  # bulk steps give their core to waiting threads
 
     def arrive(self) -> None:
         """A small call reached the node (its interceptor, or a Pages request was read)."""
@@ -121,6 +124,8 @@ class SmallFirst:
         pending, until it is done (at most `hold`, and not again before bulk ran as long)."""
         await asyncio.sleep(0)
         start = self.clock()
+        if start - self.arrived < self.lately:  # small calls come: their threads go first
+            self.cores.now()
         left = self.hold - (start - self.arrived)
         if self.pending and left > 0 and start >= self.free_until:
             with suppress(TimeoutError):

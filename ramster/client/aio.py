@@ -69,6 +69,7 @@ from ramster.client.messages import (
     put_batch_requests,
 )
 from ramster.client.tls import PathLike, open_channel
+from ramster.cores import CoreYield
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
 from ramster.wire import Outcome, PageStatus
@@ -301,7 +302,7 @@ class AsyncClient:
 
     def stream(self, timeout: float | None = None) -> Stream:
         """A pipelined batch session: `async with client.stream() as s: ...`."""
-        return Stream(self._stream, timeout, self._metadata)
+        return Stream(self._stream, timeout, self._metadata, CoreYield())
 
 
 Decode = Callable[[pb.StreamResponse, memoryview], T]  # a reply (and its pages) -> a result
@@ -361,8 +362,10 @@ class Stream:
         open_call: Callable[..., Any],
         timeout: float | None,
         metadata: tuple[tuple[str, str], ...] = (),
+        cores: CoreYield | None = None,
     ) -> None:
         self._open_call = open_call  # the Stream method, written and read with bulkwire
+        self._cores = cores  # a bulk stream's: its parts give the core to waiting threads
         self._timeout = timeout
         self._metadata = metadata
         self._call: Any = None
@@ -439,6 +442,8 @@ class Stream:
         future of its reply, decoded.  Senders in several tasks take turns."""
         if self._call is None:
             raise RamsterError("use the stream inside 'async with client.stream() as s'")
+        if self._cores is not None:
+            self._cores.now()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         async with self._writing:  # requests go out in the order of _pending
             if self._failure is not None:
@@ -468,6 +473,8 @@ class Stream:
                         grpc.StatusCode.INTERNAL,
                     )
                 _, future, decode = self._pending.popleft()
+                if self._cores is not None:
+                    self._cores.now()
                 if future.done():
                     continue
                 if reply.WhichOneof("result") == "error":
