@@ -40,12 +40,10 @@
 # pages/s with 1 page, 30-46k without.  (Those numbers are of unary gets; AsyncClient's gets now
 # travel on a Pages stream, where a get is one message read, announced to SmallFirst as it is
 # read: see node/servicer.py.)  And (3) for LATELY after a small call arrived, bulk steps also give
-# the loop thread's core to threads waiting for one (ramster.cores.CoreYield, at most every 0.2
+# the loop thread's core to threads waiting for one (ramster.cores.CoreYield, at most every 0.1
 # ms): the gRPC threads a call wakes, here and in its client, would otherwise wait up to a
-# scheduler tick behind the busy loop.  Only then, since without small calls the yields are of no
-# use and cost bulk up to ~15% of its pages/s (the 1-client scaling runs).  Measured with the
-# client's bulk streams yielding too (5 alternating runs each): loaded get p99 2.57-2.73 ms
-# without, 1.85-3.02 (median 2.04) with, bulk pages/s the same.
+# scheduler tick behind the busy loop.  Only then, since without small calls the yields help
+# nobody and cost bulk up to ~15% of its pages/s (measurements in ramster/cores.py).
 from __future__ import annotations
 
 import asyncio

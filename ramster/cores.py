@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable
 
-YIELD_EVERY = 0.0002  # the longest bulk work keeps its core from a waiting thread (s), about
+YIELD_EVERY = 0.0001  # the longest bulk work keeps its core from a waiting thread (s), about
 
 
 class CoreYield:

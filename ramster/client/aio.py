@@ -26,7 +26,7 @@
 # The whole batch is checked before its first part is sent; a part the node refuses (a quota reached
 # meanwhile, a pool destroyed) fails the batch, whose earlier parts may have been applied, as a
 # batch is never atomic as a whole (each page is).  Before it sends a part and after each reply, a
-# batch stream gives its core to threads waiting for one (ramster.cores: at most every 0.2 ms), so
+# batch stream gives its core to threads waiting for one (ramster.cores: at most every 0.1 ms), so
 # the threads of page calls on the same host, this process's or another's, do not wait for the
 # scheduler's tick behind it; the Pages stream never does.
 #
