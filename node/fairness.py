@@ -39,13 +39,19 @@
 # pages, 1.4-1.8 with 3, 1.4-1.6 with 2, 1.0-1.2 with 1; the bulk stream meanwhile moved 24-36k
 # pages/s with 1 page, 30-46k without.  (Those numbers are of unary gets; AsyncClient's gets now
 # travel on a Pages stream, where a get is one message read, announced to SmallFirst as it is
-# read: see node/servicer.py.)
+# read: see node/servicer.py.)  And (3) for LATELY after a small call arrived, bulk steps also give
+# the loop thread's core to threads waiting for one (ramster.cores.CoreYield, at most every 0.1
+# ms): the gRPC threads a call wakes, here and in its client, would otherwise wait up to a
+# scheduler tick behind the busy loop.  Only then, since without small calls the yields help
+# nobody and cost bulk up to ~15% of its pages/s (measurements in ramster/cores.py).
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+
+from ramster.cores import CoreYield
 
 HOLD = 0.002  # the longest a bulk step waits for small calls (s)
 LATELY = 0.05  # bulk goes in small chunks for this long after a small call arrived (s)
@@ -94,6 +100,7 @@ class SmallFirst:
         self.arrived = clock() - lately  # when the latest small call arrived
         self.free_until = self.arrived  # bulk waits for no small call before this
         self._done = asyncio.Event()  # set while no small call is pending
+        self.cores = CoreYield(clock=clock)  # gives waiting threads the core while calls come
 
     def arrive(self) -> None:
         """A small call reached the node (its interceptor, or a Pages request was read)."""
@@ -121,6 +128,8 @@ class SmallFirst:
         pending, until it is done (at most `hold`, and not again before bulk ran as long)."""
         await asyncio.sleep(0)
         start = self.clock()
+        if start - self.arrived < self.lately:  # small calls come: their threads go first
+            self.cores.now()
         left = self.hold - (start - self.arrived)
         if self.pending and left > 0 and start >= self.free_until:
             with suppress(TimeoutError):

@@ -1,6 +1,7 @@
 # A stream batch larger than STREAM_PART_PAGES goes as several requests whose replies come back
 # together as the batch's: outcomes and pages in the caller's order, a miss where it was, and a
 # batch that fails in any part fails whole; the whole batch is checked before any part is sent.
+# A batch stream's parts and replies give the core away (ramster.cores), single-page calls never.
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from ramster.client import AsyncClient, InvalidArgument, KeyRange, NotFound, PageStatus
 from ramster.client.aio import STREAM_PART_PAGES
 from ramster.client.local import LocalNode
+from ramster.cores import CoreYield
 
 COUNT = STREAM_PART_PAGES * 2 + 17  # three parts, the last one short
 
@@ -42,3 +44,23 @@ async def test_a_failing_part_fails_the_batch(local_node: LocalNode) -> None:
         get = await stream.get_batch(2**31, KeyRange(1, 0, COUNT))  # no such pool
         with pytest.raises(NotFound):
             await get
+
+
+async def test_bulk_parts_give_the_core_away_and_page_calls_never(
+    local_node: LocalNode, sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    offered: list[CoreYield] = []
+    monkeypatch.setattr(CoreYield, "now", lambda cores: offered.append(cores))
+    pages = [sample_pages[n % len(sample_pages)] for n in range(COUNT)]
+    async with AsyncClient(local_node.target) as client:
+        pool = await client.create_pool()
+        await client.put(pool, 1, 0, pages[0])
+        assert await client.get(pool, 1, 0) == pages[0]
+        assert offered == []  # a page call hands its own core to nobody
+        async with client.stream() as stream:
+            await (await stream.put_batch(pool, KeyRange(5, 0, COUNT), pages))
+        assert len(offered) == 6  # before each of the three parts is sent, after each reply
+        offered.clear()
+        assert await client.get(pool, 5, COUNT - 1) == pages[-1]
+        assert offered == []
+        await client.destroy_pool(pool)

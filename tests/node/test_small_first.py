@@ -1,10 +1,11 @@
 # Small calls ahead of bulk work (node.fairness.SmallFirst): a bulk step waits while a small call
 # is pending (at most `hold`, and after a wait not again before bulk ran as long), bulk goes in
 # small chunks for `lately` after a small call arrived (but for codec workers), a call that never
-# finishes stops counting, and through a node a single get is served between the parts of a big
-# batch with no bulk chunk run from its arrival to its handler, while the batch's pages come back
-# byte for byte.  Every hold and lately here is BOUND, so nothing depends on how fast the machine
-# is.
+# finishes stops counting, bulk steps give their core away (ramster.cores) for `lately` after a
+# small call arrived and at most once every YIELD_EVERY, and through a node a single get is served
+# between the parts of a big batch with no bulk chunk run from its arrival to its handler, while
+# the batch's pages come back byte for byte.  Every hold and lately here is BOUND (or the clock is
+# the test's), so nothing depends on how fast the machine is.
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ from node.engine import CHUNK_PAGES, WORKER_CHUNK_PAGES, ChunkedEngine
 from node.fairness import LATELY_CHUNK_PAGES, SmallFirst
 from node.server import Node
 from node.servicer import PART_PAGES, TmemServicer
+from ramster import cores
 from ramster.client import AsyncClient, KeyRange
 from ramster.zcache import PageError, PoolKind, PutResult, ZCache, ZCacheConfig
 
@@ -133,6 +135,31 @@ async def test_after_a_wait_bulk_runs_as_long_before_it_waits_again() -> None:
     assert not step.done()  # so it waits again
     small_first.leave()
     await asyncio.wait_for(step, BOUND)
+
+
+async def test_bulk_steps_give_their_core_away_while_small_calls_come(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    yields: list[None] = []
+    monkeypatch.setattr(cores.os, "sched_yield", lambda: yields.append(None))
+    now = [100.0]  # the clock, in seconds
+    small_first = SmallFirst(hold=0.0, lately=1.0, clock=lambda: now[0])
+    now[0] += 2.0
+    await small_first.bulk_step()
+    assert yields == []  # no small call lately: bulk keeps its core
+    small_first.arrive()
+    small_first.leave()
+    await small_first.bulk_step()
+    assert len(yields) == 1  # a small call came: the core goes to whoever waits for it
+    now[0] += cores.YIELD_EVERY / 2
+    await small_first.bulk_step()
+    assert len(yields) == 1  # but at most once every YIELD_EVERY
+    now[0] += cores.YIELD_EVERY
+    await small_first.bulk_step()
+    assert len(yields) == 2
+    now[0] += 1.0
+    await small_first.bulk_step()
+    assert len(yields) == 2  # `lately` is over
 
 
 async def test_a_single_get_goes_ahead_of_a_big_batch(
