@@ -47,4 +47,5 @@ class CoreYield:
         at = self.clock()
         if at - self.last >= self.every:
             self.last = at
-            os.sched_yield()
+            if hasattr(os, "sched_yield"):  # not on Windows: there this does nothing
+                os.sched_yield()
