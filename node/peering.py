@@ -36,7 +36,9 @@
 # node (ramster/certs.py: spiffe://ramster/node/<id>; a client certificate is refused) and that
 # node is the one the request claims (its owner or sender), else PERMISSION_DENIED before any
 # handler runs: a node cannot speak for another.  It wraps every method of the service, so a
-# method added later is covered too, and a request that names no node is refused.  The
+# method added later is covered too, and a request that names no node is refused; a request
+# stream (FetchZpages) is admitted by its first request, and its handler holds every later one
+# to that request's owner.  The
 # transport dials with the node's own certificate when `credentials` is set.  The other way
 # round, an owner believes the node id a peer's heartbeat claims only once that peer has shown
 # a certificate for it: on a new claim the transport redials the address with the claimed id as
