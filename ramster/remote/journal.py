@@ -123,7 +123,7 @@ class Journal:
         """Replace the file by the records of `entries` alone (and the generation mark)."""
         self._write(
             (
-                self._key(location, e.pool_id, e.allocator, e.oid, e.index)
+                self._key(location, e.pool_id, ALLOCATORS.index(e.allocator), e.oid, e.index)
                 + self._copies(location, e.holders, e.disk)
                 for location, e in entries.items()
             ),
@@ -156,9 +156,7 @@ class Journal:
             raise JournalError(f"cannot read {self.path}: {exc.strerror}") from None
 
     def _copies(self, location: int, holders: Iterable[str], disk: int) -> bytes:
-        out = b"".join(
-            RECORD.pack(HOLDER, 0, self.slot(address), 0, 0, location, 0) for address in holders
-        )
+        out = b"".join(self._holder(location, self.slot(address)) for address in holders)
         return out + RECORD.pack(DISK, 0, 0, 0, 0, location, disk) if disk else out
 
     def _write(self, blocks: Iterable[bytes], high_gen: int) -> None:
@@ -200,25 +198,32 @@ class Journal:
         return slot
 
     @staticmethod
-    def _key(location: int, pool_id: int, allocator: str, oid: int, index: int) -> bytes:
-        return RECORD.pack(KEY, ALLOCATORS.index(allocator), 0, index, pool_id, location, oid)
+    def _key(location: int, pool_id: int, alloc: int, oid: int, index: int) -> bytes:
+        """A KEY record: `location` stands for page (oid, index) of pool `pool_id`, whose
+        allocator is ALLOCATORS[alloc]."""
+        return RECORD.pack(KEY, alloc, 0, index, pool_id, location, oid)
+
+    @staticmethod
+    def _holder(location: int, slot: int) -> bytes:
+        """A HOLDER record: the peer of address slot `slot` holds a copy of `location`."""
+        return RECORD.pack(HOLDER, 0, slot, 0, 0, location, 0)
 
     def keys(
         self, locations: list[int], pool_id: int, allocator: str, keys: list[tuple[int, int]]
     ) -> None:
         """KEY records: each of `locations` stands for the page of its (oid, index) in `keys`."""
-        alloc, pack = ALLOCATORS.index(allocator), RECORD.pack
+        alloc, key = ALLOCATORS.index(allocator), self._key
         self._buffer += b"".join(
             [
-                pack(KEY, alloc, 0, index, pool_id, location, oid)
+                key(location, pool_id, alloc, oid, index)
                 for location, (oid, index) in zip(locations, keys, strict=True)
             ]
         )
 
     def holders(self, locations: Iterable[int], address: str) -> None:
         """HOLDER records for copies of `locations` on `address` (a put's reply)."""
-        slot, pack = self.slot(address), RECORD.pack
-        self._buffer += b"".join([pack(HOLDER, 0, slot, 0, 0, loc, 0) for loc in locations])
+        slot, holder = self.slot(address), self._holder
+        self._buffer += b"".join([holder(location, slot) for location in locations])
 
     def drop(self, location: int, address: str) -> None:
         self._buffer += RECORD.pack(DROP, 0, self.slot(address), 0, 0, location, 0)

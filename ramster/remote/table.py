@@ -95,9 +95,7 @@ class RemoteTable:
             start = len(self.pool)
             self._grow(start + max(count - len(self._free), GROW_SLOTS))
             self._free[0:0] = array("I", range(len(self.pool) - 1, start - 1, -1))  # used last
-        number = self._numbers.get(pool_id)
-        if number is None:
-            number = self._number(pool_id, allocator)
+        number = self._number(pool_id, allocator)
         free, gen, pool, floor, high = self._free, self.gen, self.pool, self.floor, self.high
         out = []
         for _ in range(count):
@@ -118,9 +116,7 @@ class RemoteTable:
             self._free.extend(range(len(self.pool), slot + 1))
             self._grow(slot + 1)
         self.gen[slot] = location >> SLOT_BITS
-        number = self._numbers.get(pool_id)
-        if number is None:
-            number = self._number(pool_id, allocator)
+        number = self._number(pool_id, allocator)
         self.pool[slot] = number
         self._pool_pages[number] += 1
         self.count += 1
@@ -133,7 +129,10 @@ class RemoteTable:
                 column.frombytes(bytes(more * column.itemsize))
 
     def _number(self, pool_id: int, allocator: str) -> int:
-        """A number for a pool that has no live slot."""
+        """The pool's number, a new one if it has no live slot."""
+        number = self._numbers.get(pool_id)
+        if number is not None:
+            return number
         if self._free_numbers:
             number = self._free_numbers.pop()
             self.pool_ids[number] = pool_id
@@ -199,7 +198,7 @@ class RemoteTable:
             self.disk = None
 
     # -- holders ----------------------------------------------------------------------------
-    def bit(self, address: str) -> int:
+    def _bit(self, address: str) -> int:
         """The bit of `address` in the holders column (given it now if it has none)."""
         bit = self.bits.get(address)
         if bit is None:
@@ -229,7 +228,7 @@ class RemoteTable:
 
     def add_holders(self, locations: list[int], address: str) -> None:
         """`address` holds a copy of each of `locations`."""
-        mask, holders = 1 << self.bit(address), self.holders
+        mask, holders = 1 << self._bit(address), self.holders
         added = 0
         for location in locations:
             slot = location & SLOT_MASK
