@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -564,7 +565,7 @@ class RamsterLayer:
         defer = []
         table, membership, outbox = self.table, self.membership, self._bytes
         sending_of, tried, pending = self._sending, self._tried, self._pending
-        replicas, holders = self.config.replicas, table.holders
+        holders = table.holders
         among = [p for p in membership.placeable() if table.can_hold(p.address)]
         counted = self._counted()
         while pending and budget > 0:
@@ -575,10 +576,11 @@ class RamsterLayer:
             need = self._needed(location, counted)
             sending = sending_of.get(location)
             chosen: list[Peer] = []
-            if need == replicas and not holders[location & SLOT_MASK] and location not in tried:
-                chosen = membership.choose_many(need, NOBODY, among)  # no copy anywhere yet
-            elif need > 0:
-                exclude = {*table.holders_of(location), *(sending or ()), *tried.get(location, ())}
+            if need > 0:
+                exclude: AbstractSet[str] = NOBODY  # no copy anywhere yet: nobody to avoid
+                if holders[location & SLOT_MASK] or sending or location in tried:
+                    held = table.holders_of(location)
+                    exclude = {*held, *(sending or ()), *tried.get(location, ())}
                 chosen = membership.choose_many(need, exclude, among)
             if chosen:
                 item = Placed(location, table.pool_of(location), zpage)
