@@ -59,7 +59,7 @@ import grpc
 from node.draining import Drain
 from node.sealing import Sealer
 from node.settings import parse_hostport
-from ramster.bulkwire import LEN, tag, varint
+from ramster.bulkwire import Parts, blobs_field
 from ramster.remote import ForeignStore, OwnerTag
 from ramster.remote.events import FlushItem
 from ramster.remote.foreign import MAX_BLOB, blob_fits
@@ -86,7 +86,6 @@ MAX_INCARNATION = 64  # characters of an owner's incarnation (ours are 32 hex di
 PEER_SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 TARGET_NAME = "grpc.ssl_target_name_override"  # the name the peer's certificate must carry
 PUT_ZPAGES = f"/{PEER_SERVICE}/PutZpages"  # called with put_request's bytes
-ZPAGES_TAG = tag(pb.PutZpagesRequest.ZPAGES_FIELD_NUMBER, LEN)
 
 
 class PeerIdentityError(Exception):
@@ -140,8 +139,8 @@ def put_request(
         sizes=[len(blob) for blob in blobs],
         slots=[slot_of(location) for location in locations],
     ).SerializeToString()
-    size = sum(len(blob) for blob in blobs)
-    return b"".join([head, ZPAGES_TAG, varint(size), *blobs])
+    zpages = blobs_field(pb.PutZpagesRequest.ZPAGES_FIELD_NUMBER, blobs)
+    return (Parts.of(head) + zpages).join()
 
 
 def _owner(message: pb.Owner) -> OwnerTag:

@@ -185,11 +185,19 @@ def _packed_small(number: int, values: Sequence[int]) -> Parts:
 def _pages(number: int, pages: Sequence[Blob]) -> Parts:
     """A bytes field of `pages` back to back, each exactly PAGE_SIZE bytes (as every page the
     engine gives and every checked page of a request is)."""
-    if not pages:
+    return _joined(number, pages, len(pages) * PAGE_SIZE)
+
+
+def blobs_field(number: int, blobs: Sequence[Blob]) -> Parts:
+    """A bytes field of `blobs` (of any sizes) back to back."""
+    return _joined(number, blobs, sum(len(blob) for blob in blobs))
+
+
+def _joined(number: int, blobs: Sequence[Blob], size: int) -> Parts:
+    if not blobs:
         return NO_PARTS
-    size = len(pages) * PAGE_SIZE
     head = _len_field(number, size)
-    return Parts([head, *pages], len(head) + size)
+    return Parts([head, *blobs], len(head) + size)
 
 
 def put_batch_reply(outcomes: Sequence[int]) -> Parts:
