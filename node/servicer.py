@@ -31,8 +31,8 @@
 # node.fairness.SmallFirst while it is served.  A Pages stream is open as long as its client, so a
 # drain ends every one (node/draining.py): at once if it awaits a request, else once its reply is
 # written; it ends with UNAVAILABLE, and the client's next call meets the gate's UNAVAILABLE, as a
-# unary one would.  gRPC's metrics count a Pages (or Stream) call once, so
-# each request on it is counted and timed here (node.metrics.StreamMetrics).
+# unary one would.  gRPC's metrics count a Pages (or Stream) call once, so each request on it is
+# counted and timed here (node.metrics.StreamMetrics).
 #
 # The stream RPCs (Stream, Pages) and the bulk ones (PutBatch, GetBatch) are served raw
 # (add_tmem_to_server): their requests arrive as (keys, a view of the pages in the received bytes)

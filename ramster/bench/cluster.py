@@ -244,8 +244,8 @@ def run(
         # single gets after the batches: a node gives batches smaller steps for a while after
         # a single get (node.fairness.SmallFirst), which must not weigh on one batch measure
         # and not the other.  Local and remote single gets take turns, so a change of load on
-        # the machine weighs on both alike; remote pages no batch read: a remote hit brings
-        # its page home, so each page is measured once
+        # the machine weighs on both alike; remote pages no batch read, each read once, so
+        # each is a cold page's fetch (a second read would bring it home)
         pairs = zip(singles_of(newest), singles_of(list(range(rounds * span, base))), strict=False)
         _, both = _timed([call for pair in pairs for call in pair])
         local_single, remote_single = both[0::2], both[1::2]
