@@ -26,14 +26,13 @@
 # first chunk; a chunk looks again only once the prefetch's check says a local copy went
 # meanwhile.
 #
-# Why no workers by default: LZ4 releases the GIL, but every page it compresses in a worker is a
-# GIL hand-over with the loop thread, which is busy with the allocator, the index and protobuf
-# for as long as LZ4 takes; measured on 2 cores, 2 workers cost 20-40% more CPU per page than
-# slices on the loop and moved up to 25% fewer pages per second, and single-get latency under
-# bulk load came out the same either way (the loop's share of a 1024-page message outside the
-# engine, protobuf and page slicing, is several ms in one piece).  Workers pay where the loop has
-# time to spare and cores are free; `--worker-threads` turns them on.
-#
+# Why no workers by default: the codec releases the GIL for a whole chunk (native/codec.rs), so a
+# worker codes pages beside the loop, but a worker that takes the GIL back to hand in its chunk
+# makes the loop wait, and a single get waits with it: measured on 2 cores (`ramster bench
+# latency`), one worker doubled the single-get p50 under gRPC bulk load (0.61-0.67 ms to
+# 1.2-1.3) and moved no more bulk pages.  NBD requests are all big batches and its clients want
+# throughput: there one worker moved 44% more sequential writes and 24% more reads (`ramster
+# bench nbd`, which runs its node so); `--worker-threads` turns them on.
 # Fairness: the loop runs ready tasks in turn, one step each, and a batch's step is one chunk,
 # so concurrent batches advance chunk by chunk, round-robin, whoever sent them.  With workers,
 # which take chunks first come first served, a batch never has more than DEPTH chunks queued,

@@ -19,9 +19,9 @@
 # node compresses them, so the ratio shows what a GiB of a host's RAM holds on each.  The node's
 # RSS includes the interpreter (~55 MiB), which large sizes amortise; the idle RSS is reported
 # too.  The node is started here (a LocalNode subprocess) with a pool limit of twice `size`, so
-# nothing leaves RAM during the run.  With tls, both servers require TLS (certificates from
-# `ramster certs`' code, the node's serving nbdkit too) and every client uses nbds:// URIs, so
-# the ratios include each side's TLS cost.
+# nothing leaves RAM during the run, and with one codec worker thread unless told otherwise.
+# With tls, both servers require TLS (certificates from `ramster certs`' code, the node's serving
+# nbdkit too) and every client uses nbds:// URIs, so the ratios include each side's TLS cost.
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +46,10 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # where Debian's python3-libnbd lives
 EXPORT = "bench"
 NODE_ID = "bench"
 TOOLS = ("nbdcopy", "nbdkit")
+# The node runs with one codec worker thread, as a node serving NBD should (the README says so):
+# NBD requests are big batches, whose LZ4 a worker does beside the loop; 2 workers on 2 cores
+# leave less for the loop and the client.
+WORKERS = 1
 
 # Runs under the system Python: argv = uri, corpus file, region bytes, ops, seed.
 RANDOM_IO = r"""
@@ -280,8 +284,11 @@ def nbdkit_memory(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str,
 
 
 @contextlib.contextmanager
-def ramster_node(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str, int]]:
-    """A local node with one export of `size` bytes (TLS with `tls`): its URI and pid."""
+def ramster_node(
+    size: int, tls: BenchTls | None = None, workers: int = 0
+) -> Iterator[tuple[str, int]]:
+    """A local node with one export of `size` bytes (TLS with `tls`, `workers` codec worker
+    threads): its URI and pid."""
     port = free_port()
     tls_args = []
     if tls:
@@ -294,6 +301,8 @@ def ramster_node(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str, 
         f"127.0.0.1:{port}",
         "--nbd-export",
         f"{EXPORT}:{size}",
+        "--worker-threads",
+        str(workers),
         *tls_args,
         metrics=False,
         tls_ca=tls.ca if tls else None,
@@ -318,13 +327,20 @@ def corpus_image(pages: list[bytes], size: int, directory: str) -> Path:
 
 
 def run(
-    pages: list[bytes], size: int, ops: int, repeat: int = 3, tls: bool = False, seed: int = 1
+    pages: list[bytes],
+    size: int,
+    ops: int,
+    repeat: int = 3,
+    tls: bool = False,
+    workers: int = WORKERS,
+    seed: int = 1,
 ) -> dict[str, Any]:
-    """Both servers, side by side, with the same data (both over TLS with `tls`)."""
+    """Both servers, side by side, with the same data (both over TLS with `tls`; the node with
+    `workers` codec worker threads)."""
     check_tools()
     with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
         certs = BenchTls.make(Path(tmp) / "tls") if tls else None
-        with nbdkit_memory(size, certs) as kit, ramster_node(size, certs) as ours:
+        with nbdkit_memory(size, certs) as kit, ramster_node(size, certs, workers) as ours:
             source = corpus_image(pages, size, tmp)
             got = measure({"ramster": ours, "nbdkit": kit}, source, ops, seed, repeat)
     result: dict[str, Any] = {
@@ -332,6 +348,7 @@ def run(
         "random_ops": ops,
         "repeat": repeat,
         "tls": tls,
+        "worker_threads": workers,
     }
     for key in got["nbdkit"]:
         if key != "verified":

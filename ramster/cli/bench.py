@@ -10,7 +10,7 @@ from ramster.bench import engine, fragmentation, latency, nbd, node, reaper, soa
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
-from ramster.cli.target import add_tls, add_token, positive, tls_of, token_of
+from ramster.cli.target import add_tls, add_token, nonnegative, positive, tls_of, token_of
 from ramster.client import RamsterError
 from ramster.client.cluster import LocalCluster
 from ramster.client.local import LocalNode
@@ -142,7 +142,9 @@ def _cluster(args: argparse.Namespace) -> int:
 def _nbd(args: argparse.Namespace) -> int:
     pages = corpus_pages(args.corpus)
     try:
-        result = nbd.run(pages, args.mib * 2**20, args.ops, args.repeat, args.tls)
+        result = nbd.run(
+            pages, args.mib * 2**20, args.ops, args.repeat, args.tls, args.worker_threads
+        )
     except nbd.BenchError as exc:
         raise CliError(str(exc)) from None
     emit(result, args.json)
@@ -324,6 +326,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--repeat", type=positive, default=3, help="runs of each step per server (best kept)"
     )
     p.add_argument("--tls", action="store_true", help="both servers require TLS (nbds://)")
+    p.add_argument(
+        "--worker-threads",
+        type=nonnegative,
+        default=nbd.WORKERS,
+        help="the node's codec worker threads (its --worker-threads)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_nbd)
     p = kinds.add_parser(

@@ -15,6 +15,9 @@
 # budget is a small multiple of one LZ4 decompression.  `length == PAGE_SIZE` marks a page stored
 # raw (incompressible, under the store-raw policy).
 #
+# The batch paths (halves.py) write and read the same format in native code (native/codec.rs),
+# a batch per call without the GIL; tests/zcache/test_native_codec.py holds the two to one format.
+#
 # Trade-off: the header costs ~1.3% density at a 3x ratio; in exchange the per-page metadata in
 # Python memory stays a single 64-bit handle in the index.
 from __future__ import annotations
@@ -50,9 +53,6 @@ def same_filled_word(page: bytes) -> bytes | None:
 # LZ4 block compression without a size prefix (the size is always PAGE_SIZE); a partial, so a
 # put pays one C call, not a Python one around it.
 compress: Callable[[bytes | memoryview], bytes] = partial(lz4.block.compress, store_size=False)
-# The most bytes LZ4 packs a same-filled page into (33 measured for every word): a page that
-# packs larger is not same-filled, which spares the full comparison on nearly every put.
-SAME_FILLED_PACKED = 48
 
 
 def make_zpage(oid: int, index: int, payload: bytes | memoryview) -> bytes:

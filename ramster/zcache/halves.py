@@ -3,33 +3,26 @@
 # A put batch is encoded here (LZ4, same-filled check, zpage framing) and then filed by
 # ZCache.file_encoded; a get batch is read out by ZCache.read_sealed (index, LRU, copies of the
 # zpages) and then opened here (verify, decompress).  These halves read nothing but their own
-# inputs and a copy of a pool's policy, so they may run in worker threads (LZ4 releases the GIL)
-# while the engine keeps serving on its own thread; ZCache.put_batch and get_batch run the two
-# halves back to back.  The price is a copy of each zpage a get reads (the frame may be reused
-# before the copy is opened) and one more list per batch.
+# inputs and a copy of a pool's policy, so they may run in worker threads while the engine keeps
+# serving on its own thread: each is one call of the native codec (native/codec.rs), which
+# releases the GIL for the whole batch, so a worker codes pages while the loop runs Python.
+# ZCache.put_batch and get_batch run the two halves back to back.  The price is a copy of each
+# zpage a get reads (the frame may be reused before the copy is opened) and one more list per
+# batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ramster.zcache.codec import (
-    PAGE_SIZE,
-    SAME_FILLED_PACKED,
-    WORD,
-    compress,
-    make_zpage,
-    open_zpage,
-)
+from ramster.zcache._codec import encode_pages, open_zpages
 from ramster.zcache.errors import CorruptPage, PageError
-
-_WORDS = PAGE_SIZE // WORD
 
 
 @dataclass(frozen=True, slots=True)
 class PageEncoder:
     """The part of a put that needs no engine state: same-filled check, LZ4, zpage framing.
     It reads nothing but its arguments and this copy of a pool's policy, so encode() may run
-    on any thread (LZ4 releases the GIL) while the engine serves other calls."""
+    on any thread (without the GIL) while the engine serves other calls."""
 
     threshold: int  # largest payload stored compressed
     store_raw: bool  # a page that compresses worse is stored raw (else refused)
@@ -40,18 +33,7 @@ class PageEncoder:
         """Per checked page (bytes, or a view of a page that nothing writes meanwhile: it is
         read in place, not copied): its word if it is same-filled (WORD bytes), its zpage
         (compressed, or raw under store_raw), or None (refused for poor compression)."""
-        threshold, store_raw = self.threshold, self.store_raw
-        out: list[bytes | None] = []
-        for (oid, index), page in zip(keys, pages, strict=True):
-            payload = compress(page)
-            size = len(payload)
-            if size <= SAME_FILLED_PACKED and page == (word := bytes(page[:WORD])) * _WORDS:
-                out.append(word)
-            elif size <= threshold:
-                out.append(make_zpage(oid, index, payload))
-            else:
-                out.append(make_zpage(oid, index, page) if store_raw else None)
-        return out
+        return encode_pages(keys, pages, self.threshold, self.store_raw)
 
 
 @dataclass(slots=True)
@@ -69,13 +51,13 @@ class SealedPages:
 
     def open(self) -> SealedPages:
         keys, pages = self.keys, self.pages
-        for i, zpage in zip(self.at, self.zpages, strict=True):
-            oid, index = keys[i]
-            try:
-                pages[i] = open_zpage(zpage, oid, index)
-            except CorruptPage as exc:
-                pages[i] = exc
+        opened = open_zpages([keys[i] for i in self.at], self.zpages)
+        for i, page in zip(self.at, opened, strict=True):
+            if isinstance(page, str):
+                pages[i] = CorruptPage(page)
                 self.corrupt += 1
+            else:
+                pages[i] = page
         self.opened += len(self.at)
         self.at, self.zpages = [], []
         return self

@@ -9,7 +9,9 @@
 # 2. The project image, from deploy/Dockerfile on that base, exactly as a user would build it
 #    with a wheelhouse: a copy of the source tree (tracked and untracked-but-not-ignored files,
 #    so the shared work tree gets no build/ or egg-info litter), `pip wheel` on the host (the
-#    host's Python is 3.11 like bookworm's, so its manylinux wheels install in the image), then
+#    host's Python is 3.11 like bookworm's, so its manylinux wheels install in the image; the
+#    native codec is compiled in the work tree's cargo target directory, so the crates the
+#    editable install compiled are reused), then
 #    `docker build --build-arg BASE_IMAGE=... --build-arg WHEELS=wheelhouse`.
 # 3. A Prometheus image: the base plus Debian's own prometheus binary (dynamically linked
 #    against the same bookworm libc), with the official image's entrypoint and layout, so
@@ -44,11 +46,23 @@ class ImageBuildError(RuntimeError):
 
 
 def run(
-    args: list[str], *, timeout: float = 600, cwd: Path | None = None, stdin: int | None = None
+    args: list[str],
+    *,
+    timeout: float = 600,
+    cwd: Path | None = None,
+    stdin: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> str:
     """Run a command, return its stdout; on failure raise with its output tail."""
     proc = subprocess.run(
-        args, cwd=cwd, stdin=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        args,
+        cwd=cwd,
+        stdin=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
@@ -197,6 +211,7 @@ def build_project_image(base: str, workdir: Path) -> str:
             str(context),
         ],
         timeout=BUILD_TIMEOUT,
+        env={**os.environ, "CARGO_TARGET_DIR": str(ROOT / "target")},  # the install's build
     )
     tag = f"ramster-test:{uuid.uuid4().hex[:10]}"
     # The build stage is tagged too (built first, then reused from cache by the full build), so

@@ -1,0 +1,241 @@
+// ramster.zcache._codec: the page codec's batch paths in native code, run without the GIL.
+//
+// A put batch is encoded here (LZ4, same-filled check, zpage framing with its checksum) and a
+// get batch's zpages are opened here (key check, checksum, LZ4 decompression), each batch in one
+// call that releases the GIL for the whole of it.  In Python, every page paid a call that took
+// and gave back the GIL, so a codec worker thread and the event loop handed the GIL to each
+// other per page and the node used one core however many workers it had; now a worker codes a
+// chunk of pages while the loop files the previous one.
+//
+// The formats are codec.py's, byte for byte: a zpage is the 18-byte header "<IHIQ" (checksum,
+// payload length, index, oid) then the payload; the checksum is the low 32 bits of XXH3-64 of the
+// payload seeded with oid ^ index << 32; a payload of PAGE_SIZE bytes is a page stored raw.  The
+// LZ4 blocks are plain LZ4 block format (lz4_flex), which codec.py's single-page paths (the
+// lz4 package) read and write too.  Decompression is lz4_flex's safe, bounds-checked decoder: a
+// zpage may come from a disk file or a peer, and its checksum is no defence against a crafted
+// payload.
+//
+// Trade-offs: the compressed payloads are copied once more, from one scratch buffer into their
+// bytes objects, since their sizes are known only after compressing and a bytes object can only
+// be made with the GIL; an opened page is decompressed straight into its bytes object, made
+// (uninitialised) before the GIL is released.  Inputs are borrowed through the buffer protocol,
+// so a memoryview of a request's bytes is compressed where it lies; whoever passes a view
+// guarantees that nothing writes to it meanwhile, as for the lz4 package.
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+const PAGE_SIZE: usize = 4096;
+const WORD: usize = 8;
+const HEADER_SIZE: usize = 18;
+// The most bytes LZ4 packs a same-filled page into (codec.py's SAME_FILLED_PACKED).
+const SAME_FILLED_PACKED: usize = 48;
+
+type Key = (u64, u32);
+
+fn checksum(payload: &[u8], (oid, index): Key) -> u32 {
+    xxh3_64_with_seed(payload, oid ^ (u64::from(index) << 32)) as u32
+}
+
+fn write_header(out: &mut Vec<u8>, payload: &[u8], key: Key) {
+    out.extend_from_slice(&checksum(payload, key).to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+    out.extend_from_slice(&key.1.to_le_bytes());
+    out.extend_from_slice(&key.0.to_le_bytes());
+}
+
+/// A borrowed, contiguous byte buffer of an argument.
+fn bytes_of<'a>(buffer: &'a PyBuffer<u8>, what: &str, at: usize) -> PyResult<&'a [u8]> {
+    if !buffer.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{what} {at} is not contiguous"
+        )));
+    }
+    // SAFETY: the buffer is contiguous and stays exported (so alive, and not resized) for as
+    // long as `buffer` lives; its owner promises that nothing writes to it meanwhile.
+    Ok(unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) })
+}
+
+/// What a put batch's page becomes: where its bytes are in the scratch buffer, or refused.
+enum Encoded {
+    At(usize, usize),
+    Refused,
+}
+
+fn encode_one(
+    page: &[u8],
+    key: Key,
+    threshold: usize,
+    store_raw: bool,
+    out: &mut Vec<u8>,
+) -> Encoded {
+    let start = out.len();
+    let bound = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
+    out.resize(start + HEADER_SIZE + bound, 0);
+    let size = lz4_flex::block::compress_into(page, &mut out[start + HEADER_SIZE..])
+        .expect("the output holds LZ4's bound");
+    let word = &page[..WORD];
+    if size <= SAME_FILLED_PACKED && page.chunks_exact(WORD).all(|w| w == word) {
+        out.truncate(start);
+        out.extend_from_slice(word);
+    } else if size <= threshold {
+        let mut header = Vec::with_capacity(HEADER_SIZE);
+        write_header(
+            &mut header,
+            &out[start + HEADER_SIZE..start + HEADER_SIZE + size],
+            key,
+        );
+        out[start..start + HEADER_SIZE].copy_from_slice(&header);
+        out.truncate(start + HEADER_SIZE + size);
+    } else if store_raw {
+        out.truncate(start);
+        write_header(out, page, key);
+        out.extend_from_slice(page);
+    } else {
+        out.truncate(start);
+        return Encoded::Refused;
+    }
+    Encoded::At(start, out.len())
+}
+
+/// Per page of a checked put batch (4096-byte buffers): its word if it is same-filled (8 bytes),
+/// its zpage (compressed, or raw under store_raw when it compresses to more than `threshold`
+/// bytes), or None (refused for poor compression).
+#[pyfunction]
+fn encode_pages<'py>(
+    py: Python<'py>,
+    keys: Vec<Key>,
+    pages: Vec<PyBuffer<u8>>,
+    threshold: usize,
+    store_raw: bool,
+) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
+    if keys.len() != pages.len() {
+        return Err(PyValueError::new_err("keys and pages differ in number"));
+    }
+    let mut slices = Vec::with_capacity(pages.len());
+    for (at, page) in pages.iter().enumerate() {
+        let bytes = bytes_of(page, "page", at)?;
+        if bytes.len() != PAGE_SIZE {
+            return Err(PyValueError::new_err(format!(
+                "page {at} is {} bytes",
+                bytes.len()
+            )));
+        }
+        slices.push(bytes);
+    }
+    let (scratch, spans) = py.allow_threads(|| {
+        let mut scratch = Vec::with_capacity(slices.len() * 2048);
+        let spans: Vec<Encoded> = slices
+            .iter()
+            .zip(&keys)
+            .map(|(page, &key)| encode_one(page, key, threshold, store_raw, &mut scratch))
+            .collect();
+        (scratch, spans)
+    });
+    Ok(spans
+        .iter()
+        .map(|span| match *span {
+            Encoded::At(start, stop) => Some(PyBytes::new(py, &scratch[start..stop])),
+            Encoded::Refused => None,
+        })
+        .collect())
+}
+
+/// The page in `zpage`, checked against `key`, into `page`; else what is wrong with it.
+fn open_one(zpage: &[u8], key: Key, page: &mut [u8]) -> Result<(), String> {
+    let (oid, index) = key;
+    if zpage.len() < HEADER_SIZE {
+        return Err(format!(
+            "zpage for oid={oid} index={index} is {} bytes",
+            zpage.len()
+        ));
+    }
+    let word = |at: usize, n: usize| {
+        zpage[at..at + n]
+            .iter()
+            .rev()
+            .fold(0u64, |v, &b| v << 8 | u64::from(b))
+    };
+    let (sum, length) = (word(0, 4) as u32, word(4, 2) as usize);
+    let (zindex, zoid) = (word(6, 4) as u32, word(10, 8));
+    if (zoid, zindex) != key {
+        return Err(format!(
+            "zpage filed under oid={oid} index={index} names oid={zoid} index={zindex}"
+        ));
+    }
+    let payload = &zpage[HEADER_SIZE..zpage.len().min(HEADER_SIZE + length)];
+    if payload.len() != length || checksum(payload, key) != sum {
+        return Err(format!(
+            "zpage for oid={oid} index={index} failed its checksum"
+        ));
+    }
+    if length == PAGE_SIZE {
+        page.copy_from_slice(payload);
+        return Ok(());
+    }
+    match lz4_flex::block::decompress_into(payload, page) {
+        Ok(PAGE_SIZE) => Ok(()),
+        Ok(n) => Err(format!(
+            "zpage for oid={oid} index={index} decompresses to {n} bytes"
+        )),
+        Err(_) => Err(format!(
+            "zpage for oid={oid} index={index} does not decompress"
+        )),
+    }
+}
+
+/// Per zpage, verified against its key: the 4096-byte page, or a str saying why it is corrupt.
+#[pyfunction]
+fn open_zpages<'py>(
+    py: Python<'py>,
+    keys: Vec<Key>,
+    zpages: Vec<PyBuffer<u8>>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if keys.len() != zpages.len() {
+        return Err(PyValueError::new_err("keys and zpages differ in number"));
+    }
+    let mut slices = Vec::with_capacity(zpages.len());
+    let mut pages = Vec::with_capacity(zpages.len());
+    for (at, zpage) in zpages.iter().enumerate() {
+        slices.push(bytes_of(zpage, "zpage", at)?);
+        // SAFETY: a new bytes object of PAGE_SIZE uninitialised bytes, owned here alone until
+        // it is filled below and returned; a failed call sets the Python error fetched here.
+        let page = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), PAGE_SIZE as _) };
+        pages.push(unsafe { Bound::from_owned_ptr_or_err(py, page)? });
+    }
+    // Raw pointers cross into the GIL-free part as addresses: nothing else holds these objects.
+    let targets: Vec<usize> = pages
+        .iter()
+        .map(|p| unsafe { ffi::PyBytes_AsString(p.as_ptr()) } as usize)
+        .collect();
+    let results: Vec<Result<(), String>> = py.allow_threads(|| {
+        slices
+            .iter()
+            .zip(&keys)
+            .zip(&targets)
+            .map(|((zpage, &key), &target)| {
+                // SAFETY: `target` is the PAGE_SIZE-byte buffer of a bytes object made above.
+                let page = unsafe { std::slice::from_raw_parts_mut(target as *mut u8, PAGE_SIZE) };
+                open_one(zpage, key, page)
+            })
+            .collect()
+    });
+    Ok(pages
+        .into_iter()
+        .zip(results)
+        .map(|(page, result)| match result {
+            Ok(()) => page.into_any(),
+            Err(why) => pyo3::types::PyString::new(py, &why).into_any(),
+        })
+        .collect())
+}
+
+#[pymodule]
+fn _codec(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_function(wrap_pyfunction!(encode_pages, module)?)?;
+    module.add_function(wrap_pyfunction!(open_zpages, module)?)?;
+    Ok(())
+}
