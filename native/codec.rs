@@ -187,20 +187,14 @@ fn open_one(zpage: &[u8], key: Key, page: &mut [u8]) -> Result<(), String> {
     }
 }
 
-/// Per zpage, verified against its key: the 4096-byte page, or a str saying why it is corrupt.
-#[pyfunction]
-fn open_zpages<'py>(
+/// Each zpage opened against its key: a 4096-byte page, or a str saying why it is corrupt.
+fn open_all<'py>(
     py: Python<'py>,
-    keys: Vec<Key>,
-    zpages: Vec<PyBuffer<u8>>,
+    keys: &[Key],
+    zpages: &[&[u8]],
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    if keys.len() != zpages.len() {
-        return Err(PyValueError::new_err("keys and zpages differ in number"));
-    }
-    let mut slices = Vec::with_capacity(zpages.len());
     let mut pages = Vec::with_capacity(zpages.len());
-    for (at, zpage) in zpages.iter().enumerate() {
-        slices.push(bytes_of(zpage, "zpage", at)?);
+    for _ in zpages {
         // SAFETY: a new bytes object of PAGE_SIZE uninitialised bytes, owned here alone until
         // it is filled below and returned; a failed call sets the Python error fetched here.
         let page = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), PAGE_SIZE as _) };
@@ -212,9 +206,9 @@ fn open_zpages<'py>(
         .map(|p| unsafe { ffi::PyBytes_AsString(p.as_ptr()) } as usize)
         .collect();
     let results: Vec<Result<(), String>> = py.allow_threads(|| {
-        slices
+        zpages
             .iter()
-            .zip(&keys)
+            .zip(keys)
             .zip(&targets)
             .map(|((zpage, &key), &target)| {
                 // SAFETY: `target` is the PAGE_SIZE-byte buffer of a bytes object made above.
@@ -233,9 +227,46 @@ fn open_zpages<'py>(
         .collect())
 }
 
+/// Per zpage, verified against its key: the 4096-byte page, or a str saying why it is corrupt.
+#[pyfunction]
+fn open_zpages<'py>(
+    py: Python<'py>,
+    keys: Vec<Key>,
+    zpages: Vec<PyBuffer<u8>>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if keys.len() != zpages.len() {
+        return Err(PyValueError::new_err("keys and zpages differ in number"));
+    }
+    let slices = zpages
+        .iter()
+        .enumerate()
+        .map(|(at, zpage)| bytes_of(zpage, "zpage", at))
+        .collect::<PyResult<Vec<_>>>()?;
+    open_all(py, &keys, &slices)
+}
+
+/// open_zpages() of the zpages that start at `offsets` in one buffer (the engine's arena, read
+/// in place): a zpage's header says where it ends, and one that would end past the buffer is
+/// corrupt.
+#[pyfunction]
+fn open_zpages_at<'py>(
+    py: Python<'py>,
+    keys: Vec<Key>,
+    buffer: PyBuffer<u8>,
+    offsets: Vec<usize>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if keys.len() != offsets.len() {
+        return Err(PyValueError::new_err("keys and offsets differ in number"));
+    }
+    let whole = bytes_of(&buffer, "buffer", 0)?;
+    let slices: Vec<&[u8]> = offsets.iter().map(|&at| &whole[at.min(whole.len())..]).collect();
+    open_all(py, &keys, &slices)
+}
+
 #[pymodule]
 fn _codec(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(encode_pages, module)?)?;
     module.add_function(wrap_pyfunction!(open_zpages, module)?)?;
+    module.add_function(wrap_pyfunction!(open_zpages_at, module)?)?;
     Ok(())
 }

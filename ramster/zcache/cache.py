@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+from ramster.zcache._codec import open_zpages_at
 from ramster.zcache.allocator import Allocator
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import (
@@ -65,7 +66,7 @@ from ramster.zcache.errors import (
     UnknownPool,
 )
 from ramster.zcache.evictor import Evictor
-from ramster.zcache.halves import PageEncoder, SealedPages
+from ramster.zcache.halves import PageEncoder, SealedPages, place_opened
 from ramster.zcache.handles import (
     EVICTED,
     EVICTED_READ_TAG,
@@ -301,8 +302,10 @@ class ZCache:
         self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool, copy: bool
     ) -> SealedPages:
         """read_sealed() when `copy`; else get_batch(), whose zpages in frames are opened in
-        place, in the arena, as they are read (nothing runs between the read and the open), but
-        for those that straddle two frames, which are read out first."""
+        place, in the arena, all in one native call after the walk (nothing in the walk changes
+        a frame that holds one: a promotion, which fills free room, opens those waiting first),
+        but for those that straddle two frames, which are read out first, and those of a get
+        that removes, opened before their slots are freed."""
         pool = self.pool(pool_id)
         check_keys(keys)
         remove = exclusive or pool.ephemeral
@@ -322,6 +325,8 @@ class ZCache:
         out, at, zpages = sealed.pages, sealed.at, sealed.zpages
         misses = corrupt = unavailable = 0
         moved: set[tuple[int, int]] = set()  # keys marked read or brought home by this batch
+        in_place: list[int] = []  # positions of zpages to open where they lie in the arena ...
+        offsets: list[int] = []  # ... and where they start
         forgotten: list[int] = []  # evicted copies no longer needed: forgotten in one call
         try:
             for i, ((oid, index_no), handle) in enumerate(zip(keys, handles, strict=True)):
@@ -336,10 +341,13 @@ class ZCache:
                         if copy:
                             at.append(i)
                             zpages.append(zread(h))  # a copy of the slot, padding and all
-                        elif (start := zlocate(h)) >= 0:  # opened in place, in the arena
-                            out[i] = open_zpage(view, oid, index_no, start)
-                        else:
+                        elif (start := zlocate(h)) < 0:  # straddles two frames
                             out[i] = open_zpage(zread(h), oid, index_no)
+                        elif remove:  # opened in place before its slot is freed below
+                            out[i] = open_zpage(view, oid, index_no, start)
+                        else:  # opened in place with the others, after the walk
+                            in_place.append(i)
+                            offsets.append(start)
                     elif not handle:
                         misses += 1
                         continue
@@ -354,6 +362,7 @@ class ZCache:
                             index.replace(oid, index_no, EVICTED_READ_TAG | h)
                             moved.add((oid, index_no))
                         elif promote:  # read again: home, into free room only
+                            corrupt += _open_at(view, keys, out, in_place, offsets)
                             self.tick = tick
                             if self._promote(pool, oid, index_no, h, zpage, forgotten):
                                 moved.add((oid, index_no))
@@ -378,6 +387,7 @@ class ZCache:
                         continue
                 if remove:
                     self._release(pool, handle, forgotten)
+            corrupt += _open_at(view, keys, out, in_place, offsets)
         finally:
             if forgotten:  # before the caller answers (a removed page never comes back)
                 self._evictor().forget(pool.id, forgotten)
@@ -641,3 +651,20 @@ class ZCache:
     def close(self) -> None:
         self.pools.clear()
         self.arena.close()
+
+
+def _open_at(
+    view: memoryview,
+    keys: list[tuple[int, int]],
+    out: list[bytes | PageError | None],
+    at: list[int],
+    offsets: list[int],
+) -> int:
+    """Open the zpages at `offsets` in the arena into `out` at positions `at` in one native
+    call, then empty both lists; the number found corrupt."""
+    if not at:
+        return 0
+    corrupt = place_opened(out, at, open_zpages_at([keys[i] for i in at], view, offsets))
+    at.clear()
+    offsets.clear()
+    return corrupt

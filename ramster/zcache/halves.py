@@ -50,14 +50,23 @@ class SealedPages:
     corrupt: int = 0
 
     def open(self) -> SealedPages:
-        keys, pages = self.keys, self.pages
-        opened = open_zpages([keys[i] for i in self.at], self.zpages)
-        for i, page in zip(self.at, opened, strict=True):
-            if isinstance(page, str):
-                pages[i] = CorruptPage(page)
-                self.corrupt += 1
-            else:
-                pages[i] = page
+        opened = open_zpages([self.keys[i] for i in self.at], self.zpages)
+        self.corrupt += place_opened(self.pages, self.at, opened)
         self.opened += len(self.at)
         self.at, self.zpages = [], []
         return self
+
+
+def place_opened(
+    pages: list[bytes | PageError | None], at: list[int], opened: list[bytes | str]
+) -> int:
+    """Each page the native codec opened into `pages` at its position in `at`, a CorruptPage
+    where it said why not; the number of those."""
+    corrupt = 0
+    for i, page in zip(at, opened, strict=True):
+        if isinstance(page, str):
+            pages[i] = CorruptPage(page)
+            corrupt += 1
+        else:
+            pages[i] = page
+    return corrupt

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ramster.zcache import PAGE_SIZE
-from ramster.zcache._codec import encode_pages, open_zpages
+from ramster.zcache._codec import encode_pages, open_zpages, open_zpages_at
 from ramster.zcache.codec import HEADER_SIZE, compress, make_zpage, open_zpage
 
 THRESHOLD = 3072
@@ -118,3 +118,25 @@ def test_bad_arguments_are_errors(sample_pages: list[bytes]) -> None:
         open_zpages([(1, 0)], ["not bytes"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="differ in number"):
         open_zpages([], [b""])
+
+
+def test_zpages_opened_where_they_lie(sample_pages: list[bytes]) -> None:
+    """open_zpages_at reads each zpage at its offset in one buffer, up to its own length; one
+    whose length runs past the buffer, or that starts past it, is corrupt."""
+    keys = [(3, i) for i in range(4)]
+    zpages = encode_pages(keys, sample_pages[:4], THRESHOLD, True)
+    assert all(z is not None for z in zpages)
+    arena = bytearray(b"\xaa" * 5)
+    offsets = []
+    for zpage in zpages:
+        assert zpage is not None
+        offsets.append(len(arena))
+        arena += zpage + b"\x55" * 7  # slot padding after each
+    view = memoryview(arena)
+    assert open_zpages_at(keys, view, offsets) == sample_pages[:4]
+    cut = view[: offsets[3] + HEADER_SIZE + 10]
+    last = open_zpages_at(keys[3:], cut, offsets[3:])
+    past = open_zpages_at(keys[:1], view, [len(arena) + 100])
+    assert isinstance(last[0], str) and isinstance(past[0], str)
+    with pytest.raises(ValueError, match="differ in number"):
+        open_zpages_at(keys, view, offsets[:2])
