@@ -259,7 +259,10 @@ fn open_zpages_at<'py>(
         return Err(PyValueError::new_err("keys and offsets differ in number"));
     }
     let whole = bytes_of(&buffer, "buffer", 0)?;
-    let slices: Vec<&[u8]> = offsets.iter().map(|&at| &whole[at.min(whole.len())..]).collect();
+    let slices: Vec<&[u8]> = offsets
+        .iter()
+        .map(|&at| &whole[at.min(whole.len())..])
+        .collect();
     open_all(py, &keys, &slices)
 }
 
