@@ -5,7 +5,9 @@
 // call that releases the GIL for the whole of it.  In Python, every page paid a call that took
 // and gave back the GIL, so a codec worker thread and the event loop handed the GIL to each
 // other per page and the node used one core however many workers it had; now a worker codes a
-// chunk of pages while the loop files the previous one.
+// chunk of pages while the loop files the previous one.  A batch of fewer than RELEASE_PAGES
+// pages (a single get, a slice of puts on the loop) keeps the GIL: giving it up would let
+// another thread take it while the event loop waits to have it back.
 //
 // The formats are codec.py's, byte for byte: a zpage is the 18-byte header "<IHIQ" (checksum,
 // payload length, index, oid) then the payload; the checksum is the low 32 bits of XXH3-64 of the
@@ -34,7 +36,20 @@ const HEADER_SIZE: usize = 18;
 // The most bytes LZ4 packs a same-filled page into (codec.py's SAME_FILLED_PACKED).
 const SAME_FILLED_PACKED: usize = 48;
 
+// Batches of fewer pages keep the GIL: releasing it lets another thread (a codec worker, gRPC's
+// poller) take it, and the caller, a single get on the event loop, then waits for it back.
+const RELEASE_PAGES: usize = 16;
+
 type Key = (u64, u32);
+
+/// `work` without the GIL if it codes RELEASE_PAGES pages or more, else with it.
+fn without_gil<T: Send>(py: Python<'_>, pages: usize, work: impl FnOnce() -> T + Send) -> T {
+    if pages >= RELEASE_PAGES {
+        py.allow_threads(work)
+    } else {
+        work()
+    }
+}
 
 fn checksum(payload: &[u8], (oid, index): Key) -> u32 {
     xxh3_64_with_seed(payload, oid ^ (u64::from(index) << 32)) as u32
@@ -126,7 +141,7 @@ fn encode_pages<'py>(
         }
         slices.push(bytes);
     }
-    let (scratch, spans) = py.allow_threads(|| {
+    let (scratch, spans) = without_gil(py, slices.len(), || {
         let mut scratch = Vec::with_capacity(slices.len() * 2048);
         let spans: Vec<Encoded> = slices
             .iter()
@@ -205,7 +220,7 @@ fn open_all<'py>(
         .iter()
         .map(|p| unsafe { ffi::PyBytes_AsString(p.as_ptr()) } as usize)
         .collect();
-    let results: Vec<Result<(), String>> = py.allow_threads(|| {
+    let results: Vec<Result<(), String>> = without_gil(py, zpages.len(), || {
         zpages
             .iter()
             .zip(keys)
