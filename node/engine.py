@@ -31,8 +31,9 @@
 # makes the loop wait, and a single get waits with it: measured on 2 cores (`ramster bench
 # latency`), one worker doubled the single-get p50 under gRPC bulk load (0.61-0.67 ms to
 # 1.2-1.3) and moved no more bulk pages.  NBD requests are all big batches and its clients want
-# throughput: there one worker moved 44% more sequential writes and 24% more reads (`ramster
-# bench nbd`, which runs its node so); `--worker-threads` turns them on.
+# throughput: there one worker moved about 20% more sequential writes and 30% more reads
+# (`ramster bench nbd`, which runs its node so); `--worker-threads` turns them on.
+#
 # Fairness: the loop runs ready tasks in turn, one step each, and a batch's step is one chunk,
 # so concurrent batches advance chunk by chunk, round-robin, whoever sent them.  With workers,
 # which take chunks first come first served, a batch never has more than DEPTH chunks queued,
