@@ -20,11 +20,11 @@
 # while chunk n+1 compresses.  Batches of up to INLINE_PAGES pages (single gets, NBD's 4 KiB
 # requests) always run at once on the loop.  A front door may keep smaller batches than `offload`
 # pages on the loop (where a hop costs more than it saves) and hand the workers `hop` pages at a
-# time, more than a loop step: NBD hands them half a write group per hop (node/nbd/server.py).  A
-# page that is a view (of a request's bytes, which nothing writes meanwhile) is compressed where
-# it is, never copied first.  Either way a get batch's remote copies are fetched once, before its
-# first chunk; a chunk looks again only once the prefetch's check says a local copy went
-# meanwhile.
+# time, more than a loop step, and `get_hop` pages of a get: NBD hands them half a write group
+# per hop, a whole read group (node/nbd/server.py).  A page that is a view (of a request's
+# bytes, which nothing writes meanwhile) is compressed where it is, never copied first.  Either
+# way a get batch's remote copies are fetched once, before its first chunk; a chunk looks again
+# only once the prefetch's check says a local copy went meanwhile.
 #
 # Why no workers by default: the codec releases the GIL for a whole chunk (native/codec.rs), so a
 # worker codes pages beside the loop, but a worker that takes the GIL back to hand in its chunk
@@ -151,12 +151,14 @@ class ChunkedEngine:
         offload: int = 0,
         hop: int | None = None,
         small_first: SmallFirst | None = None,
+        get_hop: int | None = None,
     ) -> None:
         self.engine = engine
         self.prefetch = prefetch  # fetches remote copies a get is about to read
         self.workers = workers or codec_workers(engine)
         self.chunk = chunk or (WORKER_CHUNK_PAGES if self.workers else CHUNK_PAGES)
-        self.hop = hop or self.chunk  # pages per hop to the workers
+        self.hop = hop or self.chunk  # pages per hop to the workers ...
+        self.get_hop = get_hop or self.hop  # ... of a get (its hop costs the loop a read-out)
         self.offload = offload  # a batch of fewer pages runs on the loop, `chunk` at a time
         self.small_first = small_first  # gives small calls way, if the node has one
 
@@ -191,7 +193,7 @@ class ChunkedEngine:
         def file(part: slice, encoded: list[bytes | None]) -> list[PutResult]:
             return engine.file_encoded(pool, keys[part], encoded, keys_checked=True)
 
-        return await self._pipelined(len(keys), _as_is, encode_part, file)
+        return await self._pipelined(len(keys), _as_is, encode_part, file, self.hop)
 
     async def get_batch(
         self, pool: int, keys: list[tuple[int, int]], exclusive: bool
@@ -219,7 +221,7 @@ class ChunkedEngine:
                 await fetched(part)
                 return engine.get_batch(pool, keys[part], exclusive)
 
-            return await self._pipelined(len(keys), get, _same, _got)
+            return await self._pipelined(len(keys), get, _same, _got, self.hop)
 
         async def read(part: slice) -> SealedPages:
             await fetched(part)
@@ -228,7 +230,7 @@ class ChunkedEngine:
         def count(part: slice, sealed: SealedPages) -> list[bytes | PageError | None]:
             return engine.opened(sealed)
 
-        return await self._pipelined(len(keys), read, SealedPages.open, count)
+        return await self._pipelined(len(keys), read, SealedPages.open, count, self.get_hop)
 
     async def destroy_pool(self, pool: int) -> int:
         """Drop a pool, first flushing its objects with a yield after every ~chunk of pages:
@@ -251,6 +253,7 @@ class ChunkedEngine:
         start: Callable[[slice], Awaitable[X]],
         work: Callable[[X], Y],
         finish: Callable[[slice, Y], list[T]],
+        hop: int,
     ) -> list[T]:
         """Per chunk of `count` items, in order: a yield (`step`), `start` on the loop, `work`
         in a worker (on the loop without workers, or for fewer than `offload` items), `finish`
@@ -276,7 +279,7 @@ class ChunkedEngine:
         try:
             while first < count:
                 await self.step()  # each chunk a step of its own, after any small call pending
-                part = slice(first, first + (self.hop if workers else self._chunk()))
+                part = slice(first, first + (hop if workers else self._chunk()))
                 first = part.stop
                 item = await start(part)
                 if workers is None:

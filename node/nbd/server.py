@@ -11,14 +11,13 @@
 # OFFLOAD_PAGES pages or more go to them CODEC_PAGES at a time (one hop per half group, two hops
 # in flight, so the loop files one half while the other compresses), and only the filing, which
 # alone touches the engine's state, stays on the loop; reads are opened (verified,
-# decompressed) there the same way.  A worker's failure is an engine error (node/engine.py's
-# CodecError): the group's requests get EIO.  NBD used to run a codec thread of its own by
-# default; measured on 2 cores, 256 MiB nbdcopy of gcc-cc1 pages, four rounds alternating with
-# the loop-only server side by side: the thread cost 29.4 us of node CPU per page written
-# against 22.6, and 14.2 against 12.0 per page read, and wrote 131 MiB/s against 171 (median).
-# LZ4 lets the GIL go for each page, but taking it back waits for the loop, which holds it
-# while it files: the thread compressed alongside the loop only while the loop was idle, and
-# every page paid the hand-over.
+# decompressed) there the same way, READ_CODEC_PAGES at a time (a whole read group of
+# nbdcopy's: 7% more MiB/s than 128 in alternating runs; writes gained nothing from bigger
+# hops).  A worker's failure is an engine error (node/engine.py's CodecError): the group's
+# requests get EIO.  Workers are not the node's default, but a node serving NBD wants one: the
+# native codec codes a hop without the GIL, and one worker moved about 20% more sequential
+# writes and 30% more reads than the loop alone (`ramster bench nbd`, 2 cores).  Before that
+# codec, LZ4 gave the GIL back and took it again per page, and a worker cost more than it gave.
 #
 # Heap: the zpages of a write group are bytes in the heap between their encoding and their
 # filing, so a burst of writes leaves the heap grown by what was in flight; a HeapTrimmer
@@ -52,6 +51,7 @@ from ramster.zcache import PAGE_SIZE, ZCache
 
 LOOP_PAGES = 32  # pages per loop step on the loop, codec work included (gRPC calls wait ~0.4 ms)
 CODEC_PAGES = 128  # with codec workers: pages per hop, filed in one loop step (~0.5 ms) ...
+READ_CODEC_PAGES = 256  # ... and of a read, whose hop costs the loop only the zpages' read-out
 OFFLOAD_PAGES = 64  # ... for batches this big (a hop costs more than it saves on smaller ones)
 TRIM_INTERVAL = 0.25  # seconds without NBD traffic before the heap is trimmed
 
@@ -79,6 +79,7 @@ class NbdServer:
             prefetch,
             offload=OFFLOAD_PAGES,
             hop=CODEC_PAGES,
+            get_hop=READ_CODEC_PAGES,
             small_first=small_first,
         )
         self.exports = {

@@ -1,7 +1,8 @@
 # ChunkedEngine, with and without codec workers: big batches give the same answers as the engine's
 # own batch calls, codec work runs in the workers and every state change on the loop's thread,
 # small calls are served while a big batch runs, a batch that arrives late is not queued behind a
-# running one, and a cancelled batch leaves the engine consistent.
+# running one, a cancelled batch leaves the engine consistent, and puts and gets reach the workers
+# in hops of their own sizes.
 from __future__ import annotations
 
 import asyncio
@@ -119,6 +120,21 @@ async def test_codec_in_workers_state_on_the_loop(
     assert await chunked.get_batch(pool, keys, False) == pages
     assert seen == {loop_thread}
     assert len(workers.ran) == 8 and loop_thread not in workers.threads
+    workers.shutdown()
+
+
+async def test_puts_and_gets_hop_to_the_workers_in_their_own_sizes(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    workers = Recording()
+    chunked = ChunkedEngine(engine, workers=workers, hop=16, get_hop=48)
+    pool = engine.create_pool(P, store_raw=True)
+    keys, pages = big_batch(sample_pages, 1, 96)
+    workers.label = "put"
+    await chunked.put_batch(pool, keys, pages)
+    workers.label = "get"
+    assert await chunked.get_batch(pool, keys, False) == pages
+    assert workers.ran == ["put"] * 6 + ["get"] * 2
     workers.shutdown()
 
 
