@@ -27,12 +27,11 @@
 # only once the prefetch's check says a local copy went meanwhile.
 #
 # Why no workers by default: the codec releases the GIL for a whole chunk (native/codec.rs), so a
-# worker codes pages beside the loop, but a worker that takes the GIL back to hand in its chunk
-# makes the loop wait, and a single get waits with it: measured on 2 cores (`ramster bench
-# latency`), one worker doubled the single-get p50 under gRPC bulk load (0.61-0.67 ms to
-# 1.2-1.3) and moved no more bulk pages.  NBD requests are all big batches and its clients want
-# throughput: there one worker moved about 20% more sequential writes and 30% more reads
-# (`ramster bench nbd`, which runs its node so); `--worker-threads` turns them on.
+# worker codes pages beside the loop, but it also takes a core: measured on 2 cores shared with
+# the clients (`ramster bench latency`), one worker doubled the single-get p50 under gRPC bulk
+# load (0.61-0.67 ms to 1.2-1.3) and moved no more bulk pages.  NBD requests are all big batches
+# and its clients want throughput: there one worker moved about 20% more sequential writes and
+# 30% more reads (`ramster bench nbd`, which runs its node so); `--worker-threads` turns them on.
 #
 # Fairness: the loop runs ready tasks in turn, one step each, and a batch's step is one chunk,
 # so concurrent batches advance chunk by chunk, round-robin, whoever sent them.  With workers,
