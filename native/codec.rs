@@ -55,11 +55,14 @@ fn checksum(payload: &[u8], (oid, index): Key) -> u32 {
     xxh3_64_with_seed(payload, oid ^ (u64::from(index) << 32)) as u32
 }
 
-fn write_header(out: &mut Vec<u8>, payload: &[u8], key: Key) {
-    out.extend_from_slice(&checksum(payload, key).to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
-    out.extend_from_slice(&key.1.to_le_bytes());
-    out.extend_from_slice(&key.0.to_le_bytes());
+/// The zpage header of `payload` filed under `key`.
+fn header(payload: &[u8], (oid, index): Key) -> [u8; HEADER_SIZE] {
+    let mut out = [0u8; HEADER_SIZE];
+    out[..4].copy_from_slice(&checksum(payload, (oid, index)).to_le_bytes());
+    out[4..6].copy_from_slice(&(payload.len() as u16).to_le_bytes());
+    out[6..10].copy_from_slice(&index.to_le_bytes());
+    out[10..].copy_from_slice(&oid.to_le_bytes());
+    out
 }
 
 /// A borrowed, contiguous byte buffer of an argument.
@@ -80,39 +83,30 @@ enum Encoded {
     Refused,
 }
 
+/// Encode `page` onto the end of `out`, LZ4 compressing it into `packed` (of LZ4's bound) first.
 fn encode_one(
     page: &[u8],
     key: Key,
     threshold: usize,
     store_raw: bool,
+    packed: &mut [u8],
     out: &mut Vec<u8>,
 ) -> Encoded {
+    let size = lz4_flex::block::compress_into(page, packed).expect("`packed` holds LZ4's bound");
     let start = out.len();
-    let bound = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
-    out.resize(start + HEADER_SIZE + bound, 0);
-    let size = lz4_flex::block::compress_into(page, &mut out[start + HEADER_SIZE..])
-        .expect("the output holds LZ4's bound");
     let word = &page[..WORD];
-    if size <= SAME_FILLED_PACKED && page.chunks_exact(WORD).all(|w| w == word) {
-        out.truncate(start);
+    let payload = if size <= SAME_FILLED_PACKED && page.chunks_exact(WORD).all(|w| w == word) {
         out.extend_from_slice(word);
+        return Encoded::At(start, out.len());
     } else if size <= threshold {
-        let mut header = Vec::with_capacity(HEADER_SIZE);
-        write_header(
-            &mut header,
-            &out[start + HEADER_SIZE..start + HEADER_SIZE + size],
-            key,
-        );
-        out[start..start + HEADER_SIZE].copy_from_slice(&header);
-        out.truncate(start + HEADER_SIZE + size);
+        &packed[..size]
     } else if store_raw {
-        out.truncate(start);
-        write_header(out, page, key);
-        out.extend_from_slice(page);
+        page
     } else {
-        out.truncate(start);
         return Encoded::Refused;
-    }
+    };
+    out.extend_from_slice(&header(payload, key));
+    out.extend_from_slice(payload);
     Encoded::At(start, out.len())
 }
 
@@ -143,10 +137,13 @@ fn encode_pages<'py>(
     }
     let (scratch, spans) = without_gil(py, slices.len(), || {
         let mut scratch = Vec::with_capacity(slices.len() * 2048);
+        let mut packed = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)];
         let spans: Vec<Encoded> = slices
             .iter()
             .zip(&keys)
-            .map(|(page, &key)| encode_one(page, key, threshold, store_raw, &mut scratch))
+            .map(|(page, &key)| {
+                encode_one(page, key, threshold, store_raw, &mut packed, &mut scratch)
+            })
             .collect();
         (scratch, spans)
     });
