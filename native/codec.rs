@@ -30,6 +30,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+mod slots;
+
 const PAGE_SIZE: usize = 4096;
 const WORD: usize = 8;
 const HEADER_SIZE: usize = 18;
@@ -66,7 +68,7 @@ fn header(payload: &[u8], (oid, index): Key) -> [u8; HEADER_SIZE] {
 }
 
 /// A borrowed, contiguous byte buffer of an argument.
-fn bytes_of<'a>(buffer: &'a PyBuffer<u8>, what: &str, at: usize) -> PyResult<&'a [u8]> {
+pub(crate) fn bytes_of<'a>(buffer: &'a PyBuffer<u8>, what: &str, at: usize) -> PyResult<&'a [u8]> {
     if !buffer.is_c_contiguous() {
         return Err(PyValueError::new_err(format!(
             "{what} {at} is not contiguous"
@@ -283,5 +285,6 @@ fn _codec(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(encode_pages, module)?)?;
     module.add_function(wrap_pyfunction!(open_zpages, module)?)?;
     module.add_function(wrap_pyfunction!(open_zpages_at, module)?)?;
+    module.add_class::<slots::SlotWalk>()?;
     Ok(())
 }

@@ -18,6 +18,24 @@ Extent = tuple[int, int, int]
 MoveCallback = Callable[[int, int, bytes | memoryview], None]
 
 
+class Walk(Protocol):
+    """A native walk over a get batch's handles (Zsmalloc.walk)."""
+
+    def __call__(
+        self,
+        handles: list[int],
+        first: int,
+        tag: int,
+        mask: int,
+        tick: int,
+        copy: bool,
+        at: list[int],
+        zpages: list[bytes],
+        in_place: list[int],
+        offsets: list[int],
+    ) -> tuple[int, int, int]: ...
+
+
 class Allocator(Protocol):
     name: str
     lru: LruList  # a use of handle h is recorded as lru.tick[h >> unit_shift] = tick
@@ -26,6 +44,12 @@ class Allocator(Protocol):
     frames: int  # frames owned
     compactable: int  # non-zero when compact() would free frames
     on_compactable: Callable[[], None] | None  # called when `compactable` leaves zero
+
+    @property
+    def walk(self) -> Walk | None:
+        """The common case of a get batch's walk in one call, where the allocator has one
+        (ZCache._read)."""
+        ...
 
     def alloc(self, zpage: bytes, tick: int) -> int:
         """Store `zpage`; its handle, or -1 when no frame can be had."""

@@ -328,8 +328,21 @@ class ZCache:
         in_place: list[int] = []  # positions of zpages to open where they lie in the arena ...
         offsets: list[int] = []  # ... and where they start
         forgotten: list[int] = []  # evicted copies no longer needed: forgotten in one call
+        walk = None if remove else zalloc.walk
+        count, i = len(keys), -1
         try:
-            for i, ((oid, index_no), handle) in enumerate(zip(keys, handles, strict=True)):
+            while (i := i + 1) < count:
+                # Zpages and misses, many in one call.  A key `moved` earlier in the batch had an
+                # evicted handle, where any walk stops: its handle is looked up again below.
+                if walk is not None:
+                    i, tick, missed = walk(
+                        handles, i, ZPAGE_TAG, HANDLE_MASK, tick, copy,
+                        at, zpages, in_place, offsets,
+                    )  # fmt: skip
+                    misses += missed
+                    if i == count:
+                        break
+                (oid, index_no), handle = keys[i], handles[i]
                 if moved and (oid, index_no) in moved:  # named again: its handle changed
                     handle = index.get(oid, index_no)
                 h = handle ^ ZPAGE_TAG
@@ -388,6 +401,8 @@ class ZCache:
                 if remove:
                     self._release(pool, handle, forgotten)
             corrupt += _open_at(view, keys, out, in_place, offsets)
+            if at and not copy:  # zpages the walk copied out (straddling two frames)
+                corrupt += sealed.open().corrupt
         finally:
             if forgotten:  # before the caller answers (a removed page never comes back)
                 self._evictor().forget(pool.id, forgotten)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterator
 
-from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
+from ramster.zcache.allocator import Extent, MoveCallback, Walk, array_bytes
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE
 from ramster.zcache.errors import InvalidPage
@@ -22,6 +22,7 @@ RAW_ZPAGE = HEADER_SIZE + PAGE_SIZE
 
 class RawFrames:
     name = "raw"
+    walk: Walk | None = None  # gets walk its handles in Python
     compactable = 0  # never: see compact()
     on_compactable: Callable[[], None] | None = None
 

@@ -60,6 +60,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterator
 
+from ramster.zcache._codec import SlotWalk
 from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import PAGE_SIZE
@@ -109,6 +110,7 @@ def _merged_classes() -> tuple[list[int], list[int], list[int]]:
 
 
 SIZES, SLOTS, _STEP_CLASS = _merged_classes()
+_WALK = SlotWalk(SLOT_BITS, MAX_FRAMES, SIZES)
 # The class of a zpage of each length (index 0 unused): one lookup on the alloc path.
 _LENGTH_CLASS = [
     _STEP_CLASS[0 if n <= MIN_SIZE else (n - MIN_SIZE + CLASS_STEP - 1) // CLASS_STEP]
@@ -348,6 +350,27 @@ class Zsmalloc:
         room = PAGE_SIZE - within
         second = self.frame[first + 1] << 12
         return self.amap[start : start + room] + self.amap[second : second + size - room]
+
+    def walk(
+        self,
+        handles: list[int],
+        first: int,
+        tag: int,
+        mask: int,
+        tick: int,
+        copy: bool,
+        at: list[int],
+        zpages: list[bytes],
+        in_place: list[int],
+        offsets: list[int],
+    ) -> tuple[int, int, int]:
+        """read() or locate() of the zpages of a get batch, and their ticks, in one native call
+        (native/slots.rs) from `first` on, up to the first handle that is neither a zpage here
+        (`tag`) nor a miss; where it stopped, the last tick and the misses met."""
+        return _WALK.walk(
+            handles, first, tag, mask, tick, self.ticks, self.cls, self.frame, self.amap,
+            copy, at, zpages, in_place, offsets,
+        )  # fmt: skip
 
     def locate(self, handle: int) -> int:
         zid = handle >> SLOT_BITS
