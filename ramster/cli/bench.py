@@ -10,7 +10,15 @@ from ramster.bench import engine, fragmentation, latency, nbd, node, reaper, soa
 from ramster.bench.corpus import CorpusError, load_corpus
 from ramster.bench.report import emit
 from ramster.cli.errors import CliError
-from ramster.cli.target import add_tls, add_token, nonnegative, positive, tls_of, token_of
+from ramster.cli.target import (
+    add_tls,
+    add_token,
+    niceness,
+    nonnegative,
+    positive,
+    tls_of,
+    token_of,
+)
 from ramster.client import RamsterError
 from ramster.client.cluster import LocalCluster
 from ramster.client.local import LocalNode
@@ -97,6 +105,7 @@ def _latency(args: argparse.Namespace) -> int:
             clients=args.clients,
             cluster=args.cluster,
             pool_limit=args.pool_limit,
+            bulk_nice=args.bulk_nice,
         )
     except RamsterError as exc:
         raise CliError(f"{args.target or 'the local node'}: {exc}") from None
@@ -307,6 +316,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--cluster", action="store_true", help="measure node 1 of a local cluster")
     p.add_argument("--pool-limit", default="2Gi", help="pool limit of a node started here")
+    p.add_argument(
+        "--bulk-nice",
+        type=niceness,
+        default=10,
+        metavar="N",
+        help="run the bulk client N steps below normal CPU priority, 0-19 (default 10): its "
+        "load belongs on other hosts, and on a small machine the scheduler would otherwise "
+        "preempt the node for it; 0 measures that contention too",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_latency)
     p = kinds.add_parser(

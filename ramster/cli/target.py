@@ -42,6 +42,7 @@ def _whole_number(minimum: int, what: str, below: int | None = None) -> Callable
 
 nonnegative = _whole_number(0, "a number >= 0")
 positive = _whole_number(1, "a positive number")
+niceness = _whole_number(0, "a niceness from 0 to 19", 20)
 pool_id = _whole_number(0, "a pool id in [0, 2**64)", POOL_LIMIT)
 page_index = _whole_number(0, "a page index in [0, 2**32)", INDEX_LIMIT)
 object_id = _whole_number(0, "an object id in [0, 2**64)", OID_LIMIT)
