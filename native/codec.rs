@@ -34,7 +34,7 @@ mod slots;
 
 const PAGE_SIZE: usize = 4096;
 const WORD: usize = 8;
-const HEADER_SIZE: usize = 18;
+pub(crate) const HEADER_SIZE: usize = 18;
 // The most bytes LZ4 packs a same-filled page into (codec.py's SAME_FILLED_PACKED).
 const SAME_FILLED_PACKED: usize = 48;
 
@@ -285,6 +285,6 @@ fn _codec(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(encode_pages, module)?)?;
     module.add_function(wrap_pyfunction!(open_zpages, module)?)?;
     module.add_function(wrap_pyfunction!(open_zpages_at, module)?)?;
-    module.add_class::<slots::SlotWalk>()?;
+    module.add_class::<slots::Slots>()?;
     Ok(())
 }

@@ -1,62 +1,122 @@
-// The common case of a get batch's walk over a zsmalloc pool, in native code.
+// The common cases of zsmalloc's batch paths, in native code: a get batch's walk over its
+// handles, and a put batch's filing of its zpages into the hot zspages of their classes.
 //
-// ZCache._read (ramster/zcache/cache.py) walks a batch's handles one by one in Python: per page
-// a few tests, an LRU tick store and a slice of the arena, about a quarter of the event loop's
-// time on NBD reads.  Most handles of a batch that does not remove its pages are zpages in the
-// pool's zsmalloc, or misses; SlotWalk.walk() takes those here, from a given position, and stops
-// at the first handle that is anything else (a same-filled word, a raw page, an evicted page),
-// which the Python walk then takes before calling again.  So the slow kinds keep their one
-// implementation, and this one only mirrors zsmalloc's slot arithmetic (Zsmalloc.read/locate):
-// handle = zspage id << slot_bits | slot; a slot of class `c` starts at slot * sizes[c] in its
-// zspage, whose frames are frame[zid * max_frames ..]; the constants come from the Python side,
-// and tests/zcache/test_native_walk.py holds the two walks to the same answers.
+// ZCache (ramster/zcache/cache.py) walks a get batch's handles and files a put batch's zpages
+// one by one in Python: per page a few tests, an LRU tick, a slot found and marked, and a slice
+// of the arena, about a quarter of the event loop's time on NBD reads and writes.  Slots takes
+// the common case of each from a given position on, and stops at the first page it does not
+// take, which the Python path then takes before calling again:
+//   - walk(): zpages of the pool's zsmalloc and misses; it stops at any other kind of handle
+//     (same-filled, raw, evicted);
+//   - file(): zpages that fit the free slots of their class's hot zspage, taking frames for it
+//     from the arena as it grows; it stops at anything else (a word, a raw page, a refusal),
+//     at a class with no hot zspage (picking one is Python's), when the arena gives no frame,
+//     and after a store that must move its zspage between fullness groups (Python's
+//     _regroup, which it names).
+// So the slow cases keep their one implementation, and this one mirrors zsmalloc's slot
+// arithmetic and its hot path (Zsmalloc.read/locate/_store/_reach): handle = zspage id <<
+// slot_bits | slot; a slot of class `c` starts at slot * sizes[c] in its zspage, whose frames
+// are frame[zid * max_frames ..] (a prefix of them owned); used slots are a bitmap of
+// 2**slot_bits bits per zspage.  The tables are the Zsmalloc object's own arrays, read by name,
+// and its constants come from zsmalloc.py; tests/zcache/test_native_slots.py holds each native
+// path to the Python one.
 //
-// Every index is checked (a zspage id past the arrays, a frame past the arena): a bad handle is
-// a ValueError, never a read out of bounds.  The GIL is kept: the walk copies little and is the
-// event loop's own work.
+// Every index is checked (a zspage id past the tables, a slot past its zspage, a frame past the
+// arena): a bad handle or table is a ValueError, never an access out of bounds.  The GIL is
+// kept: this is the event loop's own work, and it copies little.
 use pyo3::buffer::{PyBuffer, ReadOnlyCell};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
-use crate::bytes_of;
+use crate::{bytes_of, HEADER_SIZE};
 
 const PAGE_SHIFT: u32 = 12;
 const PAGE_SIZE: usize = 1 << PAGE_SHIFT;
 
-/// zsmalloc's slot layout, as ramster/zcache/zsmalloc.py defines it.
+type Span = std::ops::Range<usize>;
+type Cells<'a, T> = &'a [ReadOnlyCell<T>];
+type MutCells<'a, T> = &'a [std::cell::Cell<T>];
+
+/// zsmalloc's layout, as ramster/zcache/zsmalloc.py defines it.
 #[pyclass(frozen)]
-pub struct SlotWalk {
-    slot_bits: u32,    // handle = zspage id << slot_bits | slot
-    max_frames: usize, // frame-table entries per zspage
-    sizes: Vec<usize>, // slot size per class
+pub struct Slots {
+    slot_bits: u32,           // handle = zspage id << slot_bits | slot
+    max_frames: usize,        // frame-table entries per zspage
+    sizes: Vec<usize>,        // slot size per class
+    slots: Vec<usize>,        // slots per zspage per class
+    owned: Vec<Vec<usize>>,   // per class, the slots lying wholly in its first n frames
+    length_class: Vec<usize>, // the class of a zpage of each length
 }
 
 fn bad(what: &str) -> PyErr {
-    PyValueError::new_err(format!("zsmalloc walk: {what}"))
+    PyValueError::new_err(format!("zsmalloc: {what}"))
 }
 
-type Span = std::ops::Range<usize>;
+fn at<T: Copy>(cells: &[impl CellGet<T>], i: usize, what: &str) -> PyResult<T> {
+    Ok(cells.get(i).ok_or_else(|| bad(what))?.value())
+}
 
-impl SlotWalk {
+/// Reading a cell of either kind of buffer slice.
+trait CellGet<T> {
+    fn value(&self) -> T;
+}
+
+impl<T: Copy + pyo3::buffer::Element> CellGet<T> for ReadOnlyCell<T> {
+    fn value(&self) -> T {
+        self.get()
+    }
+}
+
+impl<T: Copy> CellGet<T> for std::cell::Cell<T> {
+    fn value(&self) -> T {
+        self.get()
+    }
+}
+
+/// A table of the Zsmalloc object, by attribute name, as a buffer of `T`.
+fn table<T: pyo3::buffer::Element>(zs: &Bound<'_, PyAny>, name: &str) -> PyResult<PyBuffer<T>> {
+    PyBuffer::get(&zs.getattr(name)?)
+}
+
+fn cells<'a, T: pyo3::buffer::Element>(
+    py: Python<'a>,
+    buffer: &'a PyBuffer<T>,
+) -> PyResult<Cells<'a, T>> {
+    buffer
+        .as_slice(py)
+        .ok_or_else(|| bad("a table is not contiguous"))
+}
+
+fn mut_cells<'a, T: pyo3::buffer::Element>(
+    py: Python<'a>,
+    buffer: &'a PyBuffer<T>,
+) -> PyResult<MutCells<'a, T>> {
+    buffer
+        .as_mut_slice(py)
+        .ok_or_else(|| bad("a table is read-only or not contiguous"))
+}
+
+impl Slots {
+    /// The words of zspage `zid`'s bitmap of used slots.
+    fn words(&self) -> usize {
+        (1usize << self.slot_bits) / 64
+    }
+
     /// Where the slot of allocator handle `h` lies in an arena of `arena` bytes: its part in
     /// its first frame and, if it straddles into the next frame of its zspage, the rest there.
     fn place(
         &self,
         h: u64,
-        cls: &[ReadOnlyCell<u16>],
-        frame: &[ReadOnlyCell<u32>],
+        class: usize,
+        frame: &[impl CellGet<u32>],
         arena: usize,
     ) -> PyResult<(Span, Option<Span>)> {
         let zid = (h >> self.slot_bits) as usize;
         let slot = (h & ((1 << self.slot_bits) - 1)) as usize;
-        let class = cls
-            .get(zid)
-            .ok_or_else(|| bad("zspage id past the table"))?
-            .get();
         let size = *self
             .sizes
-            .get(class as usize)
+            .get(class)
             .ok_or_else(|| bad("unknown size class"))?;
         let offset = slot * size;
         let within = offset & (PAGE_SIZE - 1);
@@ -67,10 +127,7 @@ impl SlotWalk {
         }
         let first = zid * self.max_frames + index;
         let frame_at = |i: usize| -> PyResult<usize> {
-            let f = frame
-                .get(i)
-                .ok_or_else(|| bad("frame index past the table"))?;
-            let start = (f.get() as usize) << PAGE_SHIFT;
+            let start = (at(frame, i, "frame index past the table")? as usize) << PAGE_SHIFT;
             if start + PAGE_SIZE > arena {
                 return Err(bad("frame past the arena"));
             }
@@ -87,20 +144,42 @@ impl SlotWalk {
 }
 
 #[pymethods]
-impl SlotWalk {
+impl Slots {
     #[new]
-    fn new(slot_bits: u32, max_frames: usize, sizes: Vec<usize>) -> Self {
-        SlotWalk {
+    fn new(
+        slot_bits: u32,
+        max_frames: usize,
+        sizes: Vec<usize>,
+        slots: Vec<usize>,
+        owned: Vec<Vec<usize>>,
+        length_class: Vec<usize>,
+    ) -> PyResult<Self> {
+        let classes = sizes.len();
+        if slots.len() != classes || owned.len() != classes {
+            return Err(bad("one size, slot count and owned row per class"));
+        }
+        if owned.iter().any(|row| row.len() != max_frames + 1) {
+            return Err(bad("an owned row per frame count, 0 to max_frames"));
+        }
+        if length_class.len() != PAGE_SIZE + 1 || length_class.iter().any(|&c| c >= classes) {
+            return Err(bad("a class for every zpage length, 0 to a page"));
+        }
+        if !(6..=16).contains(&slot_bits) {
+            return Err(bad("slot bits out of range"));
+        }
+        Ok(Slots {
             slot_bits,
             max_frames,
             sizes,
-        }
+            slots,
+            owned,
+            length_class,
+        })
     }
 
-    /// Walk `handles` (index handles: `tag` marks those of this zsmalloc, whose own handle is
-    /// in the bits of `mask`) from `first` while each is a zpage of this zsmalloc (`cls`,
-    /// `frame`: its tables; `arena`: the arena's buffer) or 0 (a miss, left as it is): each
-    /// zpage's unit gets the next tick in `ticks` (indexed by zspage id); it is copied out of the arena into
+    /// Walk `handles` (index handles: `tag` marks those of zsmalloc `zs`, whose own handle is
+    /// in the bits of `mask`) from `first` while each is one of its zpages or 0 (a miss, left
+    /// as it is): each zpage's zspage gets the next tick; it is copied out of the arena into
     /// `zpages` with its position in `at` when `copy` or when it straddles two frames, else
     /// only its position goes to `in_place` and its start to `offsets`.  Returns where the walk
     /// stopped (the first handle of another kind, or the end), the last tick given, and the
@@ -109,30 +188,23 @@ impl SlotWalk {
     fn walk(
         &self,
         py: Python<'_>,
+        zs: &Bound<'_, PyAny>,
         handles: &Bound<'_, PyList>,
         first: usize,
         tag: u64,
         mask: u64,
         tick: u64,
-        ticks: PyBuffer<u64>,
-        cls: PyBuffer<u16>,
-        frame: PyBuffer<u32>,
-        arena: PyBuffer<u8>,
         copy: bool,
-        at: &Bound<'_, PyList>,
+        at_: &Bound<'_, PyList>,
         zpages: &Bound<'_, PyList>,
         in_place: &Bound<'_, PyList>,
         offsets: &Bound<'_, PyList>,
     ) -> PyResult<(usize, u64, usize)> {
-        let ticks = ticks
-            .as_mut_slice(py)
-            .ok_or_else(|| bad("ticks are read-only"))?;
-        let cls = cls
-            .as_slice(py)
-            .ok_or_else(|| bad("class table not contiguous"))?;
-        let frame = frame
-            .as_slice(py)
-            .ok_or_else(|| bad("frame table not contiguous"))?;
+        let (ticks, cls, frame) = (table(zs, "ticks")?, table(zs, "cls")?, table(zs, "frame")?);
+        let ticks: MutCells<u64> = mut_cells(py, &ticks)?;
+        let cls: Cells<u16> = cells(py, &cls)?;
+        let frame: Cells<u32> = cells(py, &frame)?;
+        let arena = table::<u8>(zs, "amap")?;
         let whole = bytes_of(&arena, "arena", 0)?;
         let (mut tick, mut misses, mut i) = (tick, 0usize, first);
         while i < handles.len() {
@@ -146,11 +218,12 @@ impl SlotWalk {
             if h > mask {
                 break; // another kind: the Python walk takes it
             }
-            let (head, rest) = self.place(h, cls, frame, whole.len())?;
+            let zid = (h >> self.slot_bits) as usize;
+            let class = at(cls, zid, "zspage id past the table")? as usize;
+            let (head, rest) = self.place(h, class, frame, whole.len())?;
             tick += 1;
-            let unit = (h >> self.slot_bits) as usize;
             ticks
-                .get(unit)
+                .get(zid)
                 .ok_or_else(|| bad("zspage id past the ticks"))?
                 .set(tick);
             match rest {
@@ -159,17 +232,151 @@ impl SlotWalk {
                     offsets.append(head.start)?;
                 }
                 None => {
-                    at.append(i)?;
+                    at_.append(i)?;
                     zpages.append(PyBytes::new(py, &whole[head]))?;
                 }
                 Some(rest) => {
                     let slot = [&whole[head], &whole[rest]].concat();
-                    at.append(i)?;
+                    at_.append(i)?;
                     zpages.append(PyBytes::new(py, &slot))?;
                 }
             }
             i += 1;
         }
         Ok((i, tick, misses))
+    }
+
+    /// File the zpages of `items` (a put batch's encodings) from `first` into zsmalloc `zs`
+    /// while each is a zpage whose class has a hot zspage with room: its slot marked, its
+    /// zspage ticked and grown by frames from `take_frame()` (the arena's alloc: a frame
+    /// number, or -1) as its slot needs them, its bytes written; `tag` | its handle goes to
+    /// `handles` and `stored` to `results`.  Returns where it stopped, the last tick given,
+    /// the zpages and frames it added, and the zspage to regroup before anything else (0:
+    /// none), whose store was the last one taken.
+    #[allow(clippy::too_many_arguments)]
+    fn file(
+        &self,
+        py: Python<'_>,
+        zs: &Bound<'_, PyAny>,
+        items: &Bound<'_, PyList>,
+        first: usize,
+        tag: u64,
+        tick: u64,
+        stored: &Bound<'_, PyAny>,
+        handles: &Bound<'_, PyList>,
+        results: &Bound<'_, PyList>,
+    ) -> PyResult<(usize, u64, usize, usize, usize)> {
+        let take_frame = zs.getattr("arena")?.getattr("alloc")?;
+        let (hot, waste) = (table::<u32>(zs, "hot")?, table::<u32>(zs, "waste")?);
+        let (ticks, used) = (table::<u64>(zs, "ticks")?, table::<u64>(zs, "used")?);
+        let (inuse, edge) = (table::<u16>(zs, "inuse")?, table::<u16>(zs, "edge")?);
+        let (nframes, frame) = (table::<u8>(zs, "nframes")?, table::<u32>(zs, "frame")?);
+        let arena = table::<u8>(zs, "amap")?;
+        let (hot, waste) = (cells(py, &hot)?, cells(py, &waste)?);
+        let (ticks, used) = (mut_cells(py, &ticks)?, mut_cells(py, &used)?);
+        let (inuse, edge) = (mut_cells(py, &inuse)?, mut_cells(py, &edge)?);
+        let (nframes, frame) = (mut_cells(py, &nframes)?, mut_cells(py, &frame)?);
+        if arena.readonly() || !arena.is_c_contiguous() {
+            return Err(bad("the arena is not a writable contiguous buffer"));
+        }
+        let (base, arena_len) = (arena.buf_ptr() as *mut u8, arena.len_bytes());
+        let words = self.words();
+        let (mut tick, mut filed, mut taken, mut i) = (tick, 0usize, 0usize, first);
+        let mut regroup = 0usize;
+        while i < items.len() {
+            let item = items.get_item(i)?;
+            let Ok(zpage) = item.downcast::<PyBytes>() else {
+                break; // a refusal (None): the Python path takes it
+            };
+            let zpage = zpage.as_bytes();
+            if zpage.len() <= HEADER_SIZE || zpage.len() > PAGE_SIZE {
+                break; // a same-filled word or a raw page
+            }
+            let class = self.length_class[zpage.len()];
+            let zid = at(hot, class, "class past the hot table")? as usize;
+            if zid == 0 {
+                break; // no hot zspage: picking one is the Python path's
+            }
+            if [inuse.len(), edge.len(), nframes.len(), ticks.len()]
+                .iter()
+                .any(|&n| zid >= n)
+            {
+                return Err(bad("zspage id past the tables"));
+            }
+            let (size, slots) = (self.sizes[class], self.slots[class]);
+            let bitmap = used
+                .get(zid * words..(zid + 1) * words)
+                .ok_or_else(|| bad("zspage id past the bitmaps"))?;
+            let (word, bit) = bitmap
+                .iter()
+                .enumerate()
+                .find_map(|(w, cell)| {
+                    let bits = cell.get();
+                    (bits != u64::MAX).then(|| (w, (!bits).trailing_zeros() as usize))
+                })
+                .ok_or_else(|| bad("a hot zspage with no free slot"))?;
+            let slot = word * 64 + bit;
+            if slot >= slots {
+                return Err(bad("a hot zspage with no free slot"));
+            }
+            let end = (slot + 1) * size;
+            let mut have = nframes[zid].get() as usize;
+            if end > have << PAGE_SHIFT {
+                let need = end.div_ceil(PAGE_SIZE);
+                if need > self.max_frames {
+                    return Err(bad("slot past its zspage"));
+                }
+                while have < need {
+                    let got: i64 = take_frame.call0()?.extract()?;
+                    if got < 0 {
+                        break;
+                    }
+                    let cell = frame
+                        .get(zid * self.max_frames + have)
+                        .ok_or_else(|| bad("zspage id past the frame table"))?;
+                    cell.set(u32::try_from(got).map_err(|_| bad("frame number out of range"))?);
+                    have += 1;
+                    taken += 1;
+                    nframes[zid].set(have as u8);
+                }
+                if have < need {
+                    break; // the arena is full: the Python path reclaims
+                }
+                edge[zid].set(self.owned[class][have].min(slots) as u16);
+            }
+            let (head, rest) = self.place(
+                (zid << self.slot_bits | slot) as u64,
+                class,
+                frame,
+                arena_len,
+            )?;
+            // SAFETY: `head` and `rest` lie in the arena (place() checks), which stays exported
+            // and unresized while `arena` lives; nothing else writes it while the GIL is held.
+            unsafe {
+                let (one, two) = zpage.split_at(zpage.len().min(head.len()));
+                std::ptr::copy_nonoverlapping(one.as_ptr(), base.add(head.start), one.len());
+                if let Some(rest) = rest {
+                    std::ptr::copy_nonoverlapping(two.as_ptr(), base.add(rest.start), two.len());
+                }
+            }
+            tick += 1;
+            ticks[zid].set(tick);
+            bitmap[word].set(bitmap[word].get() | 1 << bit);
+            let count = inuse[zid].get() as usize + 1;
+            inuse[zid].set(count as u16);
+            handles.append(tag | (zid << self.slot_bits | slot) as u64)?;
+            results.append(stored)?;
+            filed += 1;
+            i += 1;
+            if count >= edge[zid].get() as usize {
+                if count < slots && at(waste, class, "class past the waste table")? == 0 {
+                    edge[zid].set(slots as u16 + 1); // stays hot; the next store grows it
+                } else {
+                    regroup = zid;
+                    break;
+                }
+            }
+        }
+        Ok((i, tick, filed, taken, regroup))
     }
 }

@@ -1,6 +1,7 @@
 # Types of the native codec (native/codec.rs): a put batch's encoding and a get batch's opening,
 # each one call that releases the GIL for the whole batch.
 from collections.abc import Sequence
+from typing import Any
 
 from typing_extensions import Buffer
 
@@ -12,22 +13,38 @@ def open_zpages_at(
     keys: Sequence[tuple[int, int]], buffer: Buffer, offsets: Sequence[int]
 ) -> list[bytes | str]: ...
 
-class SlotWalk:
-    def __init__(self, slot_bits: int, max_frames: int, sizes: Sequence[int]) -> None: ...
+class Slots:
+    def __init__(
+        self,
+        slot_bits: int,
+        max_frames: int,
+        sizes: Sequence[int],
+        slots: Sequence[int],
+        owned: Sequence[Sequence[int]],
+        length_class: Sequence[int],
+    ) -> None: ...
     def walk(
         self,
+        zs: object,
         handles: list[int],
         first: int,
         tag: int,
         mask: int,
         tick: int,
-        ticks: Buffer,
-        cls: Buffer,
-        frame: Buffer,
-        arena: Buffer,
         copy: bool,
         at: list[int],
         zpages: list[bytes],
         in_place: list[int],
         offsets: list[int],
     ) -> tuple[int, int, int]: ...
+    def file(
+        self,
+        zs: object,
+        items: list[bytes | None],
+        first: int,
+        tag: int,
+        tick: int,
+        stored: object,
+        handles: list[int],
+        results: list[Any],
+    ) -> tuple[int, int, int, int, int]: ...

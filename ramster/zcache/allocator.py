@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from ramster.zcache.lru import LruList
 
@@ -36,6 +36,21 @@ class Walk(Protocol):
     ) -> tuple[int, int, int]: ...
 
 
+class File(Protocol):
+    """A native filing of a put batch's zpages (Zsmalloc.file)."""
+
+    def __call__(
+        self,
+        items: list[bytes | None],
+        first: int,
+        tag: int,
+        tick: int,
+        stored: Any,
+        handles: list[int],
+        results: list[Any],
+    ) -> tuple[int, int]: ...
+
+
 class Allocator(Protocol):
     name: str
     lru: LruList  # a use of handle h is recorded as lru.tick[h >> unit_shift] = tick
@@ -49,6 +64,12 @@ class Allocator(Protocol):
     def walk(self) -> Walk | None:
         """The common case of a get batch's walk in one call, where the allocator has one
         (ZCache._read)."""
+        ...
+
+    @property
+    def file(self) -> File | None:
+        """The common case of a put batch's filing in one call, where the allocator has one
+        (ZCache._file_encoded)."""
         ...
 
     def alloc(self, zpage: bytes, tick: int) -> int:

@@ -241,10 +241,16 @@ class ZCache:
         results: list[PutResult] = []
         handles: list[int] = []
         filed = 0  # keys[:filed] are in the index already
-        zalloc = pool.zalloc.alloc
+        zalloc, file = pool.zalloc.alloc, pool.zalloc.file
         stored = PutResult.STORED
         tick = self.tick  # self.tick is brought up to date before any slow path
-        for item in encoded:
+        count, i = len(encoded), -1
+        while (i := i + 1) < count:
+            if file is not None:  # most zpages, many in one call; it stops at any other case
+                i, tick = file(encoded, i, ZPAGE_TAG, tick, stored, handles, results)
+                if i == count:
+                    break
+            item = encoded[i]
             if item is not None and WORD < len(item) != RAW_ZPAGE:  # a zpage: the common case
                 tick += 1
                 handle = zalloc(item, tick)

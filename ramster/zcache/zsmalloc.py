@@ -59,8 +59,9 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from ramster.zcache._codec import SlotWalk
+from ramster.zcache._codec import Slots
 from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import PAGE_SIZE
@@ -74,6 +75,9 @@ SLOT_BITS = 8
 SLOT_MASK = (1 << SLOT_BITS) - 1
 GROUPS = 4  # fullness groups of zspages with room in their frames: by quarter of slots in use
 GROWABLE = GROUPS  # the group of zspages whose owned frames are full but that can take more
+WORDS = (SLOT_MASK + 1) // 64  # 64-bit words of a zspage's bitmap of used slots
+_FULL = (1 << 64) - 1
+_NO_SLOTS = array("Q", bytes(8 * WORDS))
 _IN_FRAME = PAGE_SIZE - 1
 
 
@@ -110,7 +114,6 @@ def _merged_classes() -> tuple[list[int], list[int], list[int]]:
 
 
 SIZES, SLOTS, _STEP_CLASS = _merged_classes()
-_WALK = SlotWalk(SLOT_BITS, MAX_FRAMES, SIZES)
 # The class of a zpage of each length (index 0 unused): one lookup on the alloc path.
 _LENGTH_CLASS = [
     _STEP_CLASS[0 if n <= MIN_SIZE else (n - MIN_SIZE + CLASS_STEP - 1) // CLASS_STEP]
@@ -121,6 +124,8 @@ OWNED = [
     [min(slots, n * PAGE_SIZE // size) for n in range(MAX_FRAMES + 1)]
     for size, slots in zip(SIZES, SLOTS, strict=True)
 ]
+# The native paths over the same layout (native/slots.rs).
+_SLOTS = Slots(SLOT_BITS, MAX_FRAMES, SIZES, SLOTS, OWNED, _LENGTH_CLASS)
 _ALLOC_ORDER = (*reversed(range(GROUPS)), GROWABLE)  # room in owned frames, fullest first
 # Per class and fullness group g < GROUPS: the zpage count at which a zspage leaves g upward.
 _QUARTER = [[-(-(g + 1) * slots // GROUPS) for g in range(GROUPS)] for slots in SLOTS]
@@ -140,7 +145,7 @@ class Zsmalloc:
         self.nframes = array("B", [0])  # frames taken so far (a prefix of the zspage)
         self.group = array("b", [-1])  # fullness group or GROWABLE, -1 when full
         self.edge = array("H", [0])  # zpages in use at which an alloc must regroup
-        self.used: list[int] = [0]  # slot bitmap per zspage
+        self.used = array("Q", _NO_SLOTS)  # slot bitmap per zspage, WORDS words each
         self.frame = array("I", bytes(4 * MAX_FRAMES))  # MAX_FRAMES entries per zspage
         self._free_ids = array("I")
         # Fullness groups by class, made on a class's first use: an empty pool costs no dicts.
@@ -239,7 +244,7 @@ class Zsmalloc:
             self.nframes.append(0)
             self.group.append(-1)
             self.edge.append(0)
-            self.used.append(0)
+            self.used.extend(_NO_SLOTS)
             self.frame.extend(array("I", bytes(4 * MAX_FRAMES)))
             self.lru.grow(zid + 1)
         self.lru.push(zid, tick)
@@ -261,7 +266,7 @@ class Zsmalloc:
         elif nframes:
             self._waste(c, -OWNED[c][nframes])
         self.nframes[zid] = 0
-        self.used[zid] = 0
+        self.used[zid * WORDS : (zid + 1) * WORDS] = _NO_SLOTS
         self.edge[zid] = 0
         self.lru.remove(zid)
         self._free_ids.append(zid)
@@ -315,12 +320,16 @@ class Zsmalloc:
         zspage changes group, and the class's waste is the caller's (the hot zspage's room is
         not in it)."""
         size = SIZES[c]
-        used = self.used[zid]
-        slot = (~used & (used + 1)).bit_length() - 1
+        used, w = self.used, zid * WORDS
+        while used[w] == _FULL:
+            w += 1
+        word = used[w]
+        bit = ~word & (word + 1)  # its lowest free slot
+        slot = (w - zid * WORDS) << 6 | bit.bit_length() - 1
         offset = slot * size
         if offset + size > self.nframes[zid] << 12 and not self._reach(zid, offset + size):
             return -1
-        self.used[zid] = used | 1 << slot
+        used[w] = word | bit
         inuse = self.inuse[zid] = self.inuse[zid] + 1
         if inuse >= self.edge[zid]:
             self._regroup(zid, inuse)
@@ -367,10 +376,32 @@ class Zsmalloc:
         """read() or locate() of the zpages of a get batch, and their ticks, in one native call
         (native/slots.rs) from `first` on, up to the first handle that is neither a zpage here
         (`tag`) nor a miss; where it stopped, the last tick and the misses met."""
-        return _WALK.walk(
-            handles, first, tag, mask, tick, self.ticks, self.cls, self.frame, self.amap,
-            copy, at, zpages, in_place, offsets,
-        )  # fmt: skip
+        return _SLOTS.walk(
+            self, handles, first, tag, mask, tick, copy, at, zpages, in_place, offsets
+        )
+
+    def file(
+        self,
+        items: list[bytes | None],
+        first: int,
+        tag: int,
+        tick: int,
+        stored: Any,
+        handles: list[int],
+        results: list[Any],
+    ) -> tuple[int, int]:
+        """alloc() of a put batch's encodings from `first` on, in one native call (native/
+        slots.rs), while each is a zpage whose class has a hot zspage with room: `tag` | its
+        handle goes to `handles` and `stored` to `results`.  Where it stopped (at anything
+        else, which the caller takes with alloc()) and the last tick given."""
+        stop, tick, filed, taken, regroup = _SLOTS.file(
+            self, items, first, tag, tick, stored, handles, results
+        )
+        self.zpages += filed
+        self.frames += taken
+        if regroup:
+            self._regroup(regroup, self.inuse[regroup])
+        return stop, tick
 
     def locate(self, handle: int) -> int:
         zid = handle >> SLOT_BITS
@@ -383,7 +414,7 @@ class Zsmalloc:
 
     def free(self, handle: int) -> None:
         zid, slot = handle >> SLOT_BITS, handle & SLOT_MASK
-        self.used[zid] &= ~(1 << slot)
+        self.used[zid * WORDS + (slot >> 6)] &= _FULL ^ 1 << (slot & 63)
         inuse = self.inuse[zid] - 1
         self.inuse[zid] = inuse
         self.zpages -= 1
@@ -399,8 +430,13 @@ class Zsmalloc:
                 self._cool(c)
 
     def unit_handles(self, unit: int) -> list[int]:
-        used = self.used[unit]
-        return [unit << SLOT_BITS | s for s in range(used.bit_length()) if used >> s & 1]
+        base, used = unit << SLOT_BITS, self.used[unit * WORDS : (unit + 1) * WORDS]
+        return [
+            base | w << 6 | b
+            for w, bits in enumerate(used)
+            for b in range(bits.bit_length())
+            if bits >> b & 1
+        ]
 
     def unit_frames(self, unit: int) -> int:
         return self.nframes[unit]
@@ -489,14 +525,12 @@ class Zsmalloc:
         }
 
     def metadata_bytes(self) -> int:
-        bitmaps = sum(b.__sizeof__() for b in self.used) + self.used.__sizeof__()
         lists = sum(len(g) for groups in self.groups.values() for g in groups) * 24
         return (
             array_bytes(
                 self.cls, self.inuse, self.nframes, self.group, self.edge, self.frame, self.hot
             )
-            + array_bytes(self._free_ids)
+            + array_bytes(self._free_ids, self.used)
             + self.lru.metadata_bytes()
-            + bitmaps
             + lists
         )

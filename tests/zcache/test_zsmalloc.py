@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ramster.zcache import PoolKind, PutResult, ZCache, ZCacheConfig
 from ramster.zcache.arena import Arena
 from ramster.zcache.backing import BackingFile
-from ramster.zcache.zsmalloc import OWNED, SIZES, SLOTS, Zsmalloc, class_layout
+from ramster.zcache.zsmalloc import OWNED, SIZES, SLOTS, WORDS, Zsmalloc, class_layout
 
 Z48 = bytes(48)  # size class 48: 256 slots in 3 frames, 170 of them in the first 2
 
@@ -67,8 +67,9 @@ def check_accounting(zs: Zsmalloc) -> None:
     waste = [0] * len(SIZES)  # free owned slots per class, the hot zspage's left out
     for zid in zs.lru:
         c = zs.cls[zid]
-        assert bin(zs.used[zid]).count("1") == zs.inuse[zid]
-        assert zs.used[zid] < 1 << OWNED[c][zs.nframes[zid]], "a slot outside owned frames"
+        used = sum(w << 64 * i for i, w in enumerate(zs.used[zid * WORDS : (zid + 1) * WORDS]))
+        assert bin(used).count("1") == zs.inuse[zid]
+        assert used < 1 << OWNED[c][zs.nframes[zid]], "a slot outside owned frames"
         if zs.hot[c] != zid:
             waste[c] += OWNED[c][zs.nframes[zid]] - zs.inuse[zid]
     assert list(zs.waste) == waste

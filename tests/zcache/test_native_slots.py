@@ -1,0 +1,218 @@
+# zsmalloc's native paths (native/slots.rs) against its Python ones.  The walk of a get batch
+# against Zsmalloc.read/locate: the same bytes, offsets and ticks, a stop at the first handle of
+# another kind; a handle that points outside the tables or the arena is an error, never a read
+# out of bounds.  The filing of a put batch against alloc() page by page: two allocators fed the
+# same batches and frees, through a full arena, end in the same state, table for table and byte
+# for byte.  Through the engine, a batch that mixes every kind of page reads back every page.
+from __future__ import annotations
+
+import random
+from array import array
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
+from ramster.zcache.arena import Arena
+from ramster.zcache.backing import BackingFile
+from ramster.zcache.handles import HANDLE_MASK, SAME_TAG, ZPAGE_TAG
+from ramster.zcache.zsmalloc import MAX_FRAMES, SLOT_BITS, WORDS, Zsmalloc
+from tests.zcache.test_zsmalloc import check_accounting
+
+
+@pytest.fixture
+def filled() -> tuple[Zsmalloc, list[int]]:
+    """A zsmalloc holding zpages of every length class, many straddling two frames, and the
+    index handles of them with misses (0) among them."""
+    z = Zsmalloc(Arena(4096))
+    rng = random.Random(7)
+    handles = []
+    for tick in range(1, 1500):
+        blob = rng.randbytes(rng.randrange(1, PAGE_SIZE + 1))
+        handles.append(ZPAGE_TAG | z.alloc(blob, tick))
+        if tick % 7 == 0:
+            handles.append(0)
+    return z, handles
+
+
+def walk(z: Zsmalloc, handles: list[int], first: int, copy: bool) -> tuple[object, ...]:
+    at: list[int] = []
+    zpages: list[bytes] = []
+    in_place: list[int] = []
+    offsets: list[int] = []
+    stop, tick, misses = z.walk(
+        handles, first, ZPAGE_TAG, HANDLE_MASK, 10_000, copy, at, zpages, in_place, offsets
+    )
+    return stop, tick, misses, at, zpages, in_place, offsets
+
+
+def test_walk_copies_what_read_reads(filled: tuple[Zsmalloc, list[int]]) -> None:
+    z, handles = filled
+    stop, tick, misses, at, zpages, in_place, offsets = walk(z, handles, 0, copy=True)
+    live = [i for i, h in enumerate(handles) if h]
+    assert (stop, misses, in_place, offsets) == (len(handles), len(handles) - len(live), [], [])
+    assert at == live and tick == 10_000 + len(live)
+    assert zpages == [z.read(handles[i] ^ ZPAGE_TAG) for i in live]
+    last = {(handles[i] ^ ZPAGE_TAG) >> SLOT_BITS: n for n, i in enumerate(live, 10_001)}
+    for unit, n in last.items():  # each zspage's tick is that of its last zpage in the batch
+        assert z.ticks[unit] == n
+
+
+def test_walk_in_place_locates_what_locate_locates(filled: tuple[Zsmalloc, list[int]]) -> None:
+    z, handles = filled
+    stop, _, _, at, zpages, in_place, offsets = walk(z, handles, 5, copy=False)
+    assert stop == len(handles)
+    straddling = [
+        i for i in range(5, len(handles)) if handles[i] and z.locate(handles[i] ^ ZPAGE_TAG) < 0
+    ]
+    assert straddling and at == straddling  # copied out: they lie in two frames
+    assert zpages == [z.read(handles[i] ^ ZPAGE_TAG) for i in straddling]
+    assert offsets == [z.locate(handles[i] ^ ZPAGE_TAG) for i in in_place]
+    assert sorted(in_place + at) == [i for i in range(5, len(handles)) if handles[i]]
+
+
+def test_walk_stops_at_another_kind(filled: tuple[Zsmalloc, list[int]]) -> None:
+    z, handles = filled
+    handles[40] = SAME_TAG | 3
+    stop, _, _, at, _, _, _ = walk(z, handles, 0, copy=True)
+    assert stop == 40 and max(at) < 40
+    assert walk(z, handles, 40, copy=True)[0] == 40  # it stays put: the caller takes that one
+    assert walk(z, handles, 41, copy=True)[0] == len(handles)
+
+
+def test_bad_handles_are_errors(filled: tuple[Zsmalloc, list[int]]) -> None:
+    z, handles = filled
+    unit = (handles[0] ^ ZPAGE_TAG) >> SLOT_BITS
+    big = next(u for u in range(1, len(z.cls)) if z.inuse[u] and z.nframes[u] > 1)
+    for bad, why in [
+        (len(z.cls) << SLOT_BITS, "zspage id past the table"),
+        (big << SLOT_BITS | 255, "slot past its zspage"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            walk(z, [ZPAGE_TAG | bad], 0, copy=True)
+    z.frame[unit * MAX_FRAMES] = 1 << 31  # a frame table gone wrong
+    with pytest.raises(ValueError, match="frame past the arena"):
+        walk(z, [handles[0]], 0, copy=False)
+    with pytest.raises(TypeError):
+        walk(z, ["not a handle"], 0, copy=True)  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_engine_reads_every_kind_in_one_batch(
+    sample_pages: list[bytes], tmp_path: Path, sealed: bool
+) -> None:
+    """Zpages, raw pages, same-filled pages, misses and evicted pages in one batch, three times
+    (the second get brings evicted pages home, so the walk resumes after promotions)."""
+    config = ZCacheConfig(pool_limit_frames=24, store_incompressible_raw=True)
+    cache = ZCache(config, evictor=BackingFile(tmp_path / "backing"))
+    pool = cache.create_pool(PoolKind.PERSISTENT)
+    pages = sample_pages + [bytes(PAGE_SIZE), b"\x5a" * PAGE_SIZE] * 4
+    keys = [(1, i) for i in range(len(pages))]
+    cache.put_batch(pool, keys, pages)
+    asked = [*keys, (2, 0), *keys[::-1]]
+    want = [*pages, None, *pages[::-1]]
+    assert cache.evicted_pages
+    for _ in range(3):
+        if sealed:
+            got = cache.opened(cache.read_sealed(pool, asked).open())
+        else:
+            got = cache.get_batch(pool, asked)
+        assert got == want
+
+
+def file_natively(z: Zsmalloc, items: list[bytes | None], tick: int) -> tuple[list[int], int]:
+    """Index handles of `items` as ZCache files them: natively while it can, else by alloc()
+    (0: refused, or not a zpage); and the last tick."""
+    handles: list[int] = []
+    results: list[str] = []
+    i = -1
+    while (i := i + 1) < len(items):
+        i, tick = z.file(items, i, ZPAGE_TAG, tick, "stored", handles, results)
+        if i == len(items):
+            break
+        item = items[i]
+        handle = -1
+        if item is not None and 18 < len(item) <= PAGE_SIZE:
+            tick += 1
+            handle = z.alloc(item, tick)
+        handles.append(ZPAGE_TAG | handle if handle >= 0 else 0)
+        results.append("stored" if handle >= 0 else "refused")
+    assert results == ["stored" if h else "refused" for h in handles]
+    return handles, tick
+
+
+def file_in_python(z: Zsmalloc, items: list[bytes | None], tick: int) -> tuple[list[int], int]:
+    handles = []
+    for item in items:
+        handle = -1
+        if item is not None and 18 < len(item) <= PAGE_SIZE:
+            tick += 1
+            handle = z.alloc(item, tick)
+        handles.append(ZPAGE_TAG | handle if handle >= 0 else 0)
+    return handles, tick
+
+
+def same_state(a: Zsmalloc, b: Zsmalloc, live: list[int]) -> None:
+    for name in ("cls", "inuse", "nframes", "group", "edge", "used", "hot", "waste", "ticks"):
+        assert getattr(a, name) == getattr(b, name), name
+    for zid in a.lru:
+        base = zid * MAX_FRAMES
+        assert a.frame[base : base + a.nframes[zid]] == b.frame[base : base + b.nframes[zid]]
+    assert (a.zpages, a.frames, a.compactable) == (b.zpages, b.frames, b.compactable)
+    assert a.groups == b.groups and a.arena.in_use == b.arena.in_use
+    for handle in live:
+        assert a.read(handle ^ ZPAGE_TAG) == b.read(handle ^ ZPAGE_TAG)
+    check_accounting(a)
+
+
+LENGTHS = st.one_of(st.integers(19, PAGE_SIZE), st.sampled_from([0, 8, 18, 4114, -1]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    frames=st.integers(1, 48),
+    rounds=st.lists(
+        st.tuples(st.lists(LENGTHS, min_size=1, max_size=40), st.lists(st.integers(0, 10**6))),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_native_filing_is_alloc(frames: int, rounds: list[tuple[list[int], list[int]]]) -> None:
+    """Batches of zpages of any length (and words, raw pages and refusals among them), each
+    followed by frees of some live zpages, until and past a full arena."""
+    native, python = Zsmalloc(Arena(frames)), Zsmalloc(Arena(frames))
+    rng = random.Random(frames)
+    live: list[int] = []
+    tick_n = tick_p = 0
+    for lengths, frees in rounds:
+        items = [None if n < 0 else rng.randbytes(n) for n in lengths]
+        got, tick_n = file_natively(native, items, tick_n)
+        want, tick_p = file_in_python(python, items, tick_p)
+        assert got == want and tick_n == tick_p
+        live += [h for h in got if h]
+        for n in frees[: len(live) // 2]:
+            handle = live.pop(n % len(live))
+            native.free(handle ^ ZPAGE_TAG)
+            python.free(handle ^ ZPAGE_TAG)
+        same_state(native, python, live)
+
+
+def test_filing_stops_where_python_must_take_over(sample_pages: list[bytes]) -> None:
+    z = Zsmalloc(Arena(64))
+    blob = sample_pages[0][:1000]
+    handles: list[int] = []
+    results: list[str] = []
+    # no hot zspage yet for the class: nothing filed
+    assert z.file([blob], 0, ZPAGE_TAG, 0, "stored", handles, results) == (0, 0)
+    z.alloc(blob, 1)  # now the class has one
+    items: list[bytes | None] = [blob, blob, None, blob]
+    assert z.file(items, 0, ZPAGE_TAG, 1, "stored", handles, results) == (2, 3)
+    assert results == ["stored", "stored"] and len(set(handles)) == 2
+    assert z.file(items, 3, ZPAGE_TAG, 3, "stored", handles, results) == (4, 4)
+    assert [z.read(h ^ ZPAGE_TAG)[:1000] for h in handles] == [blob] * 3
+    zid = (handles[0] ^ ZPAGE_TAG) >> SLOT_BITS
+    z.used[zid * WORDS : (zid + 1) * WORDS] = array("Q", [(1 << 64) - 1] * WORDS)  # gone wrong
+    with pytest.raises(ValueError, match="hot zspage with no free slot"):
+        z.file([blob], 0, ZPAGE_TAG, 5, "stored", handles, results)
