@@ -14,7 +14,8 @@
 # wastes 12 bytes on average against 24 with eight frames (measured over the python-app corpus:
 # 3 MiB less per GiB stored); the price is a coarser reclaim unit (a zspage goes as a whole).
 #
-# Each zspage records its used slots as a bitmap.  One with a free slot in the frames it owns sits
+# Each zspage records its used slots as a bitmap of four 64-bit words in one array (32 bytes a
+# zspage, and readable by native code).  One with a free slot in the frames it owns sits
 # in one of four fullness groups of its class; one whose owned frames are full but which can take
 # another frame sits in a fifth, "growable" group.  Allocation takes the fullest zspage with room
 # in its own frames, so sparse ones drain, and only when the class has no such room anywhere does
@@ -50,6 +51,12 @@
 #
 # Zspages are the reclaimable unit: they carry the LRU position, and reclaim evicts every zpage
 # of the least recent zspage to give back all its frames.  Handle = zspage id << 8 | slot.
+#
+# The hot paths of batches run in native code over these same tables (native/slots.rs): file()
+# stores a put batch's zpages into the hot zspages of their classes, growing them frame by frame,
+# and walk() reads or locates a get batch's zpages; each stops where a decision is this module's
+# (picking or regrouping a zspage, a full arena) and the caller goes on here.  alloc(), read()
+# and locate() remain the one-page paths and the reference the native ones are tested against.
 #
 # alloc() refuses a zpage that is empty or longer than a frame (the largest class) with
 # InvalidPage before it takes a zspage: there is no class to put it in.
