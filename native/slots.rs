@@ -53,7 +53,7 @@ fn bad(what: &str) -> PyErr {
     PyValueError::new_err(format!("zsmalloc: {what}"))
 }
 
-fn at<T: Copy>(cells: &[impl CellGet<T>], i: usize, what: &str) -> PyResult<T> {
+fn cell<T: Copy>(cells: &[impl CellGet<T>], i: usize, what: &str) -> PyResult<T> {
     Ok(cells.get(i).ok_or_else(|| bad(what))?.value())
 }
 
@@ -127,7 +127,7 @@ impl Slots {
         }
         let first = zid * self.max_frames + index;
         let frame_at = |i: usize| -> PyResult<usize> {
-            let start = (at(frame, i, "frame index past the table")? as usize) << PAGE_SHIFT;
+            let start = (cell(frame, i, "frame index past the table")? as usize) << PAGE_SHIFT;
             if start + PAGE_SIZE > arena {
                 return Err(bad("frame past the arena"));
             }
@@ -195,7 +195,7 @@ impl Slots {
         mask: u64,
         tick: u64,
         copy: bool,
-        at_: &Bound<'_, PyList>,
+        at: &Bound<'_, PyList>,
         zpages: &Bound<'_, PyList>,
         in_place: &Bound<'_, PyList>,
         offsets: &Bound<'_, PyList>,
@@ -219,7 +219,7 @@ impl Slots {
                 break; // another kind: the Python walk takes it
             }
             let zid = (h >> self.slot_bits) as usize;
-            let class = at(cls, zid, "zspage id past the table")? as usize;
+            let class = cell(cls, zid, "zspage id past the table")? as usize;
             let (head, rest) = self.place(h, class, frame, whole.len())?;
             tick += 1;
             ticks
@@ -232,12 +232,12 @@ impl Slots {
                     offsets.append(head.start)?;
                 }
                 None => {
-                    at_.append(i)?;
+                    at.append(i)?;
                     zpages.append(PyBytes::new(py, &whole[head]))?;
                 }
                 Some(rest) => {
                     let slot = [&whole[head], &whole[rest]].concat();
-                    at_.append(i)?;
+                    at.append(i)?;
                     zpages.append(PyBytes::new(py, &slot))?;
                 }
             }
@@ -293,7 +293,7 @@ impl Slots {
                 break; // a same-filled word or a raw page
             }
             let class = self.length_class[zpage.len()];
-            let zid = at(hot, class, "class past the hot table")? as usize;
+            let zid = cell(hot, class, "class past the hot table")? as usize;
             if zid == 0 {
                 break; // no hot zspage: picking one is the Python path's
             }
@@ -369,7 +369,7 @@ impl Slots {
             filed += 1;
             i += 1;
             if count >= edge[zid].get() as usize {
-                if count < slots && at(waste, class, "class past the waste table")? == 0 {
+                if count < slots && cell(waste, class, "class past the waste table")? == 0 {
                     edge[zid].set(slots as u16 + 1); // stays hot; the next store grows it
                 } else {
                     regroup = zid;

@@ -418,7 +418,7 @@ class ZCache:
         stats.misses += misses
         stats.corrupt += corrupt
         stats.unavailable += unavailable
-        stats.hits += len(keys) - misses - corrupt - unavailable - len(at)
+        stats.hits += len(keys) - misses - corrupt - unavailable - len(sealed.at)
         return sealed
 
     def opened(self, sealed: SealedPages) -> list[bytes | PageError | None]:

@@ -78,8 +78,10 @@ def test_big_groups_go_through_the_codec_workers_and_read_back_identical(
         for b in range(OFFLOAD_PAGES // 2):
             assert reply(sock, PAGE_SIZE) == (5 + b, 0, data[b * PAGE_SIZE : (b + 1) * PAGE_SIZE])
         loop_thread = server.call(lambda: threading.current_thread().name)
-    if not workers:  # all of it on the loop (reads open zpages in place: no SealedPages)
-        assert threads_seen == {"encode": {loop_thread}, "open": set()}
+    if not workers:  # all of it on the loop (reads open zpages in place, copies of those
+        # straddling two frames through SealedPages)
+        assert threads_seen["encode"] == {loop_thread}
+        assert threads_seen["open"] <= {loop_thread}
         return
     (codec,) = threads_seen["encode"]
     assert codec.startswith("ramster-codec")

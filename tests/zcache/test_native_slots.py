@@ -103,9 +103,10 @@ def test_bad_handles_are_errors(filled: tuple[Zsmalloc, list[int]]) -> None:
 def test_engine_reads_every_kind_in_one_batch(
     sample_pages: list[bytes], tmp_path: Path, sealed: bool
 ) -> None:
-    """Zpages, raw pages, same-filled pages, misses and evicted pages in one batch, three times
-    (the second get brings evicted pages home, so the walk resumes after promotions)."""
-    config = ZCacheConfig(pool_limit_frames=24, store_incompressible_raw=True)
+    """Zpages (some straddling two frames), raw pages, same-filled pages, misses and evicted
+    pages in one batch, three times (the second get brings evicted pages home, so the walk
+    resumes after promotions); every page counted once, as a hit or a miss."""
+    config = ZCacheConfig(pool_limit_frames=48, store_incompressible_raw=True)
     cache = ZCache(config, evictor=BackingFile(tmp_path / "backing"))
     pool = cache.create_pool(PoolKind.PERSISTENT)
     pages = sample_pages + [bytes(PAGE_SIZE), b"\x5a" * PAGE_SIZE] * 4
@@ -113,13 +114,17 @@ def test_engine_reads_every_kind_in_one_batch(
     cache.put_batch(pool, keys, pages)
     asked = [*keys, (2, 0), *keys[::-1]]
     want = [*pages, None, *pages[::-1]]
-    assert cache.evicted_pages
+    zsmalloc = cache.pool(pool).zalloc
+    in_ram = [h ^ ZPAGE_TAG for h in cache.pool(pool).index.get_many(keys) if h >> 56 == 1]
+    assert cache.evicted_pages and any(zsmalloc.locate(h) < 0 for h in in_ram)  # straddling
     for _ in range(3):
         if sealed:
             got = cache.opened(cache.read_sealed(pool, asked).open())
         else:
             got = cache.get_batch(pool, asked)
         assert got == want
+    stats = cache.stats  # every page counted once: a hit or a miss
+    assert (stats.hits, stats.misses, stats.corrupt) == (3 * 2 * len(pages), 3, 0)
 
 
 def file_natively(z: Zsmalloc, items: list[bytes | None], tick: int) -> tuple[list[int], int]:
