@@ -32,7 +32,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod slots;
 
-const PAGE_SIZE: usize = 4096;
+pub(crate) const PAGE_SIZE: usize = 4096;
 const WORD: usize = 8;
 pub(crate) const HEADER_SIZE: usize = 18;
 // The most bytes LZ4 packs a same-filled page into (codec.py's SAME_FILLED_PACKED).

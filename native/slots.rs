@@ -29,10 +29,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
-use crate::{bytes_of, HEADER_SIZE};
+use crate::{bytes_of, HEADER_SIZE, PAGE_SIZE};
 
-const PAGE_SHIFT: u32 = 12;
-const PAGE_SIZE: usize = 1 << PAGE_SHIFT;
+const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
 
 type Span = std::ops::Range<usize>;
 type Cells<'a, T> = &'a [ReadOnlyCell<T>];
@@ -98,7 +97,7 @@ fn mut_cells<'a, T: pyo3::buffer::Element>(
 }
 
 impl Slots {
-    /// The words of zspage `zid`'s bitmap of used slots.
+    /// The 64-bit words of a zspage's bitmap of used slots.
     fn words(&self) -> usize {
         (1usize << self.slot_bits) / 64
     }
