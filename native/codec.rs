@@ -31,6 +31,7 @@ use pyo3::types::PyBytes;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod slots;
+mod table;
 
 pub(crate) const PAGE_SIZE: usize = 4096;
 const WORD: usize = 8;

@@ -24,12 +24,14 @@
 // Every index is checked (a zspage id past the tables, a slot past its zspage, a frame past the
 // arena): a bad handle or table is a ValueError, never an access out of bounds.  The GIL is
 // kept: this is the event loop's own work, and it copies little.
-use pyo3::buffer::{PyBuffer, ReadOnlyCell};
+use pyo3::buffer::ReadOnlyCell;
 use pyo3::exceptions::PyValueError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
-use crate::{bytes_of, HEADER_SIZE, PAGE_SIZE};
+use crate::table::Table;
+use crate::{HEADER_SIZE, PAGE_SIZE};
 
 const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
 
@@ -71,29 +73,6 @@ impl<T: Copy> CellGet<T> for std::cell::Cell<T> {
     fn value(&self) -> T {
         self.get()
     }
-}
-
-/// A table of the Zsmalloc object, by attribute name, as a buffer of `T`.
-fn table<T: pyo3::buffer::Element>(zs: &Bound<'_, PyAny>, name: &str) -> PyResult<PyBuffer<T>> {
-    PyBuffer::get(&zs.getattr(name)?)
-}
-
-fn cells<'a, T: pyo3::buffer::Element>(
-    py: Python<'a>,
-    buffer: &'a PyBuffer<T>,
-) -> PyResult<Cells<'a, T>> {
-    buffer
-        .as_slice(py)
-        .ok_or_else(|| bad("a table is not contiguous"))
-}
-
-fn mut_cells<'a, T: pyo3::buffer::Element>(
-    py: Python<'a>,
-    buffer: &'a PyBuffer<T>,
-) -> PyResult<MutCells<'a, T>> {
-    buffer
-        .as_mut_slice(py)
-        .ok_or_else(|| bad("a table is read-only or not contiguous"))
 }
 
 impl Slots {
@@ -199,12 +178,14 @@ impl Slots {
         in_place: &Bound<'_, PyList>,
         offsets: &Bound<'_, PyList>,
     ) -> PyResult<(usize, u64, usize)> {
-        let (ticks, cls, frame) = (table(zs, "ticks")?, table(zs, "cls")?, table(zs, "frame")?);
-        let ticks: MutCells<u64> = mut_cells(py, &ticks)?;
-        let cls: Cells<u16> = cells(py, &cls)?;
-        let frame: Cells<u32> = cells(py, &frame)?;
-        let arena = table::<u8>(zs, "amap")?;
-        let whole = bytes_of(&arena, "arena", 0)?;
+        let ticks = Table::<u64>::of(zs, intern!(py, "ticks"), true)?;
+        let cls = Table::<u16>::of(zs, intern!(py, "cls"), false)?;
+        let frame = Table::<u32>::of(zs, intern!(py, "frame"), false)?;
+        let arena = Table::<u8>::of(zs, intern!(py, "amap"), false)?;
+        let ticks: MutCells<u64> = ticks.cells_mut()?;
+        let cls: Cells<u16> = cls.cells();
+        let frame: Cells<u32> = frame.cells();
+        let whole: &[u8] = arena.values();
         let (mut tick, mut misses, mut i) = (tick, 0usize, first);
         while i < handles.len() {
             let handle: u64 = handles.get_item(i)?.extract()?;
@@ -265,20 +246,23 @@ impl Slots {
         handles: &Bound<'_, PyList>,
         results: &Bound<'_, PyList>,
     ) -> PyResult<(usize, u64, usize, usize, usize)> {
-        let take_frame = zs.getattr("arena")?.getattr("alloc")?;
-        let (hot, waste) = (table::<u32>(zs, "hot")?, table::<u32>(zs, "waste")?);
-        let (ticks, used) = (table::<u64>(zs, "ticks")?, table::<u64>(zs, "used")?);
-        let (inuse, edge) = (table::<u16>(zs, "inuse")?, table::<u16>(zs, "edge")?);
-        let (nframes, frame) = (table::<u8>(zs, "nframes")?, table::<u32>(zs, "frame")?);
-        let arena = table::<u8>(zs, "amap")?;
-        let (hot, waste) = (cells(py, &hot)?, cells(py, &waste)?);
-        let (ticks, used) = (mut_cells(py, &ticks)?, mut_cells(py, &used)?);
-        let (inuse, edge) = (mut_cells(py, &inuse)?, mut_cells(py, &edge)?);
-        let (nframes, frame) = (mut_cells(py, &nframes)?, mut_cells(py, &frame)?);
-        if arena.readonly() || !arena.is_c_contiguous() {
-            return Err(bad("the arena is not a writable contiguous buffer"));
-        }
-        let (base, arena_len) = (arena.buf_ptr() as *mut u8, arena.len_bytes());
+        let take_frame = zs
+            .getattr(intern!(py, "arena"))?
+            .getattr(intern!(py, "alloc"))?;
+        let hot = Table::<u32>::of(zs, intern!(py, "hot"), false)?;
+        let waste = Table::<u32>::of(zs, intern!(py, "waste"), false)?;
+        let ticks = Table::<u64>::of(zs, intern!(py, "ticks"), true)?;
+        let used = Table::<u64>::of(zs, intern!(py, "used"), true)?;
+        let inuse = Table::<u16>::of(zs, intern!(py, "inuse"), true)?;
+        let edge = Table::<u16>::of(zs, intern!(py, "edge"), true)?;
+        let nframes = Table::<u8>::of(zs, intern!(py, "nframes"), true)?;
+        let frame = Table::<u32>::of(zs, intern!(py, "frame"), true)?;
+        let arena = Table::<u8>::of(zs, intern!(py, "amap"), true)?;
+        let (hot, waste) = (hot.cells(), waste.cells());
+        let (ticks, used) = (ticks.cells_mut()?, used.cells_mut()?);
+        let (inuse, edge) = (inuse.cells_mut()?, edge.cells_mut()?);
+        let (nframes, frame) = (nframes.cells_mut()?, frame.cells_mut()?);
+        let (base, arena_len) = arena.raw();
         let words = self.words();
         let (mut tick, mut filed, mut taken, mut i) = (tick, 0usize, 0usize, first);
         let mut regroup = 0usize;
