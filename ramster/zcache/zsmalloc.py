@@ -71,7 +71,7 @@ from typing import Any
 from ramster.zcache._codec import Slots
 from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
 from ramster.zcache.arena import Arena
-from ramster.zcache.codec import PAGE_SIZE
+from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE
 from ramster.zcache.errors import InvalidPage
 from ramster.zcache.lru import LruList
 
@@ -397,18 +397,30 @@ class Zsmalloc:
         handles: list[int],
         results: list[Any],
     ) -> tuple[int, int]:
-        """alloc() of a put batch's encodings from `first` on, in one native call (native/
-        slots.rs), while each is a zpage whose class has a hot zspage with room: `tag` | its
-        handle goes to `handles` and `stored` to `results`.  Where it stopped (at anything
-        else, which the caller takes with alloc()) and the last tick given."""
-        stop, tick, filed, taken, regroup = _SLOTS.file(
-            self, items, first, tag, tick, stored, handles, results
-        )
-        self.zpages += filed
-        self.frames += taken
-        if regroup:
-            self._regroup(regroup, self.inuse[regroup])
-        return stop, tick
+        """alloc() of a put batch's encodings from `first` on, in native calls (native/slots.rs)
+        while each is a zpage: `tag` | its handle goes to `handles` and `stored` to `results`.
+        Between two calls this picks a class's hot zspage or regroups one that a store moved
+        between groups.  Where it stopped (at anything else, which the caller takes with
+        alloc(): a word, a raw page, a refusal, a full arena) and the last tick given."""
+        count = len(items)
+        while True:
+            first, tick, filed, taken, regroup = _SLOTS.file(
+                self, items, first, tag, tick, stored, handles, results
+            )
+            self.zpages += filed
+            self.frames += taken
+            if regroup:
+                self._regroup(regroup, self.inuse[regroup])
+            elif first == count or not self._picked(items[first], tick):
+                return first, tick
+
+    def _picked(self, item: bytes | None, tick: int) -> bool:
+        """Whether `item`, where a native filing stopped, is a zpage whose class had no hot
+        zspage and now has one (else the caller takes it)."""
+        if type(item) is not bytes or not HEADER_SIZE < len(item) <= PAGE_SIZE:
+            return False
+        c = _LENGTH_CLASS[len(item)]
+        return not self.hot[c] and self._pick(c, tick + 1) != 0  # the tick its store gets
 
     def locate(self, handle: int) -> int:
         zid = handle >> SLOT_BITS

@@ -18,7 +18,7 @@ from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
 from ramster.zcache.arena import Arena
 from ramster.zcache.backing import BackingFile
 from ramster.zcache.handles import HANDLE_MASK, SAME_TAG, ZPAGE_TAG
-from ramster.zcache.zsmalloc import MAX_FRAMES, SLOT_BITS, WORDS, Zsmalloc
+from ramster.zcache.zsmalloc import _LENGTH_CLASS, _SLOTS, MAX_FRAMES, SLOT_BITS, WORDS, Zsmalloc
 from tests.zcache.test_zsmalloc import check_accounting
 
 
@@ -209,14 +209,15 @@ def test_filing_stops_where_python_must_take_over(sample_pages: list[bytes]) -> 
     blob = sample_pages[0][:1000]
     handles: list[int] = []
     results: list[str] = []
-    # no hot zspage yet for the class: nothing filed
-    assert z.file([blob], 0, ZPAGE_TAG, 0, "stored", handles, results) == (0, 0)
-    z.alloc(blob, 1)  # now the class has one
+    # no hot zspage yet for the class: the native call files nothing, the wrapper picks one
+    assert _SLOTS.file(z, [blob], 0, ZPAGE_TAG, 0, "stored", handles, results)[:3] == (0, 0, 0)
+    assert z.file([blob], 0, ZPAGE_TAG, 0, "stored", handles, results) == (1, 1)
+    assert z.lru.live == 1 and z.ticks[z.hot[_LENGTH_CLASS[len(blob)]]] == 1
     items: list[bytes | None] = [blob, blob, None, blob]
     assert z.file(items, 0, ZPAGE_TAG, 1, "stored", handles, results) == (2, 3)
-    assert results == ["stored", "stored"] and len(set(handles)) == 2
+    assert results == ["stored"] * 3 and len(set(handles)) == 3
     assert z.file(items, 3, ZPAGE_TAG, 3, "stored", handles, results) == (4, 4)
-    assert [z.read(h ^ ZPAGE_TAG)[:1000] for h in handles] == [blob] * 3
+    assert [z.read(h ^ ZPAGE_TAG)[:1000] for h in handles] == [blob] * 4
     zid = (handles[0] ^ ZPAGE_TAG) >> SLOT_BITS
     z.used[zid * WORDS : (zid + 1) * WORDS] = array("Q", [(1 << 64) - 1] * WORDS)  # gone wrong
     with pytest.raises(ValueError, match="hot zspage with no free slot"):
