@@ -30,6 +30,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+mod index;
 mod slots;
 mod table;
 
@@ -286,6 +287,8 @@ fn _codec(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(encode_pages, module)?)?;
     module.add_function(wrap_pyfunction!(open_zpages, module)?)?;
     module.add_function(wrap_pyfunction!(open_zpages_at, module)?)?;
+    module.add_function(wrap_pyfunction!(index::index_get, module)?)?;
+    module.add_function(wrap_pyfunction!(index::index_update, module)?)?;
     module.add_class::<slots::Slots>()?;
     Ok(())
 }

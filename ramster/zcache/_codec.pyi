@@ -1,5 +1,7 @@
 # Types of the native codec (native/codec.rs): a put batch's encoding and a get batch's opening,
-# each one call that releases the GIL for the whole batch.
+# each one call that releases the GIL for the whole batch; zsmalloc's batch paths (Slots) and the
+# page index's (index_get, index_update), which keep it.
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +14,16 @@ def open_zpages(keys: Sequence[tuple[int, int]], zpages: Sequence[Buffer]) -> li
 def open_zpages_at(
     keys: Sequence[tuple[int, int]], buffer: Buffer, offsets: Sequence[int]
 ) -> list[bytes | str]: ...
+def index_get(
+    objects: dict[int, dict[int, array[int]]], keys: list[tuple[int, int]]
+) -> list[int]: ...
+def index_update(
+    objects: dict[int, dict[int, array[int]]],
+    keys: list[tuple[int, int]],
+    handles: list[int] | None,
+    empty: array[int],
+    displaced_only: bool,
+) -> tuple[list[int], int]: ...
 
 class Slots:
     def __init__(

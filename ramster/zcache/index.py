@@ -12,10 +12,16 @@
 # (measured: ~5 MiB kept by an owner after 130,000 evictions).  Emptiness is checked by
 # comparing the chunk with an empty one (array to array, in C, no copy), on the pops that zero a
 # slot.
+#
+# The batch paths (get_many, pop_many, set_many) are native (native/index.rs): one call per
+# batch, which keeps the chunk of the previous key while keys stay in it, on the same dicts and
+# arrays and under the same rules.
 from __future__ import annotations
 
 from array import array
 from collections.abc import Iterator
+
+from ramster.zcache._codec import index_get, index_update
 
 CHUNK_BITS = 6
 CHUNK = 1 << CHUNK_BITS
@@ -47,62 +53,19 @@ class PageIndex:
 
     def get_many(self, keys: list[tuple[int, int]]) -> list[int]:
         """Handles of many keys (0 where absent), in order."""
-        objects = self.objects
-        out = []
-        for oid, index in keys:
-            obj = objects.get(oid)
-            chunk = obj.get(index >> CHUNK_BITS) if obj is not None else None
-            out.append(chunk[index & CHUNK_MASK] if chunk is not None else 0)
-        return out
+        return index_get(self.objects, keys)
 
     def pop_many(self, keys: list[tuple[int, int]]) -> list[int]:
         """Remove many keys; their handles (0 where absent), in order."""
-        objects = self.objects
-        out = []
-        for oid, index in keys:
-            obj = objects.get(oid)
-            if obj is None or (chunk := obj.get(index >> CHUNK_BITS)) is None:
-                out.append(0)
-                continue
-            slot = index & CHUNK_MASK
-            handle = chunk[slot]
-            out.append(handle)
-            if handle:
-                chunk[slot] = 0
-                self.count -= 1
-                if chunk == _EMPTY_CHUNK:
-                    del obj[index >> CHUNK_BITS]
-                    if not obj:
-                        del objects[oid]
-        return out
+        olds, delta = index_update(self.objects, keys, None, _EMPTY_CHUNK, False)
+        self.count += delta
+        return olds
 
     def set_many(self, keys: list[tuple[int, int]], handles: list[int]) -> list[int]:
         """File handles under keys, in order; handle 0 (a refused put) removes the key instead.
         Returns the handles displaced, if any (a key repeated within the batch)."""
-        objects = self.objects
-        displaced = []
-        added = 0
-        for (oid, index), handle in zip(keys, handles, strict=True):
-            if not handle:
-                old = self.pop(oid, index)
-                if old:
-                    displaced.append(old)
-                continue
-            obj = objects.get(oid)
-            if obj is None:
-                obj = objects[oid] = {}
-            cno = index >> CHUNK_BITS
-            chunk = obj.get(cno)
-            if chunk is None:
-                chunk = obj[cno] = array("q", _EMPTY_CHUNK)
-            slot = index & CHUNK_MASK
-            old = chunk[slot]
-            if old:
-                displaced.append(old)
-            else:
-                added += 1
-            chunk[slot] = handle
-        self.count += added
+        displaced, delta = index_update(self.objects, keys, handles, _EMPTY_CHUNK, True)
+        self.count += delta
         return displaced
 
     def pop_object(self, oid: int) -> list[tuple[int, int]]:
