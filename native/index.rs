@@ -35,7 +35,9 @@ struct Run<'py> {
 fn key<'py>(item: &Bound<'py, PyAny>) -> PyResult<(u64, Bound<'py, PyAny>, u64)> {
     let pair = item.downcast::<PyTuple>()?;
     if pair.len() != 2 {
-        return Err(PyValueError::new_err("a key is an (object id, page index) pair"));
+        return Err(PyValueError::new_err(
+            "a key is an (object id, page index) pair",
+        ));
     }
     let oid_obj = pair.get_item(0)?;
     let oid: u64 = oid_obj.extract()?;
@@ -100,7 +102,7 @@ pub(crate) fn index_get<'py>(
 }
 
 /// File `handles` under `keys` in order (None: 0 for every key, which removes it); a key's old
-/// handle is replaced.  Returns the old handles (only the non-zero ones if `displaced_only`)
+/// handle is replaced.  Keys and handles are all read before anything changes.  Returns the old handles (only the non-zero ones if `displaced_only`)
 /// and the change in the number of keys held.
 #[pyfunction]
 #[pyo3(signature = (objects, keys, handles, empty, displaced_only))]
@@ -115,15 +117,16 @@ pub(crate) fn index_update<'py>(
     if handles.is_some_and(|h| h.len() != keys.len()) {
         return Err(PyValueError::new_err("as many handles as keys"));
     }
+    // every key and handle first: a malformed one changes nothing
+    let parsed = keys.iter().map(|k| key(&k)).collect::<PyResult<Vec<_>>>()?;
+    let news: Vec<i64> = match handles {
+        Some(h) => h.extract()?,
+        None => vec![0; parsed.len()],
+    };
     let out = PyList::empty(py);
     let mut delta = 0i64;
     let mut run: Option<Run<'py>> = None;
-    for (i, item) in keys.iter().enumerate() {
-        let (oid, oid_obj, index) = key(&item)?;
-        let new: i64 = match handles {
-            Some(h) => h.get_item(i)?.extract()?,
-            None => 0,
-        };
+    for ((oid, oid_obj, index), new) in parsed.into_iter().zip(news) {
         let cno = index >> CHUNK_BITS;
         if !matches!(&run, Some(r) if r.oid == oid && r.cno == cno) {
             if let Some(done) = run.take() {

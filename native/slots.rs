@@ -39,6 +39,36 @@ type Span = std::ops::Range<usize>;
 type Cells<'a, T> = &'a [ReadOnlyCell<T>];
 type MutCells<'a, T> = &'a [std::cell::Cell<T>];
 
+/// Frames the arena lends a put batch's filing: its lend() appends LEND of them at a time (fewer
+/// at its limit, none when full) to the caller's list, from which each store takes the last, so
+/// the filing pays a Python call per LEND frames rather than per frame; the caller gives back
+/// what is left when the batch is filed (Zsmalloc.file).
+struct Lent<'a, 'py> {
+    arena: Bound<'py, PyAny>,
+    frames: &'a Bound<'py, PyList>,
+    dry: bool, // the arena had none left
+}
+
+const LEND: usize = 16;
+
+impl Lent<'_, '_> {
+    /// The next frame, or None when the arena has no more.
+    fn take(&mut self) -> PyResult<Option<u32>> {
+        if self.frames.is_empty() && !self.dry {
+            let py = self.arena.py();
+            self.arena
+                .call_method1(intern!(py, "lend"), (self.frames, LEND))?;
+            self.dry = self.frames.is_empty();
+        }
+        let Some(last) = self.frames.len().checked_sub(1) else {
+            return Ok(None);
+        };
+        let frame = self.frames.get_item(last)?.extract()?;
+        self.frames.del_item(last)?;
+        Ok(Some(frame))
+    }
+}
+
 /// zsmalloc's layout, as ramster/zcache/zsmalloc.py defines it.
 #[pyclass(frozen)]
 pub struct Slots {
@@ -228,8 +258,8 @@ impl Slots {
 
     /// File the zpages of `items` (a put batch's encodings) from `first` into zsmalloc `zs`
     /// while each is a zpage whose class has a hot zspage with room: its slot marked, its
-    /// zspage ticked and grown by frames from `take_frame()` (the arena's alloc: a frame
-    /// number, or -1) as its slot needs them, its bytes written; `tag` | its handle goes to
+    /// zspage ticked and grown by frames the arena lends into `lent` (see Lent) as its slot
+    /// needs them, its bytes written; `tag` | its handle goes to
     /// `handles` and `stored` to `results`.  Returns where it stopped, the last tick given,
     /// the zpages and frames it added, and the zspage to regroup before anything else (0:
     /// none), whose store was the last one taken.
@@ -245,10 +275,13 @@ impl Slots {
         stored: &Bound<'_, PyAny>,
         handles: &Bound<'_, PyList>,
         results: &Bound<'_, PyList>,
+        lent: &Bound<'_, PyList>,
     ) -> PyResult<(usize, u64, usize, usize, usize)> {
-        let take_frame = zs
-            .getattr(intern!(py, "arena"))?
-            .getattr(intern!(py, "alloc"))?;
+        let mut lent = Lent {
+            arena: zs.getattr(intern!(py, "arena"))?,
+            frames: lent,
+            dry: false,
+        };
         let hot = Table::<u32>::of(zs, intern!(py, "hot"), false)?;
         let waste = Table::<u32>::of(zs, intern!(py, "waste"), false)?;
         let ticks = Table::<u64>::of(zs, intern!(py, "ticks"), true)?;
@@ -310,14 +343,13 @@ impl Slots {
                     return Err(bad("slot past its zspage"));
                 }
                 while have < need {
-                    let got: i64 = take_frame.call0()?.extract()?;
-                    if got < 0 {
+                    let Some(got) = lent.take()? else {
                         break;
-                    }
+                    };
                     let cell = frame
                         .get(zid * self.max_frames + have)
                         .ok_or_else(|| bad("zspage id past the frame table"))?;
-                    cell.set(u32::try_from(got).map_err(|_| bad("frame number out of range"))?);
+                    cell.set(got);
                     have += 1;
                     taken += 1;
                     nframes[zid].set(have as u8);

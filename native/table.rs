@@ -72,7 +72,7 @@ impl<'py, T: Element> Table<'py, T> {
                 std::any::type_name::<T>()
             )));
         }
-        if table.view.buf.align_offset(align_of::<T>()) != 0 {
+        if table.len() > 0 && table.view.buf.align_offset(align_of::<T>()) != 0 {
             return Err(PyValueError::new_err(
                 "a table is not aligned for its items",
             ));
@@ -84,12 +84,22 @@ impl<'py, T: Element> Table<'py, T> {
         self.view.len as usize / size_of::<T>()
     }
 
+    /// Where the items start: an empty buffer's pointer may be anything (array's is an
+    /// unaligned static), and a slice needs an aligned one even when empty.
+    fn start(&self) -> *const T {
+        if self.len() == 0 {
+            std::ptr::NonNull::dangling().as_ptr()
+        } else {
+            self.view.buf as *const T
+        }
+    }
+
     /// The items, for reading.
     pub(crate) fn cells(&self) -> &[ReadOnlyCell<T>] {
-        // SAFETY: the buffer holds len() aligned items of T (checked in new) and stays exported
+        // SAFETY: the buffer holds len() aligned items of T (checked in new; start() is aligned) and stays exported
         // for as long as self; ReadOnlyCell<T> is a transparent wrapper of T, and the GIL, held
         // meanwhile, keeps any other writer out.
-        unsafe { std::slice::from_raw_parts(self.view.buf as *const ReadOnlyCell<T>, self.len()) }
+        unsafe { std::slice::from_raw_parts(self.start() as *const ReadOnlyCell<T>, self.len()) }
     }
 
     /// The items, for reading and writing; an error unless made writable.
@@ -100,14 +110,14 @@ impl<'py, T: Element> Table<'py, T> {
             ));
         }
         // SAFETY: as in cells(), and the exporter granted a writable buffer.
-        Ok(unsafe { std::slice::from_raw_parts(self.view.buf as *const Cell<T>, self.len()) })
+        Ok(unsafe { std::slice::from_raw_parts(self.start() as *const Cell<T>, self.len()) })
     }
 
     /// The items as plain values, for a path that only reads this table (the arena, by a walk):
     /// nothing writes it while the GIL is held and no cells_mut() of it is in use.
     pub(crate) fn values(&self) -> &[T] {
         // SAFETY: as in cells(); the caller writes through no other view of it meanwhile.
-        unsafe { std::slice::from_raw_parts(self.view.buf as *const T, self.len()) }
+        unsafe { std::slice::from_raw_parts(self.start(), self.len()) }
     }
 
     /// Start and length in bytes of the buffer (the arena's base, for its copies).

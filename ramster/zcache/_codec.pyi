@@ -59,4 +59,5 @@ class Slots:
         stored: object,
         handles: list[int],
         results: list[Any],
+        lent: list[int],
     ) -> tuple[int, int, int, int, int]: ...

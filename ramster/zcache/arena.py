@@ -17,6 +17,10 @@
 # then runs at most POPULATE - 1 frames ahead of the frames in use.  Kernels older than 5.14 do
 # not know the advice: the arena then lets frames fault in one by one.
 #
+# A native filing of a put batch borrows frames LEND at a time (lend) and gives back what
+# it did not use (give_back, to the warm stack, which may then exceed WARM by that much until
+# they are taken again).
+#
 # Trade-off: one reservation of `capacity` frames costs address space, not memory; it keeps frame
 # -> address arithmetic a single multiply, which the hot paths of the allocators rely on.
 from __future__ import annotations
@@ -62,6 +66,32 @@ class Arena:
         if frame >= self._populated:
             self._populate(frame)
         return frame
+
+    def lend(self, frames: list[int], n: int) -> None:
+        """Append up to `n` free frames to `frames` (fewer at the limit, none when full), the
+        one alloc() would hand out first last: lent to a native filing (native/slots.rs), which
+        takes them from the end; the rest comes back through give_back()."""
+        n = max(0, min(n, self.limit - self.in_use))
+        warm = min(n, len(self._warm))
+        free = min(n - warm, len(self._free))
+        fresh = n - warm - free
+        if fresh:
+            start = self._high
+            self._high = start + fresh
+            while self._populated < self._high:
+                self._populate(self._populated)
+            frames += range(self._high - 1, start - 1, -1)
+        for stack, take in ((self._free, free), (self._warm, warm)):
+            if take:
+                frames += stack[-take:]
+                del stack[-take:]
+        self.in_use += n
+
+    def give_back(self, frames: list[int]) -> None:
+        """Frames from alloc_many() that were not used, the one to hand out next last: kept
+        warm (they may have been faulted in), so the next alloc() takes them first."""
+        self._warm.extend(frames)
+        self.in_use -= len(frames)
 
     def _populate(self, frame: int) -> None:
         """Fault in POPULATE untouched frames from `frame` on (fewer at the end of the map)."""

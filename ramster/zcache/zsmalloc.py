@@ -403,16 +403,21 @@ class Zsmalloc:
         between groups.  Where it stopped (at anything else, which the caller takes with
         alloc(): a word, a raw page, a refusal, a full arena) and the last tick given."""
         count = len(items)
-        while True:
-            first, tick, filed, taken, regroup = _SLOTS.file(
-                self, items, first, tag, tick, stored, handles, results
-            )
-            self.zpages += filed
-            self.frames += taken
-            if regroup:
-                self._regroup(regroup, self.inuse[regroup])
-            elif first == count or not self._picked(items[first], tick):
-                return first, tick
+        lent: list[int] = []  # frames the arena lends the native calls, a few at a time
+        try:
+            while True:
+                first, tick, filed, taken, regroup = _SLOTS.file(
+                    self, items, first, tag, tick, stored, handles, results, lent
+                )
+                self.zpages += filed
+                self.frames += taken
+                if regroup:
+                    self._regroup(regroup, self.inuse[regroup])
+                elif first == count or not self._picked(items[first], tick):
+                    return first, tick
+        finally:
+            if lent:
+                self.arena.give_back(lent)
 
     def _picked(self, item: bytes | None, tick: int) -> bool:
         """Whether `item`, where a native filing stopped, is a zpage whose class had no hot

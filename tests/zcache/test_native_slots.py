@@ -210,7 +210,7 @@ def test_filing_stops_where_python_must_take_over(sample_pages: list[bytes]) -> 
     handles: list[int] = []
     results: list[str] = []
     # no hot zspage yet for the class: the native call files nothing, the wrapper picks one
-    assert _SLOTS.file(z, [blob], 0, ZPAGE_TAG, 0, "stored", handles, results)[:3] == (0, 0, 0)
+    assert _SLOTS.file(z, [blob], 0, ZPAGE_TAG, 0, "stored", handles, results, [])[:3] == (0, 0, 0)
     assert z.file([blob], 0, ZPAGE_TAG, 0, "stored", handles, results) == (1, 1)
     assert z.lru.live == 1 and z.ticks[z.hot[_LENGTH_CLASS[len(blob)]]] == 1
     items: list[bytes | None] = [blob, blob, None, blob]
