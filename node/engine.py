@@ -176,14 +176,21 @@ class ChunkedEngine:
             await self.small_first.bulk_step()
 
     async def put_batch(
-        self, pool: int, keys: list[tuple[int, int]], pages: Sequence[bytes | memoryview]
+        self,
+        pool: int,
+        keys: list[tuple[int, int]],
+        pages: Sequence[bytes | memoryview],
+        checked: bool = False,
     ) -> list[PutResult]:
+        """Store pages under keys; every key and page is checked before the first chunk, unless
+        the caller did (`checked`: keys passed check_keys, or were made from checked numbers,
+        and every page is exactly PAGE_SIZE bytes, as the front doors' wire formats make them)."""
         engine = self.engine
         if len(keys) <= INLINE_PAGES:
             return engine.put_batch(pool, keys, [bytes(p) for p in pages])
         encode = engine.encoder(pool).encode
-        shaped = [p if type(p) is bytes else _page_shaped(p) for p in pages]
-        check_put_batch(keys, shaped)  # all, before a chunk is filed
+        if not checked:  # all, before a chunk is filed
+            check_put_batch(keys, [p if type(p) is bytes else _page_shaped(p) for p in pages])
 
         def encode_part(part: slice) -> list[bytes | None]:
             # a page that is a view (of a request's bytes) is read as it is, never copied whole

@@ -250,13 +250,15 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         pages = page_views(blob, len(keys))
         check_keys(keys)  # all, before the first part is filed
         if len(keys) == 1:  # a page fault's: no turn to wait for, as a unary Put
-            return put_batch_reply(await self.chunked.put_batch(pool, keys, pages))
+            return put_batch_reply(await self.chunked.put_batch(pool, keys, pages, checked=True))
         outcomes: list[PutResult] = []
         for part in _parts(len(keys)):
             # the checks above, or the last part, were a step of their own
             await self.chunked.step()
             async with self.turns.turn(client):
-                outcomes += await self.chunked.put_batch(pool, keys[part], pages[part])
+                outcomes += await self.chunked.put_batch(
+                    pool, keys[part], pages[part], checked=True
+                )
         return put_batch_reply(outcomes)
 
     async def _get_batch(self, req: pb.GetBatchRequest, client: str) -> Parts:

@@ -153,7 +153,8 @@ def page_views(blob: Blob, count: int) -> list[memoryview]:
             f"{count} keys need {count * PAGE_SIZE} bytes of pages, got {view.nbytes} bytes "
             f"(pages are exactly {PAGE_SIZE} bytes)"
         )
-    return [view[i : i + PAGE_SIZE] for i in range(0, view.nbytes, PAGE_SIZE)]
+    ends = range(PAGE_SIZE, view.nbytes + PAGE_SIZE, PAGE_SIZE)  # slices made at C speed
+    return list(map(view.__getitem__, map(slice, range(0, view.nbytes, PAGE_SIZE), ends)))
 
 
 def check_pages(pages: Sequence[Blob]) -> None:

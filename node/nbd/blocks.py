@@ -38,6 +38,7 @@ from node.engine import ChunkedEngine
 from node.logs import log_event
 from node.nbd.plan import OID_BITS, Group, Key, Kind, block_keys, inner, span
 from ramster.nbd import Error, Export, Read, Request, Trim, Write, WriteZeroes
+from ramster.wire import page_views
 from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheError
 
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -110,11 +111,10 @@ class ExportBlocks:
                 assert isinstance(request, Write)
                 first = request.offset // PAGE_SIZE
                 keys += block_keys(first, first + request.length // PAGE_SIZE)
-                view = memoryview(request.data)
-                pages += [view[i : i + PAGE_SIZE] for i in range(0, request.length, PAGE_SIZE)]
+                pages += page_views(request.data, request.length // PAGE_SIZE)
             elif this is Trim or this is WriteZeroes:
                 forget.append(inner(request.offset, request.length))
-        results = await self.chunked.put_batch(self.pool, keys, pages) if keys else []
+        results = await self.chunked.put_batch(self.pool, keys, pages, True) if keys else []
         for first, stop in forget:
             await self._forget(first, stop)
         answers: list[Answer] = []
@@ -168,7 +168,7 @@ class ExportBlocks:
                 pages.append(bytes(page))
             else:
                 pages.append(data[start : start + PAGE_SIZE])
-        results = await self.chunked.put_batch(self.pool, block_keys(first, stop), pages)
+        results = await self.chunked.put_batch(self.pool, block_keys(first, stop), pages, True)
         return Error.OK if REFUSED.isdisjoint(results) else Error.ENOSPC
 
     async def _zero(self, offset: int, length: int) -> Error:
