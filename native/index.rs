@@ -126,8 +126,15 @@ pub(crate) fn index_update<'py>(
     let out = PyList::empty(py);
     let mut delta = 0i64;
     let mut run: Option<Run<'py>> = None;
+    let mut absent: Option<(u64, u64)> = None; // a chunk found missing: removals there are no-ops
     for ((oid, oid_obj, index), new) in parsed.into_iter().zip(news) {
         let cno = index >> CHUNK_BITS;
+        if new == 0 && absent == Some((oid, cno)) {
+            if !displaced_only {
+                out.append(0)?;
+            }
+            continue;
+        }
         if !matches!(&run, Some(r) if r.oid == oid && r.cno == cno) {
             if let Some(done) = run.take() {
                 close(objects, done)?;
@@ -141,16 +148,23 @@ pub(crate) fn index_update<'py>(
                 }
                 None => None,
             };
+            if obj.is_none() {
+                absent = Some((oid, cno));
+            }
             if let Some(obj) = obj {
                 let handles = match chunk_of(&obj, cno)? {
                     Some(chunk) => Some(chunk),
                     None if new != 0 => {
                         let chunk = empty.call_method0(intern!(py, "__copy__"))?;
                         obj.set_item(cno, &chunk)?;
+                        absent = None;
                         Some(chunk_table(&chunk)?)
                     }
                     None => None,
                 };
+                if handles.is_none() {
+                    absent = Some((oid, cno));
+                }
                 run = handles.map(|handles| Run {
                     oid,
                     cno,
