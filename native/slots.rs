@@ -78,6 +78,8 @@ pub struct Slots {
     slots: Vec<usize>,        // slots per zspage per class
     owned: Vec<Vec<usize>>,   // per class, the slots lying wholly in its first n frames
     length_class: Vec<usize>, // the class of a zpage of each length
+    groups: usize,            // fullness groups of zspages with room in their owned frames
+    quarter: Vec<Vec<usize>>, // per class and group: the zpage count that leaves it upward
 }
 
 fn bad(what: &str) -> PyErr {
@@ -154,6 +156,7 @@ impl Slots {
 #[pymethods]
 impl Slots {
     #[new]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         slot_bits: u32,
         max_frames: usize,
@@ -161,10 +164,17 @@ impl Slots {
         slots: Vec<usize>,
         owned: Vec<Vec<usize>>,
         length_class: Vec<usize>,
+        groups: usize,
+        quarter: Vec<Vec<usize>>,
     ) -> PyResult<Self> {
         let classes = sizes.len();
-        if slots.len() != classes || owned.len() != classes {
-            return Err(bad("one size, slot count and owned row per class"));
+        if slots.len() != classes || owned.len() != classes || quarter.len() != classes {
+            return Err(bad(
+                "one size, slot count, owned row and quarter row per class",
+            ));
+        }
+        if groups == 0 || quarter.iter().any(|row| row.len() != groups) {
+            return Err(bad("a quarter row holds a count per fullness group"));
         }
         if owned.iter().any(|row| row.len() != max_frames + 1) {
             return Err(bad("an owned row per frame count, 0 to max_frames"));
@@ -182,6 +192,8 @@ impl Slots {
             slots,
             owned,
             length_class,
+            groups,
+            quarter,
         })
     }
 
@@ -393,5 +405,117 @@ impl Slots {
             }
         }
         Ok((i, tick, filed, taken, regroup))
+    }
+
+    /// Free the zpages of `handles` (index handles: `tag` marks those of zsmalloc `zs`, whose
+    /// own handle is in the bits of `mask`) from `first` on, as Zsmalloc.free does: its slot
+    /// cleared, and unless its zspage is its class's hot one, the class's waste counted and
+    /// the zspage regrouped (its fullness group, a dict of zspage ids in `groups`, and its
+    /// edge).  Stops, before changing anything, at a handle of another kind and at a free that
+    /// empties its zspage, makes its class compactable, or finds the hot zspage of its class
+    /// needing a cool (Python's cases).  Returns where it stopped and the zpages freed.
+    fn free(
+        &self,
+        py: Python<'_>,
+        zs: &Bound<'_, PyAny>,
+        handles: &Bound<'_, PyList>,
+        first: usize,
+        tag: u64,
+        mask: u64,
+    ) -> PyResult<(usize, usize)> {
+        let cls = Table::<u16>::of(zs, intern!(py, "cls"), false)?;
+        let hot = Table::<u32>::of(zs, intern!(py, "hot"), false)?;
+        let nframes = Table::<u8>::of(zs, intern!(py, "nframes"), false)?;
+        let group = Table::<i8>::of(zs, intern!(py, "group"), true)?;
+        let groups = zs.getattr(intern!(py, "groups"))?;
+        let waste = Table::<u32>::of(zs, intern!(py, "waste"), true)?;
+        let used = Table::<u64>::of(zs, intern!(py, "used"), true)?;
+        let inuse = Table::<u16>::of(zs, intern!(py, "inuse"), true)?;
+        let edge = Table::<u16>::of(zs, intern!(py, "edge"), true)?;
+        let (cls, hot, nframes, group) = (
+            cls.cells(),
+            hot.cells(),
+            nframes.cells(),
+            group.cells_mut()?,
+        );
+        let (waste, used) = (waste.cells_mut()?, used.cells_mut()?);
+        let (inuse, edge) = (inuse.cells_mut()?, edge.cells_mut()?);
+        let words = self.words();
+        let (mut i, mut freed) = (first, 0usize);
+        while i < handles.len() {
+            let h = handles.get_item(i)?.extract::<u64>()? ^ tag;
+            if h > mask {
+                break; // another kind: the caller takes it
+            }
+            let zid = (h >> self.slot_bits) as usize;
+            let slot = (h & ((1 << self.slot_bits) - 1)) as usize;
+            let class = cell(cls, zid, "zspage id past the table")? as usize;
+            let slots = *self
+                .slots
+                .get(class)
+                .ok_or_else(|| bad("unknown size class"))?;
+            let word = used
+                .get(zid * words + slot / 64)
+                .filter(|_| slot < slots)
+                .ok_or_else(|| bad("slot past its zspage"))?;
+            let bit = 1u64 << (slot % 64);
+            if word.get() & bit == 0 {
+                return Err(bad("a free of a slot not in use"));
+            }
+            let count = inuse
+                .get(zid)
+                .ok_or_else(|| bad("zspage id past the tables"))?;
+            let left = count.get() as usize - 1;
+            if left == 0 {
+                break; // it empties its zspage: releasing it is Python's
+            }
+            let hot_zid = cell(hot, class, "class past the hot table")? as usize;
+            let mut new_edge = None;
+            if hot_zid != zid {
+                let wasted = waste
+                    .get(class)
+                    .ok_or_else(|| bad("class past the waste table"))?;
+                if wasted.get() as usize + 1 == slots {
+                    break; // the class becomes worth compacting
+                }
+                if hot_zid != 0
+                    && cell(edge, hot_zid, "hot zspage past the tables")? as usize > slots
+                {
+                    break; // the hot zspage must cool, as the class now has room
+                }
+                let owned =
+                    self.owned[class][cell(nframes, zid, "zspage id past the tables")? as usize];
+                let (new, at) = if left < owned {
+                    let g = left * self.groups / slots;
+                    (g as i8, self.quarter[class][g].min(owned))
+                } else {
+                    (self.groups as i8, 0) // growable
+                };
+                let old = group
+                    .get(zid)
+                    .ok_or_else(|| bad("zspage id past the tables"))?;
+                if new != old.get() {
+                    // it moves between fullness groups, which are dicts of zspage ids
+                    let rows = groups.get_item(class)?;
+                    if old.get() >= 0 {
+                        rows.get_item(old.get())?.del_item(zid)?;
+                    }
+                    rows.get_item(new)?.set_item(zid, py.None())?;
+                    old.set(new);
+                }
+                wasted.set(wasted.get() + 1);
+                new_edge = Some(at);
+            }
+            word.set(word.get() & !bit);
+            count.set(left as u16);
+            if let Some(at) = new_edge {
+                edge.get(zid)
+                    .ok_or_else(|| bad("zspage id past the tables"))?
+                    .set(at as u16);
+            }
+            freed += 1;
+            i += 1;
+        }
+        Ok((i, freed))
     }
 }

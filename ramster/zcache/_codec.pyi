@@ -34,6 +34,8 @@ class Slots:
         slots: Sequence[int],
         owned: Sequence[Sequence[int]],
         length_class: Sequence[int],
+        groups: int,
+        quarter: Sequence[Sequence[int]],
     ) -> None: ...
     def walk(
         self,
@@ -61,3 +63,6 @@ class Slots:
         results: list[Any],
         lent: list[int],
     ) -> tuple[int, int, int, int, int]: ...
+    def free(
+        self, zs: object, handles: list[int], first: int, tag: int, mask: int
+    ) -> tuple[int, int]: ...

@@ -51,6 +51,12 @@ class File(Protocol):
     ) -> tuple[int, int]: ...
 
 
+class FreeMany(Protocol):
+    """Native frees of a run of a batch's handles (Zsmalloc.free_many)."""
+
+    def __call__(self, handles: list[int], first: int, tag: int, mask: int) -> int: ...
+
+
 class Allocator(Protocol):
     name: str
     lru: LruList  # a use of handle h is recorded as lru.tick[h >> unit_shift] = tick
@@ -70,6 +76,12 @@ class Allocator(Protocol):
     def file(self) -> File | None:
         """The common case of a put batch's filing in one call, where the allocator has one
         (ZCache._file_encoded)."""
+        ...
+
+    @property
+    def free_many(self) -> FreeMany | None:
+        """The frees of many handles in few calls, where the allocator has them (ZCache's
+        release of the pages a put batch replaces)."""
         ...
 
     def alloc(self, zpage: bytes, tick: int) -> int:

@@ -234,10 +234,9 @@ class ZCache:
         """file_encoded() once its keys are checked (put_batch checked them already)."""
         stats = self.stats
         stats.puts += len(keys)
-        for old in pool.index.pop_many(keys):
-            if old:
-                self._release(pool, old)
-                stats.duplicate_puts += 1
+        replaced = pool.index.remove_many(keys)
+        stats.duplicate_puts += len(replaced)
+        self._release_all(pool, replaced)
         results: list[PutResult] = []
         handles: list[int] = []
         filed = 0  # keys[:filed] are in the index already
@@ -593,6 +592,18 @@ class ZCache:
         if self.evictor is None:
             raise InvariantViolation("an evicted page was found but this zcache has no evictor")
         return self.evictor
+
+    def _release_all(self, pool: Pool, handles: list[int]) -> None:
+        """_release() of many handles, the runs of the pool's zpages in the allocator's batch
+        frees where it has them."""
+        free_many, count, i = pool.zalloc.free_many, len(handles), 0
+        while i < count:
+            if free_many is not None:
+                i = free_many(handles, i, ZPAGE_TAG, HANDLE_MASK)
+                if i == count:
+                    return
+            self._release(pool, handles[i])
+            i += 1
 
     def _release(self, pool: Pool, handle: int, forgotten: list[int] | None = None) -> None:
         """Free what `handle` holds; an evicted copy is forgotten at once, or added to

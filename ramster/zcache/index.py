@@ -61,6 +61,12 @@ class PageIndex:
         self.count += delta
         return olds
 
+    def remove_many(self, keys: list[tuple[int, int]]) -> list[int]:
+        """Remove many keys; the handles they held (absent keys give none)."""
+        removed, delta = index_update(self.objects, keys, None, _EMPTY_CHUNK, True)
+        self.count += delta
+        return removed
+
     def set_many(self, keys: list[tuple[int, int]], handles: list[int]) -> list[int]:
         """File handles under keys, in order; handle 0 (a refused put) removes the key instead.
         Returns the handles displaced, if any (a key repeated within the batch)."""

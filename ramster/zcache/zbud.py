@@ -17,7 +17,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterator
 
-from ramster.zcache.allocator import Extent, File, MoveCallback, Walk, array_bytes
+from ramster.zcache.allocator import Extent, File, FreeMany, MoveCallback, Walk, array_bytes
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import PAGE_SIZE
 from ramster.zcache.errors import InvalidPage
@@ -31,7 +31,8 @@ NCHUNKS = PAGE_SIZE // CHUNK_SIZE
 class Zbud:
     name = "zbud"
     walk: Walk | None = None  # gets walk its handles in Python ...
-    file: File | None = None  # ... and puts file their zpages in Python
+    file: File | None = None  # ... puts file their zpages in Python ...
+    free_many: FreeMany | None = None  # ... and the pages they replace are freed there
     compactable = 0  # never: see compact()
     on_compactable: Callable[[], None] | None = None
 

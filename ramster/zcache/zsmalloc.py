@@ -131,11 +131,11 @@ OWNED = [
     [min(slots, n * PAGE_SIZE // size) for n in range(MAX_FRAMES + 1)]
     for size, slots in zip(SIZES, SLOTS, strict=True)
 ]
-# The native paths over the same layout (native/slots.rs).
-_SLOTS = Slots(SLOT_BITS, MAX_FRAMES, SIZES, SLOTS, OWNED, _LENGTH_CLASS)
 _ALLOC_ORDER = (*reversed(range(GROUPS)), GROWABLE)  # room in owned frames, fullest first
 # Per class and fullness group g < GROUPS: the zpage count at which a zspage leaves g upward.
 _QUARTER = [[-(-(g + 1) * slots // GROUPS) for g in range(GROUPS)] for slots in SLOTS]
+# The native paths over the same layout (native/slots.rs).
+_SLOTS = Slots(SLOT_BITS, MAX_FRAMES, SIZES, SLOTS, OWNED, _LENGTH_CLASS, GROUPS, _QUARTER)
 
 
 class Zsmalloc:
@@ -452,6 +452,20 @@ class Zsmalloc:
             hot = self.hot[c]
             if hot and self.edge[hot] > SLOTS[c]:  # ... unless it would now take a frame
                 self._cool(c)
+
+    def free_many(self, handles: list[int], first: int, tag: int, mask: int) -> int:
+        """free() of the zpages of `handles` (index handles: `tag` marks this allocator's,
+        whose own handle is in the bits of `mask`) from `first` on, the frees that move no
+        zspage between groups in native calls (native/slots.rs), the others here; where it
+        stopped: the first handle of another kind, or the end."""
+        count = len(handles)
+        while True:
+            first, freed = _SLOTS.free(self, handles, first, tag, mask)
+            self.zpages -= freed
+            if first == count or (handles[first] ^ tag) > mask:
+                return first
+            self.free(handles[first] ^ tag)
+            first += 1
 
     def unit_handles(self, unit: int) -> list[int]:
         base, used = unit << SLOT_BITS, self.used[unit * WORDS : (unit + 1) * WORDS]

@@ -18,7 +18,15 @@ from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
 from ramster.zcache.arena import Arena
 from ramster.zcache.backing import BackingFile
 from ramster.zcache.handles import HANDLE_MASK, SAME_TAG, ZPAGE_TAG
-from ramster.zcache.zsmalloc import _LENGTH_CLASS, _SLOTS, MAX_FRAMES, SLOT_BITS, WORDS, Zsmalloc
+from ramster.zcache.zsmalloc import (
+    _LENGTH_CLASS,
+    _SLOTS,
+    MAX_FRAMES,
+    SLOT_BITS,
+    SLOT_MASK,
+    WORDS,
+    Zsmalloc,
+)
 from tests.zcache.test_zsmalloc import check_accounting
 
 
@@ -186,7 +194,8 @@ LENGTHS = st.one_of(st.integers(19, PAGE_SIZE), st.sampled_from([0, 8, 18, 4114,
 )
 def test_native_filing_is_alloc(frames: int, rounds: list[tuple[list[int], list[int]]]) -> None:
     """Batches of zpages of any length (and words, raw pages and refusals among them), each
-    followed by frees of some live zpages, until and past a full arena."""
+    followed by frees of some live zpages (free_many against free()), until and past a full
+    arena."""
     native, python = Zsmalloc(Arena(frames)), Zsmalloc(Arena(frames))
     rng = random.Random(frames)
     live: list[int] = []
@@ -197,9 +206,15 @@ def test_native_filing_is_alloc(frames: int, rounds: list[tuple[list[int], list[
         want, tick_p = file_in_python(python, items, tick_p)
         assert got == want and tick_n == tick_p
         live += [h for h in got if h]
-        for n in frees[: len(live) // 2]:
-            handle = live.pop(n % len(live))
-            native.free(handle ^ ZPAGE_TAG)
+        gone = [live.pop(n % len(live)) for n in frees[: len(live) // 2]]
+        batch = list(gone)  # handles of another kind among them stop the native runs
+        for at in range(len(gone), -1, -5):
+            batch.insert(at, SAME_TAG | at)
+        i = 0
+        while (i := native.free_many(batch, i, ZPAGE_TAG, HANDLE_MASK)) < len(batch):
+            assert batch[i] >> 56 == SAME_TAG >> 56
+            i += 1
+        for handle in gone:
             python.free(handle ^ ZPAGE_TAG)
         same_state(native, python, live)
 
@@ -222,3 +237,17 @@ def test_filing_stops_where_python_must_take_over(sample_pages: list[bytes]) -> 
     z.used[zid * WORDS : (zid + 1) * WORDS] = array("Q", [(1 << 64) - 1] * WORDS)  # gone wrong
     with pytest.raises(ValueError, match="hot zspage with no free slot"):
         z.file([blob], 0, ZPAGE_TAG, 5, "stored", handles, results)
+
+
+def test_batch_frees_refuse_bad_handles(sample_pages: list[bytes]) -> None:
+    z = Zsmalloc(Arena(64))
+    handles = [ZPAGE_TAG | z.alloc(sample_pages[0][:900], t) for t in (1, 2, 3)]
+    assert z.free_many(handles[:1], 0, ZPAGE_TAG, HANDLE_MASK) == 1 and z.zpages == 2
+    with pytest.raises(ValueError, match="not in use"):  # freed already
+        z.free_many(handles[:1], 0, ZPAGE_TAG, HANDLE_MASK)
+    with pytest.raises(ValueError, match="past the table"):
+        z.free_many([ZPAGE_TAG | 10**6 << SLOT_BITS], 0, ZPAGE_TAG, HANDLE_MASK)
+    with pytest.raises(ValueError, match="past its zspage"):
+        z.free_many([handles[1] | SLOT_MASK], 0, ZPAGE_TAG, HANDLE_MASK)
+    assert z.zpages == 2
+    check_accounting(z)
