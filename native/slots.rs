@@ -28,7 +28,7 @@ use pyo3::buffer::ReadOnlyCell;
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::table::Table;
 use crate::{HEADER_SIZE, PAGE_SIZE};
@@ -269,12 +269,14 @@ impl Slots {
     }
 
     /// File the zpages of `items` (a put batch's encodings) from `first` into zsmalloc `zs`
-    /// while each is a zpage whose class has a hot zspage with room: its slot marked, its
+    /// while each is a zpage whose class has a hot zspage with room, or a zspage in its
+    /// fullness groups to make hot (Zsmalloc._pick, fullest first): its slot marked, its
     /// zspage ticked and grown by frames the arena lends into `lent` (see Lent) as its slot
-    /// needs them, its bytes written; `tag` | its handle goes to
-    /// `handles` and `stored` to `results`.  Returns where it stopped, the last tick given,
-    /// the zpages and frames it added, and the zspage to regroup before anything else (0:
-    /// none), whose store was the last one taken.
+    /// needs them, its bytes written; `tag` | its handle goes to `handles` and `stored` to
+    /// `results`.  A hot zspage whose owned frames fill while its class has room elsewhere,
+    /// or that fills, goes back to the groups (Zsmalloc._regroup).  Returns where it stopped,
+    /// the last tick given, the zpages and frames it added, and by how much the count of
+    /// compactable classes went down (a pick takes a zspage's room out of its class's waste).
     #[allow(clippy::too_many_arguments)]
     fn file(
         &self,
@@ -289,13 +291,15 @@ impl Slots {
         results: &Bound<'_, PyList>,
         lent: &Bound<'_, PyList>,
     ) -> PyResult<(usize, u64, usize, usize, usize)> {
+        let groups = zs.getattr(intern!(py, "groups"))?;
         let mut lent = Lent {
             arena: zs.getattr(intern!(py, "arena"))?,
             frames: lent,
             dry: false,
         };
-        let hot = Table::<u32>::of(zs, intern!(py, "hot"), false)?;
-        let waste = Table::<u32>::of(zs, intern!(py, "waste"), false)?;
+        let hot = Table::<u32>::of(zs, intern!(py, "hot"), true)?;
+        let waste = Table::<u32>::of(zs, intern!(py, "waste"), true)?;
+        let group = Table::<i8>::of(zs, intern!(py, "group"), true)?;
         let ticks = Table::<u64>::of(zs, intern!(py, "ticks"), true)?;
         let used = Table::<u64>::of(zs, intern!(py, "used"), true)?;
         let inuse = Table::<u16>::of(zs, intern!(py, "inuse"), true)?;
@@ -303,14 +307,53 @@ impl Slots {
         let nframes = Table::<u8>::of(zs, intern!(py, "nframes"), true)?;
         let frame = Table::<u32>::of(zs, intern!(py, "frame"), true)?;
         let arena = Table::<u8>::of(zs, intern!(py, "amap"), true)?;
-        let (hot, waste) = (hot.cells(), waste.cells());
+        let (hot, waste, group) = (hot.cells_mut()?, waste.cells_mut()?, group.cells_mut()?);
         let (ticks, used) = (ticks.cells_mut()?, used.cells_mut()?);
         let (inuse, edge) = (inuse.cells_mut()?, edge.cells_mut()?);
         let (nframes, frame) = (nframes.cells_mut()?, frame.cells_mut()?);
         let (base, arena_len) = arena.raw();
         let words = self.words();
         let (mut tick, mut filed, mut taken, mut i) = (tick, 0usize, 0usize, first);
-        let mut regroup = 0usize;
+        let mut dropped = 0usize;
+        // Zsmalloc._pick without a new zspage: the first zspage of the fullest group with
+        // room in its owned frames, else a growable one; None if the groups have none
+        let pick = |class: usize, dropped: &mut usize| -> PyResult<Option<usize>> {
+            let Some(rows) = groups.downcast::<PyDict>()?.get_item(class)? else {
+                return Ok(None); // the class's groups are made by its first pick: Python's
+            };
+            let order = (0..self.groups).rev().chain([self.groups]);
+            for g in order {
+                let bucket = rows.get_item(g)?;
+                let bucket = bucket.downcast::<PyDict>()?;
+                let Some((zid, _)) = bucket.iter().next() else {
+                    continue;
+                };
+                bucket.del_item(&zid)?;
+                let zid: usize = zid.extract()?;
+                let have = cell(nframes, zid, "zspage id past the tables")? as usize;
+                let owned = self.owned[class][have];
+                let count = cell(inuse, zid, "zspage id past the tables")? as usize;
+                group
+                    .get(zid)
+                    .ok_or_else(|| bad("zspage id past the tables"))?
+                    .set(-1);
+                let wasted = waste
+                    .get(class)
+                    .ok_or_else(|| bad("class past the waste table"))?;
+                let (before, slots) = (wasted.get() as usize, self.slots[class]);
+                let after = (before + count)
+                    .checked_sub(owned)
+                    .ok_or_else(|| bad("a class's waste short of its zspages' room"))?;
+                wasted.set(after as u32);
+                *dropped += usize::from(before >= slots && after < slots);
+                edge.get(zid)
+                    .ok_or_else(|| bad("zspage id past the tables"))?
+                    .set(owned.min(slots) as u16);
+                hot[class].set(zid as u32);
+                return Ok(Some(zid));
+            }
+            Ok(None)
+        };
         while i < items.len() {
             let item = items.get_item(i)?;
             let Ok(zpage) = item.downcast::<PyBytes>() else {
@@ -321,9 +364,12 @@ impl Slots {
                 break; // a same-filled word or a raw page
             }
             let class = self.length_class[zpage.len()];
-            let zid = cell(hot, class, "class past the hot table")? as usize;
+            let mut zid = cell(hot, class, "class past the hot table")? as usize;
             if zid == 0 {
-                break; // no hot zspage: picking one is the Python path's
+                match pick(class, &mut dropped)? {
+                    Some(picked) => zid = picked,
+                    None => break, // a new zspage: the Python path's
+                }
             }
             if [inuse.len(), edge.len(), nframes.len(), ticks.len()]
                 .iter()
@@ -399,12 +445,28 @@ impl Slots {
                 if count < slots && cell(waste, class, "class past the waste table")? == 0 {
                     edge[zid].set(slots as u16 + 1); // stays hot; the next store grows it
                 } else {
-                    regroup = zid;
-                    break;
+                    // Zsmalloc._regroup of the hot zspage: it cools (the class's waste stays
+                    // as it is) into the group its count says
+                    hot[class].set(0);
+                    let owned = self.owned[class][nframes[zid].get() as usize];
+                    let (new, at) = if count >= slots {
+                        (-1, slots + 1) // full: only a free changes that
+                    } else if count < owned {
+                        let g = count * self.groups / slots;
+                        (g as i8, self.quarter[class][g].min(owned))
+                    } else {
+                        (self.groups as i8, 0) // growable
+                    };
+                    edge[zid].set(at as u16);
+                    group[zid].set(new);
+                    if new >= 0 {
+                        let rows = groups.get_item(class)?;
+                        rows.get_item(new)?.set_item(zid, py.None())?;
+                    }
                 }
             }
         }
-        Ok((i, tick, filed, taken, regroup))
+        Ok((i, tick, filed, taken, dropped))
     }
 
     /// Free the zpages of `handles` (index handles: `tag` marks those of zsmalloc `zs`, whose

@@ -399,21 +399,20 @@ class Zsmalloc:
     ) -> tuple[int, int]:
         """alloc() of a put batch's encodings from `first` on, in native calls (native/slots.rs)
         while each is a zpage: `tag` | its handle goes to `handles` and `stored` to `results`.
-        Between two calls this picks a class's hot zspage or regroups one that a store moved
-        between groups.  Where it stopped (at anything else, which the caller takes with
+        Between two calls this starts a class's new hot zspage, which the native filing leaves
+        to _pick().  Where it stopped (at anything else, which the caller takes with
         alloc(): a word, a raw page, a refusal, a full arena) and the last tick given."""
         count = len(items)
         lent: list[int] = []  # frames the arena lends the native calls, a few at a time
         try:
             while True:
-                first, tick, filed, taken, regroup = _SLOTS.file(
+                first, tick, filed, taken, dropped = _SLOTS.file(
                     self, items, first, tag, tick, stored, handles, results, lent
                 )
                 self.zpages += filed
                 self.frames += taken
-                if regroup:
-                    self._regroup(regroup, self.inuse[regroup])
-                elif first == count or not self._picked(items[first], tick):
+                self.compactable -= dropped
+                if first == count or not self._picked(items[first], tick):
                     return first, tick
         finally:
             if lent:

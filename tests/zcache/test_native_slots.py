@@ -180,7 +180,10 @@ def same_state(a: Zsmalloc, b: Zsmalloc, live: list[int]) -> None:
     check_accounting(a)
 
 
-LENGTHS = st.one_of(st.integers(19, PAGE_SIZE), st.sampled_from([0, 8, 18, 4114, -1]))
+# any length, the other kinds, and a few lengths whose zspages fill, empty and get picked again
+LENGTHS = st.one_of(
+    st.integers(19, PAGE_SIZE), st.sampled_from([0, 8, 18, 4114, -1]), st.sampled_from([700, 2600])
+)
 
 
 @settings(max_examples=80, deadline=None)
@@ -237,6 +240,29 @@ def test_filing_stops_where_python_must_take_over(sample_pages: list[bytes]) -> 
     z.used[zid * WORDS : (zid + 1) * WORDS] = array("Q", [(1 << 64) - 1] * WORDS)  # gone wrong
     with pytest.raises(ValueError, match="hot zspage with no free slot"):
         z.file([blob], 0, ZPAGE_TAG, 5, "stored", handles, results)
+
+
+def test_native_filing_refills_the_fullest_zspages_first() -> None:
+    """Zspages of one class left at different fullness by frees (native and Python frees): the
+    filing makes them hot again fullest first, as alloc() does, before any new zspage."""
+    native, python = Zsmalloc(Arena(512)), Zsmalloc(Arena(512))
+    rng = random.Random(7)
+    items: list[bytes | None] = [rng.randbytes(700) for _ in range(4 * 64)]
+    first, tick = file_natively(native, items, 0)
+    assert (first, tick) == file_in_python(python, items, 0)
+    for zspage, frees in ((0, 40), (1, 10), (2, 30)):
+        gone = first[zspage * 64 : zspage * 64 + frees]
+        assert native.free_many(gone, 0, ZPAGE_TAG, HANDLE_MASK) == len(gone)
+        for handle in gone:
+            python.free(handle ^ ZPAGE_TAG)
+    same_state(native, python, [])
+    items = [rng.randbytes(700) for _ in range(100)]
+    got, tick_n = file_natively(native, items, tick)
+    want, tick_p = file_in_python(python, items, tick)
+    assert got == want and tick_n == tick_p
+    zspages = [h >> SLOT_BITS & HANDLE_MASK >> SLOT_BITS for h in got]
+    assert zspages == [2] * 10 + [3] * 30 + [1] * 40 + [5] * 20  # fullest first, then a new one
+    same_state(native, python, got)
 
 
 def test_batch_frees_refuse_bad_handles(sample_pages: list[bytes]) -> None:
