@@ -52,14 +52,20 @@ struct Lent<'a, 'py> {
 const LEND: usize = 16;
 
 impl Lent<'_, '_> {
-    /// The next frame, or None when the arena has no more.
-    fn take(&mut self) -> PyResult<Option<u32>> {
+    /// Whether a frame can be had (lent already, or now).
+    fn available(&mut self) -> PyResult<bool> {
         if self.frames.is_empty() && !self.dry {
             let py = self.arena.py();
             self.arena
                 .call_method1(intern!(py, "lend"), (self.frames, LEND))?;
             self.dry = self.frames.is_empty();
         }
+        Ok(!self.frames.is_empty())
+    }
+
+    /// The next frame, or None when the arena has no more.
+    fn take(&mut self) -> PyResult<Option<u32>> {
+        self.available()?;
         let Some(last) = self.frames.len().checked_sub(1) else {
             return Ok(None);
         };
@@ -270,7 +276,9 @@ impl Slots {
 
     /// File the zpages of `items` (a put batch's encodings) from `first` into zsmalloc `zs`
     /// while each is a zpage whose class has a hot zspage with room, or a zspage in its
-    /// fullness groups to make hot (Zsmalloc._pick, fullest first): its slot marked, its
+    /// fullness groups to make hot (Zsmalloc._pick, fullest first), or can start a zspage
+    /// with an id from `spare` (whose tables are ready; each one started goes to `born`):
+    /// its slot marked, its
     /// zspage ticked and grown by frames the arena lends into `lent` (see Lent) as its slot
     /// needs them, its bytes written; `tag` | its handle goes to `handles` and `stored` to
     /// `results`.  A hot zspage whose owned frames fill while its class has room elsewhere,
@@ -290,6 +298,8 @@ impl Slots {
         handles: &Bound<'_, PyList>,
         results: &Bound<'_, PyList>,
         lent: &Bound<'_, PyList>,
+        spare: &Bound<'_, PyList>,
+        born: &Bound<'_, PyList>,
     ) -> PyResult<(usize, u64, usize, usize, usize)> {
         let groups = zs.getattr(intern!(py, "groups"))?;
         let mut lent = Lent {
@@ -300,6 +310,7 @@ impl Slots {
         let hot = Table::<u32>::of(zs, intern!(py, "hot"), true)?;
         let waste = Table::<u32>::of(zs, intern!(py, "waste"), true)?;
         let group = Table::<i8>::of(zs, intern!(py, "group"), true)?;
+        let cls = Table::<u16>::of(zs, intern!(py, "cls"), true)?;
         let ticks = Table::<u64>::of(zs, intern!(py, "ticks"), true)?;
         let used = Table::<u64>::of(zs, intern!(py, "used"), true)?;
         let inuse = Table::<u16>::of(zs, intern!(py, "inuse"), true)?;
@@ -308,6 +319,7 @@ impl Slots {
         let frame = Table::<u32>::of(zs, intern!(py, "frame"), true)?;
         let arena = Table::<u8>::of(zs, intern!(py, "amap"), true)?;
         let (hot, waste, group) = (hot.cells_mut()?, waste.cells_mut()?, group.cells_mut()?);
+        let cls = cls.cells_mut()?;
         let (ticks, used) = (ticks.cells_mut()?, used.cells_mut()?);
         let (inuse, edge) = (inuse.cells_mut()?, edge.cells_mut()?);
         let (nframes, frame) = (nframes.cells_mut()?, frame.cells_mut()?);
@@ -318,8 +330,12 @@ impl Slots {
         // Zsmalloc._pick without a new zspage: the first zspage of the fullest group with
         // room in its owned frames, else a growable one; None if the groups have none
         let pick = |class: usize, dropped: &mut usize| -> PyResult<Option<usize>> {
-            let Some(rows) = groups.downcast::<PyDict>()?.get_item(class)? else {
-                return Ok(None); // the class's groups are made by its first pick: Python's
+            let groups = groups.downcast::<PyDict>()?;
+            let Some(rows) = groups.get_item(class)? else {
+                // the class's first zspage: its groups are made now, empty (as _pick does)
+                let rows = (0..self.groups + 1).map(|_| PyDict::new(py));
+                groups.set_item(class, PyList::new(py, rows)?)?;
+                return Ok(None);
             };
             let order = (0..self.groups).rev().chain([self.groups]);
             for g in order {
@@ -366,9 +382,31 @@ impl Slots {
             let class = self.length_class[zpage.len()];
             let mut zid = cell(hot, class, "class past the hot table")? as usize;
             if zid == 0 {
-                match pick(class, &mut dropped)? {
-                    Some(picked) => zid = picked,
-                    None => break, // a new zspage: the Python path's
+                if let Some(picked) = pick(class, &mut dropped)? {
+                    zid = picked;
+                } else {
+                    // a new zspage (Zsmalloc._new_zspage): an id the caller made room for, if
+                    // a frame can be had for its first slot; it goes on the LRU once the
+                    // call is over (`born`), as the tables cannot grow meanwhile
+                    let Some(last) = spare.len().checked_sub(1) else {
+                        break; // no id ready: the Python path's
+                    };
+                    if !lent.available()? {
+                        break; // the arena is full: the Python path reclaims
+                    }
+                    zid = spare.get_item(last)?.extract()?;
+                    spare.del_item(last)?;
+                    let unused = inuse.get(zid).is_some_and(|c| c.get() == 0)
+                        && cell(nframes, zid, "zspage id past the tables")? == 0
+                        && cell(group, zid, "zspage id past the tables")? == -1;
+                    if !unused {
+                        return Err(bad("a spare zspage id in use"));
+                    }
+                    cls.get(zid)
+                        .ok_or_else(|| bad("zspage id past the tables"))?
+                        .set(class as u16);
+                    hot[class].set(zid as u32);
+                    born.append(zid)?;
                 }
             }
             if [inuse.len(), edge.len(), nframes.len(), ticks.len()]

@@ -62,6 +62,8 @@ class Slots:
         handles: list[int],
         results: list[Any],
         lent: list[int],
+        spare: list[int],
+        born: list[int],
     ) -> tuple[int, int, int, int, int]: ...
     def free(
         self, zs: object, handles: list[int], first: int, tag: int, mask: int

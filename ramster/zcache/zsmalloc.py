@@ -86,6 +86,7 @@ WORDS = (SLOT_MASK + 1) // 64  # 64-bit words of a zspage's bitmap of used slots
 _FULL = (1 << 64) - 1
 _NO_SLOTS = array("Q", bytes(8 * WORDS))
 _IN_FRAME = PAGE_SIZE - 1
+SPARE_IDS = 64  # zspage ids the tables grow by at once, and lend a native filing
 
 
 def class_layout(size: int) -> tuple[int, int]:
@@ -241,21 +242,38 @@ class Zsmalloc:
 
     # -- zspages ----------------------------------------------------------------------------
     def _new_zspage(self, c: int, tick: int) -> int:
-        if self._free_ids:
-            zid = self._free_ids.pop()
-            self.cls[zid] = c
-        else:
-            zid = len(self.cls)
-            self.cls.append(c)
-            self.inuse.append(0)
-            self.nframes.append(0)
-            self.group.append(-1)
-            self.edge.append(0)
-            self.used.extend(_NO_SLOTS)
-            self.frame.extend(array("I", bytes(4 * MAX_FRAMES)))
-            self.lru.grow(zid + 1)
+        ids: list[int] = []
+        self._spare_ids(ids, 1)
+        (zid,) = ids
+        self.cls[zid] = c
         self.lru.push(zid, tick)
         return zid
+
+    def _spare_ids(self, ids: list[int], n: int) -> None:
+        """Append `n` unused zspage ids to `ids`, the one to use first last, in the order
+        _new_zspage would take them one by one (freed ones first, else new ones, for which
+        every table grows, by SPARE_IDS at least, the rest kept free): ids the native filing
+        may start zspages with, as their tables cannot grow while it runs."""
+        free = self._free_ids
+        if len(free) < n:
+            start = len(self.cls)
+            grow = max(n - len(free), SPARE_IDS)
+            for table, width in (
+                (self.cls, 2),
+                (self.inuse, 2),
+                (self.nframes, 1),
+                (self.edge, 2),
+                (self.used, 8 * WORDS),
+                (self.frame, 4 * MAX_FRAMES),
+            ):
+                table.frombytes(bytes(width * grow))
+            self.group.frombytes(b"\xff" * grow)  # -1: in no group
+            self.lru.grow(start + grow)
+            # under the ids freed already, which go first as they would one by one; of the
+            # new ones the lowest first
+            free[0:0] = array("I", range(start + grow - 1, start - 1, -1))
+        ids += free[len(free) - n :]  # taken from the end, as from the stack
+        del free[len(free) - n :]
 
     def _release(self, zid: int) -> None:
         c = self.cls[zid]
@@ -404,19 +422,27 @@ class Zsmalloc:
         alloc(): a word, a raw page, a refusal, a full arena) and the last tick given."""
         count = len(items)
         lent: list[int] = []  # frames the arena lends the native calls, a few at a time
+        spare: list[int] = []  # zspage ids they may start zspages with ...
+        born: list[int] = []  # ... and those they started, for the LRU
         try:
             while True:
+                if len(spare) < SPARE_IDS // 4:
+                    self._spare_ids(spare, SPARE_IDS // 2)
                 first, tick, filed, taken, dropped = _SLOTS.file(
-                    self, items, first, tag, tick, stored, handles, results, lent
+                    self, items, first, tag, tick, stored, handles, results, lent, spare, born
                 )
                 self.zpages += filed
                 self.frames += taken
                 self.compactable -= dropped
+                for zid in born:  # at the tick of its last store, which was its first use
+                    self.lru.push(zid, self.ticks[zid])
+                born.clear()
                 if first == count or not self._picked(items[first], tick):
                     return first, tick
         finally:
             if lent:
                 self.arena.give_back(lent)
+            self._free_ids.extend(spare)  # the next one on top, as it was
 
     def _picked(self, item: bytes | None, tick: int) -> bool:
         """Whether `item`, where a native filing stopped, is a zpage whose class had no hot
