@@ -1,29 +1,35 @@
 // The common cases of zsmalloc's batch paths, in native code: a get batch's walk over its
-// handles, and a put batch's filing of its zpages into the hot zspages of their classes.
+// handles, a put batch's filing of its zpages, and the frees of the zpages a put replaces.
 //
-// ZCache (ramster/zcache/cache.py) walks a get batch's handles and files a put batch's zpages
-// one by one in Python: per page a few tests, an LRU tick, a slot found and marked, and a slice
-// of the arena, about a quarter of the event loop's time on NBD reads and writes.  Slots takes
-// the common case of each from a given position on, and stops at the first page it does not
-// take, which the Python path then takes before calling again:
+// ZCache (ramster/zcache/cache.py) walked a get batch's handles, filed a put batch's zpages and
+// freed the pages they replaced one by one in Python: per page a few tests, an LRU tick, a
+// slot found and marked or cleared, a zspage regrouped, and a slice of the arena; that was most
+// of the event loop's time on NBD reads and writes.  Slots takes the common cases from a given
+// position on, and stops at the first page it does not take, which the Python path then takes
+// before calling again:
 //   - walk(): zpages of the pool's zsmalloc and misses; it stops at any other kind of handle
 //     (same-filled, raw, evicted);
-//   - file(): zpages that fit the free slots of their class's hot zspage, taking frames for it
-//     from the arena as it grows; it stops at anything else (a word, a raw page, a refusal),
-//     at a class with no hot zspage (picking one is Python's), when the arena gives no frame,
-//     and after a store that must move its zspage between fullness groups (Python's
-//     _regroup, which it names).
+//   - file(): zpages, into their class's hot zspage, else the fullest zspage of its fullness
+//     groups, else a new zspage under an id its caller readied (the tables cannot grow while
+//     they are borrowed here), growing them by frames the arena lends a few at a time, and
+//     cooling a hot zspage back into its group as it fills; it stops at anything else (a
+//     word, a raw page, a refusal), at a new zspage with no id ready, and when the arena
+//     gives no frame;
+//   - free(): zpages of the pool's zsmalloc, regrouping their zspages; it stops before a free
+//     that empties its zspage (releasing it is Python's), makes its class worth compacting
+//     (the reaper's callback), or cools its class's hot zspage.
 // So the slow cases keep their one implementation, and this one mirrors zsmalloc's slot
-// arithmetic and its hot path (Zsmalloc.read/locate/_store/_reach): handle = zspage id <<
-// slot_bits | slot; a slot of class `c` starts at slot * sizes[c] in its zspage, whose frames
-// are frame[zid * max_frames ..] (a prefix of them owned); used slots are a bitmap of
-// 2**slot_bits bits per zspage.  The tables are the Zsmalloc object's own arrays, read by name,
-// and its constants come from zsmalloc.py; tests/zcache/test_native_slots.py holds each native
-// path to the Python one.
+// arithmetic and its bookkeeping (Zsmalloc.read/locate/_store/_reach/_pick/_regroup/free):
+// handle = zspage id << slot_bits | slot; a slot of class `c` starts at slot * sizes[c] in its
+// zspage, whose frames are frame[zid * max_frames ..] (a prefix of them owned); used slots are
+// a bitmap of 2**slot_bits bits per zspage; the fullness groups are dicts of zspage ids, per
+// class a list of groups + 1 of them (the last: growable).  The tables are the Zsmalloc
+// object's own arrays and dicts, read by name, and its constants come from zsmalloc.py;
+// tests/zcache/test_native_slots.py holds each native path to the Python one.
 //
 // Every index is checked (a zspage id past the tables, a slot past its zspage, a frame past the
-// arena): a bad handle or table is a ValueError, never an access out of bounds.  The GIL is
-// kept: this is the event loop's own work, and it copies little.
+// arena, a free of a slot not in use): a bad handle or table is a ValueError, never an access
+// out of bounds.  The GIL is kept: this is the event loop's own work, and it copies little.
 use pyo3::buffer::ReadOnlyCell;
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;

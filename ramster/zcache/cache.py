@@ -436,9 +436,7 @@ class ZCache:
         they are intact and are not checked again."""
         pool = self.pool(pool_id)
         keys = check_zpages(zpages) if made is None else made
-        for old in pool.index.pop_many(keys):
-            if old:
-                self._release(pool, old)
+        self._release_all(pool, pool.index.remove_many(keys))
         results = []
         handles: list[int] = []
         filed = 0

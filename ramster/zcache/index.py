@@ -13,9 +13,9 @@
 # comparing the chunk with an empty one (array to array, in C, no copy), on the pops that zero a
 # slot.
 #
-# The batch paths (get_many, pop_many, set_many) are native (native/index.rs): one call per
-# batch, which keeps the chunk of the previous key while keys stay in it, on the same dicts and
-# arrays and under the same rules.
+# The batch paths (get_many, pop_many, remove_many, set_many) are native (native/index.rs): one
+# call per batch, which keeps the chunk of the previous key while keys stay in it, on the same
+# dicts and arrays and under the same rules.
 from __future__ import annotations
 
 from array import array

@@ -53,10 +53,13 @@
 # of the least recent zspage to give back all its frames.  Handle = zspage id << 8 | slot.
 #
 # The hot paths of batches run in native code over these same tables (native/slots.rs): file()
-# stores a put batch's zpages into the hot zspages of their classes, growing them frame by frame,
-# and walk() reads or locates a get batch's zpages; each stops where a decision is this module's
-# (picking or regrouping a zspage, a full arena) and the caller goes on here.  alloc(), read()
-# and locate() remain the one-page paths and the reference the native ones are tested against.
+# stores a put batch's zpages (picking, starting and regrouping zspages as alloc() does, with
+# frames the arena lends and zspage ids _spare_ids() readies, as no table may grow meanwhile),
+# free_many() frees the zpages a put batch replaces, and walk() reads or locates a get batch's
+# zpages; each stops where a decision is this module's (releasing a zspage, a class turning
+# compactable, a full arena) and the caller goes on here.  alloc(), free(), read() and locate()
+# remain the one-page paths and the reference the native ones are tested against.  The tables
+# grow SPARE_IDS zspages at a time (~8 KiB), so a pool holds up to that many unused entries.
 #
 # alloc() refuses a zpage that is empty or longer than a frame (the largest class) with
 # InvalidPage before it takes a zspage: there is no class to put it in.

@@ -98,13 +98,14 @@ class Engine:
             pool: int,
             keys: list[tuple[int, int]],
             pages: Sequence[bytes | memoryview],
+            checked: bool = False,
         ) -> list[PutResult]:
             oid = keys[0][0]
             self.entered.append((oid, len(keys)))
             self.arrival(oid).set()
             if oid in self.held:
                 await self.held[oid].wait()
-            return await original(chunked, pool, keys, pages)
+            return await original(chunked, pool, keys, pages, checked)
 
         monkeypatch.setattr(ChunkedEngine, "put_batch", put_batch)
 

@@ -195,13 +195,14 @@ async def test_a_single_get_goes_ahead_of_a_big_batch(
             pool: int,
             keys: list[tuple[int, int]],
             pages: Sequence[bytes | memoryview],
+            checked: bool = False,
         ) -> list[PutResult]:
             nonlocal parts
             parts += 1
             if parts == 2:  # the batch's second part goes on once the get has arrived
                 second_part.set()
                 await arrived.wait()
-            return await put_batch(chunked, pool, keys, pages)
+            return await put_batch(chunked, pool, keys, pages, checked)
 
         monkeypatch.setattr(SmallFirst, "arrive", arriving)
         monkeypatch.setattr(TmemServicer, "_get_page", getting)
