@@ -120,6 +120,40 @@ impl<T: Copy> CellGet<T> for std::cell::Cell<T> {
 }
 
 impl Slots {
+    /// The fullness group of a zspage of class `class` holding `count` zpages in frames that
+    /// own `owned` slots (-1: full; `groups`: growable), and its edge: the count at which a
+    /// store must regroup it again (Zsmalloc._regroup).
+    fn fullness(&self, class: usize, count: usize, owned: usize) -> (i8, usize) {
+        let slots = self.slots[class];
+        if count >= slots {
+            (-1, slots + 1) // full: only a free changes that
+        } else if count < owned {
+            let g = count * self.groups / slots;
+            (g as i8, self.quarter[class][g].min(owned))
+        } else {
+            (self.groups as i8, 0) // growable
+        }
+    }
+
+    /// Move zspage `zid` of class `class` from fullness group `old` to `new` (-1: none) in
+    /// the groups' dicts of zspage ids.
+    fn move_group(
+        groups: &Bound<'_, PyAny>,
+        class: usize,
+        zid: usize,
+        old: i8,
+        new: i8,
+    ) -> PyResult<()> {
+        let rows = groups.get_item(class)?;
+        if old >= 0 {
+            rows.get_item(old)?.del_item(zid)?;
+        }
+        if new >= 0 {
+            rows.get_item(new)?.set_item(zid, groups.py().None())?;
+        }
+        Ok(())
+    }
+
     /// The 64-bit words of a zspage's bitmap of used slots.
     fn words(&self) -> usize {
         (1usize << self.slot_bits) / 64
@@ -493,20 +527,10 @@ impl Slots {
                     // as it is) into the group its count says
                     hot[class].set(0);
                     let owned = self.owned[class][nframes[zid].get() as usize];
-                    let (new, at) = if count >= slots {
-                        (-1, slots + 1) // full: only a free changes that
-                    } else if count < owned {
-                        let g = count * self.groups / slots;
-                        (g as i8, self.quarter[class][g].min(owned))
-                    } else {
-                        (self.groups as i8, 0) // growable
-                    };
+                    let (new, at) = self.fullness(class, count, owned);
                     edge[zid].set(at as u16);
+                    Self::move_group(&groups, class, zid, group[zid].get(), new)?;
                     group[zid].set(new);
-                    if new >= 0 {
-                        let rows = groups.get_item(class)?;
-                        rows.get_item(new)?.set_item(zid, py.None())?;
-                    }
                 }
             }
         }
@@ -591,22 +615,12 @@ impl Slots {
                 }
                 let owned =
                     self.owned[class][cell(nframes, zid, "zspage id past the tables")? as usize];
-                let (new, at) = if left < owned {
-                    let g = left * self.groups / slots;
-                    (g as i8, self.quarter[class][g].min(owned))
-                } else {
-                    (self.groups as i8, 0) // growable
-                };
+                let (new, at) = self.fullness(class, left, owned);
                 let old = group
                     .get(zid)
                     .ok_or_else(|| bad("zspage id past the tables"))?;
                 if new != old.get() {
-                    // it moves between fullness groups, which are dicts of zspage ids
-                    let rows = groups.get_item(class)?;
-                    if old.get() >= 0 {
-                        rows.get_item(old.get())?.del_item(zid)?;
-                    }
-                    rows.get_item(new)?.set_item(zid, py.None())?;
+                    Self::move_group(&groups, class, zid, old.get(), new)?;
                     old.set(new);
                 }
                 wasted.set(wasted.get() + 1);
