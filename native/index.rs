@@ -93,7 +93,7 @@ pub(crate) fn index_get<'py>(
             last = Some((oid, cno, chunk));
         }
         let handle = match &last {
-            Some((_, _, Some(chunk))) => chunk.cells_mut()?[index as usize % CHUNK].get(),
+            Some((_, _, Some(chunk))) => chunk.cells()[index as usize % CHUNK].get(),
             _ => 0,
         };
         out.append(handle)?;
@@ -102,8 +102,9 @@ pub(crate) fn index_get<'py>(
 }
 
 /// File `handles` under `keys` in order (None: 0 for every key, which removes it); a key's old
-/// handle is replaced.  Keys and handles are all read before anything changes.  Returns the old handles (only the non-zero ones if `displaced_only`)
-/// and the change in the number of keys held.
+/// handle is replaced.  Keys and handles are all read before anything changes.  Returns the
+/// old handles (only the non-zero ones if `displaced_only`) and the change in the number of
+/// keys held.
 #[pyfunction]
 #[pyo3(signature = (objects, keys, handles, empty, displaced_only))]
 pub(crate) fn index_update<'py>(

@@ -88,7 +88,7 @@ class Arena:
         self.in_use += n
 
     def give_back(self, frames: list[int]) -> None:
-        """Frames from alloc_many() that were not used, the one to hand out next last: kept
+        """Frames from lend() that were not used, the one to hand out next last: kept
         warm (they may have been faulted in), so the next alloc() takes them first."""
         self._warm.extend(frames)
         self.in_use -= len(frames)

@@ -9,13 +9,12 @@
 # A chunk is exactly 512 bytes, so Python's small-object allocator takes it (its own arenas):
 # with a 65th word (a live count) it went to malloc's heap, between the zpages that stream
 # through a node, and each chunk then pinned the heap page it sat on after those were freed
-# (measured: ~5 MiB kept by an owner after 130,000 evictions).  Emptiness is checked by
-# comparing the chunk with an empty one (array to array, in C, no copy), on the pops that zero a
-# slot.
+# (measured: ~5 MiB kept by an owner after 130,000 evictions).
 #
 # The batch paths (get_many, pop_many, remove_many, set_many) are native (native/index.rs): one
 # call per batch, which keeps the chunk of the previous key while keys stay in it, on the same
-# dicts and arrays and under the same rules.
+# dicts and arrays, and checks a chunk for emptiness once a run of keys that zeroed a slot of it
+# leaves it; new chunks are copies of the empty one here.
 from __future__ import annotations
 
 from array import array
@@ -57,22 +56,24 @@ class PageIndex:
 
     def pop_many(self, keys: list[tuple[int, int]]) -> list[int]:
         """Remove many keys; their handles (0 where absent), in order."""
-        olds, delta = index_update(self.objects, keys, None, _EMPTY_CHUNK, False)
-        self.count += delta
-        return olds
+        return self._update(keys, None, displaced_only=False)
 
     def remove_many(self, keys: list[tuple[int, int]]) -> list[int]:
         """Remove many keys; the handles they held (absent keys give none)."""
-        removed, delta = index_update(self.objects, keys, None, _EMPTY_CHUNK, True)
-        self.count += delta
-        return removed
+        return self._update(keys, None, displaced_only=True)
 
     def set_many(self, keys: list[tuple[int, int]], handles: list[int]) -> list[int]:
         """File handles under keys, in order; handle 0 (a refused put) removes the key instead.
         Returns the handles displaced, if any (a key repeated within the batch)."""
-        displaced, delta = index_update(self.objects, keys, handles, _EMPTY_CHUNK, True)
+        return self._update(keys, handles, displaced_only=True)
+
+    def _update(
+        self, keys: list[tuple[int, int]], handles: list[int] | None, displaced_only: bool
+    ) -> list[int]:
+        """index_update() over this index, its count kept: the old handles."""
+        olds, delta = index_update(self.objects, keys, handles, _EMPTY_CHUNK, displaced_only)
         self.count += delta
-        return displaced
+        return olds
 
     def pop_object(self, oid: int) -> list[tuple[int, int]]:
         """Remove every key of an object; their (index, handle) pairs."""

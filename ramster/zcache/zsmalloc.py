@@ -483,9 +483,10 @@ class Zsmalloc:
 
     def free_many(self, handles: list[int], first: int, tag: int, mask: int) -> int:
         """free() of the zpages of `handles` (index handles: `tag` marks this allocator's,
-        whose own handle is in the bits of `mask`) from `first` on, the frees that move no
-        zspage between groups in native calls (native/slots.rs), the others here; where it
-        stopped: the first handle of another kind, or the end."""
+        whose own handle is in the bits of `mask`) from `first` on, in native calls (native/
+        slots.rs) but for the frees that release a zspage, make its class compactable or cool
+        its class's hot zspage, which free() takes here; where it stopped: the first handle of
+        another kind, or the end."""
         count = len(handles)
         while True:
             first, freed = _SLOTS.free(self, handles, first, tag, mask)
