@@ -20,11 +20,13 @@
 // Trade-offs: the compressed payloads are copied once more, from one scratch buffer into their
 // bytes objects, since their sizes are known only after compressing and a bytes object can only
 // be made with the GIL; an opened page is decompressed straight into its bytes object, made
-// (uninitialised) before the GIL is released.  Inputs are borrowed through the buffer protocol,
-// so a memoryview of a request's bytes is compressed where it lies; whoever passes a view
-// guarantees that nothing writes to it meanwhile, as for the lz4 package.
-use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::PyValueError;
+// (uninitialised) before the GIL is released.  Inputs are borrowed through the buffer protocol
+// (table.rs's lean views: the buffers of a 128-page hop are taken and released with the GIL
+// held, in the worker, while the event loop waits for it; measured, a hop of 128 zero pages,
+// all overhead, took 91 against 106 us with pyo3's PyBuffer), so a memoryview of a request's
+// bytes is compressed where it lies; whoever passes a view guarantees that nothing writes to
+// it meanwhile, as for the lz4 package.
+use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -33,6 +35,8 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 mod index;
 mod slots;
 mod table;
+
+use table::Table;
 
 pub(crate) const PAGE_SIZE: usize = 4096;
 const WORD: usize = 8;
@@ -69,16 +73,17 @@ fn header(payload: &[u8], (oid, index): Key) -> [u8; HEADER_SIZE] {
     out
 }
 
-/// A borrowed, contiguous byte buffer of an argument.
-pub(crate) fn bytes_of<'a>(buffer: &'a PyBuffer<u8>, what: &str, at: usize) -> PyResult<&'a [u8]> {
-    if !buffer.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
-            "{what} {at} is not contiguous"
-        )));
-    }
-    // SAFETY: the buffer is contiguous and stays exported (so alive, and not resized) for as
-    // long as `buffer` lives; its owner promises that nothing writes to it meanwhile.
-    Ok(unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) })
+/// The bytes `obj` exports, `what` number `at` of a call's arguments: a C-contiguous buffer
+/// (an exporter that cannot give one refuses, which is a ValueError here), through a Table,
+/// which costs a fraction of a PyBuffer and is released without taking the GIL again.
+fn bytes_of<'py>(obj: &Bound<'py, PyAny>, what: &str, at: usize) -> PyResult<Table<'py, u8>> {
+    Table::new(obj, false).map_err(|err| {
+        if err.is_instance_of::<PyBufferError>(obj.py()) {
+            PyValueError::new_err(format!("{what} {at} is not contiguous: {err}"))
+        } else {
+            err
+        }
+    })
 }
 
 /// What a put batch's page becomes: where its bytes are in the scratch buffer, or refused.
@@ -121,16 +126,21 @@ fn encode_one(
 fn encode_pages<'py>(
     py: Python<'py>,
     keys: Vec<Key>,
-    pages: Vec<PyBuffer<u8>>,
+    pages: Vec<Bound<'py, PyAny>>,
     threshold: usize,
     store_raw: bool,
 ) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
     if keys.len() != pages.len() {
         return Err(PyValueError::new_err("keys and pages differ in number"));
     }
-    let mut slices = Vec::with_capacity(pages.len());
-    for (at, page) in pages.iter().enumerate() {
-        let bytes = bytes_of(page, "page", at)?;
+    let tables = pages
+        .iter()
+        .enumerate()
+        .map(|(at, page)| bytes_of(page, "page", at))
+        .collect::<PyResult<Vec<_>>>()?;
+    let mut slices = Vec::with_capacity(tables.len());
+    for (at, table) in tables.iter().enumerate() {
+        let bytes = table.values();
         if bytes.len() != PAGE_SIZE {
             return Err(PyValueError::new_err(format!(
                 "page {at} is {} bytes",
@@ -248,16 +258,17 @@ fn open_all<'py>(
 fn open_zpages<'py>(
     py: Python<'py>,
     keys: Vec<Key>,
-    zpages: Vec<PyBuffer<u8>>,
+    zpages: Vec<Bound<'py, PyAny>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
     if keys.len() != zpages.len() {
         return Err(PyValueError::new_err("keys and zpages differ in number"));
     }
-    let slices = zpages
+    let tables = zpages
         .iter()
         .enumerate()
         .map(|(at, zpage)| bytes_of(zpage, "zpage", at))
         .collect::<PyResult<Vec<_>>>()?;
+    let slices: Vec<&[u8]> = tables.iter().map(Table::values).collect();
     open_all(py, &keys, &slices)
 }
 
@@ -268,13 +279,14 @@ fn open_zpages<'py>(
 fn open_zpages_at<'py>(
     py: Python<'py>,
     keys: Vec<Key>,
-    buffer: PyBuffer<u8>,
+    buffer: Bound<'py, PyAny>,
     offsets: Vec<usize>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
     if keys.len() != offsets.len() {
         return Err(PyValueError::new_err("keys and offsets differ in number"));
     }
-    let whole = bytes_of(&buffer, "buffer", 0)?;
+    let table = bytes_of(&buffer, "buffer", 0)?;
+    let whole = table.values();
     let slices: Vec<&[u8]> = offsets
         .iter()
         .map(|&at| &whole[at.min(whole.len())..])

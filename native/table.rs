@@ -1,5 +1,5 @@
 // Borrowed views of the Python buffers the native paths read and write: the array.array tables
-// of the allocators and the arena's mmap.
+// of the allocators, the arena's mmap, and the pages and zpages the codec reads.
 //
 // pyo3's PyBuffer asks the exporter for the full buffer description (strides, suboffsets) and
 // takes the GIL again to release it; with the attribute lookups of a call it cost zsmalloc's
@@ -8,8 +8,10 @@
 // batch, as it stops at each decision that is Python's.  A Table asks only for what the paths
 // use (a C-contiguous buffer and its item format, writable when written) and releases it
 // directly: it cannot outlive the GIL token it was made under ('py, and it is not Send, so it
-// cannot be taken into allow_threads).  Every table is checked as PyBuffer checks it: item size
-// and format against T, alignment; a table that fails is a ValueError, never a misread.
+// cannot be taken into allow_threads; the codec's batch paths take slices of their tables'
+// values() there, while the tables themselves wait outside, on their exporters' promise that
+// nothing writes those buffers meanwhile).  Every table is checked as PyBuffer checks it: item
+// size and format against T, alignment; a table that fails is a ValueError, never a misread.
 //
 // Trade-off: the checks are the caller's contract with the exporter (array, mmap); a strided
 // or suboffset buffer is refused by the exporter itself, since its flags do not ask for one.
@@ -113,8 +115,10 @@ impl<'py, T: Element> Table<'py, T> {
         Ok(unsafe { std::slice::from_raw_parts(self.start() as *const Cell<T>, self.len()) })
     }
 
-    /// The items as plain values, for a path that only reads this table (the arena, by a walk):
-    /// nothing writes it while the GIL is held and no cells_mut() of it is in use.
+    /// The items as plain values, for a path that only reads this table (the arena, by a walk;
+    /// the codec's inputs, without the GIL): nothing writes it while the GIL is held (nor,
+    /// by its exporter's promise, while the codec runs without it) and no cells_mut() of it is
+    /// in use.
     pub(crate) fn values(&self) -> &[T] {
         // SAFETY: as in cells(); the caller writes through no other view of it meanwhile.
         unsafe { std::slice::from_raw_parts(self.start(), self.len()) }
