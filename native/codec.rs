@@ -78,8 +78,11 @@ fn header(payload: &[u8], (oid, index): Key) -> [u8; HEADER_SIZE] {
 /// which costs a fraction of a PyBuffer and is released without taking the GIL again.
 fn bytes_of<'py>(obj: &Bound<'py, PyAny>, what: &str, at: usize) -> PyResult<Table<'py, u8>> {
     Table::new(obj, false).map_err(|err| {
-        if err.is_instance_of::<PyBufferError>(obj.py()) {
+        let py = obj.py();
+        if err.is_instance_of::<PyBufferError>(py) {
             PyValueError::new_err(format!("{what} {at} is not contiguous: {err}"))
+        } else if err.is_instance_of::<PyValueError>(py) {
+            PyValueError::new_err(format!("{what} {at} is not bytes: {err}"))
         } else {
             err
         }

@@ -112,6 +112,10 @@ def test_bad_arguments_are_errors(sample_pages: list[bytes]) -> None:
         encode_pages([(1, 0), (1, 1)], [sample_pages[0], sample_pages[1][1:]], THRESHOLD, True)
     with pytest.raises(ValueError, match="not contiguous"):
         encode_pages([(1, 0)], [memoryview(sample_pages[0] * 2)[::2]], THRESHOLD, True)
+    with pytest.raises(ValueError, match="page 0 is not bytes"):
+        encode_pages([(1, 0)], [memoryview(sample_pages[0]).cast("I")], THRESHOLD, True)
+    with pytest.raises(ValueError, match="buffer 0 is not bytes"):
+        open_zpages_at([(1, 0)], memoryview(sample_pages[0]).cast("I"), [0])
     with pytest.raises(OverflowError):
         encode_pages([(1, 1 << 32)], sample_pages[:1], THRESHOLD, True)
     with pytest.raises(TypeError):
