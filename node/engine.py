@@ -56,6 +56,7 @@ from typing import TypeVar
 
 from node.fairness import SmallFirst
 from node.settings import Settings
+from node.threadcpu import CODEC_PREFIX
 from ramster.zcache import (
     PAGE_SIZE,
     PageError,
@@ -112,7 +113,7 @@ def build_engine(
 
 def give_codec_workers(engine: ZCache, threads: int) -> Executor:
     """Give `engine` `threads` codec workers (build_engine does, from the settings)."""
-    workers = _WORKERS[engine] = ThreadPoolExecutor(threads, thread_name_prefix="ramster-codec")
+    workers = _WORKERS[engine] = ThreadPoolExecutor(threads, thread_name_prefix=CODEC_PREFIX)
     return workers
 
 

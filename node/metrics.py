@@ -24,6 +24,8 @@
 # client metrics lock for themselves).  A Stream or Pages call carries many requests and counts
 # once there, so the servicer counts and times each of its requests too
 # (ramster_stream_requests_total, ramster_stream_request_seconds: by method, operation, code).
+# The CPU time of the node's threads, by role (loop, codec workers, gRPC's), is read from /proc
+# at scrape time too (node/threadcpu.py).
 # Every label has a bounded set of values (methods, codes, outcomes, reasons, operations); keys
 # and peers never become labels.  The HTTP server is prometheus_client's, on a daemon thread;
 # port 0 picks a free port.
@@ -53,6 +55,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from node.settings import HostPort
+from node.threadcpu import ThreadCpuCollector
 from ramster.zcache import Snapshot
 from ramster.zcache.backing import BackingFile, BackingStats
 
@@ -372,6 +375,7 @@ class NodeMetrics:
         self.streams = StreamMetrics(self.registry)
         self.nbd = NbdMetrics(self.registry)  # declared even without NBD, as dashboards expect
         self.loop_lag = LoopStallMetrics(self.registry)
+        self.registry.register(ThreadCpuCollector())  # made here, on the loop's thread
         build = Gauge(
             "ramster_build_info",
             "Build of the node (always 1).",

@@ -1,0 +1,112 @@
+# CPU time by thread role (node/threadcpu.py): roles from a /proc-shaped directory the test
+# writes (so every reading is known), counters that never go back when a thread ends or its id
+# is reused, and a real node whose codec worker and loop show up once it has coded pages.
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.engine import codec_workers
+from node.server import Node
+from node.threadcpu import CODEC_PREFIX, TICKS, ThreadCpuCollector
+from ramster.client import AsyncClient, KeyRange
+from tests.node.conftest import node_settings
+from tests.node.test_metrics import scrape, value
+
+GRPC_TID = 4_000_000  # past any pid_max: no Python thread has it
+
+
+def write_stat(tasks: Path, tid: int, utime: int, stime: int) -> None:
+    (tasks / str(tid)).mkdir(exist_ok=True)
+    fields = ["S", *["0"] * 10, str(utime), str(stime), *["0"] * 30]
+    (tasks / str(tid) / "stat").write_text(f"{tid} (a name) with) spaces) {' '.join(fields)}\n")
+
+
+def readings(collector: ThreadCpuCollector) -> dict[str, float]:
+    (family,) = collector.collect()
+    return {s.labels["role"]: s.value for s in family.samples}
+
+
+@pytest.fixture
+def codec_thread() -> Iterator[threading.Thread]:
+    """A live Python thread named as the codec workers are."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name=f"{CODEC_PREFIX}_0")
+    thread.start()
+    yield thread
+    stop.set()
+    thread.join()
+
+
+def test_roles_and_counters_that_never_go_back(
+    tmp_path: Path, codec_thread: threading.Thread
+) -> None:
+    collector = ThreadCpuCollector(tmp_path)
+    loop, codec = threading.get_native_id(), codec_thread.native_id
+    assert codec is not None
+    write_stat(tmp_path, loop, 300, 100)
+    write_stat(tmp_path, codec, 500, 0)
+    write_stat(tmp_path, GRPC_TID, 20, 30)
+    (tmp_path / "self").mkdir()  # not a thread id: ignored
+    (tmp_path / "12").mkdir()  # a thread that ended before its stat was read: skipped
+    seconds = 1 / TICKS
+    assert readings(collector) == {
+        "loop": 400 * seconds,
+        "codec": 500 * seconds,
+        "grpc": 50 * seconds,
+        "other": 0.0,
+    }
+    (tmp_path / str(codec) / "stat").unlink()  # the worker ended: its time stays counted
+    (tmp_path / str(codec)).rmdir()
+    write_stat(tmp_path, GRPC_TID, 5, 0)  # its id now a new thread's, which has used less
+    assert readings(collector) == {
+        "loop": 400 * seconds,
+        "codec": 500 * seconds,
+        "grpc": 55 * seconds,
+        "other": 0.0,
+    }
+    write_stat(tmp_path, GRPC_TID, 15, 0)
+    assert readings(collector)["grpc"] == 65 * seconds
+
+
+def test_a_thread_keeps_its_first_role(tmp_path: Path, codec_thread: threading.Thread) -> None:
+    """A thread first seen before Python knew it counts where it was first put, so a role's
+    counter does not drop when the thread's name becomes known."""
+    collector = ThreadCpuCollector(tmp_path)
+    codec = codec_thread.native_id
+    assert codec is not None
+    collector._role = lambda tid, name: "grpc"  # type: ignore[method-assign]
+    write_stat(tmp_path, codec, 100, 0)
+    assert readings(collector)["grpc"] == 100 / TICKS
+    del collector._role  # back to the class's
+    write_stat(tmp_path, codec, 200, 0)
+    after = readings(collector)
+    assert (after["grpc"], after["codec"]) == (200 / TICKS, 0.0)
+
+
+def test_without_proc_every_role_reads_zero(tmp_path: Path) -> None:
+    assert set(readings(ThreadCpuCollector(tmp_path / "missing")).values()) == {0.0}
+
+
+async def test_a_node_shows_its_codec_worker_and_its_loop(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    node = Node(node_settings(tmp_path, worker_threads=1))
+    await node.start()
+    try:
+        assert node.engine is not None and codec_workers(node.engine) is not None
+        async with AsyncClient(node.target, timeout=30) as client:
+            pool = await client.create_pool()
+            pages = sample_pages[:88] * 12  # 1,056 compressible pages a batch
+            for _ in range(40):  # ~42k pages coded, a few tenths of a second of LZ4
+                await client.put_batch(pool, KeyRange(1, 0, len(pages)), pages)
+                text = await scrape(node)
+                if value(text, "ramster_thread_cpu_seconds_total", role="codec") > 0:
+                    break
+        for role in ("codec", "loop"):  # gRPC's threads may not have used a whole tick yet
+            assert value(text, "ramster_thread_cpu_seconds_total", role=role) > 0, role
+    finally:
+        await node.stop(grace=1)
