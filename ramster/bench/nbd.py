@@ -12,7 +12,10 @@
 # each server's best time: on a machine shared with other work the load drifts, and a ratio of
 # two numbers taken minutes apart would measure the drift.  Each server's CPU time in its best
 # run is reported as MiB per CPU-second (cpu_efficiency_vs_nbdkit), which load elsewhere on the
-# machine hardly moves (the random step's covers its writes and reads together).  Every byte is
+# machine hardly moves (the random step's covers its writes and reads together); the node's is
+# also split by thread role (its ramster_thread_cpu_seconds_total: event loop, codec workers,
+# gRPC's threads, the rest), as CPU-seconds per GiB of the sequential steps, which says whether
+# the loop or LZ4 bounds it.  Every byte is
 # verified: a copy back to a file for the sequential data; the random reads are compared with
 # what was written as they complete.  Rates are MiB/s.  "Data per GiB of RSS" is the bytes
 # written over the server's RSS after the sequential writes: nbdkit keeps pages as they are, the
@@ -32,10 +35,14 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from ramster.bench.report import rss_bytes
 from ramster.certs import make_bundle
@@ -50,6 +57,7 @@ TOOLS = ("nbdcopy", "nbdkit")
 # NBD requests are big batches, whose LZ4 a worker does beside the loop; 2 workers on 2 cores
 # leave less for the loop and the client.
 WORKERS = 1
+ThreadCpu = Callable[[], dict[str, float]]  # a node's threads' CPU seconds so far, by role
 
 # Runs under the system Python: argv = uri, corpus file, region bytes, ops, seed.
 RANDOM_IO = r"""
@@ -151,26 +159,48 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(metrics_port: int) -> dict[str, float]:
+    """CPU seconds of a node's threads so far, by role (ramster_thread_cpu_seconds_total)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {
+        s.labels["role"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "ramster_thread_cpu_seconds"
+        for s in family.samples
+    }
+
+
 def measure(
-    servers: dict[str, tuple[str, int]], source: Path, ops: int, seed: int, repeat: int
+    servers: dict[str, tuple[str, int]],
+    source: Path,
+    ops: int,
+    seed: int,
+    repeat: int,
+    threads: dict[str, ThreadCpu] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The steps of the header against each server (name: URI and pid), interleaved; per step
-    the best time, and the server's CPU time in that run."""
+    the best time, and the server's CPU time in that run (by thread role too, for a server
+    with a reader in `threads`: seq_write and seq_read as CPU-seconds per GiB)."""
     size, mib = source.stat().st_size, 2**20
     ops = min(ops, size // 4096)
-    best: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in servers}
+    threads = threads or {}
+    best: dict[str, dict[str, tuple[float, float, dict[str, float]]]] = {n: {} for n in servers}
 
     def step(name: str, labels: tuple[str, ...], run: Callable[..., Any], *args: Any) -> None:
         """One run of a step against one server: `run(*args)` gives the seconds of each label."""
-        pid = servers[name][1]
-        cpu = cpu_seconds(pid)
+        pid, roles = servers[name][1], threads.get(name)
+        cpu, by_role = cpu_seconds(pid), roles() if roles else {}
         took = run(*args)
         cpu = cpu_seconds(pid) - cpu
+        by_role = {role: s - by_role[role] for role, s in roles().items()} if roles else {}
         for label, seconds in zip(labels, took if len(labels) > 1 else (took,), strict=True):
             if label not in best[name] or seconds < best[name][label][0]:
-                best[name][label] = (seconds, cpu)
+                best[name][label] = (seconds, cpu, by_role)
 
-    out = {name: {"rss_idle_MiB": rss_bytes(pid) / mib} for name, (_, pid) in servers.items()}
+    out: dict[str, dict[str, Any]] = {
+        name: {"rss_idle_MiB": rss_bytes(pid) / mib} for name, (_, pid) in servers.items()
+    }
     for _ in range(repeat):
         for name, (uri, _) in servers.items():
             step(name, ("seq_write",), _tool, "nbdcopy", str(source), uri)
@@ -190,11 +220,15 @@ def measure(
         for name, (uri, _) in servers.items():
             step(name, RANDOM_STEPS, _random_io, uri, source, ops, seed)
     for name, steps in best.items():
-        for label, (seconds, _) in steps.items():
+        for label, (seconds, _, _) in steps.items():
             moved = ops * 4096 if label.startswith("rand") else size
             out[name][f"{label}_MiBps"] = moved / seconds / mib
         for label in ("seq_write", "seq_read"):
             out[name][f"{label}_MiB_per_cpu_s"] = size / mib / max(steps[label][1], 1e-3)
+            if name in threads:
+                out[name][f"{label}_cpu_s_per_GiB_by_thread"] = {
+                    role: round(s * 2**30 / size, 2) for role, s in steps[label][2].items()
+                }
         cpu = steps[RANDOM_STEPS[0]][1]  # one run did both: its CPU covers both directions
         out[name]["rand4k_MiB_per_cpu_s"] = 2 * ops * 4096 / mib / max(cpu, 1e-3)
     return out
@@ -286,9 +320,9 @@ def nbdkit_memory(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str,
 @contextlib.contextmanager
 def ramster_node(
     size: int, tls: BenchTls | None = None, workers: int = 0
-) -> Iterator[tuple[str, int]]:
+) -> Iterator[tuple[str, int, ThreadCpu]]:
     """A local node with one export of `size` bytes (TLS with `tls`, `workers` codec worker
-    threads): its URI and pid."""
+    threads): its URI, its pid, and a reader of its threads' CPU seconds by role."""
     port = free_port()
     tls_args = []
     if tls:
@@ -304,14 +338,13 @@ def ramster_node(
         "--worker-threads",
         str(workers),
         *tls_args,
-        metrics=False,
         tls_ca=tls.ca if tls else None,
     )
     try:
         with node:
-            assert node.process is not None
+            assert node.process is not None and node.metrics_port is not None
             uri = tls.uri(port, EXPORT) if tls else f"nbd://127.0.0.1:{port}/{EXPORT}"
-            yield uri, node.process.pid
+            yield uri, node.process.pid, partial(thread_cpu, node.metrics_port)
     except Unavailable as exc:
         raise BenchError(str(exc)) from None
 
@@ -340,9 +373,11 @@ def run(
     check_tools()
     with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
         certs = BenchTls.make(Path(tmp) / "tls") if tls else None
-        with nbdkit_memory(size, certs) as kit, ramster_node(size, certs, workers) as ours:
+        with nbdkit_memory(size, certs) as kit, ramster_node(size, certs, workers) as node:
             source = corpus_image(pages, size, tmp)
-            got = measure({"ramster": ours, "nbdkit": kit}, source, ops, seed, repeat)
+            uri, pid, roles = node
+            servers = {"ramster": (uri, pid), "nbdkit": kit}
+            got = measure(servers, source, ops, seed, repeat, {"ramster": roles})
     result: dict[str, Any] = {
         "size_MiB": size / 2**20,
         "random_ops": ops,
@@ -360,6 +395,9 @@ def run(
             for key in got["nbdkit"]
             if key.endswith(suffix)
         }
+    for label in ("seq_write", "seq_read"):
+        key = f"{label}_cpu_s_per_GiB_by_thread"
+        result[f"ramster_{key}"] = got["ramster"][key]
     density = got["ramster"]["data_per_GiB_rss_GiB"] / got["nbdkit"]["data_per_GiB_rss_GiB"]
     result["density_vs_nbdkit"] = density
     result["verified"] = bool(got["ramster"]["verified"] and got["nbdkit"]["verified"])

@@ -73,6 +73,10 @@ def test_bench_nbd_runs_both_servers_and_verifies() -> None:
         "rand4k_read",
     }
     assert set(result["cpu_efficiency_vs_nbdkit"]) == {"seq_write", "seq_read", "rand4k"}
+    for step in ("seq_write", "seq_read"):  # the node's CPU per GiB, by thread role
+        by_thread = result[f"ramster_{step}_cpu_s_per_GiB_by_thread"]
+        assert set(by_thread) == {"loop", "codec", "grpc", "other"}
+        assert min(by_thread.values()) >= 0
 
 
 def test_bench_nbd_over_tls() -> None:
