@@ -1,4 +1,5 @@
-# `ramster bench engine` end to end, as a user runs it: a subprocess, its stdout and exit status.
+# `ramster bench engine` and `ramster bench latency` end to end, as a user runs them: a
+# subprocess, its stdout and exit status.
 from __future__ import annotations
 
 import json
@@ -57,3 +58,18 @@ def test_bench_engine_bad_flags() -> None:
     assert out.returncode == 2 and "positive" in out.stderr
     out = ramster("bench", "engine", "--corpus", "x", "--allocator", "slab")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_bench_latency_reports_what_the_node_saw() -> None:
+    """A small run against a node it starts: every page verified, both phases timed, and the
+    node's own view of each phase (its threads' cores by role; its loop busy under load)."""
+    args = ("--singles", "300", "--pages", "2048", "--batch", "256", "--clients", "1")
+    out = ramster("bench", "latency", "--corpus", str(DATA / "sample.pages"), *args, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["verified"] is True and result["singles"] == 300
+    for phase in ("idle", "loaded"):
+        assert 0 < result[f"{phase}_get_p50_ms"] <= result[f"{phase}_get_p99_ms"]
+        assert set(result[f"{phase}_node_cores_by_thread"]) == {"loop", "codec", "grpc", "other"}
+    assert result["loaded_node_cores_by_thread"]["loop"] > 0
+    assert result["put_pages_per_s_1_clients"] > 0 and result["get_pages_per_s_1_clients"] > 0

@@ -11,8 +11,10 @@
 # loaded numbers come from the same run and node, so their ratio holds even on a shared machine
 # whose absolute speed drifts; repeat the run and take medians.
 #
-# The node's loop-lag histogram (ramster_event_loop_lag_seconds) is scraped around each timed
-# phase when the metrics port is known, giving the stall distribution the node itself saw.  With
+# The node's loop-lag histogram (ramster_event_loop_lag_seconds) and its threads' CPU time by
+# role (ramster_thread_cpu_seconds_total) are scraped around each timed phase when the metrics
+# port is known, giving the stall distribution the node itself saw and whether its event loop
+# was saturated (cores by role over the phase).  With
 # `cluster`, the node under test is node 1 of a local 3-node cluster whose peers heartbeat every
 # 0.1 s and mark a peer down after 0.5 s of silence; both peers are polled through the loaded
 # phase, and any moment either saw fewer than 2 peers up is reported (a busy node must not look
@@ -33,16 +35,14 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from ramster.bench.corpus import load_corpus
 from ramster.bench.node import batches, page_at, percentile_ms, pipeline
 from ramster.bench.report import Progress
+from ramster.bench.scrape import families, thread_cpu
 from ramster.client import AsyncClient, GetResult, KeyRange, Outcome, PageStatus
 from ramster.client.aio import Stream
 from ramster.client.cluster import LocalCluster
@@ -122,7 +122,7 @@ async def _run(
         try:
             outcomes = await client.put_many(pool, SINGLE_OID, 0, data[:spread])
             stored = [i for i, outcome in enumerate(outcomes) if not outcome.refused]
-            lag = LagMeter(metrics)
+            lag = NodeMeter(metrics)
             idle, bad = await _single_gets(client, pool, data, stored, singles)
             result |= _latency("idle", idle) | lag.report("idle")
             stop, ready = ctx.Event(), ctx.Event()
@@ -135,7 +135,7 @@ async def _run(
             bulk.start()
             try:
                 await asyncio.to_thread(ready.wait)
-                lag = LagMeter(metrics)
+                lag = NodeMeter(metrics)
                 measured = asyncio.Event()
                 watch = asyncio.create_task(_watch_peers(peers, measured))
                 loaded, bad_loaded = await _single_gets(client, pool, data, stored, singles)
@@ -214,37 +214,46 @@ async def _watch_peers(peers: list[str], done: asyncio.Event) -> tuple[int, int]
     return polls, down
 
 
-class LagMeter:
-    """The node's loop-lag histogram since this meter was made: share of samples over 1 and 2 ms
-    and the bucket holding the 99th percentile."""
+class NodeMeter:
+    """What the node itself saw since this meter was made: its loop-lag histogram (share of
+    samples over 1 and 2 ms, the bucket holding the 99th percentile) and the cores its threads
+    used, by role (event loop, codec workers, gRPC's threads, the rest)."""
 
     def __init__(self, metrics: str | None) -> None:
         self.metrics = metrics
-        self.before = self._buckets()
+        self.started = time.monotonic()
+        self.before = self._read()
 
-    def _buckets(self) -> dict[float, float]:
+    def _read(self) -> tuple[dict[float, float], dict[str, float]]:
         if not self.metrics:
-            return {}
-        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=30) as reply:
-            text = reply.read().decode()
-        return {
+            return {}, {}
+        scraped = families(self.metrics)
+        buckets = {
             float(s.labels["le"]): s.value
-            for family in text_string_to_metric_families(text)
+            for family in scraped
             if family.name == LOOP_LAG
             for s in family.samples
             if s.name == f"{LOOP_LAG}_bucket"
         }
+        return buckets, thread_cpu(scraped)
 
-    def report(self, phase: str) -> dict[str, float]:
+    def report(self, phase: str) -> dict[str, Any]:
         if not self.metrics:
             return {}
-        after = self._buckets()
-        counts = {le: after[le] - self.before.get(le, 0.0) for le in sorted(after)}
+        seconds = time.monotonic() - self.started
+        (before, cpu_before), (after, cpu_after) = self.before, self._read()
+        out: dict[str, Any] = {
+            f"{phase}_node_cores_by_thread": {
+                role: round((cpu - cpu_before.get(role, 0.0)) / seconds, 2)
+                for role, cpu in cpu_after.items()
+            }
+        }
+        counts = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
         total = counts.get(float("inf"), 0.0)
         if not total:
-            return {}
+            return out
         p99 = next(le for le, n in counts.items() if n >= 0.99 * total)
-        return {
+        return out | {
             f"{phase}_loop_lag_samples": total,
             f"{phase}_loop_lag_over_1ms": 1 - counts.get(0.001, 0.0) / total,
             f"{phase}_loop_lag_over_2ms": 1 - counts.get(0.002, 0.0) / total,

@@ -35,16 +35,13 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from ramster.bench.report import rss_bytes
+from ramster.bench.scrape import families, thread_cpu
 from ramster.certs import make_bundle
 from ramster.client.errors import Unavailable
 from ramster.client.local import LocalNode
@@ -157,18 +154,6 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu(metrics_port: int) -> dict[str, float]:
-    """CPU seconds of a node's threads so far, by role (ramster_thread_cpu_seconds_total)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    return {
-        s.labels["role"]: s.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "ramster_thread_cpu_seconds"
-        for s in family.samples
-    }
 
 
 def measure(
@@ -344,7 +329,8 @@ def ramster_node(
         with node:
             assert node.process is not None and node.metrics_port is not None
             uri = tls.uri(port, EXPORT) if tls else f"nbd://127.0.0.1:{port}/{EXPORT}"
-            yield uri, node.process.pid, partial(thread_cpu, node.metrics_port)
+            where = f"127.0.0.1:{node.metrics_port}"
+            yield uri, node.process.pid, lambda: thread_cpu(families(where))
     except Unavailable as exc:
         raise BenchError(str(exc)) from None
 

@@ -297,7 +297,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "single-page gets alone, then while another process streams put and get batches, and "
         "print p50/p99/max of both and their ratio; then put and get --pages pages with 1, 2 "
         "and 4 client processes and print the aggregate pages/s.  With the node's metrics "
-        "(always for a node started here) the node's own event-loop lag is printed too.  "
+        "(always for a node started here) the node's own event-loop lag and the cores its "
+        "threads used (event loop, codec workers, gRPC's threads) are printed too.  "
         "--cluster runs the node as node 1 of a local 3-node cluster with fast heartbeats and "
         "checks its peers never see it down while it is loaded.  Every page read is verified.",
     )
