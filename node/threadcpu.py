@@ -10,12 +10,15 @@
 #
 # ThreadCpuCollector sums utime + stime of /proc/self/task/*/stat per role on each scrape:
 # "loop" is the thread that made it (the loop's), "codec" the threads whose Python name starts
-# with CODEC_PREFIX (node/engine.py's workers), "other" any other Python thread, "grpc" every
-# thread Python does not know (gRPC's C threads).  The counters must not go back when a thread
-# ends (an idle executor thread does): each thread's last reading is kept, and a thread that has
-# gone (or whose id a new thread reads less than it had) adds its last reading to its role for
-# good; a thread keeps the role it was first given.  What a thread used between the last scrape
-# and its end is not counted, an undercount no longer than one scrape interval of one thread.
+# with CODEC_PREFIX (node/engine.py's workers), "grpc" every thread Python does not know (gRPC's
+# C threads: its event engine) and grpcio's asyncio poller (a Python thread whose default name
+# ends with its target, GRPC_POLLER: it waits on gRPC's completion queue and wakes the loop),
+# "other" any other Python thread (the metrics server, the loop watch, executors).  The
+# counters must not go back when a thread ends (an idle executor thread does): each thread's
+# last reading is kept, and a thread that has gone (or whose id a new thread reads less than it
+# had) adds its last reading to its role for good; a thread keeps the role it was first given.
+# What a thread used between the last scrape and its end is not counted, an undercount no
+# longer than one scrape interval of one thread.
 # Trade-off: a scrape reads one small file per thread (a dozen), a few hundred microseconds;
 # nothing is spent between scrapes.  Without /proc (not Linux) every role reads zero.
 from __future__ import annotations
@@ -29,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 CODEC_PREFIX = "ramster-codec"
+GRPC_POLLER = "(_poll_wrapper)"  # grpc._cython aio's PollerCompletionQueue thread
 ROLES = ("loop", "codec", "grpc", "other")
 TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc's utime and stime
 
@@ -84,7 +88,7 @@ class ThreadCpuCollector(Collector):
     def _role(self, tid: int, name: str | None) -> str:
         if tid == self.loop_id:
             return "loop"
-        if name is None:
+        if name is None or name.endswith(GRPC_POLLER):
             return "grpc"
         return "codec" if name.startswith(CODEC_PREFIX) else "other"
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from node.engine import codec_workers
 from node.server import Node
-from node.threadcpu import CODEC_PREFIX, TICKS, ThreadCpuCollector
+from node.threadcpu import CODEC_PREFIX, GRPC_POLLER, TICKS, ThreadCpuCollector
 from ramster.client import AsyncClient, KeyRange
 from tests.node.conftest import node_settings
 from tests.node.test_metrics import scrape, value
@@ -30,15 +31,31 @@ def readings(collector: ThreadCpuCollector) -> dict[str, float]:
     return {s.labels["role"]: s.value for s in family.samples}
 
 
-@pytest.fixture
-def codec_thread() -> Iterator[threading.Thread]:
-    """A live Python thread named as the codec workers are."""
+@contextmanager
+def live_thread(name: str) -> Iterator[threading.Thread]:
     stop = threading.Event()
-    thread = threading.Thread(target=stop.wait, name=f"{CODEC_PREFIX}_0")
+    thread = threading.Thread(target=stop.wait, name=name)
     thread.start()
     yield thread
     stop.set()
     thread.join()
+
+
+@pytest.fixture
+def codec_thread() -> Iterator[threading.Thread]:
+    """A live Python thread named as the codec workers are."""
+    with live_thread(f"{CODEC_PREFIX}_0") as thread:
+        yield thread
+
+
+def test_grpc_poller_and_other_python_threads(tmp_path: Path) -> None:
+    collector = ThreadCpuCollector(tmp_path)
+    with live_thread(f"Thread-1 {GRPC_POLLER}") as poller, live_thread("loopwatch") as watch:
+        assert poller.native_id is not None and watch.native_id is not None
+        write_stat(tmp_path, poller.native_id, 7, 0)
+        write_stat(tmp_path, watch.native_id, 0, 3)
+        got = readings(collector)
+    assert (got["grpc"], got["other"]) == (7 / TICKS, 3 / TICKS)
 
 
 def test_roles_and_counters_that_never_go_back(
