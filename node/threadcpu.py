@@ -8,22 +8,21 @@
 # near a core each are LZ4's (more workers, if cores are free), and neither means the clients
 # or the network are.  The process's total CPU cannot tell those apart.
 #
-# ThreadCpuCollector sums utime + stime of /proc/self/task/*/stat per role on each scrape:
-# "loop" is the thread that made it (the loop's), "codec" the threads whose Python name starts
-# with CODEC_PREFIX (node/engine.py's workers), "grpc" every thread Python does not know (gRPC's
-# C threads: its event engine) and grpcio's asyncio poller (a Python thread whose default name
-# ends with its target, GRPC_POLLER: it waits on gRPC's completion queue and wakes the loop),
-# "other" any other Python thread (the metrics server, the loop watch, executors).  The
-# counters must not go back when a thread ends (an idle executor thread does): each thread's
-# last reading is kept, and a thread that has gone (or whose id a new thread reads less than it
-# had) adds its last reading to its role for good; a thread keeps the role it was first given.
-# What a thread used between the last scrape and its end is not counted, an undercount no
-# longer than one scrape interval of one thread.
+# ThreadCpuCollector sums utime + stime of /proc/self/task/*/stat (ramster/procstat.py) per role
+# on each scrape: "loop" is the thread that made it (the loop's), "codec" the threads whose
+# Python name starts with CODEC_PREFIX (node/engine.py's workers), "grpc" every thread Python
+# does not know (gRPC's C threads: its event engine) and grpcio's asyncio poller (a Python thread
+# whose default name ends with its target, GRPC_POLLER: it waits on gRPC's completion queue and
+# wakes the loop), "other" any other Python thread (the metrics server, the loop watch,
+# executors).  The counters must not go back when a thread ends (an idle executor thread does):
+# each thread's last reading is kept, and a thread that has gone (or whose id a new thread reads
+# less than it had) adds its last reading to its role for good; a thread keeps the role it was
+# first given.  What a thread used between the last scrape and its end is not counted, an
+# undercount no longer than one scrape interval of one thread.
 # Trade-off: a scrape reads one small file per thread (a dozen), a few hundred microseconds;
 # nothing is spent between scrapes.  Without /proc (not Linux) every role reads zero.
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,10 +30,11 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ramster.procstat import cpu_seconds
+
 CODEC_PREFIX = "ramster-codec"
 GRPC_POLLER = "(_poll_wrapper)"  # grpc._cython aio's PollerCompletionQueue thread
 ROLES = ("loop", "codec", "grpc", "other")
-TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc's utime and stime
 
 
 class ThreadCpuCollector(Collector):
@@ -68,7 +68,7 @@ class ThreadCpuCollector(Collector):
         except OSError:
             entries = []
         for entry in entries:
-            seconds = _cpu_seconds(entry / "stat")
+            seconds = cpu_seconds(entry / "stat")
             if seconds is None:
                 continue  # ended between the listing and the read
             tid = int(entry.name)
@@ -91,16 +91,3 @@ class ThreadCpuCollector(Collector):
         if name is None or name.endswith(GRPC_POLLER):
             return "grpc"
         return "codec" if name.startswith(CODEC_PREFIX) else "other"
-
-
-def _cpu_seconds(stat: Path) -> float | None:
-    """utime + stime of one /proc/.../stat, in seconds; None if it cannot be read."""
-    try:
-        text = stat.read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()  # the name in (...) may hold spaces
-    try:
-        return (int(fields[11]) + int(fields[12])) / TICKS
-    except (IndexError, ValueError):
-        return None

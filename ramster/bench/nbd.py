@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -45,6 +44,7 @@ from ramster.bench.scrape import families, thread_cpu
 from ramster.certs import make_bundle
 from ramster.client.errors import Unavailable
 from ramster.client.local import LocalNode
+from ramster.procstat import cpu_seconds
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # where Debian's python3-libnbd lives
 EXPORT = "bench"
@@ -146,14 +146,9 @@ def _random_io(uri: str, source: Path, ops: int, seed: int) -> tuple[float, floa
     return rand["write_s"], rand["read_s"]
 
 
-def cpu_seconds(pid: int) -> float:
+def process_cpu(pid: int) -> float:
     """CPU time (user + system, all threads) a process has used so far; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(Path(f"/proc/{pid}/stat")) or 0.0
 
 
 def measure(
@@ -175,9 +170,9 @@ def measure(
     def step(name: str, labels: tuple[str, ...], run: Callable[..., Any], *args: Any) -> None:
         """One run of a step against one server: `run(*args)` gives the seconds of each label."""
         pid, roles = servers[name][1], threads.get(name)
-        cpu, by_role = cpu_seconds(pid), roles() if roles else {}
+        cpu, by_role = process_cpu(pid), roles() if roles else {}
         took = run(*args)
-        cpu = cpu_seconds(pid) - cpu
+        cpu = process_cpu(pid) - cpu
         by_role = {role: s - by_role[role] for role, s in roles().items()} if roles else {}
         for label, seconds in zip(labels, took if len(labels) > 1 else (took,), strict=True):
             if label not in best[name] or seconds < best[name][label][0]:

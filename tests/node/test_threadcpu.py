@@ -12,8 +12,9 @@ import pytest
 
 from node.engine import codec_workers
 from node.server import Node
-from node.threadcpu import CODEC_PREFIX, GRPC_POLLER, TICKS, ThreadCpuCollector
+from node.threadcpu import CODEC_PREFIX, GRPC_POLLER, ThreadCpuCollector
 from ramster.client import AsyncClient, KeyRange
+from ramster.procstat import TICKS
 from tests.node.conftest import node_settings
 from tests.node.test_metrics import scrape, value
 
