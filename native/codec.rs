@@ -33,6 +33,7 @@ use pyo3::types::PyBytes;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod index;
+mod pool;
 mod slots;
 mod table;
 
@@ -48,7 +49,7 @@ const SAME_FILLED_PACKED: usize = 48;
 // poller) take it, and the caller, a single get on the event loop, then waits for it back.
 const RELEASE_PAGES: usize = 16;
 
-type Key = (u64, u32);
+pub(crate) type Key = (u64, u32);
 
 /// `work` without the GIL if it codes RELEASE_PAGES pages or more, else with it.
 fn without_gil<T: Send>(py: Python<'_>, pages: usize, work: impl FnOnce() -> T + Send) -> T {
@@ -76,7 +77,11 @@ fn header(payload: &[u8], (oid, index): Key) -> [u8; HEADER_SIZE] {
 /// The bytes `obj` exports, `what` number `at` of a call's arguments: a C-contiguous buffer
 /// (an exporter that cannot give one refuses, which is a ValueError here), through a Table,
 /// which costs a fraction of a PyBuffer and is released without taking the GIL again.
-fn bytes_of<'py>(obj: &Bound<'py, PyAny>, what: &str, at: usize) -> PyResult<Table<'py, u8>> {
+pub(crate) fn bytes_of<'py>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    at: usize,
+) -> PyResult<Table<'py, u8>> {
     Table::new(obj, false).map_err(|err| {
         let py = obj.py();
         if err.is_instance_of::<PyBufferError>(py) {
@@ -90,13 +95,13 @@ fn bytes_of<'py>(obj: &Bound<'py, PyAny>, what: &str, at: usize) -> PyResult<Tab
 }
 
 /// What a put batch's page becomes: where its bytes are in the scratch buffer, or refused.
-enum Encoded {
+pub(crate) enum Encoded {
     At(usize, usize),
     Refused,
 }
 
 /// Encode `page` onto the end of `out`, LZ4 compressing it into `packed` (of LZ4's bound) first.
-fn encode_one(
+pub(crate) fn encode_one(
     page: &[u8],
     key: Key,
     threshold: usize,
@@ -174,7 +179,7 @@ fn encode_pages<'py>(
 }
 
 /// The page in `zpage`, checked against `key`, into `page`; else what is wrong with it.
-fn open_one(zpage: &[u8], key: Key, page: &mut [u8]) -> Result<(), String> {
+pub(crate) fn open_one(zpage: &[u8], key: Key, page: &mut [u8]) -> Result<(), String> {
     let (oid, index) = key;
     if zpage.len() < HEADER_SIZE {
         return Err(format!(
@@ -305,5 +310,6 @@ fn _codec(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(index::index_get, module)?)?;
     module.add_function(wrap_pyfunction!(index::index_update, module)?)?;
     module.add_class::<slots::Slots>()?;
+    module.add_class::<pool::CodecPool>()?;
     Ok(())
 }

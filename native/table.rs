@@ -130,6 +130,36 @@ impl<'py, T: Element> Table<'py, T> {
     }
 }
 
+impl<T> Table<'_, T> {
+    /// This table's export, kept past its GIL token (a codec job's input, read by a worker
+    /// without the GIL; native/pool.rs).
+    pub(crate) fn hold(self) -> Held {
+        let table = std::mem::ManuallyDrop::new(self);
+        // SAFETY: the box is moved out of a table that is never dropped, so released once.
+        Held {
+            _view: unsafe { std::ptr::read(&table.view) },
+        }
+    }
+}
+
+/// A buffer export that outlives its GIL token: released, as a Table's is, when dropped, which
+/// its owner does only with the GIL held (native/pool.rs keeps them so).
+pub(crate) struct Held {
+    _view: Box<ffi::Py_buffer>,
+}
+
+// SAFETY: a Held is moved between threads but only dropped where the GIL is held (above); the
+// buffer behind it is read through addresses its owner took, not through it.
+unsafe impl Send for Held {}
+unsafe impl Sync for Held {}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // SAFETY: filled by PyObject_GetBuffer, released once, with the GIL held (see Held).
+        unsafe { ffi::PyBuffer_Release(&mut *self._view) }
+    }
+}
+
 impl<T> Drop for Table<'_, T> {
     fn drop(&mut self) {
         // SAFETY: the view was filled by PyObject_GetBuffer and is released once; the GIL is

@@ -51,14 +51,14 @@ import asyncio
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+from node.codecworkers import CodecWorkers
 from node.fairness import SmallFirst
 from node.settings import Settings
-from node.threadcpu import CODEC_PREFIX
 from ramster.zcache import (
     PAGE_SIZE,
+    PageEncoder,
     PageError,
     PoolKind,
     PutResult,
@@ -84,7 +84,24 @@ T = TypeVar("T")
 # fetches the remote copies a get of some keys needs; then, if it got them all, a check that
 # stays true while they (or any of those keys' copies) are still local (node/driver.py)
 Prefetch = Callable[[int, list[tuple[int, int]]], Awaitable[Callable[[], bool] | None]]
-_WORKERS: weakref.WeakKeyDictionary[ZCache, Executor] = weakref.WeakKeyDictionary()
+
+
+class Workers(Protocol):
+    """Where the codec halves of big batches run off the loop (node.codecworkers.CodecWorkers)."""
+
+    def encode(
+        self,
+        encoder: PageEncoder,
+        keys: Sequence[tuple[int, int]],
+        pages: Sequence[bytes | memoryview],
+    ) -> asyncio.Future[list[bytes | None]]: ...
+
+    def open(self, sealed: SealedPages) -> asyncio.Future[SealedPages]: ...
+
+    def shutdown(self) -> None: ...
+
+
+_WORKERS: weakref.WeakKeyDictionary[ZCache, Workers] = weakref.WeakKeyDictionary()
 
 
 class CodecError(ZCacheError):
@@ -111,13 +128,13 @@ def build_engine(
     return engine
 
 
-def give_codec_workers(engine: ZCache, threads: int) -> Executor:
+def give_codec_workers(engine: ZCache, threads: int) -> Workers:
     """Give `engine` `threads` codec workers (build_engine does, from the settings)."""
-    workers = _WORKERS[engine] = ThreadPoolExecutor(threads, thread_name_prefix=CODEC_PREFIX)
+    workers = _WORKERS[engine] = CodecWorkers(threads)
     return workers
 
 
-def codec_workers(engine: ZCache) -> Executor | None:
+def codec_workers(engine: ZCache) -> Workers | None:
     """The threads that encode and open big batches of `engine`, if build_engine gave it any
     (they live until stop_codec_workers, which the node calls on its way down)."""
     return _WORKERS.get(engine)
@@ -128,7 +145,7 @@ def stop_codec_workers(engine: ZCache) -> None:
     front doors are closed by then)."""
     workers = _WORKERS.pop(engine, None)
     if workers is not None:
-        workers.shutdown(wait=True, cancel_futures=True)
+        workers.shutdown()
 
 
 def open_backing(settings: Settings) -> BackingFile:
@@ -147,7 +164,7 @@ class ChunkedEngine:
         engine: ZCache,
         chunk: int | None = None,
         prefetch: Prefetch | None = None,
-        workers: Executor | None = None,
+        workers: Workers | None = None,
         offload: int = 0,
         hop: int | None = None,
         small_first: SmallFirst | None = None,
@@ -189,18 +206,22 @@ class ChunkedEngine:
         engine = self.engine
         if len(keys) <= INLINE_PAGES:
             return engine.put_batch(pool, keys, [bytes(p) for p in pages])
-        encode = engine.encoder(pool).encode
+        encoder, workers = engine.encoder(pool), self.workers
         if not checked:  # all, before a chunk is filed
             check_put_batch(keys, [p if type(p) is bytes else _page_shaped(p) for p in pages])
 
+        # a page that is a view (of a request's bytes) is read as it is, never copied whole
         def encode_part(part: slice) -> list[bytes | None]:
-            # a page that is a view (of a request's bytes) is read as it is, never copied whole
-            return encode(keys[part], pages[part])
+            return encoder.encode(keys[part], pages[part])
+
+        def offload_part(part: slice) -> asyncio.Future[list[bytes | None]]:
+            assert workers is not None
+            return workers.encode(encoder, keys[part], pages[part])
 
         def file(part: slice, encoded: list[bytes | None]) -> list[PutResult]:
             return engine.file_encoded(pool, keys[part], encoded, keys_checked=True)
 
-        return await self._pipelined(len(keys), _as_is, encode_part, file, self.hop)
+        return await self._pipelined(len(keys), _as_is, encode_part, offload_part, file, self.hop)
 
     async def get_batch(
         self, pool: int, keys: list[tuple[int, int]], exclusive: bool
@@ -228,7 +249,7 @@ class ChunkedEngine:
                 await fetched(part)
                 return engine.get_batch(pool, keys[part], exclusive)
 
-            return await self._pipelined(len(keys), get, _same, _got, self.hop)
+            return await self._pipelined(len(keys), get, _same, _never, _got, self.hop)
 
         async def read(part: slice) -> SealedPages:
             await fetched(part)
@@ -237,7 +258,11 @@ class ChunkedEngine:
         def count(part: slice, sealed: SealedPages) -> list[bytes | PageError | None]:
             return engine.opened(sealed)
 
-        return await self._pipelined(len(keys), read, SealedPages.open, count, self.get_hop)
+        workers = self.workers
+        assert workers is not None
+        return await self._pipelined(
+            len(keys), read, SealedPages.open, workers.open, count, self.get_hop
+        )
 
     async def destroy_pool(self, pool: int) -> int:
         """Drop a pool, first flushing its objects with a yield after every ~chunk of pages:
@@ -259,15 +284,17 @@ class ChunkedEngine:
         count: int,
         start: Callable[[slice], Awaitable[X]],
         work: Callable[[X], Y],
+        offload: Callable[[X], asyncio.Future[Y]],
         finish: Callable[[slice, Y], list[T]],
         hop: int,
     ) -> list[T]:
-        """Per chunk of `count` items, in order: a yield (`step`), `start` on the loop, `work`
-        in a worker (on the loop without workers, or for fewer than `offload` items), `finish`
-        on the loop; up to DEPTH chunks (of `hop` items) in the workers at once, each finished
-        in a step of its own.  On an error or a cancellation, chunks still with the workers are
-        dropped unfinished; a worker's failure is raised as a CodecError."""
-        loop, workers = asyncio.get_running_loop(), self.workers
+        """Per chunk of `count` items, in order: a yield (`step`), `start` on the loop, then its
+        `work` in a worker (`offload`; `work` on the loop without workers, or for fewer than
+        `offload` items), `finish` on the loop; up to DEPTH chunks (of `hop` items) in the
+        workers at once, each finished in a step of its own.  On an error or a cancellation,
+        chunks still with the workers are dropped unfinished; a worker's failure is raised as a
+        CodecError."""
+        workers = self.workers
         if count < self.offload:
             workers = None
         out: list[T] = []
@@ -293,7 +320,7 @@ class ChunkedEngine:
                     out.extend(finish(part, work(item)))
                     continue
                 try:
-                    running.append((part, loop.run_in_executor(workers, work, item)))
+                    running.append((part, offload(item)))
                 except RuntimeError as exc:  # the workers were shut down
                     raise CodecError(f"no codec worker: {exc}") from exc
                 if len(running) == DEPTH:
@@ -312,6 +339,10 @@ async def _as_is(part: slice) -> slice:
 
 def _same(item: X) -> X:
     return item
+
+
+def _never(item: object) -> asyncio.Future[list[bytes | PageError | None]]:
+    raise AssertionError("gets on the loop are not offloaded")
 
 
 def _got(part: slice, pages: list[bytes | PageError | None]) -> list[bytes | PageError | None]:

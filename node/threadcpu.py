@@ -10,8 +10,9 @@
 #
 # ThreadCpuCollector sums utime + stime of /proc/self/task/*/stat (ramster/procstat.py) per role
 # on each scrape: "loop" is the thread that made it (the loop's), "codec" the threads whose
-# Python name starts with CODEC_PREFIX (node/engine.py's workers), "grpc" every thread Python
-# does not know (gRPC's C threads: its event engine) and grpcio's asyncio poller (a Python thread
+# name starts with CODEC_PREFIX (node/codecworkers.py's native workers, named so in /proc, or a
+# Python thread so named), "grpc" every other thread Python does not know (gRPC's C threads: its
+# event engine) and grpcio's asyncio poller (a Python thread
 # whose default name ends with its target, GRPC_POLLER: it waits on gRPC's completion queue and
 # wakes the loop), "other" any other Python thread (the metrics server, the loop watch,
 # executors).  The counters must not go back when a thread ends (an idle executor thread does):
@@ -33,6 +34,7 @@ from prometheus_client.registry import Collector
 from ramster.procstat import cpu_seconds
 
 CODEC_PREFIX = "ramster-codec"
+NATIVE = "native:"  # before the /proc name of a thread Python does not know
 GRPC_POLLER = "(_poll_wrapper)"  # grpc._cython aio's PollerCompletionQueue thread
 ROLES = ("loop", "codec", "grpc", "other")
 
@@ -73,7 +75,10 @@ class ThreadCpuCollector(Collector):
                 continue  # ended between the listing and the read
             tid = int(entry.name)
             known = self._last.get(tid)
-            role = known[0] if known and known[1] <= seconds else self._role(tid, names.get(tid))
+            if known and known[1] <= seconds:
+                role = known[0]
+            else:
+                role = self._role(tid, names.get(tid) or _native_name(entry))
             now[tid] = (role, seconds)
         for tid, (role, seconds) in self._last.items():
             later = now.get(tid)
@@ -85,9 +90,19 @@ class ThreadCpuCollector(Collector):
             totals[role] += seconds
         return totals
 
-    def _role(self, tid: int, name: str | None) -> str:
+    def _role(self, tid: int, name: str) -> str:
         if tid == self.loop_id:
             return "loop"
-        if name is None or name.endswith(GRPC_POLLER):
+        if name.removeprefix(NATIVE).startswith(CODEC_PREFIX):
+            return "codec"
+        if name.startswith(NATIVE) or name.endswith(GRPC_POLLER):
             return "grpc"
-        return "codec" if name.startswith(CODEC_PREFIX) else "other"
+        return "other"
+
+
+def _native_name(entry: Path) -> str:
+    """NATIVE and the name /proc gives a thread that Python does not know."""
+    try:
+        return NATIVE + (entry / "comm").read_text().strip()
+    except OSError:
+        return NATIVE

@@ -50,7 +50,14 @@ class SealedPages:
     corrupt: int = 0
 
     def open(self) -> SealedPages:
-        opened = open_zpages([self.keys[i] for i in self.at], self.zpages)
+        return self.place(open_zpages(self.waiting_keys(), self.zpages))
+
+    def waiting_keys(self) -> list[tuple[int, int]]:
+        """The keys of the zpages that wait to be opened, in their order."""
+        return [self.keys[i] for i in self.at]
+
+    def place(self, opened: list[bytes | str]) -> SealedPages:
+        """The waiting zpages as opened (by open_zpages, here or elsewhere) into pages."""
         self.corrupt += place_opened(self.pages, self.at, opened)
         self.opened += len(self.at)
         self.at, self.zpages = [], []

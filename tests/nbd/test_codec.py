@@ -1,8 +1,9 @@
 # Where the NBD server's codec work runs (node/nbd/server.py): on the loop by default; with codec
-# workers (--worker-threads), big write and read groups are compressed and opened in them, small
-# ones on the loop.  Pages come back byte-identical either way, a failing worker fails its group
-# with EIO and the connection goes on, and a server stopped while a group is in a worker answers
-# every request it received, each write answered OK being stored whole.
+# workers (--worker-threads), big write and read groups are handed to them (native threads, so
+# the test sees the hand-over), small ones coded on the loop.  Pages come back byte-identical
+# either way, a failing worker fails its group with EIO and the connection goes on, and a server
+# stopped while a group is in a worker answers every request it received, each write answered
+# OK being stored whole.
 from __future__ import annotations
 
 import asyncio
@@ -10,10 +11,12 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from node.nbd.server import OFFLOAD_PAGES
+from node.codecworkers import CodecWorkers
+from node.nbd.server import CODEC_PAGES, OFFLOAD_PAGES, READ_CODEC_PAGES
 from ramster.nbd import Error, Export
 from ramster.nbd.wire import REQUEST_HEADER, REQUEST_MAGIC, SIMPLE_REPLY_HEADER, Command
 from ramster.zcache import PAGE_SIZE, PageEncoder, SealedPages
@@ -21,7 +24,7 @@ from tests.nbd.conftest import MiB, ServerThread
 from tests.nbd.test_batching import negotiate
 from tests.nbd.test_clients import recv_exactly
 
-BIG = 2 * OFFLOAD_PAGES + 5  # pages of a request the codec thread takes (in three hops)
+BIG = 2 * OFFLOAD_PAGES + 5  # pages of a request the codec workers take (in two hops)
 
 
 def request(command: Command, handle: int, block: int, blocks: int) -> bytes:
@@ -42,27 +45,39 @@ def image(sample_pages: list[bytes], blocks: int) -> bytes:
 
 
 @pytest.fixture
-def threads_seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, set[str]]]:
-    """The threads that encoded and opened pages, by which of the two."""
-    seen: dict[str, set[str]] = {"encode": set(), "open": set()}
+def threads_seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[str]]]:
+    """The threads that encoded and opened pages in Python calls ("encode", "open"), and the
+    chunks handed to the native codec workers ("to workers": "encode" or "open")."""
+    seen: dict[str, list[str]] = {"encode": [], "open": [], "to workers": []}
     encode, open_ = PageEncoder.encode, SealedPages.open
+    to_encode, to_open = CodecWorkers.encode, CodecWorkers.open
 
     def encode_spy(self: PageEncoder, *args: object) -> list[bytes | None]:
-        seen["encode"].add(threading.current_thread().name)
+        seen["encode"].append(threading.current_thread().name)
         return encode(self, *args)  # type: ignore[arg-type]
 
     def open_spy(self: SealedPages) -> SealedPages:
-        seen["open"].add(threading.current_thread().name)
+        seen["open"].append(threading.current_thread().name)
         return open_(self)
+
+    def to_encode_spy(self: CodecWorkers, *args: Any) -> asyncio.Future[list[bytes | None]]:
+        seen["to workers"].append("encode")
+        return to_encode(self, *args)
+
+    def to_open_spy(self: CodecWorkers, sealed: SealedPages) -> asyncio.Future[SealedPages]:
+        seen["to workers"].append("open")
+        return to_open(self, sealed)
 
     monkeypatch.setattr(PageEncoder, "encode", encode_spy)
     monkeypatch.setattr(SealedPages, "open", open_spy)
+    monkeypatch.setattr(CodecWorkers, "encode", to_encode_spy)
+    monkeypatch.setattr(CodecWorkers, "open", to_open_spy)
     yield seen
 
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_big_groups_go_through_the_codec_workers_and_read_back_identical(
-    sample_pages: list[bytes], threads_seen: dict[str, set[str]], workers: int
+    sample_pages: list[bytes], threads_seen: dict[str, list[str]], workers: int
 ) -> None:
     data = image(sample_pages, 3 * BIG)
     server_thread = ServerThread([Export("disk", 4 * MiB)], codec_threads=workers)
@@ -78,35 +93,40 @@ def test_big_groups_go_through_the_codec_workers_and_read_back_identical(
         for b in range(OFFLOAD_PAGES // 2):
             assert reply(sock, PAGE_SIZE) == (5 + b, 0, data[b * PAGE_SIZE : (b + 1) * PAGE_SIZE])
         loop_thread = server.call(lambda: threading.current_thread().name)
-    if not workers:  # all of it on the loop (reads open zpages in place, copies of those
-        # straddling two frames through SealedPages)
-        assert threads_seen["encode"] == {loop_thread}
-        assert threads_seen["open"] <= {loop_thread}
+    # Python's calls run on the loop (reads open zpages in place, copies of those straddling two
+    # frames through SealedPages); with workers, only the small read group is coded there
+    assert set(threads_seen["encode"]) <= {loop_thread}
+    assert set(threads_seen["open"]) <= {loop_thread}
+    if not workers:
+        assert threads_seen["encode"] and not threads_seen["to workers"]
         return
-    (codec,) = threads_seen["encode"]
-    assert codec.startswith("ramster-codec")
-    assert threads_seen["open"] == {codec}  # the small group was opened in place, on the loop
+    assert not threads_seen["encode"]
+    # each write (a group) in hops of CODEC_PAGES, then the read of all three in its own
+    hops = ["encode"] * -(-BIG // CODEC_PAGES) * 3 + ["open"] * -(-3 * BIG // READ_CODEC_PAGES)
+    assert threads_seen["to workers"] == hops
 
 
 def test_a_failing_codec_worker_fails_its_group_with_eio_and_the_connection_goes_on(
     sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = image(sample_pages, BIG)
-    encode, open_ = PageEncoder.encode, SealedPages.open
+    encode, open_ = CodecWorkers.encode, CodecWorkers.open
     broken = {"encode": True, "open": True}
 
-    def failing_encode(self: PageEncoder, *args: object) -> list[bytes | None]:
-        if broken["encode"] and "codec" in threading.current_thread().name:
-            raise MemoryError("worker out of memory")
-        return encode(self, *args)  # type: ignore[arg-type]
+    def failed() -> asyncio.Future[Any]:
+        """A job as a worker that panicked finishes it (node/codecworkers.py)."""
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(RuntimeError("a codec worker panicked"))
+        return future
 
-    def failing_open(self: SealedPages) -> SealedPages:
-        if broken["open"] and "codec" in threading.current_thread().name:
-            raise MemoryError("worker out of memory")
-        return open_(self)
+    def failing_encode(self: CodecWorkers, *args: Any) -> asyncio.Future[list[bytes | None]]:
+        return failed() if broken["encode"] else encode(self, *args)
 
-    monkeypatch.setattr(PageEncoder, "encode", failing_encode)
-    monkeypatch.setattr(SealedPages, "open", failing_open)
+    def failing_open(self: CodecWorkers, sealed: SealedPages) -> asyncio.Future[SealedPages]:
+        return failed() if broken["open"] else open_(self, sealed)
+
+    monkeypatch.setattr(CodecWorkers, "encode", failing_encode)
+    monkeypatch.setattr(CodecWorkers, "open", failing_open)
     codec = ServerThread([Export("disk", 4 * MiB)], codec_threads=1)
     with codec as server, negotiate(server) as sock:
         sock.sendall(request(Command.WRITE, 1, 0, BIG) + data)
@@ -124,16 +144,19 @@ def test_a_failing_codec_worker_fails_its_group_with_eio_and_the_connection_goes
 def test_a_server_stopped_mid_group_answers_and_stores_the_group(
     sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    encode = PageEncoder.encode
+    encode = CodecWorkers.encode
+
+    async def held(self: CodecWorkers, *args: Any) -> list[bytes | None]:
+        in_codec.set()
+        await asyncio.to_thread(go_on.wait, 30)  # with the workers until the server is stopping
+        return await encode(self, *args)
+
     in_codec, go_on = threading.Event(), threading.Event()
 
-    def held_encode(self: PageEncoder, *args: object) -> list[bytes | None]:
-        if "codec" in threading.current_thread().name:
-            in_codec.set()
-            go_on.wait(30)  # the group stays in the codec thread until the server is stopping
-        return encode(self, *args)  # type: ignore[arg-type]
+    def held_encode(self: CodecWorkers, *args: Any) -> asyncio.Future[list[bytes | None]]:
+        return asyncio.ensure_future(held(self, *args))
 
-    monkeypatch.setattr(PageEncoder, "encode", held_encode)
+    monkeypatch.setattr(CodecWorkers, "encode", held_encode)
     data = image(sample_pages, BIG + OFFLOAD_PAGES)
     burst = request(Command.WRITE, 1, 0, BIG) + data[: BIG * PAGE_SIZE]
     burst += request(Command.WRITE, 2, BIG, OFFLOAD_PAGES) + data[BIG * PAGE_SIZE :]

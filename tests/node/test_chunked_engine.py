@@ -7,21 +7,31 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from node.codecworkers import CodecWorkers
 from node.engine import (
     DEPTH,
     INLINE_PAGES,
     ChunkedEngine,
+    CodecError,
     build_engine,
     codec_workers,
 )
-from ramster.zcache import PAGE_SIZE, InvalidPage, PoolKind, ZCache, ZCacheConfig
+from ramster.zcache import (
+    PAGE_SIZE,
+    InvalidPage,
+    PageEncoder,
+    PoolKind,
+    SealedPages,
+    ZCache,
+    ZCacheConfig,
+)
 from tests.node.conftest import node_settings
 
 P = PoolKind.PERSISTENT
@@ -35,21 +45,30 @@ def big_batch(
     return [(oid, i) for i in range(count)], chosen
 
 
-class Recording(Executor):
-    """A one-thread executor that records which work ran, in order; the work submitted `hold`-th
-    (from 0) waits, once running, until `release` is set."""
+class Recording:
+    """Codec workers in one Python thread (node.engine.Workers) that record which work ran, in
+    order; the work submitted `hold`-th (from 0) waits, once running, until `release` is set;
+    the work submitted `fail`-th raises."""
 
-    def __init__(self, hold: int | None = None) -> None:
+    def __init__(self, hold: int | None = None, fail: int | None = None) -> None:
         self.inner = ThreadPoolExecutor(1)
         self.ran: list[str] = []
-        self.hold = hold
+        self.hold, self.fail = hold, fail
         self.holding = threading.Event()
         self.release = threading.Event()
         self.label = ""  # what the next submitted work is recorded as
         self.submitted: list[str] = []
         self.threads: set[int] = set()
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+    def encode(
+        self, encoder: PageEncoder, keys: Sequence[tuple[int, int]], pages: Sequence[Any]
+    ) -> asyncio.Future[list[bytes | None]]:
+        return self._submit(lambda: encoder.encode(keys, pages))
+
+    def open(self, sealed: SealedPages) -> asyncio.Future[SealedPages]:
+        return self._submit(sealed.open)
+
+    def _submit(self, work: Callable[[], Any]) -> asyncio.Future[Any]:
         label, number = self.label, len(self.submitted)
         self.submitted.append(label)
 
@@ -59,12 +78,14 @@ class Recording(Executor):
                 self.release.wait()
             self.threads.add(threading.get_ident())
             self.ran.append(label)
-            return fn(*args, **kwargs)
+            if number == self.fail:
+                raise MemoryError("no room for the chunk's output")
+            return work()
 
-        return self.inner.submit(run)
+        return asyncio.wrap_future(self.inner.submit(run))
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self.inner.shutdown(wait, cancel_futures=cancel_futures)
+    def shutdown(self) -> None:
+        self.inner.shutdown()
 
 
 @pytest.fixture
@@ -78,7 +99,7 @@ def engine() -> Iterator[ZCache]:
 async def test_big_batches_match_the_engine(
     engine: ZCache, sample_pages: list[bytes], threads: int
 ) -> None:
-    workers = ThreadPoolExecutor(threads) if threads else None
+    workers = CodecWorkers(threads) if threads else None
     chunked = ChunkedEngine(engine, workers=workers)
     reference = ZCache(ZCacheConfig(pool_limit_frames=8192))
     for cache in (engine, reference):
@@ -142,7 +163,7 @@ async def test_puts_and_gets_hop_to_the_workers_in_their_own_sizes(
 async def test_small_calls_are_served_while_a_big_batch_runs(
     engine: ZCache, sample_pages: list[bytes], threads: int
 ) -> None:
-    chunked = ChunkedEngine(engine, workers=ThreadPoolExecutor(threads) if threads else None)
+    chunked = ChunkedEngine(engine, workers=CodecWorkers(threads) if threads else None)
     pool = engine.create_pool(P)
     await chunked.put_batch(pool, [(9, 0)], sample_pages[:1])
     keys, pages = big_batch(sample_pages, 1, 4096)
@@ -221,9 +242,36 @@ async def test_a_cancelled_batch_leaves_the_engine_consistent(
 def test_an_engine_has_the_workers_its_settings_ask_for(tmp_path: Path) -> None:
     engine = build_engine(node_settings(tmp_path / "a", worker_threads=3))
     workers = codec_workers(engine)
-    assert isinstance(workers, ThreadPoolExecutor) and workers._max_workers == 3
+    assert isinstance(workers, CodecWorkers) and workers.threads == 3
     assert ChunkedEngine(engine).workers is ChunkedEngine(engine).workers is workers
     alone = build_engine(node_settings(tmp_path / "b"))  # 0: slices on the loop
     assert codec_workers(alone) is None and ChunkedEngine(alone).workers is None
     for built in (engine, alone):
         built.close()
+
+
+async def test_a_failed_chunk_fails_its_batch_as_a_codec_error(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    workers = Recording(fail=1)
+    chunked = ChunkedEngine(engine, workers=workers)
+    pool = engine.create_pool(P)
+    keys, pages = big_batch(sample_pages, 1, 4 * chunked.chunk)
+    with pytest.raises(CodecError, match="a codec worker failed: MemoryError"):
+        await chunked.put_batch(pool, keys, pages)
+    assert engine.stats.puts == chunked.chunk  # the chunk before it was filed, none after
+    engine.verify()
+    workers.shutdown()
+
+
+async def test_workers_shut_down_fail_a_batch_as_a_codec_error(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    workers = CodecWorkers(1)
+    chunked = ChunkedEngine(engine, workers=workers)
+    pool = engine.create_pool(P)
+    workers.shutdown()
+    keys, pages = big_batch(sample_pages, 1, 4 * chunked.chunk)
+    with pytest.raises(CodecError, match="no codec worker: the codec pool is closed"):
+        await chunked.put_batch(pool, keys, pages)
+    assert engine.stats.puts == 0

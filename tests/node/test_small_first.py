@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from node.codecworkers import CodecWorkers
 from node.engine import CHUNK_PAGES, WORKER_CHUNK_PAGES, ChunkedEngine
 from node.fairness import LATELY_CHUNK_PAGES, SmallFirst
 from node.server import Node
@@ -93,14 +93,15 @@ async def test_codec_workers_keep_their_chunks(
 ) -> None:
     sizes = filed_chunks(monkeypatch)
     small_first = SmallFirst(hold=BOUND, lately=BOUND)
-    with ThreadPoolExecutor(1) as workers:
-        chunked = ChunkedEngine(engine, workers=workers, small_first=small_first)
-        pool = engine.create_pool(PoolKind.PERSISTENT)
-        keys = [(1, i) for i in range(2 * WORKER_CHUNK_PAGES)]
-        pages = compressible_pages[: len(keys)]
-        small_first.arrive()
-        small_first.leave()
-        await chunked.put_batch(pool, keys, pages)
+    workers = CodecWorkers(1)
+    chunked = ChunkedEngine(engine, workers=workers, small_first=small_first)
+    pool = engine.create_pool(PoolKind.PERSISTENT)
+    keys = [(1, i) for i in range(2 * WORKER_CHUNK_PAGES)]
+    pages = compressible_pages[: len(keys)]
+    small_first.arrive()
+    small_first.leave()
+    await chunked.put_batch(pool, keys, pages)
+    workers.shutdown()
     assert sizes == [WORKER_CHUNK_PAGES] * 2  # a page per chunk would be a thread hop a page
     assert engine.get_batch(pool, keys) == pages
 

@@ -1,6 +1,7 @@
 # CPU time by thread role (node/threadcpu.py): roles from a /proc-shaped directory the test
 # writes (so every reading is known), counters that never go back when a thread ends or its id
-# is reused, and a real node whose codec worker and loop show up once it has coded pages.
+# is reused, native threads by their /proc names, and a real node whose (native) codec worker
+# and loop show up once it has coded pages.
 from __future__ import annotations
 
 import threading
@@ -19,6 +20,7 @@ from tests.node.conftest import node_settings
 from tests.node.test_metrics import scrape, value
 
 GRPC_TID = 4_000_000  # past any pid_max: no Python thread has it
+NATIVE_CODEC_TID = 4_000_001  # a native codec worker (node/codecworkers.py), named in /proc
 
 
 def write_stat(tasks: Path, tid: int, utime: int, stime: int) -> None:
@@ -47,6 +49,16 @@ def codec_thread() -> Iterator[threading.Thread]:
     """A live Python thread named as the codec workers are."""
     with live_thread(f"{CODEC_PREFIX}_0") as thread:
         yield thread
+
+
+def test_native_threads_are_codec_workers_by_their_proc_name_else_grpc(tmp_path: Path) -> None:
+    collector = ThreadCpuCollector(tmp_path)
+    write_stat(tmp_path, NATIVE_CODEC_TID, 9, 0)
+    (tmp_path / str(NATIVE_CODEC_TID) / "comm").write_text(f"{CODEC_PREFIX}_0\n")
+    write_stat(tmp_path, GRPC_TID, 4, 0)
+    (tmp_path / str(GRPC_TID) / "comm").write_text("event_engine\n")
+    got = readings(collector)
+    assert (got["codec"], got["grpc"]) == (9 / TICKS, 4 / TICKS)
 
 
 def test_grpc_poller_and_other_python_threads(tmp_path: Path) -> None:
