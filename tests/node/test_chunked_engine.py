@@ -163,7 +163,8 @@ async def test_puts_and_gets_hop_to_the_workers_in_their_own_sizes(
 async def test_small_calls_are_served_while_a_big_batch_runs(
     engine: ZCache, sample_pages: list[bytes], threads: int
 ) -> None:
-    chunked = ChunkedEngine(engine, workers=CodecWorkers(threads) if threads else None)
+    workers = CodecWorkers(threads) if threads else None
+    chunked = ChunkedEngine(engine, workers=workers)
     pool = engine.create_pool(P)
     await chunked.put_batch(pool, [(9, 0)], sample_pages[:1])
     keys, pages = big_batch(sample_pages, 1, 4096)
@@ -179,6 +180,8 @@ async def test_small_calls_are_served_while_a_big_batch_runs(
     gaps.append(engine.stats.puts - last)  # its last chunk may end the batch in the same step
     assert sum(gaps) == 4096
     assert max(gaps) <= 2 * chunked.chunk  # a chunk per loop turn, before or after ours
+    if workers:
+        workers.shutdown()
 
 
 async def test_a_late_batch_is_not_queued_behind_a_running_one(

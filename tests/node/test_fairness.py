@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -20,6 +19,7 @@ from node.tenants import Tenant, client_of
 from ramster.client import AsyncClient, KeyRange
 from ramster.zcache import PutResult
 from tests.node.conftest import node_settings
+from tests.node.test_codecworkers import codec_threads
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef"
@@ -50,10 +50,6 @@ async def test_a_busy_client_queues_while_another_goes_on() -> None:
     await asyncio.gather(*held, third)
     assert order == ["a0", "a1", "b0", "a2"]
     assert turns.clients == 0  # nothing is kept for a client with nothing running
-
-
-def codec_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("ramster-codec")]
 
 
 async def test_stop_ends_the_codec_threads(tmp_path: Path, sample_pages: list[bytes]) -> None:
