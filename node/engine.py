@@ -26,12 +26,16 @@
 # way a get batch's remote copies are fetched once, before its first chunk; a chunk looks again
 # only once the prefetch's check says a local copy went meanwhile.
 #
-# Why no workers by default: the codec releases the GIL for a whole chunk (native/codec.rs), so a
-# worker codes pages beside the loop, but it also takes a core: measured on 2 cores shared with
-# the clients (`ramster bench latency`), one worker doubled the single-get p50 under gRPC bulk
-# load (0.61-0.67 ms to 1.2-1.3) and moved no more bulk pages.  NBD requests are all big batches
-# and its clients want throughput: there one worker moved about 20% more sequential writes and
-# 30% more reads (`ramster bench nbd`, which runs its node so); `--worker-threads` turns them on.
+# The workers are native threads that never take the GIL (node/codecworkers.py): a chunk costs
+# the loop its submission and its results, and a worker never waits for the loop.
+#
+# Why no workers by default: a worker takes a core.  Measured on 2 cores shared with the clients
+# (`ramster bench latency` against a node with and without one, alternating), one worker moved
+# 40-65% more bulk pages under load but raised the single-get p50 under that load from 0.8-0.87
+# ms to 1.3-1.4 and its p99 from 2.3-3.9 to 3.2-5.4: the loop, the worker and the clients share
+# two cores.  NBD requests are all big batches and its clients want throughput: there one worker
+# moves 10-20% more sequential writes and 1.5-2x the reads (`ramster bench nbd`, which runs its
+# node so); `--worker-threads` turns them on.
 #
 # Fairness: the loop runs ready tasks in turn, one step each, and a batch's step is one chunk,
 # so concurrent batches advance chunk by chunk, round-robin, whoever sent them.  With workers,

@@ -14,10 +14,11 @@
 # decompressed) there the same way, READ_CODEC_PAGES at a time (a whole read group of
 # nbdcopy's: 7% more MiB/s than 128 in alternating runs; writes gained nothing from bigger
 # hops).  A worker's failure is an engine error (node/engine.py's CodecError): the group's
-# requests get EIO.  Workers are not the node's default, but a node serving NBD wants one: the
-# native codec codes a hop without the GIL, and one worker moved about 20% more sequential
-# writes and 30% more reads than the loop alone (`ramster bench nbd`, 2 cores).  Before that
-# codec, LZ4 gave the GIL back and took it again per page, and a worker cost more than it gave.
+# requests get EIO.  Workers are not the node's default, but a node serving NBD wants one: a
+# worker is a native thread that codes a hop without ever taking the GIL (node/codecworkers.py),
+# and with one a node moved 10-20% more sequential writes than the loop alone and 1.5-2x the
+# reads (`ramster bench nbd`, 2 cores; reads went from 424 to 644-739 MiB/s when the workers
+# stopped being Python threads, which took the GIL several times per hop).
 #
 # Heap: the zpages of a write group are bytes in the heap between their encoding and their
 # filing, so a burst of writes leaves the heap grown by what was in flight; a HeapTrimmer
