@@ -29,13 +29,18 @@
 # The workers are native threads that never take the GIL (node/codecworkers.py): a chunk costs
 # the loop its submission and its results, and a worker never waits for the loop.
 #
-# Why no workers by default: a worker takes a core.  Measured on 2 cores shared with the clients
-# (`ramster bench latency` against a node with and without one, alternating), one worker moved
-# 40-65% more bulk pages under load but raised the single-get p50 under that load from 0.8-0.87
-# ms to 1.3-1.4 and its p99 from 2.3-3.9 to 3.2-5.4: the loop, the worker and the clients share
-# two cores.  NBD requests are all big batches and its clients want throughput: there one worker
-# moves 10-20% more sequential writes and 1.5-2x the reads (`ramster bench nbd`, which runs its
-# node so); `--worker-threads` turns them on.
+# A worker takes a core, which the threads of small calls need: measured on 2 cores shared with
+# the clients (`ramster bench latency` against a node with and without one, alternating), a
+# worker that kept coding bulk while single gets came moved 40-65% more bulk pages but raised the
+# single-get p50 under that load from 0.8-0.87 ms to 1.3-1.4 and its p99 from 2.3-3.9 to
+# 3.2-5.4.  So while small calls come (node.fairness.SmallFirst.coming), bulk leaves the workers
+# and is coded on the loop in SmallFirst's small chunks, as without workers (the workers' chunks
+# in flight are filed first: chunks finish in order); measured so, the loaded p50 was 0.74-0.86
+# ms with a worker and 0.77-0.92 without.  Why no workers by default all the same: with gRPC's
+# bulk batches alone, a worker's gain was lost in this machine's noise (aggregate put and get
+# pages/s of 1-4 clients within +-20% either way).  NBD requests are all big batches and its
+# clients want throughput: there one worker moves 10-20% more sequential writes and 1.5-2x the
+# reads (`ramster bench nbd`, which runs its node so); `--worker-threads` turns them on.
 #
 # Fairness: the loop runs ready tasks in turn, one step each, and a batch's step is one chunk,
 # so concurrent batches advance chunk by chunk, round-robin, whoever sent them.  With workers,
@@ -293,12 +298,12 @@ class ChunkedEngine:
         hop: int,
     ) -> list[T]:
         """Per chunk of `count` items, in order: a yield (`step`), `start` on the loop, then its
-        `work` in a worker (`offload`; `work` on the loop without workers, or for fewer than
-        `offload` items), `finish` on the loop; up to DEPTH chunks (of `hop` items) in the
-        workers at once, each finished in a step of its own.  On an error or a cancellation,
-        chunks still with the workers are dropped unfinished; a worker's failure is raised as a
-        CodecError."""
-        workers = self.workers
+        `work` in a worker (`offload`; `work` on the loop without workers, for fewer than
+        `offload` items, or while small calls come), `finish` on the loop; up to DEPTH chunks
+        (of `hop` items) in the workers at once, each finished in a step of its own.  On an
+        error or a cancellation, chunks still with the workers are dropped unfinished; a
+        worker's failure is raised as a CodecError."""
+        workers, small_first = self.workers, self.small_first
         if count < self.offload:
             workers = None
         out: list[T] = []
@@ -317,12 +322,16 @@ class ChunkedEngine:
         try:
             while first < count:
                 await self.step()  # each chunk a step of its own, after any small call pending
-                part = slice(first, first + (hop if workers else self._chunk()))
+                if workers is None or (small_first is not None and small_first.coming()):
+                    while running:  # the workers' chunks first: chunks finish in order
+                        await finish_oldest()
+                    part = slice(first, first + self._chunk())
+                    first = part.stop
+                    out.extend(finish(part, work(await start(part))))
+                    continue
+                part = slice(first, first + hop)
                 first = part.stop
                 item = await start(part)
-                if workers is None:
-                    out.extend(finish(part, work(item)))
-                    continue
                 try:
                     running.append((part, offload(item)))
                 except RuntimeError as exc:  # the workers were shut down

@@ -31,8 +31,9 @@
 # again, so a flood of small calls from many clients takes at most half of bulk's time, never all
 # of it; (2) for LATELY after a small call arrived, bulk goes through the engine in chunks of
 # LATELY_CHUNK_PAGES instead of its usual size, so the iterations that carry the hops before the
-# interceptor, which the node cannot see, are short (not with codec workers: there a page per
-# chunk would be a thread hop a page, and bulk moved 18k pages/s against 32k).  Trade-off: while
+# interceptor, which the node cannot see, are short (with codec workers too: bulk then leaves the
+# workers for the loop, node/engine.py, as a worker's core is what the small calls' threads
+# need).  Trade-off: while
 # small calls keep coming, bulk pays for the smaller chunks (more loop steps per page); without
 # small calls nothing changes.  `ramster bench latency` (back-to-back gets against a bulk stream,
 # 2 shared cores), by chunk: loaded/idle get p50 2.7-3.0 without SmallFirst, 1.7-2.0 with 5
@@ -117,11 +118,13 @@ class SmallFirst:
         if not self.pending:
             self._done.set()
 
+    def coming(self) -> bool:
+        """Whether small calls come: one arrived within `lately`."""
+        return self.clock() - self.arrived < self.lately
+
     def chunk(self, usual: int) -> int:
         """The engine chunk for bulk work now: small while small calls come."""
-        if self.clock() - self.arrived < self.lately:
-            return min(usual, LATELY_CHUNK_PAGES)
-        return usual
+        return min(usual, LATELY_CHUNK_PAGES) if self.coming() else usual
 
     async def bulk_step(self) -> None:
         """A bulk task's yield between steps: one loop step, then, while a small call is

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -88,22 +89,39 @@ async def test_bulk_chunks_are_small_while_small_calls_come(
     assert engine.get_batch(pool, keys) == pages
 
 
-async def test_codec_workers_keep_their_chunks(
+async def test_bulk_leaves_the_codec_workers_while_small_calls_come(
     engine: ZCache, compressible_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A worker takes a core that the small calls' threads need: while they come, bulk is coded
+    on the loop in small chunks, the workers' chunks filed first; then it goes back to them."""
     sizes = filed_chunks(monkeypatch)
-    small_first = SmallFirst(hold=BOUND, lately=BOUND)
+    clock = [0.0]
+    small_first = SmallFirst(hold=BOUND, lately=1.0, clock=lambda: clock[0])
     workers = CodecWorkers(1)
+    handed: list[int] = []
+    to_workers = workers.encode
+
+    def encode(encoder: Any, keys: Any, pages: Any) -> asyncio.Future[list[bytes | None]]:
+        handed.append(len(keys))
+        if len(handed) == 2:  # the second chunk is with the workers: small calls start
+            small_first.arrive()
+            small_first.leave()
+        return to_workers(encoder, keys, pages)
+
+    monkeypatch.setattr(workers, "encode", encode)
     chunked = ChunkedEngine(engine, workers=workers, small_first=small_first)
     pool = engine.create_pool(PoolKind.PERSISTENT)
-    keys = [(1, i) for i in range(2 * WORKER_CHUNK_PAGES)]
-    pages = compressible_pages[: len(keys)]
-    small_first.arrive()
-    small_first.leave()
-    await chunked.put_batch(pool, keys, pages)
-    workers.shutdown()
-    assert sizes == [WORKER_CHUNK_PAGES] * 2  # a page per chunk would be a thread hop a page
+    keys = [(1, i) for i in range(4 * WORKER_CHUNK_PAGES)]
+    pages = (compressible_pages * 4)[: len(keys)]
+    await chunked.put_batch(pool, keys[:-WORKER_CHUNK_PAGES], pages[:-WORKER_CHUNK_PAGES])
+    on_loop = [LATELY_CHUNK_PAGES] * (WORKER_CHUNK_PAGES // LATELY_CHUNK_PAGES)  # the third
+    assert handed == [WORKER_CHUNK_PAGES] * 2
+    assert sizes == [WORKER_CHUNK_PAGES] * 2 + on_loop
+    clock[0] += 1.0  # no small call for `lately`: back to the workers
+    await chunked.put_batch(pool, keys[-WORKER_CHUNK_PAGES:], pages[-WORKER_CHUNK_PAGES:])
+    assert handed == [WORKER_CHUNK_PAGES] * 3 and sizes[-1] == WORKER_CHUNK_PAGES
     assert engine.get_batch(pool, keys) == pages
+    workers.shutdown()
 
 
 async def test_a_call_that_never_ends_stops_counting_after_hold() -> None:
