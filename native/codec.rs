@@ -77,11 +77,7 @@ fn header(payload: &[u8], (oid, index): Key) -> [u8; HEADER_SIZE] {
 /// The bytes `obj` exports, `what` number `at` of a call's arguments: a C-contiguous buffer
 /// (an exporter that cannot give one refuses, which is a ValueError here), through a Table,
 /// which costs a fraction of a PyBuffer and is released without taking the GIL again.
-pub(crate) fn bytes_of<'py>(
-    obj: &Bound<'py, PyAny>,
-    what: &str,
-    at: usize,
-) -> PyResult<Table<'py, u8>> {
+fn bytes_of<'py>(obj: &Bound<'py, PyAny>, what: &str, at: usize) -> PyResult<Table<'py, u8>> {
     Table::new(obj, false).map_err(|err| {
         let py = obj.py();
         if err.is_instance_of::<PyBufferError>(py) {
@@ -101,7 +97,7 @@ pub(crate) enum Encoded {
 }
 
 /// Encode `page` onto the end of `out`, LZ4 compressing it into `packed` (of LZ4's bound) first.
-pub(crate) fn encode_one(
+fn encode_one(
     page: &[u8],
     key: Key,
     threshold: usize,
@@ -127,6 +123,61 @@ pub(crate) fn encode_one(
     Encoded::At(start, out.len())
 }
 
+/// The buffers of a put batch's pages (as many as its `keys`), each of PAGE_SIZE bytes.
+pub(crate) fn page_tables<'py>(
+    keys: usize,
+    pages: &[Bound<'py, PyAny>],
+) -> PyResult<Vec<Table<'py, u8>>> {
+    if keys != pages.len() {
+        return Err(PyValueError::new_err("keys and pages differ in number"));
+    }
+    let tables = pages
+        .iter()
+        .enumerate()
+        .map(|(at, page)| bytes_of(page, "page", at))
+        .collect::<PyResult<Vec<_>>>()?;
+    for (at, table) in tables.iter().enumerate() {
+        let length = table.values().len();
+        if length != PAGE_SIZE {
+            return Err(PyValueError::new_err(format!(
+                "page {at} is {length} bytes"
+            )));
+        }
+    }
+    Ok(tables)
+}
+
+/// A put batch's pages encoded (encode_one) onto one scratch buffer, and where each one is.
+pub(crate) fn encode_all<'a>(
+    pages: impl ExactSizeIterator<Item = &'a [u8]>,
+    keys: &[Key],
+    threshold: usize,
+    store_raw: bool,
+) -> (Vec<u8>, Vec<Encoded>) {
+    let mut scratch = Vec::with_capacity(pages.len() * 2048);
+    let mut packed = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)];
+    let spans = pages
+        .zip(keys)
+        .map(|(page, &key)| encode_one(page, key, threshold, store_raw, &mut packed, &mut scratch))
+        .collect();
+    (scratch, spans)
+}
+
+/// Each encoding of encode_all() as a bytes object, None where the page was refused.
+pub(crate) fn encoded_bytes<'py>(
+    py: Python<'py>,
+    scratch: &[u8],
+    spans: &[Encoded],
+) -> Vec<Option<Bound<'py, PyBytes>>> {
+    spans
+        .iter()
+        .map(|span| match *span {
+            Encoded::At(start, stop) => Some(PyBytes::new(py, &scratch[start..stop])),
+            Encoded::Refused => None,
+        })
+        .collect()
+}
+
 /// Per page of a checked put batch (4096-byte buffers): its word if it is same-filled (8 bytes),
 /// its zpage (compressed, or raw under store_raw when it compresses to more than `threshold`
 /// bytes), or None (refused for poor compression).
@@ -138,48 +189,16 @@ fn encode_pages<'py>(
     threshold: usize,
     store_raw: bool,
 ) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
-    if keys.len() != pages.len() {
-        return Err(PyValueError::new_err("keys and pages differ in number"));
-    }
-    let tables = pages
-        .iter()
-        .enumerate()
-        .map(|(at, page)| bytes_of(page, "page", at))
-        .collect::<PyResult<Vec<_>>>()?;
-    let mut slices = Vec::with_capacity(tables.len());
-    for (at, table) in tables.iter().enumerate() {
-        let bytes = table.values();
-        if bytes.len() != PAGE_SIZE {
-            return Err(PyValueError::new_err(format!(
-                "page {at} is {} bytes",
-                bytes.len()
-            )));
-        }
-        slices.push(bytes);
-    }
+    let tables = page_tables(keys.len(), &pages)?;
+    let slices: Vec<&[u8]> = tables.iter().map(Table::values).collect();
     let (scratch, spans) = without_gil(py, slices.len(), || {
-        let mut scratch = Vec::with_capacity(slices.len() * 2048);
-        let mut packed = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)];
-        let spans: Vec<Encoded> = slices
-            .iter()
-            .zip(&keys)
-            .map(|(page, &key)| {
-                encode_one(page, key, threshold, store_raw, &mut packed, &mut scratch)
-            })
-            .collect();
-        (scratch, spans)
+        encode_all(slices.iter().copied(), &keys, threshold, store_raw)
     });
-    Ok(spans
-        .iter()
-        .map(|span| match *span {
-            Encoded::At(start, stop) => Some(PyBytes::new(py, &scratch[start..stop])),
-            Encoded::Refused => None,
-        })
-        .collect())
+    Ok(encoded_bytes(py, &scratch, &spans))
 }
 
 /// The page in `zpage`, checked against `key`, into `page`; else what is wrong with it.
-pub(crate) fn open_one(zpage: &[u8], key: Key, page: &mut [u8]) -> Result<(), String> {
+fn open_one(zpage: &[u8], key: Key, page: &mut [u8]) -> Result<(), String> {
     let (oid, index) = key;
     if zpage.len() < HEADER_SIZE {
         return Err(format!(
@@ -221,44 +240,86 @@ pub(crate) fn open_one(zpage: &[u8], key: Key, page: &mut [u8]) -> Result<(), St
     }
 }
 
-/// Each zpage opened against its key: a 4096-byte page, or a str saying why it is corrupt.
-fn open_all<'py>(
-    py: Python<'py>,
-    keys: &[Key],
-    zpages: &[&[u8]],
-) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    let mut pages = Vec::with_capacity(zpages.len());
-    for _ in zpages {
-        // SAFETY: a new bytes object of PAGE_SIZE uninitialised bytes, owned here alone until
-        // it is filled below and returned; a failed call sets the Python error fetched here.
+/// `count` new bytes objects of PAGE_SIZE uninitialised bytes, and the addresses of their bytes
+/// (for the GIL-free part: nothing else holds these objects until they are filled and handed
+/// out).
+pub(crate) fn blank_pages(
+    py: Python<'_>,
+    count: usize,
+) -> PyResult<(Vec<Bound<'_, PyBytes>>, Vec<usize>)> {
+    let mut pages = Vec::with_capacity(count);
+    let mut targets = Vec::with_capacity(count);
+    for _ in 0..count {
+        // SAFETY: a new bytes object, owned here alone; a failed call sets the Python error
+        // fetched here.
         let page = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), PAGE_SIZE as _) };
-        pages.push(unsafe { Bound::from_owned_ptr_or_err(py, page)? });
+        let page = unsafe { Bound::from_owned_ptr_or_err(py, page)?.downcast_into_unchecked() };
+        targets.push(unsafe { ffi::PyBytes_AsString(page.as_ptr()) } as usize);
+        pages.push(page);
     }
-    // Raw pointers cross into the GIL-free part as addresses: nothing else holds these objects.
-    let targets: Vec<usize> = pages
-        .iter()
-        .map(|p| unsafe { ffi::PyBytes_AsString(p.as_ptr()) } as usize)
-        .collect();
-    let results: Vec<Result<(), String>> = without_gil(py, zpages.len(), || {
-        zpages
-            .iter()
-            .zip(keys)
-            .zip(&targets)
-            .map(|((zpage, &key), &target)| {
-                // SAFETY: `target` is the PAGE_SIZE-byte buffer of a bytes object made above.
-                let page = unsafe { std::slice::from_raw_parts_mut(target as *mut u8, PAGE_SIZE) };
-                open_one(zpage, key, page)
-            })
-            .collect()
-    });
-    Ok(pages
+    Ok((pages, targets))
+}
+
+/// open_one() of each zpage into the PAGE_SIZE bytes at its target (from blank_pages()).
+pub(crate) fn open_into<'a>(
+    zpages: impl Iterator<Item = &'a [u8]>,
+    keys: &[Key],
+    targets: &[usize],
+) -> Vec<Result<(), String>> {
+    zpages
+        .zip(keys)
+        .zip(targets)
+        .map(|((zpage, &key), &target)| {
+            // SAFETY: `target` is the PAGE_SIZE-byte buffer of a bytes object of blank_pages(),
+            // which only this call writes.
+            let page = unsafe { std::slice::from_raw_parts_mut(target as *mut u8, PAGE_SIZE) };
+            open_one(zpage, key, page)
+        })
+        .collect()
+}
+
+/// Each page filled by open_into(), or a str saying why its zpage is corrupt.
+pub(crate) fn opened_pages<'py>(
+    py: Python<'py>,
+    pages: Vec<Bound<'py, PyBytes>>,
+    results: Vec<Result<(), String>>,
+) -> Vec<Bound<'py, PyAny>> {
+    pages
         .into_iter()
         .zip(results)
         .map(|(page, result)| match result {
             Ok(()) => page.into_any(),
             Err(why) => pyo3::types::PyString::new(py, &why).into_any(),
         })
-        .collect())
+        .collect()
+}
+
+/// The buffers of a get batch's zpages (as many as its `keys`).
+pub(crate) fn zpage_tables<'py>(
+    keys: usize,
+    zpages: &[Bound<'py, PyAny>],
+) -> PyResult<Vec<Table<'py, u8>>> {
+    if keys != zpages.len() {
+        return Err(PyValueError::new_err("keys and zpages differ in number"));
+    }
+    zpages
+        .iter()
+        .enumerate()
+        .map(|(at, zpage)| bytes_of(zpage, "zpage", at))
+        .collect()
+}
+
+/// Each zpage opened against its key: a 4096-byte page, or a str saying why it is corrupt.
+fn open_all<'py>(
+    py: Python<'py>,
+    keys: &[Key],
+    zpages: &[&[u8]],
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let (pages, targets) = blank_pages(py, zpages.len())?;
+    let results = without_gil(py, zpages.len(), || {
+        open_into(zpages.iter().copied(), keys, &targets)
+    });
+    Ok(opened_pages(py, pages, results))
 }
 
 /// Per zpage, verified against its key: the 4096-byte page, or a str saying why it is corrupt.
@@ -268,14 +329,7 @@ fn open_zpages<'py>(
     keys: Vec<Key>,
     zpages: Vec<Bound<'py, PyAny>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    if keys.len() != zpages.len() {
-        return Err(PyValueError::new_err("keys and zpages differ in number"));
-    }
-    let tables = zpages
-        .iter()
-        .enumerate()
-        .map(|(at, zpage)| bytes_of(zpage, "zpage", at))
-        .collect::<PyResult<Vec<_>>>()?;
+    let tables = zpage_tables(keys.len(), &zpages)?;
     let slices: Vec<&[u8]> = tables.iter().map(Table::values).collect();
     open_all(py, &keys, &slices)
 }

@@ -31,12 +31,14 @@ use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
-use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::PyBytes;
 
 use crate::table::Held;
-use crate::{bytes_of, encode_one, open_one, Encoded, Key, PAGE_SIZE};
+use crate::{
+    blank_pages, encode_all, encoded_bytes, open_into, opened_pages, page_tables, zpage_tables,
+    Encoded, Key, PAGE_SIZE,
+};
 
 /// A job's work, on addresses of buffers that `pending` keeps exported meanwhile.
 enum Work {
@@ -91,38 +93,25 @@ fn run(work: &Work) -> Output {
             threshold,
             store_raw,
         } => {
-            let mut scratch = Vec::with_capacity(pages.len() * 2048);
-            let mut packed = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)];
-            let spans = pages
+            // SAFETY: PAGE_SIZE-byte buffers held exported by the job (checked at submit).
+            let pages = pages
                 .iter()
-                .zip(keys)
-                .map(|(&page, &key)| {
-                    // SAFETY: a PAGE_SIZE-byte buffer held exported by the job (checked at submit).
-                    let page = unsafe { std::slice::from_raw_parts(page as *const u8, PAGE_SIZE) };
-                    encode_one(page, key, *threshold, *store_raw, &mut packed, &mut scratch)
-                })
-                .collect();
+                .map(|&page| unsafe { std::slice::from_raw_parts(page as *const u8, PAGE_SIZE) });
+            let (scratch, spans) = encode_all(pages, keys, *threshold, *store_raw);
             Output::Encoded(scratch, spans)
         }
         Work::Open {
             keys,
             zpages,
             targets,
-        } => Output::Opened(
-            zpages
+        } => {
+            // SAFETY: buffers of `len` bytes held exported by the job; the targets are its
+            // blank pages, which only this job writes.
+            let zpages = zpages
                 .iter()
-                .zip(keys)
-                .zip(targets)
-                .map(|((&(at, len), &key), &target)| {
-                    // SAFETY: an exported buffer of `len` bytes, and a bytes object's PAGE_SIZE
-                    // bytes that only this job writes (the job holds the object).
-                    let zpage = unsafe { std::slice::from_raw_parts(at as *const u8, len) };
-                    let page =
-                        unsafe { std::slice::from_raw_parts_mut(target as *mut u8, PAGE_SIZE) };
-                    open_one(zpage, key, page)
-                })
-                .collect(),
-        ),
+                .map(|&(at, len)| unsafe { std::slice::from_raw_parts(at as *const u8, len) });
+            Output::Opened(open_into(zpages, keys, targets))
+        }
     }
 }
 
@@ -164,6 +153,19 @@ impl CodecPool {
             return Err(PyRuntimeError::new_err("the codec workers are gone"));
         }
         Ok(id)
+    }
+
+    fn shut(&mut self, py: Python<'_>) {
+        self.done.closed.store(true, Ordering::SeqCst);
+        self.jobs = None;
+        let threads = std::mem::take(&mut self.threads);
+        py.allow_threads(|| {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        });
+        self.done.jobs.lock().expect("done list").clear();
+        self.pending.clear();
     }
 }
 
@@ -221,20 +223,9 @@ impl CodecPool {
         threshold: usize,
         store_raw: bool,
     ) -> PyResult<u64> {
-        if keys.len() != pages.len() {
-            return Err(PyValueError::new_err("keys and pages differ in number"));
-        }
-        let mut inputs = Vec::with_capacity(pages.len());
-        let mut addresses = Vec::with_capacity(pages.len());
-        for (at, page) in pages.iter().enumerate() {
-            let table = bytes_of(page, "page", at)?;
-            let (start, len) = table.raw();
-            if len != PAGE_SIZE {
-                return Err(PyValueError::new_err(format!("page {at} is {len} bytes")));
-            }
-            addresses.push(start as usize);
-            inputs.push(table.hold());
-        }
+        let tables = page_tables(keys.len(), &pages)?;
+        let addresses = tables.iter().map(|t| t.raw().0 as usize).collect();
+        let inputs = tables.into_iter().map(|t| t.hold()).collect();
         let work = Work::Encode {
             keys,
             pages: addresses,
@@ -255,26 +246,14 @@ impl CodecPool {
         keys: Vec<Key>,
         zpages: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
-        if keys.len() != zpages.len() {
-            return Err(PyValueError::new_err("keys and zpages differ in number"));
-        }
-        let mut inputs = Vec::with_capacity(zpages.len());
-        let mut spans = Vec::with_capacity(zpages.len());
-        let mut pages = Vec::with_capacity(zpages.len());
-        let mut targets = Vec::with_capacity(zpages.len());
-        for (at, zpage) in zpages.iter().enumerate() {
-            let table = bytes_of(zpage, "zpage", at)?;
-            let (start, len) = table.raw();
-            spans.push((start as usize, len));
-            inputs.push(table.hold());
-            // SAFETY: a new bytes object of PAGE_SIZE uninitialised bytes, which only this job
-            // writes, and which nobody sees before finished() hands it out filled.
-            let page = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), PAGE_SIZE as _) };
-            let page: Bound<'_, PyBytes> =
-                unsafe { Bound::from_owned_ptr_or_err(py, page)? }.downcast_into()?;
-            targets.push(unsafe { ffi::PyBytes_AsString(page.as_ptr()) } as usize);
-            pages.push(page.unbind());
-        }
+        let tables = zpage_tables(keys.len(), &zpages)?;
+        let spans = tables
+            .iter()
+            .map(|t| (t.raw().0 as usize, t.raw().1))
+            .collect();
+        let inputs = tables.into_iter().map(|t| t.hold()).collect();
+        let (pages, targets) = blank_pages(py, keys.len())?;
+        let pages = pages.into_iter().map(Bound::unbind).collect();
         let work = Work::Open {
             keys,
             zpages: spans,
@@ -328,21 +307,6 @@ impl CodecPool {
     }
 }
 
-impl CodecPool {
-    fn shut(&mut self, py: Python<'_>) {
-        self.done.closed.store(true, Ordering::SeqCst);
-        self.jobs = None;
-        let threads = std::mem::take(&mut self.threads);
-        py.allow_threads(|| {
-            for thread in threads {
-                let _ = thread.join();
-            }
-        });
-        self.done.jobs.lock().expect("done list").clear();
-        self.pending.clear();
-    }
-}
-
 impl Drop for CodecPool {
     fn drop(&mut self) {
         // A pool is dropped by Python, which holds the GIL: the buffers go after the threads.
@@ -352,26 +316,19 @@ impl Drop for CodecPool {
 
 fn result<'py>(py: Python<'py>, output: Output, pending: Pending) -> PyResult<Bound<'py, PyAny>> {
     Ok(match output {
-        Output::Encoded(scratch, spans) => spans
-            .iter()
-            .map(|span| match *span {
-                Encoded::At(start, stop) => Some(PyBytes::new(py, &scratch[start..stop])),
-                Encoded::Refused => None,
-            })
-            .collect::<Vec<_>>()
+        Output::Encoded(scratch, spans) => encoded_bytes(py, &scratch, &spans)
             .into_pyobject(py)?
             .into_any(),
-        Output::Opened(results) => pending
-            .pages
-            .into_iter()
-            .zip(results)
-            .map(|(page, result)| match result {
-                Ok(()) => page.into_bound(py).into_any(),
-                Err(why) => PyString::new(py, &why).into_any(),
-            })
-            .collect::<Vec<_>>()
-            .into_pyobject(py)?
-            .into_any(),
+        Output::Opened(results) => {
+            let pages = pending
+                .pages
+                .into_iter()
+                .map(|p| p.into_bound(py))
+                .collect();
+            opened_pages(py, pages, results)
+                .into_pyobject(py)?
+                .into_any()
+        }
         Output::Panicked => PyRuntimeError::new_err("a codec worker panicked")
             .into_value(py)
             .into_bound(py)

@@ -258,7 +258,7 @@ class ChunkedEngine:
                 await fetched(part)
                 return engine.get_batch(pool, keys[part], exclusive)
 
-            return await self._pipelined(len(keys), get, _same, _never, _got, self.hop)
+            return await self._pipelined(len(keys), get, _same, None, _got, self.hop)
 
         async def read(part: slice) -> SealedPages:
             await fetched(part)
@@ -293,18 +293,18 @@ class ChunkedEngine:
         count: int,
         start: Callable[[slice], Awaitable[X]],
         work: Callable[[X], Y],
-        offload: Callable[[X], asyncio.Future[Y]],
+        to_workers: Callable[[X], asyncio.Future[Y]] | None,
         finish: Callable[[slice, Y], list[T]],
         hop: int,
     ) -> list[T]:
         """Per chunk of `count` items, in order: a yield (`step`), `start` on the loop, then its
-        `work` in a worker (`offload`; `work` on the loop without workers, for fewer than
-        `offload` items, or while small calls come), `finish` on the loop; up to DEPTH chunks
-        (of `hop` items) in the workers at once, each finished in a step of its own.  On an
-        error or a cancellation, chunks still with the workers are dropped unfinished; a
-        worker's failure is raised as a CodecError."""
+        `work` in a worker (`to_workers`; `work` on the loop without workers or `to_workers`,
+        for fewer than `self.offload` items, or while small calls come), `finish` on the loop;
+        up to DEPTH chunks (of `hop` items) in the workers at once, each finished in a step of
+        its own.  On an error or a cancellation, chunks still with the workers are dropped
+        unfinished; a worker's failure is raised as a CodecError."""
         workers, small_first = self.workers, self.small_first
-        if count < self.offload:
+        if count < self.offload or to_workers is None:
             workers = None
         out: list[T] = []
         running: deque[tuple[slice, asyncio.Future[Y]]] = deque()
@@ -332,8 +332,9 @@ class ChunkedEngine:
                 part = slice(first, first + hop)
                 first = part.stop
                 item = await start(part)
+                assert to_workers is not None  # else no workers
                 try:
-                    running.append((part, offload(item)))
+                    running.append((part, to_workers(item)))
                 except RuntimeError as exc:  # the workers were shut down
                     raise CodecError(f"no codec worker: {exc}") from exc
                 if len(running) == DEPTH:
@@ -352,10 +353,6 @@ async def _as_is(part: slice) -> slice:
 
 def _same(item: X) -> X:
     return item
-
-
-def _never(item: object) -> asyncio.Future[list[bytes | PageError | None]]:
-    raise AssertionError("gets on the loop are not offloaded")
 
 
 def _got(part: slice, pages: list[bytes | PageError | None]) -> list[bytes | PageError | None]:

@@ -32,14 +32,13 @@
 # of it; (2) for LATELY after a small call arrived, bulk goes through the engine in chunks of
 # LATELY_CHUNK_PAGES instead of its usual size, so the iterations that carry the hops before the
 # interceptor, which the node cannot see, are short (with codec workers too: bulk then leaves the
-# workers for the loop, node/engine.py, as a worker's core is what the small calls' threads
-# need).  Trade-off: while
-# small calls keep coming, bulk pays for the smaller chunks (more loop steps per page); without
-# small calls nothing changes.  `ramster bench latency` (back-to-back gets against a bulk stream,
-# 2 shared cores), by chunk: loaded/idle get p50 2.7-3.0 without SmallFirst, 1.7-2.0 with 5
-# pages, 1.4-1.8 with 3, 1.4-1.6 with 2, 1.0-1.2 with 1; the bulk stream meanwhile moved 24-36k
-# pages/s with 1 page, 30-46k without.  (Those numbers are of unary gets; AsyncClient's gets now
-# travel on a Pages stream, where a get is one message read, announced to SmallFirst as it is
+# workers for the loop, node/engine.py, as a worker's core is what the small calls' threads need).
+# Trade-off: while small calls keep coming, bulk pays for the smaller chunks (more loop steps per
+# page); without small calls nothing changes.  `ramster bench latency` (back-to-back gets against a
+# bulk stream, 2 shared cores), by chunk: loaded/idle get p50 2.7-3.0 without SmallFirst, 1.7-2.0
+# with 5 pages, 1.4-1.8 with 3, 1.4-1.6 with 2, 1.0-1.2 with 1; the bulk stream meanwhile moved
+# 24-36k pages/s with 1 page, 30-46k without.  (Those numbers are of unary gets; AsyncClient's gets
+# now travel on a Pages stream, where a get is one message read, announced to SmallFirst as it is
 # read: see node/servicer.py.)  And (3) for LATELY after a small call arrived, bulk steps also give
 # the loop thread's core to threads waiting for one (ramster.cores.CoreYield, at most every 0.1
 # ms): the gRPC threads a call wakes, here and in its client, would otherwise wait up to a

@@ -8,18 +8,17 @@
 # near a core each are LZ4's (more workers, if cores are free), and neither means the clients
 # or the network are.  The process's total CPU cannot tell those apart.
 #
-# ThreadCpuCollector sums utime + stime of /proc/self/task/*/stat (ramster/procstat.py) per role
-# on each scrape: "loop" is the thread that made it (the loop's), "codec" the threads whose
-# name starts with CODEC_PREFIX (node/codecworkers.py's native workers, named so in /proc, or a
-# Python thread so named), "grpc" every other thread Python does not know (gRPC's C threads: its
-# event engine) and grpcio's asyncio poller (a Python thread
-# whose default name ends with its target, GRPC_POLLER: it waits on gRPC's completion queue and
-# wakes the loop), "other" any other Python thread (the metrics server, the loop watch,
-# executors).  The counters must not go back when a thread ends (an idle executor thread does):
-# each thread's last reading is kept, and a thread that has gone (or whose id a new thread reads
-# less than it had) adds its last reading to its role for good; a thread keeps the role it was
-# first given.  What a thread used between the last scrape and its end is not counted, an
-# undercount no longer than one scrape interval of one thread.
+# ThreadCpuCollector sums utime + stime of /proc/self/task/*/stat (ramster/procstat.py) per role on
+# each scrape: "loop" is the thread that made it (the loop's), "codec" the threads whose name starts
+# with CODEC_PREFIX (node/codecworkers.py's native workers, named so in /proc, or a Python thread so
+# named), "grpc" every other thread Python does not know (gRPC's C threads: its event engine) and
+# grpcio's asyncio poller (a Python thread whose default name ends with its target, GRPC_POLLER: it
+# waits on gRPC's completion queue and wakes the loop), "other" any other Python thread (the metrics
+# server, the loop watch, executors).  The counters must not go back when a thread ends (an idle
+# executor thread does): each thread's last reading is kept, and a thread that has gone (or whose id
+# a new thread reads less than it had) adds its last reading to its role for good; a thread keeps
+# the role it was first given.  What a thread used between the last scrape and its end is not
+# counted, an undercount no longer than one scrape interval of one thread.
 # Trade-off: a scrape reads one small file per thread (a dozen), a few hundred microseconds;
 # nothing is spent between scrapes.  Without /proc (not Linux) every role reads zero.
 from __future__ import annotations
