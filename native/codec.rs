@@ -26,6 +26,7 @@
 // all overhead, took 91 against 106 us with pyo3's PyBuffer), so a memoryview of a request's
 // bytes is compressed where it lies; whoever passes a view guarantees that nothing writes to
 // it meanwhile, as for the lz4 package.
+use lz4_flex::block::{compress_into_with_table, CompressTable};
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -96,16 +97,34 @@ pub(crate) enum Encoded {
     Refused,
 }
 
-/// Encode `page` onto the end of `out`, LZ4 compressing it into `packed` (of LZ4's bound) first.
+/// Scratch space of one batch's compressions: LZ4's hash table (lz4_flex would otherwise
+/// allocate and free one per page: in a codec worker, that is two calls per page into a malloc
+/// lock the event loop shares) and an output of LZ4's bound.
+struct Compressor {
+    table: CompressTable,
+    packed: Vec<u8>,
+}
+
+impl Compressor {
+    fn new() -> Self {
+        Compressor {
+            table: CompressTable::small(), // 16-bit entries: a page is far below 64 KiB
+            packed: vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
+        }
+    }
+}
+
+/// Encode `page` onto the end of `out`, LZ4 compressing it into the compressor's output first.
 fn encode_one(
     page: &[u8],
     key: Key,
     threshold: usize,
     store_raw: bool,
-    packed: &mut [u8],
+    compressor: &mut Compressor,
     out: &mut Vec<u8>,
 ) -> Encoded {
-    let size = lz4_flex::block::compress_into(page, packed).expect("`packed` holds LZ4's bound");
+    let Compressor { table, packed } = compressor;
+    let size = compress_into_with_table(page, packed, table).expect("`packed` holds LZ4's bound");
     let start = out.len();
     let word = &page[..WORD];
     let payload = if size <= SAME_FILLED_PACKED && page.chunks_exact(WORD).all(|w| w == word) {
@@ -155,10 +174,19 @@ pub(crate) fn encode_all<'a>(
     store_raw: bool,
 ) -> (Vec<u8>, Vec<Encoded>) {
     let mut scratch = Vec::with_capacity(pages.len() * 2048);
-    let mut packed = vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)];
+    let mut compressor = Compressor::new();
     let spans = pages
         .zip(keys)
-        .map(|(page, &key)| encode_one(page, key, threshold, store_raw, &mut packed, &mut scratch))
+        .map(|(page, &key)| {
+            encode_one(
+                page,
+                key,
+                threshold,
+                store_raw,
+                &mut compressor,
+                &mut scratch,
+            )
+        })
         .collect();
     (scratch, spans)
 }
