@@ -142,28 +142,40 @@ fn encode_one(
     Encoded::At(start, out.len())
 }
 
-/// The buffers of a put batch's pages (as many as its `keys`), each of PAGE_SIZE bytes.
+/// The buffers of a put batch's pages, as many pages as its `keys`: each buffer holds one page
+/// or a run of whole pages back to back (a request's payload, cut nowhere).
 pub(crate) fn page_tables<'py>(
     keys: usize,
     pages: &[Bound<'py, PyAny>],
 ) -> PyResult<Vec<Table<'py, u8>>> {
-    if keys != pages.len() {
-        return Err(PyValueError::new_err("keys and pages differ in number"));
-    }
     let tables = pages
         .iter()
         .enumerate()
         .map(|(at, page)| bytes_of(page, "page", at))
         .collect::<PyResult<Vec<_>>>()?;
+    let mut held = 0;
     for (at, table) in tables.iter().enumerate() {
         let length = table.values().len();
-        if length != PAGE_SIZE {
+        if length == 0 || length % PAGE_SIZE != 0 {
             return Err(PyValueError::new_err(format!(
-                "page {at} is {length} bytes"
+                "page {at} is {length} bytes, not whole pages of {PAGE_SIZE}"
             )));
         }
+        held += length / PAGE_SIZE;
+    }
+    if keys != held {
+        return Err(PyValueError::new_err(format!(
+            "keys and pages differ in number: {keys} keys, {held} pages"
+        )));
     }
     Ok(tables)
+}
+
+/// The pages of page_tables(), one slice each.
+pub(crate) fn page_slices<'a>(tables: &'a [Table<'_, u8>]) -> impl Iterator<Item = &'a [u8]> {
+    tables
+        .iter()
+        .flat_map(|table| table.values().chunks_exact(PAGE_SIZE))
 }
 
 /// A put batch's pages encoded (encode_one) onto one scratch buffer, and where each one is.
@@ -206,7 +218,8 @@ pub(crate) fn encoded_bytes<'py>(
         .collect()
 }
 
-/// Per page of a checked put batch (4096-byte buffers): its word if it is same-filled (8 bytes),
+/// Per page of a checked put batch (buffers of one or more whole 4096-byte pages back to back,
+/// as many pages as keys): its word if it is same-filled (8 bytes),
 /// its zpage (compressed, or raw under store_raw when it compresses to more than `threshold`
 /// bytes), or None (refused for poor compression).
 #[pyfunction]
@@ -218,7 +231,7 @@ fn encode_pages<'py>(
     store_raw: bool,
 ) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
     let tables = page_tables(keys.len(), &pages)?;
-    let slices: Vec<&[u8]> = tables.iter().map(Table::values).collect();
+    let slices: Vec<&[u8]> = page_slices(&tables).collect();
     let (scratch, spans) = without_gil(py, slices.len(), || {
         encode_all(slices.iter().copied(), &keys, threshold, store_raw)
     });

@@ -36,8 +36,8 @@ use pyo3::types::PyBytes;
 
 use crate::table::Held;
 use crate::{
-    blank_pages, encode_all, encoded_bytes, open_into, opened_pages, page_tables, zpage_tables,
-    Encoded, Key, PAGE_SIZE,
+    blank_pages, encode_all, encoded_bytes, open_into, opened_pages, page_slices, page_tables,
+    zpage_tables, Encoded, Key, PAGE_SIZE,
 };
 
 /// A job's work, on addresses of buffers that `pending` keeps exported meanwhile.
@@ -224,7 +224,9 @@ impl CodecPool {
         store_raw: bool,
     ) -> PyResult<u64> {
         let tables = page_tables(keys.len(), &pages)?;
-        let addresses = tables.iter().map(|t| t.raw().0 as usize).collect();
+        let addresses = page_slices(&tables)
+            .map(|page| page.as_ptr() as usize)
+            .collect();
         let inputs = tables.into_iter().map(|t| t.hold()).collect();
         let work = Work::Encode {
             keys,

@@ -44,7 +44,8 @@ class CodecWorkers:
         keys: Sequence[tuple[int, int]],
         pages: Sequence[bytes | memoryview],
     ) -> asyncio.Future[list[bytes | None]]:
-        """encoder.encode(keys, pages) in a worker; every page must stay unwritten until done."""
+        """encoder.encode(keys, pages) in a worker (a buffer of `pages` may hold a run of
+        whole pages); every page must stay unwritten until done."""
         job = self._pool.encode(list(keys), list(pages), encoder.threshold, encoder.store_raw)
         return self._wait(job, _as_is)
 

@@ -22,7 +22,11 @@
 # pages on the loop (where a hop costs more than it saves) and hand the workers `hop` pages at a
 # time, more than a loop step, and `get_hop` pages of a get: NBD hands them half a write group
 # per hop, a whole read group (node/nbd/server.py).  A page that is a view (of a request's
-# bytes, which nothing writes meanwhile) is compressed where it is, never copied first.  Either
+# bytes, which nothing writes meanwhile) is compressed where it is, never copied first; put_runs
+# takes the pages of a front door's requests as they came, runs of pages back to back (an NBD
+# write's payload, a PutBatch's blob), and hands the codec a chunk's runs cut at its ends, not a
+# view per page (~0.3 us of the loop's time each, a tenth of what the loop spends per page on
+# NBD writes).  Either
 # way a get batch's remote copies are fetched once, before its first chunk; a chunk looks again
 # only once the prefetch's check says a local copy went meanwhile.
 #
@@ -58,13 +62,16 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from itertools import accumulate
 from typing import Protocol, TypeVar
 
 from node.codecworkers import CodecWorkers
 from node.fairness import SmallFirst
 from node.settings import Settings
+from ramster.wire import page_views
 from ramster.zcache import (
     PAGE_SIZE,
     PageEncoder,
@@ -212,20 +219,41 @@ class ChunkedEngine:
         """Store pages under keys; every key and page is checked before the first chunk, unless
         the caller did (`checked`: keys passed check_keys, or were made from checked numbers,
         and every page is exactly PAGE_SIZE bytes, as the front doors' wire formats make them)."""
-        engine = self.engine
         if len(keys) <= INLINE_PAGES:
-            return engine.put_batch(pool, keys, [bytes(p) for p in pages])
-        encoder, workers = engine.encoder(pool), self.workers
+            return self.engine.put_batch(pool, keys, [bytes(p) for p in pages])
         if not checked:  # all, before a chunk is filed
             check_put_batch(keys, [p if type(p) is bytes else _page_shaped(p) for p in pages])
+        return await self._put(pool, keys, pages.__getitem__)
+
+    async def put_runs(
+        self, pool: int, keys: list[tuple[int, int]], runs: Sequence[bytes | memoryview]
+    ) -> list[PutResult]:
+        """put_batch() of checked keys and pages that lie back to back in `runs` (bytes or byte
+        views of whole pages: a request's payload, a batch's blob), len(keys) pages in all.
+        They are coded where they lie, a hop's pages in a few buffers, with no view per page."""
+        if len(keys) <= INLINE_PAGES:
+            pages = [bytes(page) for run in runs for page in page_views(run, _pages_of(run))]
+            return self.engine.put_batch(pool, keys, pages)
+        return await self._put(pool, keys, _Runs(runs).cut)
+
+    async def _put(
+        self,
+        pool: int,
+        keys: list[tuple[int, int]],
+        cut: Callable[[slice], Sequence[bytes | memoryview]],
+    ) -> list[PutResult]:
+        """A checked put batch of more than INLINE_PAGES pages, chunk by chunk; `cut(part)` is
+        the buffers that hold the pages of `part`."""
+        engine = self.engine
+        encoder, workers = engine.encoder(pool), self.workers
 
         # a page that is a view (of a request's bytes) is read as it is, never copied whole
         def encode_part(part: slice) -> list[bytes | None]:
-            return encoder.encode(keys[part], pages[part])
+            return encoder.encode(keys[part], cut(part))
 
         def offload_part(part: slice) -> asyncio.Future[list[bytes | None]]:
             assert workers is not None
-            return workers.encode(encoder, keys[part], pages[part])
+            return workers.encode(encoder, keys[part], cut(part))
 
         def file(part: slice, encoded: list[bytes | None]) -> list[PutResult]:
             return engine.file_encoded(pool, keys[part], encoded, keys_checked=True)
@@ -357,6 +385,34 @@ def _same(item: X) -> X:
 
 def _got(part: slice, pages: list[bytes | PageError | None]) -> list[bytes | PageError | None]:
     return pages
+
+
+def _pages_of(run: bytes | memoryview) -> int:
+    return (len(run) if type(run) is bytes else memoryview(run).nbytes) // PAGE_SIZE
+
+
+class _Runs:
+    """Pages back to back in a few buffers, cut by page numbers into the buffers (whole, or
+    byte views of them) that hold a part's pages."""
+
+    def __init__(self, runs: Sequence[bytes | memoryview]) -> None:
+        self.runs = runs
+        self.starts = list(accumulate(map(_pages_of, runs), initial=0))  # page of each run
+
+    def cut(self, part: slice) -> list[bytes | memoryview]:
+        runs, starts = self.runs, self.starts
+        first, stop = part.start, min(part.stop, starts[-1])
+        out: list[bytes | memoryview] = []
+        at = bisect_right(starts, first) - 1
+        while at < len(runs) and starts[at] < stop:
+            begin, end = starts[at], starts[at + 1]
+            if first <= begin and end <= stop:
+                out.append(runs[at])
+            else:
+                lo, hi = max(first, begin) - begin, min(stop, end) - begin
+                out.append(memoryview(runs[at]).cast("B")[lo * PAGE_SIZE : hi * PAGE_SIZE])
+            at += 1
+        return out
 
 
 _SHAPE = bytes(PAGE_SIZE)

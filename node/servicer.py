@@ -81,8 +81,9 @@ from ramster.bulkwire import (
 )
 from ramster.v1 import tmem_pb2 as pb
 from ramster.v1 import tmem_pb2_grpc
-from ramster.wire import Outcome, PageStatus, batch_keys, check_index, page_views
+from ramster.wire import Outcome, PageStatus, batch_keys, check_index, page_run
 from ramster.zcache import (
+    PAGE_SIZE,
     CorruptPage,
     PageError,
     PoolKind,
@@ -247,18 +248,17 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         """A PutBatchResponse's parts."""
         keys = batch_keys(req.oids, req.indexes)
         pool = self._room_for(req.pool, len(keys))
-        pages = page_views(blob, len(keys))
+        run = page_run(blob, len(keys))
         check_keys(keys)  # all, before the first part is filed
         if len(keys) == 1:  # a page fault's: no turn to wait for, as a unary Put
-            return put_batch_reply(await self.chunked.put_batch(pool, keys, pages, checked=True))
+            return put_batch_reply(await self.chunked.put_runs(pool, keys, [run]))
         outcomes: list[PutResult] = []
         for part in _parts(len(keys)):
             # the checks above, or the last part, were a step of their own
             await self.chunked.step()
             async with self.turns.turn(client):
-                outcomes += await self.chunked.put_batch(
-                    pool, keys[part], pages[part], checked=True
-                )
+                pages = run[part.start * PAGE_SIZE : part.stop * PAGE_SIZE]
+                outcomes += await self.chunked.put_runs(pool, keys[part], [pages])
         return put_batch_reply(outcomes)
 
     async def _get_batch(self, req: pb.GetBatchRequest, client: str) -> Parts:

@@ -12,8 +12,8 @@
 # integer lists, so the per-page cost on either end is one slice or one join, not a protobuf
 # message.  `oids` holds one object id for every page, or one per page.  Everything that checks
 # a batch lives here so the node and the client agree on what is valid, and messages say what
-# was wrong.  page_views() cuts a blob into memoryviews of it for the node: no page is copied
-# until the engine takes it, a slice at a time.
+# was wrong.  page_run() checks a blob of pages for the node, which codes them where they lie
+# (page_views() cuts one into a view per page): no page is copied until the engine takes it.
 #
 # Keys: pool ids and page indexes are uint64 on the wire (so a value from a 64-bit caller is
 # never silently cut to its low 32 bits, which would name another page or pool).  A client's
@@ -144,15 +144,22 @@ def batch_keys(oids: Sequence[int], indexes: Sequence[int]) -> list[tuple[int, i
     return list(zip(shared, indexes, strict=True))
 
 
-def page_views(blob: Blob, count: int) -> list[memoryview]:
-    """`count` pages out of a blob of pages back to back, as views of it (nothing is copied:
-    the engine copies each page when it takes it)."""
+def page_run(blob: Blob, count: int) -> memoryview:
+    """A blob of `count` pages back to back, as a byte view of it (the engine codes the pages
+    where they lie)."""
     view = memoryview(blob).cast("B")
     if view.nbytes != count * PAGE_SIZE:
         raise BatchError(
             f"{count} keys need {count * PAGE_SIZE} bytes of pages, got {view.nbytes} bytes "
             f"(pages are exactly {PAGE_SIZE} bytes)"
         )
+    return view
+
+
+def page_views(blob: Blob, count: int) -> list[memoryview]:
+    """`count` pages out of a blob of pages back to back, as views of it (nothing is copied:
+    the engine copies each page when it takes it)."""
+    view = page_run(blob, count)
     ends = range(PAGE_SIZE, view.nbytes + PAGE_SIZE, PAGE_SIZE)  # slices made at C speed
     return list(map(view.__getitem__, map(slice, range(0, view.nbytes, PAGE_SIZE), ends)))
 

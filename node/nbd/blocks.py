@@ -6,18 +6,19 @@
 # for compressing badly.  Its pages leave RAM to peers and disk like any persistent page.
 #
 # A READ group is one get batch: a never-written block reads as zeros, a page that cannot be
-# returned (corrupt, or out of reach on a peer) fails its read with EIO.  A WRITE group is one
-# put batch of its writes' blocks (views of the connection's input: the engine copies each page
-# as it takes it) plus the flush of its zeroed and trimmed blocks; a write is acknowledged only
-# if every page of it was stored, else it fails with ENOSPC (the pages it replaced are gone
-# then, as a failed write leaves its range unspecified); zeroed blocks are flushed by walking the
-# range, or the pool's index when that is smaller (a whole-device TRIM of a big export costs
-# what is stored, not what it could hold).  ALONE requests: an unaligned WRITE reads its partial
-# first and last blocks first (read-modify-write, under a per-export lock so two connections'
-# partial writes to one block cannot lose each other); an unaligned WRITE_ZEROES flushes its
-# whole blocks and zeroes the partial edges the same way.  FLUSH and FUA have nothing to wait
-# for: every acknowledged write is already in the engine, which all connections share (hence
-# CAN_MULTI_CONN); an export is exactly as durable as the node's persistent pool.
+# returned (corrupt, or out of reach on a peer) fails its read with EIO.  A WRITE group is one put
+# batch of its writes' blocks (their payloads, views of the connection's input, coded where they
+# lie: the engine copies each page as it takes it) plus the flush of its zeroed and trimmed
+# blocks; a write is acknowledged only if every page of it was stored, else it fails with ENOSPC
+# (the pages it replaced are gone then, as a failed write leaves its range unspecified); zeroed
+# blocks are flushed by walking the range, or the pool's index when that is smaller (a
+# whole-device TRIM of a big export costs what is stored, not what it could hold).  ALONE requests:
+# an unaligned WRITE reads its partial first and last blocks first (read-modify-write, under a
+# per-export lock so two connections' partial writes to one block cannot lose each other); an
+# unaligned WRITE_ZEROES flushes its whole blocks and zeroes the partial edges the same way.  FLUSH
+# and FUA have nothing to wait for: every acknowledged write is already in the engine, which all
+# connections share (hence CAN_MULTI_CONN); an export is exactly as durable as the node's
+# persistent pool.
 #
 # The engine batches run through the server's ChunkedEngine, on the loop or with the engine's
 # codec workers (node/nbd/server.py); an engine error, a failed codec worker included, fails
@@ -38,7 +39,6 @@ from node.engine import ChunkedEngine
 from node.logs import log_event
 from node.nbd.plan import OID_BITS, Group, Key, Kind, block_keys, inner, span
 from ramster.nbd import Error, Export, Read, Request, Trim, Write, WriteZeroes
-from ramster.wire import page_views
 from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheError
 
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -103,7 +103,7 @@ class ExportBlocks:
         """Aligned WRITEs, WRITE_ZEROES and TRIMs of distinct blocks (and FLUSHes) as one put
         batch and the flush of the zeroed blocks."""
         keys: list[Key] = []
-        pages: list[Piece] = []
+        runs: list[Piece] = []  # the writes' payloads, coded where they lie
         forget: list[tuple[int, int]] = []
         for request in requests:
             this = type(request)
@@ -111,10 +111,10 @@ class ExportBlocks:
                 assert isinstance(request, Write)
                 first = request.offset // PAGE_SIZE
                 keys += block_keys(first, first + request.length // PAGE_SIZE)
-                pages += page_views(request.data, request.length // PAGE_SIZE)
+                runs.append(request.data)
             elif this is Trim or this is WriteZeroes:
                 forget.append(inner(request.offset, request.length))
-        results = await self.chunked.put_batch(self.pool, keys, pages, True) if keys else []
+        results = await self.chunked.put_runs(self.pool, keys, runs) if keys else []
         for first, stop in forget:
             await self._forget(first, stop)
         answers: list[Answer] = []

@@ -30,9 +30,10 @@ class PageEncoder:
     def encode(
         self, keys: Sequence[tuple[int, int]], pages: Sequence[bytes | memoryview]
     ) -> list[bytes | None]:
-        """Per checked page (bytes, or a view of a page that nothing writes meanwhile: it is
-        read in place, not copied): its word if it is same-filled (WORD bytes), its zpage
-        (compressed, or raw under store_raw), or None (refused for poor compression)."""
+        """Per checked page (bytes, or a view that nothing writes meanwhile: it is read in
+        place, not copied; a buffer may hold a run of whole pages back to back, as many pages in
+        all as keys): its word if it is same-filled (WORD bytes), its zpage (compressed, or raw
+        under store_raw), or None (refused for poor compression)."""
         return encode_pages(keys, pages, self.threshold, self.store_raw)
 
 

@@ -120,6 +120,39 @@ async def test_big_batches_match_the_engine(
         workers.shutdown()
 
 
+@pytest.mark.parametrize("threads", [0, 1])
+async def test_pages_in_runs_are_put_as_the_same_pages_one_by_one(
+    engine: ZCache, sample_pages: list[bytes], threads: int
+) -> None:
+    """put_runs: runs of whole pages (of every length, cut by chunks and hops anywhere) store
+    what put_batch stores from the same pages one by one; a batch of INLINE_PAGES too."""
+    workers = CodecWorkers(threads) if threads else None
+    chunked = ChunkedEngine(engine, workers=workers, hop=3 * INLINE_PAGES + 1)
+    reference = ZCache(ZCacheConfig(pool_limit_frames=8192))
+    pool = engine.create_pool(P, store_raw=True)
+    reference.create_pool(P, store_raw=True)
+    keys, pages = big_batch(sample_pages, 2, 7 * chunked.hop + 5)
+    lengths = [1, 5, chunked.hop, 2 * chunked.hop + 3, 64, 1, 3]
+    lengths.append(len(pages) - sum(lengths))
+    runs: list[bytes | memoryview] = []
+    at = 0
+    for n, length in enumerate(lengths):
+        run = b"".join(pages[at : at + length])
+        runs.append(run if n % 2 else memoryview(bytearray(run)))
+        at += length
+    assert await chunked.put_runs(pool, keys, runs) == reference.put_batch(pool, keys, pages)
+    few = [(3, i) for i in range(INLINE_PAGES)]
+    assert await chunked.put_runs(pool, few, [b"".join(pages[:INLINE_PAGES])]) == (
+        reference.put_batch(pool, few, pages[:INLINE_PAGES])
+    )
+    for cache in (engine, reference):
+        assert cache.get_batch(pool, keys + few) == pages + pages[:INLINE_PAGES]
+    assert engine.stats == reference.stats
+    engine.verify()
+    if workers:
+        workers.shutdown()
+
+
 async def test_codec_in_workers_state_on_the_loop(
     engine: ZCache, sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -53,6 +53,9 @@ async def test_many_jobs_at_once_give_the_codecs_own_results(sample_pages: list[
             jobs = [workers.encode(encoder, keys[part], views[part]) for part in parts]
             encoded = [z for part in await asyncio.gather(*jobs) for z in part]
             assert encoded == encode_pages(keys, pages, encoder.threshold, encoder.store_raw)
+            runs = [[b"".join(pages[part])] for part in parts]  # a job's pages in one buffer
+            jobs = [workers.encode(encoder, keys[p], r) for p, r in zip(parts, runs, strict=True)]
+            assert [z for part in await asyncio.gather(*jobs) for z in part] == encoded
         zpaged = [(k, z) for k, z in zip(keys, encoded, strict=True) if z and len(z) > 8]
         tampered = bytearray(zpaged[5][1])
         tampered[-1] ^= 1

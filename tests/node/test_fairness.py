@@ -80,30 +80,30 @@ def test_a_client_is_its_tenant_or_else_its_address() -> None:
 
 
 class Engine:
-    """ChunkedEngine.put_batch, recording the object id of each part that enters it (and its
-    size); a part of an object in `held` waits for that object's event first."""
+    """ChunkedEngine.put_runs (which the servicer's put batches take), recording the object id
+    of each part that enters it (and its size); a part of an object in `held` waits for that
+    object's event first."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered: list[tuple[int, int]] = []
         self.held: dict[int, asyncio.Event] = {}
         self.arrived: dict[int, asyncio.Event] = {}
-        original = ChunkedEngine.put_batch
+        original = ChunkedEngine.put_runs
 
-        async def put_batch(
+        async def put_runs(
             chunked: ChunkedEngine,
             pool: int,
             keys: list[tuple[int, int]],
-            pages: Sequence[bytes | memoryview],
-            checked: bool = False,
+            runs: Sequence[bytes | memoryview],
         ) -> list[PutResult]:
             oid = keys[0][0]
             self.entered.append((oid, len(keys)))
             self.arrival(oid).set()
             if oid in self.held:
                 await self.held[oid].wait()
-            return await original(chunked, pool, keys, pages, checked)
+            return await original(chunked, pool, keys, runs)
 
-        monkeypatch.setattr(ChunkedEngine, "put_batch", put_batch)
+        monkeypatch.setattr(ChunkedEngine, "put_runs", put_runs)
 
     def arrival(self, oid: int) -> asyncio.Event:
         return self.arrived.setdefault(oid, asyncio.Event())

@@ -196,7 +196,7 @@ async def test_a_single_get_goes_ahead_of_a_big_batch(
         at_arrival: list[int] = []
         at_handler: list[int] = []
         parts = 0
-        arrive, get, put_batch = SmallFirst.arrive, TmemServicer._get_page, ChunkedEngine.put_batch
+        arrive, get, put_runs = SmallFirst.arrive, TmemServicer._get_page, ChunkedEngine.put_runs
 
         def arriving(small_first: SmallFirst) -> None:
             at_arrival.append(len(sizes))
@@ -213,19 +213,18 @@ async def test_a_single_get_goes_ahead_of_a_big_batch(
             chunked: ChunkedEngine,
             pool: int,
             keys: list[tuple[int, int]],
-            pages: Sequence[bytes | memoryview],
-            checked: bool = False,
+            runs: Sequence[bytes | memoryview],
         ) -> list[PutResult]:
             nonlocal parts
             parts += 1
             if parts == 2:  # the batch's second part goes on once the get has arrived
                 second_part.set()
                 await arrived.wait()
-            return await put_batch(chunked, pool, keys, pages, checked)
+            return await put_runs(chunked, pool, keys, runs)
 
         monkeypatch.setattr(SmallFirst, "arrive", arriving)
         monkeypatch.setattr(TmemServicer, "_get_page", getting)
-        monkeypatch.setattr(ChunkedEngine, "put_batch", putting)
+        monkeypatch.setattr(ChunkedEngine, "put_runs", putting)
         batch = asyncio.create_task(client.put_batch(pool, KeyRange(1, 0, count), pages))
         await asyncio.wait_for(second_part.wait(), BOUND)
         assert await client.get(pool, 7, 0) == pages[1]

@@ -105,6 +105,18 @@ def test_a_crafted_overlong_stream_is_refused() -> None:
         assert isinstance(answer, str)
 
 
+def test_pages_in_runs_encode_as_one_page_each(sample_pages: list[bytes]) -> None:
+    """A buffer of several whole pages back to back (a request's payload) is those pages."""
+    pages = [*sample_pages[:5], bytes(PAGE_SIZE), sample_pages[5]]
+    keys = [(4, i) for i in range(len(pages))]
+    runs = [b"".join(pages[:3]), memoryview(bytearray(b"".join(pages[3:6]))), pages[6]]
+    assert encode_pages(keys, runs, THRESHOLD, True) == encode_pages(keys, pages, THRESHOLD, True)
+    with pytest.raises(ValueError, match="differ in number: 6 keys, 7 pages"):
+        encode_pages(keys[:6], runs, THRESHOLD, True)
+    with pytest.raises(ValueError, match="page 0 is 0 bytes, not whole pages"):
+        encode_pages([], [b""], THRESHOLD, True)
+
+
 def test_bad_arguments_are_errors(sample_pages: list[bytes]) -> None:
     with pytest.raises(ValueError, match="differ in number"):
         encode_pages([(1, 0)], sample_pages[:2], THRESHOLD, True)
