@@ -25,10 +25,9 @@
 # bytes, which nothing writes meanwhile) is compressed where it is, never copied first; put_runs
 # takes the pages of a front door's requests as they came, runs of pages back to back (an NBD
 # write's payload, a PutBatch's blob), and hands the codec a chunk's runs cut at its ends, not a
-# view per page (~0.3 us of the loop's time each, a tenth of what the loop spends per page on
-# NBD writes).  Either
-# way a get batch's remote copies are fetched once, before its first chunk; a chunk looks again
-# only once the prefetch's check says a local copy went meanwhile.
+# view per page (~0.3 us of the loop's time each, 6-8% of what the loop spent per page on
+# NBD writes).  Either way a get batch's remote copies are fetched once, before its first
+# chunk; a chunk looks again only once the prefetch's check says a local copy went meanwhile.
 #
 # The workers are native threads that never take the GIL (node/codecworkers.py): a chunk costs
 # the loop its submission and its results, and a worker never waits for the loop.
