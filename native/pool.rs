@@ -93,7 +93,8 @@ fn run(work: &Work) -> Output {
             threshold,
             store_raw,
         } => {
-            // SAFETY: PAGE_SIZE-byte buffers held exported by the job (checked at submit).
+            // SAFETY: each address starts a page inside a buffer the job holds exported (every
+            // buffer checked at submit to be whole pages).
             let pages = pages
                 .iter()
                 .map(|&page| unsafe { std::slice::from_raw_parts(page as *const u8, PAGE_SIZE) });

@@ -70,7 +70,7 @@ from typing import Protocol, TypeVar
 from node.codecworkers import CodecWorkers
 from node.fairness import SmallFirst
 from node.settings import Settings
-from ramster.wire import page_views
+from ramster.wire import byte_size, page_views
 from ramster.zcache import (
     PAGE_SIZE,
     PageEncoder,
@@ -387,7 +387,7 @@ def _got(part: slice, pages: list[bytes | PageError | None]) -> list[bytes | Pag
 
 
 def _pages_of(run: bytes | memoryview) -> int:
-    return (len(run) if type(run) is bytes else memoryview(run).nbytes) // PAGE_SIZE
+    return byte_size(run) // PAGE_SIZE
 
 
 class _Runs:

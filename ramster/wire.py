@@ -164,10 +164,15 @@ def page_views(blob: Blob, count: int) -> list[memoryview]:
     return list(map(view.__getitem__, map(slice, range(0, view.nbytes, PAGE_SIZE), ends)))
 
 
+def byte_size(blob: Blob) -> int:
+    """How many bytes `blob` holds (a view's, whatever its item format)."""
+    return len(blob) if type(blob) is bytes else memoryview(blob).nbytes
+
+
 def check_pages(pages: Sequence[Blob]) -> None:
     """BatchError unless every page is exactly one page long."""
     for n, page in enumerate(pages):
-        size = len(page) if type(page) is bytes else memoryview(page).nbytes
+        size = byte_size(page)
         if size != PAGE_SIZE:
             raise BatchError(f"page {n} of the batch is {size} bytes, not {PAGE_SIZE}")
 
