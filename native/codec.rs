@@ -41,7 +41,7 @@ mod table;
 use table::Table;
 
 pub(crate) const PAGE_SIZE: usize = 4096;
-const WORD: usize = 8;
+pub(crate) const WORD: usize = 8;
 pub(crate) const HEADER_SIZE: usize = 18;
 // The most bytes LZ4 packs a same-filled page into (codec.py's SAME_FILLED_PACKED).
 const SAME_FILLED_PACKED: usize = 48;

@@ -64,9 +64,17 @@ class Slots:
         lent: list[int],
         spare: list[int],
         born: list[int],
+        skipped: list[int],
     ) -> tuple[int, int, int, int, int]: ...
     def free(
-        self, zs: object, handles: list[int], first: int, tag: int, mask: int
+        self,
+        zs: object,
+        handles: list[int],
+        first: int,
+        tag: int,
+        mask: int,
+        skip: int,
+        skipped: list[int],
     ) -> tuple[int, int]: ...
 
 # a finished job's result: an encode's, an open's, or its worker's failure

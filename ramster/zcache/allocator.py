@@ -48,13 +48,16 @@ class File(Protocol):
         stored: Any,
         handles: list[int],
         results: list[Any],
+        skipped: list[int],
     ) -> tuple[int, int]: ...
 
 
 class FreeMany(Protocol):
     """Native frees of a run of a batch's handles (Zsmalloc.free_many)."""
 
-    def __call__(self, handles: list[int], first: int, tag: int, mask: int) -> int: ...
+    def __call__(
+        self, handles: list[int], first: int, tag: int, mask: int, skip: int, skipped: list[int]
+    ) -> int: ...
 
 
 class Allocator(Protocol):

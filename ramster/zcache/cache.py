@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from typing import cast
 
 from ramster.zcache._codec import open_zpages_at
 from ramster.zcache.allocator import Allocator
@@ -244,9 +245,12 @@ class ZCache:
         stored = PutResult.STORED
         tick = self.tick  # self.tick is brought up to date before any slow path
         count, i = len(encoded), -1
+        words: list[int] = []  # the same-filled words the native filing passed over
         while (i := i + 1) < count:
             if file is not None:  # most zpages, many in one call; it stops at any other case
-                i, tick = file(encoded, i, ZPAGE_TAG, tick, stored, handles, results)
+                i, tick = file(encoded, i, ZPAGE_TAG, tick, stored, handles, results, words)
+                if words:
+                    self._file_words(encoded, words, handles, results)
                 if i == count:
                     break
             item = encoded[i]
@@ -285,6 +289,20 @@ class ZCache:
         for result, count in Counter(results).items():
             outcomes[result] += count
         return results
+
+    def _file_words(
+        self,
+        encoded: list[bytes | None],
+        at: list[int],
+        handles: list[int],
+        results: list[PutResult],
+    ) -> None:
+        """The same-filled words a native filing passed over (at positions `at`, emptied)."""
+        ref, tag, same = self.same.ref, SAME_TAG, PutResult.SAME_FILLED
+        for i in at:
+            handles[i] = tag | ref(cast(bytes, encoded[i]))
+            results[i] = same
+        at.clear()
 
     def get_batch(
         self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool = False
@@ -496,6 +514,16 @@ class ZCache:
             self.stats.flushes += 1
         return bool(handle)
 
+    def flush_pages(self, pool_id: int, keys: list[tuple[int, int]]) -> int:
+        """flush_page() of many keys, in a few native calls (the index's, the allocator's batch
+        frees); how many held a page."""
+        pool = self.pool(pool_id)
+        check_keys(keys)
+        handles = pool.index.remove_many(keys)
+        self._release_all(pool, handles)
+        self.stats.flushes += len(handles)
+        return len(handles)
+
     def flush_object(self, pool_id: int, oid: int) -> int:
         """Forget every page of an object; how many there were."""
         pool = self.pool(pool_id)
@@ -595,9 +623,14 @@ class ZCache:
         """_release() of many handles, the runs of the pool's zpages in the allocator's batch
         frees where it has them."""
         free_many, count, i = pool.zalloc.free_many, len(handles), 0
+        words: list[int] = []  # the same-filled words the native frees passed over
+        unref = self.same.unref
         while i < count:
             if free_many is not None:
-                i = free_many(handles, i, ZPAGE_TAG, HANDLE_MASK)
+                i = free_many(handles, i, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, words)
+                for at in words:
+                    unref(handles[at] & HANDLE_MASK)
+                words.clear()
                 if i == count:
                     return
             self._release(pool, handles[i])

@@ -96,6 +96,15 @@ def machine(
             assert had == ((oid, index) in self.model) or kind is PoolKind.EPHEMERAL
             self.model.pop((oid, index), None)
 
+        @rule(oid=OIDS, start=INDICES, count=st.integers(min_value=0, max_value=12))
+        def flush_pages(self, oid: int, start: int, count: int) -> None:
+            keys = [(oid, start + i // 2) for i in range(count)]  # with repeats
+            had = len({k for k in keys if k in self.model})
+            flushed = self.cache.flush_pages(self.pool, keys)
+            assert flushed == had or kind is PoolKind.EPHEMERAL
+            for key in keys:
+                self.model.pop(key, None)
+
         @rule(oid=OIDS)
         def flush_object(self, oid: int) -> None:
             self.cache.flush_object(self.pool, oid)
@@ -249,6 +258,15 @@ class TwoPoolModel(RuleBasedStateMachine):
         had = self.cache.flush_page(self.pools[kind], *key)
         assert had == (key in self.model[kind]) or kind is PoolKind.EPHEMERAL
         self.model[kind].pop(key, None)
+
+    @rule(kind=POOL, keys=st.lists(KEYS, max_size=40))
+    def flush_pages(self, kind: PoolKind, keys: list[tuple[int, int]]) -> None:
+        keys += list(self.model[kind])[:20]  # mostly keys that hold pages
+        had = len(set(keys) & set(self.model[kind]))
+        flushed = self.cache.flush_pages(self.pools[kind], keys)
+        assert flushed == had or kind is PoolKind.EPHEMERAL
+        for key in keys:
+            self.model[kind].pop(key, None)
 
     @rule(kind=POOL, oid=OIDS)
     def flush_object(self, kind: PoolKind, oid: int) -> None:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
 from ramster.zcache.arena import Arena
 from ramster.zcache.backing import BackingFile
-from ramster.zcache.handles import HANDLE_MASK, SAME_TAG, ZPAGE_TAG
+from ramster.zcache.handles import HANDLE_MASK, RAW_TAG, SAME_TAG, ZPAGE_TAG
 from ramster.zcache.zsmalloc import (
     _LENGTH_CLASS,
     _SLOTS,
@@ -139,10 +139,16 @@ def file_natively(z: Zsmalloc, items: list[bytes | None], tick: int) -> tuple[li
     """Index handles of `items` as ZCache files them: natively while it can, else by alloc()
     (0: refused, or not a zpage); and the last tick."""
     handles: list[int] = []
-    results: list[str] = []
+    results: list[str | None] = []
+    words: list[int] = []
     i = -1
     while (i := i + 1) < len(items):
-        i, tick = z.file(items, i, ZPAGE_TAG, tick, "stored", handles, results)
+        i, tick = z.file(items, i, ZPAGE_TAG, tick, "stored", handles, results, words)
+        for at in words:  # passed over, standing in as 0 and None
+            item = items[at]
+            assert item is not None and len(item) == 8 and (handles[at], results[at]) == (0, None)
+            results[at] = "refused"  # not a zpage: file_in_python's 0
+        words.clear()
         if i == len(items):
             break
         item = items[i]
@@ -217,13 +223,16 @@ def test_native_filing_is_alloc(frames: int, rounds: list[tuple[list[int], list[
         assert got == want and tick_n == tick_p
         live += [h for h in got if h]
         gone = [live.pop(n % len(live)) for n in frees[: len(live) // 2]]
-        batch = list(gone)  # handles of another kind among them stop the native runs
+        batch = list(gone)  # words are passed over, raw pages stop the native runs
         for at in range(len(gone), -1, -5):
-            batch.insert(at, SAME_TAG | at)
-        i = 0
-        while (i := native.free_many(batch, i, ZPAGE_TAG, HANDLE_MASK)) < len(batch):
-            assert batch[i] >> 56 == SAME_TAG >> 56
+            batch.insert(at, (SAME_TAG, RAW_TAG)[at % 2] | at)
+        i, words = 0, []
+        while (i := native.free_many(batch, i, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, words)) < len(
+            batch
+        ):
+            assert batch[i] >> 56 == RAW_TAG >> 56
             i += 1
+        assert words == [at for at, h in enumerate(batch) if h >> 56 == SAME_TAG >> 56]
         for handle in gone:
             python.free(handle ^ ZPAGE_TAG)
         same_state(native, python, live)
@@ -235,22 +244,24 @@ def test_filing_stops_where_python_must_take_over(sample_pages: list[bytes]) -> 
     handles: list[int] = []
     results: list[str] = []
     # no hot zspage yet for the class: the native call files nothing, the wrapper starts one
-    assert _SLOTS.file(z, [blob], 0, ZPAGE_TAG, 0, "stored", handles, results, [], [], [])[:3] == (
-        0,
-        0,
-        0,
-    )
-    assert z.file([blob], 0, ZPAGE_TAG, 0, "stored", handles, results) == (1, 1)
+    none: list[int] = []
+    native = _SLOTS.file(z, [blob], 0, ZPAGE_TAG, 0, "stored", handles, results, [], [], [], none)
+    assert native[:3] == (0, 0, 0)
+    assert z.file([blob], 0, ZPAGE_TAG, 0, "stored", handles, results, none) == (1, 1)
     assert z.lru.live == 1 and z.ticks[z.hot[_LENGTH_CLASS[len(blob)]]] == 1
     items: list[bytes | None] = [blob, blob, None, blob]
-    assert z.file(items, 0, ZPAGE_TAG, 1, "stored", handles, results) == (2, 3)
+    assert z.file(items, 0, ZPAGE_TAG, 1, "stored", handles, results, none) == (2, 3)
     assert results == ["stored"] * 3 and len(set(handles)) == 3
-    assert z.file(items, 3, ZPAGE_TAG, 3, "stored", handles, results) == (4, 4)
+    assert z.file(items, 3, ZPAGE_TAG, 3, "stored", handles, results, none) == (4, 4)
     assert [z.read(h ^ ZPAGE_TAG)[:1000] for h in handles] == [blob] * 4
+    words = [blob, b"\1" * 8, b"\0" * 8, blob, b"\1" * 4114, blob]  # a raw page stops it
+    assert z.file(words, 0, ZPAGE_TAG, 4, "stored", handles, results, none) == (4, 6)
+    assert none == [1, 2] and handles[-3:-1] == [0, 0]
+    assert results[-4:] == ["stored", None, None, "stored"] and len(handles) == 8
     zid = (handles[0] ^ ZPAGE_TAG) >> SLOT_BITS
     z.used[zid * WORDS : (zid + 1) * WORDS] = array("Q", [(1 << 64) - 1] * WORDS)  # gone wrong
     with pytest.raises(ValueError, match="hot zspage with no free slot"):
-        z.file([blob], 0, ZPAGE_TAG, 5, "stored", handles, results)
+        z.file([blob], 0, ZPAGE_TAG, 5, "stored", handles, results, none)
 
 
 def test_native_filing_refills_the_fullest_zspages_first() -> None:
@@ -263,7 +274,7 @@ def test_native_filing_refills_the_fullest_zspages_first() -> None:
     assert (first, tick) == file_in_python(python, items, 0)
     for zspage, frees in ((0, 40), (1, 10), (2, 30)):
         gone = first[zspage * 64 : zspage * 64 + frees]
-        assert native.free_many(gone, 0, ZPAGE_TAG, HANDLE_MASK) == len(gone)
+        assert native.free_many(gone, 0, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, []) == len(gone)
         for handle in gone:
             python.free(handle ^ ZPAGE_TAG)
     same_state(native, python, [])
@@ -279,12 +290,12 @@ def test_native_filing_refills_the_fullest_zspages_first() -> None:
 def test_batch_frees_refuse_bad_handles(sample_pages: list[bytes]) -> None:
     z = Zsmalloc(Arena(64))
     handles = [ZPAGE_TAG | z.alloc(sample_pages[0][:900], t) for t in (1, 2, 3)]
-    assert z.free_many(handles[:1], 0, ZPAGE_TAG, HANDLE_MASK) == 1 and z.zpages == 2
+    assert z.free_many(handles[:1], 0, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, []) == 1 and z.zpages == 2
     with pytest.raises(ValueError, match="not in use"):  # freed already
-        z.free_many(handles[:1], 0, ZPAGE_TAG, HANDLE_MASK)
+        z.free_many(handles[:1], 0, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, [])
     with pytest.raises(ValueError, match="past the table"):
-        z.free_many([ZPAGE_TAG | 10**6 << SLOT_BITS], 0, ZPAGE_TAG, HANDLE_MASK)
+        z.free_many([ZPAGE_TAG | 10**6 << SLOT_BITS], 0, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, [])
     with pytest.raises(ValueError, match="past its zspage"):
-        z.free_many([handles[1] | SLOT_MASK], 0, ZPAGE_TAG, HANDLE_MASK)
+        z.free_many([handles[1] | SLOT_MASK], 0, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, [])
     assert z.zpages == 2
     check_accounting(z)

@@ -76,6 +76,32 @@ def test_same_filled_pages_store_only_the_word(cache: ZCache) -> None:
     assert len(cache.same.words) == 2  # the two zero pages share one word
 
 
+def test_same_filled_words_among_zpages_are_counted_in_and_out(
+    cache: ZCache, allocator: str, sample_pages: list[bytes]
+) -> None:
+    """Batches mixing words and zpages (which zsmalloc files and frees natively, the words
+    passed over to the cache): each word is referenced once per page and let go when its page
+    is replaced or flushed."""
+    pool = cache.create_pool(P, allocator)
+    zero, ones = bytes(PAGE_SIZE), b"\xff" * PAGE_SIZE
+    pages = [
+        page for pair in zip(sample_pages[:30], [zero, ones] * 15, strict=True) for page in pair
+    ]
+    keys = [(1, i) for i in range(len(pages))]
+    results = cache.put_batch(pool, keys, pages)
+    assert results.count(PutResult.SAME_FILLED) == 30 and cache.same.pages == 30
+    assert len(cache.same.words) == 2
+    cache.put_batch(pool, keys[:20], sample_pages[30:50])  # 10 words replaced by zpages
+    assert cache.same.pages == 20
+    cache.put_batch(pool, keys[20:], [zero] * 40)  # 20 words and 20 zpages replaced by words
+    assert cache.same.pages == 40
+    assert cache.flush_pages(pool, keys[20:30]) == 10 and cache.same.pages == 30
+    assert cache.get_batch(pool, keys) == [*sample_pages[30:50], *[None] * 10, *[zero] * 30]
+    cache.put_batch(pool, keys, sample_pages[:60])
+    assert cache.same.pages == 0 and not any(cache.same.words)
+    cache.verify()
+
+
 def test_poorly_compressible_page_is_refused_with_reason(
     cache: ZCache, incompressible_pages: list[bytes]
 ) -> None:
@@ -156,6 +182,35 @@ def test_flush_page_and_object(cache: ZCache, allocator: str, sample_pages: list
     assert cache.flush_object(pool, 1) == 0
     assert all(cache.get(pool, 2, i * 1000) == sample_pages[i] for i in range(10))
     cache.verify()
+
+
+def test_flush_pages_frees_what_flush_page_frees(
+    allocator: str, sample_pages: list[bytes], incompressible_pages: list[bytes]
+) -> None:
+    """zpages, same-filled words and raw pages, some keys missing, one repeated."""
+    pages = [*sample_pages[:40], bytes(PAGE_SIZE), b"\xab" * PAGE_SIZE, *incompressible_pages[:3]]
+    caches = []
+    for batch in (False, True):
+        cache = ZCache(ZCacheConfig(pool_limit_frames=512))
+        pool = cache.create_pool(P, allocator, store_raw=True)
+        cache.put_batch(pool, [(4, i) for i in range(len(pages))], pages)
+        gone = [(4, i) for i in range(0, len(pages) + 5, 2)] + [(4, 2), (5, 0)]
+        if batch:
+            assert cache.flush_pages(pool, gone) == (len(pages) + 1) // 2
+        else:
+            assert sum(cache.flush_page(pool, *key) for key in gone) == (len(pages) + 1) // 2
+        assert [cache.get(pool, 4, i) for i in range(len(pages))] == [
+            None if i % 2 == 0 else page for i, page in enumerate(pages)
+        ]
+        cache.verify()
+        caches.append((cache, pool))
+    (one, _), (many, pool) = caches
+    assert (many.stored_pages, many.frames) == (one.stored_pages, one.frames)
+    assert many.stats.flushes == one.stats.flushes
+    assert many.flush_pages(pool, [(4, i) for i in range(len(pages))]) == len(pages) // 2
+    assert (many.stored_pages, many.frames) == (0, 0)
+    with pytest.raises(InvalidKey, match="object id"):
+        many.flush_pages(pool, [(4, 0), (-1, 0)])
 
 
 def test_destroy_pool_frees_frames(cache: ZCache, sample_pages: list[bytes]) -> None:
