@@ -292,6 +292,20 @@ class StreamMetrics:
         children[1].observe(seconds)
 
 
+def observe_many(histogram: Histogram, amount: float, times: int) -> None:
+    """`times` observations of `amount` in a histogram (a labelled child) at the cost of one: the
+    sum grows by amount * times and the bucket `amount` falls in by `times`, as that many
+    observe() calls would leave them.  For a batch whose requests all took the batch's time
+    (NBD counts a group's requests so: ~20,000 a GiB of nbdcopy writes, whose observe() each cost
+    a lock per call).  Reaches into prometheus_client's Histogram (its _sum, _upper_bounds and
+    per-bucket _buckets, stable since 0.4); tests/node/test_metrics.py holds it to observe()."""
+    histogram._sum.inc(amount * times)
+    for bucket, bound in zip(histogram._buckets, histogram._upper_bounds, strict=True):
+        if amount <= bound:
+            bucket.inc(times)
+            return
+
+
 class NbdMetrics:
     """NBD exports: requests by command and result, bytes moved, latency, connections.  The
     export label's values are the configured exports, so it stays bounded."""

@@ -12,7 +12,9 @@
 # blocks; a write is acknowledged only if every page of it was stored, else it fails with ENOSPC
 # (the pages it replaced are gone then, as a failed write leaves its range unspecified); zeroed
 # blocks are flushed by walking the range, or the pool's index when that is smaller (a
-# whole-device TRIM of a big export costs what is stored, not what it could hold).  ALONE requests:
+# whole-device TRIM of a big export costs what is stored, not what it could hold), the whole
+# group's in one engine call (flush_pages): nbdcopy sends a WRITE_ZEROES for each run of zero
+# pages it finds, ~8,500 per GiB of the gcc corpus, mostly of 1-2 blocks.  ALONE requests:
 # an unaligned WRITE reads its partial first and last blocks first (read-modify-write, under a
 # per-export lock so two connections' partial writes to one block cannot lose each other); an
 # unaligned WRITE_ZEROES flushes its whole blocks and zeroes the partial edges the same way.  FLUSH
@@ -115,8 +117,7 @@ class ExportBlocks:
             elif this is Trim or this is WriteZeroes:
                 forget.append(inner(request.offset, request.length))
         results = await self.chunked.put_runs(self.pool, keys, runs) if keys else []
-        for first, stop in forget:
-            await self._forget(first, stop)
+        await self._forget(forget)
         answers: list[Answer] = []
         at = 0
         for request in requests:
@@ -177,7 +178,7 @@ class ExportBlocks:
         first, stop = inner(offset, length)
         if first >= stop:  # within one block, or across one boundary only
             return await self._write(offset, bytes(length))
-        await self._forget(first, stop)
+        await self._forget([(first, stop)])
         for lo, hi in ((offset, first * PAGE_SIZE), (stop * PAGE_SIZE, end)):
             if hi > lo:
                 error = await self._write(lo, bytes(hi - lo))
@@ -185,18 +186,22 @@ class ExportBlocks:
                     return error
         return Error.OK
 
-    async def _forget(self, first: int, stop: int) -> None:
-        """Flush blocks first..stop-1: by walking the range when it is smaller than the pool,
-        else by walking the pool's index."""
-        if stop <= first:
-            return
+    async def _forget(self, ranges: list[tuple[int, int]]) -> None:
+        """Flush the blocks of ranges (first, stop): each by its keys when it is smaller than the
+        pool, else by walking the pool's index; FLUSHES_PER_YIELD keys per call, a yield between
+        two calls."""
         engine, pool = self.engine, self.pool
-        if stop - first <= engine.pool_pages(pool):
-            keys = block_keys(first, stop)
-        else:
-            keys = [(o, i) for o, i in engine.keys(pool) if first <= (o << OID_BITS | i) < stop]
-        flush = engine.flush_page
-        for n, (oid, i) in enumerate(keys, 1):
-            flush(pool, oid, i)
-            if n % FLUSHES_PER_YIELD == 0:
+        keys: list[Key] = []
+        for first, stop in ranges:
+            if stop <= first:
+                continue
+            if stop - first <= engine.pool_pages(pool):
+                keys += block_keys(first, stop)
+            else:
+                keys += [
+                    (o, i) for o, i in engine.keys(pool) if first <= (o << OID_BITS | i) < stop
+                ]
+        for at in range(0, len(keys), FLUSHES_PER_YIELD):
+            if at:
                 await asyncio.sleep(0)
+            engine.flush_pages(pool, keys[at : at + FLUSHES_PER_YIELD])

@@ -84,11 +84,15 @@ def groups(requests: list[Request]) -> Iterator[Group]:
     """The requests in order, cut into groups (see the header)."""
     group: Group | None = None  # the open group, which may grow
     pages = 0
-    touched: set[int] = set()  # blocks of the open WRITE group
+    # The blocks of the open WRITE group: all below `end`; the ranges of its requests, put in a
+    # set only when a request starts below `end` (never in a sequential copy), to check it.
+    end, spans, touched = 0, list[range](), set[int]()
     for request in requests:
         if type(request) is Flush:
             if group is None:
                 group, pages = Group(Kind.WRITE), 0
+                end = 0
+                spans.clear()
                 touched.clear()
             group.requests.append(request)
             continue
@@ -100,17 +104,22 @@ def groups(requests: list[Request]) -> Iterator[Group]:
             yield Group(kind, [request])
             continue
         fits = group is not None and group.kind is kind and pages + stop - first <= GROUP_PAGES
-        if fits and kind is Kind.WRITE:
+        if fits and kind is Kind.WRITE and first < end:
+            touched.update(*spans)
+            spans.clear()
             fits = touched.isdisjoint(range(first, stop))
         if not fits:
             if group is not None:
                 yield group
             group, pages = Group(kind), 0
+            end = 0
+            spans.clear()
             touched.clear()
         assert group is not None
         group.requests.append(request)
         pages += stop - first
         if kind is Kind.WRITE:
-            touched.update(range(first, stop))
+            spans.append(range(first, stop))
+            end = max(end, stop)
     if group is not None:
         yield group

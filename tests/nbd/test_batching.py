@@ -8,7 +8,10 @@ import asyncio
 import random
 import socket
 
-from node.nbd.plan import GROUP_PAGES, groups
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.nbd.plan import GROUP_PAGES, Kind, blocks_of, groups
 from ramster.nbd import (
     CommandFlag,
     Error,
@@ -83,6 +86,51 @@ def test_zeroes_and_trims_join_writes_and_a_flush_joins_any_group() -> None:
 def test_a_block_zeroed_then_written_starts_a_new_batch() -> None:
     zero = WriteZeroes(0, 4096, 4096, NONE)
     assert shape([write(1), zero, write(2)]) == [["W1"], ["W1", "W2"]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("WZTFR"), st.integers(0, 40), st.integers(0, 70), st.booleans()),
+        max_size=60,
+    )
+)
+def test_write_groups_never_touch_a_block_twice_and_are_cut_only_where_they_must(
+    steps: list[tuple[str, int, int, bool]],
+) -> None:
+    """Sequential runs, overlaps, empty TRIMs and flushes: groups() cuts exactly where a group
+    would touch a block again or exceed GROUP_PAGES, or the kind changes."""
+    make = {"W": write, "R": read}
+    requests: list[Request] = []
+    for kind, block, blocks, odd in steps:
+        if kind in make:
+            requests.append(make[kind](block, blocks or 1))
+        elif kind == "F":
+            requests.append(Flush(0, 0, 0, NONE))
+        else:
+            cls = Trim if kind == "T" else WriteZeroes
+            requests.append(cls(0, block * 4096 + 2048 * odd, blocks * 4096, NONE))
+    got = list(groups(requests))
+    assert [r for g in got for r in g.requests] == requests
+    for at, group in enumerate(got):
+        blocks = [b for r in group.requests for b in covered(r)]
+        if group.kind is Kind.WRITE:
+            assert len(blocks) == len(set(blocks))
+        if at + 1 < len(got) and group.kind is not Kind.ALONE:
+            after = got[at + 1]
+            first = after.requests[0]
+            more = covered(first)
+            assert (
+                after.kind is not group.kind
+                or len(blocks) + len(more) > GROUP_PAGES
+                or (group.kind is Kind.WRITE and not set(blocks).isdisjoint(more))
+            ), (group, first)
+
+
+def covered(request: Request) -> range:
+    """The blocks a request takes in its group (plan.blocks_of)."""
+    _, first, stop = blocks_of(request)
+    return range(first, stop)
 
 
 def test_other_requests_run_alone_and_in_order() -> None:

@@ -127,3 +127,31 @@ async def test_promtool_accepts_the_metrics(
         [promtool, "check", "metrics"], input=await scrape(node), capture_output=True, text=True
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.0004, 0.003, 1.0, 1e9])
+def test_observe_many_leaves_what_that_many_observes_leave(amount: float) -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from node.metrics import LATENCY_BUCKETS, observe_many
+
+    def histogram() -> tuple[CollectorRegistry, Histogram]:
+        registry = CollectorRegistry()
+        family = Histogram("t_seconds", "t", ["l"], buckets=LATENCY_BUCKETS, registry=registry)
+        return registry, family.labels("x")
+
+    one_by_one, many = histogram(), histogram()
+    for _ in range(7):
+        one_by_one[1].observe(amount)
+    one_by_one[1].observe(0.002)
+    observe_many(many[1], amount, 7)
+    observe_many(many[1], 0.002, 1)
+    observe_many(many[1], 0.5, 0)
+
+    def counts(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        found = samples(generate_latest(registry).decode())
+        return {k: v for k, v in found.items() if not k[0].endswith("_created")}
+
+    want = counts(one_by_one[0])
+    assert counts(many[0]) == want
+    assert want[("t_seconds_count", frozenset({("l", "x")}))] == 8
