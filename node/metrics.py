@@ -298,7 +298,7 @@ def observe_many(histogram: Histogram, amount: float, times: int) -> None:
     observe() calls would leave them.  For a batch whose requests all took the batch's time
     (NBD counts a group's requests so: ~20,000 a GiB of nbdcopy writes, whose observe() each cost
     a lock per call).  Reaches into prometheus_client's Histogram (its _sum, _upper_bounds and
-    per-bucket _buckets, stable since 0.4); tests/node/test_metrics.py holds it to observe()."""
+    per-bucket _buckets, private names): tests/node/test_metrics.py holds it to observe()."""
     histogram._sum.inc(amount * times)
     for bucket, bound in zip(histogram._buckets, histogram._upper_bounds, strict=True):
         if amount <= bound:

@@ -59,8 +59,9 @@
 # zpages; each stops where a decision is this module's (releasing a zspage, a class turning
 # compactable, a full arena) and the caller goes on here.  file() and free_many() pass over the
 # batch's same-filled words, which are the cache's, listing where they are: stopping at each
-# cost a third of a rewrite's filing (callgrind, gcc corpus, a word in 18 pages).  alloc(), free(), read() and locate()
-# remain the one-page paths and the reference the native ones are tested against.  The tables
+# cost a third of a rewrite's filing (callgrind, gcc corpus, a word in 18 pages).  alloc(),
+# free(), read() and locate() remain the one-page paths and the reference the native ones are
+# tested against.  The tables
 # grow SPARE_IDS zspages at a time (~8 KiB), so a pool holds up to that many unused entries.
 #
 # alloc() refuses a zpage that is empty or longer than a frame (the largest class) with
