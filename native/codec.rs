@@ -27,10 +27,10 @@
 // bytes is compressed where it lies; whoever passes a view guarantees that nothing writes to
 // it meanwhile, as for the lz4 package.
 use lz4_flex::block::{compress_into_with_table, CompressTable};
-use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyOverflowError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList, PyTuple};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod index;
@@ -51,6 +51,68 @@ const SAME_FILLED_PACKED: usize = 48;
 const RELEASE_PAGES: usize = 16;
 
 pub(crate) type Key = (u64, u32);
+
+/// A Python int as a u64, for the handles the allocators' batch paths read a page at a time.
+/// pyo3's u64 goes through PyLong_AsUnsignedLongLong, which on CPython 3.11 converts any int
+/// of more than 30 bits (every tagged handle) through a byte array: ~280 instructions a handle,
+/// a sixth of a rewrite's native frees (callgrind).  PyLong_AsUnsignedLong walks the digits
+/// instead, and is 64 bits wide on the LP64 targets; errors are the same (TypeError,
+/// OverflowError for a negative or too big int).
+pub(crate) fn u64_of(item: &Bound<'_, PyAny>) -> PyResult<u64> {
+    #[cfg(all(unix, target_pointer_width = "64"))]
+    if item.is_exact_instance_of::<pyo3::types::PyInt>() {
+        // SAFETY: an exact int, alive while `item` is borrowed; the GIL is held
+        let value = unsafe { ffi::PyLong_AsUnsignedLong(item.as_ptr()) };
+        if value == std::ffi::c_ulong::MAX {
+            if let Some(err) = PyErr::take(item.py()) {
+                return Err(err);
+            }
+        }
+        return Ok(value);
+    }
+    item.extract()
+}
+
+/// An (object id, page index) key, read with u64_of: ~110 instructions where pyo3's tuple
+/// extraction took ~270 (callgrind), twice per page of a put on the event loop.
+pub(crate) fn key_of(item: &Bound<'_, PyAny>) -> PyResult<Key> {
+    let pair = item.downcast::<PyTuple>()?;
+    if pair.len() != 2 {
+        return Err(PyValueError::new_err(
+            "a key is an (object id, page index) pair",
+        ));
+    }
+    let oid = u64_of(&*pair.get_borrowed_item(0)?)?;
+    let index = u32::try_from(u64_of(&*pair.get_borrowed_item(1)?)?)
+        .map_err(|_| PyOverflowError::new_err("a page index is under 2**32"))?;
+    Ok((oid, index))
+}
+
+/// A batch's keys: a list read with key_of, any other sequence as pyo3 reads one.
+pub(crate) struct Keys(pub(crate) Vec<Key>);
+
+impl std::ops::Deref for Keys {
+    type Target = Vec<Key>;
+
+    fn deref(&self) -> &Vec<Key> {
+        &self.0
+    }
+}
+
+impl<'py> FromPyObject<'py> for Keys {
+    fn extract_bound(keys: &Bound<'py, PyAny>) -> PyResult<Self> {
+        match keys.downcast::<PyList>() {
+            Ok(list) => {
+                let mut keys = Vec::with_capacity(list.len());
+                for item in list.iter() {
+                    keys.push(key_of(&item)?);
+                }
+                Ok(Keys(keys))
+            }
+            Err(_) => Ok(Keys(keys.extract()?)),
+        }
+    }
+}
 
 /// `work` without the GIL if it codes RELEASE_PAGES pages or more, else with it.
 fn without_gil<T: Send>(py: Python<'_>, pages: usize, work: impl FnOnce() -> T + Send) -> T {
@@ -225,7 +287,7 @@ pub(crate) fn encoded_bytes<'py>(
 #[pyfunction]
 fn encode_pages<'py>(
     py: Python<'py>,
-    keys: Vec<Key>,
+    keys: Keys,
     pages: Vec<Bound<'py, PyAny>>,
     threshold: usize,
     store_raw: bool,
@@ -367,7 +429,7 @@ fn open_all<'py>(
 #[pyfunction]
 fn open_zpages<'py>(
     py: Python<'py>,
-    keys: Vec<Key>,
+    keys: Keys,
     zpages: Vec<Bound<'py, PyAny>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
     let tables = zpage_tables(keys.len(), &zpages)?;
@@ -381,7 +443,7 @@ fn open_zpages<'py>(
 #[pyfunction]
 fn open_zpages_at<'py>(
     py: Python<'py>,
-    keys: Vec<Key>,
+    keys: Keys,
     buffer: Bound<'py, PyAny>,
     offsets: Vec<usize>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {

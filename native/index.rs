@@ -15,8 +15,9 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList};
 
+use crate::key_of;
 use crate::table::Table;
 
 const CHUNK_BITS: u32 = 6;
@@ -31,18 +32,10 @@ struct Run<'py> {
     zeroed: bool, // a slot of it went to 0 in this run: drop it if it is all zeros
 }
 
-/// Object id, object id as Python has it, and page index of a key.
-fn key<'py>(item: &Bound<'py, PyAny>) -> PyResult<(u64, Bound<'py, PyAny>, u64)> {
-    let pair = item.downcast::<PyTuple>()?;
-    if pair.len() != 2 {
-        return Err(PyValueError::new_err(
-            "a key is an (object id, page index) pair",
-        ));
-    }
-    let oid_obj = pair.get_item(0)?;
-    let oid: u64 = oid_obj.extract()?;
-    let index: u32 = pair.get_item(1)?.extract()?;
-    Ok((oid, oid_obj, u64::from(index)))
+/// Object id and page index of a key.
+fn key(item: &Bound<'_, PyAny>) -> PyResult<(u64, u64)> {
+    let (oid, index) = key_of(item)?;
+    Ok((oid, u64::from(index)))
 }
 
 /// The chunk of `cno` in `obj`, if there is one.
@@ -83,10 +76,10 @@ pub(crate) fn index_get<'py>(
     // the chunk of the previous key: (oid, cno, its handles if it exists)
     let mut last: Option<(u64, u64, Option<Table<'py, i64>>)> = None;
     for item in keys.iter() {
-        let (oid, oid_obj, index) = key(&item)?;
+        let (oid, index) = key(&item)?;
         let cno = index >> CHUNK_BITS;
         if !matches!(&last, Some((o, c, _)) if *o == oid && *c == cno) {
-            let chunk = match objects.get_item(&oid_obj)? {
+            let chunk = match objects.get_item(oid)? {
                 Some(obj) => chunk_of(obj.downcast::<PyDict>()?, cno)?,
                 None => None,
             };
@@ -119,7 +112,10 @@ pub(crate) fn index_update<'py>(
         return Err(PyValueError::new_err("as many handles as keys"));
     }
     // every key and handle first: a malformed one changes nothing
-    let parsed = keys.iter().map(|k| key(&k)).collect::<PyResult<Vec<_>>>()?;
+    let mut parsed = Vec::with_capacity(keys.len());
+    for item in keys.iter() {
+        parsed.push(key(&item)?);
+    }
     let news: Vec<i64> = match handles {
         Some(h) => h.extract()?,
         None => vec![0; parsed.len()],
@@ -128,7 +124,7 @@ pub(crate) fn index_update<'py>(
     let mut delta = 0i64;
     let mut run: Option<Run<'py>> = None;
     let mut absent: Option<(u64, u64)> = None; // a chunk found missing: removals there are no-ops
-    for ((oid, oid_obj, index), new) in parsed.into_iter().zip(news) {
+    for ((oid, index), new) in parsed.into_iter().zip(news) {
         let cno = index >> CHUNK_BITS;
         if new == 0 && absent == Some((oid, cno)) {
             if !displaced_only {
@@ -140,11 +136,11 @@ pub(crate) fn index_update<'py>(
             if let Some(done) = run.take() {
                 close(objects, done)?;
             }
-            let obj = match objects.get_item(&oid_obj)? {
+            let obj = match objects.get_item(oid)? {
                 Some(obj) => Some(obj.downcast_into::<PyDict>()?),
                 None if new != 0 => {
                     let obj = PyDict::new(py);
-                    objects.set_item(&oid_obj, &obj)?;
+                    objects.set_item(oid, &obj)?;
                     Some(obj)
                 }
                 None => None,

@@ -37,7 +37,7 @@ use pyo3::types::PyBytes;
 use crate::table::Held;
 use crate::{
     blank_pages, encode_all, encoded_bytes, open_into, opened_pages, page_slices, page_tables,
-    zpage_tables, Encoded, Key, PAGE_SIZE,
+    zpage_tables, Encoded, Key, Keys, PAGE_SIZE,
 };
 
 /// A job's work, on addresses of buffers that `pending` keeps exported meanwhile.
@@ -219,7 +219,7 @@ impl CodecPool {
     /// Submit encode_pages(keys, pages, threshold, store_raw); the job's id.
     fn encode(
         &mut self,
-        keys: Vec<Key>,
+        keys: Keys,
         pages: Vec<Bound<'_, PyAny>>,
         threshold: usize,
         store_raw: bool,
@@ -230,7 +230,7 @@ impl CodecPool {
             .collect();
         let inputs = tables.into_iter().map(|t| t.hold()).collect();
         let work = Work::Encode {
-            keys,
+            keys: keys.0,
             pages: addresses,
             threshold,
             store_raw,
@@ -243,12 +243,7 @@ impl CodecPool {
     }
 
     /// Submit open_zpages(keys, zpages); the job's id.
-    fn open(
-        &mut self,
-        py: Python<'_>,
-        keys: Vec<Key>,
-        zpages: Vec<Bound<'_, PyAny>>,
-    ) -> PyResult<u64> {
+    fn open(&mut self, py: Python<'_>, keys: Keys, zpages: Vec<Bound<'_, PyAny>>) -> PyResult<u64> {
         let tables = zpage_tables(keys.len(), &zpages)?;
         let spans = tables
             .iter()
@@ -258,7 +253,7 @@ impl CodecPool {
         let (pages, targets) = blank_pages(py, keys.len())?;
         let pages = pages.into_iter().map(Bound::unbind).collect();
         let work = Work::Open {
-            keys,
+            keys: keys.0,
             zpages: spans,
             targets,
         };

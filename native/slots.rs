@@ -41,7 +41,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::table::Table;
-use crate::{HEADER_SIZE, PAGE_SIZE, WORD};
+use crate::{u64_of, HEADER_SIZE, PAGE_SIZE, WORD};
 
 const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
 
@@ -280,7 +280,7 @@ impl Slots {
         let whole: &[u8] = arena.values();
         let (mut tick, mut misses, mut i) = (tick, 0usize, first);
         while i < handles.len() {
-            let handle: u64 = handles.get_item(i)?.extract()?;
+            let handle = u64_of(&handles.get_item(i)?)?;
             if handle == 0 {
                 misses += 1;
                 i += 1;
@@ -593,7 +593,7 @@ impl Slots {
         let words = self.words();
         let (mut i, mut freed) = (first, 0usize);
         while i < handles.len() {
-            let handle = handles.get_item(i)?.extract::<u64>()?;
+            let handle = u64_of(&handles.get_item(i)?)?;
             if handle ^ skip <= mask {
                 skipped.append(i)?; // the caller's to free
                 i += 1;
