@@ -37,6 +37,7 @@ mod index;
 mod pool;
 mod slots;
 mod table;
+mod zpages;
 
 use table::Table;
 
@@ -468,5 +469,6 @@ fn _codec(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(index::index_update, module)?)?;
     module.add_class::<slots::Slots>()?;
     module.add_class::<pool::CodecPool>()?;
+    module.add_class::<zpages::Zpages>()?;
     Ok(())
 }

@@ -9,17 +9,17 @@
 // exported, a get's pages made) by submit with the GIL, on the loop; the worker codes them with
 // plain pointers and files its output in a done list, and writes one byte to a socket when that
 // list was empty; the loop, woken by that socket (asyncio's add_reader on fileno()), takes the
-// finished jobs with finished(), which makes their results (bytes objects, the same as
-// encode_pages and open_zpages give) and releases their buffers.
+// finished jobs with finished(), which makes their results (an encode's Zpages, which keeps the
+// worker's buffer, native/zpages.rs; an open's pages, as open_zpages gives them) and releases
+// their buffers.
 //
 // Safety rests on two rules: a job's buffers stay exported, and its page objects alive, in
 // `pending` until finished() or close() has seen the worker let go of them; and they are
 // released only with the GIL (every method holds it).  The exporters promise, as for
 // encode_pages, that nothing writes a page while it is being coded.
 //
-// Trade-offs: results are made on the loop (a put chunk's compressed payloads are copied once
-// more, into their bytes objects, as encode_pages does); a job that nobody waits for any more
-// still runs to the end (a cancelled batch's chunks are few: a batch keeps two with the workers).
+// Trade-off: a job that nobody waits for any more still runs to the end (a cancelled batch's
+// chunks are few: a batch keeps two with the workers).
 // A worker that panics fails its job (finished() gives a RuntimeError for it), not the node.
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -35,9 +35,10 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::table::Held;
+use crate::zpages::Zpages;
 use crate::{
-    blank_pages, encode_all, encoded_bytes, open_into, opened_pages, page_slices, page_tables,
-    zpage_tables, Encoded, Key, Keys, PAGE_SIZE,
+    blank_pages, encode_all, open_into, opened_pages, page_slices, page_tables, zpage_tables,
+    Encoded, Key, Keys, PAGE_SIZE,
 };
 
 /// A job's work, on addresses of buffers that `pending` keeps exported meanwhile.
@@ -266,9 +267,9 @@ impl CodecPool {
         )
     }
 
-    /// The jobs finished since the last call, as (id, result): an encode's list of bytes or None
-    /// (as encode_pages), an open's list of bytes or str (as open_zpages), or a RuntimeError if
-    /// its worker failed.
+    /// The jobs finished since the last call, as (id, result): an encode's Zpages (a sequence
+    /// of bytes or None, as encode_pages' list), an open's list of bytes or str (as
+    /// open_zpages), or a RuntimeError if its worker failed.
     fn finished<'py>(&mut self, py: Python<'py>) -> PyResult<Vec<(u64, Bound<'py, PyAny>)>> {
         let mut sink = [0u8; 64];
         loop {
@@ -314,9 +315,7 @@ impl Drop for CodecPool {
 
 fn result<'py>(py: Python<'py>, output: Output, pending: Pending) -> PyResult<Bound<'py, PyAny>> {
     Ok(match output {
-        Output::Encoded(scratch, spans) => encoded_bytes(py, &scratch, &spans)
-            .into_pyobject(py)?
-            .into_any(),
+        Output::Encoded(scratch, spans) => Bound::new(py, Zpages::new(scratch, spans))?.into_any(),
         Output::Opened(results) => {
             let pages = pending
                 .pages

@@ -41,6 +41,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::table::Table;
+use crate::zpages::Zpages;
 use crate::{u64_of, HEADER_SIZE, PAGE_SIZE, WORD};
 
 const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
@@ -48,6 +49,30 @@ const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
 type Span = std::ops::Range<usize>;
 type Cells<'a, T> = &'a [ReadOnlyCell<T>];
 type MutCells<'a, T> = &'a [std::cell::Cell<T>];
+
+/// The encodings a filing reads: a codec worker's Zpages, in place, or encode_pages' list of
+/// bytes or None.
+#[derive(Clone, Copy)]
+enum Items<'a, 'py> {
+    Packed(&'a Zpages),
+    List(&'a Bound<'py, PyList>),
+}
+
+impl<'a, 'py> Items<'a, 'py> {
+    fn of(items: &'a Bound<'py, PyAny>) -> PyResult<Self> {
+        Ok(match items.downcast::<Zpages>() {
+            Ok(packed) => Items::Packed(packed.get()),
+            Err(_) => Items::List(items.downcast::<PyList>()?),
+        })
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Items::Packed(packed) => packed.len(),
+            Items::List(list) => list.len(),
+        }
+    }
+}
 
 /// Frames the arena lends a put batch's filing: its lend() appends LEND of them at a time (fewer
 /// at its limit, none when full) to the caller's list, from which each store takes the last, so
@@ -336,7 +361,7 @@ impl Slots {
         &self,
         py: Python<'_>,
         zs: &Bound<'_, PyAny>,
-        items: &Bound<'_, PyList>,
+        items: &Bound<'_, PyAny>,
         first: usize,
         tag: u64,
         tick: u64,
@@ -417,12 +442,19 @@ impl Slots {
             }
             Ok(None)
         };
+        let items = Items::of(items)?;
         while i < items.len() {
-            let item = items.get_item(i)?;
-            let Ok(zpage) = item.downcast::<PyBytes>() else {
+            let item; // a list's bytes object, alive while its zpage is read
+            let zpage = match items {
+                Items::Packed(packed) => packed.encoding(i),
+                Items::List(list) => {
+                    item = list.get_item(i)?;
+                    item.downcast::<PyBytes>().ok().map(|b| b.as_bytes())
+                }
+            };
+            let Some(zpage) = zpage else {
                 break; // a refusal (None): the Python path takes it
             };
-            let zpage = zpage.as_bytes();
             if zpage.len() == WORD {
                 // a same-filled word: the caller's to file, standing in as 0 and None till then
                 skipped.append(i)?;

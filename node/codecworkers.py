@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from node.threadcpu import CODEC_PREFIX
-from ramster.zcache import PageEncoder, SealedPages
+from ramster.zcache import Encodings, PageEncoder, SealedPages
 from ramster.zcache._codec import CodecPool
 
 Then = Callable[[Any], Any]  # what a job's result becomes, on the loop
@@ -43,7 +43,7 @@ class CodecWorkers:
         encoder: PageEncoder,
         keys: Sequence[tuple[int, int]],
         pages: Sequence[bytes | memoryview],
-    ) -> asyncio.Future[list[bytes | None]]:
+    ) -> asyncio.Future[Encodings]:
         """encoder.encode(keys, pages) in a worker (a buffer of `pages` may hold a run of
         whole pages); every page must stay unwritten until done."""
         job = self._pool.encode(list(keys), list(pages), encoder.threshold, encoder.store_raw)

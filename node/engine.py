@@ -73,6 +73,7 @@ from node.settings import Settings
 from ramster.wire import byte_size, page_views
 from ramster.zcache import (
     PAGE_SIZE,
+    Encodings,
     PageEncoder,
     PageError,
     PoolKind,
@@ -109,7 +110,7 @@ class Workers(Protocol):
         encoder: PageEncoder,
         keys: Sequence[tuple[int, int]],
         pages: Sequence[bytes | memoryview],
-    ) -> asyncio.Future[list[bytes | None]]: ...
+    ) -> asyncio.Future[Encodings]: ...
 
     def open(self, sealed: SealedPages) -> asyncio.Future[SealedPages]: ...
 
@@ -247,14 +248,14 @@ class ChunkedEngine:
         encoder, workers = engine.encoder(pool), self.workers
 
         # a page that is a view (of a request's bytes) is read as it is, never copied whole
-        def encode_part(part: slice) -> list[bytes | None]:
+        def encode_part(part: slice) -> Encodings:
             return encoder.encode(keys[part], cut(part))
 
-        def offload_part(part: slice) -> asyncio.Future[list[bytes | None]]:
+        def offload_part(part: slice) -> asyncio.Future[Encodings]:
             assert workers is not None
             return workers.encode(encoder, keys[part], cut(part))
 
-        def file(part: slice, encoded: list[bytes | None]) -> list[PutResult]:
+        def file(part: slice, encoded: Encodings) -> list[PutResult]:
             return engine.file_encoded(pool, keys[part], encoded, keys_checked=True)
 
         return await self._pipelined(len(keys), _as_is, encode_part, offload_part, file, self.hop)

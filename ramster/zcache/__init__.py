@@ -16,7 +16,7 @@ from ramster.zcache.errors import (
     UnknownPool,
     ZCacheError,
 )
-from ramster.zcache.halves import PageEncoder, SealedPages
+from ramster.zcache.halves import Encodings, PageEncoder, SealedPages
 from ramster.zcache.pool import PoolSpec
 from ramster.zcache.snapshot import PoolView, Snapshot
 from ramster.zcache.validate import MAX_INDEX, MAX_OID, MAX_POOL_ID, check_keys, check_put_batch
@@ -28,6 +28,7 @@ __all__ = [
     "MAX_POOL_ID",
     "PAGE_SIZE",
     "CorruptPage",
+    "Encodings",
     "InvalidConfig",
     "InvalidKey",
     "InvalidPage",

@@ -2,7 +2,7 @@
 # each one call that releases the GIL for the whole batch; zsmalloc's batch paths (Slots) and the
 # page index's (index_get, index_update), which keep it.
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from typing_extensions import Buffer
@@ -54,7 +54,7 @@ class Slots:
     def file(
         self,
         zs: object,
-        items: list[bytes | None],
+        items: list[bytes | None] | Zpages,
         first: int,
         tag: int,
         tick: int,
@@ -77,8 +77,12 @@ class Slots:
         skipped: list[int],
     ) -> tuple[int, int]: ...
 
-# a finished job's result: an encode's, an open's, or its worker's failure
-Finished = list[bytes | None] | list[bytes | str] | RuntimeError
+class Zpages:
+    """A codec worker's encodings of a put batch (native/zpages.rs): bytes or None per page."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> bytes | None: ...
+    def __iter__(self) -> Iterator[bytes | None]: ...  # by __getitem__, to the IndexError
 
 class CodecPool:
     def __init__(self, threads: int, name: str) -> None: ...
@@ -93,6 +97,6 @@ class CodecPool:
     def open(self, keys: Sequence[tuple[int, int]], zpages: Sequence[Buffer]) -> int: ...
     def finished(
         self,
-    ) -> list[tuple[int, list[bytes | None] | list[bytes | str] | RuntimeError]]: ...
+    ) -> list[tuple[int, Zpages | list[bytes | str] | RuntimeError]]: ...
     def __len__(self) -> int: ...
     def close(self) -> None: ...

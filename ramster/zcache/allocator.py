@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from ramster.zcache.halves import Encodings
 from ramster.zcache.lru import LruList
 
 # Extent of a live zpage in the arena: (frame, start offset in frame, end offset in frame).
@@ -41,7 +42,7 @@ class File(Protocol):
 
     def __call__(
         self,
-        items: list[bytes | None],
+        items: Encodings,
         first: int,
         tag: int,
         tick: int,

@@ -67,7 +67,7 @@ from ramster.zcache.errors import (
     UnknownPool,
 )
 from ramster.zcache.evictor import Evictor
-from ramster.zcache.halves import PageEncoder, SealedPages, place_opened
+from ramster.zcache.halves import Encodings, PageEncoder, SealedPages, place_opened
 from ramster.zcache.handles import (
     EVICTED,
     EVICTED_READ_TAG,
@@ -215,7 +215,7 @@ class ZCache:
         self,
         pool_id: int,
         keys: list[tuple[int, int]],
-        encoded: list[bytes | None],
+        encoded: Encodings,
         keys_checked: bool = False,
     ) -> list[PutResult]:
         """Store a put batch that an encoder() of the pool encoded (pages checked first with
@@ -230,7 +230,7 @@ class ZCache:
         return self._file_encoded(pool, keys, encoded)
 
     def _file_encoded(
-        self, pool: Pool, keys: list[tuple[int, int]], encoded: list[bytes | None]
+        self, pool: Pool, keys: list[tuple[int, int]], encoded: Encodings
     ) -> list[PutResult]:
         """file_encoded() once its keys are checked (put_batch checked them already)."""
         stats = self.stats
@@ -294,7 +294,7 @@ class ZCache:
 
     def _file_words(
         self,
-        encoded: list[bytes | None],
+        encoded: Encodings,
         at: list[int],
         handles: list[int],
         results: list[PutResult],

@@ -14,8 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ramster.zcache._codec import encode_pages, open_zpages
+from ramster.zcache._codec import Zpages, encode_pages, open_zpages
 from ramster.zcache.errors import CorruptPage, PageError
+
+# A put batch's encodings, for ZCache.file_encoded: encode()'s list, or a codec worker's Zpages
+# (the same sequence of bytes or None, read in place: native/zpages.rs).
+Encodings = list[bytes | None] | Zpages
 
 
 @dataclass(frozen=True, slots=True)

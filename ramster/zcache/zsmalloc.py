@@ -79,6 +79,7 @@ from ramster.zcache.allocator import Extent, MoveCallback, array_bytes
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE
 from ramster.zcache.errors import InvalidPage
+from ramster.zcache.halves import Encodings
 from ramster.zcache.lru import LruList
 
 CLASS_STEP = 16
@@ -413,7 +414,7 @@ class Zsmalloc:
 
     def file(
         self,
-        items: list[bytes | None],
+        items: Encodings,
         first: int,
         tag: int,
         tick: int,

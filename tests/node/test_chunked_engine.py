@@ -25,6 +25,7 @@ from node.engine import (
 )
 from ramster.zcache import (
     PAGE_SIZE,
+    Encodings,
     InvalidPage,
     PageEncoder,
     PoolKind,
@@ -62,7 +63,7 @@ class Recording:
 
     def encode(
         self, encoder: PageEncoder, keys: Sequence[tuple[int, int]], pages: Sequence[Any]
-    ) -> asyncio.Future[list[bytes | None]]:
+    ) -> asyncio.Future[Encodings]:
         return self._submit(lambda: encoder.encode(keys, pages))
 
     def open(self, sealed: SealedPages) -> asyncio.Future[SealedPages]:

@@ -115,7 +115,7 @@ async def test_a_cancelled_job_still_finishes_and_leaves_nothing(
         dropped = workers.encode(ENCODERS[1], keys, pages)
         dropped.cancel()
         kept = await workers.encode(ENCODERS[1], keys, pages)  # finishes after the first
-        assert kept == encode_pages(keys, pages, 3000, True)
+        assert list(kept) == encode_pages(keys, pages, 3000, True)
         assert len(workers._pool) == 0 and not workers._waiting
     finally:
         workers.shutdown()
@@ -143,7 +143,7 @@ def test_a_new_loop_takes_the_workers_over(sample_pages: list[bytes]) -> None:
     keys = [(1, i) for i in range(32)]
 
     async def encode() -> list[bytes | None]:
-        return await workers.encode(ENCODERS[0], keys, sample_pages[:32])
+        return list(await workers.encode(ENCODERS[0], keys, sample_pages[:32]))
 
     try:
         first = asyncio.run(encode())

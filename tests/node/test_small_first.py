@@ -21,7 +21,7 @@ from node.server import Node
 from node.servicer import PART_PAGES, TmemServicer
 from ramster import cores
 from ramster.client import AsyncClient, KeyRange
-from ramster.zcache import PageError, PoolKind, PutResult, ZCache, ZCacheConfig
+from ramster.zcache import Encodings, PageError, PoolKind, PutResult, ZCache, ZCacheConfig
 
 BOUND = 30.0  # seconds: a wait that passes this failed
 STEPS = 50  # loop steps a held bulk task is given to (wrongly) go on
@@ -43,7 +43,7 @@ def filed_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         cache: ZCache,
         pool: int,
         keys: list[tuple[int, int]],
-        encoded: list[bytes | None],
+        encoded: Encodings,
         keys_checked: bool = False,
     ) -> list[PutResult]:
         sizes.append(len(keys))
@@ -101,7 +101,7 @@ async def test_bulk_leaves_the_codec_workers_while_small_calls_come(
     handed: list[int] = []
     to_workers = workers.encode
 
-    def encode(encoder: Any, keys: Any, pages: Any) -> asyncio.Future[list[bytes | None]]:
+    def encode(encoder: Any, keys: Any, pages: Any) -> asyncio.Future[Encodings]:
         handed.append(len(keys))
         if len(handed) == 2:  # the second chunk is with the workers: small calls start
             small_first.arrive()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import random
+import select
 from array import array
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
+from ramster.zcache import PAGE_SIZE, Encodings, PoolKind, ZCache, ZCacheConfig
+from ramster.zcache._codec import CodecPool, Zpages, encode_pages
 from ramster.zcache.arena import Arena
 from ramster.zcache.backing import BackingFile
 from ramster.zcache.handles import HANDLE_MASK, RAW_TAG, SAME_TAG, ZPAGE_TAG
@@ -299,3 +301,66 @@ def test_batch_frees_refuse_bad_handles(sample_pages: list[bytes]) -> None:
         z.free_many([handles[1] | SLOT_MASK], 0, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, [])
     assert z.zpages == 2
     check_accounting(z)
+
+
+def worker_encodings(
+    keys: list[tuple[int, int]], pages: list[bytes], threshold: int, store_raw: bool
+) -> Zpages:
+    """A codec worker's encodings of `pages` (what the node's put hops file)."""
+    workers = CodecPool(1, "test_")
+    try:
+        workers.encode(keys, pages, threshold, store_raw)
+        finished: list[tuple[int, Zpages | list[bytes | str] | RuntimeError]] = []
+        while not finished:
+            select.select([workers.fileno()], [], [], 10)
+            finished = workers.finished()
+        ((_, zpages),) = finished
+        assert isinstance(zpages, Zpages)
+        return zpages
+    finally:
+        workers.close()
+
+
+def mixed_pages(sample_pages: list[bytes]) -> list[bytes]:
+    """Compressible and incompressible pages, with same-filled ones among them."""
+    words = [bytes(PAGE_SIZE), b"\x5a" * PAGE_SIZE, b"\1\2\3\4\5\6\7\x08" * 512]
+    return [p for i, page in enumerate(sample_pages) for p in (page, words[i % 3])[: 1 + i % 2]]
+
+
+def test_worker_encodings_are_the_codecs_list(sample_pages: list[bytes]) -> None:
+    pages = mixed_pages(sample_pages)
+    keys = [(3, i) for i in range(len(pages))]
+    for store_raw in (True, False):  # raw pages, or refusals (None)
+        want = encode_pages(keys, pages, 2048, store_raw)
+        got = worker_encodings(keys, pages, 2048, store_raw)
+        assert len(got) == len(want) and list(got) == want
+        assert None in want if not store_raw else any(len(z or b"") == 4114 for z in want)
+        assert (got[-1], got[-len(want)]) == (want[-1], want[0])
+        for beyond in (len(want), -len(want) - 1):
+            with pytest.raises(IndexError):
+                got[beyond]
+
+
+def test_filing_worker_encodings_is_filing_the_list(sample_pages: list[bytes]) -> None:
+    """The native filing reads a worker's Zpages in place: the same handles, tables, arena and
+    pages as from encode_pages' list, through every kind of encoding and a full arena."""
+    pages = mixed_pages(sample_pages)
+    keys = [(3, i) for i in range(len(pages))]
+    for store_raw, frames in ((True, 16), (False, 16), (True, 4096)):
+        caches = [ZCache(ZCacheConfig(pool_limit_frames=frames)) for _ in range(2)]
+        pools = [c.create_pool(PoolKind.PERSISTENT, store_raw=store_raw) for c in caches]
+        listed = encode_pages(keys, pages, caches[0].encoder(pools[0]).threshold, store_raw)
+        packed = worker_encodings(keys, pages, caches[1].encoder(pools[1]).threshold, store_raw)
+        encodings: tuple[Encodings, Encodings] = (listed, packed)
+        got = [c.file_encoded(p, keys, e) for c, p, e in zip(caches, pools, encodings, strict=True)]
+        assert got[0] == got[1]
+        zallocs = [c.pool(p).zalloc for c, p in zip(caches, pools, strict=True)]
+        assert isinstance(zallocs[0], Zsmalloc) and isinstance(zallocs[1], Zsmalloc)
+        live = [h for h in caches[0].pool(pools[0]).index.get_many(keys) if h >> 56 == 1]
+        same_state(zallocs[0], zallocs[1], live)
+        read = [c.get_batch(p, keys) for c, p in zip(caches, pools, strict=True)]
+        assert read[0] == read[1]
+        for i, (result, page) in enumerate(zip(got[1], read[1], strict=True)):
+            assert result.refused or page == pages[i]
+        for cache in caches:
+            cache.close()
