@@ -298,13 +298,14 @@ class ServerConnection:
         size = max(CHUNK, have + MIN_RECV, self._want if self.state is State.WRITE_DATA else 0)
         if self._lent or len(self._buf) < size:
             old, self._buf = self._buf, self._reusable(size) or new_chunk(size)
-            self._buf[:have] = old[self._pos : self._end]
+            with memoryview(old) as received:  # one copy (a slice of an mmap is bytes: two)
+                self._buf[:have] = received[self._pos : self._end]
             if self._lent and len(old) == CHUNK:
                 if len(self._spare) == SPARE_CHUNKS:
                     self._spare.popleft()  # lent the longest: it goes once its views go
                 self._spare.append(old)
         elif have:
-            self._buf[:have] = self._buf[self._pos : self._end]
+            self._buf.move(0, self._pos, have)
         self._pos, self._end, self._lent = 0, have, False
 
     def _reusable(self, size: int) -> mmap.mmap | None:
