@@ -39,7 +39,7 @@ from typing import cast
 
 from node.engine import ChunkedEngine
 from node.logs import log_event
-from node.nbd.plan import OID_BITS, Group, Key, Kind, block_keys, inner, span
+from node.nbd.plan import OID_BITS, READ, WRITE, Group, Key, block_keys, inner, span
 from ramster.nbd import Error, Export, Read, Request, Trim, Write, WriteZeroes
 from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheError
 
@@ -49,6 +49,7 @@ FLUSHES_PER_YIELD = 1024
 Piece = bytes | memoryview
 Answer = tuple[Request, Error, Sequence[Piece]]
 NO_DATA: tuple[Piece, ...] = ()
+OK, EIO, ENOSPC = Error.OK, Error.EIO, Error.ENOSPC  # module names: see plan.READ's comment
 
 
 @dataclass
@@ -62,15 +63,15 @@ class ExportBlocks:
     async def run(self, group: Group) -> list[Answer]:
         """The answers to one group, in its order."""
         try:
-            if group.kind is Kind.READ:
+            if group.kind is READ:
                 return await self._reads(group.requests)
-            if group.kind is Kind.WRITE:
+            if group.kind is WRITE:
                 return await self._writes(group.requests)
             (request,) = group.requests
             return [(request, await self._alone(request), NO_DATA)]
         except ZCacheError as exc:  # a codec worker failed, the pool was destroyed under it...
             log_event("nbd_engine_error", logging.ERROR, export=self.export.name, error=str(exc))
-            return [(request, Error.EIO, NO_DATA) for request in group.requests]
+            return [(request, EIO, NO_DATA) for request in group.requests]
 
     async def _reads(self, requests: list[Request]) -> list[Answer]:
         """Consecutive READs (and FLUSHes) as one get batch."""
@@ -87,18 +88,18 @@ class ExportBlocks:
         at = 0
         for request in requests:
             if type(request) is not Read:
-                answers.append((request, Error.OK, NO_DATA))
+                answers.append((request, OK, NO_DATA))
                 continue
             first, stop = span(request.offset, request.length)
             data, mine = pages[at : at + stop - first], range(at, at + stop - first)
             at = mine.stop
             if failed and not failed.isdisjoint(mine):
-                answers.append((request, Error.EIO, NO_DATA))
+                answers.append((request, EIO, NO_DATA))
                 continue
             skip = request.offset - first * PAGE_SIZE
             if skip or request.length % PAGE_SIZE:
                 data = [b"".join(data)[skip : skip + request.length]]
-            answers.append((request, Error.OK, data))
+            answers.append((request, OK, data))
         return answers
 
     async def _writes(self, requests: list[Request]) -> list[Answer]:
@@ -118,14 +119,16 @@ class ExportBlocks:
                 forget.append(inner(request.offset, request.length))
         results = await self.chunked.put_runs(self.pool, keys, runs) if keys else []
         await self._forget(forget)
+        if REFUSED.isdisjoint(results):  # every page stored, as nearly always
+            return [(request, OK, NO_DATA) for request in requests]
         answers: list[Answer] = []
         at = 0
         for request in requests:
-            error = Error.OK
+            error = OK
             if type(request) is Write:
                 n = request.length // PAGE_SIZE
                 if not REFUSED.isdisjoint(results[at : at + n]):
-                    error = Error.ENOSPC
+                    error = ENOSPC
                 at += n
             answers.append((request, error, NO_DATA))
         return answers

@@ -164,6 +164,13 @@ class State(enum.Enum):
     CLOSED = enum.auto()
 
 
+# The states the per-message paths test, as module names: on Python 3.11 a class attribute of an
+# Enum goes through EnumType.__getattr__'s hook (~175 ns, ten times a global's), and _parse met
+# several per request.
+_REQUEST_HEADER, _WRITE_DATA, _DISCARD = State.REQUEST_HEADER, State.WRITE_DATA, State.DISCARD
+_CLOSED, _TLS_HANDSHAKE, _OK = State.CLOSED, State.TLS_HANDSHAKE, Error.OK
+
+
 class ProtocolMisuse(Exception):
     """The shell broke the contract (a second reply to a request, a read of the wrong size)."""
 
@@ -282,7 +289,7 @@ class ServerConnection:
         if request not in self._outstanding:
             raise ProtocolMisuse(f"no request awaits a reply: {request!r}")
         carried = sum(map(len, data)) if data else 0
-        if carried != (request.length if type(request) is Read and error is Error.OK else 0):
+        if carried != (request.length if type(request) is Read and error is _OK else 0):
             raise ProtocolMisuse(f"reply carries {carried} bytes for {request!r}")
         self._outstanding.discard(request)
         parts.append(SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, request.handle))
@@ -295,7 +302,7 @@ class ServerConnection:
         if self.state is State.CLOSED:
             self._pos = self._end  # nothing will be parsed any more: drop it
         have = self._end - self._pos
-        size = max(CHUNK, have + MIN_RECV, self._want if self.state is State.WRITE_DATA else 0)
+        size = max(CHUNK, have + MIN_RECV, self._want if self.state is _WRITE_DATA else 0)
         if self._lent or len(self._buf) < size:
             old, self._buf = self._buf, self._reusable(size) or new_chunk(size)
             with memoryview(old) as received:  # one copy (a slice of an mmap is bytes: two)
@@ -334,7 +341,7 @@ class ServerConnection:
         self._pos += length
         self._lent = True
         self._queued += length
-        self._expect(State.REQUEST_HEADER, REQUEST_HEADER.size)
+        self.state, self._want = _REQUEST_HEADER, REQUEST_HEADER.size
         self._emit(Write(handle, offset, length, FLAGS[flags], data))
 
     def _discard(self) -> None:
@@ -369,14 +376,14 @@ class ServerConnection:
         """Every complete message buffered becomes its events (a step per message)."""
         while True:
             state = self.state
-            if state is State.REQUEST_HEADER and self._end - self._pos >= REQUEST_HEADER.size:
+            if state is _REQUEST_HEADER and self._end - self._pos >= REQUEST_HEADER.size:
                 fields = REQUEST_HEADER.unpack_from(self._buf, self._pos)  # the hot path: in place
                 self._pos += REQUEST_HEADER.size
                 self._on_request_header(*fields)
                 continue
-            if state is State.CLOSED or state is State.TLS_HANDSHAKE:
+            if state is _CLOSED or state is _TLS_HANDSHAKE:
                 return
-            if state is State.DISCARD:
+            if state is _DISCARD:
                 self._discard()
                 if self._want:
                     if self._eof:
@@ -393,7 +400,7 @@ class ServerConnection:
                     self._hung_up()
                     continue
                 return
-            if state is State.WRITE_DATA:
+            if state is _WRITE_DATA:
                 self._on_payload()
             else:
                 self._step(self._take(self._want))
@@ -541,7 +548,7 @@ class ServerConnection:
                 self._out += SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, handle)
             elif length:
                 self._request = (flags, handle, offset, length)
-                self._expect(State.WRITE_DATA, length)
+                self.state, self._want = _WRITE_DATA, length
             else:
                 self._emit(Write(handle, offset, 0, FLAGS[flags]))
         elif problem is not None:
