@@ -30,7 +30,7 @@ use lz4_flex::block::{compress_into_with_table, CompressTable};
 use pyo3::exceptions::{PyBufferError, PyOverflowError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PySequence, PyTuple};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod index;
@@ -53,7 +53,7 @@ const RELEASE_PAGES: usize = 16;
 
 pub(crate) type Key = (u64, u32);
 
-/// A Python int as a u64, for the handles the allocators' batch paths read a page at a time.
+/// A Python int as a u64, for the keys and handles the batch paths read a page at a time.
 /// pyo3's u64 goes through PyLong_AsUnsignedLongLong, which on CPython 3.11 converts any int
 /// of more than 30 bits (every tagged handle) through a byte array: ~280 instructions a handle,
 /// a sixth of a rewrite's native frees (callgrind).  PyLong_AsUnsignedLong walks the digits
@@ -89,7 +89,7 @@ pub(crate) fn key_of(item: &Bound<'_, PyAny>) -> PyResult<Key> {
     Ok((oid, index))
 }
 
-/// A batch's keys: a list read with key_of, any other sequence as pyo3 reads one.
+/// A batch's keys: a sequence of (object id, page index) pairs, each read with key_of.
 pub(crate) struct Keys(pub(crate) Vec<Key>);
 
 impl std::ops::Deref for Keys {
@@ -102,16 +102,12 @@ impl std::ops::Deref for Keys {
 
 impl<'py> FromPyObject<'py> for Keys {
     fn extract_bound(keys: &Bound<'py, PyAny>) -> PyResult<Self> {
-        match keys.downcast::<PyList>() {
-            Ok(list) => {
-                let mut keys = Vec::with_capacity(list.len());
-                for item in list.iter() {
-                    keys.push(key_of(&item)?);
-                }
-                Ok(Keys(keys))
-            }
-            Err(_) => Ok(Keys(keys.extract()?)),
+        let keys = keys.downcast::<PySequence>()?;
+        let mut out = Vec::with_capacity(keys.len()?);
+        for item in keys.try_iter()? {
+            out.push(key_of(&item?)?);
         }
+        Ok(Keys(out))
     }
 }
 

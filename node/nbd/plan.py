@@ -95,10 +95,7 @@ def groups(requests: list[Request]) -> Iterator[Group]:
     for request in requests:
         if type(request) is Flush:
             if group is None:
-                group, pages = Group(WRITE), 0
-                end = 0
-                spans.clear()
-                touched.clear()
+                group, pages, end, spans, touched = Group(WRITE), 0, 0, [], set()
             group.requests.append(request)
             continue
         kind, first, stop = blocks_of(request)
@@ -116,10 +113,7 @@ def groups(requests: list[Request]) -> Iterator[Group]:
         if not fits:
             if group is not None:
                 yield group
-            group, pages = Group(kind), 0
-            end = 0
-            spans.clear()
-            touched.clear()
+            group, pages, end, spans, touched = Group(kind), 0, 0, [], set()
         assert group is not None
         group.requests.append(request)
         pages += stop - first
