@@ -57,6 +57,7 @@ from ramster.client.errors import (
     Unavailable,
     from_code_number,
     from_rpc_error,
+    from_status,
 )
 from ramster.client.messages import (
     GetResult,
@@ -457,7 +458,7 @@ class Stream:
             try:
                 await self._call.write(in_stream(request_id, field, body).chunks)
             except grpc.RpcError as exc:
-                self._fail(from_rpc_error(exc))
+                self._fail(await self._write_failure(exc))
             except asyncio.InvalidStateError:
                 self._fail(Unavailable("the stream has ended"))
             except asyncio.CancelledError:  # the request may not have gone: ids would not match
@@ -499,6 +500,17 @@ class Stream:
             self._fail(RamsterError("the stream was cancelled", grpc.StatusCode.CANCELLED))
         if self._pending:
             self._fail(Unavailable("the stream ended with requests unanswered"))
+
+    async def _write_failure(self, exc: grpc.RpcError) -> RamsterError:
+        """Why a write failed: a write that races the server's end of the call (a draining
+        node's UNAVAILABLE, say) fails in gRPC's core with only INTERNAL 'Internal error from
+        Core', so then the call's own status, which follows, says it."""
+        assert self._call is not None
+        if exc.code() is grpc.StatusCode.INTERNAL:
+            code = await self._call.code()
+            if code is not grpc.StatusCode.OK:
+                return from_status(code, await self._call.details() or code.name.lower())
+        return from_rpc_error(exc)
 
     def _fail(self, error: RamsterError) -> None:
         if self._failure is None:
