@@ -7,8 +7,11 @@
 # engine as a view of it), even while the task is inside the engine, so reading overlaps the
 # work.  The task takes every request parsed (up to BATCH_REQUESTS), cuts them into groups
 # (node/nbd/plan.py) and runs each as one engine batch (node/nbd/blocks.py); a group's replies
-# go out in one writelines (a read's pages as the engine gave them, copied once by the join of
-# 3.11's transport, not at all by 3.12's sendmsg) before the next group runs.  No task or
+# go out before the next group runs, a read's pages as the engine gave them: while the
+# transport holds nothing unsent, one sendmsg on a duplicate of the plain socket's descriptor
+# sends what the socket takes straight from the pieces, and only the rest goes to the
+# transport (whose writelines, on 3.11, joins the pieces first: a copy of every byte read,
+# 6% of the loop's time on sequential reads; sending so moved 7.5% more of them).  No task or
 # future per request: the only await per group is the engine's.  Flow control both ways:
 # reading pauses while more than INPUT_HIGH bytes (or the write payload the machine waits for)
 # sit unserved, and resumes once under INPUT_LOW (or that payload); the task waits while more
@@ -19,7 +22,8 @@
 #
 # TLS: after the machine's StartTls the connection is upgraded in place (loop.start_tls, right
 # after the ACK is written and before anything else is read, so no clear-text byte is taken for
-# TLS); the TLS transport reads into the same buffers.
+# TLS); the TLS transport reads into the same buffers, and every reply goes through it (the
+# duplicate descriptor is closed first).
 #
 # Shutdown (NbdServer.stop): a connection waiting for its client closes at once, one running
 # requests finishes the group in hand, answers requests it had already received with ESHUTDOWN
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -52,6 +57,7 @@ INPUT_LOW = INPUT_HIGH // 2  # ... and under which it resumes
 OUTPUT_HIGH = 4 * 1024 * 1024  # unsent replies beyond which the task waits (it resumes at 1/4):
 # far above asyncio's 64 KiB, so the next group is computed while the socket sends this one
 TLS_HANDSHAKE_SECONDS = 30.0
+IOV_MAX = 1024  # pieces one sendmsg takes (Linux's UIO_MAXIOV)
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -72,12 +78,16 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._writing_paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self._sock: socket.socket | None = None  # the plain socket's twin, for _send_now()
 
     # -- transport callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(OUTPUT_HIGH)
+        raw = transport.get_extra_info("socket")
+        if raw is not None:  # a TCP or Unix socket (never None for the node's listeners)
+            self._sock = raw.dup()
         self.peer = str(transport.get_extra_info("peername"))
         self.server.connections.add(self)
         self.server.metrics.connections.inc()
@@ -128,6 +138,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         except Exception as exc:  # one client's failure must not take the node down
             log_event("nbd_connection_failed", logging.ERROR, exc_info=exc, peer=self.peer)
         finally:
+            self._drop_twin()
             self.server.connections.discard(self)
             self.server.metrics.connections.dec()
             if self.transport is not None:
@@ -200,8 +211,38 @@ class NbdConnection(asyncio.BufferedProtocol):
         parts: list[bytes | memoryview] = [conn.data_to_send()]  # the machine's rejections first
         for request, error, data in answers:
             conn.send_to(parts, request, error, data)
-        if not self.lost and self.transport is not None:
-            self.transport.writelines(parts)
+        transport = self.transport
+        if self.lost or transport is None or transport.is_closing():
+            return
+        if self._sock is not None and not transport.get_write_buffer_size():
+            parts = self._send_now(self._sock, parts)
+        if parts:
+            transport.writelines(parts)
+
+    @staticmethod
+    def _send_now(sock: socket.socket, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """Send what the socket takes at once straight from `parts` (one sendmsg, no join);
+        the parts or pieces of parts it did not take, for the transport.  Only while the
+        transport holds nothing unsent, so bytes keep their order; an error is left for the
+        transport's own send to meet (and close the connection on)."""
+        try:
+            sent = sock.sendmsg(parts[:IOV_MAX])
+        except OSError:  # would block, interrupted, reset: the transport takes it all
+            return parts
+        for at, part in enumerate(parts):
+            size = len(part) if type(part) is bytes else memoryview(part).nbytes
+            if sent < size:
+                rest = parts[at:]
+                if sent:
+                    rest[0] = memoryview(part).cast("B")[sent:]
+                return rest
+            sent -= size
+        return []
+
+    def _drop_twin(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # closes the duplicate descriptor only
+            self._sock = None
 
     def _write(self, data: bytes) -> None:
         if data and not self.lost and self.transport is not None:
@@ -211,6 +252,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         """Upgrade to TLS right after the ACK went out (nothing is read in between); False if
         the handshake failed, which ends the connection."""
         assert self.transport is not None and self.server.tls is not None
+        self._drop_twin()  # from now on every byte goes through TLS
         loop = asyncio.get_running_loop()
         try:
             transport = await loop.start_tls(

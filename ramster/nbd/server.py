@@ -50,8 +50,7 @@
 # connection holds up to SPARE_CHUNKS + 1 MiB of input buffers while it lives.  Request
 # headers, the bulk of the traffic of 4 KiB I/O, are parsed in place (no copy, no enum
 # construction: commands and flags are looked up in tables).  Replies are appended to the
-# shell's list of parts for one writelines (send_to), a read's pages as they are: joined once
-# by the transport on Python 3.11, sent with sendmsg and no copy from 3.12.
+# shell's list of parts for one gathered send (send_to), a read's pages as they are, uncopied.
 from __future__ import annotations
 
 import enum
@@ -283,7 +282,7 @@ class ServerConnection:
         error: Error = Error.OK,
         data: Sequence[bytes | memoryview] = (),
     ) -> None:
-        """Append the reply to a request next_event() returned to `parts` (for one writelines):
+        """Append the reply to a request next_event() returned to `parts` (for one gathered send):
         the header, then for a successful Read the pieces of `data`, exactly its length in all
         (the pieces are not copied here)."""
         if request not in self._outstanding:
