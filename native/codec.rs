@@ -137,7 +137,11 @@ fn header(payload: &[u8], (oid, index): Key) -> [u8; HEADER_SIZE] {
 /// The bytes `obj` exports, `what` number `at` of a call's arguments: a C-contiguous buffer
 /// (an exporter that cannot give one refuses, which is a ValueError here), through a Table,
 /// which costs a fraction of a PyBuffer and is released without taking the GIL again.
-fn bytes_of<'py>(obj: &Bound<'py, PyAny>, what: &str, at: usize) -> PyResult<Table<'py, u8>> {
+pub(crate) fn bytes_of<'py>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    at: usize,
+) -> PyResult<Table<'py, u8>> {
     Table::new(obj, false).map_err(|err| {
         let py = obj.py();
         if err.is_instance_of::<PyBufferError>(py) {
@@ -394,21 +398,6 @@ pub(crate) fn opened_pages<'py>(
         .collect()
 }
 
-/// The buffers of a get batch's zpages (as many as its `keys`).
-pub(crate) fn zpage_tables<'py>(
-    keys: usize,
-    zpages: &[Bound<'py, PyAny>],
-) -> PyResult<Vec<Table<'py, u8>>> {
-    if keys != zpages.len() {
-        return Err(PyValueError::new_err("keys and zpages differ in number"));
-    }
-    zpages
-        .iter()
-        .enumerate()
-        .map(|(at, zpage)| bytes_of(zpage, "zpage", at))
-        .collect()
-}
-
 /// Each zpage opened against its key: a 4096-byte page, or a str saying why it is corrupt.
 fn open_all<'py>(
     py: Python<'py>,
@@ -422,21 +411,10 @@ fn open_all<'py>(
     Ok(opened_pages(py, pages, results))
 }
 
-/// Per zpage, verified against its key: the 4096-byte page, or a str saying why it is corrupt.
-#[pyfunction]
-fn open_zpages<'py>(
-    py: Python<'py>,
-    keys: Keys,
-    zpages: Vec<Bound<'py, PyAny>>,
-) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    let tables = zpage_tables(keys.len(), &zpages)?;
-    let slices: Vec<&[u8]> = tables.iter().map(Table::values).collect();
-    open_all(py, &keys, &slices)
-}
-
-/// open_zpages() of the zpages that start at `offsets` in one buffer (the engine's arena, read
-/// in place): a zpage's header says where it ends, and one that would end past the buffer is
-/// corrupt.
+/// Per zpage, verified against its key: the 4096-byte page, or a str saying why it is corrupt;
+/// the zpages start at `offsets` in one buffer (the engine's arena, read in place, or copies
+/// back to back): a zpage's header says where it ends, and one that would end past the buffer
+/// is corrupt.
 #[pyfunction]
 fn open_zpages_at<'py>(
     py: Python<'py>,
@@ -444,22 +422,29 @@ fn open_zpages_at<'py>(
     buffer: Bound<'py, PyAny>,
     offsets: Vec<usize>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    if keys.len() != offsets.len() {
+    let table = bytes_of(&buffer, "buffer", 0)?;
+    let slices = zpages_at(keys.len(), table.values(), &offsets)?;
+    open_all(py, &keys, &slices)
+}
+
+/// The zpages of `keys` that start at `offsets` in `whole`, each to the end of it.
+pub(crate) fn zpages_at<'a>(
+    keys: usize,
+    whole: &'a [u8],
+    offsets: &[usize],
+) -> PyResult<Vec<&'a [u8]>> {
+    if keys != offsets.len() {
         return Err(PyValueError::new_err("keys and offsets differ in number"));
     }
-    let table = bytes_of(&buffer, "buffer", 0)?;
-    let whole = table.values();
-    let slices: Vec<&[u8]> = offsets
+    Ok(offsets
         .iter()
         .map(|&at| &whole[at.min(whole.len())..])
-        .collect();
-    open_all(py, &keys, &slices)
+        .collect())
 }
 
 #[pymodule]
 fn _codec(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(encode_pages, module)?)?;
-    module.add_function(wrap_pyfunction!(open_zpages, module)?)?;
     module.add_function(wrap_pyfunction!(open_zpages_at, module)?)?;
     module.add_function(wrap_pyfunction!(index::index_get, module)?)?;
     module.add_function(wrap_pyfunction!(index::index_update, module)?)?;

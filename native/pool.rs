@@ -10,7 +10,7 @@
 // plain pointers and files its output in a done list, and writes one byte to a socket when that
 // list was empty; the loop, woken by that socket (asyncio's add_reader on fileno()), takes the
 // finished jobs with finished(), which makes their results (an encode's Zpages, which keeps the
-// worker's buffer, native/zpages.rs; an open's pages, as open_zpages gives them) and releases
+// worker's buffer, native/zpages.rs; an open's pages, as open_zpages_at gives them) and releases
 // their buffers.
 //
 // Safety rests on two rules: a job's buffers stay exported, and its page objects alive, in
@@ -37,8 +37,8 @@ use pyo3::types::PyBytes;
 use crate::table::Held;
 use crate::zpages::Zpages;
 use crate::{
-    blank_pages, encode_all, open_into, opened_pages, page_slices, page_tables, zpage_tables,
-    Encoded, Key, Keys, PAGE_SIZE,
+    blank_pages, bytes_of, encode_all, open_into, opened_pages, page_slices, page_tables,
+    zpages_at, Encoded, Key, Keys, PAGE_SIZE,
 };
 
 /// A job's work, on addresses of buffers that `pending` keeps exported meanwhile.
@@ -243,14 +243,20 @@ impl CodecPool {
         self.submit(work, pending)
     }
 
-    /// Submit open_zpages(keys, zpages); the job's id.
-    fn open(&mut self, py: Python<'_>, keys: Keys, zpages: Vec<Bound<'_, PyAny>>) -> PyResult<u64> {
-        let tables = zpage_tables(keys.len(), &zpages)?;
-        let spans = tables
+    /// Submit open_zpages_at(keys, buffer, offsets); the job's id.
+    fn open(
+        &mut self,
+        py: Python<'_>,
+        keys: Keys,
+        buffer: Bound<'_, PyAny>,
+        offsets: Vec<usize>,
+    ) -> PyResult<u64> {
+        let table = bytes_of(&buffer, "buffer", 0)?;
+        let spans = zpages_at(keys.len(), table.values(), &offsets)?
             .iter()
-            .map(|t| (t.raw().0 as usize, t.raw().1))
+            .map(|z| (z.as_ptr() as usize, z.len()))
             .collect();
-        let inputs = tables.into_iter().map(|t| t.hold()).collect();
+        let inputs = vec![table.hold()];
         let (pages, targets) = blank_pages(py, keys.len())?;
         let pages = pages.into_iter().map(Bound::unbind).collect();
         let work = Work::Open {
@@ -269,7 +275,7 @@ impl CodecPool {
 
     /// The jobs finished since the last call, as (id, result): an encode's Zpages (a sequence
     /// of bytes or None, as encode_pages' list), an open's list of bytes or str (as
-    /// open_zpages), or a RuntimeError if its worker failed.
+    /// open_zpages_at), or a RuntimeError if its worker failed.
     fn finished<'py>(&mut self, py: Python<'py>) -> PyResult<Vec<(u64, Bound<'py, PyAny>)>> {
         let mut sink = [0u8; 64];
         loop {

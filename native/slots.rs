@@ -8,7 +8,8 @@
 // position on, and stops at the first page it does not take, which the Python path then takes
 // before calling again:
 //   - walk(): zpages of the pool's zsmalloc and misses; it stops at any other kind of handle
-//     (same-filled, raw, evicted);
+//     (same-filled, raw, evicted); the zpages it copies out (all of them for a codec worker,
+//     only those straddling two frames otherwise) go back to back into one bytearray;
 //   - file(): zpages, into their class's hot zspage, else the fullest zspage of its fullness
 //     groups, else a new zspage under an id its caller readied (the tables cannot grow while
 //     they are borrowed here), growing them by frames the arena lends a few at a time, and
@@ -38,7 +39,7 @@ use pyo3::buffer::ReadOnlyCell;
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
 
 use crate::table::Table;
 use crate::zpages::Zpages;
@@ -274,9 +275,10 @@ impl Slots {
 
     /// Walk `handles` (index handles: `tag` marks those of zsmalloc `zs`, whose own handle is
     /// in the bits of `mask`) from `first` while each is one of its zpages or 0 (a miss, left
-    /// as it is): each zpage's zspage gets the next tick; it is copied out of the arena into
-    /// `zpages` with its position in `at` when `copy` or when it straddles two frames, else
-    /// only its position goes to `in_place` and its start to `offsets`.  Returns where the walk
+    /// as it is): each zpage's zspage gets the next tick; it is copied out of the arena onto the
+    /// end of `zpages` (a bytearray), with its position in `at` and where it starts there in
+    /// `starts`, when `copy` or when it straddles two frames, else only its position goes to
+    /// `in_place` and its start in the arena to `offsets`.  Returns where the walk
     /// stopped (the first handle of another kind, or the end), the last tick given, and the
     /// misses met.
     #[allow(clippy::too_many_arguments)]
@@ -291,7 +293,8 @@ impl Slots {
         tick: u64,
         copy: bool,
         at: &Bound<'_, PyList>,
-        zpages: &Bound<'_, PyList>,
+        zpages: &Bound<'_, PyByteArray>,
+        starts: &Bound<'_, PyList>,
         in_place: &Bound<'_, PyList>,
         offsets: &Bound<'_, PyList>,
     ) -> PyResult<(usize, u64, usize)> {
@@ -304,43 +307,49 @@ impl Slots {
         let frame: Cells<u32> = frame.cells();
         let whole: &[u8] = arena.values();
         let (mut tick, mut misses, mut i) = (tick, 0usize, first);
-        while i < handles.len() {
-            let handle = u64_of(&handles.get_item(i)?)?;
-            if handle == 0 {
-                misses += 1;
+        // Every zpage of a copying walk is copied: room for a page each, from the start.
+        let mut copies = Copies::new(if copy { handles.len() - i } else { 0 });
+        let mut walk = || -> PyResult<()> {
+            while i < handles.len() {
+                let handle = u64_of(&handles.get_item(i)?)?;
+                if handle == 0 {
+                    misses += 1;
+                    i += 1;
+                    continue;
+                }
+                let h = handle ^ tag;
+                if h > mask {
+                    break; // another kind: the Python walk takes it
+                }
+                let zid = (h >> self.slot_bits) as usize;
+                let class = cell(cls, zid, "zspage id past the table")? as usize;
+                let (head, rest) = self.place(h, class, frame, whole.len())?;
+                tick += 1;
+                ticks
+                    .get(zid)
+                    .ok_or_else(|| bad("zspage id past the ticks"))?
+                    .set(tick);
+                match rest {
+                    None if !copy => {
+                        in_place.append(i)?;
+                        offsets.append(head.start)?;
+                    }
+                    None => {
+                        at.append(i)?;
+                        copies.push(&[&whole[head]]);
+                    }
+                    Some(rest) => {
+                        at.append(i)?;
+                        copies.push(&[&whole[head], &whole[rest]]);
+                    }
+                }
                 i += 1;
-                continue;
             }
-            let h = handle ^ tag;
-            if h > mask {
-                break; // another kind: the Python walk takes it
-            }
-            let zid = (h >> self.slot_bits) as usize;
-            let class = cell(cls, zid, "zspage id past the table")? as usize;
-            let (head, rest) = self.place(h, class, frame, whole.len())?;
-            tick += 1;
-            ticks
-                .get(zid)
-                .ok_or_else(|| bad("zspage id past the ticks"))?
-                .set(tick);
-            match rest {
-                None if !copy => {
-                    in_place.append(i)?;
-                    offsets.append(head.start)?;
-                }
-                None => {
-                    at.append(i)?;
-                    zpages.append(PyBytes::new(py, &whole[head]))?;
-                }
-                Some(rest) => {
-                    let slot = [&whole[head], &whole[rest]].concat();
-                    at.append(i)?;
-                    zpages.append(PyBytes::new(py, &slot))?;
-                }
-            }
-            i += 1;
-        }
-        Ok((i, tick, misses))
+            Ok(())
+        };
+        let walked = walk();
+        copies.flush(zpages, starts)?; // what was copied, even if the walk failed
+        walked.map(|()| (i, tick, misses))
     }
 
     /// File the zpages of `items` (a put batch's encodings) from `first` into zsmalloc `zs`
@@ -695,5 +704,50 @@ impl Slots {
             i += 1;
         }
         Ok((i, freed))
+    }
+}
+
+/// A walk's copies of zpages, gathered here and put onto the end of the caller's bytearray in
+/// one resize and copy: growing a bytearray a zpage at a time costs a realloc (CPython grows one
+/// by an eighth), often a copy of all so far, every few zpages, and a bytes object per zpage
+/// its malloc and free; either cost the loop 8-12% of its time on NBD sequential reads.
+struct Copies {
+    bytes: Vec<u8>,
+    starts: Vec<usize>,
+}
+
+impl Copies {
+    /// Room for `pages` copies (zsmalloc's slots are at most a page), up to 4 MiB ahead: a
+    /// bigger walk's buffer grows as it must.
+    fn new(pages: usize) -> Self {
+        Copies {
+            bytes: Vec::with_capacity(pages.min(1024) * PAGE_SIZE),
+            starts: Vec::with_capacity(pages),
+        }
+    }
+
+    /// Copy `parts` (one zpage's bytes).
+    fn push(&mut self, parts: &[&[u8]]) {
+        self.starts.push(self.bytes.len());
+        for part in parts {
+            self.bytes.extend_from_slice(part);
+        }
+    }
+
+    /// Put the copies onto the end of `buffer`, and where each starts there into `starts`.
+    fn flush(self, buffer: &Bound<'_, PyByteArray>, starts: &Bound<'_, PyList>) -> PyResult<()> {
+        if self.starts.is_empty() {
+            return Ok(());
+        }
+        let base = buffer.len();
+        buffer.resize(base + self.bytes.len())?;
+        // SAFETY: the resize just succeeded, so no buffer of the bytearray is exported (it would
+        // have raised BufferError), and no Python code runs before the copy ends.
+        let whole = unsafe { buffer.as_bytes_mut() };
+        whole[base..].copy_from_slice(&self.bytes);
+        for start in self.starts {
+            starts.append(base + start)?;
+        }
+        Ok(())
     }
 }

@@ -51,7 +51,8 @@ class CodecWorkers:
 
     def open(self, sealed: SealedPages) -> asyncio.Future[SealedPages]:
         """sealed.open() in a worker."""
-        return self._wait(self._pool.open(sealed.waiting_keys(), sealed.zpages), sealed.place)
+        job = self._pool.open(sealed.waiting_keys(), sealed.zpages, sealed.starts)
+        return self._wait(job, sealed.place)
 
     def shutdown(self) -> None:
         """Stop the workers (after the jobs they are running) and fail what still waits."""

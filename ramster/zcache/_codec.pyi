@@ -10,7 +10,6 @@ from typing_extensions import Buffer
 def encode_pages(
     keys: Sequence[tuple[int, int]], pages: Sequence[Buffer], threshold: int, store_raw: bool
 ) -> list[bytes | None]: ...
-def open_zpages(keys: Sequence[tuple[int, int]], zpages: Sequence[Buffer]) -> list[bytes | str]: ...
 def open_zpages_at(
     keys: Sequence[tuple[int, int]], buffer: Buffer, offsets: Sequence[int]
 ) -> list[bytes | str]: ...
@@ -47,7 +46,8 @@ class Slots:
         tick: int,
         copy: bool,
         at: list[int],
-        zpages: list[bytes],
+        zpages: bytearray,
+        starts: list[int],
         in_place: list[int],
         offsets: list[int],
     ) -> tuple[int, int, int]: ...
@@ -94,7 +94,9 @@ class CodecPool:
         threshold: int,
         store_raw: bool,
     ) -> int: ...
-    def open(self, keys: Sequence[tuple[int, int]], zpages: Sequence[Buffer]) -> int: ...
+    def open(
+        self, keys: Sequence[tuple[int, int]], buffer: Buffer, offsets: Sequence[int]
+    ) -> int: ...
     def finished(
         self,
     ) -> list[tuple[int, Zpages | list[bytes | str] | RuntimeError]]: ...

@@ -31,7 +31,8 @@ class Walk(Protocol):
         tick: int,
         copy: bool,
         at: list[int],
-        zpages: list[bytes],
+        zpages: bytearray,
+        starts: list[int],
         in_place: list[int],
         offsets: list[int],
     ) -> tuple[int, int, int]: ...

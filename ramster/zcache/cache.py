@@ -347,7 +347,7 @@ class ZCache:
         promote = not remove and self.config.promote_on_get
         tick = self.tick
         sealed = SealedPages(keys, [None] * len(keys))
-        out, at, zpages = sealed.pages, sealed.at, sealed.zpages
+        out, at, zpages, starts = sealed.pages, sealed.at, sealed.zpages, sealed.starts
         misses = corrupt = unavailable = 0
         moved: set[tuple[int, int]] = set()  # keys marked read or brought home by this batch
         in_place: list[int] = []  # positions of zpages to open where they lie in the arena ...
@@ -362,7 +362,7 @@ class ZCache:
                 if walk is not None:
                     i, tick, missed = walk(
                         handles, i, ZPAGE_TAG, HANDLE_MASK, tick, copy,
-                        at, zpages, in_place, offsets,
+                        at, zpages, starts, in_place, offsets,
                     )  # fmt: skip
                     misses += missed
                     if i == count:
@@ -378,7 +378,8 @@ class ZCache:
                             zticks[h >> zshift] = tick
                         if copy:
                             at.append(i)
-                            zpages.append(zread(h))  # a copy of the slot, padding and all
+                            starts.append(len(zpages))
+                            zpages += zread(h)  # a copy of the slot, padding and all
                         elif (start := zlocate(h)) < 0:  # straddles two frames
                             out[i] = open_zpage(zread(h), oid, index_no)
                         elif remove:  # opened in place before its slot is freed below
@@ -411,7 +412,8 @@ class ZCache:
                         pool.raw.lru.tick[h] = tick
                         if copy:
                             at.append(i)
-                            zpages.append(pool.raw.read(h))
+                            starts.append(len(zpages))
+                            zpages += pool.raw.read(h)
                         else:
                             out[i] = open_zpage(pool.raw.read(h), oid, index_no)
                 except CorruptPage as exc:

@@ -401,7 +401,8 @@ class Zsmalloc:
         tick: int,
         copy: bool,
         at: list[int],
-        zpages: list[bytes],
+        zpages: bytearray,
+        starts: list[int],
         in_place: list[int],
         offsets: list[int],
     ) -> tuple[int, int, int]:
@@ -409,7 +410,7 @@ class Zsmalloc:
         (native/slots.rs) from `first` on, up to the first handle that is neither a zpage here
         (`tag`) nor a miss; where it stopped, the last tick and the misses met."""
         return _SLOTS.walk(
-            self, handles, first, tag, mask, tick, copy, at, zpages, in_place, offsets
+            self, handles, first, tag, mask, tick, copy, at, zpages, starts, in_place, offsets
         )
 
     def file(

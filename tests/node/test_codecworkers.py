@@ -22,7 +22,7 @@ from ramster.zcache import (
     ZCache,
     ZCacheConfig,
 )
-from ramster.zcache._codec import CodecPool, encode_pages, open_zpages
+from ramster.zcache._codec import CodecPool, encode_pages, open_zpages_at
 
 ENCODERS = (PageEncoder(threshold=2048, store_raw=False), PageEncoder(3000, store_raw=True))
 
@@ -60,11 +60,11 @@ async def test_many_jobs_at_once_give_the_codecs_own_results(sample_pages: list[
         tampered = bytearray(zpaged[5][1])
         tampered[-1] ^= 1
         zpaged[5] = (zpaged[5][0], bytes(tampered))
-        sealed = SealedPages(
-            [k for k, _ in zpaged], [None] * len(zpaged), list(range(len(zpaged))), []
-        )
-        sealed.zpages = [z for _, z in zpaged]
-        want = open_zpages(sealed.waiting_keys(), sealed.zpages)
+        sealed = SealedPages([k for k, _ in zpaged], [None] * len(zpaged), list(range(len(zpaged))))
+        for _, z in zpaged:
+            sealed.starts.append(len(sealed.zpages))
+            sealed.zpages += z
+        want = open_zpages_at(sealed.waiting_keys(), sealed.zpages, sealed.starts)
         opened = await workers.open(sealed)
         assert opened is sealed and (sealed.opened, sealed.corrupt) == (len(zpaged), 1)
         assert isinstance(sealed.pages[5], CorruptPage) and "checksum" in str(sealed.pages[5])
@@ -159,10 +159,10 @@ def test_bad_input_is_refused_at_submit(sample_pages: list[bytes]) -> None:
             pool.encode([(1, 0), (1, 1)], [sample_pages[0], b"x" * 100], 2048, True)
         with pytest.raises(ValueError, match="keys and pages differ in number"):
             pool.encode([(1, 0)], [], 2048, True)
-        with pytest.raises(ValueError, match="keys and zpages differ in number"):
-            pool.open([], [b"x"])
+        with pytest.raises(ValueError, match="keys and offsets differ in number"):
+            pool.open([], b"x", [0])
         with pytest.raises(TypeError):
-            pool.open([(1, 0)], [12])  # type: ignore[list-item]
+            pool.open([(1, 0)], 12, [0])  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="needs a thread"):
             CodecPool(0, "t")
         assert len(pool) == 0

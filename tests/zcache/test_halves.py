@@ -99,9 +99,7 @@ def test_opened_counts_hits_and_corruption_when_they_are_known(sample_pages: lis
     cache.put_batch(pool, keys[:2], sample_pages[:2])
     sealed = cache.read_sealed(pool, keys)
     assert (cache.stats.gets, cache.stats.misses, cache.stats.hits) == (3, 1, 0)
-    zpage = sealed.zpages[1]
-    damaged = HEADER_SIZE + 1  # a payload byte
-    sealed.zpages[1] = zpage[:damaged] + bytes([zpage[damaged] ^ 0xFF]) + zpage[damaged + 1 :]
+    sealed.zpages[sealed.starts[1] + HEADER_SIZE + 1] ^= 0xFF  # a payload byte of the second
     pages = cache.opened(sealed.open())
     assert pages[0] == sample_pages[0] and pages[2] is None
     assert isinstance(pages[1], CorruptPage)

@@ -3,17 +3,32 @@
 # wrong page), hostile LZ4 payloads under a valid checksum included; bad arguments are errors.
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import accumulate
+
 import lz4.block
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ramster.zcache import PAGE_SIZE
-from ramster.zcache._codec import encode_pages, open_zpages, open_zpages_at
+from ramster.zcache._codec import encode_pages, open_zpages_at
 from ramster.zcache.codec import HEADER_SIZE, compress, make_zpage, open_zpage
 
 THRESHOLD = 3072
 KEY = (0xFEDC_BA98_7654_3210, 0xFFFF_FFFE)  # both halves of the checksum seed in use
+Key = tuple[int, int]
+
+
+def open_joined(keys: list[Key], zpages: Sequence[bytes | memoryview]) -> list[bytes | str]:
+    """The zpages back to back in one buffer, as a get's copies are."""
+    starts = list(accumulate((memoryview(z).nbytes for z in zpages), initial=0))[:-1]
+    return open_zpages_at(keys, b"".join(zpages), starts)
+
+
+def open_each(keys: list[Key], zpages: list[bytes]) -> list[bytes | str]:
+    """Each zpage in a buffer of its own, whose end is the zpage's."""
+    return [open_zpages_at([k], z, [0])[0] for k, z in zip(keys, zpages, strict=True)]
 
 
 def test_native_zpages_are_codec_zpages(sample_pages: list[bytes]) -> None:
@@ -26,16 +41,16 @@ def test_native_zpages_are_codec_zpages(sample_pages: list[bytes]) -> None:
         raw = len(compress(page)) > THRESHOLD
         assert len(payload) == PAGE_SIZE if raw else len(payload) <= THRESHOLD
         assert zpage == make_zpage(oid, index, payload)  # same header and checksum
-    assert open_zpages(keys, encoded) == sample_pages  # type: ignore[arg-type]
+    assert open_joined(keys, encoded) == sample_pages  # type: ignore[arg-type]
 
 
 def test_codec_zpages_open_natively(sample_pages: list[bytes]) -> None:
     keys = [(7, i) for i in range(len(sample_pages))]
     zpages = [make_zpage(o, i, compress(p)) for (o, i), p in zip(keys, sample_pages, strict=True)]
     zpages[-1] = make_zpage(7, len(zpages) - 1, sample_pages[-1])  # stored raw
-    assert open_zpages(keys, zpages) == sample_pages
+    assert open_joined(keys, zpages) == sample_pages
     views = [memoryview(b"xx" + z)[2:] for z in zpages]  # views at an offset, not copies
-    assert open_zpages(keys, views) == sample_pages
+    assert open_joined(keys, views) == sample_pages
 
 
 def test_same_filled_and_refused_pages(incompressible_pages: list[bytes]) -> None:
@@ -70,7 +85,7 @@ def test_damaged_zpages_are_named_corrupt(compressible_pages: list[bytes]) -> No
     (zpage,) = encode_pages([KEY], compressible_pages[:1], THRESHOLD, False)
     assert zpage is not None
     cases = damaged(zpage)
-    answers = open_zpages([KEY] * len(cases), list(cases.values()))
+    answers = open_each([KEY] * len(cases), list(cases.values()))
     for (case, _), answer in zip(cases.items(), answers, strict=True):
         assert isinstance(answer, str), case
         assert f"oid={KEY[0]} index={KEY[1]}" in answer, (case, answer)
@@ -83,7 +98,7 @@ def test_hostile_payloads_under_a_valid_checksum(payload: bytes) -> None:
     PAGE_SIZE bytes or a clear refusal, and the same verdict as the lz4 package."""
     if len(payload) >= 1 << 16:
         return
-    (answer,) = open_zpages([KEY], [make_zpage(*KEY, payload)])
+    (answer,) = open_each([KEY], [make_zpage(*KEY, payload)])
     if len(payload) == PAGE_SIZE:
         assert answer == payload
         return
@@ -101,7 +116,7 @@ def test_a_crafted_overlong_stream_is_refused() -> None:
     """LZ4 that would write past a page (a long literal run, then a far match)."""
     literals = b"\xf0" + b"\xff" * 17 + b"\x00" + b"A" * (15 + 255 * 17)
     for payload in (literals, compress(bytes(PAGE_SIZE)) + b"\x00\x00\x00"):
-        (answer,) = open_zpages([KEY], [make_zpage(*KEY, payload)])
+        (answer,) = open_each([KEY], [make_zpage(*KEY, payload)])
         assert isinstance(answer, str)
 
 
@@ -131,9 +146,9 @@ def test_bad_arguments_are_errors(sample_pages: list[bytes]) -> None:
     with pytest.raises(OverflowError):
         encode_pages([(1, 1 << 32)], sample_pages[:1], THRESHOLD, True)
     with pytest.raises(TypeError):
-        open_zpages([(1, 0)], ["not bytes"])  # type: ignore[list-item]
+        open_zpages_at([(1, 0)], "not bytes", [0])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="differ in number"):
-        open_zpages([], [b""])
+        open_zpages_at([], b"", [0])
 
 
 def test_zpages_opened_where_they_lie(sample_pages: list[bytes]) -> None:

@@ -48,13 +48,18 @@ def filled() -> tuple[Zsmalloc, list[int]]:
 
 
 def walk(z: Zsmalloc, handles: list[int], first: int, copy: bool) -> tuple[object, ...]:
+    """z.walk(), with the zpages it copied cut out of its buffer at their starts."""
     at: list[int] = []
-    zpages: list[bytes] = []
+    copied = bytearray()
+    starts: list[int] = []
     in_place: list[int] = []
     offsets: list[int] = []
     stop, tick, misses = z.walk(
-        handles, first, ZPAGE_TAG, HANDLE_MASK, 10_000, copy, at, zpages, in_place, offsets
+        handles, first, ZPAGE_TAG, HANDLE_MASK, 10_000, copy, at, copied, starts, in_place, offsets
     )
+    assert len(starts) == len(at)
+    ends = [*starts[1:], len(copied)][: len(starts)]
+    zpages = [bytes(copied[s:e]) for s, e in zip(starts, ends, strict=True)]
     return stop, tick, misses, at, zpages, in_place, offsets
 
 
