@@ -212,10 +212,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         for request, error, data in answers:
             conn.send_to(parts, request, error, data)
         transport = self.transport
-        if self.lost or transport is None or transport.is_closing():
+        if self.lost or transport is None:
             return
-        if self._sock is not None and not transport.get_write_buffer_size():
-            parts = self._send_now(self._sock, parts)
+        sock, idle = self._sock, not transport.get_write_buffer_size()
+        if sock is not None and idle and not transport.is_closing():
+            parts = self._send_now(sock, parts)
         if parts:
             transport.writelines(parts)
 
