@@ -308,7 +308,7 @@ impl Slots {
         let whole: &[u8] = arena.values();
         let (mut tick, mut misses, mut i) = (tick, 0usize, first);
         // Every zpage of a copying walk is copied: room for a page each, from the start.
-        let mut copies = Copies::new(if copy { handles.len() - i } else { 0 });
+        let mut copies = Copies::new(zpages, if copy { handles.len() - i } else { 0 });
         let mut walk = || -> PyResult<()> {
             while i < handles.len() {
                 let handle = u64_of(&handles.get_item(i)?)?;
@@ -336,11 +336,11 @@ impl Slots {
                     }
                     None => {
                         at.append(i)?;
-                        copies.push(&[&whole[head]]);
+                        copies.push(&[&whole[head]])?;
                     }
                     Some(rest) => {
                         at.append(i)?;
-                        copies.push(&[&whole[head], &whole[rest]]);
+                        copies.push(&[&whole[head], &whole[rest]])?;
                     }
                 }
                 i += 1;
@@ -348,7 +348,7 @@ impl Slots {
             Ok(())
         };
         let walked = walk();
-        copies.flush(zpages, starts)?; // what was copied, even if the walk failed
+        copies.finish(starts)?; // what was copied, even if the walk failed
         walked.map(|()| (i, tick, misses))
     }
 
@@ -707,46 +707,59 @@ impl Slots {
     }
 }
 
-/// A walk's copies of zpages, gathered here and put onto the end of the caller's bytearray in
-/// one resize and copy: growing a bytearray a zpage at a time costs a realloc (CPython grows one
-/// by an eighth), often a copy of all so far, every few zpages, and a bytes object per zpage
-/// its malloc and free; either cost the loop 8-12% of its time on NBD sequential reads.
-struct Copies {
-    bytes: Vec<u8>,
+/// A walk's copies of zpages, written straight onto the end of the caller's bytearray, where
+/// each starts listed in `starts`.  The bytearray is grown ahead of need (at the first copy by
+/// room for `pages` pages, up to 4 MiB, else by half again) and cut to what it holds at the
+/// end.  Growing it a zpage at a time costs a realloc (CPython grows one by an eighth), often a
+/// copy of all so far, every few zpages; a bytes object per zpage cost its malloc and free, 8-12%
+/// of the loop's time on NBD sequential reads either way.
+struct Copies<'a, 'py> {
+    buffer: &'a Bound<'py, PyByteArray>,
+    end: usize,   // where the next copy goes: the bytearray beyond it is room, not data
+    ahead: usize, // room to take at the first copy
     starts: Vec<usize>,
 }
 
-impl Copies {
-    /// Room for `pages` copies (zsmalloc's slots are at most a page), up to 4 MiB ahead: a
-    /// bigger walk's buffer grows as it must.
-    fn new(pages: usize) -> Self {
+impl<'a, 'py> Copies<'a, 'py> {
+    fn new(buffer: &'a Bound<'py, PyByteArray>, pages: usize) -> Self {
         Copies {
-            bytes: Vec::with_capacity(pages.min(1024) * PAGE_SIZE),
-            starts: Vec::with_capacity(pages),
+            buffer,
+            end: buffer.len(),
+            ahead: pages.min(1024) * PAGE_SIZE,
+            starts: Vec::new(),
         }
     }
 
-    /// Copy `parts` (one zpage's bytes).
-    fn push(&mut self, parts: &[&[u8]]) {
-        self.starts.push(self.bytes.len());
+    /// Copy `parts` (one zpage's bytes) onto the end.
+    fn push(&mut self, parts: &[&[u8]]) -> PyResult<()> {
+        let start = self.end;
+        let end = start + parts.iter().map(|p| p.len()).sum::<usize>();
+        if end > self.buffer.len() {
+            let room = (end + end / 2).max(start + std::mem::take(&mut self.ahead));
+            self.buffer.resize(room)?;
+        }
+        // SAFETY: the first push of a walk always resizes the bytearray, which succeeds only
+        // while none of its buffer is exported, and no Python code runs until the walk ends
+        // (list appends and int reads), so nothing can export or resize it in between.
+        let mut tail = unsafe { &mut self.buffer.as_bytes_mut()[start..end] };
         for part in parts {
-            self.bytes.extend_from_slice(part);
+            let (head, rest) = tail.split_at_mut(part.len());
+            head.copy_from_slice(part);
+            tail = rest;
         }
+        self.starts.push(start);
+        self.end = end;
+        Ok(())
     }
 
-    /// Put the copies onto the end of `buffer`, and where each starts there into `starts`.
-    fn flush(self, buffer: &Bound<'_, PyByteArray>, starts: &Bound<'_, PyList>) -> PyResult<()> {
+    /// Cut the room not used, and list where each copy starts in `starts`.
+    fn finish(self, starts: &Bound<'_, PyList>) -> PyResult<()> {
         if self.starts.is_empty() {
             return Ok(());
         }
-        let base = buffer.len();
-        buffer.resize(base + self.bytes.len())?;
-        // SAFETY: the resize just succeeded, so no buffer of the bytearray is exported (it would
-        // have raised BufferError), and no Python code runs before the copy ends.
-        let whole = unsafe { buffer.as_bytes_mut() };
-        whole[base..].copy_from_slice(&self.bytes);
+        self.buffer.resize(self.end)?;
         for start in self.starts {
-            starts.append(base + start)?;
+            starts.append(start)?;
         }
         Ok(())
     }
