@@ -377,9 +377,7 @@ class ZCache:
                             tick += 1
                             zticks[h >> zshift] = tick
                         if copy:
-                            at.append(i)
-                            starts.append(len(zpages))
-                            zpages += zread(h)  # a copy of the slot, padding and all
+                            sealed.wait(i, zread(h))  # a copy of the slot, padding and all
                         elif (start := zlocate(h)) < 0:  # straddles two frames
                             out[i] = open_zpage(zread(h), oid, index_no)
                         elif remove:  # opened in place before its slot is freed below
@@ -411,9 +409,7 @@ class ZCache:
                         tick += 1
                         pool.raw.lru.tick[h] = tick
                         if copy:
-                            at.append(i)
-                            starts.append(len(zpages))
-                            zpages += pool.raw.read(h)
+                            sealed.wait(i, pool.raw.read(h))
                         else:
                             out[i] = open_zpage(pool.raw.read(h), oid, index_no)
                 except CorruptPage as exc:

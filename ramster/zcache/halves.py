@@ -60,6 +60,12 @@ class SealedPages:
     def open(self) -> SealedPages:
         return self.place(open_zpages_at(self.waiting_keys(), self.zpages, self.starts))
 
+    def wait(self, i: int, zpage: bytes) -> None:
+        """Keep a copy of the zpage of position `i` for open() (the native walk keeps its own)."""
+        self.at.append(i)
+        self.starts.append(len(self.zpages))
+        self.zpages += zpage
+
     def waiting_keys(self) -> list[tuple[int, int]]:
         """The keys of the zpages that wait to be opened, in their order."""
         return [self.keys[i] for i in self.at]

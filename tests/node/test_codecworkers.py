@@ -60,10 +60,9 @@ async def test_many_jobs_at_once_give_the_codecs_own_results(sample_pages: list[
         tampered = bytearray(zpaged[5][1])
         tampered[-1] ^= 1
         zpaged[5] = (zpaged[5][0], bytes(tampered))
-        sealed = SealedPages([k for k, _ in zpaged], [None] * len(zpaged), list(range(len(zpaged))))
-        for _, z in zpaged:
-            sealed.starts.append(len(sealed.zpages))
-            sealed.zpages += z
+        sealed = SealedPages([k for k, _ in zpaged], [None] * len(zpaged))
+        for i, (_, z) in enumerate(zpaged):
+            sealed.wait(i, z)
         want = open_zpages_at(sealed.waiting_keys(), sealed.zpages, sealed.starts)
         opened = await workers.open(sealed)
         assert opened is sealed and (sealed.opened, sealed.corrupt) == (len(zpaged), 1)
