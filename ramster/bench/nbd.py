@@ -15,20 +15,26 @@
 # machine hardly moves (the random step's covers its writes and reads together); the node's is
 # also split by thread role (its ramster_thread_cpu_seconds_total: event loop, codec workers,
 # gRPC's threads, the rest), as CPU-seconds per GiB of the sequential steps, which says whether
-# the loop or LZ4 bounds it.  Every byte is
-# verified: a copy back to a file for the sequential data; the random reads are compared with
-# what was written as they complete.  Rates are MiB/s.  "Data per GiB of RSS" is the bytes
-# written over the server's RSS after the sequential writes: nbdkit keeps pages as they are, the
-# node compresses them, so the ratio shows what a GiB of a host's RAM holds on each.  The node's
-# RSS includes the interpreter (~55 MiB), which large sizes amortise; the idle RSS is reported
-# too.  The node is started here (a LocalNode subprocess) with a pool limit of twice `size`, so
-# nothing leaves RAM during the run, and with one codec worker thread unless told otherwise.
-# With tls, both servers require TLS (certificates from `ramster certs`' code, the node's serving
-# nbdkit too) and every client uses nbds:// URIs, so the ratios include each side's TLS cost.
+# the loop or LZ4 bounds it.  The client's CPU is taken too (nbdcopy's, from the rusage of the
+# reaped child), per GiB of each sequential step, and with the server's it gives the step's core
+# use: CPU-seconds of server and client over the seconds it took times the cores this process may
+# use.  Near 1 the step is bound by CPU on this machine (then only fewer CPU-seconds per GiB, on
+# either side, make it faster); well under 1 it waited on something else.  Every byte is verified: a
+# copy back to a file for the sequential data; the random reads are compared with what was written
+# as they complete.  Rates are MiB/s.  "Data per GiB of RSS" is the bytes written over the server's
+# RSS after the sequential writes: nbdkit keeps pages as they are, the node compresses them, so the
+# ratio shows what a GiB of a host's RAM holds on each.  The node's RSS includes the interpreter
+# (~55 MiB), which large sizes amortise; the idle RSS is reported too.  The node is started here (a
+# LocalNode subprocess) with a pool limit of twice `size`, so nothing leaves RAM during the run, and
+# with one codec worker thread unless told otherwise.  With tls, both servers require TLS
+# (certificates from `ramster certs`' code, the node's serving nbdkit too) and every client uses
+# nbds:// URIs, so the ratios include each side's TLS cost.
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -151,6 +157,12 @@ def process_cpu(pid: int) -> float:
     return cpu_seconds(Path(f"/proc/{pid}/stat")) or 0.0
 
 
+def clients_cpu() -> float:
+    """CPU time (user + system) of the child processes this process has run and reaped."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(
     servers: dict[str, tuple[str, int]],
     source: Path,
@@ -160,23 +172,26 @@ def measure(
     threads: dict[str, ThreadCpu] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The steps of the header against each server (name: URI and pid), interleaved; per step
-    the best time, and the server's CPU time in that run (by thread role too, for a server
-    with a reader in `threads`: seq_write and seq_read as CPU-seconds per GiB)."""
-    size, mib = source.stat().st_size, 2**20
+    the best time, and the server's and the client's CPU time in that run (the server's by
+    thread role too, for a server with a reader in `threads`: seq_write and seq_read as
+    CPU-seconds per GiB)."""
+    size, mib, gib = source.stat().st_size, 2**20, 2**30
     ops = min(ops, size // 4096)
     threads = threads or {}
-    best: dict[str, dict[str, tuple[float, float, dict[str, float]]]] = {n: {} for n in servers}
+    best: dict[str, dict[str, tuple[float, float, float, dict[str, float]]]] = {
+        n: {} for n in servers
+    }
 
     def step(name: str, labels: tuple[str, ...], run: Callable[..., Any], *args: Any) -> None:
         """One run of a step against one server: `run(*args)` gives the seconds of each label."""
         pid, roles = servers[name][1], threads.get(name)
-        cpu, by_role = process_cpu(pid), roles() if roles else {}
+        cpu, client, by_role = process_cpu(pid), clients_cpu(), roles() if roles else {}
         took = run(*args)
-        cpu = process_cpu(pid) - cpu
+        cpu, client = process_cpu(pid) - cpu, clients_cpu() - client
         by_role = {role: s - by_role[role] for role, s in roles().items()} if roles else {}
         for label, seconds in zip(labels, took if len(labels) > 1 else (took,), strict=True):
             if label not in best[name] or seconds < best[name][label][0]:
-                best[name][label] = (seconds, cpu, by_role)
+                best[name][label] = (seconds, cpu, client, by_role)
 
     out: dict[str, dict[str, Any]] = {
         name: {"rss_idle_MiB": rss_bytes(pid) / mib} for name, (_, pid) in servers.items()
@@ -199,15 +214,19 @@ def measure(
     for _ in range(repeat):
         for name, (uri, _) in servers.items():
             step(name, RANDOM_STEPS, _random_io, uri, source, ops, seed)
+    cores = len(os.sched_getaffinity(0))
     for name, steps in best.items():
-        for label, (seconds, _, _) in steps.items():
+        for label, (seconds, *_) in steps.items():
             moved = ops * 4096 if label.startswith("rand") else size
             out[name][f"{label}_MiBps"] = moved / seconds / mib
         for label in ("seq_write", "seq_read"):
-            out[name][f"{label}_MiB_per_cpu_s"] = size / mib / max(steps[label][1], 1e-3)
+            seconds, cpu, client, by_role = steps[label]
+            out[name][f"{label}_MiB_per_cpu_s"] = size / mib / max(cpu, 1e-3)
+            out[name][f"{label}_client_cpu_s_per_GiB"] = round(client * gib / size, 2)
+            out[name][f"{label}_core_use"] = round((cpu + client) / (seconds * cores), 2)
             if name in threads:
                 out[name][f"{label}_cpu_s_per_GiB_by_thread"] = {
-                    role: round(s * 2**30 / size, 2) for role, s in steps[label][2].items()
+                    role: round(s * gib / size, 2) for role, s in by_role.items()
                 }
         cpu = steps[RANDOM_STEPS[0]][1]  # one run did both: its CPU covers both directions
         out[name]["rand4k_MiB_per_cpu_s"] = 2 * ops * 4096 / mib / max(cpu, 1e-3)
