@@ -121,12 +121,20 @@ def check_tools() -> None:
         )
 
 
+def _why(done: subprocess.CompletedProcess[str]) -> str:
+    """Why a client failed: the end of what it said, or the signal that killed it."""
+    said = done.stderr.strip()[-500:]
+    if said or done.returncode > 0:
+        return said or f"exit status {done.returncode}"
+    return f"killed by signal {-done.returncode}"
+
+
 def _tool(*cmd: str) -> float:
     """Run a client; seconds it took."""
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
-        raise BenchError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+        raise BenchError(f"{' '.join(cmd)} failed: {_why(done)}")
     return time.perf_counter() - start
 
 
@@ -143,7 +151,7 @@ def _random_io(uri: str, source: Path, ops: int, seed: int) -> tuple[float, floa
         check=False,
     )
     if done.returncode:
-        raise BenchError(f"random 4 KiB I/O failed: {done.stderr.strip()[-500:]}")
+        raise BenchError(f"random 4 KiB I/O failed: {_why(done)}")
     rand = json.loads(done.stdout)
     if rand["errors"] or rand["bad_reads"]:
         raise BenchError(

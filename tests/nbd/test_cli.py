@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from ramster.bench import nbd
 from tests.conftest import ramster
 from tests.nbd.conftest import MiB, ServerThread, need
 
@@ -91,3 +94,12 @@ def test_bench_nbd_over_tls() -> None:
     result = json.loads(done.stdout)
     assert result["verified"] is True and result["tls"] is True
     assert result["ramster_seq_read_MiBps"] > 0 and result["nbdkit_seq_read_MiBps"] > 0
+
+
+def test_a_client_that_dies_is_one_clear_bench_error() -> None:
+    with pytest.raises(nbd.BenchError, match=r"^sh -c kill -9 \$\$ failed: killed by signal 9$"):
+        nbd._tool("sh", "-c", "kill -9 $$")
+    with pytest.raises(nbd.BenchError, match=r"failed: exit status 3$"):
+        nbd._tool("sh", "-c", "exit 3")
+    with pytest.raises(nbd.BenchError, match=r"failed: no such export$"):
+        nbd._tool("sh", "-c", "echo no such export >&2; exit 1")
