@@ -26,8 +26,13 @@
 # takes the pages of a front door's requests as they came, runs of pages back to back (an NBD
 # write's payload, a PutBatch's blob), and hands the codec a chunk's runs cut at its ends, not a
 # view per page (~0.3 us of the loop's time each, 6-8% of what the loop spent per page on
-# NBD writes).  Either way a get batch's remote copies are fetched once, before its first
-# chunk; a chunk looks again only once the prefetch's check says a local copy went meanwhile.
+# NBD writes).  A front door that knows its next batches can start their encoding early
+# (encode_ahead: every hop of a batch to the workers at once, nothing filed) and hand what it
+# started to put_runs in the batch's turn, which files those hops in order as they come and
+# drops any it did not use: the workers code the next batches while the loop files this one
+# (NBD connections do, node/nbd/connection.py).  Either way a get batch's remote copies are
+# fetched once, before its first chunk; a chunk looks again only once the prefetch's check says
+# a local copy went meanwhile.
 #
 # The workers are native threads that never take the GIL (node/codecworkers.py): a chunk costs
 # the loop its submission and its results, and a worker never waits for the loop.
@@ -225,25 +230,51 @@ class ChunkedEngine:
             check_put_batch(keys, [p if type(p) is bytes else _page_shaped(p) for p in pages])
         return await self._put(pool, keys, pages.__getitem__)
 
-    async def put_runs(
+    def encode_ahead(
         self, pool: int, keys: list[tuple[int, int]], runs: Sequence[bytes | memoryview]
+    ) -> Ahead | None:
+        """Start encoding a put_runs() batch in the workers now, every hop of it, for a
+        put_runs() of the same batch (with `ahead`) to file later; None where that put_runs()
+        would not use the workers.  Nothing is filed until then, so the engine's state and the
+        order of puts are untouched; what put_runs() does not take is dropped (Ahead.drop)."""
+        workers = self.workers
+        if workers is None or len(keys) <= INLINE_PAGES or len(keys) < self.offload:
+            return None
+        encoder, cut = self.engine.encoder(pool), _Runs(runs).cut
+        futures: dict[int, asyncio.Future[Encodings]] = {}
+        for first in range(0, len(keys), self.hop):
+            part = slice(first, first + self.hop)
+            try:
+                futures[first] = workers.encode(encoder, keys[part], cut(part))
+            except RuntimeError:  # the workers were shut down: put_runs() will say so
+                break
+        return Ahead(futures)
+
+    async def put_runs(
+        self,
+        pool: int,
+        keys: list[tuple[int, int]],
+        runs: Sequence[bytes | memoryview],
+        ahead: Ahead | None = None,
     ) -> list[PutResult]:
         """put_batch() of checked keys and pages that lie back to back in `runs` (bytes or byte
         views of whole pages: a request's payload, a batch's blob), len(keys) pages in all.
-        They are coded where they lie, a hop's pages in a few buffers, with no view per page."""
+        They are coded where they lie, a hop's pages in a few buffers, with no view per page;
+        with `ahead` (encode_ahead() of this very batch), from the hops it started."""
         if len(keys) <= INLINE_PAGES:
             pages = [bytes(page) for run in runs for page in page_views(run, _pages_of(run))]
             return self.engine.put_batch(pool, keys, pages)
-        return await self._put(pool, keys, _Runs(runs).cut)
+        return await self._put(pool, keys, _Runs(runs).cut, ahead)
 
     async def _put(
         self,
         pool: int,
         keys: list[tuple[int, int]],
         cut: Callable[[slice], Sequence[bytes | memoryview]],
+        ahead: Ahead | None = None,
     ) -> list[PutResult]:
         """A checked put batch of more than INLINE_PAGES pages, chunk by chunk; `cut(part)` is
-        the buffers that hold the pages of `part`."""
+        the buffers that hold the pages of `part`; `ahead` holds hops already encoding."""
         engine = self.engine
         encoder, workers = engine.encoder(pool), self.workers
 
@@ -252,13 +283,22 @@ class ChunkedEngine:
             return encoder.encode(keys[part], cut(part))
 
         def offload_part(part: slice) -> asyncio.Future[Encodings]:
+            started = ahead.take(part) if ahead is not None else None
+            if started is not None:
+                return started
             assert workers is not None
             return workers.encode(encoder, keys[part], cut(part))
 
         def file(part: slice, encoded: Encodings) -> list[PutResult]:
             return engine.file_encoded(pool, keys[part], encoded, keys_checked=True)
 
-        return await self._pipelined(len(keys), _as_is, encode_part, offload_part, file, self.hop)
+        try:
+            return await self._pipelined(
+                len(keys), _as_is, encode_part, offload_part, file, self.hop, ahead is not None
+            )
+        finally:
+            if ahead is not None:
+                ahead.drop()
 
     async def get_batch(
         self, pool: int, keys: list[tuple[int, int]], exclusive: bool
@@ -324,16 +364,20 @@ class ChunkedEngine:
         to_workers: Callable[[X], asyncio.Future[Y]] | None,
         finish: Callable[[slice, Y], list[T]],
         hop: int,
+        started: bool = False,
     ) -> list[T]:
         """Per chunk of `count` items, in order: a yield (`step`), `start` on the loop, then its
         `work` in a worker (`to_workers`; `work` on the loop without workers or `to_workers`,
         for fewer than `self.offload` items, or while small calls come), `finish` on the loop;
         up to DEPTH chunks (of `hop` items) in the workers at once, each finished in a step of
-        its own.  On an error or a cancellation, chunks still with the workers are dropped
+        its own (`started`: the workers hold every hop already, so they keep them, small calls
+        or not).  On an error or a cancellation, chunks still with the workers are dropped
         unfinished; a worker's failure is raised as a CodecError."""
         workers, small_first = self.workers, self.small_first
         if count < self.offload or to_workers is None:
             workers = None
+        if started:
+            small_first = None
         out: list[T] = []
         running: deque[tuple[slice, asyncio.Future[Y]]] = deque()
 
@@ -373,6 +417,23 @@ class ChunkedEngine:
             for _, left in running:
                 left.cancel()
         return out
+
+
+class Ahead:
+    """The hops of a put batch that encode_ahead() started, by their first page."""
+
+    def __init__(self, futures: dict[int, asyncio.Future[Encodings]]) -> None:
+        self.futures = futures
+
+    def take(self, part: slice) -> asyncio.Future[Encodings] | None:
+        """The started hop that is exactly `part`, if any (the caller now awaits it)."""
+        return self.futures.pop(part.start, None)
+
+    def drop(self) -> None:
+        """Cancel the hops nobody took (a worker still codes them; the results are dropped)."""
+        for future in self.futures.values():
+            future.cancel()
+        self.futures.clear()
 
 
 async def _as_is(part: slice) -> slice:

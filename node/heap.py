@@ -56,11 +56,15 @@ def trim_heap() -> None:
 
 class HeapTrimmer:
     """Trims the heap when `moved()` (a running count of zpages) has grown by TRIM_AFTER since
-    the last trim and stood still for one `interval`."""
+    the last trim and stood still for one `interval`, first calling `quiet()` (on the loop), which
+    lets go of whatever else the burst left cached."""
 
-    def __init__(self, moved: Callable[[], int], interval: float) -> None:
+    def __init__(
+        self, moved: Callable[[], int], interval: float, quiet: Callable[[], None] | None = None
+    ) -> None:
         self.moved = moved
         self.interval = interval
+        self.quiet = quiet
         self.trims = 0
         self.seconds = 0.0
         self._trim = _malloc_trim()
@@ -73,6 +77,8 @@ class HeapTrimmer:
             await asyncio.sleep(self.interval)
             now = self.moved()
             if now == last and now - trimmed_at >= TRIM_AFTER:
+                if self.quiet is not None:
+                    self.quiet()
                 await asyncio.to_thread(self.trim)
                 trimmed_at = now
             last = now

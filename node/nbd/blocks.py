@@ -22,10 +22,13 @@
 # connections share (hence CAN_MULTI_CONN); an export is exactly as durable as the node's
 # persistent pool.
 #
-# The engine batches run through the server's ChunkedEngine, on the loop or with the engine's
-# codec workers (node/nbd/server.py); an engine error, a failed codec worker included, fails
-# every request of the group with EIO (a write's pages may then be partly stored: NBD leaves a
-# failed write's range unspecified) and the connection goes on.
+# A connection plans its next groups before their turn (node/nbd/connection.py): plan() works
+# out a WRITE group's put batch and, with `start`, has the codec workers encode it at once
+# (node/engine.py's encode_ahead, for groups of up to GROUP_PAGES blocks); run() files it when
+# its turn comes.  The engine batches run through the server's ChunkedEngine, on the loop or
+# with the engine's codec workers (node/nbd/server.py); an engine error, a failed codec worker
+# included, fails every request of the group with EIO (a write's pages may then be partly
+# stored: NBD leaves a failed write's range unspecified) and the connection goes on.
 #
 # Answers are (request, error, pieces of a read's data) for the connection to encode: a read's
 # pages are not joined here, the connection appends them to its output buffer once.
@@ -37,9 +40,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from node.engine import ChunkedEngine
+from node.engine import Ahead, ChunkedEngine
 from node.logs import log_event
-from node.nbd.plan import OID_BITS, READ, WRITE, Group, Key, block_keys, inner, span
+from node.nbd.plan import (
+    GROUP_PAGES,
+    OID_BITS,
+    READ,
+    WRITE,
+    Group,
+    Key,
+    block_keys,
+    inner,
+    span,
+)
 from ramster.nbd import Error, Export, Read, Request, Trim, Write, WriteZeroes
 from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheError
 
@@ -53,6 +66,22 @@ OK, EIO, ENOSPC = Error.OK, Error.EIO, Error.ENOSPC  # module names: see plan.RE
 
 
 @dataclass
+class WritePlan:
+    """A WRITE group's put batch (keys, the payloads that hold its pages), the blocks it zeroes
+    or trims, and the hops of its encoding already started (node/engine.py's Ahead)."""
+
+    keys: list[Key]
+    runs: list[Piece]
+    forget: list[tuple[int, int]]
+    ahead: Ahead | None
+
+    def drop(self) -> None:
+        """Give up the plan unrun: its encoding's results are dropped."""
+        if self.ahead is not None:
+            self.ahead.drop()
+
+
+@dataclass
 class ExportBlocks:
     export: Export
     pool: int
@@ -60,13 +89,36 @@ class ExportBlocks:
     chunked: ChunkedEngine
     rmw: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def run(self, group: Group) -> list[Answer]:
-        """The answers to one group, in its order."""
+    def plan(self, group: Group, start: bool = False) -> WritePlan | None:
+        """What run() will do with a WRITE group (None for other groups); with `start`, its
+        encoding starts in the codec workers now, for run(group, plan) to file in its turn."""
+        return self._write_plan(group.requests, start) if group.kind is WRITE else None
+
+    def _write_plan(self, requests: list[Request], start: bool = False) -> WritePlan:
+        keys: list[Key] = []
+        runs: list[Piece] = []  # the writes' payloads, coded where they lie
+        forget: list[tuple[int, int]] = []
+        for request in requests:
+            this = type(request)
+            if this is Write:
+                assert isinstance(request, Write)
+                first = request.offset // PAGE_SIZE
+                keys += block_keys(first, first + request.length // PAGE_SIZE)
+                runs.append(request.data)
+            elif this is Trim or this is WriteZeroes:
+                forget.append(inner(request.offset, request.length))
+        ahead = None
+        if start and 0 < len(keys) <= GROUP_PAGES:  # a bigger one goes hop by hop, in its turn
+            ahead = self.chunked.encode_ahead(self.pool, keys, runs)
+        return WritePlan(keys, runs, forget, ahead)
+
+    async def run(self, group: Group, plan: WritePlan | None = None) -> list[Answer]:
+        """The answers to one group, in its order (a WRITE group's as plan() planned it)."""
         try:
             if group.kind is READ:
                 return await self._reads(group.requests)
             if group.kind is WRITE:
-                return await self._writes(group.requests)
+                return await self._writes(group.requests, plan or self._write_plan(group.requests))
             (request,) = group.requests
             return [(request, await self._alone(request), NO_DATA)]
         except ZCacheError as exc:  # a codec worker failed, the pool was destroyed under it...
@@ -102,23 +154,12 @@ class ExportBlocks:
             answers.append((request, OK, data))
         return answers
 
-    async def _writes(self, requests: list[Request]) -> list[Answer]:
+    async def _writes(self, requests: list[Request], plan: WritePlan) -> list[Answer]:
         """Aligned WRITEs, WRITE_ZEROES and TRIMs of distinct blocks (and FLUSHes) as one put
         batch and the flush of the zeroed blocks."""
-        keys: list[Key] = []
-        runs: list[Piece] = []  # the writes' payloads, coded where they lie
-        forget: list[tuple[int, int]] = []
-        for request in requests:
-            this = type(request)
-            if this is Write:
-                assert isinstance(request, Write)
-                first = request.offset // PAGE_SIZE
-                keys += block_keys(first, first + request.length // PAGE_SIZE)
-                runs.append(request.data)
-            elif this is Trim or this is WriteZeroes:
-                forget.append(inner(request.offset, request.length))
-        results = await self.chunked.put_runs(self.pool, keys, runs) if keys else []
-        await self._forget(forget)
+        keys, runs, ahead = plan.keys, plan.runs, plan.ahead
+        results = await self.chunked.put_runs(self.pool, keys, runs, ahead) if keys else []
+        await self._forget(plan.forget)
         if REFUSED.isdisjoint(results):  # every page stored, as nearly always
             return [(request, OK, NO_DATA) for request in requests]
         answers: list[Answer] = []

@@ -23,7 +23,8 @@
 # Heap: the zpages of a write group are bytes in the heap between their encoding and their
 # filing, so a burst of writes leaves the heap grown by what was in flight; a HeapTrimmer
 # (node/heap.py) gives it back once the exports have moved TRIM_AFTER pages and then paused for
-# TRIM_INTERVAL.
+# TRIM_INTERVAL, and the connections then drop the input chunks they kept for reuse (up to
+# node/nbd/connection.py's SPARE_CHUNKS MiB each), so an idle connection holds one.
 #
 # Shutdown (stop()): the listener closes; a connection waiting for its client closes at once,
 # one running requests finishes the group in hand, answers requests it had already received with
@@ -39,7 +40,7 @@ from node.fairness import SmallFirst
 from node.heap import HeapTrimmer
 from node.logs import log_event
 from node.metrics import NbdMetrics, observe_many
-from node.nbd.blocks import Answer, ExportBlocks
+from node.nbd.blocks import Answer, ExportBlocks, WritePlan
 from node.nbd.connection import NbdConnection
 from node.nbd.plan import Group
 from node.nbd.tls import NbdTls
@@ -92,7 +93,7 @@ class NbdServer:
         self.connections: set[NbdConnection] = set()
         self._children: dict[tuple[str, Command, Error], tuple[Any, Any, Any]] = {}
         self.moved = 0  # bytes read and written so far
-        self.trimmer = HeapTrimmer(lambda: self.moved // PAGE_SIZE, TRIM_INTERVAL)
+        self.trimmer = HeapTrimmer(lambda: self.moved // PAGE_SIZE, TRIM_INTERVAL, self._quiet)
         self._trimming: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -135,11 +136,20 @@ class NbdServer:
             self._trimming.cancel()
             await asyncio.gather(self._trimming, return_exceptions=True)
 
-    async def execute(self, blocks: ExportBlocks, group: Group) -> list[Answer]:
+    def _quiet(self) -> None:
+        """Traffic paused: connections give back the input chunks they keep for reuse."""
+        for connection in self.connections:
+            connection.conn.drop_spares()
+
+    async def execute(
+        self, blocks: ExportBlocks, group: Group, plan: WritePlan | None = None
+    ) -> list[Answer]:
         """The answers to one group of plan.groups() (ESHUTDOWN once draining)."""
         if self.draining:
+            if plan is not None:
+                plan.drop()
             return [(request, Error.ESHUTDOWN, ()) for request in group.requests]
-        return await blocks.run(group)
+        return await blocks.run(group, plan)
 
     def count(self, name: str, answers: list[Answer], seconds: float) -> None:
         """Metrics of one group: requests by result and bytes moved, and each request's latency

@@ -44,10 +44,12 @@
 # node keeps freed heap memory (ramster/wire.py's keep_freed_memory), and 1 MiB buffers freed
 # there after a burst of writes on 4 connections kept ~13 MiB of RSS for good; an mmap goes
 # back to the OS with its last view.  A chunk no payload was lent from is reused from its
-# start; the last SPARE_CHUNKS lent ones are kept and reused once no view of them is left (mmap's
+# start; the last `spare_chunks` lent ones (SPARE_CHUNKS unless the shell, which knows how much
+# input it holds at once, says more) are kept and reused once no view of them is left (mmap's
 # resize refuses while one is), so a connection faults its chunks in once, not per MiB (a
 # fault costs ~1.4 us per 4 KiB, the zeroing of a new bytearray ~0.2 us).  Trade-off: a
-# connection holds up to SPARE_CHUNKS + 1 MiB of input buffers while it lives.  Request
+# connection holds up to spare_chunks + 1 MiB of input buffers while traffic flows, until the
+# shell calls drop_spares().  Request
 # headers, the bulk of the traffic of 4 KiB I/O, are parsed in place (no copy, no enum
 # construction: commands and flags are looked up in tables).  Replies are appended to the
 # shell's list of parts for one gathered send (send_to), a read's pages as they are, uncopied.
@@ -182,7 +184,12 @@ def new_chunk(size: int) -> mmap.mmap:
 class ServerConnection:
     """One client connection; see the header for the phases."""
 
-    def __init__(self, exports: Sequence[Export], tls_required: bool = False) -> None:
+    def __init__(
+        self,
+        exports: Sequence[Export],
+        tls_required: bool = False,
+        spare_chunks: int = SPARE_CHUNKS,
+    ) -> None:
         self.exports = {e.name: e for e in exports}
         self.tls_required = tls_required
         self.tls = False  # the transport speaks TLS (after STARTTLS and tls_started())
@@ -193,6 +200,7 @@ class ServerConnection:
         self._want = CLIENT_FLAGS.size  # bytes the current state needs
         self._buf = new_chunk(CHUNK)  # the input chunk: bytes [_pos, _end) are unparsed
         self._spare: deque[mmap.mmap] = deque()  # lent chunks, reused once no view is left
+        self._spares = spare_chunks  # ... at most this many
         self._pos = 0
         self._end = 0
         self._lent = False  # a payload view of this chunk went out: never write it again
@@ -219,6 +227,11 @@ class ServerConnection:
         """`n` bytes arrived in the buffer get_buffer() gave; complete messages become events."""
         self._end += n
         self._parse()
+
+    def drop_spares(self) -> None:
+        """Forget the lent chunks kept for reuse (each goes back to the OS with its last view):
+        the shell calls it when traffic has paused, so an idle connection holds one chunk."""
+        self._spare.clear()
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the client (copied in); b"" means the client closed its side."""
@@ -306,8 +319,8 @@ class ServerConnection:
             old, self._buf = self._buf, self._reusable(size) or new_chunk(size)
             with memoryview(old) as received:  # one copy (a slice of an mmap is bytes: two)
                 self._buf[:have] = received[self._pos : self._end]
-            if self._lent and len(old) == CHUNK:
-                if len(self._spare) == SPARE_CHUNKS:
+            if self._lent and len(old) == CHUNK and self._spares:
+                if len(self._spare) == self._spares:
                     self._spare.popleft()  # lent the longest: it goes once its views go
                 self._spare.append(old)
         elif have:

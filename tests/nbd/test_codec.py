@@ -10,16 +10,29 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from node.codecworkers import CodecWorkers
+from node.nbd.connection import NbdConnection
 from node.nbd.server import CODEC_PAGES, OFFLOAD_PAGES, READ_CODEC_PAGES
 from ramster.nbd import Error, Export
-from ramster.nbd.wire import REQUEST_HEADER, REQUEST_MAGIC, SIMPLE_REPLY_HEADER, Command
-from ramster.zcache import PAGE_SIZE, PageEncoder, SealedPages
+from ramster.nbd.wire import (
+    CLIENT_FLAG_FIXED_NEWSTYLE,
+    CLIENT_FLAGS,
+    GREETING,
+    REQUEST_HEADER,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_HEADER,
+    Command,
+    Option,
+    info_request,
+    option_request,
+)
+from ramster.zcache import PAGE_SIZE, PageEncoder, PutResult, SealedPages, ZCache
 from tests.nbd.conftest import MiB, ServerThread
 from tests.nbd.test_batching import negotiate
 from tests.nbd.test_clients import recv_exactly
@@ -189,3 +202,103 @@ def test_a_server_stopped_mid_group_answers_and_stores_the_group(
     for handle, first, stop in ((1, 0, BIG), (2, BIG, BIG + OFFLOAD_PAGES)):
         if answers.get(handle) == 0:
             assert b"".join(stored[first:stop]) == data[first * PAGE_SIZE : stop * PAGE_SIZE]
+
+
+class Transport(asyncio.Transport):
+    """What a connection writes, kept; reading is never paused for real (all input is fed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: Any) -> None:
+        self.out += data
+
+    def writelines(self, parts: Any) -> None:
+        for part in parts:
+            self.out += part
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_write_groups_encode_ahead_and_take_effect_in_order(
+    sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests received at once: the next write groups are handed to the codec workers before
+    the first is filed, and still take effect in the order sent (the same blocks written by
+    consecutive groups, reads between them)."""
+    events: list[str] = []
+    encode, file_encoded = CodecWorkers.encode, ZCache.file_encoded
+
+    def encode_spy(self: CodecWorkers, *args: Any) -> asyncio.Future[list[bytes | None]]:
+        events.append("encode")
+        return encode(self, *args)
+
+    def file_spy(self: ZCache, *args: Any, **kwargs: Any) -> list[PutResult]:
+        events.append("file")
+        return file_encoded(self, *args, **kwargs)
+
+    monkeypatch.setattr(CodecWorkers, "encode", encode_spy)
+    monkeypatch.setattr(ZCache, "file_encoded", file_spy)
+    pages = OFFLOAD_PAGES  # a group the workers take, in one hop
+    first = image(sample_pages, pages)
+    second = image(sample_pages[::-1], pages)
+    assert first != second
+    handshake = CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE)
+    handshake += option_request(Option.GO, info_request("disk", ()))
+    burst = [request(Command.WRITE, 1, 0, pages) + first]
+    burst.append(request(Command.WRITE, 2, 0, pages) + second)  # the same blocks: a new group
+    burst.append(request(Command.READ, 3, 0, pages))
+    burst.append(request(Command.WRITE, 4, 0, pages) + first)
+    burst.append(request(Command.READ, 5, 0, pages))
+    transport = Transport()
+    with ServerThread([Export("disk", 4 * MiB)], codec_threads=1) as server:
+        assert server.server is not None
+
+        def connect_and_feed() -> NbdConnection:
+            connection = NbdConnection(server.server)  # type: ignore[arg-type]
+            connection.connection_made(transport)
+            data = memoryview(handshake + b"".join(burst))
+            while data:  # all of it before the connection's task first runs
+                buffer = connection.get_buffer(-1)
+                n = min(len(buffer), len(data))
+                buffer[:n] = data[:n]
+                connection.buffer_updated(n)
+                data = data[n:]
+            return connection
+
+        server.call(connect_and_feed)
+        want = 2 * (16 + pages * PAGE_SIZE) + 3 * 16
+        deadline = time.monotonic() + 30
+        while server.call(lambda: len(transport.out)) < GREETING.size + want:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    replies = bytes(transport.out[-want:])
+    got = {}
+    while replies:
+        _, error, handle = SIMPLE_REPLY_HEADER.unpack(replies[:16])
+        length = pages * PAGE_SIZE if handle in (3, 5) else 0
+        got[handle] = (error, replies[16 : 16 + length])
+        replies = replies[16 + length :]
+    assert got == {1: (0, b""), 2: (0, b""), 3: (0, second), 4: (0, b""), 5: (0, first)}
+    assert events.index("file") >= 2  # the second group went to the workers before the first filed
+    assert events.count("encode") == events.count("file") == 3  # each group coded once

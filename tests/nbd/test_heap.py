@@ -1,5 +1,6 @@
 # The NBD server trims the heap (node/heap.py's HeapTrimmer) once its exports have moved
-# TRIM_AFTER pages and then gone quiet, and not while nothing moves.  How much RSS that saves is
+# TRIM_AFTER pages and then gone quiet, and not while nothing moves; its connections then give
+# back the input chunks they kept for reuse.  How much RSS that saves is
 # a benchmark number (`ramster bench nbd`: data per GiB of RSS), not asserted here.
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def trims(server: ServerThread) -> int:
     return server.call(lambda: server.server.trimmer.trims if server.server else 0)
 
 
+def spares(server: ServerThread) -> int:
+    """Input chunks the server's connections keep for reuse."""
+    assert server.server is not None
+    connections = server.server.connections
+    return server.call(lambda: sum(len(c.conn._spare) for c in connections))
+
+
 def test_the_heap_is_trimmed_once_writes_pause_and_not_before(
     sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -37,12 +45,15 @@ def test_the_heap_is_trimmed_once_writes_pause_and_not_before(
         assert reply(sock)[:2] == (1, 0)
         time.sleep(0.3)
         assert trims(server) == 0, "trimmed before TRIM_AFTER pages moved"
-        sock.sendall(request(Command.WRITE, 2, PAGES // 2, PAGES // 2))
-        sock.sendall(data[PAGES // 2 * PAGE_SIZE :])
-        assert reply(sock)[:2] == (2, 0)
+        for n in range(1, 13):  # 1.5 MiB: more than one input chunk
+            sock.sendall(request(Command.WRITE, n + 1, n * PAGES // 2, PAGES // 2))
+            sock.sendall(data[PAGES // 2 * PAGE_SIZE :])
+        assert sorted(reply(sock)[:2] for _ in range(12)) == [(n, 0) for n in range(2, 14)]
+        assert spares(server) > 0  # input chunks kept for reuse while traffic flows
         deadline = time.monotonic() + 10
         while not trims(server) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert trims(server) == 1
+        assert spares(server) == 0  # ... given back once it paused
         time.sleep(0.3)
         assert trims(server) == 1, "trimmed again with nothing moved since"

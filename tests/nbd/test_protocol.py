@@ -282,6 +282,40 @@ def test_input_chunks_are_reused_once_no_payload_view_of_them_is_left(
         assert write.data == bytes([n % 251]) * 4096, n
 
 
+def test_more_spare_chunks_on_request_and_none_once_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shell that holds more input at once keeps more chunks for reuse; drop_spares() lets
+    them all go, and the next chunks are new."""
+    made = []
+
+    def counted(size: int) -> mmap.mmap:
+        made.append(size)
+        return new_chunk(size)
+
+    monkeypatch.setattr("ramster.nbd.server.new_chunk", counted)
+    conn = ServerConnection(EXPORTS, spare_chunks=3 * SPARE_CHUNKS)
+
+    def burst(first: int) -> None:
+        """Writes of 3 * SPARE_CHUNKS MiB, all held until each is answered at the end."""
+        held = []
+        for n in range(first, first + 3 * SPARE_CHUNKS * 256):
+            conn.receive_data(request(Command.WRITE, 0, 4096, handle=n) + bytes(4096))
+            held += events(conn)
+        for write in held:
+            conn.send_to([], write, Error.OK, ())
+
+    handshake(conn)
+    burst(0)
+    fresh = len(made)
+    burst(10**6)
+    assert len(made) - fresh <= 2  # the second burst went round the spares
+    conn.drop_spares()
+    again = len(made)
+    burst(2 * 10**6)
+    assert len(made) - again >= 3 * SPARE_CHUNKS - 1  # nothing kept: new chunks
+
+
 def test_input_after_the_end_is_dropped() -> None:
     conn = ServerConnection(EXPORTS)
     handshake(conn)

@@ -312,3 +312,71 @@ async def test_workers_shut_down_fail_a_batch_as_a_codec_error(
     with pytest.raises(CodecError, match="no codec worker: the codec pool is closed"):
         await chunked.put_batch(pool, keys, pages)
     assert engine.stats.puts == 0
+
+
+async def test_batches_encoded_ahead_are_filed_in_their_turn(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    """encode_ahead hands every hop of a batch to the workers and files nothing; put_runs with
+    it files those very hops in the batch's turn, so batches take effect in the order filed even
+    when the later one was encoded first, exactly as plain put_runs would have them."""
+    workers = Recording()
+    chunked = ChunkedEngine(engine, workers=workers, hop=32)
+    reference = ZCache(ZCacheConfig(pool_limit_frames=8192))
+    pool = engine.create_pool(P, store_raw=True)
+    reference.create_pool(P, store_raw=True)
+    keys, first = big_batch(sample_pages, 1, 96)
+    second = first[1:] + first[:1]  # the same keys, other pages: the later batch must win
+    workers.label = "second"
+    ahead = chunked.encode_ahead(pool, keys, [b"".join(second)])
+    assert ahead is not None and workers.submitted == ["second"] * 3  # all its hops, at once
+    assert engine.stats.puts == 0  # nothing filed yet
+    workers.label = "first"
+    results = [await chunked.put_runs(pool, keys, [b"".join(first)])]
+    results.append(await chunked.put_runs(pool, keys, [b"".join(second)], ahead))
+    assert workers.submitted == ["second"] * 3 + ["first"] * 3  # the second was not coded again
+    assert results == [reference.put_batch(pool, keys, pages) for pages in (first, second)]
+    assert engine.stats == reference.stats
+    assert engine.get_batch(pool, keys) == second
+    engine.verify()
+    workers.shutdown()
+
+
+async def test_encoding_ahead_is_only_for_batches_the_workers_take(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    pool = engine.create_pool(P)
+    keys, pages = big_batch(sample_pages, 1, 64)
+    runs = [b"".join(pages)]
+    assert ChunkedEngine(engine).encode_ahead(pool, keys, runs) is None  # no workers
+    workers = Recording()
+    offloading = ChunkedEngine(engine, workers=workers, offload=65)
+    assert offloading.encode_ahead(pool, keys, runs) is None  # kept on the loop
+    few = keys[:INLINE_PAGES]
+    assert ChunkedEngine(engine, workers=workers).encode_ahead(pool, few, runs) is None
+    assert workers.submitted == []
+    workers.shutdown()
+
+
+async def test_an_encoding_ahead_dropped_or_failed_files_nothing_more(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    """Dropped unused, its hops are cancelled and nothing is filed; a batch whose encoding
+    ahead fails in a worker fails as a CodecError after filing the hops before, and the hops
+    after are cancelled."""
+    workers = Recording(fail=4)
+    chunked = ChunkedEngine(engine, workers=workers, hop=32)
+    pool = engine.create_pool(P)
+    keys, pages = big_batch(sample_pages, 1, 96)
+    dropped = chunked.encode_ahead(pool, keys, [b"".join(pages)])
+    assert dropped is not None
+    futures = list(dropped.futures.values())
+    dropped.drop()
+    assert all(f.cancelled() for f in futures) and not dropped.futures
+    failing = chunked.encode_ahead(pool, keys, [b"".join(pages)])  # its second hop fails
+    assert failing is not None
+    with pytest.raises(CodecError, match="a codec worker failed: MemoryError"):
+        await chunked.put_runs(pool, keys, [b"".join(pages)], failing)
+    assert engine.stats.puts == 32 and not failing.futures
+    engine.verify()
+    workers.shutdown()
