@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import threading
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -161,17 +163,30 @@ def negotiate(server: ServerThread) -> socket.socket:
             return sock
 
 
-def test_a_burst_of_pipelined_requests_takes_effect_in_order() -> None:
+@pytest.mark.parametrize(
+    ("blocks", "lengths", "codec_threads"),
+    [
+        (64, [1, 2], 0),  # 4 KiB requests, many to the same block
+        (512, [64, 96, 200], 1),  # groups big enough for the codec worker, planned ahead
+    ],
+)
+def test_a_burst_of_pipelined_requests_takes_effect_in_order(
+    blocks: int, lengths: list[int], codec_threads: int
+) -> None:
     rng = random.Random(7)
-    size = 64 * 4096
+    size = blocks * 4096
     model = bytearray(size)
     burst, expected = [], {}
-    for handle in range(1, 601):  # requests over 64 blocks, many to the same block
-        block, dice = rng.randrange(64), rng.random()
+    for handle in range(1, 601):  # requests over `blocks` blocks, many to the same block
+        block, dice = rng.randrange(blocks), rng.random()
         offset = block * 4096 + (rng.randrange(4096) if rng.random() < 0.2 else 0)
-        length = min(size - offset, rng.choice([4096, 8192, 300]))
+        length = min(size - offset, rng.choice([*(n * 4096 for n in lengths), 300]))
         if dice < 0.5:
-            data = rng.randbytes(length)
+            data = (
+                rng.randbytes(length)
+                if dice < 0.3
+                else (rng.randbytes(64) * (length // 64 + 1))[:length]
+            )
             model[offset : offset + length] = data
             burst.append(
                 REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.WRITE, handle, offset, length)
@@ -194,13 +209,19 @@ def test_a_burst_of_pipelined_requests_takes_effect_in_order() -> None:
                 REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, handle, block * 4096, 4096)
             )
             expected[handle] = bytes(model[block * 4096 : (block + 1) * 4096])
-    with ServerThread([Export("disk", MiB)]) as server, negotiate(server) as sock:
-        sock.sendall(b"".join(burst))  # all at once: the server sees them queued
+    disk = [Export("disk", max(MiB, size))]
+    with ServerThread(disk, codec_threads=codec_threads) as server, negotiate(server) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(b"".join(burst),), daemon=True)
+        sender.start()  # all at once: the server sees them queued
         got = {}
         for _ in expected:
             _, error, handle = SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))
             assert error == 0
             got[handle] = recv_exactly(sock, len(expected[handle]))
+        sender.join(30)
+        sock.sendall(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, 0, 0, size))
+        _, error, _ = SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))
+        assert error == 0 and recv_exactly(sock, size) == model  # and what stays is the last
     assert got == expected
 
 
