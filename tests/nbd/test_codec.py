@@ -302,3 +302,77 @@ def test_write_groups_encode_ahead_and_take_effect_in_order(
     assert got == {1: (0, b""), 2: (0, b""), 3: (0, second), 4: (0, b""), 5: (0, first)}
     assert events.index("file") >= 2  # the second group went to the workers before the first filed
     assert events.count("encode") == events.count("file") == 3  # each group coded once
+
+
+def test_requests_arriving_during_a_group_reach_the_codec_workers_at_once(
+    sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the connection's task is in a group (its encoding held in the worker), a write
+    group that arrives is planned from the read callback, its encoding started before the
+    first group is filed."""
+    events: list[str] = []
+    go_on = threading.Event()
+    encode, file_encoded = CodecWorkers.encode, ZCache.file_encoded
+
+    async def held(self: CodecWorkers, *args: Any) -> list[bytes | None]:
+        await asyncio.to_thread(go_on.wait, 30)
+        return await encode(self, *args)
+
+    def encode_spy(self: CodecWorkers, *args: Any) -> asyncio.Future[list[bytes | None]]:
+        events.append("encode")
+        if len(events) == 1:
+            return asyncio.ensure_future(held(self, *args))
+        return encode(self, *args)
+
+    def file_spy(self: ZCache, *args: Any, **kwargs: Any) -> list[PutResult]:
+        events.append("file")
+        return file_encoded(self, *args, **kwargs)
+
+    monkeypatch.setattr(CodecWorkers, "encode", encode_spy)
+    monkeypatch.setattr(ZCache, "file_encoded", file_spy)
+    pages = OFFLOAD_PAGES
+    data = image(sample_pages, 2 * pages)
+    handshake = CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE)
+    handshake += option_request(Option.GO, info_request("disk", ()))
+    first = request(Command.WRITE, 1, 0, pages) + data[: pages * PAGE_SIZE]
+    second = request(Command.WRITE, 2, pages, pages) + data[pages * PAGE_SIZE :]
+    transport = Transport()
+    with ServerThread([Export("disk", 4 * MiB)], codec_threads=1) as server:
+        assert server.server is not None
+        connection = server.call(lambda: NbdConnection(server.server))  # type: ignore[arg-type]
+        server.call(lambda: connection.connection_made(transport))
+
+        def feed(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                buffer = connection.get_buffer(-1)
+                n = min(len(buffer), len(view))
+                buffer[:n] = view[:n]
+                connection.buffer_updated(n)
+                view = view[n:]
+
+        server.call(lambda: feed(handshake + first))
+        deadline = time.monotonic() + 30
+        while server.call(lambda: list(events)) != ["encode"]:  # the first group is held
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.call(lambda: feed(second))
+        assert server.call(lambda: list(events)) == ["encode", "encode"]  # nothing filed yet
+        go_on.set()
+        want = 2 * 16
+        while server.call(lambda: len(transport.out)) < GREETING.size + want:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stored = server.call(
+            lambda: server.engine.get_batch(  # type: ignore[union-attr]
+                server.server.exports["disk"].pool,  # type: ignore[union-attr]
+                [(0, b) for b in range(2 * pages)],
+            )
+        )
+    replies = bytes(transport.out[-want:])
+    assert sorted(SIMPLE_REPLY_HEADER.unpack(replies[i : i + 16])[1:] for i in (0, 16)) == [
+        (0, 1),
+        (0, 2),
+    ]
+    assert b"".join(stored) == data
+    assert events == ["encode", "encode", "file", "file"]
