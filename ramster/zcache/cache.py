@@ -74,6 +74,7 @@ from ramster.zcache.handles import (
     EVICTED_TAG,
     HANDLE_MASK,
     KIND_SHIFT,
+    RAW,
     RAW_TAG,
     SAME,
     SAME_TAG,
@@ -246,14 +247,18 @@ class ZCache:
         tick = self.tick  # self.tick is brought up to date before any slow path
         count, i = len(encoded), -1
         words: list[int] = []  # the same-filled words the native filing passed over
+        raw = False  # the last page was raw: the next likely is too (incompressible data)
         while (i := i + 1) < count:
-            if file is not None:  # most zpages, many in one call; it stops at any other case
+            # most zpages, many in one call; it stops at any other case (so not after a raw
+            # page, where a call per page cost more than filing the page)
+            if file is not None and not raw:
                 i, tick = file(encoded, i, ZPAGE_TAG, tick, stored, handles, results, words)
                 if words:
                     self._file_words(encoded, words, handles, results)
                 if i == count:
                     break
             item = encoded[i]
+            raw = item is not None and len(item) == RAW_ZPAGE
             if item is not None and WORD < len(item) != RAW_ZPAGE:  # a zpage: the common case
                 tick += 1
                 handle = zalloc(item, tick)
@@ -626,7 +631,8 @@ class ZCache:
         words: list[int] = []  # the same-filled words the native frees passed over
         unref = self.same.unref
         while i < count:
-            if free_many is not None:
+            # a run of zpages natively; not for a raw page's (a call per page cost more)
+            if free_many is not None and handles[i] >> KIND_SHIFT != RAW:
                 i = free_many(handles, i, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, words)
                 for at in words:
                     unref(handles[at] & HANDLE_MASK)

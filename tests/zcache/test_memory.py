@@ -10,7 +10,7 @@ from ramster.bench import engine
 from ramster.bench.corpus import load_corpus
 from ramster.bench.report import rss_bytes
 from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig, arena
-from ramster.zcache.arena import POPULATE, WARM, Arena
+from ramster.zcache.arena import MIN_WARM, POPULATE, WARM, Arena
 from tests.conftest import DATA
 
 MiB = 1 << 20
@@ -59,6 +59,26 @@ def test_arena_faults_frames_in_a_few_at_a_time() -> None:
     frames = [first] + [space.alloc() for _ in range(POPULATE - 1)]
     assert rss_bytes() - base < 2 * POPULATE * PAGE_SIZE, "frames ahead were faulted twice"
     assert frames == list(range(POPULATE))
+    space.close()
+
+
+@pytest.mark.parametrize(
+    ("capacity", "warm"), [(1 << 10, MIN_WARM), (1 << 14, (1 << 14) // 64), (1 << 18, WARM)]
+)
+def test_freed_frames_kept_warm_cover_a_batch_but_not_a_small_arena(
+    capacity: int, warm: int
+) -> None:
+    """The frames freed last stay faulted in, up to WARM, or a 64th of a smaller arena (never
+    fewer than MIN_WARM); the rest go back to the OS; the warm ones are handed out first."""
+    space = Arena(capacity)
+    frames = [space.alloc() for _ in range(min(capacity, 2 * WARM))]
+    for frame in frames:
+        space.view[frame * PAGE_SIZE] = 1
+    for frame in frames:
+        space.free(frame)
+    kept = [f for f in frames if space.map[f * PAGE_SIZE] == 1]  # DONTNEED zeroes the others
+    assert kept == frames[:warm]
+    assert sorted(space.alloc() for _ in range(warm)) == sorted(kept)
     space.close()
 
 

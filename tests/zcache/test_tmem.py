@@ -130,6 +130,28 @@ def test_store_raw_policy_keeps_incompressible_pages(
     cache.verify()
 
 
+def test_runs_of_raw_pages_among_zpages_are_filed_and_replaced_page_for_page(
+    allocator: str, incompressible_pages: list[bytes], compressible_pages: list[bytes]
+) -> None:
+    """A put batch's raw pages, alone, in runs, and between zpages and same-filled pages, are
+    stored as the same pages put one by one, and so are the pages that replace them (a batch
+    frees runs of raw pages as it frees zpages)."""
+    raw, z, same = incompressible_pages, compressible_pages, bytes(4096)
+    first = [raw[0], raw[1], raw[2], z[0], raw[3], z[1], z[2], same, raw[4], raw[5]]
+    second = [z[3], raw[6], raw[7], raw[5], same, z[4], raw[1], z[5], z[6], raw[0]]
+    config = ZCacheConfig(pool_limit_frames=256, store_incompressible_raw=True)
+    batched, single = ZCache(config), ZCache(config)
+    pools = [cache.create_pool(P, allocator) for cache in (batched, single)]
+    for pages in (first, second):
+        keys = [(0, i) for i in range(len(pages))]
+        assert batched.put_batch(pools[0], keys, pages) == [
+            single.put(pools[1], 0, i, page) for i, page in enumerate(pages)
+        ]
+        assert batched.get_batch(pools[0], keys) == pages
+        assert (batched.frames, batched.stored_pages) == (single.frames, single.stored_pages)
+        batched.verify()
+
+
 def test_no_room_refusal(allocator: str, compressible_pages: list[bytes]) -> None:
     cache = ZCache(ZCacheConfig(pool_limit_frames=2))
     pool = cache.create_pool(P, allocator)
