@@ -11,7 +11,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -240,17 +240,28 @@ class Transport(asyncio.Transport):
         pass
 
 
-def test_write_groups_encode_ahead_and_take_effect_in_order(
-    sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Requests received at once: the next write groups are handed to the codec workers before
-    the first is filed, and still take effect in the order sent (the same blocks written by
-    consecutive groups, reads between them)."""
+HANDSHAKE = CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE) + option_request(
+    Option.GO, info_request("disk", ())
+)
+
+
+@pytest.fixture
+def coded(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], threading.Event]:
+    """The order in which encodings went to the codec workers ("encode") and put batches were
+    filed ("file"); the first encoding waits in the worker until the event is set (set it
+    first for none to wait)."""
     events: list[str] = []
+    go_on = threading.Event()
     encode, file_encoded = CodecWorkers.encode, ZCache.file_encoded
+
+    async def held(self: CodecWorkers, *args: Any) -> list[bytes | None]:
+        await asyncio.to_thread(go_on.wait, 30)
+        return await encode(self, *args)
 
     def encode_spy(self: CodecWorkers, *args: Any) -> asyncio.Future[list[bytes | None]]:
         events.append("encode")
+        if events.count("encode") == 1 and not go_on.is_set():
+            return asyncio.ensure_future(held(self, *args))
         return encode(self, *args)
 
     def file_spy(self: ZCache, *args: Any, **kwargs: Any) -> list[PutResult]:
@@ -259,12 +270,39 @@ def test_write_groups_encode_ahead_and_take_effect_in_order(
 
     monkeypatch.setattr(CodecWorkers, "encode", encode_spy)
     monkeypatch.setattr(ZCache, "file_encoded", file_spy)
+    return events, go_on
+
+
+def feed(connection: NbdConnection, data: bytes) -> None:
+    """Bytes from the client, all at once (on the server's loop: before its task runs)."""
+    view = memoryview(data)
+    while view:
+        buffer = connection.get_buffer(-1)
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        connection.buffer_updated(n)
+        view = view[n:]
+
+
+def until(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_write_groups_encode_ahead_and_take_effect_in_order(
+    sample_pages: list[bytes], coded: tuple[list[str], threading.Event]
+) -> None:
+    """Requests received at once: the next write groups are handed to the codec workers before
+    the first is filed, and still take effect in the order sent (the same blocks written by
+    consecutive groups, reads between them)."""
+    events, go_on = coded
+    go_on.set()
     pages = OFFLOAD_PAGES  # a group the workers take, in one hop
     first = image(sample_pages, pages)
     second = image(sample_pages[::-1], pages)
     assert first != second
-    handshake = CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE)
-    handshake += option_request(Option.GO, info_request("disk", ()))
     burst = [request(Command.WRITE, 1, 0, pages) + first]
     burst.append(request(Command.WRITE, 2, 0, pages) + second)  # the same blocks: a new group
     burst.append(request(Command.READ, 3, 0, pages))
@@ -273,25 +311,15 @@ def test_write_groups_encode_ahead_and_take_effect_in_order(
     transport = Transport()
     with ServerThread([Export("disk", 4 * MiB)], codec_threads=1) as server:
         assert server.server is not None
+        connection = server.call(lambda: NbdConnection(server.server))  # type: ignore[arg-type]
 
-        def connect_and_feed() -> NbdConnection:
-            connection = NbdConnection(server.server)  # type: ignore[arg-type]
+        def connect_and_feed() -> None:
             connection.connection_made(transport)
-            data = memoryview(handshake + b"".join(burst))
-            while data:  # all of it before the connection's task first runs
-                buffer = connection.get_buffer(-1)
-                n = min(len(buffer), len(data))
-                buffer[:n] = data[:n]
-                connection.buffer_updated(n)
-                data = data[n:]
-            return connection
+            feed(connection, HANDSHAKE + b"".join(burst))
 
         server.call(connect_and_feed)
         want = 2 * (16 + pages * PAGE_SIZE) + 3 * 16
-        deadline = time.monotonic() + 30
-        while server.call(lambda: len(transport.out)) < GREETING.size + want:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        until(lambda: server.call(lambda: len(transport.out)) >= GREETING.size + want)
     replies = bytes(transport.out[-want:])
     got = {}
     while replies:
@@ -305,74 +333,31 @@ def test_write_groups_encode_ahead_and_take_effect_in_order(
 
 
 def test_requests_arriving_during_a_group_reach_the_codec_workers_at_once(
-    sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+    sample_pages: list[bytes], coded: tuple[list[str], threading.Event]
 ) -> None:
     """While the connection's task is in a group (its encoding held in the worker), a write
     group that arrives is planned from the read callback, its encoding started before the
     first group is filed."""
-    events: list[str] = []
-    go_on = threading.Event()
-    encode, file_encoded = CodecWorkers.encode, ZCache.file_encoded
-
-    async def held(self: CodecWorkers, *args: Any) -> list[bytes | None]:
-        await asyncio.to_thread(go_on.wait, 30)
-        return await encode(self, *args)
-
-    def encode_spy(self: CodecWorkers, *args: Any) -> asyncio.Future[list[bytes | None]]:
-        events.append("encode")
-        if len(events) == 1:
-            return asyncio.ensure_future(held(self, *args))
-        return encode(self, *args)
-
-    def file_spy(self: ZCache, *args: Any, **kwargs: Any) -> list[PutResult]:
-        events.append("file")
-        return file_encoded(self, *args, **kwargs)
-
-    monkeypatch.setattr(CodecWorkers, "encode", encode_spy)
-    monkeypatch.setattr(ZCache, "file_encoded", file_spy)
+    events, go_on = coded
     pages = OFFLOAD_PAGES
     data = image(sample_pages, 2 * pages)
-    handshake = CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE)
-    handshake += option_request(Option.GO, info_request("disk", ()))
     first = request(Command.WRITE, 1, 0, pages) + data[: pages * PAGE_SIZE]
     second = request(Command.WRITE, 2, pages, pages) + data[pages * PAGE_SIZE :]
     transport = Transport()
     with ServerThread([Export("disk", 4 * MiB)], codec_threads=1) as server:
-        assert server.server is not None
+        assert server.server is not None and server.engine is not None
+        engine, pool = server.engine, server.server.exports["disk"].pool
         connection = server.call(lambda: NbdConnection(server.server))  # type: ignore[arg-type]
         server.call(lambda: connection.connection_made(transport))
-
-        def feed(data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                buffer = connection.get_buffer(-1)
-                n = min(len(buffer), len(view))
-                buffer[:n] = view[:n]
-                connection.buffer_updated(n)
-                view = view[n:]
-
-        server.call(lambda: feed(handshake + first))
-        deadline = time.monotonic() + 30
-        while server.call(lambda: list(events)) != ["encode"]:  # the first group is held
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        server.call(lambda: feed(second))
+        server.call(lambda: feed(connection, HANDSHAKE + first))
+        until(lambda: server.call(lambda: list(events)) == ["encode"])  # the first group held
+        server.call(lambda: feed(connection, second))
         assert server.call(lambda: list(events)) == ["encode", "encode"]  # nothing filed yet
         go_on.set()
-        want = 2 * 16
-        while server.call(lambda: len(transport.out)) < GREETING.size + want:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        stored = server.call(
-            lambda: server.engine.get_batch(  # type: ignore[union-attr]
-                server.server.exports["disk"].pool,  # type: ignore[union-attr]
-                [(0, b) for b in range(2 * pages)],
-            )
-        )
-    replies = bytes(transport.out[-want:])
-    assert sorted(SIMPLE_REPLY_HEADER.unpack(replies[i : i + 16])[1:] for i in (0, 16)) == [
-        (0, 1),
-        (0, 2),
-    ]
+        until(lambda: server.call(lambda: len(transport.out)) >= GREETING.size + 2 * 16)
+        stored = server.call(lambda: engine.get_batch(pool, [(0, b) for b in range(2 * pages)]))
+    replies = bytes(transport.out[-2 * 16 :])
+    handles = sorted(SIMPLE_REPLY_HEADER.unpack(replies[i : i + 16])[1:] for i in (0, 16))
+    assert handles == [(0, 1), (0, 2)]
     assert b"".join(stored) == data
     assert events == ["encode", "encode", "file", "file"]
