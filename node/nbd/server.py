@@ -24,7 +24,8 @@
 # filing, so a burst of writes leaves the heap grown by what was in flight; a HeapTrimmer
 # (node/heap.py) gives it back once the exports have moved TRIM_AFTER pages and then paused for
 # TRIM_INTERVAL, and the connections then drop the input chunks they kept for reuse (up to
-# node/nbd/connection.py's SPARE_CHUNKS MiB each), so an idle connection holds one.
+# node/nbd/connection.py's SPARE_CHUNKS MiB each), so an idle connection holds one, and the
+# arena gives back the freed frames it keeps warm (up to 4 MiB).
 #
 # Shutdown (stop()): the listener closes; a connection waiting for its client closes at once,
 # one running requests finishes the group in hand, answers requests it had already received with
@@ -73,6 +74,7 @@ class NbdServer:
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
         self.listen = listen
+        self.engine = engine
         self.metrics = metrics
         self.tls = tls
         chunked = ChunkedEngine(
@@ -137,9 +139,11 @@ class NbdServer:
             await asyncio.gather(self._trimming, return_exceptions=True)
 
     def _quiet(self) -> None:
-        """Traffic paused: connections give back the input chunks they keep for reuse."""
+        """Traffic paused: connections give back the input chunks they keep for reuse, and the
+        engine's arena the freed frames it keeps warm."""
         for connection in self.connections:
             connection.conn.drop_spares()
+        self.engine.arena.cool()
 
     async def execute(
         self, blocks: ExportBlocks, group: Group, plan: WritePlan | None = None

@@ -13,7 +13,8 @@
 # must cover a batch: with 64 of them, an NBD rewrite of incompressible pages (a raw page fills
 # a frame: a frame per page) gave back and faulted in again 116,000 frames per GiB, and with
 # 1024 it moved 1.5x the MiB/s.  Trade-off: up to WARM frames (4 MiB) of RSS above the frames in
-# use, holding freed bytes until they are reused.
+# use, holding freed bytes until they are reused or a caller that knows traffic has paused
+# cools the arena (cool(): the NBD server does, node/nbd/server.py).
 #
 # Untouched frames are faulted in ahead, POPULATE at a time, with one madvise(MADV_POPULATE_WRITE)
 # as the high-water mark reaches them: one page fault per frame written costs about twice as much
@@ -115,6 +116,16 @@ class Arena:
             self.map.madvise(mmap.MADV_DONTNEED, frame * PAGE_SIZE, PAGE_SIZE)
             self._free.append(frame)
         self.in_use -= 1
+
+    def cool(self) -> int:
+        """Give the warm frames' memory back to the OS (they stay free): for a caller that knows
+        traffic has paused, so the RSS follows the frames in use again.  How many went."""
+        warm, cooled = self._warm, len(self._warm)
+        for frame in warm:
+            self.map.madvise(mmap.MADV_DONTNEED, frame * PAGE_SIZE, PAGE_SIZE)
+        self._free.extend(warm)
+        del warm[:]
+        return cooled
 
     def metadata_bytes(self) -> int:
         return (len(self._free) + len(self._warm)) * self._free.itemsize

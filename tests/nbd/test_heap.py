@@ -1,7 +1,8 @@
 # The NBD server trims the heap (node/heap.py's HeapTrimmer) once its exports have moved
 # TRIM_AFTER pages and then gone quiet, and not while nothing moves; its connections then give
-# back the input chunks they kept for reuse.  How much RSS that saves is
-# a benchmark number (`ramster bench nbd`: data per GiB of RSS), not asserted here.
+# back the input chunks they kept for reuse, and the arena the freed frames it kept warm.  How
+# much RSS that saves is a benchmark number (`ramster bench nbd`: data per GiB of RSS), not
+# asserted here.
 from __future__ import annotations
 
 import time
@@ -13,6 +14,7 @@ from node.nbd import server as nbd_server
 from ramster.nbd import Export
 from ramster.nbd.wire import Command
 from ramster.zcache import PAGE_SIZE
+from ramster.zcache.arena import Arena
 from tests.nbd.conftest import MiB, ServerThread
 from tests.nbd.test_batching import negotiate
 from tests.nbd.test_codec import image, reply, request
@@ -37,6 +39,9 @@ def test_the_heap_is_trimmed_once_writes_pause_and_not_before(
 ) -> None:
     monkeypatch.setattr(heap, "TRIM_AFTER", PAGES)
     monkeypatch.setattr(nbd_server, "TRIM_INTERVAL", 0.05)
+    cooled: list[int] = []
+    cool = Arena.cool
+    monkeypatch.setattr(Arena, "cool", lambda self: cooled.append(cool(self)) or cooled[-1])
     data = image(sample_pages, PAGES)
     with ServerThread([Export("disk", 4 * MiB)]) as server, negotiate(server) as sock:
         time.sleep(0.3)
@@ -45,15 +50,16 @@ def test_the_heap_is_trimmed_once_writes_pause_and_not_before(
         assert reply(sock)[:2] == (1, 0)
         time.sleep(0.3)
         assert trims(server) == 0, "trimmed before TRIM_AFTER pages moved"
-        for n in range(1, 13):  # 1.5 MiB: more than one input chunk
-            sock.sendall(request(Command.WRITE, n + 1, n * PAGES // 2, PAGES // 2))
+        for n in range(13):  # 1.6 MiB, more than one input chunk; the first rewrites raw pages
+            sock.sendall(request(Command.WRITE, n + 2, n * PAGES // 2, PAGES // 2))
             sock.sendall(data[PAGES // 2 * PAGE_SIZE :])
-        assert sorted(reply(sock)[:2] for _ in range(12)) == [(n, 0) for n in range(2, 14)]
+        assert sorted(reply(sock)[:2] for _ in range(13)) == [(n, 0) for n in range(2, 15)]
         assert spares(server) > 0  # input chunks kept for reuse while traffic flows
         deadline = time.monotonic() + 10
         while not trims(server) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert trims(server) == 1
         assert spares(server) == 0  # ... given back once it paused
+        assert cooled and cooled[0] > 0  # and the arena the frames freed by the rewrite
         time.sleep(0.3)
         assert trims(server) == 1, "trimmed again with nothing moved since"

@@ -79,6 +79,10 @@ def test_freed_frames_kept_warm_cover_a_batch_but_not_a_small_arena(
     kept = [f for f in frames if space.map[f * PAGE_SIZE] == 1]  # DONTNEED zeroes the others
     assert kept == frames[:warm]
     assert sorted(space.alloc() for _ in range(warm)) == sorted(kept)
+    for frame in kept:
+        space.free(frame)
+    assert space.cool() == warm  # traffic paused: the warm ones go back too
+    assert not any(space.map[f * PAGE_SIZE] for f in frames) and space.in_use == 0
     space.close()
 
 
