@@ -2,9 +2,10 @@
 # with the same clients, the same data and the same steps, in one run.
 #
 # Steps: a sequential write of `size` bytes of a page corpus (cycled) with nbdcopy from a file,
-# the resident memory of each server once the data is in, a sequential read with nbdcopy to
-# null:, then `ops` random 4 KiB writes and as many random 4 KiB reads through libnbd (queue
-# depth 32; Debian's binding runs under the system Python, so that client is a subprocess too).
+# the resident memory of each server once the data is in (and SETTLE_SECONDS passed), a
+# sequential read with nbdcopy to null:, then `ops` random 4 KiB writes and as many random 4 KiB
+# reads through libnbd (queue depth 32; Debian's binding runs under the system Python, so that
+# client is a subprocess too).
 # Both servers get the same requests: nbdcopy reads with --no-extents, since nbdkit answers
 # block-status queries (the node does not) and nbdcopy would then skip reading the ranges that
 # nbdkit reports as zero (the corpus's zero pages, which nbdcopy wrote as WRITE_ZEROES).
@@ -60,6 +61,10 @@ TOOLS = ("nbdcopy", "nbdkit")
 # NBD requests are big batches, whose LZ4 a worker does beside the loop; 2 workers on 2 cores
 # leave less for the loop and the client.
 WORKERS = 1
+# The RSS is taken this long after the last write: a node gives back what a burst left in flight
+# (its heap's free pages, input buffers, warm frames) once traffic has paused for a quarter of a
+# second (node/nbd/server.py), and it is the data held at rest that the ratio is about.
+SETTLE_SECONDS = 1.0
 ThreadCpu = Callable[[], dict[str, float]]  # a node's threads' CPU seconds so far, by role
 
 # Runs under the system Python: argv = uri, corpus file, region bytes, ops, seed.
@@ -207,6 +212,7 @@ def measure(
     for _ in range(repeat):
         for name, (uri, _) in servers.items():
             step(name, ("seq_write",), _tool, "nbdcopy", str(source), uri)
+    time.sleep(SETTLE_SECONDS)
     for name, (_, pid) in servers.items():
         out[name]["rss_MiB"] = rss_bytes(pid) / mib
         out[name]["data_per_GiB_rss_GiB"] = size / rss_bytes(pid)
