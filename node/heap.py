@@ -12,7 +12,8 @@
 # node is quiet after moving a lot: at least TRIM_AFTER zpages went through the layer (sent,
 # fetched, held for peers) since the last trim and none moved in the last check interval.  The
 # trim runs in a worker thread (ctypes releases the GIL) and is skipped where there is no glibc
-# (musl, macOS).
+# (musl, macOS); the owner's `quiet` callback, which lets go of its own caches, runs at the same
+# moment either way.
 #
 # The layer of a clustered node runs one (node/cluster.py), and so does the NBD server
 # (node/nbd/server.py), whose write groups are zpages made and freed once filed: after a 1 GiB
@@ -70,8 +71,8 @@ class HeapTrimmer:
         self._trim = _malloc_trim()
 
     async def run(self) -> None:
-        if self._trim is None:
-            return
+        if self._trim is None and self.quiet is None:
+            return  # nothing to do: no glibc to trim, no cache to let go of
         trimmed_at = last = self.moved()
         while True:
             await asyncio.sleep(self.interval)
@@ -79,7 +80,8 @@ class HeapTrimmer:
             if now == last and now - trimmed_at >= TRIM_AFTER:
                 if self.quiet is not None:
                     self.quiet()
-                await asyncio.to_thread(self.trim)
+                if self._trim is not None:
+                    await asyncio.to_thread(self.trim)
                 trimmed_at = now
             last = now
 

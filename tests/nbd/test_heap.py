@@ -63,3 +63,24 @@ def test_the_heap_is_trimmed_once_writes_pause_and_not_before(
         assert cooled and cooled[0] > 0  # and the arena the frames freed by the rewrite
         time.sleep(0.3)
         assert trims(server) == 1, "trimmed again with nothing moved since"
+
+
+def test_without_glibc_a_pause_still_lets_go_of_the_cached_input(
+    sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where malloc_trim is missing (musl, macOS) nothing is trimmed, but once writes pause the
+    connections still drop their spare input chunks."""
+    monkeypatch.setattr(heap, "TRIM_AFTER", PAGES)
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    monkeypatch.setattr(nbd_server, "TRIM_INTERVAL", 0.05)
+    data = image(sample_pages, PAGES)
+    with ServerThread([Export("disk", 4 * MiB)]) as server, negotiate(server) as sock:
+        for n in range(12):  # 1.5 MiB: more than one input chunk
+            sock.sendall(request(Command.WRITE, n + 1, n * PAGES // 2, PAGES // 2))
+            sock.sendall(data[PAGES // 2 * PAGE_SIZE :])
+        assert sorted(reply(sock)[:2] for _ in range(12)) == [(n, 0) for n in range(1, 13)]
+        deadline = time.monotonic() + 10
+        while spares(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spares(server) == 0
+        assert trims(server) == 0
