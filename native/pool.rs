@@ -18,6 +18,10 @@
 // released only with the GIL (every method holds it).  The exporters promise, as for
 // encode_pages, that nothing writes a page while it is being coded.
 //
+// A pool's workers may run at a lower priority than the process (`nice`, set by each worker on
+// itself): the loop that feeds them then gets a core first when both want one
+// (node/codecworkers.py says why and what it measured).
+//
 // Trade-off: a job that nobody waits for any more still runs to the end (a cancelled batch's
 // chunks are few: a batch keeps two with the workers).
 // A worker that panics fails its job (finished() gives a RuntimeError for it), not the node.
@@ -117,7 +121,17 @@ fn run(work: &Work) -> Output {
     }
 }
 
-fn serve(jobs: Arc<Mutex<mpsc::Receiver<(u64, Work)>>>, done: Arc<Done>, named: Arc<Barrier>) {
+fn serve(
+    jobs: Arc<Mutex<mpsc::Receiver<(u64, Work)>>>,
+    done: Arc<Done>,
+    named: Arc<Barrier>,
+    nice: i32,
+) {
+    if nice != 0 {
+        // SAFETY: a plain syscall on this thread's own id.  If it fails (a seccomp filter, say),
+        // the thread keeps the process's priority: it only competes more with the loop.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    }
     named.wait(); // the thread has its name: the pool's maker may go on
     loop {
         let next = jobs.lock().expect("job queue").recv();
@@ -173,9 +187,11 @@ impl CodecPool {
 
 #[pymethods]
 impl CodecPool {
-    /// `threads` workers, their threads named `name` + their number.
+    /// `threads` workers, their threads named `name` + their number, each `nice` above the
+    /// process's nice value (lower priority: the scheduler runs the loop first).
     #[new]
-    fn new(threads: usize, name: &str) -> PyResult<Self> {
+    #[pyo3(signature = (threads, name, nice = 0))]
+    fn new(threads: usize, name: &str, nice: i32) -> PyResult<Self> {
         if threads == 0 {
             return Err(PyValueError::new_err("a codec pool needs a thread"));
         }
@@ -198,7 +214,7 @@ impl CodecPool {
                 let (jobs, done, named) = (receiver.clone(), done.clone(), named.clone());
                 std::thread::Builder::new()
                     .name(format!("{name}{n}"))
-                    .spawn(move || serve(jobs, done, named))
+                    .spawn(move || serve(jobs, done, named, nice))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         named.wait();

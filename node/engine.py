@@ -48,7 +48,8 @@
 # bulk batches alone, a worker's gain was lost in this machine's noise (aggregate put and get
 # pages/s of 1-4 clients within +-20% either way).  NBD requests are all big batches and its
 # clients want throughput: there one worker moves 10-20% more sequential writes and 1.5-2x the
-# reads (`ramster bench nbd`, which runs its node so); `--worker-threads` turns them on.
+# reads, two a few % more writes still (`ramster bench nbd`, which runs its node with two);
+# `--worker-threads` turns them on.
 #
 # Fairness: the loop runs ready tasks in turn, one step each, and a batch's step is one chunk,
 # so concurrent batches advance chunk by chunk, round-robin, whoever sent them.  With workers,

@@ -303,8 +303,8 @@ class Settings:
         metadata=meta(
             parse_threads,
             "threads that compress and decompress big batches beside the event loop; 0: on the "
-            "loop, in slices (best for single-get latency under bulk load; 1 suits a node that "
-            "serves NBD, whose big requests it speeds up)",
+            "loop, in slices (best for single-get latency under bulk load; on 2 cores, 2 suit a "
+            "node that serves NBD, whose big requests they speed up)",
             "N",
         ),
     )

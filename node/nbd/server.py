@@ -9,16 +9,19 @@
 # Codec work (LZ4, checksums) runs as the engine's does (node/engine.py): on the loop, LOOP_PAGES
 # per loop step, unless --worker-threads gives the engine codec workers; then groups of
 # OFFLOAD_PAGES pages or more go to them CODEC_PAGES at a time (one hop per half group, two hops
-# in flight, so the loop files one half while the other compresses), and only the filing, which
+# in flight, so the loop files one half while the other compresses; with one worker, 64 pages
+# was the least worth a hop, with two, groups from 16 pages on moved 1-2% more sequential
+# writes, in six alternating runs out of six), and only the filing, which
 # alone touches the engine's state, stays on the loop; reads are opened (verified,
 # decompressed) there the same way, READ_CODEC_PAGES at a time (a whole read group of
 # nbdcopy's: 7% more MiB/s than 128 in alternating runs; writes gained nothing from bigger
 # hops).  A worker's failure is an engine error (node/engine.py's CodecError): the group's
-# requests get EIO.  Workers are not the node's default, but a node serving NBD wants one: a
+# requests get EIO.  Workers are not the node's default, but a node serving NBD wants them: a
 # worker is a native thread that codes a hop without ever taking the GIL (node/codecworkers.py),
 # and with one a node moved 10-20% more sequential writes than the loop alone and 1.5-2x the
 # reads (`ramster bench nbd`, 2 cores; reads went from 424 to 644-739 MiB/s when the workers
-# stopped being Python threads, which took the GIL several times per hop).
+# stopped being Python threads, which took the GIL several times per hop); with two encoders
+# below the loop's priority, 2-7% more writes than with one (the opener is one either way).
 #
 # Heap: the zpages of a write group are bytes in the heap between their encoding and their
 # filing, so a burst of writes leaves the heap grown by what was in flight; a HeapTrimmer
@@ -55,7 +58,7 @@ from ramster.zcache import PAGE_SIZE, ZCache
 LOOP_PAGES = 32  # pages per loop step on the loop, codec work included (gRPC calls wait ~0.4 ms)
 CODEC_PAGES = 128  # with codec workers: pages per hop, filed in one loop step (~0.5 ms) ...
 READ_CODEC_PAGES = 256  # ... and of a read, whose hop costs the loop only the zpages' read-out
-OFFLOAD_PAGES = 64  # ... for batches this big (a hop costs more than it saves on smaller ones)
+OFFLOAD_PAGES = 16  # ... for batches this big (a hop costs more than it saves on smaller ones)
 TRIM_INTERVAL = 0.25  # seconds without NBD traffic before the heap is trimmed
 
 

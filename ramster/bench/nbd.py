@@ -27,7 +27,7 @@
 # ratio shows what a GiB of a host's RAM holds on each.  The node's RSS includes the interpreter
 # (~55 MiB), which large sizes amortise; the idle RSS is reported too.  The node is started here (a
 # LocalNode subprocess) with a pool limit of twice `size`, so nothing leaves RAM during the run, and
-# with one codec worker thread unless told otherwise.  With tls, both servers require TLS
+# with two codec worker threads unless told otherwise.  With tls, both servers require TLS
 # (certificates from `ramster certs`' code, the node's serving nbdkit too) and every client uses
 # nbds:// URIs, so the ratios include each side's TLS cost.
 from __future__ import annotations
@@ -57,10 +57,10 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # where Debian's python3-libnbd lives
 EXPORT = "bench"
 NODE_ID = "bench"
 TOOLS = ("nbdcopy", "nbdkit")
-# The node runs with one codec worker thread, as a node serving NBD should (the README says so):
-# NBD requests are big batches, whose LZ4 a worker does beside the loop; 2 workers on 2 cores
-# leave less for the loop and the client.
-WORKERS = 1
+# The node runs with two codec worker threads, as a node serving NBD on 2 cores should (the
+# README says so): NBD requests are big batches, whose LZ4 the workers do beside the loop, at a
+# lower priority than the loop and the client (node/codecworkers.py).
+WORKERS = 2
 # The RSS is taken this long after the last write: a node gives back what a burst left in flight
 # (its heap's free pages, input buffers, warm frames) once traffic has paused for a quarter of a
 # second (node/nbd/server.py), and it is the data held at rest that the ratio is about.

@@ -37,7 +37,7 @@ from tests.nbd.conftest import MiB, ServerThread
 from tests.nbd.test_batching import negotiate
 from tests.nbd.test_clients import recv_exactly
 
-BIG = 2 * OFFLOAD_PAGES + 5  # pages of a request the codec workers take (in two hops)
+BIG = CODEC_PAGES + 5  # pages of a request the codec workers take (in two hops; a group each)
 
 
 def request(command: Command, handle: int, block: int, blocks: int) -> bytes:

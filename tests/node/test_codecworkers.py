@@ -2,7 +2,8 @@
 # codec's own, byte for byte, for many jobs in flight at once; a job holds its input buffers
 # until it has finished; a cancelled job still finishes and leaves nothing behind; workers that
 # are shut down fail what waits and refuse new work; a new event loop takes the workers over;
-# and the threads are named as the codec workers are, in /proc.
+# opens do not wait behind encodes; and the threads are named as the codec workers are, in
+# /proc, the encoders at a lower priority than the loop.
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ import threading
 
 import pytest
 
-from node.codecworkers import CodecWorkers
+from node.codecworkers import NICE, CodecWorkers
 from node.threadcpu import CODEC_PREFIX
 from ramster.zcache import (
     PAGE_SIZE,
@@ -115,7 +116,7 @@ async def test_a_cancelled_job_still_finishes_and_leaves_nothing(
         dropped.cancel()
         kept = await workers.encode(ENCODERS[1], keys, pages)  # finishes after the first
         assert list(kept) == encode_pages(keys, pages, 3000, True)
-        assert len(workers._pool) == 0 and not workers._waiting
+        assert workers.pending() == 0
     finally:
         workers.shutdown()
 
@@ -181,12 +182,48 @@ def codec_threads() -> list[str]:
     return sorted(n for n in names if n.startswith(CODEC_PREFIX))
 
 
-def test_the_worker_threads_are_named_as_codec_workers() -> None:
+def thread_nices() -> dict[str, int]:
+    """The nice value of each of this process's threads, by name."""
+    nices = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                nices[comm.read().strip()] = int(fields[16])  # field 19 of proc(5)
+        except OSError:  # ended meanwhile
+            continue
+    return nices
+
+
+def test_the_worker_threads_are_named_as_codec_workers_the_encoders_nicer() -> None:
     before = codec_threads()
     workers = CodecWorkers(2)
     try:
-        assert codec_threads() == sorted([*before, f"{CODEC_PREFIX}_0", f"{CODEC_PREFIX}_1"])
+        new = [f"{CODEC_PREFIX}_0", f"{CODEC_PREFIX}_1", f"{CODEC_PREFIX}r0"]
+        assert codec_threads() == sorted([*before, *new])
         assert not any(t.name.startswith(CODEC_PREFIX) for t in threading.enumerate())
+        nices, mine = thread_nices(), os.getpriority(os.PRIO_PROCESS, 0)
+        assert [nices[name] for name in new] == [min(mine + NICE, 19), min(mine + NICE, 19), mine]
     finally:
         workers.shutdown()
     assert codec_threads() == before  # joined
+
+
+async def test_opens_do_not_wait_behind_encodes(sample_pages: list[bytes]) -> None:
+    engine = ZCache(ZCacheConfig(pool_limit_frames=1024))
+    pool = engine.create_pool(PoolKind.PERSISTENT)
+    keys = [(1, i) for i in range(64)]
+    engine.put_batch(pool, keys, sample_pages[:64])
+    workers = CodecWorkers(1)
+    pages = (sample_pages * 8)[:512]
+    try:  # the one encoder has ~0.1 s of work queued when the open comes
+        more = [(2, i) for i in range(512)]
+        encodes = [workers.encode(ENCODERS[0], more, pages) for _ in range(40)]
+        sealed = await workers.open(engine.read_sealed(pool, keys))  # in one FIFO: last
+        assert sum(not e.done() for e in encodes) > len(encodes) // 2
+        assert engine.opened(sealed) == sample_pages[:64]
+        await asyncio.gather(*encodes)
+    finally:
+        workers.shutdown()
+        engine.close()
