@@ -35,6 +35,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod index;
 mod pool;
+mod raw;
 mod slots;
 mod table;
 mod zpages;
@@ -448,6 +449,8 @@ fn _codec(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(open_zpages_at, module)?)?;
     module.add_function(wrap_pyfunction!(index::index_get, module)?)?;
     module.add_function(wrap_pyfunction!(index::index_update, module)?)?;
+    module.add_function(wrap_pyfunction!(raw::raw_file, module)?)?;
+    module.add_function(wrap_pyfunction!(raw::raw_free, module)?)?;
     module.add_class::<slots::Slots>()?;
     module.add_class::<pool::CodecPool>()?;
     module.add_class::<zpages::Zpages>()?;

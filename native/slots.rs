@@ -54,20 +54,20 @@ type MutCells<'a, T> = &'a [std::cell::Cell<T>];
 /// The encodings a filing reads: a codec worker's Zpages, in place, or encode_pages' list of
 /// bytes or None.
 #[derive(Clone, Copy)]
-enum Items<'a, 'py> {
+pub(crate) enum Items<'a, 'py> {
     Packed(&'a Zpages),
     List(&'a Bound<'py, PyList>),
 }
 
 impl<'a, 'py> Items<'a, 'py> {
-    fn of(items: &'a Bound<'py, PyAny>) -> PyResult<Self> {
+    pub(crate) fn of(items: &'a Bound<'py, PyAny>) -> PyResult<Self> {
         Ok(match items.downcast::<Zpages>() {
             Ok(packed) => Items::Packed(packed.get()),
             Err(_) => Items::List(items.downcast::<PyList>()?),
         })
     }
 
-    fn len(self) -> usize {
+    pub(crate) fn len(self) -> usize {
         match self {
             Items::Packed(packed) => packed.len(),
             Items::List(list) => list.len(),
@@ -79,7 +79,7 @@ impl<'a, 'py> Items<'a, 'py> {
 /// at its limit, none when full) to the caller's list, from which each store takes the last, so
 /// the filing pays a Python call per LEND frames rather than per frame; the caller gives back
 /// what is left when the batch is filed (Zsmalloc.file).
-struct Lent<'a, 'py> {
+pub(crate) struct Lent<'a, 'py> {
     arena: Bound<'py, PyAny>,
     frames: &'a Bound<'py, PyList>,
     dry: bool, // the arena had none left
@@ -87,9 +87,17 @@ struct Lent<'a, 'py> {
 
 const LEND: usize = 16;
 
-impl Lent<'_, '_> {
+impl<'a, 'py> Lent<'a, 'py> {
+    pub(crate) fn new(arena: Bound<'py, PyAny>, frames: &'a Bound<'py, PyList>) -> Self {
+        Lent {
+            arena,
+            frames,
+            dry: false,
+        }
+    }
+
     /// Whether a frame can be had (lent already, or now).
-    fn available(&mut self) -> PyResult<bool> {
+    pub(crate) fn available(&mut self) -> PyResult<bool> {
         if self.frames.is_empty() && !self.dry {
             let py = self.arena.py();
             self.arena
@@ -100,7 +108,7 @@ impl Lent<'_, '_> {
     }
 
     /// The next frame, or None when the arena has no more.
-    fn take(&mut self) -> PyResult<Option<u32>> {
+    pub(crate) fn take(&mut self) -> PyResult<Option<u32>> {
         self.available()?;
         let Some(last) = self.frames.len().checked_sub(1) else {
             return Ok(None);
@@ -383,11 +391,7 @@ impl Slots {
         skipped: &Bound<'_, PyList>,
     ) -> PyResult<(usize, u64, usize, usize, usize)> {
         let groups = zs.getattr(intern!(py, "groups"))?;
-        let mut lent = Lent {
-            arena: zs.getattr(intern!(py, "arena"))?,
-            frames: lent,
-            dry: false,
-        };
+        let mut lent = Lent::new(zs.getattr(intern!(py, "arena"))?, lent);
         let hot = Table::<u32>::of(zs, intern!(py, "hot"), true)?;
         let waste = Table::<u32>::of(zs, intern!(py, "waste"), true)?;
         let group = Table::<i8>::of(zs, intern!(py, "group"), true)?;

@@ -1,6 +1,7 @@
 # Types of the native codec (native/codec.rs): a put batch's encoding and a get batch's opening,
 # each one call that releases the GIL for the whole batch; zsmalloc's batch paths (Slots) and the
-# page index's (index_get, index_update), which keep it.
+# page index's (index_get, index_update) and raw frames' runs (raw_file, raw_free), which keep
+# it.
 from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -13,6 +14,27 @@ def encode_pages(
 def open_zpages_at(
     keys: Sequence[tuple[int, int]], buffer: Buffer, offsets: Sequence[int]
 ) -> list[bytes | str]: ...
+def raw_file(
+    raw: Any,
+    items: Any,
+    first: int,
+    tag: int,
+    tick: int,
+    stored: Any,
+    handles: list[int],
+    results: list[Any],
+    lent: list[int],
+    spare: list[int],
+) -> tuple[int, int, int]: ...
+def raw_free(
+    raw: Any,
+    handles: list[int],
+    first: int,
+    tag: int,
+    mask: int,
+    frames: list[int],
+    ids: list[int],
+) -> int: ...
 def index_get(
     objects: dict[int, dict[int, array[int]]], keys: list[tuple[int, int]]
 ) -> list[int]: ...

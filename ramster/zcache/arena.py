@@ -110,12 +110,16 @@ class Arena:
 
     def free(self, frame: int) -> None:
         """Return a frame to the arena, and its memory to the OS unless it is kept warm."""
-        if len(self._warm) < self._warm_max:
-            self._warm.append(frame)
-        else:
+        self.free_many([frame])
+
+    def free_many(self, frames: list[int]) -> None:
+        """free() of each of `frames`, in order: the first kept warm while there is room."""
+        warm = max(0, min(len(frames), self._warm_max - len(self._warm)))
+        self._warm.extend(frames[:warm])
+        for frame in frames[warm:]:
             self.map.madvise(mmap.MADV_DONTNEED, frame * PAGE_SIZE, PAGE_SIZE)
-            self._free.append(frame)
-        self.in_use -= 1
+        self._free.extend(frames[warm:])
+        self.in_use -= len(frames)
 
     def cool(self) -> int:
         """Give the warm frames' memory back to the OS (they stay free): for a caller that knows

@@ -242,8 +242,8 @@ class ZCache:
         results: list[PutResult] = []
         handles: list[int] = []
         filed = 0  # keys[:filed] are in the index already
-        zalloc, file = pool.zalloc.alloc, pool.zalloc.file
-        stored = PutResult.STORED
+        zalloc, file, file_raw = pool.zalloc.alloc, pool.zalloc.file, pool.raw.file_run
+        stored, stored_raw = PutResult.STORED, PutResult.STORED_RAW
         tick = self.tick  # self.tick is brought up to date before any slow path
         count, i = len(encoded), -1
         words: list[int] = []  # the same-filled words the native filing passed over
@@ -259,6 +259,16 @@ class ZCache:
                     break
             item = encoded[i]
             raw = item is not None and len(item) == RAW_ZPAGE
+            if raw:
+                # a run of raw pages in one call; it stops at anything else, at the arena's
+                # limit and at the first page of an empty LRU list, which take the paths below
+                at = i
+                i, tick = file_raw(encoded, i, RAW_TAG, tick, stored_raw, handles, results)
+                if i == count:
+                    break
+                if i != at:  # what ended the run goes round again
+                    i, raw = i - 1, False
+                    continue
             if item is not None and WORD < len(item) != RAW_ZPAGE:  # a zpage: the common case
                 tick += 1
                 handle = zalloc(item, tick)
@@ -280,7 +290,7 @@ class ZCache:
             else:
                 self.tick = tick
                 handle, filed = self._alloc(pool, pool.raw, item, keys, handles, filed)
-                tag, result = RAW_TAG, PutResult.STORED_RAW
+                tag, result = RAW_TAG, stored_raw
             tick = self.tick
             if handle < 0:
                 handles.append(0)
@@ -290,11 +300,15 @@ class ZCache:
                 results.append(result)
         self.tick = tick
         self._file(pool, keys[filed:], handles[filed:])
-        outcomes, plain = stats.outcomes, results.count(stored)  # by identity: C speed
-        outcomes[stored] += plain
-        if plain != len(results):  # Counter hashes each enum member in Python: only the rest
-            for result, count in Counter(r for r in results if r is not stored).items():
-                outcomes[result] += count
+        outcomes, rest = stats.outcomes, len(results)
+        for common in (stored, stored_raw):  # counted by identity, at C speed
+            if n := results.count(common):
+                outcomes[common] += n
+                rest -= n
+        if rest:  # Counter hashes each enum member in Python: only the rest
+            others = Counter(r for r in results if r is not stored and r is not stored_raw)
+            for result, n in others.items():
+                outcomes[result] += n
         return results
 
     def _file_words(
@@ -631,7 +645,7 @@ class ZCache:
         words: list[int] = []  # the same-filled words the native frees passed over
         unref = self.same.unref
         while i < count:
-            # a run of zpages natively; not for a raw page's (a call per page cost more)
+            # a run of zpages natively (not from a raw page: those free in runs of their own)
             if free_many is not None and handles[i] >> KIND_SHIFT != RAW:
                 i = free_many(handles, i, ZPAGE_TAG, HANDLE_MASK, SAME_TAG, words)
                 for at in words:
@@ -639,6 +653,9 @@ class ZCache:
                 words.clear()
                 if i == count:
                     return
+            if handles[i] >> KIND_SHIFT == RAW:  # a run of raw pages natively
+                i = pool.raw.free_run(handles, i, RAW_TAG, HANDLE_MASK)
+                continue
             self._release(pool, handles[i])
             i += 1
 

@@ -62,7 +62,11 @@ class LruList:
     def remove(self, uid: int) -> None:
         """`uid` is no longer live; its heap entry goes stale."""
         self.queued[uid] = 0
-        self.live -= 1
+        self.forget(1)
+
+    def forget(self, count: int) -> None:
+        """`count` ids are no longer live, their `queued` zeroed already (a native free)."""
+        self.live -= count
         if len(self._heap) > 2 * self.live + 64:
             self._heap = [q << _UID_BITS | i for i, q in enumerate(self.queued) if q]
             heapq.heapify(self._heap)

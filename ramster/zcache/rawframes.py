@@ -6,15 +6,25 @@
 # an opt-in policy), so a Python object per page is affordable here and nowhere else.  alloc()
 # takes exactly that shape (RAW_ZPAGE bytes) and refuses any other with InvalidPage before it
 # takes a frame.
+#
+# A put batch files a run of raw zpages, and frees a run of raw handles, in one native call
+# (file_run, free_run: native/raw.rs), as a block device's export of incompressible data is
+# nearly all raw pages: one by one, in Python, they bound an NBD rewrite at the event loop's
+# 1.0 CPU-s per GiB.  The native calls change the tables in place but never their size: the ids
+# they may use are handed in (_spare_ids grows the tables for new ones) and the ones a free
+# leaves go back here, with the counts and the frames (Arena.free_many).
 from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Iterator
+from typing import Any
 
+from ramster.zcache._codec import raw_file, raw_free
 from ramster.zcache.allocator import Extent, File, FreeMany, MoveCallback, Walk, array_bytes
 from ramster.zcache.arena import Arena
 from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE
 from ramster.zcache.errors import InvalidPage
+from ramster.zcache.halves import Encodings
 from ramster.zcache.lru import LruList
 
 RAW_ZPAGE = HEADER_SIZE + PAGE_SIZE
@@ -22,9 +32,9 @@ RAW_ZPAGE = HEADER_SIZE + PAGE_SIZE
 
 class RawFrames:
     name = "raw"
-    walk: Walk | None = None  # gets walk its handles in Python ...
-    file: File | None = None  # ... puts file their zpages in Python ...
-    free_many: FreeMany | None = None  # ... and the pages they replace are freed there
+    walk: Walk | None = None  # gets walk its handles in Python; the zpage allocators' batch
+    file: File | None = None  # paths are not this one's: a put batch files and frees runs of
+    free_many: FreeMany | None = None  # raw pages with file_run() and free_run()
     compactable = 0  # never: see compact()
     on_compactable: Callable[[], None] | None = None
 
@@ -59,6 +69,65 @@ class RawFrames:
         self.zpages += 1
         self.frames += 1
         return rid
+
+    def file_run(
+        self,
+        items: Encodings,
+        first: int,
+        tag: int,
+        tick: int,
+        stored: object,
+        handles: list[int],
+        results: list[Any],
+    ) -> tuple[int, int]:
+        """alloc() of the raw zpages of a put batch's encodings from `first` on, in a native
+        call, each at the next tick: `tag` | its handle goes to `handles` and `stored` to
+        `results`.  Where it stopped (at anything else, at the arena's limit, or at the first
+        page of an empty LRU list, which the caller takes with alloc()) and the last tick."""
+        lent: list[int] = []  # frames the arena lends the native call
+        spare = self._spare_ids(len(items) - first)
+        try:
+            first, tick, filed = raw_file(
+                self, items, first, tag, tick, stored, handles, results, lent, spare
+            )
+        finally:
+            if lent:
+                self.arena.give_back(lent)
+            self._free_ids.extend(spare)  # the next one on top, as it was
+        self.zpages += filed
+        self.frames += filed
+        self.lru.live += filed
+        return first, tick
+
+    def free_run(self, handles: list[int], first: int, tag: int, mask: int) -> int:
+        """free() of the raw zpages of `handles` (index handles: `tag` marks these, whose own
+        handle is in the bits of `mask`) from `first` on, in a native call.  Where it stopped:
+        the first handle of another kind, or the end."""
+        frames: list[int] = []
+        ids: list[int] = []
+        stop = raw_free(self, handles, first, tag, mask, frames, ids)
+        self.lru.forget(len(ids))
+        self.arena.free_many(frames)
+        self._free_ids.extend(ids)
+        self.zpages -= len(ids)
+        self.frames -= len(ids)
+        return stop
+
+    def _spare_ids(self, n: int) -> list[int]:
+        """`n` ids not in use, the one alloc() would take next last (a native filing takes
+        from the end): the free ones first, then new ones, for which the tables grow."""
+        free = self._free_ids
+        take = min(n, len(free))
+        spare = free[len(free) - take :].tolist()
+        del free[len(free) - take :]
+        new = n - take
+        if new:
+            start = len(self.frame)
+            self.frame.frombytes(bytes(new * self.frame.itemsize))
+            self.header += [b""] * new
+            self.lru.grow(start + new)
+            spare[:0] = range(start + new - 1, start - 1, -1)
+        return spare
 
     def read(self, handle: int) -> bytes:
         base = self.frame[handle] << 12
