@@ -19,7 +19,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
-use crate::slots::{Items, Lent};
+use crate::slots::{Item, Items, Lent};
 use crate::table::Table;
 use crate::{u64_of, HEADER_SIZE, PAGE_SIZE};
 
@@ -72,15 +72,12 @@ pub(crate) fn raw_file(
     let mut lent = Lent::new(arena, lent);
     let (mut i, mut tick, mut filed) = (first, tick, 0usize);
     while i < items.len() {
-        let item; // a list's bytes object, alive while its zpage is read
-        let zpage = match items {
-            Items::Packed(packed) => packed.encoding(i),
-            Items::List(list) => {
-                item = list.get_item(i)?;
-                item.downcast::<PyBytes>().ok().map(|b| b.as_bytes())
-            }
-        };
-        let Some(zpage) = zpage.filter(|z| z.len() == RAW_ZPAGE) else {
+        let item = items.get(i)?;
+        let Some(zpage) = item
+            .as_ref()
+            .map(Item::bytes)
+            .filter(|z| z.len() == RAW_ZPAGE)
+        else {
             break; // a zpage, a same-filled word, a refusal: not this path's
         };
         let Some(last) = spare.len().checked_sub(1) else {

@@ -73,6 +73,34 @@ impl<'a, 'py> Items<'a, 'py> {
             Items::List(list) => list.len(),
         }
     }
+
+    /// Encoding `i`, None where it is a refusal (None, or anything but bytes in a list).
+    pub(crate) fn get(self, i: usize) -> PyResult<Option<Item<'a, 'py>>> {
+        Ok(match self {
+            Items::Packed(packed) => packed.encoding(i).map(Item::Slice),
+            Items::List(list) => list
+                .get_item(i)?
+                .downcast_into::<PyBytes>()
+                .ok()
+                .map(Item::Bytes),
+        })
+    }
+}
+
+/// One of Items: a worker's encoding where it lies, or a list's bytes object, held while its
+/// bytes are read.
+pub(crate) enum Item<'a, 'py> {
+    Slice(&'a [u8]),
+    Bytes(Bound<'py, PyBytes>),
+}
+
+impl Item<'_, '_> {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Item::Slice(slice) => slice,
+            Item::Bytes(bytes) => bytes.as_bytes(),
+        }
+    }
 }
 
 /// Frames the arena lends a put batch's filing: its lend() appends LEND of them at a time (fewer
@@ -457,17 +485,10 @@ impl Slots {
         };
         let items = Items::of(items)?;
         while i < items.len() {
-            let item; // a list's bytes object, alive while its zpage is read
-            let zpage = match items {
-                Items::Packed(packed) => packed.encoding(i),
-                Items::List(list) => {
-                    item = list.get_item(i)?;
-                    item.downcast::<PyBytes>().ok().map(|b| b.as_bytes())
-                }
-            };
-            let Some(zpage) = zpage else {
+            let Some(item) = items.get(i)? else {
                 break; // a refusal (None): the Python path takes it
             };
+            let zpage = item.bytes();
             if zpage.len() == WORD {
                 // a same-filled word: the caller's to file, standing in as 0 and None till then
                 skipped.append(i)?;
