@@ -84,6 +84,8 @@ class RawFrames:
         call, each at the next tick: `tag` | its handle goes to `handles` and `stored` to
         `results`.  Where it stopped (at anything else, at the arena's limit, or at the first
         page of an empty LRU list, which the caller takes with alloc()) and the last tick."""
+        if not self.lru.live:  # its first push wakes the LRU heap over all lists: alloc()'s
+            return first, tick
         lent: list[int] = []  # frames the arena lends the native call
         spare = self._spare_ids(len(items) - first)
         try:
@@ -105,13 +107,14 @@ class RawFrames:
         the first handle of another kind, or the end."""
         frames: list[int] = []
         ids: list[int] = []
-        stop = raw_free(self, handles, first, tag, mask, frames, ids)
-        self.lru.forget(len(ids))
-        self.arena.free_many(frames)
-        self._free_ids.extend(ids)
-        self.zpages -= len(ids)
-        self.frames -= len(ids)
-        return stop
+        try:
+            return raw_free(self, handles, first, tag, mask, frames, ids)
+        finally:  # what it freed before a bad handle stops it is given back all the same
+            self.lru.forget(len(ids))
+            self.arena.free_many(frames)
+            self._free_ids.extend(ids)
+            self.zpages -= len(ids)
+            self.frames -= len(ids)
 
     def _spare_ids(self, n: int) -> list[int]:
         """`n` ids not in use, the one alloc() would take next last (a native filing takes

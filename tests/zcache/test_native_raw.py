@@ -116,6 +116,7 @@ def test_runs_stop_where_python_takes_over() -> None:
     # a free of a frame not in use, or past the tables, is an error
     with pytest.raises(ValueError, match="not in use"):
         r.free_run([handles[0], handles[0]], 0, RAW_TAG, HANDLE_MASK)
+    assert (r.zpages, r.frames, r.arena.in_use) == (3, 3, 3)  # the first free went through
     with pytest.raises(ValueError, match="past the tables"):
         r.free_run([RAW_TAG | 10**6], 0, RAW_TAG, HANDLE_MASK)
     # and a run of handles stops at another kind
