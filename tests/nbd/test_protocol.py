@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import mmap
+from typing import cast
 
 import pytest
 
@@ -250,6 +251,20 @@ def test_write_payloads_are_views_of_the_input_which_is_never_written_again() ->
     assert [w.handle for w in writes] == list(range(600))
     for n, write in enumerate(writes):  # every view still holds what it was given
         assert write.data == bytes([n % 251]) * 4096, n
+
+
+def test_power_of_two_payloads_fill_a_chunk_whole() -> None:
+    """Four 256 KiB writes (nbdcopy's size) and their headers fit one input chunk: no payload
+    straddles its end, to be copied into the next."""
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    size = 256 * 1024
+    for n in range(4):
+        conn.receive_data(request(Command.WRITE, n * size, size, handle=n) + bytes([n]) * size)
+    writes = events(conn)
+    assert [type(w) for w in writes] == [Write] * 4
+    chunks = {id(cast(memoryview, w.data).obj) for w in writes if isinstance(w, Write)}
+    assert len(chunks) == 1
 
 
 def test_input_chunks_are_reused_once_no_payload_view_of_them_is_left(
