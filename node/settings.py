@@ -51,6 +51,32 @@ def parse_optional_hostport(text: str) -> HostPort | None:
     return parse_hostport(text) if str(text).strip() else None
 
 
+@dataclass(frozen=True)
+class UnixPath:
+    """A Unix socket's path, for a listener that only processes of this host reach (and only
+    those the socket file's mode lets in)."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+def parse_nbd_listen(text: str) -> HostPort | UnixPath | None:
+    """HOST:PORT, unix:PATH, or nothing (empty)."""
+    text = str(text).strip()
+    if not text:
+        return None
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise ValueError("expected unix:PATH (a Unix socket's path), got 'unix:'")
+        return UnixPath(Path(text[5:]))
+    try:
+        return parse_hostport(text)
+    except ValueError:
+        raise ValueError(f"expected HOST:PORT or unix:PATH, got {text!r}") from None
+
+
 def parse_size(text: str | int) -> int:
     """Bytes from '512M', '2Gi', '1048576' ...: K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024."""
     match = _SIZE.match(str(text))
@@ -324,14 +350,16 @@ class Settings:
             "PATH",
         ),
     )
-    nbd_listen: HostPort | None = field(
+    nbd_listen: HostPort | UnixPath | None = field(
         default=None,
         metadata=meta(
-            parse_optional_hostport,
-            "NBD (block device) address; with --tls-* clients must use TLS (STARTTLS, nbds://), "
-            "without it only loopback unless --insecure; port 0 picks a free port (logged); "
-            "empty: no NBD",
-            "HOST:PORT",
+            parse_nbd_listen,
+            "NBD (block device) address: HOST:PORT, or unix:PATH for a Unix socket that only "
+            "the node's user (and root) may connect to (mode 0600; the fastest way for qemu or "
+            "nbd-client on this host); with --tls-* clients must use TLS (STARTTLS, nbds://), "
+            "without it TCP only on loopback unless --insecure; port 0 picks a free port "
+            "(logged); empty: no NBD",
+            "ADDRESS",
         ),
     )
     tls_cert: Path | None = field(

@@ -187,6 +187,8 @@ def check_protected(
     if settings.insecure:
         return
     nbd = settings.nbd_listen
+    if not isinstance(nbd, HostPort):  # none, or a Unix socket: this host only, mode 0600
+        nbd = None
     if nbd is not None and not is_loopback(nbd.host) and tls is None:
         raise ValueError(
             f"protected mode: --nbd-listen {nbd}: without TLS, NBD is served on loopback "

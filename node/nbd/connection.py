@@ -119,7 +119,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         raw = transport.get_extra_info("socket")
         if raw is not None:  # a TCP or Unix socket (never None for the node's listeners)
             self._sock = raw.dup()
-        self.peer = str(transport.get_extra_info("peername"))
+        self.peer = str(transport.get_extra_info("peername") or "unix socket")
         self.server.connections.add(self)
         self.server.metrics.connections.inc()
         self.task = asyncio.get_running_loop().create_task(self._run())

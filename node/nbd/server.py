@@ -30,6 +30,9 @@
 # node/nbd/connection.py's SPARE_CHUNKS MiB each), so an idle connection holds one, and the
 # arena gives back the freed frames it keeps warm (up to 4 MiB).
 #
+# It listens on HOST:PORT, or on a Unix socket (unix:PATH, node/nbd/unixsocket.py: mode 0600,
+# for clients on the node's host; its file is removed on stop).
+#
 # Shutdown (stop()): the listener closes; a connection waiting for its client closes at once,
 # one running requests finishes the group in hand, answers requests it had already received with
 # ESHUTDOWN and closes; whatever is still running after `grace` seconds is cancelled.
@@ -48,8 +51,9 @@ from node.nbd.blocks import Answer, ExportBlocks, WritePlan
 from node.nbd.connection import NbdConnection
 from node.nbd.plan import Group
 from node.nbd.tls import NbdTls
+from node.nbd.unixsocket import bind_unix, remove_unix
 from node.pools import Pools
-from node.settings import HostPort, Settings
+from node.settings import HostPort, Settings, UnixPath
 from node.tls import Rotation
 from ramster.nbd import Error, Export
 from ramster.nbd.wire import Command
@@ -65,7 +69,7 @@ TRIM_INTERVAL = 0.25  # seconds without NBD traffic before the heap is trimmed
 class NbdServer:
     def __init__(
         self,
-        listen: HostPort,
+        listen: HostPort | UnixPath,
         exports: Sequence[Export],
         engine: ZCache,
         ensure_pool: Callable[[str], int],
@@ -93,6 +97,7 @@ class NbdServer:
             e.name: ExportBlocks(e, ensure_pool(f"nbd:{e.name}"), engine, chunked) for e in exports
         }
         self.port = 0
+        self._inode: int | None = None  # of the Unix socket's file, once bound
         self.draining = False
         self._server: asyncio.Server | None = None
         self.connections: set[NbdConnection] = set()
@@ -102,20 +107,29 @@ class NbdServer:
         self._trimming: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        """Listen; the port (the chosen one, with port 0)."""
-        loop = asyncio.get_running_loop()
+        """Listen; the port (the chosen one, with port 0; 0 on a Unix socket)."""
+        loop, listen = asyncio.get_running_loop(), self.listen
+        where: dict[str, Any] = {}
         try:
-            self._server = await loop.create_server(
-                lambda: NbdConnection(self), self.listen.host, self.listen.port
-            )
+            if isinstance(listen, UnixPath):
+                sock, self._inode = bind_unix(listen.path)
+                self._server = await loop.create_unix_server(lambda: NbdConnection(self), sock=sock)
+                where["path"] = str(listen.path)
+            else:
+                self._server = await loop.create_server(
+                    lambda: NbdConnection(self), listen.host, listen.port
+                )
+                self.port = int(self._server.sockets[0].getsockname()[1])
+                where.update(port=self.port, host=listen.host)
         except OSError as exc:
-            raise OSError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
-        self.port = int(self._server.sockets[0].getsockname()[1])
+            if isinstance(listen, UnixPath) and self._inode is not None:
+                remove_unix(listen.path, self._inode)
+                self._inode = None
+            raise OSError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         self._trimming = asyncio.get_running_loop().create_task(self.trimmer.run())
         log_event(
             "nbd_listening",
-            port=self.port,
-            host=self.listen.host,
+            **where,
             tls=self.tls is not None,
             exports={name: s.export.size for name, s in self.exports.items()},
             pools={name: s.pool for name, s in self.exports.items()},
@@ -127,6 +141,9 @@ class NbdServer:
         self.draining = True
         if self._server:
             self._server.close()
+        if isinstance(self.listen, UnixPath) and self._inode is not None:
+            remove_unix(self.listen.path, self._inode)
+            self._inode = None
         tasks = [c.task for c in self.connections if c.task is not None]
         for connection in self.connections:
             connection.wake()
@@ -200,7 +217,7 @@ async def serve_nbd(
     (`rotation`: the node's TLS material) it requires STARTTLS."""
     if settings.nbd_listen is None:
         if settings.nbd_export:
-            raise ValueError("--nbd-export needs --nbd-listen HOST:PORT")
+            raise ValueError("--nbd-export needs --nbd-listen HOST:PORT or unix:PATH")
         return None
     server = NbdServer(
         settings.nbd_listen,

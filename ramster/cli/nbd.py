@@ -45,15 +45,45 @@ def client_tls(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCont
     return context
 
 
+def nbd_target(text: str) -> str:
+    """HOST:PORT, or unix:PATH (a node's --nbd-listen unix:PATH)."""
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise argparse.ArgumentTypeError("expected unix:PATH, got 'unix:'")
+        return text
+    try:
+        return hostport(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or unix:PATH, got {text!r}") from None
+
+
+def connect(target: str, timeout: float) -> socket.socket:
+    """A stream socket connected to HOST:PORT or unix:PATH."""
+    if target.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(target[5:])
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    host, _, port = target.rpartition(":")
+    return socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+
+
 def list_exports(
     target: str, timeout: float, tls: ssl.SSLContext | None = None
 ) -> list[ExportInfo]:
-    """The exports an NBD server at HOST:PORT offers (asked over TLS with `tls`)."""
-    host, _, port = target.rpartition(":")
-    host = host.strip("[]")
+    """The exports an NBD server at HOST:PORT or unix:PATH offers (asked over TLS with `tls`:
+    on a Unix socket the server's certificate is checked against the CA but not against a host
+    name, as there is none)."""
+    host = None if target.startswith("unix:") else target.rpartition(":")[0].strip("[]")
+    if tls is not None and host is None:
+        tls.check_hostname = False
     lister = ExportLister(tls=tls is not None)
     try:
-        sock = socket.create_connection((host, int(port)), timeout=timeout)
+        sock = connect(target, timeout)
         try:
             while not lister.done:
                 lister.receive_data(sock.recv(65536))
@@ -111,10 +141,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--target",
-        type=hostport,
+        type=nbd_target,
         default=DEFAULT_NBD_TARGET,
-        metavar="HOST:PORT",
-        help=f"the NBD address (default {DEFAULT_NBD_TARGET})",
+        metavar="ADDRESS",
+        help=f"the NBD address, HOST:PORT or unix:PATH (default {DEFAULT_NBD_TARGET})",
     )
     p.add_argument("--timeout", type=seconds, default=10.0, metavar="S", help="socket timeout")
     add_tls(p)
