@@ -29,7 +29,8 @@
 # LocalNode subprocess) with a pool limit of twice `size`, so nothing leaves RAM during the run, and
 # with two codec worker threads unless told otherwise.  With tls, both servers require TLS
 # (certificates from `ramster certs`' code, the node's serving nbdkit too) and every client uses
-# nbds:// URIs, so the ratios include each side's TLS cost.
+# nbds:// URIs, so the ratios include each side's TLS cost.  With unix, both servers listen on
+# Unix sockets (nbd+unix://) instead of loopback TCP ports, as clients on a node's own host use it.
 from __future__ import annotations
 
 import contextlib
@@ -291,14 +292,28 @@ class BenchTls:
                 (path / target).chmod(0o600)
         return BenchTls(cert, key, bundle.ca, dirs["server"], dirs["client"])
 
-    def uri(self, port: int, export: str = "") -> str:
-        return f"nbds://127.0.0.1:{port}/{export}?tls-certificates={self.client_dir}"
+
+Where = int | Path  # a server's loopback port, or its Unix socket
+
+
+def server_uri(where: Where, export: str = "", tls: BenchTls | None = None) -> str:
+    """libnbd's URI of an export of the server listening at `where`."""
+    scheme = "nbds" if tls else "nbd"
+    if isinstance(where, Path):
+        query = f"socket={where}" + (f"&tls-certificates={tls.client_dir}" if tls else "")
+        return f"{scheme}+unix:///{export}?{query}"
+    query = f"?tls-certificates={tls.client_dir}" if tls else ""
+    return f"{scheme}://127.0.0.1:{where}/{export}{query}"
 
 
 @contextlib.contextmanager
-def nbdkit_memory(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str, int]]:
-    """`nbdkit memory` on a free loopback port (TLS required with `tls`): its URI and pid."""
-    port = free_port()
+def nbdkit_memory(
+    size: int, tls: BenchTls | None = None, unix: Path | None = None
+) -> Iterator[tuple[str, int]]:
+    """`nbdkit memory` on a free loopback port, or on Unix socket `unix` (TLS required with
+    `tls`): its URI and pid."""
+    where: Where = unix or free_port()
+    listen = ["-U", str(where)] if unix else ["-i", "127.0.0.1", "-p", str(where)]
     tls_args = ["--tls=require", f"--tls-certificates={tls.server_dir}"] if tls else []
     with tempfile.TemporaryDirectory(prefix="ramster-nbdkit-") as tmp:
         pidfile = Path(tmp) / "pid"  # nbdkit writes it once it accepts connections
@@ -307,10 +322,7 @@ def nbdkit_memory(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str,
                 "nbdkit",
                 "-f",
                 "--exit-with-parent",
-                "-i",
-                "127.0.0.1",
-                "-p",
-                str(port),
+                *listen,
                 "-P",
                 str(pidfile),
                 *tls_args,
@@ -324,7 +336,7 @@ def nbdkit_memory(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str,
                 if proc.poll() is not None:
                     raise BenchError("nbdkit did not start")
                 time.sleep(0.02)
-            yield tls.uri(port) if tls else f"nbd://127.0.0.1:{port}", proc.pid
+            yield server_uri(where, "", tls), proc.pid
         finally:
             proc.kill()
             proc.wait()
@@ -332,11 +344,12 @@ def nbdkit_memory(size: int, tls: BenchTls | None = None) -> Iterator[tuple[str,
 
 @contextlib.contextmanager
 def ramster_node(
-    size: int, tls: BenchTls | None = None, workers: int = 0
+    size: int, tls: BenchTls | None = None, workers: int = 0, unix: Path | None = None
 ) -> Iterator[tuple[str, int, ThreadCpu]]:
     """A local node with one export of `size` bytes (TLS with `tls`, `workers` codec worker
-    threads): its URI, its pid, and a reader of its threads' CPU seconds by role."""
-    port = free_port()
+    threads), on a free loopback port or on Unix socket `unix`: its URI, its pid, and a reader
+    of its threads' CPU seconds by role."""
+    where: Where = unix or free_port()
     tls_args = []
     if tls:
         tls_args = ["--node-id", NODE_ID, "--tls-ca", str(tls.ca)]
@@ -345,7 +358,7 @@ def ramster_node(
         "--pool-limit",
         str(2 * size),
         "--nbd-listen",
-        f"127.0.0.1:{port}",
+        f"unix:{where}" if unix else f"127.0.0.1:{where}",
         "--nbd-export",
         f"{EXPORT}:{size}",
         "--worker-threads",
@@ -356,9 +369,12 @@ def ramster_node(
     try:
         with node:
             assert node.process is not None and node.metrics_port is not None
-            uri = tls.uri(port, EXPORT) if tls else f"nbd://127.0.0.1:{port}/{EXPORT}"
-            where = f"127.0.0.1:{node.metrics_port}"
-            yield uri, node.process.pid, lambda: thread_cpu(families(where))
+            metrics = f"127.0.0.1:{node.metrics_port}"
+            yield (
+                server_uri(where, EXPORT, tls),
+                node.process.pid,
+                lambda: thread_cpu(families(metrics)),
+            )
     except Unavailable as exc:
         raise BenchError(str(exc)) from None
 
@@ -381,13 +397,20 @@ def run(
     tls: bool = False,
     workers: int = WORKERS,
     seed: int = 1,
+    unix: bool = False,
 ) -> dict[str, Any]:
-    """Both servers, side by side, with the same data (both over TLS with `tls`; the node with
-    `workers` codec worker threads)."""
+    """Both servers, side by side, with the same data (both over TLS with `tls`, both on Unix
+    sockets with `unix`; the node with `workers` codec worker threads)."""
     check_tools()
     with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
         certs = BenchTls.make(Path(tmp) / "tls") if tls else None
-        with nbdkit_memory(size, certs) as kit, ramster_node(size, certs, workers) as node:
+        kit_at, node_at = (
+            (Path(tmp) / "nbdkit.sock", Path(tmp) / "node.sock") if unix else (None, None)
+        )
+        with (
+            nbdkit_memory(size, certs, kit_at) as kit,
+            ramster_node(size, certs, workers, node_at) as node,
+        ):
             source = corpus_image(pages, size, tmp)
             uri, pid, roles = node
             servers = {"ramster": (uri, pid), "nbdkit": kit}
@@ -397,6 +420,7 @@ def run(
         "random_ops": ops,
         "repeat": repeat,
         "tls": tls,
+        "transport": "unix" if unix else "tcp",
         "worker_threads": workers,
     }
     for key in got["nbdkit"]:

@@ -152,7 +152,13 @@ def _nbd(args: argparse.Namespace) -> int:
     pages = corpus_pages(args.corpus)
     try:
         result = nbd.run(
-            pages, args.mib * 2**20, args.ops, args.repeat, args.tls, args.worker_threads
+            pages,
+            args.mib * 2**20,
+            args.ops,
+            args.repeat,
+            args.tls,
+            args.worker_threads,
+            unix=args.unix,
         )
     except nbd.BenchError as exc:
         raise CliError(str(exc)) from None
@@ -345,6 +351,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--repeat", type=positive, default=3, help="runs of each step per server (best kept)"
     )
     p.add_argument("--tls", action="store_true", help="both servers require TLS (nbds://)")
+    p.add_argument(
+        "--unix",
+        action="store_true",
+        help="both servers on Unix sockets (nbd+unix://) instead of loopback TCP ports",
+    )
     p.add_argument(
         "--worker-threads",
         type=nonnegative,

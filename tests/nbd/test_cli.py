@@ -85,14 +85,16 @@ def test_bench_nbd_runs_both_servers_and_verifies() -> None:
         assert min(by_thread.values()) >= 0
 
 
-def test_bench_nbd_over_tls() -> None:
+@pytest.mark.parametrize("how", [("--tls",), ("--unix",), ("--tls", "--unix")])
+def test_bench_nbd_over_tls_and_unix_sockets(how: tuple[str, ...]) -> None:
     need("nbdkit", "nbdcopy")
     sample = Path(__file__).parents[1] / "data" / "sample.pages"
-    args = ("--corpus", str(sample), "--mib", "4", "--ops", "100", "--repeat", "1", "--tls")
+    args = ("--corpus", str(sample), "--mib", "4", "--ops", "100", "--repeat", "1", *how)
     done = ramster("bench", "nbd", *args, "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["verified"] is True and result["tls"] is True
+    assert result["verified"] is True and result["tls"] == ("--tls" in how)
+    assert result["transport"] == ("unix" if "--unix" in how else "tcp")
     assert result["ramster_seq_read_MiBps"] > 0 and result["nbdkit_seq_read_MiBps"] > 0
 
 
