@@ -11,7 +11,9 @@
 # nbdkit reports as zero (the corpus's zero pages, which nbdcopy wrote as WRITE_ZEROES).
 # Both servers run side by side and every step alternates between them, `repeat` times, keeping
 # each server's best time: on a machine shared with other work the load drifts, and a ratio of
-# two numbers taken minutes apart would measure the drift.  Each server's CPU time in its best
+# two numbers taken minutes apart would measure the drift.  The first sequential write, into an
+# empty export, is also reported on its own (seq_write_first): both servers then fault in the
+# memory they fill, as behind a fresh swap device.  Each server's CPU time in its best
 # run is reported as MiB per CPU-second (cpu_efficiency_vs_nbdkit), which load elsewhere on the
 # machine hardly moves (the random step's covers its writes and reads together); the node's is
 # also split by thread role (its ramster_thread_cpu_seconds_total: event loop, codec workers,
@@ -210,9 +212,11 @@ def measure(
     out: dict[str, dict[str, Any]] = {
         name: {"rss_idle_MiB": rss_bytes(pid) / mib} for name, (_, pid) in servers.items()
     }
-    for _ in range(repeat):
+    for round_ in range(repeat):
         for name, (uri, _) in servers.items():
             step(name, ("seq_write",), _tool, "nbdcopy", str(source), uri)
+            if not round_:  # into an empty export: each server takes its memory as it goes
+                best[name]["seq_write_first"] = best[name]["seq_write"]
     time.sleep(SETTLE_SECONDS)
     for name, (_, pid) in servers.items():
         out[name]["rss_MiB"] = rss_bytes(pid) / mib

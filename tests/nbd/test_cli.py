@@ -69,10 +69,12 @@ def test_bench_nbd_runs_both_servers_and_verifies() -> None:
     assert result["verified"] is True and result["random_ops"] == 300 and result["repeat"] == 2
     for server in ("ramster", "nbdkit"):
         assert result[f"{server}_seq_write_MiBps"] > 0 and result[f"{server}_rss_MiB"] > 0
+        assert result[f"{server}_seq_write_first_MiBps"] <= result[f"{server}_seq_write_MiBps"]
         for step in ("seq_write", "seq_read"):  # nbdcopy's CPU, and the cores the step kept busy
             assert result[f"{server}_{step}_client_cpu_s_per_GiB"] > 0
             assert result[f"{server}_{step}_core_use"] > 0
     assert set(result["throughput_vs_nbdkit"]) == {
+        "seq_write_first",
         "seq_write",
         "seq_read",
         "rand4k_write",
