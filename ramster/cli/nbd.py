@@ -91,7 +91,9 @@ def list_exports(
                     assert tls is not None
                     sock = tls.wrap_socket(sock, server_hostname=host)
                     lister.tls_started()
-                sock.sendall(lister.data_to_send())
+                out = lister.data_to_send()
+                if out:  # nothing after ABORT's reply: the server may have closed (a Unix
+                    sock.sendall(out)  # socket's peer then fails even an empty send)
         finally:
             sock.close()
     except (OSError, NbdError) as exc:
