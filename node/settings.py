@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import re
 import socket
@@ -160,6 +161,19 @@ def parse_path(text: str) -> Path:
 
 def parse_optional_path(text: str) -> Path | None:
     return parse_path(text) if str(text) else None
+
+
+def parse_group(text: str | int) -> int | None:
+    """A group's id, from its name or number; None for empty."""
+    value = str(text).strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {value!r} on this host") from None
 
 
 def parse_switch(text: str | bool) -> bool:
@@ -400,6 +414,16 @@ class Settings:
             "allow listening on non-loopback addresses without TLS (protected mode is off)",
             "",
             switch=True,
+        ),
+    )
+    nbd_socket_group: int | None = field(
+        default=None,
+        metadata=meta(
+            parse_group,
+            "with --nbd-listen unix:PATH, this group (name or number) may connect too: the "
+            "socket is made mode 0660 and given to it (e.g. the group qemu runs in); empty: "
+            "the node's user only",
+            "GROUP",
         ),
     )
     nbd_export: tuple[Export, ...] = field(

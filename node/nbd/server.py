@@ -77,10 +77,12 @@ class NbdServer:
         tls: NbdTls | None = None,
         prefetch: Prefetch | None = None,
         small_first: SmallFirst | None = None,
+        socket_group: int | None = None,
     ) -> None:
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
         self.listen = listen
+        self.socket_group = socket_group  # may connect to a Unix socket too
         self.engine = engine
         self.metrics = metrics
         self.tls = tls
@@ -112,7 +114,7 @@ class NbdServer:
         where: dict[str, Any] = {}
         try:
             if isinstance(listen, UnixPath):
-                sock, self._inode = bind_unix(listen.path)
+                sock, self._inode = bind_unix(listen.path, self.socket_group)
                 self._server = await loop.create_unix_server(lambda: NbdConnection(self), sock=sock)
                 where["path"] = str(listen.path)
             else:
@@ -122,9 +124,7 @@ class NbdServer:
                 self.port = int(self._server.sockets[0].getsockname()[1])
                 where.update(port=self.port, host=listen.host)
         except OSError as exc:
-            if isinstance(listen, UnixPath) and self._inode is not None:
-                remove_unix(listen.path, self._inode)
-                self._inode = None
+            self._unbind()
             raise OSError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         self._trimming = asyncio.get_running_loop().create_task(self.trimmer.run())
         log_event(
@@ -141,9 +141,7 @@ class NbdServer:
         self.draining = True
         if self._server:
             self._server.close()
-        if isinstance(self.listen, UnixPath) and self._inode is not None:
-            remove_unix(self.listen.path, self._inode)
-            self._inode = None
+        self._unbind()
         tasks = [c.task for c in self.connections if c.task is not None]
         for connection in self.connections:
             connection.wake()
@@ -157,6 +155,12 @@ class NbdServer:
         if self._trimming is not None:
             self._trimming.cancel()
             await asyncio.gather(self._trimming, return_exceptions=True)
+
+    def _unbind(self) -> None:
+        """Remove the Unix socket's file, if one was bound here."""
+        if isinstance(self.listen, UnixPath) and self._inode is not None:
+            remove_unix(self.listen.path, self._inode)
+            self._inode = None
 
     def _quiet(self) -> None:
         """Traffic paused: connections give back the input chunks they keep for reuse, and the
@@ -215,6 +219,8 @@ async def serve_nbd(
 ) -> NbdServer | None:
     """The NBD server the settings ask for, listening; None without --nbd-listen.  With TLS
     (`rotation`: the node's TLS material) it requires STARTTLS."""
+    if settings.nbd_socket_group is not None and not isinstance(settings.nbd_listen, UnixPath):
+        raise ValueError("--nbd-socket-group needs --nbd-listen unix:PATH")
     if settings.nbd_listen is None:
         if settings.nbd_export:
             raise ValueError("--nbd-export needs --nbd-listen HOST:PORT or unix:PATH")
@@ -228,6 +234,7 @@ async def serve_nbd(
         NbdTls(settings, rotation) if rotation else None,
         prefetch,
         small_first,
+        settings.nbd_socket_group,
     )
     await server.start()
     return server

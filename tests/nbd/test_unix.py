@@ -93,6 +93,37 @@ def test_real_clients_over_a_unix_socket_that_only_its_owner_can_open(
     assert not sock.exists()  # removed on a graceful stop
 
 
+def test_a_socket_group_may_connect_too(open_dir: Path, tmp_path: Path) -> None:
+    need("nbdinfo")
+    if os.geteuid() != 0 or not SYSTEM_PYTHON.exists():
+        pytest.skip("needs root, to give the socket to a group and connect as another user")
+    sock = open_dir / "nbd.sock"
+    with unix_node(sock, "--nbd-socket-group", str(NOBODY), "--nbd-export", "disk:1Mi"):
+        info = sock.stat()
+        assert (info.st_mode & 0o777, info.st_gid) == (0o660, NOBODY)
+        assert connects_as_nobody(sock)  # a member of the group (its own primary group)
+        run("nbdinfo", uri(sock, "disk"))
+
+
+def test_a_socket_group_needs_a_unix_socket_and_a_real_group(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "node", "--listen", "127.0.0.1:0", "--metrics-listen", ""]
+    base += ["--data-dir", str(tmp_path), "--nbd-export", "disk:1Mi"]
+    tcp = subprocess.run(
+        [*base, "--nbd-listen", "127.0.0.1:0", "--nbd-socket-group", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert tcp.returncode == 1 and "--nbd-socket-group needs --nbd-listen unix:PATH" in tcp.stderr
+    unknown = subprocess.run(
+        [*base, "--nbd-listen", f"unix:{tmp_path}/s", "--nbd-socket-group", "no-such-group-x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unknown.returncode == 2 and "no group named 'no-such-group-x'" in unknown.stderr
+
+
 def test_tls_over_a_unix_socket(certs: Certs, open_dir: Path) -> None:
     need("nbdinfo")
     s = certs.node
