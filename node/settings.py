@@ -369,8 +369,8 @@ class Settings:
         metadata=meta(
             parse_nbd_listen,
             "NBD (block device) address: HOST:PORT, or unix:PATH for a Unix socket that only "
-            "the node's user (and root) may connect to (mode 0600; the fastest way for qemu or "
-            "nbd-client on this host); with --tls-* clients must use TLS (STARTTLS, nbds://), "
+            "the node's user (and root) may connect to (mode 0600), for qemu or nbd-client on "
+            "this host; with --tls-* clients must use TLS (STARTTLS, nbds://), "
             "without it TCP only on loopback unless --insecure; port 0 picks a free port "
             "(logged); empty: no NBD",
             "ADDRESS",
