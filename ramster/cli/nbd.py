@@ -57,8 +57,9 @@ def nbd_target(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT or unix:PATH, got {text!r}") from None
 
 
-def connect(target: str, timeout: float) -> socket.socket:
-    """A stream socket connected to HOST:PORT or unix:PATH."""
+def connect(target: str, timeout: float) -> tuple[socket.socket, str | None]:
+    """A stream socket connected to HOST:PORT or unix:PATH, and the host (None: a Unix
+    socket)."""
     if target.startswith("unix:"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -67,9 +68,10 @@ def connect(target: str, timeout: float) -> socket.socket:
         except OSError:
             sock.close()
             raise
-        return sock
+        return sock, None
     host, _, port = target.rpartition(":")
-    return socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    host = host.strip("[]")
+    return socket.create_connection((host, int(port)), timeout=timeout), host
 
 
 def list_exports(
@@ -78,17 +80,15 @@ def list_exports(
     """The exports an NBD server at HOST:PORT or unix:PATH offers (asked over TLS with `tls`:
     on a Unix socket the server's certificate is checked against the CA but not against a host
     name, as there is none)."""
-    host = None if target.startswith("unix:") else target.rpartition(":")[0].strip("[]")
-    if tls is not None and host is None:
-        tls.check_hostname = False
     lister = ExportLister(tls=tls is not None)
     try:
-        sock = connect(target, timeout)
+        sock, host = connect(target, timeout)
         try:
             while not lister.done:
                 lister.receive_data(sock.recv(65536))
                 if lister.upgrade:
                     assert tls is not None
+                    tls.check_hostname = host is not None  # a Unix socket names no host
                     sock = tls.wrap_socket(sock, server_hostname=host)
                     lister.tls_started()
                 out = lister.data_to_send()
