@@ -5,7 +5,8 @@
 # `codec_threads`, an engine with that many codec workers, as --worker-threads gives), on 127.0.0.1
 # port 0: the clients under test (nbdinfo, nbdcopy, qemu-io, qemu-img, nbdsh) are subprocesses
 # that block, so the server must not share the test's thread.  Tests that need a whole node
-# process (settings, restart, metrics, peers) use LocalNode instead; see test_node.py.
+# process (settings, restart, metrics, peers) use LocalNode instead (`nbd_node`, listening on
+# loopback port 0 or a Unix socket); `node_exits` runs a node meant to stop at start-up.
 #
 # `certs` is a bundle made by `ramster certs`' code (a CA, node n1, client c1) plus a foreign
 # bundle (another CA, same names), each also laid out as libnbd's tls-certificates directory
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -30,6 +32,7 @@ from node.metrics import NbdMetrics
 from node.nbd import NbdServer, NbdTls
 from node.settings import HostPort, Settings
 from ramster.certs import make_bundle
+from ramster.client.local import LocalNode
 from ramster.nbd import Export
 from ramster.zcache import PAGE_SIZE, PoolKind, ZCache, ZCacheConfig
 
@@ -41,6 +44,20 @@ def need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (Debian packages; .ci/run installs them)")
+
+
+def nbd_node(*args: str, data_dir: Path | None = None, listen: str = "127.0.0.1:0") -> LocalNode:
+    """A node process serving NBD at `listen` (TLS material from --tls-ca in `args`)."""
+    tls_ca = Path(args[args.index("--tls-ca") + 1]) if "--tls-ca" in args else None
+    return LocalNode("--nbd-listen", listen, *args, data_dir=data_dir, tls_ca=tls_ca)
+
+
+def node_exits(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A node process run to its end with `args` (one that settings stop at start-up)."""
+    node = [sys.executable, "-m", "node", "--listen", "127.0.0.1:0", "--metrics-listen", ""]
+    return subprocess.run(
+        [*node, "--data-dir", str(data_dir), *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def run(*cmd: str, input: bytes | None = None, timeout: float = 120) -> bytes:

@@ -19,18 +19,13 @@ from node.tls import check_protected, load_tls
 from ramster.client import Client
 from ramster.client.cluster import LocalCluster
 from ramster.client.local import LocalNode
-from tests.nbd.conftest import Certs, MiB, need, run
+from tests.nbd.conftest import Certs, MiB, nbd_node, need, node_exits, run
 
 
 def nbd_port(node: LocalNode) -> int:
     """The NBD port a node logged (the last start's, after a restart)."""
     lines = [json.loads(line) for line in node.log().splitlines() if '"nbd_listening"' in line]
     return int(lines[-1]["port"])
-
-
-def nbd_node(*args: str, data_dir: Path | None = None) -> LocalNode:
-    tls_ca = Path(args[args.index("--tls-ca") + 1]) if "--tls-ca" in args else None
-    return LocalNode("--nbd-listen", "127.0.0.1:0", *args, data_dir=data_dir, tls_ca=tls_ca)
 
 
 def copy_in_and_out(uri: str, data: bytes, tmp_path: Path) -> bytes:
@@ -53,23 +48,7 @@ def copy_in_and_out(uri: str, data: bytes, tmp_path: Path) -> bytes:
 def test_nbd_settings_that_cannot_work_stop_the_node(
     args: list[str], error: str, tmp_path: Path
 ) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "",
-            "--data-dir",
-            str(tmp_path),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = node_exits(tmp_path, *args)
     assert done.returncode == 1
     assert '"event": "startup_failed"' in done.stderr and error in done.stderr
 

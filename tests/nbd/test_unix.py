@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from node.settings import HostPort, Settings, UnixPath, parse_nbd_listen
 from node.tls import check_protected
 from ramster.client.local import LocalNode
 from tests.conftest import ramster
-from tests.nbd.conftest import Certs, MiB, need, run
+from tests.nbd.conftest import Certs, MiB, nbd_node, need, node_exits, run
 
 NOBODY = 65534
 SYSTEM_PYTHON = Path("/usr/bin/python3")  # one that user nobody may run (ours is under /root)
@@ -32,9 +31,8 @@ def open_dir() -> Iterator[Path]:
         yield Path(name)
 
 
-def unix_node(sock: Path, *args: str, data_dir: Path | None = None) -> LocalNode:
-    tls_ca = Path(args[args.index("--tls-ca") + 1]) if "--tls-ca" in args else None
-    return LocalNode("--nbd-listen", f"unix:{sock}", *args, data_dir=data_dir, tls_ca=tls_ca)
+def unix_node(sock: Path, *args: str) -> LocalNode:
+    return nbd_node(*args, listen=f"unix:{sock}")
 
 
 def uri(sock: Path, export: str = "") -> str:
@@ -106,20 +104,13 @@ def test_a_socket_group_may_connect_too(open_dir: Path, tmp_path: Path) -> None:
 
 
 def test_a_socket_group_needs_a_unix_socket_and_a_real_group(tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "node", "--listen", "127.0.0.1:0", "--metrics-listen", ""]
-    base += ["--data-dir", str(tmp_path), "--nbd-export", "disk:1Mi"]
-    tcp = subprocess.run(
-        [*base, "--nbd-listen", "127.0.0.1:0", "--nbd-socket-group", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    export = ("--nbd-export", "disk:1Mi")
+    tcp = node_exits(tmp_path, *export, "--nbd-listen", "127.0.0.1:0", "--nbd-socket-group", "0")
     assert tcp.returncode == 1 and "--nbd-socket-group needs --nbd-listen unix:PATH" in tcp.stderr
-    unknown = subprocess.run(
-        [*base, "--nbd-listen", f"unix:{tmp_path}/s", "--nbd-socket-group", "no-such-group-x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    unknown = node_exits(
+        tmp_path,
+        *export,
+        *("--nbd-listen", f"unix:{tmp_path}/s", "--nbd-socket-group", "no-such-group-x"),
     )
     assert unknown.returncode == 2 and "no group named 'no-such-group-x'" in unknown.stderr
 
@@ -143,15 +134,8 @@ def test_tls_over_a_unix_socket(certs: Certs, open_dir: Path) -> None:
 
 def start_fails(sock: Path, tmp_path: Path) -> str:
     """What a node that cannot listen at `sock` says, once it has exited."""
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "node", "--listen", "127.0.0.1:0", "--metrics-listen", ""),
-            *("--data-dir", str(tmp_path / "other"), "--nbd-listen", f"unix:{sock}"),
-            *("--nbd-export", "disk:1Mi"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = node_exits(
+        tmp_path / "other", "--nbd-listen", f"unix:{sock}", "--nbd-export", "disk:1Mi"
     )
     assert done.returncode == 1, done.stderr
     (line,) = [json.loads(x) for x in done.stderr.splitlines() if "startup_failed" in x]
