@@ -30,12 +30,22 @@
 # included, fails every request of the group with EIO (a write's pages may then be partly
 # stored: NBD leaves a failed write's range unspecified) and the connection goes on.
 #
+# BLOCK_STATUS (base:allocation) reads the pool's index, no page: a block that holds nothing is a
+# hole that reads as zeros (never written, trimmed or zeroed), a page of zero bytes written
+# as such reads as zeros, and any other page is data, wherever it lives (RAM, a peer, disk).  It
+# looks at STATUS_BLOCKS blocks at most (the spec lets a reply cover less than asked; clients ask
+# again from where it ended), so one request costs the loop a few milliseconds at most.  A
+# rewrite of a block reported as data may still fail with ENOSPC once RAM, peers and disk are
+# all full (its new page may compress worse), which the spec's base:allocation rules out; a
+# compressing store cannot promise it.
+#
 # Answers are (request, error, pieces of a read's data) for the connection to encode: a read's
 # pages are not joined here, the connection appends them to its output buffer once.
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -53,12 +63,35 @@ from node.nbd.plan import (
     inner,
     span,
 )
-from ramster.nbd import Error, Export, Read, Request, Trim, Write, WriteZeroes
-from ramster.zcache import PAGE_SIZE, PageError, PutResult, ZCache, ZCacheError
+from ramster.nbd import (
+    BlockStatus,
+    CommandFlag,
+    Error,
+    Export,
+    Read,
+    Request,
+    Trim,
+    Write,
+    WriteZeroes,
+)
+from ramster.nbd.wire import EXTENT, STATE_HOLE, STATE_ZERO
+from ramster.zcache import (
+    ABSENT,
+    PAGE_SIZE,
+    STORED,
+    ZERO_FILLED,
+    PageError,
+    PutResult,
+    ZCache,
+    ZCacheError,
+)
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 REFUSED = frozenset(r for r in PutResult if r.refused)  # checked per write at C speed
 FLUSHES_PER_YIELD = 1024
+STATUS_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS looks at (64 MiB)
+STATUS_FLAGS = {ABSENT: STATE_HOLE | STATE_ZERO, ZERO_FILLED: STATE_ZERO, STORED: 0}
+RUNS = re.compile(rb"(.)\1*", re.DOTALL)  # runs of one page state
 Piece = bytes | memoryview
 Answer = tuple[Request, Error, Sequence[Piece]]
 NO_DATA: tuple[Piece, ...] = ()
@@ -120,6 +153,8 @@ class ExportBlocks:
             if group.kind is WRITE:
                 return await self._writes(group.requests, plan or self._write_plan(group.requests))
             (request,) = group.requests
+            if type(request) is BlockStatus:
+                return [(request, OK, (self._extents(request),))]
             return [(request, await self._alone(request), NO_DATA)]
         except ZCacheError as exc:  # a codec worker failed, the pool was destroyed under it...
             log_event("nbd_engine_error", logging.ERROR, export=self.export.name, error=str(exc))
@@ -173,6 +208,23 @@ class ExportBlocks:
                 at += n
             answers.append((request, error, NO_DATA))
         return answers
+
+    def _extents(self, request: Request) -> bytes:
+        """The base:allocation descriptors of a BLOCK_STATUS, from its offset on: one per run
+        of blocks in one state, up to the request's end or STATUS_BLOCKS blocks (one with
+        REQ_ONE)."""
+        offset, end = request.offset, request.offset + request.length
+        first, stop = span(offset, request.length)
+        stop = min(stop, first + STATUS_BLOCKS)
+        states = self.engine.page_states(self.pool, block_keys(first, stop))
+        descriptors = []
+        for run in RUNS.finditer(states):
+            lo = max(offset, (first + run.start()) * PAGE_SIZE)
+            hi = min(end, (first + run.end()) * PAGE_SIZE)
+            descriptors.append(EXTENT.pack(hi - lo, STATUS_FLAGS[states[run.start()]]))
+            if request.flags & CommandFlag.REQ_ONE:
+                break
+        return b"".join(descriptors)
 
     async def _alone(self, request: Request) -> Error:
         """An unaligned or empty WRITE or WRITE_ZEROES."""

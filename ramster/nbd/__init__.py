@@ -6,6 +6,7 @@
 from ramster.nbd.client import ExportInfo, ExportLister, NbdError
 from ramster.nbd.events import (
     NEED_DATA,
+    BlockStatus,
     Closed,
     Event,
     Export,
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "NEED_DATA",
     "PREFERRED_BLOCK",
+    "BlockStatus",
     "Closed",
     "CommandFlag",
     "Error",

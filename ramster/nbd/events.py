@@ -3,11 +3,11 @@
 # Events out (ServerConnection.next_event): StartTls when the shell must upgrade the transport to
 # TLS (server side) and then call tls_started(); Negotiated when a client has chosen an export and
 # transmission begins; one Request subclass per command the shell must carry out (Read, Write,
-# Flush, Trim, WriteZeroes), each already checked against the export (range, length, flags), so
-# a shell never sees a request it may not execute; Rejected for a request the machine answered
-# with an error itself (the shell only counts it); Closed when the connection is over, cleanly
-# or not.  Back in (ServerConnection.send): one Reply per Request.  Requests compare by identity
-# (eq=False): two requests may carry the same handle, yet each is answered exactly once.
+# Flush, Trim, WriteZeroes, BlockStatus), each already checked against the export (range, length,
+# flags), so a shell never sees a request it may not execute; Rejected for a request the machine
+# answered with an error itself (the shell only counts it); Closed when the connection is over,
+# cleanly or not.  Back in (ServerConnection.send): one Reply per Request.  Requests compare by
+# identity (eq=False): two requests may carry the same handle, yet each is answered exactly once.
 # A Write's data is a view of the machine's input (no copy), valid for as long as it is kept.
 # Requests are plain slotted dataclasses, not frozen ones: one is made per request, and a frozen
 # dataclass pays object.__setattr__ per field (treat them as read-only all the same).
@@ -78,6 +78,13 @@ class Trim(Request):
 @dataclass(eq=False, slots=True)
 class WriteZeroes(Request):
     command = Command.WRITE_ZEROES
+
+
+@dataclass(eq=False, slots=True)
+class BlockStatus(Request):
+    """Which blocks of the range hold data (base:allocation); answered with extents."""
+
+    command = Command.BLOCK_STATUS
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,9 +7,9 @@
 #
 # Phases (State): the greeting is queued at construction (fixed newstyle, NO_ZEROES offered);
 # CLIENT_FLAGS takes the client's 32 bits (unknown bits: hard disconnect, as the spec demands);
-# OPTION_HEADER/OPTION_DATA haggle: LIST, INFO, GO, ABORT and the old EXPORT_NAME are answered
-# here, every other option gets ERR_UNSUP, so clients fall back to simple replies and no metadata
-# contexts.  GO or EXPORT_NAME moves to REQUEST_HEADER/WRITE_DATA (transmission).  DISCARD
+# OPTION_HEADER/OPTION_DATA haggle: LIST, INFO, GO, ABORT, the old EXPORT_NAME, STRUCTURED_REPLY
+# and LIST/SET_META_CONTEXT are answered here, every other option (EXTENDED_HEADERS) gets
+# ERR_UNSUP.  GO or EXPORT_NAME moves to REQUEST_HEADER/WRITE_DATA (transmission).  DISCARD
 # swallows a payload the machine will not keep (an oversized option or write) without buffering
 # it, then sends the error it earned.  Anything that cannot be resynchronised (a wrong magic)
 # closes the connection: there is no way to find the next message boundary.
@@ -21,6 +21,16 @@
 # A client that sent bytes after STARTTLS without waiting for the ACK is hung up on: those bytes
 # arrived in clear text and must not be taken for the start of the TLS session (the STARTTLS
 # injection attack).  Without tls_required, STARTTLS gets ERR_POLICY; once TLS is up, ERR_INVALID.
+#
+# Structured replies (once the client asked for them): a READ is answered with one OFFSET_DATA
+# chunk, its whole length (so DF, "don't fragment", is always honoured and SEND_DF advertised),
+# or one ERROR chunk; other successes stay simple replies, which the spec allows, and every
+# error is an ERROR chunk carrying the reason where the machine has one.  One metadata context,
+# base:allocation (SET_META_CONTEXT needs structured replies first; LIST answers either way), is
+# live in transmission only if it was set for the export GO then chose, as the spec requires;
+# BLOCK_STATUS without it is EINVAL.  The shell answers a BlockStatus with its extents' packed
+# descriptors (wire.EXTENT), and the machine frames them for the context.  (Under TLS no option
+# but STARTTLS is taken before it, so nothing negotiated in clear text needs forgetting.)
 #
 # Requests are checked here, before the shell sees them: flags against the command, offset and
 # length against the export size, READ/WRITE length against the advertised maximum (32 MiB, the
@@ -62,6 +72,7 @@ from collections.abc import Sequence
 
 from ramster.nbd.events import (
     NEED_DATA,
+    BlockStatus,
     Closed,
     Event,
     Export,
@@ -78,11 +89,16 @@ from ramster.nbd.events import (
     _NeedData,
 )
 from ramster.nbd.wire import (
+    BASE_ALLOCATION,
+    CHUNK_HEADER,
     CLIENT_FLAG_FIXED_NEWSTYLE,
     CLIENT_FLAG_NO_ZEROES,
     CLIENT_FLAGS,
+    DATA_CHUNK_HEADER,
+    ERROR_CHUNK,
     EXPORT_NAME_PAD,
     EXPORT_NAME_REPLY,
+    EXTENT,
     FLAG_FIXED_NEWSTYLE,
     FLAG_NO_ZEROES,
     GREETING,
@@ -93,10 +109,12 @@ from ramster.nbd.wire import (
     MAX_STRING,
     NBDMAGIC,
     OPTION_HEADER,
+    REPLY_FLAG_DONE,
     REQUEST_HEADER,
     REQUEST_MAGIC,
     SIMPLE_REPLY_HEADER,
     SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
     U16,
     U32,
     Command,
@@ -105,6 +123,7 @@ from ramster.nbd.wire import (
     Info,
     Option,
     OptionReply,
+    ReplyType,
     TransmissionFlag,
     option_reply,
 )
@@ -113,6 +132,9 @@ MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096
 MAX_PAYLOAD = 32 * 1024 * 1024  # largest READ/WRITE: the spec's portable limit, 2**25
 MAX_OPTION_DATA = 4 + MAX_STRING + 2 + 2 * 64  # GO with the longest name and 64 info requests
+MAX_META_DATA = 64 * 1024  # LIST/SET_META_CONTEXT: the longest name and a few queries
+ALLOCATION_ID = 1  # the id of base:allocation once SET_META_CONTEXT selected it
+OFFSET_DATA_SIZE = DATA_CHUNK_HEADER.size - CHUNK_HEADER.size  # an OFFSET_DATA chunk's offset
 # input buffer: bytes per chunk, 1 MiB of payloads and room for the headers of their requests
 # (146 of them), so that power-of-two payloads (nbdcopy's 256 KiB, the kernel's) fill a chunk
 # whole: at 1 MiB even, every fourth 256 KiB payload straddled the end and moved to the next
@@ -137,23 +159,29 @@ ALLOWED_FLAGS: dict[int, int] = {
     Command.FLUSH: int(CommandFlag.FUA),
     Command.TRIM: int(CommandFlag.FUA),
     Command.WRITE_ZEROES: int(CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO),
+    Command.BLOCK_STATUS: int(CommandFlag.FUA | CommandFlag.REQ_ONE),
 }
+# ... and those a command may carry once structured replies are negotiated
+STRUCTURED_FLAGS: dict[int, int] = {Command.READ: int(CommandFlag.DF)}
 REQUEST_TYPES: dict[int, type[Request]] = {
     Command.READ: Read,
     Command.FLUSH: Flush,
     Command.TRIM: Trim,
     Command.WRITE_ZEROES: WriteZeroes,
+    Command.BLOCK_STATUS: BlockStatus,
 }
 COMMANDS = {int(c): c for c in Command}
-_READ, _WRITE, _DISC, _FLUSH, _WRITE_ZEROES = (  # plain ints for the per-request checks
+_READ, _WRITE, _DISC, _FLUSH, _WRITE_ZEROES, _BLOCK_STATUS = (  # plain ints for the checks
     int(Command.READ),
     int(Command.WRITE),
     int(Command.DISC),
     int(Command.FLUSH),
     int(Command.WRITE_ZEROES),
+    int(Command.BLOCK_STATUS),
 )
 assert _READ < _WRITE < _FLUSH  # READ and WRITE are the commands <= _WRITE
 FLAGS = {f: CommandFlag(f) for f in range(int(max(CommandFlag)) * 2)}  # every valid combination
+META_OPTIONS = (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT)
 assert MAX_PAYLOAD % PREFERRED_BLOCK == 0 and PREFERRED_BLOCK & (PREFERRED_BLOCK - 1) == 0
 assert set(REQUEST_TYPES) | {Command.WRITE, Command.DISC} == set(ALLOWED_FLAGS)
 
@@ -199,6 +227,9 @@ class ServerConnection:
         self.tls = False  # the transport speaks TLS (after STARTTLS and tls_started())
         self.default = exports[0] if exports else None  # what the empty name selects
         self.export: Export | None = None  # chosen by GO / EXPORT_NAME
+        self.structured = False  # the client negotiated structured replies
+        self.allocation = False  # base:allocation is live (BLOCK_STATUS may be sent)
+        self._meta: Export | None = None  # the export SET_META_CONTEXT selected it for
         self.state = State.CLIENT_FLAGS
         self.no_zeroes = False
         self._want = CLIENT_FLAGS.size  # bytes the current state needs
@@ -300,16 +331,59 @@ class ServerConnection:
         data: Sequence[bytes | memoryview] = (),
     ) -> None:
         """Append the reply to a request next_event() returned to `parts` (for one gathered send):
-        the header, then for a successful Read the pieces of `data`, exactly its length in all
-        (the pieces are not copied here)."""
+        the header, then the pieces of `data` (not copied here): for a successful Read exactly
+        its length in all, for a successful BlockStatus its extents' descriptors."""
         if request not in self._outstanding:
             raise ProtocolMisuse(f"no request awaits a reply: {request!r}")
+        this = type(request)
         carried = sum(map(len, data)) if data else 0
-        if carried != (request.length if type(request) is Read and error is _OK else 0):
+        if error is not _OK or (this is not Read and this is not BlockStatus):
+            expected = carried == 0
+        elif this is Read:
+            expected = carried == request.length
+        else:  # one or more descriptors, each of a nonzero length, none past the request
+            expected = carried > 0 and carried % EXTENT.size == 0
+            if expected and request.flags & CommandFlag.REQ_ONE:
+                (length, _) = EXTENT.unpack(bytes(data[0][: EXTENT.size]))
+                expected = carried == EXTENT.size and length <= request.length
+        if not expected:
             raise ProtocolMisuse(f"reply carries {carried} bytes for {request!r}")
         self._outstanding.discard(request)
-        parts.append(SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, request.handle))
-        parts += data
+        handle = request.handle
+        if error is not _OK:
+            parts.append(self._error_reply(handle, error))
+        elif this is Read and self.structured:
+            if carried:
+                header = DATA_CHUNK_HEADER.pack(
+                    STRUCTURED_REPLY_MAGIC,
+                    REPLY_FLAG_DONE,
+                    ReplyType.OFFSET_DATA,
+                    handle,
+                    OFFSET_DATA_SIZE + carried,
+                    request.offset,
+                )
+                parts.append(header)
+                parts += data
+            else:  # OFFSET_DATA carries at least one byte
+                parts.append(chunk_header(handle, ReplyType.NONE, 0))
+        elif this is BlockStatus:
+            length = U32.size + carried
+            parts.append(chunk_header(handle, ReplyType.BLOCK_STATUS, length))
+            parts.append(U32.pack(ALLOCATION_ID))
+            parts += data
+        else:
+            parts.append(SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, handle))
+            parts += data
+
+    def _error_reply(self, handle: int, error: Error, message: str = "") -> bytes:
+        """An error reply: an ERROR chunk with the message once structured replies are
+        negotiated, else a simple reply."""
+        if not self.structured:
+            return SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, handle)
+        text = message.encode()[:MAX_STRING]
+        length = ERROR_CHUNK.size + len(text)
+        header = chunk_header(handle, ReplyType.ERROR, length)
+        return header + ERROR_CHUNK.pack(error, len(text)) + text
 
     # -- buffer ---------------------------------------------------------------------------------
     def _new_chunk(self) -> None:
@@ -445,7 +519,7 @@ class ServerConnection:
         magic, option, length = OPTION_HEADER.unpack(chunk)
         if magic != IHAVEOPT:
             self._close(f"bad option magic {magic:#x}", True)
-        elif length > MAX_OPTION_DATA:
+        elif length > (MAX_META_DATA if option in META_OPTIONS else MAX_OPTION_DATA):
             if option == Option.EXPORT_NAME:  # cannot be answered with an error
                 self._close(f"export name of {length} bytes", True)
                 return
@@ -476,6 +550,10 @@ class ServerConnection:
             self._on_info(option, data)
         elif option == Option.EXPORT_NAME:
             self._on_export_name(data)
+        elif option == Option.STRUCTURED_REPLY:
+            self._on_structured_reply(data)
+        elif option in META_OPTIONS:
+            self._on_meta_context(option, data)
         else:
             self._out += option_reply(option, OptionReply.ERR_UNSUP, b"option not supported")
 
@@ -504,6 +582,50 @@ class ServerConnection:
             self._out += option_reply(Option.LIST, OptionReply.SERVER, entry)
         self._out += option_reply(Option.LIST, OptionReply.ACK)
 
+    def _on_structured_reply(self, data: bytes) -> None:
+        option = Option.STRUCTURED_REPLY
+        if data:
+            text = b"STRUCTURED_REPLY takes no data"
+            self._out += option_reply(option, OptionReply.ERR_INVALID, text)
+            return
+        self.structured = True
+        self._out += option_reply(option, OptionReply.ACK)
+
+    def _on_meta_context(self, option: int, data: bytes) -> None:
+        """LIST_META_CONTEXT: the contexts the queries match (all, without queries), with id 0;
+        SET_META_CONTEXT: select base:allocation if a query names it, for that export only."""
+        setting = option == Option.SET_META_CONTEXT
+        if setting:
+            self._meta = None  # replaced even if this one fails
+            if not self.structured:
+                text = b"SET_META_CONTEXT needs STRUCTURED_REPLY first"
+                self._out += option_reply(option, OptionReply.ERR_INVALID, text)
+                return
+        parsed = parse_meta_request(data)
+        if parsed is None:
+            text = b"malformed metadata context request"
+            self._out += option_reply(option, OptionReply.ERR_INVALID, text)
+            return
+        name, queries = parsed
+        export = self._lookup(name)
+        if export is None:
+            self._out += option_reply(option, OptionReply.ERR_UNKNOWN, b"no such export")
+            return
+        if any(":" not in query for query in queries):
+            text = b"a query starts with a namespace and a colon"
+            self._out += option_reply(option, OptionReply.ERR_INVALID, text)
+            return
+        # "base:" lists the base namespace; SET ignores it and selects only an exact name
+        matches = {BASE_ALLOCATION} if setting else {BASE_ALLOCATION, "base:"}
+        if (queries or setting) and matches.isdisjoint(queries):
+            self._out += option_reply(option, OptionReply.ACK)  # nothing known matched
+            return
+        context = U32.pack(ALLOCATION_ID if setting else 0) + BASE_ALLOCATION.encode()
+        self._out += option_reply(option, OptionReply.META_CONTEXT, context)
+        self._out += option_reply(option, OptionReply.ACK)
+        if setting:
+            self._meta = export
+
     def _on_info(self, option: int, data: bytes) -> None:
         parsed = parse_info_request(data)
         if parsed is None:
@@ -514,7 +636,7 @@ class ServerConnection:
         if export is None:
             self._out += option_reply(option, OptionReply.ERR_UNKNOWN, b"no such export")
             return
-        reply = [INFO_EXPORT.pack(Info.EXPORT, export.size, TRANSMISSION_FLAGS)]
+        reply = [INFO_EXPORT.pack(Info.EXPORT, export.size, self._transmission_flags())]
         if Info.NAME in infos or name != export.name:
             reply.append(U16.pack(Info.NAME) + export.name.encode())
         if Info.DESCRIPTION in infos and export.description:
@@ -534,16 +656,20 @@ class ServerConnection:
         if export is None:  # EXPORT_NAME has no error reply: the spec says hang up
             self._close("client asked for an unknown export", True)
             return
-        self._out += EXPORT_NAME_REPLY.pack(export.size, TRANSMISSION_FLAGS)
+        self._out += EXPORT_NAME_REPLY.pack(export.size, self._transmission_flags())
         if not self.no_zeroes:
             self._out += bytes(EXPORT_NAME_PAD)
         self._begin(export)
+
+    def _transmission_flags(self) -> int:
+        return TRANSMISSION_FLAGS | (TransmissionFlag.SEND_DF if self.structured else 0)
 
     def _lookup(self, name: str) -> Export | None:
         return self.exports.get(name) if name else self.default
 
     def _begin(self, export: Export) -> None:
         self.export = export
+        self.allocation = self._meta is export
         self._expect(State.REQUEST_HEADER, REQUEST_HEADER.size)
         self._events.append(Negotiated(export))
 
@@ -561,7 +687,7 @@ class ServerConnection:
             if problem is not None:
                 error, reason = problem
                 self._discard_then(length, Rejected(handle, kind, error, reason))
-                self._out += SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, handle)
+                self._out += self._error_reply(handle, error, reason)
             elif length:
                 self._request = (flags, handle, offset, length)
                 self.state, self._want = _WRITE_DATA, length
@@ -569,7 +695,7 @@ class ServerConnection:
                 self._emit(Write(handle, offset, 0, FLAGS[flags]))
         elif problem is not None:
             error, reason = problem
-            self._out += SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, handle)
+            self._out += self._error_reply(handle, error, reason)
             self._events.append(Rejected(handle, kind, error, reason))
         else:
             self._emit(REQUEST_TYPES[kind](handle, offset, length, FLAGS[flags]))
@@ -580,10 +706,17 @@ class ServerConnection:
         allowed = ALLOWED_FLAGS.get(kind)
         if allowed is None:
             return Error.EINVAL, f"unsupported command {kind}"
+        if self.structured:
+            allowed |= STRUCTURED_FLAGS.get(kind, 0)
         if flags & ~allowed:  # plain ints: an IntFlag operation costs a microsecond
             return Error.EINVAL, f"flags {flags:#x} not valid for {COMMANDS[kind].name}"
         if kind == _FLUSH:
             return (Error.EINVAL, "FLUSH with an offset or length") if offset or length else None
+        if kind == _BLOCK_STATUS:
+            if not self.allocation:
+                return Error.EINVAL, "BLOCK_STATUS without base:allocation set for this export"
+            if not length:
+                return Error.EINVAL, "BLOCK_STATUS of no bytes"
         if length > MAX_PAYLOAD and kind <= _WRITE:
             return Error.EINVAL, f"{COMMANDS[kind].name} of {length} bytes, over {MAX_PAYLOAD}"
         if offset + length > self.export.size:
@@ -594,6 +727,43 @@ class ServerConnection:
     def _emit(self, request: Request) -> None:
         self._outstanding.add(request)
         self._events.append(request)
+
+
+def chunk_header(handle: int, kind: ReplyType, length: int) -> bytes:
+    """The header of a structured reply's one (so final) chunk."""
+    return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, kind, handle, length)
+
+
+def parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    """Export name and queries of LIST/SET_META_CONTEXT data; None if malformed."""
+    name = _string_at(data, 0)
+    if name is None or len(data) < name[1] + U32.size:
+        return None
+    (count,) = U32.unpack_from(data, name[1])
+    at, queries = name[1] + U32.size, []
+    if count > (len(data) - at) // U32.size:  # more than the data could hold
+        return None
+    for _ in range(count):
+        query = _string_at(data, at)
+        if query is None:
+            return None
+        queries.append(query[0])
+        at = query[1]
+    return (name[0], queries) if at == len(data) else None
+
+
+def _string_at(data: bytes, at: int) -> tuple[str, int] | None:
+    """The string (32-bit length, UTF-8) at `at` and where it ends; None if malformed."""
+    if len(data) < at + U32.size:
+        return None
+    (size,) = U32.unpack_from(data, at)
+    at += U32.size
+    if size > min(len(data) - at, MAX_STRING):
+        return None
+    try:
+        return data[at : at + size].decode(), at + size
+    except UnicodeDecodeError:
+        return None
 
 
 def parse_info_request(data: bytes) -> tuple[str, set[int]] | None:

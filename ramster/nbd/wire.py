@@ -3,11 +3,12 @@
 # protocol document of the reference implementation (NetworkBlockDevice/nbd, doc/proto.md)
 # defines them.  Every integer is big-endian ("network byte order").
 #
-# Only what this server speaks is here: fixed newstyle negotiation, NBD_OPT_INFO/GO, STARTTLS and
-# simple replies.  Structured replies, metadata contexts and extended headers are answered with
-# errors by the server machine (see server.py), so their codes appear only as far as needed to
-# name them.  Structures are struct.Struct objects whose sizes are checked right here (the
-# BUILD_BUG_ON of this module): a typo in a format would otherwise only show up on the wire.
+# Only what this server speaks is here: fixed newstyle negotiation, NBD_OPT_INFO/GO, STARTTLS,
+# simple and structured replies, and the base:allocation metadata context with its BLOCK_STATUS.
+# Extended headers are answered with an error by the server machine (see server.py), so their
+# code appears only to name it.  Structures are struct.Struct objects whose sizes are checked
+# right here (the BUILD_BUG_ON of this module): a typo in a format would otherwise only show up
+# on the wire.
 from __future__ import annotations
 
 import enum
@@ -19,6 +20,7 @@ IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT": newstyle greeting, and every option
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 # -- handshake flags (server) and client flags ---------------------------------------------------
 FLAG_FIXED_NEWSTYLE = 1 << 0
@@ -110,6 +112,26 @@ class CommandFlag(enum.IntFlag):
     FAST_ZERO = 1 << 4
 
 
+REPLY_FLAG_DONE = 1 << 0  # the last chunk of a structured reply
+
+
+class ReplyType(enum.IntEnum):
+    """Structured reply chunk types; those with bit 15 set are errors."""
+
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) + 1
+    ERROR_OFFSET = (1 << 15) + 2
+
+
+# The one metadata context the protocol defines, and its status flags.
+BASE_ALLOCATION = "base:allocation"
+STATE_HOLE = 1 << 0  # not allocated
+STATE_ZERO = 1 << 1  # reads as zeros
+
+
 class Error(enum.IntEnum):
     """Error values of a reply (errno-like, but fixed by the protocol)."""
 
@@ -135,12 +157,18 @@ INFO_EXPORT = struct.Struct(">HQH")  # NBD_INFO_EXPORT, size, transmission flags
 INFO_BLOCK_SIZE = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
 REQUEST_HEADER = struct.Struct(">IHHQQI")  # magic, command flags, type, handle, offset, length
 SIMPLE_REPLY_HEADER = struct.Struct(">IIQ")  # magic, error, handle
+CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, reply flags, chunk type, handle, payload length
+DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")  # CHUNK_HEADER of an OFFSET_DATA chunk, its offset
+ERROR_CHUNK = struct.Struct(">IH")  # error, message length (then the message)
+EXTENT = struct.Struct(">II")  # a BLOCK_STATUS descriptor: length, status flags
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 
 assert GREETING.size == 18 and OPTION_HEADER.size == 16 and OPTION_REPLY_HEADER.size == 20
 assert INFO_EXPORT.size == 12 and INFO_BLOCK_SIZE.size == 14 and EXPORT_NAME_REPLY.size == 10
 assert REQUEST_HEADER.size == 28 and SIMPLE_REPLY_HEADER.size == 16
+assert CHUNK_HEADER.size == 20 and DATA_CHUNK_HEADER.size == 28
+assert ERROR_CHUNK.size == 6 and EXTENT.size == 8
 
 MAX_STRING = 4096  # longest export name or message the protocol allows
 

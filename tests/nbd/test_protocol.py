@@ -10,6 +10,7 @@ import pytest
 
 from ramster.nbd import (
     NEED_DATA,
+    BlockStatus,
     Closed,
     Error,
     Event,
@@ -23,24 +24,36 @@ from ramster.nbd import (
     Reply,
     ServerConnection,
     StartTls,
+    TransmissionFlag,
     Write,
     WriteZeroes,
 )
-from ramster.nbd.server import CHUNK, SPARE_CHUNKS, new_chunk
+from ramster.nbd.server import ALLOCATION_ID, CHUNK, SPARE_CHUNKS, new_chunk
 from ramster.nbd.wire import (
+    BASE_ALLOCATION,
+    CHUNK_HEADER,
     CLIENT_FLAG_FIXED_NEWSTYLE,
     CLIENT_FLAGS,
+    ERROR_CHUNK,
     EXPORT_NAME_PAD,
+    EXTENT,
     GREETING,
+    INFO_EXPORT,
     OPTION_REPLY_HEADER,
+    REPLY_FLAG_DONE,
     REQUEST_HEADER,
     REQUEST_MAGIC,
     SIMPLE_REPLY_HEADER,
+    STATE_HOLE,
+    STATE_ZERO,
+    STRUCTURED_REPLY_MAGIC,
+    U32,
     Command,
     CommandFlag,
     Info,
     Option,
     OptionReply,
+    ReplyType,
     info_request,
     option_request,
 )
@@ -85,6 +98,15 @@ def request(
     return REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
 
 
+def meta_request(name: str, queries: list[str]) -> bytes:
+    """The data of LIST/SET_META_CONTEXT."""
+
+    def string(text: str) -> bytes:
+        return U32.pack(len(text.encode())) + text.encode()
+
+    return string(name) + U32.pack(len(queries)) + b"".join(map(string, queries))
+
+
 def simple_reply(data: bytes) -> tuple[int, int]:
     _, error, handle = SIMPLE_REPLY_HEADER.unpack_from(data)
     return error, handle
@@ -121,7 +143,16 @@ def test_go_to_an_unknown_export_is_an_error_reply_and_haggling_goes_on() -> Non
     ("option", "data", "expected"),
     [
         (Option.STARTTLS, b"", OptionReply.ERR_POLICY),
-        (Option.STRUCTURED_REPLY, b"", OptionReply.ERR_UNSUP),
+        (Option.STRUCTURED_REPLY, b"x", OptionReply.ERR_INVALID),
+        (Option.EXTENDED_HEADERS, b"", OptionReply.ERR_UNSUP),
+        (Option.SET_META_CONTEXT, meta_request("disk", [BASE_ALLOCATION]), OptionReply.ERR_INVALID),
+        (Option.LIST_META_CONTEXT, meta_request("nope", []), OptionReply.ERR_UNKNOWN),
+        (Option.LIST_META_CONTEXT, meta_request("disk", ["no-colon"]), OptionReply.ERR_INVALID),
+        (Option.LIST_META_CONTEXT, meta_request("disk", ["base:"])[:-1], OptionReply.ERR_INVALID),
+        (Option.LIST_META_CONTEXT, meta_request("disk", [])[:5], OptionReply.ERR_INVALID),
+        (Option.LIST_META_CONTEXT, b"\x00\x00\x00\x00\xff\xff\xff\xff", OptionReply.ERR_INVALID),
+        (Option.LIST_META_CONTEXT, meta_request("disk", []) + b"x", OptionReply.ERR_INVALID),
+        (Option.LIST_META_CONTEXT, bytes(70000), OptionReply.ERR_TOO_BIG),
         (Option.LIST, b"junk", OptionReply.ERR_INVALID),
         (Option.INFO, b"\x00\x00\x00\x09ab", OptionReply.ERR_INVALID),  # name longer than data
         (Option.INFO, info_request("disk", ()) + b"x", OptionReply.ERR_INVALID),
@@ -481,3 +512,169 @@ def test_lister_without_tls_is_told_that_tls_is_required() -> None:
     assert events(conn) == []
     with pytest.raises(NbdError, match="requires TLS"):
         lister.receive_data(conn.data_to_send())
+
+
+# -- structured replies and base:allocation ------------------------------------------------------
+def structured(
+    conn: ServerConnection, contexts: list[str] | None = None, name: str = "disk"
+) -> int:
+    """Client flags, STRUCTURED_REPLY, SET_META_CONTEXT for `name` (with `contexts`, if any)
+    and GO to "disk": the transmission flags GO gave."""
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    conn.receive_data(option_request(Option.STRUCTURED_REPLY))
+    if contexts is not None:
+        conn.receive_data(option_request(Option.SET_META_CONTEXT, meta_request(name, contexts)))
+    conn.receive_data(option_request(Option.GO, info_request("disk", ())))
+    assert [type(e) for e in events(conn)] == [Negotiated]
+    replies = option_replies(conn.data_to_send()[GREETING.size :])
+    info = next(p for o, r, p in replies if o == Option.GO and r == OptionReply.INFO)
+    _, _, flags = INFO_EXPORT.unpack(info)
+    return int(flags)
+
+
+def chunks(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(flags, type, handle, payload) of each structured reply chunk in data."""
+    out = []
+    while data:
+        magic, flags, kind, handle, length = CHUNK_HEADER.unpack_from(data)
+        assert magic == STRUCTURED_REPLY_MAGIC
+        end = CHUNK_HEADER.size + length
+        out.append((flags, kind, handle, data[CHUNK_HEADER.size : end]))
+        data = data[end:]
+    return out
+
+
+def test_structured_reads_are_one_data_chunk_and_errors_error_chunks() -> None:
+    conn = ServerConnection(EXPORTS)
+    assert structured(conn) & TransmissionFlag.SEND_DF
+    conn.receive_data(request(Command.READ, 10, 5000, handle=1, flags=CommandFlag.DF))
+    conn.receive_data(request(Command.READ, 0, 4096, handle=2))
+    conn.receive_data(request(Command.READ, 0, 0, handle=3))
+    conn.receive_data(request(Command.FLUSH, handle=4))
+    read, failed, empty, flush = events(conn)
+    assert isinstance(read, Read) and isinstance(failed, Read) and isinstance(empty, Read)
+    payload = bytes(range(250)) * 20
+    got = b"".join(conn.send(Reply(read, data=payload)))
+    assert chunks(got) == [
+        (REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, 1, (10).to_bytes(8, "big") + payload)
+    ]
+    got = b"".join(conn.send(Reply(failed, Error.EIO)))
+    assert chunks(got) == [(REPLY_FLAG_DONE, ReplyType.ERROR, 2, ERROR_CHUNK.pack(Error.EIO, 0))]
+    got = b"".join(conn.send(Reply(empty)))
+    assert chunks(got) == [(REPLY_FLAG_DONE, ReplyType.NONE, 3, b"")]
+    assert simple_reply(b"".join(conn.send(Reply(flush)))) == (0, 4)  # no payload: simple
+
+
+def test_structured_rejections_are_error_chunks_with_the_reason() -> None:
+    conn = ServerConnection(EXPORTS)
+    structured(conn)
+    conn.receive_data(request(Command.READ, (1 << 20) - 10, 11, handle=5))
+    (rejected,) = events(conn)
+    assert isinstance(rejected, Rejected) and rejected.error is Error.EINVAL
+    ((flags, kind, handle, payload),) = chunks(conn.data_to_send())
+    assert (flags, kind, handle) == (REPLY_FLAG_DONE, ReplyType.ERROR, 5)
+    error, size = ERROR_CHUNK.unpack_from(payload)
+    assert error == Error.EINVAL and payload[ERROR_CHUNK.size :].decode() == rejected.reason
+    assert len(payload) == ERROR_CHUNK.size + size
+
+
+def test_df_needs_structured_replies() -> None:
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    conn.receive_data(request(Command.READ, 0, 4096, flags=CommandFlag.DF))
+    (rejected,) = events(conn)
+    assert isinstance(rejected, Rejected) and simple_reply(conn.data_to_send()) == (Error.EINVAL, 7)
+
+
+@pytest.mark.parametrize(
+    ("queries", "listed"),
+    [([], [BASE_ALLOCATION]), (["base:"], [BASE_ALLOCATION]), (["qemu:dirty-bitmap:b"], [])],
+)
+def test_list_meta_context(queries: list[str], listed: list[str]) -> None:
+    conn = ServerConnection(EXPORTS)
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    conn.receive_data(option_request(Option.LIST_META_CONTEXT, meta_request("disk", queries)))
+    replies = option_replies(conn.data_to_send()[GREETING.size :])
+    contexts = [p for _, r, p in replies if r == OptionReply.META_CONTEXT]
+    assert [c[4:].decode() for c in contexts] == listed and all(c[:4] == bytes(4) for c in contexts)
+    assert replies[-1][1] == OptionReply.ACK
+
+
+@pytest.mark.parametrize(
+    ("contexts", "name", "live"),
+    [
+        ([BASE_ALLOCATION], "disk", True),
+        (["base:", "x-other:thing", BASE_ALLOCATION], "", True),  # "" is the default: disk
+        (["base:"], "disk", False),  # SET ignores the wildcard
+        ([], "disk", False),
+        ([BASE_ALLOCATION], "other", False),  # set for another export than GO chose
+        (None, "disk", False),
+    ],
+)
+def test_block_status_needs_base_allocation_set_for_the_export(
+    contexts: list[str] | None, name: str, live: bool
+) -> None:
+    conn = ServerConnection(EXPORTS)
+    structured(conn, contexts, name)
+    conn.receive_data(request(Command.BLOCK_STATUS, 0, 8192, handle=6))
+    (event,) = events(conn)
+    if not live:
+        assert isinstance(event, Rejected) and event.error is Error.EINVAL
+        return
+    assert isinstance(event, BlockStatus)
+    descriptors = EXTENT.pack(4096, STATE_HOLE | STATE_ZERO) + EXTENT.pack(4096, 0)
+    got = b"".join(conn.send(Reply(event, data=descriptors)))
+    payload = U32.pack(ALLOCATION_ID) + descriptors
+    assert chunks(got) == [(REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS, 6, payload)]
+
+
+def test_set_meta_context_replies_with_the_context_id() -> None:
+    conn = ServerConnection(EXPORTS)
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    conn.receive_data(option_request(Option.STRUCTURED_REPLY))
+    conn.receive_data(
+        option_request(Option.SET_META_CONTEXT, meta_request("disk", ["base:allocation"]))
+    )
+    replies = option_replies(conn.data_to_send()[GREETING.size :])
+    assert [r for _, r, _ in replies] == [
+        OptionReply.ACK,
+        OptionReply.META_CONTEXT,
+        OptionReply.ACK,
+    ]
+    assert replies[1][2] == U32.pack(ALLOCATION_ID) + BASE_ALLOCATION.encode()
+    # a failed SET forgets the earlier one
+    conn.receive_data(
+        option_request(Option.SET_META_CONTEXT, meta_request("nope", [BASE_ALLOCATION]))
+    )
+    conn.receive_data(option_request(Option.GO, info_request("disk", ())))
+    conn.receive_data(request(Command.BLOCK_STATUS, 0, 4096))
+    negotiated, rejected = events(conn)
+    assert isinstance(negotiated, Negotiated) and isinstance(rejected, Rejected)
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (request(Command.BLOCK_STATUS, 0, 0), "of no bytes"),
+        (request(Command.BLOCK_STATUS, 1 << 20, 1), "beyond the end"),
+        (request(Command.BLOCK_STATUS, 0, 4096, flags=CommandFlag.DF), "not valid"),
+    ],
+)
+def test_bad_block_status_requests_are_rejected(header: bytes, reason: str) -> None:
+    conn = ServerConnection(EXPORTS)
+    structured(conn, [BASE_ALLOCATION])
+    conn.receive_data(header)
+    (rejected,) = events(conn)
+    assert isinstance(rejected, Rejected) and reason in rejected.reason
+
+
+def test_block_status_replies_are_checked() -> None:
+    conn = ServerConnection(EXPORTS)
+    structured(conn, [BASE_ALLOCATION])
+    conn.receive_data(request(Command.BLOCK_STATUS, 0, 4096, flags=CommandFlag.REQ_ONE))
+    (status,) = events(conn)
+    assert isinstance(status, BlockStatus)
+    for wrong in (b"", EXTENT.pack(4096, 0)[:7], EXTENT.pack(8192, 0), EXTENT.pack(4096, 0) * 2):
+        with pytest.raises(ProtocolMisuse):  # none, torn, longer than asked, two under REQ_ONE
+            conn.send(Reply(status, data=wrong))
+    assert conn.send(Reply(status, data=EXTENT.pack(4096, 0)))
