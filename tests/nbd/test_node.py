@@ -126,7 +126,7 @@ def test_node_serves_exports_and_counts_them(tmp_path: Path) -> None:
 
 
 def test_an_export_keeps_its_data_across_a_graceful_restart(tmp_path: Path) -> None:
-    need("nbdcopy")
+    need("nbdcopy", "nbdinfo")
     data_dir, data = tmp_path / "data", os.urandom(2 * MiB) + b"page" * (512 * 1024)
     args = ("--pool-limit", "4Mi", "--nbd-export", "disk:16Mi")
     with nbd_node(*args, data_dir=data_dir) as node:
@@ -134,8 +134,15 @@ def test_an_export_keeps_its_data_across_a_graceful_restart(tmp_path: Path) -> N
         assert copy_in_and_out(uri, data, tmp_path) == data
         assert node.stop() == 0
     with nbd_node(*args, data_dir=data_dir) as node:
+        uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+        # the map holds what was written: here all of it is on disk, read back at the start
+        mapped = json.loads(run("nbdinfo", "--map", "--json", uri))
+        assert [(e["offset"], e["length"], e["type"]) for e in mapped] == [
+            (0, len(data), 0),
+            (len(data), 16 * MiB - len(data), 3),
+        ]
         back = tmp_path / "back.img"
-        run("nbdcopy", f"nbd://127.0.0.1:{nbd_port(node)}/disk", str(back))
+        run("nbdcopy", uri, str(back))
         assert back.read_bytes()[: len(data)] == data
 
 

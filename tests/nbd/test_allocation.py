@@ -1,0 +1,137 @@
+# Structured replies and base:allocation against clients nobody here wrote: libnbd (through
+# nbdsh) asks BLOCK_STATUS with and without REQ_ONE and reads with DF, nbdinfo --map and
+# qemu-img map draw an export's map, and nbdcopy copies only the data out of an export with holes.
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from node.nbd import blocks
+from ramster.nbd.wire import STATE_HOLE, STATE_ZERO
+from tests.nbd.conftest import MiB, ServerThread, need, run
+from tests.nbd.test_clients import NBDSH, need_libnbd
+
+B = 4096
+HOLE, ZERO, DATA = STATE_HOLE | STATE_ZERO, STATE_ZERO, 0  # the extents' kinds here
+
+# blocks 0..24 after the script below: (first block, stop block, flags)
+LAYOUT = [
+    (0, 4, DATA),
+    (4, 8, HOLE),  # trimmed
+    (8, 10, DATA),
+    (10, 13, HOLE),  # zeroed
+    (13, 16, DATA),
+    (16, 17, ZERO),  # a page of zeros, written as data
+    (17, 20, HOLE),  # never written
+    (20, 21, DATA),  # 100 bytes, unaligned
+]
+WRITE_SCRIPT = """
+import nbd
+h = nbd.NBD()
+h.connect_uri(URI)
+h.pwrite(bytes(range(256)) * 16 * 16, 0)  # blocks 0..15
+h.pwrite(bytes(4096), 16 * 4096)
+h.trim(4 * 4096, 4 * 4096)
+h.zero(3 * 4096, 10 * 4096)
+h.pwrite(b"x" * 100, 20 * 4096 + 10)
+h.shutdown()
+"""
+STATUS_SCRIPT = """
+import nbd
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(URI)
+assert h.get_structured_replies_negotiated() and h.can_meta_context("base:allocation")
+assert h.can_df()
+got = []
+def collect(context, offset, entries, error):
+    got.append((context, offset, list(entries)))
+    return 0
+h.block_status(SIZE, 0, collect)
+h.block_status(8 * 4096, 4 * 4096 + 10, collect, nbd.CMD_FLAG_REQ_ONE)
+h.block_status(1, 16 * 4096, collect, nbd.CMD_FLAG_REQ_ONE)
+chunks = []
+def chunk(data, offset, status, error):
+    chunks.append((len(data), offset, status))
+    return 0
+data = h.pread_structured(4096 - 5, 3 * 4096 + 7, chunk, nbd.CMD_FLAG_DF)
+assert data == (bytes(range(256)) * 16)[7:] + bytes(2), data[:16]
+print(repr((got, chunks)))
+h.shutdown()
+"""
+
+
+def layout_extents(size: int) -> list[tuple[int, int, int]]:
+    """(offset, length, flags) of the layout, the rest of the export a hole."""
+    out = [(first * B, (stop - first) * B, flags) for first, stop, flags in LAYOUT]
+    out.append((21 * B, size - 21 * B, HOLE))
+    return out
+
+
+def write_layout(server: ServerThread, export: str) -> None:
+    need_libnbd()
+    run(*NBDSH, "-c", f"URI = {server.uri(export)!r}\n" + WRITE_SCRIPT)
+
+
+def test_block_status_and_structured_reads_through_libnbd(nbd_server: ServerThread) -> None:
+    write_layout(nbd_server, "small")
+    script = f"URI = {nbd_server.uri('small')!r}\nSIZE = {MiB}\n" + STATUS_SCRIPT
+    got, chunks = ast.literal_eval(run(*NBDSH, "-c", script).decode())
+    whole, one, zero_page = got
+    pairs = [(length, flags) for _, length, flags in layout_extents(MiB)]
+    assert whole == ("base:allocation", 0, [n for pair in pairs for n in pair])
+    assert one == ("base:allocation", 4 * B + 10, [4 * B - 10, HOLE])  # REQ_ONE: one extent
+    assert zero_page == ("base:allocation", 16 * B, [1, ZERO])  # never longer than asked
+    assert chunks == [(B - 5, 3 * B + 7, 1)]  # DF: the read is one data chunk (status 1: ok)
+
+
+def test_nbdinfo_and_qemu_img_map_an_export(nbd_server: ServerThread) -> None:
+    need("nbdinfo", "qemu-img")
+    write_layout(nbd_server, "small")
+    mapped = json.loads(run("nbdinfo", "--map", "--json", nbd_server.uri("small")))
+    got = [(e["offset"], e["length"], e["type"]) for e in mapped]
+    assert got == layout_extents(MiB)
+    qemu = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", nbd_server.uri("small")))
+    assert [(e["start"], e["length"], e["data"], e["zero"]) for e in qemu] == [
+        (offset, length, not flags & STATE_HOLE, bool(flags & STATE_ZERO))
+        for offset, length, flags in got
+    ]
+
+
+def test_a_reply_covers_at_most_status_blocks_and_clients_go_on(
+    nbd_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need("nbdinfo")
+    write_layout(nbd_server, "small")
+    monkeypatch.setattr(blocks, "STATUS_BLOCKS", 3)  # the server runs in this process
+    mapped = json.loads(run("nbdinfo", "--map", "--json", nbd_server.uri("small")))
+    merged: list[tuple[int, int, int]] = []
+    for e in mapped:  # nbdinfo asked again from where each reply ended; join what it split
+        if merged and merged[-1][2] == e["type"]:
+            offset, length, flags = merged.pop()
+            merged.append((offset, length + e["length"], flags))
+        else:
+            merged.append((e["offset"], e["length"], e["type"]))
+    assert merged == layout_extents(MiB)
+
+
+def test_nbdcopy_reads_only_the_data_of_an_export_with_holes(
+    nbd_server: ServerThread, tmp_path: Path
+) -> None:
+    need("nbdcopy")
+    write_layout(nbd_server, "disk")
+    assert nbd_server.server is not None
+    before = nbd_server.server.moved
+    out = tmp_path / "out.img"
+    run("nbdcopy", nbd_server.uri("disk"), str(out))
+    expected = bytearray(64 * MiB)
+    for first, stop, flags in LAYOUT:
+        if flags == DATA and first != 20:
+            expected[first * B : stop * B] = (bytes(range(256)) * 16) * (stop - first)
+    expected[20 * B + 10 : 20 * B + 110] = b"x" * 100
+    assert out.read_bytes() == bytes(expected)
+    # 64 MiB copied, but only what holds data read: one of nbdcopy's requests (256 KiB)
+    assert nbd_server.server.moved - before < MiB
