@@ -97,7 +97,7 @@ from ramster.zcache.verify import verify
 from ramster.zcache.zbud import Zbud
 from ramster.zcache.zsmalloc import Zsmalloc
 
-ABSENT, ZERO_FILLED, STORED = 0, 1, 2  # page_states()
+ABSENT, ZERO_FILLED, STORED = 0, 1, 2  # page_states(): PageIndex.states() with zero pages marked
 ZERO_WORD = bytes(8)
 
 
@@ -526,15 +526,13 @@ class ZCache:
             for h in self.pool(pool_id).index.get_many(keys)
         ]
 
-    def page_states(self, pool_id: int, keys: list[tuple[int, int]]) -> bytes:
-        """Per key, what it holds: ABSENT, ZERO_FILLED (a page of zero bytes, kept as its word)
-        or STORED (any other page, wherever it is), for a block device's allocation map."""
+    def page_states(self, pool_id: int, oid: int, start: int, stop: int) -> bytes:
+        """Per page index start..stop-1 of an object, what it holds: ABSENT, ZERO_FILLED (a page
+        of zero bytes, kept as its word) or STORED (any other page, wherever it is), for a
+        block device's allocation map."""
         zero = self.same.slot_of(ZERO_WORD)
-        zero_handle = -1 if zero is None else SAME_TAG | zero
-        return bytes(
-            STORED if h and h != zero_handle else ZERO_FILLED if h else ABSENT
-            for h in self.pool(pool_id).index.get_many(keys)
-        )
+        marked = -1 if zero is None else SAME_TAG | zero
+        return self.pool(pool_id).index.states(oid, start, stop, marked)
 
     def flush_page(self, pool_id: int, oid: int, index: int) -> bool:
         """Forget the page under a key; whether there was one."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from array import array
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ramster.zcache.index import CHUNK, PageIndex
@@ -90,3 +90,22 @@ def test_mismatched_handles_and_foreign_chunks_are_refused() -> None:
     index.objects[0] = {0: array("d", [0.0] * CHUNK)}  # not handles at all
     with pytest.raises(ValueError, match="table holds"):
         index.pop_many([(0, 1)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(st.integers(0, 4 * CHUNK), st.integers(1, 3), max_size=3 * CHUNK),
+    st.integers(0, 4 * CHUNK),
+    st.integers(1, 3 * CHUNK),
+)
+@example({i: 3 for i in range(2 * CHUNK)}, 10, 2 * CHUNK)  # full chunks: the fast path
+@example({i: 2 + i % 2 for i in range(2 * CHUNK)}, 0, 3 * CHUNK)  # full, and marked pages
+def test_states_match_a_dict(pages: dict[int, int], start: int, length: int) -> None:
+    """states() reads what get() reads, chunk by chunk: 0 absent, 1 the marked handle (2)."""
+    index = PageIndex()
+    index.set_many([(5, i) for i in pages], list(pages.values()))
+    want = bytes(
+        0 if not pages.get(i) else 1 if pages[i] == 2 else 2 for i in range(start, start + length)
+    )
+    assert index.states(5, start, start + length, 2) == want
+    assert index.states(6, start, start + length, 2) == bytes(length)  # an object with none
