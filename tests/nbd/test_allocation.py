@@ -5,14 +5,32 @@ from __future__ import annotations
 
 import ast
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
 from node.nbd import blocks
-from ramster.nbd.wire import STATE_HOLE, STATE_ZERO
+from ramster.nbd.wire import (
+    CHUNK_HEADER,
+    CLIENT_FLAG_FIXED_NEWSTYLE,
+    CLIENT_FLAGS,
+    GREETING,
+    OPTION_REPLY_HEADER,
+    REQUEST_HEADER,
+    REQUEST_MAGIC,
+    STATE_HOLE,
+    STATE_ZERO,
+    U32,
+    Command,
+    Option,
+    OptionReply,
+    ReplyType,
+    info_request,
+    option_request,
+)
 from tests.nbd.conftest import MiB, ServerThread, need, run
-from tests.nbd.test_clients import NBDSH, need_libnbd
+from tests.nbd.test_clients import NBDSH, assert_serving, need_libnbd, recv_exactly
 
 B = 4096
 HOLE, ZERO, DATA = STATE_HOLE | STATE_ZERO, STATE_ZERO, 0  # the extents' kinds here
@@ -135,3 +153,53 @@ def test_nbdcopy_reads_only_the_data_of_an_export_with_holes(
     assert out.read_bytes() == bytes(expected)
     # 64 MiB copied, but only what holds data read: one of nbdcopy's requests (256 KiB)
     assert nbd_server.server.moved - before < MiB
+
+
+def structured_connection(server: ServerThread, export: str) -> socket.socket:
+    """A raw connection that negotiated structured replies and base:allocation, then GO."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    recv_exactly(sock, GREETING.size)
+    name = export.encode()
+    query = U32.pack(len(name)) + name + U32.pack(1) + U32.pack(15) + b"base:allocation"
+    sock.sendall(
+        CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE)
+        + option_request(Option.STRUCTURED_REPLY)
+        + option_request(Option.SET_META_CONTEXT, query)
+        + option_request(Option.GO, info_request(export, ()))
+    )
+    acks = 0
+    while acks < 3:  # STRUCTURED_REPLY, SET_META_CONTEXT and GO each end with an ACK
+        _, _, reply, length = OPTION_REPLY_HEADER.unpack(
+            recv_exactly(sock, OPTION_REPLY_HEADER.size)
+        )
+        recv_exactly(sock, length)
+        acks += reply == OptionReply.ACK
+    return sock
+
+
+def test_a_flood_of_block_status_does_not_stall_other_connections(
+    nbd_server: ServerThread,
+) -> None:
+    """BLOCK_STATUS awaits nothing else: without a yield per request, one connection's queue of
+    them ran to its end before any other connection was served."""
+    write_layout(nbd_server, "disk")  # an index object to walk
+    flood, other = (
+        structured_connection(nbd_server, "disk"),
+        structured_connection(nbd_server, "disk"),
+    )
+    n = 2000
+    flood.sendall(
+        b"".join(
+            REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.BLOCK_STATUS, i, 0, 64 * MiB)
+            for i in range(n)
+        )
+    )
+    other.sendall(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, 1, 0, B))
+    _, _, kind, _, length = CHUNK_HEADER.unpack(recv_exactly(other, CHUNK_HEADER.size))
+    labels = {"export": "disk", "command": "block_status", "result": "ok"}
+    answered = nbd_server.registry.get_sample_value("ramster_nbd_requests_total", labels) or 0
+    assert kind == ReplyType.OFFSET_DATA and length == 8 + B
+    assert answered < n  # the read was served while the flood still had maps to answer
+    for sock in (flood, other):
+        sock.close()
+    assert_serving(nbd_server)
