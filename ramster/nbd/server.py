@@ -602,15 +602,10 @@ class ServerConnection:
                 self._out += option_reply(option, OptionReply.ERR_INVALID, text)
                 return
         parsed = parse_meta_request(data)
-        if parsed is None:
-            text = b"malformed metadata context request"
-            self._out += option_reply(option, OptionReply.ERR_INVALID, text)
+        export = self._named(option, parsed, b"malformed metadata context request")
+        if export is None or parsed is None:
             return
-        name, queries = parsed
-        export = self._lookup(name)
-        if export is None:
-            self._out += option_reply(option, OptionReply.ERR_UNKNOWN, b"no such export")
-            return
+        queries = parsed[1]
         if any(":" not in query for query in queries):
             text = b"a query starts with a namespace and a colon"
             self._out += option_reply(option, OptionReply.ERR_INVALID, text)
@@ -628,14 +623,10 @@ class ServerConnection:
 
     def _on_info(self, option: int, data: bytes) -> None:
         parsed = parse_info_request(data)
-        if parsed is None:
-            self._out += option_reply(option, OptionReply.ERR_INVALID, b"malformed INFO/GO request")
+        export = self._named(option, parsed, b"malformed INFO/GO request")
+        if export is None or parsed is None:
             return
         name, infos = parsed
-        export = self._lookup(name)
-        if export is None:
-            self._out += option_reply(option, OptionReply.ERR_UNKNOWN, b"no such export")
-            return
         reply = [INFO_EXPORT.pack(Info.EXPORT, export.size, self._transmission_flags())]
         if Info.NAME in infos or name != export.name:
             reply.append(U16.pack(Info.NAME) + export.name.encode())
@@ -660,6 +651,19 @@ class ServerConnection:
         if not self.no_zeroes:
             self._out += bytes(EXPORT_NAME_PAD)
         self._begin(export)
+
+    def _named(
+        self, option: int, parsed: tuple[str, object] | None, malformed: bytes
+    ) -> Export | None:
+        """The export named by an option's parsed data (export name first); None, with the
+        error replied, if the data was malformed (`parsed` None) or names no export."""
+        if parsed is None:
+            self._out += option_reply(option, OptionReply.ERR_INVALID, malformed)
+            return None
+        export = self._lookup(parsed[0])
+        if export is None:
+            self._out += option_reply(option, OptionReply.ERR_UNKNOWN, b"no such export")
+        return export
 
     def _transmission_flags(self) -> int:
         return TRANSMISSION_FLAGS | (TransmissionFlag.SEND_DF if self.structured else 0)

@@ -15,7 +15,6 @@ from ramster.nbd.wire import (
     CHUNK_HEADER,
     CLIENT_FLAG_FIXED_NEWSTYLE,
     CLIENT_FLAGS,
-    GREETING,
     OPTION_REPLY_HEADER,
     REQUEST_HEADER,
     REQUEST_MAGIC,
@@ -30,7 +29,7 @@ from ramster.nbd.wire import (
     option_request,
 )
 from tests.nbd.conftest import MiB, ServerThread, need, run
-from tests.nbd.test_clients import NBDSH, assert_serving, need_libnbd, recv_exactly
+from tests.nbd.test_clients import NBDSH, assert_serving, connect, need_libnbd, recv_exactly
 
 B = 4096
 HOLE, ZERO, DATA = STATE_HOLE | STATE_ZERO, STATE_ZERO, 0  # the extents' kinds here
@@ -157,8 +156,7 @@ def test_nbdcopy_reads_only_the_data_of_an_export_with_holes(
 
 def structured_connection(server: ServerThread, export: str) -> socket.socket:
     """A raw connection that negotiated structured replies and base:allocation, then GO."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    recv_exactly(sock, GREETING.size)
+    sock = connect(server)
     name = export.encode()
     query = U32.pack(len(name)) + name + U32.pack(1) + U32.pack(15) + b"base:allocation"
     sock.sendall(
