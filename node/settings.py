@@ -205,6 +205,19 @@ def parse_nbd_exports(text: str | list[str]) -> tuple[Export, ...]:
     return tuple(exports)
 
 
+def parse_nbd_allow(text: str | list[str]) -> tuple[tuple[str, str], ...]:
+    """(export, client) pairs from EXPORT=CLIENT items (repeated flags, a TOML list, or
+    comma-separated)."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    pairs = []
+    for item in (str(i).strip() for i in items if str(i).strip()):
+        export, sep, client = item.rpartition("=")
+        if not sep or not export or not client.strip() or any(c.isspace() for c in client):
+            raise ValueError(f"expected EXPORT=CLIENT (a client certificate's name), got {item!r}")
+        pairs.append((export, client))
+    return tuple(pairs)
+
+
 def meta(
     parse: Callable[[Any], Any],
     help: str,
@@ -433,6 +446,19 @@ class Settings:
             "an NBD export of SIZE bytes backed by a persistent pool; repeat the flag for more "
             "(comma-separated in the environment)",
             "NAME:SIZE",
+            repeat=True,
+        ),
+    )
+    nbd_allow: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata=meta(
+            parse_nbd_allow,
+            "let CLIENT (a client certificate's name, as `ramster certs --clients` makes them) "
+            "use EXPORT: an export named here serves the clients named for it only, to others "
+            "it does not exist; one never named serves every client with a certificate; repeat "
+            "the flag for more (comma-separated in the environment); needs TLS and "
+            "--tls-client-auth",
+            "EXPORT=CLIENT",
             repeat=True,
         ),
     )

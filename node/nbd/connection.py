@@ -33,7 +33,8 @@
 # TLS: after the machine's StartTls the connection is upgraded in place (loop.start_tls, right
 # after the ACK is written and before anything else is read, so no clear-text byte is taken for
 # TLS); the TLS transport reads into the same buffers, and every reply goes through it (the
-# duplicate descriptor is closed first).
+# duplicate descriptor is closed first).  The machine then haggles over the exports the
+# client's certificate may use (NbdServer.visible).
 #
 # Shutdown (NbdServer.stop): a connection waiting for its client closes at once, one running
 # requests finishes the group in hand, answers requests it had already received with ESHUTDOWN
@@ -51,6 +52,7 @@ from typing import TYPE_CHECKING
 from node.logs import log_event
 from node.nbd.blocks import Answer, ExportBlocks, WritePlan
 from node.nbd.plan import GROUP_PAGES, Group, groups
+from node.nbd.tls import client_name
 from ramster.nbd import (
     Closed,
     Negotiated,
@@ -99,6 +101,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.peer = ""
+        self.client: str | None = None  # the name in its TLS client certificate, if any
         self.blocks: ExportBlocks | None = None
         self.lost = False
         self._plain = True  # not upgraded to TLS (yet)
@@ -249,7 +252,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return requests, event
             elif isinstance(event, Negotiated):
                 self.blocks = self.server.exports[event.export.name]
-                log_event("nbd_connected", peer=self.peer, export=event.export.name)
+                export = event.export.name
+                log_event("nbd_connected", peer=self.peer, export=export, client=self.client)
             elif isinstance(event, Rejected):
                 assert self.blocks is not None
                 name = self.blocks.export.name
@@ -331,6 +335,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             return False
         transport.set_write_buffer_limits(OUTPUT_HIGH)
         self.transport, self._plain, self._reading_paused = transport, False, False
-        self.conn.tls_started()
-        log_event("nbd_tls_started", logging.DEBUG, peer=self.peer)
+        self.client = client_name(transport)
+        self.conn.tls_started(self.server.visible(self.client))
+        log_event("nbd_tls_started", logging.DEBUG, peer=self.peer, client=self.client)
         return True

@@ -30,6 +30,14 @@
 # node/nbd/connection.py's SPARE_CHUNKS MiB each), so an idle connection holds one, and the
 # arena gives back the freed frames it keeps warm (up to 4 MiB).
 #
+# Who may use an export: with TLS, a client is known by its certificate's name (the spiffe://
+# ramster/client/NAME of `ramster certs`, node/nbd/tls.py); an export that --nbd-allow names
+# serves the clients named for it only, and to any other it does not exist (not listed, and
+# ERR_UNKNOWN to INFO/GO, as gRPC answers NOT_FOUND for another tenant's pool), so a VM's disk
+# is not readable with another VM's certificate; an export never named serves every client the
+# TLS handshake let in.  Without TLS there is no name to go by, so --nbd-allow needs
+# --tls-client-auth.
+#
 # It listens on HOST:PORT, or on a Unix socket (unix:PATH, node/nbd/unixsocket.py: mode 0600,
 # for clients on the node's host; its file is removed on stop).
 #
@@ -78,6 +86,7 @@ class NbdServer:
         prefetch: Prefetch | None = None,
         small_first: SmallFirst | None = None,
         socket_group: int | None = None,
+        allow: Sequence[tuple[str, str]] = (),
     ) -> None:
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
@@ -98,6 +107,12 @@ class NbdServer:
         self.exports = {
             e.name: ExportBlocks(e, ensure_pool(f"nbd:{e.name}"), engine, chunked) for e in exports
         }
+        # per export named by --nbd-allow, the clients it serves (the others serve every client)
+        self.allow: dict[str, set[str]] = {}
+        for export, client in allow:
+            if export not in self.exports:
+                raise ValueError(f"--nbd-allow names {export!r}, which no --nbd-export declares")
+            self.allow.setdefault(export, set()).add(client)
         self.port = 0
         self._inode: int | None = None  # of the Unix socket's file, once bound
         self.draining = False
@@ -155,6 +170,15 @@ class NbdServer:
         if self._trimming is not None:
             self._trimming.cancel()
             await asyncio.gather(self._trimming, return_exceptions=True)
+
+    def visible(self, client: str | None) -> list[Export]:
+        """The exports a client (by its certificate's name; None: it showed no client
+        certificate of the cluster) may use."""
+        return [
+            blocks.export
+            for name, blocks in self.exports.items()
+            if name not in self.allow or client in self.allow[name]
+        ]
 
     def _unbind(self) -> None:
         """Remove the Unix socket's file, if one was bound here."""
@@ -221,8 +245,13 @@ async def serve_nbd(
     (`rotation`: the node's TLS material) it requires STARTTLS."""
     if settings.nbd_socket_group is not None and not isinstance(settings.nbd_listen, UnixPath):
         raise ValueError("--nbd-socket-group needs --nbd-listen unix:PATH")
+    if settings.nbd_allow and not (rotation and settings.tls_client_auth):
+        raise ValueError(
+            "--nbd-allow needs TLS with --tls-client-auth: NBD clients are known by their "
+            "certificates"
+        )
     if settings.nbd_listen is None:
-        if settings.nbd_export:
+        if settings.nbd_export or settings.nbd_allow:
             raise ValueError("--nbd-export needs --nbd-listen HOST:PORT or unix:PATH")
         return None
     server = NbdServer(
@@ -235,6 +264,7 @@ async def serve_nbd(
         prefetch,
         small_first,
         settings.nbd_socket_group,
+        settings.nbd_allow,
     )
     await server.start()
     return server

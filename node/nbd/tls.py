@@ -4,9 +4,11 @@
 # certificate and key; client certificates checked against --tls-ca, and required with
 # --tls-client-auth.  Certificates rotate as the gRPC listeners' do: NbdTls checks the files
 # before each handshake.  Without TLS, protected mode (node/tls.py) keeps the port on loopback
-# unless --insecure.
+# unless --insecure.  client_name() reads who connected from the certificate the handshake
+# checked, for --nbd-allow.
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 
@@ -49,3 +51,16 @@ class NbdTls:
             self.context = server_tls_context(self.settings)
         except OSError as exc:  # ssl.SSLError too: the files changed again under us
             log_event("nbd_tls_reload_failed", logging.WARNING, error=str(exc))
+
+
+def client_name(transport: asyncio.BaseTransport) -> str | None:
+    """The name of the client certificate a TLS transport's peer showed (its one
+    spiffe://ramster/client/NAME), None if it showed none, or not a client's."""
+    from ramster.certs import CLIENT, member_of_pem  # cryptography: only a node with TLS loads it
+
+    ssl_object = transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    member = member_of_pem(ssl.DER_cert_to_PEM_cert(der).encode())
+    return member.name if member is not None and member.role == CLIENT else None

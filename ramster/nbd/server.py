@@ -292,12 +292,17 @@ class ServerConnection:
             self._queued -= event.length
         return event
 
-    def tls_started(self) -> None:
-        """The shell upgraded the transport after StartTls: haggling goes on inside TLS.  Bytes
-        received since StartTls must have come through the TLS session (the shell upgrades before
-        it reads again; the session may deliver the client's first option before this call)."""
+    def tls_started(self, exports: Sequence[Export] | None = None) -> None:
+        """The shell upgraded the transport after StartTls: haggling goes on inside TLS, over
+        `exports` if given (those the client's certificate may use: the others are unknown to
+        it, in LIST, INFO, GO and the rest), else all.  Bytes received since StartTls must have
+        come through the TLS session (the shell upgrades before it reads again; the session
+        may deliver the client's first option before this call)."""
         if self.state is not State.TLS_HANDSHAKE:
             raise ProtocolMisuse("tls_started() without a StartTls event")
+        if exports is not None:
+            self.exports = {e.name: e for e in exports}
+            self.default = exports[0] if exports else None
         self.tls = True
         self._expect(State.OPTION_HEADER, OPTION_HEADER.size)
 

@@ -8,7 +8,7 @@
 # process (settings, restart, metrics, peers) use LocalNode instead (`nbd_node`, listening on
 # loopback port 0 or a Unix socket); `node_exits` runs a node meant to stop at start-up.
 #
-# `certs` is a bundle made by `ramster certs`' code (a CA, node n1, client c1) plus a foreign
+# `certs` is a bundle made by `ramster certs`' code (a CA, node n1, clients c1, c2) plus a foreign
 # bundle (another CA, same names), each also laid out as libnbd's tls-certificates directory
 # (ca-cert.pem, client-cert.pem, client-key.pem), the way nbdinfo/nbdcopy/nbdsh find them.
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,6 +73,7 @@ class Certs:
     node: Settings  # the TLS settings of node n1 (certificate, key, CA)
     client_dir: Path  # libnbd's tls-certificates directory: our CA, client c1
     foreign_dir: Path  # the same from a foreign CA
+    other_dir: Path  # our CA, client c2
 
     def tls(self, client_auth: bool = False) -> NbdTls:
         return NbdTls(replace(self.node, tls_client_auth=client_auth))
@@ -91,7 +92,7 @@ def libnbd_dir(bundle_dir: Path, client: str, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     ours, foreign = tmp_path_factory.mktemp("certs"), tmp_path_factory.mktemp("foreign")
-    bundle = make_bundle(ours, ["n1"], ["c1"])
+    bundle = make_bundle(ours, ["n1"], ["c1", "c2"])
     make_bundle(foreign, ["n1"], ["c1"])
     cert, key = bundle.nodes["n1"]
     node = Settings(node_id="n1", tls_cert=cert, tls_key=key, tls_ca=bundle.ca)
@@ -99,6 +100,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         node,
         libnbd_dir(ours, "c1", ours / "libnbd"),
         libnbd_dir(foreign, "c1", foreign / "libnbd"),
+        libnbd_dir(ours, "c2", ours / "libnbd-c2"),
     )
 
 
@@ -109,8 +111,10 @@ class ServerThread:
         pool_limit: int = 64 * MiB,
         tls: NbdTls | None = None,
         codec_threads: int = 0,
+        allow: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.exports = exports
+        self.allow = allow
         self.pool_limit = pool_limit
         self.tls = tls
         self.codec_threads = codec_threads
@@ -154,6 +158,7 @@ class ServerThread:
             lambda owner: engine.create_pool(PoolKind.PERSISTENT),
             NbdMetrics(self.registry),
             self.tls,
+            allow=self.allow,
         )
         self.port = await self.server.start()
 

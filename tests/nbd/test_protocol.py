@@ -678,3 +678,21 @@ def test_block_status_replies_are_checked() -> None:
         with pytest.raises(ProtocolMisuse):  # none, torn, longer than asked, two under REQ_ONE
             conn.send(Reply(status, data=wrong))
     assert conn.send(Reply(status, data=EXTENT.pack(4096, 0)))
+
+
+def test_inside_tls_a_client_haggles_over_the_exports_it_may_use() -> None:
+    conn = tls_conn()
+    conn.receive_data(option_request(Option.STARTTLS))
+    assert [type(e) for e in events(conn)] == [StartTls]
+    conn.data_to_send()
+    conn.tls_started([EXPORTS[1]])  # "other" only
+    conn.receive_data(option_request(Option.LIST))
+    conn.receive_data(option_request(Option.INFO, info_request("disk", ())))
+    conn.receive_data(option_request(Option.LIST_META_CONTEXT, meta_request("disk", [])))
+    replies = option_replies(conn.data_to_send())
+    names = [p[4:].decode() for o, r, p in replies if r == OptionReply.SERVER]
+    assert names == ["other"]
+    assert [r for o, r, _ in replies if o != Option.LIST] == [OptionReply.ERR_UNKNOWN] * 2
+    conn.receive_data(option_request(Option.GO, info_request("", ())))  # the default: its own
+    (negotiated,) = events(conn)
+    assert isinstance(negotiated, Negotiated) and negotiated.export.name == "other"

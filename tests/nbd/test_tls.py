@@ -2,7 +2,8 @@
 # wrote: nbdinfo, nbdcopy and nbdsh with nbds:// URIs and libnbd's tls-certificates directory,
 # with certificates from `ramster certs`.  A plaintext client, a client that distrusts the
 # server's CA, and (with client auth) a client without a certificate of the cluster are refused,
-# and the server goes on serving the rest.
+# and the server goes on serving the rest.  With --nbd-allow, a client sees only the exports
+# its certificate may use.
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ from ramster.nbd.wire import (
     option_request,
 )
 from tests.conftest import ramster
-from tests.nbd.conftest import Certs, MiB, ServerThread, need, run
+from tests.nbd.conftest import Certs, MiB, ServerThread, need, node_exits, run
 from tests.nbd.test_clients import NBDSH, need_libnbd, recv_exactly
 
 
@@ -209,3 +210,44 @@ def test_certificates_rotate_without_a_restart(certs: Certs, tmp_path: Path) -> 
         # the next handshake serves the new certificate: only the new CA's clients trust it
         assert json.loads(run("nbdinfo", "--json", s.uri("disk", certs.foreign_dir)))["TLS"]
         fails("nbdinfo", s.uri("disk", certs.client_dir))
+
+
+def test_an_export_named_by_nbd_allow_serves_its_clients_only(certs: Certs, tmp_path: Path) -> None:
+    """disk is c1's, vm2 is c2's, small is everyone's: each client lists and reaches its own
+    and the open one, and to it the other's does not exist."""
+    need("nbdinfo", "nbdcopy")
+    exports = [Export("disk", MiB), Export("small", MiB), Export("vm2", MiB)]
+    allow = [("disk", "c1"), ("vm2", "c2")]
+    with ServerThread(exports, tls=certs.tls(client_auth=True), allow=allow) as server:
+        for client_dir, own, other in (
+            (certs.client_dir, "disk", "vm2"),
+            (certs.other_dir, "vm2", "disk"),
+        ):
+            listed = json.loads(run("nbdinfo", "--list", "--json", server.uri("", client_dir)))
+            assert sorted(e["export-name"] for e in listed["exports"]) == sorted([own, "small"])
+            data = os.urandom(MiB)
+            (tmp_path / own).write_bytes(data)
+            run("nbdcopy", str(tmp_path / own), server.uri(own, client_dir))
+            run("nbdcopy", server.uri(own, client_dir), str(tmp_path / "back"))
+            assert (tmp_path / "back").read_bytes() == data
+            error = fails("nbdinfo", server.uri(other, client_dir))
+            assert "unknown" in error.lower() or "no such" in error.lower(), error
+            fails("nbdcopy", server.uri(other, client_dir), str(tmp_path / "stolen"))
+        assert server.call(lambda: len(server.server.connections) if server.server else 0) == 0
+
+
+def test_nbd_allow_needs_client_auth_and_declared_exports(certs: Certs, tmp_path: Path) -> None:
+    tls = ["--node-id", "n1", "--tls-cert", str(certs.node.tls_cert)]
+    tls += ["--tls-key", str(certs.node.tls_key), "--tls-ca", str(certs.node.tls_ca)]
+    nbd = ["--nbd-listen", "127.0.0.1:0", "--nbd-export", "vm1:1Mi"]
+    for at, (args, message) in enumerate(
+        (
+            ([*nbd, "--nbd-allow", "vm1=c1"], "needs TLS with --tls-client-auth"),
+            ([*tls, *nbd, "--nbd-allow", "vm1=c1"], "needs TLS with --tls-client-auth"),
+            ([*tls, "--tls-client-auth", *nbd, "--nbd-allow", "vm2=c1"], "no --nbd-export"),
+        )
+    ):
+        done = node_exits(tmp_path / str(at), *args)
+        assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
+    done = node_exits(tmp_path / "data", *nbd, "--nbd-allow", "vm1")
+    assert done.returncode == 2 and "EXPORT=CLIENT" in done.stderr
