@@ -69,6 +69,7 @@ from node.nbd.plan import (
     span,
 )
 from ramster.nbd import (
+    HOLE_BLOCK,
     BlockStatus,
     CommandFlag,
     Error,
@@ -177,7 +178,7 @@ class ExportBlocks:
         pages, failed = cast(list[Piece], got), set[int]()  # when every block was found
         if set(map(type, got)) != {bytes}:  # at C speed; else misses read as zeros, errors fail
             failed = {i for i, p in enumerate(got) if isinstance(p, PageError)}
-            pages = [p if type(p) is bytes else ZERO_PAGE for p in got]
+            pages = [p if type(p) is bytes else HOLE_BLOCK for p in got]
         answers: list[Answer] = []
         at = 0
         for request in requests:

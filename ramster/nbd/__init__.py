@@ -21,10 +21,17 @@ from ramster.nbd.events import (
     Write,
     WriteZeroes,
 )
-from ramster.nbd.server import MAX_PAYLOAD, PREFERRED_BLOCK, ProtocolMisuse, ServerConnection
+from ramster.nbd.server import (
+    HOLE_BLOCK,
+    MAX_PAYLOAD,
+    PREFERRED_BLOCK,
+    ProtocolMisuse,
+    ServerConnection,
+)
 from ramster.nbd.wire import CommandFlag, Error, TransmissionFlag
 
 __all__ = [
+    "HOLE_BLOCK",
     "MAX_PAYLOAD",
     "NEED_DATA",
     "PREFERRED_BLOCK",

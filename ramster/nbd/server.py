@@ -23,8 +23,10 @@
 # injection attack).  Without tls_required, STARTTLS gets ERR_POLICY; once TLS is up, ERR_INVALID.
 #
 # Structured replies (once the client asked for them): a READ is answered with one OFFSET_DATA
-# chunk, its whole length (so DF, "don't fragment", is always honoured and SEND_DF advertised),
-# or one ERROR chunk; other successes stay simple replies, which the spec allows, and every
+# chunk of its whole length, or one ERROR chunk; where the shell passed HOLE_BLOCK (the very
+# object) for blocks that hold nothing, each run of them goes as an OFFSET_HOLE chunk instead (32
+# bytes, however long the run), unless the client set DF ("don't fragment": one data chunk;
+# SEND_DF is advertised).  Other successes stay simple replies, which the spec allows, and every
 # error is an ERROR chunk carrying the reason where the machine has one.  One metadata context,
 # base:allocation (SET_META_CONTEXT needs structured replies first; LIST answers either way), is
 # live in transmission only if it was set for the export GO then chose, as the spec requires;
@@ -69,6 +71,8 @@ import enum
 import mmap
 from collections import deque
 from collections.abc import Sequence
+from itertools import groupby, repeat
+from operator import is_
 
 from ramster.nbd.events import (
     NEED_DATA,
@@ -102,6 +106,7 @@ from ramster.nbd.wire import (
     FLAG_FIXED_NEWSTYLE,
     FLAG_NO_ZEROES,
     GREETING,
+    HOLE_CHUNK,
     IHAVEOPT,
     INFO_BLOCK_SIZE,
     INFO_EXPORT,
@@ -135,6 +140,7 @@ MAX_OPTION_DATA = 4 + MAX_STRING + 2 + 2 * 64  # GO with the longest name and 64
 MAX_META_DATA = 64 * 1024  # LIST/SET_META_CONTEXT: the longest name and a few queries
 ALLOCATION_ID = 1  # the id of base:allocation once SET_META_CONTEXT selected it
 OFFSET_DATA_SIZE = DATA_CHUNK_HEADER.size - CHUNK_HEADER.size  # an OFFSET_DATA chunk's offset
+HOLE_BLOCK = bytes(PREFERRED_BLOCK)  # a read's block that holds nothing (see the header)
 # input buffer: bytes per chunk, 1 MiB of payloads and room for the headers of their requests
 # (146 of them), so that power-of-two payloads (nbdcopy's 256 KiB, the kernel's) fill a chunk
 # whole: at 1 MiB even, every fourth 256 KiB payload straddled the end and moved to the next
@@ -358,19 +364,13 @@ class ServerConnection:
         if error is not _OK:
             parts.append(self._error_reply(handle, error))
         elif this is Read and self.structured:
-            if carried:
-                header = DATA_CHUNK_HEADER.pack(
-                    STRUCTURED_REPLY_MAGIC,
-                    REPLY_FLAG_DONE,
-                    ReplyType.OFFSET_DATA,
-                    handle,
-                    OFFSET_DATA_SIZE + carried,
-                    request.offset,
-                )
-                parts.append(header)
-                parts += data
-            else:  # OFFSET_DATA carries at least one byte
+            if not carried:  # OFFSET_DATA carries at least one byte
                 parts.append(chunk_header(handle, ReplyType.NONE, 0))
+            elif request.flags & CommandFlag.DF or not any(map(is_, data, repeat(HOLE_BLOCK))):
+                parts.append(data_header(handle, request.offset, carried, REPLY_FLAG_DONE))
+                parts += data
+            else:
+                read_chunks(parts, handle, request.offset, data)
         elif this is BlockStatus:
             length = U32.size + carried
             parts.append(chunk_header(handle, ReplyType.BLOCK_STATUS, length))
@@ -738,9 +738,33 @@ class ServerConnection:
         self._events.append(request)
 
 
-def chunk_header(handle: int, kind: ReplyType, length: int) -> bytes:
-    """The header of a structured reply's one (so final) chunk."""
-    return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, kind, handle, length)
+def chunk_header(handle: int, kind: ReplyType, length: int, flags: int = REPLY_FLAG_DONE) -> bytes:
+    """The header of a structured reply's chunk (by default its one, so final, chunk)."""
+    return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, kind, handle, length)
+
+
+def data_header(handle: int, offset: int, size: int, flags: int) -> bytes:
+    """The header of an OFFSET_DATA chunk of `size` bytes at `offset`."""
+    kind, length = ReplyType.OFFSET_DATA, OFFSET_DATA_SIZE + size
+    return DATA_CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, kind, handle, length, offset)
+
+
+def read_chunks(
+    parts: list[bytes | memoryview], handle: int, offset: int, data: Sequence[bytes | memoryview]
+) -> None:
+    """A read's reply as chunks: each run of HOLE_BLOCK pieces an OFFSET_HOLE, each run of
+    other pieces an OFFSET_DATA with them; the last chunk is marked DONE."""
+    runs = [(hole, list(pieces)) for hole, pieces in groupby(data, lambda p: p is HOLE_BLOCK)]
+    for at, (hole, pieces) in enumerate(runs):
+        size = sum(map(len, pieces))
+        flags = REPLY_FLAG_DONE if at == len(runs) - 1 else 0
+        if hole:
+            header = chunk_header(handle, ReplyType.OFFSET_HOLE, HOLE_CHUNK.size, flags)
+            parts.append(header + HOLE_CHUNK.pack(offset, size))
+        else:
+            parts.append(data_header(handle, offset, size, flags))
+            parts += pieces
+        offset += size
 
 
 def parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:

@@ -160,6 +160,7 @@ SIMPLE_REPLY_HEADER = struct.Struct(">IIQ")  # magic, error, handle
 CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, reply flags, chunk type, handle, payload length
 DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")  # CHUNK_HEADER of an OFFSET_DATA chunk, its offset
 ERROR_CHUNK = struct.Struct(">IH")  # error, message length (then the message)
+HOLE_CHUNK = struct.Struct(">QI")  # an OFFSET_HOLE chunk's payload: offset, size
 EXTENT = struct.Struct(">II")  # a BLOCK_STATUS descriptor: length, status flags
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
@@ -168,7 +169,7 @@ assert GREETING.size == 18 and OPTION_HEADER.size == 16 and OPTION_REPLY_HEADER.
 assert INFO_EXPORT.size == 12 and INFO_BLOCK_SIZE.size == 14 and EXPORT_NAME_REPLY.size == 10
 assert REQUEST_HEADER.size == 28 and SIMPLE_REPLY_HEADER.size == 16
 assert CHUNK_HEADER.size == 20 and DATA_CHUNK_HEADER.size == 28
-assert ERROR_CHUNK.size == 6 and EXTENT.size == 8
+assert ERROR_CHUNK.size == 6 and EXTENT.size == 8 and HOLE_CHUNK.size == 12
 
 MAX_STRING = 4096  # longest export name or message the protocol allows
 

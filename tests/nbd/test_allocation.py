@@ -1,6 +1,7 @@
 # Structured replies and base:allocation against clients nobody here wrote: libnbd (through
 # nbdsh) asks BLOCK_STATUS with and without REQ_ONE and reads with DF, nbdinfo --map and
-# qemu-img map draw an export's map, and nbdcopy copies only the data out of an export with holes.
+# qemu-img map draw an export's map, nbdcopy copies only the data out of an export with holes,
+# and reads get its holes as hole chunks.
 from __future__ import annotations
 
 import ast
@@ -144,12 +145,7 @@ def test_nbdcopy_reads_only_the_data_of_an_export_with_holes(
     before = nbd_server.server.moved
     out = tmp_path / "out.img"
     run("nbdcopy", nbd_server.uri("disk"), str(out))
-    expected = bytearray(64 * MiB)
-    for first, stop, flags in LAYOUT:
-        if flags == DATA and first != 20:
-            expected[first * B : stop * B] = (bytes(range(256)) * 16) * (stop - first)
-    expected[20 * B + 10 : 20 * B + 110] = b"x" * 100
-    assert out.read_bytes() == bytes(expected)
+    assert out.read_bytes() == layout_bytes(64 * MiB)
     # 64 MiB copied, but only what holds data read: one of nbdcopy's requests (256 KiB)
     assert nbd_server.server.moved - before < MiB
 
@@ -201,3 +197,44 @@ def test_a_flood_of_block_status_does_not_stall_other_connections(
     for sock in (flood, other):
         sock.close()
     assert_serving(nbd_server)
+
+
+HOLES_SCRIPT = """
+import nbd
+h = nbd.NBD()
+h.connect_uri(URI)
+chunks = []
+def chunk(data, offset, status, error):
+    chunks.append((offset, len(data), status))
+    return 0
+data = h.pread_structured(24 * 4096, 0, chunk)
+sys.stdout.buffer.write(repr(sorted(chunks)).encode() + b"\\n" + data)
+h.shutdown()
+"""
+
+
+def layout_bytes(size: int) -> bytes:
+    """What the layout's blocks read as, up to `size` bytes."""
+    out = bytearray(size)
+    for first, stop, flags in LAYOUT:
+        if flags == DATA and first != 20:
+            out[first * B : stop * B] = (bytes(range(256)) * 16) * (stop - first)
+    out[20 * B + 10 : 20 * B + 110] = b"x" * 100
+    return bytes(out)
+
+
+def test_structured_reads_send_holes_as_holes(nbd_server: ServerThread, tmp_path: Path) -> None:
+    """A read's blocks that hold nothing come as OFFSET_HOLE chunks (libnbd reports status 2,
+    NBD_READ_HOLE, and fills in zeros); the zero page written as data comes as data."""
+    need("nbdcopy")
+    write_layout(nbd_server, "small")
+    out = run(*NBDSH, "-c", f"import sys\nURI = {nbd_server.uri('small')!r}\n" + HOLES_SCRIPT)
+    listed, data = out.split(b"\n", 1)
+    kinds = {DATA: 1, ZERO: 1, HOLE: 2}  # libnbd's NBD_READ_DATA, NBD_READ_HOLE
+    runs = [(f * B, (s - f) * B, kinds[flags]) for f, s, flags in LAYOUT]
+    runs[4:6] = [(13 * B, 4 * B, 1)]  # data 13..16 and the zero page 16 are one data run
+    assert ast.literal_eval(listed.decode()) == [*runs, (21 * B, 3 * B, 2)]
+    assert data == layout_bytes(24 * B)
+    copy = tmp_path / "copy.img"  # nbdcopy reading every block, holes come as holes
+    run("nbdcopy", "--no-extents", nbd_server.uri("small"), str(copy))
+    assert copy.read_bytes() == layout_bytes(MiB)

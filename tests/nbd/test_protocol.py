@@ -9,6 +9,7 @@ from typing import cast
 import pytest
 
 from ramster.nbd import (
+    HOLE_BLOCK,
     NEED_DATA,
     BlockStatus,
     Closed,
@@ -16,6 +17,7 @@ from ramster.nbd import (
     Event,
     Export,
     ExportLister,
+    Flush,
     NbdError,
     Negotiated,
     ProtocolMisuse,
@@ -38,6 +40,7 @@ from ramster.nbd.wire import (
     EXPORT_NAME_PAD,
     EXTENT,
     GREETING,
+    HOLE_CHUNK,
     INFO_EXPORT,
     OPTION_REPLY_HEADER,
     REPLY_FLAG_DONE,
@@ -349,6 +352,7 @@ def test_more_spare_chunks_on_request_and_none_once_dropped(
             conn.receive_data(request(Command.WRITE, 0, 4096, handle=n) + bytes(4096))
             held += events(conn)
         for write in held:
+            assert isinstance(write, Write)
             conn.send_to([], write, Error.OK, ())
 
     handshake(conn)
@@ -532,6 +536,13 @@ def structured(
     return int(flags)
 
 
+def send_to(conn: ServerConnection, read: Read, pieces: list[bytes]) -> list[bytes | memoryview]:
+    """The parts of a successful read's reply made of `pieces`."""
+    parts: list[bytes | memoryview] = []
+    conn.send_to(parts, read, Error.OK, pieces)
+    return parts
+
+
 def chunks(data: bytes) -> list[tuple[int, int, int, bytes]]:
     """(flags, type, handle, payload) of each structured reply chunk in data."""
     out = []
@@ -553,6 +564,7 @@ def test_structured_reads_are_one_data_chunk_and_errors_error_chunks() -> None:
     conn.receive_data(request(Command.FLUSH, handle=4))
     read, failed, empty, flush = events(conn)
     assert isinstance(read, Read) and isinstance(failed, Read) and isinstance(empty, Read)
+    assert isinstance(flush, Flush)
     payload = bytes(range(250)) * 20
     got = b"".join(conn.send(Reply(read, data=payload)))
     assert chunks(got) == [
@@ -696,3 +708,25 @@ def test_inside_tls_a_client_haggles_over_the_exports_it_may_use() -> None:
     conn.receive_data(option_request(Option.GO, info_request("", ())))  # the default: its own
     (negotiated,) = events(conn)
     assert isinstance(negotiated, Negotiated) and negotiated.export.name == "other"
+
+
+def test_structured_reads_send_runs_of_hole_blocks_as_holes() -> None:
+    conn = ServerConnection(EXPORTS)
+    structured(conn)
+    conn.receive_data(request(Command.READ, 4096, 4 * 4096, handle=1))
+    conn.receive_data(request(Command.READ, 4096, 2 * 4096, handle=2, flags=CommandFlag.DF))
+    conn.receive_data(request(Command.READ, 4096, 2 * 4096, handle=3))
+    read, whole, empty = events(conn)
+    assert isinstance(read, Read) and isinstance(whole, Read) and isinstance(empty, Read)
+    page = bytes(range(256)) * 16
+    got = b"".join(send_to(conn, read, [page, HOLE_BLOCK, HOLE_BLOCK, page]))
+    offset = (4096).to_bytes(8, "big")
+    assert chunks(got) == [
+        (0, ReplyType.OFFSET_DATA, 1, offset + page),
+        (0, ReplyType.OFFSET_HOLE, 1, HOLE_CHUNK.pack(2 * 4096, 2 * 4096)),
+        (REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, 1, (4 * 4096).to_bytes(8, "big") + page),
+    ]
+    got = b"".join(send_to(conn, whole, [page, HOLE_BLOCK]))  # DF: one data chunk
+    assert chunks(got) == [(REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, 2, offset + page + HOLE_BLOCK)]
+    got = b"".join(send_to(conn, empty, [HOLE_BLOCK, HOLE_BLOCK]))
+    assert chunks(got) == [(REPLY_FLAG_DONE, ReplyType.OFFSET_HOLE, 3, HOLE_CHUNK.pack(4096, 8192))]
