@@ -5,8 +5,9 @@
 # a restart), created to store incompressible pages raw: a block device must not refuse a page
 # for compressing badly.  Its pages leave RAM to peers and disk like any persistent page.
 #
-# A READ group is one get batch: a never-written block reads as zeros, a page that cannot be
-# returned (corrupt, or out of reach on a peer) fails its read with EIO.  A WRITE group is one put
+# A READ group is one get batch: a never-written block reads as zeros (ramster.nbd's HOLE_BLOCK,
+# which a structured reply sends as a hole), a page that cannot be returned (corrupt, or out of
+# reach on a peer) fails its read with EIO.  A WRITE group is one put
 # batch of its writes' blocks (their payloads, views of the connection's input, coded where they
 # lie: the engine copies each page as it takes it) plus the flush of its zeroed and trimmed
 # blocks; a write is acknowledged only if every page of it was stored, else it fails with ENOSPC
@@ -37,10 +38,9 @@
 # (the spec lets a reply cover less than asked; clients ask again from where it ended), so one
 # request costs the loop little: the index is read a chunk of 64 blocks at a time.  As it awaits
 # nothing else, it yields to the loop first: a client's queue of 2,000 of them otherwise ran to
-# its end before any other connection's request.  A
-# rewrite of a block reported as data may still fail with ENOSPC once RAM, peers and disk are
-# all full (its new page may compress worse), which the spec's base:allocation rules out; a
-# compressing store cannot promise it.
+# its end before any other connection's request.  A rewrite of a block reported as data may
+# still fail with ENOSPC once RAM, peers and disk are all full (its new page may compress
+# worse), which the spec's base:allocation rules out; a compressing store cannot promise it.
 #
 # Answers are (request, error, pieces of a read's data) for the connection to encode: a read's
 # pages are not joined here, the connection appends them to its output buffer once.
