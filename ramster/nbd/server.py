@@ -208,6 +208,7 @@ class State(enum.Enum):
 # several per request.
 _REQUEST_HEADER, _WRITE_DATA, _DISCARD = State.REQUEST_HEADER, State.WRITE_DATA, State.DISCARD
 _CLOSED, _TLS_HANDSHAKE, _OK = State.CLOSED, State.TLS_HANDSHAKE, Error.OK
+_DF = int(CommandFlag.DF)  # an IntFlag operation costs ~1.5 us
 
 
 class ProtocolMisuse(Exception):
@@ -366,7 +367,7 @@ class ServerConnection:
         elif this is Read and self.structured:
             if not carried:  # OFFSET_DATA carries at least one byte
                 parts.append(chunk_header(handle, ReplyType.NONE, 0))
-            elif request.flags & CommandFlag.DF or not any(map(is_, data, repeat(HOLE_BLOCK))):
+            elif int(request.flags) & _DF or not any(map(is_, data, repeat(HOLE_BLOCK))):
                 parts.append(data_header(handle, request.offset, carried, REPLY_FLAG_DONE))
                 parts += data
             else:
