@@ -802,17 +802,11 @@ def _string_at(data: bytes, at: int) -> tuple[str, int] | None:
 
 def parse_info_request(data: bytes) -> tuple[str, set[int]] | None:
     """Export name and information types of NBD_OPT_INFO/GO data; None if malformed."""
-    if len(data) < 6:
+    name = _string_at(data, 0)
+    if name is None or len(data) < name[1] + U16.size:
         return None
-    (size,) = U32.unpack_from(data)
-    if size > min(len(data) - 6, MAX_STRING):
+    (count,) = U16.unpack_from(data, name[1])
+    at = name[1] + U16.size
+    if len(data) != at + U16.size * count:
         return None
-    (count,) = U16.unpack_from(data, 4 + size)
-    if len(data) != 6 + size + 2 * count:
-        return None
-    try:
-        name = data[4 : 4 + size].decode()
-    except UnicodeDecodeError:
-        return None
-    infos = {U16.unpack_from(data, 6 + size + 2 * i)[0] for i in range(count)}
-    return name, infos
+    return name[0], {U16.unpack_from(data, at + U16.size * i)[0] for i in range(count)}
