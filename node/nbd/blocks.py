@@ -92,7 +92,6 @@ from ramster.zcache import (
     ZCacheError,
 )
 
-ZERO_PAGE = bytes(PAGE_SIZE)
 REFUSED = frozenset(r for r in PutResult if r.refused)  # checked per write at C speed
 FLUSHES_PER_YIELD = 1024
 STATUS_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS looks at (64 MiB)
@@ -267,7 +266,7 @@ class ExportBlocks:
             start = block * PAGE_SIZE - offset  # where this block begins in data (may be < 0)
             if block in before:
                 found = before[block]
-                page = bytearray(found if isinstance(found, bytes) else ZERO_PAGE)
+                page = bytearray(found if isinstance(found, bytes) else HOLE_BLOCK)
                 lo, hi = max(start, 0), min(start + PAGE_SIZE, len(data))
                 page[lo - start : hi - start] = data[lo:hi]
                 pages.append(bytes(page))
