@@ -252,7 +252,8 @@ async def serve_nbd(
         )
     if settings.nbd_listen is None:
         if settings.nbd_export or settings.nbd_allow:
-            raise ValueError("--nbd-export needs --nbd-listen HOST:PORT or unix:PATH")
+            flag = "--nbd-export" if settings.nbd_export else "--nbd-allow"
+            raise ValueError(f"{flag} needs --nbd-listen HOST:PORT or unix:PATH")
         return None
     server = NbdServer(
         settings.nbd_listen,
