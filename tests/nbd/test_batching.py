@@ -8,6 +8,7 @@ import asyncio
 import random
 import socket
 import threading
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -102,7 +103,7 @@ def test_write_groups_never_touch_a_block_twice_and_are_cut_only_where_they_must
 ) -> None:
     """Sequential runs, overlaps, empty TRIMs and flushes: groups() cuts exactly where a group
     would touch a block again or exceed GROUP_PAGES, or the kind changes."""
-    make = {"W": write, "R": read}
+    make: dict[str, Callable[[int, int], Request]] = {"W": write, "R": read}
     requests: list[Request] = []
     for kind, block, blocks, odd in steps:
         if kind in make:
@@ -115,17 +116,17 @@ def test_write_groups_never_touch_a_block_twice_and_are_cut_only_where_they_must
     got = list(groups(requests))
     assert [r for g in got for r in g.requests] == requests
     for at, group in enumerate(got):
-        blocks = [b for r in group.requests for b in covered(r)]
+        held = [b for r in group.requests for b in covered(r)]
         if group.kind is Kind.WRITE:
-            assert len(blocks) == len(set(blocks))
+            assert len(held) == len(set(held))
         if at + 1 < len(got) and group.kind is not Kind.ALONE:
             after = got[at + 1]
             first = after.requests[0]
             more = covered(first)
             assert (
                 after.kind is not group.kind
-                or len(blocks) + len(more) > GROUP_PAGES
-                or (group.kind is Kind.WRITE and not set(blocks).isdisjoint(more))
+                or len(held) + len(more) > GROUP_PAGES
+                or (group.kind is Kind.WRITE and not set(held).isdisjoint(more))
             ), (group, first)
 
 

@@ -41,7 +41,12 @@ def test_the_heap_is_trimmed_once_writes_pause_and_not_before(
     monkeypatch.setattr(nbd_server, "TRIM_INTERVAL", 0.05)
     cooled: list[int] = []
     cool = Arena.cool
-    monkeypatch.setattr(Arena, "cool", lambda self: cooled.append(cool(self)) or cooled[-1])
+
+    def counted_cool(self: Arena) -> int:
+        cooled.append(cool(self))
+        return cooled[-1]
+
+    monkeypatch.setattr(Arena, "cool", counted_cool)
     data = image(sample_pages, PAGES)
     with ServerThread([Export("disk", 4 * MiB)]) as server, negotiate(server) as sock:
         time.sleep(0.3)
