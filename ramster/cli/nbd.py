@@ -123,11 +123,13 @@ def _list(args: argparse.Namespace) -> int:
             human(e.size),
             "/".join(str(b) for b in e.block_sizes),
             ",".join(name for flag, name in FEATURES.items() if e.flags & flag),
+            ",".join(e.contexts) or "-",
             e.error or e.description,
         ]
         for e in exports
     ]
-    print_table(["export", "bytes", "size", "block min/pref/max", "features", "note"], rows)
+    header = ["export", "bytes", "size", "block min/pref/max", "features", "contexts", "note"]
+    print_table(header, rows)
     return 0
 
 
@@ -138,8 +140,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "list",
         help="list the exports of an NBD port",
         description="Connect to an NBD port (a node's --nbd-listen, or any NBD server), list "
-        "its exports with their sizes, block sizes and features, and disconnect.  With --tls-ca, "
-        "over TLS (STARTTLS), as a node run with --tls-* requires.",
+        "its exports with their sizes, block sizes, features and metadata contexts "
+        "(base:allocation: the server can map which blocks hold data), and disconnect.  With "
+        "--tls-ca, over TLS (STARTTLS), as a node run with --tls-* requires.",
     )
     p.add_argument(
         "--target",

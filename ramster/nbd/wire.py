@@ -184,6 +184,16 @@ def option_request(option: Option, data: bytes = b"") -> bytes:
     return OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data
 
 
+def meta_request(name: str, queries: list[str]) -> bytes:
+    """The data of NBD_OPT_LIST/SET_META_CONTEXT: the export name and the queries."""
+
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return U32.pack(len(raw)) + raw
+
+    return string(name) + U32.pack(len(queries)) + b"".join(map(string, queries))
+
+
 def info_request(name: str, infos: tuple[Info, ...]) -> bytes:
     """The data of NBD_OPT_INFO/GO: the export name and the information asked for."""
     raw = name.encode()

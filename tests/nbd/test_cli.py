@@ -23,12 +23,13 @@ def test_lists_exports_with_sizes(nbd_server: ServerThread) -> None:
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert rows["disk"][1:4] == [str(64 * MiB), "64.0", "MiB"]
     assert rows["small"][1] == str(MiB) and "trim,zero,flush" in rows["small"][5]
+    assert lines[0].split()[6] == "contexts" and rows["disk"][6] == "base:allocation"
     as_json = json.loads(
         ramster("nbd", "list", "--json", "--target", f"127.0.0.1:{nbd_server.port}").stdout
     )
-    assert [(e["name"], e["size"], e["block_sizes"]) for e in as_json] == [
-        ("disk", 64 * MiB, [1, 4096, 32 * MiB]),
-        ("small", MiB, [1, 4096, 32 * MiB]),
+    assert [(e["name"], e["size"], e["block_sizes"], e["contexts"]) for e in as_json] == [
+        ("disk", 64 * MiB, [1, 4096, 32 * MiB], ["base:allocation"]),
+        ("small", MiB, [1, 4096, 32 * MiB], ["base:allocation"]),
     ]
 
 
@@ -45,7 +46,9 @@ def test_lists_the_exports_of_nbdkit() -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert [(e["name"], e["size"]) for e in json.loads(done.stdout)] == [("", 3 * MiB)]
+    (export,) = json.loads(done.stdout)
+    assert (export["name"], export["size"]) == ("", 3 * MiB)
+    assert export["contexts"] == ["base:allocation"]
 
 
 def test_nothing_listening_is_one_error_line() -> None:

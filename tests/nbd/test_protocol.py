@@ -7,6 +7,8 @@ import mmap
 from typing import cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ramster.nbd import (
     HOLE_BLOCK,
@@ -39,10 +41,14 @@ from ramster.nbd.wire import (
     ERROR_CHUNK,
     EXPORT_NAME_PAD,
     EXTENT,
+    FLAG_FIXED_NEWSTYLE,
     GREETING,
     HOLE_CHUNK,
+    IHAVEOPT,
     INFO_EXPORT,
+    NBDMAGIC,
     OPTION_REPLY_HEADER,
+    OPTION_REPLY_MAGIC,
     REPLY_FLAG_DONE,
     REQUEST_HEADER,
     REQUEST_MAGIC,
@@ -58,6 +64,8 @@ from ramster.nbd.wire import (
     OptionReply,
     ReplyType,
     info_request,
+    meta_request,
+    option_reply,
     option_request,
 )
 
@@ -101,15 +109,6 @@ def request(
     return REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
 
 
-def meta_request(name: str, queries: list[str]) -> bytes:
-    """The data of LIST/SET_META_CONTEXT."""
-
-    def string(text: str) -> bytes:
-        return U32.pack(len(text.encode())) + text.encode()
-
-    return string(name) + U32.pack(len(queries)) + b"".join(map(string, queries))
-
-
 def simple_reply(data: bytes) -> tuple[int, int]:
     _, error, handle = SIMPLE_REPLY_HEADER.unpack_from(data)
     return error, handle
@@ -128,6 +127,67 @@ def test_lister_reads_names_sizes_and_block_sizes() -> None:
         ("disk", 1 << 20, "a test disk", (1, 4096, 32 << 20), ""),
         ("other", 8192, "", (1, 4096, 32 << 20), ""),
     ]
+    assert [e.contexts for e in lister.exports] == [[BASE_ALLOCATION], [BASE_ALLOCATION]]
+
+
+def test_lister_takes_a_refused_context_listing_as_no_contexts() -> None:
+    """A server without metadata contexts answers LIST_META_CONTEXT with an error: the export
+    is listed all the same, with none."""
+    conn, lister = ServerConnection(EXPORTS), ExportLister()
+    lister.receive_data(conn.data_to_send()[: GREETING.size])
+    while not lister.done:
+        conn.receive_data(lister.data_to_send())
+        sent, replies = conn.data_to_send(), b""
+        while sent:  # the server's replies, those about contexts made one ERR_UNSUP
+            _, option, _, length = OPTION_REPLY_HEADER.unpack_from(sent)
+            end = OPTION_REPLY_HEADER.size + length
+            if option != Option.LIST_META_CONTEXT:
+                replies += sent[:end]
+            elif end == len(sent):  # its last reply (the ACK)
+                replies += option_reply(option, OptionReply.ERR_UNSUP)
+            sent = sent[end:]
+        lister.receive_data(replies)
+    assert [(e.name, e.error, e.contexts) for e in lister.exports] == [
+        ("disk", "", []),
+        ("other", "", []),
+    ]
+
+
+REPLIES = st.lists(
+    st.tuples(
+        st.sampled_from([*Option, 0, 0xFFFFFFFF]),
+        st.sampled_from([*OptionReply, 0x80000099]),
+        st.binary(max_size=48),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(REPLIES, st.booleans())
+def test_whatever_a_server_replies_the_lister_lists_or_says_what_was_wrong(
+    replies: list[tuple[int, int, bytes]], hang_up: bool
+) -> None:
+    """A hostile or broken server (short or malformed names, information and contexts, replies
+    to options never sent): the lister ends with its exports or an NbdError, nothing else."""
+    lister = ExportLister()
+    lister.receive_data(GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE))
+    try:
+        for option, reply, data in replies:
+            lister.receive_data(option_reply(option, reply, data))  # type: ignore[arg-type]
+        if hang_up:
+            lister.receive_data(b"")
+    except NbdError:
+        return
+    assert all(isinstance(e.name, str) and isinstance(e.contexts, list) for e in lister.exports)
+
+
+def test_the_lister_refuses_a_huge_reply_before_it_arrives() -> None:
+    lister = ExportLister()
+    lister.receive_data(GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE))
+    header = OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, Option.LIST, OptionReply.SERVER, 1 << 31)
+    with pytest.raises(NbdError, match="an option reply of 2147483648 bytes"):
+        lister.receive_data(header)
 
 
 def test_go_to_an_unknown_export_is_an_error_reply_and_haggling_goes_on() -> None:
