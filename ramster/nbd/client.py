@@ -133,8 +133,9 @@ class ExportLister:
                 if not 0 <= size <= len(payload) - U32.size:
                     raise NbdError(f"a malformed export name in the list: {payload[:64]!r}")
                 name, description = payload[4 : 4 + size], payload[4 + size :]
-                text = name.decode(errors="replace"), description.decode(errors="replace")
-                self.exports.append(ExportInfo(*text))
+                export = ExportInfo(name.decode(errors="replace"))
+                export.description = description.decode(errors="replace")
+                self.exports.append(export)
             elif reply == OptionReply.ACK:
                 self._next()
             elif reply == OptionReply.ERR_TLS_REQD:
