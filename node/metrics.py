@@ -339,6 +339,13 @@ class NbdMetrics:
         self.connections = Gauge(
             "ramster_nbd_connections", "Open NBD client connections.", registry=registry
         )
+        self.dropped = Counter(
+            "ramster_nbd_connections_dropped_total",
+            "NBD connections the node closed unserved: over --nbd-max-connections at once "
+            "(reason=limit), or not through negotiation in time (reason=negotiation_timeout).",
+            ["reason"],
+            registry=registry,
+        )
 
 
 class LoopStallMetrics:

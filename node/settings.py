@@ -130,6 +130,13 @@ def parse_threads(text: str | int) -> int:
     return value
 
 
+def parse_connection_count(text: str | int) -> int:
+    value = int(text)
+    if not 1 <= value <= 1 << 16:
+        raise ValueError(f"expected 1 to 65536 connections, got {text!r}")
+    return value
+
+
 def parse_pool_count(text: str | int) -> int:
     value = int(text)
     if not 1 <= value <= 1 << 16:
@@ -447,6 +454,17 @@ class Settings:
             "(comma-separated in the environment)",
             "NAME:SIZE",
             repeat=True,
+        ),
+    )
+    nbd_max_connections: int = field(
+        default=64,
+        metadata=meta(
+            parse_connection_count,
+            "NBD connections served at once (and as many still negotiating); past it a new one "
+            "is closed (logged and counted).  Each served one may make the node hold up to ~60 "
+            "MiB of its input (a 32 MiB write payload, requests queued behind it, and the input "
+            "buffers it reuses while busy), so this bounds what clients can pin in its memory",
+            "N",
         ),
     )
     nbd_allow: tuple[tuple[str, str], ...] = field(

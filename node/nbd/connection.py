@@ -84,6 +84,7 @@ SPARE_CHUNKS = 2 * (2 * INPUT_HIGH + (AHEAD_GROUPS + 1) * GROUP_PAGES * PAGE_SIZ
 OUTPUT_HIGH = 4 * 1024 * 1024  # unsent replies beyond which the task waits (it resumes at 1/4):
 # far above asyncio's 64 KiB, so the next group is computed while the socket sends this one
 TLS_HANDSHAKE_SECONDS = 30.0
+NEGOTIATION_SECONDS = 30.0  # from accept to the transmission phase (qemu-nbd allows 10 s)
 IOV_MAX = 1024  # pieces one sendmsg takes (Linux's UIO_MAXIOV)
 
 
@@ -113,19 +114,41 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._last: Closed | StartTls | None = None  # the event that ended the takes, if any
         self._running = False  # the task is running a group
         self._sock: socket.socket | None = None  # the plain socket's twin, for _send_now()
+        self._deadline: asyncio.TimerHandle | None = None  # of negotiation, until Negotiated
+        self._transmitting = False  # counted in server.transmitting
 
     # -- transport callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.peer = str(transport.get_extra_info("peername") or "unix socket")
+        server = self.server
+        if len(server.connections) - server.transmitting >= server.max_connections:
+            self._drop("limit", f"{server.max_connections} connections are negotiating already")
+            return
         transport.set_write_buffer_limits(OUTPUT_HIGH)
         raw = transport.get_extra_info("socket")
         if raw is not None:  # a TCP or Unix socket (never None for the node's listeners)
             self._sock = raw.dup()
-        self.peer = str(transport.get_extra_info("peername") or "unix socket")
-        self.server.connections.add(self)
-        self.server.metrics.connections.inc()
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        server.connections.add(self)
+        server.metrics.connections.inc()
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(
+            NEGOTIATION_SECONDS,
+            self._drop,
+            "negotiation_timeout",
+            f"not through negotiation after {NEGOTIATION_SECONDS:g} s",
+        )
+        self.task = loop.create_task(self._run())
+
+    def _drop(self, reason: str, why: str) -> None:
+        """Close the connection unserved (over the limit, or negotiation too slow)."""
+        log_event("nbd_connection_dropped", logging.WARNING, peer=self.peer, reason=reason, why=why)
+        self.server.metrics.dropped.labels(reason).inc()
+        self.lost = True
+        if self.transport is not None:
+            self.transport.abort()
+        self.wake()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.conn.get_buffer()
@@ -174,6 +197,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         except Exception as exc:  # one client's failure must not take the node down
             log_event("nbd_connection_failed", logging.ERROR, exc_info=exc, peer=self.peer)
         finally:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            if self._transmitting:
+                self.server.transmitting -= 1
             self._drop_twin()
             self.server.connections.discard(self)
             self.server.metrics.connections.dec()
@@ -251,7 +278,15 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif isinstance(event, Closed | StartTls):
                 return requests, event
             elif isinstance(event, Negotiated):
-                self.blocks = self.server.exports[event.export.name]
+                if self._deadline is not None:
+                    self._deadline.cancel()
+                server = self.server
+                if server.transmitting >= server.max_connections:
+                    self._drop("limit", f"{server.max_connections} connections are served already")
+                    return requests, None
+                server.transmitting += 1
+                self._transmitting = True
+                self.blocks = server.exports[event.export.name]
                 export = event.export.name
                 log_event("nbd_connected", peer=self.peer, export=export, client=self.client)
             elif isinstance(event, Rejected):

@@ -38,6 +38,15 @@
 # TLS handshake let in.  Without TLS there is no name to go by, so --nbd-allow needs
 # --tls-client-auth.
 #
+# What clients can make the node hold: at most max_connections (--nbd-max-connections) are in
+# transmission at once, so a flood of connections cannot pin unbounded input (each holds ~60 MiB
+# at most, node/nbd/connection.py): one that negotiates past the limit is closed.  Connections
+# still negotiating (the only kind a client without a certificate can open when TLS is required)
+# are counted apart, as many at most, and each must be through negotiation (TLS included) within
+# NEGOTIATION_SECONDS of its accept or is closed: a flood of them keeps new clients from getting
+# in for that long, but neither touches the connections already served (a VM's swap device goes
+# on) nor holds more than a few pages and a descriptor each.
+#
 # It listens on HOST:PORT, or on a Unix socket (unix:PATH, node/nbd/unixsocket.py: mode 0600,
 # for clients on the node's host; its file is removed on stop).
 #
@@ -87,6 +96,7 @@ class NbdServer:
         small_first: SmallFirst | None = None,
         socket_group: int | None = None,
         allow: Sequence[tuple[str, str]] = (),
+        max_connections: int = 64,
     ) -> None:
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
@@ -118,6 +128,8 @@ class NbdServer:
         self.draining = False
         self._server: asyncio.Server | None = None
         self.connections: set[NbdConnection] = set()
+        self.max_connections = max_connections  # in transmission, and negotiating, each
+        self.transmitting = 0  # connections past negotiation
         self._children: dict[tuple[str, Command, Error], tuple[Any, Any, Any]] = {}
         self.moved = 0  # bytes read and written so far
         self.trimmer = HeapTrimmer(lambda: self.moved // PAGE_SIZE, TRIM_INTERVAL, self._quiet)
@@ -266,6 +278,7 @@ async def serve_nbd(
         small_first,
         settings.nbd_socket_group,
         settings.nbd_allow,
+        settings.nbd_max_connections,
     )
     await server.start()
     return server

@@ -112,9 +112,11 @@ class ServerThread:
         tls: NbdTls | None = None,
         codec_threads: int = 0,
         allow: Sequence[tuple[str, str]] = (),
+        max_connections: int = 64,
     ) -> None:
         self.exports = exports
         self.allow = allow
+        self.max_connections = max_connections
         self.pool_limit = pool_limit
         self.tls = tls
         self.codec_threads = codec_threads
@@ -159,6 +161,7 @@ class ServerThread:
             NbdMetrics(self.registry),
             self.tls,
             allow=self.allow,
+            max_connections=self.max_connections,
         )
         self.port = await self.server.start()
 

@@ -1,0 +1,148 @@
+# What clients can make a node hold: --nbd-max-connections connections at once (more are closed
+# as they come), and a deadline on negotiation (a socket that never gets to the transmission
+# phase is closed), so neither a flood of connections nor idle sockets pin the node's memory or
+# its slots.  Against a node process with real clients (nbdinfo), and raw sockets for the rest.
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.nbd import connection
+from ramster.nbd import Export
+from ramster.nbd.wire import (
+    CLIENT_FLAG_FIXED_NEWSTYLE,
+    CLIENT_FLAGS,
+    GREETING,
+    OPTION_REPLY_HEADER,
+    REQUEST_HEADER,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_HEADER,
+    Command,
+    Option,
+    info_request,
+    option_request,
+)
+from tests.nbd.conftest import MiB, ServerThread, nbd_node, need, node_exits, run
+from tests.nbd.test_batching import negotiate
+from tests.nbd.test_clients import recv_exactly
+from tests.nbd.test_node import nbd_port
+
+
+def greeted(port: int) -> socket.socket | None:
+    """A new connection if the server greets it, None if it closes it unserved."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        if len(recv_exactly(sock, GREETING.size)) == GREETING.size:
+            return sock
+    except ConnectionError:  # reset: the server aborted it
+        pass
+    sock.close()
+    return None
+
+
+def dropped(metrics_port: int | None, reason: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    name, labels = "ramster_nbd_connections_dropped_total", {"reason": reason}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+@pytest.fixture
+def quick_deadline(monkeypatch: pytest.MonkeyPatch) -> Iterator[float]:
+    monkeypatch.setattr(connection, "NEGOTIATION_SECONDS", 0.5)
+    yield 0.5
+
+
+def test_connections_past_the_limit_are_closed_and_the_slots_come_back() -> None:
+    need("nbdinfo")
+    with nbd_node("--nbd-export", "disk:8Mi", "--nbd-max-connections", "4") as node:
+        port = nbd_port(node)
+        held = [greeted(port) for _ in range(4)]
+        assert all(held)
+        assert greeted(port) is None and greeted(port) is None  # closed with no greeting
+        busy = subprocess.run(
+            ["nbdinfo", f"nbd://127.0.0.1:{port}/disk"], capture_output=True, timeout=60
+        )
+        assert busy.returncode != 0
+        assert dropped(node.metrics_port, "limit") == 3
+        for sock in held:
+            assert sock is not None
+            sock.close()
+        deadline = time.monotonic() + 30  # the node sees the closes, then serves again
+        while (sock := greeted(port)) is None:
+            assert time.monotonic() < deadline
+        sock.close()
+        assert b"disk" in run("nbdinfo", "--list", f"nbd://127.0.0.1:{port}")
+        assert node.process is not None and node.process.poll() is None
+        assert '"event": "nbd_connection_dropped"' in node.log()
+
+
+def test_a_connection_not_through_negotiation_in_time_is_closed(quick_deadline: float) -> None:
+    with ServerThread([Export("disk", MiB)]) as server:
+        silent = greeted(server.port)  # says nothing after the greeting
+        assert silent is not None
+        started = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the server
+        assert quick_deadline * 0.8 < time.monotonic() - started < 20
+        labels = {"reason": "negotiation_timeout"}
+        got = server.registry.get_sample_value("ramster_nbd_connections_dropped_total", labels)
+        assert got == 1
+        assert server.call(lambda: len(server.server.connections)) == 0  # type: ignore[union-attr]
+
+
+def reads(sock: socket.socket, handle: int) -> bool:
+    """Whether a served connection still answers a READ (of a never-written block)."""
+    try:
+        sock.sendall(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, handle, 0, 4096))
+        reply = recv_exactly(sock, SIMPLE_REPLY_HEADER.size)
+    except ConnectionError:  # reset: the server aborted it
+        return False
+    if len(reply) < SIMPLE_REPLY_HEADER.size:
+        return False
+    _, error, got = SIMPLE_REPLY_HEADER.unpack(reply)
+    return (error, got) == (0, handle) and recv_exactly(sock, 4096) == bytes(4096)
+
+
+def test_a_negotiated_connection_outlives_the_deadline(quick_deadline: float) -> None:
+    with ServerThread([Export("disk", MiB)]) as server, negotiate(server) as sock:
+        time.sleep(quick_deadline * 3)
+        assert reads(sock, 9)
+
+
+def test_served_connections_go_on_whatever_comes_after_them() -> None:
+    """Past the limit, a connection that negotiates is closed; a flood of connections that never
+    negotiate fills the negotiation slots only: the connections already served go on."""
+    with ServerThread([Export("disk", MiB)], max_connections=2) as server:
+        served = [negotiate(server), negotiate(server)]
+        late = greeted(server.port)  # over the limit only once it negotiates: GO is refused
+        assert late is not None
+        late.sendall(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+        late.sendall(option_request(Option.GO, info_request("disk", ())))
+        with contextlib.suppress(ConnectionError):  # a reset, or the end after no reply
+            assert late.recv(OPTION_REPLY_HEADER.size) == b""
+        idle = [greeted(server.port), greeted(server.port)]
+        assert all(idle) and greeted(server.port) is None
+        assert all(reads(sock, 1 + i) for i, sock in enumerate(served))
+        get = server.registry.get_sample_value
+        assert get("ramster_nbd_connections_dropped_total", {"reason": "limit"}) == 2
+        for sock in [*served, *idle, late]:
+            assert sock is not None
+            sock.close()
+
+
+def test_the_limit_is_a_checked_setting(tmp_path: Path) -> None:
+    export = ("--nbd-listen", "127.0.0.1:0", "--nbd-export", "a:1Mi")
+    for value in ("0", "-1", "many"):
+        done = node_exits(tmp_path, *export, "--nbd-max-connections", value)
+        assert done.returncode == 2 and "--nbd-max-connections" in done.stderr
