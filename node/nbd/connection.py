@@ -143,6 +143,8 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _drop(self, reason: str, why: str) -> None:
         """Close the connection unserved (over the limit, or negotiation too slow)."""
+        if self.lost:  # gone already (its task has yet to cancel the deadline)
+            return
         log_event("nbd_connection_dropped", logging.WARNING, peer=self.peer, reason=reason, why=why)
         self.server.metrics.dropped.labels(reason).inc()
         self.lost = True
