@@ -242,7 +242,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         return pb.FlushPageResponse(found=found)
 
     async def _flush_object(self, req: pb.FlushObjectRequest) -> pb.FlushObjectResponse:
-        return pb.FlushObjectResponse(pages=self.engine.flush_object(self._pool(req.pool), req.oid))
+        pages = await self.chunked.flush_object(self._pool(req.pool), req.oid)
+        return pb.FlushObjectResponse(pages=pages)
 
     async def _put_batch(self, req: pb.PutBatchRequest, blob: memoryview, client: str) -> Parts:
         """A PutBatchResponse's parts."""

@@ -89,6 +89,11 @@ class PageIndex:
         self.count -= len(found)
         return found
 
+    def chunks_of(self, oid: int) -> list[int]:
+        """The numbers of the chunks (CHUNK pages each) where an object holds pages."""
+        obj = self.objects.get(oid)
+        return list(obj) if obj is not None else []
+
     def states(self, oid: int, start: int, stop: int, marked: int) -> bytes:
         """Per page index start..stop-1 of an object: 0 if it holds no handle, 1 if its handle
         is `marked`, else 2.  Chunk by chunk, at C speed unless a chunk mixes them: a missing

@@ -17,6 +17,7 @@ import pytest
 from node.codecworkers import CodecWorkers
 from node.engine import (
     DEPTH,
+    FLUSHES_PER_PUT,
     INLINE_PAGES,
     ChunkedEngine,
     CodecError,
@@ -216,6 +217,32 @@ async def test_small_calls_are_served_while_a_big_batch_runs(
     assert max(gaps) <= 2 * chunked.chunk  # a chunk per loop turn, before or after ours
     if workers:
         workers.shutdown()
+
+
+async def test_an_object_is_flushed_a_few_chunks_per_loop_turn(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    """FlushObject of a big object (and so DestroyPool) leaves the loop between steps: in one
+    call, 512k pages stalled it 1.4 s."""
+    chunked = ChunkedEngine(engine)
+    pool = engine.create_pool(P)
+    keys, pages = big_batch(sample_pages, 1, 4096)
+    await chunked.put_batch(pool, keys, pages)
+    held = engine.pool_pages(pool)  # the pages that compress (or are same-filled)
+    await chunked.put_batch(pool, [(2, 5)], sample_pages[:1])  # another object, kept
+    flush = asyncio.create_task(chunked.flush_object(pool, 1))
+    gaps = []  # pages flushed between two turns of this task
+    last = engine.stats.flushes
+    while not flush.done():
+        gaps.append(engine.stats.flushes - last)
+        last = engine.stats.flushes
+        await asyncio.sleep(0)
+    assert await flush == held and engine.stats.flushes == held > 3000
+    per_step = max(1, chunked.chunk * FLUSHES_PER_PUT // 64) * 64
+    assert len(gaps) > 4096 // per_step // 2 and max(gaps) <= 2 * per_step
+    assert engine.object_ids(pool) == [2] and engine.pool_pages(pool) == 1
+    assert await chunked.flush_object(pool, 1) == 0
+    assert await chunked.destroy_pool(pool) == 1 and not engine.has_pool(pool)
 
 
 async def test_a_late_batch_is_not_queued_behind_a_running_one(
