@@ -55,6 +55,7 @@ from node.metrics import NodeMetrics, backing_families, read_backing
 from node.nbd import NbdServer, serve_nbd
 from node.peering import PEER_SERVICE, PeerAuthInterceptor
 from node.pools import PoolRegistry, PoolRegistryError, Pools
+from node.reclaimer import Reclaimer
 from node.servicer import TmemServicer, add_tmem_to_server
 from node.settings import HostPort, Settings, advertised, clustered, peer_address
 from node.tenants import load_tenants
@@ -95,6 +96,7 @@ class Node:
         self._health = health.aio.HealthServicer()
         self._peer_health = health.aio.HealthServicer()
         self._watch: LoopWatch | None = None
+        self._reclaimer: Reclaimer | None = None
         self._servicer: TmemServicer | None = None
         self.rotation: Rotation | None = None
         self._rotating: asyncio.Task[None] | None = None
@@ -186,6 +188,7 @@ class Node:
             small_first=self.small_first,
             stream_metrics=metrics.streams,
         )
+        self._reclaimer = Reclaimer(engine, servicer.chunked.step)
         add_tmem_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = [TMEM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -221,6 +224,7 @@ class Node:
             await self._peer_health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._watch = LoopWatch(metrics.loop_lag.observe)
         self._watch.start()
+        self._reclaimer.start()
         if self.rotation:
             self._rotating = asyncio.create_task(self._watch_tls(self.rotation))
         started_with = engine.snapshot()
@@ -295,6 +299,8 @@ class Node:
             self._metrics.close()
         if self.remote:
             await self.remote.stop_driver()
+        if self._reclaimer:
+            await self._reclaimer.stop()
         if self.engine:
             stop_codec_workers(self.engine)  # the front doors are closed: no batch needs them
             written, refused = self.engine.write_back_all()

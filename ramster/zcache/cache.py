@@ -41,7 +41,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 from ramster.zcache._codec import open_zpages_at
@@ -122,6 +122,8 @@ class ZCache:
         self._next_pool_id = 0
         self._threshold = self.config.compress_threshold
         self._low_mark = int(self.config.pool_limit_frames * self.config.reclaim_to)
+        self.reclaim_step: int | None = None  # frames one reclaim may free (reclaim_some)
+        self.on_reclaim: Callable[[], None] | None = None  # ... told when it stopped short
         for pool_id, kind, allocator, store_raw in pools:
             self.create_pool(kind, allocator, pool_id=pool_id, store_raw=store_raw)
         if evictor is not None:
@@ -633,10 +635,25 @@ class ZCache:
         return self._alloc_reclaiming(alloc, zpage), done
 
     def _alloc_reclaiming(self, alloc: Allocator, zpage: bytes) -> int:
-        """Allocate after reclaiming down to the low mark; -1 if there is still no room."""
-        self.reaper.reclaim(self._low_mark)
+        """Allocate after reclaiming (reclaim_some); -1 if there is still no room."""
+        self.reclaim_some()
         self.tick += 1
         return alloc.alloc(zpage, self.tick)
+
+    def reclaim_some(self) -> bool:
+        """Reclaim toward the low mark: down to it in one go, or, with `reclaim_step` set, that
+        many frames at most, and tell `on_reclaim` if frames above the low mark are left, so
+        that its owner goes on a step at a time (the node's event loop does, between other
+        work: one reclaim of a tenth of a 256 MiB pool stalled it 150 ms, and the default pool
+        is a quarter of RAM).  Whether that is so: frames were freed and more are left."""
+        target, step = self._low_mark, self.reclaim_step
+        if step is not None:
+            target = max(target, self.arena.in_use - step)
+        freed = self.reaper.reclaim(target)
+        more = freed > 0 and self.arena.in_use > self._low_mark
+        if more and self.on_reclaim is not None:
+            self.on_reclaim()
+        return more
 
     def _promote(
         self, pool: Pool, oid: int, index: int, location: int, zpage: bytes, forgotten: list[int]

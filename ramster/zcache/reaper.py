@@ -11,10 +11,12 @@
 # (with what was refused) and no persistent unit is tried again in this pass, so a persistent
 # page is never dropped.  Reclaim runs from the allocation that hit the limit and goes on down to
 # the low mark (zswap's accept-threshold hysteresis), so a full pool is not reclaimed one frame
-# per put.  Before it evicts anything it compacts the pools whose allocator can give frames back
-# by moving zpages (zsmalloc's `compactable`, which each allocator announces when it leaves zero,
-# so finding them costs nothing per pool either): flush and overwrite churn leaves holes that
-# compaction closes without sending a single zpage out.
+# per put; or, with the zcache's reclaim_step set, that many frames at most, and its owner goes
+# on in steps between other work (node/reclaimer.py: a tenth of a big pool in one go stalls the
+# node for seconds).  Before it evicts anything it compacts the pools whose allocator can give
+# frames back by moving zpages (zsmalloc's `compactable`, which each allocator announces when it
+# leaves zero, so finding them costs nothing per pool either): flush and overwrite churn leaves
+# holes that compaction closes without sending a single zpage out.
 #
 # At a graceful stop, write_back_all() offers the evictor every persistent page still in RAM
 # (same-filled pages too, made into zpages), through the same hand-over as reclaim, so a node's
