@@ -111,8 +111,9 @@ class Allocator(Protocol):
 
     def unit_frames(self, unit: int) -> int: ...
 
-    def compact(self, on_move: MoveCallback) -> int:
-        """Move zpages to free whole units; the number of frames given back."""
+    def compact(self, on_move: MoveCallback, enough: Callable[[], bool] | None = None) -> int:
+        """Move zpages to free whole units, stopping early once `enough()` says so (checked
+        between steps that each leave the allocator consistent); the frames given back."""
         ...
 
     def extents(self) -> Iterator[tuple[int, list[Extent]]]:

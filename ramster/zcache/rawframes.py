@@ -153,7 +153,7 @@ class RawFrames:
     def unit_frames(self, unit: int) -> int:
         return 1
 
-    def compact(self, on_move: MoveCallback) -> int:
+    def compact(self, on_move: MoveCallback, enough: Callable[[], bool] | None = None) -> int:
         """A raw page fills its frame: nothing to compact."""
         return 0
 

@@ -82,10 +82,16 @@ class Reaper:
         use; the frames freed."""
         arena = self.cache.arena
         before = arena.in_use
-        while self._compactable and arena.in_use > target_frames:
+
+        def enough() -> bool:
+            return arena.in_use <= target_frames
+
+        while self._compactable and not enough():
             _, pool = self._compactable.popitem()
             if pool.zalloc.compactable:
-                pool.zalloc.compact(partial(self._moved, pool))
+                pool.zalloc.compact(partial(self._moved, pool), enough)
+                if pool.zalloc.compactable:  # stopped early: the rest in a later step
+                    self._compactable[pool.id] = pool
         freed = before - arena.in_use
         self.cache.stats.compacted_frames += freed
         return freed

@@ -167,7 +167,7 @@ class Zbud:
     def unit_frames(self, unit: int) -> int:
         return 1
 
-    def compact(self, on_move: MoveCallback) -> int:
+    def compact(self, on_move: MoveCallback, enough: Callable[[], bool] | None = None) -> int:
         """zbud frames hold at most two zpages and are freed as soon as both go: nothing to do."""
         return 0
 

@@ -293,3 +293,34 @@ def test_destroyed_and_recreated_pools_stay_in_lru_order(compressible_pages: lis
     cache.put_batch(other, [(0, i) for i in range(40)], compressible_pages[10:50])
     assert cache.get_batch(again, [(0, i) for i in range(10)]) == [None] * 10
     cache.verify()
+
+
+def test_compaction_toward_a_target_stops_between_classes_and_goes_on_later(
+    sample_pages: list[bytes],
+) -> None:
+    """Compaction inside a reclaim step stops once the step's target is met (a class at a time:
+    a whole fragmented pool in one call stalled the node for most of a second), keeps the pool
+    for the next step, and all the steps together free what one full compaction frees."""
+    freed_by: dict[bool, int] = {}
+    for stepped in (False, True):
+        cache = ZCache(ZCacheConfig(pool_limit_frames=20_000))
+        pool = cache.create_pool(E)
+        keys = [(0, i) for i in range(30_000)]
+        cache.put_batch(pool, keys, [sample_pages[i % 88] for i in range(30_000)])
+        cache.flush_pages(pool, keys[::2])  # holes in every class
+        frames = cache.frames
+        if not stepped:
+            freed_by[stepped] = cache.reaper.compact()
+        else:
+            first = cache.reaper.compact(frames - 64)
+            assert 64 <= first < freed_by[False] // 2  # met its target, then stopped
+            assert cache.pools[pool].zalloc.compactable  # ... with classes left for later
+            total = first
+            while step := cache.reaper.compact(cache.frames - 64):
+                total += step
+            freed_by[stepped] = total
+        cache.verify()
+        assert cache.get_batch(pool, keys[1::2]) == [
+            sample_pages[i % 88] for i in range(1, 30_000, 2)
+        ]
+    assert freed_by[True] == freed_by[False] > 1000
