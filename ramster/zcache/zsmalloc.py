@@ -47,10 +47,9 @@
 # slots (free slots in owned frames) add up to a whole zspage is worth compacting; classes over
 # that mark are counted in `compactable`, and `on_compactable` tells the reaper when the count
 # leaves zero, so the reaper finds what to compact without looking at every pool; once it
-# compacts a pool, every class that can give a frame back does, over the mark or not, a class at
-# a time: a reclaim step stops between two classes once it has freed what it needed (a whole
-# fragmented pool of 700 MiB took 0.85 s in one call; by steps of 1024 frames, 44 ms at worst)
-# and the pool waits for the next step.
+# compacts a pool, every class that can give a frame back does, over the mark or not; a reclaim
+# step stops once it has freed what it needed, after the zspage it was emptying (a whole
+# fragmented pool of 700 MiB took 0.85 s in one call), and the pool waits for the next step.
 #
 # Zspages are the reclaimable unit: they carry the LRU position, and reclaim evicts every zpage
 # of the least recent zspage to give back all its frames.  Handle = zspage id << 8 | slot.
@@ -538,15 +537,18 @@ class Zsmalloc:
         `enough()`; the frames freed."""
         before = self.frames
         for c in list(self.groups):
-            self._compact_class(c, on_move)
+            self._compact_class(c, on_move, enough)
             if enough is not None and enough():
                 break
         return before - self.frames
 
-    def _compact_class(self, c: int, on_move: MoveCallback) -> None:
+    def _compact_class(
+        self, c: int, on_move: MoveCallback, enough: Callable[[], bool] | None = None
+    ) -> None:
         """Empty the emptiest zspages of class `c` into the free owned slots of the fullest,
         then pack the emptiest one kept and give back its frames above its last zpage; planned
-        on counts first, and nothing is moved unless a frame is freed."""
+        on counts first, and nothing is moved unless a frame is freed.  Once `enough()`, it
+        stops after the zspage it was emptying (the rest waits for another compaction)."""
         self._cool(c)
         inuse, nframes, owned, size = self.inuse, self.nframes, OWNED[c], SIZES[c]
         zspages = sorted(
@@ -580,6 +582,8 @@ class Zsmalloc:
         for src in zspages[m:]:
             for handle in self.unit_handles(src):
                 move(handle)
+            if enough is not None and enough():
+                return
         cut = owned[keep]  # slots wholly in the frames `last` keeps
         high = [h for h in self.unit_handles(last) if h & SLOT_MASK >= cut]
         out = max(0, inuse[last] - cut)  # the top ones go to fuller zspages, the rest down

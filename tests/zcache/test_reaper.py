@@ -295,18 +295,21 @@ def test_destroyed_and_recreated_pools_stay_in_lru_order(compressible_pages: lis
     cache.verify()
 
 
-def test_compaction_toward_a_target_stops_between_classes_and_goes_on_later(
-    sample_pages: list[bytes],
+@pytest.mark.parametrize("classes", ["many", "one"])
+def test_compaction_toward_a_target_stops_once_met_and_goes_on_later(
+    sample_pages: list[bytes], classes: str
 ) -> None:
-    """Compaction inside a reclaim step stops once the step's target is met (a class at a time:
-    a whole fragmented pool in one call stalled the node for most of a second), keeps the pool
-    for the next step, and all the steps together free what one full compaction frees."""
+    """Compaction inside a reclaim step stops once the step's target is met, after the zspage it
+    was emptying (a whole fragmented pool in one call stalled the node for most of a second),
+    keeps the pool for the next step, and all the steps together free what one full compaction
+    frees: over many size classes, and inside one."""
+    pages = sample_pages[:88] if classes == "many" else sample_pages[:1]
     freed_by: dict[bool, int] = {}
     for stepped in (False, True):
         cache = ZCache(ZCacheConfig(pool_limit_frames=20_000))
         pool = cache.create_pool(E)
         keys = [(0, i) for i in range(30_000)]
-        cache.put_batch(pool, keys, [sample_pages[i % 88] for i in range(30_000)])
+        cache.put_batch(pool, keys, [pages[i % len(pages)] for i in range(30_000)])
         cache.flush_pages(pool, keys[::2])  # holes in every class
         frames = cache.frames
         if not stepped:
@@ -314,13 +317,12 @@ def test_compaction_toward_a_target_stops_between_classes_and_goes_on_later(
         else:
             first = cache.reaper.compact(frames - 64)
             assert 64 <= first < freed_by[False] // 2  # met its target, then stopped
-            assert cache.pools[pool].zalloc.compactable  # ... with classes left for later
+            assert cache.pools[pool].zalloc.compactable  # ... with the rest left for later
             total = first
             while step := cache.reaper.compact(cache.frames - 64):
                 total += step
             freed_by[stepped] = total
         cache.verify()
-        assert cache.get_batch(pool, keys[1::2]) == [
-            sample_pages[i % 88] for i in range(1, 30_000, 2)
-        ]
+        kept = [pages[i % len(pages)] for i in range(1, 30_000, 2)]
+        assert cache.get_batch(pool, keys[1::2]) == kept
     assert freed_by[True] == freed_by[False] > 1000
