@@ -353,19 +353,33 @@ class ChunkedEngine:
         return dropped + self.engine.destroy_pool(pool)
 
     async def flush_object(self, pool: int, oid: int) -> int:
-        """The engine's flush_object() a few index chunks (64 pages each) per step, a chunk's
-        worth of flushes, with a yield between two steps: in one call, an object of 512k
-        pages stalled the loop 1.4 s, past the peers' timeouts.  The chunks are those the
-        object has when it starts: a page put meanwhile, by a call that races this one, may
-        or may not be flushed; one put after it returns stays.  How many pages went."""
-        engine, flushed, at = self.engine, 0, 0
-        chunks = engine.object_chunks(pool, oid)
-        while at < len(chunks):
-            if at:
+        """The engine's flush_object() in steps (flush_keys), an index chunk's 64 keys at a
+        time: in one call, an object of 512k pages stalled the loop 1.4 s, past the peers'
+        timeouts.  The chunks are those the object has when it starts: a page put meanwhile,
+        by a call that races this one, may or may not be flushed; one put after it returns
+        stays.  How many pages went."""
+        slots = range(INDEX_CHUNK)
+        chunks = self.engine.object_chunks(pool, oid)
+        return await self.flush_keys(
+            pool, ([(oid, c * INDEX_CHUNK + s) for s in slots] for c in chunks)
+        )
+
+    async def flush_keys(self, pool: int, windows: Iterable[list[tuple[int, int]]]) -> int:
+        """flush_pages() of the keys of `windows` (taken as they are needed), a loop chunk's
+        worth of flushes per engine call at least, with a yield between two calls; how many
+        held a page."""
+        engine, keys, flushed, stepped = self.engine, list[tuple[int, int]](), 0, False
+        for window in windows:
+            keys += window
+            if len(keys) >= self._chunk() * FLUSHES_PER_PUT:
+                if stepped:
+                    await self.step()
+                flushed += engine.flush_pages(pool, keys)
+                keys, stepped = [], True
+        if keys:
+            if stepped:
                 await self.step()
-            stop = at + max(1, self._chunk() * FLUSHES_PER_PUT // INDEX_CHUNK)
-            flushed += engine.flush_chunks(pool, oid, chunks[at:stop])
-            at = stop
+            flushed += engine.flush_pages(pool, keys)
         return flushed
 
     async def _pipelined(

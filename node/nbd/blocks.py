@@ -15,9 +15,10 @@
 # and trimmed blocks are flushed, short ranges by their keys, the whole group's in one engine call
 # (flush_pages): nbdcopy sends a WRITE_ZEROES for each run of zero pages it finds, ~8,500 per GiB
 # of the gcc corpus, mostly of 1-2 blocks.  A range longer than FLUSH_KEYS blocks is walked in
-# the pool's index instead, FLUSH_KEYS blocks at a time (objects the pool lacks are skipped), and
-# its keys flushed FLUSH_KEYS at a time with a yield between: a whole-device TRIM (mkfs, blkdiscard)
-# of a big export costs the loop what is stored, in steps of well under a millisecond.  (It built
+# the pool's index instead, FLUSH_KEYS blocks at a time (objects the pool lacks are skipped), its
+# keys flushed in the engine's steps with a yield between (ChunkedEngine.flush_keys, as a
+# FlushObject is): a whole-device TRIM (mkfs, blkdiscard) of a big export costs the loop what is
+# stored, in steps of well under a millisecond.  (It built
 # every key of the range first: a TRIM of 2 GiB stored stalled the loop 362 ms and grew the RSS 87
 # MB, and a node holding 64 GiB would have stalled for seconds, past its peers' timeouts.)  ALONE
 # requests:
@@ -98,7 +99,9 @@ from ramster.zcache import (
 )
 
 REFUSED = frozenset(r for r in PutResult if r.refused)  # checked per write at C speed
-FLUSH_KEYS = 1024  # keys flushed per engine call (~0.4 ms), a yield between two
+FLUSH_KEYS = (
+    1024  # blocks of a range flushed by their keys; a longer one is walked this many at a time
+)
 STATUS_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS looks at (64 MiB)
 STATUS_EXTENTS = 1024  # descriptors one BLOCK_STATUS returns at most
 STATUS_FLAGS = {ABSENT: STATE_HOLE | STATE_ZERO, ZERO_FILLED: STATE_ZERO, STORED: 0}
@@ -296,27 +299,17 @@ class ExportBlocks:
         return Error.OK
 
     async def _forget(self, ranges: list[tuple[int, int]]) -> None:
-        """Flush the blocks of ranges (first, stop): a short range by its keys, a longer one by
-        the keys its objects hold there (_held); about FLUSH_KEYS keys per engine call, a yield
-        between two calls."""
-        engine, pool = self.engine, self.pool
-        keys: list[Key] = []
-        flushed = False
+        """Flush the blocks of ranges (first, stop) in the engine's steps (flush_keys): a
+        short range by its keys, a longer one by the keys its objects hold there (_held)."""
+        if ranges:  # most WRITE groups zero nothing
+            await self.chunked.flush_keys(self.pool, self._held_keys(ranges))
+
+    def _held_keys(self, ranges: list[tuple[int, int]]) -> Iterator[list[Key]]:
         for first, stop in ranges:
-            if stop <= first:
-                continue
-            short = stop - first <= FLUSH_KEYS
-            for window in [block_keys(first, stop)] if short else self._held(first, stop):
-                keys += window
-                if len(keys) >= FLUSH_KEYS:
-                    if flushed:
-                        await asyncio.sleep(0)
-                    engine.flush_pages(pool, keys)
-                    keys, flushed = [], True
-        if keys:
-            if flushed:
-                await asyncio.sleep(0)
-            engine.flush_pages(pool, keys)
+            if stop - first > FLUSH_KEYS:
+                yield from self._held(first, stop)
+            elif stop > first:
+                yield block_keys(first, stop)
 
     def _held(self, first: int, stop: int) -> Iterator[list[Key]]:
         """The keys of the blocks first..stop-1 that hold a page, FLUSH_KEYS blocks at a time,

@@ -80,7 +80,6 @@ from ramster.zcache.handles import (
     SAME_TAG,
     ZPAGE_TAG,
 )
-from ramster.zcache.index import CHUNK, CHUNK_BITS
 from ramster.zcache.pool import Pool, PoolSpec
 from ramster.zcache.rawframes import RAW_ZPAGE, RawFrames
 from ramster.zcache.reaper import Reaper
@@ -559,16 +558,9 @@ class ZCache:
 
     def object_chunks(self, pool_id: int, oid: int) -> list[int]:
         """Where an object holds pages: its index chunks' numbers (pages n << CHUNK_BITS on,
-        CHUNK of them), for a caller that flushes it a few chunks at a time (flush_chunks)."""
+        CHUNK of them), for a caller that flushes it a few chunks at a time."""
         check_key(oid, 0)
         return self.pool(pool_id).index.chunks_of(oid)
-
-    def flush_chunks(self, pool_id: int, oid: int, chunks: list[int]) -> int:
-        """flush_pages() of every page an object holds in these index chunks; how many."""
-        slots = range(CHUNK)
-        return self.flush_pages(
-            pool_id, [(oid, c << CHUNK_BITS | s) for c in chunks for s in slots]
-        )
 
     def flush_object(self, pool_id: int, oid: int) -> int:
         """Forget every page of an object; how many there were."""

@@ -1,7 +1,7 @@
 # A long TRIM or WRITE_ZEROES (mkfs and blkdiscard send one for the whole device) flushes what the
-# export's pool holds in the range, FLUSH_KEYS keys per engine call with the loop yielded between
-# two calls, and never builds the keys of the whole range: on a big export the range can be 2**20
-# times what is stored.
+# export's pool holds in the range, in engine calls of well under 2 * FLUSH_KEYS keys with the
+# loop yielded between two calls, and never builds the keys of the whole range: on a big export
+# the range can be 2**20 times what is stored.
 from __future__ import annotations
 
 import os
