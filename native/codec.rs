@@ -12,10 +12,10 @@
 // The formats are codec.py's, byte for byte: a zpage is the 18-byte header "<IHIQ" (checksum,
 // payload length, index, oid) then the payload; the checksum is the low 32 bits of XXH3-64 of the
 // payload seeded with oid ^ index << 32; a payload of PAGE_SIZE bytes is a page stored raw.  The
-// LZ4 blocks are plain LZ4 block format (lz4_flex), which codec.py's single-page paths (the
-// lz4 package) read and write too.  Decompression is lz4_flex's safe, bounds-checked decoder: a
-// zpage may come from a disk file or a peer, and its checksum is no defence against a crafted
-// payload.
+// LZ4 blocks are plain LZ4 block format (liblz4 compresses them: compress.rs), which codec.py's
+// single-page paths (the lz4 package) read and write too.  Decompression is lz4_flex's safe,
+// bounds-checked decoder: a zpage may come from a disk file or a peer, and its checksum is no
+// defence against a crafted payload.
 //
 // Trade-offs: the compressed payloads are copied once more, from one scratch buffer into their
 // bytes objects, since their sizes are known only after compressing and a bytes object can only
@@ -26,13 +26,13 @@
 // all overhead, took 91 against 106 us with pyo3's PyBuffer), so a memoryview of a request's
 // bytes is compressed where it lies; whoever passes a view guarantees that nothing writes to
 // it meanwhile, as for the lz4 package.
-use lz4_flex::block::{compress_into_with_table, CompressTable};
 use pyo3::exceptions::{PyBufferError, PyOverflowError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PySequence, PyTuple};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+mod compress;
 mod index;
 mod pool;
 mod raw;
@@ -40,6 +40,7 @@ mod slots;
 mod table;
 mod zpages;
 
+use compress::Lz4;
 use table::Table;
 
 pub(crate) const PAGE_SIZE: usize = 4096;
@@ -161,19 +162,19 @@ pub(crate) enum Encoded {
     Refused,
 }
 
-/// Scratch space of one batch's compressions: LZ4's hash table (lz4_flex would otherwise
-/// allocate and free one per page: in a codec worker, that is two calls per page into a malloc
-/// lock the event loop shares) and an output of LZ4's bound.
+/// Scratch space of one batch's compressions, made once per batch rather than per page (in a
+/// codec worker, each allocation is a call into a malloc lock the event loop shares): LZ4's
+/// state and an output of LZ4's bound.
 struct Compressor {
-    table: CompressTable,
+    lz4: Lz4,
     packed: Vec<u8>,
 }
 
 impl Compressor {
     fn new() -> Self {
         Compressor {
-            table: CompressTable::small(), // 16-bit entries: a page is far below 64 KiB
-            packed: vec![0u8; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
+            lz4: Lz4::new(),
+            packed: vec![0u8; compress::bound(PAGE_SIZE)],
         }
     }
 }
@@ -187,8 +188,8 @@ fn encode_one(
     compressor: &mut Compressor,
     out: &mut Vec<u8>,
 ) -> Encoded {
-    let Compressor { table, packed } = compressor;
-    let size = compress_into_with_table(page, packed, table).expect("`packed` holds LZ4's bound");
+    let Compressor { lz4, packed } = compressor;
+    let size = lz4.compress(page, packed);
     let start = out.len();
     let word = &page[..WORD];
     let payload = if size <= SAME_FILLED_PACKED && page.chunks_exact(WORD).all(|w| w == word) {
