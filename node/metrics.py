@@ -342,7 +342,9 @@ class NbdMetrics:
         self.dropped = Counter(
             "ramster_nbd_connections_dropped_total",
             "NBD connections the node closed unserved: over --nbd-max-connections at once "
-            "(reason=limit), or not through negotiation in time (reason=negotiation_timeout).",
+            "(reason=limit), over a quarter of it negotiating from one source (one IPv4 "
+            "address, IPv6 /64 or Unix user: reason=source_limit), or not through negotiation "
+            "in time (reason=negotiation_timeout).",
             ["reason"],
             registry=registry,
         )

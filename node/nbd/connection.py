@@ -43,8 +43,10 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -86,6 +88,7 @@ OUTPUT_HIGH = 4 * 1024 * 1024  # unsent replies beyond which the task waits (it 
 TLS_HANDSHAKE_SECONDS = 30.0
 NEGOTIATION_SECONDS = 30.0  # from accept to the transmission phase (qemu-nbd allows 10 s)
 IOV_MAX = 1024  # pieces one sendmsg takes (Linux's UIO_MAXIOV)
+PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -116,6 +119,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._sock: socket.socket | None = None  # the plain socket's twin, for _send_now()
         self._deadline: asyncio.TimerHandle | None = None  # of negotiation, until Negotiated
         self._transmitting = False  # counted in server.transmitting
+        self._source: str | None = None  # counted in server.negotiating, until Negotiated
 
     # -- transport callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,6 +130,13 @@ class NbdConnection(asyncio.BufferedProtocol):
         if len(server.connections) - server.transmitting >= server.max_connections:
             self._drop("limit", f"{server.max_connections} connections are negotiating already")
             return
+        source = source_of(transport)
+        if server.negotiating[source] >= server.per_source:
+            why = f"{server.per_source} connections from {source} are negotiating already"
+            self._drop("source_limit", why)
+            return
+        server.negotiating[source] += 1
+        self._source = source
         transport.set_write_buffer_limits(OUTPUT_HIGH)
         raw = transport.get_extra_info("socket")
         if raw is not None:  # a TCP or Unix socket (never None for the node's listeners)
@@ -151,6 +162,15 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
         self.wake()
+
+    def _negotiated(self) -> None:
+        """No longer negotiating (through it, or gone): its source's slot is free."""
+        source, self._source = self._source, None
+        if source is not None:
+            negotiating = self.server.negotiating
+            negotiating[source] -= 1
+            if not negotiating[source]:
+                del negotiating[source]
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.conn.get_buffer()
@@ -201,6 +221,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         finally:
             if self._deadline is not None:
                 self._deadline.cancel()
+            self._negotiated()
             if self._transmitting:
                 self.server.transmitting -= 1
             self._drop_twin()
@@ -282,6 +303,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif isinstance(event, Negotiated):
                 if self._deadline is not None:
                     self._deadline.cancel()
+                self._negotiated()
                 server = self.server
                 if server.transmitting >= server.max_connections:
                     self._drop("limit", f"{server.max_connections} connections are served already")
@@ -376,3 +398,25 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.conn.tls_started(self.server.visible(self.client))
         log_event("nbd_tls_started", logging.DEBUG, peer=self.peer, client=self.client)
         return True
+
+
+def source_of(transport: asyncio.BaseTransport) -> str:
+    """Whom a negotiating connection counts against: its IPv4 address, its IPv6 address's /64
+    (what one host or site is usually given, so one host cannot take a slot per address), or
+    on a Unix socket the connecting process's user (SO_PEERCRED)."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except ValueError:  # not an IP address: counted by what it is
+            return peer[0]
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is not None:
+                return str(address.ipv4_mapped)
+            return str(ipaddress.IPv6Network((address, 64), strict=False))
+        return str(address)
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+        return f"uid {PEERCRED.unpack(creds)[1]}"
+    return "unknown"

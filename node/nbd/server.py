@@ -45,7 +45,10 @@
 # are counted apart, as many at most, and each must be through negotiation (TLS included) within
 # NEGOTIATION_SECONDS of its accept or is closed: a flood of them keeps new clients from getting
 # in for that long, but neither touches the connections already served (a VM's swap device goes
-# on) nor holds more than a few pages and a descriptor each.
+# on) nor holds more than a few pages and a descriptor each.  One source (an IPv4 address, an
+# IPv6 /64, a Unix socket's user: node/nbd/connection.py's source_of) negotiates at most a
+# quarter of those at once, so a flood from one host leaves the other hosts room to get in;
+# many hosts together can still fill them.
 #
 # It listens on HOST:PORT, or on a Unix socket (unix:PATH, node/nbd/unixsocket.py: mode 0600,
 # for clients on the node's host; its file is removed on stop).
@@ -56,6 +59,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -130,6 +134,8 @@ class NbdServer:
         self.connections: set[NbdConnection] = set()
         self.max_connections = max_connections  # in transmission, and negotiating, each
         self.transmitting = 0  # connections past negotiation
+        self.per_source = max(1, max_connections // 4)  # negotiating from one source at most
+        self.negotiating: Counter[str] = Counter()  # connections negotiating, by source
         self._children: dict[tuple[str, Command, Error], tuple[Any, Any, Any]] = {}
         self.moved = 0  # bytes read and written so far
         self.trimmer = HeapTrimmer(lambda: self.moved // PAGE_SIZE, TRIM_INTERVAL, self._quiet)

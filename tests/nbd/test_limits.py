@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -36,9 +37,10 @@ from tests.nbd.test_clients import recv_exactly
 from tests.nbd.test_node import nbd_port
 
 
-def greeted(port: int) -> socket.socket | None:
-    """A new connection if the server greets it, None if it closes it unserved."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+def greeted(port: int, source: str = "127.0.0.1") -> socket.socket | None:
+    """A new connection (from address `source`) if the server greets it, None if it closes it
+    unserved."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
     try:
         if len(recv_exactly(sock, GREETING.size)) == GREETING.size:
             return sock
@@ -68,10 +70,10 @@ def test_connections_past_the_limit_are_closed_and_the_slots_come_back() -> None
     need("nbdinfo")
     with nbd_node("--nbd-export", "disk:8Mi", "--nbd-max-connections", "4") as node:
         port = nbd_port(node)
-        held = [greeted(port) for _ in range(4)]
+        held = [greeted(port, f"127.0.0.{1 + i}") for i in range(4)]  # each its own source
         assert all(held)
-        assert greeted(port) is None and greeted(port) is None  # closed with no greeting
-        busy = subprocess.run(
+        assert greeted(port, "127.0.0.5") is None and greeted(port, "127.0.0.6") is None
+        busy = subprocess.run(  # from 127.0.0.1, whose one slot is held
             ["nbdinfo", f"nbd://127.0.0.1:{port}/disk"], capture_output=True, timeout=60
         )
         assert busy.returncode != 0
@@ -131,14 +133,73 @@ def test_served_connections_go_on_whatever_comes_after_them() -> None:
         late.sendall(option_request(Option.GO, info_request("disk", ())))
         with contextlib.suppress(ConnectionError):  # a reset, or the end after no reply
             assert late.recv(OPTION_REPLY_HEADER.size) == b""
-        idle = [greeted(server.port), greeted(server.port)]
-        assert all(idle) and greeted(server.port) is None
+        idle = [greeted(server.port, "127.0.0.2"), greeted(server.port, "127.0.0.3")]
+        assert all(idle) and greeted(server.port, "127.0.0.4") is None
         assert all(reads(sock, 1 + i) for i, sock in enumerate(served))
         get = server.registry.get_sample_value
         assert get("ramster_nbd_connections_dropped_total", {"reason": "limit"}) == 2
         for sock in [*served, *idle, late]:
             assert sock is not None
             sock.close()
+
+
+def test_one_source_negotiates_a_quarter_of_the_slots() -> None:
+    """A flood from one address takes a quarter of the negotiation slots, so other addresses
+    still get in; the source's slots come back as its connections close or negotiate."""
+    with ServerThread([Export("disk", MiB)], max_connections=8) as server:
+        mine = [greeted(server.port), greeted(server.port)]
+        assert all(mine) and greeted(server.port) is None  # 8 // 4 from 127.0.0.1
+        others = [greeted(server.port, a) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.2")]
+        assert all(others)
+        get = server.registry.get_sample_value
+        assert get("ramster_nbd_connections_dropped_total", {"reason": "source_limit"}) == 1
+        closed = mine.pop()
+        assert closed is not None
+        closed.close()
+        deadline = time.monotonic() + 30  # the node sees the close, then greets again
+        while server.call(lambda: server.server.negotiating["127.0.0.1"]) != 1:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        served = negotiate(server)  # through negotiation: no longer counted against its source
+        assert reads(served, 1)
+        again = greeted(server.port)
+        assert again is not None
+        assert server.call(lambda: dict(server.server.negotiating)) == {  # type: ignore[union-attr]
+            "127.0.0.1": 2,
+            "127.0.0.2": 2,
+            "127.0.0.3": 1,
+        }
+        for sock in [*mine, *others, served, again]:
+            assert sock is not None
+            sock.close()
+
+
+class Peer:
+    """What source_of() reads of a transport."""
+
+    def __init__(self, peername: object) -> None:
+        self.peername = peername
+
+    def get_extra_info(self, name: str) -> object:
+        return self.peername if name == "peername" else None
+
+
+def test_sources_are_ipv4_addresses_ipv6_prefixes_and_unix_users() -> None:
+    source_of = connection.source_of
+    assert source_of(Peer(("192.0.2.7", 5000))) == "192.0.2.7"  # type: ignore[arg-type]
+    a = source_of(Peer(("2001:db8:1:2:aaaa::1", 5000, 0, 0)))  # type: ignore[arg-type]
+    b = source_of(Peer(("2001:db8:1:2:bbbb::9", 6000, 0, 0)))  # type: ignore[arg-type]
+    assert a == b == "2001:db8:1:2::/64"
+    assert source_of(Peer(("2001:db8:1:3::1", 1, 0, 0))) != a  # type: ignore[arg-type]
+    assert source_of(Peer(("::ffff:192.0.2.7", 1, 0, 0))) == "192.0.2.7"  # type: ignore[arg-type]
+    left, right = socket.socketpair(socket.AF_UNIX)
+    with left, right:
+
+        class UnixPeer(Peer):
+            def get_extra_info(self, name: str) -> object:
+                return left if name == "socket" else ""
+
+        assert source_of(UnixPeer(None)) == f"uid {os.getuid()}"  # type: ignore[arg-type]
 
 
 def test_the_limit_is_a_checked_setting(tmp_path: Path) -> None:
