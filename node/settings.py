@@ -116,32 +116,16 @@ def parse_peers(text: str | list[str]) -> tuple[HostPort, ...]:
     return tuple(parse_hostport(item.strip()) for item in items if str(item).strip())
 
 
-def parse_replicas(text: str | int) -> int:
-    value = int(text)
-    if not 1 <= value <= 8:
-        raise ValueError(f"expected 1 to 8 replicas, got {text!r}")
-    return value
+def parse_count(low: int, high: int, what: str) -> Callable[[str | int], int]:
+    """A parser of a whole number of `what` from `low` to `high`."""
 
+    def parse(text: str | int) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"expected {low} to {high} {what}, got {text!r}")
+        return value
 
-def parse_threads(text: str | int) -> int:
-    value = int(text)
-    if not 0 <= value <= 64:
-        raise ValueError(f"expected 0 to 64 threads, got {text!r}")
-    return value
-
-
-def parse_connection_count(text: str | int) -> int:
-    value = int(text)
-    if not 1 <= value <= 1 << 16:
-        raise ValueError(f"expected 1 to 65536 connections, got {text!r}")
-    return value
-
-
-def parse_pool_count(text: str | int) -> int:
-    value = int(text)
-    if not 1 <= value <= 1 << 16:
-        raise ValueError(f"expected 1 to 65536 pools, got {text!r}")
-    return value
+    return parse
 
 
 def parse_stream_count(text: str | int) -> int:
@@ -331,7 +315,7 @@ class Settings:
     replicas: int = field(
         default=2,
         metadata=meta(
-            parse_replicas,
+            parse_count(1, 8, "replicas"),
             "copies of each page parked on peers (on peers, or on peers plus the backing file)",
             "N",
         ),
@@ -361,7 +345,7 @@ class Settings:
     worker_threads: int = field(
         default=0,
         metadata=meta(
-            parse_threads,
+            parse_count(0, 64, "threads"),
             "threads that compress and decompress big batches beside the event loop; 0: on the "
             "loop, in slices (best for single-get latency under bulk load; on 2 cores, 2 suit a "
             "node that serves NBD, whose big requests they speed up)",
@@ -459,7 +443,7 @@ class Settings:
     nbd_max_connections: int = field(
         default=64,
         metadata=meta(
-            parse_connection_count,
+            parse_count(1, 1 << 16, "connections"),
             "NBD connections served at once (and as many still negotiating); past it a new one "
             "is closed (logged and counted).  Each served one may make the node hold up to ~60 "
             "MiB of its input (a 32 MiB write payload, requests queued behind it, and the input "
@@ -494,7 +478,7 @@ class Settings:
     max_pools: int = field(
         default=1024,
         metadata=meta(
-            parse_pool_count,
+            parse_count(1, 1 << 16, "pools"),
             "pools one tenant may have (every client, without --tokens); a tenant's 'pools' "
             "in the tokens file overrides it; past it CreatePool is RESOURCE_EXHAUSTED",
             "N",
