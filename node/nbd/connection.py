@@ -117,7 +117,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._last: Closed | StartTls | None = None  # the event that ended the takes, if any
         self._running = False  # the task is running a group
         self._sock: socket.socket | None = None  # the plain socket's twin, for _send_now()
-        self._deadline: asyncio.TimerHandle | None = None  # of negotiation, until Negotiated
+        self._deadline: asyncio.TimerHandle | None = None  # of negotiation (_negotiated)
         self._transmitting = False  # counted in server.transmitting
         self._source: str | None = None  # counted in server.negotiating, until Negotiated
 
@@ -164,7 +164,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.wake()
 
     def _negotiated(self) -> None:
-        """No longer negotiating (through it, or gone): its source's slot is free."""
+        """No longer negotiating (through it, or gone): no deadline, and its source's slot
+        is free."""
+        if self._deadline is not None:
+            self._deadline.cancel()
         source, self._source = self._source, None
         if source is not None:
             negotiating = self.server.negotiating
@@ -219,8 +222,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         except Exception as exc:  # one client's failure must not take the node down
             log_event("nbd_connection_failed", logging.ERROR, exc_info=exc, peer=self.peer)
         finally:
-            if self._deadline is not None:
-                self._deadline.cancel()
             self._negotiated()
             if self._transmitting:
                 self.server.transmitting -= 1
@@ -301,8 +302,6 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif isinstance(event, Closed | StartTls):
                 return requests, event
             elif isinstance(event, Negotiated):
-                if self._deadline is not None:
-                    self._deadline.cancel()
                 self._negotiated()
                 server = self.server
                 if server.transmitting >= server.max_connections:
