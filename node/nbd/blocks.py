@@ -7,27 +7,25 @@
 #
 # A READ group is one get batch: a never-written block reads as zeros (ramster.nbd's HOLE_BLOCK,
 # which a structured reply sends as a hole), a page that cannot be returned (corrupt, or out of
-# reach on a peer) fails its read with EIO.  A WRITE group is one put
-# batch of its writes' blocks (their payloads, views of the connection's input, coded where they
-# lie: the engine copies each page as it takes it) plus the flush of its zeroed and trimmed
-# blocks; a write is acknowledged only if every page of it was stored, else it fails with ENOSPC
-# (the pages it replaced are gone then, as a failed write leaves its range unspecified).  Zeroed
-# and trimmed blocks are flushed, short ranges by their keys, the whole group's in one engine call
-# (flush_pages): nbdcopy sends a WRITE_ZEROES for each run of zero pages it finds, ~8,500 per GiB
-# of the gcc corpus, mostly of 1-2 blocks.  A range longer than FLUSH_KEYS blocks is walked in
-# the pool's index instead, FLUSH_KEYS blocks at a time (objects the pool lacks are skipped), its
-# keys flushed in the engine's steps with a yield between (ChunkedEngine.flush_keys, as a
-# FlushObject is): a whole-device TRIM (mkfs, blkdiscard) of a big export costs the loop what is
-# stored, in steps of well under a millisecond.  (It built
-# every key of the range first: a TRIM of 2 GiB stored stalled the loop 362 ms and grew the RSS 87
-# MB, and a node holding 64 GiB would have stalled for seconds, past its peers' timeouts.)  ALONE
-# requests:
+# reach on a peer) fails its read with EIO.  A WRITE group is one put batch of its writes' blocks
+# (their payloads, views of the connection's input, coded where they lie: the engine copies each
+# page as it takes it) plus the flush of its zeroed and trimmed blocks; a write is acknowledged only
+# if every page of it was stored, else it fails with ENOSPC (the pages it replaced are gone then, as
+# a failed write leaves its range unspecified).  Zeroed and trimmed blocks are flushed, short ranges
+# by their keys, the whole group's in one engine call (flush_pages): nbdcopy sends a WRITE_ZEROES
+# for each run of zero pages it finds, ~8,500 per GiB of the gcc corpus, mostly of 1-2 blocks.  A
+# range longer than FLUSH_KEYS blocks is walked in the pool's index instead, FLUSH_KEYS blocks at a
+# time (objects the pool lacks are skipped), its keys flushed in the engine's steps with a yield
+# between (ChunkedEngine.flush_keys, as a FlushObject is): a whole-device TRIM (mkfs, blkdiscard) of
+# a big export costs the loop what is stored, in steps of well under a millisecond.  (It built every
+# key of the range first: a TRIM of 2 GiB stored stalled the loop 362 ms and grew the RSS 87 MB, and
+# a node holding 64 GiB would have stalled for seconds, past its peers' timeouts.)  ALONE requests:
 # an unaligned WRITE reads its partial first and last blocks first (read-modify-write, under a
 # per-export lock so two connections' partial writes to one block cannot lose each other); an
 # unaligned WRITE_ZEROES flushes its whole blocks and zeroes the partial edges the same way.  FLUSH
 # and FUA have nothing to wait for: every acknowledged write is already in the engine, which all
-# connections share (hence CAN_MULTI_CONN); an export is exactly as durable as the node's
-# persistent pool.
+# connections share (hence CAN_MULTI_CONN); an export is exactly as durable as the node's persistent
+# pool.
 #
 # A connection plans its next groups before their turn (node/nbd/connection.py): plan() works
 # out a WRITE group's put batch and, with `start`, has the codec workers encode it at once
