@@ -50,6 +50,11 @@
 # quarter of those at once, so a flood from one host leaves the other hosts room to get in;
 # many hosts together can still fill them.
 #
+# Sizes are the operator's to change between runs, but an export declared smaller than the data
+# its pool holds stops the node at start (check_size): the blocks past its end would stay stored
+# out of reach, and come back if it grew again, so shrinking takes discarding them first.  An
+# export no longer declared keeps its pool and pages; the node logs it at each start.
+#
 # It listens on HOST:PORT, or on a Unix socket (unix:PATH, node/nbd/unixsocket.py: mode 0600,
 # for clients on the node's host; its file is removed on stop).
 #
@@ -59,6 +64,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -85,6 +91,7 @@ CODEC_PAGES = 128  # with codec workers: pages per hop, filed in one loop step (
 READ_CODEC_PAGES = 256  # ... and of a read, whose hop costs the loop only the zpages' read-out
 OFFLOAD_PAGES = 16  # ... for batches this big (a hop costs more than it saves on smaller ones)
 TRIM_INTERVAL = 0.25  # seconds without NBD traffic before the heap is trimmed
+OWNER_PREFIX = "nbd:"  # an export NAME's pool is owned by "nbd:NAME" (node/pools.py)
 
 
 class NbdServer:
@@ -119,8 +126,11 @@ class NbdServer:
             small_first=small_first,
         )
         self.exports = {
-            e.name: ExportBlocks(e, ensure_pool(f"nbd:{e.name}"), engine, chunked) for e in exports
+            e.name: ExportBlocks(e, ensure_pool(OWNER_PREFIX + e.name), engine, chunked)
+            for e in exports
         }
+        for blocks in self.exports.values():
+            check_size(blocks)
         # per export named by --nbd-allow, the clients it serves (the others serve every client)
         self.allow: dict[str, set[str]] = {}
         for export, client in allow:
@@ -250,6 +260,44 @@ class NbdServer:
                 self.moved += moved
 
 
+def check_size(blocks: ExportBlocks) -> None:
+    """Refuse an export declared smaller than the data its pool holds: the data past its end
+    would be out of reach yet kept, and back in sight if the export grew again."""
+    name, size, end = blocks.export.name, blocks.export.size, blocks.data_end()
+    if end > size:
+        raise ValueError(
+            f"export {name!r} is declared {flag_size(size)} but holds data up to "
+            f"{flag_size(end)}: declare it at least {name}:{flag_size(end)}, or first discard "
+            f"what lies past {flag_size(size)} (blkdiscard, qemu-io -c 'discard {size} "
+            f"{end - size}') to shrink it"
+        )
+
+
+def flag_size(size: int) -> str:
+    """A size as --nbd-export takes it, in the largest binary unit that divides it."""
+    for unit, shift in (("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)):
+        if size and not size & ((1 << shift) - 1):
+            return f"{size >> shift}{unit}"
+    return str(size)
+
+
+def undeclared(settings: Settings, engine: ZCache, pools: Pools) -> None:
+    """Log the exports whose pools hold pages but that are declared no more: their pages stay
+    (in RAM, on peers, on disk) until the export is declared again and discarded."""
+    declared = {f"{OWNER_PREFIX}{e.name}" for e in settings.nbd_export}
+    for pool_id in engine.pool_ids():
+        owner = pools.owner_of(pool_id) or ""
+        pages = engine.pool_pages(pool_id)
+        if owner.startswith(OWNER_PREFIX) and owner not in declared and pages:
+            log_event(
+                "nbd_export_undeclared",
+                logging.WARNING,
+                export=owner.removeprefix(OWNER_PREFIX),
+                pages=pages,
+                hint="declare it again (--nbd-export) and discard it to free its pages",
+            )
+
+
 async def serve_nbd(
     settings: Settings,
     engine: ZCache,
@@ -268,6 +316,7 @@ async def serve_nbd(
             "--nbd-allow needs TLS with --tls-client-auth: NBD clients are known by their "
             "certificates"
         )
+    undeclared(settings, engine, pools)
     if settings.nbd_listen is None:
         if settings.nbd_export or settings.nbd_allow:
             flag = "--nbd-export" if settings.nbd_export else "--nbd-allow"

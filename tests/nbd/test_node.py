@@ -146,6 +146,50 @@ def test_an_export_keeps_its_data_across_a_graceful_restart(tmp_path: Path) -> N
         assert back.read_bytes()[: len(data)] == data
 
 
+def test_an_export_shrinks_only_once_the_data_past_its_new_end_is_discarded(
+    tmp_path: Path,
+) -> None:
+    """Declared smaller than its data, an export would hide the tail yet keep it, and show it
+    again once grown back: the node refuses to start until the tail is discarded."""
+    need("nbdcopy", "qemu-io")
+    data_dir = tmp_path / "data"
+    data = os.urandom(5 * MiB) + bytes(MiB) + os.urandom(MiB) + bytes(MiB)  # data up to 7 MiB
+    with nbd_node("--nbd-export", "disk:8Mi", data_dir=data_dir) as node:
+        assert copy_in_and_out(f"nbd://127.0.0.1:{nbd_port(node)}/disk", data, tmp_path) == data
+        assert node.stop() == 0
+    for size in ("4Mi", "6Mi", "7164Ki"):  # to one block short of the end of the data
+        done = node_exits(data_dir, "--nbd-listen", "127.0.0.1:0", "--nbd-export", f"disk:{size}")
+        assert done.returncode == 1 and '"event": "startup_failed"' in done.stderr
+        assert f"export 'disk' is declared {size} but holds data up to 7Mi" in done.stderr
+        assert "declare it at least disk:7Mi" in done.stderr
+    with nbd_node("--nbd-export", "disk:7Mi", data_dir=data_dir) as node:  # down to the data
+        uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+        run("qemu-io", "-f", "raw", "-c", f"discard {4 * MiB} {3 * MiB}", uri)
+        assert node.stop() == 0
+    with nbd_node("--nbd-export", "disk:4Mi", data_dir=data_dir) as node:
+        assert node.stop() == 0
+    with nbd_node("--nbd-export", "disk:8Mi", data_dir=data_dir) as node:  # grown back
+        back = tmp_path / "back.img"
+        run("nbdcopy", f"nbd://127.0.0.1:{nbd_port(node)}/disk", str(back))
+        assert back.read_bytes() == data[: 4 * MiB] + bytes(4 * MiB)
+        assert node.stop() == 0
+    with nbd_node("--nbd-export", "other:1Mi", data_dir=data_dir) as node:  # "disk" undeclared
+        assert node.stop() == 0
+        (warned,) = [line for line in node.log().splitlines() if "nbd_export_undeclared" in line]
+    assert json.loads(warned)["export"] == "disk" and json.loads(warned)["pages"] == 1024
+
+
+def test_data_past_the_first_4_gib_keeps_an_export_from_shrinking_too(tmp_path: Path) -> None:
+    need("qemu-io")
+    data_dir = tmp_path / "data"
+    with nbd_node("--nbd-export", "big:6Gi", data_dir=data_dir) as node:  # two index objects
+        uri = f"nbd://127.0.0.1:{nbd_port(node)}/big"
+        run("qemu-io", "-f", "raw", "-c", "write -P 7 0 4k", "-c", f"write -P 9 {4 << 30} 4k", uri)
+        assert node.stop() == 0
+    done = node_exits(data_dir, "--nbd-listen", "127.0.0.1:0", "--nbd-export", "big:4Gi")
+    assert "export 'big' is declared 4Gi but holds data up to 4194308Ki" in done.stderr
+
+
 @pytest.mark.slow
 def test_an_export_larger_than_the_pool_spills_to_peers_and_survives_a_killed_peer(
     tmp_path: Path,
