@@ -87,9 +87,7 @@ def parse_size(text: str | int) -> int:
     scale = 1024 ** " kmgt".index(unit[0]) if unit.endswith("i") else _UNITS[unit]
     size = number * scale
     if size < PAGE_SIZE:
-        raise ValueError(
-            f"a pool limit must be at least one page ({PAGE_SIZE} bytes), got {text!r}"
-        )
+        raise ValueError(f"a size must be at least one page ({PAGE_SIZE} bytes), got {text!r}")
     return size
 
 
@@ -180,6 +178,9 @@ def parse_name(text: str) -> str:
     return str(text).strip()
 
 
+MAX_EXPORT_SIZE = (1 << 63) - PAGE_SIZE  # the largest size libnbd and qemu read as positive
+
+
 def parse_nbd_exports(text: str | list[str]) -> tuple[Export, ...]:
     """NBD exports from NAME:SIZE items (repeated flags, a TOML list, or comma-separated)."""
     items = text if isinstance(text, list) else str(text).split(",")
@@ -187,10 +188,20 @@ def parse_nbd_exports(text: str | list[str]) -> tuple[Export, ...]:
     for item in (str(i).strip() for i in items if str(i).strip()):
         name, sep, size = item.rpartition(":")
         if not sep or not name or "\0" in name or len(name.encode()) > 256:
-            raise ValueError(f"expected NAME:SIZE (a name of 1 to 256 bytes), got {item!r}")
-        if parse_size(size) % PAGE_SIZE:
+            shown = repr(item) if len(item) <= 80 else f"{item[:80]!r}..."
+            raise ValueError(f"expected NAME:SIZE (a name of 1 to 256 bytes), got {shown}")
+        try:
+            length = parse_size(size)
+        except ValueError as exc:
+            raise ValueError(f"export {name!r}: {exc}") from None
+        if length % PAGE_SIZE:
             raise ValueError(f"the size of export {name!r} must be a multiple of {PAGE_SIZE}")
-        exports.append(Export(name, parse_size(size)))
+        if length > MAX_EXPORT_SIZE:  # NBD clients take a size as a signed 64-bit number
+            raise ValueError(
+                f"the size of export {name!r} must be at most {MAX_EXPORT_SIZE} bytes "
+                f"(2**63 less a block), got {size!r}"
+            )
+        exports.append(Export(name, length))
     if len({e.name for e in exports}) < len(exports):
         raise ValueError("two NBD exports have the same name")
     return tuple(exports)

@@ -84,17 +84,28 @@ def test_a_node_with_tls_serves_nbd_over_tls_only(certs: Certs, tmp_path: Path) 
         assert node.process is not None and node.process.poll() is None
 
 
-def test_bad_export_flags_are_usage_errors(tmp_path: Path) -> None:
-    for value in ("nosize", "odd:4097", "x:1Mi,x:2Mi"):
-        env = {**os.environ, "RAMSTER_NBD_EXPORT": value}
-        done = subprocess.run(
-            [sys.executable, "-m", "node", "--data-dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
-        assert done.returncode == 2 and "RAMSTER_NBD_EXPORT" in done.stderr
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("nosize", "expected NAME:SIZE"),
+        ("x" * 300 + ":4Mi", "expected NAME:SIZE (a name of 1 to 256 bytes), got 'xxxx"),
+        ("odd:4097", "the size of export 'odd' must be a multiple of 4096"),
+        ("none:0", "export 'none': a size must be at least one page (4096 bytes)"),
+        ("huge:8388608Ti", "the size of export 'huge' must be at most 9223372036854771712"),
+        ("x:1Mi,x:2Mi", "two NBD exports have the same name"),
+    ],
+)
+def test_bad_export_flags_are_usage_errors(tmp_path: Path, value: str, says: str) -> None:
+    env = {**os.environ, "RAMSTER_NBD_EXPORT": value}
+    done = subprocess.run(
+        [sys.executable, "-m", "node", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 2 and "RAMSTER_NBD_EXPORT" in done.stderr
+    assert says in done.stderr and len(done.stderr) < 500, done.stderr
 
 
 def test_node_serves_exports_and_counts_them(tmp_path: Path) -> None:
