@@ -8,6 +8,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node.nbd import connection
 from ramster.nbd import Export
+from ramster.nbd import server as server_machine
 from ramster.nbd.wire import (
     CLIENT_FLAG_FIXED_NEWSTYLE,
     CLIENT_FLAGS,
@@ -26,9 +28,14 @@ from ramster.nbd.wire import (
     REQUEST_HEADER,
     REQUEST_MAGIC,
     SIMPLE_REPLY_HEADER,
+    SIMPLE_REPLY_MAGIC,
+    U32,
     Command,
+    Error,
     Option,
+    OptionReply,
     info_request,
+    option_reply,
     option_request,
 )
 from tests.nbd.conftest import MiB, ServerThread, nbd_node, need, node_exits, run
@@ -207,3 +214,90 @@ def test_the_limit_is_a_checked_setting(tmp_path: Path) -> None:
     for value in ("0", "-1", "many"):
         done = node_exits(tmp_path, *export, "--nbd-max-connections", value)
         assert done.returncode == 2 and "--nbd-max-connections" in done.stderr
+
+
+def flooded(sock: socket.socket, blob: bytes, most: int) -> int:
+    """Send `blob` over and over without reading a reply until the server stops taking it
+    (no progress for 2 s) or `most` bytes went: the bytes sent."""
+    sock.setblocking(False)
+    sent, stuck_since = 0, None
+    while sent < most:
+        try:
+            sent += sock.send(blob[sent % len(blob) :])
+            stuck_since = None
+        except BlockingIOError:
+            stuck_since = stuck_since or time.monotonic()
+            if time.monotonic() - stuck_since > 2:
+                break
+            time.sleep(0.05)
+    sock.settimeout(30)
+    return sent
+
+
+def read_into(sock: socket.socket, size: int, out: list[bytes]) -> None:
+    """Read `size` bytes (or what comes before the server closes) into `out`, in big reads."""
+    got = bytearray()
+    while len(got) < size and (chunk := sock.recv(min(size - len(got), 1 << 20))):
+        got += chunk
+    out.append(bytes(got))
+
+
+@pytest.mark.parametrize("flood", ["flush", "rejected", "list"])
+def test_a_client_that_never_reads_its_replies_is_held_up_by_tcp(
+    flood: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests served by the task (FLUSH), requests the machine rejects itself (READ past the
+    end) and options while negotiating (LIST), pipelined by a client that reads nothing: the
+    node stops reading once its bounded backlog is full, and answers every one once the client
+    reads."""
+    monkeypatch.setattr(connection, "NEGOTIATION_SECONDS", 120)  # the LIST flood is slow to read
+    with ServerThread([Export("disk", MiB)]) as server:
+        if flood == "list":
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            recv_exactly(sock, GREETING.size)
+            sock.sendall(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+            one = option_request(Option.LIST)
+        else:
+            sock = negotiate(server)
+            offset = 0 if flood == "flush" else 2 * MiB
+            length = 0 if flood == "flush" else 4096
+            command = Command.FLUSH if flood == "flush" else Command.READ
+            one = REQUEST_HEADER.pack(REQUEST_MAGIC, 0, command, 1, offset, length)
+        sent = flooded(sock, one * 4096, 160 * MiB)
+        assert sent < 128 * MiB, "the node kept reading a client that reads nothing"
+
+        def held() -> list[tuple[int, int, int]]:
+            assert server.server is not None
+            return [
+                (len(c.conn._events), c.conn.buffered, c.transport.get_write_buffer_size())
+                for c in server.server.connections
+                if c.transport is not None
+            ]
+
+        ((events, buffered, unsent),) = server.call(held)
+        assert events <= server_machine.EVENTS_HIGH
+        assert buffered <= connection.INPUT_HIGH + server_machine.CHUNK
+        assert unsent <= connection.OUTPUT_HIGH + 2 * server_machine.OUTPUT_HIGH
+        # one reply for each request, the same each time: for LIST the export's SERVER reply
+        # and an ACK, else a simple reply (handle 1) that says OK to FLUSH and EINVAL otherwise
+        if flood == "list":
+            unit = option_reply(Option.LIST, OptionReply.SERVER, U32.pack(4) + b"disk")
+            unit += option_reply(Option.LIST, OptionReply.ACK)
+        else:
+            error = Error.OK if flood == "flush" else Error.EINVAL
+            unit = SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, error, 1)
+        want, got = -(-sent // len(one)), []
+        reader = threading.Thread(target=read_into, args=(sock, want * len(unit), got))
+        reader.start()
+        if sent % len(one):  # the rest of the last request
+            sock.sendall(one[sent % len(one) :])
+        reader.join(120)
+        assert got == [unit * want]  # every request answered, in order
+        if flood == "list":  # and the connection goes on
+            sock.sendall(option_request(Option.GO, info_request("disk", ())))
+            _, _, kind, length = OPTION_REPLY_HEADER.unpack(recv_exactly(sock, 20))
+            assert kind in (1, 3)  # INFO or ACK: served
+        else:
+            sock.sendall(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Command.READ, 9, 0, 4096))
+            assert SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, 16))[1:] == (0, 9)
+        sock.close()

@@ -32,7 +32,14 @@ from ramster.nbd import (
     Write,
     WriteZeroes,
 )
-from ramster.nbd.server import ALLOCATION_ID, CHUNK, SPARE_CHUNKS, new_chunk
+from ramster.nbd.server import (
+    ALLOCATION_ID,
+    CHUNK,
+    EVENTS_HIGH,
+    OUTPUT_HIGH,
+    SPARE_CHUNKS,
+    new_chunk,
+)
 from ramster.nbd.wire import (
     BASE_ALLOCATION,
     CHUNK_HEADER,
@@ -424,6 +431,32 @@ def test_more_spare_chunks_on_request_and_none_once_dropped(
     again = len(made)
     burst(2 * 10**6)
     assert len(made) - again >= 3 * SPARE_CHUNKS - 1  # nothing kept: new chunks
+
+
+def test_parsing_waits_while_events_or_replies_are_not_taken() -> None:
+    """A client's backlog stays bytes in the input (counted in `buffered`, which the shell
+    pauses reading on), not events or replies: parsing goes on as they are taken."""
+    conn = ServerConnection(EXPORTS)
+    handshake(conn)
+    flushes = b"".join(request(Command.FLUSH, handle=h) for h in range(3 * EVENTS_HIGH))
+    conn.receive_data(flushes)
+    assert len(conn._events) == EVENTS_HIGH and conn.held_back
+    assert conn.buffered == len(flushes) - EVENTS_HIGH * REQUEST_HEADER.size
+    assert [e.handle for e in events(conn) if isinstance(e, Flush)] == list(range(3 * EVENTS_HIGH))
+    assert conn.buffered == 0 and not conn.held_back
+
+    conn = ServerConnection(EXPORTS)
+    conn.receive_data(CLIENT_FLAGS.pack(CLIENT_FLAG_FIXED_NEWSTYLE))
+    conn.data_to_send()
+    conn.receive_data(option_request(Option.LIST) * 5000)  # ~48 bytes of replies each
+    assert events(conn) == [] and conn.held_back
+    replies = [conn.data_to_send()]
+    while conn.held_back:  # a shell: take the output, then parse on
+        assert OUTPUT_HIGH <= len(replies[-1]) < OUTPUT_HIGH + 100
+        assert events(conn) == []
+        replies.append(conn.data_to_send())
+    acks = [r for r in option_replies(b"".join(replies)) if r[1] == OptionReply.ACK]
+    assert len(acks) == 5000 and conn.buffered == 0
 
 
 def test_input_after_the_end_is_dropped() -> None:

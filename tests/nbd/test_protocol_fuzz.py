@@ -1,7 +1,8 @@
 # The NBD server machine against generated client streams: handshakes, options and requests,
 # well formed or not (random magics, commands, flags, offsets, lengths, option data, garbage),
-# cut at random points.  A TCP stream may be split anywhere, so whatever the cuts, the machine
-# must see the same messages: the same events, the same bytes of its own to send, the same end.
+# cut at random points.  A TCP stream may be split anywhere, so whatever the cuts, the input
+# chunk size and the backlog at which parsing waits for the shell, the machine must see the same
+# messages: the same events, the same bytes of its own to send, the same end.
 # And whatever the bytes, it never raises, never emits after Closed, and every request it emits
 # can be answered once.  STARTTLS is refused by policy here (no TLS configured): with TLS the
 # machine must tell bytes sent before its ACK from bytes sent after, which is cut-dependent by
@@ -133,14 +134,21 @@ def summary(event: Any) -> tuple[Any, ...]:
 
 
 def serve(
-    stream: bytes, cuts: list[int], hang_up: bool, chunk: int = server.CHUNK
+    stream: bytes,
+    cuts: list[int],
+    hang_up: bool,
+    chunk: int = server.CHUNK,
+    backlog: tuple[int, int] = (server.EVENTS_HIGH, server.OUTPUT_HIGH),
 ) -> tuple[list[tuple[Any, ...]], bytes]:
     """Feed `stream` cut at `cuts`, taking and answering events after each piece, into input
-    chunks of `chunk` bytes (smaller ones than the machine's cross more chunk edges): the
-    events and every byte the machine produced itself."""
+    chunks of `chunk` bytes (smaller ones than the machine's cross more chunk edges), parsing
+    held back at `backlog` (events, bytes of output) as a shell sees it: the events and every
+    byte the machine produced itself."""
     with (
         patch.object(server, "CHUNK", chunk),
         patch.object(server, "MIN_RECV", min(server.MIN_RECV, chunk // 4)),
+        patch.object(server, "EVENTS_HIGH", backlog[0]),
+        patch.object(server, "OUTPUT_HIGH", backlog[1]),
     ):
         return _serve(ServerConnection(EXPORTS), stream, cuts, hang_up)
 
@@ -156,17 +164,20 @@ def _serve(
     pieces = [piece for piece in pieces if piece]  # b"" says the client closed its side
     for piece in [*pieces, b""] if hang_up else pieces:
         conn.receive_data(piece)
-        while (event := conn.next_event()) is not NEED_DATA:
-            assert not closed, f"{event!r} after the connection closed"
-            seen.append(summary(event))
-            closed = isinstance(event, Closed)
-            if isinstance(event, Write):
-                assert len(event.data) == event.length
-                lent.append((event.data, bytes(event.data)))
-            if isinstance(event, Request):
-                answer(conn, event)
-        assert conn.buffered >= 0
-        out += conn.data_to_send()
+        held = True
+        while held:  # until no complete message waits behind output not taken
+            while (event := conn.next_event()) is not NEED_DATA:
+                assert not closed, f"{event!r} after the connection closed"
+                seen.append(summary(event))
+                closed = isinstance(event, Closed)
+                if isinstance(event, Write):
+                    assert len(event.data) == event.length
+                    lent.append((event.data, bytes(event.data)))
+                if isinstance(event, Request):
+                    answer(conn, event)
+            assert conn.buffered >= 0
+            held = conn.held_back
+            out += conn.data_to_send()
     for view, was in lent:  # a payload is a view of the input, which is never written again
         assert view == was
     return seen, bytes(out)
@@ -193,12 +204,13 @@ def answer(conn: ServerConnection, request: Request) -> None:
     st.lists(st.integers(0, 1 << 20), max_size=12),
     st.booleans(),
     st.sampled_from([server.CHUNK, 256, 4096, 9000]),
+    st.sampled_from([(server.EVENTS_HIGH, server.OUTPUT_HIGH), (1, 1), (2, 40), (3, 300)]),
 )
 def test_any_cut_of_any_client_stream_gives_the_same_events_and_replies(
-    stream: bytes, cuts: list[int], hang_up: bool, chunk: int
+    stream: bytes, cuts: list[int], hang_up: bool, chunk: int, backlog: tuple[int, int]
 ) -> None:
     whole = serve(stream, [], hang_up)
-    cut = serve(stream, sorted({c % (len(stream) + 1) for c in cuts}), hang_up, chunk)
+    cut = serve(stream, sorted({c % (len(stream) + 1) for c in cuts}), hang_up, chunk, backlog)
     assert cut == whole
 
 
@@ -206,4 +218,4 @@ def test_any_cut_of_any_client_stream_gives_the_same_events_and_replies(
 @given(streams)
 def test_a_stream_fed_a_byte_at_a_time_gives_the_same_events_and_replies(stream: bytes) -> None:
     stream = stream[:3000]
-    assert serve(stream, list(range(1, len(stream))), True, 256) == serve(stream, [], True)
+    assert serve(stream, list(range(1, len(stream))), True, 256, (1, 1)) == serve(stream, [], True)
