@@ -26,7 +26,7 @@
 # control both ways: reading pauses while more than INPUT_HIGH bytes (or the write payload the
 # machine waits for) sit unserved, and resumes once under INPUT_LOW (or that payload); the task
 # waits while more than OUTPUT_HIGH bytes of replies wait in the transport.  The machine parses
-# ahead of the task by at most its EVENTS_HIGH events or 64 KiB of its own replies (option
+# ahead of the task by at most its EVENTS_HIGH events or 16 KiB of its own replies (option
 # replies, rejections); the rest waits unparsed, counted in the input, and the task goes on
 # parsing it only while the transport takes replies: a client that never reads them, or floods
 # options while negotiating, is held up by TCP.  So a connection holds at most INPUT_HIGH of
@@ -90,10 +90,12 @@ INPUT_LOW = INPUT_HIGH // 2  # ... and under which it resumes
 SPARE_CHUNKS = 2 * (2 * INPUT_HIGH + (AHEAD_GROUPS + 1) * GROUP_PAGES * PAGE_SIZE) // CHUNK
 OUTPUT_HIGH = 4 * 1024 * 1024  # unsent replies beyond which the task waits (it resumes at 1/4):
 # far above asyncio's 64 KiB, so the next group is computed while the socket sends this one
-# longest a task serves groups without letting the loop run other work: groups of small reads
-# and writes run inline (no await suspends).  Under a client's flood of 4 KiB READs (its input
-# holds up to ~150,000), another connection's single reads took p99 2.6 ms, max 5.8-9.0 ms
-# without this yield and 1.0-2.4 ms, max 4.8-5.8 ms with it (two alternating runs each)
+# longest a task serves without letting the loop run other work: groups of small reads and
+# writes run inline (no await suspends), and so do the machine's own replies.  Under a client's
+# flood of 4 KiB READs (its input holds up to ~150,000), another connection's single reads took
+# p99 2.6 ms, max 5.8-9.0 ms without this yield and 1.0-2.4 ms, max 4.8-5.8 ms with it (two
+# alternating runs each); under a flood of requests the machine rejects, max 278 ms without it
+# and 13-24 ms with it (and 16 KiB of the machine's replies at a time, not 64)
 TURN_SECONDS = 0.002
 TLS_HANDSHAKE_SECONDS = 30.0
 NEGOTIATION_SECONDS = 30.0  # from accept to the transmission phase (qemu-nbd allows 10 s)
@@ -258,13 +260,10 @@ class NbdConnection(asyncio.BufferedProtocol):
                     finally:
                         self._running = False
                     self._send(answers)
-                    done = time.perf_counter()
-                    server.count(blocks.export.name, answers, done - started)
+                    server.count(blocks.export.name, answers, time.perf_counter() - started)
                     while self._writing_paused and not self.lost:
                         await self._wait()
-                    if done - turn > TURN_SECONDS:  # groups served inline never yield by
-                        await asyncio.sleep(0)  # themselves: let the other work in
-                        turn = time.perf_counter()
+                    turn = await self._share(turn)
                     continue
                 self._write(conn.data_to_send())
                 last = self._last
@@ -280,6 +279,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 if conn.held_back:  # more input waits to be parsed, once the output drains
                     while self._writing_paused and not self.lost:
                         await self._wait()
+                    turn = await self._share(turn)
                     continue
                 if server.draining:  # every request received has had its answer
                     return
@@ -290,6 +290,15 @@ class NbdConnection(asyncio.BufferedProtocol):
                 if plan is not None:
                     plan.drop()
             ready.clear()
+
+    @staticmethod
+    async def _share(turn: float) -> float:
+        """Let the loop run other work if this task has run for TURN_SECONDS since `turn`
+        (groups served inline and the machine's own replies never suspend it): the new turn."""
+        if time.perf_counter() - turn <= TURN_SECONDS:
+            return turn
+        await asyncio.sleep(0)
+        return time.perf_counter()
 
     def _plan(self) -> None:
         """Take the requests parsed, while few groups wait, and plan groups up to

@@ -157,7 +157,7 @@ HOLE_BLOCK = bytes(PREFERRED_BLOCK)  # a read's block that holds nothing (see th
 CHUNK = (1 << 20) + 4096
 MIN_RECV = 64 << 10  # a shorter free tail is left behind for a new chunk
 EVENTS_HIGH = 1024  # events not taken by next_event() at which parsing waits (see the header)
-OUTPUT_HIGH = 64 << 10  # bytes of the machine's own output not taken at which it waits too
+OUTPUT_HIGH = 16 << 10  # bytes of the machine's own output not taken at which it waits too
 SPARE_CHUNKS = 4  # lent chunks kept for reuse
 TRANSMISSION_FLAGS = (
     TransmissionFlag.HAS_FLAGS
