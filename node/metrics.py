@@ -27,8 +27,8 @@
 # The CPU time of the node's threads, by role (loop, codec workers, gRPC's), is read from /proc
 # at scrape time too (node/threadcpu.py).
 # Every label has a bounded set of values (methods, codes, outcomes, reasons, operations); keys
-# and peers never become labels.  The HTTP server is prometheus_client's, on a daemon thread;
-# port 0 picks a free port.
+# and peers never become labels.  The HTTP server is prometheus_client's, on a daemon thread,
+# bounded (node/metricshttp.py); port 0 picks a free port.
 from __future__ import annotations
 
 import asyncio
@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -49,11 +48,11 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from node.metricshttp import MetricsServer, serve_metrics
 from node.settings import HostPort
 from node.threadcpu import ThreadCpuCollector
 from ramster.zcache import Snapshot
@@ -406,11 +405,11 @@ class NodeMetrics:
             registry=self.registry,
         )
         build.labels(version, platform.python_version(), node_id).set(1)
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self._http: tuple[MetricsServer, threading.Thread] | None = None
 
     def serve(self, where: HostPort) -> int:
         """Start the HTTP endpoint; the port it listens on."""
-        self._http = start_http_server(where.port, where.host, registry=self.registry)
+        self._http = serve_metrics(where, self.registry)
         return int(self._http[0].server_port)
 
     def close(self) -> None:
