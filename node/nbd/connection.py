@@ -261,9 +261,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                         self._running = False
                     self._send(answers)
                     server.count(blocks.export.name, answers, time.perf_counter() - started)
-                    while self._writing_paused and not self.lost:
-                        await self._wait()
-                    turn = await self._share(turn)
+                    turn = await self._next_turn(turn)
                     continue
                 self._write(conn.data_to_send())
                 last = self._last
@@ -277,9 +275,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                         return
                     continue
                 if conn.held_back:  # more input waits to be parsed, once the output drains
-                    while self._writing_paused and not self.lost:
-                        await self._wait()
-                    turn = await self._share(turn)
+                    turn = await self._next_turn(turn)
                     continue
                 if server.draining:  # every request received has had its answer
                     return
@@ -291,10 +287,14 @@ class NbdConnection(asyncio.BufferedProtocol):
                     plan.drop()
             ready.clear()
 
-    @staticmethod
-    async def _share(turn: float) -> float:
-        """Let the loop run other work if this task has run for TURN_SECONDS since `turn`
-        (groups served inline and the machine's own replies never suspend it): the new turn."""
+    async def _next_turn(self, turn: float) -> float:
+        """Before the task goes on: wait while the transport holds OUTPUT_HIGH of replies, and
+        let the loop run other work if this task has run for TURN_SECONDS since `turn` (groups
+        served inline and the machine's own replies never suspend it): the new turn."""
+        if self._writing_paused:
+            while self._writing_paused and not self.lost:
+                await self._wait()
+            return time.perf_counter()  # the wait let the others run
         if time.perf_counter() - turn <= TURN_SECONDS:
             return turn
         await asyncio.sleep(0)

@@ -287,8 +287,9 @@ def undeclared(settings: Settings, engine: ZCache, pools: Pools) -> None:
     declared = {f"{OWNER_PREFIX}{e.name}" for e in settings.nbd_export}
     for pool_id in engine.pool_ids():
         owner = pools.owner_of(pool_id) or ""
-        pages = engine.pool_pages(pool_id)
-        if owner.startswith(OWNER_PREFIX) and owner not in declared and pages:
+        if not owner.startswith(OWNER_PREFIX) or owner in declared:
+            continue
+        if pages := engine.pool_pages(pool_id):
             log_event(
                 "nbd_export_undeclared",
                 logging.WARNING,

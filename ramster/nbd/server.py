@@ -493,11 +493,11 @@ class ServerConnection:
         """Every complete message buffered becomes its events (a step per message), up to the
         backlog limits."""
         events, out = self._events, self._out
+        self._held = False
         while True:
             if len(events) >= EVENTS_HIGH or len(out) >= OUTPUT_HIGH:
                 self._held = True
                 return
-            self._held = False
             state = self.state
             if state is _REQUEST_HEADER and self._end - self._pos >= REQUEST_HEADER.size:
                 fields = REQUEST_HEADER.unpack_from(self._buf, self._pos)  # the hot path: in place
