@@ -9,10 +9,13 @@
 # on another network.  With --tls-* (node/tls.py) the client listener serves TLS and the peer
 # listener mTLS, whose calls PeerAuthInterceptor checks against the caller's node certificate;
 # the node dials its peers with that same certificate.  Protected mode is checked before
-# anything is opened.  With peers the engine's evictor is the chain [ramster layer, backing
-# file]; without, the backing file alone (data_dir/backing.dat,
-# whose written-back pages a restart finds again).  With --nbd-listen it serves NBD exports
-# (node/nbd/) from the same engine: started after the engine, stopped first.
+# anything is opened.  Each listener holds at most --max-connections connections, and closes one
+# that has not finished its handshake after HANDSHAKE_SECONDS (grpc core's connection quota and
+# handshake timeout), so half-open connections cannot use up the node's descriptors.  With
+# peers the engine's evictor is the chain [ramster layer, backing file]; without, the backing
+# file alone (data_dir/backing.dat, whose written-back pages a restart finds again).  With
+# --nbd-listen it serves NBD exports (node/nbd/) from the same engine: started after the engine,
+# stopped first.
 #
 # The data directory holds the node's identity (identity.json: the node id it belongs to, so a
 # second node cannot adopt another's pages), its pools (pools.log), its backing file and, with
@@ -68,6 +71,9 @@ from ramster.zcache import ZCache
 from ramster.zcache.backing import BackingFile, BackingFileError
 
 IDENTITY_FILE = "identity.json"
+# what a gRPC connection gets to finish its TLS handshake and HTTP/2 preface (gRPC's own default
+# is two minutes): connections that stop half way hold a descriptor and ~15 KB each until then
+HANDSHAKE_SECONDS = 10.0
 TMEM_SERVICE = tmem_pb2.DESCRIPTOR.services_by_name["Tmem"].full_name
 
 
@@ -121,7 +127,12 @@ class Node:
                 ),
                 *interceptors,
             ],
-            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],  # a second node on a port fails
+            options=[
+                *CHANNEL_OPTIONS,
+                ("grpc.so_reuseport", 0),  # a second node on a port fails
+                ("grpc.max_allowed_incoming_connections", self.settings.max_connections),
+                ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
+            ],
         )
         self._servers.append(server)
         return server

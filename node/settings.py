@@ -496,6 +496,16 @@ class Settings:
         ),
     )
 
+    max_connections: int = field(
+        default=1024,
+        metadata=meta(
+            parse_count(1, 1 << 16, "connections"),
+            "gRPC connections the client port holds at once, and as many the peer port; past "
+            "it a new one is closed as soon as it is accepted, so clients that open connections "
+            "and leave them half done cannot use up the node's file descriptors",
+            "N",
+        ),
+    )
     max_streams: int = field(
         default=64,
         metadata=meta(
