@@ -19,6 +19,7 @@ from tests.node.conftest import node_settings
 
 LIMIT = 8
 OPENED = 40
+SLACK = 3  # descriptors the node may open meanwhile for its own work (/proc reads, a log)
 
 
 def descriptors() -> int:
@@ -59,12 +60,12 @@ async def test_half_open_connections_are_bounded_and_then_closed(
         baseline = descriptors() + OPENED  # the test's sockets
         socks = half_prefaces(port, OPENED)
         try:
-            assert await held_over(baseline, 0.6) <= LIMIT + 1  # the rest closed as accepted
+            assert await held_over(baseline, 0.6) <= LIMIT + SLACK  # the rest closed as accepted
             for _ in range(100):  # the handshake timeout closes the ones it held
-                if descriptors() - baseline <= 1:
+                if descriptors() - baseline <= SLACK:
                     break
                 await asyncio.sleep(0.1)
-            assert descriptors() - baseline <= 1
+            assert descriptors() - baseline <= SLACK
         finally:
             for sock in socks:
                 sock.close()
