@@ -207,6 +207,17 @@ def parse_nbd_exports(text: str | list[str]) -> tuple[Export, ...]:
     return tuple(exports)
 
 
+def parse_nbd_drops(text: str | list[str]) -> tuple[str, ...]:
+    """Export names from repeated flags, a TOML list, or comma-separated, each once."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    names = tuple(dict.fromkeys(str(i).strip() for i in items if str(i).strip()))
+    for name in names:
+        if "\0" in name or len(name.encode()) > 256:
+            shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}..."
+            raise ValueError(f"expected an export name of 1 to 256 bytes, got {shown}")
+    return names
+
+
 def parse_nbd_allow(text: str | list[str]) -> tuple[tuple[str, str], ...]:
     """(export, client) pairs from EXPORT=CLIENT items (repeated flags, a TOML list, or
     comma-separated)."""
@@ -460,6 +471,18 @@ class Settings:
             "MiB of its input (a 32 MiB write payload, requests queued behind it, and the input "
             "buffers it reuses while busy), so this bounds what clients can pin in its memory",
             "N",
+        ),
+    )
+    nbd_drop: tuple[str, ...] = field(
+        default=(),
+        metadata=meta(
+            parse_nbd_drops,
+            "free the pages of export NAME, which --nbd-export no longer declares, at start: "
+            "its pool goes, in RAM, on peers and on disk; repeat the flag for more "
+            "(comma-separated in the environment); a name that holds nothing is logged and "
+            "skipped, so the flag may stay after the drop",
+            "NAME",
+            repeat=True,
         ),
     )
     nbd_allow: tuple[tuple[str, str], ...] = field(

@@ -53,7 +53,8 @@
 # Sizes are the operator's to change between runs, but an export declared smaller than the data
 # its pool holds stops the node at start (check_size): the blocks past its end would stay stored
 # out of reach, and come back if it grew again, so shrinking takes discarding them first.  An
-# export no longer declared keeps its pool and pages; the node logs it at each start.
+# export no longer declared keeps its pool and pages, and the node logs it at each start, until
+# --nbd-drop NAME has the node destroy its pool at start (in RAM, on peers, on disk).
 #
 # It listens on HOST:PORT, or on a Unix socket (unix:PATH, node/nbd/unixsocket.py: mode 0600,
 # for clients on the node's host; its file is removed on stop).
@@ -281,22 +282,37 @@ def flag_size(size: int) -> str:
     return str(size)
 
 
-def undeclared(settings: Settings, engine: ZCache, pools: Pools) -> None:
-    """Log the exports whose pools hold pages but that are declared no more: their pages stay
-    (in RAM, on peers, on disk) until the export is declared again and discarded."""
-    declared = {f"{OWNER_PREFIX}{e.name}" for e in settings.nbd_export}
-    for pool_id in engine.pool_ids():
+async def undeclared(settings: Settings, engine: ZCache, pools: Pools) -> None:
+    """Drop the pools of the exports --nbd-drop names (pages in RAM, on peers and on disk), and
+    log the other exports whose pools hold pages but that are declared no more: their pages
+    stay until the export is dropped, or declared again and discarded."""
+    declared, drop = {e.name for e in settings.nbd_export}, set(settings.nbd_drop)
+    for name in settings.nbd_drop:
+        if name in declared:
+            raise ValueError(
+                f"--nbd-drop names {name!r}, which --nbd-export declares: an export is "
+                "either served or dropped"
+            )
+    for pool_id in list(engine.pool_ids()):
         owner = pools.owner_of(pool_id) or ""
-        if not owner.startswith(OWNER_PREFIX) or owner in declared:
+        name = owner.removeprefix(OWNER_PREFIX)
+        if not owner.startswith(OWNER_PREFIX) or name in declared:
             continue
-        if pages := engine.pool_pages(pool_id):
+        if name in drop:
+            drop.discard(name)
+            pages = await ChunkedEngine(engine).destroy_pool(pool_id)
+            pools.forget(pool_id)
+            log_event("nbd_export_dropped", logging.WARNING, export=name, pages=pages)
+        elif pages := engine.pool_pages(pool_id):
             log_event(
                 "nbd_export_undeclared",
                 logging.WARNING,
-                export=owner.removeprefix(OWNER_PREFIX),
+                export=name,
                 pages=pages,
-                hint="declare it again (--nbd-export) and discard it to free its pages",
+                hint="--nbd-drop it to free its pages, or declare it again (--nbd-export)",
             )
+    for name in sorted(drop):
+        log_event("nbd_export_drop_skipped", export=name, why="no export of that name has a pool")
 
 
 async def serve_nbd(
@@ -317,11 +333,11 @@ async def serve_nbd(
             "--nbd-allow needs TLS with --tls-client-auth: NBD clients are known by their "
             "certificates"
         )
-    undeclared(settings, engine, pools)
+    if settings.nbd_listen is None and (settings.nbd_export or settings.nbd_allow):
+        flag = "--nbd-export" if settings.nbd_export else "--nbd-allow"
+        raise ValueError(f"{flag} needs --nbd-listen HOST:PORT or unix:PATH")
+    await undeclared(settings, engine, pools)
     if settings.nbd_listen is None:
-        if settings.nbd_export or settings.nbd_allow:
-            flag = "--nbd-export" if settings.nbd_export else "--nbd-allow"
-            raise ValueError(f"{flag} needs --nbd-listen HOST:PORT or unix:PATH")
         return None
     server = NbdServer(
         settings.nbd_listen,

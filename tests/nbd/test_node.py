@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -221,3 +222,63 @@ def test_an_export_larger_than_the_pool_spills_to_peers_and_survives_a_killed_pe
         back = tmp_path / "back.img"
         run("nbdcopy", uri, str(back))
         assert back.read_bytes()[: len(data)] == data
+
+
+def restart_with(node: LocalNode, *flags: str) -> LocalNode:
+    """Stop `node` and start it again on its data, its --nbd-export flags replaced by `flags`
+    (its ports stay, as its peers know them)."""
+    assert node.stop() == 0
+    args, kept = iter(node.args), []
+    for arg in args:
+        if arg in ("--nbd-export", "--nbd-drop"):
+            next(args)
+        else:
+            kept.append(arg)
+    node.args = [*kept, *flags]
+    return node.start()
+
+
+def foreign_pages(cluster: LocalCluster) -> int:
+    return sum(node.client().stats().foreign_pages for node in cluster.nodes[1:])
+
+
+@pytest.mark.slow
+def test_a_dropped_export_frees_its_pages_in_ram_on_peers_and_on_disk(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    need("nbdcopy")
+    node1 = ["--pool-limit", "1Mi", "--nbd-listen", "127.0.0.1:0", "--nbd-export", "disk:32Mi"]
+    common = ["--pool-limit", "64Mi", "--heartbeat-interval", "0.2", "--down-after", "1"]
+    # real pages (raw ones would stay on node 1's disk: sealed, they fit no holder's frame)
+    data = b"".join(sample_pages[n % len(sample_pages)] for n in range(4096))
+    with LocalCluster(3, common=common, per_node=[node1]) as cluster:
+        owner = cluster.nodes[0]
+        src = tmp_path / "in.img"
+        src.write_bytes(data)
+        run("nbdcopy", str(src), f"nbd://127.0.0.1:{nbd_port(owner)}/disk")
+        for _ in range(100):  # most of it goes to the peers
+            if foreign_pages(cluster) > 4 * MiB // 4096:
+                break
+            time.sleep(0.1)
+        assert foreign_pages(cluster) > 4 * MiB // 4096
+        restart_with(owner, "--nbd-export", "other:1Mi", "--nbd-drop", "disk")
+        (dropped,) = [json.loads(line) for line in owner.log().splitlines() if "_dropped" in line]
+        assert (dropped["export"], dropped["pages"]) == ("disk", len(data) // 4096)
+        with owner.client() as client:
+            stats = client.stats()
+            assert (stats.stored_pages, stats.written_back_pages) == (0, 0)
+        for _ in range(100):  # the peers are told to flush them
+            if not foreign_pages(cluster):
+                break
+            time.sleep(0.1)
+        assert foreign_pages(cluster) == 0
+        restart_with(owner, "--nbd-export", "other:1Mi", "--nbd-drop", "disk")  # nothing left
+        assert '"event": "nbd_export_drop_skipped"' in owner.log()
+        restart_with(owner, "--nbd-export", "disk:32Mi")  # declared again: a new, empty disk
+        back = tmp_path / "back.img"
+        run("nbdcopy", f"nbd://127.0.0.1:{nbd_port(owner)}/disk", str(back))
+        assert back.read_bytes() == bytes(32 * MiB)
+    done = node_exits(
+        tmp_path / "x", "--nbd-listen", "127.0.0.1:0", "--nbd-export", "a:1Mi", "--nbd-drop", "a"
+    )
+    assert "--nbd-drop names 'a', which --nbd-export declares" in done.stderr
