@@ -35,10 +35,12 @@ from node.driver import RemoteDriver
 from node.heap import HeapTrimmer
 from node.logs import log_event
 from node.peering import GrpcTransport, Identity, PeerServicer
+from node.sealing import OVERHEAD as SEALING_OVERHEAD
 from node.sealing import Sealer, load_sealing_key
 from node.settings import Settings
 from ramster.remote import ForeignStore, RamsterLayer, RemoteConfig
 from ramster.remote.events import Joined, Leaving
+from ramster.remote.foreign import MAX_BLOB
 from ramster.remote.journal import Journal
 from ramster.zcache import PAGE_SIZE, ZCache
 from ramster.zcache.backing import BackingFile
@@ -53,6 +55,7 @@ class RemoteSide:
             heartbeat_interval=settings.heartbeat_interval,
             down_after=settings.down_after,
             forget_after=settings.forget_after,
+            largest_zpage=MAX_BLOB - SEALING_OVERHEAD,  # sealed, it must fit a holder's frame
         )
         self.foreign = ForeignStore(
             max(1, settings.foreign_limit // PAGE_SIZE), max_owners=max(1, len(settings.peers))

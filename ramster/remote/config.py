@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ramster.remote.foreign import MAX_BLOB
+
 
 class RemoteConfigError(ValueError):
     """A ramster-layer setting is out of range."""
@@ -17,6 +19,9 @@ class RemoteConfig:
     outbox_limit: int = 8192  # evicted zpages waiting to be sent; beyond it evict() refuses
     outbox_limit_bytes: int = 16 << 20  # and their bytes (kept in RAM beyond the pool limit)
     send_batch: int = 256  # zpages per PutZpages message
+    # the longest zpage a holder can take: what fits its frame, less what the owner's transport
+    # adds (node/sealing.py); evict() leaves longer ones (raw pages) to the next evictor
+    largest_zpage: int = MAX_BLOB
 
     def __post_init__(self) -> None:
         if not 1 <= self.replicas <= 8:
@@ -31,7 +36,7 @@ class RemoteConfig:
                 f"forget_after must be at least down_after, got {self.forget_after} and "
                 f"{self.down_after}"
             )
-        if self.outbox_limit < 1 or self.send_batch < 1 or self.outbox_limit_bytes < 1:
+        if min(self.outbox_limit, self.send_batch, self.outbox_limit_bytes, self.largest_zpage) < 1:
             raise RemoteConfigError(
-                "outbox_limit, outbox_limit_bytes and send_batch must be positive"
+                "outbox_limit, outbox_limit_bytes, send_batch and largest_zpage must be positive"
             )

@@ -35,8 +35,10 @@
 #
 # Bounds: the outbox (zpages whose bytes wait here for copies) is limited in pages and bytes;
 # beyond it evict() refuses and the backing file takes the zpages, and repairs are fetched only
-# while the outbox has room for them.  `wake` (set by the driver) is called whenever work is
-# queued, so nothing waits for a timer.
+# while the outbox has room for them.  evict() also refuses a zpage longer than a holder can
+# take (largest_zpage: a raw page, once sealed): every peer would refuse it, and as a page
+# short of copies it would be read back from disk and offered again every down_after.  `wake`
+# (set by the driver) is called whenever work is queued, so nothing waits for a timer.
 #
 # The table of where each zpage's copies are is a RemoteTable (narrow arrays, 4 bytes per remote
 # page with a few pools and peers, no keys: holders file copies under the table's slot); only
@@ -105,7 +107,7 @@ class LayerStats:
     rereplicated: int = 0  # zpages placed again after a holder went
     lost: int = 0  # zpages with no copy left anywhere (should stay 0)
     damaged: int = 0  # copies a holder returned that failed verification
-    outbox_refused: int = 0  # zpages evict() refused (outbox full or no peer up)
+    outbox_refused: int = 0  # zpages evict() refused (outbox full, no peer up, too long)
     repairs_pending: int = field(default=0)
     recovered: int = 0  # locations found again in the journal at start
     reclaimed: int = 0  # copies peers still held for us when asked after a restart
@@ -471,20 +473,26 @@ class RamsterLayer:
         return self.config.outbox_limit - len(self._bytes)
 
     def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
-        taken = zpages[: max(0, self._outbox_room())]
-        if self.closing or not self.membership.has_room():
-            taken = []
+        """Take zpages into the outbox while it has room and a peer has room; never one that
+        no holder could take (longer than largest_zpage: a raw page), which would only be
+        refused by every peer and left short of copies, retried for ever."""
+        room = 0 if self.closing or not self.membership.has_room() else self._outbox_room()
+        largest = self.config.largest_zpage
+        picked = [i for i, z in enumerate(zpages) if len(z) <= largest][: max(0, room)]
+        taken = [zpages[i] for i in picked]
         locations = self.table.new_many(pool_id, allocator, len(taken))
         if self.journal is not None:
             self.journal.keys(locations, pool_id, allocator, [zpage_key(z) for z in taken])
         self._bytes.update(zip(locations, taken, strict=True))
         self._pending.extend(locations)
         self.outbox_bytes += sum(map(len, taken))
-        refused = len(zpages) - len(taken)
-        self.stats.outbox_refused += refused
+        self.stats.outbox_refused += len(zpages) - len(taken)
         if taken:
             self.wake()
-        return locations + [0] * refused
+        out = [0] * len(zpages)
+        for i, location in zip(picked, locations, strict=True):
+            out[i] = location
+        return out
 
     def load(self, pool_id: int, location: int) -> bytes:
         if location not in self.table:
@@ -565,7 +573,7 @@ class RamsterLayer:
         defer = []
         table, membership, outbox = self.table, self.membership, self._bytes
         sending_of, tried, pending = self._sending, self._tried, self._pending
-        holders = table.holders
+        holders, largest = table.holders, self.config.largest_zpage
         among = [p for p in membership.placeable() if table.can_hold(p.address)]
         counted = self._counted()
         while pending and budget > 0:
@@ -575,8 +583,9 @@ class RamsterLayer:
                 continue
             need = self._needed(location, counted)
             sending = sending_of.get(location)
+            placeable = len(zpage) <= largest  # else (a repair of a raw page) the disk only
             chosen: list[Peer] = []
-            if need > 0:
+            if need > 0 and placeable:
                 exclude: AbstractSet[str] = NOBODY  # no copy anywhere yet: nobody to avoid
                 if holders[location & SLOT_MASK] or sending or location in tried:
                     held = table.holders_of(location)
@@ -594,7 +603,7 @@ class RamsterLayer:
             elif sending:
                 continue  # its copies in flight settle it, or queue it again
             elif need > 0:
-                if not self._settle_without_peers(location):
+                if not self._settle_without_peers(location, retry=placeable):
                     defer.append(location)
             else:
                 self._settle(location)
@@ -603,12 +612,13 @@ class RamsterLayer:
         peers = self.membership.peers
         return [Send(a, peers[a].epoch, tuple(items)) for a, items in plans.items()]
 
-    def _settle_without_peers(self, location: int) -> bool:
-        """No (more) peer can take a copy: add a disk copy; settle if a copy exists anywhere."""
+    def _settle_without_peers(self, location: int, retry: bool = True) -> bool:
+        """No (more) peer can take a copy: add a disk copy; settle if a copy exists anywhere
+        (and, with `retry`, try peers again later if it is short of copies)."""
         self._disk_copy(location)
         if self.table.disk_of(location) or self.table.holders_of(location):
             self._settle(location)
-            if self._needed(location) > 0:  # placed again when a peer (re)appears
+            if retry and self._needed(location) > 0:  # placed again when a peer (re)appears
                 self._short.add(location)
             return True
         self._tried.pop(location, None)  # nothing took it: keep the bytes, try every peer later

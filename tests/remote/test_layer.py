@@ -13,7 +13,7 @@ from node.engine import ChunkedEngine
 from ramster.remote import RemoteConfig
 from ramster.remote.layer import FLUSH_BATCH
 from ramster.remote.table import slot_of
-from ramster.zcache import PageUnavailable
+from ramster.zcache import PageUnavailable, PoolKind
 from ramster.zcache.evictor import LINK_SHIFT
 from tests.remote.memnet import MemNetwork, MemNode, MemTransport
 
@@ -354,3 +354,30 @@ async def test_chunks_of_a_get_look_again_only_once_a_local_copy_went(
     squeeze = True
     assert await engine.get_batch(pool, second, False) == expected(compressible_pages, second)
     assert asked == [64, -64] + [8] * 8
+
+
+async def test_raw_pages_go_to_disk_and_are_never_offered_to_peers(
+    tmp_path: Path, compressible_pages: list[bytes], incompressible_pages: list[bytes]
+) -> None:
+    """A raw zpage (an incompressible page of a store_raw pool) fits no holder's frame: evict()
+    leaves it to the disk at once.  Taken into the outbox, it was refused by every peer, settled
+    short of copies and fetched back from disk to be offered again every down_after, for ever."""
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    await net.settle(1)
+    a = net.nodes["a"]
+    pool = a.cache.create_pool(PoolKind.PERSISTENT, store_raw=True)
+    kinds = (incompressible_pages, compressible_pages, compressible_pages)
+    pages = [kinds[i % 3][i % len(kinds[i % 3])] for i in range(N)]
+    keys = [(1, i) for i in range(N)]
+    for start in range(0, N, 100):
+        batch = keys[start : start + 100]
+        results = a.cache.put_batch(pool, batch, [pages[i] for _, i in batch])
+        assert not any(r.refused for r in results)
+        await net.settle(1)
+    await net.settle(10, advance=2.0)  # down_after several times over
+    layer = a.layer
+    assert layer.remote_pages > N // 3  # the compressible pages went to peers ...
+    assert layer.replica_histogram() == {2: layer.remote_pages}
+    assert layer.stats.outbox_refused >= N // 4  # ... the raw ones straight to disk
+    assert layer.stats.remote_refused == 0 and layer.stats.repairs_pending == 0
+    assert await read_all(net, a, pool, keys) == pages
