@@ -187,9 +187,8 @@ def parse_nbd_exports(text: str | list[str]) -> tuple[Export, ...]:
     exports = []
     for item in (str(i).strip() for i in items if str(i).strip()):
         name, sep, size = item.rpartition(":")
-        if not sep or not name or "\0" in name or len(name.encode()) > 256:
-            shown = repr(item) if len(item) <= 80 else f"{item[:80]!r}..."
-            raise ValueError(f"expected NAME:SIZE (a name of 1 to 256 bytes), got {shown}")
+        if not sep or not export_name_ok(name):
+            raise ValueError(f"expected NAME:SIZE (a name of 1 to 256 bytes), got {shown(item)}")
         try:
             length = parse_size(size)
         except ValueError as exc:
@@ -212,10 +211,19 @@ def parse_nbd_drops(text: str | list[str]) -> tuple[str, ...]:
     items = text if isinstance(text, list) else str(text).split(",")
     names = tuple(dict.fromkeys(str(i).strip() for i in items if str(i).strip()))
     for name in names:
-        if "\0" in name or len(name.encode()) > 256:
-            shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}..."
-            raise ValueError(f"expected an export name of 1 to 256 bytes, got {shown}")
+        if not export_name_ok(name):
+            raise ValueError(f"expected an export name of 1 to 256 bytes, got {shown(name)}")
     return names
+
+
+def export_name_ok(name: str) -> bool:
+    """An NBD export name as the node takes it: 1 to 256 bytes, no NUL."""
+    return bool(name) and "\0" not in name and len(name.encode()) <= 256
+
+
+def shown(text: str) -> str:
+    """`text` quoted for an error message, cut at 80 characters."""
+    return repr(text) if len(text) <= 80 else f"{text[:80]!r}..."
 
 
 def parse_nbd_allow(text: str | list[str]) -> tuple[tuple[str, str], ...]:
@@ -584,7 +592,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TOML file of settings, keys named like the flags [env RAMSTER_CONFIG]",
     )
     for f in fields(Settings):
-        shown = "" if f.default is MISSING else f"; default {f.default or 'none'}"
+        default = "" if f.default is MISSING else f"; default {f.default or 'none'}"
         if f.metadata["switch"]:
             parser.add_argument(
                 _flag(f.name),
@@ -601,7 +609,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=argparse.SUPPRESS,
             action="append" if f.metadata["repeat"] else "store",
             metavar=f.metadata["metavar"],
-            help=f"{f.metadata['help']} [env {env_name(f.name)}{shown}]",
+            help=f"{f.metadata['help']} [env {env_name(f.name)}{default}]",
         )
 
 

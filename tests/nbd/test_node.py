@@ -2,6 +2,7 @@
 # data directory, and a 3-node cluster whose export outgrows node 1's pool.
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -202,34 +204,55 @@ def test_data_past_the_first_4_gib_keeps_an_export_from_shrinking_too(tmp_path: 
     assert "export 'big' is declared 4Gi but holds data up to 4194308Ki" in done.stderr
 
 
+def foreign_pages(cluster: LocalCluster) -> int:
+    """The pages the peers of node 1 hold for it."""
+    return sum(node.client().stats().foreign_pages for node in cluster.nodes[1:])
+
+
+def eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Whether `check` holds within `seconds` (asked every 0.1 s)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@contextlib.contextmanager
+def spilled(
+    tmp_path: Path, pages: list[bytes], count: int, pool: str, size: str
+) -> Iterator[tuple[LocalCluster, bytes]]:
+    """A 3-node cluster whose node 1 serves export "disk" of `size` from a pool of `pool`,
+    `count` real pages (`pages` cycled) written into it, most of which went to the peers:
+    over half of them held twice there.  The cluster and the data."""
+    node1 = ["--pool-limit", pool, "--nbd-listen", "127.0.0.1:0", "--nbd-export", f"disk:{size}"]
+    common = ["--pool-limit", "64Mi", "--heartbeat-interval", "0.2", "--down-after", "1"]
+    data = b"".join(pages[n % len(pages)] for n in range(count))
+    with LocalCluster(3, common=common, per_node=[node1]) as cluster:
+        src = tmp_path / "in.img"
+        src.write_bytes(data)
+        run("nbdcopy", str(src), f"nbd://127.0.0.1:{nbd_port(cluster.nodes[0])}/disk")
+        assert eventually(lambda: foreign_pages(cluster) > count)
+        yield cluster, data
+
+
 @pytest.mark.slow
 def test_an_export_larger_than_the_pool_spills_to_peers_and_survives_a_killed_peer(
     tmp_path: Path, sample_pages: list[bytes]
 ) -> None:
+    """32 MiB of real pages, a twelfth of them incompressible: those are stored raw, fit no
+    holder's frame once sealed, and go to node 1's disk at once; the others mostly to peers."""
     need("nbdcopy")
-    node1 = ["--pool-limit", "4Mi", "--nbd-listen", "127.0.0.1:0", "--nbd-export", "disk:48Mi"]
-    common = ["--pool-limit", "64Mi", "--heartbeat-interval", "0.2", "--down-after", "1"]
-    # 32 MiB of real pages, a twelfth of them incompressible: those are stored raw, fit no
-    # holder's frame once sealed, and go to node 1's disk; the others mostly to the peers
-    data = b"".join(sample_pages[n % len(sample_pages)] for n in range(8192))
-    with LocalCluster(3, common=common, per_node=[node1]) as cluster:
+    with spilled(tmp_path, sample_pages, 8192, "4Mi", "48Mi") as (cluster, data):
         owner = cluster.nodes[0]
-        uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
-        src = tmp_path / "in.img"
-        src.write_bytes(data)
-        run("nbdcopy", str(src), uri)
-        for _ in range(100):
-            if foreign_pages(cluster) > 2 * 4096:  # two copies of over half the pages
-                break
-            time.sleep(0.1)
-        assert foreign_pages(cluster) > 2 * 4096
         time.sleep(3)  # down_after three times over: no raw page is offered to a peer
         assert metric_value(owner, "ramster_remote_put_refusals_total") == 0
         assert metric_value(owner, "ramster_remote_disk_copies_total") == 0
         cluster.nodes[2].send_signal(signal.SIGKILL)
         cluster.nodes[2].wait()
         back = tmp_path / "back.img"
-        run("nbdcopy", uri, str(back))
+        run("nbdcopy", f"nbd://127.0.0.1:{nbd_port(owner)}/disk", str(back))
         assert back.read_bytes()[: len(data)] == data
 
 
@@ -247,40 +270,20 @@ def restart_with(node: LocalNode, *flags: str) -> LocalNode:
     return node.start()
 
 
-def foreign_pages(cluster: LocalCluster) -> int:
-    return sum(node.client().stats().foreign_pages for node in cluster.nodes[1:])
-
-
 @pytest.mark.slow
 def test_a_dropped_export_frees_its_pages_in_ram_on_peers_and_on_disk(
     tmp_path: Path, sample_pages: list[bytes]
 ) -> None:
     need("nbdcopy")
-    node1 = ["--pool-limit", "1Mi", "--nbd-listen", "127.0.0.1:0", "--nbd-export", "disk:32Mi"]
-    common = ["--pool-limit", "64Mi", "--heartbeat-interval", "0.2", "--down-after", "1"]
-    # real pages (raw ones would stay on node 1's disk: sealed, they fit no holder's frame)
-    data = b"".join(sample_pages[n % len(sample_pages)] for n in range(4096))
-    with LocalCluster(3, common=common, per_node=[node1]) as cluster:
+    with spilled(tmp_path, sample_pages, 4096, "1Mi", "32Mi") as (cluster, data):
         owner = cluster.nodes[0]
-        src = tmp_path / "in.img"
-        src.write_bytes(data)
-        run("nbdcopy", str(src), f"nbd://127.0.0.1:{nbd_port(owner)}/disk")
-        for _ in range(100):  # most of it goes to the peers
-            if foreign_pages(cluster) > 4 * MiB // 4096:
-                break
-            time.sleep(0.1)
-        assert foreign_pages(cluster) > 4 * MiB // 4096
         restart_with(owner, "--nbd-export", "other:1Mi", "--nbd-drop", "disk")
         (dropped,) = [json.loads(line) for line in owner.log().splitlines() if "_dropped" in line]
         assert (dropped["export"], dropped["pages"]) == ("disk", len(data) // 4096)
         with owner.client() as client:
             stats = client.stats()
             assert (stats.stored_pages, stats.written_back_pages) == (0, 0)
-        for _ in range(100):  # the peers are told to flush them
-            if not foreign_pages(cluster):
-                break
-            time.sleep(0.1)
-        assert foreign_pages(cluster) == 0
+        assert eventually(lambda: foreign_pages(cluster) == 0)  # the peers flushed them
         restart_with(owner, "--nbd-export", "other:1Mi", "--nbd-drop", "disk")  # nothing left
         assert '"event": "nbd_export_drop_skipped"' in owner.log()
         restart_with(owner, "--nbd-export", "disk:32Mi")  # declared again: a new, empty disk

@@ -3,6 +3,7 @@
 # Every node listens on 127.0.0.1 port 0.
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -45,3 +46,14 @@ async def client(node: Node) -> AsyncIterator[AsyncClient]:
 def local_node() -> Iterator[LocalNode]:
     with LocalNode("--pool-limit", "256Mi") as n:
         yield n
+
+
+def half_sent(port: int, count: int, start: bytes) -> list[socket.socket]:
+    """`count` connections to a local port that each send `start` (the beginning of a
+    request, a preface) and never the rest."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(start)
+        socks.append(sock)
+    return socks

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,25 +14,16 @@ from node import server as node_server
 from node.server import Node
 from node.settings import HostPort
 from ramster.client import AsyncClient
-from tests.node.conftest import node_settings
+from tests.node.conftest import half_sent, node_settings
 
 LIMIT = 8
 OPENED = 40
+PREFACE_HALF = b"PRI * HTTP/2.0\r\n"  # the first half of the HTTP/2 client preface
 SLACK = 3  # descriptors the node may open meanwhile for its own work (/proc reads, a log)
 
 
 def descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def half_prefaces(port: int, count: int) -> list[socket.socket]:
-    """`count` connections that each send half the HTTP/2 client preface and stop."""
-    socks = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        sock.sendall(b"PRI * HTTP/2.0\r\n")
-        socks.append(sock)
-    return socks
 
 
 async def held_over(baseline: int, seconds: float) -> int:
@@ -58,7 +48,7 @@ async def test_half_open_connections_are_bounded_and_then_closed(
         port = node.port if listener == "client" else node.peer_port
         assert port
         baseline = descriptors() + OPENED  # the test's sockets
-        socks = half_prefaces(port, OPENED)
+        socks = half_sent(port, OPENED, PREFACE_HALF)
         try:
             assert await held_over(baseline, 0.6) <= LIMIT + SLACK  # the rest closed as accepted
             for _ in range(100):  # the handshake timeout closes the ones it held

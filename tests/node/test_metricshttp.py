@@ -15,6 +15,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from node import metricshttp
 from node.settings import HostPort
+from tests.node.conftest import half_sent
+
+REQUEST_LINE = b"GET /metrics HTTP/1.1\r\n"  # and never the headers' end
 
 
 @pytest.fixture
@@ -27,16 +30,6 @@ def endpoint() -> Iterator[int]:
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
-
-
-def half_requests(port: int, count: int) -> list[socket.socket]:
-    """`count` connections that each send a request line and never the rest."""
-    socks = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        sock.sendall(b"GET /metrics HTTP/1.1\r\n")
-        socks.append(sock)
-    return socks
 
 
 def closed_by_server(socks: list[socket.socket], within: float) -> int:
@@ -57,7 +50,7 @@ def scrape(port: int) -> str:
 
 def test_connections_past_the_scrapes_served_at_once_are_closed_at_once(endpoint: int) -> None:
     before = threading.active_count()
-    slow = half_requests(endpoint, 40)
+    slow = half_sent(endpoint, 40, REQUEST_LINE)
     assert closed_by_server(slow, 2) == len(slow) - metricshttp.SCRAPES
     assert threading.active_count() == before + metricshttp.SCRAPES  # a thread each, no more
     for sock in slow:
@@ -70,7 +63,7 @@ def test_a_request_that_does_not_arrive_in_time_is_dropped(
 ) -> None:
     monkeypatch.setattr(metricshttp._Handler, "timeout", 0.5)
     before = threading.active_count()
-    slow = half_requests(endpoint, metricshttp.SCRAPES)
+    slow = half_sent(endpoint, metricshttp.SCRAPES, REQUEST_LINE)
     assert closed_by_server(slow, 10) == len(slow)
     assert "scraped_things_total 7.0" in scrape(endpoint)  # the slots came back
     deadline = time.monotonic() + 10
