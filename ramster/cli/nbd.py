@@ -11,13 +11,15 @@ import argparse
 import json
 import socket
 import ssl
+import urllib.parse
 
 from ramster.cli.errors import CliError
 from ramster.cli.table import print_table
 from ramster.cli.target import add_tls, hostport, seconds
 from ramster.nbd import ExportInfo, ExportLister, NbdError, TransmissionFlag
 
-DEFAULT_NBD_TARGET = "127.0.0.1:10809"  # the IANA port of NBD
+NBD_PORT = 10809  # the IANA port of NBD
+DEFAULT_NBD_TARGET = f"127.0.0.1:{NBD_PORT}"
 FEATURES = {
     TransmissionFlag.SEND_TRIM: "trim",
     TransmissionFlag.SEND_WRITE_ZEROES: "zero",
@@ -46,7 +48,11 @@ def client_tls(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCont
 
 
 def nbd_target(text: str) -> str:
-    """HOST:PORT, or unix:PATH (a node's --nbd-listen unix:PATH)."""
+    """HOST:PORT, unix:PATH (a node's --nbd-listen unix:PATH), or an NBD URI as qemu and
+    nbdinfo take it: nbd[s]://HOST[:PORT][/EXPORT] or nbd[s]+unix:///[EXPORT]?socket=PATH (the
+    export is left out: every export is listed; TLS is --tls-ca's to ask for)."""
+    if "://" in text:
+        return _uri_target(text)
     if text.startswith("unix:"):
         if not text[5:]:
             raise argparse.ArgumentTypeError("expected unix:PATH, got 'unix:'")
@@ -55,6 +61,24 @@ def nbd_target(text: str) -> str:
         return hostport(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT or unix:PATH, got {text!r}") from None
+
+
+def _uri_target(text: str) -> str:
+    """The HOST:PORT or unix:PATH an NBD URI names."""
+    uri = urllib.parse.urlsplit(text)
+    try:
+        if uri.scheme in ("nbd", "nbds") and uri.hostname:
+            host = f"[{uri.hostname}]" if ":" in uri.hostname else uri.hostname
+            return f"{host}:{uri.port or NBD_PORT}"
+        if uri.scheme in ("nbd+unix", "nbds+unix"):
+            (path,) = urllib.parse.parse_qs(uri.query)["socket"]
+            return f"unix:{path}"
+    except (ValueError, KeyError):  # a port out of range or not a number, no or two sockets
+        pass
+    raise argparse.ArgumentTypeError(
+        f"expected HOST:PORT, unix:PATH, nbd://HOST[:PORT] or nbd+unix:///?socket=PATH, got "
+        f"{text!r}"
+    )
 
 
 def connect(target: str, timeout: float) -> tuple[socket.socket, str | None]:
@@ -149,7 +173,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=nbd_target,
         default=DEFAULT_NBD_TARGET,
         metavar="ADDRESS",
-        help=f"the NBD address, HOST:PORT or unix:PATH (default {DEFAULT_NBD_TARGET})",
+        help=f"the NBD address: HOST:PORT, unix:PATH, or an NBD URI (nbd://HOST[:PORT], "
+        f"nbd+unix:///?socket=PATH) (default {DEFAULT_NBD_TARGET})",
     )
     p.add_argument("--timeout", type=seconds, default=10.0, metavar="S", help="socket timeout")
     add_tls(p)

@@ -51,6 +51,33 @@ def test_lists_the_exports_of_nbdkit() -> None:
     assert export["contexts"] == ["base:allocation"]
 
 
+@pytest.mark.parametrize("listen", [["-i", "127.0.0.1", "-p", "0"], ["-U", "-"]])
+def test_takes_the_uri_nbdkit_gives_its_clients(listen: list[str]) -> None:
+    """nbd://HOST:PORT or nbd+unix:///?socket=PATH, as qemu and nbdinfo take them ($uri)."""
+    need("nbdkit")
+    if "-p" in listen:  # nbdkit wants a port of its own
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            listen[-1] = str(probe.getsockname()[1])
+    lister = f'{sys.executable} -m ramster.cli.main nbd list --json --target "$uri"'
+    done = subprocess.run(
+        ["nbdkit", *listen, "memory", "size=2M", "--run", f'echo "$uri" >&2; {lister}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("nbd+unix://" if "-U" in listen else "nbd://")
+    (export,) = json.loads(done.stdout)
+    assert export["size"] == 2 * MiB
+
+
+@pytest.mark.parametrize("uri", ["nbd://", "nbd://h:99999", "nbd+unix:///e", "http://h:1"])
+def test_a_uri_that_names_no_server_is_a_usage_error(uri: str) -> None:
+    done = ramster("nbd", "list", "--target", uri)
+    assert done.returncode == 2 and "expected HOST:PORT, unix:PATH, nbd://" in done.stderr
+
+
 def test_nothing_listening_is_one_error_line() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
