@@ -68,6 +68,11 @@ class RemoteSide:
             local=backing,
             journal=Journal(settings.data_dir),
         )
+        journal = self.layer.journal
+        assert journal is not None
+        journal.on_unwritten = _journal_unwritten
+        if journal.not_compacted:
+            log_event("remote_journal_not_compacted", logging.WARNING, why="the disk is full")
         self.chain = EvictorChain([self.layer, backing])
         sealer = Sealer(load_sealing_key(settings.data_dir), settings.node_id)
         self.transport = GrpcTransport(self.identity, sealer, timeout=settings.peer_timeout)
@@ -119,7 +124,11 @@ class RemoteSide:
         self.foreign.max_owners = max(self.foreign.max_owners, len(self.layer.membership.peers))
 
     async def _run(self, driver: RemoteDriver) -> None:
-        await asyncio.gather(driver.run(), self.trimmer.run())
+        try:
+            await asyncio.gather(driver.run(), self.trimmer.run())
+        except Exception as exc:  # said at once: peers are no longer used from now on
+            log_event("remote_driver_failed", logging.ERROR, exc_info=exc)
+            raise
 
     def _read_ahead(self) -> int:
         return self.driver.ahead.pages if self.driver is not None else 0
@@ -172,6 +181,13 @@ class RemoteSide:
         stranded = self.layer.close()
         if stranded:
             log_event("outbox_not_saved", logging.ERROR, pages=stranded)
+        if self.layer.journal is not None and self.layer.journal.waiting:
+            log_event(
+                "remote_journal_not_saved",
+                logging.ERROR,
+                records=self.layer.journal.waiting,
+                why="the disk is full: copies made since are not found again at the next start",
+            )
         self.foreign.close()
 
     def stats(self) -> dict[str, int]:
@@ -261,3 +277,16 @@ class RemoteSide:
             "Peers' pages refused (no room, quota, damaged).",
             self.foreign.refused,
         )
+
+
+def _journal_unwritten(waiting: bool, records: int) -> None:
+    """The journal's disk filled up (records wait in memory) or took them again."""
+    if waiting:
+        log_event(
+            "remote_journal_waiting",
+            logging.WARNING,
+            records=records,
+            why="the disk is full: records wait in memory, and a crash would lose them",
+        )
+    else:
+        log_event("remote_journal_written", why="the disk took the records that waited")

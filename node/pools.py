@@ -9,7 +9,7 @@
 # `{"remove": id}`, each written with one write() and fsync'd before the RPC that caused it
 # answers; a torn last line (a crash mid-write) is ignored.  On open the log is replayed and
 # rewritten compactly (to a temporary file, then renamed), so it stays proportional to the live
-# pools however many were created and destroyed.
+# pools however many were created and destroyed; on a full disk it is kept as it is.
 #
 # Pool ids are unique across the cluster and across restarts, so a client that reaches another
 # node, or this one restarted, with an old id gets NOT_FOUND, never another pool's pages.  An
@@ -26,7 +26,9 @@
 # Trade-off: an fsync per create/destroy (pools are created rarely; pages never touch this file).
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import secrets
 from collections.abc import Container
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from node.logs import log_event
 from ramster.zcache import PoolKind, UnknownPool, ZCache
 
 POOLS_FILE = "pools.log"
@@ -122,16 +125,30 @@ class PoolRegistry:
             self.used_tags.update(range(tag + 1) if not self.tag else [tag])
 
     def _compact(self) -> None:
+        """Rewrite the log compactly and open it for appending.  A log that cannot be
+        rewritten (its disk is full: the backing file may have filled it) is kept as it is,
+        as it says the same: a node must come back on its data to let clients free room."""
         state = {"tag": self.tag, "counter": self.counter, "used": sorted(self.used_tags)}
         state["salt"] = self.salt
         lines = [state] + [{"add": r.to_json()} for r in self.pools.values()]
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.path.exists():
+                    raise
+                log_event(
+                    "pools_log_not_compacted",
+                    logging.WARNING,
+                    path=str(self.path),
+                    error=exc.strerror,
+                )
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
             raise PoolRegistryError(f"cannot write {self.path}: {exc.strerror}") from None

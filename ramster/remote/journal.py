@@ -25,12 +25,16 @@
 # Replay folds the records into one (pool, oid, index, allocator, holders, disk) per live location;
 # a torn last record is ignored.  The file is rewritten compactly (temporary file, rename) at open
 # and at a clean close, and whenever it grows past four times its live content, so it stays
-# proportional to what is remote.  The owner's table keeps no keys (table.py), so a running
-# owner compacts the file from itself (`compact`): the KEY records of live locations are kept,
-# their copies written afresh from the table.  Entries with no copy anywhere (still in the
+# proportional to what is remote.  A full disk stops neither: records that find no room wait in
+# memory, in order, for the next commit (a record cut short is taken back, so the file holds
+# whole records only, and none is written before the peers file names its slot), and a rewrite
+# that finds no room leaves the file as it was.  The owner's table keeps no keys (table.py), so
+# a running owner compacts the file from itself (`compact`): the KEY records of live locations
+# are kept, their copies written afresh from the table.  Entries with no copy anywhere (still in the
 # outbox at a crash) are not recovered: their only copy was in RAM.
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -52,6 +56,13 @@ REWRITE_CHUNK = 1 << 20  # bytes a rewrite buffers before writing them
 
 class JournalError(Exception):
     """The journal cannot be read or written; the message says why."""
+
+
+class JournalFull(JournalError):
+    """The journal's disk is full (or its quota used up): a rewrite could not be written."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -81,8 +92,20 @@ class Journal:
                 self.slots = {str(a): int(s) for a, s in json.loads(self.peers_path.read_text())}
         except (OSError, ValueError, TypeError) as exc:
             raise JournalError(f"cannot read {self.peers_path}: {exc}") from None
+        self.unwritten = False  # records wait in memory: the disk was full at the last commit
+        self.not_compacted = False  # the file could not be rewritten at open (disk full)
+        self._slots_saved = True  # the peers file names every slot records may use
+        self.on_unwritten: Callable[[bool, int], None] = lambda waiting, records: None
         self.recovered = self._replay()
-        self.rewrite(self.recovered)
+        try:
+            self.rewrite(self.recovered)
+        except JournalFull:  # keep the file as it is: it says the same, only less compactly
+            if not self.path.exists():
+                raise
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._records = self.path.stat().st_size // RECORD.size
+            self._live_at_rewrite = max(1, self._records)
+            self.not_compacted = True
 
     # -- replay and compaction --------------------------------------------------------------
     def _replay(self) -> dict[int, Recovered]:
@@ -152,6 +175,8 @@ class Journal:
 
         try:
             self._write(records(), high_gen)
+        except JournalFull:  # the file goes on as it is; try again once it has grown as much
+            self._live_at_rewrite = max(1, self._records)
         except OSError as exc:
             raise JournalError(f"cannot read {self.path}: {exc.strerror}") from None
 
@@ -181,7 +206,9 @@ class Journal:
                 os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
-            raise JournalError(f"cannot write {self.path}: {exc.strerror}") from None
+            tmp.unlink(missing_ok=True)  # a partial copy would only take more of the disk
+            error = JournalFull if exc.errno in NO_SPACE else JournalError
+            raise error(f"cannot write {self.path}: {exc.strerror}") from None
         self._records = written // RECORD.size
         self._live_at_rewrite = max(1, self._records)
 
@@ -192,10 +219,23 @@ class Journal:
             if len(self.slots) >= MAX_SLOTS:
                 raise JournalError(f"more than {MAX_SLOTS} peer addresses in the journal")
             slot = self.slots[address] = len(self.slots)
-            tmp = self.peers_path.with_name(self.peers_path.name + ".tmp")
+            self._slots_saved = False
+            self._save_slots()
+        return slot
+
+    def _save_slots(self) -> None:
+        """Rewrite the peers file (temporary file, rename); with the disk full it is left for
+        commit() to try again, which writes no record until it is saved (a record of a slot
+        the file does not name would be dropped on replay)."""
+        tmp = self.peers_path.with_name(self.peers_path.name + ".tmp")
+        try:
             tmp.write_text(json.dumps(sorted(self.slots.items(), key=lambda kv: kv[1])))
             os.replace(tmp, self.peers_path)
-        return slot
+            self._slots_saved = True
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno not in NO_SPACE:
+                raise
 
     @staticmethod
     def _key(location: int, pool_id: int, alloc: int, oid: int, index: int) -> bytes:
@@ -235,16 +275,42 @@ class Journal:
         self._buffer += RECORD.pack(FORGET, 0, 0, 0, 0, location, 0)
 
     def commit(self) -> None:
-        """Write the buffered records (one write)."""
-        if self._buffer and self._fd >= 0:
-            os.write(self._fd, self._buffer)
-            self._records += len(self._buffer) // RECORD.size
-            self._buffer.clear()
+        """Write the buffered records (one write, unless the kernel takes part of it).  With
+        the disk full, what was not written stays buffered, in order, for the next commit, and
+        a record cut short is taken back, so that the file holds whole records only."""
+        buffer = self._buffer
+        if not buffer or self._fd < 0:
+            return
+        if not self._slots_saved:
+            self._save_slots()
+        done = 0
+        try:
+            while done < len(buffer) and self._slots_saved:
+                done += os.write(self._fd, buffer[done:] if done else buffer)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            cut = done % RECORD.size
+            if cut:
+                os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - cut)
+                done -= cut
+        self._records += done // RECORD.size
+        del buffer[:done]
+        if bool(buffer) != self.unwritten:
+            self.unwritten = bool(buffer)
+            self.on_unwritten(self.unwritten, len(buffer) // RECORD.size)
 
     def wants_rewrite(self, live_records: int) -> bool:
         return self._records > 4 * max(live_records, self._live_at_rewrite, 1024)
 
+    @property
+    def waiting(self) -> int:
+        """Records buffered, not written yet."""
+        return len(self._buffer) // RECORD.size
+
     def close(self) -> None:
+        """Write what is buffered and close.  Records still `waiting` then (the disk is full)
+        are lost: the copies they tell of are not found again at the next start."""
         self.commit()
         if self._fd >= 0:
             os.fsync(self._fd)

@@ -1,10 +1,15 @@
 # The remote index journal: what it replays after a crash (torn tail included), what it drops,
-# and that compaction keeps it proportional to what is live.
+# that compaction keeps it proportional to what is live, and what a full disk does to it.
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
-from ramster.remote.journal import RECORD, REWRITE_CHUNK, Journal, Recovered
+import pytest
+
+from ramster.remote import journal
+from ramster.remote.journal import RECORD, REWRITE_CHUNK, Journal, JournalError, Recovered
 
 
 def test_replay_folds_records_into_live_locations(tmp_path: Path) -> None:
@@ -107,3 +112,74 @@ def test_compaction_from_itself_keeps_the_keys_of_live_locations(tmp_path: Path)
     assert again.recovered[8] == Recovered(2, "zsmalloc", 9, 8, {"h2:1"}, 44)
     assert again.recovered[9] == Recovered(2, "zbud", 9, 9, {"h1:1"})
     assert again.high_gen == 3
+
+
+REAL_WRITE = os.write
+
+
+class FullDisk:
+    """os.write as on a disk that takes `room` more bytes, then fails with ENOSPC."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def __call__(self, fd: int, data: bytes | bytearray) -> int:
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = min(self.room, len(data))
+        self.room -= taken
+        return REAL_WRITE(fd, bytes(data[:taken]))
+
+
+def test_a_full_disk_keeps_records_waiting_in_order_and_the_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = Journal(tmp_path)
+    told: list[tuple[bool, int]] = []
+    j.on_unwritten = lambda waiting, records: told.append((waiting, records))
+    j.keys([1, 2, 3], 0, "zsmalloc", [(7, 0), (7, 1), (7, 2)])
+    j.holders([1, 2, 3], "h1:1")
+    disk = FullDisk(room=2 * RECORD.size + 5)  # two records and a piece of the third
+    monkeypatch.setattr(journal.os, "write", disk)
+    j.commit()
+    assert j.waiting == 4 and told == [(True, 4)]
+    assert j.path.stat().st_size == 3 * RECORD.size  # the mark and two whole records
+    j.commit()  # still full: nothing more, nothing told again
+    assert j.waiting == 4 and told == [(True, 4)]
+    disk.room = 1 << 20  # room again
+    j.disk(2, 42)
+    j.commit()
+    assert j.waiting == 0 and told == [(True, 4), (False, 0)]
+    assert Journal(tmp_path).recovered == {
+        1: Recovered(0, "zsmalloc", 7, 0, {"h1:1"}),
+        2: Recovered(0, "zsmalloc", 7, 1, {"h1:1"}, 42),
+        3: Recovered(0, "zsmalloc", 7, 2, {"h1:1"}),
+    }
+
+
+def test_a_journal_that_cannot_be_rewritten_opens_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = Journal(tmp_path)
+    j.keys([1], 0, "zsmalloc", [(7, 0)])
+    j.holders([1], "h1:1")
+    j.close()
+    real_open = open
+
+    def full(path: Path, mode: str = "r", *args: object) -> object:
+        if str(path).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args)
+
+    monkeypatch.setattr(journal, "open", full, raising=False)
+    again = Journal(tmp_path)  # its rewrite at open fails: kept, and appended to
+    assert again.not_compacted and not list(tmp_path.glob("*.tmp"))
+    again.holders([1], "h2:1")
+    again.commit()
+    again.compact(lambda location: (["h1:1", "h2:1"], 0), 1)  # fails too: no harm done
+    again.close()
+    monkeypatch.undo()
+    assert Journal(tmp_path).recovered == {1: Recovered(0, "zsmalloc", 7, 0, {"h1:1", "h2:1"})}
+    with pytest.raises(JournalError, match="cannot write"):  # a new journal must be written
+        monkeypatch.setattr(journal, "open", full, raising=False)
+        Journal(tmp_path / "new")
