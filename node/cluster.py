@@ -224,6 +224,11 @@ class RemoteSide:
             ("remote_outbox_bytes", "Bytes of the pages in the outbox.", layer.outbox_bytes),
             ("remote_flushes_pending", "Flushes owed to peers.", layer.flushes_pending),
             ("remote_peer_copies", "Copies of this node's pages held by peers.", layer.peer_copies),
+            (
+                "remote_journal_waiting_records",
+                "Journal records waiting in memory for room on the disk (lost in a crash).",
+                layer.journal.waiting if layer.journal is not None else 0,
+            ),
         ):
             yield GaugeMetricFamily(f"ramster_{name}", text, value)
         replicas = GaugeMetricFamily(

@@ -363,6 +363,7 @@ def test_an_owner_whose_disk_filled_up_keeps_its_peers_and_comes_back(
             uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
             fill(uri, data, tmp_path / "in.img")
             assert eventually(lambda: '"event": "remote_journal_waiting"' in owner.log())
+            assert metric_value(owner, "ramster_remote_journal_waiting_records") > 0
             assert read_back(uri, data, tmp_path / "back.img") > len(real) // 4096
             assert owner.stop() == 0
             owner.start()
