@@ -22,6 +22,9 @@ class RemoteConfig:
     # the longest zpage a holder can take: what fits its frame, less what the owner's transport
     # adds (node/sealing.py); evict() leaves longer ones (raw pages) to the next evictor
     largest_zpage: int = MAX_BLOB
+    # journal records that may wait in memory while the disk is full (32 bytes each); beyond
+    # it evict() refuses, so a node that keeps writing on a full disk does not grow without end
+    journal_waiting_limit: int = 1 << 18
 
     def __post_init__(self) -> None:
         if not 1 <= self.replicas <= 8:
@@ -36,7 +39,9 @@ class RemoteConfig:
                 f"forget_after must be at least down_after, got {self.forget_after} and "
                 f"{self.down_after}"
             )
-        if min(self.outbox_limit, self.send_batch, self.outbox_limit_bytes, self.largest_zpage) < 1:
+        limits = (self.outbox_limit, self.outbox_limit_bytes, self.send_batch)
+        if min(*limits, self.largest_zpage, self.journal_waiting_limit) < 1:
             raise RemoteConfigError(
-                "outbox_limit, outbox_limit_bytes, send_batch and largest_zpage must be positive"
+                "outbox_limit, outbox_limit_bytes, send_batch, largest_zpage and "
+                "journal_waiting_limit must be positive"
             )

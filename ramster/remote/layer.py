@@ -107,7 +107,7 @@ class LayerStats:
     rereplicated: int = 0  # zpages placed again after a holder went
     lost: int = 0  # zpages with no copy left anywhere (should stay 0)
     damaged: int = 0  # copies a holder returned that failed verification
-    outbox_refused: int = 0  # zpages evict() refused (outbox full, no peer up, too long)
+    outbox_refused: int = 0  # zpages evict() refused (outbox full, no peer up, too long...)
     repairs_pending: int = field(default=0)
     recovered: int = 0  # locations found again in the journal at start
     reclaimed: int = 0  # copies peers still held for us when asked after a restart
@@ -473,10 +473,14 @@ class RamsterLayer:
         return self.config.outbox_limit - len(self._bytes)
 
     def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
-        """Take zpages into the outbox while it has room and a peer has room; never one that
-        no holder could take (longer than largest_zpage: a raw page), which would only be
-        refused by every peer and left short of copies, retried for ever."""
+        """Take zpages into the outbox while it has room, a peer has room and the journal is
+        not too far behind (journal_waiting_limit); never one that no holder could take
+        (longer than largest_zpage: a raw page), which would only be refused by every peer
+        and left short of copies, retried for ever."""
         room = 0 if self.closing or not self.membership.has_room() else self._outbox_room()
+        journal = self.journal
+        if journal is not None and journal.waiting >= self.config.journal_waiting_limit:
+            room = 0  # the disk is full: the records of more copies would only wait too
         largest = self.config.largest_zpage
         picked = [i for i, z in enumerate(zpages) if len(z) <= largest][: max(0, room)]
         taken = [zpages[i] for i in picked]

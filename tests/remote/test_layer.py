@@ -3,6 +3,8 @@
 # few calls, and a batch get that asks each holder once.
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from node.driver import FETCH_BATCH
 from node.engine import ChunkedEngine
-from ramster.remote import RemoteConfig
+from ramster.remote import RemoteConfig, journal
 from ramster.remote.layer import FLUSH_BATCH
 from ramster.remote.table import slot_of
 from ramster.zcache import PageUnavailable, PoolKind
@@ -381,3 +383,31 @@ async def test_raw_pages_go_to_disk_and_are_never_offered_to_peers(
     assert layer.stats.outbox_refused >= N // 4  # ... the raw ones straight to disk
     assert layer.stats.remote_refused == 0 and layer.stats.repairs_pending == 0
     assert await read_all(net, a, pool, keys) == pages
+
+
+class FullDiskOs:
+    """The os module as the journal sees it on a full disk: every write fails with ENOSPC."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    @staticmethod
+    def write(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_a_journal_that_cannot_write_stops_new_remote_pages_not_the_node(
+    tmp_path: Path, compressible_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the disk full the journal's records wait in memory; past journal_waiting_limit
+    evict() leaves new zpages to the next evictor, so their number stays bounded, and every
+    page still reads back."""
+    config = RemoteConfig(heartbeat_interval=1.0, down_after=3.0, journal_waiting_limit=200)
+    net = MemNetwork(tmp_path, ["a", "b", "c"], config=config)
+    monkeypatch.setattr(journal, "os", FullDiskOs())
+    a, pool, keys = await spill(net, compressible_pages)
+    layer = a.layer
+    assert layer.journal is not None and layer.journal.unwritten
+    assert 200 <= layer.journal.waiting < 200 + 4 * config.send_batch  # replies in flight
+    assert layer.stats.outbox_refused > 0 and layer.remote_pages < N // 2
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
