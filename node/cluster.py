@@ -60,19 +60,18 @@ class RemoteSide:
         self.foreign = ForeignStore(
             max(1, settings.foreign_limit // PAGE_SIZE), max_owners=max(1, len(settings.peers))
         )
+        self.journal = Journal(settings.data_dir)
+        self.journal.on_unwritten = _journal_unwritten
+        if self.journal.not_compacted:
+            log_event("remote_journal_not_compacted", logging.WARNING, why="the disk is full")
         self.layer = RamsterLayer(
             self.identity.node_id,
             self.identity.incarnation,
             [str(p) for p in settings.peers],
             self.config,
             local=backing,
-            journal=Journal(settings.data_dir),
+            journal=self.journal,
         )
-        journal = self.layer.journal
-        assert journal is not None
-        journal.on_unwritten = _journal_unwritten
-        if journal.not_compacted:
-            log_event("remote_journal_not_compacted", logging.WARNING, why="the disk is full")
         self.chain = EvictorChain([self.layer, backing])
         sealer = Sealer(load_sealing_key(settings.data_dir), settings.node_id)
         self.transport = GrpcTransport(self.identity, sealer, timeout=settings.peer_timeout)
@@ -181,11 +180,11 @@ class RemoteSide:
         stranded = self.layer.close()
         if stranded:
             log_event("outbox_not_saved", logging.ERROR, pages=stranded)
-        if self.layer.journal is not None and self.layer.journal.waiting:
+        if self.journal.waiting:
             log_event(
                 "remote_journal_not_saved",
                 logging.ERROR,
-                records=self.layer.journal.waiting,
+                records=self.journal.waiting,
                 why="the disk is full: copies made since are not found again at the next start",
             )
         self.foreign.close()
@@ -227,7 +226,7 @@ class RemoteSide:
             (
                 "remote_journal_waiting_records",
                 "Journal records waiting in memory for room on the disk (lost in a crash).",
-                layer.journal.waiting if layer.journal is not None else 0,
+                self.journal.waiting,
             ),
         ):
             yield GaugeMetricFamily(f"ramster_{name}", text, value)

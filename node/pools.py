@@ -26,7 +26,6 @@
 # Trade-off: an fsync per create/destroy (pools are created rarely; pages never touch this file).
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from node.logs import log_event
+from ramster.remote.journal import NO_SPACE
 from ramster.zcache import PoolKind, UnknownPool, ZCache
 
 POOLS_FILE = "pools.log"
@@ -141,7 +141,7 @@ class PoolRegistry:
                 os.replace(tmp, self.path)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.path.exists():
+                if exc.errno not in NO_SPACE or not self.path.exists():
                     raise
                 log_event(
                     "pools_log_not_compacted",

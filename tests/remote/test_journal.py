@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 import pytest
 
 from ramster.remote import journal
 from ramster.remote.journal import RECORD, REWRITE_CHUNK, Journal, JournalError, Recovered
+from tests.remote.fulldisk import FullDiskOs
 
 
 def test_replay_folds_records_into_live_locations(tmp_path: Path) -> None:
@@ -114,23 +114,6 @@ def test_compaction_from_itself_keeps_the_keys_of_live_locations(tmp_path: Path)
     assert again.high_gen == 3
 
 
-REAL_WRITE = os.write
-
-
-class FullDisk:
-    """os.write as on a disk that takes `room` more bytes, then fails with ENOSPC."""
-
-    def __init__(self, room: int) -> None:
-        self.room = room
-
-    def __call__(self, fd: int, data: bytes | bytearray) -> int:
-        if not self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        taken = min(self.room, len(data))
-        self.room -= taken
-        return REAL_WRITE(fd, bytes(data[:taken]))
-
-
 def test_a_full_disk_keeps_records_waiting_in_order_and_the_file_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,8 +122,8 @@ def test_a_full_disk_keeps_records_waiting_in_order_and_the_file_whole(
     j.on_unwritten = lambda waiting, records: told.append((waiting, records))
     j.keys([1, 2, 3], 0, "zsmalloc", [(7, 0), (7, 1), (7, 2)])
     j.holders([1, 2, 3], "h1:1")
-    disk = FullDisk(room=2 * RECORD.size + 5)  # two records and a piece of the third
-    monkeypatch.setattr(journal.os, "write", disk)
+    disk = FullDiskOs(room=2 * RECORD.size + 5)  # two records and a piece of the third
+    monkeypatch.setattr(journal, "os", disk)
     j.commit()
     assert j.waiting == 4 and told == [(True, 4)]
     assert j.path.stat().st_size == 3 * RECORD.size  # the mark and two whole records

@@ -3,8 +3,6 @@
 # few calls, and a batch get that asks each holder once.
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from ramster.remote.layer import FLUSH_BATCH
 from ramster.remote.table import slot_of
 from ramster.zcache import PageUnavailable, PoolKind
 from ramster.zcache.evictor import LINK_SHIFT
+from tests.remote.fulldisk import FullDiskOs
 from tests.remote.memnet import MemNetwork, MemNode, MemTransport
 
 N = 1500
@@ -383,17 +382,6 @@ async def test_raw_pages_go_to_disk_and_are_never_offered_to_peers(
     assert layer.stats.outbox_refused >= N // 4  # ... the raw ones straight to disk
     assert layer.stats.remote_refused == 0 and layer.stats.repairs_pending == 0
     assert await read_all(net, a, pool, keys) == pages
-
-
-class FullDiskOs:
-    """The os module as the journal sees it on a full disk: every write fails with ENOSPC."""
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(os, name)
-
-    @staticmethod
-    def write(fd: int, data: bytes) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 async def test_a_journal_that_cannot_write_stops_new_remote_pages_not_the_node(
