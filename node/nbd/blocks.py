@@ -3,7 +3,11 @@
 #
 # An export NAME is the persistent pool owned by "nbd:NAME" (node/pools.py finds it again after
 # a restart), created to store incompressible pages raw: a block device must not refuse a page
-# for compressing badly.  Its pages leave RAM to peers and disk like any persistent page.
+# for compressing badly.  Its pages leave RAM to peers and disk like any persistent page.  The
+# engine keeps no page of zero bytes in it (ZCache.drop_zero_pages): a block written as zeros
+# empties its key, as WRITE_ZEROES does, since a missing block reads as zeros.  (It was kept as
+# a same-filled word, which a graceful stop wrote to the backing file as a 512-byte record: after
+# the restart the block was data on disk, in the map, in a shrink's check and in every read.)
 #
 # A READ group is one get batch: a never-written block reads as zeros (ramster.nbd's HOLE_BLOCK,
 # which a structured reply sends as a hole), a page that cannot be returned (corrupt, or out of
@@ -36,8 +40,8 @@
 # stored: NBD leaves a failed write's range unspecified) and the connection goes on.
 #
 # BLOCK_STATUS (base:allocation) reads the pool's index, no page: a block that holds nothing is a
-# hole that reads as zeros (never written, trimmed or zeroed), a page of zero bytes written
-# as such reads as zeros, and any other page is data, wherever it lives (RAM, a peer, disk).  It
+# hole that reads as zeros (never written, trimmed, zeroed or written as zeros), and any other
+# page is data, wherever it lives (RAM, a peer, disk).  It
 # looks at STATUS_BLOCKS blocks of one index object and returns STATUS_EXTENTS descriptors at most
 # (the spec lets a reply cover less than asked; clients ask again from where it ended), so one
 # request costs the loop little: the index is read a chunk of 64 blocks at a time.  As it awaits
@@ -89,7 +93,6 @@ from ramster.zcache import (
     ABSENT,
     PAGE_SIZE,
     STORED,
-    ZERO_FILLED,
     PageError,
     PutResult,
     ZCache,
@@ -102,7 +105,7 @@ FLUSH_KEYS = (
 )
 STATUS_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS looks at (64 MiB)
 STATUS_EXTENTS = 1024  # descriptors one BLOCK_STATUS returns at most
-STATUS_FLAGS = {ABSENT: STATE_HOLE | STATE_ZERO, ZERO_FILLED: STATE_ZERO, STORED: 0}
+STATUS_FLAGS = {ABSENT: STATE_HOLE | STATE_ZERO, STORED: 0}
 RUNS = re.compile(rb"(.)\1*", re.DOTALL)  # runs of one page state
 HELD = re.compile(b"[^%c]+" % ABSENT)  # runs of blocks that hold a page
 Piece = bytes | memoryview
@@ -134,6 +137,9 @@ class ExportBlocks:
     engine: ZCache
     chunked: ChunkedEngine
     rmw: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.engine.drop_zero_pages(self.pool)  # a block written as zeros is a hole
 
     def plan(self, group: Group, start: bool = False) -> WritePlan | None:
         """What run() will do with a WRITE group (None for other groups); with `start`, its
@@ -225,8 +231,8 @@ class ExportBlocks:
 
     def data_end(self) -> int:
         """Where the data the pool holds for this export ends, whatever the export's size: the
-        byte after its last block that holds a page other than zeros (0 if none), from the
-        pool's index (the last objects first, each read whole at C speed)."""
+        byte after its last block that holds a page (0 if none), from the pool's index (the
+        last objects first, each read whole at C speed)."""
         engine, pool = self.engine, self.pool
         for oid in sorted(engine.object_ids(pool), reverse=True):
             held = engine.page_states(pool, oid, 0, INDEX_MASK + 1).rfind(STORED)

@@ -3,7 +3,7 @@
 # Pure library: no sockets, no asyncio, no gRPC, no metrics.  The ramster layer and the node
 # daemon extend it only through its public interface (and, from the reaper on, evictors); they
 # read it through ZCache.snapshot() and its narrow methods, never its pools or allocators.
-from ramster.zcache.cache import ABSENT, STORED, ZERO_FILLED, ZCache
+from ramster.zcache.cache import ABSENT, STORED, ZCache
 from ramster.zcache.codec import PAGE_SIZE
 from ramster.zcache.config import ALLOCATORS, PoolKind, PutResult, ZCacheConfig
 from ramster.zcache.errors import (
@@ -29,7 +29,6 @@ __all__ = [
     "MAX_POOL_ID",
     "PAGE_SIZE",
     "STORED",
-    "ZERO_FILLED",
     "CorruptPage",
     "Encodings",
     "InvalidConfig",

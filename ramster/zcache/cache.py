@@ -28,7 +28,10 @@
 #
 # Pools can be created under a given id (a node restoring its pool registry, before the evictor's
 # recovered pages are filed), and each pool may override the engine's store-raw policy (a block
-# device's pool must never refuse a page for poor compression).
+# device's pool must never refuse a page for poor compression).  A pool may also be told that a
+# missing page means zeros (a block device's: drop_zero_pages): a page of zero bytes put into it
+# then empties its key, as a flush does, instead of being kept as a same-filled word, so it holds
+# nothing anywhere (RAM, peers, the backing file) and reads as a hole.
 #
 # Outsiders read the engine through its face: snapshot() (a frozen copy of every count,
 # snapshot.py) and narrow methods (pool_ids, has_pool, pool_pages, object_ids, keys), never its
@@ -97,7 +100,7 @@ from ramster.zcache.verify import verify
 from ramster.zcache.zbud import Zbud
 from ramster.zcache.zsmalloc import Zsmalloc
 
-ABSENT, ZERO_FILLED, STORED = 0, 1, 2  # page_states(): PageIndex.states() with zero pages marked
+ABSENT, STORED = 0, 1  # page_states(): PageIndex.states()
 ZERO_WORD = bytes(8)
 
 
@@ -168,6 +171,14 @@ class ZCache:
         self.reaper.watch(pool)
         self._next_pool_id = max(self._next_pool_id, pool_id + 1)
         return pool_id
+
+    def drop_zero_pages(self, pool_id: int) -> None:
+        """From now on a page of zero bytes put into this pool is not kept: its key is emptied
+        (an old page under it goes, as with any put), a get of it misses and the put reports
+        SAME_FILLED.  For a block device, whose missing blocks read as zeros: such a page then
+        costs nothing and is a hole in its map, before and after a restart, instead of a word
+        in RAM that a graceful stop would write to the backing file as data."""
+        self.pool(pool_id).zeros_absent = True
 
     @property
     def next_pool_id(self) -> int:
@@ -259,7 +270,7 @@ class ZCache:
             if file is not None and not raw:
                 i, tick = file(encoded, i, ZPAGE_TAG, tick, stored, handles, results, words)
                 if words:
-                    self._file_words(encoded, words, handles, results)
+                    self._file_words(pool, encoded, words, handles, results)
                 if i == count:
                     break
             item = encoded[i]
@@ -289,7 +300,7 @@ class ZCache:
                 results.append(PutResult.REFUSED_POOR_COMPRESSION)
                 continue
             elif len(item) == WORD:
-                handles.append(SAME_TAG | self.same.ref(item))
+                handles.append(self._same_handle(pool, item))
                 results.append(PutResult.SAME_FILLED)
                 continue
             else:
@@ -318,17 +329,24 @@ class ZCache:
 
     def _file_words(
         self,
+        pool: Pool,
         encoded: Encodings,
         at: list[int],
         handles: list[int],
         results: list[PutResult],
     ) -> None:
         """The same-filled words a native filing passed over (at positions `at`, emptied)."""
-        ref, tag, same = self.same.ref, SAME_TAG, PutResult.SAME_FILLED
         for i in at:
-            handles[i] = tag | ref(cast(bytes, encoded[i]))
-            results[i] = same
+            handles[i] = self._same_handle(pool, cast(bytes, encoded[i]))
+            results[i] = PutResult.SAME_FILLED
         at.clear()
+
+    def _same_handle(self, pool: Pool, word: bytes) -> int:
+        """The handle of a same-filled page: its word's, or 0 (no page: the key is emptied)
+        for a page of zero bytes in a pool whose missing pages mean zeros."""
+        if pool.zeros_absent and word == ZERO_WORD:
+            return 0
+        return SAME_TAG | self.same.ref(word)
 
     def get_batch(
         self, pool_id: int, keys: list[tuple[int, int]], exclusive: bool = False
@@ -529,12 +547,9 @@ class ZCache:
         ]
 
     def page_states(self, pool_id: int, oid: int, start: int, stop: int) -> bytes:
-        """Per page index start..stop-1 of an object, what it holds: ABSENT, ZERO_FILLED (a page
-        of zero bytes, kept as its word) or STORED (any other page, wherever it is), for a
-        block device's allocation map."""
-        zero = self.same.slot_of(ZERO_WORD)
-        marked = -1 if zero is None else SAME_TAG | zero
-        return self.pool(pool_id).index.states(oid, start, stop, marked)
+        """Per page index start..stop-1 of an object, whether it holds a page (STORED,
+        wherever it is) or not (ABSENT), for a block device's allocation map."""
+        return self.pool(pool_id).index.states(oid, start, stop)
 
     def flush_page(self, pool_id: int, oid: int, index: int) -> bool:
         """Forget the page under a key; whether there was one."""

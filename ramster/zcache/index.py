@@ -94,10 +94,9 @@ class PageIndex:
         obj = self.objects.get(oid)
         return list(obj) if obj is not None else []
 
-    def states(self, oid: int, start: int, stop: int, marked: int) -> bytes:
-        """Per page index start..stop-1 of an object: 0 if it holds no handle, 1 if its handle
-        is `marked`, else 2.  Chunk by chunk, at C speed unless a chunk mixes them: a missing
-        chunk is 64 absent pages, a full one without `marked` 64 others."""
+    def states(self, oid: int, start: int, stop: int) -> bytes:
+        """Per page index start..stop-1 of an object: 0 if it holds no handle, else 1.  Chunk
+        by chunk, at C speed: a missing chunk is 64 absent pages, a full one 64 held."""
         obj = self.objects.get(oid)
         if obj is None:
             return bytes(stop - start)
@@ -108,12 +107,9 @@ class PageIndex:
             chunk = obj.get(cno)
             if chunk is None:
                 out += bytes(hi - lo)
-                continue
-            part = chunk[lo:hi]
-            if 0 not in part and marked not in part:
-                out += b"\x02" * (hi - lo)
             else:
-                out += bytes(0 if not h else 1 if h == marked else 2 for h in part)
+                part = chunk[lo:hi]
+                out += b"\x01" * (hi - lo) if 0 not in part else bytes(map(bool, part))
         return bytes(out)
 
     def items(self) -> Iterator[tuple[int, int, int]]:

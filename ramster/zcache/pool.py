@@ -25,6 +25,7 @@ class Pool:
         self.kind = kind
         self.ephemeral = kind is PoolKind.EPHEMERAL
         self.store_raw = store_raw  # incompressible pages are stored raw, not refused
+        self.zeros_absent = False  # a missing page means zeros: zero pages are not kept
         self.allocator = allocator.name
         self.zalloc = allocator
         self.raw = raw

@@ -33,7 +33,7 @@ from tests.nbd.conftest import MiB, ServerThread, need, run
 from tests.nbd.test_clients import NBDSH, assert_serving, connect, need_libnbd, recv_exactly
 
 B = 4096
-HOLE, ZERO, DATA = STATE_HOLE | STATE_ZERO, STATE_ZERO, 0  # the extents' kinds here
+HOLE, DATA = STATE_HOLE | STATE_ZERO, 0  # the extents' kinds here
 
 # blocks 0..24 after the script below: (first block, stop block, flags)
 LAYOUT = [
@@ -42,8 +42,7 @@ LAYOUT = [
     (8, 10, DATA),
     (10, 13, HOLE),  # zeroed
     (13, 16, DATA),
-    (16, 17, ZERO),  # a page of zeros, written as data
-    (17, 20, HOLE),  # never written
+    (16, 20, HOLE),  # a page of zeros written as data (16: nothing is kept), never written
     (20, 21, DATA),  # 100 bytes, unaligned
 ]
 WRITE_SCRIPT = """
@@ -102,7 +101,7 @@ def test_block_status_and_structured_reads_through_libnbd(nbd_server: ServerThre
     pairs = [(length, flags) for _, length, flags in layout_extents(MiB)]
     assert whole == ("base:allocation", 0, [n for pair in pairs for n in pair])
     assert one == ("base:allocation", 4 * B + 10, [4 * B - 10, HOLE])  # REQ_ONE: one extent
-    assert zero_page == ("base:allocation", 16 * B, [1, ZERO])  # never longer than asked
+    assert zero_page == ("base:allocation", 16 * B, [1, HOLE])  # never longer than asked
     assert chunks == [(B - 5, 3 * B + 7, 1)]  # DF: the read is one data chunk (status 1: ok)
 
 
@@ -225,14 +224,13 @@ def layout_bytes(size: int) -> bytes:
 
 def test_structured_reads_send_holes_as_holes(nbd_server: ServerThread, tmp_path: Path) -> None:
     """A read's blocks that hold nothing come as OFFSET_HOLE chunks (libnbd reports status 2,
-    NBD_READ_HOLE, and fills in zeros); the zero page written as data comes as data."""
+    NBD_READ_HOLE, and fills in zeros); so does the zero page written as data."""
     need("nbdcopy")
     write_layout(nbd_server, "small")
     out = run(*NBDSH, "-c", f"import sys\nURI = {nbd_server.uri('small')!r}\n" + HOLES_SCRIPT)
     listed, data = out.split(b"\n", 1)
-    kinds = {DATA: 1, ZERO: 1, HOLE: 2}  # libnbd's NBD_READ_DATA, NBD_READ_HOLE
+    kinds = {DATA: 1, HOLE: 2}  # libnbd's NBD_READ_DATA, NBD_READ_HOLE
     runs = [(f * B, (s - f) * B, kinds[flags]) for f, s, flags in LAYOUT]
-    runs[4:6] = [(13 * B, 4 * B, 1)]  # data 13..16 and the zero page 16 are one data run
     assert ast.literal_eval(listed.decode()) == [*runs, (21 * B, 3 * B, 2)]
     assert data == layout_bytes(24 * B)
     copy = tmp_path / "copy.img"  # nbdcopy reading every block, holes come as holes

@@ -23,6 +23,7 @@ from ramster.bench.cluster import metric_value
 from ramster.client.cluster import LocalCluster
 from ramster.client.local import LocalNode
 from tests.nbd.conftest import Certs, MiB, nbd_node, need, node_exits, run
+from tests.nbd.test_clients import NBDSH, need_libnbd
 
 
 def nbd_port(node: LocalNode) -> int:
@@ -191,6 +192,54 @@ def test_an_export_shrinks_only_once_the_data_past_its_new_end_is_discarded(
         assert node.stop() == 0
         (warned,) = [line for line in node.log().splitlines() if "nbd_export_undeclared" in line]
     assert json.loads(warned)["export"] == "disk" and json.loads(warned)["pages"] == 1024
+
+
+ZEROS_SCRIPT = """
+import nbd
+h = nbd.NBD()
+h.connect_uri(URI)
+h.pwrite(open(DATA, "rb").read(), 0)  # blocks 0..63: data
+h.pwrite(bytes(64 * 4096), 64 * 4096)  # blocks 64..127: zeros, written as data
+h.pwrite(bytes(16 * 4096), 0)  # blocks 0..15: data overwritten with zeros
+h.shutdown()
+"""
+
+
+def logged(node: LocalNode, event: str) -> dict[str, object]:
+    """The fields of the last `event` a node logged."""
+    lines = [line for line in node.log().splitlines() if f'"event": "{event}"' in line]
+    return dict(json.loads(lines[-1]))
+
+
+def test_blocks_written_as_zeros_are_holes_before_and_after_a_restart(tmp_path: Path) -> None:
+    """A WRITE of zero pages keeps nothing: the blocks map as holes, a graceful stop writes
+    none of them to disk, and the export still shrinks to its last block of data."""
+    need("nbdinfo", "nbdcopy")
+    need_libnbd()
+    data_dir, data = tmp_path / "data", os.urandom(64 * 4096)
+    want = bytes(16 * 4096) + data[16 * 4096 :] + bytes(64 * 4096)
+    expected_map = [(0, 16 * 4096, 3), (16 * 4096, 48 * 4096, 0), (64 * 4096, 960 * 4096, 3)]
+    with nbd_node("--nbd-export", "disk:4Mi", data_dir=data_dir) as node:
+        uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+        (tmp_path / "data.img").write_bytes(data)
+        script = f"URI = {uri!r}\nDATA = {str(tmp_path / 'data.img')!r}\n" + ZEROS_SCRIPT
+        run(*NBDSH, "-c", script)
+        for restarted in (False, True):
+            uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+            mapped = json.loads(run("nbdinfo", "--map", "--json", uri))
+            assert [(e["offset"], e["length"], e["type"]) for e in mapped] == expected_map
+            run("nbdcopy", uri, str(tmp_path / "back.img"))
+            assert (tmp_path / "back.img").read_bytes()[: len(want)] == want
+            if not restarted:
+                node = restart_with(node, "--nbd-export", "disk:4Mi")
+                assert logged(node, "written_back")["pages"] == 48
+        assert logged(node, "listening")["pages_recovered"] == 48
+        assert node.stop() == 0
+    with nbd_node("--nbd-export", "disk:256Ki", data_dir=data_dir) as node:  # the data's end
+        back = tmp_path / "short.img"
+        run("nbdcopy", f"nbd://127.0.0.1:{nbd_port(node)}/disk", str(back))
+        assert back.read_bytes() == want[: 256 * 1024]
+        assert node.stop() == 0
 
 
 def test_data_past_the_first_4_gib_keeps_an_export_from_shrinking_too(tmp_path: Path) -> None:

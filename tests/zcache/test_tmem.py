@@ -102,6 +102,29 @@ def test_same_filled_words_among_zpages_are_counted_in_and_out(
     cache.verify()
 
 
+def test_a_pool_that_drops_zero_pages_keeps_none(
+    cache: ZCache, allocator: str, sample_pages: list[bytes], incompressible_pages: list[bytes]
+) -> None:
+    """A block device's pool: a page of zero bytes empties its key (the page it replaces goes)
+    and reads as a miss; other same-filled pages are kept as words; other pools keep zeros."""
+    pool, other = cache.create_pool(P, allocator, store_raw=True), cache.create_pool(P)
+    cache.drop_zero_pages(pool)
+    zero, ones = bytes(PAGE_SIZE), b"\xff" * PAGE_SIZE
+    # zpages (filed natively, the words passed over), a raw page, then words the Python path files
+    pages = [*sample_pages[:8], zero, ones, zero, incompressible_pages[0], zero, ones]
+    keys = [(1, i) for i in range(len(pages))]
+    assert cache.put_batch(pool, keys, [*sample_pages[:14]])[0] is PutResult.STORED
+    results = cache.put_batch(pool, keys, pages)
+    assert [results[i] for i in (8, 9, 10, 12, 13)] == [PutResult.SAME_FILLED] * 5
+    got = cache.get_batch(pool, keys)
+    assert got == [*sample_pages[:8], None, ones, None, incompressible_pages[0], None, ones]
+    assert cache.pool_pages(pool) == len(pages) - 3 and cache.same.pages == 2
+    assert cache.put(pool, 2, 0, zero) is PutResult.SAME_FILLED and cache.get(pool, 2, 0) is None
+    cache.put(other, 1, 0, zero)
+    assert cache.get(other, 1, 0) == zero
+    cache.verify()
+
+
 def test_poorly_compressible_page_is_refused_with_reason(
     cache: ZCache, incompressible_pages: list[bytes]
 ) -> None:
