@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from node.logs import log_event
+from ramster.atomicfile import replace_file
 from ramster.remote.journal import NO_SPACE
 from ramster.zcache import PoolKind, UnknownPool, ZCache
 
@@ -131,16 +132,10 @@ class PoolRegistry:
         state = {"tag": self.tag, "counter": self.counter, "used": sorted(self.used_tags)}
         state["salt"] = self.salt
         lines = [state] + [{"add": r.to_json()} for r in self.pools.values()]
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             try:
-                with open(tmp, "wb") as f:
-                    f.write(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                replace_file(self.path, b"".join(json.dumps(x).encode() + b"\n" for x in lines))
             except OSError as exc:
-                tmp.unlink(missing_ok=True)
                 if exc.errno not in NO_SPACE or not self.path.exists():
                     raise
                 log_event(

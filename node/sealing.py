@@ -32,11 +32,12 @@
 # with peers pays at its start rather than with its first remote page.
 from __future__ import annotations
 
-import os
 import secrets
 import stat
 import struct
 from pathlib import Path
+
+from ramster.atomicfile import replace_file
 
 SEALING_KEY_FILE = "sealing.key"
 KEY_BYTES = 32
@@ -58,16 +59,8 @@ def load_sealing_key(data_dir: Path) -> bytes:
     if path.exists():
         return _read_key(path)
     key = secrets.token_bytes(KEY_BYTES)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # a leftover temporary file keeps its old mode otherwise
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        replace_file(path, key, mode=0o600)
     except OSError as exc:
         raise SealingKeyError(f"cannot create {path}: {exc.strerror}") from None
     return key

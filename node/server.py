@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -64,6 +63,7 @@ from node.settings import HostPort, Settings, advertised, clustered, peer_addres
 from node.tenants import load_tenants
 from node.tls import ROTATION_CHECK, NodeTls, Rotation, check_protected, load_tls
 from ramster import __version__
+from ramster.atomicfile import replace_file
 from ramster.remote.journal import JournalError
 from ramster.v1 import peer_pb2_grpc, tmem_pb2
 from ramster.wire import CHANNEL_OPTIONS
@@ -352,9 +352,7 @@ def claim_data_dir(data_dir: Path, node_id: str) -> None:
     try:
         owner = json.loads(path.read_text())["node_id"]
     except FileNotFoundError:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"node_id": node_id}))
-        os.replace(tmp, path)
+        replace_file(path, json.dumps({"node_id": node_id}).encode())
         return
     except (ValueError, KeyError, TypeError):
         raise StartupError(f"{path} is damaged: it must name the node id") from None
@@ -367,7 +365,5 @@ def claim_data_dir(data_dir: Path, node_id: str) -> None:
 
 def write_port_file(path: Path, port: int, peer_port: int | None, metrics_port: int | None) -> None:
     """Write the bound ports atomically, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
     ports = {"port": port, "peer_port": peer_port, "metrics_port": metrics_port}
-    tmp.write_text(json.dumps(ports))
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(ports).encode(), durable=False)  # read by its starter only

@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ramster.atomicfile import replace_file
+
 URI_PREFIX = "spiffe://ramster/"
 NODE, CLIENT = "node", "client"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -195,12 +197,7 @@ def issue(
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Atomically, created with `mode` (a key is never readable by others, not even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    replace_file(path, data, mode=mode)
 
 
 def _save(key: Key, cert: x509.Certificate, cert_path: Path, key_path: Path) -> None:

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import lz4.block
 
+from ramster.atomicfile import replace_file
 from ramster.bench.procpages import process_pages
 from ramster.cli.errors import CliError
 from ramster.cli.target import positive
@@ -28,11 +28,8 @@ def _snapshot(args: argparse.Namespace) -> int:
     zero = bytes(PAGE_SIZE)
     same = sum(page == page[:1] * PAGE_SIZE for page in pages)
     sizes = [len(lz4.block.compress(p, store_size=False)) for p in pages if p != zero]
-    tmp = args.out.with_name(args.out.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(b"".join(pages))
-        os.replace(tmp, args.out)
+        replace_file(args.out, pages, durable=False)
     except OSError as exc:
         raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     mean = sum(sizes) / len(sizes) if sizes else 0

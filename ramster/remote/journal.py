@@ -23,7 +23,7 @@
 # seen), so a record names a peer in two bytes.
 #
 # Replay folds the records into one (pool, oid, index, allocator, holders, disk) per live location;
-# a torn last record is ignored.  The file is rewritten compactly (temporary file, rename) at open
+# a torn last record is ignored.  The file is rewritten compactly (ramster/atomicfile.py) at open
 # and at a clean close, and whenever it grows past four times its live content, so it stays
 # proportional to what is remote.  A full disk stops neither: records that find no room wait in
 # memory, in order, for the next commit (a record cut short is taken back, so the file holds
@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ramster.atomicfile import replace_file
 from ramster.zcache.config import ALLOCATORS
 
 RECORD = struct.Struct("<BBHIIxxxxQQ")
@@ -188,25 +189,22 @@ class Journal:
         """Replace the file by the generation mark and `blocks` of records, written in pieces
         of REWRITE_CHUNK bytes (temporary file, fsync, rename)."""
         self.high_gen = max(self.high_gen, high_gen)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        written = 0
+
+        def pieces() -> Iterator[bytearray]:
+            out = bytearray(RECORD.pack(HIGH, 0, 0, 0, 0, 0, self.high_gen))
+            for block in blocks:
+                out += block
+                if len(out) >= REWRITE_CHUNK:
+                    yield out
+                    out.clear()
+            yield out
+
         try:
-            with open(tmp, "wb") as f:
-                out = bytearray(RECORD.pack(HIGH, 0, 0, 0, 0, 0, self.high_gen))
-                for block in blocks:
-                    out += block
-                    if len(out) >= REWRITE_CHUNK:
-                        written += f.write(out)
-                        out.clear()
-                written += f.write(out)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            written = replace_file(self.path, pieces())
             if self._fd >= 0:
                 os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)  # a partial copy would only take more of the disk
             error = JournalFull if exc.errno in NO_SPACE else JournalError
             raise error(f"cannot write {self.path}: {exc.strerror}") from None
         self._records = written // RECORD.size
@@ -224,16 +222,14 @@ class Journal:
         return slot
 
     def _save_slots(self) -> None:
-        """Rewrite the peers file (temporary file, rename); with the disk full it is left for
-        commit() to try again, which writes no record until it is saved (a record of a slot
-        the file does not name would be dropped on replay)."""
-        tmp = self.peers_path.with_name(self.peers_path.name + ".tmp")
+        """Rewrite the peers file (replace_file); with the disk full it is left for commit()
+        to try again, which writes no record until it is saved (a record of a slot the file
+        does not name would be dropped on replay)."""
+        slots = sorted(self.slots.items(), key=lambda kv: kv[1])
         try:
-            tmp.write_text(json.dumps(sorted(self.slots.items(), key=lambda kv: kv[1])))
-            os.replace(tmp, self.peers_path)
+            replace_file(self.peers_path, json.dumps(slots).encode())
             self._slots_saved = True
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             if exc.errno not in NO_SPACE:
                 raise
 

@@ -2,11 +2,11 @@
 # that compaction keeps it proportional to what is live, and what a full disk does to it.
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 import pytest
 
+from ramster import atomicfile
 from ramster.remote import journal
 from ramster.remote.journal import RECORD, REWRITE_CHUNK, Journal, JournalError, Recovered
 from tests.remote.fulldisk import FullDiskOs
@@ -144,17 +144,11 @@ def test_a_journal_that_cannot_be_rewritten_opens_as_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     j = Journal(tmp_path)
-    j.keys([1], 0, "zsmalloc", [(7, 0)])
+    j.keys([1, 2], 0, "zsmalloc", [(7, 0), (7, 1)])
     j.holders([1], "h1:1")
+    j.holders([2], "h2:1")  # both peers named in the peers file before the disk fills
     j.close()
-    real_open = open
-
-    def full(path: Path, mode: str = "r", *args: object) -> object:
-        if str(path).endswith(".tmp"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(path, mode, *args)
-
-    monkeypatch.setattr(journal, "open", full, raising=False)
+    monkeypatch.setattr(atomicfile, "os", FullDiskOs())
     again = Journal(tmp_path)  # its rewrite at open fails: kept, and appended to
     assert again.not_compacted and not list(tmp_path.glob("*.tmp"))
     again.holders([1], "h2:1")
@@ -162,7 +156,10 @@ def test_a_journal_that_cannot_be_rewritten_opens_as_it_is(
     again.compact(lambda location: (["h1:1", "h2:1"], 0), 1)  # fails too: no harm done
     again.close()
     monkeypatch.undo()
-    assert Journal(tmp_path).recovered == {1: Recovered(0, "zsmalloc", 7, 0, {"h1:1", "h2:1"})}
+    assert Journal(tmp_path).recovered == {
+        1: Recovered(0, "zsmalloc", 7, 0, {"h1:1", "h2:1"}),
+        2: Recovered(0, "zsmalloc", 7, 1, {"h2:1"}),
+    }
     with pytest.raises(JournalError, match="cannot write"):  # a new journal must be written
-        monkeypatch.setattr(journal, "open", full, raising=False)
+        monkeypatch.setattr(atomicfile, "os", FullDiskOs())
         Journal(tmp_path / "new")
