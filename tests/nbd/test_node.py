@@ -305,6 +305,24 @@ def test_an_export_larger_than_the_pool_spills_to_peers_and_survives_a_killed_pe
         assert back.read_bytes()[: len(data)] == data
 
 
+@pytest.mark.slow
+def test_blocks_written_as_zeros_free_their_copies_on_peers_and_disk(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    need("qemu-io", "nbdcopy")
+    with spilled(tmp_path, sample_pages, 4096, "1Mi", "32Mi") as (cluster, data):
+        owner = cluster.nodes[0]
+        uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
+        run("qemu-io", "-f", "raw", "-c", f"write -P 0 0 {len(data)}", uri)  # WRITEs, not zeroes
+        assert eventually(lambda: foreign_pages(cluster) == 0)  # the peers flushed them
+        with owner.client() as client:
+            stats = client.stats()
+            assert (stats.stored_pages, stats.written_back_pages) == (0, 0)
+        back = tmp_path / "back.img"
+        run("nbdcopy", uri, str(back))
+        assert back.read_bytes() == bytes(32 * MiB)
+
+
 def restart_with(node: LocalNode, *flags: str) -> LocalNode:
     """Stop `node` and start it again on its data, its --nbd-export flags replaced by `flags`
     (its ports stay, as its peers know them)."""
