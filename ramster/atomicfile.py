@@ -15,6 +15,7 @@
 # journal compacted, a node started), never per page.
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,9 +49,13 @@ def replace_file(
 
 
 def sync_directory(path: Path) -> None:
-    """fsync a directory, so the names created, renamed or removed in it are on disk."""
+    """fsync a directory, so the names created, renamed or removed in it are on disk (a
+    filesystem that cannot sync a directory, as some network ones, keeps its own order)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)

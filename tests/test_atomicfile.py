@@ -2,6 +2,7 @@
 # asked even over a leftover temporary file; fsyncs of the file and of its directory when durable.
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -74,3 +75,18 @@ def test_a_durable_file_and_its_directory_are_synced(
     monkeypatch.setattr(os, "fsync", fsync)
     replace_file(tmp_path / "f", b"x", durable=durable)
     assert synced == (["file", "dir"] if durable else [])
+
+
+def test_a_directory_that_cannot_be_synced_is_left_to_its_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")  # as some network filesystems do
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    replace_file(tmp_path / "f", b"x")
+    assert (tmp_path / "f").read_bytes() == b"x"
