@@ -41,12 +41,12 @@
 #
 # BLOCK_STATUS (base:allocation) reads the pool's index, no page: a block that holds nothing is a
 # hole that reads as zeros (never written, trimmed, zeroed or written as zeros), and any other
-# page is data, wherever it lives (RAM, a peer, disk).  It
-# looks at STATUS_BLOCKS blocks of one index object and returns STATUS_EXTENTS descriptors at most
-# (the spec lets a reply cover less than asked; clients ask again from where it ended), so one
-# request costs the loop little: the index is read a chunk of 64 blocks at a time.  As it awaits
-# nothing else, it yields to the loop first: a client's queue of 2,000 of them otherwise ran to
-# its end before any other connection's request.  A rewrite of a block reported as data may
+# page is data, wherever it lives (RAM, a peer, disk).  It looks at STATUS_BLOCKS blocks of one
+# index object and returns STATUS_EXTENTS descriptors at most (the spec lets a reply cover less
+# than asked; clients ask again from where it ended), so one request costs the loop little: the
+# index is read a chunk of 64 blocks at a time.  As it awaits nothing else, it yields to the loop
+# first: a client's queue of 2,000 of them otherwise ran to its end before any other
+# connection's request.  A rewrite of a block reported as data may
 # still fail with ENOSPC once RAM, peers and disk are all full (its new page may compress
 # worse), which the spec's base:allocation rules out; a compressing store cannot promise it.
 #

@@ -187,7 +187,7 @@ class Journal:
 
     def _write(self, blocks: Iterable[bytes], high_gen: int) -> None:
         """Replace the file by the generation mark and `blocks` of records, written in pieces
-        of REWRITE_CHUNK bytes (temporary file, fsync, rename)."""
+        of REWRITE_CHUNK bytes (replace_file: the old file or the new, never half)."""
         self.high_gen = max(self.high_gen, high_gen)
 
         def pieces() -> Iterator[bytearray]:

@@ -30,10 +30,6 @@ class SameFilledWords:
         self.pages += 1
         return slot
 
-    def slot_of(self, word: bytes) -> int | None:
-        """The slot of a word some page holds, None if none does."""
-        return self._slot.get(word)
-
     def unref(self, slot: int) -> None:
         self._refs[slot] -= 1
         self.pages -= 1
