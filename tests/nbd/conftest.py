@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -44,6 +45,17 @@ def need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (Debian packages; .ci/run installs them)")
+
+
+def eventually(check: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Whether `check` holds within `seconds` (asked every 0.01 s): a loaded machine may take
+    long, a passing check returns at once."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def nbd_node(*args: str, data_dir: Path | None = None, listen: str = "127.0.0.1:0") -> LocalNode:

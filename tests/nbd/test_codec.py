@@ -10,8 +10,7 @@ import asyncio
 import contextlib
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -33,7 +32,7 @@ from ramster.nbd.wire import (
     option_request,
 )
 from ramster.zcache import PAGE_SIZE, Encodings, PageEncoder, PutResult, SealedPages, ZCache
-from tests.nbd.conftest import MiB, ServerThread
+from tests.nbd.conftest import MiB, ServerThread, eventually
 from tests.nbd.test_batching import negotiate
 from tests.nbd.test_clients import recv_exactly
 
@@ -285,13 +284,6 @@ def feed(connection: NbdConnection, data: bytes) -> None:
         view = view[n:]
 
 
-def until(check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 30
-    while not check():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-
-
 def test_write_groups_encode_ahead_and_take_effect_in_order(
     sample_pages: list[bytes], coded: tuple[list[str], threading.Event]
 ) -> None:
@@ -320,7 +312,7 @@ def test_write_groups_encode_ahead_and_take_effect_in_order(
 
         server.call(connect_and_feed)
         want = 2 * (16 + pages * PAGE_SIZE) + 3 * 16
-        until(lambda: server.call(lambda: len(transport.out)) >= GREETING.size + want)
+        assert eventually(lambda: server.call(lambda: len(transport.out)) >= GREETING.size + want)
     replies = bytes(transport.out[-want:])
     got = {}
     while replies:
@@ -351,11 +343,12 @@ def test_requests_arriving_during_a_group_reach_the_codec_workers_at_once(
         connection = server.call(lambda: NbdConnection(server.server))  # type: ignore[arg-type]
         server.call(lambda: connection.connection_made(transport))
         server.call(lambda: feed(connection, HANDSHAKE + first))
-        until(lambda: server.call(lambda: list(events)) == ["encode"])  # the first group held
+        # the first group held in the worker
+        assert eventually(lambda: server.call(lambda: list(events)) == ["encode"])
         server.call(lambda: feed(connection, second))
         assert server.call(lambda: list(events)) == ["encode", "encode"]  # nothing filed yet
         go_on.set()
-        until(lambda: server.call(lambda: len(transport.out)) >= GREETING.size + 2 * 16)
+        assert eventually(lambda: server.call(lambda: len(transport.out)) >= GREETING.size + 2 * 16)
         stored = server.call(lambda: engine.get_batch(pool, [(0, b) for b in range(2 * pages)]))
     replies = bytes(transport.out[-2 * 16 :])
     handles = sorted(SIMPLE_REPLY_HEADER.unpack(replies[i : i + 16])[1:] for i in (0, 16))

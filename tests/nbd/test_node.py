@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from node.tls import check_protected, load_tls
 from ramster.bench.cluster import metric_value
 from ramster.client.cluster import LocalCluster
 from ramster.client.local import LocalNode
-from tests.nbd.conftest import Certs, MiB, nbd_node, need, node_exits, run
+from tests.nbd.conftest import Certs, MiB, eventually, nbd_node, need, node_exits, run
 from tests.nbd.test_clients import NBDSH, need_libnbd
 
 
@@ -256,16 +256,6 @@ def test_data_past_the_first_4_gib_keeps_an_export_from_shrinking_too(tmp_path: 
 def foreign_pages(cluster: LocalCluster) -> int:
     """The pages the peers of node 1 hold for it."""
     return sum(node.client().stats().foreign_pages for node in cluster.nodes[1:])
-
-
-def eventually(check: Callable[[], bool], seconds: float = 30.0) -> bool:
-    """Whether `check` holds within `seconds` (asked every 0.1 s)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 @contextlib.contextmanager
