@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from node.logs import log_event
-from ramster.atomicfile import replace_file
-from ramster.remote.journal import NO_SPACE
+from ramster.atomicfile import NO_SPACE, replace_file
 from ramster.zcache import PoolKind, UnknownPool, ZCache
 
 POOLS_FILE = "pools.log"

@@ -9,7 +9,7 @@
 # is created afresh (one left by a crash is removed first, then O_EXCL with the mode asked), so a
 # key is never readable by others, not even briefly.  On any error the temporary file goes (a
 # partial copy would only take room on a disk that is full) and the OSError is raised, for the
-# caller to word as its own.
+# caller to word as its own (NO_SPACE tells a full disk or quota from the rest).
 #
 # Trade-off: two fsyncs per durable rewrite; every caller rewrites rarely (a pool created, a
 # journal compacted, a node started), never per page.
@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 Data = bytes | bytearray | memoryview
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the errors of a write that finds no room
 
 
 def replace_file(

@@ -34,7 +34,6 @@
 # outbox at a crash) are not recovered: their only copy was in RAM.
 from __future__ import annotations
 
-import errno
 import json
 import os
 import struct
@@ -42,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ramster.atomicfile import replace_file
+from ramster.atomicfile import NO_SPACE, replace_file
 from ramster.zcache.config import ALLOCATORS
 
 RECORD = struct.Struct("<BBHIIxxxxQQ")
@@ -61,9 +60,6 @@ class JournalError(Exception):
 
 class JournalFull(JournalError):
     """The journal's disk is full (or its quota used up): a rewrite could not be written."""
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -103,9 +99,7 @@ class Journal:
         except JournalFull:  # keep the file as it is: it says the same, only less compactly
             if not self.path.exists():
                 raise
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            self._records = self.path.stat().st_size // RECORD.size
-            self._live_at_rewrite = max(1, self._records)
+            self._append(self.path.stat().st_size // RECORD.size)
             self.not_compacted = True
 
     # -- replay and compaction --------------------------------------------------------------
@@ -200,15 +194,19 @@ class Journal:
             yield out
 
         try:
-            written = replace_file(self.path, pieces())
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._append(replace_file(self.path, pieces()) // RECORD.size)
         except OSError as exc:
             error = JournalFull if exc.errno in NO_SPACE else JournalError
             raise error(f"cannot write {self.path}: {exc.strerror}") from None
-        self._records = written // RECORD.size
-        self._live_at_rewrite = max(1, self._records)
+
+    def _append(self, records: int) -> None:
+        """Go on appending to the file as it now is, `records` long: the base that the next
+        rewrite waits for it to outgrow four times (wants_rewrite)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._records = records
+        self._live_at_rewrite = max(1, records)
 
     # -- records ----------------------------------------------------------------------------
     def slot(self, address: str) -> int:
