@@ -40,7 +40,7 @@ from node.sealing import Sealer, load_sealing_key
 from node.settings import Settings
 from ramster.remote import ForeignStore, RamsterLayer, RemoteConfig
 from ramster.remote.events import Joined, Leaving
-from ramster.remote.foreign import MAX_BLOB
+from ramster.remote.foreign import MAX_SPLIT
 from ramster.remote.journal import Journal
 from ramster.zcache import PAGE_SIZE, ZCache
 from ramster.zcache.backing import BackingFile
@@ -55,7 +55,7 @@ class RemoteSide:
             heartbeat_interval=settings.heartbeat_interval,
             down_after=settings.down_after,
             forget_after=settings.forget_after,
-            largest_zpage=MAX_BLOB - SEALING_OVERHEAD,  # sealed, it must fit a holder's frame
+            largest_zpage=MAX_SPLIT - SEALING_OVERHEAD,  # sealed, a holder must take it
         )
         self.foreign = ForeignStore(
             max(1, settings.foreign_limit // PAGE_SIZE), max_owners=max(1, len(settings.peers))

@@ -15,9 +15,10 @@
 # (the version) but not to a holder, so the driver seals each zpage once and sends that blob to
 # every holder of a copy; put sends the location's slot beside each blob, which the holder files
 # it under; get opens what comes back, and a blob that does not open comes back as b"" (a
-# damaged copy: the driver counts it and tries the next holder).  A blob that fits no holder
-# frame (a raw, incompressible page) is refused without a call, so the owner keeps it on its
-# disk.  Calls are cut into batches of MAX_BATCH_PAGES slots, the limit the servicer enforces.
+# damaged copy: the driver counts it and tries the next holder).  A blob no holder takes
+# (longer than MAX_SPLIT; a sealed raw page is well under it) is refused without a call, so the
+# owner keeps it on its disk.  Calls are cut into batches of MAX_BATCH_PAGES slots, the limit
+# the servicer enforces.
 # A put's request is written as bytes (`put_request`): protobuf encodes the small fields, and
 # the blobs are joined once behind them as the zpages field, never copied through a message
 # object (as ramster.bulkwire writes the client API's batches); the holder parses it as usual.
@@ -62,7 +63,7 @@ from node.settings import parse_hostport
 from ramster.bulkwire import Parts, blobs_field
 from ramster.remote import ForeignStore, OwnerTag
 from ramster.remote.events import FlushItem
-from ramster.remote.foreign import MAX_BLOB, blob_fits
+from ramster.remote.foreign import MAX_SPLIT, blob_fits
 from ramster.remote.membership import MAX_ADDRESS, MAX_MEMBERS, PeerInfo
 from ramster.remote.table import SLOT_LIMIT, slot_of
 from ramster.v1 import peer_pb2 as pb
@@ -75,7 +76,6 @@ from ramster.wire import (
     check_count,
     in_range,
 )
-from ramster.zcache.codec import PAGE_SIZE
 
 T = TypeVar("T")
 B = TypeVar("B", bytes, memoryview)  # a blob of zpages, or a view of one
@@ -169,9 +169,7 @@ def _put_items(request: pb.PutZpagesRequest) -> tuple[list[int], list[bytes]]:
         raise ValueError(f"a put needs one size per slot: {len(sizes)} sizes, {len(slots)} slots")
     bad = next((size for size in sizes if not blob_fits(size)), None)
     if bad is not None:
-        raise ValueError(
-            f"a zpage of {bad} bytes fits no frame: 1 to {MAX_BLOB} bytes, or {PAGE_SIZE}"
-        )
+        raise ValueError(f"a zpage of {bad} bytes cannot be held: 1 to {MAX_SPLIT} bytes")
     if len(set(slots)) != len(slots):
         raise ValueError("a put names the same slot twice")
     return slots, split_zpages(request.zpages, sizes)
@@ -542,7 +540,7 @@ class GrpcTransport:
         self, address: str, epoch: int, pool_id: int, blobs: list[bytes], locations: list[int]
     ) -> list[bool]:
         """Place sealed zpages (`seal`'s); per blob whether the peer stored it (False without
-        a call for one that fits no holder frame)."""
+        a call for one that no holder takes: longer than MAX_SPLIT)."""
         sendable = [i for i, blob in enumerate(blobs) if blob_fits(len(blob))]
         stored = [False] * len(blobs)
         for start in range(0, len(sendable), MAX_BATCH_PAGES):

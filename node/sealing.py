@@ -24,9 +24,9 @@
 #
 # Trade-off: 28 bytes per sealed zpage (12 of nonce, 16 of tag) and one AES-GCM pass each way
 # (AES-NI: a few microseconds per zpage, against LZ4's ~20 µs to compress a page).  A raw
-# (incompressible) zpage is 4114 bytes and a holder's frame holds at most 4096 of them, so it
-# cannot be sealed and placed: the ramster layer's evict() leaves it to the owner's disk
-# (RemoteConfig.largest_zpage, set from OVERHEAD by node/cluster.py).
+# (incompressible) zpage is 4114 bytes, 4142 sealed: more than a holder's slot, so the holder
+# keeps it in two (ramster/remote/foreign.py); RemoteConfig.largest_zpage, set from OVERHEAD by
+# node/cluster.py, is what fits that.
 # The cipher, and with it the cryptography package (~8 MiB of a node's RSS), is loaded when a
 # clustered node makes its Sealer at startup: a node without peers never pays for it, and one
 # with peers pays at its start rather than with its first remote page.

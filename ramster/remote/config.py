@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ramster.remote.foreign import MAX_BLOB
+from ramster.remote.foreign import MAX_SPLIT
 
 
 class RemoteConfigError(ValueError):
@@ -19,9 +19,9 @@ class RemoteConfig:
     outbox_limit: int = 8192  # evicted zpages waiting to be sent; beyond it evict() refuses
     outbox_limit_bytes: int = 16 << 20  # and their bytes (kept in RAM beyond the pool limit)
     send_batch: int = 256  # zpages per PutZpages message
-    # the longest zpage a holder can take: what fits its frame, less what the owner's transport
-    # adds (node/sealing.py); evict() leaves longer ones (raw pages) to the next evictor
-    largest_zpage: int = MAX_BLOB
+    # the longest zpage a holder can take (a blob split over two of its slots), less what the
+    # owner's transport adds (node/sealing.py); evict() leaves longer ones to the next evictor
+    largest_zpage: int = MAX_SPLIT
     # journal records that may wait in memory while the disk is full (32 bytes each); beyond
     # it evict() refuses, so a node that keeps writing on a full disk does not grow without end
     journal_waiting_limit: int = 1 << 18

@@ -9,13 +9,20 @@
 #
 # What a holder stores is opaque: owners seal their zpages (node/sealing.py), so a holder cannot
 # read their headers, and every blob comes with the owner's slot for it (its row in the owner's
-# table, ramster/remote/table.py), which the holder files it under: key (0, slot) in the owner's
-# pool.  Slots are dense, so the engine's index costs ~9 bytes per copy.  A blob is wrapped in a
-# zpage header of its own (make_zpage(0, slot, blob)), which gives the engine its key and a
-# checksum against bit rot in this node's RAM (stored as just made, without a second check),
-# and is unwrapped on the way out.  A blob must fit a frame once wrapped: at most
-# PAGE_SIZE - HEADER_SIZE bytes (a zbud/zsmalloc slot), or exactly PAGE_SIZE (a raw frame);
-# anything else is refused, never truncated.
+# table, ramster/remote/table.py), which the holder files it under: key (HEAD, slot) in the
+# owner's pool.  Slots are dense, so the engine's index costs ~9 bytes per copy.  A blob is
+# wrapped in a zpage header of its own (make_zpage(HEAD, slot, blob)), which gives the engine its
+# key and a checksum against bit rot in this node's RAM (stored as just made, without a second
+# check), and is unwrapped on the way out.  A blob that does not fit a slot once wrapped (more
+# than MAX_BLOB bytes: an incompressible page, stored raw by its owner and sealed, is 4142) is
+# kept in two: its first MAX_BLOB bytes under (HEAD, slot), the rest under (TAIL, slot), both
+# stored or neither, joined again on the way out; a put to a slot drops the tail it held, so
+# a head of MAX_BLOB bytes with a tail beside it is always one blob.  Longer than MAX_SPLIT, a
+# blob is refused, never truncated.  (Before, a sealed raw page fitted no frame, so the pages
+# of an export of incompressible data, an encrypted swap device say, had no copy but on their
+# owner's disk, whatever --replicas said.)  Trade-off: a long blob costs a slot of the largest
+# class, a whole frame, plus a small one and a second index entry; a tail is no page of its
+# own, so the counts (`pages`, `pages_by_owner`) leave tails out, read from the index.
 #
 # Limits, so that no caller can take the store from the others (the owner id is whatever the
 # request claims until the peer listener authenticates it with mTLS; then it is the certificate's):
@@ -29,31 +36,34 @@
 # `reclaim` (after a restart) or its flushes do, so a stray or forged "restarted" put costs
 # nobody their pages.
 #
-# Trade-off: the wrapping header costs 18 bytes per page, for pages the holder can check and
-# evict by key like its own.
+# Trade-off: the wrapping header costs 18 bytes per page (36 for a long blob), for pages the
+# holder can check and evict by key like its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ramster.zcache import PoolKind, ZCache, ZCacheConfig, check_keys
+from ramster.zcache import STORED, PoolKind, ZCache, ZCacheConfig, check_keys
 from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE, make_zpage
+from ramster.zcache.index import CHUNK_BITS
 
 PoolTag = tuple[str, str, int, int]  # owner node id, owner incarnation, epoch, owner pool id
 MAX_BLOB = PAGE_SIZE - HEADER_SIZE  # the longest blob that fits a slot once wrapped
+MAX_SPLIT = 2 * MAX_BLOB  # the longest blob: its head in one slot, its tail in another
+HEAD, TAIL = 0, 1  # the objects of an owner's pool: the blobs (their heads), and long blobs' tails
 POOL_FRAMES = 2  # quota charged per foreign pool: its index and allocator metadata (~6 KiB)
 DEFAULT_MAX_OWNERS = 64
 
 
 def _keys(slots: list[int]) -> list[tuple[int, int]]:
     """The engine keys the copies of `slots` are filed under (checked: a slot is an index)."""
-    keys = [(0, slot) for slot in slots]
+    keys = [(HEAD, slot) for slot in slots]
     check_keys(keys)
     return keys
 
 
 def blob_fits(size: int) -> bool:
-    """Whether a blob of `size` bytes can be held: it fits a slot, or fills a raw frame."""
-    return 0 < size <= MAX_BLOB or size == PAGE_SIZE
+    """Whether a blob of `size` bytes can be held: in one slot, or split over two."""
+    return 0 < size <= MAX_SPLIT
 
 
 @dataclass(frozen=True)
@@ -116,19 +126,46 @@ class ForeignStore:
             for i, blob in enumerate(blobs):
                 if room > 0 and type(blob) is bytes and blob_fits(len(blob)):
                     batch.append(i)
-                    room -= len(blob) + HEADER_SIZE
+                    room -= len(blob) + HEADER_SIZE * (1 if len(blob) <= MAX_BLOB else 2)
         if batch:
             if pool is None:
                 pool = self.pools[tag] = self.cache.create_pool(PoolKind.PERSISTENT)
-            made = [keys[i] for i in batch]
-            wrapped = [make_zpage(*keys[i], blobs[i]) for i in batch]
-            results = self.cache.store_zpages(pool, wrapped, made)  # intact: not checked again
-            for i, result in zip(batch, results, strict=True):
-                stored[i] = not result.refused
+            else:  # a slot's old tail goes, whatever comes
+                self._flush_tails(pool, [slots[i] for i in batch])
+            made, wrapped = [], []
+            for i in batch:
+                blob = blobs[i]
+                made.append(keys[i])
+                wrapped.append(make_zpage(HEAD, slots[i], blob[:MAX_BLOB]))
+                if len(blob) > MAX_BLOB:
+                    made.append((TAIL, slots[i]))
+                    wrapped.append(make_zpage(TAIL, slots[i], blob[MAX_BLOB:]))
+            # intact: not checked again
+            results = iter(self.cache.store_zpages(pool, wrapped, made))
+            for i in batch:
+                ok = not next(results).refused
+                if len(blobs[i]) > MAX_BLOB:
+                    tail_ok = not next(results).refused
+                    if ok != tail_ok:  # half a blob is none: the half that was stored goes
+                        self.cache.flush_page(pool, HEAD if ok else TAIL, slots[i])
+                    ok = ok and tail_ok
+                stored[i] = ok
             self._drop_if_empty(tag)
         self.refused += stored.count(False)
         self.moved += len(batch)
         return stored
+
+    def _flush_tails(self, pool: int, slots: list[int]) -> None:
+        if TAIL in self.cache.object_ids(pool):
+            self.cache.flush_pages(pool, [(TAIL, slot) for slot in slots])
+
+    def _tails(self, pool: int) -> int:
+        """The tails a pool holds (no pages of their own), from its index, a chunk at a time."""
+        cache = self.cache
+        return sum(
+            cache.page_states(pool, TAIL, c << CHUNK_BITS, (c + 1) << CHUNK_BITS).count(STORED)
+            for c in cache.object_chunks(pool, TAIL)
+        )
 
     def _admits(self, node_id: str) -> bool:
         """Whether `node_id` may start a pool: it holds pages already, or there is room for
@@ -161,7 +198,8 @@ class ForeignStore:
             (tag[3], slot)
             for tag, pool in self.pools.items()
             if tag[0] == owner.node_id
-            for _, slot in self.cache.keys(pool)
+            for oid, slot in self.cache.keys(pool)
+            if oid == HEAD
         ]
 
     def get(
@@ -173,7 +211,15 @@ class ForeignStore:
         if pool is None:
             return [None] * len(keys)
         self.moved += len(keys)
-        return [z[HEADER_SIZE:] if z else None for z in self.cache.read_zpages(pool, keys)]
+        blobs = [z[HEADER_SIZE:] if z else None for z in self.cache.read_zpages(pool, keys)]
+        if TAIL in self.cache.object_ids(pool):
+            heads = [i for i, blob in enumerate(blobs) if blob and len(blob) == MAX_BLOB]
+            tails = self.cache.read_zpages(pool, [(TAIL, slots[i]) for i in heads])
+            for i, tail in zip(heads, tails, strict=True):
+                head = blobs[i]
+                if head and tail:
+                    blobs[i] = head + tail[HEADER_SIZE:]
+        return blobs
 
     def flush(self, owner: OwnerTag, epoch: int, pool_id: int, slots: list[int]) -> int:
         keys = _keys(slots)
@@ -181,18 +227,19 @@ class ForeignStore:
         pool = self.pools.get(tag)
         if pool is None:
             return 0
-        gone = sum(self.cache.flush_page(pool, oid, index) for oid, index in keys)
+        gone = self.cache.flush_pages(pool, keys)
+        self._flush_tails(pool, slots)
         self._drop_if_empty(tag)
         return gone
 
     @property
     def pages(self) -> int:
-        return self.cache.stored_pages
+        return self.cache.stored_pages - sum(map(self._tails, self.pools.values()))
 
     def pages_by_owner(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for tag, pool in self.pools.items():
-            out[tag[0]] = out.get(tag[0], 0) + self.cache.pool_pages(pool)
+            out[tag[0]] = out.get(tag[0], 0) + self.cache.pool_pages(pool) - self._tails(pool)
         return out
 
     def free_bytes_for(self, node_id: str) -> int:

@@ -36,8 +36,9 @@
 # Bounds: the outbox (zpages whose bytes wait here for copies) is limited in pages and bytes;
 # beyond it evict() refuses and the backing file takes the zpages, and repairs are fetched only
 # while the outbox has room for them.  evict() also refuses a zpage longer than a holder can
-# take (largest_zpage: a raw page, once sealed): every peer would refuse it, and as a page
-# short of copies it would be read back from disk and offered again every down_after.  `wake`
+# take (largest_zpage, which a sealed raw page fits since holders split long blobs; a holder
+# of an older version refuses it as it would a full store): every peer would refuse it, and as
+# a page short of copies it would be read back from disk and offered again every down_after.  `wake`
 # (set by the driver) is called whenever work is queued, so nothing waits for a timer.
 #
 # The table of where each zpage's copies are is a RemoteTable (narrow arrays, 4 bytes per remote
@@ -475,8 +476,8 @@ class RamsterLayer:
     def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
         """Take zpages into the outbox while it has room, a peer has room and the journal is
         not too far behind (journal_waiting_limit); never one that no holder could take
-        (longer than largest_zpage: a raw page), which would only be refused by every peer
-        and left short of copies, retried for ever."""
+        (longer than largest_zpage), which would only be refused by every peer and left short
+        of copies, retried for ever."""
         room = 0 if self.closing or not self.membership.has_room() else self._outbox_room()
         journal = self.journal
         if journal is not None and journal.waiting >= self.config.journal_waiting_limit:
@@ -587,7 +588,7 @@ class RamsterLayer:
                 continue
             need = self._needed(location, counted)
             sending = sending_of.get(location)
-            placeable = len(zpage) <= largest  # else (a repair of a raw page) the disk only
+            placeable = len(zpage) <= largest  # else (a repair of too long a zpage) the disk only
             chosen: list[Peer] = []
             if need > 0 and placeable:
                 exclude: AbstractSet[str] = NOBODY  # no copy anywhere yet: nobody to avoid

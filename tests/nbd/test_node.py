@@ -280,14 +280,19 @@ def spilled(
 def test_an_export_larger_than_the_pool_spills_to_peers_and_survives_a_killed_peer(
     tmp_path: Path, sample_pages: list[bytes]
 ) -> None:
-    """32 MiB of real pages, a twelfth of them incompressible: those are stored raw, fit no
-    holder's frame once sealed, and go to node 1's disk at once; the others mostly to peers."""
+    """32 MiB of real pages, a twelfth of them incompressible: those are stored raw, longer
+    than a holder's slot once sealed, and go to the peers all the same, split over two slots
+    there (they went to node 1's disk only, whatever --replicas said)."""
     need("nbdcopy")
     with spilled(tmp_path, sample_pages, 8192, "4Mi", "48Mi") as (cluster, data):
         owner = cluster.nodes[0]
-        time.sleep(3)  # down_after three times over: no raw page is offered to a peer
+        time.sleep(3)  # down_after three times over: no page is refused and offered again
         assert metric_value(owner, "ramster_remote_put_refusals_total") == 0
         assert metric_value(owner, "ramster_remote_disk_copies_total") == 0
+        # every page out of RAM is on the peers, the raw ones too: none in node 1's backing file
+        assert metric_value(owner, "ramster_backing_written_back_total") == 0
+        with owner.client() as client:
+            assert metric_value(owner, "ramster_remote_pages") == client.stats().written_back_pages
         cluster.nodes[2].send_signal(signal.SIGKILL)
         cluster.nodes[2].wait()
         back = tmp_path / "back.img"

@@ -11,6 +11,7 @@ import pytest
 from node.driver import FETCH_BATCH
 from node.engine import ChunkedEngine
 from ramster.remote import RemoteConfig, journal
+from ramster.remote.foreign import MAX_BLOB
 from ramster.remote.layer import FLUSH_BATCH
 from ramster.remote.table import slot_of
 from ramster.zcache import PageUnavailable, PoolKind
@@ -357,17 +358,15 @@ async def test_chunks_of_a_get_look_again_only_once_a_local_copy_went(
     assert asked == [64, -64] + [8] * 8
 
 
-async def test_raw_pages_go_to_disk_and_are_never_offered_to_peers(
-    tmp_path: Path, compressible_pages: list[bytes], incompressible_pages: list[bytes]
-) -> None:
-    """A raw zpage (an incompressible page of a store_raw pool) fits no holder's frame: evict()
-    leaves it to the disk at once.  Taken into the outbox, it was refused by every peer, settled
-    short of copies and fetched back from disk to be offered again every down_after, for ever."""
-    net = MemNetwork(tmp_path, ["a", "b", "c"])
+async def put_mixed(
+    net: MemNetwork, compressible: list[bytes], incompressible: list[bytes]
+) -> tuple[MemNode, int, list[tuple[int, int]], list[bytes]]:
+    """Node a stores N pages, a third of them incompressible, in a store_raw pool (as an NBD
+    export's) whose limit sends most of them out."""
     await net.settle(1)
     a = net.nodes["a"]
     pool = a.cache.create_pool(PoolKind.PERSISTENT, store_raw=True)
-    kinds = (incompressible_pages, compressible_pages, compressible_pages)
+    kinds = (incompressible, compressible, compressible)
     pages = [kinds[i % 3][i % len(kinds[i % 3])] for i in range(N)]
     keys = [(1, i) for i in range(N)]
     for start in range(0, N, 100):
@@ -376,6 +375,40 @@ async def test_raw_pages_go_to_disk_and_are_never_offered_to_peers(
         assert not any(r.refused for r in results)
         await net.settle(1)
     await net.settle(10, advance=2.0)  # down_after several times over
+    return a, pool, keys, pages
+
+
+async def test_raw_pages_reach_peers_like_any_other(
+    tmp_path: Path, compressible_pages: list[bytes], incompressible_pages: list[bytes]
+) -> None:
+    """A raw zpage (an incompressible page of a store_raw pool), longer than a holder's slot,
+    gets its replicas on peers, which keep it in two slots, and comes back whole from either."""
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    a, pool, keys, pages = await put_mixed(net, compressible_pages, incompressible_pages)
+    layer = a.layer
+    assert layer.remote_pages > N // 2
+    assert layer.replica_histogram() == {2: layer.remote_pages}
+    assert layer.stats.outbox_refused == layer.stats.remote_refused == 0
+    assert layer.stats.disk_copies == 0
+    for holder in (net.nodes["b"], net.nodes["c"]):
+        assert holder.foreign.pages == layer.remote_pages
+        tails = holder.foreign.cache.stored_pages - holder.foreign.pages  # raw pages held
+        assert tails > N // 4
+    net.nodes["b"].up = False
+    await net.settle(5)
+    assert await read_all(net, a, pool, keys) == pages
+
+
+async def test_zpages_longer_than_a_holder_takes_go_to_disk_and_are_never_offered(
+    tmp_path: Path, compressible_pages: list[bytes], incompressible_pages: list[bytes]
+) -> None:
+    """evict() leaves a zpage longer than largest_zpage to the disk at once.  Taken into the
+    outbox, it was refused by every peer, settled short of copies and fetched back from disk
+    to be offered again every down_after, for ever (so it went with raw pages, when a holder
+    took no blob longer than a slot)."""
+    config = RemoteConfig(heartbeat_interval=1.0, down_after=3.0, largest_zpage=MAX_BLOB)
+    net = MemNetwork(tmp_path, ["a", "b", "c"], config=config)
+    a, pool, keys, pages = await put_mixed(net, compressible_pages, incompressible_pages)
     layer = a.layer
     assert layer.remote_pages > N // 3  # the compressible pages went to peers ...
     assert layer.replica_histogram() == {2: layer.remote_pages}

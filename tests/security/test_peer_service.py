@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from ramster.remote import ForeignStore, OwnerTag
-from ramster.remote.foreign import MAX_BLOB, POOL_FRAMES
+from ramster.remote.foreign import MAX_BLOB, MAX_SPLIT, POOL_FRAMES
 from ramster.v1 import peer_pb2 as pb
 from ramster.v1 import peer_pb2_grpc
 from ramster.zcache.codec import PAGE_SIZE
@@ -45,10 +45,8 @@ BAD_PUTS = {
     "a slot but no size": put_request(slots=[0, 1, 2]),
     "the same slot twice": put_request(slots=[1, 1]),
     "an empty blob": put_request(zpages=BLOB, sizes=[1000, 0]),
-    "a blob over a frame's slot": put_request(zpages=bytes(MAX_BLOB + 1), sizes=[MAX_BLOB + 1],
-                                              slots=[1]),
-    "a blob over a frame": put_request(zpages=bytes(PAGE_SIZE + 28), sizes=[PAGE_SIZE + 28],
-                                       slots=[1]),
+    "a blob over two slots": put_request(zpages=bytes(MAX_SPLIT + 1), sizes=[MAX_SPLIT + 1],
+                                         slots=[1]),
     "a batch past 4096": put_request(zpages=bytes(4097), sizes=[1] * 4097,
                                      slots=list(range(4097))),
 }  # fmt: skip
@@ -156,10 +154,10 @@ def test_a_new_incarnation_does_not_drop_the_old_ones_pages() -> None:
     assert store.get(OwnerTag("o", "next"), 2, 0, [1, 2]) == [b"page", b"other"]
 
 
-def test_blobs_that_fit_no_frame_are_refused_and_a_full_frame_is_kept_raw() -> None:
+def test_blobs_that_fit_no_two_slots_are_refused_and_long_ones_are_kept() -> None:
     store = ForeignStore(100)
     owner = OwnerTag("o", "i")
-    blobs = [bytes(MAX_BLOB + 1), b"", b"z" * PAGE_SIZE, b"w" * MAX_BLOB]
+    blobs = [bytes(MAX_SPLIT + 1), b"", b"z" * PAGE_SIZE, b"w" * MAX_BLOB]
     slots = list(range(4))
     assert store.put(owner, 1, 0, slots, blobs) == [False, False, True, True]
     assert store.get(owner, 1, 0, slots) == [None, None, blobs[2], blobs[3]]

@@ -19,6 +19,7 @@ from node.sealing import (
     SealingKeyError,
     load_sealing_key,
 )
+from ramster.remote.foreign import MAX_SPLIT
 from ramster.v1 import peer_pb2 as pb
 from ramster.v1 import peer_pb2_grpc
 from ramster.zcache.codec import HEADER_SIZE, PAGE_SIZE, compress, make_zpage, open_zpage
@@ -117,18 +118,21 @@ async def test_flipped_forged_and_replayed_copies_do_not_open(
     assert open_zpage(new, 5, 0) == compressible_pages[1]
 
 
-async def test_a_raw_zpage_is_refused_without_a_call(
+async def test_a_raw_zpage_travels_sealed_and_one_past_what_a_holder_takes_does_not(
     pair: Pair, incompressible_pages: list[bytes], compressible_pages: list[bytes]
 ) -> None:
+    """A raw zpage, 4142 bytes sealed, is more than a holder's slot: the holder keeps it in two
+    and gives it back whole.  A blob past MAX_SPLIT is refused without a call."""
     raw = make_zpage(5, 0, incompressible_pages[0])
     assert len(raw) == HEADER_SIZE + PAGE_SIZE
     small = make_zpage(5, 1, compress(compressible_pages[0]))
-    assert await pair.put(3, [raw, small], [1, 2]) == [False, True]
-    assert pair.holder.pages == 1
-    # the largest zpage whose seal still fits a holder's raw frame travels
-    edge = make_zpage(5, 2, os.urandom(PAGE_SIZE - HEADER_SIZE - OVERHEAD))
-    assert await pair.put(3, [edge], [3]) == [True]
-    assert await pair.transport.get(pair.address, 1, 3, [3]) == [edge]
+    assert await pair.put(3, [raw, small], [1, 2]) == [True, True]
+    assert pair.holder.pages == 2
+    assert await pair.transport.get(pair.address, 1, 3, [1, 2]) == [raw, small]
+    too_long = os.urandom(MAX_SPLIT - OVERHEAD + 1)
+    calls = pair.holder.moved
+    assert await pair.put(3, [too_long], [3]) == [False]
+    assert pair.holder.moved == calls and pair.holder.pages == 2
 
 
 class LyingHolder(peer_pb2_grpc.PeerServicer):
