@@ -415,11 +415,12 @@ def test_an_owner_whose_disk_filled_up_keeps_its_peers_and_comes_back(
     what it could not save, and starts again on its data; nothing reads back wrong."""
     need("nbdcopy", "qemu-io")
     real = b"".join(sample_pages[n % len(sample_pages)] for n in range(4096))
-    data = real + os.urandom(16 * MiB) + real  # to peers, then to disk until it is full
+    data = real + os.urandom(16 * MiB) + real  # to peers until they are full, then to disk
     with small_disk(tmp_path / "disk", "6m") as disk:
         node1 = ["--pool-limit", "4Mi", "--nbd-listen", "127.0.0.1:0", "--nbd-export"]
         node1 += ["disk:64Mi", "--data-dir", str(disk / "data")]
         common = ["--pool-limit", "256Mi", "--heartbeat-interval", "0.2", "--down-after", "1"]
+        common += ["--foreign-limit", "8Mi"]
         with LocalCluster(3, common=common, per_node=[node1]) as cluster:
             owner = cluster.nodes[0]
             uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
