@@ -36,10 +36,12 @@
 # Bounds: the outbox (zpages whose bytes wait here for copies) is limited in pages and bytes;
 # beyond it evict() refuses and the backing file takes the zpages, and repairs are fetched only
 # while the outbox has room for them.  evict() also refuses a zpage longer than a holder can
-# take (largest_zpage, which a sealed raw page fits since holders split long blobs; a holder
-# of an older version refuses it as it would a full store): every peer would refuse it, and as
-# a page short of copies it would be read back from disk and offered again every down_after.  `wake`
-# (set by the driver) is called whenever work is queued, so nothing waits for a timer.
+# take (largest_zpage, which a sealed raw page fits since holders split long blobs): every peer
+# would refuse it, and as a page short of copies it would be read back from disk and offered
+# again every down_after.  (A holder of a version that took no long blob refuses the whole call
+# that carries one, and the send's zpages go to other holders or the disk, as for any failed
+# call.)  `wake` (set by the driver) is called whenever work is queued, so nothing waits for a
+# timer.
 #
 # The table of where each zpage's copies are is a RemoteTable (narrow arrays, 4 bytes per remote
 # page with a few pools and peers, no keys: holders file copies under the table's slot); only
