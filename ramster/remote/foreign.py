@@ -192,6 +192,7 @@ class ForeignStore:
                 continue
             keys = self.cache.keys(source)
             zpages = [z for z in self.cache.read_zpages(source, keys) if z is not None]
+            self._flush_tails(into, [slot for oid, slot in keys if oid == HEAD])  # see put()
             self.cache.store_zpages(into, zpages)
             self.cache.destroy_pool(source)
         return [

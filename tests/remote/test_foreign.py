@@ -37,6 +37,19 @@ def test_a_put_over_a_long_blob_leaves_no_stale_tail() -> None:
     assert store.pages == 2
 
 
+def test_a_reclaim_that_merges_pools_leaves_no_stale_tail() -> None:
+    """Two incarnations' pools with the same slot merge on a reclaim, the moved page winning:
+    a short one moved over a long one must not come back joined with the long one's tail."""
+    store = ForeignStore(64)
+    old, new = OwnerTag("owner", "a" * 32), OwnerTag("owner", "b" * 32)
+    short = os.urandom(MAX_BLOB)
+    assert store.put(old, 1, 3, [5], [short]) == [True]
+    assert store.put(new, 1, 3, [5], [os.urandom(MAX_SPLIT)]) == [True]
+    assert store.reclaim(new, 1) == [(3, 5)]
+    assert store.get(new, 1, 3, [5]) == [short]
+    assert store.pages == 1
+
+
 def test_a_flushed_long_blob_leaves_nothing() -> None:
     store = ForeignStore(64)
     assert store.put(OWNER, 1, 3, [1, 2], [os.urandom(MAX_SPLIT), b"short"]) == [True, True]
