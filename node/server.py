@@ -48,7 +48,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from node.cluster import RemoteSide
-from node.engine import build_engine, open_backing, stop_codec_workers
+from node.engine import build_engine, codec_threads, open_backing, stop_codec_workers
 from node.fairness import SmallFirst
 from node.interceptor import Gate, RpcInterceptor, StreamLimit
 from node.logs import log_event
@@ -248,6 +248,7 @@ class Node:
             host=s.listen.host,
             node_id=s.node_id,
             pool_limit_bytes=started_with.limit_bytes,
+            codec_workers=codec_threads(s),
             data_dir=str(s.data_dir),
             version=__version__,
             pools=len(started_with.pools),

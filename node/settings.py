@@ -126,6 +126,16 @@ def parse_count(low: int, high: int, what: str) -> Callable[[str | int], int]:
     return parse
 
 
+def parse_worker_threads(text: str | int | None) -> int | None:
+    """--worker-threads: 0 to 64 threads, or auto (None: codec_threads() picks)."""
+    if text is None or str(text).strip().lower() in ("", "auto"):
+        return None
+    try:
+        return parse_count(0, 64, "threads")(text)
+    except ValueError:
+        raise ValueError(f"expected 0 to 64 threads or auto, got {text!r}") from None
+
+
 def parse_stream_count(text: str | int) -> int:
     value = int(text)
     if not 1 <= value <= 1 << 16:
@@ -178,6 +188,7 @@ def parse_name(text: str) -> str:
     return str(text).strip()
 
 
+NBD_WORKERS = 2  # codec worker threads of a node that serves NBD, unless told (node/engine.py)
 MAX_EXPORT_SIZE = (1 << 63) - PAGE_SIZE  # the largest size libnbd and qemu read as positive
 
 
@@ -245,11 +256,20 @@ def meta(
     metavar: str,
     repeat: bool = False,
     switch: bool = False,
+    shown: str | None = None,
 ) -> dict[str, Any]:
-    """Field metadata of a setting: how its text is parsed and how --help shows it; a
-    `repeat` flag may be given more than once (its parser gets the list); a `switch` flag
-    takes no value (its presence means "true"; the environment and TOML say true or false)."""
-    return {"parse": parse, "help": help, "metavar": metavar, "repeat": repeat, "switch": switch}
+    """Field metadata of a setting: how its text is parsed and how --help shows it (`shown`:
+    its default, where the value itself would not say it); a `repeat` flag may be given more
+    than once (its parser gets the list); a `switch` flag takes no value (its presence means
+    "true"; the environment and TOML say true or false)."""
+    return {
+        "parse": parse,
+        "help": help,
+        "metavar": metavar,
+        "repeat": repeat,
+        "switch": switch,
+        "shown": shown,
+    }
 
 
 @dataclass(frozen=True)
@@ -372,14 +392,16 @@ class Settings:
             parse_positive_seconds, "seconds of silence before a peer is marked down", "SECONDS"
         ),
     )
-    worker_threads: int = field(
-        default=0,
+    worker_threads: int | None = field(
+        default=None,
         metadata=meta(
-            parse_count(0, 64, "threads"),
+            parse_worker_threads,
             "threads that compress and decompress big batches beside the event loop; 0: on the "
-            "loop, in slices (best for single-get latency under bulk load; on 2 cores, 2 suit a "
-            "node that serves NBD, whose big requests they speed up)",
-            "N",
+            "loop, in slices (best for single-get latency under bulk load); auto (unset): "
+            f"{NBD_WORKERS} (at most the cores the node may use; 0 on one core) for a node that "
+            "serves NBD exports, whose big requests they speed up, else 0",
+            "N|auto",
+            shown="auto",
         ),
     )
     peer_timeout: float = field(
@@ -592,7 +614,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TOML file of settings, keys named like the flags [env RAMSTER_CONFIG]",
     )
     for f in fields(Settings):
-        default = "" if f.default is MISSING else f"; default {f.default or 'none'}"
+        shown = f.metadata["shown"] or f.default or "none"
+        default = "" if f.default is MISSING else f"; default {shown}"
         if f.metadata["switch"]:
             parser.add_argument(
                 _flag(f.name),

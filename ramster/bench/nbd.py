@@ -27,12 +27,13 @@
 # as they complete.  Rates are MiB/s.  "Data per GiB of RSS" is the bytes written over the server's
 # RSS after the sequential writes: nbdkit keeps pages as they are, the node compresses them, so the
 # ratio shows what a GiB of a host's RAM holds on each.  The node's RSS includes the interpreter
-# (~55 MiB), which large sizes amortise; the idle RSS is reported too.  The node is started here (a
+# (~48 MiB), which large sizes amortise; the idle RSS is reported too.  The node is started here (a
 # LocalNode subprocess) with a pool limit of twice `size`, so nothing leaves RAM during the run, and
-# with two codec worker threads unless told otherwise.  With tls, both servers require TLS
-# (certificates from `ramster certs`' code, the node's serving nbdkit too) and every client uses
-# nbds:// URIs, so the ratios include each side's TLS cost.  With unix, both servers listen on
-# Unix sockets (nbd+unix://) instead of loopback TCP ports, as clients on a node's own host use it.
+# with the codec worker threads a node serving NBD has by default (two on 2 cores) unless told.
+# With tls, both servers require TLS (certificates from `ramster certs`' code, the node's serving
+# nbdkit too) and every client uses nbds:// URIs, so the ratios include each side's TLS cost.
+# With unix, both servers listen on Unix sockets (nbd+unix://) instead of loopback TCP ports, as
+# clients on a node's own host use it.
 from __future__ import annotations
 
 import contextlib
@@ -60,10 +61,6 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # where Debian's python3-libnbd lives
 EXPORT = "bench"
 NODE_ID = "bench"
 TOOLS = ("nbdcopy", "nbdkit")
-# The node runs with two codec worker threads, as a node serving NBD on 2 cores should (the
-# README says so): NBD requests are big batches, whose LZ4 the workers do beside the loop, at a
-# lower priority than the loop and the client (node/codecworkers.py).
-WORKERS = 2
 # The RSS is taken this long after the last write: a node gives back what a burst left in flight
 # (its heap's free pages, input buffers, warm frames) once traffic has paused for a quarter of a
 # second (node/nbd/server.py), and it is the data held at rest that the ratio is about.
@@ -348,11 +345,11 @@ def nbdkit_memory(
 
 @contextlib.contextmanager
 def ramster_node(
-    size: int, tls: BenchTls | None = None, workers: int = 0, unix: Path | None = None
+    size: int, tls: BenchTls | None = None, workers: int | None = None, unix: Path | None = None
 ) -> Iterator[tuple[str, int, ThreadCpu]]:
     """A local node with one export of `size` bytes (TLS with `tls`, `workers` codec worker
-    threads), on a free loopback port or on Unix socket `unix`: its URI, its pid, and a reader
-    of its threads' CPU seconds by role."""
+    threads, else as many as a node serving NBD has unless told), on a free loopback port or
+    on Unix socket `unix`: its URI, its pid, and a reader of its threads' CPU seconds by role."""
     where: Where = unix or free_port()
     tls_args = []
     if tls:
@@ -365,8 +362,7 @@ def ramster_node(
         f"unix:{where}" if unix else f"127.0.0.1:{where}",
         "--nbd-export",
         f"{EXPORT}:{size}",
-        "--worker-threads",
-        str(workers),
+        *(() if workers is None else ("--worker-threads", str(workers))),
         *tls_args,
         tls_ca=tls.ca if tls else None,
     )
@@ -399,12 +395,12 @@ def run(
     ops: int,
     repeat: int = 3,
     tls: bool = False,
-    workers: int = WORKERS,
+    workers: int | None = None,
     seed: int = 1,
     unix: bool = False,
 ) -> dict[str, Any]:
     """Both servers, side by side, with the same data (both over TLS with `tls`, both on Unix
-    sockets with `unix`; the node with `workers` codec worker threads)."""
+    sockets with `unix`; the node with `workers` codec worker threads, else its default)."""
     check_tools()
     with tempfile.TemporaryDirectory(prefix="ramster-bench-") as tmp:
         certs = BenchTls.make(Path(tmp) / "tls") if tls else None
@@ -425,7 +421,7 @@ def run(
         "repeat": repeat,
         "tls": tls,
         "transport": "unix" if unix else "tcp",
-        "worker_threads": workers,
+        "worker_threads": "auto" if workers is None else workers,
     }
     for key in got["nbdkit"]:
         if key != "verified":

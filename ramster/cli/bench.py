@@ -345,10 +345,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "python3-libnbd.",
     )
     p.add_argument("--corpus", required=True, help="file of raw 4096-byte pages")
-    p.add_argument("--mib", type=positive, default=256, help="MiB written sequentially")
-    p.add_argument("--ops", type=positive, default=20000, help="random 4 KiB writes and reads")
     p.add_argument(
-        "--repeat", type=positive, default=3, help="runs of each step per server (best kept)"
+        "--mib",
+        type=positive,
+        default=1024,
+        help="MiB written sequentially (default 1024: the node's fixed ~48 MiB weighs less in "
+        "its data per GiB of RSS the more it holds)",
+    )
+    p.add_argument(
+        "--ops", type=positive, default=20000, help="random 4 KiB writes and reads (default 20000)"
+    )
+    p.add_argument(
+        "--repeat",
+        type=positive,
+        default=3,
+        help="runs of each step per server, best kept (default 3)",
     )
     p.add_argument("--tls", action="store_true", help="both servers require TLS (nbds://)")
     p.add_argument(
@@ -359,8 +370,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--worker-threads",
         type=nonnegative,
-        default=nbd.WORKERS,
-        help="the node's codec worker threads (its --worker-threads)",
+        help="the node's codec worker threads (its --worker-threads; default: the node's, "
+        "2 on 2 cores or more)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_nbd)
