@@ -206,11 +206,12 @@ def engine_families(s: Snapshot) -> Iterator[Metric]:
 class BackingReading:
     stats: BackingStats  # a copy, which the loop does not change
     size_bytes: int
+    room_bytes: int
 
 
 def read_backing(backing: BackingFile) -> BackingReading:
     """The backing file's counters, copied (on the loop)."""
-    return BackingReading(replace(backing.stats), backing.size_bytes)
+    return BackingReading(replace(backing.stats), backing.size_bytes, backing.room_bytes)
 
 
 def backing_families(r: BackingReading) -> Iterator[Metric]:
@@ -228,6 +229,11 @@ def backing_families(r: BackingReading) -> Iterator[Metric]:
     ):
         yield CounterMetricFamily(f"ramster_backing_{name}", text, value)
     yield GaugeMetricFamily("ramster_backing_size_bytes", "Size of the backing file.", r.size_bytes)
+    yield GaugeMetricFamily(
+        "ramster_backing_room_bytes",
+        "Disk set aside past the backing file's records to save RAM's persistent pages at a stop.",
+        r.room_bytes,
+    )
 
 
 class GrpcMetrics:

@@ -179,6 +179,7 @@ class Node:
             raise StartupError(f"cannot use data directory {s.data_dir}: {exc}") from None
         except ValueError as exc:  # peer settings that do not fit together
             raise StartupError(str(exc)) from None
+        engine.save_room = backing.cover  # what RAM takes, a graceful stop can write
         self.pools = Pools(engine, registry)
         if backing.stats.recovered or not backing.stats.was_clean:
             log_event(

@@ -380,7 +380,12 @@ class Settings:
     )
     backing_limit: int = field(
         default=0,
-        metadata=meta(parse_optional_size, "largest size of the backing file; 0: no limit", "SIZE"),
+        metadata=meta(
+            parse_optional_size,
+            "largest size of the backing file, whose room to save RAM at a stop counts too (so "
+            "it also bounds the persistent pages RAM takes); 0: no limit",
+            "SIZE",
+        ),
     )
     heartbeat_interval: float = field(
         default=0.5,

@@ -26,6 +26,21 @@
 #
 # Trade-off: no fsync per write (a process crash loses nothing the kernel has; a power cut may lose
 # the latest write-backs, which the scan then detects), and an open costs one pass over the file.
+#
+# Room to save RAM (cover): a node that stops gracefully writes every persistent page it holds in
+# RAM here (ZCache.write_back_all).  On a full disk those pages were lost.  So the file keeps
+# room allocated past its last record (posix_fallocate: blocks the filesystem has set aside, so a
+# write there is not refused for space) for all that RAM holds, and the engine asks cover()
+# before it takes more pages into RAM: when the room cannot grow, the put is refused (an NBD
+# write fails with ENOSPC) rather than taken into RAM that a stop could not save.  The bound: a
+# record of an n-byte zpage takes ceil((RECORD_HEAD + n) / BLOCK) <= 1 + (RECORD_HEAD + n) /
+# BLOCK blocks, and zpages fill at most their frames, so `pages` pages in `frames` frames need
+# at most pages * (1 + RECORD_HEAD / BLOCK) + frames * PAGE_SIZE / BLOCK blocks (a raw page, one
+# per frame: 9, which its record takes).  Only the tail past the last record counts, not the
+# free extents between records (a record may fit none of them).  The room is taken ROOM_STEP
+# at a time, so puts seldom cost a syscall, and given back at close (and on open).  Trade-off:
+# the disk holds about the compressed size of RAM's persistent pages more than the records, and
+# a node whose disk cannot take that refuses pages that its RAM, or its peers, had room for.
 from __future__ import annotations
 
 import mmap
@@ -51,6 +66,7 @@ RECORD = struct.Struct("<4sB3xIQ")
 RECORD_MAGIC = b"RZP1"
 RECORD_HEAD = RECORD.size + 4  # + hsum
 MAX_BLOCKS = (RECORD_HEAD + HEADER_SIZE + PAGE_SIZE + BLOCK - 1) // BLOCK
+ROOM_STEP = 8192  # blocks (4 MiB) of room to save RAM allocated at once, if the disk has them
 _xxh = xxhash.xxh3_64_intdigest
 
 
@@ -105,7 +121,7 @@ class BackingFile:
         size = os.fstat(self.fd).st_size
         if size == 0:
             self._write_super(clean=False)
-            self._bump = SUPER_BLOCKS
+            self._bump = self._room = SUPER_BLOCKS
             self._sizes = bytearray(SUPER_BLOCKS)
             return
         magic, version, clean = SUPER.unpack(os.pread(self.fd, SUPER.size, 0).ljust(SUPER.size))
@@ -121,7 +137,7 @@ class BackingFile:
         nblocks = (size + BLOCK - 1) // BLOCK  # a torn last write may leave a partial block
         self._sizes = bytearray(nblocks)
         if nblocks <= SUPER_BLOCKS:
-            self._bump = SUPER_BLOCKS
+            self._bump = self._room = SUPER_BLOCKS
             self._sizes = bytearray(SUPER_BLOCKS)
             return
         live: dict[tuple[int, int, int], tuple[int, int]] = {}  # key -> (seq, block)
@@ -182,9 +198,9 @@ class BackingFile:
         for block in sorted(live_blocks):
             self._free_range(end, block)
             end = block + self._sizes[block]
-        self._bump = end
+        self._bump = self._room = end
         del self._sizes[end:]
-        os.ftruncate(self.fd, end * BLOCK)
+        os.ftruncate(self.fd, end * BLOCK)  # and the room a crash left: cover() takes it again
 
     def _free_range(self, start: int, stop: int) -> None:
         while start < stop:
@@ -222,6 +238,33 @@ class BackingFile:
         self._free_range(block, block + blocks)
         self._sizes[block] = 0
         self.live -= 1
+
+    # -- room to save RAM ---------------------------------------------------------------------
+    def cover(self, pages: int, frames: int) -> bool:
+        """Whether the room past the last record holds `pages` pages kept in `frames` frames of
+        RAM (see the header), after allocating more of the disk if it did not: False if the
+        disk, or the file's limit, cannot give that much."""
+        need = pages + (pages * RECORD_HEAD + frames * PAGE_SIZE + BLOCK - 1) // BLOCK
+        short = need - max(0, self._room - self._bump)
+        if short <= 0:
+            return True
+        start = max(self._room, self._bump)
+        for grow in (max(short, ROOM_STEP), short):  # a step, else just what is missing
+            grow = min(grow, self.limit_blocks - start)
+            if grow < short:
+                return False
+            try:
+                os.posix_fallocate(self.fd, start * BLOCK, grow * BLOCK)
+            except OSError:
+                continue
+            self._room = start + grow
+            return True
+        return False
+
+    @property
+    def room_bytes(self) -> int:
+        """Disk allocated past the last record, for saving RAM at a stop."""
+        return max(0, self._room - self._bump) * BLOCK
 
     # -- evictor interface ------------------------------------------------------------------
     def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
@@ -298,6 +341,8 @@ class BackingFile:
         """Flush everything and mark the file clean: the next open has nothing to redo."""
         if self.fd < 0:
             return
+        if self._room > self._bump:  # the room to save RAM goes back to the disk
+            os.ftruncate(self.fd, self._bump * BLOCK)
         os.fsync(self.fd)
         self._write_super(clean=True)
         os.close(self.fd)

@@ -33,6 +33,14 @@
 # then empties its key, as a flush does, instead of being kept as a same-filled word, so it holds
 # nothing anywhere (RAM, peers, the backing file) and reads as a hole.
 #
+# A persistent page in RAM must be savable at a graceful stop (write_back_all): with `save_room`
+# (the node's backing file's cover(), backing.py), every put batch into a persistent pool, and
+# every promotion, first asks whether the disk holds room for all the persistent pages in RAM
+# plus the new ones (each counted a frame of its own, the worst case), and is refused for no
+# room (a promotion not made) if it cannot.  The count walks the pools, so it asks for
+# SAVE_AHEAD pages more than it needs and counts them down before asking again (when that much
+# cannot be had, it asks for just the batch, every batch).
+#
 # Outsiders read the engine through its face: snapshot() (a frozen copy of every count,
 # snapshot.py) and narrow methods (pool_ids, has_pool, pool_pages, object_ids, keys), never its
 # pools, indexes, allocators or reaper.  Input checks live in validate.py, the slow structural
@@ -102,6 +110,7 @@ from ramster.zcache.zsmalloc import Zsmalloc
 
 ABSENT, STORED = 0, 1  # page_states(): PageIndex.states()
 ZERO_WORD = bytes(8)
+SAVE_AHEAD = 1024  # pages save_room is asked about ahead of need (see the header)
 
 
 class ZCache:
@@ -126,6 +135,9 @@ class ZCache:
         self._low_mark = int(self.config.pool_limit_frames * self.config.reclaim_to)
         self.reclaim_step: int | None = None  # frames one reclaim may free (reclaim_some)
         self.on_reclaim: Callable[[], None] | None = None  # ... told when it stopped short
+        # whether the disk has room to save `pages` persistent pages in `frames` frames of RAM
+        self.save_room: Callable[[int, int], bool] | None = None
+        self._save_ahead = 0  # pages more than RAM holds that save_room said yes to
         for pool_id, kind, allocator, store_raw in pools:
             self.create_pool(kind, allocator, pool_id=pool_id, store_raw=store_raw)
         if evictor is not None:
@@ -255,6 +267,9 @@ class ZCache:
         replaced = pool.index.remove_many(keys)
         stats.duplicate_puts += len(replaced)
         self._release_all(pool, replaced)
+        if not pool.ephemeral and not self._room_to_save(len(keys)):
+            stats.outcomes[PutResult.REFUSED_NO_ROOM] += len(keys)
+            return [PutResult.REFUSED_NO_ROOM] * len(keys)
         results: list[PutResult] = []
         handles: list[int] = []
         filed = 0  # keys[:filed] are in the index already
@@ -672,6 +687,8 @@ class ZCache:
         location joins `forgotten`, for the caller to forget."""
         raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
         alloc: Allocator = pool.raw if raw else pool.zalloc
+        if not self._room_to_save(1):
+            return False
         self.tick += 1
         handle = alloc.alloc(zpage, self.tick)
         if handle < 0:
@@ -681,6 +698,27 @@ class ZCache:
         pool.evicted -= 1
         self.stats.promoted += 1
         return True
+
+    def _room_to_save(self, pages: int) -> bool:
+        """Whether the disk could save every persistent page in RAM and `pages` more at a
+        graceful stop (see the header); always, without save_room."""
+        if self.save_room is None:
+            return True
+        if self._save_ahead >= pages:
+            self._save_ahead -= pages
+            return True
+        held = frames = 0
+        for pool in self.pools.values():
+            if not pool.ephemeral:
+                held += pool.index.count - pool.evicted
+                frames += pool.zalloc.frames + pool.raw.frames
+        for ahead in (SAVE_AHEAD, 0):
+            extra = pages + ahead
+            if self.save_room(held + extra, frames + extra):
+                self._save_ahead = ahead
+                return True
+        self._save_ahead = 0
+        return False
 
     def _evictor(self) -> Evictor:
         if self.evictor is None:

@@ -392,17 +392,43 @@ ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs for th
 @ROOT
 def test_a_node_whose_disk_filled_up_comes_back_on_its_data(tmp_path: Path) -> None:
     """Writes past a full disk fail with ENOSPC; the node then stops and starts again on its
-    data, though its pool log cannot be rewritten, and what reached the disk reads back."""
+    data, and what reached the disk reads back.  (The pool log's rewrite on a full disk:
+    tests/node/test_pools_log.py.)"""
     need("nbdcopy")
     data, args = os.urandom(32 * MiB), ("--pool-limit", "4Mi", "--nbd-export", "disk:64Mi")
     with small_disk(tmp_path / "disk", "8m") as disk:
         with nbd_node(*args, data_dir=disk / "data") as node:
-            fill(f"nbd://127.0.0.1:{nbd_port(node)}/disk", data, tmp_path / "in.img")
+            uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+            fill(uri, data, tmp_path / "in.img")
+            held = read_back(uri, data, tmp_path / "back.img")
             assert node.stop() == 0
         with nbd_node(*args, data_dir=disk / "data") as node:
-            assert '"event": "pools_log_not_compacted"' in node.log()
             uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
-            assert read_back(uri, data, tmp_path / "back.img") > MiB // 4096
+            assert read_back(uri, data, tmp_path / "back.img") == held > MiB // 4096
+
+
+@ROOT
+def test_a_disk_smaller_than_ram_refuses_writes_a_stop_could_not_save(tmp_path: Path) -> None:
+    """RAM (64 MiB) outgrows the disk (8 MiB): the writes fail with ENOSPC once the disk could
+    not take what RAM holds, so the graceful stop writes every page back and, after the
+    restart, every block that read as written before reads so again (it lost the rest)."""
+    need("nbdcopy")
+    data, args = os.urandom(32 * MiB), ("--pool-limit", "64Mi", "--nbd-export", "disk:64Mi")
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        with nbd_node(*args, data_dir=disk / "data") as node:
+            uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+            fill(uri, data, tmp_path / "in.img")
+            held = read_back(uri, data, tmp_path / "back.img")
+            assert held > MiB // 4096
+            assert metric_value(node, "ramster_backing_room_bytes") > 0
+            assert node.stop() == 0
+            (saved,) = [
+                json.loads(line) for line in node.log().splitlines() if "written_back" in line
+            ]
+            assert (saved["pages"], saved["refused"]) == (held, 0)
+        with nbd_node(*args, data_dir=disk / "data") as node:
+            uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+            assert read_back(uri, data, tmp_path / "back.img") == held
 
 
 @ROOT

@@ -1,14 +1,19 @@
 # The backing file: write-back, slot reuse, restart recovery, and torn or corrupted records.
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from ramster.zcache import CorruptPage, PoolKind, ZCache, ZCacheConfig
-from ramster.zcache.backing import BLOCK, BackingFile, BackingFileError
+from ramster.zcache import CorruptPage, PoolKind, PutResult, ZCache, ZCacheConfig
+from ramster.zcache import backing as backing_module
+from ramster.zcache.backing import BLOCK, ROOM_STEP, BackingFile, BackingFileError
+from ramster.zcache.cache import SAVE_AHEAD
 from ramster.zcache.codec import make_zpage
+
+PAGE = 4096
 
 P = PoolKind.PERSISTENT
 
@@ -264,3 +269,129 @@ def test_a_batch_naming_a_written_back_key_twice_reads_it_twice(
     assert got == [compressible_pages[1], compressible_pages[2], *[compressible_pages[1]] * 2]
     assert cache.stats.promoted == 1 and backing.live == 3  # keys[2] was read once
     cache.verify()
+
+
+class SmallDisk:
+    """The os module for a backing file on a disk of `size` bytes: allocation and writes past
+    it fail with ENOSPC."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def posix_fallocate(self, fd: int, offset: int, length: int) -> None:
+        if offset + length > self.size:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.posix_fallocate(fd, offset, length)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        if offset + len(data) > self.size:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.pwrite(fd, data, offset)
+
+
+def saving(path: Path, disk: int, monkeypatch: pytest.MonkeyPatch) -> ZCache:
+    """A zcache of room for 400 frames whose backing file sits on a disk of `disk` bytes and
+    keeps room to save RAM, as a node's does."""
+    small = SmallDisk(disk)
+    monkeypatch.setattr(backing_module, "os", small)
+    backing = BackingFile(path)
+    cache = ZCache(ZCacheConfig(pool_limit_frames=400), evictor=backing)
+    cache.save_room = backing.cover
+    return cache
+
+
+def test_a_disk_that_cannot_save_ram_refuses_puts_and_a_stop_saves_every_page(
+    tmp_path: Path, sample_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAM has room for 400 frames, the disk for ~250 raw pages: puts are refused for no room
+    once the disk could not save what RAM holds, and write_back_all then saves every page."""
+    cache = saving(tmp_path / "b.dat", 250 * 9 * BLOCK, monkeypatch)
+    pool = cache.create_pool(P, store_raw=True)
+    ephemeral = cache.create_pool(PoolKind.EPHEMERAL)
+    pages = mixed_pages(sample_pages)
+    kept: dict[tuple[int, int], bytes] = {}
+    for batch in range(20):
+        keys = [(batch, i) for i in range(len(pages))]
+        results = cache.put_batch(pool, keys, pages)
+        kept |= {k: p for k, p, r in zip(keys, pages, results, strict=True) if not r.refused}
+    # pages of an ephemeral pool are not saved at a stop: no room is asked for them
+    assert PutResult.REFUSED_NO_ROOM not in cache.put_batch(ephemeral, keys, pages)
+    assert 0 < len(kept) < 20 * len(pages)
+    assert cache.stats.outcomes[PutResult.REFUSED_NO_ROOM] == 20 * len(pages) - len(kept)
+    in_ram = len(kept) - cache.evicted_pages
+    assert in_ram > 100 and cache.write_back_all() == (in_ram, 0)
+    cache.close()
+    assert isinstance(cache.evictor, BackingFile)
+    cache.evictor.close()
+    monkeypatch.undo()
+    again = BackingFile(tmp_path / "b.dat")
+    assert again.stats.recovered == len(kept)
+    cache2 = ZCache(ZCacheConfig(pool_limit_frames=400), evictor=again)
+    assert cache2.get_batch(pool, list(kept)) == list(kept.values())
+
+
+def test_room_to_save_grows_in_steps_stays_within_the_limit_and_goes_back_at_close(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    backing = BackingFile(tmp_path / "b.dat", limit_bytes=ROOM_STEP * BLOCK + 8 * PAGE)
+    assert backing.room_bytes == 0 and backing.cover(0, 0)
+    assert backing.cover(10, 2)  # 10 pages in 2 frames: a step's room
+    assert backing.room_bytes == ROOM_STEP * BLOCK
+    assert os.stat(tmp_path / "b.dat").st_blocks * 512 >= ROOM_STEP * BLOCK
+    assert backing.cover(ROOM_STEP // 10, ROOM_STEP // 10)  # 10.05 blocks each: past the step
+    assert not backing.cover(ROOM_STEP, ROOM_STEP)  # past the file's limit
+    # write-back takes the room as it goes, and a record in it is found again
+    zpage = make_zpage(1, 2, compressible_pages[0][:1000])
+    (location,) = backing.evict(3, "zbud", [zpage])
+    assert location and backing.room_bytes < ROOM_STEP * BLOCK
+    backing.close()
+    assert os.stat(tmp_path / "b.dat").st_size == (location + 3) * BLOCK  # the room went back
+    again = BackingFile(tmp_path / "b.dat")
+    assert again.stats.recovered == 1 and again.room_bytes == 0
+    again.close()
+
+
+def test_room_to_save_is_asked_ahead_of_need_and_then_just_for_the_batch(
+    sample_pages: list[bytes],
+) -> None:
+    asked: list[tuple[int, int]] = []
+    answers = iter([True, False, True, False, False])
+    cache = ZCache(ZCacheConfig(pool_limit_frames=400))
+    cache.save_room = lambda pages, frames: asked.append((pages, frames)) or next(answers)
+    pool, pages = cache.create_pool(P), sample_pages[:40]
+
+    def put(oid: int) -> list[PutResult]:
+        return cache.put_batch(pool, [(oid, i) for i in range(40)], pages)
+
+    assert not any(r.refused for r in put(0))
+    assert asked == [(40 + SAVE_AHEAD, 40 + SAVE_AHEAD)]  # ahead: no question for a while
+    for oid in range(1, SAVE_AHEAD // 40 + 1):
+        assert not any(r.refused for r in put(oid))
+    assert len(asked) == 1
+    held, frames = cache.pool(pool).index.count, cache.pool(pool).zalloc.frames
+    assert not any(r.refused for r in put(100))  # not that much ahead: just the batch
+    ahead = 40 + SAVE_AHEAD
+    assert asked[1:] == [(held + ahead, frames + ahead), (held + 40, frames + 40)]
+    assert all(r is PutResult.REFUSED_NO_ROOM for r in put(101))
+    assert cache.pool(pool).index.count == held + 40  # nothing of the refused batch kept
+
+
+def test_a_page_is_not_brought_home_where_a_stop_could_not_save_it(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    """A second get brings an evicted page back to RAM only if the disk could save it."""
+    pages = compressible_pages[:60]
+    cache, _, pool = fill(tmp_path / "b.dat", pages)
+    room = [False]
+    cache.save_room = lambda pages, frames: room[0]
+    assert cache.flush_pages(pool, [(5, i) for i in range(40, 60)]) == 20  # room in RAM
+    keys, evicted = [(5, i) for i in range(40)], cache.pool(pool).evicted
+    for _ in range(2):
+        assert cache.get_batch(pool, keys) == pages[:40]
+    assert cache.pool(pool).evicted == evicted and cache.stats.promoted == 0
+    room[0] = True
+    assert cache.get_batch(pool, keys) == pages[:40]
+    assert cache.stats.promoted > 0
