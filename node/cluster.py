@@ -19,7 +19,8 @@
 # so every owner copies what this node holds elsewhere and flushes it here; the node waits until
 # it holds no foreign page or the time runs out.  `close()` then stops the driver and closes the
 # layer: it refuses new zpages (so the engine's write-back goes to disk), gives what is still in
-# its outbox a disk copy and compacts the journal.
+# its outbox a disk copy and compacts the journal.  The room on disk that the backing file keeps
+# for a stop's writes covers the outbox as well as the engine's RAM (save_room).
 from __future__ import annotations
 
 import asyncio
@@ -73,6 +74,7 @@ class RemoteSide:
             journal=self.journal,
         )
         self.chain = EvictorChain([self.layer, backing])
+        self.backing = backing
         sealer = Sealer(load_sealing_key(settings.data_dir), settings.node_id)
         self.transport = GrpcTransport(self.identity, sealer, timeout=settings.peer_timeout)
         self.servicer = PeerServicer(
@@ -174,6 +176,14 @@ class RemoteSide:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.transport.close()
+
+    def save_room(self, pages: int, frames: int) -> bool:
+        """The engine's save_room: the backing file's cover() of its pages in RAM (`pages` in
+        `frames`) and of the outbox's, which close() writes to disk too (and from which alone
+        the layer makes disk copies, settling what it copies)."""
+        layer = self.layer
+        outbox_frames = -(-layer.outbox_bytes // PAGE_SIZE)
+        return self.backing.cover(pages + layer.outbox, frames + outbox_frames)
 
     def close(self) -> None:
         """After the engine's write-back: the outbox to disk, the journal compacted."""

@@ -179,7 +179,8 @@ class Node:
             raise StartupError(f"cannot use data directory {s.data_dir}: {exc}") from None
         except ValueError as exc:  # peer settings that do not fit together
             raise StartupError(str(exc)) from None
-        engine.save_room = backing.cover  # what RAM takes, a graceful stop can write
+        # what RAM (and the outbox) takes, a graceful stop can write to disk
+        engine.save_room = remote.save_room if remote else backing.cover
         self.pools = Pools(engine, registry)
         if backing.stats.recovered or not backing.stats.was_clean:
             log_event(

@@ -680,15 +680,16 @@ class ZCache:
     def _promote(
         self, pool: Pool, oid: int, index: int, location: int, zpage: bytes, forgotten: list[int]
     ) -> bool:
-        """Move an evicted zpage back into RAM if there is room for it; else it stays evicted.
+        """Move an evicted zpage back into RAM if there is room for it (and on disk to save it
+        at a stop); else it stays evicted.
         Never by evicting another page: under pressure that only moves the cost around (one
         page out for each page in, with its copies placed again), and the client that just
         read the page holds it itself (a swap-in, a page cache).  Whether it moved; its old
         location joins `forgotten`, for the caller to forget."""
-        raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
-        alloc: Allocator = pool.raw if raw else pool.zalloc
         if not self._room_to_save(1):
             return False
+        raw = len(zpage) == HEADER_SIZE + PAGE_SIZE
+        alloc: Allocator = pool.raw if raw else pool.zalloc
         self.tick += 1
         handle = alloc.alloc(zpage, self.tick)
         if handle < 0:

@@ -433,6 +433,41 @@ def test_a_disk_smaller_than_ram_refuses_writes_a_stop_could_not_save(tmp_path: 
 
 @ROOT
 @pytest.mark.slow
+def test_an_owner_whose_peers_froze_saves_its_outbox_on_a_small_disk(tmp_path: Path) -> None:
+    """Both peers are frozen (SIGSTOP) while node 1 writes more than its RAM and disk hold:
+    the evicted pages wait in the outbox, then go to disk once the peers are down; the room
+    kept on disk covers the outbox too, so writes fail with ENOSPC before a stop could strand
+    any, and after a graceful stop and restart every block held reads back."""
+    need("nbdcopy")
+    data = os.urandom(24 * MiB)
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        node1 = ["--pool-limit", "4Mi", "--nbd-listen", "127.0.0.1:0", "--nbd-export"]
+        node1 += ["disk:64Mi", "--data-dir", str(disk / "data")]
+        common = ["--heartbeat-interval", "0.2", "--down-after", "1", "--peer-timeout", "0.5"]
+        with LocalCluster(3, common=common, per_node=[node1]) as cluster:
+            owner, peers = cluster.nodes[0], cluster.nodes[1:]
+            uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
+            for peer in peers:
+                peer.send_signal(signal.SIGSTOP)
+            try:
+                fill(uri, data, tmp_path / "in.img")
+                held = read_back(uri, data, tmp_path / "back.img")
+                assert owner.stop() == 0
+            finally:
+                for peer in peers:
+                    peer.send_signal(signal.SIGCONT)
+            assert '"outbox_not_saved"' not in owner.log()
+            (saved,) = [
+                json.loads(line) for line in owner.log().splitlines() if "written_back" in line
+            ]
+            assert saved["refused"] == 0
+            owner.start()
+            uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
+            assert read_back(uri, data, tmp_path / "back.img") == held > MiB // 4096
+
+
+@ROOT
+@pytest.mark.slow
 def test_an_owner_whose_disk_filled_up_keeps_its_peers_and_comes_back(
     tmp_path: Path, sample_pages: list[bytes]
 ) -> None:
