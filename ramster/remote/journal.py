@@ -28,7 +28,12 @@
 # proportional to what is remote.  A full disk stops neither: records that find no room wait in
 # memory, in order, for the next commit (a record cut short is taken back, so the file holds
 # whole records only, and none is written before the peers file names its slot), and a rewrite
-# that finds no room leaves the file as it was.  The owner's table keeps no keys (table.py), so
+# that finds no room leaves the file as it was.  Before that, the file keeps JOURNAL_ROOM bytes
+# allocated past its end (ramster/diskroom.py: blocks a full disk cannot take back), topped up
+# once half is used: a disk that fills up still takes ~130,000 records (a discard's FORGET
+# records, the HOLDER records of copies already in flight), so they are saved by a stop instead
+# of lost with the process; a filesystem that cannot set room aside leaves the records to wait
+# as before.  The owner's table keeps no keys (table.py), so
 # a running owner compacts the file from itself (`compact`): the KEY records of live locations
 # are kept, their copies written afresh from the table.  Entries with no copy anywhere (still in the
 # outbox at a crash) are not recovered: their only copy was in RAM.
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ramster.atomicfile import NO_SPACE, replace_file
+from ramster.diskroom import keep_room
 from ramster.zcache.config import ALLOCATORS
 
 RECORD = struct.Struct("<BBHIIxxxxQQ")
@@ -52,6 +58,7 @@ JOURNAL_FILE = "remote.journal"
 PEERS_FILE = "remote-peers.json"
 MAX_SLOTS = 1 << 16
 REWRITE_CHUNK = 1 << 20  # bytes a rewrite buffers before writing them
+JOURNAL_ROOM = 8 << 20  # bytes kept allocated past the end of the file, for a full disk
 
 
 class JournalError(Exception):
@@ -82,6 +89,7 @@ class Journal:
         self._buffer = bytearray()
         self._records = 0
         self._fd = -1
+        self._room_end = 0  # the file's blocks are allocated up to here (keep_room)
         self.torn = 0
         self.high_gen = 0  # the highest location generation ever handed out
         try:
@@ -207,6 +215,14 @@ class Journal:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._records = records
         self._live_at_rewrite = max(1, records)
+        self._room_end = 0
+        self._keep_room()
+
+    def _keep_room(self) -> None:
+        """Top the room past the end of the file up to JOURNAL_ROOM once under half of it."""
+        end = self._records * RECORD.size
+        if self._room_end - end < JOURNAL_ROOM // 2 and keep_room(self._fd, end, JOURNAL_ROOM):
+            self._room_end = end + JOURNAL_ROOM
 
     # -- records ----------------------------------------------------------------------------
     def slot(self, address: str) -> int:
@@ -285,11 +301,13 @@ class Journal:
             if exc.errno not in NO_SPACE:
                 raise
             cut = done % RECORD.size
-            if cut:
+            if cut:  # (which drops the room past the end too)
                 os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - cut)
                 done -= cut
+                self._room_end = 0
         self._records += done // RECORD.size
         del buffer[:done]
+        self._keep_room()
         if bool(buffer) != self.unwritten:
             self.unwritten = bool(buffer)
             self.on_unwritten(self.unwritten, len(buffer) // RECORD.size)

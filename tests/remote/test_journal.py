@@ -10,6 +10,7 @@ from ramster import atomicfile
 from ramster.remote import journal
 from ramster.remote.journal import RECORD, REWRITE_CHUNK, Journal, JournalError, Recovered
 from tests.remote.fulldisk import FullDiskOs
+from tests.smalldisk import ROOT, fill_up, small_disk
 
 
 def test_replay_folds_records_into_live_locations(tmp_path: Path) -> None:
@@ -163,3 +164,27 @@ def test_a_journal_that_cannot_be_rewritten_opens_as_it_is(
     with pytest.raises(JournalError, match="cannot write"):  # a new journal must be written
         monkeypatch.setattr(atomicfile, "os", FullDiskOs())
         Journal(tmp_path / "new")
+
+
+@ROOT
+def test_a_journal_keeps_room_to_append_on_a_disk_that_fills_up(tmp_path: Path) -> None:
+    """Records appended after the disk filled up land in the room the file keeps past its end
+    (a real tmpfs: the fake full disk above refuses every write), so none waits, and all of
+    them are found again."""
+    with small_disk(tmp_path / "disk", "12m") as disk:
+        j = Journal(disk)
+        j.slot("h1:1")  # the peers file names the peer before the disk fills
+        fill_up(disk / "filler")
+        locations = list(range(1, 20_001))
+        j.keys(locations, 0, "zsmalloc", [(7, i) for i in range(len(locations))])
+        j.holders(locations, "h1:1")
+        j.commit()
+        assert j.waiting == 0 and not j.unwritten
+        j.close()
+        again = Journal(disk)  # its rewrite finds no room: kept as it is
+        assert again.not_compacted
+        assert again.recovered == {
+            location: Recovered(0, "zsmalloc", 7, i, {"h1:1"})
+            for i, location in enumerate(locations)
+        }
+        again.close()
