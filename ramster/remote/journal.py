@@ -33,10 +33,10 @@
 # once half is used: a disk that fills up still takes ~130,000 records (a discard's FORGET
 # records, the HOLDER records of copies already in flight), so they are saved by a stop instead
 # of lost with the process; a filesystem that cannot set room aside leaves the records to wait
-# as before.  The owner's table keeps no keys (table.py), so
-# a running owner compacts the file from itself (`compact`): the KEY records of live locations
-# are kept, their copies written afresh from the table.  Entries with no copy anywhere (still in the
-# outbox at a crash) are not recovered: their only copy was in RAM.
+# as before.  The owner's table keeps no keys (table.py), so a running owner compacts the file
+# from itself (`compact`): the KEY records of live locations are kept, their copies written
+# afresh from the table.  Entries with no copy anywhere (still in the outbox at a crash) are not
+# recovered: their only copy was in RAM.
 from __future__ import annotations
 
 import json
