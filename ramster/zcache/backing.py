@@ -249,7 +249,8 @@ class BackingFile:
         if short <= 0:
             return True
         start = max(self._room, self._bump)
-        for grow in (max(short, ROOM_STEP), short):  # a step, else just what is missing
+        # a step, else just what is missing
+        for grow in (ROOM_STEP, short) if short < ROOM_STEP else (short,):
             grow = min(grow, self.limit_blocks - start)
             if grow < short:
                 return False
