@@ -88,6 +88,7 @@ class Journal:
         self.slots: dict[str, int] = {}
         self._buffer = bytearray()
         self._records = 0
+        self.saved = 0  # records written since open, never reset: `appended` is what they reach
         self._fd = -1
         self._room_end = 0  # the file's blocks are allocated up to here (keep_room)
         self.torn = 0
@@ -306,6 +307,7 @@ class Journal:
                 done -= cut
                 self._room_end = 0
         self._records += done // RECORD.size
+        self.saved += done // RECORD.size
         del buffer[:done]
         self._keep_room()
         if bool(buffer) != self.unwritten:
@@ -319,6 +321,11 @@ class Journal:
     def waiting(self) -> int:
         """Records buffered, not written yet."""
         return len(self._buffer) // RECORD.size
+
+    @property
+    def appended(self) -> int:
+        """Records made since open: each is on disk once `saved` reaches its number."""
+        return self.saved + self.waiting
 
     def close(self) -> None:
         """Write what is buffered and close.  Records still `waiting` then (the disk is full)

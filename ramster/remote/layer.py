@@ -27,11 +27,15 @@
 #
 # Durability: with a `Journal`, every copy that comes to exist (a peer's stored reply, a disk
 # write) and every location forgotten is recorded in the data directory, so a restarted owner
-# rebuilds its table and zcache adopts the pages under their old keys (`recovered()`).  A peer
-# is used only once *synced*: the owner has asked it (Reclaim) what it still keeps and matched
-# that with the table, dropping copies it lost and flushing what the table does not know, so no
-# orphan outlives the owner's recovery (a member learnt at runtime is asked too).  `close()`
-# (graceful stop) writes what is still in the outbox to disk and compacts the journal.
+# rebuilds its table and zcache adopts the pages under their old keys (`recovered()`).  A zpage
+# that has its copies keeps its bytes in the outbox until the journal's records of them are on
+# disk (`_settle`, `_release_saved`): on a full disk they wait in memory, and a stop that cannot
+# save them gives the zpage a disk copy instead (the backing file finds it again by its key), so
+# no page depends on records that were lost; the outbox fills meanwhile and evict() refuses.
+# A peer is used only once *synced*: the owner has asked it (Reclaim) what it still keeps and
+# matched that with the table, dropping copies it lost and flushing what the table does not
+# know, so no orphan outlives the owner's recovery (a member learnt at runtime is asked too).
+# `close()` (graceful stop) writes what is still in the outbox to disk and compacts the journal.
 #
 # Bounds: the outbox (zpages whose bytes wait here for copies) is limited in pages and bytes;
 # beyond it evict() refuses and the backing file takes the zpages, and repairs are fetched only
@@ -148,6 +152,10 @@ class RamsterLayer:
         self._tried: dict[int, frozenset[str]] = {}  # peers that refused a copy lately
         self._damaged: dict[int, frozenset[str]] = {}  # holders whose copy failed its check
         self._pending: deque[int] = deque()  # locations that need a copy placed
+        # settled locations whose bytes stay until the journal has their records on disk:
+        # (the journal's `appended` at settling, location) in order, and each one's latest mark
+        self._unsaved: deque[tuple[int, int]] = deque()
+        self._marks: dict[int, int] = {}
         self._repairs: deque[int] = deque()  # locations whose bytes must be fetched back first
         self._flushes: dict[str, list[FlushItem]] = {}  # owed to each peer
         self._flush_since: dict[str, float] = {}  # when take_flushes first saw them waiting
@@ -441,7 +449,7 @@ class RamsterLayer:
         for location in locations:
             if self._needed(location) > 0:
                 if location in self._bytes:
-                    self._pending.append(location)
+                    self._queue_send(location)
                 else:
                     self._repairs.append(location)
         self.stats.repairs_pending = len(self._repairs)
@@ -548,6 +556,7 @@ class RamsterLayer:
             zpage = self._bytes.pop(location, None)
             if zpage is not None:
                 self.outbox_bytes -= len(zpage)
+                self._marks.pop(location, None)
             table.free(location, holders)
             if journal is not None:
                 journal.forget(location)
@@ -566,10 +575,22 @@ class RamsterLayer:
                 yield rec.pool_id, rec.allocator, rec.oid, rec.index, location
 
     def _commit(self) -> None:
-        if self.journal is not None:
-            self.journal.commit()
-            if self.journal.wants_rewrite(3 * self.table.count):
+        journal = self.journal
+        if journal is not None:
+            journal.commit()
+            if journal.wants_rewrite(3 * self.table.count):
                 self._compact_journal()
+            self._release_saved(journal.saved)
+
+    def _release_saved(self, saved: int) -> None:
+        """Drop the bytes of settled locations whose records are all on disk (`saved`: the
+        journal's count of records written), unless they were queued again since."""
+        unsaved, marks = self._unsaved, self._marks
+        while unsaved and unsaved[0][0] <= saved:
+            mark, location = unsaved.popleft()
+            if marks.get(location) == mark:
+                del marks[location]
+                self._drop_bytes(location)
 
     # -- sending ----------------------------------------------------------------------------
     def _take_sends(self, limit: int | None = None) -> list[Send]:
@@ -588,6 +609,7 @@ class RamsterLayer:
             zpage = outbox.get(location)
             if zpage is None:
                 continue
+            self._marks.pop(location, None)  # queued twice, settled in between: it is back
             need = self._needed(location, counted)
             sending = sending_of.get(location)
             placeable = len(zpage) <= largest  # else (a repair of too long a zpage) the disk only
@@ -653,11 +675,26 @@ class RamsterLayer:
             self.journal.disk(location, 0)
 
     def _settle(self, location: int) -> None:
+        """`location` has the copies it gets: its bytes go once the journal's records of them
+        are on disk (at the next commit, unless the disk is full; at once with no journal)."""
+        self._tried.pop(location, None)
+        journal = self.journal
+        if journal is None or location not in self._bytes:
+            self._drop_bytes(location)
+            return
+        mark = self._marks[location] = journal.appended
+        self._unsaved.append((mark, location))
+
+    def _drop_bytes(self, location: int) -> None:
         zpage = self._bytes.pop(location, None)
         if zpage is not None:
             self.outbox_bytes -= len(zpage)
             self.local_losses += 1
-        self._tried.pop(location, None)
+
+    def _queue_send(self, location: int) -> None:
+        """Queue a location whose bytes are here to get copies placed (its bytes stay)."""
+        self._marks.pop(location, None)
+        self._pending.append(location)
 
     def _sent(self, plan: Send, stored: tuple[bool, ...]) -> None:
         """What the peer did with each zpage of `plan` (all False if the call failed).  A zpage
@@ -697,7 +734,7 @@ class RamsterLayer:
         counted = self._counted()
         for location in kept:
             if self._needed(location, counted) > 0:
-                self._pending.append(location)  # take_sends places more copies, or settles
+                self._queue_send(location)  # take_sends places more copies, or settles
             elif location not in sending_of:
                 self._settle(location)  # every copy it wants is placed: its bytes go
         self._commit()
@@ -857,7 +894,7 @@ class RamsterLayer:
         for address in self.table.holders_of(location):
             if self._leaving(address):
                 self._drop_holder(location, address, flush=True)
-        self._pending.append(location)
+        self._queue_send(location)
 
     def _unreachable(self, location: int) -> None:
         """No live holder has a copy.  If a down holder may still come back with one, the

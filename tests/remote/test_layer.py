@@ -432,3 +432,51 @@ async def test_a_journal_that_cannot_write_stops_new_remote_pages_not_the_node(
     assert 200 <= layer.journal.waiting < 200 + 4 * config.send_batch  # replies in flight
     assert layer.stats.outbox_refused > 0 and layer.remote_pages < N // 2
     assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+
+
+@pytest.mark.parametrize("room", [0, 600 * 32], ids=["no_record", "some_records"])
+async def test_pages_whose_journal_records_the_disk_refused_keep_their_bytes_and_come_back(
+    tmp_path: Path, compressible_pages: list[bytes], monkeypatch: pytest.MonkeyPatch, room: int
+) -> None:
+    """With the disk full (from the start, or after some records) the peers' stored replies
+    are recorded in memory only: a zpage keeps its bytes in the outbox until its records are
+    on disk, so a graceful stop gives it a disk copy, and every page reads back after the
+    restart (the peers' copies the journal never named are flushed as orphans)."""
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    disk = FullDiskOs(room)
+    monkeypatch.setattr(journal, "os", disk)
+    a, pool, keys = await spill(net, compressible_pages)
+    layer = a.layer
+    assert layer.journal is not None and layer.journal.unwritten
+    unsaved = layer.remote_pages - layer.journal.saved // 3  # a KEY and two HOLDERs each
+    assert layer.replica_histogram() == {2: layer.remote_pages}
+    assert layer.outbox >= unsaved > layer.remote_pages // 2
+    if room:  # the pages recorded first let their bytes go
+        assert layer.outbox < layer.remote_pages
+    a.restart_owner(graceful=True)
+    a = net.nodes["a"]
+    await net.settle(2)
+    assert await read_all(net, a, pool, keys) == expected(compressible_pages, keys)
+    assert a.layer.stats.lost == 0
+    assert sum(net.nodes[n].foreign.pages for n in "bc") == a.layer.peer_copies
+
+
+async def test_bytes_kept_for_the_journal_go_once_the_disk_has_room_again(
+    tmp_path: Path, compressible_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick writes the records that waited, the bytes they kept go, and a crash after that
+    finds every remote page again from the journal."""
+    net = MemNetwork(tmp_path, ["a", "b", "c"])
+    disk = FullDiskOs()
+    monkeypatch.setattr(journal, "os", disk)
+    a = (await spill(net, compressible_pages))[0]
+    layer = a.layer
+    assert layer.journal is not None and layer.journal.unwritten
+    assert layer.outbox >= layer.remote_pages > N // 2
+    disk.room = 1 << 30
+    await net.settle(2)
+    assert not layer.journal.unwritten and layer.outbox == 0
+    parked = layer.remote_pages
+    a.restart_owner(graceful=False)
+    a = net.nodes["a"]
+    assert a.layer.stats.recovered == parked
