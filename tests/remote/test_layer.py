@@ -448,8 +448,9 @@ async def test_pages_whose_journal_records_the_disk_refused_keep_their_bytes_and
     a, pool, keys = await spill(net, compressible_pages)
     layer = a.layer
     assert layer.journal is not None and layer.journal.unwritten
-    unsaved = layer.remote_pages - layer.journal.saved // 3  # a KEY and two HOLDERs each
+    # a page's records are a KEY and two HOLDERs: at most saved // 3 pages have them all
     assert layer.replica_histogram() == {2: layer.remote_pages}
+    unsaved = layer.remote_pages - layer.journal.saved // 3
     assert layer.outbox >= unsaved > layer.remote_pages // 2
     if room:  # the pages recorded first let their bytes go
         assert layer.outbox < layer.remote_pages
@@ -464,8 +465,9 @@ async def test_pages_whose_journal_records_the_disk_refused_keep_their_bytes_and
 async def test_bytes_kept_for_the_journal_go_once_the_disk_has_room_again(
     tmp_path: Path, compressible_pages: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A tick writes the records that waited, the bytes they kept go, and a crash after that
-    finds every remote page again from the journal."""
+    """The next commit (the driver pumps at least every heartbeat interval) writes the records
+    that waited, the bytes they kept go, and a crash after that finds every remote page again
+    from the journal."""
     net = MemNetwork(tmp_path, ["a", "b", "c"])
     disk = FullDiskOs()
     monkeypatch.setattr(journal, "os", disk)
