@@ -514,8 +514,9 @@ def test_an_owner_whose_journal_found_no_room_keeps_what_it_names_and_comes_back
             copy = subprocess.run(
                 ["nbdcopy", "--destination-is-zero", str(src), uri], capture_output=True, text=True
             )
-            assert "No space left on device" in copy.stderr  # once the outbox holds what the
-            held = read_back(uri, data, tmp_path / "back.img")  # disk can save
+            # ENOSPC once the outbox holds what the disk can save
+            assert "No space left on device" in copy.stderr
+            held = read_back(uri, data, tmp_path / "back.img")
             assert metric_value(owner, "ramster_remote_journal_waiting_records") > 0
             assert owner.stop() == 0
             log = owner.log()
