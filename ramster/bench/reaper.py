@@ -8,6 +8,9 @@
 # in RAM.  Reclaim efficiency is frames freed per zpage evicted, against the ideal 1/pages-per-frame
 # of an allocator that never evicts a zpage that does not help free a frame.
 #
+# Then it writes back what RAM holds, as a graceful stop does (write_back_all, timed in CPU
+# seconds), and reads every page back from the disk.
+#
 # With --empty-pools N it also times a reclaim-bound put stream (a full persistent pool with a
 # backing file, every batch forcing reclaim) in the same run, alone and beside N empty pools of
 # both kinds, best of five each, interleaved: victim selection must not depend on the number of
@@ -105,6 +108,14 @@ def run(
         ppf = s.pages_per_frame
         evicted = s.evicted_persistent + s.evicted_ephemeral
         gets = sum(1 for is_get, _ in trace if is_get)
+        # a graceful stop's write-back of what RAM holds, then every page read back from disk
+        during = backing.stats.written_back
+        start = time.process_time()
+        taken, left = cache.write_back_all()
+        write_back_cpu_s = time.process_time() - start
+        verified = verified and not left
+        for key, page in stored.items():
+            verified = verified and cache.get(pool, 0, key) == page
         capacity = int(pool_limit_frames * ppf) + s.same_filled_pages
         result: dict[str, Any] = {
             "allocator": allocator,
@@ -118,11 +129,13 @@ def run(
             "hit_ratio": round(1 - s.evictor_hits / max(1, gets), 4),
             "lru_hit_ratio": round(lru_hit_ratio(trace, capacity), 4),
             "lru_capacity_pages": capacity,
-            "written_back": backing.stats.written_back,
+            "written_back": during,
             "promoted": s.promoted,
             "reclaim_passes": s.reclaim_passes,
             "compacted_frames": s.compacted_frames,
             "reclaim_seconds": round(s.reclaim_seconds, 3),
+            "stop_written_back": taken,
+            "stop_write_back_pages_per_cpu_s": round(taken / max(write_back_cpu_s, 1e-9)),
             "refused": s.refused(),
             "verified": verified,
         }

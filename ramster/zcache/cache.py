@@ -266,7 +266,7 @@ class ZCache:
         stats.puts += len(keys)
         replaced = pool.index.remove_many(keys)
         stats.duplicate_puts += len(replaced)
-        self._release_all(pool, replaced)
+        self.release_all(pool, replaced)
         if not pool.ephemeral and not self._room_to_save(len(keys)):
             stats.outcomes[PutResult.REFUSED_NO_ROOM] += len(keys)
             return [PutResult.REFUSED_NO_ROOM] * len(keys)
@@ -511,7 +511,7 @@ class ZCache:
         they are intact and are not checked again."""
         pool = self.pool(pool_id)
         keys = check_zpages(zpages) if made is None else made
-        self._release_all(pool, pool.index.remove_many(keys))
+        self.release_all(pool, pool.index.remove_many(keys))
         results = []
         handles: list[int] = []
         filed = 0
@@ -582,7 +582,7 @@ class ZCache:
         pool = self.pool(pool_id)
         check_keys(keys)
         handles = pool.index.remove_many(keys)
-        self._release_all(pool, handles)
+        self.release_all(pool, handles)
         self.stats.flushes += len(handles)
         return len(handles)
 
@@ -726,9 +726,10 @@ class ZCache:
             raise InvariantViolation("an evicted page was found but this zcache has no evictor")
         return self.evictor
 
-    def _release_all(self, pool: Pool, handles: list[int]) -> None:
-        """_release() of many handles, the runs of the pool's zpages in the allocator's batch
-        frees where it has them."""
+    def release_all(self, pool: Pool, handles: list[int]) -> None:
+        """_release() of many index handles (the pages a batch replaces or flushes, the zpages
+        the reaper evicted), the runs of the pool's zpages and raw pages in the allocators'
+        batch frees where they have them."""
         free_many, count, i = pool.zalloc.free_many, len(handles), 0
         words: list[int] = []  # the same-filled words the native frees passed over
         unref = self.same.unref

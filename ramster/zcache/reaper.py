@@ -21,6 +21,12 @@
 # At a graceful stop, write_back_all() offers the evictor every persistent page still in RAM
 # (same-filled pages too, made into zpages), through the same hand-over as reclaim, so a node's
 # disk and peers then hold all of its persistent pages; what is refused stays in RAM.
+#
+# A hand-over checks its zpages against the index in one call (get_many), files the locations
+# the evictor gave in one (set_many) and frees what was taken in the engine's batch frees
+# (ZCache.release_all).  It did so a zpage at a time: `ramster bench reaper` (python-app corpus,
+# 16,384 frames, 196,608 keys, 600,000 ops) wrote back 92-114 thousand pages per CPU-second at
+# the stop, now 134-136 thousand, and reclaim took 0.95-0.98 s, now 0.86-0.91 (alternating runs).
 from __future__ import annotations
 
 import time
@@ -51,6 +57,7 @@ class ReaperStats:
 
 
 Victim = tuple["Pool", "Allocator"]
+Key = tuple[int, int]
 WRITE_BACK_BATCH = 256  # zpages per evictor call in write_back_all
 
 
@@ -144,20 +151,15 @@ class Reaper:
     def _evict_unit(self, pool: Pool, alloc: Allocator, unit: int) -> bool:
         """Evict every zpage of a unit; False if the evictor refused any (they stay)."""
         handles = alloc.unit_handles(unit)
-        keys, zpages = self._zpages(pool, alloc, handles)
+        keys, slots = self._filed(pool, alloc, handles)
         stats = self.stats
         stats.units_reclaimed += 1
         if pool.ephemeral:
-            for handle, key in zip(handles, keys, strict=True):
-                pool.index.pop(*key)
-                alloc.free(handle)
+            pool.index.pop_many(keys)
+            self._free(pool, alloc, handles)
             stats.evicted_ephemeral += len(handles)
             return True
-        locations = self._hand_over(pool, keys, zpages)
-        for handle, location in zip(handles, locations, strict=True):
-            if location:
-                alloc.free(handle)
-        return all(locations)
+        return self._evict(pool, alloc, handles, keys, slots)
 
     def write_back_all(self) -> tuple[int, int]:
         """Offer every persistent page in RAM to the evictor; (pages taken, pages refused)."""
@@ -175,12 +177,8 @@ class Reaper:
                 handles = [h for unit in list(alloc.lru) for h in alloc.unit_handles(unit)]
                 for start in range(0, len(handles), WRITE_BACK_BATCH):
                     chunk = handles[start : start + WRITE_BACK_BATCH]
-                    keys, zpages = self._zpages(pool, alloc, chunk)
-                    for handle, location in zip(
-                        chunk, self._hand_over(pool, keys, zpages), strict=True
-                    ):
-                        if location:
-                            alloc.free(handle)
+                    keys, slots = self._filed(pool, alloc, chunk)
+                    self._evict(pool, alloc, chunk, keys, slots)
             words = [
                 (o, i, h & HANDLE_MASK) for o, i, h in pool.index.items() if h >> KIND_SHIFT == SAME
             ]
@@ -196,34 +194,47 @@ class Reaper:
         stats = self.stats
         return stats.evicted_persistent - before[0], stats.evict_refused - before[1]
 
-    def _zpages(
+    def _filed(
         self, pool: Pool, alloc: Allocator, handles: list[int]
-    ) -> tuple[list[tuple[int, int]], list[bytes]]:
-        """Keys and bytes of zpages in an allocator, each checked to be filed under its key."""
+    ) -> tuple[list[Key], list[bytes]]:
+        """The keys and slots of zpages in an allocator, each checked (in one index call) to be
+        filed under its key."""
         tag = pool.tag_of(alloc)
-        keys = []
-        zpages = []
-        for handle in handles:
-            slot = alloc.read(handle)
-            key = zpage_key(slot)
-            if pool.index.get(*key) != tag | handle:
+        slots = [alloc.read(handle) for handle in handles]
+        keys = [zpage_key(slot) for slot in slots]
+        filed = pool.index.get_many(keys)
+        for handle, found in zip(handles, filed, strict=True):
+            if found != tag | handle:
                 raise InvariantViolation(f"zpage {handle:#x} in pool {pool.id} is not filed")
-            keys.append(key)
-            zpages.append(zpage_bytes(slot))
-        return keys, zpages
+        return keys, slots
 
-    def _hand_over(self, pool: Pool, keys: list[tuple[int, int]], zpages: list[bytes]) -> list[int]:
+    def _evict(
+        self, pool: Pool, alloc: Allocator, handles: list[int], keys: list[Key], slots: list[bytes]
+    ) -> bool:
+        """Hand a persistent pool's zpages (in `slots` of `alloc`, under `handles` and `keys`)
+        over to the evictor and free those it takes; whether it took all (the rest stay)."""
+        locations = self._hand_over(pool, keys, [zpage_bytes(slot) for slot in slots])
+        taken = [h for h, at in zip(handles, locations, strict=True) if at]
+        self._free(pool, alloc, taken)
+        return len(taken) == len(handles)
+
+    def _hand_over(self, pool: Pool, keys: list[Key], zpages: list[bytes]) -> list[int]:
         """Offer a persistent pool's zpages to the evictor and file each one it takes as
-        evicted; per zpage its location, 0 where refused.  The caller frees what was taken."""
+        evicted (one index call); per zpage its location, 0 where refused.  The caller frees
+        what was taken."""
         evictor = self.cache.evictor
         assert evictor is not None
         locations = evictor.evict(pool.id, pool.zalloc.name, zpages)
-        taken = 0
-        for key, location in zip(keys, locations, strict=True):
-            if location:
-                pool.index.replace(*key, EVICTED_TAG | location)
-                taken += 1
-        pool.evicted += taken
-        self.stats.evicted_persistent += taken
-        self.stats.evict_refused += len(zpages) - taken
+        taken = [at for at in locations if at]
+        if len(taken) < len(keys):
+            keys = [key for key, at in zip(keys, locations, strict=True) if at]
+        pool.index.set_many(keys, [EVICTED_TAG | at for at in taken])
+        pool.evicted += len(taken)
+        self.stats.evicted_persistent += len(taken)
+        self.stats.evict_refused += len(zpages) - len(taken)
         return locations
+
+    def _free(self, pool: Pool, alloc: Allocator, handles: list[int]) -> None:
+        """Free zpages of `alloc` whose keys no longer name them, in the engine's batch frees."""
+        tag = pool.tag_of(alloc)
+        self.cache.release_all(pool, [tag | handle for handle in handles])

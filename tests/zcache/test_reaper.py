@@ -237,6 +237,7 @@ def test_reaper_bench_meets_targets(allocator: str, compressible_pages: list[byt
     assert result["frames_freed_per_evicted_zpage"] >= 0.9 * result["ideal_frames_per_zpage"]
     assert result["hit_ratio"] >= 0.9 * result["lru_hit_ratio"]
     assert result["written_back"] > 0
+    assert result["stop_written_back"] > 0  # and every page read back after it (verified)
 
 
 def test_reclaim_takes_least_recently_used_across_pools(
