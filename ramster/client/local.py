@@ -64,8 +64,10 @@ class LocalNode:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.port_file.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
+            # -P: the installed node, not a `node/` package in the working directory (a
+            # source checkout, where `pip install .` left no built extension)
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "node", *self.args],
+                [sys.executable, "-P", "-m", "node", *self.args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -140,3 +140,18 @@ async def test_sigterm_mid_traffic_finishes_running_rpcs(sample_pages: list[byte
         names = [e["event"] for e in events(node.log())]
         assert names[-3:] == ["draining", "written_back", "stopped"]
     assert unary_results.count("unavailable") == 2 and "ok" in unary_results
+
+
+def test_a_local_node_started_in_a_source_checkout_runs_the_installed_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ramster demo` run in a clean checkout after `pip install .`: the checkout's `node/` and
+    `ramster/` sit in the working directory, without the built extension, and `python -m node`
+    imported them (ModuleNotFoundError: ramster.zcache._codec)."""
+    shadow = tmp_path / "node"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("")
+    (shadow / "__main__.py").write_text("raise SystemExit('the checkout was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    with LocalNode(metrics=False).start() as node, node.client() as client:
+        assert client.health() == "SERVING"
