@@ -153,5 +153,5 @@ def test_a_local_node_started_in_a_source_checkout_runs_the_installed_node(
     (shadow / "__init__.py").write_text("")
     (shadow / "__main__.py").write_text("raise SystemExit('the checkout was imported')\n")
     monkeypatch.chdir(tmp_path)
-    with LocalNode(metrics=False).start() as node, node.client() as client:
+    with LocalNode(metrics=False) as node, node.client() as client:
         assert client.health() == "SERVING"
