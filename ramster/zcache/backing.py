@@ -24,6 +24,13 @@
 # The superblock records whether the last stop was clean: a graceful close fsyncs and sets it, so
 # there is nothing to redo; after a crash the scan reports how many torn records it dropped.
 #
+# Writes: the records of one evict() call that land in adjacent blocks (at a stop, the room past
+# the last record makes a batch one run) go to disk in one pwrite.  One pwrite per record spent
+# ~2.8 us per record in the call itself, more than the kernel's copy of its bytes; a 1 GiB stop
+# of a real node went from 2.4-4.0 s to 1.8-2.4 s.  When the disk fills in the middle of a run,
+# the records written whole are taken, the rest are refused, and the magic of the one written in
+# part is overwritten, so a later scan never takes a torn record for a damaged page.
+#
 # Trade-off: no fsync per write (a process crash loses nothing the kernel has; a power cut may lose
 # the latest write-backs, which the scan then detects), and an open costs one pass over the file.
 #
@@ -43,6 +50,7 @@
 # a node whose disk cannot take that refuses pages that its RAM, or its peers, had room for.
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -64,7 +72,8 @@ SUPER_MAGIC = b"RAMSTER-BACKING\n"
 VERSION = 1
 RECORD = struct.Struct("<4sB3xIQ")
 RECORD_MAGIC = b"RZP1"
-RECORD_HEAD = RECORD.size + 4  # + hsum
+_HSUM = struct.Struct("<I")
+RECORD_HEAD = RECORD.size + _HSUM.size
 MAX_BLOCKS = (RECORD_HEAD + HEADER_SIZE + PAGE_SIZE + BLOCK - 1) // BLOCK
 ROOM_STEP = 8192  # blocks (4 MiB) of room to save RAM allocated at once, if the disk has them
 _xxh = xxhash.xxh3_64_intdigest
@@ -179,7 +188,7 @@ class BackingFile:
             return None
         _, alloc_code, pool_id, seq = RECORD.unpack(head)
         zpage = mm[pos + RECORD_HEAD : pos + RECORD_HEAD + HEADER_SIZE + PAGE_SIZE]
-        (hsum,) = struct.unpack_from("<I", mm, pos + RECORD.size)
+        (hsum,) = _HSUM.unpack_from(mm, pos + RECORD.size)
         if alloc_code >= len(ALLOCATORS) or _hsum(head, zpage) != hsum:
             return None
         # a payload that fails its checksum is kept (its key is known) unless the file ends
@@ -270,7 +279,9 @@ class BackingFile:
     # -- evictor interface ------------------------------------------------------------------
     def evict(self, pool_id: int, allocator: str, zpages: list[bytes]) -> list[int]:
         code = ALLOCATORS.index(allocator)
-        out = []
+        out: list[int] = []
+        run = bytearray()  # records in adjacent blocks, written in one call
+        start, members = 0, list[int]()  # the run's first block; its records' places in out
         for zpage in zpages:
             blocks = (RECORD_HEAD + len(zpage) + BLOCK - 1) // BLOCK
             block = self._alloc(blocks)
@@ -278,23 +289,49 @@ class BackingFile:
                 self.stats.refused_full += 1
                 out.append(0)
                 continue
+            if run and block != start + len(run) // BLOCK:
+                self._write_run(start, run, members, out)
+                run, members = bytearray(), []
+            if not run:
+                start = block
             self._seq += 1
             head = RECORD.pack(RECORD_MAGIC, code, pool_id, self._seq)
-            record = (head + struct.pack("<I", _hsum(head, zpage)) + zpage).ljust(blocks * BLOCK)
+            run += head
+            run += _HSUM.pack(_hsum(head, zpage))
+            run += zpage
+            run += bytes(-len(run) % BLOCK)
             self._sizes[block] = blocks
             self.live += 1
-            try:
-                written = os.pwrite(self.fd, record, block * BLOCK)
-            except OSError:
-                written = -1
-            if written != len(record):  # disk full or failing: refuse, the zpage stays in RAM
-                self._release(block, blocks)
-                self.stats.write_errors += 1
-                out.append(0)
-                continue
-            self.stats.written_back += 1
+            members.append(len(out))
             out.append(block)
+        if run:
+            self._write_run(start, run, members, out)
         return out
+
+    def _write_run(self, start: int, run: bytearray, members: list[int], out: list[int]) -> None:
+        """Write records laid out from block `start` in one call; a record not wholly written
+        (disk full or failing) is refused: its blocks go back, its zpage stays in RAM, and the
+        magic of one written in part is overwritten (as far as the disk lets), so a scan never
+        finds it."""
+        try:
+            written = os.pwrite(self.fd, run, start * BLOCK)
+        except OSError:
+            written = -1  # how much reached the disk is unknown
+        if written == len(run):
+            self.stats.written_back += len(members)
+            return
+        for at in members:
+            block = out[at]
+            blocks, offset = self._sizes[block], (block - start) * BLOCK
+            if written >= 0 and offset + blocks * BLOCK <= written:
+                self.stats.written_back += 1
+                continue
+            if written < 0 or offset < written:
+                with contextlib.suppress(OSError):
+                    os.pwrite(self.fd, bytes(len(RECORD_MAGIC)), block * BLOCK)
+            self._release(block, blocks)
+            self.stats.write_errors += 1
+            out[at] = 0
 
     def load(self, pool_id: int, location: int) -> bytes:
         blocks = self._sizes[location] if location < len(self._sizes) else 0
@@ -305,10 +342,7 @@ class BackingFile:
         head = data[: RECORD.size]
         _, _, rec_pool, _ = RECORD.unpack(head)
         zpage = zpage_bytes(memoryview(data)[RECORD_HEAD:])
-        if (
-            rec_pool != pool_id
-            or _hsum(head, zpage) != struct.unpack_from("<I", data, RECORD.size)[0]
-        ):
+        if rec_pool != pool_id or _hsum(head, zpage) != _HSUM.unpack_from(data, RECORD.size)[0]:
             self.stats.corrupt += 1
             raise CorruptPage(f"backing file record at block {location} is damaged")
         self.stats.loaded += 1

@@ -11,7 +11,8 @@ from ramster.zcache import CorruptPage, PoolKind, PutResult, ZCache, ZCacheConfi
 from ramster.zcache import backing as backing_module
 from ramster.zcache.backing import BLOCK, ROOM_STEP, BackingFile, BackingFileError
 from ramster.zcache.cache import SAVE_AHEAD
-from ramster.zcache.codec import make_zpage
+from ramster.zcache.codec import compress, make_zpage
+from tests.smalldisk import ROOT, fill_up, small_disk
 
 PAGE = 4096
 
@@ -395,3 +396,30 @@ def test_a_page_is_not_brought_home_where_a_stop_could_not_save_it(
     room[0] = True
     assert cache.get_batch(pool, keys) == pages[:40]
     assert cache.stats.promoted > 0
+
+
+@ROOT
+def test_a_batch_that_fills_the_disk_keeps_the_records_written_whole_and_no_torn_one(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    """A batch's adjacent records go to disk in one write; when the disk fills up in the
+    middle of it, the records written whole are taken, the rest refused, and the one written
+    in part is never found again (its magic is overwritten)."""
+    with small_disk(tmp_path / "disk", "1M") as disk:
+        backing = BackingFile(disk / "backing.dat")
+        filler = disk / "filler"
+        fill_up(filler)
+        os.truncate(filler, filler.stat().st_size - 4 * PAGE)  # 16 KiB left
+        zpages = [
+            make_zpage(5, i, compress(page)) for i, page in enumerate(compressible_pages[:32])
+        ]
+        locations = backing.evict(1, "zbud", zpages)
+        taken = [i for i, at in enumerate(locations) if at]
+        assert taken == list(range(len(taken))) and 0 < len(taken) < len(zpages)
+        assert backing.stats.write_errors == len(zpages) - len(taken)
+        assert backing.live == len(taken)
+        assert [backing.load(1, locations[i]) for i in taken] == [zpages[i] for i in taken]
+        backing.close()
+        again = BackingFile(disk / "backing.dat")
+        assert (again.stats.recovered, again.stats.damaged, again.stats.torn) == (len(taken), 0, 0)
+        again.close()
