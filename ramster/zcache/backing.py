@@ -24,8 +24,8 @@
 # The superblock records whether the last stop was clean: a graceful close fsyncs and sets it, so
 # there is nothing to redo; after a crash the scan reports how many torn records it dropped.
 #
-# Writes: the records of one evict() call that land in adjacent blocks (at a stop, the room past
-# the last record makes a batch one run) go to disk in one pwrite.  One pwrite per record spent
+# Writes: the records of one evict() call that land in adjacent blocks (all of a batch that goes
+# past the last record; freed extents, taken first, break runs) go to disk in one pwrite.  One pwrite per record spent
 # ~2.8 us per record in the call itself, more than the kernel's copy of its bytes; a 1 GiB stop
 # of a real node went from 2.4-4.0 s to 1.8-2.4 s.  When the disk fills in the middle of a run,
 # the records written whole are taken, the rest are refused, and the magic of the one written in
