@@ -457,7 +457,8 @@ def test_an_owner_whose_disk_filled_up_keeps_its_peers_and_comes_back(
     with small_disk(tmp_path / "disk", "32m") as disk:
         node1 = ["--pool-limit", "4Mi", "--nbd-listen", "127.0.0.1:0", "--nbd-export"]
         node1 += ["disk:64Mi", "--data-dir", str(disk / "data")]
-        common = ["--pool-limit", "256Mi", "--heartbeat-interval", "0.2", "--down-after", "1"]
+        # no peer goes down here: a busy machine must not make the owner think one did
+        common = ["--pool-limit", "256Mi", "--down-after", "60"]
         common += ["--foreign-limit", "8Mi"]
         with LocalCluster(3, common=common, per_node=[node1]) as cluster:
             owner = cluster.nodes[0]
@@ -502,7 +503,8 @@ def test_an_owner_whose_journal_found_no_room_keeps_what_it_names_and_comes_back
         os.truncate(filler, filler.stat().st_size - 7 * MiB)  # less than the journal's room
         node1 = ["--pool-limit", "4Mi", "--nbd-listen", "127.0.0.1:0", "--nbd-export"]
         node1 += ["disk:64Mi", "--data-dir", str(disk / "data")]
-        common = ["--pool-limit", "256Mi", "--heartbeat-interval", "0.2", "--down-after", "1"]
+        # no peer goes down here: a busy machine must not make the owner think one did
+        common = ["--pool-limit", "256Mi", "--down-after", "60"]
         with LocalCluster(3, common=common, per_node=[node1]) as cluster:
             owner = cluster.nodes[0]
             uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
