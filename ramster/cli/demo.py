@@ -80,7 +80,7 @@ def _demo(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             signal.signal(signal.SIGTERM, signal.default_int_handler)
             try:
-                while all(n.process and n.process.poll() is None for n in cluster.nodes):
+                while all(n.running for n in cluster.nodes):
                     time.sleep(0.5)
             except KeyboardInterrupt:
                 print("\nstopping ...")

@@ -128,7 +128,7 @@ class LocalCluster:
 
     def wait_peers(self, timeout: float = 60.0, nodes: Sequence[LocalNode] | None = None) -> None:
         """Until every running node sees every other running node up."""
-        running = [n for n in (nodes or self.nodes) if n.process and n.process.poll() is None]
+        running = [n for n in (nodes or self.nodes) if n.running]
         deadline = time.monotonic() + timeout
         for node in running:
             with node.client(timeout=5) as client:

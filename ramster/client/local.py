@@ -59,8 +59,19 @@ class LocalNode:
         """A blocking client of the node (over TLS when the node serves it, with its token)."""
         return Client(self.target, timeout=timeout, tls_ca=self.tls_ca, token=self.token)
 
+    @property
+    def running(self) -> bool:
+        return self._live() is not None
+
+    def _live(self) -> subprocess.Popen[bytes] | None:
+        """The node's process while it runs."""
+        process = self.process
+        return process if process is not None and process.poll() is None else None
+
     def start(self, timeout: float = 60.0) -> LocalNode:
         """Start the node (again, after a stop or kill: same arguments, same data directory)."""
+        if self.running:
+            raise RuntimeError("the local node is running already: stop or kill it first")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.port_file.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
@@ -85,8 +96,8 @@ class LocalNode:
         return self
 
     def send_signal(self, sig: int) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
+        if process := self._live():
+            process.send_signal(sig)
 
     def wait(self, timeout: float = 60.0) -> int:
         """The node's exit status, once it has exited (killing it after `timeout`)."""
@@ -103,15 +114,16 @@ class LocalNode:
         return self.wait(timeout)
 
     def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if process := self._live():
+            process.kill()
+            process.wait()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def __enter__(self) -> LocalNode:
-        return self.start()
+        """Start the node unless it runs already (`with LocalNode(...).start() as node`)."""
+        return self if self.running else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.kill()

@@ -93,7 +93,7 @@ def test_connections_past_the_limit_are_closed_and_the_slots_come_back() -> None
             assert time.monotonic() < deadline
         sock.close()
         assert b"disk" in run("nbdinfo", "--list", f"nbd://127.0.0.1:{port}")
-        assert node.process is not None and node.process.poll() is None
+        assert node.running
         assert '"event": "nbd_connection_dropped"' in node.log()
 
 

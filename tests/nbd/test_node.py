@@ -86,7 +86,7 @@ def test_a_node_with_tls_serves_nbd_over_tls_only(certs: Certs, tmp_path: Path) 
             ["nbdinfo", f"nbd://127.0.0.1:{port}/disk"], capture_output=True, timeout=60
         )
         assert plain.returncode != 0
-        assert node.process is not None and node.process.poll() is None
+        assert node.running
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,7 @@ def test_real_clients_over_a_unix_socket_that_only_its_owner_can_open(
             assert not connects_as_nobody(sock)
             sock.chmod(0o666)
             assert connects_as_nobody(sock)
-        assert node.process is not None and node.process.poll() is None
+        assert node.running
         assert node.stop() == 0
     assert not sock.exists()  # removed on a graceful stop
 

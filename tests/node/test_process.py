@@ -93,6 +93,19 @@ def test_two_nodes_cannot_share_a_port(tmp_path: Path) -> None:
     assert out.returncode == 1 and "cannot listen" in out.stderr
 
 
+def test_a_started_local_node_in_a_with_block_runs_once() -> None:
+    """`with node.start()` keeps the one process start() made; a second start() is refused."""
+    with LocalNode(metrics=False).start() as node:
+        first = node.process
+        assert node.process is first and node.running
+        with pytest.raises(RuntimeError, match="running already"):
+            node.start()
+        assert node.process is first
+        started = [e for e in events(node.log()) if e["event"] == "listening"]
+        assert len(started) == 1
+    assert first is not None and first.poll() is not None
+
+
 def test_listening_event_and_clean_stop() -> None:
     with LocalNode("--node-id", "n1", "--pool-limit", "8Mi") as node:
         assert node.port and node.metrics_port
