@@ -344,6 +344,14 @@ class NbdMetrics:
         self.connections = Gauge(
             "ramster_nbd_connections", "Open NBD client connections.", registry=registry
         )
+        self.read_waits = Counter(
+            "ramster_nbd_read_waits_total",
+            "NBD read groups that waited for pages whose every copy was out of reach (holders "
+            "frozen, cut off or restarting), by how the wait ended: resumed (every page came "
+            "back) or failed (EIO after --nbd-read-wait, or at a stop).",
+            ["export", "outcome"],
+            registry=registry,
+        )
         self.dropped = Counter(
             "ramster_nbd_connections_dropped_total",
             "NBD connections the node closed unserved: over --nbd-max-connections at once "

@@ -508,6 +508,18 @@ class Settings:
             "N",
         ),
     )
+    nbd_read_wait: float = field(
+        default=15.0,
+        metadata=meta(
+            parse_seconds,
+            "how long a READ waits for pages whose every copy is out of reach (their peers "
+            "frozen, cut off or restarting) before it fails with EIO, asking again every "
+            "quarter second; a kernel swapping to the export kills the process whose page "
+            "fails, so it is kept under the kernel's NBD timeout (30 s by default); 0: fail "
+            "at once",
+            "SECONDS",
+        ),
+    )
     nbd_drop: tuple[str, ...] = field(
         default=(),
         metadata=meta(

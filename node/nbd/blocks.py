@@ -10,21 +10,30 @@
 # the restart the block was data on disk, in the map, in a shrink's check and in every read.)
 #
 # A READ group is one get batch: a never-written block reads as zeros (ramster.nbd's HOLE_BLOCK,
-# which a structured reply sends as a hole), a page that cannot be returned (corrupt, or out of
-# reach on a peer) fails its read with EIO.  A WRITE group is one put batch of its writes' blocks
-# (their payloads, views of the connection's input, coded where they lie: the engine copies each
-# page as it takes it) plus the flush of its zeroed and trimmed blocks; a write is acknowledged only
-# if every page of it was stored, else it fails with ENOSPC (the pages it replaced are gone then, as
-# a failed write leaves its range unspecified).  Zeroed and trimmed blocks are flushed, short ranges
-# by their keys, the whole group's in one engine call (flush_pages): nbdcopy sends a WRITE_ZEROES
-# for each run of zero pages it finds, ~8,500 per GiB of the gcc corpus, mostly of 1-2 blocks.  A
-# range longer than FLUSH_KEYS blocks is walked in the pool's index instead, FLUSH_KEYS blocks at a
-# time (objects the pool lacks are skipped), its keys flushed in the engine's steps with a yield
-# between (ChunkedEngine.flush_keys, as a FlushObject is): a whole-device TRIM (mkfs, blkdiscard) of
-# a big export costs the loop what is stored, in steps of well under a millisecond.  (It built every
-# key of the range first: a TRIM of 2 GiB stored stalled the loop 362 ms and grew the RSS 87 MB, and
-# a node holding 64 GiB would have stalled for seconds, past its peers' timeouts.)  ALONE requests:
-# an unaligned WRITE reads its partial first and last blocks first (read-modify-write, under a
+# which a structured reply sends as a hole), a corrupt page fails its read with EIO.  A page out
+# of reach (every copy on peers that are frozen, cut off or restarting) is asked for again every
+# READ_RETRY seconds, for up to --nbd-read-wait (ReadWait), before its read fails with EIO: a
+# kernel that swaps to the export kills the process whose page fails to come in, where a wait
+# of a few seconds for a peer's pause costs a stall.  (It failed at once: freezing both peers
+# of a chaos run for 2 s failed reads of the export.)  An unaligned write's read of its edges
+# waits the same way.  The wait holds the connection's later requests (groups run in order) and
+# ends early at a stop; a page gone for good costs each read the whole wait, which is why the
+# bound stays under the kernel's NBD timeout.
+#
+# A WRITE group is one put batch of its writes' blocks (their payloads, views of the connection's
+# input, coded where they lie: the engine copies each page as it takes it) plus the flush of its
+# zeroed and trimmed blocks; a write is acknowledged only if every page of it was stored, else it
+# fails with ENOSPC (the pages it replaced are gone then, as a failed write leaves its range
+# unspecified).  Zeroed and trimmed blocks are flushed, short ranges by their keys, the whole
+# group's in one engine call (flush_pages): nbdcopy sends a WRITE_ZEROES for each run of zero pages
+# it finds, ~8,500 per GiB of the gcc corpus, mostly of 1-2 blocks.  A range longer than FLUSH_KEYS
+# blocks is walked in the pool's index instead, FLUSH_KEYS blocks at a time (objects the pool lacks
+# are skipped), its keys flushed in the engine's steps with a yield between
+# (ChunkedEngine.flush_keys, as a FlushObject is): a whole-device TRIM (mkfs, blkdiscard) of a big
+# export costs the loop what is stored, in steps of well under a millisecond.  (It built every key
+# of the range first: a TRIM of 2 GiB stored stalled the loop 362 ms and grew the RSS 87 MB, and a
+# node holding 64 GiB would have stalled for seconds, past its peers' timeouts.)  ALONE requests: an
+# unaligned WRITE reads its partial first and last blocks first (read-modify-write, under a
 # per-export lock so two connections' partial writes to one block cannot lose each other); an
 # unaligned WRITE_ZEROES flushes its whole blocks and zeroes the partial edges the same way.  FLUSH
 # and FUA have nothing to wait for: every acknowledged write is already in the engine, which all
@@ -57,10 +66,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import cast
+
+from prometheus_client import Counter
 
 from node.engine import Ahead, ChunkedEngine
 from node.logs import log_event
@@ -94,6 +105,7 @@ from ramster.zcache import (
     PAGE_SIZE,
     STORED,
     PageError,
+    PageUnavailable,
     PutResult,
     ZCache,
     ZCacheError,
@@ -103,6 +115,7 @@ REFUSED = frozenset(r for r in PutResult if r.refused)  # checked per write at C
 FLUSH_KEYS = (
     1024  # blocks of a range flushed by their keys; a longer one is walked this many at a time
 )
+READ_RETRY = 0.25  # seconds between two gets of pages out of reach
 STATUS_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS looks at (64 MiB)
 STATUS_EXTENTS = 1024  # descriptors one BLOCK_STATUS returns at most
 STATUS_FLAGS = {ABSENT: STATE_HOLE | STATE_ZERO, STORED: 0}
@@ -110,6 +123,7 @@ RUNS = re.compile(rb"(.)\1*", re.DOTALL)  # runs of one page state
 HELD = re.compile(b"[^%c]+" % ABSENT)  # runs of blocks that hold a page
 Piece = bytes | memoryview
 Answer = tuple[Request, Error, Sequence[Piece]]
+GetResult = bytes | PageError | None
 NO_DATA: tuple[Piece, ...] = ()
 OK, EIO, ENOSPC = Error.OK, Error.EIO, Error.ENOSPC  # module names: see plan.READ's comment
 
@@ -131,11 +145,26 @@ class WritePlan:
 
 
 @dataclass
+class ReadWait:
+    """How long a read waits for pages out of reach (0: not at all), what ends the wait early
+    (the server stops), and the counter of waits by outcome."""
+
+    seconds: float = 0.0
+    stopping: Callable[[], bool] = lambda: False
+    counter: Counter | None = None
+
+    def count(self, export: str, outcome: str) -> None:
+        if self.counter is not None:
+            self.counter.labels(export, outcome).inc()
+
+
+@dataclass
 class ExportBlocks:
     export: Export
     pool: int
     engine: ZCache
     chunked: ChunkedEngine
+    wait: ReadWait = field(default_factory=ReadWait)
     rmw: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
@@ -189,6 +218,7 @@ class ExportBlocks:
         got = await self.chunked.get_batch(self.pool, keys, exclusive=False)
         pages, failed = cast(list[Piece], got), set[int]()  # when every block was found
         if set(map(type, got)) != {bytes}:  # at C speed; else misses read as zeros, errors fail
+            await self._wait_for_unavailable(keys, got)
             failed = {i for i, p in enumerate(got) if isinstance(p, PageError)}
             pages = [p if type(p) is bytes else HOLE_BLOCK for p in got]
         answers: list[Answer] = []
@@ -208,6 +238,39 @@ class ExportBlocks:
                 data = [b"".join(data)[skip : skip + request.length]]
             answers.append((request, OK, data))
         return answers
+
+    async def _wait_for_unavailable(self, keys: list[Key], got: list[GetResult]) -> None:
+        """Get the pages of `got` that were out of reach again, every READ_RETRY seconds, until
+        each came back or the wait is over (or the server stops); `got` is updated in place."""
+        wait = self.wait
+        missing = [i for i, page in enumerate(got) if isinstance(page, PageUnavailable)]
+        if not missing or wait.seconds <= 0:
+            return
+        name, loop = self.export.name, asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + wait.seconds
+        log_event(
+            "nbd_read_waiting",
+            logging.WARNING,
+            export=name,
+            pages=len(missing),
+            why="every copy of these pages is out of reach: waiting for their peers",
+        )
+        while missing and not wait.stopping() and (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(READ_RETRY, left))
+            again = await self.chunked.get_batch(self.pool, [keys[i] for i in missing], False)
+            for i, page in zip(missing, again, strict=True):
+                got[i] = page
+            missing = [i for i in missing if isinstance(got[i], PageUnavailable)]
+        waited = round(loop.time() - start, 3)
+        if missing:
+            wait.count(name, "failed")
+            log_event(
+                "nbd_read_failed", logging.ERROR, export=name, pages=len(missing), waited_s=waited
+            )
+        else:
+            wait.count(name, "resumed")
+            log_event("nbd_read_resumed", export=name, waited_s=waited)
 
     async def _writes(self, requests: list[Request], plan: WritePlan) -> list[Answer]:
         """Aligned WRITEs, WRITE_ZEROES and TRIMs of distinct blocks (and FLUSHes) as one put
@@ -282,6 +345,7 @@ class ExportBlocks:
         )
         keys = [block_keys(b, b + 1)[0] for b in partial]
         old = await self.chunked.get_batch(self.pool, keys, False) if partial else []
+        await self._wait_for_unavailable(keys, old)
         if any(isinstance(p, PageError) for p in old):
             return Error.EIO
         before = dict(zip(partial, old, strict=True))

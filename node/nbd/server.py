@@ -75,7 +75,7 @@ from node.fairness import SmallFirst
 from node.heap import HeapTrimmer
 from node.logs import log_event
 from node.metrics import NbdMetrics, observe_many
-from node.nbd.blocks import Answer, ExportBlocks, WritePlan
+from node.nbd.blocks import Answer, ExportBlocks, ReadWait, WritePlan
 from node.nbd.connection import NbdConnection
 from node.nbd.plan import Group
 from node.nbd.tls import NbdTls
@@ -109,6 +109,7 @@ class NbdServer:
         socket_group: int | None = None,
         allow: Sequence[tuple[str, str]] = (),
         max_connections: int = 64,
+        read_wait: float = 0.0,
     ) -> None:
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
@@ -126,8 +127,15 @@ class NbdServer:
             get_hop=READ_CODEC_PAGES,
             small_first=small_first,
         )
+        self.draining = False
         self.exports = {
-            e.name: ExportBlocks(e, ensure_pool(OWNER_PREFIX + e.name), engine, chunked)
+            e.name: ExportBlocks(
+                e,
+                ensure_pool(OWNER_PREFIX + e.name),
+                engine,
+                chunked,
+                ReadWait(read_wait, lambda: self.draining, metrics.read_waits),
+            )
             for e in exports
         }
         for blocks in self.exports.values():
@@ -140,7 +148,6 @@ class NbdServer:
             self.allow.setdefault(export, set()).add(client)
         self.port = 0
         self._inode: int | None = None  # of the Unix socket's file, once bound
-        self.draining = False
         self._server: asyncio.Server | None = None
         self.connections: set[NbdConnection] = set()
         self.max_connections = max_connections  # in transmission, and negotiating, each
@@ -351,6 +358,7 @@ async def serve_nbd(
         settings.nbd_socket_group,
         settings.nbd_allow,
         settings.nbd_max_connections,
+        settings.nbd_read_wait,
     )
     await server.start()
     return server

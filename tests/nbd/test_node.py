@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node.settings import HostPort, Settings
 from node.tls import check_protected, load_tls
-from ramster.bench.cluster import metric_value
+from ramster.bench.cluster import metric_samples, metric_value
 from ramster.client.cluster import LocalCluster
 from ramster.client.local import LocalNode
 from tests.nbd.conftest import Certs, MiB, eventually, nbd_node, need, node_exits, run
@@ -261,12 +261,13 @@ def foreign_pages(cluster: LocalCluster) -> int:
 
 @contextlib.contextmanager
 def spilled(
-    tmp_path: Path, pages: list[bytes], count: int, pool: str, size: str
+    tmp_path: Path, pages: list[bytes], count: int, pool: str, size: str, *flags: str
 ) -> Iterator[tuple[LocalCluster, bytes]]:
-    """A 3-node cluster whose node 1 serves export "disk" of `size` from a pool of `pool`,
-    `count` real pages (`pages` cycled) written into it, most of which went to the peers:
-    over half of them held twice there.  The cluster and the data."""
+    """A 3-node cluster whose node 1 serves export "disk" of `size` from a pool of `pool`
+    (and `flags`), `count` real pages (`pages` cycled) written into it, most of which went to
+    the peers: over half of them held twice there.  The cluster and the data."""
     node1 = ["--pool-limit", pool, "--nbd-listen", "127.0.0.1:0", "--nbd-export", f"disk:{size}"]
+    node1 += flags
     common = ["--pool-limit", "64Mi", "--heartbeat-interval", "0.2", "--down-after", "1"]
     data = b"".join(pages[n % len(pages)] for n in range(count))
     with LocalCluster(3, common=common, per_node=[node1]) as cluster:
@@ -298,6 +299,89 @@ def test_an_export_larger_than_the_pool_spills_to_peers_and_survives_a_killed_pe
         cluster.nodes[2].wait()
         back = tmp_path / "back.img"
         run("nbdcopy", f"nbd://127.0.0.1:{nbd_port(owner)}/disk", str(back))
+        assert back.read_bytes()[: len(data)] == data
+
+
+@contextlib.contextmanager
+def frozen(nodes: list[LocalNode]) -> Iterator[None]:
+    """`nodes` stopped (SIGSTOP) for the block, and let go on (SIGCONT) after it."""
+    for node in nodes:
+        node.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for node in nodes:
+            node.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_a_read_of_pages_on_frozen_peers_waits_for_them_rather_than_failing(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    """Both peers freeze, long enough for node 1 to mark them down, while they hold the only
+    copies of most of its pages: a read of the export waits for them (--nbd-read-wait) rather
+    than failing with EIO, which a kernel swapping to the export would turn into a killed
+    process, and once they go on every byte reads as written.  (It failed at once.)"""
+    need("nbdcopy")
+    with spilled(tmp_path, sample_pages, 4096, "1Mi", "16Mi") as (cluster, data):
+        owner, back = cluster.nodes[0], tmp_path / "back.img"
+        with frozen(cluster.nodes[1:]):
+            assert eventually(lambda: metric_value(owner, "ramster_peers_up") == 0)
+            uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
+            reader = subprocess.Popen(["nbdcopy", uri, str(back)], stderr=subprocess.PIPE)
+            assert eventually(lambda: '"nbd_read_waiting"' in owner.log())
+            time.sleep(1)
+            assert reader.poll() is None  # still waiting, not failed
+        _, err = reader.communicate(timeout=60)
+        assert reader.returncode == 0, err
+        assert back.read_bytes()[: len(data)] == data
+        assert read_waits(owner, "resumed") > 0 and read_waits(owner, "failed") == 0
+
+
+@pytest.mark.slow
+def test_a_stop_ends_a_read_waiting_for_frozen_peers(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    """SIGTERM while a read waits for frozen peers: the read fails rather than holding the stop
+    for the rest of its wait (15 s by default), and the node exits cleanly."""
+    need("nbdcopy")
+    with spilled(tmp_path, sample_pages, 4096, "1Mi", "16Mi") as (cluster, _):
+        owner = cluster.nodes[0]
+        uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
+        with frozen(cluster.nodes[1:]):
+            assert eventually(lambda: metric_value(owner, "ramster_peers_up") == 0)
+            reader = subprocess.Popen(["nbdcopy", uri, str(tmp_path / "back.img")])
+            assert eventually(lambda: '"nbd_read_waiting"' in owner.log())
+            assert owner.stop() == 0
+            assert reader.wait(timeout=60) != 0
+        failed = [json.loads(line) for line in owner.log().splitlines() if "read_failed" in line]
+        assert failed and all(f["waited_s"] < 15 for f in failed)  # not the whole default wait
+
+
+def read_waits(node: LocalNode, outcome: str) -> float:
+    samples = metric_samples(node, "ramster_nbd_read_waits_total")
+    return sum(value for labels, value in samples if labels["outcome"] == outcome)
+
+
+@pytest.mark.slow
+def test_a_read_of_pages_on_frozen_peers_fails_once_its_wait_is_over(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    """With --nbd-read-wait 0.5, a read of pages whose holders stay frozen fails with EIO
+    soon after (logged), the node stays healthy, and once they go on the export reads back
+    whole."""
+    need("nbdcopy")
+    flags = ("--nbd-read-wait", "0.5")
+    with spilled(tmp_path, sample_pages, 4096, "1Mi", "16Mi", *flags) as (cluster, data):
+        owner, back = cluster.nodes[0], tmp_path / "back.img"
+        uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
+        with frozen(cluster.nodes[1:]):
+            assert eventually(lambda: metric_value(owner, "ramster_peers_up") == 0)
+            copy = subprocess.run(["nbdcopy", uri, str(back)], capture_output=True, timeout=60)
+            assert copy.returncode != 0 and b"Input/output error" in copy.stderr
+            assert '"nbd_read_failed"' in owner.log() and read_waits(owner, "failed") > 0
+        assert eventually(lambda: metric_value(owner, "ramster_peers_up") == 2)
+        run("nbdcopy", uri, str(back))
         assert back.read_bytes()[: len(data)] == data
 
 
