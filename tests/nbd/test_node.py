@@ -339,6 +339,31 @@ def test_a_read_of_pages_on_frozen_peers_waits_for_them_rather_than_failing(
 
 
 @pytest.mark.slow
+def test_an_unaligned_write_to_a_page_on_frozen_peers_waits_for_them(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    """An unaligned WRITE reads the block it changes part of first: with that block's copies
+    on frozen peers it waits for them rather than failing, and the block then holds the old
+    bytes around the new ones."""
+    need("qemu-io", "nbdcopy")
+    with spilled(tmp_path, sample_pages, 4096, "1Mi", "16Mi") as (cluster, data):
+        owner = cluster.nodes[0]
+        uri = f"nbd://127.0.0.1:{nbd_port(owner)}/disk"
+        with frozen(cluster.nodes[1:]):
+            assert eventually(lambda: metric_value(owner, "ramster_peers_up") == 0)
+            write = ["qemu-io", "-f", "raw", "-c", "write -P 0xab 100 512", uri]
+            writer = subprocess.Popen(write, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            assert eventually(lambda: '"nbd_read_waiting"' in owner.log())
+            assert writer.poll() is None
+        out, _ = writer.communicate(timeout=60)
+        assert writer.returncode == 0 and b"error" not in out.lower(), out
+        back = tmp_path / "back.img"
+        run("nbdcopy", uri, str(back))
+        want = data[:100] + b"\xab" * 512 + data[612:]
+        assert back.read_bytes()[: len(data)] == want
+
+
+@pytest.mark.slow
 def test_a_stop_ends_a_read_waiting_for_frozen_peers(
     tmp_path: Path, sample_pages: list[bytes]
 ) -> None:
