@@ -515,8 +515,8 @@ class Settings:
             "how long a READ waits for pages whose every copy is out of reach (their peers "
             "frozen, cut off or restarting) before it fails with EIO, asking again every "
             "quarter second; a kernel swapping to the export kills the process whose page "
-            "fails, so it is kept under the kernel's NBD timeout (30 s by default); 0: fail "
-            "at once",
+            "fails, while a page gone for good costs each read the whole wait; keep it under "
+            "nbd-client's -t timeout if one is set; 0: fail at once",
             "SECONDS",
         ),
     )

@@ -17,8 +17,9 @@
 # of a few seconds for a peer's pause costs a stall.  (It failed at once: freezing both peers
 # of a chaos run for 2 s failed reads of the export.)  An unaligned write's read of its edges
 # waits the same way.  The wait holds the connection's later requests (groups run in order) and
-# ends early at a stop; a page gone for good costs each read the whole wait, which is why the
-# bound stays under the kernel's NBD timeout.
+# ends early at a stop; a page gone for good costs each read the whole wait, which is why it is
+# bounded.  (The kernel's nbd driver fails a request only if nbd-client set a timeout, -t;
+# without one it waits, warning every 30 s.)
 #
 # A WRITE group is one put batch of its writes' blocks (their payloads, views of the connection's
 # input, coded where they lie: the engine copies each page as it takes it) plus the flush of its
