@@ -148,15 +148,11 @@ class WritePlan:
 @dataclass
 class ReadWait:
     """How long a read waits for pages out of reach (0: not at all), what ends the wait early
-    (the server stops), and the counter of waits by outcome."""
+    (the server stops), and the counter of waits by export and outcome."""
 
-    seconds: float = 0.0
-    stopping: Callable[[], bool] = lambda: False
-    counter: Counter | None = None
-
-    def count(self, export: str, outcome: str) -> None:
-        if self.counter is not None:
-            self.counter.labels(export, outcome).inc()
+    seconds: float
+    stopping: Callable[[], bool]
+    counter: Counter
 
 
 @dataclass
@@ -165,7 +161,7 @@ class ExportBlocks:
     pool: int
     engine: ZCache
     chunked: ChunkedEngine
-    wait: ReadWait = field(default_factory=ReadWait)
+    wait: ReadWait
     rmw: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
@@ -265,12 +261,12 @@ class ExportBlocks:
             missing = [i for i in missing if isinstance(got[i], PageUnavailable)]
         waited = round(loop.time() - start, 3)
         if missing:
-            wait.count(name, "failed")
+            wait.counter.labels(name, "failed").inc()
             log_event(
                 "nbd_read_failed", logging.ERROR, export=name, pages=len(missing), waited_s=waited
             )
         else:
-            wait.count(name, "resumed")
+            wait.counter.labels(name, "resumed").inc()
             log_event("nbd_read_resumed", export=name, waited_s=waited)
 
     async def _writes(self, requests: list[Request], plan: WritePlan) -> list[Answer]:

@@ -127,7 +127,6 @@ class NbdServer:
             get_hop=READ_CODEC_PAGES,
             small_first=small_first,
         )
-        self.draining = False
         self.exports = {
             e.name: ExportBlocks(
                 e,
@@ -148,6 +147,7 @@ class NbdServer:
             self.allow.setdefault(export, set()).add(client)
         self.port = 0
         self._inode: int | None = None  # of the Unix socket's file, once bound
+        self.draining = False
         self._server: asyncio.Server | None = None
         self.connections: set[NbdConnection] = set()
         self.max_connections = max_connections  # in transmission, and negotiating, each
