@@ -10,7 +10,10 @@
 # the restart the block was data on disk, in the map, in a shrink's check and in every read.)
 #
 # A READ group is one get batch: a never-written block reads as zeros (ramster.nbd's HOLE_BLOCK,
-# which a structured reply sends as a hole), a corrupt page fails its read with EIO.  A page out
+# which a structured reply sends as a hole), a corrupt page fails its read with EIO, and so does a
+# block the export's map (node/nbd/blockmap.py) says holds data but the engine has no page for: one
+# the node lost in a crash, which must not read as zeros.  Every write, zeroing and trim brings
+# the map of its blocks in step with the index before its reply.  A page out
 # of reach (every copy on peers that are frozen, cut off or restarting) is asked for again every
 # READ_RETRY seconds, for up to --nbd-read-wait (ReadWait), before its read fails with EIO: a
 # kernel that swaps to the export kills the process whose page fails to come in, where a wait
@@ -51,7 +54,8 @@
 #
 # BLOCK_STATUS (base:allocation) reads the pool's index, no page: a block that holds nothing is a
 # hole that reads as zeros (never written, trimmed, zeroed or written as zeros), and any other
-# page is data, wherever it lives (RAM, a peer, disk).  It looks at STATUS_BLOCKS blocks of one
+# page is data, wherever it lives (RAM, a peer, disk); a lost block is data too (a copy tool
+# reads it and fails, rather than writing zeros for it).  It looks at STATUS_BLOCKS blocks of one
 # index object and returns STATUS_EXTENTS descriptors at most (the spec lets a reply cover less
 # than asked; clients ask again from where it ended), so one request costs the loop little: the
 # index is read a chunk of 64 blocks at a time.  As it awaits nothing else, it yields to the loop
@@ -76,6 +80,7 @@ from prometheus_client import Counter
 
 from node.engine import Ahead, ChunkedEngine
 from node.logs import log_event
+from node.nbd.blockmap import BlockMap
 from node.nbd.plan import (
     GROUP_PAGES,
     INDEX_MASK,
@@ -162,10 +167,36 @@ class ExportBlocks:
     engine: ZCache
     chunked: ChunkedEngine
     wait: ReadWait
+    map: BlockMap
     rmw: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.engine.drop_zero_pages(self.pool)  # a block written as zeros is a hole
+
+    def adopt_index(self) -> int:
+        """At the start: the map takes in every block the pool's index holds a page for; the
+        number of blocks it says hold data that the index lacks (lost in a crash)."""
+        blocks, lost = self.map.blocks, 0
+        for first in range(0, blocks, INDEX_MASK + 1):
+            stop = min(first + INDEX_MASK + 1, blocks)
+            lost += self.map.adopt(first, self._states(first, stop))
+        return lost
+
+    def _states(self, first: int, stop: int) -> bytes:
+        """Per block first..stop-1, whether the pool's index holds a page for it: the bytes of
+        page_states(), ABSENT (0) or STORED (1), as the map keeps them."""
+        engine, pool = self.engine, self.pool
+        parts = []
+        for oid in range(first >> OID_BITS, ((stop - 1) >> OID_BITS) + 1):
+            base = oid << OID_BITS
+            lo, hi = max(first, base), min(stop, base + INDEX_MASK + 1)
+            parts.append(engine.page_states(pool, oid, lo - base, hi - base))
+        return b"".join(parts)
+
+    def _mark(self, first: int, stop: int) -> None:
+        """Blocks first..stop-1 were written: the map takes what the index now holds there
+        (nothing for a block written as zeros, or refused)."""
+        self.map.set(first, self._states(first, stop))
 
     def plan(self, group: Group, start: bool = False) -> WritePlan | None:
         """What run() will do with a WRITE group (None for other groups); with `start`, its
@@ -217,6 +248,8 @@ class ExportBlocks:
         if set(map(type, got)) != {bytes}:  # at C speed; else misses read as zeros, errors fail
             await self._wait_for_unavailable(keys, got)
             failed = {i for i, p in enumerate(got) if isinstance(p, PageError)}
+            if None in got:
+                failed.update(self._lost(requests, got))
             pages = [p if type(p) is bytes else HOLE_BLOCK for p in got]
         answers: list[Answer] = []
         at = 0
@@ -235,6 +268,23 @@ class ExportBlocks:
                 data = [b"".join(data)[skip : skip + request.length]]
             answers.append((request, OK, data))
         return answers
+
+    def _lost(self, requests: list[Request], got: list[GetResult]) -> list[int]:
+        """The places in a read group's `got` of the pages missing whose blocks the map says
+        hold data: lost (in a crash), where the others read as zeros."""
+        mapped = b"".join(
+            self.map.get(*span(r.offset, r.length)) for r in requests if type(r) is Read
+        )
+        lost = [i for i, page in enumerate(got) if page is None and mapped[i]]
+        if lost:
+            log_event(
+                "nbd_read_lost",
+                logging.ERROR,
+                export=self.export.name,
+                blocks=len(lost),
+                why="the node lost these blocks' pages (a crash): written again, they read back",
+            )
+        return lost
 
     async def _wait_for_unavailable(self, keys: list[Key], got: list[GetResult]) -> None:
         """Get the pages of `got` that were out of reach again, every READ_RETRY seconds, until
@@ -275,6 +325,10 @@ class ExportBlocks:
         keys, runs, ahead = plan.keys, plan.runs, plan.ahead
         results = await self.chunked.put_runs(self.pool, keys, runs, ahead) if keys else []
         await self._forget(plan.forget)
+        for request in requests:
+            if type(request) is Write:
+                first = request.offset // PAGE_SIZE
+                self._mark(first, first + request.length // PAGE_SIZE)
         if REFUSED.isdisjoint(results):  # every page stored, as nearly always
             return [(request, OK, NO_DATA) for request in requests]
         answers: list[Answer] = []
@@ -289,17 +343,6 @@ class ExportBlocks:
             answers.append((request, error, NO_DATA))
         return answers
 
-    def data_end(self) -> int:
-        """Where the data the pool holds for this export ends, whatever the export's size: the
-        byte after its last block that holds a page (0 if none), from the pool's index (the
-        last objects first, each read whole at C speed)."""
-        engine, pool = self.engine, self.pool
-        for oid in sorted(engine.object_ids(pool), reverse=True):
-            held = engine.page_states(pool, oid, 0, INDEX_MASK + 1).rfind(STORED)
-            if held >= 0:
-                return ((oid << OID_BITS) + held + 1) * PAGE_SIZE
-        return 0
-
     def _extents(self, request: Request) -> bytes:
         """The base:allocation descriptors of a BLOCK_STATUS, from its offset on: one per run
         of blocks in one state, up to the request's end, STATUS_BLOCKS blocks or STATUS_EXTENTS
@@ -309,6 +352,10 @@ class ExportBlocks:
         oid, index = first >> OID_BITS, first & INDEX_MASK
         stop = min(stop, first + STATUS_BLOCKS, (oid + 1) << OID_BITS)  # within one object
         states = self.engine.page_states(self.pool, oid, index, index + stop - first)
+        mapped = self.map.get(first, stop)
+        if mapped != states:  # lost blocks are data: a copy reads them (and fails), not zeros
+            size, held = len(states), int.from_bytes(states, "little")
+            states = (held | int.from_bytes(mapped, "little")).to_bytes(size, "little")
         descriptors = []
         limit = 1 if request.flags & CommandFlag.REQ_ONE else STATUS_EXTENTS
         for run in islice(RUNS.finditer(states), limit):
@@ -358,6 +405,7 @@ class ExportBlocks:
             else:
                 pages.append(data[start : start + PAGE_SIZE])
         results = await self.chunked.put_batch(self.pool, block_keys(first, stop), pages, True)
+        self._mark(first, stop)
         return Error.OK if REFUSED.isdisjoint(results) else Error.ENOSPC
 
     async def _zero(self, offset: int, length: int) -> Error:
@@ -379,6 +427,8 @@ class ExportBlocks:
         short range by its keys, a longer one by the keys its objects hold there (_held)."""
         if ranges:  # most WRITE groups zero nothing
             await self.chunked.flush_keys(self.pool, self._held_keys(ranges))
+            for first, stop in ranges:
+                self.map.clear(first, stop)
 
     def _held_keys(self, ranges: list[tuple[int, int]]) -> Iterator[list[Key]]:
         for first, stop in ranges:
@@ -406,3 +456,14 @@ class ExportBlocks:
                     for run in HELD.finditer(states)
                     for k in block_keys(at + run.start(), at + run.end())
                 ]
+
+
+def data_end(engine: ZCache, pool: int) -> int:
+    """Where the data a pool holds for an export ends, whatever the export's size: the byte
+    after its last block that holds a page (0 if none), from the pool's index (the last
+    objects first, each read whole at C speed)."""
+    for oid in sorted(engine.object_ids(pool), reverse=True):
+        held = engine.page_states(pool, oid, 0, INDEX_MASK + 1).rfind(STORED)
+        if held >= 0:
+            return ((oid << OID_BITS) + held + 1) * PAGE_SIZE
+    return 0

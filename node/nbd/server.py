@@ -54,7 +54,11 @@
 # its pool holds stops the node at start (check_size): the blocks past its end would stay stored
 # out of reach, and come back if it grew again, so shrinking takes discarding them first.  An
 # export no longer declared keeps its pool and pages, and the node logs it at each start, until
-# --nbd-drop NAME has the node destroy its pool at start (in RAM, on peers, on disk).
+# --nbd-drop NAME has the node destroy its pool at start (in RAM, on peers, on disk) and remove
+# its block map.  Each export's block map (node/nbd/blockmap.py, a file of the data directory,
+# anonymous memory without one) is opened after that size check, as it follows the declared
+# size; the blocks it says hold data that the pool's index lacks (lost in a crash) are logged
+# at the start (nbd_blocks_lost), and read as EIO until written, zeroed or trimmed again.
 #
 # It listens on HOST:PORT, or on a Unix socket (unix:PATH, node/nbd/unixsocket.py: mode 0600,
 # for clients on the node's host; its file is removed on stop).
@@ -68,6 +72,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from node.engine import ChunkedEngine, Prefetch
@@ -75,7 +80,8 @@ from node.fairness import SmallFirst
 from node.heap import HeapTrimmer
 from node.logs import log_event
 from node.metrics import NbdMetrics, observe_many
-from node.nbd.blocks import Answer, ExportBlocks, ReadWait, WritePlan
+from node.nbd.blockmap import BlockMap, map_path
+from node.nbd.blocks import Answer, ExportBlocks, ReadWait, WritePlan, data_end
 from node.nbd.connection import NbdConnection
 from node.nbd.plan import Group
 from node.nbd.tls import NbdTls
@@ -110,6 +116,7 @@ class NbdServer:
         allow: Sequence[tuple[str, str]] = (),
         max_connections: int = 64,
         read_wait: float = 0.0,
+        map_dir: Path | None = None,
     ) -> None:
         if not exports:
             raise ValueError("--nbd-listen needs at least one --nbd-export NAME:SIZE")
@@ -127,18 +134,28 @@ class NbdServer:
             get_hop=READ_CODEC_PAGES,
             small_first=small_first,
         )
-        self.exports = {
-            e.name: ExportBlocks(
-                e,
-                ensure_pool(OWNER_PREFIX + e.name),
-                engine,
-                chunked,
-                ReadWait(read_wait, lambda: self.draining, metrics.read_waits),
-            )
-            for e in exports
-        }
-        for blocks in self.exports.values():
-            check_size(blocks)
+        wait = ReadWait(read_wait, lambda: self.draining, metrics.read_waits)
+        self.exports: dict[str, ExportBlocks] = {}
+        try:
+            for e in exports:
+                pool = ensure_pool(OWNER_PREFIX + e.name)
+                check_size(e, engine, pool)  # before the map is cut to the size declared
+                path = None if map_dir is None else map_path(map_dir, pool)
+                block_map = BlockMap(path, -(-e.size // PAGE_SIZE))
+                blocks = ExportBlocks(e, pool, engine, chunked, wait, block_map)
+                self.exports[e.name] = blocks
+                if lost := blocks.adopt_index():
+                    log_event(
+                        "nbd_blocks_lost",
+                        logging.ERROR,
+                        export=e.name,
+                        blocks=lost,
+                        why="written before the node's last crash and held in its RAM alone: "
+                        "they read as I/O errors until written, zeroed or trimmed again",
+                    )
+        except BaseException:
+            self.close_maps()
+            raise
         # per export named by --nbd-allow, the clients it serves (the others serve every client)
         self.allow: dict[str, set[str]] = {}
         for export, client in allow:
@@ -206,6 +223,12 @@ class NbdServer:
         if self._trimming is not None:
             self._trimming.cancel()
             await asyncio.gather(self._trimming, return_exceptions=True)
+        self.close_maps()
+
+    def close_maps(self) -> None:
+        """Unmap the exports' block maps (what they hold is in the page cache already)."""
+        for blocks in self.exports.values():
+            blocks.map.close()
 
     def visible(self, client: str | None) -> list[Export]:
         """The exports a client (by its certificate's name; None: it showed no client
@@ -268,10 +291,10 @@ class NbdServer:
                 self.moved += moved
 
 
-def check_size(blocks: ExportBlocks) -> None:
+def check_size(export: Export, engine: ZCache, pool: int) -> None:
     """Refuse an export declared smaller than the data its pool holds: the data past its end
     would be out of reach yet kept, and back in sight if the export grew again."""
-    name, size, end = blocks.export.name, blocks.export.size, blocks.data_end()
+    name, size, end = export.name, export.size, data_end(engine, pool)
     if end > size:
         raise ValueError(
             f"export {name!r} is declared {flag_size(size)} but holds data up to "
@@ -309,6 +332,7 @@ async def undeclared(settings: Settings, engine: ZCache, pools: Pools) -> None:
             drop.discard(name)
             pages = await ChunkedEngine(engine).destroy_pool(pool_id)
             pools.forget(pool_id)
+            map_path(settings.data_dir, pool_id).unlink(missing_ok=True)
             log_event("nbd_export_dropped", logging.WARNING, export=name, pages=pages)
         elif pages := engine.pool_pages(pool_id):
             log_event(
@@ -359,6 +383,7 @@ async def serve_nbd(
         settings.nbd_allow,
         settings.nbd_max_connections,
         settings.nbd_read_wait,
+        settings.data_dir,
     )
     await server.start()
     return server

@@ -243,6 +243,92 @@ def test_blocks_written_as_zeros_are_holes_before_and_after_a_restart(tmp_path: 
         assert node.stop() == 0
 
 
+READ_BLOCKS_SCRIPT = """
+import json, nbd
+h = nbd.NBD()
+h.connect_uri(URI)
+failed = {}
+with open(OUT, "wb") as out:
+    for block in range(BLOCKS):
+        try:
+            out.write(h.pread(4096, block * 4096))
+        except nbd.Error as exc:
+            failed[block] = exc.errno  # its name: EIO
+            out.write(bytes(4096))
+print(json.dumps(failed))
+"""
+
+REPAIR_SCRIPT = """
+import nbd
+h = nbd.NBD()
+h.connect_uri(URI)
+written, trimmed, zeroed = LOST
+h.pwrite(b"new!" * 1024, written * 4096)
+h.trim(4096, trimmed * 4096)
+h.zero(4096, zeroed * 4096)
+h.shutdown()
+"""
+
+
+def read_blocks(uri: str, blocks: int, tmp_path: Path) -> tuple[dict[int, str], bytes]:
+    """Each block of an export read on its own: the blocks that failed (their errno names)
+    and what was read (zeros for those)."""
+    out = tmp_path / "blocks.img"
+    script = f"URI = {uri!r}\nOUT = {str(out)!r}\nBLOCKS = {blocks}\n" + READ_BLOCKS_SCRIPT
+    failed = json.loads(run(*NBDSH, "-c", script))
+    return {int(b): e for b, e in failed.items()}, out.read_bytes()
+
+
+def test_blocks_a_crash_lost_read_as_io_errors_not_zeros_until_written_again(
+    tmp_path: Path,
+) -> None:
+    """A node SIGKILLed loses the pages its RAM alone held; their blocks read as EIO after the
+    restart (the export's block map says they hold data), never as the zeros of a block never
+    written, and copy tools see them as data; the pages that were on disk read back as written.
+    A block written, trimmed or zeroed again is whole again, across a graceful restart too.
+    (They read as zeros, and nbdcopy copied the export without an error.)"""
+    need("nbdcopy", "nbdinfo")
+    need_libnbd()
+    data_dir, data = tmp_path / "data", os.urandom(8 * MiB)  # raw pages: half go to disk
+    blocks = len(data) // 4096
+    with nbd_node("--pool-limit", "4Mi", "--nbd-export", "disk:16Mi", data_dir=data_dir) as node:
+        (tmp_path / "in.img").write_bytes(data)
+        run("nbdcopy", str(tmp_path / "in.img"), f"nbd://127.0.0.1:{nbd_port(node)}/disk")
+        node.kill()
+        node.start()
+        uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+        lost = logged(node, "nbd_blocks_lost")["blocks"]
+        assert isinstance(lost, int) and 0 < lost < blocks
+        failed, back = read_blocks(uri, 2 * blocks, tmp_path)
+        assert len(failed) == lost and set(failed.values()) == {"EIO"}
+        assert max(failed) < blocks  # never-written blocks read as zeros
+        for block in range(blocks):
+            if block not in failed:
+                assert (
+                    back[block * 4096 : (block + 1) * 4096]
+                    == data[block * 4096 : (block + 1) * 4096]
+                )
+        assert back[len(data) :] == bytes(len(data))
+        mapped = json.loads(run("nbdinfo", "--map", "--json", uri))
+        assert [(e["offset"], e["length"], e["type"]) for e in mapped] == [
+            (0, len(data), 0),  # the lost blocks too: data that fails to read, not holes
+            (len(data), 16 * MiB - len(data), 3),
+        ]
+        done = subprocess.run(["nbdcopy", uri, str(tmp_path / "copy.img")], capture_output=True)
+        assert done.returncode and b"Input/output error" in done.stderr
+
+        repaired = sorted(failed)[:3]
+        script = f"URI = {uri!r}\nLOST = {repaired!r}\n" + REPAIR_SCRIPT
+        run(*NBDSH, "-c", script)
+        node = restart_with(node, "--nbd-export", "disk:16Mi")
+        assert logged(node, "nbd_blocks_lost")["blocks"] == lost - 3
+        failed_now, back = read_blocks(f"nbd://127.0.0.1:{nbd_port(node)}/disk", blocks, tmp_path)
+        assert set(failed_now) == set(failed) - set(repaired)
+        written, trimmed, zeroed = (back[b * 4096 : (b + 1) * 4096] for b in repaired)
+        assert (written, trimmed, zeroed) == (b"new!" * 1024, bytes(4096), bytes(4096))
+        assert node.stop() == 0
+
+
 def test_data_past_the_first_4_gib_keeps_an_export_from_shrinking_too(tmp_path: Path) -> None:
     need("qemu-io")
     data_dir = tmp_path / "data"
@@ -449,9 +535,11 @@ def test_a_dropped_export_frees_its_pages_in_ram_on_peers_and_on_disk(
     need("nbdcopy")
     with spilled(tmp_path, sample_pages, 4096, "1Mi", "32Mi") as (cluster, data):
         owner = cluster.nodes[0]
+        (disk_map,) = owner.data_dir.glob("nbd-pool-*.map")
         restart_with(owner, "--nbd-export", "other:1Mi", "--nbd-drop", "disk")
         (dropped,) = [json.loads(line) for line in owner.log().splitlines() if "_dropped" in line]
         assert (dropped["export"], dropped["pages"]) == ("disk", len(data) // 4096)
+        assert not disk_map.exists() and len(list(owner.data_dir.glob("nbd-pool-*.map"))) == 1
         with owner.client() as client:
             stats = client.stats()
             assert (stats.stored_pages, stats.written_back_pages) == (0, 0)

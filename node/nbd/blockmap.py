@@ -1,0 +1,105 @@
+# Which blocks of an export hold data its clients wrote: a byte per block (1: data, 0: reads as
+# zeros), in a file of the node's data directory that the node maps into memory.
+#
+# Why: a block that holds no page reads as zeros, which is right for a block never written,
+# trimmed or zeroed, and wrong for one whose page the node lost.  A crash (SIGKILL, OOM kill)
+# loses the pages that were in RAM alone; before this map, their blocks read back as zeros after
+# the restart, with no error: an acknowledged write silently undone, which a filesystem takes
+# for its data and a kernel swapping to the export for a process's memory.  With it, a block
+# the map says holds data but the engine has no page for reads as EIO (node/nbd/blocks.py), and
+# the start logs how many there are, until the client writes, zeroes or trims them.
+#
+# Kept in step with the pool's index: after each write, zeroing or trim of a range, and before its
+# reply, the range's bytes become what the index holds there (a block written as zeros, or
+# refused, holds nothing).  So a write the client was told succeeded is in the map before the
+# client learns it, and one whose reply never left may or may not be (its range is unspecified
+# then anyway).  A store to a shared mapping is in the kernel's page cache at once, so the map
+# outlives the process however it dies, with no syscall per write; like the backing file it is
+# not fsynced, so a power cut may lose its latest changes.  At the start the map takes in what
+# the index holds (a page that came back from disk or a peer is data, whatever the map said):
+# the blocks it names that the index lacks are the ones lost.
+#
+# Layout: a HEADER_SIZE-byte header (MAGIC, VERSION), then one byte per block.  The file follows
+# the export's declared size (grown with zeros, or cut) at each start; a missing one is made from
+# the index, so an export from before the map starts with what its pool holds.  Trade-off: a
+# byte per 4 KiB block (256 KiB per GiB of export, in the page cache as far as it is touched)
+# rather than a bit, so a range's state is one slice of the index's own page_states() bytes.
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+from ramster.atomicfile import replace_file
+
+MAGIC = b"RAMSTER-NBD-MAP\n"
+VERSION = b"\x01"
+HEADER_SIZE = 4096  # the map starts on a page of its own
+STEP = 1 << 20  # blocks scanned or cleared at once (a MiB of the map)
+_ZEROS = bytes(STEP)
+
+
+def map_path(data_dir: Path, pool: int) -> Path:
+    """The map file of the export whose pool is `pool` (ids are never reused, names may hold
+    any character)."""
+    return data_dir / f"nbd-pool-{pool}.map"
+
+
+class BlockMap:
+    """The map of an export of `blocks` blocks: in the file `path` (made empty if missing), or
+    in anonymous memory with no path; adopt() then takes in what the index holds."""
+
+    def __init__(self, path: Path | None, blocks: int) -> None:
+        self.blocks = blocks
+        self._fd = -1
+        size = HEADER_SIZE + blocks
+        if path is None:
+            self._map = mmap.mmap(-1, size)
+            return
+        if not path.exists():
+            replace_file(path, (MAGIC + VERSION).ljust(HEADER_SIZE, b"\0"))
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            head = os.pread(self._fd, len(MAGIC) + len(VERSION), 0)
+            if head != MAGIC + VERSION:
+                raise ValueError(f"{path} is not an NBD block map of this version")
+            os.ftruncate(self._fd, size)  # the declared size: grown with zeros, or cut
+            self._map = mmap.mmap(self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def get(self, first: int, stop: int) -> bytes:
+        """The bytes of blocks first..stop-1."""
+        return self._map[HEADER_SIZE + first : HEADER_SIZE + stop]
+
+    def set(self, first: int, states: bytes) -> None:
+        """Blocks from `first` on take `states` (a byte each, 0 or 1)."""
+        at = HEADER_SIZE + first
+        self._map[at : at + len(states)] = states
+
+    def clear(self, first: int, stop: int) -> None:
+        """Blocks first..stop-1 hold no data; the parts of the map without a 1 are not
+        written (a whole-device trim scans the map, and dirties only what it changes)."""
+        for lo in range(HEADER_SIZE + first, HEADER_SIZE + stop, STEP):
+            hi = min(lo + STEP, HEADER_SIZE + stop)
+            if self._map.find(b"\x01", lo, hi) >= 0:
+                self._map[lo:hi] = _ZEROS[: hi - lo]
+
+    def adopt(self, first: int, held: bytes) -> int:
+        """Take in the blocks from `first` on that the index holds (`held`, a byte each, 1 for
+        a page): they hold data.  The number of blocks the map said held data but `held` lacks
+        (lost)."""
+        mapped = self.get(first, first + len(held))
+        if mapped == held:
+            return 0
+        m, h = int.from_bytes(mapped, "little"), int.from_bytes(held, "little")
+        if m | h != m:
+            self.set(first, (m | h).to_bytes(len(held), "little"))
+        return (m & ~h).bit_count()
+
+    def close(self) -> None:
+        self._map.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

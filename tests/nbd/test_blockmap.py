@@ -1,0 +1,93 @@
+# The export's block map (node/nbd/blockmap.py): its file across reopens and size changes, a
+# file that is not a map, clearing across steps, what adopt() takes in and counts; and in an
+# in-process server, an unaligned write marked in it and a page the engine lost read as EIO.
+# (A real crash and restart: tests/nbd/test_node.py.)
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from node.nbd.blockmap import HEADER_SIZE, MAGIC, STEP, BlockMap, map_path
+from ramster.nbd import Export
+from ramster.nbd.wire import SIMPLE_REPLY_HEADER, Command, Error
+from tests.nbd.conftest import MiB, ServerThread
+from tests.nbd.test_batching import negotiate
+from tests.nbd.test_clients import recv_exactly, request
+
+
+def test_a_map_file_keeps_its_blocks_across_a_reopen_and_follows_the_size(tmp_path: Path) -> None:
+    path = map_path(tmp_path, 7)
+    first = BlockMap(path, 64)
+    assert first.get(0, 64) == bytes(64)
+    first.set(10, b"\x01\x01\x00\x01")
+    first.close()
+    assert path.read_bytes().startswith(MAGIC)
+    assert path.stat().st_size == HEADER_SIZE + 64
+    grown = BlockMap(path, 128)
+    assert grown.get(8, 16) == b"\x00\x00\x01\x01\x00\x01\x00\x00"
+    assert grown.get(64, 128) == bytes(64)  # the new blocks hold nothing
+    grown.close()
+    cut = BlockMap(path, 12)
+    assert cut.get(0, 12) == bytes(10) + b"\x01\x01"
+    cut.close()
+    assert path.stat().st_size == HEADER_SIZE + 12
+
+
+def test_a_file_that_is_not_a_map_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "nbd-pool-1.map"
+    path.write_bytes(b"something else" * 10)
+    with pytest.raises(ValueError, match="not an NBD block map"):
+        BlockMap(path, 16)
+    assert path.read_bytes() == b"something else" * 10
+
+
+def test_clear_empties_a_range_across_steps_and_nothing_around_it() -> None:
+    blocks = 3 * STEP
+    block_map = BlockMap(None, blocks)
+    block_map.set(0, b"\x01" * blocks)
+    block_map.clear(5, 2 * STEP + 7)
+    assert block_map.get(0, 5) == b"\x01" * 5
+    assert block_map.get(5, 2 * STEP + 7) == bytes(2 * STEP + 2)
+    assert block_map.get(2 * STEP + 7, blocks) == b"\x01" * (STEP - 7)
+    block_map.clear(0, 0)  # an empty range: nothing
+    assert block_map.get(0, 5) == b"\x01" * 5
+    block_map.close()
+
+
+def test_adopt_takes_in_what_the_index_holds_and_counts_what_it_lacks() -> None:
+    block_map = BlockMap(None, 8)
+    block_map.set(0, b"\x01\x01\x01\x00\x00\x00\x00\x00")
+    # blocks 0 and 2 came back, 1 did not; 4 holds a page the map did not know of
+    assert block_map.adopt(0, b"\x01\x00\x01\x00\x01\x00\x00\x00") == 1
+    assert block_map.get(0, 8) == b"\x01\x01\x01\x00\x01\x00\x00\x00"
+    assert block_map.adopt(4, b"\x01\x00\x00\x00") == 0  # in step: nothing lost
+    assert block_map.adopt(0, bytes(8)) == 4  # an index that lost everything
+    block_map.close()
+
+
+def answer(
+    sock: socket.socket, command: int, offset: int, data: bytes = b"", length: int = 0
+) -> tuple[Error, bytes]:
+    """One request: its error, and a READ's data when it succeeded."""
+    sock.sendall(request(command, offset, length or len(data)) + data)
+    _, error, _ = SIMPLE_REPLY_HEADER.unpack(recv_exactly(sock, SIMPLE_REPLY_HEADER.size))
+    read = command == Command.READ and not error
+    return Error(error), recv_exactly(sock, length) if read else b""
+
+
+def test_a_block_whose_page_the_engine_lost_reads_as_eio_and_never_written_ones_as_zeros() -> None:
+    with ServerThread([Export("disk", 1 * MiB)]) as server, negotiate(server) as sock:
+        assert server.server is not None and server.engine is not None
+        blocks, engine = server.server.exports["disk"], server.engine
+        assert answer(sock, Command.WRITE, 100, b"x" * 200)[0] is Error.OK  # read-modify-write
+        assert answer(sock, Command.WRITE, 4096, b"y" * 4096)[0] is Error.OK
+        assert answer(sock, Command.WRITE, 8192, bytes(4096))[0] is Error.OK  # zeros: a hole
+        assert server.call(lambda: blocks.map.get(0, 4)) == b"\x01\x01\x00\x00"
+        server.call(lambda: engine.flush_pages(blocks.pool, [(0, 0)]))  # as a crash would
+        assert answer(sock, Command.READ, 0, length=4096) == (Error.EIO, b"")
+        assert answer(sock, Command.READ, 4096, length=4096) == (Error.OK, b"y" * 4096)
+        assert answer(sock, Command.READ, 8192, length=8192) == (Error.OK, bytes(8192))
+        assert answer(sock, Command.WRITE_ZEROES, 0, length=4096)[0] is Error.OK
+        assert answer(sock, Command.READ, 0, length=4096) == (Error.OK, bytes(4096))
