@@ -62,7 +62,11 @@ class BlockMap:
         try:
             head = os.pread(self._fd, len(MAGIC) + len(VERSION), 0)
             if head != MAGIC + VERSION:
-                raise ValueError(f"{path} is not an NBD block map of this version")
+                raise ValueError(
+                    f"{path} is not an NBD block map of this version: move it away, and the "
+                    "node makes a new one from what the export's pool holds (blocks lost in an "
+                    "earlier crash then read as zeros)"
+                )
             os.ftruncate(self._fd, size)  # the declared size: grown with zeros, or cut
             self._map = mmap.mmap(self._fd, size)
         except BaseException:
