@@ -26,8 +26,10 @@
 # rather than a bit, so a range's state is one slice of the index's own page_states() bytes.
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from ramster.atomicfile import replace_file
@@ -36,6 +38,7 @@ MAGIC = b"RAMSTER-NBD-MAP\n"
 VERSION = b"\x01"
 HEADER_SIZE = 4096  # the map starts on a page of its own
 STEP = 1 << 20  # blocks scanned or cleared at once (a MiB of the map)
+PAGE = mmap.PAGESIZE
 _ZEROS = bytes(STEP)
 
 
@@ -83,12 +86,52 @@ class BlockMap:
         self._map[at : at + len(states)] = states
 
     def clear(self, first: int, stop: int) -> None:
-        """Blocks first..stop-1 hold no data; the parts of the map without a 1 are not
-        written (a whole-device trim scans the map, and dirties only what it changes)."""
-        for lo in range(HEADER_SIZE + first, HEADER_SIZE + stop, STEP):
-            hi = min(lo + STEP, HEADER_SIZE + stop)
-            if self._map.find(b"\x01", lo, hi) >= 0:
-                self._map[lo:hi] = _ZEROS[: hi - lo]
+        """Blocks first..stop-1 hold no data.  The whole pages of the map in the range are
+        dropped (MADV_REMOVE: a hole in the file, nothing read or written, so a whole-device
+        trim neither reads the map nor keeps it in memory); the rest is written with zeros
+        where it holds a 1."""
+        lo, hi = HEADER_SIZE + first, HEADER_SIZE + stop
+        pages_lo, pages_hi = -(-lo // PAGE) * PAGE, hi // PAGE * PAGE
+        if pages_hi > pages_lo:
+            try:
+                self._map.madvise(mmap.MADV_REMOVE, pages_lo, pages_hi - pages_lo)
+            except OSError:  # a filesystem that cannot punch holes: zeros are written
+                pass
+            else:
+                self._zero(lo, pages_lo)
+                self._zero(pages_hi, hi)
+                return
+        self._zero(lo, hi)
+
+    def _zero(self, lo: int, hi: int) -> None:
+        for at in range(lo, hi, STEP):
+            end = min(at + STEP, hi)
+            if self._map.find(b"\x01", at, end) >= 0:
+                self._map[at:end] = _ZEROS[: end - at]
+
+    def count(self, first: int, stop: int) -> int:
+        """How many of blocks first..stop-1 the map says hold data, reading only the parts of
+        its file that are not holes (a map of a big, mostly empty export is mostly holes)."""
+        return sum(self._map[lo:hi].count(1) for lo, hi in self._data(first, stop))
+
+    def _data(self, first: int, stop: int) -> Iterator[tuple[int, int]]:
+        """The extents of the map's file that hold data (SEEK_DATA) among blocks first..stop-1,
+        as offsets into the mapping; the whole range in anonymous memory."""
+        at, hi = HEADER_SIZE + first, HEADER_SIZE + stop
+        if self._fd < 0:
+            yield at, hi
+            return
+        while at < hi:
+            try:
+                start = os.lseek(self._fd, at, os.SEEK_DATA)
+            except OSError as exc:  # ENXIO: no data past `at`
+                if exc.errno == errno.ENXIO:
+                    return
+                raise
+            if start >= hi:
+                return
+            at = min(os.lseek(self._fd, start, os.SEEK_HOLE), hi)
+            yield start, at
 
     def adopt(self, first: int, held: bytes) -> int:
         """Take in the blocks from `first` on that the index holds (`held`, a byte each, 1 for

@@ -177,9 +177,13 @@ class ExportBlocks:
         """At the start: the map takes in every block the pool's index holds a page for; the
         number of blocks it says hold data that the index lacks (lost in a crash)."""
         blocks, lost = self.map.blocks, 0
+        objects = set(self.engine.object_ids(self.pool))
         for first in range(0, blocks, INDEX_MASK + 1):
             stop = min(first + INDEX_MASK + 1, blocks)
-            lost += self.map.adopt(first, self._states(first, stop))
+            if first >> OID_BITS in objects:
+                lost += self.map.adopt(first, self._states(first, stop))
+            else:  # nothing held there: what the map names is lost (its holes are not read)
+                lost += self.map.count(first, stop)
         return lost
 
     def _states(self, first: int, stop: int) -> bytes:
