@@ -21,9 +21,13 @@
 #
 # Layout: a HEADER_SIZE-byte header (MAGIC, VERSION), then one byte per block.  The file follows
 # the export's declared size (grown with zeros, or cut) at each start; a missing one is made from
-# the index, so an export from before the map starts with what its pool holds.  Trade-off: a
-# byte per 4 KiB block (256 KiB per GiB of export, in the page cache as far as it is touched)
-# rather than a bit, so a range's state is one slice of the index's own page_states() bytes.
+# the index, so an export from before the map starts with what its pool holds.  The whole file is
+# set aside on disk at the start (posix_fallocate): a store into a page of a shared mapping that
+# the filesystem has no block for faults it in, and on a full disk that fault is a SIGBUS that
+# kills the node (it did, writing to a new part of the map on a full tmpfs); a disk without room
+# for the map stops the start instead.  Trade-off: a byte per 4 KiB block (256 KiB per GiB of
+# export, on disk and in the page cache as far as it is touched) rather than a bit, so a range's
+# state is one slice of the index's own page_states() bytes.
 from __future__ import annotations
 
 import errno
@@ -38,7 +42,6 @@ MAGIC = b"RAMSTER-NBD-MAP\n"
 VERSION = b"\x01"
 HEADER_SIZE = 4096  # the map starts on a page of its own
 STEP = 1 << 20  # blocks scanned or cleared at once (a MiB of the map)
-PAGE = mmap.PAGESIZE
 _ZEROS = bytes(STEP)
 
 
@@ -59,21 +62,25 @@ class BlockMap:
         if path is None:
             self._map = mmap.mmap(-1, size)
             return
-        if not path.exists():
-            replace_file(path, (MAGIC + VERSION).ljust(HEADER_SIZE, b"\0"))
-        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            head = os.pread(self._fd, len(MAGIC) + len(VERSION), 0)
-            if head != MAGIC + VERSION:
+            if not path.exists():
+                replace_file(path, (MAGIC + VERSION).ljust(HEADER_SIZE, b"\0"))
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            if os.pread(self._fd, len(MAGIC) + len(VERSION), 0) != MAGIC + VERSION:
                 raise ValueError(
                     f"{path} is not an NBD block map of this version: move it away, and the "
                     "node makes a new one from what the export's pool holds (blocks lost in an "
                     "earlier crash then read as zeros)"
                 )
             os.ftruncate(self._fd, size)  # the declared size: grown with zeros, or cut
+            os.posix_fallocate(self._fd, 0, size)  # every block set aside: see the header
             self._map = mmap.mmap(self._fd, size)
-        except BaseException:
-            os.close(self._fd)
+        except BaseException as exc:
+            if self._fd >= 0:
+                os.close(self._fd)
+            if isinstance(exc, OSError):
+                why = f"block map {path} ({size} bytes): {exc.strerror}"
+                raise OSError(exc.errno, why) from None
             raise
 
     def get(self, first: int, stop: int) -> bytes:
@@ -86,28 +93,12 @@ class BlockMap:
         self._map[at : at + len(states)] = states
 
     def clear(self, first: int, stop: int) -> None:
-        """Blocks first..stop-1 hold no data.  The whole pages of the map in the range are
-        dropped (MADV_REMOVE: a hole in the file, nothing read or written, so a whole-device
-        trim neither reads the map nor keeps it in memory); the rest is written with zeros
-        where it holds a 1."""
-        lo, hi = HEADER_SIZE + first, HEADER_SIZE + stop
-        pages_lo, pages_hi = -(-lo // PAGE) * PAGE, hi // PAGE * PAGE
-        if pages_hi > pages_lo:
-            try:
-                self._map.madvise(mmap.MADV_REMOVE, pages_lo, pages_hi - pages_lo)
-            except OSError:  # a filesystem that cannot punch holes: zeros are written
-                pass
-            else:
-                self._zero(lo, pages_lo)
-                self._zero(pages_hi, hi)
-                return
-        self._zero(lo, hi)
-
-    def _zero(self, lo: int, hi: int) -> None:
-        for at in range(lo, hi, STEP):
-            end = min(at + STEP, hi)
-            if self._map.find(b"\x01", at, end) >= 0:
-                self._map[at:end] = _ZEROS[: end - at]
+        """Blocks first..stop-1 hold no data; the parts of the map without a 1 are not
+        written (a whole-device trim reads the map, and dirties only what it changes)."""
+        for lo in range(HEADER_SIZE + first, HEADER_SIZE + stop, STEP):
+            hi = min(lo + STEP, HEADER_SIZE + stop)
+            if self._map.find(b"\x01", lo, hi) >= 0:
+                self._map[lo:hi] = _ZEROS[: hi - lo]
 
     def count(self, first: int, stop: int) -> int:
         """How many of blocks first..stop-1 the map says hold data, reading only the parts of

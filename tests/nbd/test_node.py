@@ -574,6 +574,34 @@ def fill(uri: str, data: bytes, src: Path) -> None:
 
 
 @ROOT
+def test_a_full_disk_fails_writes_with_enospc_and_never_the_block_map(tmp_path: Path) -> None:
+    """Writes to parts of an export's block map never touched before, once the disk is full:
+    ENOSPC, and the node goes on (a store into a page of the map the filesystem had no block
+    for killed it with SIGBUS); a new export's map that finds no room stops the start, saying
+    so."""
+    need("qemu-io")
+    with small_disk(tmp_path / "disk", "8M") as disk:
+        with nbd_node("--nbd-export", "disk:64Mi", data_dir=disk / "data") as node:
+            uri = f"nbd://127.0.0.1:{nbd_port(node)}/disk"
+            fill_up(disk / "filler")
+            for offset in ("60M", "0", "30M"):
+                done = subprocess.run(
+                    ["qemu-io", "-f", "raw", "-c", f"write -P 7 {offset} 4k", uri],
+                    capture_output=True,
+                    text=True,
+                )
+                assert "No space left on device" in done.stdout + done.stderr
+            assert run("qemu-io", "-f", "raw", "-c", "read -P 0 0 64M", uri)
+            assert node.running and node.stop() == 0
+        done = node_exits(
+            disk / "data",
+            *("--nbd-listen", "127.0.0.1:0", "--nbd-export", "disk:64Mi"),
+            *("--nbd-export", "big:1Gi"),
+        )
+        assert done.returncode and "(266240 bytes): No space left on device" in done.stderr
+
+
+@ROOT
 @pytest.mark.parametrize("ram", ["4Mi", "64Mi"])
 def test_a_node_whose_disk_filled_up_saves_what_it_held_and_comes_back(
     tmp_path: Path, ram: str
