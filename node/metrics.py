@@ -344,6 +344,14 @@ class NbdMetrics:
         self.connections = Gauge(
             "ramster_nbd_connections", "Open NBD client connections.", registry=registry
         )
+        self.lost_blocks = Counter(
+            "ramster_nbd_lost_blocks_total",
+            "Blocks of an NBD export found lost at the node's start: its block map says they "
+            "hold data, the engine has no page for them (in RAM alone at a crash).  A read of "
+            "one fails with EIO until it is written, zeroed or trimmed again.",
+            ["export"],
+            registry=registry,
+        )
         self.read_waits = Counter(
             "ramster_nbd_read_waits_total",
             "NBD read groups that waited for pages whose every copy was out of reach (holders "

@@ -144,7 +144,9 @@ class NbdServer:
                 block_map = BlockMap(path, -(-e.size // PAGE_SIZE))
                 blocks = ExportBlocks(e, pool, engine, chunked, wait, block_map)
                 self.exports[e.name] = blocks
-                if lost := blocks.adopt_index():
+                lost = blocks.adopt_index()
+                metrics.lost_blocks.labels(e.name).inc(lost)
+                if lost:
                     log_event(
                         "nbd_blocks_lost",
                         logging.ERROR,
