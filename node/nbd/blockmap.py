@@ -1,13 +1,13 @@
-# Which blocks of an export hold data its clients wrote: a byte per block (1: data, 0: reads as
-# zeros), in a file of the node's data directory that the node maps into memory.
+# Which blocks of an export hold data its clients wrote: a byte per block (DATA, HOLE: reads as
+# zeros, LOST), in a file of the node's data directory that the node maps into memory.
 #
 # Why: a block that holds no page reads as zeros, which is right for a block never written,
 # trimmed or zeroed, and wrong for one whose page the node lost.  A crash (SIGKILL, OOM kill)
 # loses the pages that were in RAM alone; before this map, their blocks read back as zeros after
 # the restart, with no error: an acknowledged write silently undone, which a filesystem takes
 # for its data and a kernel swapping to the export for a process's memory.  With it, a block
-# the map says holds data but the engine has no page for reads as EIO (node/nbd/blocks.py), and
-# the start logs how many there are, until the client writes, zeroes or trims them.
+# the map says holds data but the engine has no page for at the start becomes LOST, and reads
+# as EIO (node/nbd/blocks.py) until the client writes, zeroes or trims it.
 #
 # Kept in step with the pool's index: after each write, zeroing or trim of a range, and before its
 # reply, the range's bytes become what the index holds there (a block written as zeros, or
@@ -16,8 +16,11 @@
 # then anyway).  A store to a shared mapping is in the kernel's page cache at once, so the map
 # outlives the process however it dies, with no syscall per write; like the backing file it is
 # not fsynced, so a power cut may lose its latest changes.  At the start the map takes in what
-# the index holds (a page that came back from disk or a peer is data, whatever the map said):
-# the blocks it names that the index lacks are the ones lost.
+# the index holds (a page that came back from disk or a peer is data, whatever the map said),
+# and the blocks it says hold data that the index lacks become LOST.  Only the start makes a
+# block LOST: a read that found no page while a write of the block was under way (its page not
+# filed yet, or a write of zeros that emptied it before the map says so) reads zeros, as a
+# concurrent read may, rather than an error.
 #
 # Layout: a HEADER_SIZE-byte header (MAGIC, VERSION), then one byte per block.  The file follows
 # the export's declared size (grown with zeros, or cut) at each start; a missing one is made from
@@ -26,8 +29,8 @@
 # the filesystem has no block for faults it in, and on a full disk that fault is a SIGBUS that
 # kills the node (it did, writing to a new part of the map on a full tmpfs); a disk without room
 # for the map stops the start instead.  Trade-off: a byte per 4 KiB block (256 KiB per GiB of
-# export, on disk and in the page cache as far as it is touched) rather than a bit, so a range's
-# state is one slice of the index's own page_states() bytes.
+# export, on disk and in the page cache as far as it is touched) rather than two bits, so a
+# written range's state is one slice of the index's own page_states() bytes.
 from __future__ import annotations
 
 import errno
@@ -41,8 +44,12 @@ from ramster.atomicfile import replace_file
 MAGIC = b"RAMSTER-NBD-MAP\n"
 VERSION = b"\x01"
 HEADER_SIZE = 4096  # the map starts on a page of its own
+HOLE, DATA, LOST = 0, 1, 2  # a block's byte (HOLE and DATA: the index's ABSENT and STORED)
 STEP = 1 << 20  # blocks scanned or cleared at once (a MiB of the map)
 _ZEROS = bytes(STEP)
+# adopt(): 2 * the map's byte + the index's to the new byte (a page: DATA; none: LOST if the map
+# said DATA or LOST, else HOLE)
+_ADOPTED = bytes([HOLE, DATA, LOST, DATA, LOST, DATA]).ljust(256, b"\0")
 
 
 def map_path(data_dir: Path, pool: int) -> Path:
@@ -88,30 +95,44 @@ class BlockMap:
         return self._map[HEADER_SIZE + first : HEADER_SIZE + stop]
 
     def set(self, first: int, states: bytes) -> None:
-        """Blocks from `first` on take `states` (a byte each, 0 or 1)."""
+        """Blocks from `first` on take `states` (a byte each: HOLE, DATA or LOST)."""
         at = HEADER_SIZE + first
         self._map[at : at + len(states)] = states
 
     def clear(self, first: int, stop: int) -> None:
-        """Blocks first..stop-1 hold no data; the parts of the map without a 1 are not
-        written (a whole-device trim reads the map, and dirties only what it changes)."""
+        """Blocks first..stop-1 are HOLEs; the parts of the map that are all HOLE already are
+        not written (a whole-device trim reads the map, and dirties only what it changes)."""
         for lo in range(HEADER_SIZE + first, HEADER_SIZE + stop, STEP):
             hi = min(lo + STEP, HEADER_SIZE + stop)
-            if self._map.find(b"\x01", lo, hi) >= 0:
+            if self._map[lo:hi] != _ZEROS[: hi - lo]:
                 self._map[lo:hi] = _ZEROS[: hi - lo]
 
-    def count(self, first: int, stop: int) -> int:
-        """How many of blocks first..stop-1 the map says hold data, reading only the parts of
-        its file that are not holes (a map of a big, mostly empty export is mostly holes)."""
-        return sum(self._map[lo:hi].count(1) for lo, hi in self._data(first, stop))
+    def adopt(self, first: int, stop: int, held: bytes | None) -> int:
+        """At the start, blocks first..stop-1 take in what the index holds there (`held`, a
+        byte each, DATA for a page; None: nothing): a block with a page holds DATA, one that
+        held data without (DATA or LOST) is LOST.  The number of LOST blocks.  With nothing
+        held, only the parts of the file that are not holes are read (a map of a big, mostly
+        empty export is mostly holes)."""
+        lost = 0
+        extents = self._data(first, stop) if held is None else [(first, stop)]
+        for lo, hi in extents:
+            mapped = self.get(lo, hi)
+            seen = held[lo - first : hi - first] if held is not None else bytes(hi - lo)
+            # 2 * map + held, a byte each (at most 5: no carry), to the block's new state
+            both = 2 * int.from_bytes(mapped, "little") + int.from_bytes(seen, "little")
+            now = both.to_bytes(hi - lo, "little").translate(_ADOPTED)
+            if now != mapped:
+                self.set(lo, now)
+            lost += now.count(LOST)
+        return lost
 
     def _data(self, first: int, stop: int) -> Iterator[tuple[int, int]]:
-        """The extents of the map's file that hold data (SEEK_DATA) among blocks first..stop-1,
-        as offsets into the mapping; the whole range in anonymous memory."""
-        at, hi = HEADER_SIZE + first, HEADER_SIZE + stop
+        """The extents of blocks first..stop-1 whose part of the map's file holds data
+        (SEEK_DATA); the whole range in anonymous memory."""
         if self._fd < 0:
-            yield at, hi
+            yield first, stop
             return
+        at, hi = HEADER_SIZE + first, HEADER_SIZE + stop
         while at < hi:
             try:
                 start = os.lseek(self._fd, at, os.SEEK_DATA)
@@ -122,19 +143,7 @@ class BlockMap:
             if start >= hi:
                 return
             at = min(os.lseek(self._fd, start, os.SEEK_HOLE), hi)
-            yield start, at
-
-    def adopt(self, first: int, held: bytes) -> int:
-        """Take in the blocks from `first` on that the index holds (`held`, a byte each, 1 for
-        a page): they hold data.  The number of blocks the map said held data but `held` lacks
-        (lost)."""
-        mapped = self.get(first, first + len(held))
-        if mapped == held:
-            return 0
-        m, h = int.from_bytes(mapped, "little"), int.from_bytes(held, "little")
-        if m | h != m:
-            self.set(first, (m | h).to_bytes(len(held), "little"))
-        return (m & ~h).bit_count()
+            yield start - HEADER_SIZE, at - HEADER_SIZE
 
     def close(self) -> None:
         self._map.close()

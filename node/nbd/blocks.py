@@ -80,7 +80,7 @@ from prometheus_client import Counter
 
 from node.engine import Ahead, ChunkedEngine
 from node.logs import log_event
-from node.nbd.blockmap import BlockMap
+from node.nbd.blockmap import LOST, BlockMap
 from node.nbd.plan import (
     GROUP_PAGES,
     INDEX_MASK,
@@ -125,6 +125,8 @@ READ_RETRY = 0.25  # seconds between two gets of pages out of reach
 STATUS_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS looks at (64 MiB)
 STATUS_EXTENTS = 1024  # descriptors one BLOCK_STATUS returns at most
 STATUS_FLAGS = {ABSENT: STATE_HOLE | STATE_ZERO, STORED: 0}
+# a map's bytes to page_states() ones: LOST blocks STORED, the rest ABSENT (ORed into the index's)
+LOST_AS_STORED = bytes(STORED if b == LOST else ABSENT for b in range(256))
 RUNS = re.compile(rb"(.)\1*", re.DOTALL)  # runs of one page state
 HELD = re.compile(b"[^%c]+" % ABSENT)  # runs of blocks that hold a page
 Piece = bytes | memoryview
@@ -174,16 +176,14 @@ class ExportBlocks:
         self.engine.drop_zero_pages(self.pool)  # a block written as zeros is a hole
 
     def adopt_index(self) -> int:
-        """At the start: the map takes in every block the pool's index holds a page for; the
-        number of blocks it says hold data that the index lacks (lost in a crash)."""
+        """At the start: the map takes in what the pool's index holds (BlockMap.adopt); the
+        number of blocks lost (in a crash)."""
         blocks, lost = self.map.blocks, 0
         objects = set(self.engine.object_ids(self.pool))
         for first in range(0, blocks, INDEX_MASK + 1):
             stop = min(first + INDEX_MASK + 1, blocks)
-            if first >> OID_BITS in objects:
-                lost += self.map.adopt(first, self._states(first, stop))
-            else:  # nothing held there: what the map names is lost (its holes are not read)
-                lost += self.map.count(first, stop)
+            held = self._states(first, stop) if first >> OID_BITS in objects else None
+            lost += self.map.adopt(first, stop, held)
         return lost
 
     def _states(self, first: int, stop: int) -> bytes:
@@ -275,11 +275,13 @@ class ExportBlocks:
 
     def _lost(self, requests: list[Request], got: list[GetResult]) -> list[int]:
         """The places in a read group's `got` of the pages missing whose blocks the map says
-        hold data: lost (in a crash), where the others read as zeros."""
+        are LOST (in a crash), where the others read as zeros."""
         mapped = b"".join(
             self.map.get(*span(r.offset, r.length)) for r in requests if type(r) is Read
         )
-        lost = [i for i, page in enumerate(got) if page is None and mapped[i]]
+        if LOST not in mapped:
+            return []
+        lost = [i for i, page in enumerate(got) if page is None and mapped[i] == LOST]
         if lost:
             log_event(
                 "nbd_read_lost",
@@ -357,9 +359,9 @@ class ExportBlocks:
         stop = min(stop, first + STATUS_BLOCKS, (oid + 1) << OID_BITS)  # within one object
         states = self.engine.page_states(self.pool, oid, index, index + stop - first)
         mapped = self.map.get(first, stop)
-        if mapped != states:  # lost blocks are data: a copy reads them (and fails), not zeros
-            size, held = len(states), int.from_bytes(states, "little")
-            states = (held | int.from_bytes(mapped, "little")).to_bytes(size, "little")
+        if LOST in mapped:  # lost blocks are data: a copy reads them (and fails), not zeros
+            held, lost = int.from_bytes(states, "little"), mapped.translate(LOST_AS_STORED)
+            states = (held | int.from_bytes(lost, "little")).to_bytes(len(states), "little")
         descriptors = []
         limit = 1 if request.flags & CommandFlag.REQ_ONE else STATUS_EXTENTS
         for run in islice(RUNS.finditer(states), limit):
