@@ -491,8 +491,9 @@ class Settings:
         default=(),
         metadata=meta(
             parse_nbd_exports,
-            "an NBD export of SIZE bytes backed by a persistent pool; repeat the flag for more "
-            "(comma-separated in the environment)",
+            "an NBD export of SIZE bytes backed by a persistent pool, with a map of its blocks "
+            "in the data directory (256 KiB per GiB, so blocks lost in a crash read as I/O "
+            "errors, not zeros); repeat the flag for more (comma-separated in the environment)",
             "NAME:SIZE",
             repeat=True,
         ),
