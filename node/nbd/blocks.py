@@ -197,10 +197,19 @@ class ExportBlocks:
             parts.append(engine.page_states(pool, oid, lo - base, hi - base))
         return b"".join(parts)
 
-    def _mark(self, first: int, stop: int) -> None:
+    def _mark(self, first: int, stop: int) -> bool:
         """Blocks first..stop-1 were written: the map takes what the index now holds there
-        (nothing for a block written as zeros, or refused)."""
-        self.map.set(first, self._states(first, stop))
+        (nothing for a block written as zeros, or refused); a rewrite of data as data writes
+        nothing.  False, logged, if the map could not be written (a full disk): the write
+        then fails with ENOSPC, as one whose pages found no room."""
+        states = self._states(first, stop)
+        try:
+            if self.map.get(first, stop) != states:
+                self.map.set(first, states)
+        except OSError as exc:
+            log_event("nbd_map_not_written", logging.ERROR, export=self.export.name, error=str(exc))
+            return False
+        return True
 
     def plan(self, group: Group, start: bool = False) -> WritePlan | None:
         """What run() will do with a WRITE group (None for other groups); with `start`, its
@@ -237,7 +246,8 @@ class ExportBlocks:
                 await asyncio.sleep(0)  # the only await: let other connections run between maps
                 return [(request, OK, (self._extents(request),))]
             return [(request, await self._alone(request), NO_DATA)]
-        except ZCacheError as exc:  # a codec worker failed, the pool was destroyed under it...
+        except (ZCacheError, OSError) as exc:  # a codec worker failed, the pool was destroyed
+            # under it, the block map could not be read...
             log_event("nbd_engine_error", logging.ERROR, export=self.export.name, error=str(exc))
             return [(request, EIO, NO_DATA) for request in group.requests]
 
@@ -331,21 +341,22 @@ class ExportBlocks:
         keys, runs, ahead = plan.keys, plan.runs, plan.ahead
         results = await self.chunked.put_runs(self.pool, keys, runs, ahead) if keys else []
         await self._forget(plan.forget)
-        for request in requests:
-            if type(request) is Write:
-                first = request.offset // PAGE_SIZE
-                self._mark(first, first + request.length // PAGE_SIZE)
-        if REFUSED.isdisjoint(results):  # every page stored, as nearly always
+        marked = [
+            self._mark(request.offset // PAGE_SIZE, (request.offset + request.length) // PAGE_SIZE)
+            for request in requests
+            if type(request) is Write
+        ]
+        if REFUSED.isdisjoint(results) and all(marked):  # as nearly always
             return [(request, OK, NO_DATA) for request in requests]
         answers: list[Answer] = []
-        at = 0
+        at = writes = 0
         for request in requests:
             error = OK
             if type(request) is Write:
                 n = request.length // PAGE_SIZE
-                if not REFUSED.isdisjoint(results[at : at + n]):
+                if not marked[writes] or not REFUSED.isdisjoint(results[at : at + n]):
                     error = ENOSPC
-                at += n
+                at, writes = at + n, writes + 1
             answers.append((request, error, NO_DATA))
         return answers
 
@@ -411,8 +422,8 @@ class ExportBlocks:
             else:
                 pages.append(data[start : start + PAGE_SIZE])
         results = await self.chunked.put_batch(self.pool, block_keys(first, stop), pages, True)
-        self._mark(first, stop)
-        return Error.OK if REFUSED.isdisjoint(results) else Error.ENOSPC
+        marked = self._mark(first, stop)
+        return Error.OK if REFUSED.isdisjoint(results) and marked else Error.ENOSPC
 
     async def _zero(self, offset: int, length: int) -> Error:
         """Whole blocks are forgotten (they read as zeros); partial edges get zero bytes."""

@@ -56,7 +56,7 @@
 # export no longer declared keeps its pool and pages, and the node logs it at each start, until
 # --nbd-drop NAME has the node destroy its pool at start (in RAM, on peers, on disk) and remove
 # its block map.  Each export's block map (node/nbd/blockmap.py, a file of the data directory,
-# anonymous memory without one) is opened after that size check, as it follows the declared
+# in memory without one) is opened after that size check, as it follows the declared
 # size; the blocks it says hold data that the pool's index lacks (lost in a crash) are logged
 # at the start (nbd_blocks_lost), and read as EIO until written, zeroed or trimmed again.
 #
@@ -228,7 +228,7 @@ class NbdServer:
         self.close_maps()
 
     def close_maps(self) -> None:
-        """Unmap the exports' block maps (what they hold is in the page cache already)."""
+        """Close the exports' block maps (what they hold is in the page cache already)."""
         for blocks in self.exports.values():
             blocks.map.close()
 

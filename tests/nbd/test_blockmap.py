@@ -15,6 +15,7 @@ from ramster.nbd.wire import SIMPLE_REPLY_HEADER, Command, Error
 from tests.nbd.conftest import MiB, ServerThread
 from tests.nbd.test_batching import negotiate
 from tests.nbd.test_clients import recv_exactly, request
+from tests.smalldisk import ROOT, fill_up, small_disk
 
 
 def test_a_map_file_keeps_its_blocks_across_a_reopen_and_follows_the_size(tmp_path: Path) -> None:
@@ -56,20 +57,20 @@ def test_clear_empties_a_range_across_steps_and_nothing_around_it() -> None:
     block_map.close()
 
 
-def test_every_block_has_room_on_disk_and_nothing_held_reads_only_the_map_s_data(
-    tmp_path: Path,
-) -> None:
+def test_the_file_stays_sparse_and_nothing_held_reads_only_its_data(tmp_path: Path) -> None:
     path = map_path(tmp_path, 3)
-    blocks = 64 * 4096
+    blocks = 3 * STEP
     block_map = BlockMap(path, blocks)
-    assert path.stat().st_blocks * 512 >= HEADER_SIZE + blocks  # set aside, not sparse
     block_map.set(0, bytes([DATA]) * 10)
     block_map.set(blocks - 10, bytes([DATA]) * 10)
     block_map.close()
+    assert path.stat().st_blocks * 512 < STEP  # a thin export costs no disk up front
     reopened = BlockMap(path, blocks)
     assert reopened.adopt(5, blocks - 5, None) == 10  # nothing held: what held data is lost
     assert reopened.get(0, 10) == bytes([DATA]) * 5 + bytes([LOST]) * 5
     assert reopened.get(blocks - 10, blocks) == bytes([LOST]) * 5 + bytes([DATA]) * 5
+    reopened.clear(0, blocks)
+    assert reopened.get(0, blocks) == bytes(blocks)
     reopened.close()
 
 
@@ -115,3 +116,24 @@ def test_a_block_whose_page_the_engine_lost_reads_as_eio_and_never_written_ones_
         assert answer(sock, Command.READ, 8192, length=8192) == (Error.OK, bytes(8192))
         assert answer(sock, Command.WRITE_ZEROES, 0, length=4096)[0] is Error.OK
         assert answer(sock, Command.READ, 0, length=4096) == (Error.OK, bytes(4096))
+
+
+@ROOT
+def test_a_write_whose_map_finds_no_room_on_disk_fails_with_enospc(tmp_path: Path) -> None:
+    with (
+        small_disk(tmp_path / "disk", "1M") as disk,
+        ServerThread([Export("disk", 1 * MiB)]) as server,
+        negotiate(server) as sock,
+    ):
+        assert server.server is not None
+        blocks = server.server.exports["disk"]
+        full = BlockMap(map_path(disk, 1), 256)
+        fill_up(disk / "filler")
+        server.call(lambda: setattr(blocks, "map", full))
+        assert answer(sock, Command.WRITE, 4096, b"y" * 4096)[0] is Error.ENOSPC
+        assert answer(sock, Command.WRITE, 8192, bytes(4096))[0] is Error.OK  # no change
+        assert answer(sock, Command.READ, 8192, length=4096) == (Error.OK, bytes(4096))
+        (disk / "filler").unlink()
+        assert answer(sock, Command.WRITE, 4096, b"y" * 4096)[0] is Error.OK
+        assert full.get(0, 3) == bytes([HOLE, DATA, HOLE])
+        full.close()
