@@ -71,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -122,6 +123,8 @@ FLUSH_KEYS = (
     1024  # blocks of a range flushed by their keys; a longer one is walked this many at a time
 )
 READ_RETRY = 0.25  # seconds between two gets of pages out of reach
+LOST_LOG_SECONDS = 1.0  # nbd_read_lost is logged at most this often per export (with the count
+# of the lost blocks read in between): a client reading them in a loop must not flood the log
 STATUS_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS looks at (64 MiB)
 STATUS_EXTENTS = 1024  # descriptors one BLOCK_STATUS returns at most
 STATUS_FLAGS = {ABSENT: STATE_HOLE | STATE_ZERO, STORED: 0}
@@ -171,6 +174,8 @@ class ExportBlocks:
     wait: ReadWait
     map: BlockMap
     rmw: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _lost_logged: float = field(default=-LOST_LOG_SECONDS, init=False)  # nbd_read_lost's last
+    _lost_unlogged: int = field(default=0, init=False)  # lost blocks read since, not logged
 
     def __post_init__(self) -> None:
         self.engine.drop_zero_pages(self.pool)  # a block written as zeros is a hole
@@ -292,14 +297,19 @@ class ExportBlocks:
         if LOST not in mapped:
             return []
         lost = [i for i, page in enumerate(got) if page is None and mapped[i] == LOST]
-        if lost:
+        now = time.monotonic()
+        if lost and now - self._lost_logged < LOST_LOG_SECONDS:  # a client reading them on
+            self._lost_unlogged += len(lost)
+        elif lost:
             log_event(
                 "nbd_read_lost",
                 logging.ERROR,
                 export=self.export.name,
                 blocks=len(lost),
+                unlogged=self._lost_unlogged,
                 why="the node lost these blocks' pages (a crash): written again, they read back",
             )
+            self._lost_logged, self._lost_unlogged = now, 0
         return lost
 
     async def _wait_for_unavailable(self, keys: list[Key], got: list[GetResult]) -> None:

@@ -4,12 +4,14 @@
 # (A real crash and restart: tests/nbd/test_node.py.)
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
 import pytest
 
 from node.nbd.blockmap import DATA, HEADER_SIZE, HOLE, LOST, MAGIC, STEP, BlockMap, map_path
+from node.nbd.blocks import LOST_LOG_SECONDS
 from ramster.nbd import Export
 from ramster.nbd.wire import SIMPLE_REPLY_HEADER, Command, Error
 from tests.nbd.conftest import MiB, ServerThread
@@ -137,3 +139,20 @@ def test_a_write_whose_map_finds_no_room_on_disk_fails_with_enospc(tmp_path: Pat
         assert answer(sock, Command.WRITE, 4096, b"y" * 4096)[0] is Error.OK
         assert full.get(0, 3) == bytes([HOLE, DATA, HOLE])
         full.close()
+
+
+def test_reads_of_lost_blocks_log_at_most_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    with ServerThread([Export("disk", 1 * MiB)]) as server, negotiate(server) as sock:
+        assert server.server is not None
+        blocks = server.server.exports["disk"]
+        server.call(lambda: blocks.map.set(0, bytes([LOST]) * 4))
+        with caplog.at_level(logging.ERROR, logger="ramster.node"):
+            for _ in range(50):  # a client reading them in a loop
+                assert answer(sock, Command.READ, 0, length=4096)[0] is Error.EIO
+            logged = [r for r in caplog.records if r.getMessage() == "nbd_read_lost"]
+            assert len(logged) == 1  # the rest within the second
+            later = blocks._lost_logged - LOST_LOG_SECONDS  # as if a second went by
+            server.call(lambda: setattr(blocks, "_lost_logged", later))
+            assert answer(sock, Command.READ, 0, length=8192)[0] is Error.EIO
+        fields = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "nbd_read_lost"]
+        assert [(f["blocks"], f["unlogged"]) for f in fields] == [(1, 0), (2, 49)]
