@@ -1,11 +1,13 @@
 # Structured logs: every record is an event name plus fields.  On a terminal they read as
 # `HH:MM:SS level event key=value ...`; anywhere else (containers, files, pipes) as one JSON object
 # per line, e.g. {"ts": ..., "level": "info", "event": "listening", "port": 7070}, which is what
-# tests and log shippers parse.  Call sites use log_event(), never string formatting.
+# tests and log shippers parse.  Call sites use log_event(), never string formatting.  An event a
+# client can cause at will goes through a LogThrottle: a line a second at most, counting the rest.
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -50,3 +52,24 @@ def log_event(
     event: str, level: int = logging.INFO, exc_info: BaseException | None = None, **fields: Any
 ) -> None:
     LOGGER.log(level, event, exc_info=exc_info, extra={"fields": fields})
+
+
+class LogThrottle:
+    """One event's lines at most once every `seconds`: for an event a client can cause at will
+    (reading a block lost in a crash, writing on a full disk), which must not flood the log.
+    What it held back is counted, for the next line to say."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = -math.inf  # when a line went out (time.monotonic())
+        self.held = 0
+
+    def allow(self, count: int = 1) -> int | None:
+        """Whether a line for `count` more goes out now: the count held back since the last
+        one (then zero again), or None (the `count` is held back)."""
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            self.held += count
+            return None
+        held, self.held, self.last = self.held, 0, now
+        return held

@@ -11,8 +11,8 @@
 #
 # A READ group is one get batch: a never-written block reads as zeros (ramster.nbd's HOLE_BLOCK,
 # which a structured reply sends as a hole), a corrupt page fails its read with EIO, and so does a
-# block the export's map (node/nbd/blockmap.py) says holds data but the engine has no page for: one
-# the node lost in a crash, which must not read as zeros.  Every write, zeroing and trim brings
+# block the export's map (node/nbd/blockmap.py) marks LOST: one that held data and whose page was
+# gone at the start (a crash), which must not read as zeros.  Every write, zeroing and trim brings
 # the map of its blocks in step with the index before its reply.  A page out
 # of reach (every copy on peers that are frozen, cut off or restarting) is asked for again every
 # READ_RETRY seconds, for up to --nbd-read-wait (ReadWait), before its read fails with EIO: a
@@ -71,7 +71,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -80,7 +79,7 @@ from typing import cast
 from prometheus_client import Counter
 
 from node.engine import Ahead, ChunkedEngine
-from node.logs import log_event
+from node.logs import LogThrottle, log_event
 from node.nbd.blockmap import LOST, BlockMap
 from node.nbd.plan import (
     GROUP_PAGES,
@@ -123,8 +122,7 @@ FLUSH_KEYS = (
     1024  # blocks of a range flushed by their keys; a longer one is walked this many at a time
 )
 READ_RETRY = 0.25  # seconds between two gets of pages out of reach
-LOST_LOG_SECONDS = 1.0  # nbd_read_lost is logged at most this often per export (with the count
-# of the lost blocks read in between): a client reading them in a loop must not flood the log
+LOG_SECONDS = 1.0  # nbd_read_lost and nbd_map_not_written go out at most this often per export
 STATUS_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS looks at (64 MiB)
 STATUS_EXTENTS = 1024  # descriptors one BLOCK_STATUS returns at most
 STATUS_FLAGS = {ABSENT: STATE_HOLE | STATE_ZERO, STORED: 0}
@@ -174,8 +172,10 @@ class ExportBlocks:
     wait: ReadWait
     map: BlockMap
     rmw: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _lost_logged: float = field(default=-LOST_LOG_SECONDS, init=False)  # nbd_read_lost's last
-    _lost_unlogged: int = field(default=0, init=False)  # lost blocks read since, not logged
+    # nbd_read_lost and nbd_map_not_written: a client reading lost blocks in a loop, or writing
+    # on a full disk, must not flood the log
+    lost_log: LogThrottle = field(default_factory=lambda: LogThrottle(LOG_SECONDS), init=False)
+    map_log: LogThrottle = field(default_factory=lambda: LogThrottle(LOG_SECONDS), init=False)
 
     def __post_init__(self) -> None:
         self.engine.drop_zero_pages(self.pool)  # a block written as zeros is a hole
@@ -212,7 +212,14 @@ class ExportBlocks:
             if self.map.get(first, stop) != states:
                 self.map.set(first, states)
         except OSError as exc:
-            log_event("nbd_map_not_written", logging.ERROR, export=self.export.name, error=str(exc))
+            if (unlogged := self.map_log.allow()) is not None:
+                log_event(
+                    "nbd_map_not_written",
+                    logging.ERROR,
+                    export=self.export.name,
+                    error=str(exc),
+                    unlogged=unlogged,
+                )
             return False
         return True
 
@@ -297,19 +304,15 @@ class ExportBlocks:
         if LOST not in mapped:
             return []
         lost = [i for i, page in enumerate(got) if page is None and mapped[i] == LOST]
-        now = time.monotonic()
-        if lost and now - self._lost_logged < LOST_LOG_SECONDS:  # a client reading them on
-            self._lost_unlogged += len(lost)
-        elif lost:
+        if lost and (unlogged := self.lost_log.allow(len(lost))) is not None:
             log_event(
                 "nbd_read_lost",
                 logging.ERROR,
                 export=self.export.name,
                 blocks=len(lost),
-                unlogged=self._lost_unlogged,
+                unlogged=unlogged,
                 why="the node lost these blocks' pages (a crash): written again, they read back",
             )
-            self._lost_logged, self._lost_unlogged = now, 0
         return lost
 
     async def _wait_for_unavailable(self, keys: list[Key], got: list[GetResult]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.nbd.blockmap import DATA, HEADER_SIZE, HOLE, LOST, MAGIC, STEP, BlockMap, map_path
-from node.nbd.blocks import LOST_LOG_SECONDS
+from node.nbd.blocks import LOG_SECONDS
 from ramster.nbd import Export
 from ramster.nbd.wire import SIMPLE_REPLY_HEADER, Command, Error
 from tests.nbd.conftest import MiB, ServerThread
@@ -151,8 +151,8 @@ def test_reads_of_lost_blocks_log_at_most_once_a_second(caplog: pytest.LogCaptur
                 assert answer(sock, Command.READ, 0, length=4096)[0] is Error.EIO
             logged = [r for r in caplog.records if r.getMessage() == "nbd_read_lost"]
             assert len(logged) == 1  # the rest within the second
-            later = blocks._lost_logged - LOST_LOG_SECONDS  # as if a second went by
-            server.call(lambda: setattr(blocks, "_lost_logged", later))
+            later = blocks.lost_log.last - LOG_SECONDS  # as if a second went by
+            server.call(lambda: setattr(blocks.lost_log, "last", later))
             assert answer(sock, Command.READ, 0, length=8192)[0] is Error.EIO
         fields = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "nbd_read_lost"]
         assert [(f["blocks"], f["unlogged"]) for f in fields] == [(1, 0), (2, 49)]
