@@ -64,12 +64,12 @@ class LogThrottle:
         self.last = -math.inf  # when a line went out (time.monotonic())
         self.held = 0
 
-    def allow(self, count: int = 1) -> int | None:
-        """Whether a line for `count` more goes out now: the count held back since the last
-        one (then zero again), or None (the `count` is held back)."""
+    def log(self, event: str, level: int, count: int = 1, **fields: Any) -> None:
+        """log_event() of `event` for `count` more occurrences, if a line may go out now (with
+        `unlogged`: those held back since the last one); else they are held back."""
         now = time.monotonic()
         if now - self.last < self.seconds:
             self.held += count
-            return None
-        held, self.held, self.last = self.held, 0, now
-        return held
+            return
+        unlogged, self.held, self.last = self.held, 0, now
+        log_event(event, level, **fields, unlogged=unlogged)

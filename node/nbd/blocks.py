@@ -212,14 +212,8 @@ class ExportBlocks:
             if self.map.get(first, stop) != states:
                 self.map.set(first, states)
         except OSError as exc:
-            if (unlogged := self.map_log.allow()) is not None:
-                log_event(
-                    "nbd_map_not_written",
-                    logging.ERROR,
-                    export=self.export.name,
-                    error=str(exc),
-                    unlogged=unlogged,
-                )
+            name = self.export.name
+            self.map_log.log("nbd_map_not_written", logging.ERROR, export=name, error=str(exc))
             return False
         return True
 
@@ -304,13 +298,13 @@ class ExportBlocks:
         if LOST not in mapped:
             return []
         lost = [i for i, page in enumerate(got) if page is None and mapped[i] == LOST]
-        if lost and (unlogged := self.lost_log.allow(len(lost))) is not None:
-            log_event(
+        if lost:
+            self.lost_log.log(
                 "nbd_read_lost",
                 logging.ERROR,
+                len(lost),
                 export=self.export.name,
                 blocks=len(lost),
-                unlogged=unlogged,
                 why="the node lost these blocks' pages (a crash): written again, they read back",
             )
         return lost
