@@ -18,7 +18,10 @@
 # stopped first.
 #
 # The data directory holds the node's identity (identity.json: the node id it belongs to, so a
-# second node cannot adopt another's pages), its pools (pools.log), its backing file and, with
+# second node cannot adopt another's pages), its lock (`lock`: flocked by the one node process
+# using the directory, and holding its pid, so a second process on it stops at the start; one
+# started while the last is still writing its pages back at a stop read the backing file as
+# it was cut and died of SIGBUS), its pools (pools.log), its backing file and, with
 # peers, the journal of what is parked where.  Start: pools are recreated under their ids, then
 # the engine adopts the pages the backing file and the journal know; with peers, health turns
 # SERVING once the peers that answer have said what they still hold (RemoteSide.start).
@@ -37,8 +40,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -71,6 +76,7 @@ from ramster.zcache import ZCache
 from ramster.zcache.backing import BackingFile, BackingFileError
 
 IDENTITY_FILE = "identity.json"
+LOCK_FILE = "lock"
 # what a gRPC connection gets to finish its TLS handshake and HTTP/2 preface (gRPC's own default
 # is two minutes): connections that stop half way hold a descriptor and ~15 KB each until then
 HANDSHAKE_SECONDS = 10.0
@@ -107,6 +113,7 @@ class Node:
         self.rotation: Rotation | None = None
         self._rotating: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._lock = -1  # the data directory's lock (claim_data_dir), held until stop()
 
     @property
     def target(self) -> str:
@@ -168,7 +175,7 @@ class Node:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:
-            claim_data_dir(s.data_dir, s.node_id)
+            self._lock = claim_data_dir(s.data_dir, s.node_id)
             registry = self.registry = PoolRegistry(s.data_dir)
             backing = self.backing = open_backing(s)
             remote = self.remote = RemoteSide(s, backing) if clustered(s) else None
@@ -328,8 +335,14 @@ class Node:
             self.backing.close()
         if self.registry:
             self.registry.close()
+        self._unlock()
         max_stall = self._watch.max_stall if self._watch else 0.0
         log_event("stopped", max_loop_stall_ms=round(max_stall * 1000, 3))
+
+    def _unlock(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)  # releases the flock
+            self._lock = -1
 
     def catch_signals(self) -> asyncio.Event:
         """An event set by SIGTERM or SIGINT (instead of their default of killing the process);
@@ -348,9 +361,43 @@ class Node:
             rotation.check()
 
 
-def claim_data_dir(data_dir: Path, node_id: str) -> None:
-    """Make `data_dir` this node's, or refuse one that belongs to another node id."""
+def claim_data_dir(data_dir: Path, node_id: str) -> int:
+    """Make `data_dir` this node's: lock it, then refuse one that belongs to another node id.
+    The lock's descriptor, for the node to close at its stop."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_data_dir(data_dir)
+    try:
+        check_identity(data_dir, node_id)
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """An exclusive flock of `data_dir`'s lock file, which then holds this process's pid;
+    StartupError, naming the holder's pid, if another process holds it."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupError(
+            f"data directory {data_dir} is in use by another node process (pid {holder}), "
+            "which may still be writing its pages back after a stop: wait for it to exit, or "
+            "use another --data-dir"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_identity(data_dir: Path, node_id: str) -> None:
+    """Make `data_dir` node `node_id`'s, or refuse one that belongs to another node id."""
     path = data_dir / IDENTITY_FILE
     try:
         owner = json.loads(path.read_text())["node_id"]

@@ -70,3 +70,31 @@ def test_a_data_dir_of_another_node_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="belongs to node 'n1'"):
         other.start()
     other.__exit__()
+
+
+def test_a_second_node_on_a_data_dir_in_use_is_refused_until_the_first_exits(
+    tmp_path: Path, compressible_pages: list[bytes]
+) -> None:
+    data = tmp_path / "data"
+    pages = [compressible_pages[i % 88] for i in range(2000)]
+    first = LocalNode("--pool-limit", "1Mi", data_dir=data).start()
+    try:
+        with first.client(timeout=60) as client:
+            pool = client.create_pool()
+            assert not any(o.refused for o in client.put_many(pool, 3, 0, pages))
+        assert first.process is not None
+        first.send_signal(signal.SIGSTOP)  # as one still stopping: alive, holding the directory
+        second = LocalNode("--pool-limit", "1Mi", data_dir=data)
+        with pytest.raises(
+            Exception, match=f"in use by another node process \\(pid {first.process.pid}\\)"
+        ):
+            second.start()
+        second.__exit__()
+        first.send_signal(signal.SIGCONT)
+        assert first.stop() == 0
+    finally:
+        first.__exit__()
+    with LocalNode("--pool-limit", "1Mi", data_dir=data) as node, node.client(60) as client:
+        got = client.get_many(pool, 3, 0, len(pages))  # the refused start harmed nothing
+        assert got.statuses == [PageStatus.HIT] * len(pages)
+        assert got.pages == pages
