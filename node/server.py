@@ -60,6 +60,7 @@ from node.logs import log_event
 from node.loopwatch import LoopWatch
 from node.metrics import NodeMetrics, backing_families, read_backing
 from node.nbd import NbdServer, serve_nbd
+from node.nbd.server import OWNER_PREFIX as NBD_OWNER
 from node.peering import PEER_SERVICE, PeerAuthInterceptor
 from node.pools import PoolRegistry, PoolRegistryError, Pools
 from node.reclaimer import Reclaimer
@@ -72,7 +73,7 @@ from ramster.atomicfile import replace_file
 from ramster.remote.journal import JournalError
 from ramster.v1 import peer_pb2_grpc, tmem_pb2
 from ramster.wire import CHANNEL_OPTIONS
-from ramster.zcache import ZCache
+from ramster.zcache import PoolKind, ZCache
 from ramster.zcache.backing import BackingFile, BackingFileError
 
 IDENTITY_FILE = "identity.json"
@@ -196,6 +197,8 @@ class Node:
                 torn_records=backing.stats.torn,
                 clean_stop=backing.stats.was_clean,
             )
+        if not backing.stats.was_clean:
+            log_crash_losses(registry, self.pools)
         metrics = self._metrics = NodeMetrics(engine.snapshot, __version__, s.node_id)
         metrics.on_loop.add(lambda: read_backing(backing), backing_families)
         server = self._grpc_server()
@@ -410,6 +413,26 @@ def check_identity(data_dir: Path, node_id: str) -> None:
         raise StartupError(
             f"data directory {data_dir} belongs to node {owner!r}, not {node_id!r}: start with "
             f"--node-id {owner} or use another --data-dir"
+        )
+
+
+def log_crash_losses(registry: PoolRegistry, pools: Pools) -> None:
+    """After a crash (the backing file was not closed): an ERROR naming the clients' persistent
+    pools, whose pages held in RAM alone at the crash are gone and whose gets of them answer
+    MISS, which a client cannot tell from a page never put.  (An NBD export's blocks lost so
+    read as EIO: node/nbd/blockmap.py.)"""
+    persistent = sorted(
+        pools.public(record.pool_id)
+        for record in registry.pools.values()
+        if record.kind is PoolKind.PERSISTENT and not record.owner.startswith(NBD_OWNER)
+    )
+    if persistent:
+        log_event(
+            "persistent_pages_may_be_lost",
+            logging.ERROR,
+            pools=persistent,
+            why="the node crashed: pages these pools held in RAM alone (not yet on disk or a "
+            "peer) are gone, and a get of one answers MISS",
         )
 
 

@@ -45,6 +45,9 @@ def test_restart_finds_written_back_pages(
         log = node.log()
         assert '"event": "backing_file_recovered"' in log
         assert ('"clean_stop": true' in log) is (how == "sigterm")
+        # a crash is an ERROR naming the pools that may have lost pages; a graceful stop is not
+        lost = f'"event": "persistent_pages_may_be_lost", "pools": [{pool}]'
+        assert (lost in log) is (how == "sigkill")
 
 
 def test_pools_survive_a_restart_and_ids_are_never_reused(
