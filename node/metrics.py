@@ -236,6 +236,15 @@ def backing_families(r: BackingReading) -> Iterator[Metric]:
     )
 
 
+def lost_pools_families(count: int) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "ramster_pools_lost",
+        "Persistent pools marked lost by a crash of the node (their gets of pages they lack "
+        "answer LOST), until their owners accept the loss.",
+        count,
+    )
+
+
 class GrpcMetrics:
     """go-grpc-prometheus server metrics."""
 

@@ -5,11 +5,21 @@
 # process (backing file, peers), so the pools they belong to must too: a node restarted on its
 # data dir recreates every pool under its old id before it adopts the pages it finds.
 #
-# The file (`data_dir/pools.log`) is an append-only log of JSON lines, `{"add": {...}}` or
-# `{"remove": id}`, each written with one write() and fsync'd before the RPC that caused it
-# answers; a torn last line (a crash mid-write) is ignored.  On open the log is replayed and
-# rewritten compactly (to a temporary file, then renamed), so it stays proportional to the live
-# pools however many were created and destroyed; on a full disk it is kept as it is.
+# A persistent pool of a client may have lost pages in a crash (those it held in RAM alone), and a
+# get that finds no page there must not say "never stored": after an unclean stop the node marks
+# its clients' persistent pools lost (`{"lost": [ids]}`), their gets answer PAGE_STATUS_LOST for
+# what they lack (node/servicer.py), and the mark stays, across restarts, until the pool's owner
+# accepts the loss (`{"accept": id}`, the AcceptLoss RPC) or destroys the pool.  Coarse: which
+# pages were lost is not known (a key ledger would cost a write per put), so every absent key of
+# the pool answers LOST, a key never put included; an owner that knows what it put (as a kernel's
+# frontswap map does) learns of each page it lost when it asks for it.
+#
+# The file (`data_dir/pools.log`) is an append-only log of JSON lines, `{"add": {...}}`,
+# `{"remove": id}`, `{"lost": [ids]}` or `{"accept": id}`, each written with one write() and
+# fsync'd before the RPC that caused it answers; a torn last line (a crash mid-write) is
+# ignored.  On open the log is replayed and rewritten compactly (to a temporary file, then
+# renamed), so it stays proportional to the live pools however many were created and destroyed;
+# on a full disk it is kept as it is.
 #
 # Pool ids are unique across the cluster and across restarts, so a client that reaches another
 # node, or this one restarted, with an old id gets NOT_FOUND, never another pool's pages.  An
@@ -81,6 +91,7 @@ class PoolRegistry:
         self.tag = 0  # this node's current id tag (0: none drawn yet)
         self.counter = 0  # the next id is tag << TAG_BITS | counter
         self.used_tags: set[int] = {0}
+        self.lost: set[int] = set()  # pools that may have lost pages in a crash (see the header)
         self.torn = 0  # unreadable lines dropped on open
         self._fd = -1
         self.salt = self._replay()  # above the engine id in public ids
@@ -105,6 +116,10 @@ class PoolRegistry:
                     self._used(record.pool_id + 1)
                 elif "remove" in entry:
                     self.pools.pop(int(entry["remove"]), None)
+                elif "lost" in entry:
+                    self.lost.update(map(int, entry["lost"]))
+                elif "accept" in entry:
+                    self.lost.discard(int(entry["accept"]))
                 elif "tag" in entry:
                     self.tag, self.counter = int(entry["tag"]), int(entry.get("counter", 0))
                     self.used_tags.update([self.tag, *map(int, entry.get("used", ()))])
@@ -130,7 +145,10 @@ class PoolRegistry:
         as it says the same: a node must come back on its data to let clients free room."""
         state = {"tag": self.tag, "counter": self.counter, "used": sorted(self.used_tags)}
         state["salt"] = self.salt
+        self.lost &= self.pools.keys()
         lines = [state] + [{"add": r.to_json()} for r in self.pools.values()]
+        if self.lost:
+            lines.append({"lost": sorted(self.lost)})
         try:
             try:
                 replace_file(self.path, b"".join(json.dumps(x).encode() + b"\n" for x in lines))
@@ -177,6 +195,21 @@ class PoolRegistry:
     def remove(self, pool_id: int) -> None:
         if self.pools.pop(pool_id, None) is not None:
             self._append({"remove": pool_id})
+        self.lost.discard(pool_id)
+
+    def mark_lost(self, pool_ids: list[int]) -> None:
+        """The node crashed: these pools may have lost pages (in memory even if the log
+        cannot say so: OSError, once the mark holds)."""
+        self.lost.update(pool_ids)
+        self._append({"lost": pool_ids})
+
+    def accept_loss(self, pool_id: int) -> bool:
+        """The pool's owner accepts its losses; whether it was marked."""
+        if pool_id not in self.lost:
+            return False
+        self._append({"accept": pool_id})
+        self.lost.discard(pool_id)
+        return True
 
     def engine_pools(self) -> list[tuple[int, PoolKind, str, bool | None]]:
         """What the engine must recreate on start, as ZCache(pools=...) takes it."""
@@ -232,6 +265,10 @@ class Pools:
     def forget(self, pool_id: int) -> None:
         """The engine dropped `pool_id`: drop its record too."""
         self.registry.remove(pool_id)
+
+    def lost(self, pool_id: int) -> bool:
+        """Whether the pool may have lost pages in a crash (see the header)."""
+        return pool_id in self.registry.lost
 
     def owner_of(self, pool_id: int) -> str | None:
         """Who owns a pool of the engine (a pool the registry lacks, adopted from the backing

@@ -58,7 +58,7 @@ from node.fairness import SmallFirst
 from node.interceptor import Gate, RpcInterceptor, StreamLimit
 from node.logs import log_event
 from node.loopwatch import LoopWatch
-from node.metrics import NodeMetrics, backing_families, read_backing
+from node.metrics import NodeMetrics, backing_families, lost_pools_families, read_backing
 from node.nbd import NbdServer, serve_nbd
 from node.nbd.server import OWNER_PREFIX as NBD_OWNER
 from node.peering import PEER_SERVICE, PeerAuthInterceptor
@@ -198,9 +198,10 @@ class Node:
                 clean_stop=backing.stats.was_clean,
             )
         if not backing.stats.was_clean:
-            log_crash_losses(registry, self.pools)
+            mark_crash_losses(registry, self.pools)
         metrics = self._metrics = NodeMetrics(engine.snapshot, __version__, s.node_id)
         metrics.on_loop.add(lambda: read_backing(backing), backing_families)
+        metrics.on_loop.add(lambda: len(registry.lost), lost_pools_families)
         server = self._grpc_server()
         servicer = self._servicer = TmemServicer(
             engine,
@@ -416,24 +417,30 @@ def check_identity(data_dir: Path, node_id: str) -> None:
         )
 
 
-def log_crash_losses(registry: PoolRegistry, pools: Pools) -> None:
-    """After a crash (the backing file was not closed): an ERROR naming the clients' persistent
-    pools, whose pages held in RAM alone at the crash are gone and whose gets of them answer
-    MISS, which a client cannot tell from a page never put.  (An NBD export's blocks lost so
-    read as EIO: node/nbd/blockmap.py.)"""
+def mark_crash_losses(registry: PoolRegistry, pools: Pools) -> None:
+    """After a crash (the backing file was not closed): the clients' persistent pools may have
+    lost pages (those held in RAM alone), so their gets answer PAGE_STATUS_LOST for what they
+    lack until their owners accept it (node/pools.py); logged at ERROR with their ids.  (An NBD
+    export's lost blocks read as EIO: node/nbd/blockmap.py.)"""
     persistent = sorted(
-        pools.public(record.pool_id)
+        record.pool_id
         for record in registry.pools.values()
         if record.kind is PoolKind.PERSISTENT and not record.owner.startswith(NBD_OWNER)
     )
-    if persistent:
-        log_event(
-            "persistent_pages_may_be_lost",
-            logging.ERROR,
-            pools=persistent,
-            why="the node crashed: pages these pools held in RAM alone (not yet on disk or a "
-            "peer) are gone, and a get of one answers MISS",
-        )
+    if not persistent:
+        return
+    try:
+        registry.mark_lost(persistent)
+    except OSError as exc:  # marked until the node stops: a full disk must not keep it down
+        log_event("pools_log_not_written", logging.ERROR, error=exc.strerror, mark="lost")
+    log_event(
+        "persistent_pages_may_be_lost",
+        logging.ERROR,
+        pools=[pools.public(p) for p in persistent],
+        why="the node crashed: pages these pools held in RAM alone (not yet on disk or a "
+        "peer) are gone; their gets answer PAGE_STATUS_LOST for pages they lack until the "
+        "owner calls AcceptLoss",
+    )
 
 
 def write_port_file(path: Path, port: int, peer_port: int | None, metrics_port: int | None) -> None:

@@ -10,7 +10,9 @@
 # another node or cut to 32 bits is NOT_FOUND; an index is range-checked (ramster.wire), so one of
 # 2**32 or more is INVALID_ARGUMENT, never another page.  A page whose every copy failed
 # verification is PAGE_STATUS_CORRUPT in a batch; a unary Get of it fails with DATA_LOSS, the status
-# gRPC has for unrecoverable data.
+# gRPC has for unrecoverable data.  In a pool marked lost after a crash (node/pools.py), a get
+# that finds no page answers PAGE_STATUS_LOST in a batch and DATA_LOSS for a unary Get or a
+# Pages get, until its owner calls AcceptLoss; ListPools shows the mark.
 #
 # Every pool belongs to a tenant (node/tenants.py; the interceptor puts the caller's in CALLER): an
 # operation on a pool first checks that the caller owns it, and answers NOT_FOUND, word for word as
@@ -102,7 +104,7 @@ ENGINE_KIND = {
     pb.POOL_KIND_PERSISTENT: PoolKind.PERSISTENT,
     pb.POOL_KIND_EPHEMERAL: PoolKind.EPHEMERAL,
 }
-HIT, MISS = PageStatus.HIT, PageStatus.MISS
+HIT, MISS, LOST = PageStatus.HIT, PageStatus.MISS, PageStatus.LOST
 PART_PAGES = 256  # a batch goes through the engine in parts of at most this many pages
 CLIENT_PARTS = 2  # parts one client runs in the engine at once
 STREAM_AHEAD = 2  # replies a stream serves ahead of the one being sent
@@ -205,6 +207,17 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
     async def _list_pools(self, req: pb.ListPoolsRequest) -> pb.ListPoolsResponse:
         return pb.ListPoolsResponse(pools=self._pool_infos(self.engine.snapshot()))
 
+    async def _accept_loss(self, req: pb.AcceptLossRequest) -> pb.AcceptLossResponse:
+        pool = self._pool(req.pool)
+        try:
+            return pb.AcceptLossResponse(lost=self.pools.registry.accept_loss(pool))
+        except OSError as exc:
+            raise RpcFailure(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot record that pool {req.pool}'s losses are accepted: {exc.strerror}; "
+                "it stays marked lost",
+            ) from None
+
     async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
         index = check_index(req.index)
         result = self.engine.put(self._room_for(req.pool, 1), req.oid, index, req.page)
@@ -226,13 +239,19 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         self, pool: int, oid: int, index: int, exclusive: bool
     ) -> bytes | PageError | None:
         """A page fault's get (unary Get, Pages): DATA_LOSS when every copy failed verification."""
-        key = (oid, check_index(index))
-        (page,) = await self.chunked.get_batch(self._pool(pool), [key], exclusive)
+        key, engine_pool = (oid, check_index(index)), self._pool(pool)
+        (page,) = await self.chunked.get_batch(engine_pool, [key], exclusive)
         if isinstance(page, CorruptPage):
             raise RpcFailure(
                 grpc.StatusCode.DATA_LOSS,
                 f"pool {pool} page ({oid}, {index}) is lost: every copy of it failed "
                 f"verification ({page})",
+            )
+        if page is None and self.pools.lost(engine_pool):
+            raise RpcFailure(
+                grpc.StatusCode.DATA_LOSS,
+                f"pool {pool} holds no page ({oid}, {index}) and may have lost it: the node "
+                "crashed since the pool's owner last accepted its losses (AcceptLoss)",
             )
         return page
 
@@ -275,7 +294,10 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
             for part in _parts(len(keys)):
                 async with self.turns.turn(client):
                     pages += await self.chunked.get_batch(pool, keys[part], req.exclusive)
-        return get_batch_reply(page_statuses(pages), [p for p in pages if type(p) is bytes])
+        statuses = page_statuses(pages)
+        if self.pools.lost(pool):  # what it lacks may be what a crash took
+            statuses = [LOST if s is MISS else s for s in statuses]
+        return get_batch_reply(statuses, [p for p in pages if type(p) is bytes])
 
     async def _stats(self, req: pb.StatsRequest) -> pb.StatsResponse:
         s = self.engine.snapshot()
@@ -322,6 +344,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
                 kind=WIRE_KIND[p.kind],
                 allocator=p.allocator,
                 pages=p.pages,
+                lost=self.pools.lost(p.id),
             )
             for p in s.pools
             if p.id in mine
@@ -352,6 +375,11 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
         self, request: pb.ListPoolsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPoolsResponse:
         return await self._unary(self._list_pools, request, context)
+
+    async def AcceptLoss(
+        self, request: pb.AcceptLossRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AcceptLossResponse:
+        return await self._unary(self._accept_loss, request, context)
 
     async def Put(
         self, request: pb.PutRequest, context: grpc.aio.ServicerContext

@@ -83,6 +83,7 @@ class PageStatus(enum.IntEnum):
     MISS = 2
     CORRUPT = 3  # every copy failed verification: the data is lost
     UNAVAILABLE = 4  # the page exists but no copy of it can be reached now
+    LOST = 5  # no page, in a pool that may have lost pages in a crash (AcceptLoss clears it)
 
 
 class BatchError(ValueError):

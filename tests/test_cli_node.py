@@ -164,3 +164,29 @@ def test_help_explains_commands() -> None:
         out = ramster(command, "--help")
         assert out.returncode == 0 and "--target" in out.stdout
     assert "--corpus" in ramster("bench", "node", "--help").stdout
+
+
+def test_after_a_crash_get_says_lost_and_pools_accept_loss_clears_it(
+    tmp_path: Path, sample_pages: list[bytes]
+) -> None:
+    src = tmp_path / "in.bin"
+    src.write_bytes(sample_pages[0])
+    with LocalNode(data_dir=tmp_path / "data") as node:
+        t = ("--target", node.target)
+        pool = ramster("pools", *t, "create").stdout.strip()
+        assert ramster("put", *t, "--pool", pool, "--oid", "7", str(src)).returncode == 0
+        node.kill()  # the page was in RAM alone
+        node.start()
+        t = ("--target", node.target)
+        get = ("get", *t, "--pool", pool, "--oid", "7", "--pages", "1", str(tmp_path / "o"))
+        lost = ramster(*get)
+        assert lost.returncode == 2 and "(lost: the node crashed" in lost.stderr
+        listing = ramster("pools", *t)
+        assert [pool, "persistent"] == listing.stdout.splitlines()[-2].split()[:2]
+        assert "LOST" in listing.stdout.splitlines()[-2] and "accept-loss" in listing.stdout
+        accepted = ramster("pools", *t, "accept-loss", pool)
+        assert accepted.returncode == 0 and "losses accepted" in accepted.stdout
+        again = ramster("pools", *t, "accept-loss", pool)
+        assert "not marked lost" in again.stdout
+        assert "(miss: the node has no such page)" in ramster(*get).stderr
+        assert "LOST" not in ramster("pools", *t).stdout

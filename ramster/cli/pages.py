@@ -20,6 +20,8 @@ WHY_NOT = {
     PageStatus.MISS: "miss: the node has no such page",
     PageStatus.CORRUPT: "corrupt: its data is lost, every copy failed verification",
     PageStatus.UNAVAILABLE: "unavailable: no copy of it can be reached now",
+    PageStatus.LOST: "lost: the node crashed since the pool last accepted its losses, and this "
+    "page may be one of them (`ramster pools accept-loss POOL` once you know)",
 }
 
 

@@ -91,11 +91,13 @@ class PoolInfo:
     kind: str  # "persistent" or "ephemeral"
     allocator: str
     pages: int
+    lost: bool = False  # may have lost pages in a crash of the node, until accept_loss()
 
 
 def pool_infos(pools: Sequence[pb.PoolInfo]) -> list[PoolInfo]:
     return [
-        PoolInfo(p.pool, KIND_NAMES.get(p.kind, "persistent"), p.allocator, p.pages) for p in pools
+        PoolInfo(p.pool, KIND_NAMES.get(p.kind, "persistent"), p.allocator, p.pages, p.lost)
+        for p in pools
     ]
 
 
@@ -183,6 +185,13 @@ class AsyncClient:
     async def list_pools(self, timeout: float | None = None) -> list[PoolInfo]:
         reply = await self._call(self._tmem.ListPools, pb.ListPoolsRequest(), timeout)
         return pool_infos(reply.pools)
+
+    async def accept_loss(self, pool: int, timeout: float | None = None) -> bool:
+        """Take note that a pool marked lost (PoolInfo.lost: the node crashed) lost what it
+        lacks: its gets that find no page are misses again.  Whether it was marked."""
+        request = pb.AcceptLossRequest(pool=pool_key(pool))
+        reply = await self._call(self._tmem.AcceptLoss, request, timeout)
+        return bool(reply.lost)
 
     # -- single pages ------------------------------------------------------------------------
     async def put(

@@ -72,6 +72,9 @@ class Client:
     def list_pools(self, timeout: float | None = None) -> list[PoolInfo]:
         return self._run(self._aio.list_pools(timeout))
 
+    def accept_loss(self, pool: int, timeout: float | None = None) -> bool:
+        return self._run(self._aio.accept_loss(pool, timeout))
+
     def put(
         self, pool: int, oid: int, index: int, page: bytes, timeout: float | None = None
     ) -> Outcome:

@@ -92,6 +92,11 @@ class _PageStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PageStatus
     """
     PAGE_STATUS_UNAVAILABLE: _PageStatus.ValueType  # 4
     """the page exists but no copy of it can be reached now"""
+    PAGE_STATUS_LOST: _PageStatus.ValueType  # 5
+    """No page, in a persistent pool that may have lost pages in a crash of the node (its
+    PoolInfo.lost): this one may be one of them, so it is not a miss; a get of a page the
+    pool holds is a HIT as ever.  (A unary Get fails with DATA_LOSS instead.)
+    """
 
 class PageStatus(_PageStatus, metaclass=_PageStatusEnumTypeWrapper): ...
 
@@ -104,6 +109,11 @@ bytes are returned, now or later.  (A unary Get fails with DATA_LOSS instead.)
 """
 PAGE_STATUS_UNAVAILABLE: PageStatus.ValueType  # 4
 """the page exists but no copy of it can be reached now"""
+PAGE_STATUS_LOST: PageStatus.ValueType  # 5
+"""No page, in a persistent pool that may have lost pages in a crash of the node (its
+PoolInfo.lost): this one may be one of them, so it is not a miss; a get of a page the
+pool holds is a HIT as ever.  (A unary Get fails with DATA_LOSS instead.)
+"""
 Global___PageStatus: _TypeAlias = PageStatus  # noqa: Y015
 
 @_typing.final
@@ -210,10 +220,15 @@ class PoolInfo(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     ALLOCATOR_FIELD_NUMBER: _builtins.int
     PAGES_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
     pool: _builtins.int
     kind: Global___PoolKind.ValueType
     allocator: _builtins.str
     pages: _builtins.int
+    lost: _builtins.bool
+    """The node crashed since the pool was created or its owner last called AcceptLoss: pages it
+    held in RAM alone are gone, and its gets that find no page answer PAGE_STATUS_LOST.
+    """
     def __init__(
         self,
         *,
@@ -221,10 +236,11 @@ class PoolInfo(_message.Message):
         kind: Global___PoolKind.ValueType = ...,
         allocator: _builtins.str = ...,
         pages: _builtins.int = ...,
+        lost: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocator", b"allocator", "kind", b"kind", "pages", b"pages", "pool", b"pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocator", b"allocator", "kind", b"kind", "lost", b"lost", "pages", b"pages", "pool", b"pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,6 +265,45 @@ class ListPoolsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPoolsResponse: _TypeAlias = ListPoolsResponse  # noqa: Y015
+
+@_typing.final
+class AcceptLossRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    pool: _builtins.int
+    def __init__(
+        self,
+        *,
+        pool: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptLossRequest: _TypeAlias = AcceptLossRequest  # noqa: Y015
+
+@_typing.final
+class AcceptLossResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOST_FIELD_NUMBER: _builtins.int
+    lost: _builtins.bool
+    """the pool was marked lost (false: nothing to accept)"""
+    def __init__(
+        self,
+        *,
+        lost: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptLossResponse: _TypeAlias = AcceptLossResponse  # noqa: Y015
 
 @_typing.final
 class PutRequest(_message.Message):

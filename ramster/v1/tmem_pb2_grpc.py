@@ -49,6 +49,11 @@ class TmemStub:
                 request_serializer=ramster_dot_v1_dot_tmem__pb2.ListPoolsRequest.SerializeToString,
                 response_deserializer=ramster_dot_v1_dot_tmem__pb2.ListPoolsResponse.FromString,
                 _registered_method=True)
+        self.AcceptLoss = channel.unary_unary(
+                '/ramster.v1.Tmem/AcceptLoss',
+                request_serializer=ramster_dot_v1_dot_tmem__pb2.AcceptLossRequest.SerializeToString,
+                response_deserializer=ramster_dot_v1_dot_tmem__pb2.AcceptLossResponse.FromString,
+                _registered_method=True)
         self.Put = channel.unary_unary(
                 '/ramster.v1.Tmem/Put',
                 request_serializer=ramster_dot_v1_dot_tmem__pb2.PutRequest.SerializeToString,
@@ -113,6 +118,15 @@ class TmemServicer:
 
     def ListPools(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptLoss(self, request, context):
+        """A persistent pool's owner takes note that the node crashed since: pages the pool held in
+        RAM alone are gone, and until this call a get that finds no page answers
+        PAGE_STATUS_LOST (DATA_LOSS for Get and a Pages get) instead of a miss.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -203,6 +217,11 @@ def add_TmemServicer_to_server(servicer, server):
                     servicer.ListPools,
                     request_deserializer=ramster_dot_v1_dot_tmem__pb2.ListPoolsRequest.FromString,
                     response_serializer=ramster_dot_v1_dot_tmem__pb2.ListPoolsResponse.SerializeToString,
+            ),
+            'AcceptLoss': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptLoss,
+                    request_deserializer=ramster_dot_v1_dot_tmem__pb2.AcceptLossRequest.FromString,
+                    response_serializer=ramster_dot_v1_dot_tmem__pb2.AcceptLossResponse.SerializeToString,
             ),
             'Put': grpc.unary_unary_rpc_method_handler(
                     servicer.Put,
@@ -331,6 +350,33 @@ class Tmem:
             '/ramster.v1.Tmem/ListPools',
             ramster_dot_v1_dot_tmem__pb2.ListPoolsRequest.SerializeToString,
             ramster_dot_v1_dot_tmem__pb2.ListPoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptLoss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ramster.v1.Tmem/AcceptLoss',
+            ramster_dot_v1_dot_tmem__pb2.AcceptLossRequest.SerializeToString,
+            ramster_dot_v1_dot_tmem__pb2.AcceptLossResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class TmemStub:
     CreatePool: _grpc.UnaryUnaryMultiCallable[_tmem_pb2.CreatePoolRequest, _tmem_pb2.CreatePoolResponse]
     DestroyPool: _grpc.UnaryUnaryMultiCallable[_tmem_pb2.DestroyPoolRequest, _tmem_pb2.DestroyPoolResponse]
     ListPools: _grpc.UnaryUnaryMultiCallable[_tmem_pb2.ListPoolsRequest, _tmem_pb2.ListPoolsResponse]
+    AcceptLoss: _grpc.UnaryUnaryMultiCallable[_tmem_pb2.AcceptLossRequest, _tmem_pb2.AcceptLossResponse]
+    """A persistent pool's owner takes note that the node crashed since: pages the pool held in
+    RAM alone are gone, and until this call a get that finds no page answers
+    PAGE_STATUS_LOST (DATA_LOSS for Get and a Pages get) instead of a miss.
+    """
     Put: _grpc.UnaryUnaryMultiCallable[_tmem_pb2.PutRequest, _tmem_pb2.PutResponse]
     """One page.  A put refused for lack of room fails with RESOURCE_EXHAUSTED; a put refused for
     poor compression succeeds with outcome PUT_OUTCOME_REFUSED_POOR_COMPRESSION.
@@ -81,6 +86,11 @@ class TmemAsyncStub(TmemStub):
     CreatePool: _aio.UnaryUnaryMultiCallable[_tmem_pb2.CreatePoolRequest, _tmem_pb2.CreatePoolResponse]  # type: ignore[assignment]
     DestroyPool: _aio.UnaryUnaryMultiCallable[_tmem_pb2.DestroyPoolRequest, _tmem_pb2.DestroyPoolResponse]  # type: ignore[assignment]
     ListPools: _aio.UnaryUnaryMultiCallable[_tmem_pb2.ListPoolsRequest, _tmem_pb2.ListPoolsResponse]  # type: ignore[assignment]
+    AcceptLoss: _aio.UnaryUnaryMultiCallable[_tmem_pb2.AcceptLossRequest, _tmem_pb2.AcceptLossResponse]  # type: ignore[assignment]
+    """A persistent pool's owner takes note that the node crashed since: pages the pool held in
+    RAM alone are gone, and until this call a get that finds no page answers
+    PAGE_STATUS_LOST (DATA_LOSS for Get and a Pages get) instead of a miss.
+    """
     Put: _aio.UnaryUnaryMultiCallable[_tmem_pb2.PutRequest, _tmem_pb2.PutResponse]  # type: ignore[assignment]
     """One page.  A put refused for lack of room fails with RESOURCE_EXHAUSTED; a put refused for
     poor compression succeeds with outcome PUT_OUTCOME_REFUSED_POOR_COMPRESSION.
@@ -131,6 +141,17 @@ class TmemServicer(metaclass=_abc_1.ABCMeta):
         request: _tmem_pb2.ListPoolsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tmem_pb2.ListPoolsResponse, _abc.Awaitable[_tmem_pb2.ListPoolsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AcceptLoss(
+        self,
+        request: _tmem_pb2.AcceptLossRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tmem_pb2.AcceptLossResponse, _abc.Awaitable[_tmem_pb2.AcceptLossResponse]]:
+        """A persistent pool's owner takes note that the node crashed since: pages the pool held in
+        RAM alone are gone, and until this call a get that finds no page answers
+        PAGE_STATUS_LOST (DATA_LOSS for Get and a Pages get) instead of a miss.
+        """
 
     @_abc_1.abstractmethod
     def Put(

@@ -67,6 +67,7 @@ async def test_a_pool_id_of_another_node_or_cut_short_is_not_found(
         for other in others:
             for method, request in [
                 ("DestroyPool", tmem_pb2.DestroyPoolRequest(pool=other)),
+                ("AcceptLoss", tmem_pb2.AcceptLossRequest(pool=other)),
                 ("Put", tmem_pb2.PutRequest(pool=other, oid=1, index=5, page=PAGE)),
                 ("Get", tmem_pb2.GetRequest(pool=other, oid=1, index=5)),
                 ("FlushObject", tmem_pb2.FlushObjectRequest(pool=other, oid=1)),

@@ -103,6 +103,7 @@ async def test_a_tenant_cannot_touch_another_tenants_pool(
             "flush_page": lambda p: bob.flush_page(p, 7, 0),
             "flush_object": lambda p: bob.flush_object(p, 7),
             "destroy": lambda p: bob.destroy_pool(p),
+            "accept_loss": lambda p: bob.accept_loss(p),
         }
         for name, attempt in attempts.items():
             messages = []
