@@ -270,6 +270,11 @@ class Pools:
         """Whether the pool may have lost pages in a crash (see the header)."""
         return pool_id in self.registry.lost
 
+    def accept_loss(self, pool_id: int) -> bool:
+        """The owner accepts the pool's losses: whether it was marked (OSError if the log
+        cannot say so, and the mark stays)."""
+        return self.registry.accept_loss(pool_id)
+
     def owner_of(self, pool_id: int) -> str | None:
         """Who owns a pool of the engine (a pool the registry lacks, adopted from the backing
         file, is the open tenant's); None for no such pool."""

@@ -210,7 +210,7 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
     async def _accept_loss(self, req: pb.AcceptLossRequest) -> pb.AcceptLossResponse:
         pool = self._pool(req.pool)
         try:
-            return pb.AcceptLossResponse(lost=self.pools.registry.accept_loss(pool))
+            return pb.AcceptLossResponse(lost=self.pools.accept_loss(pool))
         except OSError as exc:
             raise RpcFailure(
                 grpc.StatusCode.UNAVAILABLE,
@@ -238,7 +238,8 @@ class TmemServicer(tmem_pb2_grpc.TmemServicer):
     async def _get_page(
         self, pool: int, oid: int, index: int, exclusive: bool
     ) -> bytes | PageError | None:
-        """A page fault's get (unary Get, Pages): DATA_LOSS when every copy failed verification."""
+        """A page fault's get (unary Get, Pages): DATA_LOSS when every copy failed verification,
+        or when a pool marked lost by a crash holds no page for the key."""
         key, engine_pool = (oid, check_index(index)), self._pool(pool)
         (page,) = await self.chunked.get_batch(engine_pool, [key], exclusive)
         if isinstance(page, CorruptPage):
