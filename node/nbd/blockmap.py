@@ -47,6 +47,7 @@ VERSION = b"\x01"
 HEADER_SIZE = 4096  # the map starts on a page of its own
 HOLE, DATA, LOST = 0, 1, 2  # a block's byte (HOLE and DATA: the index's ABSENT and STORED)
 STEP = 1 << 20  # blocks read or cleared at once (a MiB of the map)
+SHORT = 4096  # blocks a clear reads whole (a page of the map)
 _ZEROS = bytes(STEP)
 # adopt(): 2 * the map's byte + the index's to the new byte (a page: DATA; none: LOST if the map
 # said DATA or LOST, else HOLE)
@@ -109,9 +110,11 @@ class BlockMap:
             raise self._worded(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
     def clear(self, first: int, stop: int) -> None:
-        """Blocks first..stop-1 are HOLEs; the parts of the map that are all HOLE already
-        (read where the file holds data) are not written."""
-        for lo, hi in self._data(first, stop):
+        """Blocks first..stop-1 are HOLEs; the parts of the map that are all HOLE already are
+        not written (a long range is read only where the file holds data; a short one is read
+        whole, a pread being cheaper than the two lseeks that would find its data)."""
+        extents = [(first, stop)] if stop - first <= SHORT else self._data(first, stop)
+        for lo, hi in extents:
             for at in range(lo, hi, STEP):
                 end = min(at + STEP, hi)
                 if self.get(at, end) != _ZEROS[: end - at]:

@@ -4,6 +4,7 @@
 # (A real crash and restart: tests/nbd/test_node.py.)
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from node.nbd.blockmap import DATA, HEADER_SIZE, HOLE, LOST, MAGIC, STEP, BlockMap, map_path
-from node.nbd.blocks import LOG_SECONDS
-from ramster.nbd import Export
+from node.nbd.blocks import LOG_SECONDS, ExportBlocks
+from node.nbd.plan import WRITE, Group
+from ramster.nbd import CommandFlag, Export, Request, Write, WriteZeroes
 from ramster.nbd.wire import SIMPLE_REPLY_HEADER, Command, Error
 from tests.nbd.conftest import MiB, ServerThread
 from tests.nbd.test_batching import negotiate
@@ -156,3 +158,59 @@ def test_reads_of_lost_blocks_log_at_most_once_a_second(caplog: pytest.LogCaptur
             assert answer(sock, Command.READ, 0, length=8192)[0] is Error.EIO
         fields = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "nbd_read_lost"]
         assert [(f["blocks"], f["unlogged"]) for f in fields] == [(1, 0), (2, 49)]
+
+
+def states(text: str) -> bytes:
+    """A map's bytes, a letter each: D(ATA), H(OLE), L(OST)."""
+    return bytes({"D": DATA, "H": HOLE, "L": LOST}[c] for c in text)
+
+
+class CountedMap(BlockMap):
+    """An in-memory map that counts its reads and writes."""
+
+    def __init__(self, blocks: int) -> None:
+        super().__init__(None, blocks)
+        self.gets = self.sets = 0
+
+    def get(self, first: int, stop: int) -> bytes:
+        self.gets += 1
+        return super().get(first, stop)
+
+    def set(self, first: int, states: bytes) -> None:
+        self.sets += 1
+        super().set(first, states)
+
+
+def test_a_write_group_reads_its_span_of_the_map_once_and_leaves_lost_blocks_lost() -> None:
+    none = CommandFlag(0)
+
+    def write(block: int, blocks: int, fill: bytes = b"w") -> Request:
+        return Write(0, block * 4096, blocks * 4096, none, fill * (blocks * 4096))
+
+    def zeroes(block: int, blocks: int) -> Request:
+        return WriteZeroes(0, block * 4096, blocks * 4096, none)
+
+    with ServerThread([Export("disk", 1 * MiB)]) as server:
+        assert server.server is not None
+        blocks: ExportBlocks = server.server.exports["disk"]
+        counted = CountedMap(blocks.map.blocks)
+        server.call(lambda: setattr(blocks, "map", counted))
+
+        def run(*requests: Request) -> list[Error]:
+            counted.gets = counted.sets = 0
+            group = Group(WRITE, list(requests))
+            future = asyncio.run_coroutine_threadsafe(blocks.run(group), server.loop)
+            return [error for _, error, _ in future.result(timeout=30)]
+
+        group = (write(0, 4), zeroes(4, 2), write(6, 2), write(10, 3))
+        assert run(*group) == [Error.OK] * 4
+        assert counted.get(0, 14) == states("DDDDHHDDHHDDDH")
+        # a rewrite of the same data as data and of the zeroes as zeroes: one read, no write
+        assert run(*group) == [Error.OK] * 4
+        assert (counted.gets, counted.sets) == (1, 0)
+        # a block in the span the group does not touch is LOST (a crash): it stays LOST, and
+        # the blocks the group changes are marked, one range at a time
+        server.call(lambda: counted.set(8, bytes([LOST])))
+        assert run(zeroes(0, 2), write(4, 2), write(10, 3, b"x")) == [Error.OK] * 3
+        assert counted.get(0, 14) == states("HHDDDDDDLHDDDH")
+        assert counted.sets > 0
