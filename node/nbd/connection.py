@@ -31,7 +31,7 @@
 # parsing it only while the transport takes replies: a client that never reads them, or floods
 # options while negotiating, is held up by TCP.  So a connection holds at most INPUT_HIGH of
 # input not taken, the requests of one take not planned yet, and AHEAD_GROUPS groups planned
-# with their encodings: up to ~12 MiB, in input chunks it keeps for reuse (SPARE_CHUNKS: 24 MiB
+# with their encodings: up to ~24 MiB, in input chunks it keeps for reuse (SPARE_CHUNKS: 48 MiB
 # at most), mmaps that go back to the OS once traffic pauses (NbdServer._quiet) or it closes.
 # Metrics are counted per group.
 #

@@ -8,10 +8,11 @@
 #
 # Codec work (LZ4, checksums) runs as the engine's does (node/engine.py): on the loop, LOOP_PAGES
 # per loop step, unless --worker-threads gives the engine codec workers; then groups of
-# OFFLOAD_PAGES pages or more go to them CODEC_PAGES at a time (one hop per half group, two hops
-# in flight, so the loop files one half while the other compresses; with one worker, 64 pages
-# was the least worth a hop, with two, groups from 16 pages on moved 1-2% more sequential
-# writes, in six alternating runs out of six), and only the filing, which
+# OFFLOAD_PAGES pages or more go to them CODEC_PAGES at a time (four hops to a full write group,
+# the next groups' hops queued behind, so the loop files one hop while others compress; with one
+# worker, 64 pages was the least worth a hop, with two, groups from 16 pages on moved 1-2% more
+# sequential writes, in six alternating runs out of six; 256-page hops, with 4 MiB write groups,
+# cost the loop less than 128-page ones: node/nbd/plan.py), and only the filing, which
 # alone touches the engine's state, stays on the loop; reads are opened (verified,
 # decompressed) there the same way, READ_CODEC_PAGES at a time (a whole read group of
 # nbdcopy's: 7% more MiB/s than 128 in alternating runs; writes gained nothing from bigger
@@ -94,7 +95,7 @@ from ramster.nbd.wire import Command
 from ramster.zcache import PAGE_SIZE, ZCache
 
 LOOP_PAGES = 32  # pages per loop step on the loop, codec work included (gRPC calls wait ~0.4 ms)
-CODEC_PAGES = 128  # with codec workers: pages per hop, filed in one loop step (~0.5 ms) ...
+CODEC_PAGES = 256  # with codec workers: pages per hop, filed in one loop step (~1 ms) ...
 READ_CODEC_PAGES = 256  # ... and of a read, whose hop costs the loop only the zpages' read-out
 OFFLOAD_PAGES = 16  # ... for batches this big (a hop costs more than it saves on smaller ones)
 TRIM_INTERVAL = 0.25  # seconds without NBD traffic before the heap is trimmed

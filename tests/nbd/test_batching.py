@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.nbd.plan import GROUP_PAGES, Kind, blocks_of, groups
+from node.nbd.plan import GROUP_PAGES, READ_GROUP_PAGES, Kind, blocks_of, groups
 from ramster.nbd import (
     CommandFlag,
     Error,
@@ -102,7 +102,8 @@ def test_write_groups_never_touch_a_block_twice_and_are_cut_only_where_they_must
     steps: list[tuple[str, int, int, bool]],
 ) -> None:
     """Sequential runs, overlaps, empty TRIMs and flushes: groups() cuts exactly where a group
-    would touch a block again or exceed GROUP_PAGES, or the kind changes."""
+    would touch a block again or exceed GROUP_PAGES (READ_GROUP_PAGES for reads), or the kind
+    changes."""
     make: dict[str, Callable[[int, int], Request]] = {"W": write, "R": read}
     requests: list[Request] = []
     for kind, block, blocks, odd in steps:
@@ -125,7 +126,8 @@ def test_write_groups_never_touch_a_block_twice_and_are_cut_only_where_they_must
             more = covered(first)
             assert (
                 after.kind is not group.kind
-                or len(held) + len(more) > GROUP_PAGES
+                or len(held) + len(more)
+                > (READ_GROUP_PAGES if group.kind is Kind.READ else GROUP_PAGES)
                 or (group.kind is Kind.WRITE and not set(held).isdisjoint(more))
             ), (group, first)
 
