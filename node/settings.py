@@ -503,7 +503,7 @@ class Settings:
         metadata=meta(
             parse_count(1, 1 << 16, "connections"),
             "NBD connections served at once (and as many still negotiating); past it a new one "
-            "is closed (logged and counted).  Each served one may make the node hold up to ~60 "
+            "is closed (logged and counted).  Each served one may make the node hold up to ~80 "
             "MiB of its input (a 32 MiB write payload, requests queued behind it, and the input "
             "buffers it reuses while busy), so this bounds what clients can pin in its memory",
             "N",

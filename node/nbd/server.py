@@ -40,7 +40,7 @@
 # --tls-client-auth.
 #
 # What clients can make the node hold: at most max_connections (--nbd-max-connections) are in
-# transmission at once, so a flood of connections cannot pin unbounded input (each holds ~60 MiB
+# transmission at once, so a flood of connections cannot pin unbounded input (each holds ~80 MiB
 # at most, node/nbd/connection.py): one that negotiates past the limit is closed.  Connections
 # still negotiating (the only kind a client without a certificate can open when TLS is required)
 # are counted apart, as many at most, and each must be through negotiation (TLS included) within
