@@ -22,8 +22,11 @@
 # while chunk n+1 compresses.  Batches of up to INLINE_PAGES pages (single gets, NBD's 4 KiB
 # requests) always run at once on the loop.  A front door may keep smaller batches than `offload`
 # pages on the loop (where a hop costs more than it saves) and hand the workers `hop` pages at a
-# time, more than a loop step, and `get_hop` pages of a get: NBD hands them half a write group
-# per hop, a whole read group (node/nbd/server.py).  A page that is a view (of a request's
+# time, more than a loop step, and `get_hop` pages of a get: NBD hands them a quarter of a write
+# group per hop, a whole read group (node/nbd/server.py).  A put's hop is filed in one loop
+# step, so while small calls come it is SHARED_PAGES at most: with NBD's 256-page hops, gRPC
+# put+get pairs sent during nbdcopy rewrites took p99 24-30 ms against 18-20 with 128-page ones
+# (2 cores shared with the client).  A page that is a view (of a request's
 # bytes, which nothing writes meanwhile) is compressed where it is, never copied first; put_runs
 # takes the pages of a front door's requests as they came, runs of pages back to back (an NBD
 # write's payload, a PutBatch's blob), and hands the codec a chunk's runs cut at its ends, not a
@@ -103,6 +106,7 @@ CHUNK_PAGES = 8  # a slice on the loop: ~0.2 ms of puts
 WORKER_CHUNK_PAGES = 32  # with workers: a thread hop (~40 us of the loop's time) per chunk
 DEPTH = 2  # chunks of one batch with the workers at once
 INLINE_PAGES = 8  # batches this small run on the loop, codec included
+SHARED_PAGES = 128  # the most pages of a put's hop while small calls come (~0.5 ms to file)
 FLUSHES_PER_PUT = 8  # a flush costs about an eighth of a put
 X = TypeVar("X")
 Y = TypeVar("Y")
@@ -217,6 +221,13 @@ class ChunkedEngine:
         self.offload = offload  # a batch of fewer pages runs on the loop, `chunk` at a time
         self.small_first = small_first  # gives small calls way, if the node has one
 
+    def _hop(self) -> int:
+        """Pages of a put's hop to the workers, each filed in one loop step: `hop`, at most
+        SHARED_PAGES while small calls come."""
+        if self.small_first is not None and self.small_first.coming():
+            return min(self.hop, SHARED_PAGES)
+        return self.hop
+
     def _chunk(self) -> int:
         """The size of a chunk run on the loop: smaller while small calls come (chunks for
         workers keep theirs, or they would cost a thread hop a page)."""
@@ -257,15 +268,15 @@ class ChunkedEngine:
         workers = self.workers
         if workers is None or len(keys) <= INLINE_PAGES or len(keys) < self.offload:
             return None
-        encoder, cut = self.engine.encoder(pool), _Runs(runs).cut
+        encoder, cut, hop = self.engine.encoder(pool), _Runs(runs).cut, self._hop()
         futures: dict[int, asyncio.Future[Encodings]] = {}
-        for first in range(0, len(keys), self.hop):
-            part = slice(first, first + self.hop)
+        for first in range(0, len(keys), hop):
+            part = slice(first, first + hop)
             try:
                 futures[first] = workers.encode(encoder, keys[part], cut(part))
             except RuntimeError:  # the workers were shut down: put_runs() will say so
                 break
-        return Ahead(futures)
+        return Ahead(futures, hop)
 
     async def put_runs(
         self,
@@ -310,8 +321,9 @@ class ChunkedEngine:
             return engine.file_encoded(pool, keys[part], encoded, keys_checked=True)
 
         try:
+            hop = self._hop() if ahead is None else ahead.hop  # cut as the hops started
             return await self._pipelined(
-                len(keys), _as_is, encode_part, offload_part, file, self.hop, ahead is not None
+                len(keys), _as_is, encode_part, offload_part, file, hop, ahead is not None
             )
         finally:
             if ahead is not None:
@@ -461,10 +473,12 @@ class ChunkedEngine:
 
 
 class Ahead:
-    """The hops of a put batch that encode_ahead() started, by their first page."""
+    """The hops of a put batch that encode_ahead() started, by their first page, and their
+    size (put_runs() cuts the batch the same way)."""
 
-    def __init__(self, futures: dict[int, asyncio.Future[Encodings]]) -> None:
+    def __init__(self, futures: dict[int, asyncio.Future[Encodings]], hop: int) -> None:
         self.futures = futures
+        self.hop = hop
 
     def take(self, part: slice) -> asyncio.Future[Encodings] | None:
         """The started hop that is exactly `part`, if any (the caller now awaits it)."""

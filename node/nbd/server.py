@@ -95,7 +95,8 @@ from ramster.nbd.wire import Command
 from ramster.zcache import PAGE_SIZE, ZCache
 
 LOOP_PAGES = 32  # pages per loop step on the loop, codec work included (gRPC calls wait ~0.4 ms)
-CODEC_PAGES = 256  # with codec workers: pages per hop, filed in one loop step (~1 ms) ...
+CODEC_PAGES = 256  # with codec workers: pages per hop, filed in one loop step (~1 ms; 128
+# while small calls come, node/engine.py's SHARED_PAGES) ...
 READ_CODEC_PAGES = 256  # ... and of a read, whose hop costs the loop only the zpages' read-out
 OFFLOAD_PAGES = 16  # ... for batches this big (a hop costs more than it saves on smaller ones)
 TRIM_INTERVAL = 0.25  # seconds without NBD traffic before the heap is trimmed

@@ -19,11 +19,13 @@ from node.engine import (
     DEPTH,
     FLUSHES_PER_PUT,
     INLINE_PAGES,
+    SHARED_PAGES,
     ChunkedEngine,
     CodecError,
     build_engine,
     codec_workers,
 )
+from node.fairness import SmallFirst
 from ramster.zcache import (
     PAGE_SIZE,
     Encodings,
@@ -365,6 +367,34 @@ async def test_batches_encoded_ahead_are_filed_in_their_turn(
     assert results == [reference.put_batch(pool, keys, pages) for pages in (first, second)]
     assert engine.stats == reference.stats
     assert engine.get_batch(pool, keys) == second
+    engine.verify()
+    workers.shutdown()
+
+
+async def test_hops_are_smaller_while_small_calls_come_and_ahead_keeps_its_own(
+    engine: ZCache, sample_pages: list[bytes]
+) -> None:
+    """A put's hops to the workers are SHARED_PAGES at most while small calls come (each hop is
+    filed in one loop step); a batch encoded ahead is filed in the hops it was started with,
+    whatever comes meanwhile, so none is coded twice."""
+    workers = Recording()
+    small_first = SmallFirst(lately=60.0)
+    chunked = ChunkedEngine(engine, workers=workers, hop=2 * SHARED_PAGES, small_first=small_first)
+    reference = ZCache(ZCacheConfig(pool_limit_frames=8192))
+    pool = engine.create_pool(P, store_raw=True)
+    reference.create_pool(P, store_raw=True)
+    keys, pages = big_batch(sample_pages, 1, 4 * SHARED_PAGES)
+    quiet = chunked.encode_ahead(pool, keys, [b"".join(pages)])
+    assert quiet is not None and len(workers.submitted) == 2  # hops of 2 * SHARED_PAGES
+    small_first.arrive()
+    small_first.leave()
+    busy = chunked.encode_ahead(pool, keys, [b"".join(pages[::-1])])
+    assert busy is not None and len(workers.submitted) == 2 + 4  # of SHARED_PAGES
+    results = [await chunked.put_runs(pool, keys, [b"".join(pages)], quiet)]  # calls come now
+    results.append(await chunked.put_runs(pool, keys, [b"".join(pages[::-1])], busy))
+    assert len(workers.submitted) == 6  # each batch filed from its own hops, none coded again
+    assert results == [reference.put_batch(pool, keys, p) for p in (pages, pages[::-1])]
+    assert engine.get_batch(pool, keys) == pages[::-1]
     engine.verify()
     workers.shutdown()
 
