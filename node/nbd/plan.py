@@ -35,10 +35,11 @@ OID_BITS = 20
 INDEX_MASK = (1 << OID_BITS) - 1
 # Blocks of one WRITE group (4 MiB) and of one READ group (1 MiB).  A group costs the loop a
 # fixed part (its plan, its hops to the codec workers, its map upkeep, a sendmsg of its replies):
-# on nbdcopy's rewrites of the python-app corpus (256 KiB WRITEs; 3 GiB a run, 9-11 alternating
-# runs each) the loop took 6.4 CPU-s per 4 GiB with 4 MiB groups and 256-page hops, against 7.6
-# with 1 MiB groups and 128-page hops, and moved 486 MiB/s against 442 (gcc: 360 against 340);
-# 2 MiB groups gave 7.0.  Reads keep 1 MiB: a read group's replies go out when it is done.
+# on nbdcopy's writes of the python-app corpus (256 KiB WRITEs; a 1 GiB write and 3 rewrites a
+# run, 9-11 alternating runs each) the loop took 6.4 CPU-s per run with 4 MiB groups and 256-page
+# hops, against 7.6 with 1 MiB groups and 128-page hops, and moved 486 MiB/s against 442 (gcc:
+# 360 against 340); 2 MiB groups gave 7.0.  Reads keep 1 MiB: a read group's replies go out
+# when it is done.
 GROUP_PAGES = 1024
 READ_GROUP_PAGES = 256
 Key = tuple[int, int]
