@@ -81,7 +81,7 @@ from prometheus_client import Counter
 
 from node.engine import Ahead, ChunkedEngine
 from node.logs import LogThrottle, log_event
-from node.nbd.blockmap import LOST, BlockMap
+from node.nbd.blockmap import HOLE, LOST, BlockMap
 from node.nbd.plan import (
     GROUP_PAGES,
     INDEX_MASK,
@@ -155,6 +155,21 @@ class WritePlan:
             self.ahead.drop()
 
 
+@dataclass(frozen=True)
+class Span:
+    """What the map (`mapped`) and the index (`held`) said of blocks from `first` on, read in
+    one loop step."""
+
+    first: int
+    mapped: bytes
+    held: bytes
+
+    def cut(self, first: int, stop: int) -> tuple[bytes, bytes]:
+        """Both, of blocks first..stop-1 (within the span)."""
+        lo, hi = first - self.first, stop - self.first
+        return self.mapped[lo:hi], self.held[lo:hi]
+
+
 @dataclass
 class ReadWait:
     """How long a read waits for pages out of reach (0: not at all), what ends the wait early
@@ -204,14 +219,17 @@ class ExportBlocks:
             parts.append(engine.page_states(pool, oid, lo - base, hi - base))
         return b"".join(parts)
 
-    def _mark(self, first: int, stop: int) -> bool:
+    def _mark(self, first: int, stop: int, span: Span | None = None) -> bool:
         """Blocks first..stop-1 were written: the map takes what the index now holds there
         (nothing for a block written as zeros, or refused); a rewrite of data as data writes
-        nothing.  False, logged, if the map could not be written (a full disk): the write
-        then fails with ENOSPC, as one whose pages found no room."""
-        states = self._states(first, stop)
+        nothing.  Both are read here, or cut from `span` (read over a range around these
+        blocks in this loop step).  False, logged, if the map could not be written (a full
+        disk): the write then fails with ENOSPC, as one whose pages found no room."""
+        seen = None if span is None else span.cut(first, stop)
+        states = self._states(first, stop) if seen is None else seen[1]
         try:
-            if self.map.get(first, stop) != states:
+            mapped = self.map.get(first, stop) if seen is None else seen[0]
+            if mapped != states:
                 self.map.set(first, states)
         except OSError as exc:
             name = self.export.name
@@ -372,28 +390,34 @@ class ExportBlocks:
         data, or a zeroing of holes, finds them equal there and is done, a pread for the group
         rather than one per write and three per zeroing (~20,000 per GiB of nbdcopy's rewrite
         of the gcc corpus).  Else (new data, a LOST block in the span, a write of another
-        connection under way there) each range is brought in step on its own."""
+        connection under way there) each range is brought in step on its own, from what that
+        read found (the ranges are disjoint, so a range's write changes no other's bytes)."""
         writes = [
             (request.offset // PAGE_SIZE, (request.offset + request.length) // PAGE_SIZE)
             for request in requests
             if type(request) is Write
         ]
         ranges = writes + [(first, stop) for first, stop in forget if stop > first]
+        span = None
         if ranges:
             lo, hi = min(first for first, _ in ranges), max(stop for _, stop in ranges)
-            if hi - lo <= SPAN_BLOCKS and self._in_step(lo, hi):
+            span = self._span(lo, hi) if hi - lo <= SPAN_BLOCKS else None
+            if span is not None and span.mapped == span.held:
                 return [True] * len(writes)
         for first, stop in forget:
-            self.map.clear(first, stop)
-        return [self._mark(first, stop) for first, stop in writes]
+            if span is None:
+                self.map.clear(first, stop)
+            elif stop > first and span.cut(first, stop)[0].count(HOLE) != stop - first:
+                self.map.set(first, bytes(stop - first))
+        return [self._mark(first, stop, span) for first, stop in writes]
 
-    def _in_step(self, first: int, stop: int) -> bool:
-        """Whether the map says of blocks first..stop-1 what the index holds (no LOST among
-        them); False if the map could not be read (each range's own upkeep then says so)."""
+    def _span(self, first: int, stop: int) -> Span | None:
+        """The map's and the index's bytes of blocks first..stop-1; None if the map could not
+        be read (each range's own upkeep then says so)."""
         try:
-            return self.map.get(first, stop) == self._states(first, stop)
+            return Span(first, self.map.get(first, stop), self._states(first, stop))
         except OSError:
-            return False
+            return None
 
     def _extents(self, request: Request) -> bytes:
         """The base:allocation descriptors of a BLOCK_STATUS, from its offset on: one per run

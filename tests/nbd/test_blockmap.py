@@ -212,5 +212,6 @@ def test_a_write_group_reads_its_span_of_the_map_once_and_leaves_lost_blocks_los
         # the blocks the group changes are marked, one range at a time
         server.call(lambda: counted.set(8, bytes([LOST])))
         assert run(zeroes(0, 2), write(4, 2), write(10, 3, b"x")) == [Error.OK] * 3
+        assert counted.gets == 1  # the ranges are brought in step from the span's read
         assert counted.get(0, 14) == states("HHDDDDDDLHDDDH")
         assert counted.sets > 0
